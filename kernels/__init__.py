@@ -1,0 +1,18 @@
+"""Triton kernels of bitfit_fast, installed as ``bitfit_fast_kernels``.
+
+Each module holds private ``@triton.jit`` kernels followed by host functions that check their inputs, allocate
+the outputs and launch. Autograd lives in ``bitfit_fast``; nothing here knows about ``nn.Module``.
+"""
+
+from .layer_norm import residual_layer_norm_backward, residual_layer_norm_forward
+from .linear import linear_backward, linear_forward
+from .utils import INTERPRETER, KernelInputError
+
+__all__ = [
+    "INTERPRETER",
+    "KernelInputError",
+    "linear_backward",
+    "linear_forward",
+    "residual_layer_norm_backward",
+    "residual_layer_norm_forward",
+]

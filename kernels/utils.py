@@ -1,0 +1,101 @@
+"""Input checks and launch helpers shared by the kernels."""
+
+import os
+
+import torch
+import triton
+
+# Triton decides at decoration time whether kernels are compiled or interpreted on CPU (numpy), so the
+# environment at import is what counts: setting TRITON_INTERPRET=1 later has no effect on these kernels.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Dropout regenerates its mask from Philox counters row * N + col held in int32.
+MAX_DROPOUT_ELEMENTS = 2**31 - 1
+
+
+class KernelInputError(ValueError):
+    """An input the Triton kernels cannot take; the message says what to change."""
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        return
+    if tensor.device.type == "cpu" and INTERPRETER:
+        if tensor.dtype == torch.bfloat16:
+            raise KernelInputError(
+                f"{name} is bfloat16, which the Triton CPU interpreter cannot multiply (triton#11584: it multiplies "
+                "bit patterns). Use float32 or float16 on CPU, or run on a CUDA GPU."
+            )
+        return
+    raise KernelInputError(
+        f"{name} is on {tensor.device}; the Triton kernels need CUDA tensors. To run them on CPU set "
+        "TRITON_INTERPRET=1 before importing bitfit_fast, or use backend='torch'."
+    )
+
+
+def check_compute_tensor(name: str, tensor: torch.Tensor, ndim: int | None = None) -> None:
+    """A tensor the kernels read or write in its own dtype: supported dtype, usable device, row-contiguous."""
+    if not isinstance(tensor, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"{name} has dtype {tensor.dtype}; supported are float32, float16 and bfloat16")
+    if ndim is not None and tensor.dim() != ndim:
+        raise KernelInputError(f"{name} must be {ndim}-D, got shape {tuple(tensor.shape)}")
+    if not tensor.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous; call .contiguous() first")
+    check_device(name, tensor)
+
+
+def check_vector(name: str, tensor: torch.Tensor | None, size: int, device: torch.device) -> None:
+    """A per-feature vector (bias, LayerNorm gamma/beta): read as fp32 whatever its float dtype."""
+    if tensor is None:
+        return
+    if not tensor.is_floating_point():
+        raise KernelInputError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tuple(tensor.shape) != (size,):
+        raise KernelInputError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise KernelInputError(f"{name} is on {tensor.device} but the input is on {device}; move them together")
+    if not tensor.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous")
+
+
+def check_rows(name: str, tensor: torch.Tensor) -> int:
+    """Number of rows of a (..., features) input; an empty batch is an error, not a silent no-op."""
+    rows = tensor.numel() // max(tensor.shape[-1], 1) if tensor.dim() else 0
+    if tensor.dim() == 0 or rows == 0 or tensor.shape[-1] == 0:
+        raise KernelInputError(f"{name} is empty (shape {tuple(tensor.shape)}); drop empty batches before the forward")
+    return rows
+
+
+def check_dropout(p: float, seed: int | None, elements: int) -> None:
+    if not 0.0 <= p < 1.0:
+        raise KernelInputError(f"dropout probability must be in [0, 1), got {p}")
+    if p > 0.0:
+        if seed is None:
+            raise KernelInputError("dropout needs a seed: the backward regenerates the mask from it")
+        if elements > MAX_DROPOUT_ELEMENTS:
+            raise KernelInputError(
+                f"dropout over {elements} elements exceeds the int32 Philox counter range; split the batch"
+            )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's TF32 switch so that both backends round alike."""
+    if dtype == torch.float32 and not INTERPRETER and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def row_bucket(rows: int) -> int:
+    """Autotuning key for the token count: powers of two, so dynamic padding does not re-tune every step."""
+    return min(triton.next_power_of_2(rows), 1 << 16)
+
+
+def reduction_programs(rows: int, device: torch.device) -> int:
+    """Programs of a persistent row loop: a few per SM on a GPU, a handful under the interpreter."""
+    if device.type == "cuda":
+        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(rows, 4)
