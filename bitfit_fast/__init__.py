@@ -1,0 +1,28 @@
+"""bitfit_fast: BitFit fine-tuning (train only the bias terms) with fused Triton kernels."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import load_biases, save_biases
+from .model import (
+    SUBSET_PATTERNS,
+    BitFitConfig,
+    apply,
+    get_nb_trainable_parameters,
+    merge,
+    print_trainable_parameters,
+)
+from .modules import BitFitLayerNorm, BitFitLinear
+
+__all__ = [
+    "SUBSET_PATTERNS",
+    "BitFitConfig",
+    "BitFitLayerNorm",
+    "BitFitLinear",
+    "__version__",
+    "apply",
+    "get_nb_trainable_parameters",
+    "load_biases",
+    "merge",
+    "print_trainable_parameters",
+    "save_biases",
+]

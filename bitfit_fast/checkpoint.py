@@ -1,0 +1,117 @@
+"""save_biases / load_biases: the few KB a BitFit run trains, as safetensors plus a JSON config."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .model import BitFitConfig, apply, config_of, is_applied
+
+WEIGHTS_NAME = "bitfit_biases.safetensors"
+CONFIG_NAME = "bitfit_config.json"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory and rename it over ``path``: a crash leaves
+    either the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+    """Save every parameter that trains (the selected biases and the head) and the apply() options.
+
+    Returns the directory. Existing checkpoint files there are replaced atomically.
+    """
+    config = config_of(model)
+    tensors = {
+        name: param.detach().to("cpu", copy=True).contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+    if not tensors:
+        raise ValueError("the model has no trainable parameter to save; was requires_grad turned off after apply()?")
+    from . import __version__
+
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {
+        "format_version": FORMAT_VERSION,
+        "bitfit_fast_version": __version__,
+        "model_class": type(model).__name__,
+        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "apply": config.to_dict(),
+        "parameters": {name: list(t.shape) for name, t in tensors.items()},
+    }
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    return directory
+
+
+def load_biases(
+    model: nn.Module, load_directory: str | os.PathLike, backend: str = "auto", strict: bool = True
+) -> nn.Module:
+    """Load biases saved by :func:`save_biases` into ``model`` in place; returns it.
+
+    A model that is not applied yet is first set up with the saved apply() options (and ``backend``). Every
+    name and shape is checked before anything is copied, so a mismatch leaves the model untouched. With
+    ``strict``, the model must be of the saved class and must not train parameters that the checkpoint lacks.
+    """
+    directory = Path(load_directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"no bitfit_fast checkpoint in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} written by "
+            "bitfit_fast.save_biases"
+        )
+    record = json.loads(config_path.read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format version {record.get('format_version')}; this bitfit_fast reads {FORMAT_VERSION}"
+        )
+    saved_class = record.get("model_class")
+    if strict and saved_class != type(model).__name__:
+        raise ValueError(
+            f"the checkpoint was saved from a {saved_class}, not a {type(model).__name__}; load it into the same "
+            "architecture (or pass strict=False if the names are known to match)"
+        )
+    tensors = load_file(str(weights_path))
+    if is_applied(model):
+        config_of(model)  # raises for a model whose modules were swapped without apply()
+    else:
+        saved = BitFitConfig.from_dict(record["apply"])
+        apply(model, biases=saved.biases, backend=backend, train_head=saved.train_head,
+              add_missing_biases=saved.add_missing_biases, head=saved.head)
+
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(
+            f"the checkpoint holds parameters this {type(model).__name__} lacks: {unknown[:5]} "
+            f"({len(unknown)} in all); it was saved from a {saved_class}"
+        )
+    mismatched = [
+        f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}"
+        for name, t in tensors.items()
+        if t.shape != params[name].shape
+    ]
+    if mismatched:
+        raise ValueError(f"shape mismatch between the checkpoint and the model: {mismatched[:5]}")
+    not_in_checkpoint = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
+    if strict and not_in_checkpoint:
+        raise ValueError(
+            f"the model trains parameters that the checkpoint lacks: {not_in_checkpoint[:5]} "
+            f"({len(not_in_checkpoint)} in all); apply() it with the checkpoint's options, or pass strict=False"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return model

@@ -1,0 +1,262 @@
+"""apply / merge: turn a model into a BitFit model in place, and back into vanilla torch modules."""
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .backend import check_backend
+from .modules import BitFitLayerNorm, BitFitLinear
+
+CONFIG_ATTRIBUTE = "bitfit_fast_config"
+
+# biases="subset": the paper's b_q and b_m2 (query and intermediate), by the module names each family uses.
+SUBSET_PATTERNS = (
+    "attention.self.query",  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ...
+    "intermediate.dense",
+    "attention.q_lin",  # DistilBERT
+    "ffn.lin1",
+    "attention.query",  # ALBERT
+    "ffn",
+)
+
+
+@dataclasses.dataclass
+class BitFitConfig:
+    """How apply() set a model up; saved beside the biases so load_biases can set up a base model alike."""
+
+    biases: str | list[str]
+    train_head: bool
+    add_missing_biases: bool
+    head: list[str]  # top-level modules of the task head
+    added_biases: list[str]  # modules that received a zero bias
+    backend: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BitFitConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
+
+
+def config_of(model: nn.Module) -> BitFitConfig:
+    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    if config is None:
+        raise ValueError(
+            f"{type(model).__name__} is not a bitfit_fast model; call bitfit_fast.apply(model) first"
+        )
+    return config
+
+
+def is_applied(model: nn.Module) -> bool:
+    return hasattr(model, CONFIG_ATTRIBUTE) or any(
+        isinstance(m, (BitFitLinear, BitFitLayerNorm)) for m in model.modules()
+    )
+
+
+def _head_modules(model: nn.Module, head: Sequence[str] | None) -> list[str]:
+    """Top-level children outside the Hugging Face base model (classifier, qa_outputs, ...), or as given."""
+    children = dict(model.named_children())
+    if head is not None:
+        unknown = [name for name in head if name not in dict(model.named_modules())]
+        if unknown:
+            raise ValueError(f"head modules {unknown} not found in {type(model).__name__}")
+        return list(head)
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and isinstance(children.get(prefix), nn.Module):
+        return [name for name in children if name != prefix]
+    return []
+
+
+def _within(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A pattern matches the module's full name or a dotted suffix of it; it may hold glob wildcards."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _can_take_bias(module: nn.Module, add_missing: bool) -> bool:
+    if isinstance(module._parameters.get("bias"), nn.Parameter):
+        return True
+    if not add_missing:
+        return False
+    if type(module) is nn.Linear:
+        return True
+    return type(module) is nn.LayerNorm and module.weight is not None and len(module.normalized_shape) == 1
+
+
+def _select_biases(
+    candidates: dict[str, nn.Module], biases: str | Sequence[str], model_name: str
+) -> list[str]:
+    if isinstance(biases, str):
+        if biases == "all":
+            return list(candidates)
+        if biases != "subset":
+            raise ValueError(f"biases must be 'all', 'subset' or a list of module-name patterns, got {biases!r}")
+        selected = [n for n in candidates if any(_matches(n, p) for p in SUBSET_PATTERNS)]
+        if not selected:
+            raise ValueError(
+                f"biases='subset' found no query/intermediate layers in {model_name} (it knows the names "
+                f"{list(SUBSET_PATTERNS)}); pass the module-name patterns of this model as a list instead"
+            )
+        return selected
+    if not isinstance(biases, Sequence) or not biases or not all(isinstance(p, str) for p in biases):
+        raise ValueError(f"biases must be 'all', 'subset' or a non-empty list of module-name patterns, got {biases!r}")
+    examples = list(candidates)[:4]
+    for pattern in biases:
+        if not any(_matches(n, pattern) for n in candidates):
+            raise ValueError(
+                f"bias pattern {pattern!r} matches no module with a bias in {model_name}; names look like {examples}"
+            )
+    return [n for n in candidates if any(_matches(n, p) for p in biases)]
+
+
+def _check_untied(model: nn.Module, head: list[str]) -> None:
+    body = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if not _within(n, head)}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if _within(name, head) and id(param) in body:
+            raise ValueError(
+                f"the head's {name} is tied to {body[id(param)]}: training the head would train that weight too. "
+                "Pass train_head=False (the head's biases then follow `biases`) or untie the weights first."
+            )
+
+
+def _replace_children(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Swap every child for which ``convert`` returns a module; a module shared by several parents (ALBERT)
+    is converted once and stays shared. Returns how many distinct modules were converted."""
+    converted: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in converted:
+                replacement = convert(child)
+                if replacement is None:
+                    continue
+                converted[id(child)] = replacement
+            parent._modules[name] = converted[id(child)]
+    return len(converted)
+
+
+def apply(
+    model: nn.Module,
+    biases: str | Sequence[str] = "all",
+    backend: str = "auto",
+    train_head: bool = True,
+    add_missing_biases: bool = False,
+    head: Sequence[str] | None = None,
+) -> nn.Module:
+    """Make ``model`` a BitFit model in place and return it.
+
+    Every parameter is frozen except the selected biases and, with ``train_head``, the task head (found as the
+    top-level modules outside a Hugging Face model's base model, or given by ``head``). Every ``nn.Linear`` and
+    ``nn.LayerNorm`` outside a trained head becomes a :class:`BitFitLinear` / :class:`BitFitLayerNorm` that
+    keeps its parameters, so state_dict keys do not change.
+
+    Args:
+        biases: ``"all"`` (every bias outside the head), ``"subset"`` (the paper's query and intermediate
+            biases, b_q and b_m2) or a list of module-name patterns (a name, a dotted suffix, or a glob).
+        backend: ``"auto"`` (Triton kernels on CUDA tensors, torch ops otherwise), ``"triton"`` or ``"torch"``.
+        train_head: train the head fully; if False it is frozen like the body and its biases follow ``biases``.
+        add_missing_biases: give selected ``nn.Linear``/``nn.LayerNorm`` modules that have no bias a zero one,
+            so step 0 computes exactly the pretrained function.
+        head: names of the head's modules, when the model is not a Hugging Face model with a base model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply() takes a torch.nn.Module, got {type(model).__name__}")
+    model_name = type(model).__name__
+    if is_applied(model):
+        raise ValueError(
+            f"bitfit_fast is already applied to this {model_name}; call bitfit_fast.merge(model) first to apply "
+            "it again with other options"
+        )
+    check_backend(backend)
+    head_names = _head_modules(model, head)
+    if train_head:
+        _check_untied(model, head_names)
+    # A trained head keeps its modules as they are; a frozen head is treated like the body.
+    trained_head = head_names if train_head else []
+    modules = {name: m for name, m in model.named_modules() if name and not _within(name, trained_head)}
+    candidates = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing_biases)}
+    replaceable = {
+        id(m) for m in modules.values()
+        if type(m) is nn.Linear or (type(m) is nn.LayerNorm and m.weight is not None and len(m.normalized_shape) == 1)
+    }
+    if not candidates or not replaceable:
+        raise ValueError(
+            f"{model_name} has no torch.nn.Linear / torch.nn.LayerNorm with a bias to train: bitfit_fast supports "
+            "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
+        )
+    selected = _select_biases(candidates, biases, model_name)
+
+    # Validation is over: from here on the model changes.
+    added = []
+    for name in selected:
+        module = candidates[name]
+        if module._parameters.get("bias") is None:
+            features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
+            module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
+            added.append(name)
+    model.requires_grad_(False)
+    if train_head:
+        for name in head_names:
+            model.get_submodule(name).requires_grad_(True)
+    for name in selected:
+        candidates[name].bias.requires_grad_(True)
+
+    def to_bitfit(module: nn.Module) -> nn.Module | None:
+        if id(module) not in replaceable:
+            return None
+        if type(module) is nn.Linear:
+            return BitFitLinear.from_linear(module, backend)
+        if module.bias is None:  # a bias-free LayerNorm that was not selected: nothing to gain
+            return None
+        return BitFitLayerNorm.from_layer_norm(module, backend)
+
+    _replace_children(model, to_bitfit)
+    config = BitFitConfig(
+        biases=biases if isinstance(biases, str) else list(biases),
+        train_head=train_head,
+        add_missing_biases=add_missing_biases,
+        head=head_names,
+        added_biases=added,
+        backend=backend,
+    )
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Turn an applied model back into vanilla torch modules, in place, with the trained biases; returns it.
+
+    State_dict keys are those of the original model (plus any bias that ``add_missing_biases`` added, which
+    now carries trained values), so Hugging Face's ``save_pretrained`` works on the result. ``requires_grad``
+    flags are left as they are.
+    """
+    config_of(model)
+    _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, (BitFitLinear, BitFitLayerNorm)) else None)
+    delattr(model, CONFIG_ATTRIBUTE)
+    return model
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; a parameter shared by several modules counts once."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
