@@ -1,0 +1,190 @@
+"""apply / merge / parameter counts: selection rules, supported families and every error path."""
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+from bitfit_reference import DEVICE, TINY, padded_batch, reference_bitfit, tiny_bert, tiny_roberta, trainable
+
+import bitfit_fast
+from bitfit_fast import BitFitLayerNorm, BitFitLinear
+
+
+def meta_model(config_cls, model_cls, **config):
+    with torch.device("meta"):
+        return model_cls(config_cls(**config))
+
+
+def test_print_trainable_parameters_on_bert_base(capsys):
+    model = meta_model(transformers.BertConfig, transformers.BertForSequenceClassification, num_labels=2)
+    bitfit_fast.apply(model)
+    bitfit_fast.print_trainable_parameters(model)
+    # The paper's 102,912 BERT-base biases plus the 768 x 2 + 2 classifier.
+    assert capsys.readouterr().out == "trainable params: 104,450 || all params: 109,483,778 || trainable%: 0.0954\n"
+
+
+@pytest.mark.parametrize(
+    "size,biases,expected",
+    [
+        (dict(), "subset", 12 * (768 + 3072)),  # b_q and b_m2 of BERT-base
+        (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096), "all", 272_384),
+    ],
+)
+def test_bias_counts_match_the_paper(size, biases, expected):
+    model = meta_model(transformers.BertConfig, transformers.BertForSequenceClassification, num_labels=2, **size)
+    bitfit_fast.apply(model, biases=biases, train_head=False)
+    head_biases = 2  # train_head=False: the classifier's bias follows `biases` ("all" includes it)
+    trained, _ = bitfit_fast.get_nb_trainable_parameters(model)
+    assert trained == expected + (head_biases if biases == "all" else 0)
+
+
+def test_modules_are_replaced_in_place_and_keep_their_parameters():
+    model = tiny_bert()
+    query = model.bert.encoder.layer[0].attention.self.query
+    keys = list(model.state_dict())
+    assert bitfit_fast.apply(model) is model
+    new_query = model.bert.encoder.layer[0].attention.self.query
+    assert type(new_query) is BitFitLinear and isinstance(new_query, nn.Linear)
+    assert new_query.weight is query.weight and new_query.bias is query.bias
+    assert type(query) is nn.Linear, "the original instance and class are untouched"
+    assert type(model.classifier) is nn.Linear, "the trained head keeps its module"
+    assert isinstance(model.bert.embeddings.LayerNorm, BitFitLayerNorm)
+    assert list(model.state_dict()) == keys
+    assert "BitFitLinear(in_features=36, out_features=36, bias=True, backend=auto)" in repr(model)
+
+
+def test_patterns_select_by_suffix_and_glob():
+    model = tiny_bert()
+    bitfit_fast.apply(model, biases=["attention.self.value", "encoder.layer.1.*.LayerNorm"], train_head=False)
+    assert sorted(trainable(model)) == [
+        "bert.encoder.layer.0.attention.self.value.bias",
+        "bert.encoder.layer.1.attention.output.LayerNorm.bias",
+        "bert.encoder.layer.1.attention.self.value.bias",
+        "bert.encoder.layer.1.output.LayerNorm.bias",
+    ]
+
+
+def test_frozen_head_is_treated_like_the_body():
+    model = tiny_bert()
+    bitfit_fast.apply(model, train_head=False)
+    assert not model.classifier.weight.requires_grad and model.classifier.bias.requires_grad
+    assert isinstance(model.classifier, BitFitLinear)
+
+
+def test_tied_head_needs_train_head_false():
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**TINY, max_position_embeddings=64))
+    with pytest.raises(ValueError, match="tied to bert.embeddings.word_embeddings.weight"):
+        bitfit_fast.apply(model)
+    bitfit_fast.apply(model, train_head=False)
+    assert "cls.predictions.bias" in trainable(model) and not model.cls.predictions.decoder.weight.requires_grad
+
+
+def test_add_missing_biases_keeps_the_function_and_trains_them():
+    model = nn.Sequential(nn.Linear(8, 12, bias=False), nn.LayerNorm(12, bias=False), nn.Linear(12, 4)).to(DEVICE)
+    x = torch.randn(5, 8, device=DEVICE)
+    before = model(x).detach()
+    bitfit_fast.apply(model, add_missing_biases=True)
+    assert model.bitfit_fast_config.added_biases == ["0", "1"]
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+    model(x).square().sum().backward()
+    assert model[0].bias.grad is not None and model[1].bias.grad.abs().sum() > 0
+    bitfit_fast.merge(model)
+    assert type(model[0]) is nn.Linear and model[0].bias is not None
+
+
+FAMILIES = {
+    "distilbert": (transformers.DistilBertConfig, transformers.DistilBertForSequenceClassification,
+                   dict(vocab_size=97, dim=36, n_layers=2, n_heads=3, hidden_dim=52, dropout=0.0,
+                        attention_dropout=0.0, seq_classif_dropout=0.0, max_position_embeddings=64)),
+    "albert": (transformers.AlbertConfig, transformers.AlbertForSequenceClassification,
+               dict(TINY, embedding_size=20, max_position_embeddings=64, classifier_dropout_prob=0.0)),
+    "electra": (transformers.ElectraConfig, transformers.ElectraForSequenceClassification,
+                dict(TINY, embedding_size=20, max_position_embeddings=64)),
+    "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaForSequenceClassification,
+                    dict(TINY, max_position_embeddings=72, pad_token_id=1)),
+}
+
+
+# The paper's subset (b_q, b_m2) by each family's module names.
+SUBSET_NAMES = {
+    "distilbert": ("attention.q_lin.bias", "ffn.lin1.bias"),
+    "albert": ("attention.query.bias", "albert_layers.0.ffn.bias"),
+    "electra": ("attention.self.query.bias", "intermediate.dense.bias"),
+    "xlm-roberta": ("attention.self.query.bias", "intermediate.dense.bias"),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("biases", ["all", "subset"])
+def test_other_encoder_families_match_the_reference(family, biases):
+    config_cls, model_cls, config = FAMILIES[family]
+    model = model_cls(config_cls(**config, num_labels=3)).to(DEVICE)
+    head = tuple(name for name, _ in model.named_children() if name != model.base_model_prefix)
+    reference = reference_bitfit(model, head=head)
+    bitfit_fast.apply(model, biases=biases, backend="torch")
+    selected = trainable(model).keys()
+    if biases == "all":
+        assert selected == trainable(reference).keys()
+    else:
+        body = [n for n in selected if n.split(".")[0] not in head]
+        assert body and all(n.endswith(SUBSET_NAMES[family]) for n in body), body
+        for name, param in reference.named_parameters():
+            param.requires_grad_(name in selected)
+    batch = padded_batch(model)
+    out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-5, rtol=1e-4)
+    out.loss.backward()
+    ref_out.loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_albert_shared_layers_stay_shared():
+    config_cls, model_cls, config = FAMILIES["albert"]
+    model = model_cls(config_cls(**{**config, "num_hidden_layers": 3}))
+    bitfit_fast.apply(model)
+    group = model.albert.encoder.albert_layer_groups[0].albert_layers[0]
+    assert isinstance(group.attention.query, BitFitLinear)
+    assert len({id(m) for m in model.modules() if isinstance(m, BitFitLinear)}) == 8  # 6 layer + mapping + pooler
+
+
+@pytest.mark.parametrize(
+    "make,kwargs,error,message",
+    [
+        (tiny_bert, dict(biases="some"), ValueError, "biases must be 'all', 'subset' or a list"),
+        (tiny_bert, dict(biases=[]), ValueError, "non-empty list"),
+        (tiny_bert, dict(biases=["attention.self.qurey"]), ValueError, "'attention.self.qurey' matches no module"),
+        (tiny_bert, dict(backend="cuda"), ValueError, "backend must be one of"),
+        (tiny_bert, dict(head=["classifer"]), ValueError, r"head modules \['classifer'\] not found"),
+        (lambda: nn.Sequential(nn.Embedding(5, 4), nn.ReLU()), {}, ValueError, "no torch.nn.Linear"),
+        (lambda: nn.Sequential(nn.Conv1d(3, 3, 1)), {}, ValueError, "supports encoders built from those modules"),
+        (lambda: nn.Sequential(nn.Linear(4, 4)), dict(biases="subset"), ValueError, "found no query/intermediate"),
+        (lambda: "bert-base-uncased", {}, TypeError, "takes a torch.nn.Module"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error_and_leave_the_model_untouched(make, kwargs, error, message):
+    model = make()
+    state = {n: p.requires_grad for n, p in model.named_parameters()} if isinstance(model, nn.Module) else None
+    with pytest.raises(error, match=message):
+        bitfit_fast.apply(model, **kwargs)
+    if state is not None:
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == state
+        assert not any(isinstance(m, (BitFitLinear, BitFitLayerNorm)) for m in model.modules())
+
+
+def test_applying_twice_or_merging_a_plain_model_is_an_error():
+    model = bitfit_fast.apply(tiny_roberta())
+    with pytest.raises(ValueError, match="already applied.*merge"):
+        bitfit_fast.apply(model)
+    bitfit_fast.merge(model)
+    with pytest.raises(ValueError, match="not a bitfit_fast model"):
+        bitfit_fast.merge(model)
+    bitfit_fast.apply(model, biases="subset")  # merged models can be applied again
+
+
+def test_triton_backend_without_gpu_or_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr("bitfit_fast_kernels.INTERPRETER", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+        bitfit_fast.apply(tiny_bert(), backend="triton")

@@ -1,0 +1,102 @@
+"""save_biases / load_biases / merge round trips and their error paths."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from bitfit_reference import adamw_steps, padded_batch, tiny_bert, tiny_roberta, trainable
+
+import bitfit_fast
+from bitfit_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+
+def trained(make=tiny_bert, biases="all"):
+    model = make()
+    base = copy.deepcopy(model)
+    bitfit_fast.apply(model, biases=biases)
+    adamw_steps(model, [padded_batch(model) for _ in range(3)])
+    model.eval()
+    return model, base
+
+
+def test_save_writes_only_the_small_files_and_load_reproduces_logits(tmp_path):
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path / "sst2")
+    assert sorted(p.name for p in (tmp_path / "sst2").iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+    n_trained = sum(p.numel() for p in trainable(model).values())
+    assert (tmp_path / "sst2" / WEIGHTS_NAME).stat().st_size < 4 * n_trained + 4096
+
+    bitfit_fast.load_biases(base, tmp_path / "sst2")  # a plain base model is set up from the saved options
+    base.eval()
+    batch = padded_batch(model)
+    torch.testing.assert_close(base(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    assert trainable(base).keys() == trainable(model).keys()
+
+
+def test_bias_sets_swap_on_one_base_model(tmp_path):
+    first, base = trained(tiny_roberta)
+    second = copy.deepcopy(base)
+    bitfit_fast.apply(second)
+    adamw_steps(second, [padded_batch(second) for _ in range(2)])
+    bitfit_fast.save_biases(first, tmp_path / "a")
+    bitfit_fast.save_biases(second, tmp_path / "b")
+    bitfit_fast.apply(base)
+    batch = padded_batch(base)
+    for path, model in [(tmp_path / "a", first), (tmp_path / "b", second.eval()), (tmp_path / "a", first)]:
+        bitfit_fast.load_biases(base, path)
+        torch.testing.assert_close(base.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_merge_gives_a_vanilla_hugging_face_model(tmp_path):
+    model, base = trained()
+    batch = padded_batch(model)
+    logits = model(**batch).logits
+    merged = bitfit_fast.merge(model)
+    assert not any(type(m).__module__.startswith("bitfit_fast") for m in merged.modules())
+    assert list(merged.state_dict()) == list(base.state_dict())
+    torch.testing.assert_close(merged(**batch).logits, logits, atol=0, rtol=0)
+    merged.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(reloaded(**batch).logits, logits, atol=1e-6, rtol=0)
+
+
+def test_load_errors_leave_the_model_untouched(tmp_path):
+    model, _ = trained(biases="subset")
+    bitfit_fast.save_biases(model, tmp_path / "subset")
+
+    with pytest.raises(FileNotFoundError, match="no bitfit_fast checkpoint"):
+        bitfit_fast.load_biases(model, tmp_path / "missing")
+
+    other = bitfit_fast.apply(tiny_bert())  # trains every bias: the subset checkpoint lacks most
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="the model trains parameters that the checkpoint lacks"):
+        bitfit_fast.load_biases(other, tmp_path / "subset")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    bitfit_fast.load_biases(other, tmp_path / "subset", strict=False)
+    assert not all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+    wrong_labels = bitfit_fast.apply(tiny_bert(num_labels=5), biases="subset")
+    with pytest.raises(ValueError, match=r"shape mismatch.*classifier"):
+        bitfit_fast.load_biases(wrong_labels, tmp_path / "subset")
+
+    wrong_model = tiny_roberta()
+    with pytest.raises(ValueError, match="saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"):
+        bitfit_fast.load_biases(wrong_model, tmp_path / "subset")
+
+
+def test_saving_again_replaces_the_files_atomically(tmp_path):
+    model, _ = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    with torch.no_grad():
+        model.classifier.bias.add_(1)
+    bitfit_fast.save_biases(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME], "no temporary files remain"
+    fresh = bitfit_fast.apply(tiny_bert())
+    bitfit_fast.load_biases(fresh, tmp_path)
+    torch.testing.assert_close(fresh.classifier.bias, model.classifier.bias, atol=0, rtol=0)
+
+
+def test_save_needs_an_applied_model(tmp_path):
+    with pytest.raises(ValueError, match="call bitfit_fast.apply"):
+        bitfit_fast.save_biases(tiny_bert(), tmp_path)

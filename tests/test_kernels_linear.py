@@ -1,0 +1,195 @@
+"""The fused linear kernels against float64 torch and torch at the same precision."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_checks import assert_as_accurate_as_torch
+
+import bitfit_fast_kernels as K
+from bitfit_fast.triton_ops import FusedLinearFunction
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+# (leading shape of x, K, N): a single row, primes, and sizes that are not multiples of the tiles.
+SHAPES = [((1,), 17, 5), ((3, 11), 70, 37), ((13,), 64, 96), ((2, 1), 3, 1)]
+
+
+def make(lead, k, n, dtype, bias=True):
+    x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE) if bias else None  # biases are fp32 masters
+    return x, w, b
+
+
+def torch_linear(x, w, b, activation, dtype):
+    h = F.linear(x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+    return F.gelu(h) if activation == "gelu" else h
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_forward_matches_torch(dtype, lead, k, n, activation, has_bias):
+    x, w, b = make(lead, k, n, dtype, has_bias)
+    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=activation is not None)
+    truth = torch_linear(x, w, b, activation, torch.float64)
+    assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
+    if activation is not None:
+        assert_as_accurate_as_torch(h, torch_linear(x, w, b, None, dtype), torch_linear(x, w, b, None, torch.float64), "h")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_backward_matches_torch(dtype, lead, k, n, activation):
+    x, w, b = make(lead, k, n, dtype)
+    _, h = K.linear_forward(x, w, b, activation=activation, store_preact=True)
+    dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+    dx, db = K.linear_backward(dy, w, h if activation else None, activation=activation)
+
+    def torch_grads(precision):
+        xp = x.to(precision).requires_grad_()
+        bp = b.to(precision).requires_grad_()
+        y = torch_linear(xp, w, bp, activation, precision)
+        return torch.autograd.grad(y, (xp, bp), dy.to(precision))
+
+    truth_dx, truth_db = torch_grads(torch.float64)
+    same_dx, same_db = torch_grads(dtype)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert db.dtype == torch.float32
+    assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")
+
+
+def test_backward_computes_only_what_is_asked():
+    x, w, b = make((9,), 20, 11, torch.float32)
+    dy = torch.randn(9, 11, device=DEVICE)
+    dx_only = K.linear_backward(dy, w, compute_db=False)
+    db_only = K.linear_backward(dy, w, compute_dx=False)
+    assert dx_only[1] is None and db_only[0] is None
+    torch.testing.assert_close(dx_only[0], dy @ w)
+    torch.testing.assert_close(db_only[1], dy.sum(0))
+
+
+def test_bias_gradient_is_bit_identical_across_runs():
+    x, w, b = make((67,), 45, 53, torch.float16)
+    _, h = K.linear_forward(x, w, b, activation="gelu", store_preact=True)
+    dy = torch.randn(67, 53, device=DEVICE, dtype=torch.float16)
+    runs = [K.linear_backward(dy, w, h, activation="gelu") for _ in range(3)]
+    for dx, db in runs[1:]:
+        assert torch.equal(db, runs[0][1]) and torch.equal(dx, runs[0][0])
+
+
+def _dropout_run(seed, p=0.3, philox_offset=0, m=64, n=96, k=24):
+    # x = 0 and b = 1 make the pre-dropout value 1 everywhere, so y is exactly the scaled keep mask.
+    x = torch.zeros(m, k, device=DEVICE)
+    w = torch.randn(n, k, device=DEVICE)
+    b = torch.ones(n, device=DEVICE)
+    y, _ = K.linear_forward(x, w, b, dropout_p=p, seed=seed, philox_offset=philox_offset)
+    return y, w
+
+
+def test_dropout_keep_rate_scale_and_seeds():
+    p = 0.3
+    y, _ = _dropout_run(seed=1234, p=p)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    rate = kept.float().mean().item()
+    sigma = (p * (1 - p) / y.numel()) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sigma, rate
+    assert torch.equal(y, _dropout_run(seed=1234, p=p)[0]), "same seed must give the same mask"
+    assert not torch.equal(y, _dropout_run(seed=4321, p=p)[0]), "two seeds must differ"
+    assert not torch.equal(y, _dropout_run(seed=1234, p=p, philox_offset=7)[0]), "the offset moves the stream"
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_backward_regenerates_the_forward_mask(activation):
+    y, w = _dropout_run(seed=99)
+    mask_scaled = y  # keep / (1 - p), from the forward
+    dy = torch.ones_like(y)
+    preact = torch.zeros_like(y) if activation else None  # gelu'(0) = 0.5
+    dx, db = K.linear_backward(dy, w, preact, activation=activation, dropout_p=0.3, seed=99)
+    factor = 0.5 if activation else 1.0
+    torch.testing.assert_close(db, factor * mask_scaled.sum(0))
+    torch.testing.assert_close(dx, factor * mask_scaled @ w)
+
+
+def test_autograd_function_with_gelu_and_dropout_matches_torch_on_the_same_mask():
+    x, w, b = make((5, 7), 33, 29, torch.float32)
+    x.requires_grad_()
+    b.requires_grad_()
+    y = FusedLinearFunction.apply(x, w, b, "gelu", 0.25, 2024)
+    keep = (y != 0).float()
+    dy = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (x, b), dy)
+
+    xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    yr = F.gelu(F.linear(xr, w.double(), br)) * keep.double() / 0.75
+    torch.testing.assert_close(y.double(), yr, atol=1e-5, rtol=1e-5)
+    dxr, dbr = torch.autograd.grad(yr, (xr, br), dy.double())
+    torch.testing.assert_close(dx.double(), dxr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), dbr, atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_function_returns_gradients_only_where_needed():
+    x, w, b = make((4,), 16, 8, torch.float32)
+    b.requires_grad_()
+    y = FusedLinearFunction.apply(x, w, b)
+    (db,) = torch.autograd.grad(y.sum(), (b,))
+    torch.testing.assert_close(db, torch.full_like(b, 4.0))
+    with pytest.raises(RuntimeError, match="no weight gradient"):
+        FusedLinearFunction.apply(x, w.requires_grad_(), b)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 6)), "x has 5 features but weight expects 6"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5).half()), "cast them to one dtype"),
+        (lambda: K.linear_forward(torch.randn(3, 5).double(), torch.randn(4, 5).double()), "supported are float32"),
+        (lambda: K.linear_forward(torch.randn(5, 3).t(), torch.randn(4, 5)), "must be contiguous"),
+        (lambda: K.linear_forward(torch.randn(0, 5), torch.randn(4, 5)), "empty"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.randn(3)), r"bias must have shape \(4,\)"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=0.1), "needs a seed"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=1.0, seed=1), r"in \[0, 1\)"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), activation="relu"), "activation must be"),
+        (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), activation="gelu"), "pre-activation"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    if DEVICE == "cuda":
+        pytest.skip("the calls build CPU tensors")
+    with pytest.raises(K.KernelInputError, match=message):
+        call()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU paths")
+def test_bf16_under_the_interpreter_and_cpu_without_it_are_refused(monkeypatch):
+    with pytest.raises(K.KernelInputError, match="triton#11584"):
+        K.linear_forward(torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(4, 5, dtype=torch.bfloat16))
+    monkeypatch.setattr("bitfit_fast_kernels.utils.INTERPRETER", False)
+    with pytest.raises(K.KernelInputError, match="TRITON_INTERPRET=1"):
+        K.linear_forward(torch.randn(3, 5), torch.randn(4, 5))
+
+
+# BERT-base and BERT-large shapes of the four linears of a layer (fused QKV included), in bf16 on a GPU.
+GPU_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 3072), (1024, 4096), (4096, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k,n", GPU_SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_gpu_bert_shapes(dtype, k, n, activation):
+    x, w, b = make((4, 509), k, n, dtype)  # 2036 tokens: not a multiple of any tile
+    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=True)
+    truth = torch_linear(x, w, b, activation, torch.float64)
+    assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
+    dy = torch.randn_like(y)
+    dx, db = K.linear_backward(dy, w, h if activation else None, activation=activation)
+    xp, bp = x.double().requires_grad_(), b.double().requires_grad_()
+    truth_dx, truth_db = torch.autograd.grad(torch_linear(xp, w, bp, activation, torch.float64), (xp, bp), dy.double())
+    xs, bs = x.clone().requires_grad_(), b.to(dtype).requires_grad_()
+    same_dx, same_db = torch.autograd.grad(torch_linear(xs, w, bs, activation, dtype), (xs, bs), dy)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")

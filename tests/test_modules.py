@@ -1,0 +1,131 @@
+"""BitFitLinear / BitFitLayerNorm: what they save for backward, which path runs, fallbacks and AMP."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from bitfit_reference import BACKENDS, DEVICE
+
+from bitfit_fast import BitFitLayerNorm, BitFitLinear
+
+
+def saved_tensors(fn):
+    """Every tensor autograd keeps for the backward while ``fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def frozen_linear(backend, features=(19, 23)):
+    linear = nn.Linear(*features).to(DEVICE)
+    linear.weight.requires_grad_(False)
+    return BitFitLinear.from_linear(linear, backend)
+
+
+def frozen_layer_norm(backend, n=29):
+    ln = nn.LayerNorm(n).to(DEVICE)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    ln.weight.requires_grad_(False)
+    return BitFitLayerNorm.from_layer_norm(ln, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_saves_no_input_and_layer_norm_saves_its_output(backend):
+    linear = frozen_linear(backend)
+    x = torch.randn(4, 5, 19, device=DEVICE, requires_grad=True)
+    y, saved = saved_tensors(lambda: linear(x))
+    assert all(t is linear.weight for t in saved), "only the frozen weight (a parameter) may be saved"
+    assert y.grad_fn.name().startswith("FusedLinear" if backend == "triton" else "FrozenLinear")
+
+    ln = frozen_layer_norm(backend)
+    h = torch.randn(4, 5, 29, device=DEVICE, requires_grad=True)
+    y, saved = saved_tensors(lambda: ln(h))
+    activations = [t for t in saved if t is not ln.weight and t is not ln.bias]
+    assert any(t is y for t in activations) or any(t.data_ptr() == y.data_ptr() for t in activations)
+    assert all(t.data_ptr() != h.data_ptr() for t in saved), "the LayerNorm input is not kept"
+    assert sum(t.numel() for t in activations) == y.numel() + 4 * 5, "output plus one rstd per row"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_with_zero_gamma_saves_its_input_and_stays_correct(backend):
+    ln = frozen_layer_norm(backend)
+    with torch.no_grad():
+        ln.weight[::4] = 0  # an in-place edit: the module must notice
+    x = torch.randn(6, 29, device=DEVICE, requires_grad=True)
+    y = ln(x)
+    dy = torch.randn_like(y)
+    dx, dbeta = torch.autograd.grad(y, (x, ln.bias), dy)
+    xr = x.detach().clone().requires_grad_()
+    br = ln.bias.detach().clone().requires_grad_()
+    yr = F.layer_norm(xr, (29,), ln.weight, br, ln.eps)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip((dx, dbeta), torch.autograd.grad(yr, (xr, br), dy)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not ln.gamma_invertible()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unfrozen_weight_falls_back_to_plain_autograd(backend):
+    linear = frozen_linear(backend)
+    linear.weight.requires_grad_(True)
+    x = torch.randn(3, 19, device=DEVICE)
+    linear(x).sum().backward()
+    torch.testing.assert_close(linear.weight.grad, torch.ones(23, 3, device=DEVICE) @ x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_is_refused(backend):
+    with pytest.raises(ValueError, match="empty batch"):
+        frozen_linear(backend)(torch.randn(0, 7, 19, device=DEVICE))
+    with pytest.raises(ValueError, match="empty batch"):
+        frozen_layer_norm(backend)(torch.randn(2, 0, 29, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's bf16 limitation")
+def test_bf16_on_the_triton_backend_under_the_interpreter_is_refused():
+    linear = frozen_linear("triton").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="triton#11584"):
+        linear(torch.randn(2, 19, dtype=torch.bfloat16))
+
+
+def test_torch_backend_under_autocast_matches_nn_linear_and_returns_input_dtype_gradients():
+    linear = frozen_linear("torch")
+    plain = nn.Linear(19, 23).to(DEVICE)
+    plain.load_state_dict(linear.state_dict())
+    plain.weight.requires_grad_(False)
+    x = torch.randn(8, 19, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y, y_ref = linear(x), plain(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, linear.bias), dy)
+    theirs = torch.autograd.grad(y_ref, (x, plain.bias), dy)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_triton_backend_under_autocast_matches_nn_linear():
+    linear = frozen_linear("triton", (768, 3072))
+    plain = nn.Linear(768, 3072).cuda()
+    plain.load_state_dict(linear.state_dict())
+    plain.weight.requires_grad_(False)
+    x = torch.randn(4, 128, 768, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, y_ref = linear(x), plain(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, atol=3e-2, rtol=2e-2)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, linear.bias), dy), torch.autograd.grad(y_ref, (x, plain.bias), dy)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=5e-1, rtol=3e-2)
