@@ -89,7 +89,8 @@ def load_biases(
     else:
         saved = BitFitConfig.from_dict(record["apply"])
         apply(model, biases=saved.biases, backend=backend, train_head=saved.train_head,
-              add_missing_biases=saved.add_missing_biases, head=saved.head)
+              add_missing_biases=saved.add_missing_biases, head=saved.head, fuse_layers=saved.fuse_layers,
+              memory=saved.memory, dtype=getattr(torch, saved.dtype) if saved.dtype else None)
 
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))

@@ -2,13 +2,17 @@
 
 import dataclasses
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .backend import check_backend
+from .fused_layer import MEMORY_MODES, FusedEncoderLayer, is_fusable
 from .modules import BitFitLayerNorm, BitFitLinear
+
+BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer)
 
 CONFIG_ATTRIBUTE = "bitfit_fast_config"
 
@@ -33,6 +37,10 @@ class BitFitConfig:
     head: list[str]  # top-level modules of the task head
     added_biases: list[str]  # modules that received a zero bias
     backend: str = "auto"
+    fuse_layers: bool = True
+    memory: str = "default"
+    dtype: str | None = None  # frozen linear weights stored in this dtype ("bfloat16", ...)
+    weight_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # their dtypes before apply()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -53,9 +61,7 @@ def config_of(model: nn.Module) -> BitFitConfig:
 
 
 def is_applied(model: nn.Module) -> bool:
-    return hasattr(model, CONFIG_ATTRIBUTE) or any(
-        isinstance(m, (BitFitLinear, BitFitLayerNorm)) for m in model.modules()
-    )
+    return hasattr(model, CONFIG_ATTRIBUTE) or any(isinstance(m, BITFIT_MODULES) for m in model.modules())
 
 
 def _head_modules(model: nn.Module, head: Sequence[str] | None) -> list[str]:
@@ -153,6 +159,9 @@ def apply(
     train_head: bool = True,
     add_missing_biases: bool = False,
     head: Sequence[str] | None = None,
+    fuse_layers: bool = True,
+    memory: str = "default",
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Make ``model`` a BitFit model in place and return it.
 
@@ -169,6 +178,12 @@ def apply(
         add_missing_biases: give selected ``nn.Linear``/``nn.LayerNorm`` modules that have no bias a zero one,
             so step 0 computes exactly the pretrained function.
         head: names of the head's modules, when the model is not a Hugging Face model with a base model.
+        fuse_layers: run recognised encoder layers (BERT, RoBERTa, ELECTRA, XLM-R, ...) as one fused layer
+            each (see ``bitfit_fast.fused_layer``); other layers keep the module-level path.
+        memory: ``"default"`` saves the pre-GELU activation for the fastest backward; ``"lean"`` recomputes it
+            from the LayerNorm output (one extra GEMM per layer) and saves 4 values per token and layer less.
+        dtype: store the frozen linear weights once in this dtype (e.g. ``torch.bfloat16``) instead of casting
+            them every step under autocast; biases stay fp32 masters. Run the model under ``torch.autocast``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply() takes a torch.nn.Module, got {type(model).__name__}")
@@ -179,6 +194,10 @@ def apply(
             "it again with other options"
         )
     check_backend(backend)
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
     head_names = _head_modules(model, head)
     if train_head:
         _check_untied(model, head_names)
@@ -222,6 +241,14 @@ def apply(
         return BitFitLayerNorm.from_layer_norm(module, backend)
 
     _replace_children(model, to_bitfit)
+    weight_dtypes = {}
+    if dtype is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, BitFitLinear) and module.weight.dtype != dtype:
+                weight_dtypes[f"{name}.weight"] = str(module.weight.dtype).removeprefix("torch.")
+                module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    if fuse_layers:
+        _replace_children(model, lambda m: FusedEncoderLayer.fuse(m, memory) if is_fusable(m) else None)
     config = BitFitConfig(
         biases=biases if isinstance(biases, str) else list(biases),
         train_head=train_head,
@@ -229,6 +256,10 @@ def apply(
         head=head_names,
         added_biases=added,
         backend=backend,
+        fuse_layers=fuse_layers,
+        memory=memory,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        weight_dtypes=weight_dtypes,
     )
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
@@ -239,10 +270,23 @@ def merge(model: nn.Module) -> nn.Module:
 
     State_dict keys are those of the original model (plus any bias that ``add_missing_biases`` added, which
     now carries trained values), so Hugging Face's ``save_pretrained`` works on the result. ``requires_grad``
-    flags are left as they are.
+    flags are left as they are. Weights that ``apply(dtype=...)`` stored in low precision get their original
+    dtype back, but keep the rounding: for the exact pretrained weights, load the biases onto a fresh base model.
     """
-    config_of(model)
-    _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, (BitFitLinear, BitFitLayerNorm)) else None)
+    config = config_of(model)
+    _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, BITFIT_MODULES) else None)
+    for name, original in config.weight_dtypes.items():
+        module_name, param_name = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        weight = getattr(module, param_name)
+        setattr(module, param_name, nn.Parameter(weight.detach().to(getattr(torch, original)),
+                                                 requires_grad=weight.requires_grad))
+    if config.weight_dtypes:
+        warnings.warn(
+            f"merge(): weights stored in {config.dtype} by apply(dtype=...) are back in their original dtype but "
+            "rounded to it; for the exact pretrained weights use load_biases on a fresh base model",
+            stacklevel=2,
+        )
     delattr(model, CONFIG_ATTRIBUTE)
     return model
 

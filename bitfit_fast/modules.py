@@ -16,6 +16,13 @@ from .torch_ops import FrozenGammaLayerNormFunction, FrozenLinearFunction
 from .triton_ops import FusedLinearFunction, ResidualLayerNormFunction
 
 
+def functions(backend: str, x: torch.Tensor) -> tuple[type, type]:
+    """(linear, residual LayerNorm) autograd functions of the backend that runs on x; same signatures."""
+    if uses_triton(backend, x):
+        return FusedLinearFunction, ResidualLayerNormFunction
+    return FrozenLinearFunction, FrozenGammaLayerNormFunction
+
+
 def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
     """A new instance of ``cls`` with module's state (parameters, buffers, hooks, flags) and extra attributes.
 
@@ -53,9 +60,8 @@ class BitFitLinear(nn.Linear):
         if self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
         check_batch(x)
-        if uses_triton(self.backend, x):
-            return FusedLinearFunction.apply(x, self.weight, self.bias)
-        return FrozenLinearFunction.apply(x, self.weight, self.bias)
+        linear, _ = functions(self.backend, x)
+        return linear.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"
@@ -94,10 +100,10 @@ class BitFitLayerNorm(nn.LayerNorm):
         if self.weight.requires_grad:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         check_batch(x)
-        invertible = self.gamma_invertible()
-        if uses_triton(self.backend, x):
-            return ResidualLayerNormFunction.apply(x, None, self.weight, self.bias, self.eps, 0.0, None, invertible)
-        return FrozenGammaLayerNormFunction.apply(x, self.weight, self.bias, self.eps, invertible)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # autocast runs layer_norm in fp32; a drop-in module does the same
+        _, layer_norm = functions(self.backend, x)
+        return layer_norm.apply(x, None, self.weight, self.bias, self.eps, 0.0, None, self.gamma_invertible())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

@@ -1,10 +1,17 @@
-"""The torch backend: frozen linear and frozen-gamma LayerNorm as autograd functions in plain torch ops.
+"""The torch backend: the same autograd functions as ``triton_ops``, in plain torch ops.
 
-They compute what BitFit needs and nothing more: no weight gradient, no saved layer input.
+They compute what BitFit needs and nothing more: no weight or gamma gradient, no saved layer input, no stored
+dropout mask (it is drawn again from its seed in the backward).
 """
 
 import torch
 import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype: autocast's when it is on (as F.linear would), else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -12,63 +19,112 @@ def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(like.dtype)
 
 
+def dropout_scale(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """keep / (1 - p) from a generator seeded with ``seed``: the backward redraws the forward's mask."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keep = torch.rand(shape, generator=generator, device=device) >= p
+    return keep.to(torch.float32) / (1.0 - p)
+
+
+def gelu_grad(h: torch.Tensor) -> torch.Tensor:
+    """Derivative of exact (erf) GELU: Phi(h) + h * phi(h)."""
+    h = h.float()
+    return 0.5 * (1.0 + torch.erf(h * 0.7071067811865476)) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+def check_frozen(name: str, tensor: torch.Tensor) -> None:
+    if tensor.requires_grad:
+        raise RuntimeError(f"the BitFit backward computes no {name} gradient; freeze the {name} first")
+
+
 class FrozenLinearFunction(torch.autograd.Function):
-    """y = x @ W^T + b with W frozen: saves only W (a parameter, so it costs nothing) and not x."""
+    """y = dropout(activation(x @ W^T + b)) with W frozen.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        if weight.requires_grad:
-            raise RuntimeError("FrozenLinearFunction computes no weight gradient; freeze the weight first")
-        ctx.save_for_backward(weight)
-        ctx.x_dtype = x.dtype
-        ctx.bias_like = bias
-        return F.linear(x, weight, bias)  # autocast, when active, applies here as for nn.Linear
-
-    @staticmethod
-    def backward(ctx, dy):
-        (weight,) = ctx.saved_tensors
-        dx = db = None
-        if ctx.needs_input_grad[0]:
-            # Under autocast dy is in the low-precision dtype; cast W (not dy) so the GEMM runs there.
-            dx = (dy @ weight.to(dy.dtype)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            db = bias_grad(dy, ctx.bias_like)
-        return dx, None, db
-
-
-class FrozenGammaLayerNormFunction(torch.autograd.Function):
-    """LayerNorm over the last dimension with gamma frozen: only d(input) and d(beta).
-
-    Saves the output and rstd and rebuilds x_hat = (y - beta) / gamma; where gamma has zeros (``gamma_invertible``
-    False) it saves the input and the mean instead.
+    Saves W (a parameter: free) and, with an activation, the pre-activation h; with ``recompute_preact`` it
+    saves x instead (free when x is kept anyway, e.g. a LayerNorm output) and recomputes h in the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, eps, gamma_invertible):
-        if gamma.requires_grad:
-            raise RuntimeError("FrozenGammaLayerNormFunction computes no gamma gradient; freeze gamma first")
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), gamma, beta, eps)
-        if gamma_invertible:
-            ctx.save_for_backward(y, gamma, beta, rstd)
-        else:
-            ctx.save_for_backward(x, gamma, beta, rstd, mean)
-        ctx.gamma_invertible = gamma_invertible
+    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_preact=False):
+        check_frozen("weight", weight)
+        dtype = compute_dtype(x)
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        h = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+        y = F.gelu(h) if activation == "gelu" else h
+        if dropout_p > 0.0:
+            y = y * dropout_scale(y.shape, dropout_p, seed, y.device).to(y.dtype)
+        saved = (x_c if recompute_preact else h) if activation else None
+        ctx.save_for_backward(weight, saved)
         ctx.x_dtype = x.dtype
+        ctx.bias_like = bias
+        ctx.options = (activation, dropout_p, seed, recompute_preact)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        saved, gamma, beta, rstd, *mean = ctx.saved_tensors
-        dx = dbeta = None
-        if ctx.needs_input_grad[0]:
+        weight, saved = ctx.saved_tensors
+        activation, dropout_p, seed, recompute_preact = ctx.options
+        w_c = weight.to(dy.dtype)
+        g = dy
+        if dropout_p > 0.0:
+            g = g * dropout_scale(g.shape, dropout_p, seed, g.device).to(g.dtype)
+        if activation == "gelu":
+            bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
+            h = F.linear(saved, w_c, bias) if recompute_preact else saved
+            g = (g.float() * gelu_grad(h)).to(dy.dtype)
+        dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        db = bias_grad(g, ctx.bias_like) if ctx.needs_input_grad[2] else None
+        return dx, None, db, None, None, None, None
+
+
+class FrozenGammaLayerNormFunction(torch.autograd.Function):
+    """LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: d(x), d(residual), d(beta).
+
+    Computes in fp32 and returns x's dtype. Saves the output and rstd and rebuilds x_hat = (y - beta) / gamma;
+    where gamma has zeros (``gamma_invertible`` False) it saves the normalised input and the mean instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, gamma_invertible=True):
+        check_frozen("gamma", gamma)
+        s = x.float()
+        if dropout_p > 0.0:
+            s = s * dropout_scale(s.shape, dropout_p, seed, s.device)
+        if residual is not None:
+            s = s + residual.float()
+        with torch.autocast(x.device.type, enabled=False):
+            y, mean, rstd = torch.native_layer_norm(s, (s.shape[-1],), gamma.float(), beta.float(), eps)
+        y = y.to(x.dtype)
+        if gamma_invertible:
+            ctx.save_for_backward(y, gamma, beta, rstd, None)
+        else:
+            ctx.save_for_backward(s, gamma, beta, rstd, mean)
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.options = (dropout_p, seed)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, gamma, beta, rstd, mean = ctx.saved_tensors
+        dropout_p, seed = ctx.options
+        x_dtype, residual_dtype = ctx.dtypes
+        needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
+        dx = dresidual = dbeta = None
+        if needs_x or needs_residual:
             g = dy.float() * gamma.float()
-            if ctx.gamma_invertible:
+            if mean is None:
                 x_hat = (saved.float() - beta.float()) / gamma.float()
             else:
-                x_hat = (saved.float() - mean[0]) * rstd
+                x_hat = (saved - mean) * rstd
             c1 = (x_hat * g).mean(dim=-1, keepdim=True)
             c2 = g.mean(dim=-1, keepdim=True)
-            dx = ((g - x_hat * c1 - c2) * rstd).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
+            ds = (g - x_hat * c1 - c2) * rstd
+            if needs_residual:
+                dresidual = ds.to(residual_dtype)
+            if needs_x:
+                if dropout_p > 0.0:
+                    ds = ds * dropout_scale(ds.shape, dropout_p, seed, ds.device)
+                dx = ds.to(x_dtype)
+        if needs_beta:
             dbeta = bias_grad(dy, beta)
-        return dx, None, dbeta, None, None
+        return dx, dresidual, None, dbeta, None, None, None, None

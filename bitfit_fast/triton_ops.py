@@ -1,85 +1,85 @@
 """The Triton backend: autograd functions that only call the kernels' host functions.
 
-AMP: under torch.autocast the GEMMs run in the autocast dtype (x and the frozen weight are cast, as F.linear
-would); LayerNorm runs in fp32 as torch's autocast policy prescribes. Gradients come back in the inputs' dtypes.
+Same signatures as ``torch_ops``. The GEMMs run in autocast's dtype when it is on, else in the input's (the
+frozen weight is cast to it, as F.linear under autocast would); gradients come back in the inputs' dtypes.
 """
 
 import torch
 
 from .backend import triton_kernels
-
-
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+from .torch_ops import check_frozen, compute_dtype
 
 
 class FusedLinearFunction(torch.autograd.Function):
-    """y = dropout(activation(x @ W^T + b)) with W frozen.
+    """y = dropout(activation(x @ W^T + b)) with W frozen, as one GEMM with its epilogue.
 
-    Saves W (a parameter: free) and, with an activation, the pre-activation; never x or a dropout mask.
+    Saves W (a parameter: free) and, with an activation, the pre-activation; with ``recompute_preact`` it saves
+    x instead and recomputes the pre-activation in the backward. Never a dropout mask.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None):
-        if weight.requires_grad:
-            raise RuntimeError("FusedLinearFunction computes no weight gradient; freeze the weight first")
-        kernels = triton_kernels()
-        compute_dtype = _autocast_dtype(x) or x.dtype
+    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_preact=False):
+        check_frozen("weight", weight)
+        dtype = compute_dtype(x)
+        x_c = x.to(dtype).contiguous()
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        y, preact = kernels.linear_forward(
-            x.to(compute_dtype).contiguous(),
-            weight.to(compute_dtype).contiguous(),
+        y, preact = triton_kernels().linear_forward(
+            x_c,
+            weight.to(dtype).contiguous(),
             bias,
             activation=activation,
             dropout_p=dropout_p,
             seed=seed,
-            store_preact=activation is not None and needs_grad,
+            store_preact=activation is not None and needs_grad and not recompute_preact,
         )
-        ctx.save_for_backward(weight, preact)
+        ctx.save_for_backward(weight, x_c if activation and recompute_preact else preact, bias)
         ctx.x_dtype = x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.options = dict(activation=activation, dropout_p=dropout_p, seed=seed)
+        ctx.options = (activation, dropout_p, seed, recompute_preact)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, preact = ctx.saved_tensors
-        dx, db = triton_kernels().linear_backward(
+        weight, saved, bias = ctx.saved_tensors
+        activation, dropout_p, seed, recompute_preact = ctx.options
+        kernels = triton_kernels()
+        w_c = weight.to(dy.dtype).contiguous()
+        preact = saved
+        if activation and recompute_preact:
+            preact, _ = kernels.linear_forward(saved, w_c, bias)
+        dx, db = kernels.linear_backward(
             dy.contiguous(),
-            weight.to(dy.dtype).contiguous(),
+            w_c,
             preact,
+            activation=activation,
+            dropout_p=dropout_p,
+            seed=seed,
             compute_dx=ctx.needs_input_grad[0],
             compute_db=ctx.needs_input_grad[2],
-            **ctx.options,
         )
         if dx is not None:
             dx = dx.to(ctx.x_dtype)
         if db is not None:
-            db = db.to(ctx.bias_dtype)
-        return dx, None, db, None, None, None
+            db = db.to(bias.dtype)
+        return dx, None, db, None, None, None, None
 
 
 class ResidualLayerNormFunction(torch.autograd.Function):
     """LayerNorm(dropout(x) + residual) with gamma frozen: gradients for x, residual and beta only.
 
-    Saves the output and rstd when gamma has no zeros (``gamma_invertible``), else the normalised input.
+    Returns x's dtype. Saves the output and rstd when gamma has no zeros (``gamma_invertible``), else the
+    normalised input and the mean.
     """
 
     @staticmethod
     def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, gamma_invertible=True):
-        if gamma.requires_grad:
-            raise RuntimeError("ResidualLayerNormFunction computes no gamma gradient; freeze gamma first")
+        check_frozen("gamma", gamma)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        if _autocast_dtype(x) is not None:
-            x = x.float()
-            residual = residual.float() if residual is not None else None
         y, s, mean, rstd = triton_kernels().residual_layer_norm_forward(
             x.contiguous(),
             gamma,
             beta,
             eps,
-            residual.contiguous() if residual is not None else None,
+            residual.to(x.dtype).contiguous() if residual is not None else None,
             dropout_p=dropout_p,
             seed=seed,
             store_input=not gamma_invertible,
@@ -94,7 +94,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
         saved, gamma, beta, rstd, mean = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
         dx, dresidual, dbeta = triton_kernels().residual_layer_norm_backward(
-            dy.contiguous().to(saved.dtype),
+            dy.to(saved.dtype).contiguous(),
             saved,
             gamma,
             beta,

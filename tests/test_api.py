@@ -42,7 +42,7 @@ def test_modules_are_replaced_in_place_and_keep_their_parameters():
     model = tiny_bert()
     query = model.bert.encoder.layer[0].attention.self.query
     keys = list(model.state_dict())
-    assert bitfit_fast.apply(model) is model
+    assert bitfit_fast.apply(model, fuse_layers=False) is model
     new_query = model.bert.encoder.layer[0].attention.self.query
     assert type(new_query) is BitFitLinear and isinstance(new_query, nn.Linear)
     assert new_query.weight is query.weight and new_query.bias is query.bias
@@ -105,6 +105,7 @@ FAMILIES = {
 }
 
 
+BERT_SHAPED = {"electra", "xlm-roberta"}  # their layers are fused; DistilBERT's and ALBERT's keep the module path
 # The paper's subset (b_q, b_m2) by each family's module names.
 SUBSET_NAMES = {
     "distilbert": ("attention.q_lin.bias", "ffn.lin1.bias"),
@@ -122,6 +123,8 @@ def test_other_encoder_families_match_the_reference(family, biases):
     head = tuple(name for name, _ in model.named_children() if name != model.base_model_prefix)
     reference = reference_bitfit(model, head=head)
     bitfit_fast.apply(model, biases=biases, backend="torch")
+    fused = {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Fused")}
+    assert fused == ({f"Fused{type(model).__name__.split('For')[0]}Layer"} if family in BERT_SHAPED else set())
     selected = trainable(model).keys()
     if biases == "all":
         assert selected == trainable(reference).keys()
@@ -188,3 +191,17 @@ def test_triton_backend_without_gpu_or_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
         bitfit_fast.apply(tiny_bert(), backend="triton")
+
+
+def test_recognised_layers_are_fused_and_keep_parameter_names_and_values():
+    model = tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bitfit_fast.apply(model)
+    layer = model.bert.encoder.layer[0]
+    assert type(layer).__name__ == "FusedBertLayer" and isinstance(layer, transformers.models.bert.modeling_bert.BertLayer)
+    assert "FusedBertLayer(\n" in repr(model) and "memory=default" in repr(model)
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    sa = layer.attention.self
+    packed = layer.packed_qkv_weight()
+    assert sa.key.weight.data_ptr() == packed[36].data_ptr(), "q/k/v weights are views of the packed weight"

@@ -7,14 +7,19 @@ from bitfit_reference import BACKENDS, MODELS, adamw_steps, padded_batch, refere
 import bitfit_fast
 
 TOL = dict(atol=2e-5, rtol=1e-4)
+# The fused encoder layer in both memory modes, and the module-level path it falls back to.
+PATHS = {"fused": dict(), "fused-lean": dict(memory="lean"), "fused-minimal": dict(memory="minimal"),
+         "modules": dict(fuse_layers=False)}
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logits_loss_and_gradients_match(arch, backend):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_logits_loss_and_gradients_match(arch, backend, path):
     model = MODELS[arch]()
     reference = reference_bitfit(model)
-    bitfit_fast.apply(model, backend=backend)
+    bitfit_fast.apply(model, backend=backend, **PATHS[path])
+    assert type(model.base_model.encoder.layer[0]).__name__.startswith("Fused") == (path != "modules")
     assert trainable(model).keys() == trainable(reference).keys()
 
     batch = padded_batch(model)
@@ -32,7 +37,8 @@ def test_logits_loss_and_gradients_match(arch, backend):
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("biases", ["all", "subset"])
-def test_five_adamw_steps_match_and_frozen_weights_stay_bit_identical(arch, backend, biases):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_five_adamw_steps_match_and_frozen_weights_stay_bit_identical(arch, backend, biases, path):
     model = MODELS[arch]()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     reference = reference_bitfit(model)
@@ -40,7 +46,7 @@ def test_five_adamw_steps_match_and_frozen_weights_stay_bit_identical(arch, back
         for name, param in reference.named_parameters():
             param.requires_grad_(name.startswith("classifier") or
                                  name.endswith(("attention.self.query.bias", "intermediate.dense.bias")))
-    bitfit_fast.apply(model, biases=biases, backend=backend)
+    bitfit_fast.apply(model, biases=biases, backend=backend, **PATHS[path])
     assert trainable(model).keys() == trainable(reference).keys()
 
     batches = [padded_batch(model, lengths) for lengths in [(7, 3, 5), (1,), (6, 6), (2, 5, 4, 3), (5,)]]

@@ -1,0 +1,146 @@
+"""The fused encoder layer: dropout, saved-tensor accounting, dtype, re-packing, fallbacks."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from bitfit_reference import BACKENDS, DEVICE, padded_batch, reference_bitfit, tiny_bert, tiny_roberta, trainable
+
+import bitfit_fast
+
+DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, classifier_dropout=0.0)
+
+
+def loss_with_seed(model, batch, seed):
+    torch.manual_seed(seed)
+    return model(**batch).loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
+def test_dropout_same_seed_same_result_and_gradient_of_the_computed_forward(backend, memory):
+    model = bitfit_fast.apply(tiny_bert(**DROPOUT), backend=backend, memory=memory).train()
+    batch = padded_batch(model)
+    first = loss_with_seed(model, batch, 11)
+    assert torch.equal(first, loss_with_seed(model, batch, 11))
+    assert not torch.equal(first, loss_with_seed(model, batch, 12)), "dropout is on"
+    params = list(trainable(model).values())
+    grads = torch.autograd.grad(loss_with_seed(model, batch, 11), params)
+
+    # Directional derivative along random directions: the gradient is that of the forward computed (its masks).
+    eps = 1e-3
+    for _ in range(2):
+        direction = [torch.randn_like(p) for p in params]
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(eps * d)
+            plus = loss_with_seed(model, batch, 11)
+            for p, d in zip(params, direction):
+                p.sub_(2 * eps * d)
+            minus = loss_with_seed(model, batch, 11)
+            for p, d in zip(params, direction):
+                p.add_(eps * d)
+        numeric = (plus - minus).item() / (2 * eps)
+        analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+        assert analytic == pytest.approx(numeric, rel=2e-2, abs=2e-3)
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of the distinct storages that the forward leaves for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()  # the graph was complete and usable
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
+def test_saved_bytes_per_memory_mode_against_the_reference(make):
+    # Attention dropout off: CPU attention with dropout materialises probabilities for both sides alike.
+    layers, tokens = 4, 4 * 48
+    base = make(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, num_hidden_layers=layers).train()
+    batch = padded_batch(base, lengths=(48, 31, 48, 17))
+    measured = {"reference": saved_bytes(reference_bitfit(base), batch)}
+    for mode, options in [("modules", dict(fuse_layers=False)), ("default", {}), ("lean", dict(memory="lean")),
+                          ("minimal", dict(memory="minimal"))]:
+        measured[mode] = saved_bytes(bitfit_fast.apply(copy.deepcopy(base), backend="torch", **options), batch)
+    print("saved bytes vs reference:", {k: round(v / measured["reference"], 3) for k, v in measured.items()})
+
+    hidden, inter = base.config.hidden_size, base.config.intermediate_size
+    fp32 = 4
+    # lean drops exactly the pre-GELU activation; minimal also q, k, v, the attention output and its logsumexp.
+    assert measured["default"] - measured["lean"] == layers * tokens * inter * fp32
+    heads = base.config.num_attention_heads
+    attention = layers * (tokens * 4 * hidden + tokens * heads) * fp32
+    assert measured["lean"] - measured["minimal"] == attention
+    assert measured["minimal"] < measured["lean"] < measured["default"] < measured["modules"] <= measured["reference"]
+def test_dtype_stores_weights_once_in_low_precision_and_merge_restores_the_dtype():
+    model = tiny_bert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch", dtype=torch.bfloat16)
+    layer = model.bert.encoder.layer[0]
+    assert layer.attention.self.value.weight.dtype == torch.bfloat16
+    assert layer.attention.self.value.bias.dtype == torch.float32, "bias masters stay fp32"
+    assert model.bert.embeddings.LayerNorm.weight.dtype == torch.float32
+    batch = padded_batch(model)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits.float(), ref_out.logits.float(), atol=5e-2, rtol=5e-2)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable(model).values())
+    with pytest.warns(UserWarning, match="rounded"):
+        bitfit_fast.merge(model)
+    assert model.bert.encoder.layer[0].attention.self.value.weight.dtype == torch.float32
+
+
+def test_moving_the_model_repacks_qkv_and_stays_correct():
+    model = bitfit_fast.apply(tiny_bert(), backend="torch")
+    reference = reference_bitfit(model).double()
+    model.double()  # moves each parameter on its own: the q/k/v views of the packed weight are broken
+    batch = padded_batch(model)
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)
+    layer = model.bert.encoder.layer[1]
+    packed = layer.packed_qkv_weight()
+    assert packed.dtype == torch.float64 and layer.attention.self.query.weight.data_ptr() == packed.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_states_are_captured_and_attention_weights_fall_back_to_the_module_path(backend):
+    model = bitfit_fast.apply(tiny_bert(), backend=backend)
+    reference = reference_bitfit(model)
+    batch = padded_batch(model)
+    ours, theirs = model(**batch, output_hidden_states=True), reference(**batch, output_hidden_states=True)
+    assert len(ours.hidden_states) == len(theirs.hidden_states) == 3
+    for a, b in zip(ours.hidden_states, theirs.hidden_states):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sdpa warns that it returns no attention weights
+        torch.testing.assert_close(model(**batch, output_attentions=True).logits, theirs.logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
+def test_gpu_bf16_fused_bert_base_layer_matches_the_reference(make):
+    base = make(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=2)
+    reference = reference_bitfit(base)
+    model = bitfit_fast.apply(copy.deepcopy(base), dtype=torch.bfloat16)
+    batch = padded_batch(base, lengths=(128, 77, 128, 5))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits.float(), ref_out.logits.float(), atol=5e-2, rtol=5e-2)
+    out.loss.backward()
+    ref_out.loss.backward()
+    ref = trainable(reference)
+    for name, p in trainable(model).items():
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), ref[name].grad.flatten().float(), dim=0)
+        assert cos > 0.99, (name, cos.item())
