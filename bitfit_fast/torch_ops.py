@@ -19,11 +19,11 @@ def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(like.dtype)
 
 
-def dropout_scale(shape, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """keep / (1 - p) from a generator seeded with ``seed``: the backward redraws the forward's mask."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32) / (1.0 - p)
+def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p), keep drawn from a generator seeded with ``seed``: the backward redraws the same mask."""
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x.mul(keep).mul_(1.0 / (1.0 - p))
 
 
 def gelu_grad(h: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         h = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
         y = F.gelu(h) if activation == "gelu" else h
         if dropout_p > 0.0:
-            y = y * dropout_scale(y.shape, dropout_p, seed, y.device).to(y.dtype)
+            y = apply_dropout(y, dropout_p, seed)
         saved = (x_c if recompute_preact else h) if activation else None
         ctx.save_for_backward(weight, saved)
         ctx.x_dtype = x.dtype
@@ -67,7 +67,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         w_c = weight.to(dy.dtype)
         g = dy
         if dropout_p > 0.0:
-            g = g * dropout_scale(g.shape, dropout_p, seed, g.device).to(g.dtype)
+            g = apply_dropout(g, dropout_p, seed)
         if activation == "gelu":
             bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
             h = F.linear(saved, w_c, bias) if recompute_preact else saved
@@ -89,7 +89,7 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
         check_frozen("gamma", gamma)
         s = x.float()
         if dropout_p > 0.0:
-            s = s * dropout_scale(s.shape, dropout_p, seed, s.device)
+            s = apply_dropout(s, dropout_p, seed)
         if residual is not None:
             s = s + residual.float()
         with torch.autocast(x.device.type, enabled=False):
@@ -111,19 +111,22 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
         dx = dresidual = dbeta = None
         if needs_x or needs_residual:
-            g = dy.float() * gamma.float()
             if mean is None:
-                x_hat = (saved.float() - beta.float()) / gamma.float()
+                x_hat = (saved.float() - beta.float()).div_(gamma.float())
             else:
-                x_hat = (saved - mean) * rstd
-            c1 = (x_hat * g).mean(dim=-1, keepdim=True)
-            c2 = g.mean(dim=-1, keepdim=True)
-            ds = (g - x_hat * c1 - c2) * rstd
+                x_hat = (saved - mean).mul_(rstd)
+            # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
+            ones = torch.ones_like(rstd)
+            ds, _, _ = torch.ops.aten.native_layer_norm_backward(
+                dy.float(), x_hat, (x_hat.shape[-1],), torch.zeros_like(rstd), ones, gamma.float(), None,
+                [True, False, False],
+            )
+            ds = ds.mul_(rstd)
             if needs_residual:
                 dresidual = ds.to(residual_dtype)
             if needs_x:
                 if dropout_p > 0.0:
-                    ds = ds * dropout_scale(ds.shape, dropout_p, seed, ds.device)
+                    ds = apply_dropout(ds, dropout_p, seed)
                 dx = ds.to(x_dtype)
         if needs_beta:
             dbeta = bias_grad(dy, beta)
