@@ -22,14 +22,8 @@ def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """x * keep / (1 - p), keep drawn from a generator seeded with ``seed``: the backward redraws the same mask."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
-    return x.mul(keep).mul_(1.0 / (1.0 - p))
-
-
-def gelu_grad(h: torch.Tensor) -> torch.Tensor:
-    """Derivative of exact (erf) GELU: Phi(h) + h * phi(h)."""
-    h = h.float()
-    return 0.5 * (1.0 + torch.erf(h * 0.7071067811865476)) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
+    scale = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x * scale.ge_(p).mul_(1.0 / (1.0 - p))
 
 
 def check_frozen(name: str, tensor: torch.Tensor) -> None:
@@ -65,13 +59,13 @@ class FrozenLinearFunction(torch.autograd.Function):
         weight, saved = ctx.saved_tensors
         activation, dropout_p, seed, recompute_preact = ctx.options
         w_c = weight.to(dy.dtype)
-        g = dy
+        g = dy.contiguous()
         if dropout_p > 0.0:
             g = apply_dropout(g, dropout_p, seed)
         if activation == "gelu":
             bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
             h = F.linear(saved, w_c, bias) if recompute_preact else saved
-            g = (g.float() * gelu_grad(h)).to(dy.dtype)
+            g = torch.ops.aten.gelu_backward(g, h)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         db = bias_grad(g, ctx.bias_like) if ctx.needs_input_grad[2] else None
         return dx, None, db, None, None, None, None

@@ -1,0 +1,41 @@
+"""One training step per provider and workload (`pytest benches/ --benchmark-only`), grouped per workload.
+
+The same code as `bitfit-fast bench`: fresh batches in setup (never timed), a device synchronisation inside
+the timed call, memory and throughput in extra_info.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import PRESET, PRESET_NAME
+
+from bitfit_fast import bench
+
+CASES = list(itertools.product(PRESET.workloads, PRESET.providers))
+
+
+@pytest.mark.parametrize("workload,provider", CASES, ids=[f"{w.name}-{p}" for w, p in CASES])
+def test_training_step(benchmark, preset, workload, provider):
+    device = preset.device
+    trainer = bench.build_provider(provider, bench.build_base_model(workload, device), device, copy_base=False)
+    batches = iter(bench.make_batches(workload, preset.warmup + preset.repeats + 1, trainer.model.config.vocab_size,
+                                      device))
+
+    def step(batch):
+        loss = trainer.step(batch)
+        bench.synchronize(device)
+        return loss
+
+    benchmark.group = f"{PRESET_NAME}: {workload.name}"
+    loss = benchmark.pedantic(step, setup=lambda: ((next(batches),), {}), rounds=preset.repeats,
+                              warmup_rounds=preset.warmup, iterations=1)
+    assert torch.isfinite(loss)
+    batch = next(batches)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        device=bench.environment("pytest benches/")["device"],
+        tokens_per_s=bench.padded_tokens(batch) / median,
+        peak_memory_bytes=(bench.gpu_peak_bytes(trainer, batch) if device == "cuda"
+                           else bench.cpu_peak_rss(provider, workload)["above_idle"]),
+    )
