@@ -268,11 +268,22 @@ def _rss_probe(spec: str) -> None:
     print(json.dumps(dict(idle_rss=idle, peak_rss=peak, above_idle=peak - idle)))
 
 
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+    """Largest size in [1, limit] for which ``fits`` holds, assuming it holds below some threshold: doubling from
+    ``start``, then bisection to within 1/16 of the answer. 0 if not even size 1 fits."""
+    good, size = 0, start
+    while size <= limit and fits(size):
+        good, size = size, size * 2
+    bad = size if size <= limit else None
+    while bad is not None and bad - good > max(1, good // 16):
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
 def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192) -> int:
-    """Largest batch (padded to ``workload.seq``) for which a step runs without OOM: doubling, then bisection."""
-    base = build_base_model(workload, device)
-    trainer = build_provider(provider, base, device)
-    del base
+    """Largest batch (padded to ``workload.seq``) for which a training step runs without running out of memory."""
+    trainer = build_provider(provider, build_base_model(workload, device), device, copy_base=False)
 
     def fits(batch_size: int) -> bool:
         batch = make_batches(dataclasses.replace(workload, batch=batch_size, real_lengths=False), 1,
@@ -285,20 +296,13 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192)
             return False
         finally:
             trainer.optimizer.zero_grad(set_to_none=True)
-            del batch
             torch.cuda.empty_cache()
 
-    good, bad = 0, None
-    size = workload.batch
-    while size <= limit and fits(size):
-        good, size = size, size * 2
-    bad = size if size <= limit else None
-    while bad is not None and bad - good > max(1, good // 16):
-        middle = (good + bad) // 2
-        good, bad = (middle, bad) if fits(middle) else (good, middle)
-    del trainer
-    torch.cuda.empty_cache()
-    return good
+    try:
+        return largest_fitting(fits, workload.batch, limit)
+    finally:
+        trainer.model.cpu()
+        torch.cuda.empty_cache()
 
 
 def matmul_peak_tflops(device: str) -> float:
@@ -483,7 +487,8 @@ def plot(record: dict, path: Path) -> Path | None:
     sweeps: dict[str, list[dict]] = {}
     for w in record["workloads"]:
         if not w["spec"]["real_lengths"]:
-            sweeps.setdefault(f"{w['spec']['arch']} {w['spec']['model']} seq {w['spec']['seq']}", []).append(w)
+            spec = w["spec"]
+            sweeps.setdefault(f"{spec['arch']}-{spec['model'].split('-')[1]} seq {spec['seq']}", []).append(w)
     fig, axes = plt.subplots(2, max(1, len(sweeps)), figsize=(5 * max(1, len(sweeps)), 8), squeeze=False)
     for column, (title, workloads) in enumerate(sweeps.items()):
         for provider in record["providers"]:

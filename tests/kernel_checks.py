@@ -14,3 +14,10 @@ def assert_as_accurate_as_torch(ours: torch.Tensor, torch_same_precision: torch.
     err_torch = (torch_same_precision.double() - truth).abs().max().item()
     bound = 2 * err_torch + ATOL[ours.dtype] * max(1.0, truth.abs().max().item())
     assert err_ours <= bound, f"{what}: max error {err_ours:.3e} > {bound:.3e} (torch's: {err_torch:.3e})"
+
+
+def torch_grads(fn, x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor, precision: torch.dtype):
+    """Gradients of fn(x, bias, precision) for x and the bias, by torch autograd in ``precision``."""
+    xp = x.to(precision).requires_grad_()
+    bp = bias.to(precision).requires_grad_()
+    return torch.autograd.grad(fn(xp, bp, precision), (xp, bp), dy.to(precision))

