@@ -193,7 +193,6 @@ def _linear_bwd_kernel(
     ns = tl.arange(0, BLOCK_N)
     row_ok = rows < M
     k_ok = ks < K
-    write_db = COMPUTE_DB and pid_k == 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
@@ -208,8 +207,9 @@ def _linear_bwd_kernel(
         if ACTIVATION == "gelu":
             h = tl.load(h_ptr + tile_offsets, mask=tile_mask, other=0.0).to(tl.float32)
             g = g * _gelu_grad(h)
-        if write_db:
-            tl.store(db_partial_ptr + pid_m * N + cols, tl.sum(g, axis=0), mask=col_ok)
+        if COMPUTE_DB:
+            if pid_k == 0:
+                tl.store(db_partial_ptr + pid_m * N + cols, tl.sum(g, axis=0), mask=col_ok)
         if COMPUTE_DX:
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)

@@ -83,10 +83,11 @@ def check_dropout(p: float, seed: int | None, elements: int) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 matmuls follow torch's TF32 switch so that both backends round alike."""
-    if dtype == torch.float32 and not INTERPRETER and torch.backends.cuda.matmul.allow_tf32:
+    """fp32 matmuls follow torch's TF32 switch so that both backends round alike. fp16/bf16 operands take
+    Triton's default ("tf32"), which leaves them exact: their mantissas fit in TF32's."""
+    if dtype != torch.float32:
         return "tf32"
-    return "ieee"
+    return "tf32" if not INTERPRETER and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def row_bucket(rows: int) -> int:

@@ -196,3 +196,32 @@ def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
     assert [r["learning_rate"] for r in record["runs"]] == [1e-4, 1e-2]
     assert record["best"]["best"]["value"] == max(r["best"]["value"] for r in record["runs"])
     assert (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
+
+
+def fake_glue(task):
+    """GLUE-shaped tables in memory: the hub is out of reach here, the column mapping is what is tested."""
+    import datasets
+
+    spec = data.GLUE[task]
+    rows = {c: [f"{c} {i}" for i in range(6)] for c in spec.text_columns}
+    rows["label"] = [float(i) / 2 for i in range(6)] if spec.num_labels == 1 else [i % spec.num_labels for i in range(6)]
+    return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", *spec.validation_splits)})
+
+
+@pytest.mark.parametrize("task", ["mnli", "stsb", "mrpc", "cola"])
+def test_glue_tasks_map_columns_labels_and_metrics(task, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name: fake_glue(name))
+    loaded = data.load_glue(task)
+    spec = data.GLUE[task]
+    assert list(loaded.validation) == list(spec.validation_splits) and loaded.metrics == spec.metrics
+    assert len(loaded.train.texts[0]) == len(spec.text_columns) and len(loaded.train.texts) == 6
+    assert loaded.train.labels[1] == (0.5 if task == "stsb" else 1)
+    expected = {"mnli": ("validation_matched", "validation_mismatched"), "stsb": ("validation",)}
+    assert tuple(loaded.validation) == expected.get(task, ("validation",))
+
+
+def test_unknown_glue_task_is_named():
+    with pytest.raises(data.DataError, match="unknown GLUE task 'sst3'"):
+        trainer.load_task(TrainConfig(task="sst3"))
