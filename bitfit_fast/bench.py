@@ -40,6 +40,7 @@ PROVIDERS = {
     "fast-lean": "bitfit_fast, fused layers (memory=lean)",
     "fast-minimal": "bitfit_fast, fused layers (memory=minimal)",
     "fast-modules": "bitfit_fast, module-level path only (fuse_layers=False)",
+    "fast-torch": "bitfit_fast, fused layers on the torch backend (no Triton)",
 }
 
 
@@ -83,7 +84,7 @@ PRESETS = {
         "cuda",
         _sweep("bert-base", 128, [32, 64, 128, 256]) + _sweep("bert-base", 512, [16, 32])
         + [Workload("bert-base", 128, 256, real_lengths=True)],
-        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal"],
+        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
         repeats=20, warmup=5, max_batch=True,
     ),
     "gpu-large": Preset(
@@ -165,7 +166,7 @@ def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: boo
     method = "full" if name == "full" else "bitfit"
     if name.startswith("fast"):
         options = {"fast": {}, "fast-lean": dict(memory="lean"), "fast-minimal": dict(memory="minimal"),
-                   "fast-modules": dict(fuse_layers=False)}[name]
+                   "fast-modules": dict(fuse_layers=False), "fast-torch": dict(backend="torch")}[name]
         dtype = torch.bfloat16 if device == "cuda" else None
         bitfit_fast.apply(model, dtype=dtype, **options)
     elif name != "full":
@@ -433,8 +434,13 @@ def add_ratios(results: dict) -> None:
             stats["max_batch_vs_reference"] = stats["max_batch"] / ref["max_batch"]
 
 
-def run(preset_name: str, command: str, log=print) -> dict:
+def run(preset_name: str, command: str, providers: list[str] | None = None, log=print) -> dict:
     preset = PRESETS[preset_name]
+    if providers:
+        unknown = sorted(set(providers) - set(PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}; known: {sorted(PROVIDERS)}")
+        preset = dataclasses.replace(preset, providers=list(providers))
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"preset {preset_name!r} needs a CUDA GPU; use --preset cpu-small on this machine")
     record = environment(command)

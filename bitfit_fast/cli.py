@@ -14,7 +14,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"updated the benchmark section of {args.readme} from {args.out}/*.json")
         return 0
     command = "bitfit-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = bench.run(args.preset, command)
+    record = bench.run(args.preset, command, providers=args.providers)
     for kind, path in bench.write(record, Path(args.out)).items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("bench", help="benchmark reference BitFit, full fine-tuning and bitfit_fast")
     b.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    b.add_argument("--providers", nargs="+", help="run these providers instead of the preset's")
     b.add_argument("--out", default="benches/results", help="directory for the JSON, Markdown and PNG results")
     b.add_argument("--update-readme", action="store_true", help="regenerate README's section from --out/*.json")
     b.add_argument("--readme", default="README.md")

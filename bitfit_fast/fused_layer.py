@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, retype
-from .torch_ops import compute_dtype
+from .torch_ops import DropoutAttentionFunction, FrozenLinearFunction, compute_dtype
 
 MEMORY_MODES = ("default", "lean", "minimal")
 
@@ -163,11 +163,13 @@ class FusedEncoderLayer(nn.Module):
         qkv_bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
         qkv = linear.apply(x, self.packed_qkv_weight(), qkv_bias)
         q, k, v = qkv.view(batch, seq, 3, sa.num_attention_heads, sa.attention_head_size).permute(2, 0, 3, 1, 4)
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_shared_mask(attention_mask, q.dtype),
-            dropout_p=sa.dropout.p if self.training else 0.0,
-            scale=getattr(sa, "scaling", sa.attention_head_size**-0.5),
-        )
+        mask = _shared_mask(attention_mask, q.dtype)
+        p = sa.dropout.p if self.training else 0.0
+        scale = getattr(sa, "scaling", sa.attention_head_size**-0.5)
+        if p > 0.0 and linear is FrozenLinearFunction:
+            context = DropoutAttentionFunction.apply(q, k, v, mask, p, _draw_seed(p), scale)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         return context.transpose(1, 2).reshape(batch, seq, hidden)
 
     def fused_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -125,3 +125,44 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
         if needs_beta:
             dbeta = bias_grad(dy, beta)
         return dx, dresidual, None, dbeta, None, None, None, None
+
+
+def _attention_probabilities(q, k, mask, scale, logsumexp=None):
+    """softmax(q k^T * scale + mask) in at least fp32, and its row logsumexp. The dropout mask is drawn in this
+    dtype in the forward and the backward alike (torch.rand's stream depends on the dtype)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)).mul_(scale)
+    if mask is not None:
+        scores.add_(mask)
+    if logsumexp is None:
+        logsumexp = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return scores.sub_(logsumexp).exp_(), logsumexp
+
+
+class DropoutAttentionFunction(torch.autograd.Function):
+    """dropout(softmax(q k^T * scale + mask)) v, as flash attention does it in the backward: it saves q, k, v and
+    the row logsumexp, recomputes the probabilities and redraws the dropout mask from its seed.
+
+    For the torch backend on CPU, where scaled_dot_product_attention with dropout keeps the whole probability
+    matrix and mask for every layer; on CUDA, SDPA's own kernels are already lean.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_p, seed, scale):
+        probs, logsumexp = _attention_probabilities(q, k, mask, scale)
+        out = torch.matmul(apply_dropout(probs, dropout_p, seed).to(v.dtype), v)
+        ctx.save_for_backward(q, k, v, mask, logsumexp)
+        ctx.options = (dropout_p, seed, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask, logsumexp = ctx.saved_tensors
+        dropout_p, seed, scale = ctx.options
+        probs, _ = _attention_probabilities(q, k, mask, scale, logsumexp)
+        dropped = apply_dropout(probs, dropout_p, seed).to(v.dtype)
+        dv = torch.matmul(dropped.transpose(-2, -1), dout)
+        dprobs = apply_dropout(torch.matmul(dout, v.transpose(-2, -1)).to(probs.dtype), dropout_p, seed)
+        dscores = probs.mul_(dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)).mul_(scale).to(q.dtype)
+        dq = torch.matmul(dscores, k)
+        dk = torch.matmul(dscores.transpose(-2, -1), q)
+        return dq, dk, dv, None, None, None, None

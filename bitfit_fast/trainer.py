@@ -321,8 +321,8 @@ def train(config: TrainConfig, log=print) -> dict:
 
     lengths = [len(ids) for ids in train_data.input_ids]
     crash_after = int(os.environ.get("BITFIT_FAST_CRASH_AFTER_STEP", "0"))  # fault injection for the resume test
-    real_tokens = padded_tokens = 0
-    step = position["step"]
+    real_tokens = padded_tokens = 0  # this process's, so a resumed run reports its own share
+    step = start_step = position["step"]
     for epoch in range(position["epoch"], config.epochs):
         batches = data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
         first = position["batch"] if epoch == position["epoch"] else 0
@@ -382,7 +382,8 @@ def train(config: TrainConfig, log=print) -> dict:
         position = dict(epoch=epoch + 1, batch=0, step=step)
 
     in_sync = _params_in_sync(model, d)
-    summary = _summary(config, task, model, history, start_time, real_tokens, padded_tokens, d, in_sync)
+    summary = _summary(config, task, model, history, start_time, real_tokens, padded_tokens, step - start_step, d,
+                       in_sync)
     if d.main:
         if config.method in ("bitfit", "subset"):
             save_biases(model, out / "biases")
@@ -401,7 +402,7 @@ def _params_in_sync(model, d: Dist) -> bool:
     return all(v == values[0] for v in values)
 
 
-def _summary(config, task, model, history, start_time, real_tokens, padded_tokens, d, in_sync) -> dict:
+def _summary(config, task, model, history, start_time, real_tokens, padded_tokens, steps, d, in_sync) -> dict:
     import transformers
 
     evaluations = [h for h in history if "validation" in h]
@@ -419,6 +420,7 @@ def _summary(config, task, model, history, start_time, real_tokens, padded_token
         if best else None,
         final_train_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
         seconds=time.time() - start_time, real_tokens=real_tokens, padded_tokens=padded_tokens,
+        padded_tokens_per_batch=padded_tokens * d.world / max(1, steps),
         padding_waste=1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         peak_memory_bytes=peak, device=str(d.device),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
