@@ -14,7 +14,9 @@ Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
   "default"  q, k, v and the attention output (what SDPA needs), the two LayerNorm outputs with their rstd,
              and the pre-GELU activation: about 10·T·d values a layer; the fastest backward.
   "lean"     recomputes the pre-GELU activation from the first LayerNorm's output (saved anyway): one extra
-             intermediate GEMM (4·d² per token), about 6·T·d values a layer.
+             intermediate GEMM (4·d² per token), about 6·T·d values a layer. On the torch backend, attention
+             with dropout also recomputes its probabilities instead of keeping them (SDPA's CPU path keeps the
+             [B, H, T, T] matrix and mask).
   "minimal"  also recomputes the QKV GEMM and the attention from the layer input (the previous layer's
              output, saved anyway): 3·d² more per token plus the attention, about 2·T·d values a layer.
 No dropout mask, no layer input, no LayerNorm input, no weight gradient in any mode.
@@ -166,7 +168,7 @@ class FusedEncoderLayer(nn.Module):
         mask = _shared_mask(attention_mask, q.dtype)
         p = sa.dropout.p if self.training else 0.0
         scale = getattr(sa, "scaling", sa.attention_head_size**-0.5)
-        if p > 0.0 and linear is FrozenLinearFunction:
+        if p > 0.0 and linear is FrozenLinearFunction and self.bitfit_memory != "default":
             context = DropoutAttentionFunction.apply(q, k, v, mask, p, _draw_seed(p), scale)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)

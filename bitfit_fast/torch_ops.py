@@ -19,11 +19,16 @@ def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(like.dtype)
 
 
-def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * keep / (1 - p), keep drawn from a generator seeded with ``seed``: the backward redraws the same mask."""
+def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """keep / (1 - p) for x's shape and dtype, keep drawn from a generator seeded with ``seed``: the backward
+    draws the forward's mask again."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     scale = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x * scale.ge_(p).mul_(1.0 / (1.0 - p))
+    return scale.ge_(p).mul_(1.0 / (1.0 - p))
+
+
+def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    return x * dropout_scale(x, p, seed)
 
 
 def check_frozen(name: str, tensor: torch.Tensor) -> None:
@@ -142,8 +147,9 @@ class DropoutAttentionFunction(torch.autograd.Function):
     """dropout(softmax(q k^T * scale + mask)) v, as flash attention does it in the backward: it saves q, k, v and
     the row logsumexp, recomputes the probabilities and redraws the dropout mask from its seed.
 
-    For the torch backend on CPU, where scaled_dot_product_attention with dropout keeps the whole probability
-    matrix and mask for every layer; on CUDA, SDPA's own kernels are already lean.
+    For the torch backend's lean memory mode: on CPU, scaled_dot_product_attention with dropout keeps the whole
+    probability matrix and mask for every layer, which is faster but far larger. On CUDA, SDPA's own kernels are
+    already lean.
     """
 
     @staticmethod
@@ -159,9 +165,10 @@ class DropoutAttentionFunction(torch.autograd.Function):
         q, k, v, mask, logsumexp = ctx.saved_tensors
         dropout_p, seed, scale = ctx.options
         probs, _ = _attention_probabilities(q, k, mask, scale, logsumexp)
-        dropped = apply_dropout(probs, dropout_p, seed).to(v.dtype)
-        dv = torch.matmul(dropped.transpose(-2, -1), dout)
-        dprobs = apply_dropout(torch.matmul(dout, v.transpose(-2, -1)).to(probs.dtype), dropout_p, seed)
+        keep = dropout_scale(probs, dropout_p, seed)  # drawn once for both uses
+        dv = torch.matmul((probs * keep).to(v.dtype).transpose(-2, -1), dout)
+        dprobs = torch.matmul(dout, v.transpose(-2, -1)).to(probs.dtype).mul_(keep)
+        del keep
         dscores = probs.mul_(dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)).mul_(scale).to(q.dtype)
         dq = torch.matmul(dscores, k)
         dk = torch.matmul(dscores.transpose(-2, -1), q)

@@ -84,13 +84,13 @@ def test_saved_bytes_per_memory_mode_against_the_reference(make):
     attention = layers * (tokens * 4 * hidden + tokens * heads) * fp32
     assert measured["lean"] - measured["minimal"] == attention
     assert measured["minimal"] < measured["lean"] < measured["default"] < measured["modules"] <= measured["reference"]
-def test_with_attention_dropout_the_torch_path_keeps_no_probability_matrix():
-    # SDPA with dropout on CPU keeps the [B, H, T, T] probabilities and mask per layer; the fused torch path
+def test_with_attention_dropout_the_lean_torch_path_keeps_no_probability_matrix():
+    # SDPA with dropout on CPU keeps the [B, H, T, T] probabilities and mask per layer; the lean fused torch path
     # recomputes them from q, k, v and the row logsumexp.
     base = tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_hidden_layers=4).train()
     batch = padded_batch(base, lengths=(48, 31, 48, 17))
     reference = saved_bytes(reference_bitfit(base), batch)
-    fused = saved_bytes(bitfit_fast.apply(copy.deepcopy(base), backend="torch"), batch)
+    fused = saved_bytes(bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory="lean"), batch)
     probabilities = 4 * 4 * base.config.num_attention_heads * 48 * 48 * 4  # one fp32 [B, H, T, T] per layer
     assert reference - fused >= probabilities, (reference, fused)
     assert fused <= 0.6 * reference
