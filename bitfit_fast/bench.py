@@ -434,6 +434,44 @@ def add_ratios(results: dict) -> None:
             stats["max_batch_vs_reference"] = stats["max_batch"] / ref["max_batch"]
 
 
+# The project's goals, checked on the first workload of a preset (BERT-base, seq 128 for gpu-base) against the
+# bitfit_fast provider that does best on each: (name, statistic, comparison, target, relative to).
+GOALS = {
+    "cpu": [("step time vs reference", "speedup_vs_reference", ">=", 1 / 0.9, "reference"),
+            ("peak memory vs reference", "memory_vs_reference", "<=", 0.6, "reference")],
+    "cuda": [("speed vs reference eager", "speedup_vs_reference", ">=", 2.0, "reference"),
+             ("speed vs reference compiled", "median_ms", "<=", 1 / 1.3, "reference-compiled"),
+             ("MFU", "mfu", ">=", 0.45, None),
+             ("peak memory vs reference at equal batch", "memory_vs_reference", "<=", 0.4, "reference"),
+             ("largest batch vs reference", "max_batch_vs_reference", ">=", 2.5, "reference")],
+}
+
+
+def check_goals(record: dict, device: str) -> list[dict]:
+    """Each goal with the best bitfit_fast provider's measured value on the first workload, met or missed."""
+    results = record["workloads"][0]["providers"]
+    checks = []
+    for name, stat, comparison, target, relative_to in GOALS[device]:
+        if relative_to is not None and relative_to not in results:
+            continue
+        values = {}
+        for provider, stats in results.items():
+            if not provider.startswith("fast") or stat not in stats:
+                continue
+            value = stats[stat]
+            if stat == "median_ms" and relative_to:  # time relative to another provider
+                value = value / results[relative_to]["median_ms"]
+            values[provider] = value
+        if not values:
+            continue
+        pick = max if comparison == ">=" else min
+        provider = pick(values, key=values.get)
+        value = values[provider]
+        met = value >= target if comparison == ">=" else value <= target
+        checks.append(dict(goal=name, target=f"{comparison} {target:.3g}", provider=provider, measured=value, met=met))
+    return checks
+
+
 def run(preset_name: str, command: str, providers: list[str] | None = None, log=print) -> dict:
     preset = PRESETS[preset_name]
     if providers:
@@ -453,6 +491,7 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
                       "peak RSS above the idle process (after imports), one fresh process per provider"))
     log(f"{record['device']} | matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']})")
     record["workloads"] = [run_workload(w, preset, record["matmul_peak_tflops"], log) for w in preset.workloads]
+    record["goals"] = check_goals(record, preset.device)
     return record
 
 
@@ -478,7 +517,14 @@ def markdown(record: dict) -> str:
               f"transformers {record['transformers']}, commit `{record['commit'][:12]}`, "
               f"matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']}).  \n"
               f"Command: `{record['command']}`. Memory: {record['memory_method']}.")
-    return header + "\n" + "\n".join(format_workload(w["workload"], w["providers"]) for w in record["workloads"]) + "\n"
+    goals = ""
+    if record.get("goals"):
+        goals = (f"\nGoals on {record['workloads'][0]['workload']} (best bitfit_fast provider each):\n\n"
+                 "| goal | target | provider | measured | met |\n|---|---|---|---|---|\n"
+                 + "\n".join(f"| {g['goal']} | {g['target']} | {g['provider']} | {g['measured']:.3g} | "
+                              f"{'yes' if g['met'] else 'no'} |" for g in record["goals"]) + "\n")
+    return (header + "\n" + "\n".join(format_workload(w["workload"], w["providers"]) for w in record["workloads"])
+            + "\n" + goals)
 
 
 def plot(record: dict, path: Path) -> Path | None:

@@ -131,3 +131,13 @@ def test_largest_batch_search_finds_the_threshold(threshold):
     expected = min(threshold, 8192)
     assert found <= expected and found >= expected - max(1, expected // 16), (found, tried)
     assert len(tried) < 30
+
+
+def test_goals_are_checked_against_the_best_fast_provider():
+    stats = lambda ms, mem: dict(median_ms=ms, peak_memory_bytes=mem)  # noqa: E731
+    providers = {"reference": stats(100.0, 1000), "fast": stats(95.0, 900), "fast-minimal": stats(150.0, 500)}
+    bench.add_ratios(providers)
+    checks = {c["goal"]: c for c in bench.check_goals(dict(workloads=[dict(providers=providers)]), "cpu")}
+    speed, memory = checks["step time vs reference"], checks["peak memory vs reference"]
+    assert speed["provider"] == "fast" and speed["measured"] == pytest.approx(100 / 95) and not speed["met"]
+    assert memory["provider"] == "fast-minimal" and memory["measured"] == pytest.approx(0.5) and memory["met"]
