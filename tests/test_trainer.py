@@ -89,6 +89,12 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
     rows = serve.predict(str(out), texts=[("goal match team",), ("bank price profit market",)])
     assert [set(r) for r in rows] == [{"text", "label", "probability"}] * 2 and rows[0]["label"] in WORDS
 
+    capsys.readouterr()
+    assert cli.main(["eval", str(out)]) == 0
+    assert f"{out}: validation accuracy {scores['validation']['accuracy']:.4f}" in capsys.readouterr().out
+    assert cli.main(["predict", str(out), "--text", "goal match team"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["label"] == rows[0]["label"]
+
 
 def test_micro_batches_give_the_big_batch_result(model_dir_no_dropout, files, tmp_path):
     runs = {}
