@@ -11,15 +11,17 @@ untouched, so ``isinstance`` and Hugging Face's output capture still hold), whos
     y2  = LayerNorm(dropout(gelu(y1 @ W_i^T + b_i) @ W_2^T + b_2) + y1)
 
 Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
-  "default"  q, k, v and the attention output (what SDPA needs), the two LayerNorm outputs with their rstd,
-             and the pre-GELU activation: about 10·T·d values a layer; the fastest backward.
-  "lean"     recomputes the pre-GELU activation from the first LayerNorm's output (saved anyway): one extra
-             intermediate GEMM (4·d² per token), about 6·T·d values a layer. On the torch backend, attention
-             with dropout also recomputes its probabilities instead of keeping them (SDPA's CPU path keeps the
-             [B, H, T, T] matrix and mask).
-  "minimal"  also recomputes the QKV GEMM and the attention from the layer input (the previous layer's
-             output, saved anyway): 3·d² more per token plus the attention, about 2·T·d values a layer.
-No dropout mask, no layer input, no LayerNorm input, no weight gradient in any mode.
+  "default"  q, k, v and the attention output (what SDPA needs), the two LayerNorms' normalised inputs x_hat
+             with their rstd, and the pre-GELU activation: about 10·T·d values a layer; the fastest backward.
+  "lean"     recomputes the pre-GELU activation from the first LayerNorm's output, rebuilt as gamma·x_hat + beta
+             from the x_hat that LayerNorm keeps anyway: one extra intermediate GEMM (4·d² per token), about
+             6·T·d values a layer. On the torch backend, attention with dropout also recomputes its
+             probabilities instead of keeping them (SDPA's CPU path keeps the [B, H, T, T] matrix and mask).
+  "minimal"  also recomputes the QKV GEMM and the attention from the layer input, rebuilt the same way from the
+             previous layer's last x_hat: 3·d² more per token plus the attention, about 2·T·d values a layer.
+No dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode. A LayerNorm keeps
+x_hat, not its output: rebuilding x_hat = (y - beta) / gamma from the output is unstable where gamma is tiny, and
+pretrained LayerNorms have gamma entries near 1e-33; rebuilding y = gamma·x_hat + beta is exact.
 The layer's children stay the BitFit modules, so parameter names do not change, and any call the fused path
 does not cover (cross-attention, caches, attention weights) runs the original forward on them.
 """
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, retype
-from .torch_ops import DropoutAttentionFunction, FrozenLinearFunction, compute_dtype
+from .torch_ops import DropoutAttentionFunction, FrozenLinearFunction, compute_dtype, layer_norm_output
 
 MEMORY_MODES = ("default", "lean", "minimal")
 
@@ -106,6 +108,17 @@ def _draw_seed(p: float) -> int | None:
     return int(torch.randint(2**31 - 1, (1,)).item()) if p > 0.0 else None
 
 
+def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+    """Records on a layer's output the x_hat it was computed from, for the next layer in minimal mode."""
+    y.bitfit_normalized = (x_hat, gamma, beta, y._version)
+
+
+def _normalized_source(x: torch.Tensor) -> tuple | None:
+    """(x_hat, gamma, beta) with x == layer_norm_output(x_hat, gamma, beta), if x is such an unmodified output."""
+    source = getattr(x, "bitfit_normalized", None)
+    return source[:3] if source is not None and source[3] == x._version else None
+
+
 class FusedEncoderLayer(nn.Module):
     """Mixin placed before the original layer class; see the module docstring."""
 
@@ -162,7 +175,7 @@ class FusedEncoderLayer(nn.Module):
         """softmax(q k^T / sqrt(d_head) + mask) v for q, k, v from one packed GEMM; shape of x."""
         sa = self.attention.self
         batch, seq, hidden = x.shape
-        qkv_bias = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+        qkv_bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()])
         qkv = linear.apply(x, self.packed_qkv_weight(), qkv_bias)
         q, k, v = qkv.view(batch, seq, 3, sa.num_attention_heads, sa.attention_head_size).permute(2, 0, 3, 1, 4)
         mask = _shared_mask(attention_mask, q.dtype)
@@ -174,6 +187,27 @@ class FusedEncoderLayer(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         return context.transpose(1, 2).reshape(batch, seq, hidden)
 
+    def checkpointed_attention_context(self, x, attention_mask, linear: type) -> torch.Tensor:
+        """attention_context, recomputed in the backward from the layer input. Where the input is the previous
+        layer's output, the checkpoint keeps that layer's x_hat (saved by its LayerNorm anyway) in place of the
+        input and rebuilds the input from it; the RNG state is replayed so attention dropout draws the same mask."""
+        source = _normalized_source(x)
+        if source is None:
+            return torch.utils.checkpoint.checkpoint(
+                self.attention_context, x, attention_mask, linear, use_reentrant=False
+            )
+
+        def keep_source_for_x(tensor):
+            return source if tensor is x else tensor
+
+        def rebuild_x(packed):
+            return layer_norm_output(*packed) if isinstance(packed, tuple) else packed
+
+        with torch.autograd.graph.saved_tensors_hooks(keep_source_for_x, rebuild_x):
+            return torch.utils.checkpoint.checkpoint(
+                self.attention_context, x, attention_mask, linear, use_reentrant=False
+            )
+
     def fused_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         check_batch(x)
         so, out = self.attention.output, self.output
@@ -182,25 +216,23 @@ class FusedEncoderLayer(nn.Module):
         x = x.to(compute_dtype(x))
         p_hidden = so.dropout.p if self.training else 0.0
         p_output = out.dropout.p if self.training else 0.0
+        minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
-        if self.bitfit_memory == "minimal" and torch.is_grad_enabled():
-            # Keeps only x (the previous layer's output, saved by it anyway); the RNG state is replayed so
-            # attention dropout draws the same mask again.
-            context = torch.utils.checkpoint.checkpoint(
-                self.attention_context, x, attention_mask, linear, use_reentrant=False
-            )
+        if minimal:
+            context = self.checkpointed_attention_context(x, attention_mask, linear)
         else:
             context = self.attention_context(x, attention_mask, linear)
 
         ln1, ln2 = so.LayerNorm, out.LayerNorm
         h = linear.apply(context, so.dense.weight, so.dense.bias)
-        y1 = layer_norm.apply(h, x, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden),
-                              ln1.gamma_invertible())
-        recompute = self.bitfit_memory != "default"
-        a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute)
+        y1, x_hat1 = layer_norm.apply(h, x, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden))
+        recompute_from = (x_hat1, ln1.weight, ln1.bias) if self.bitfit_memory != "default" else None
+        a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute_from)
         h = linear.apply(a, out.dense.weight, out.dense.bias)
-        return layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output),
-                                ln2.gamma_invertible())
+        y2, x_hat2 = layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output))
+        if minimal:
+            _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias)
+        return y2
 
     def extra_repr(self) -> str:
         return f"memory={self.bitfit_memory}"

@@ -27,6 +27,26 @@ SUBSET_PATTERNS = (
 )
 
 
+# Key projections of dot-product self-attention, whose bias has an identically zero gradient (softmax ignores the
+# per-query constant q·b_k) as long as positions do not enter through the keys (absolute position embeddings).
+ATTENTION_KEY_PATTERNS = (
+    "attention.self.key",  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ...
+    "attention.k_lin",  # DistilBERT
+    "attention.key",  # ALBERT
+)
+
+
+def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
+    """ids of the linear modules whose bias gradient is identically zero: the attention key projections."""
+    found = set()
+    for name, module in modules.items():
+        if type(module) is nn.Linear and any(_matches(name, p) for p in ATTENTION_KEY_PATTERNS):
+            attention = modules.get(name.rsplit(".", 1)[0])
+            if getattr(attention, "position_embedding_type", "absolute") == "absolute":
+                found.add(id(module))
+    return found
+
+
 @dataclasses.dataclass
 class BitFitConfig:
     """How apply() set a model up; saved beside the biases so load_biases can set up a base model alike."""
@@ -215,6 +235,7 @@ def apply(
             "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
         )
     selected = _select_biases(candidates, biases, model_name)
+    zero_gradient = _zero_gradient_biases(modules)
 
     # Validation is over: from here on the model changes.
     added = []
@@ -235,7 +256,7 @@ def apply(
         if id(module) not in replaceable:
             return None
         if type(module) is nn.Linear:
-            return BitFitLinear.from_linear(module, backend)
+            return BitFitLinear.from_linear(module, backend, zero_bias_grad=id(module) in zero_gradient)
         if module.bias is None:  # a bias-free LayerNorm that was not selected: nothing to gain
             return None
         return BitFitLayerNorm.from_layer_norm(module, backend)
@@ -303,4 +324,5 @@ def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(model: nn.Module) -> None:
     trainable, total = get_nb_trainable_parameters(model)
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+    percent = 100 * trainable / max(total, 1)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backend import uses_triton
-from .torch_ops import FrozenGammaLayerNormFunction, FrozenLinearFunction
+from .torch_ops import FrozenGammaLayerNormFunction, FrozenLinearFunction, ZeroGradient
 from .triton_ops import FusedLinearFunction, ResidualLayerNormFunction
 
 
@@ -46,32 +46,42 @@ class BitFitLinear(nn.Linear):
     """nn.Linear with a frozen weight: the backward gives d(input) and d(bias) only and saves no input."""
 
     backend: str
+    zero_bias_grad: bool
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str) -> "BitFitLinear":
-        return retype(linear, cls, backend=backend)
+    def from_linear(cls, linear: nn.Linear, backend: str, zero_bias_grad: bool = False) -> "BitFitLinear":
+        """``zero_bias_grad``: the bias's true gradient is identically zero (an attention key projection), so
+        it gets exactly zero instead of rounding noise (see ``ZeroGradient``)."""
+        return retype(linear, cls, backend=backend, zero_bias_grad=zero_bias_grad)
 
     def to_vanilla(self) -> nn.Linear:
         plain = retype(self, nn.Linear)
-        del plain.backend
+        del plain.backend, plain.zero_bias_grad
         return plain
+
+    def trained_bias(self) -> torch.Tensor | None:
+        """The bias as the forward should use it: with a zero gradient where its true gradient is zero."""
+        if self.zero_bias_grad and self.bias is not None and self.bias.requires_grad:
+            return ZeroGradient.apply(self.bias)
+        return self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
         check_batch(x)
         linear, _ = functions(self.backend, x)
-        return linear.apply(x, self.weight, self.bias)
+        return linear.apply(x, self.weight, self.trained_bias())
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, backend={self.backend}"
+        zero = ", zero_bias_grad=True" if self.zero_bias_grad else ""
+        return f"{super().extra_repr()}, backend={self.backend}{zero}"
 
 
 class BitFitLayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dimension with gamma frozen: d(input) and d(beta) only.
 
-    It saves its output and rstd rather than its input, rebuilding x_hat = (y - beta) / gamma; if gamma has
-    zeros (checked again whenever gamma changes) it saves the input instead.
+    It saves the normalised input x_hat and rstd rather than its input: exact for any gamma (see
+    ``FrozenGammaLayerNormFunction``).
     """
 
     backend: str
@@ -80,21 +90,12 @@ class BitFitLayerNorm(nn.LayerNorm):
     def from_layer_norm(cls, layer_norm: nn.LayerNorm, backend: str) -> "BitFitLayerNorm":
         if len(layer_norm.normalized_shape) != 1 or layer_norm.weight is None or layer_norm.bias is None:
             raise ValueError("BitFitLayerNorm needs a LayerNorm over the last dimension with weight and bias")
-        return retype(layer_norm, cls, backend=backend, _gamma_state=None, _gamma_invertible=True)
+        return retype(layer_norm, cls, backend=backend)
 
     def to_vanilla(self) -> nn.LayerNorm:
         plain = retype(self, nn.LayerNorm)
-        for name in ("backend", "_gamma_state", "_gamma_invertible"):
-            delattr(plain, name)
+        del plain.backend
         return plain
-
-    def gamma_invertible(self) -> bool:
-        # One device sync when gamma is first seen or has changed (its version counter moves on in-place edits).
-        state = (self.weight.data_ptr(), self.weight._version)
-        if state != self._gamma_state:
-            self._gamma_invertible = bool((self.weight != 0).all())
-            self._gamma_state = state
-        return self._gamma_invertible
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:
@@ -103,7 +104,8 @@ class BitFitLayerNorm(nn.LayerNorm):
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # autocast runs layer_norm in fp32; a drop-in module does the same
         _, layer_norm = functions(self.backend, x)
-        return layer_norm.apply(x, None, self.weight, self.bias, self.eps, 0.0, None, self.gamma_invertible())
+        y, _ = layer_norm.apply(x, None, self.weight, self.bias, self.eps)
+        return y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend}"

@@ -14,9 +14,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def bias_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Column sum of a (..., N) gradient, accumulated in fp32, in the dtype of the bias it is for."""
-    return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(like.dtype)
+def bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column sum of a (..., N) gradient, accumulated in fp32, in ``dtype`` (the bias's)."""
+    return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(dtype)
 
 
 def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -31,6 +31,23 @@ def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x * dropout_scale(x, p, seed)
 
 
+class ZeroGradient(torch.autograd.Function):
+    """Identity whose gradient is exactly zero, for a parameter whose true gradient is identically zero.
+
+    The attention key bias is one: it adds q·b_k to every score of a query row and softmax ignores a per-row
+    constant. Its computed gradient is rounding noise, which Adam-style optimizers would normalise into
+    lr-sized random steps; with this it gets its true gradient, zero.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
 def check_frozen(name: str, tensor: torch.Tensor) -> None:
     if tensor.requires_grad:
         raise RuntimeError(f"the BitFit backward computes no {name} gradient; freeze the {name} first")
@@ -39,52 +56,61 @@ def check_frozen(name: str, tensor: torch.Tensor) -> None:
 class FrozenLinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen.
 
-    Saves W (a parameter: free) and, with an activation, the pre-activation h; with ``recompute_preact`` it
-    saves x instead (free when x is kept anyway, e.g. a LayerNorm output) and recomputes h in the backward.
+    Saves W (a parameter: free) and, with an activation, the pre-activation h. With ``recompute_from``, the
+    (x_hat, gamma, beta) of the LayerNorm whose output x is, it saves nothing new (that LayerNorm keeps x_hat
+    anyway) and recomputes h from x = :func:`layer_norm_output` (x_hat, gamma, beta) in the backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_preact=False):
+    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
-        x_c, w_c = x.to(dtype), weight.to(dtype)
-        h = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+        h = F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
         y = F.gelu(h) if activation == "gelu" else h
         if dropout_p > 0.0:
             y = apply_dropout(y, dropout_p, seed)
-        saved = (x_c if recompute_preact else h) if activation else None
-        ctx.save_for_backward(weight, saved)
+        recompute = activation is not None and recompute_from is not None
+        ctx.save_for_backward(weight, h if activation and not recompute else None, *(recompute_from or (None,) * 3))
         ctx.x_dtype = x.dtype
         ctx.bias_like = bias
-        ctx.options = (activation, dropout_p, seed, recompute_preact)
+        ctx.options = (activation, dropout_p, seed, recompute)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, saved = ctx.saved_tensors
-        activation, dropout_p, seed, recompute_preact = ctx.options
+        weight, h, *source = ctx.saved_tensors
+        activation, dropout_p, seed, recompute = ctx.options
         w_c = weight.to(dy.dtype)
         g = dy.contiguous()
         if dropout_p > 0.0:
             g = apply_dropout(g, dropout_p, seed)
         if activation == "gelu":
-            bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
-            h = F.linear(saved, w_c, bias) if recompute_preact else saved
+            if recompute:
+                bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
+                h = F.linear(layer_norm_output(*source).to(dy.dtype), w_c, bias)
             g = torch.ops.aten.gelu_backward(g, h)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        db = bias_grad(g, ctx.bias_like) if ctx.needs_input_grad[2] else None
+        db = bias_grad(g, ctx.bias_like.dtype) if ctx.needs_input_grad[2] else None
         return dx, None, db, None, None, None, None
+
+
+def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """y = gamma * x_hat + beta in fp32, in x_hat's dtype. The forward computes y with exactly this from the x_hat
+    it saves, so a backward that needs y rebuilds it bit for bit (stable for any gamma, unlike x_hat from y)."""
+    return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
 class FrozenGammaLayerNormFunction(torch.autograd.Function):
     """LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: d(x), d(residual), d(beta).
 
-    Computes in fp32 and returns x's dtype. Saves the output and rstd and rebuilds x_hat = (y - beta) / gamma;
-    where gamma has zeros (``gamma_invertible`` False) it saves the normalised input and the mean instead.
+    Normalises in fp32 and returns (y, x_hat) in x's dtype; x_hat is not differentiable. It saves x_hat and
+    rstd, what the backward needs, in a form that is exact for any gamma (pretrained LayerNorms have gamma
+    entries near 1e-33: dividing by gamma to rebuild x_hat from y would be garbage there). y is computed from the
+    saved x_hat by :func:`layer_norm_output`, so whoever needs y later rebuilds it from x_hat instead of keeping it.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, gamma_invertible=True):
+    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None):
         check_frozen("gamma", gamma)
         s = x.float()
         if dropout_p > 0.0:
@@ -92,33 +118,27 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
         if residual is not None:
             s = s + residual.float()
         with torch.autocast(x.device.type, enabled=False):
-            y, mean, rstd = torch.native_layer_norm(s, (s.shape[-1],), gamma.float(), beta.float(), eps)
-        y = y.to(x.dtype)
-        if gamma_invertible:
-            ctx.save_for_backward(y, gamma, beta, rstd, None)
-        else:
-            ctx.save_for_backward(s, gamma, beta, rstd, mean)
+            x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
+        x_hat = x_hat.to(x.dtype)
+        ctx.mark_non_differentiable(x_hat)
+        ctx.save_for_backward(x_hat, gamma, rstd)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        ctx.beta_dtype = beta.dtype
         ctx.options = (dropout_p, seed)
-        return y
+        return layer_norm_output(x_hat, gamma, beta), x_hat
 
     @staticmethod
-    def backward(ctx, dy):
-        saved, gamma, beta, rstd, mean = ctx.saved_tensors
+    def backward(ctx, dy, _):
+        x_hat, gamma, rstd = ctx.saved_tensors
         dropout_p, seed = ctx.options
         x_dtype, residual_dtype = ctx.dtypes
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
         dx = dresidual = dbeta = None
         if needs_x or needs_residual:
-            if mean is None:
-                x_hat = (saved.float() - beta.float()).div_(gamma.float())
-            else:
-                x_hat = (saved - mean).mul_(rstd)
             # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
-            ones = torch.ones_like(rstd)
             ds, _, _ = torch.ops.aten.native_layer_norm_backward(
-                dy.float(), x_hat, (x_hat.shape[-1],), torch.zeros_like(rstd), ones, gamma.float(), None,
-                [True, False, False],
+                dy.float(), x_hat.float(), (x_hat.shape[-1],), torch.zeros_like(rstd), torch.ones_like(rstd),
+                gamma.float(), None, [True, False, False],
             )
             ds = ds.mul_(rstd)
             if needs_residual:
@@ -128,8 +148,8 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
                     ds = apply_dropout(ds, dropout_p, seed)
                 dx = ds.to(x_dtype)
         if needs_beta:
-            dbeta = bias_grad(dy, beta)
-        return dx, dresidual, None, dbeta, None, None, None, None
+            dbeta = bias_grad(dy, ctx.beta_dtype)
+        return dx, dresidual, None, dbeta, None, None, None
 
 
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):

@@ -7,45 +7,45 @@ frozen weight is cast to it, as F.linear under autocast would); gradients come b
 import torch
 
 from .backend import triton_kernels
-from .torch_ops import check_frozen, compute_dtype
+from .torch_ops import check_frozen, compute_dtype, layer_norm_output
 
 
 class FusedLinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen, as one GEMM with its epilogue.
 
-    Saves W (a parameter: free) and, with an activation, the pre-activation; with ``recompute_preact`` it saves
-    x instead and recomputes the pre-activation in the backward. Never a dropout mask.
+    Saves W (a parameter: free) and, with an activation, the pre-activation; with ``recompute_from``, the
+    (x_hat, gamma, beta) of the LayerNorm whose output x is, it saves nothing new and recomputes the
+    pre-activation from x = gamma * x_hat + beta in the backward. Never a dropout mask.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_preact=False):
+    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
-        x_c = x.to(dtype).contiguous()
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        recompute = activation is not None and recompute_from is not None
         y, preact = triton_kernels().linear_forward(
-            x_c,
+            x.to(dtype).contiguous(),
             weight.to(dtype).contiguous(),
             bias,
             activation=activation,
             dropout_p=dropout_p,
             seed=seed,
-            store_preact=activation is not None and needs_grad and not recompute_preact,
+            store_preact=activation is not None and needs_grad and not recompute,
         )
-        ctx.save_for_backward(weight, x_c if activation and recompute_preact else preact, bias)
+        ctx.save_for_backward(weight, preact, bias, *(recompute_from or (None,) * 3))
         ctx.x_dtype = x.dtype
-        ctx.options = (activation, dropout_p, seed, recompute_preact)
+        ctx.options = (activation, dropout_p, seed, recompute)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, saved, bias = ctx.saved_tensors
-        activation, dropout_p, seed, recompute_preact = ctx.options
+        weight, preact, bias, *source = ctx.saved_tensors
+        activation, dropout_p, seed, recompute = ctx.options
         kernels = triton_kernels()
         w_c = weight.to(dy.dtype).contiguous()
-        preact = saved
-        if activation and recompute_preact:
-            preact, _ = kernels.linear_forward(saved, w_c, bias)
+        if recompute:
+            preact, _ = kernels.linear_forward(layer_norm_output(*source).to(dy.dtype).contiguous(), w_c, bias)
         dx, db = kernels.linear_backward(
             dy.contiguous(),
             w_c,
@@ -66,15 +66,16 @@ class FusedLinearFunction(torch.autograd.Function):
 class ResidualLayerNormFunction(torch.autograd.Function):
     """LayerNorm(dropout(x) + residual) with gamma frozen: gradients for x, residual and beta only.
 
-    Returns x's dtype. Saves the output and rstd when gamma has no zeros (``gamma_invertible``), else the
-    normalised input and the mean.
+    Returns (y, x_hat) in x's dtype, x_hat not differentiable; saves x_hat and rstd (see the kernel's docstring:
+    exact for any gamma, and y is rebuilt from x_hat by whoever needs it later).
     """
 
     @staticmethod
-    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, gamma_invertible=True):
+    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None):
         check_frozen("gamma", gamma)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        y, s, mean, rstd = triton_kernels().residual_layer_norm_forward(
+        ctx.beta_dtype = beta.dtype
+        y, x_hat, rstd = triton_kernels().residual_layer_norm_forward(
             x.contiguous(),
             gamma,
             beta,
@@ -82,23 +83,20 @@ class ResidualLayerNormFunction(torch.autograd.Function):
             residual.to(x.dtype).contiguous() if residual is not None else None,
             dropout_p=dropout_p,
             seed=seed,
-            store_input=not gamma_invertible,
         )
-        # The mean is needed only to rebuild x_hat from s; from the output, gamma and beta suffice.
-        ctx.save_for_backward(y if gamma_invertible else s, gamma, beta, rstd, None if gamma_invertible else mean)
-        ctx.options = dict(saved_is_output=gamma_invertible, dropout_p=dropout_p, seed=seed)
-        return y
+        ctx.mark_non_differentiable(x_hat)
+        ctx.save_for_backward(x_hat, gamma, rstd)
+        ctx.options = dict(dropout_p=dropout_p, seed=seed)
+        return y, x_hat
 
     @staticmethod
-    def backward(ctx, dy):
-        saved, gamma, beta, rstd, mean = ctx.saved_tensors
+    def backward(ctx, dy, _):
+        x_hat, gamma, rstd = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
         dx, dresidual, dbeta = triton_kernels().residual_layer_norm_backward(
-            dy.to(saved.dtype).contiguous(),
-            saved,
+            dy.to(x_hat.dtype).contiguous(),
+            x_hat,
             gamma,
-            beta,
-            mean,
             rstd,
             compute_dx=needs_x or needs_residual,
             **ctx.options,
@@ -108,8 +106,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
             dx.to(x_dtype) if needs_x else None,
             dresidual.to(residual_dtype) if needs_residual else None,
             None,
-            dbeta.to(beta.dtype) if needs_beta else None,
-            None,
+            dbeta.to(ctx.beta_dtype) if needs_beta else None,
             None,
             None,
             None,

@@ -1,10 +1,17 @@
 """Residual + LayerNorm with a frozen gamma, and its BitFit backward.
 
-Forward:   s = dropout(x) + residual;  y = (s - mean(s)) * rstd * gamma + beta
-Backward:  x_hat is rebuilt from the output, x_hat = (y - beta) / gamma, so the forward saves y (the next
-           block's input, kept anyway) and rstd instead of its input. gamma is frozen: only d(beta) and the
-           input gradients are computed. Where gamma has zeros y carries no information about x_hat there; the
-           caller then asks the forward to store s and the backward rebuilds x_hat = (s - mean) * rstd.
+Forward:   s = dropout(x) + residual;  x_hat = (s - mean(s)) * rstd;  y = gamma * x_hat + beta
+Backward:  ds = rstd * (g - x_hat * mean(g * x_hat) - mean(g)),  g = gamma * dy;  d(beta) = sum_rows(dy)
+
+The forward saves x_hat (in the output dtype) and rstd: exactly what the backward needs, and stable for any
+gamma. Pretrained LayerNorms have gamma entries down to 1e-33, where rebuilding x_hat = (y - beta) / gamma
+from the output would be garbage. y is computed from the x_hat as stored (rounded to the output dtype), so a
+later consumer that needs y rebuilds it from x_hat instead of keeping a second tensor. gamma is frozen: only
+d(beta) and the input gradients are computed.
+
+Rows are indexed with int64 offsets: M * N may exceed 2**31 (and so may the Philox counters, which take them).
+Bytes per row element: forward reads x (+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds
+(+ dx with dropout). d(beta) is reduced in registers over a persistent row loop, one fp32 partial per program.
 """
 
 import torch
@@ -32,9 +39,8 @@ def _residual_layer_norm_fwd_kernel(
     gamma_ptr,  # [N] frozen scale, read as fp32
     beta_ptr,  # [N] shift, read as fp32
     y_ptr,  # [M, N] output
-    s_ptr,  # [M, N] normalised input s, written only with STORE_INPUT
-    mean_ptr,  # [M] fp32
-    rstd_ptr,  # [M] fp32
+    x_hat_ptr,  # [M, N] normalised input, output dtype (written only with STORE_X_HAT)
+    rstd_ptr,  # [M] fp32 (written only with STORE_X_HAT)
     # Sizes and scalars
     N,
     eps,
@@ -45,10 +51,10 @@ def _residual_layer_norm_fwd_kernel(
     # Features
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    STORE_INPUT: tl.constexpr,
+    STORE_X_HAT: tl.constexpr,  # the backward will run
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     offsets = row * N + cols
@@ -59,28 +65,27 @@ def _residual_layer_norm_fwd_kernel(
         s = tl.where(keep, s * scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(res_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
-    if STORE_INPUT:
-        tl.store(s_ptr + offsets, s.to(s_ptr.dtype.element_ty), mask=col_ok)
 
     mean = tl.sum(s, axis=0) / N
     centered = tl.where(col_ok, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    # Rounded to the output dtype first: y is then an exact function of the x_hat the backward sees.
+    x_hat = (centered * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = centered * rstd * gamma + beta
+    y = x_hat * gamma + beta
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, rstd)
+    if STORE_X_HAT:
+        tl.store(x_hat_ptr + offsets, x_hat.to(x_hat_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output
-    saved_ptr,  # [M, N] the output y, or the input s when the forward stored it (FROM_OUTPUT=False)
+    x_hat_ptr,  # [M, N] normalised input saved by the forward
     gamma_ptr,  # [N] frozen scale
-    beta_ptr,  # [N] shift
-    mean_ptr,  # [M] fp32 (read only without FROM_OUTPUT)
     rstd_ptr,  # [M] fp32
     ds_ptr,  # [M, N] gradient of s, which is the residual's gradient (written with COMPUTE_DX)
     dx_ptr,  # [M, N] gradient of x: ds through the dropout mask (written with COMPUTE_DX and HAS_DROPOUT)
@@ -93,7 +98,6 @@ def _residual_layer_norm_bwd_kernel(
     seed,
     philox_offset,
     # Features
-    FROM_OUTPUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -103,21 +107,16 @@ def _residual_layer_norm_bwd_kernel(
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
-    beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     for row in range(pid, M, num_programs):
-        offsets = row * N + cols
+        offsets = tl.cast(row, tl.int64) * N + cols  # the loop variable is a plain int under the interpreter
         dy = tl.load(dy_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
         dbeta += dy
         if COMPUTE_DX:
-            saved = tl.load(saved_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
+            x_hat = tl.load(x_hat_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
-            if FROM_OUTPUT:
-                x_hat = tl.where(col_ok, (saved - beta) / gamma, 0.0)
-            else:
-                x_hat = tl.where(col_ok, (saved - tl.load(mean_ptr + row)) * rstd, 0.0)
             g = dy * gamma
             c1 = tl.sum(x_hat * g, axis=0) / N
             c2 = tl.sum(g, axis=0) / N
@@ -150,12 +149,12 @@ def residual_layer_norm_forward(
     dropout_p: float = 0.0,
     seed: int | None = None,
     philox_offset: int = 0,
-    store_input: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """LayerNorm(dropout(x) + residual) over the last dimension.
+    store_x_hat: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """LayerNorm(dropout(x) + residual) over the last dimension, y in x's dtype.
 
-    Returns (y, s, mean, rstd): s, the normalised input, only when ``store_input`` (needed for the backward
-    when gamma has zeros), else None. mean and rstd are fp32 with one value per row.
+    Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
+    dtype, from which y = gamma * x_hat + beta was computed, and the fp32 per-row rstd; else (y, None, None).
     """
     check_compute_tensor("x", x)
     N = x.shape[-1]
@@ -168,60 +167,51 @@ def residual_layer_norm_forward(
             raise KernelInputError(f"residual is on {residual.device} but x is on {x.device}")
     check_vector("gamma", gamma, N, x.device)
     check_vector("beta", beta, N, x.device)
-    check_dropout(dropout_p, seed, M * N)
+    check_dropout(dropout_p, seed)
     block_n = _check_features(N)
 
     y = torch.empty_like(x)
-    s = torch.empty_like(x) if store_input else None
-    mean = torch.empty(M, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    x_hat = torch.empty_like(x) if store_x_hat else None
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(M,)](
-        x, residual if residual is not None else x, gamma, beta, y, s if s is not None else y, mean, rstd,
+        x, residual if residual is not None else x, gamma, beta, y,
+        x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
         N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0,
-        STORE_INPUT=store_input,
+        STORE_X_HAT=store_x_hat,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )
-    return y, s, mean, rstd
+    return y, x_hat, rstd
 
 
 def residual_layer_norm_backward(
     dy: torch.Tensor,
-    saved: torch.Tensor,
+    x_hat: torch.Tensor,
     gamma: torch.Tensor,
-    beta: torch.Tensor,
-    mean: torch.Tensor | None,
     rstd: torch.Tensor,
     *,
-    saved_is_output: bool = True,
     dropout_p: float = 0.0,
     seed: int | None = None,
     philox_offset: int = 0,
     compute_dx: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Gradients of :func:`residual_layer_norm_forward`; never gamma's.
+    """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
-    ``saved`` is the forward's y (``saved_is_output=True``, gamma must have no zeros) or its s, which also
-    needs the forward's mean (unused otherwise: pass None). Returns
-    (dx, dresidual, dbeta): dresidual is the gradient of s (None without ``compute_dx``); dx equals it without
-    dropout and is then the same tensor; dbeta is fp32.
+    Returns (dx, dresidual, dbeta): dresidual is the gradient of s (None without ``compute_dx``); dx equals it
+    without dropout and is then the same tensor; dbeta is fp32.
     """
     check_compute_tensor("dy", dy)
-    check_compute_tensor("saved", saved)
-    if saved.shape != dy.shape:
-        raise KernelInputError(f"saved has shape {tuple(saved.shape)} but dy has {tuple(dy.shape)}")
+    check_compute_tensor("x_hat", x_hat)
+    if x_hat.shape != dy.shape:
+        raise KernelInputError(f"x_hat has shape {tuple(x_hat.shape)} but dy has {tuple(dy.shape)}")
     N = dy.shape[-1]
     M = check_rows("dy", dy)
     check_vector("gamma", gamma, N, dy.device)
-    check_vector("beta", beta, N, dy.device)
-    if not saved_is_output and mean is None:
-        raise KernelInputError("rebuilding x_hat from the saved input needs the forward's mean")
-    for name, stat in (("mean", mean), ("rstd", rstd)):
-        if stat is not None and (stat.dtype != torch.float32 or tuple(stat.shape) != (M,)):
-            raise KernelInputError(f"{name} must be the fp32 ({M},) tensor returned by the forward")
-    check_dropout(dropout_p, seed, M * N)
+    if rstd.dtype != torch.float32 or tuple(rstd.shape) != (M,):
+        raise KernelInputError(f"rstd must be the fp32 ({M},) tensor returned by the forward")
+    check_dropout(dropout_p, seed)
     block_n = _check_features(N)
 
     programs = reduction_programs(M, dy.device)
@@ -229,10 +219,9 @@ def residual_layer_norm_backward(
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
     dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
     _residual_layer_norm_bwd_kernel[(programs,)](
-        dy, saved, gamma, beta, mean if mean is not None else rstd, rstd,
+        dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, dbeta_partial,
         M, N, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
-        FROM_OUTPUT=saved_is_output,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
         BLOCK_N=block_n,

@@ -254,7 +254,10 @@ def linear_forward(
         raise KernelInputError(f"x is on {x.device} but weight is on {weight.device}")
     check_vector("bias", bias, N, x.device)
     M = check_rows("x", x)
-    check_dropout(dropout_p, seed, M * N)
+    if M * max(N, K) > 2**31 - 1:  # element offsets are int32 in these kernels
+        raise KernelInputError(f"x has {M:,} rows of up to {max(N, K):,} features: over the 2**31 - 1 elements the "
+                               "linear kernels address with int32 offsets; use smaller batches (or micro-batches)")
+    check_dropout(dropout_p, seed)
 
     x2d = x.reshape(M, K)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -300,7 +303,10 @@ def linear_backward(
     if dy.dtype != weight.dtype:
         raise KernelInputError(f"dy is {dy.dtype} but weight is {weight.dtype}; cast them to one dtype")
     M = check_rows("dy", dy)
-    check_dropout(dropout_p, seed, M * N)
+    if M * max(N, K) > 2**31 - 1:  # element offsets are int32 in these kernels
+        raise KernelInputError(f"dy has {M:,} rows of up to {max(N, K):,} features: over the 2**31 - 1 elements the "
+                               "linear kernels address with int32 offsets; use smaller batches (or micro-batches)")
+    check_dropout(dropout_p, seed)
     if activation is not None:
         if preact is None:
             raise KernelInputError(f"activation={activation!r} needs the pre-activation saved by the forward")

