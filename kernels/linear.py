@@ -1,13 +1,60 @@
 """Frozen linear layer fused with its epilogue, and its BitFit backward.
 
-Forward:   y = dropout(act(x @ W^T + b))          one GEMM; bias, exact GELU and dropout applied in registers.
-Backward:  g = dy * keep / (1 - p) * act'(h)
-           dx = g @ W                              one GEMM over the same tiles of g,
-           db = sum_rows(g)                        reduced from those tiles: no weight gradient, no saved x.
+Forward, one Triton GEMM with its epilogue applied while the fp32 accumulator sits in registers:
+    h = x @ W^T + b;   y = dropout(act(h))                 h is stored only when the GELU backward needs it
+Backward, no weight gradient and no saved x:
+    1. _linear_grad_kernel, ONE elementwise pass:  g = dy * keep / (1 - p) * act'(h), written in dy's dtype (only
+       when an activation or dropout makes it differ from dy and dx is wanted), and per-program fp32 column
+       sums of g in a [programs, N] buffer
+    2. db = partials.sum(0)                                one small deterministic reduction: no float atomics
+    3. dx = g @ W                                          a plain GEMM, cuBLAS through torch.mm: with nothing to
+                                                           fuse into it, cuBLAS is the fastest GEMM on Hopper
 
-The dropout mask is never stored: both kernels draw it from Philox with the same seed and the counter
-``philox_offset + row * N + col``.
+The dropout mask is never stored: forward and backward draw it from Philox with the same seed. One Philox call
+gives four numbers, so counter ``philox_offset + row * ceil(N / 4) + col // 4`` covers columns col..col+3 of
+its row; tiles start on multiples of 4 columns, so the mask does not depend on the tile shapes. Row offsets are
+int64 (M * N and the counters may pass 2**31). fp32 GEMMs use TF32 only when torch's
+``torch.backends.cuda.matmul.allow_tf32`` is on (torch's default is off, so both backends round alike); without
+it they run as FMA GEMMs on the CUDA cores, about 1/15 of the bf16 tensor-core rate: train in bf16 on a GPU.
+
+Performance model: BERT-base (d = 768, 4d = 3072), batch 256 x seq 128 = M = 32768 tokens, bf16, one encoder
+block, against the H100 roofline (~800 TFLOP/s dense bf16 as measured, ~3.35 TB/s HBM; ridge ~240 FLOP/B).
+A model, not a measurement: time of a kernel = max(FLOPs / 800 T, bytes / 3.35 T), MB = 1e6 bytes (an M x d
+bf16 tensor is 50 MB), the old design's rereads taken from HBM (its worst case: no L2 reuse).
+
+  forward (old and new alike)      GFLOP   bytes moved                           ms
+  QKV GEMM + bias                   116    x 50, W 4, y 151 MB                   0.145
+  attention (SDPA, flash)            13    q, k, v 151, out 50 MB                0.060
+  attn-out GEMM + bias               39    50 + 1 + 50 MB                        0.048
+  residual + LayerNorm 1              -    x, res 100, y, x_hat 100 MB           0.060
+  FC1 GEMM + bias + GELU            155    x 50, W 5, y 201, h 201 MB            0.193
+  FC2 GEMM + bias                   155    201 + 5 + 50 MB                       0.193
+  residual + LayerNorm 2              -    200 MB                                0.060
+  block forward                     478    ~1.6 GB                               0.76  (GEMMs compute-bound)
+
+  backward, kernel sequence of one block (BitFit: 464 GFLOP of dX GEMMs, half of full fine-tuning's)
+                                   GFLOP   new design: bytes                ms     old design (fused prologue)
+  LN2 backward (dbeta in-kernel)      -    dy, x_hat 100, ds, dx 100 MB   0.060   same
+  FC2: db pass over dy                -    50 MB read                     0.015   dy re-read 3072/128 = 24x:
+  FC2: dx = dy @ W2 (cuBLAS)        155    50 + 5 + 201 MB                0.193   1.2 GB -> 0.36 ms, bound by HBM
+  FC1: g = dy*gelu'(h), db pass       -    dy, h 402 read, g 201 written  0.180   dy, h re-read up to 768/64 = 12x,
+  FC1: dx = g @ W1 (cuBLAS)         155    201 + 5 + 50 MB                0.193   erf/exp redone 12x: ~1.4 ms
+  residual gradient add (autograd)    -    150 MB                         0.045   same
+  LN1 backward                        -    200 MB                         0.060   same
+  attn-out: db pass + dx GEMM        39    50 MB + 101 MB                 0.063   dy re-read 6x: 0.09 ms
+  SDPA backward                      32    ~400 MB                        0.120   same
+  QKV: db pass + dx GEMM            116    151 MB + 205 MB                0.190   dy re-read 6x: 0.27 ms
+  block backward                    497    ~2.6 GB                        1.12    ~2.5 ms
+
+The old kernel recomputed g as the prologue of the dX GEMM: every one of the K/BLOCK_K programs sharing a row
+block reread dy and h and redid erf/exp (and Philox), and with pid_m fastest those programs ran far apart, so
+the rereads came from HBM. The new sequence reads each gradient tensor once for db and once in the GEMM; the
+GEMMs run at the compute roof and the elementwise passes at the bandwidth roof. Left on the table (~0.2 ms per
+block, the block-level rewrite): FC1's g pass fused into the epilogue of FC2's dX GEMM (cuBLASLt's DGELU_BGRAD),
+and the FC2 / attn-out db sums into the LayerNorm backward rows that produce those gradients.
 """
+
+import inspect
 
 import torch
 import triton
@@ -21,45 +68,64 @@ from .utils import (
     check_rows,
     check_vector,
     dot_precision,
+    reduction_programs,
     row_bucket,
 )
 
 ACTIVATIONS = (None, "gelu")
 
-# Under the interpreter every program is a Python loop over numpy blocks: one small config keeps tests fast.
-# On Hopper the autotuner picks among tile shapes that keep the tensor cores fed for BERT-sized N and K.
+
+def _gemm_config(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps)
+
+
+# GEMM tile shapes per operand family. Every one compiles for sm_90 within its shared memory and without register
+# spills (checked by `python -m bitfit_fast_kernels.aot`): 128 x 128 tiles on 4 warps hit 255 registers and spill
+# 0.5-1.2 KB per thread in the GELU epilogue, so they take 8 warps; fp32 operands take twice the shared memory, so
+# half the K depth; FMA ("ieee") tiles stay small. Under the interpreter one small tile keeps the tests fast.
 if INTERPRETER:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    _BWD_BLOCK_M = 32
-    _BWD_CONFIGS = [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})]
+    _GEMM_CONFIGS = dict.fromkeys(("16-bit", "tf32", "ieee"), [_gemm_config(64, 64, 64, 1, 4)])
 else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
-            (128, 256, 64, 3, 8),
-            (256, 128, 64, 3, 8),
-            (128, 128, 64, 4, 8),
-            (128, 128, 32, 4, 4),
-            (64, 256, 32, 4, 4),
-            (128, 64, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-        ]
-    ]
-    # The bias-gradient partial sums are indexed by row block, so every backward config shares one BLOCK_M:
-    # the buffer can then be sized before the autotuner has chosen.
-    _BWD_BLOCK_M = 128
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-        for bn, bk, s, w in [
-            (64, 128, 3, 8),
-            (64, 256, 3, 8),
-            (32, 128, 4, 4),
-            (64, 64, 4, 4),
-            (32, 256, 4, 8),
-            (128, 128, 3, 8),
-        ]
-    ]
+    _GEMM_CONFIGS = {
+        # fp16 / bf16: wgmma tiles; 64 x 64 for small batches, where larger tiles leave SMs idle
+        "16-bit": [_gemm_config(*c) for c in [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                                              (64, 64, 64, 4, 4)]],
+        # fp32 with TF32 tensor cores
+        "tf32": [_gemm_config(*c) for c in [(128, 128, 32, 3, 8), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)]],
+        # fp32 FMA ("ieee"): no tensor cores, the operands go through registers
+        "ieee": [_gemm_config(*c) for c in [(64, 64, 16, 4, 4), (64, 128, 16, 3, 8)]],
+    }
+
+# The gradient pass is bandwidth-bound: 16 elements per thread (a 32-row tile spills with the GELU), no tuning.
+# Its interpreter tile is narrower than the GEMM's, so the tests see the dropout mask drawn under two tilings.
+_GRAD_BLOCK_M, _GRAD_BLOCK_N, _GRAD_WARPS = (16, 64, 1) if INTERPRETER else (16, 128, 4)
+
+
+def gemm_configs(dtype: torch.dtype, precision: str) -> list[triton.Config]:
+    """The forward GEMM's candidate tiles for operands of ``dtype`` and the ``dot_precision`` it runs with."""
+    return _GEMM_CONFIGS["16-bit" if dtype != torch.float32 else precision]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    # The autotuner holds every family's configs; time only this dtype's, and only those whose pipelined operand
+    # tiles fit the device's shared memory (all do on sm_90; smaller GPUs lose the deepest ones).
+    x = named_args["x_ptr"]
+    candidates = gemm_configs(x.dtype, kwargs["DOT_PRECISION"])
+    if INTERPRETER:
+        return candidates
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    fitting = [c for c in candidates
+               if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
+               <= limit]
+    return fitting or [min(candidates, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
+
+
+def _autotune(**kwargs):
+    # Timings persist across processes where triton can (cache_results, triton >= 3.2): no re-tuning every run.
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(**kwargs)
 
 
 @triton.jit
@@ -76,13 +142,23 @@ def _gelu_grad(h):
 
 
 @triton.jit
-def _dropout_keep(seed, philox_offset, rows, cols, N, p):
-    # Same counters in forward and backward, so the backward regenerates the forward's mask exactly.
-    return tl.rand(seed, philox_offset + rows[:, None] * N + cols[None, :]) >= p
+def _dropout_keep(seed, philox_offset, rows, col_start, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # rows: [BLOCK_M] int64; col_start a multiple of 4. One Philox call per 4 columns, all four outputs used.
+    quads = col_start // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = philox_offset + rows[:, None] * ((N + 3) // 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))  # column 4q + i: r_i
+    return tl.uint_to_uniform_float(r) >= p
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N", "K", "M_BUCKET"])
-@triton.jit
+@_autotune(
+    # One entry per distinct config: with a single one (the interpreter) triton neither prunes nor benchmarks.
+    configs=list(dict.fromkeys(c for family in _GEMM_CONFIGS.values() for c in family)),
+    # Everything that changes the best tile: sizes, the epilogue and the precision (triton adds the dtypes).
+    key=["N", "K", "M_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_DROPOUT", "STORE_PREACT", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)
+@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])  # they change per call: no recompiles
 def _linear_fwd_kernel(
     # Pointers
     x_ptr,  # [M, K] input, row-major
@@ -94,7 +170,7 @@ def _linear_fwd_kernel(
     M,
     N,
     K,
-    M_BUCKET,  # autotuning key only
+    M_BUCKET,  # autotuning key only: a power of 4, so always specialised alike
     # Dropout
     p,  # drop probability
     scale,  # 1 / (1 - p)
@@ -105,7 +181,7 @@ def _linear_fwd_kernel(
     ACTIVATION: tl.constexpr,  # "" or "gelu"
     HAS_DROPOUT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", see utils.dot_precision
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -122,7 +198,7 @@ def _linear_fwd_kernel(
     pid_m = first_pid_m + (pid % group_size) % group_rows
     pid_n = (pid % group_size) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
@@ -131,7 +207,7 @@ def _linear_fwd_kernel(
     w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_N], a tile of W^T
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = ks < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -149,25 +225,21 @@ def _linear_fwd_kernel(
     if ACTIVATION == "gelu":
         acc = _gelu(acc)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, philox_offset, rows, cols, N, p)
+        keep = _dropout_keep(seed, philox_offset, rows, pid_n * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
     tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "K", "M_BUCKET"])
-@triton.jit
-def _linear_bwd_kernel(
+@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])
+def _linear_grad_kernel(
     # Pointers
-    dy_ptr,  # [M, N] gradient of the output
+    dy_ptr,  # [M, N] gradient of the output y
     h_ptr,  # [M, N] pre-activation saved by the forward (read only with an ACTIVATION)
-    w_ptr,  # [N, K] frozen weight
-    dx_ptr,  # [M, K] input gradient, written only with COMPUTE_DX
-    db_partial_ptr,  # [cdiv(M, BLOCK_M), N] fp32 per-row-block bias-gradient sums, written with COMPUTE_DB
+    g_ptr,  # [M, N] gradient of h, dtype of dy (written only with STORE_G)
+    db_partial_ptr,  # [num_programs(0), N] fp32 column sums of g, one row per program (written with COMPUTE_DB)
     # Sizes
     M,
     N,
-    K,
-    M_BUCKET,  # autotuning key only
     # Dropout
     p,
     scale,
@@ -176,47 +248,34 @@ def _linear_bwd_kernel(
     # Features
     ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
-    COMPUTE_DX: tl.constexpr,
+    STORE_G: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    # One program per [BLOCK_M, BLOCK_K] tile of dx, walking the reduction dimension N. Programs in the first
-    # column of K tiles also sum g over their rows for the bias gradient: g is in registers already.
+    # Program (i, j) walks row blocks i, i + P, ... of column block j: each element of dy and h is read once, its
+    # erf/exp and Philox computed once, and the column sums of g accumulate in registers until one store.
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    ns = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    k_ok = ks < K
-
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
-        cols = n * BLOCK_N + ns
-        col_ok = cols < N
-        tile_mask = row_ok[:, None] & col_ok[None, :]
-        tile_offsets = rows[:, None] * N + cols[None, :]
-        g = tl.load(dy_ptr + tile_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * N + cols[None, :]
+        g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, rows, cols, N, p)
+            keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
             g = tl.where(keep, g * scale, 0.0)
         if ACTIVATION == "gelu":
-            h = tl.load(h_ptr + tile_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            g = g * _gelu_grad(h)
+            g *= _gelu_grad(tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+        if STORE_G:
+            tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DB:
-            if pid_k == 0:
-                tl.store(db_partial_ptr + pid_m * N + cols, tl.sum(g, axis=0), mask=col_ok)
-        if COMPUTE_DX:
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(g.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
-
-    if COMPUTE_DX:
-        tl.store(dx_ptr + rows[:, None] * K + ks[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & k_ok[None, :])
+            db += tl.sum(g, axis=0)  # masked elements loaded as 0
+    if COMPUTE_DB:
+        tl.store(db_partial_ptr + pid_m * N + cols, db, mask=col_ok)
 
 
 def _check_activation(activation: str | None) -> None:
@@ -245,7 +304,9 @@ def linear_forward(
     _check_activation(activation)
     N, K = weight.shape
     if x.shape[-1] != K:
-        raise KernelInputError(f"x has {x.shape[-1]} features but weight expects {K} (weight shape {tuple(weight.shape)})")
+        raise KernelInputError(
+            f"x has {x.shape[-1]} features but weight expects {K} (weight shape {tuple(weight.shape)})"
+        )
     if x.dtype != weight.dtype:
         raise KernelInputError(
             f"x is {x.dtype} but weight is {weight.dtype}; cast them to one dtype or run under torch.autocast"
@@ -254,9 +315,6 @@ def linear_forward(
         raise KernelInputError(f"x is on {x.device} but weight is on {weight.device}")
     check_vector("bias", bias, N, x.device)
     M = check_rows("x", x)
-    if M * max(N, K) > 2**31 - 1:  # element offsets are int32 in these kernels
-        raise KernelInputError(f"x has {M:,} rows of up to {max(N, K):,} features: over the 2**31 - 1 elements the "
-                               "linear kernels address with int32 offsets; use smaller batches (or micro-batches)")
     check_dropout(dropout_p, seed)
 
     x2d = x.reshape(M, K)
@@ -303,9 +361,6 @@ def linear_backward(
     if dy.dtype != weight.dtype:
         raise KernelInputError(f"dy is {dy.dtype} but weight is {weight.dtype}; cast them to one dtype")
     M = check_rows("dy", dy)
-    if M * max(N, K) > 2**31 - 1:  # element offsets are int32 in these kernels
-        raise KernelInputError(f"dy has {M:,} rows of up to {max(N, K):,} features: over the 2**31 - 1 elements the "
-                               "linear kernels address with int32 offsets; use smaller batches (or micro-batches)")
     check_dropout(dropout_p, seed)
     if activation is not None:
         if preact is None:
@@ -313,26 +368,30 @@ def linear_backward(
         check_compute_tensor("preact", preact)
         if preact.shape != dy.shape:
             raise KernelInputError(f"preact has shape {tuple(preact.shape)} but dy has {tuple(dy.shape)}")
-    if not (compute_dx or compute_db):
-        return None, None
 
-    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device) if compute_dx else None
-    row_blocks = triton.cdiv(M, _BWD_BLOCK_M)
-    db_partial = torch.empty((row_blocks, N), dtype=torch.float32, device=dy.device) if compute_db else None
-    grid = lambda meta: (row_blocks, triton.cdiv(K, meta["BLOCK_K"]) if compute_dx else 1)
     dy2d = dy.reshape(M, N)
-    _linear_bwd_kernel[grid](
-        dy2d, preact if preact is not None else dy2d, weight,
-        dx if dx is not None else dy2d, db_partial if db_partial is not None else dy2d,
-        M, N, K, row_bucket(M),
-        dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
-        ACTIVATION=activation or "",
-        HAS_DROPOUT=dropout_p > 0.0,
-        COMPUTE_DX=compute_dx,
-        COMPUTE_DB=compute_db,
-        DOT_PRECISION=dot_precision(dy.dtype),
-        BLOCK_M=_BWD_BLOCK_M,
-    )
-    # One deterministic reduction of the per-row-block partial sums: no float atomics, same bits every run.
-    db = db_partial.sum(dim=0) if compute_db else None
-    return (dx.view(*dy.shape[:-1], K) if dx is not None else None), db
+    g, db = dy2d, None
+    transforms = activation is not None or dropout_p > 0.0
+    store_g = compute_dx and transforms
+    if store_g or compute_db:
+        g = torch.empty_like(dy2d) if store_g else dy2d
+        col_blocks = triton.cdiv(N, _GRAD_BLOCK_N)
+        row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
+        db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
+        _linear_grad_kernel[(row_programs, col_blocks)](
+            dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
+            M, N,
+            dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+            ACTIVATION=activation or "",
+            HAS_DROPOUT=dropout_p > 0.0,
+            STORE_G=store_g,
+            COMPUTE_DB=compute_db,
+            BLOCK_M=_GRAD_BLOCK_M,
+            BLOCK_N=_GRAD_BLOCK_N,
+            num_warps=_GRAD_WARPS,
+        )
+        # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
+        db = db_partial.sum(dim=0) if compute_db else None
+    # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.
+    dx = torch.mm(g, weight).view(*dy.shape[:-1], K) if compute_dx else None
+    return dx, db

@@ -3,13 +3,13 @@
 import os
 
 import torch
-import triton
 
 # Triton decides at decoration time whether kernels are compiled or interpreted on CPU (numpy), so the
 # environment at import is what counts: setting TRITON_INTERPRET=1 later has no effect on these kernels.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 class KernelInputError(ValueError):
     """An input the Triton kernels cannot take; the message says what to change."""
@@ -82,8 +82,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def row_bucket(rows: int) -> int:
-    """Autotuning key for the token count: powers of two, so dynamic padding does not re-tune every step."""
-    return min(triton.next_power_of_2(rows), 1 << 16)
+    """Autotuning key for the token count: powers of 4 from 256 to 65536, so that dynamic padding re-tunes at most
+    five times per shape (tile choice changes with the number of row blocks, not with a few rows more or less)."""
+    bucket = 256
+    while bucket < min(rows, 65536):
+        bucket *= 4
+    return bucket
 
 
 def reduction_programs(rows: int, device: torch.device) -> int:

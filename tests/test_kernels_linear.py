@@ -7,6 +7,7 @@ from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
 from bitfit_fast.triton_ops import FusedLinearFunction
+from bitfit_fast_kernels.utils import row_bucket
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
@@ -36,7 +37,8 @@ def test_forward_matches_torch(dtype, lead, k, n, activation, has_bias):
     truth = torch_linear(x, w, b, activation, torch.float64)
     assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
     if activation is not None:
-        assert_as_accurate_as_torch(h, torch_linear(x, w, b, None, dtype), torch_linear(x, w, b, None, torch.float64), "h")
+        truth_h = torch_linear(x, w, b, None, torch.float64)
+        assert_as_accurate_as_torch(h, torch_linear(x, w, b, None, dtype), truth_h, "h")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,14 +60,21 @@ def test_backward_matches_torch(dtype, lead, k, n, activation):
     assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")
 
 
-def test_backward_computes_only_what_is_asked():
+@pytest.mark.parametrize("activation,p", [(None, 0.0), ("gelu", 0.0), ("gelu", 0.2)])
+def test_backward_computes_only_what_is_asked(activation, p):
     x, w, b = make((9,), 20, 11, torch.float32)
+    _, h = K.linear_forward(x, w, b, activation=activation, store_preact=True)
     dy = torch.randn(9, 11, device=DEVICE)
-    dx_only = K.linear_backward(dy, w, compute_db=False)
-    db_only = K.linear_backward(dy, w, compute_dx=False)
+    options = dict(activation=activation, dropout_p=p, seed=5 if p else None)
+    dx, db = K.linear_backward(dy, w, h, **options)
+    dx_only = K.linear_backward(dy, w, h, compute_db=False, **options)
+    db_only = K.linear_backward(dy, w, h, compute_dx=False, **options)
     assert dx_only[1] is None and db_only[0] is None
-    torch.testing.assert_close(dx_only[0], dy @ w)
-    torch.testing.assert_close(db_only[1], dy.sum(0))
+    assert torch.equal(dx_only[0], dx) and torch.equal(db_only[1], db)
+    assert K.linear_backward(dy, w, h, compute_dx=False, compute_db=False, **options) == (None, None)
+    if activation is None:
+        torch.testing.assert_close(dx, dy @ w)
+        torch.testing.assert_close(db, dy.sum(0))
 
 
 def test_bias_gradient_is_bit_identical_across_runs():
@@ -97,6 +106,29 @@ def test_dropout_keep_rate_scale_and_seeds():
     assert torch.equal(y, _dropout_run(seed=1234, p=p)[0]), "same seed must give the same mask"
     assert not torch.equal(y, _dropout_run(seed=4321, p=p)[0]), "two seeds must differ"
     assert not torch.equal(y, _dropout_run(seed=1234, p=p, philox_offset=7)[0]), "the offset moves the stream"
+
+
+def test_dropout_uses_all_four_philox_outputs_independently():
+    # Columns 4q..4q+3 come from one Philox call: two of them agree with probability p^2 + (1-p)^2 if independent.
+    p = 0.3
+    kept = _dropout_run(seed=77, p=p, m=128, n=96)[0] != 0
+    agree = 1 - p * (1 - p) * 2
+    n = kept[:, 0::4].numel()
+    for lane in (1, 2, 3):
+        rate = (kept[:, 0::4] == kept[:, lane::4]).float().mean().item()
+        assert abs(rate - agree) < 5 * (agree * (1 - agree) / n) ** 0.5, (lane, rate)
+
+
+def test_dropout_mask_does_not_depend_on_the_batch_shape():
+    # Counters follow (row, column) only: a row keeps its mask whatever the number of rows or the tiles.
+    small, _ = _dropout_run(seed=3, m=40, n=37)
+    large, _ = _dropout_run(seed=3, m=100, n=37)
+    assert torch.equal(small, large[:40])
+
+
+def test_row_buckets_are_coarse():
+    assert [row_bucket(m) for m in (1, 256, 257, 5000, 16384, 16385, 10**7)] == [
+        256, 256, 1024, 16384, 16384, 65536, 65536]
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
@@ -146,7 +178,7 @@ def test_autograd_function_returns_gradients_only_where_needed():
         (lambda: K.linear_forward(torch.randn(3, 5).double(), torch.randn(4, 5).double()), "supported are float32"),
         (lambda: K.linear_forward(torch.randn(5, 3).t(), torch.randn(4, 5)), "must be contiguous"),
         (lambda: K.linear_forward(torch.randn(0, 5), torch.randn(4, 5)), "empty"),
-        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.randn(3)), r"bias must have shape \(4,\)"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.randn(3)), r"bias must have shape \(4"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=0.1), "needs a seed"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=1.0, seed=1), r"in \[0, 1\)"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), activation="relu"), "activation must be"),

@@ -1,0 +1,246 @@
+"""Ahead-of-time compile check: every Triton kernel variant bitfit_fast launches, compiled for sm_90 (H100/H200)
+on any machine, with or without a GPU (triton ships ptxas).
+
+    python -m bitfit_fast_kernels.aot [--only SUBSTRING ...] [--jobs N] [--dump DIR]
+
+A variant is a kernel x tile config x dtype x the constexpr flag set that bitfit_fast's autograd functions pass
+(bitfit_fast/triton_ops.py: the linears run without dropout; LayerNorm always stores x_hat). Argument types and
+16-byte divisibility are what the JIT derives from a BERT launch: torch allocations are aligned, N, K and the
+hidden size are multiples of 16, biases / gamma / beta / statistics are fp32, arguments named in a kernel's
+``do_not_specialize`` get no alignment hint, and a drawn dropout seed is taken as unaligned.
+
+One line per variant: status, registers per thread, spill bytes (stores + loads, from ptxas -v), shared memory
+(compiler metadata) and the MMA instructions in the PTX (wgmma = Hopper warpgroup MMA, mma.sync = Ampere-style,
+fma = none). Then ``aot: N/M variants compiled for sm_90``; the exit status is 1 when any variant fails to compile
+(FAIL), needs more shared memory than sm_90 gives a block (SMEM) or spills more than SPILL_BUDGET (SPILL).
+
+Runs with TRITON_INTERPRET=1 in the environment too: the kernel modules then declared their interpreter configs,
+so the check re-executes itself without it. The same code runs on triton 3.6 and 3.9 (ASTSource, GPUTarget,
+triton.compile and the TRITON_DUMP_PTXAS_LOG knob are the same in both).
+"""
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from . import layer_norm, linear
+from .utils import INTERPRETER, dot_precision
+
+TARGET = GPUTarget("cuda", 90, 32)
+SM90_SHARED_MEMORY = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100 and H200 (227 KiB)
+# Spill budget: zero. A spill is a local-memory round trip per thread; in these kernels the only candidates are
+# the GEMM epilogues (GELU, Philox on a 128-value fp32 accumulator) and the LayerNorm rows, which are bandwidth-
+# bound: spilled bytes compete with the very HBM/L1 traffic the fusion exists to save. Every config that spilled
+# (16-bit 128 x 128 tiles on 4 warps: 0.5-1.2 KB; fp32 FMA 64 x 64 x 32 on triton 3.6: 12 B) was removed instead,
+# so a new spill is a regression to look at, not noise to tolerate.
+SPILL_BUDGET = 0
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLOAT_ARGS = {"p", "scale", "eps"}
+HIDDEN_SIZES = (384, 768)  # MiniLM (BLOCK_N 512) and BERT-base (1024; BERT-large's 1024 compiles alike)
+# Integer arguments of a BERT-base launch (32768 tokens); only their divisibility by 16 reaches the compiler.
+INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "philox_offset": 0}
+DRAWN_SEED = 12345  # not a multiple of 16, as 15 in 16 drawn seeds
+
+
+@dataclass
+class Variant:
+    kernel: str
+    label: str
+    fn: object  # the JITFunction
+    dtype: str  # element type of the activation tensors
+    consts: dict
+    options: dict
+    fp32_pointers: set = field(default_factory=set)
+    ints: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel} {self.dtype} {self.label}"
+
+
+def _flags(**flags) -> str:
+    return " ".join(name for name, on in flags.items() if on) or "plain"
+
+
+def linear_variants():
+    fn = linear._linear_fwd_kernel.fn
+    # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
+    families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
+    # FusedLinearFunction: bias or not; plain, GELU storing its pre-activation (default memory) or not (recompute).
+    epilogues = [("", False), ("gelu", True), ("gelu", False)]
+    for (dt, precision), has_bias, (act, preact) in itertools.product(families, (True, False), epilogues):
+        for cfg in linear.gemm_configs(DTYPES[dt], precision):
+            tile = "x".join(str(cfg.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            label = f"{tile} s{cfg.num_stages} w{cfg.num_warps} {_flags(bias=has_bias, gelu=bool(act), preact=preact)}"
+            yield Variant(
+                "linear_fwd", f"{precision} {label}" if dt == "fp32" else label, fn, dt,
+                consts=dict(HAS_BIAS=has_bias, ACTIVATION=act, HAS_DROPOUT=False, STORE_PREACT=preact,
+                            DOT_PRECISION=precision, **cfg.kwargs),
+                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                fp32_pointers={"b_ptr"} if has_bias else set(), ints=dict(INTS, seed=0),
+            )
+    # linear_backward: g with the GELU (stored for dx, column-summed for db), or db alone from dy.
+    for dt, (act, store_g, db) in itertools.product(
+        DTYPES, [("gelu", True, True), ("gelu", True, False), ("gelu", False, True), ("", False, True)]
+    ):
+        yield Variant(
+            "linear_grad", _flags(gelu=bool(act), store_g=store_g, db=db), linear._linear_grad_kernel, dt,
+            consts={"ACTIVATION": act, "HAS_DROPOUT": False, "STORE_G": store_g, "COMPUTE_DB": db,
+                        "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
+            options={"num_warps": linear._GRAD_WARPS},
+            fp32_pointers={"db_partial_ptr"} if db else set(), ints=dict(INTS, seed=0),
+        )
+
+
+def layer_norm_variants():
+    for dt, hidden, residual, dropout in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), (True, False)):
+        block_n = layer_norm._check_features(hidden)
+        yield Variant(
+            "ln_fwd", f"N={hidden} {_flags(residual=residual, dropout=dropout)}",
+            layer_norm._residual_layer_norm_fwd_kernel, dt,
+            consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "STORE_X_HAT": True, "BLOCK_N": block_n},
+            options={"num_warps": layer_norm._warps(block_n)},
+            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"},
+            ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
+        )
+    for dt, hidden, dropout, dx in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), (True, False)):
+        block_n = layer_norm._check_features(hidden)
+        yield Variant(
+            "ln_bwd", f"N={hidden} {_flags(dropout=dropout, dx=dx)}",
+            layer_norm._residual_layer_norm_bwd_kernel, dt,
+            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "BLOCK_N": block_n},
+            options={"num_warps": layer_norm._warps(block_n)},
+            fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr"},
+            ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
+        )
+
+
+def all_variants() -> list[Variant]:
+    return [*linear_variants(), *layer_norm_variants()]
+
+
+def source(v: Variant) -> triton.compiler.ASTSource:
+    """The ASTSource the JIT would build for this launch: types and 16-divisibility per argument."""
+    signature, attrs = {}, {}
+    for index, param in enumerate(v.fn.params):
+        name = param.name
+        if name in v.consts:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*" + ("fp32" if name in v.fp32_pointers else v.dtype)
+            aligned = True
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+            aligned = False
+        else:
+            signature[name] = "i32"
+            aligned = not param.do_not_specialize and v.ints[name] % 16 == 0
+        if aligned:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return triton.compiler.ASTSource(fn=v.fn, signature=signature, constexprs=v.consts, attrs=attrs)
+
+
+def compile_variant(v: Variant, dump: str | None = None) -> dict:
+    result = {"name": v.name}
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # the ptxas -v log is printed by triton
+            compiled = triton.compile(source(v), target=TARGET, options=v.options)
+    except Exception as e:  # noqa: BLE001 - whatever triton or ptxas raise is a FAIL line with their message
+        result["error"] = " | ".join(line.strip() for line in str(e).splitlines()[:4] if line.strip())
+        return result
+    ptx = compiled.asm["ptx"]
+    regs = re.search(r"Used (\d+) registers", log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
+    result.update(
+        regs=int(regs.group(1)) if regs else -1,
+        spill=int(spills.group(1)) + int(spills.group(2)) if spills else -1,
+        smem=compiled.metadata.shared,
+        mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "no MMA",
+    )
+    if dump:
+        stem = os.path.join(dump, re.sub(r"[^A-Za-z0-9]+", "_", v.name).strip("_"))
+        for ext in ("ttir", "ptx"):
+            with open(f"{stem}.{ext}", "w") as f:
+                f.write(compiled.asm[ext])
+    return result
+
+
+def verdict(result: dict) -> str:
+    if "error" in result:
+        return "FAIL"
+    if result["smem"] > SM90_SHARED_MEMORY:
+        return "SMEM"
+    if result["spill"] < 0 or result["spill"] > SPILL_BUDGET:  # -1: no ptxas log, the spill is unknown
+        return "SPILL"
+    return "OK"
+
+
+def format_result(result: dict) -> str:
+    head = f"{verdict(result):<5} {result['name']:<62}"
+    if "error" in result:
+        return f"{head} | {result['error']}"
+    return (f"{head} | regs {result['regs']:>3} | spill {result['spill']:>4} B | smem {result['smem']:>6} B | "
+            f"{result['mma']}")
+
+
+def _compile_indexed(args):
+    index, dump = args
+    return compile_variant(all_variants()[index], dump)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="compile the variants whose name contains this (repeatable: any of them)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
+    parser.add_argument("--dump", metavar="DIR", help="write each variant's TTIR and PTX into DIR")
+    args = parser.parse_args(argv)
+    if INTERPRETER:  # the modules declared their interpreter configs: start again without the interpreter
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:])], env)
+
+    variants = all_variants()
+    selected = [i for i, v in enumerate(variants) if not args.only or any(s in v.name for s in args.only)]
+    if not selected:
+        print("aot: no variant matches --only", file=sys.stderr)
+        return 2
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+    # A fresh cache, so that every variant runs ptxas and prints its resource log.
+    cache = tempfile.mkdtemp(prefix="bitfit_aot_")
+    os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+    # triton 3.9 warns that its FP-fusion default will change; the check compiles with the default the runtime uses.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    print(f"triton {triton.__version__}: {len(selected)} variants for sm_90, spill budget {SPILL_BUDGET} B, shared "
+          f"memory limit {SM90_SHARED_MEMORY} B; fp32 GEMMs run {dot_precision(torch.float32)!r} here", flush=True)
+    try:
+        with ProcessPoolExecutor(max(1, min(args.jobs, len(selected)))) as pool:
+            results = []
+            for result in pool.map(_compile_indexed, [(i, args.dump) for i in selected]):
+                print(format_result(result), flush=True)
+                results.append(result)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    passed = sum(verdict(r) == "OK" for r in results)
+    print(f"aot: {passed}/{len(results)} variants compiled for sm_90")
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
