@@ -6,6 +6,7 @@ from .checkpoint import load_biases, save_biases
 from .model import (
     SUBSET_PATTERNS,
     BitFitConfig,
+    QueryRowsBitFitLinear,
     apply,
     get_nb_trainable_parameters,
     merge,
@@ -18,6 +19,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitLayerNorm",
     "BitFitLinear",
+    "QueryRowsBitFitLinear",
     "__version__",
     "apply",
     "get_nb_trainable_parameters",

@@ -95,9 +95,14 @@ def load_biases(
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
+        added = {f"{name}.bias" for name in record["apply"].get("added_biases", [])}
+        remedy = (
+            "they are biases apply() added to a bias-free model: apply(model, add_missing_biases=True) first"
+            if set(unknown) <= added else f"it was saved from a {saved_class}"
+        )
         raise ValueError(
             f"the checkpoint holds parameters this {type(model).__name__} lacks: {unknown[:5]} "
-            f"({len(unknown)} in all); it was saved from a {saved_class}"
+            f"({len(unknown)} in all); {remedy}"
         )
     mismatched = [
         f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}"

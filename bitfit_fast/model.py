@@ -1,5 +1,6 @@
 """apply / merge: turn a model into a BitFit model in place, and back into vanilla torch modules."""
 
+import copy
 import dataclasses
 import fnmatch
 import warnings
@@ -10,9 +11,7 @@ import torch.nn as nn
 
 from .backend import check_backend
 from .fused_layer import MEMORY_MODES, FusedEncoderLayer, is_fusable
-from .modules import BitFitLayerNorm, BitFitLinear
-
-BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer)
+from .modules import BitFitLayerNorm, BitFitLinear, retype
 
 CONFIG_ATTRIBUTE = "bitfit_fast_config"
 
@@ -24,7 +23,13 @@ SUBSET_PATTERNS = (
     "ffn.lin1",
     "attention.query",  # ALBERT
     "ffn",
+    "attn.Wqkv",  # ModernBERT: q, k and v packed (only the query rows train, see QueryRowsBitFitLinear)
+    "mlp.Wi",  # the GLU up-projection (input and gate halves)
 )
+
+# Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
+# query third of their bias trains.
+PACKED_QKV_PATTERNS = ("attn.Wqkv",)  # ModernBERT
 
 
 # Key projections of dot-product self-attention, whose bias has an identically zero gradient (softmax ignores the
@@ -34,6 +39,38 @@ ATTENTION_KEY_PATTERNS = (
     "attention.k_lin",  # DistilBERT
     "attention.key",  # ALBERT
 )
+
+
+class QueryRowsBitFitLinear(BitFitLinear):
+    """A packed q/k/v projection whose bias trains only in its query rows: the paper's b_q for biases="subset".
+
+    The key and value rows get an exact zero gradient, so AdamW (and its weight decay) leaves them where they
+    are: zero for a bias that apply() added.
+    """
+
+    query_rows: int
+
+    @classmethod
+    def from_packed_qkv(cls, linear: nn.Linear, backend: str) -> "QueryRowsBitFitLinear":
+        return retype(linear, cls, backend=backend, zero_bias_grad=False, query_rows=linear.out_features // 3)
+
+    def to_vanilla(self) -> nn.Linear:
+        plain = super().to_vanilla()
+        del plain.query_rows
+        return plain
+
+    def trained_bias(self) -> torch.Tensor | None:
+        bias = self.bias
+        if bias is None or not bias.requires_grad:
+            return bias
+        is_query = torch.arange(bias.shape[0], device=bias.device) < self.query_rows
+        return torch.where(is_query, bias, bias.detach())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, query_rows={self.query_rows}"
+
+
+BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer)
 
 
 def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
@@ -109,8 +146,12 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def _has_bias(module: nn.Module) -> bool:
+    return isinstance(module._parameters.get("bias"), nn.Parameter)
+
+
 def _can_take_bias(module: nn.Module, add_missing: bool) -> bool:
-    if isinstance(module._parameters.get("bias"), nn.Parameter):
+    if _has_bias(module):
         return True
     if not add_missing:
         return False
@@ -177,7 +218,7 @@ def apply(
     biases: str | Sequence[str] = "all",
     backend: str = "auto",
     train_head: bool = True,
-    add_missing_biases: bool = False,
+    add_missing_biases: bool | None = None,
     head: Sequence[str] | None = None,
     fuse_layers: bool = True,
     memory: str = "default",
@@ -195,8 +236,10 @@ def apply(
             biases, b_q and b_m2) or a list of module-name patterns (a name, a dotted suffix, or a glob).
         backend: ``"auto"`` (Triton kernels on CUDA tensors, torch ops otherwise), ``"triton"`` or ``"torch"``.
         train_head: train the head fully; if False it is frozen like the body and its biases follow ``biases``.
-        add_missing_biases: give selected ``nn.Linear``/``nn.LayerNorm`` modules that have no bias a zero one,
-            so step 0 computes exactly the pretrained function.
+        add_missing_biases: give selected ``nn.Linear``/``nn.LayerNorm`` modules that have no bias (and the
+            trained head's, so the model family's bias flags can declare them after :func:`merge`) a zero one,
+            so step 0 computes exactly the pretrained function. ``None`` (the default): only when none of the
+            selected encoder modules has a bias (ModernBERT and other bias-free encoders); the count is printed.
         head: names of the head's modules, when the model is not a Hugging Face model with a base model.
         fuse_layers: run recognised encoder layers (BERT, RoBERTa, ELECTRA, XLM-R, ...) as one fused layer
             each (see ``bitfit_fast.fused_layer``); other layers keep the module-level path.
@@ -224,6 +267,13 @@ def apply(
     # A trained head keeps its modules as they are; a frozen head is treated like the body.
     trained_head = head_names if train_head else []
     modules = {name: m for name, m in model.named_modules() if name and not _within(name, trained_head)}
+    if add_missing_biases is None:
+        # A bias-free encoder trains zero-initialised biases rather than nothing; a model with biases keeps its own.
+        # The encoder decides, not a frozen head's classifier (which has a bias even on ModernBERT).
+        selectable = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing=True)}
+        chosen = _select_biases(selectable, biases, model_name) if selectable else []
+        in_body = [n for n in chosen if not _within(n, head_names)]
+        add_missing_biases = bool(chosen) and not any(_has_bias(selectable[n]) for n in in_body or chosen)
     candidates = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing_biases)}
     replaceable = {
         id(m) for m in modules.values()
@@ -233,18 +283,28 @@ def apply(
         raise ValueError(
             f"{model_name} has no torch.nn.Linear / torch.nn.LayerNorm with a bias to train: bitfit_fast supports "
             "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
+            + ("" if add_missing_biases else "; add_missing_biases=True gives bias-free layers a zero bias to train")
         )
     selected = _select_biases(candidates, biases, model_name)
     zero_gradient = _zero_gradient_biases(modules)
+    query_rows_only = {
+        id(candidates[n]) for n in selected
+        if biases == "subset" and type(candidates[n]) is nn.Linear and any(_matches(n, p) for p in PACKED_QKV_PATTERNS)
+    }
+    to_add = [n for n in selected if not _has_bias(candidates[n])]
+    if add_missing_biases:  # the trained head's bias-free layers too: they train with the head
+        to_add += [n for n, m in model.named_modules()
+                   if _within(n, trained_head) and not _has_bias(m) and _can_take_bias(m, add_missing=True)]
 
     # Validation is over: from here on the model changes.
-    added = []
-    for name in selected:
-        module = candidates[name]
-        if module._parameters.get("bias") is None:
-            features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
-            module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
-            added.append(name)
+    for name in to_add:
+        module = model.get_submodule(name)
+        features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
+        module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
+    if to_add:
+        count = sum(model.get_submodule(name).bias.numel() for name in to_add)
+        print(f"bitfit_fast: added zero biases to {len(to_add)} bias-free layers of {model_name} ({count:,} "
+              "parameters), so step 0 computes the pretrained function")
     model.requires_grad_(False)
     if train_head:
         for name in head_names:
@@ -255,6 +315,8 @@ def apply(
     def to_bitfit(module: nn.Module) -> nn.Module | None:
         if id(module) not in replaceable:
             return None
+        if id(module) in query_rows_only:
+            return QueryRowsBitFitLinear.from_packed_qkv(module, backend)
         if type(module) is nn.Linear:
             return BitFitLinear.from_linear(module, backend, zero_bias_grad=id(module) in zero_gradient)
         if module.bias is None:  # a bias-free LayerNorm that was not selected: nothing to gain
@@ -275,7 +337,7 @@ def apply(
         train_head=train_head,
         add_missing_biases=add_missing_biases,
         head=head_names,
-        added_biases=added,
+        added_biases=to_add,
         backend=backend,
         fuse_layers=fuse_layers,
         memory=memory,
@@ -286,15 +348,64 @@ def apply(
     return model
 
 
+def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:
+    """The config flags (``attention_bias``, ``mlp_bias``, ``norm_bias``, ...) that, turned on, make the model's
+    class build exactly its current parameters, biases added by apply() included, so that ``save_pretrained`` →
+    ``from_pretrained`` reproduces it. Raises if no set of flags does, before anything changes."""
+    config = model.config
+    current = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    def built_with(flags: Sequence[str]) -> dict[str, tuple]:
+        candidate = copy.deepcopy(config)
+        for flag in flags:
+            setattr(candidate, flag, True)
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            return {name: tuple(t.shape) for name, t in type(model)(candidate).state_dict().items()}
+
+    original = built_with([])
+    added = set(current) - set(original)
+    declaring, overreaching = [], {}
+    for flag in sorted(k for k, v in config.to_dict().items() if "bias" in k and v is False):
+        created = set(built_with([flag])) - set(original)
+        if created and created <= added:
+            declaring.append(flag)
+        elif created & added:
+            overreaching[flag] = sorted(created - added)
+    rebuilt = built_with(declaring)
+    if rebuilt == current:
+        return declaring
+    if overreaching:
+        flag, extra = next(iter(overreaching.items()))
+        reason = (f"its flag {flag}=True would also create {extra[0]} (and {len(extra) - 1} more), which apply() "
+                  "did not add and from_pretrained would initialise")
+    else:
+        undeclared = sorted(set(current).symmetric_difference(rebuilt))
+        reason = f"no flag of {type(config).__name__} declares {undeclared[:3]} ({len(undeclared)} in all)"
+    raise ValueError(
+        f"merge() refuses: a save_pretrained checkpoint of this {type(model).__name__} would not reload the biases "
+        f"apply() added ({reason}); keep them with bitfit_fast.save_biases(model, dir) and restore them with "
+        "bitfit_fast.load_biases(base_model, dir) instead. The model is unchanged."
+    )
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Turn an applied model back into vanilla torch modules, in place, with the trained biases; returns it.
 
     State_dict keys are those of the original model (plus any bias that ``add_missing_biases`` added, which
-    now carries trained values), so Hugging Face's ``save_pretrained`` works on the result. ``requires_grad``
-    flags are left as they are. Weights that ``apply(dtype=...)`` stored in low precision get their original
-    dtype back, but keep the rounding: for the exact pretrained weights, load the biases onto a fresh base model.
+    now carries trained values), so Hugging Face's ``save_pretrained`` works on the result: for a Hugging Face
+    model with added biases, the family's config flags (``attention_bias``, ``mlp_bias``, ``norm_bias``, ...)
+    are turned on to declare them, and a model whose flags cannot declare exactly those biases is refused,
+    unchanged (use save_biases / load_biases). ``requires_grad`` flags are left as they are. Weights that
+    ``apply(dtype=...)`` stored in low precision get their original dtype back, but keep the rounding: for the
+    exact pretrained weights, load the biases onto a fresh base model.
     """
     config = config_of(model)
+    from transformers import PreTrainedModel
+
+    declares_biases_in_config = bool(config.added_biases) and isinstance(model, PreTrainedModel)
+    flags = _bias_flags_declaring_added_biases(model) if declares_biases_in_config else []
+    for flag in flags:
+        setattr(model.config, flag, True)
     _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, BITFIT_MODULES) else None)
     for name, original in config.weight_dtypes.items():
         module_name, param_name = name.rsplit(".", 1)

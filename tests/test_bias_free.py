@@ -1,0 +1,186 @@
+"""Bias-free encoders (ModernBERT): zero biases are added by default, train, and survive merge → save_pretrained →
+from_pretrained and save_biases → load_biases exactly; merge refuses what a config cannot declare."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from bitfit_reference import DEVICE, adamw_steps, padded_batch, tiny_bert, trainable
+
+import bitfit_fast
+from bitfit_fast import BitFitLayerNorm, BitFitLinear
+from bitfit_fast.model import QueryRowsBitFitLinear
+
+# Hidden 32 over 4 heads, 2 layers: layer 0 attends globally, layer 1 in a sliding window of 4 tokens.
+MODERNBERT = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  max_position_embeddings=64, local_attention=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2, attn_implementation="sdpa")
+BIAS_FLAGS = ("attention_bias", "classifier_bias", "mlp_bias", "norm_bias")
+
+
+def tiny_modernbert(num_labels: int = 3, **flags) -> transformers.ModernBertForSequenceClassification:
+    config = transformers.ModernBertConfig(**MODERNBERT, **flags, num_labels=num_labels)
+    return transformers.ModernBertForSequenceClassification(config).to(DEVICE)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def test_bias_free_model_gets_zero_biases_by_default_and_keeps_its_function(capsys):
+    model = tiny_modernbert()
+    batch = padded_batch(model)
+    before = logits(model, batch)
+    bitfit_fast.apply(model)
+    # Every Linear and LayerNorm of the body and the head: 15 layers, 736 biases (ModernBERT's layer 0 has no
+    # attention LayerNorm).
+    assert capsys.readouterr().out == (
+        "bitfit_fast: added zero biases to 15 bias-free layers of ModernBertForSequenceClassification (736 "
+        "parameters), so step 0 computes the pretrained function\n"
+    )
+    config = model.bitfit_fast_config
+    assert config.add_missing_biases and len(config.added_biases) == 15
+    assert "model.layers.1.attn.Wqkv" in config.added_biases and "head.norm" in config.added_biases
+    assert isinstance(model.model.layers[0].attn.Wqkv, BitFitLinear)
+    assert isinstance(model.model.final_norm, BitFitLayerNorm)
+    torch.testing.assert_close(logits(model, batch), before, atol=0, rtol=0)
+    assert all(param.requires_grad for name, param in model.named_parameters() if name.endswith(".bias"))
+
+
+def test_a_frozen_heads_bias_does_not_hide_a_bias_free_encoder():
+    model = bitfit_fast.apply(tiny_modernbert(), train_head=False)
+    assert model.bitfit_fast_config.added_biases[:2] == ["model.embeddings.norm", "model.layers.0.attn.Wqkv"]
+    assert model.classifier.bias.requires_grad and not model.classifier.weight.requires_grad
+
+
+def test_models_with_biases_get_none_added_by_default(capsys):
+    model = bitfit_fast.apply(tiny_bert())
+    assert model.bitfit_fast_config.added_biases == [] and not model.bitfit_fast_config.add_missing_biases
+    assert capsys.readouterr().out == ""
+
+
+def test_refusing_to_add_biases_to_a_bias_free_model_says_how_and_changes_nothing():
+    model = tiny_modernbert()
+    with pytest.raises(ValueError, match="no torch.nn.Linear.*add_missing_biases=True gives bias-free layers"):
+        bitfit_fast.apply(model, add_missing_biases=False)
+    assert not any(name.endswith(".bias") for name, _ in model.named_parameters() if not name.startswith("classifier"))
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def plain_reference(base: transformers.ModernBertForSequenceClassification) -> torch.nn.Module:
+    """The same function with every bias declared in the config (zero), trained by plain autograd."""
+    reference = tiny_modernbert(**dict.fromkeys(BIAS_FLAGS, True))
+    missing = reference.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(name.endswith(".bias") for name in missing)
+    with torch.no_grad():
+        for name in missing:
+            reference.get_parameter(name).zero_()
+    return reference
+
+
+@pytest.mark.parametrize("biases", ["all", "subset"])
+def test_added_biases_get_the_plain_autograd_gradients(biases):
+    model = tiny_modernbert()
+    reference = plain_reference(model)
+    bitfit_fast.apply(model, biases=biases)
+    batch = padded_batch(model)
+    model(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    expected = dict(reference.named_parameters())
+    trained_biases = {n: p for n, p in trainable(model).items() if n.endswith(".bias")}
+    if biases == "subset":
+        body = sorted(name for name in trained_biases if name.startswith("model."))
+        assert body == [f"model.layers.{i}.{m}.bias" for i in (0, 1) for m in ("attn.Wqkv", "mlp.Wi")]
+    for name, param in trained_biases.items():
+        grad = expected[name].grad
+        if name.endswith("attn.Wqkv.bias") and biases == "subset":  # the paper's b_q: only the query rows train
+            assert isinstance(model.get_submodule(name.removesuffix(".bias")), QueryRowsBitFitLinear)
+            grad = torch.cat([grad[:32], torch.zeros_like(grad[32:])])
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(param.grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_subset_trains_only_the_query_rows_of_the_packed_projection():
+    model = bitfit_fast.apply(tiny_modernbert(), biases="subset")
+    adamw_steps(model, [padded_batch(model) for _ in range(3)])
+    qkv_bias = model.model.layers[1].attn.Wqkv.bias
+    assert qkv_bias[:32].abs().min() > 0, "every query row moved"
+    assert torch.equal(qkv_bias[32:], torch.zeros(64, device=DEVICE)), "key and value rows stay exactly zero"
+
+
+def trained(make, biases="all"):
+    model = make()
+    base = copy.deepcopy(model)
+    bitfit_fast.apply(model, biases=biases)
+    adamw_steps(model, [padded_batch(model) for _ in range(3)])
+    return model.eval(), base
+
+
+@pytest.mark.parametrize("make", [tiny_modernbert, tiny_bert], ids=["modernbert", "bert"])
+def test_merge_save_pretrained_from_pretrained_reproduces_the_trained_model(make, tmp_path):
+    model, _ = trained(make)
+    batch = padded_batch(model)
+    expected = logits(model, batch)
+    added = [f"{name}.bias" for name in model.bitfit_fast_config.added_biases]
+    assert all(model.get_parameter(name).abs().max() > 0 for name in added), "the added biases trained"
+
+    merged = bitfit_fast.merge(model)
+    if make is tiny_modernbert:
+        assert all(getattr(merged.config, flag) for flag in BIAS_FLAGS)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-6, rtol=0)
+    merged.save_pretrained(tmp_path)
+    reloaded, info = type(merged).from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    torch.testing.assert_close(logits(reloaded.to(DEVICE), batch), logits(merged, batch), atol=0, rtol=0)
+
+
+def test_load_biases_onto_a_fresh_bias_free_base_restores_them_exactly(tmp_path):
+    model, base = trained(tiny_modernbert)
+    bitfit_fast.save_biases(model, tmp_path)
+    bitfit_fast.load_biases(base, tmp_path)
+    assert base.bitfit_fast_config.added_biases == model.bitfit_fast_config.added_biases
+    assert trainable(base).keys() == trainable(model).keys()
+    batch = padded_batch(model)
+    torch.testing.assert_close(logits(base, batch), logits(model, batch), atol=0, rtol=0)
+
+
+def test_loading_added_biases_onto_a_model_applied_without_them_says_how(tmp_path):
+    model, _ = trained(tiny_modernbert)
+    bitfit_fast.save_biases(model, tmp_path)
+    applied = bitfit_fast.apply(tiny_modernbert(), biases=["classifier"], train_head=False, add_missing_biases=False)
+    with pytest.raises(ValueError, match=r"biases apply\(\) added to a bias-free model: .*add_missing_biases=True"):
+        bitfit_fast.load_biases(applied, tmp_path, strict=False)
+
+
+def assert_refused_unchanged(model, message):
+    state = {name: param.detach().clone() for name, param in model.state_dict().items()}
+    config = model.config.to_dict()
+    with pytest.raises(ValueError, match=message):
+        bitfit_fast.merge(model)
+    assert model.config.to_dict() == config and hasattr(model, "bitfit_fast_config")
+    assert any(isinstance(m, BitFitLinear) for m in model.modules())
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+
+
+def test_merge_refuses_biases_the_config_flags_cannot_declare_exactly(tmp_path):
+    # subset adds Wqkv and Wi biases; attention_bias and mlp_bias would also create the Wo biases.
+    model, base = trained(tiny_modernbert, biases="subset")
+    assert_refused_unchanged(
+        model, r"attention_bias=True would also create model\.layers\.0\.attn\.Wo\.bias \(and 1 more\).*"
+        r"save_biases\(model, dir\).*load_biases\(base_model, dir\)"
+    )
+    bitfit_fast.save_biases(model, tmp_path)  # the way the error points to works
+    bitfit_fast.load_biases(base, tmp_path)
+    batch = padded_batch(model)
+    torch.testing.assert_close(logits(base, batch), logits(model, batch), atol=0, rtol=0)
+
+
+def test_merge_refuses_added_biases_of_a_family_without_flags():
+    # T5's linear layers have no bias and its config no flag for one.
+    config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
+    assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_config.added_biases
+    assert_refused_unchanged(model, r"no flag of T5Config declares \['encoder\.block\.0\.layer\.0\.Self")
