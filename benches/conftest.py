@@ -3,11 +3,11 @@ import os
 import pytest
 import torch
 
-from bitfit_fast import bench
+from bitfit_fast_benches.presets import PRESETS
 
 # Which preset's workloads the pytest-benchmark suite runs: BITFIT_BENCH_PRESET, else the device's default.
 PRESET_NAME = os.environ.get("BITFIT_BENCH_PRESET", "gpu-base" if torch.cuda.is_available() else "cpu-small")
-PRESET = bench.PRESETS[PRESET_NAME]
+PRESET = PRESETS[PRESET_NAME]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,10 @@ import pytest
 import torch
 from conftest import PRESET, PRESET_NAME
 
-from bitfit_fast import bench
+from bitfit_fast_benches.measurement import cpu_peak_rss, gpu_peak_bytes, synchronize
+from bitfit_fast_benches.presets import build_base_model, make_batches, padded_tokens
+from bitfit_fast_benches.providers import build_provider
+from bitfit_fast_benches.runner import environment
 
 CASES = list(itertools.product(PRESET.workloads, PRESET.providers))
 
@@ -18,13 +21,13 @@ CASES = list(itertools.product(PRESET.workloads, PRESET.providers))
 @pytest.mark.parametrize("workload,provider", CASES, ids=[f"{w.name}-{p}" for w, p in CASES])
 def test_training_step(benchmark, preset, workload, provider):
     device = preset.device
-    trainer = bench.build_provider(provider, bench.build_base_model(workload, device), device, copy_base=False)
-    batches = iter(bench.make_batches(workload, preset.warmup + preset.repeats + 1, trainer.model.config.vocab_size,
-                                      device))
+    trainer = build_provider(provider, build_base_model(workload, device), device, copy_base=False)
+    batches = iter(make_batches(workload, preset.warmup + preset.repeats + 1, trainer.model.config.vocab_size,
+                                device))
 
     def step(batch):
         loss = trainer.step(batch)
-        bench.synchronize(device)
+        synchronize(device)
         return loss
 
     benchmark.group = f"{PRESET_NAME}: {workload.name}"
@@ -34,8 +37,8 @@ def test_training_step(benchmark, preset, workload, provider):
     batch = next(batches)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        device=bench.environment("pytest benches/")["device"],
-        tokens_per_s=bench.padded_tokens(batch) / median,
-        peak_memory_bytes=(bench.gpu_peak_bytes(trainer, batch) if device == "cuda"
-                           else bench.cpu_peak_rss(provider, workload)["above_idle"]),
+        device=environment("pytest benches/")["device"],
+        tokens_per_s=padded_tokens(batch) / median,
+        peak_memory_bytes=(gpu_peak_bytes(trainer, batch) if device == "cuda"
+                           else cpu_peak_rss(provider, workload)["above_idle"]),
     )

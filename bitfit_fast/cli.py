@@ -7,15 +7,15 @@ from pathlib import Path
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from bitfit_fast_benches import report, runner
 
     if args.update_readme:
-        bench.update_readme(Path(args.readme), Path(args.out))
+        report.update_readme(Path(args.readme), Path(args.out))
         print(f"updated the benchmark section of {args.readme} from {args.out}/*.json")
         return 0
     command = "bitfit-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = bench.run(args.preset, command, providers=args.providers)
-    for kind, path in bench.write(record, Path(args.out)).items():
+    record = runner.run(args.preset, command, providers=args.providers)
+    for kind, path in report.write(record, Path(args.out)).items():
         print(f"wrote {kind}: {path}")
     return 0
 
@@ -63,7 +63,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import PRESETS
+    from bitfit_fast_benches.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels")
     commands = parser.add_subparsers(dest="command", required=True)

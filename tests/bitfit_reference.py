@@ -1,5 +1,6 @@
-"""The reference every test compares with: plain PyTorch BitFit on the same Hugging Face model, on models built
-from configs and on the real pretrained all-MiniLM-L6-v2 with real text (BBC News)."""
+"""What the tests compare on: tiny models built from configs, the real pretrained all-MiniLM-L6-v2 with real text
+(BBC News), batches, the paper's optimizer loop, and the reference itself, plain PyTorch BitFit, which lives in
+bitfit_fast_benches.reference so that the benchmarks time the very baseline the tests check against."""
 
 import copy
 import functools
@@ -14,6 +15,9 @@ from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
 )
+
+from bitfit_fast_benches.reference import reference_bitfit as reference_bitfit
+from bitfit_fast_benches.reference import zero_gradient_bias
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton on CPU runs under the interpreter; "auto" would pick torch there, so the Triton backend is named.
@@ -55,25 +59,8 @@ def padded_batch(model, lengths=(7, 3, 5), num_labels: int = 3) -> dict:
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels)
 
 
-def reference_bitfit(model, head=("classifier",)):
-    """A deep copy with every parameter frozen except the biases and the head: BitFit in plain PyTorch."""
-    ref = copy.deepcopy(model)
-    for name, param in ref.named_parameters():
-        param.requires_grad_(name.endswith("bias") or name.split(".")[0] in head)
-    return ref
-
-
 def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-# Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
-# them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
-ZERO_GRADIENT_BIASES = ("attention.self.key.bias",)
-
-
-def zero_gradient_bias(name: str) -> bool:
-    return name.endswith(ZERO_GRADIENT_BIASES)
 
 
 def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):

@@ -1,20 +1,32 @@
-"""The benchmark code itself: it must report what it measured, and nothing it did not."""
+"""The benchmark harness (bitfit_fast_benches) itself: it must report what it measured, and nothing it did not."""
 
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from bitfit_fast import bench, cli
+from bitfit_fast import cli
+from bitfit_fast_benches import measurement, presets, providers, report, runner
+from bitfit_fast_benches.presets import Preset, Workload
 
-TINY = bench.Workload("bert-tiny", 16, 2)
+TINY = Workload("bert-tiny", 16, 2)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_the_reference_provider_trains_the_biases_and_the_head_only(arch):
+    base = presets.build_base_model(dataclasses.replace(TINY, arch=arch), "cpu")
+    trainer = providers.build_provider("reference", base, "cpu")
+    expected = {n for n, _ in base.named_parameters() if n.endswith("bias") or n.startswith("classifier.")}
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == expected
+    assert all(p.requires_grad for p in base.parameters()), "the base model is copied, not changed"
 
 
 def test_a_slower_provider_is_reported_slower(monkeypatch):
     """Providers whose steps take known times: the reported speedup must follow the measured medians."""
-    real_build = bench.build_provider
+    real_build = providers.build_provider
 
     def build(name, base, device, copy_base=True):
         trainer = real_build(name, base, device, copy_base)
@@ -27,10 +39,10 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
 
         return dataclasses.replace(trainer, step=slow_step)
 
-    monkeypatch.setattr(bench, "build_provider", build)
-    monkeypatch.setattr(bench, "cpu_peak_rss", lambda name, w: dict(peak_rss=2 * 2**20, above_idle=2**20))
-    preset = bench.Preset("cpu", [TINY], ["reference", "fast"], repeats=3, warmup=1)
-    result = bench.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
+    monkeypatch.setattr(runner, "build_provider", build)
+    monkeypatch.setattr(runner, "cpu_peak_rss", lambda name, w: dict(peak_rss=2 * 2**20, above_idle=2**20))
+    preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=3, warmup=1)
+    result = runner.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
     ref, fast = result["providers"]["reference"], result["providers"]["fast"]
     assert fast["median_ms"] >= 30 and ref["median_ms"] >= 5
     assert fast["speedup_vs_reference"] == pytest.approx(ref["median_ms"] / fast["median_ms"])
@@ -42,8 +54,8 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
 
 
 def test_run_workload_measures_real_providers_and_memory():
-    preset = bench.Preset("cpu", [TINY], ["reference", "fast"], repeats=2, warmup=1)
-    result = bench.run_workload(TINY, preset, peak_tflops=0.1, log=lambda _: None)
+    preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=2, warmup=1)
+    result = runner.run_workload(TINY, preset, peak_tflops=0.1, log=lambda _: None)
     for stats in result["providers"].values():
         assert stats["median_ms"] > 0 and stats["peak_memory_bytes"] > 0 and stats["peak_rss_bytes"] > 0
         assert stats["q1_ms"] <= stats["median_ms"] <= stats["q3_ms"]
@@ -51,41 +63,41 @@ def test_run_workload_measures_real_providers_and_memory():
 
 
 def test_non_finite_loss_voids_the_timing(monkeypatch):
-    real_build = bench.build_provider
+    real_build = providers.build_provider
 
     def build(name, base, device, copy_base=True):
         trainer = real_build(name, base, device, copy_base)
         return dataclasses.replace(trainer, step=lambda batch: torch.tensor(float("nan")))
 
-    monkeypatch.setattr(bench, "build_provider", build)
-    preset = bench.Preset("cpu", [TINY], ["reference"], repeats=1, warmup=0)
+    monkeypatch.setattr(runner, "build_provider", build)
+    preset = Preset("cpu", [TINY], ["reference"], repeats=1, warmup=0)
     with pytest.raises(RuntimeError, match="non-finite loss"):
-        bench.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
+        runner.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
 
 
 def test_batches_are_fresh_and_real_lengths_are_padded_dynamically():
-    workload = bench.Workload("bert-tiny", 128, 8, real_lengths=True)
-    batches = bench.make_batches(workload, 4, 1000, "cpu")
+    workload = Workload("bert-tiny", 128, 8, real_lengths=True)
+    batches = presets.make_batches(workload, 4, 1000, "cpu")
     assert len({tuple(b["input_ids"].flatten().tolist()) for b in batches}) == 4
     for b in batches:
         lengths = b["attention_mask"].sum(1)
         assert b["input_ids"].shape[1] == lengths.max() <= 128
-        assert bench.real_tokens(b) == lengths.sum() < bench.padded_tokens(b) or lengths.min() == lengths.max()
+        assert presets.real_tokens(b) == lengths.sum() < presets.padded_tokens(b) or lengths.min() == lengths.max()
 
 
 def test_step_flops_of_bert_base():
-    batch = bench.make_batches(bench.Workload("bert-base", 128, 32), 1, 1000, "cpu")[0]
+    batch = presets.make_batches(Workload("bert-base", 128, 32), 1, 1000, "cpu")[0]
     tokens, d, ff, layers = 32 * 128, 768, 3072, 12
     gemm = 2 * tokens * layers * (4 * d * d + 2 * d * ff)
     attention = 4 * tokens * 128 * d * layers
-    assert bench.step_flops(bench.Workload("bert-base", 128, 32), batch, "bitfit") == 2 * gemm + 3 * attention
-    assert bench.step_flops(bench.Workload("bert-base", 128, 32), batch, "full") == 3 * gemm + 3 * attention
+    assert measurement.step_flops(Workload("bert-base", 128, 32), batch, "bitfit") == 2 * gemm + 3 * attention
+    assert measurement.step_flops(Workload("bert-base", 128, 32), batch, "full") == 3 * gemm + 3 * attention
     # About 354 MFLOP per token for BitFit on BERT-base at 128 tokens (BITFIT_NOTES.md).
     assert (2 * gemm + 3 * attention) / tokens / 1e6 == pytest.approx(354, rel=0.02)
 
 
 def test_outputs_markdown_plot_and_readme_section(tmp_path):
-    record = bench.environment("bitfit-fast bench --preset tiny")
+    record = runner.environment("bitfit-fast bench --preset tiny")
     record.update(preset="tiny", providers={"reference": "", "fast": ""}, matmul_peak_tflops=0.5,
                   matmul_peak_dtype="float32", memory_method="test")
     stats = dict(median_ms=10.0, q1_ms=9.0, q3_ms=11.0, min_ms=9.0, steps=3, tokens_per_s=100.0,
@@ -94,23 +106,23 @@ def test_outputs_markdown_plot_and_readme_section(tmp_path):
                                 padded_tokens_per_step=1, providers={"reference": dict(stats), "fast": dict(stats)})
                            for w in [TINY, dataclasses.replace(TINY, batch=4)]]
     for w in record["workloads"]:
-        bench.add_ratios(w["providers"])
-    paths = bench.write(record, tmp_path)
+        runner.add_ratios(w["providers"])
+    paths = report.write(record, tmp_path)
     assert json.loads(paths["json"].read_text())["commit"] == record["commit"]
     assert "| fast | 10.0 (9.0–11.0)" in paths["markdown"].read_text()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.README_START}\nstale\n{bench.README_END}\nrest\n")
-    bench.update_readme(readme, tmp_path)
+    readme.write_text(f"intro\n{report.README_START}\nstale\n{report.README_END}\nrest\n")
+    report.update_readme(readme, tmp_path)
     text = readme.read_text()
-    assert "stale" not in text and "bert-tiny-seq16-b4" in text and text.endswith(f"{bench.README_END}\nrest\n")
+    assert "stale" not in text and "bert-tiny-seq16-b4" in text and text.endswith(f"{report.README_END}\nrest\n")
 
 
 def test_readme_benchmark_section_is_generated_from_the_committed_results():
-    root = bench.Path(bench.__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text()
-    section = text[text.index(bench.README_START) + len(bench.README_START):text.index(bench.README_END)]
-    assert section == "\n" + bench.readme_section(root / "benches" / "results")
+    section = text[text.index(report.README_START) + len(report.README_START):text.index(report.README_END)]
+    assert section == "\n" + report.readme_section(root / "benches" / "results")
 
 
 def test_gpu_preset_without_a_gpu_is_a_clear_error(monkeypatch):
@@ -127,7 +139,7 @@ def test_largest_batch_search_finds_the_threshold(threshold):
         tried.append(size)
         return size <= threshold
 
-    found = bench.largest_fitting(fits, start=32, limit=8192)
+    found = measurement.largest_fitting(fits, start=32, limit=8192)
     expected = min(threshold, 8192)
     assert found <= expected and found >= expected - max(1, expected // 16), (found, tried)
     assert len(tried) < 30
@@ -135,9 +147,9 @@ def test_largest_batch_search_finds_the_threshold(threshold):
 
 def test_goals_are_checked_against_the_best_fast_provider():
     stats = lambda ms, mem: dict(median_ms=ms, peak_memory_bytes=mem)  # noqa: E731
-    providers = {"reference": stats(100.0, 1000), "fast": stats(95.0, 900), "fast-minimal": stats(150.0, 500)}
-    bench.add_ratios(providers)
-    checks = {c["goal"]: c for c in bench.check_goals(dict(workloads=[dict(providers=providers)]), "cpu")}
+    results = {"reference": stats(100.0, 1000), "fast": stats(95.0, 900), "fast-minimal": stats(150.0, 500)}
+    runner.add_ratios(results)
+    checks = {c["goal"]: c for c in report.check_goals(dict(workloads=[dict(providers=results)]), "cpu")}
     speed, memory = checks["step time vs reference"], checks["peak memory vs reference"]
     assert speed["provider"] == "fast" and speed["measured"] == pytest.approx(100 / 95) and not speed["met"]
     assert memory["provider"] == "fast-minimal" and memory["measured"] == pytest.approx(0.5) and memory["met"]

@@ -1,0 +1,119 @@
+"""What a benchmark runs: model shapes, workloads and named presets, and the synthetic models and batches."""
+
+import dataclasses
+import math
+import random
+
+import torch
+
+# Model shapes: (hidden, layers, heads, intermediate). Random init is fine for speed.
+SHAPES = {
+    "bert-tiny": (128, 2, 2, 512),
+    "bert-mini": (256, 4, 4, 1024),
+    "bert-base": (768, 12, 12, 3072),
+    "bert-large": (1024, 24, 16, 4096),
+}
+ARCHS = ("bert", "roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    model: str  # a key of SHAPES
+    seq: int
+    batch: int
+    arch: str = "bert"
+    real_lengths: bool = False  # variable GLUE-like lengths with dynamic padding
+
+    @property
+    def name(self) -> str:
+        lengths = f"real-lengths{self.seq}" if self.real_lengths else f"seq{self.seq}"
+        return f"{self.arch}-{self.model.split('-')[1]}-{lengths}-b{self.batch}"
+
+
+@dataclasses.dataclass
+class Preset:
+    device: str
+    workloads: list[Workload]
+    providers: list[str]  # keys of providers.PROVIDERS
+    repeats: int
+    warmup: int
+    max_batch: bool = False  # search the largest batch that fits (GPU only)
+
+
+def _sweep(model: str, seq: int, batches: list[int], arch: str = "bert") -> list[Workload]:
+    return [Workload(model, seq, b, arch) for b in batches]
+
+
+PRESETS = {
+    "tiny": Preset("cpu", [Workload("bert-tiny", 16, 2), Workload("bert-tiny", 16, 4, real_lengths=True)],
+                   ["reference", "full", "fast", "fast-minimal"], repeats=3, warmup=1),
+    "cpu-small": Preset(
+        "cpu",
+        _sweep("bert-mini", 128, [8, 16]) + [Workload("bert-mini", 128, 32, real_lengths=True)],
+        ["reference", "full", "fast", "fast-lean", "fast-minimal", "fast-modules"], repeats=10, warmup=3,
+    ),
+    "gpu-base": Preset(
+        "cuda",
+        _sweep("bert-base", 128, [32, 64, 128, 256]) + _sweep("bert-base", 512, [16, 32])
+        + [Workload("bert-base", 128, 256, real_lengths=True)],
+        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
+        repeats=20, warmup=5, max_batch=True,
+    ),
+    "gpu-large": Preset(
+        "cuda", _sweep("bert-large", 128, [32, 64, 128]) + _sweep("bert-large", 512, [8, 16]),
+        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal"], repeats=15, warmup=5,
+    ),
+    "gpu-roberta": Preset(
+        "cuda", _sweep("bert-base", 128, [64, 128], arch="roberta"),
+        ["reference", "reference-compiled", "full", "fast", "fast-lean"], repeats=20, warmup=5,
+    ),
+}
+
+
+def build_base_model(workload: Workload, device: str, seed: int = 0) -> torch.nn.Module:
+    """The workload's randomly initialised sequence classifier (2 labels, dropout 0.1), in training mode."""
+    import transformers
+
+    hidden, layers, heads, inter = SHAPES[workload.model]
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+                  num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    torch.manual_seed(seed)
+    if workload.arch == "roberta":
+        config = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, pad_token_id=1, **common)
+        model = transformers.RobertaForSequenceClassification(config)
+    else:
+        config = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **common)
+        model = transformers.BertForSequenceClassification(config)
+    return model.to(device).train()
+
+
+def real_lengths(n: int, max_len: int, rng: random.Random) -> list[int]:
+    """Sentence lengths like GLUE's: log-normal around a few dozen tokens, capped at the max length."""
+    return [min(max_len, max(4, int(rng.lognormvariate(math.log(28), 0.6)))) for _ in range(n)]
+
+
+def make_batches(workload: Workload, count: int, vocab: int, device: str, seed: int = 1) -> list[dict]:
+    """``count`` distinct batches (no input is reused across timed steps); padded to the longest sequence."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        if workload.real_lengths:
+            lengths = real_lengths(workload.batch, workload.seq, rng)
+        else:
+            lengths = [workload.seq] * workload.batch
+        width = max(lengths)
+        ids = torch.randint(5, vocab, (workload.batch, width), generator=gen)
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        labels = torch.randint(0, 2, (workload.batch,), generator=gen)
+        batches.append(dict(input_ids=(ids * mask).to(device), attention_mask=mask.to(device),
+                            labels=labels.to(device)))
+    return batches
+
+
+def real_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def padded_tokens(batch: dict) -> int:
+    return batch["input_ids"].numel()

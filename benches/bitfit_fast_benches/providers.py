@@ -1,0 +1,67 @@
+"""What a benchmark compares: each provider is a model with its optimizer and training step.
+
+Every provider trains the same randomly initialised model on the same batches with the paper's optimizer
+(AdamW, clipping 1.0), in bf16 autocast on a GPU.
+"""
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .reference import freeze_for_bitfit
+
+PROVIDERS = {
+    "reference": "PyTorch BitFit, eager (non-bias weights requires_grad=False)",
+    "reference-compiled": "the same under torch.compile",
+    "full": "full fine-tuning, eager",
+    "fast": "bitfit_fast, fused layers (memory=default)",
+    "fast-lean": "bitfit_fast, fused layers (memory=lean)",
+    "fast-minimal": "bitfit_fast, fused layers (memory=minimal)",
+    "fast-modules": "bitfit_fast, module-level path only (fuse_layers=False)",
+    "fast-torch": "bitfit_fast, fused layers on the torch backend (no Triton)",
+}
+
+# bitfit_fast.apply() options of the fast providers.
+FAST_OPTIONS = {"fast": {}, "fast-lean": dict(memory="lean"), "fast-minimal": dict(memory="minimal"),
+                "fast-modules": dict(fuse_layers=False), "fast-torch": dict(backend="torch")}
+
+
+@dataclasses.dataclass
+class Trainer:
+    """One provider's model, optimizer and training step."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[dict], torch.Tensor]
+    method: str  # "bitfit" or "full": which FLOPs count as the model's
+
+
+def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: bool = True) -> Trainer:
+    """The provider's trainer on a copy of ``base`` (or on ``base`` itself with ``copy_base=False``)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown provider {name!r}; known: {sorted(PROVIDERS)}")
+    model = copy.deepcopy(base) if copy_base else base
+    method = "full" if name == "full" else "bitfit"
+    if name in FAST_OPTIONS:
+        import bitfit_fast
+
+        bitfit_fast.apply(model, dtype=torch.bfloat16 if device == "cuda" else None, **FAST_OPTIONS[name])
+    elif name != "full":
+        freeze_for_bitfit(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5)
+    forward = torch.compile(model) if name == "reference-compiled" else model
+    autocast = torch.bfloat16 if device == "cuda" else None
+
+    def step(batch: dict) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss.detach()
+
+    return Trainer(model, optimizer, step, method)

@@ -1,0 +1,149 @@
+"""A preset run end to end: reference BitFit (eager, compiled), full fine-tuning and bitfit_fast on one model
+and data.
+
+Every provider trains the same randomly initialised model on the same fresh batches. Steps of all providers
+alternate in one process so that drift (clocks, thermals, other load) cancels; each step is timed between device
+synchronisations. Memory is measured per provider on its own (see ``measurement``). Ratios are always computed
+from the medians measured here, never assumed.
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .measurement import (
+    cpu_peak_rss,
+    gpu_peak_bytes,
+    matmul_peak_tflops,
+    max_batch,
+    spread,
+    step_flops,
+    timed,
+)
+from .presets import PRESETS, Preset, Workload, build_base_model, make_batches, padded_tokens, real_tokens
+from .providers import PROVIDERS, build_provider
+from .report import check_goals, format_workload
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def environment(command: str) -> dict:
+    """Device, library versions, the repository's commit (``-dirty`` with uncommitted changes), command, date."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPOSITORY,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = (f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} threads")
+    return dict(device=device, torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                python=platform.python_version(), commit=commit, command=command,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=print) -> dict:
+    """Every provider of ``preset`` on ``workload``: step-time spread, throughput, MFU, peak memory, ratios."""
+    device = preset.device
+    base = build_base_model(workload, device)
+    vocab = base.config.vocab_size
+    trainers = {name: build_provider(name, base, device) for name in preset.providers}
+    del base
+    batches = make_batches(workload, preset.warmup + preset.repeats, vocab, device)
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    losses = {}
+    names = list(trainers)
+    for index, batch in enumerate(batches):
+        # Rotate the order so no provider always runs first (caches, clocks) and drift cancels.
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            seconds, loss = timed(trainers[name].step, batch, device)
+            if index >= preset.warmup:
+                times[name].append(seconds)
+            losses[name] = loss
+    for name, loss in losses.items():
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{name} produced a non-finite loss on {workload.name}: the timing is void")
+
+    timed_batches = batches[preset.warmup:]
+    real = sum(real_tokens(b) for b in timed_batches) / len(timed_batches)
+    padded = sum(padded_tokens(b) for b in timed_batches) / len(timed_batches)
+    results = {}
+    for name, trainer in trainers.items():
+        stats = spread(times[name])
+        seconds = stats["median_ms"] / 1e3
+        flops = statistics.mean(step_flops(workload, b, trainer.method) for b in timed_batches)
+        stats.update(tokens_per_s=padded / seconds, real_tokens_per_s=real / seconds,
+                     mfu=flops / seconds / (peak_tflops * 1e12), model_flops_per_step=flops)
+        if device == "cuda":
+            stats["peak_memory_bytes"] = gpu_peak_bytes(trainer, batches[-1])
+        results[name] = stats
+    del trainers
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        for name in preset.providers:
+            probe = cpu_peak_rss(name, workload)
+            results[name].update(peak_rss_bytes=probe["peak_rss"], peak_memory_bytes=probe["above_idle"])
+    if preset.max_batch and device == "cuda" and not workload.real_lengths and workload == preset.workloads[0]:
+        for name in preset.providers:
+            results[name]["max_batch"] = max_batch(name, workload, device)
+    add_ratios(results)
+    log(format_workload(workload.name, results))
+    return dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,
+                padded_tokens_per_step=padded, providers=results)
+
+
+def add_ratios(results: dict) -> None:
+    """Every provider against the reference eager: speedup (>1 is faster), memory and max-batch ratios."""
+    ref = results.get("reference")
+    if ref is None:
+        return
+    for stats in results.values():
+        stats["speedup_vs_reference"] = ref["median_ms"] / stats["median_ms"]
+        if "peak_memory_bytes" in stats and ref.get("peak_memory_bytes"):
+            stats["memory_vs_reference"] = stats["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        if "max_batch" in stats and ref.get("max_batch"):
+            stats["max_batch_vs_reference"] = stats["max_batch"] / ref["max_batch"]
+
+
+def run(preset_name: str, command: str, providers: list[str] | None = None, log=print) -> dict:
+    """The record of a whole preset run (environment, every workload, the goals), as ``report.write`` saves it."""
+    preset = PRESETS[preset_name]
+    if providers:
+        unknown = sorted(set(providers) - set(PROVIDERS))
+        if unknown:
+            raise ValueError(f"unknown providers {unknown}; known: {sorted(PROVIDERS)}")
+        preset = dataclasses.replace(preset, providers=list(providers))
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"preset {preset_name!r} needs a CUDA GPU; use --preset cpu-small on this machine")
+    record = environment(command)
+    record.update(preset=preset_name, providers={p: PROVIDERS[p] for p in preset.providers},
+                  matmul_peak_tflops=matmul_peak_tflops(preset.device),
+                  matmul_peak_dtype="bfloat16" if preset.device == "cuda" else "float32",
+                  memory_method=(
+                      "resident state (parameters, buffers, optimizer state) + the step's peak allocation above it"
+                      if preset.device == "cuda" else
+                      "peak RSS above the idle process (after imports), one fresh process per provider"))
+    log(f"{record['device']} | matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']})")
+    record["workloads"] = [run_workload(w, preset, record["matmul_peak_tflops"], log) for w in preset.workloads]
+    record["goals"] = check_goals(record, preset.device)
+    return record
