@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 from .checkpoint import load_biases, save_biases
+from .config import AppliedState, BitFitConfig
 from .model import (
     SUBSET_PATTERNS,
-    BitFitConfig,
     QueryRowsBitFitLinear,
     apply,
     get_nb_trainable_parameters,
@@ -16,6 +16,7 @@ from .modules import BitFitLayerNorm, BitFitLinear
 
 __all__ = [
     "SUBSET_PATTERNS",
+    "AppliedState",
     "BitFitConfig",
     "BitFitLayerNorm",
     "BitFitLinear",

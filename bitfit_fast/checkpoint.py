@@ -8,11 +8,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .model import BitFitConfig, apply, config_of, is_applied
+from .config import AppliedState, BitFitConfig
+from .model import apply, config_of, is_applied, state_of
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
 CONFIG_NAME = "bitfit_config.json"
-FORMAT_VERSION = 1
+# 2: the options ("config", a BitFitConfig) apart from what apply() found ("applied", an AppliedState).
+# 1: both mixed in one "apply" dict; still read.
+FORMAT_VERSION = 2
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -27,11 +30,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
-    """Save every parameter that trains (the selected biases and the head) and the apply() options.
+    """Save every parameter that trains (the selected biases and the head), the model's BitFitConfig and what
+    apply() found (head, added biases).
 
     Returns the directory. Existing checkpoint files there are replaced atomically.
     """
-    config = config_of(model)
+    config, state = config_of(model), state_of(model)
     tensors = {
         name: param.detach().to("cpu", copy=True).contiguous()
         for name, param in model.named_parameters()
@@ -48,7 +52,8 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
         "bitfit_fast_version": __version__,
         "model_class": type(model).__name__,
         "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "apply": config.to_dict(),
+        "config": config.to_dict(),
+        "applied": state.to_dict(),
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
     }
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
@@ -61,9 +66,10 @@ def load_biases(
 ) -> nn.Module:
     """Load biases saved by :func:`save_biases` into ``model`` in place; returns it.
 
-    A model that is not applied yet is first set up with the saved apply() options (and ``backend``). Every
-    name and shape is checked before anything is copied, so a mismatch leaves the model untouched. With
-    ``strict``, the model must be of the saved class and must not train parameters that the checkpoint lacks.
+    A model that is not applied yet is first set up with the saved BitFitConfig (on ``backend``, the one choice
+    that belongs to the machine rather than to the checkpoint). Every name and shape is checked before anything is
+    copied, so a mismatch leaves the model untouched. With ``strict``, the model must be of the saved class and
+    must not train parameters that the checkpoint lacks.
     """
     directory = Path(load_directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -73,10 +79,7 @@ def load_biases(
             "bitfit_fast.save_biases"
         )
     record = json.loads(config_path.read_text())
-    if record.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path} has format version {record.get('format_version')}; this bitfit_fast reads {FORMAT_VERSION}"
-        )
+    saved_config, saved_state = read_config(record, config_path)
     saved_class = record.get("model_class")
     if strict and saved_class != type(model).__name__:
         raise ValueError(
@@ -87,15 +90,12 @@ def load_biases(
     if is_applied(model):
         config_of(model)  # raises for a model whose modules were swapped without apply()
     else:
-        saved = BitFitConfig.from_dict(record["apply"])
-        apply(model, biases=saved.biases, backend=backend, train_head=saved.train_head,
-              add_missing_biases=saved.add_missing_biases, head=saved.head, fuse_layers=saved.fuse_layers,
-              memory=saved.memory, dtype=getattr(torch, saved.dtype) if saved.dtype else None)
+        apply(model, saved_config, backend=backend)
 
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        added = {f"{name}.bias" for name in record["apply"].get("added_biases", [])}
+        added = {f"{name}.bias" for name in saved_state.added_biases}
         remedy = (
             "they are biases apply() added to a bias-free model: apply(model, add_missing_biases=True) first"
             if set(unknown) <= added else f"it was saved from a {saved_class}"
@@ -121,3 +121,18 @@ def load_biases(
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
     return model
+
+
+def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:
+    """The BitFitConfig and AppliedState of a saved ``bitfit_config.json`` record, of any format version."""
+    version = record.get("format_version")
+    if version == FORMAT_VERSION:
+        return BitFitConfig.from_dict(record["config"]), AppliedState(**record["applied"])
+    if version == 1:  # one "apply" dict: the options, with the head as found, and what apply() changed
+        saved = dict(record["apply"])
+        state = AppliedState(head=saved["head"], added_biases=saved.pop("added_biases"),
+                             weight_dtypes=saved.pop("weight_dtypes", {}))
+        return BitFitConfig.from_dict(saved), state
+    raise ValueError(
+        f"{path} has format version {version}; this bitfit_fast reads versions 1 and {FORMAT_VERSION}: upgrade it"
+    )

@@ -10,10 +10,12 @@ import torch
 import torch.nn as nn
 
 from .backend import check_backend
-from .fused_layer import MEMORY_MODES, FusedEncoderLayer, is_fusable
-from .modules import BitFitLayerNorm, BitFitLinear, retype
+from .config import AppliedState, BitFitConfig, dtype_name
+from .fused_layer import FusedEncoderLayer, is_fusable
+from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, retype
 
-CONFIG_ATTRIBUTE = "bitfit_fast_config"
+CONFIG_ATTRIBUTE = "bitfit_fast_config"  # the BitFitConfig a model was applied with
+STATE_ATTRIBUTE = "bitfit_fast_state"  # its AppliedState
 
 # biases="subset": the paper's b_q and b_m2 (query and intermediate), by the module names each family uses.
 SUBSET_PATTERNS = (
@@ -84,37 +86,20 @@ def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
     return found
 
 
-@dataclasses.dataclass
-class BitFitConfig:
-    """How apply() set a model up; saved beside the biases so load_biases can set up a base model alike."""
-
-    biases: str | list[str]
-    train_head: bool
-    add_missing_biases: bool
-    head: list[str]  # top-level modules of the task head
-    added_biases: list[str]  # modules that received a zero bias
-    backend: str = "auto"
-    fuse_layers: bool = True
-    memory: str = "default"
-    dtype: str | None = None  # frozen linear weights stored in this dtype ("bfloat16", ...)
-    weight_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # their dtypes before apply()
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "BitFitConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in fields})
-
-
 def config_of(model: nn.Module) -> BitFitConfig:
+    """The options ``model`` was applied with."""
     config = getattr(model, CONFIG_ATTRIBUTE, None)
     if config is None:
         raise ValueError(
             f"{type(model).__name__} is not a bitfit_fast model; call bitfit_fast.apply(model) first"
         )
     return config
+
+
+def state_of(model: nn.Module) -> AppliedState:
+    """What apply() found in and changed about ``model`` (its head, the biases it added, weight dtypes)."""
+    config_of(model)
+    return getattr(model, STATE_ATTRIBUTE)
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -150,24 +135,20 @@ def _has_bias(module: nn.Module) -> bool:
     return isinstance(module._parameters.get("bias"), nn.Parameter)
 
 
+def _replaceable(module: nn.Module) -> bool:
+    """A module that becomes a BitFit module (and can be given a bias)."""
+    return type(module) is nn.Linear or is_last_dim_layer_norm(module)
+
+
 def _can_take_bias(module: nn.Module, add_missing: bool) -> bool:
-    if _has_bias(module):
-        return True
-    if not add_missing:
-        return False
-    if type(module) is nn.Linear:
-        return True
-    return type(module) is nn.LayerNorm and module.weight is not None and len(module.normalized_shape) == 1
+    return _has_bias(module) or (add_missing and _replaceable(module))
 
 
-def _select_biases(
-    candidates: dict[str, nn.Module], biases: str | Sequence[str], model_name: str
-) -> list[str]:
-    if isinstance(biases, str):
-        if biases == "all":
-            return list(candidates)
-        if biases != "subset":
-            raise ValueError(f"biases must be 'all', 'subset' or a list of module-name patterns, got {biases!r}")
+def _select_biases(candidates: dict[str, nn.Module], biases: str | list[str], model_name: str) -> list[str]:
+    """Names of the candidates whose bias trains; the values of ``biases`` are checked by BitFitConfig."""
+    if biases == "all":
+        return list(candidates)
+    if biases == "subset":
         selected = [n for n in candidates if any(_matches(n, p) for p in SUBSET_PATTERNS)]
         if not selected:
             raise ValueError(
@@ -175,8 +156,6 @@ def _select_biases(
                 f"{list(SUBSET_PATTERNS)}); pass the module-name patterns of this model as a list instead"
             )
         return selected
-    if not isinstance(biases, Sequence) or not biases or not all(isinstance(p, str) for p in biases):
-        raise ValueError(f"biases must be 'all', 'subset' or a non-empty list of module-name patterns, got {biases!r}")
     examples = list(candidates)[:4]
     for pattern in biases:
         if not any(_matches(n, pattern) for n in candidates):
@@ -213,138 +192,155 @@ def _replace_children(model: nn.Module, convert: Callable[[nn.Module], nn.Module
     return len(converted)
 
 
-def apply(
-    model: nn.Module,
-    biases: str | Sequence[str] = "all",
-    backend: str = "auto",
-    train_head: bool = True,
-    add_missing_biases: bool | None = None,
-    head: Sequence[str] | None = None,
-    fuse_layers: bool = True,
-    memory: str = "default",
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Make ``model`` a BitFit model in place and return it.
-
-    Every parameter is frozen except the selected biases and, with ``train_head``, the task head (found as the
-    top-level modules outside a Hugging Face model's base model, or given by ``head``). Every ``nn.Linear`` and
-    ``nn.LayerNorm`` outside a trained head becomes a :class:`BitFitLinear` / :class:`BitFitLayerNorm` that
-    keeps its parameters, so state_dict keys do not change.
-
-    Args:
-        biases: ``"all"`` (every bias outside the head), ``"subset"`` (the paper's query and intermediate
-            biases, b_q and b_m2) or a list of module-name patterns (a name, a dotted suffix, or a glob).
-        backend: ``"auto"`` (Triton kernels on CUDA tensors, torch ops otherwise), ``"triton"`` or ``"torch"``.
-        train_head: train the head fully; if False it is frozen like the body and its biases follow ``biases``.
-        add_missing_biases: give selected ``nn.Linear``/``nn.LayerNorm`` modules that have no bias (and the
-            trained head's, so the model family's bias flags can declare them after :func:`merge`) a zero one,
-            so step 0 computes exactly the pretrained function. ``None`` (the default): only when none of the
-            selected encoder modules has a bias (ModernBERT and other bias-free encoders); the count is printed.
-        head: names of the head's modules, when the model is not a Hugging Face model with a base model.
-        fuse_layers: run recognised encoder layers (BERT, RoBERTa, ELECTRA, XLM-R, ...) as one fused layer
-            each (see ``bitfit_fast.fused_layer``); other layers keep the module-level path.
-        memory: ``"default"`` saves the pre-GELU activation for the fastest backward; ``"lean"`` recomputes it
-            from the LayerNorm output (one extra GEMM per layer) and saves 4 values per token and layer less.
-        dtype: store the frozen linear weights once in this dtype (e.g. ``torch.bfloat16``) instead of casting
-            them every step under autocast; biases stay fp32 masters. Run the model under ``torch.autocast``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply() takes a torch.nn.Module, got {type(model).__name__}")
-    model_name = type(model).__name__
-    if is_applied(model):
-        raise ValueError(
-            f"bitfit_fast is already applied to this {model_name}; call bitfit_fast.merge(model) first to apply "
-            "it again with other options"
+def _resolve_config(config: BitFitConfig | None, overrides: dict) -> BitFitConfig:
+    """``config`` (default: BitFitConfig()) with ``overrides`` replaced, validated again."""
+    if config is None:
+        config = BitFitConfig()
+    if not isinstance(config, BitFitConfig):
+        raise TypeError(
+            f"apply()'s config must be a bitfit_fast.BitFitConfig, got {type(config).__name__}; pass options as "
+            "keywords instead, e.g. apply(model, biases='subset')"
         )
-    check_backend(backend)
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-    head_names = _head_modules(model, head)
-    if train_head:
-        _check_untied(model, head_names)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(BitFitConfig)})
+    if unknown:
+        raise TypeError(f"apply() got unknown options {unknown}; the options are BitFitConfig's fields")
+    return dataclasses.replace(config, **overrides)
+
+
+def _encoder_is_bias_free(modules: dict[str, nn.Module], head: list[str], biases, model_name: str) -> bool:
+    """``add_missing_biases=None``: whether none of the selected modules has a bias, so that a bias-free encoder
+    trains zero-initialised biases rather than nothing. The encoder decides, not a frozen head's classifier
+    (which has a bias even on ModernBERT)."""
+    selectable = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing=True)}
+    chosen = _select_biases(selectable, biases, model_name) if selectable else []
+    in_body = [n for n in chosen if not _within(n, head)]
+    return bool(chosen) and not any(_has_bias(selectable[n]) for n in in_body or chosen)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything apply() will change, decided (and so validated) before the model is touched."""
+
+    head: list[str]  # the head's top-level modules
+    trained_head: list[str]  # those that train fully: the head with train_head=True, else none
+    selected: dict[str, nn.Module]  # modules whose bias trains
+    to_add: list[str]  # modules that get a zero bias first
+    replaceable: set[int]  # ids of the modules that become BitFit modules
+    zero_gradient: set[int]  # ids of linears whose bias has an identically zero gradient
+    query_rows_only: set[int]  # ids of packed q/k/v projections whose bias trains in its query rows only
+    backend: str
+
+    def to_bitfit(self, module: nn.Module) -> nn.Module | None:
+        if id(module) not in self.replaceable:
+            return None
+        if id(module) in self.query_rows_only:
+            return QueryRowsBitFitLinear.from_packed_qkv(module, self.backend)
+        if type(module) is nn.Linear:
+            return BitFitLinear.from_linear(module, self.backend, zero_bias_grad=id(module) in self.zero_gradient)
+        if module.bias is None:  # a bias-free LayerNorm that was not selected: nothing to gain
+            return None
+        return BitFitLayerNorm.from_layer_norm(module, self.backend)
+
+
+def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
+    model_name = type(model).__name__
+    head = _head_modules(model, config.head)
+    if config.train_head:
+        _check_untied(model, head)
     # A trained head keeps its modules as they are; a frozen head is treated like the body.
-    trained_head = head_names if train_head else []
+    trained_head = head if config.train_head else []
     modules = {name: m for name, m in model.named_modules() if name and not _within(name, trained_head)}
-    if add_missing_biases is None:
-        # A bias-free encoder trains zero-initialised biases rather than nothing; a model with biases keeps its own.
-        # The encoder decides, not a frozen head's classifier (which has a bias even on ModernBERT).
-        selectable = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing=True)}
-        chosen = _select_biases(selectable, biases, model_name) if selectable else []
-        in_body = [n for n in chosen if not _within(n, head_names)]
-        add_missing_biases = bool(chosen) and not any(_has_bias(selectable[n]) for n in in_body or chosen)
-    candidates = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing_biases)}
-    replaceable = {
-        id(m) for m in modules.values()
-        if type(m) is nn.Linear or (type(m) is nn.LayerNorm and m.weight is not None and len(m.normalized_shape) == 1)
-    }
+    add_missing = config.add_missing_biases
+    if add_missing is None:
+        add_missing = _encoder_is_bias_free(modules, head, config.biases, model_name)
+    candidates = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing)}
+    replaceable = {id(m) for m in modules.values() if _replaceable(m)}
     if not candidates or not replaceable:
         raise ValueError(
             f"{model_name} has no torch.nn.Linear / torch.nn.LayerNorm with a bias to train: bitfit_fast supports "
             "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
-            + ("" if add_missing_biases else "; add_missing_biases=True gives bias-free layers a zero bias to train")
+            + ("" if add_missing else "; add_missing_biases=True gives bias-free layers a zero bias to train")
         )
-    selected = _select_biases(candidates, biases, model_name)
-    zero_gradient = _zero_gradient_biases(modules)
-    query_rows_only = {
-        id(candidates[n]) for n in selected
-        if biases == "subset" and type(candidates[n]) is nn.Linear and any(_matches(n, p) for p in PACKED_QKV_PATTERNS)
-    }
-    to_add = [n for n in selected if not _has_bias(candidates[n])]
-    if add_missing_biases:  # the trained head's bias-free layers too: they train with the head
+    selected = {n: candidates[n] for n in _select_biases(candidates, config.biases, model_name)}
+    to_add = [n for n, m in selected.items() if not _has_bias(m)]
+    if add_missing:  # the trained head's bias-free layers too: they train with the head
         to_add += [n for n, m in model.named_modules()
                    if _within(n, trained_head) and not _has_bias(m) and _can_take_bias(m, add_missing=True)]
+    query_rows_only = set()
+    if config.biases == "subset":
+        query_rows_only = {id(m) for n, m in selected.items()
+                           if type(m) is nn.Linear and any(_matches(n, p) for p in PACKED_QKV_PATTERNS)}
+    return _Plan(head=head, trained_head=trained_head, selected=selected, to_add=to_add, replaceable=replaceable,
+                 zero_gradient=_zero_gradient_biases(modules), query_rows_only=query_rows_only,
+                 backend=config.backend)
 
-    # Validation is over: from here on the model changes.
-    for name in to_add:
+
+def _add_zero_biases(model: nn.Module, names: list[str]) -> None:
+    for name in names:
         module = model.get_submodule(name)
         features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
         module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
-    if to_add:
-        count = sum(model.get_submodule(name).bias.numel() for name in to_add)
-        print(f"bitfit_fast: added zero biases to {len(to_add)} bias-free layers of {model_name} ({count:,} "
-              "parameters), so step 0 computes the pretrained function")
+    if names:
+        count = sum(model.get_submodule(name).bias.numel() for name in names)
+        print(f"bitfit_fast: added zero biases to {len(names)} bias-free layers of {type(model).__name__} "
+              f"({count:,} parameters), so step 0 computes the pretrained function")
+
+
+def _freeze_all_but(model: nn.Module, trained_head: list[str], selected: dict[str, nn.Module]) -> None:
     model.requires_grad_(False)
-    if train_head:
-        for name in head_names:
-            model.get_submodule(name).requires_grad_(True)
-    for name in selected:
-        candidates[name].bias.requires_grad_(True)
+    for name in trained_head:
+        model.get_submodule(name).requires_grad_(True)
+    for module in selected.values():
+        module.bias.requires_grad_(True)
 
-    def to_bitfit(module: nn.Module) -> nn.Module | None:
-        if id(module) not in replaceable:
-            return None
-        if id(module) in query_rows_only:
-            return QueryRowsBitFitLinear.from_packed_qkv(module, backend)
-        if type(module) is nn.Linear:
-            return BitFitLinear.from_linear(module, backend, zero_bias_grad=id(module) in zero_gradient)
-        if module.bias is None:  # a bias-free LayerNorm that was not selected: nothing to gain
-            return None
-        return BitFitLayerNorm.from_layer_norm(module, backend)
 
-    _replace_children(model, to_bitfit)
-    weight_dtypes = {}
-    if dtype is not None:
-        for name, module in model.named_modules():
-            if isinstance(module, BitFitLinear) and module.weight.dtype != dtype:
-                weight_dtypes[f"{name}.weight"] = str(module.weight.dtype).removeprefix("torch.")
-                module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
-    if fuse_layers:
-        _replace_children(model, lambda m: FusedEncoderLayer.fuse(m, memory) if is_fusable(m) else None)
-    config = BitFitConfig(
-        biases=biases if isinstance(biases, str) else list(biases),
-        train_head=train_head,
-        add_missing_biases=add_missing_biases,
-        head=head_names,
-        added_biases=to_add,
-        backend=backend,
-        fuse_layers=fuse_layers,
-        memory=memory,
-        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-        weight_dtypes=weight_dtypes,
-    )
+def _store_frozen_weights(model: nn.Module, dtype: torch.dtype | None) -> dict[str, str]:
+    """Frozen linear weights once in ``dtype``; returns their original dtypes by parameter name."""
+    original = {}
+    if dtype is None:
+        return original
+    for name, module in model.named_modules():
+        if isinstance(module, BitFitLinear) and module.weight.dtype != dtype:
+            original[f"{name}.weight"] = dtype_name(module.weight.dtype)
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+    return original
+
+
+def apply(model: nn.Module, config: BitFitConfig | None = None, **overrides) -> nn.Module:
+    """Make ``model`` a BitFit model in place and return it.
+
+    The options are a :class:`BitFitConfig` (``config``; default ``BitFitConfig()``) with any of its fields
+    given as keywords replaced: ``apply(model, biases="subset")``, ``apply(model, config, memory="lean")``.
+    Every parameter is frozen except the selected biases and, with ``train_head``, the task head (found as the
+    top-level modules outside a Hugging Face model's base model, or given by ``head``). Every ``nn.Linear`` and
+    ``nn.LayerNorm`` outside a trained head becomes a :class:`BitFitLinear` / :class:`BitFitLayerNorm` that
+    keeps its parameters, so state_dict keys do not change; recognised encoder layers are fused
+    (``fuse_layers``). Selected modules without a bias get a zero one (``add_missing_biases``), so step 0
+    computes the pretrained function. Nothing changes until every option and the model have been checked.
+    The config is kept as ``model.bitfit_fast_config``; what apply() found and changed as
+    ``model.bitfit_fast_state`` (:class:`AppliedState`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply() takes a torch.nn.Module, got {type(model).__name__}")
+    if is_applied(model):
+        raise ValueError(
+            f"bitfit_fast is already applied to this {type(model).__name__}; call bitfit_fast.merge(model) first "
+            "to apply it again with other options"
+        )
+    config = _resolve_config(config, overrides)
+    check_backend(config.backend)
+    plan = _plan(model, config)
+
+    # Validation is over: from here on the model changes.
+    _add_zero_biases(model, plan.to_add)
+    _freeze_all_but(model, plan.trained_head, plan.selected)
+    _replace_children(model, plan.to_bitfit)
+    weight_dtypes = _store_frozen_weights(model, config.dtype)
+    if config.fuse_layers:
+        _replace_children(model, lambda m: FusedEncoderLayer.fuse(m, config.memory) if is_fusable(m) else None)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    setattr(model, STATE_ATTRIBUTE, AppliedState(head=plan.head, added_biases=plan.to_add,
+                                                 weight_dtypes=weight_dtypes))
     return model
 
 
@@ -399,28 +395,33 @@ def merge(model: nn.Module) -> nn.Module:
     ``apply(dtype=...)`` stored in low precision get their original dtype back, but keep the rounding: for the
     exact pretrained weights, load the biases onto a fresh base model.
     """
-    config = config_of(model)
+    config, state = config_of(model), state_of(model)
     from transformers import PreTrainedModel
 
-    declares_biases_in_config = bool(config.added_biases) and isinstance(model, PreTrainedModel)
+    declares_biases_in_config = bool(state.added_biases) and isinstance(model, PreTrainedModel)
     flags = _bias_flags_declaring_added_biases(model) if declares_biases_in_config else []
     for flag in flags:
         setattr(model.config, flag, True)
     _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, BITFIT_MODULES) else None)
-    for name, original in config.weight_dtypes.items():
+    _restore_weight_dtypes(model, state.weight_dtypes)
+    if state.weight_dtypes:
+        warnings.warn(
+            f"merge(): weights stored in {dtype_name(config.dtype)} by apply(dtype=...) are back in their original "
+            "dtype but rounded to it; for the exact pretrained weights use load_biases on a fresh base model",
+            stacklevel=2,
+        )
+    delattr(model, CONFIG_ATTRIBUTE)
+    delattr(model, STATE_ATTRIBUTE)
+    return model
+
+
+def _restore_weight_dtypes(model: nn.Module, weight_dtypes: dict[str, str]) -> None:
+    for name, original in weight_dtypes.items():
         module_name, param_name = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         weight = getattr(module, param_name)
         setattr(module, param_name, nn.Parameter(weight.detach().to(getattr(torch, original)),
                                                  requires_grad=weight.requires_grad))
-    if config.weight_dtypes:
-        warnings.warn(
-            f"merge(): weights stored in {config.dtype} by apply(dtype=...) are back in their original dtype but "
-            "rounded to it; for the exact pretrained weights use load_biases on a fresh base model",
-            stacklevel=2,
-        )
-    delattr(model, CONFIG_ATTRIBUTE)
-    return model
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -434,6 +435,7 @@ def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's line)."""
     trainable, total = get_nb_trainable_parameters(model)
     percent = 100 * trainable / max(total, 1)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")

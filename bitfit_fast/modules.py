@@ -37,6 +37,12 @@ def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
     return new
 
 
+def is_last_dim_layer_norm(module: nn.Module) -> bool:
+    """A plain ``nn.LayerNorm`` over the last dimension with a weight: what BitFitLayerNorm replaces (a missing
+    bias can be added to it)."""
+    return type(module) is nn.LayerNorm and module.weight is not None and len(module.normalized_shape) == 1
+
+
 def check_batch(x: torch.Tensor) -> None:
     if x.numel() == 0:
         raise ValueError(f"got an empty batch (input shape {tuple(x.shape)}); drop empty batches before the forward")
@@ -88,7 +94,7 @@ class BitFitLayerNorm(nn.LayerNorm):
 
     @classmethod
     def from_layer_norm(cls, layer_norm: nn.LayerNorm, backend: str) -> "BitFitLayerNorm":
-        if len(layer_norm.normalized_shape) != 1 or layer_norm.weight is None or layer_norm.bias is None:
+        if not is_last_dim_layer_norm(layer_norm) or layer_norm.bias is None:
             raise ValueError("BitFitLayerNorm needs a LayerNorm over the last dimension with weight and bias")
         return retype(layer_norm, cls, backend=backend)
 

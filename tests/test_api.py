@@ -84,7 +84,7 @@ def test_add_missing_biases_keeps_the_function_and_trains_them():
     x = torch.randn(5, 8, device=DEVICE)
     before = model(x).detach()
     bitfit_fast.apply(model, add_missing_biases=True)
-    assert model.bitfit_fast_config.added_biases == ["0", "1"]
+    assert model.bitfit_fast_state.added_biases == ["0", "1"]
     torch.testing.assert_close(model(x), before, atol=0, rtol=0)
     model(x).square().sum().backward()
     assert model[0].bias.grad is not None and model[1].bias.grad.abs().sum() > 0
@@ -159,6 +159,11 @@ def test_albert_shared_layers_stay_shared():
         (tiny_bert, dict(biases=[]), ValueError, "non-empty list"),
         (tiny_bert, dict(biases=["attention.self.qurey"]), ValueError, "'attention.self.qurey' matches no module"),
         (tiny_bert, dict(backend="cuda"), ValueError, "backend must be one of"),
+        (tiny_bert, dict(memory="low"), ValueError, "memory must be one of"),
+        (tiny_bert, dict(dtype=torch.int8), ValueError, "dtype must be a floating torch.dtype"),
+        (tiny_bert, dict(train_head="yes"), ValueError, "train_head must be True or False"),
+        (tiny_bert, dict(lr=1e-3), TypeError, r"unknown options \['lr'\]"),
+        (tiny_bert, dict(config="subset"), TypeError, "config must be a bitfit_fast.BitFitConfig"),
         (tiny_bert, dict(head=["classifer"]), ValueError, r"head modules \['classifer'\] not found"),
         (lambda: nn.Sequential(nn.Embedding(5, 4), nn.ReLU()), {}, ValueError, "no torch.nn.Linear"),
         (lambda: nn.Sequential(nn.Conv1d(3, 3, 1)), {}, ValueError, "supports encoders built from those modules"),
@@ -174,6 +179,25 @@ def test_bad_arguments_get_a_clear_error_and_leave_the_model_untouched(make, kwa
     if state is not None:
         assert {n: p.requires_grad for n, p in model.named_parameters()} == state
         assert not any(isinstance(m, (BitFitLinear, BitFitLayerNorm)) for m in model.modules())
+
+
+def test_a_config_and_keywords_set_a_model_up_alike():
+    config = bitfit_fast.BitFitConfig(biases=("attention.self.value",), memory="lean", fuse_layers=False)
+    from_config = bitfit_fast.apply(tiny_bert(), config, train_head=False)
+    from_keywords = bitfit_fast.apply(tiny_bert(), biases=["attention.self.value"], memory="lean",
+                                      fuse_layers=False, train_head=False)
+    assert from_config.bitfit_fast_config == from_keywords.bitfit_fast_config
+    assert from_config.bitfit_fast_config.biases == ["attention.self.value"]
+    assert config.train_head, "overrides replace fields of a copy; the caller's config is unchanged"
+    assert trainable(from_config).keys() == trainable(from_keywords).keys()
+    assert from_config.bitfit_fast_state == bitfit_fast.AppliedState(head=["dropout", "classifier"])
+
+
+def test_every_config_option_has_help_text():
+    import dataclasses
+
+    for field in dataclasses.fields(bitfit_fast.BitFitConfig):
+        assert len(field.metadata.get("help", "")) > 20, field.name
 
 
 def test_applying_twice_or_merging_a_plain_model_is_an_error():

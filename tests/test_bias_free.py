@@ -40,9 +40,9 @@ def test_bias_free_model_gets_zero_biases_by_default_and_keeps_its_function(caps
         "bitfit_fast: added zero biases to 15 bias-free layers of ModernBertForSequenceClassification (736 "
         "parameters), so step 0 computes the pretrained function\n"
     )
-    config = model.bitfit_fast_config
-    assert config.add_missing_biases and len(config.added_biases) == 15
-    assert "model.layers.1.attn.Wqkv" in config.added_biases and "head.norm" in config.added_biases
+    added = model.bitfit_fast_state.added_biases
+    assert model.bitfit_fast_config.add_missing_biases is None and len(added) == 15
+    assert "model.layers.1.attn.Wqkv" in added and "head.norm" in added
     assert isinstance(model.model.layers[0].attn.Wqkv, BitFitLinear)
     assert isinstance(model.model.final_norm, BitFitLayerNorm)
     torch.testing.assert_close(logits(model, batch), before, atol=0, rtol=0)
@@ -51,13 +51,13 @@ def test_bias_free_model_gets_zero_biases_by_default_and_keeps_its_function(caps
 
 def test_a_frozen_heads_bias_does_not_hide_a_bias_free_encoder():
     model = bitfit_fast.apply(tiny_modernbert(), train_head=False)
-    assert model.bitfit_fast_config.added_biases[:2] == ["model.embeddings.norm", "model.layers.0.attn.Wqkv"]
+    assert model.bitfit_fast_state.added_biases[:2] == ["model.embeddings.norm", "model.layers.0.attn.Wqkv"]
     assert model.classifier.bias.requires_grad and not model.classifier.weight.requires_grad
 
 
 def test_models_with_biases_get_none_added_by_default(capsys):
     model = bitfit_fast.apply(tiny_bert())
-    assert model.bitfit_fast_config.added_biases == [] and not model.bitfit_fast_config.add_missing_biases
+    assert model.bitfit_fast_state.added_biases == []
     assert capsys.readouterr().out == ""
 
 
@@ -123,7 +123,7 @@ def test_merge_save_pretrained_from_pretrained_reproduces_the_trained_model(make
     model, _ = trained(make)
     batch = padded_batch(model)
     expected = logits(model, batch)
-    added = [f"{name}.bias" for name in model.bitfit_fast_config.added_biases]
+    added = [f"{name}.bias" for name in model.bitfit_fast_state.added_biases]
     assert all(model.get_parameter(name).abs().max() > 0 for name in added), "the added biases trained"
 
     merged = bitfit_fast.merge(model)
@@ -140,7 +140,7 @@ def test_load_biases_onto_a_fresh_bias_free_base_restores_them_exactly(tmp_path)
     model, base = trained(tiny_modernbert)
     bitfit_fast.save_biases(model, tmp_path)
     bitfit_fast.load_biases(base, tmp_path)
-    assert base.bitfit_fast_config.added_biases == model.bitfit_fast_config.added_biases
+    assert base.bitfit_fast_state.added_biases == model.bitfit_fast_state.added_biases
     assert trainable(base).keys() == trainable(model).keys()
     batch = padded_batch(model)
     torch.testing.assert_close(logits(base, batch), logits(model, batch), atol=0, rtol=0)
@@ -182,5 +182,5 @@ def test_merge_refuses_added_biases_of_a_family_without_flags():
     # T5's linear layers have no bias and its config no flag for one.
     config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
     model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
-    assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_config.added_biases
+    assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_state.added_biases
     assert_refused_unchanged(model, r"no flag of T5Config declares \['encoder\.block\.0\.layer\.0\.Self")

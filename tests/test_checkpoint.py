@@ -1,6 +1,7 @@
 """save_biases / load_biases / merge round trips and their error paths."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -101,3 +102,39 @@ def test_saving_again_replaces_the_files_atomically(tmp_path):
 def test_save_needs_an_applied_model(tmp_path):
     with pytest.raises(ValueError, match="call bitfit_fast.apply"):
         bitfit_fast.save_biases(tiny_bert(), tmp_path)
+
+
+def test_the_saved_config_sets_a_base_model_up_unchanged(tmp_path):
+    model = tiny_bert()
+    base = copy.deepcopy(model)
+    bitfit_fast.apply(model, biases="subset", memory="lean", dtype=torch.float64)
+    bitfit_fast.save_biases(model, tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["config"]["dtype"] == "float64" and saved["config"]["head"] is None
+    assert saved["applied"]["head"] == ["dropout", "classifier"] and saved["applied"]["weight_dtypes"]
+    bitfit_fast.load_biases(base, tmp_path)
+    assert base.bitfit_fast_config == model.bitfit_fast_config
+    assert base.bitfit_fast_state == model.bitfit_fast_state
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path):
+    """Format 1 kept the options and what apply() found in one "apply" dict, as written here."""
+    model, base = trained(biases="subset")
+    bitfit_fast.save_biases(model, tmp_path)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del record["config"], record["applied"]
+    record["format_version"] = 1
+    record["apply"] = dict(biases="subset", train_head=True, add_missing_biases=False, head=["dropout", "classifier"],
+                           added_biases=[], backend="auto", fuse_layers=True, memory="default", dtype=None,
+                           weight_dtypes={})
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(record))
+    bitfit_fast.load_biases(base, tmp_path)
+    batch = padded_batch(model)
+    torch.testing.assert_close(base.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    assert trainable(base).keys() == trainable(model).keys()
+    assert base.bitfit_fast_config.head == ["dropout", "classifier"]
+
+    record["format_version"] = 7
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="has format version 7; this bitfit_fast reads versions 1 and 2"):
+        bitfit_fast.load_biases(tiny_bert(), tmp_path)
