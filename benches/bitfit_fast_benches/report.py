@@ -86,8 +86,9 @@ def plot(record: dict, path: Path) -> Path | None:
         return None
     sweeps: dict[str, list[dict]] = {}
     for w in record["workloads"]:
-        if not w["spec"]["real_lengths"]:
-            spec = w["spec"]
+        spec = w["spec"]
+        # Fixed-length workloads only; results written before "lengths" replaced "real_lengths" say it that way.
+        if spec.get("lengths", "fixed") == "fixed" and not spec.get("real_lengths", False):
             sweeps.setdefault(f"{spec['arch']}-{spec['model'].split('-')[1]} seq {spec['seq']}", []).append(w)
     columns = max(1, len(sweeps))
     fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
