@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 from .checkpoint import load_biases, save_biases
 from .config import AppliedState, BitFitConfig
+from .families import SUBSET_PATTERNS
 from .model import (
-    SUBSET_PATTERNS,
     QueryRowsBitFitLinear,
     apply,
     get_nb_trainable_parameters,

@@ -1,12 +1,12 @@
-"""Whole BERT-family encoder layers on the fused functions.
+"""Whole encoders and their layers on the fused functions, on the batch's real tokens only.
 
-Swapping single modules cannot remove the passes and saved tensors *between* them. A recognised layer (BERT,
-RoBERTa, ELECTRA, XLM-R, CamemBERT, ... : post-LayerNorm, exact GELU, absolute positions, no cross-attention)
-becomes an instance of ``Fused<LayerClass>``, a subclass of its own class created here (the original class is
-untouched, so ``isinstance`` and Hugging Face's output capture still hold), whose forward is:
+Swapping single modules cannot remove the passes and saved tensors *between* them. A layer of a registered family
+(``families``: BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ... : post-LayerNorm, exact GELU, absolute positions, no
+cross-attention) becomes an instance of ``Fused<LayerClass>``, a subclass of its own class created here (the
+original class is untouched, so ``isinstance`` and Hugging Face's output capture still hold), whose forward is:
 
     qkv = x @ W_qkv^T + b_qkv                     one GEMM; W_qkv packed once, q/k/v weights are views of it
-    a   = scaled_dot_product_attention(q, k, v)   flash / memory-efficient kernels, padding mask
+    a   = scaled_dot_product_attention(q, k, v)   per sequence (see ``unpadding``)
     y1  = LayerNorm(dropout(a @ W_o^T + b_o) + x)             dropout + residual + LayerNorm in one pass
     y2  = LayerNorm(dropout(gelu(y1 @ W_i^T + b_i) @ W_2^T + b_2) + y1)
 
@@ -22,29 +22,35 @@ Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
 No dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode. A LayerNorm keeps
 x_hat, not its output: rebuilding x_hat = (y - beta) / gamma from the output is unstable where gamma is tiny, and
 pretrained LayerNorms have gamma entries near 1e-33; rebuilding y = gamma·x_hat + beta is exact.
+x is [N, d], the batch's real tokens: the encoder holding the layers becomes ``Fused<EncoderClass>``, which
+unpads the batch once (see ``unpadding``), runs the layers on the rows and pads the output once; a layer called
+on its own unpads and pads itself. In a model whose head reads only the first token (sequence classification),
+the last layer runs for those rows only (``FusedEncoder``).
 The layer's children stay the BitFit modules, so parameter names do not change, and any call the fused path
 does not cover (cross-attention, caches, attention weights) runs the original forward on them.
 """
 
-import weakref
+import functools
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, retype
-from .torch_ops import DropoutAttentionFunction, FrozenLinearFunction, compute_dtype, layer_norm_output
+from .families import OFFSET_POSITION_EMBEDDINGS, EncoderLayerSpec, is_fusable_encoder_class, layer_spec
+from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, replace_children, retype
+from .torch_ops import FrozenLinearFunction, compute_dtype, layer_norm_output
+from .unpadding import Tokens
 
 MEMORY_MODES = ("default", "lean", "minimal")
 
-# Layers whose forward is BERT's post-LayerNorm block; the structure is checked as well.
-KNOWN_LAYERS = {
-    "BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
-    "LayoutLMLayer", "ErnieLayer",
-}
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
-_FUSED_CLASSES: dict[type, type] = {}
+
+def _fused_class(mixin: type, base: type) -> type:
+    """``Fused<Base>``: the mixin placed before the module's own class, made once per class."""
+    if (mixin, base) not in _FUSED_CLASSES:
+        _FUSED_CLASSES[mixin, base] = type(f"Fused{base.__name__}", (mixin, base), {"original_class": base})
+    return _FUSED_CLASSES[mixin, base]
 
 
 def _is_exact_gelu(act: nn.Module | None) -> bool:
@@ -55,15 +61,16 @@ def _is_exact_gelu(act: nn.Module | None) -> bool:
 
 
 def is_fusable(layer: nn.Module) -> bool:
-    """A known BERT-shaped layer whose parts are all BitFit modules with biases."""
-    if type(layer).__name__ not in KNOWN_LAYERS:
+    """A layer of a registered family (see ``families``) whose parts are all BitFit modules with biases."""
+    spec = layer_spec(type(layer).__name__)
+    if spec is None:
         return False
     try:
-        sa, so = layer.attention.self, layer.attention.output
-        linears = [sa.query, sa.key, sa.value, so.dense, layer.intermediate.dense, layer.output.dense]
-        norms = [so.LayerNorm, layer.output.LayerNorm]
-        act = layer.intermediate.intermediate_act_fn
-        dropouts = [sa.dropout, so.dropout, layer.output.dropout]
+        linears = [layer.get_submodule(path) for path in spec.linears()]
+        norms = [layer.get_submodule(path) for path in spec.norms()]
+        dropouts = [layer.get_submodule(path) for path in spec.dropouts()]
+        act = layer.get_submodule(spec.activation)
+        attention = layer.get_submodule(spec.attention)
     except AttributeError:
         return False
     return (
@@ -73,34 +80,9 @@ def is_fusable(layer: nn.Module) -> bool:
         and _is_exact_gelu(act)
         and not getattr(layer, "is_decoder", False)
         and not getattr(layer, "add_cross_attention", False)
-        and getattr(sa, "position_embedding_type", "absolute") == "absolute"
+        and getattr(attention, "position_embedding_type", "absolute") == "absolute"
         and not getattr(layer, "chunk_size_feed_forward", 0)
     )
-
-
-class _SharedMask:
-    """Every layer gets the same boolean [B, 1, T, T] mask from Hugging Face, and SDPA would convert it to an
-    additive float mask, and keep that copy for the backward, once per layer. Converting it once per forward
-    lets all layers share one copy. Keyed on the mask's identity and version, so it is never stale."""
-
-    def __init__(self):
-        self.key = None
-        self.value = None
-
-    def __call__(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        if mask.dtype != torch.bool:
-            return mask.to(dtype)  # already additive (eager attention masks)
-        source = self.key[0]() if self.key is not None else None
-        if source is not mask or self.key[1:] != (mask._version, dtype):
-            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-            self.value = additive.masked_fill_(~mask, torch.finfo(dtype).min)
-            self.key = (weakref.ref(mask), mask._version, dtype)
-        return self.value
-
-
-_shared_mask = _SharedMask()
 
 
 def _draw_seed(p: float) -> int | None:
@@ -119,6 +101,24 @@ def _normalized_source(x: torch.Tensor) -> tuple | None:
     return source[:3] if source is not None and source[3] == x._version else None
 
 
+def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
+    """Calls the fused path does not cover: cross-attention, caches, attention weights."""
+    return any(a is not None for a in args) or any(
+        kwargs.get(k) for k in ("encoder_hidden_states", "past_key_values", "use_cache", "output_attentions")
+    )
+
+
+def _recorded_outputs(kwargs: dict) -> set[str]:
+    """What Hugging Face collects from inside the model ("hidden_states", "attentions"): transformers 5 does it
+    with forward hooks on the layers and attention modules, under a context variable; older versions pass flags."""
+    recorded = {key for key in ("hidden_states", "attentions") if kwargs.get(f"output_{key}")}
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return recorded
+    return recorded | set(_active_collector.get() or ())
+
+
 class FusedEncoderLayer(nn.Module):
     """Mixin placed before the original layer class; see the module docstring."""
 
@@ -128,10 +128,7 @@ class FusedEncoderLayer(nn.Module):
 
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
-        base = type(layer)
-        if base not in _FUSED_CLASSES:
-            _FUSED_CLASSES[base] = type(f"Fused{base.__name__}", (cls, base), {"original_class": base})
-        fused = retype(layer, _FUSED_CLASSES[base], bitfit_memory=memory, _packed_qkv=None)
+        fused = retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory, _packed_qkv=None)
         fused.packed_qkv_weight()
         return fused
 
@@ -142,9 +139,13 @@ class FusedEncoderLayer(nn.Module):
         del plain.bitfit_memory, plain._packed_qkv
         return plain
 
-    def _qkv_linears(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        sa = self.attention.self
-        return sa.query, sa.key, sa.value
+    @property
+    def spec(self) -> EncoderLayerSpec:
+        return layer_spec(self.original_class.__name__)
+
+    def _qkv_linears(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        spec = self.spec
+        return tuple(self.get_submodule(path) for path in (spec.query, spec.key, spec.value))
 
     def packed_qkv_weight(self) -> torch.Tensor:
         """[3d, d] weight of the fused QKV GEMM; q/k/v weights are views of it so it is stored once.
@@ -165,37 +166,45 @@ class FusedEncoderLayer(nn.Module):
         return packed
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        if any(a is not None for a in args) or any(
-            kwargs.get(k) for k in ("encoder_hidden_states", "past_key_values", "output_attentions")
-        ):
+        """Hugging Face's call of one layer: unpadded within the layer (the fused encoder unpads once for all)."""
+        if _runs_original_forward(args, kwargs) or "attentions" in _recorded_outputs(kwargs):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        return self.fused_forward(hidden_states, attention_mask)
+        check_batch(hidden_states)
+        tokens = Tokens.of_batch(hidden_states, attention_mask)
+        return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens))
 
-    def attention_context(self, x: torch.Tensor, attention_mask: torch.Tensor | None, linear: type) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d_head) + mask) v for q, k, v from one packed GEMM; shape of x."""
-        sa = self.attention.self
-        batch, seq, hidden = x.shape
-        qkv_bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()])
-        qkv = linear.apply(x, self.packed_qkv_weight(), qkv_bias)
-        q, k, v = qkv.view(batch, seq, 3, sa.num_attention_heads, sa.attention_head_size).permute(2, 0, 3, 1, 4)
-        mask = _shared_mask(attention_mask, q.dtype)
-        p = sa.dropout.p if self.training else 0.0
-        scale = getattr(sa, "scaling", sa.attention_head_size**-0.5)
-        if p > 0.0 and linear is FrozenLinearFunction and self.bitfit_memory != "default":
-            context = DropoutAttentionFunction.apply(q, k, v, mask, p, _draw_seed(p), scale)
+    def attention_context(self, x: torch.Tensor, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d_head) + mask) v, for x [N, d] rows; [N, d], or [S, d] with ``first_only``
+        (queries of each sequence's first row only: q from those rows, k and v from all)."""
+        attention = self.get_submodule(self.spec.attention)
+        hidden = x.shape[-1]
+        weight = self.packed_qkv_weight()
+        bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()])
+        if first_only:
+            q = linear.apply(x.index_select(0, tokens.starts), weight[:hidden], bias[:hidden])
+            kv = linear.apply(x, weight[hidden:], bias[hidden:])
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-        return context.transpose(1, 2).reshape(batch, seq, hidden)
+            qkv = linear.apply(x, weight, bias)
+            q, kv = qkv[:, :hidden], qkv[:, hidden:]
+        p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
+        scale = getattr(attention, "scaling", attention.attention_head_size**-0.5)
+        keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
+        return tokens.attention(q, kv, attention.num_attention_heads, p, _draw_seed(p), scale, keep_probabilities,
+                                first_only)
 
-    def checkpointed_attention_context(self, x, attention_mask, linear: type) -> torch.Tensor:
+    def checkpointed_attention_context(self, x, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous
         layer's output, the checkpoint keeps that layer's x_hat (saved by its LayerNorm anyway) in place of the
         input and rebuilds the input from it; the RNG state is replayed so attention dropout draws the same mask."""
         source = _normalized_source(x)
-        if source is None:
+
+        def run():
             return torch.utils.checkpoint.checkpoint(
-                self.attention_context, x, attention_mask, linear, use_reentrant=False
+                self.attention_context, x, tokens, linear, first_only, use_reentrant=False
             )
+
+        if source is None:
+            return run()
 
         def keep_source_for_x(tensor):
             return source if tensor is x else tensor
@@ -204,31 +213,33 @@ class FusedEncoderLayer(nn.Module):
             return layer_norm_output(*packed) if isinstance(packed, tuple) else packed
 
         with torch.autograd.graph.saved_tensors_hooks(keep_source_for_x, rebuild_x):
-            return torch.utils.checkpoint.checkpoint(
-                self.attention_context, x, attention_mask, linear, use_reentrant=False
-            )
+            return run()
 
-    def fused_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        check_batch(x)
-        so, out = self.attention.output, self.output
-        intermediate = self.intermediate.dense
+    def fused_forward(self, x: torch.Tensor, tokens: Tokens, first_only: bool = False) -> torch.Tensor:
+        """The layer on x [N, d], the batch's real tokens; [N, d], or [S, d] with ``first_only`` (the rows of
+        each sequence's first token: the classification shortcut of the last layer)."""
+        part = self.get_submodule
+        spec = self.spec
+        intermediate, output = part(spec.intermediate), part(spec.output)
         linear, layer_norm = functions(intermediate.backend, x)
         x = x.to(compute_dtype(x))
-        p_hidden = so.dropout.p if self.training else 0.0
-        p_output = out.dropout.p if self.training else 0.0
+        p_hidden = part(spec.attention_output_dropout).p if self.training else 0.0
+        p_output = part(spec.output_dropout).p if self.training else 0.0
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
         if minimal:
-            context = self.checkpointed_attention_context(x, attention_mask, linear)
+            context = self.checkpointed_attention_context(x, tokens, linear, first_only)
         else:
-            context = self.attention_context(x, attention_mask, linear)
+            context = self.attention_context(x, tokens, linear, first_only)
+        residual = x.index_select(0, tokens.starts) if first_only else x
 
-        ln1, ln2 = so.LayerNorm, out.LayerNorm
-        h = linear.apply(context, so.dense.weight, so.dense.bias)
-        y1, x_hat1 = layer_norm.apply(h, x, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden))
+        ln1, ln2 = part(spec.attention_norm), part(spec.output_norm)
+        attention_output = part(spec.attention_output)
+        h = linear.apply(context, attention_output.weight, attention_output.bias)
+        y1, x_hat1 = layer_norm.apply(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden))
         recompute_from = (x_hat1, ln1.weight, ln1.bias) if self.bitfit_memory != "default" else None
         a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute_from)
-        h = linear.apply(a, out.dense.weight, out.dense.bias)
+        h = linear.apply(a, output.weight, output.bias)
         y2, x_hat2 = layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output))
         if minimal:
             _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias)
@@ -236,3 +247,110 @@ class FusedEncoderLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"memory={self.bitfit_memory}"
+
+
+class FusedEncoder(nn.Module):
+    """Mixin placed before an encoder class (a module whose ``layer`` ModuleList holds the layers): it unpads the
+    batch once, runs every fused layer on the real tokens and pads the output once (see ``unpadding``).
+
+    ``first_token_only`` is set, for the duration of a forward, by the task model whose head reads only each
+    sequence's first token (``families.Family.first_token_heads``): the last layer then runs queries, the
+    attention output, the feed-forward block and the LayerNorms for those rows only, and the encoder returns
+    them as [B, 1, d]. Anything that reads more (hidden states, attention weights, any other head) keeps it off.
+    """
+
+    original_class: type
+    first_token_only: bool
+
+    @classmethod
+    def fuse(cls, encoder: nn.Module) -> nn.Module:
+        return retype(encoder, _fused_class(cls, type(encoder)), first_token_only=False)
+
+    def to_vanilla(self) -> nn.Module:
+        plain = retype(self, self.original_class)
+        del plain.first_token_only
+        return plain
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        layers = list(self.layer)
+        if (
+            _runs_original_forward(args, kwargs)
+            or _recorded_outputs(kwargs)
+            or not all(isinstance(layer, FusedEncoderLayer) for layer in layers)
+        ):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
+
+        check_batch(hidden_states)
+        tokens = Tokens.of_batch(hidden_states, attention_mask, kwargs.get("position_ids"),
+                                 kwargs.get("cu_seq_lens_q"))
+        first_only = self.first_token_only and tokens.one_sequence_per_row
+        x = tokens.pack(hidden_states)
+        for i, layer in enumerate(layers):
+            last = first_only and i == len(layers) - 1
+            if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, tokens, last, use_reentrant=False)
+            else:
+                x = layer.fused_forward(x, tokens, last)
+        hidden = x.unsqueeze(1) if first_only else tokens.unpack(x)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
+
+
+def _read_first_tokens_only(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    if not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+            or getattr(getattr(model, "config", None), "output_hidden_states", False)):
+        model.get_submodule(encoder_path).first_token_only = True
+
+
+def _read_all_tokens(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    model.get_submodule(encoder_path).first_token_only = False
+
+
+def _shift_positions_from_zero(embeddings: nn.Module, args: tuple, kwargs: dict):
+    """RoBERTa numbers positions from padding_idx + 1; position ids from 0 (DataCollatorWithFlattening's) are
+    shifted there. Position 0 is never a RoBERTa position, so ids that contain it cannot mean RoBERTa's."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.numel() and int(position_ids.min()) == 0:
+        return args, {**kwargs, "position_ids": position_ids + embeddings.padding_idx + 1}
+    return None
+
+
+_HOOKS = (_read_first_tokens_only, _read_all_tokens, _shift_positions_from_zero)
+
+
+def fuse(model: nn.Module, memory: str, first_token_head: bool) -> None:
+    """Fuse every fusable layer of ``model`` and every encoder whose layers all fused; with
+    ``first_token_head`` (the model's head reads only each sequence's first token), the model's forward turns
+    the classification shortcut on in its encoder."""
+    replace_children(model, lambda m: FusedEncoderLayer.fuse(m, memory) if is_fusable(m) else None)
+    replace_children(model, lambda m: FusedEncoder.fuse(m) if _is_fusable_encoder(m) else None)
+    encoders = [name for name, m in model.named_modules() if isinstance(m, FusedEncoder)]
+    if first_token_head and len(encoders) == 1:
+        model.register_forward_pre_hook(functools.partial(_read_first_tokens_only, encoders[0]), with_kwargs=True)
+        model.register_forward_hook(functools.partial(_read_all_tokens, encoders[0]), with_kwargs=True,
+                                    always_call=True)
+    if encoders:
+        for module in model.modules():
+            if type(module).__name__ in OFFSET_POSITION_EMBEDDINGS:
+                module.register_forward_pre_hook(_shift_positions_from_zero, with_kwargs=True)
+
+
+def unfuse_hooks(model: nn.Module) -> None:
+    """Remove the hooks ``fuse`` installed (found by their functions, so a deep copy's are found too)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "func", hook) in _HOOKS]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+
+
+def _is_fusable_encoder(module: nn.Module) -> bool:
+    layers = getattr(module, "layer", None)
+    return (
+        is_fusable_encoder_class(type(module).__name__)
+        and isinstance(layers, nn.ModuleList)
+        and len(layers) > 0
+        and all(isinstance(layer, FusedEncoderLayer) for layer in layers)
+    )

@@ -4,43 +4,19 @@ import copy
 import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from .backend import check_backend
 from .config import AppliedState, BitFitConfig, dtype_name
-from .fused_layer import FusedEncoderLayer, is_fusable
-from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, retype
+from .families import ATTENTION_KEY_PATTERNS, FIRST_TOKEN_HEADS, PACKED_QKV_PATTERNS, SUBSET_PATTERNS
+from .fused_layer import FusedEncoder, FusedEncoderLayer, fuse, unfuse_hooks
+from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, replace_children, retype
 
 CONFIG_ATTRIBUTE = "bitfit_fast_config"  # the BitFitConfig a model was applied with
 STATE_ATTRIBUTE = "bitfit_fast_state"  # its AppliedState
-
-# biases="subset": the paper's b_q and b_m2 (query and intermediate), by the module names each family uses.
-SUBSET_PATTERNS = (
-    "attention.self.query",  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ...
-    "intermediate.dense",
-    "attention.q_lin",  # DistilBERT
-    "ffn.lin1",
-    "attention.query",  # ALBERT
-    "ffn",
-    "attn.Wqkv",  # ModernBERT: q, k and v packed (only the query rows train, see QueryRowsBitFitLinear)
-    "mlp.Wi",  # the GLU up-projection (input and gate halves)
-)
-
-# Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
-# query third of their bias trains.
-PACKED_QKV_PATTERNS = ("attn.Wqkv",)  # ModernBERT
-
-
-# Key projections of dot-product self-attention, whose bias has an identically zero gradient (softmax ignores the
-# per-query constant q·b_k) as long as positions do not enter through the keys (absolute position embeddings).
-ATTENTION_KEY_PATTERNS = (
-    "attention.self.key",  # BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ...
-    "attention.k_lin",  # DistilBERT
-    "attention.key",  # ALBERT
-)
 
 
 class QueryRowsBitFitLinear(BitFitLinear):
@@ -72,7 +48,7 @@ class QueryRowsBitFitLinear(BitFitLinear):
         return f"{super().extra_repr()}, query_rows={self.query_rows}"
 
 
-BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer)
+BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer, FusedEncoder)
 
 
 def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
@@ -173,23 +149,6 @@ def _check_untied(model: nn.Module, head: list[str]) -> None:
                 f"the head's {name} is tied to {body[id(param)]}: training the head would train that weight too. "
                 "Pass train_head=False (the head's biases then follow `biases`) or untie the weights first."
             )
-
-
-def _replace_children(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
-    """Swap every child for which ``convert`` returns a module; a module shared by several parents (ALBERT)
-    is converted once and stays shared. Returns how many distinct modules were converted."""
-    converted: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) not in converted:
-                replacement = convert(child)
-                if replacement is None:
-                    continue
-                converted[id(child)] = replacement
-            parent._modules[name] = converted[id(child)]
-    return len(converted)
 
 
 def _resolve_config(config: BitFitConfig | None, overrides: dict) -> BitFitConfig:
@@ -334,10 +293,10 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, **overrides) -> 
     # Validation is over: from here on the model changes.
     _add_zero_biases(model, plan.to_add)
     _freeze_all_but(model, plan.trained_head, plan.selected)
-    _replace_children(model, plan.to_bitfit)
+    replace_children(model, plan.to_bitfit)
     weight_dtypes = _store_frozen_weights(model, config.dtype)
     if config.fuse_layers:
-        _replace_children(model, lambda m: FusedEncoderLayer.fuse(m, config.memory) if is_fusable(m) else None)
+        fuse(model, config.memory, first_token_head=type(model).__name__ in FIRST_TOKEN_HEADS)
     setattr(model, CONFIG_ATTRIBUTE, config)
     setattr(model, STATE_ATTRIBUTE, AppliedState(head=plan.head, added_biases=plan.to_add,
                                                  weight_dtypes=weight_dtypes))
@@ -402,7 +361,8 @@ def merge(model: nn.Module) -> nn.Module:
     flags = _bias_flags_declaring_added_biases(model) if declares_biases_in_config else []
     for flag in flags:
         setattr(model.config, flag, True)
-    _replace_children(model, lambda m: m.to_vanilla() if isinstance(m, BITFIT_MODULES) else None)
+    unfuse_hooks(model)
+    replace_children(model, lambda m: m.to_vanilla() if isinstance(m, BITFIT_MODULES) else None)
     _restore_weight_dtypes(model, state.weight_dtypes)
     if state.weight_dtypes:
         warnings.warn(

@@ -6,6 +6,7 @@ and bias gradients; if a user unfreezes it, they fall back to the plain torch op
 """
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -35,6 +36,23 @@ def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
     }
     new.__dict__.update(attributes)
     return new
+
+
+def replace_children(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Swap every child for which ``convert`` returns a module; a module shared by several parents (ALBERT)
+    is converted once and stays shared. Returns how many distinct modules were converted."""
+    converted: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            if id(child) not in converted:
+                replacement = convert(child)
+                if replacement is None:
+                    continue
+                converted[id(child)] = replacement
+            parent._modules[name] = converted[id(child)]
+    return len(converted)
 
 
 def is_last_dim_layer_norm(module: nn.Module) -> bool:

@@ -124,7 +124,8 @@ def test_other_encoder_families_match_the_reference(family, biases):
     reference = reference_bitfit(model, head=head)
     bitfit_fast.apply(model, biases=biases, backend="torch")
     fused = {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Fused")}
-    assert fused == ({f"Fused{type(model).__name__.split('For')[0]}Layer"} if family in BERT_SHAPED else set())
+    stem = type(model).__name__.split("For")[0]
+    assert fused == ({f"Fused{stem}Layer", f"Fused{stem}Encoder"} if family in BERT_SHAPED else set())
     selected = trainable(model).keys()
     if biases == "all":
         assert selected == trainable(reference).keys()

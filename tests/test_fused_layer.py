@@ -67,23 +67,35 @@ def saved_bytes(model, batch) -> int:
 @pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
 def test_saved_bytes_per_memory_mode_against_the_reference(make):
     # Attention dropout off: CPU attention with dropout materialises probabilities for both sides alike.
-    layers, tokens = 4, 4 * 48
+    layers, lengths = 4, (48, 31, 48, 17)
     base = make(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, num_hidden_layers=layers).train()
-    batch = padded_batch(base, lengths=(48, 31, 48, 17))
+    batch = padded_batch(base, lengths=lengths)
     measured = {"reference": saved_bytes(reference_bitfit(base), batch)}
     for mode, options in [("modules", dict(fuse_layers=False)), ("default", {}), ("lean", dict(memory="lean")),
                           ("minimal", dict(memory="minimal"))]:
         measured[mode] = saved_bytes(bitfit_fast.apply(copy.deepcopy(base), backend="torch", **options), batch)
     print("saved bytes vs reference:", {k: round(v / measured["reference"], 3) for k, v in measured.items()})
 
-    hidden, inter = base.config.hidden_size, base.config.intermediate_size
-    fp32 = 4
-    # lean drops exactly the pre-GELU activation; minimal also q, k, v, the attention output and its logsumexp.
-    assert measured["default"] - measured["lean"] == layers * tokens * inter * fp32
-    heads = base.config.num_attention_heads
-    attention = layers * (tokens * 4 * hidden + tokens * heads) * fp32
-    assert measured["lean"] - measured["minimal"] == attention
+    hidden, inter, heads = base.config.hidden_size, base.config.intermediate_size, base.config.num_attention_heads
+    fp32, int64 = 4, 8
+    # Unpadded: every layer but the last runs the real tokens; the last (a sequence-classification head reads
+    # the first token) runs one row per sequence, except for its keys and values. Attention lays the real
+    # tokens out as [sequences, longest].
+    tokens, sequences, longest = sum(lengths), len(lengths), max(lengths)
+    rows = (layers - 1) * tokens + sequences
+    # lean drops exactly the pre-GELU activation.
+    assert measured["default"] - measured["lean"] == rows * inter * fp32
+    # minimal also drops q, k, v, the attention output and its logsumexp (the last layer: its first rows' q and
+    # output), the one additive key mask and the attention layout's index; it keeps the first layer's input,
+    # which no LayerNorm of a fused layer computed.
+    padded = sequences * longest
+    attention = (layers - 1) * (4 * padded * hidden + padded * heads)
+    attention += 2 * padded * hidden + 2 * sequences * hidden + sequences * heads
+    kept = padded * fp32 + tokens * int64 - tokens * hidden * fp32
+    assert measured["lean"] - measured["minimal"] == attention * fp32 + kept
     assert measured["minimal"] < measured["lean"] < measured["default"] < measured["modules"] <= measured["reference"]
+
+
 def test_with_attention_dropout_the_lean_torch_path_keeps_no_probability_matrix():
     # SDPA with dropout on CPU keeps the [B, H, T, T] probabilities and mask per layer; the lean fused torch path
     # recomputes them from q, k, v and the row logsumexp.

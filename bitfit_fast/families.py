@@ -1,0 +1,134 @@
+"""What bitfit_fast knows about each model family, in one place.
+
+A family entry says which modules are the paper's bias subset, which key projections have a bias whose true
+gradient is zero, where the parts of a fusable encoder layer live, which task heads read only the first token,
+and how the family numbers positions. ``apply``, the fused encoder and the classification shortcut all read
+this registry; supporting a family is one entry here plus a test.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderLayerSpec:
+    """Attribute paths, from a layer, of a post-LayerNorm encoder layer's parts:
+
+        a  = attention(query(x), key(x), value(x))            dropout on the probabilities: attention_dropout
+        y1 = attention_norm(dropout(attention_output(a)) + x)  dropout: attention_output_dropout
+        y2 = output_norm(dropout(output(gelu(intermediate(y1)))) + y1)
+    """
+
+    attention: str  # the self-attention module: head count, head size, scaling, position embedding type
+    query: str
+    key: str
+    value: str
+    attention_dropout: str
+    attention_output: str
+    attention_output_dropout: str
+    attention_norm: str
+    intermediate: str
+    activation: str
+    output: str
+    output_dropout: str
+    output_norm: str
+
+    def linears(self) -> tuple[str, ...]:
+        return self.query, self.key, self.value, self.attention_output, self.intermediate, self.output
+
+    def norms(self) -> tuple[str, ...]:
+        return self.attention_norm, self.output_norm
+
+    def dropouts(self) -> tuple[str, ...]:
+        return self.attention_dropout, self.attention_output_dropout, self.output_dropout
+
+
+BERT_LAYER = EncoderLayerSpec(
+    attention="attention.self",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    attention_dropout="attention.self.dropout",
+    attention_output="attention.output.dense",
+    attention_output_dropout="attention.output.dropout",
+    attention_norm="attention.output.LayerNorm",
+    intermediate="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    output="output.dense",
+    output_dropout="output.dropout",
+    output_norm="output.LayerNorm",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    # biases="subset": the paper's b_q and b_m2 (query and intermediate), as module-name patterns.
+    subset: tuple[str, ...]
+    # Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
+    # query third of their bias trains.
+    packed_qkv: tuple[str, ...] = ()
+    # Key projections of dot-product self-attention: their bias has an identically zero gradient (softmax ignores
+    # the per-query constant q·b_k) as long as positions do not enter through the keys (absolute positions).
+    attention_keys: tuple[str, ...] = ()
+    # Fusable layers: their class names, and where their parts live.
+    layer_classes: tuple[str, ...] = ()
+    layer: EncoderLayerSpec | None = None
+    # Modules holding the fusable layers as a ModuleList ``layer``; they run the stack unpadded.
+    encoder_classes: tuple[str, ...] = ()
+    # Task models whose head reads only the first token of the last layer (the classification shortcut).
+    first_token_heads: tuple[str, ...] = ()
+    # Embedding modules that number positions from padding_idx + 1 (RoBERTa); position ids that start at 0, as
+    # Hugging Face's DataCollatorWithFlattening writes them, are shifted by that much.
+    offset_position_embeddings: tuple[str, ...] = ()
+
+
+FAMILIES = (
+    Family(
+        name="bert",  # post-LayerNorm BERT and the encoders built on its code
+        subset=("attention.self.query", "intermediate.dense"),
+        attention_keys=("attention.self.key",),
+        layer_classes=(
+            "BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
+            "LayoutLMLayer", "ErnieLayer",
+        ),
+        layer=BERT_LAYER,
+        encoder_classes=(
+            "BertEncoder", "RobertaEncoder", "XLMRobertaEncoder", "CamembertEncoder", "ElectraEncoder",
+            "Data2VecTextEncoder", "LayoutLMEncoder", "ErnieEncoder",
+        ),
+        first_token_heads=(
+            "BertForSequenceClassification", "RobertaForSequenceClassification",
+            "XLMRobertaForSequenceClassification", "CamembertForSequenceClassification",
+            "ElectraForSequenceClassification", "Data2VecTextForSequenceClassification",
+            "ErnieForSequenceClassification",
+        ),
+        offset_position_embeddings=(
+            "RobertaEmbeddings", "XLMRobertaEmbeddings", "CamembertEmbeddings", "Data2VecTextEmbeddings",
+        ),
+    ),
+    Family(name="distilbert", subset=("attention.q_lin", "ffn.lin1"), attention_keys=("attention.k_lin",)),
+    Family(name="albert", subset=("attention.query", "ffn"), attention_keys=("attention.key",)),
+    # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
+    # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
+    Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",)),
+)
+
+
+def _union(field: str) -> tuple[str, ...]:
+    return tuple(value for family in FAMILIES for value in getattr(family, field))
+
+
+SUBSET_PATTERNS = _union("subset")
+PACKED_QKV_PATTERNS = _union("packed_qkv")
+ATTENTION_KEY_PATTERNS = _union("attention_keys")
+FIRST_TOKEN_HEADS = frozenset(_union("first_token_heads"))
+OFFSET_POSITION_EMBEDDINGS = frozenset(_union("offset_position_embeddings"))
+
+
+def layer_spec(layer_class: str) -> EncoderLayerSpec | None:
+    """The fusable-layer spec of a layer class name, or None."""
+    return next((f.layer for f in FAMILIES if layer_class in f.layer_classes), None)
+
+
+def is_fusable_encoder_class(encoder_class: str) -> bool:
+    return encoder_class in _union("encoder_classes")

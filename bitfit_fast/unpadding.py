@@ -1,0 +1,167 @@
+"""Which tokens of a batch exist, and attention over them alone.
+
+A padded batch [B, T, d] with a padding mask (what every Hugging Face collator produces) becomes [N, d] rows of
+real tokens, sequence after sequence; so does a packed one (Hugging Face's ``DataCollatorWithFlattening``: one row
+of concatenated sequences whose ``position_ids`` restart at 0, the convention of its flash-attention path). Every
+GEMM, LayerNorm, activation, dropout and bias-gradient sum then runs on real tokens only, and the output is
+scattered back to the padded shape once, with zeros at the padding (as flash-attention's BERT does).
+
+Attention is the one op that needs the sequences apart. It runs on the real tokens laid out as [S, L] (S
+sequences, L the longest in the batch) with a key-padding mask, through ``scaled_dot_product_attention``: the
+same call on CPU and CUDA, with dropout, at a cost of O(S·L²) scores, which for L ≤ 512 is a few percent of the
+GEMMs that unpadding saves. torch's variable-length alternatives do not serve both: ``varlen_attn`` is
+CUDA-only flash attention without dropout, and nested-tensor SDPA on CPU loops over the sequences in the math
+kernel (slower than one padded call).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .torch_ops import DropoutAttentionFunction
+
+
+class _ScatterRows(torch.autograd.Function):
+    """rows x [N, ...] placed at ``index`` of a zero tensor [total, ...]. Unlike ``index_copy``, whose
+    autograd keeps the source, it keeps only the index: its backward is a gather."""
+
+    @staticmethod
+    def forward(ctx, x, index, total):
+        ctx.save_for_backward(index)
+        return x.new_zeros(total, *x.shape[1:]).index_copy_(0, index, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def key_padding(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
+    """[B, T] True where a token exists, if the attention ``mask`` (boolean, or additive with 0 where allowed;
+    [B, 1, T, T] or [B, 1, 1, T]) lets every query see exactly the existing keys; None for any other mask."""
+    if mask.dim() != 4 or mask.shape[0] != batch or mask.shape[1] != 1 or mask.shape[-1] != seq:
+        return None
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    valid = allowed.all(dim=2).squeeze(1)  # a key some real query may not see is not a real key
+    # Hugging Face lets padding queries see every key (no all-masked row): those rows are not checked.
+    rows = allowed[:, 0][valid] if allowed.shape[2] > 1 else allowed[:, 0, 0]
+    expected = valid.unsqueeze(1).expand(-1, allowed.shape[2], -1)[valid] if allowed.shape[2] > 1 else valid
+    return valid if torch.equal(rows, expected) else None
+
+
+class Tokens:
+    """The layout of one batch's real tokens: built once per forward and shared by every layer (never cached
+    across forwards). ``pack``/``unpack`` move hidden states between the batch's shape and [N, d] rows;
+    ``attention`` runs over the rows, sequence by sequence."""
+
+    def __init__(self, batch_shape, rows, slots, starts, max_len, key_mask):
+        self.batch_shape = batch_shape  # (B, T) of the hidden states
+        self.rows = rows  # [N] real tokens' indices in the flattened [B·T]; None: every token is real
+        self.slots = slots  # [N] their places in the [S·L] attention layout; None: rows laid out as [S, L]
+        self.starts = starts  # [S] each sequence's first row
+        self.max_len = max_len  # L
+        self.key_mask = key_mask  # [S, 1, 1, L] True where a key exists (or any attention mask); None: all exist
+        self._additive_mask = None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.starts.shape[0]
+
+    @classmethod
+    def of_batch(cls, hidden: torch.Tensor, attention_mask=None, position_ids=None, cu_seq_lens=None) -> "Tokens":
+        """The layout for a [B, T, d] batch and the mask its layers receive. Packed sequences in a batch of one
+        row are recognised by ``position_ids`` restarting at 0, or by flash-attention's ``cu_seq_lens`` (what
+        ``DataCollatorWithFlattening`` returns); a mask that is not a key-padding mask, or a batch whose first
+        token is padding (left padding: the head would read a padding token), is kept as it is."""
+        batch, seq = hidden.shape[:2]
+        device = hidden.device
+        if attention_mask is not None:
+            valid = key_padding(attention_mask, batch, seq)
+            if valid is None or not bool(valid[:, 0].all()):
+                return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, attention_mask)
+            if bool(valid.all()):
+                attention_mask = None
+        if attention_mask is None:
+            if batch == 1 and cu_seq_lens is not None:
+                return cls.packed(seq, cu_seq_lens[:-1].to(device=device, dtype=torch.long))
+            if batch == 1 and position_ids is not None:
+                starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(1)
+                if starts.numel() > 1 and int(starts[0]) == 0:
+                    return cls.packed(seq, starts)
+            return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, None)
+        lengths = valid.sum(dim=1)
+        max_len = int(lengths.max())
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        place = valid.cumsum(dim=1) - 1 + torch.arange(batch, device=device).unsqueeze(1) * max_len
+        starts = torch.cumsum(lengths, 0) - lengths
+        key_mask = (torch.arange(max_len, device=device) < lengths.unsqueeze(1))[:, None, None, :]
+        return cls((batch, seq), rows, place.reshape(-1)[rows], starts, max_len, key_mask)
+
+    @classmethod
+    def packed(cls, total: int, starts: torch.Tensor) -> "Tokens":
+        """One row of ``total`` tokens holding sequences that begin at ``starts``."""
+        device = starts.device
+        lengths = torch.diff(starts, append=torch.tensor([total], device=device))
+        max_len = int(lengths.max())
+        sequence = torch.repeat_interleave(torch.arange(starts.shape[0], device=device), lengths)
+        slots = torch.arange(total, device=device) - starts[sequence] + sequence * max_len
+        key_mask = (torch.arange(max_len, device=device) < lengths.unsqueeze(1))[:, None, None, :]
+        return cls((1, total), None, slots, starts, max_len, key_mask)
+
+    @property
+    def one_sequence_per_row(self) -> bool:
+        """Whether each batch row holds one sequence that starts at its first position, where a classification
+        head reads it, and attention has no mask other than key padding (then each sequence's first row may run
+        the last layer alone: the classification shortcut)."""
+        masked_queries = self.key_mask is not None and self.key_mask.shape[2] > 1
+        return self.num_sequences == self.batch_shape[0] and not masked_queries
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] → [N, d]."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return flat if self.rows is None else flat.index_select(0, self.rows)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, d] → [B, T, d], zeros at padding."""
+        batch, seq = self.batch_shape
+        if self.rows is not None:
+            x = _ScatterRows.apply(x, self.rows, batch * seq)
+        return x.view(batch, seq, x.shape[-1])
+
+    def _to_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] rows → [S, L, ...], zeros where a sequence is shorter than L."""
+        if self.slots is not None:
+            x = _ScatterRows.apply(x, self.slots, self.num_sequences * self.max_len)
+        return x.view(self.num_sequences, self.max_len, *x.shape[1:])
+
+    def _from_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, L, ...] → [N, ...] rows."""
+        x = x.reshape(self.num_sequences * self.max_len, *x.shape[2:])
+        return x if self.slots is None else x.index_select(0, self.slots)
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The key mask as 0 / dtype's lowest, for attention that adds it to the scores; made once a forward."""
+        mask = self.key_mask
+        if mask is None or mask.dtype != torch.bool:
+            return mask if mask is None else mask.to(dtype)
+        if self._additive_mask is None or self._additive_mask.dtype != dtype:
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            self._additive_mask = additive.masked_fill_(~mask, torch.finfo(dtype).min)
+        return self._additive_mask
+
+    def attention(self, q, kv, heads: int, dropout_p: float, seed: int | None, scale: float,
+                  keep_probabilities: bool, first_only: bool = False) -> torch.Tensor:
+        """softmax(q k^T · scale + mask) v per sequence, for q [N, d] (with ``first_only``, [S, d]: each
+        sequence's first row) and kv [N, 2d] (k then v); returns q's shape. ``keep_probabilities=False`` runs the
+        flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the row logsumexp, not the probabilities."""
+        hidden = q.shape[-1]
+        k, v = self._to_sequences(kv).view(self.num_sequences, self.max_len, 2, heads, -1).permute(2, 0, 3, 1, 4)
+        q = (q.unsqueeze(1) if first_only else self._to_sequences(q)).view(*k.shape[:1], -1, heads, k.shape[-1])
+        q = q.transpose(1, 2)
+        if not keep_probabilities and dropout_p > 0.0:
+            context = DropoutAttentionFunction.apply(q, k, v, self.additive_mask(q.dtype), dropout_p, seed, scale)
+        else:
+            # The additive mask, made once for all layers: SDPA would convert a boolean one and keep a copy per layer.
+            mask = self.additive_mask(q.dtype)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        context = context.transpose(1, 2).reshape(self.num_sequences, -1, hidden)
+        return context.squeeze(1) if first_only else self._from_sequences(context)

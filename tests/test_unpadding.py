@@ -1,0 +1,211 @@
+"""The unpadded fused encoder and the classification shortcut, against reference BitFit on padded batches."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from bitfit_reference import (
+    BACKENDS,
+    DEVICE,
+    MODELS,
+    TINY,
+    adamw_steps,
+    padded_batch,
+    real_batch,
+    real_minilm,
+    reference_bitfit,
+    tiny_bert,
+    trainable,
+)
+
+import bitfit_fast
+from bitfit_fast.fused_layer import FusedEncoder
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+# Very uneven lengths: a one-token sequence beside a full one, all equal (no padding at all), one sequence.
+LENGTHS = [(1, 13, 7, 2), (11, 11, 11), (1,), (5, 1, 1)]
+
+
+def encoder_rows(model, batch) -> int:
+    """How many positions per sequence the fused encoder returned (1 when the shortcut ran)."""
+    seen = []
+    encoder = next(m for m in model.modules() if isinstance(m, FusedEncoder))
+    handle = encoder.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state.shape[1]))
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def assert_same_training(model, reference, batches, tol=TOL):
+    """Losses, every trainable parameter's gradient at each step, and the parameters after the steps."""
+    grads, ref_grads = [], []
+    losses = adamw_steps(model, batches, grads=grads)
+    ref_losses = adamw_steps(reference, batches, grads=ref_grads)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **tol)
+    for step, ref_step in zip(grads, ref_grads, strict=True):
+        for name, grad in step.items():
+            torch.testing.assert_close(grad, ref_step[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+    ref_params = trainable(reference)
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(param, ref_params[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+def test_uneven_padding_trains_like_the_reference(arch, backend, lengths):
+    model = MODELS[arch]()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend)
+    batches = [padded_batch(model, lengths) for _ in range(3)]
+    assert encoder_rows(model, batches[0]) == 1, "a sequence-classification head reads the first token only"
+    assert_same_training(model, reference, batches)
+
+
+@pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
+def test_real_minilm_uneven_real_text_trains_like_the_reference(memory):
+    model = real_minilm(layers=[0, 5])
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch", memory=memory)
+    texts = ["Rates rise.", "The central bank raised interest rates for the third time this year, citing prices.",
+             "Shares", "Champions League final tickets sold out within minutes of going on sale online"]
+    batches = [real_batch(texts[i:] + texts[:i], [i, 1, 2, 3]) for i in range(3)]
+    assert_same_training(model, reference, batches)
+
+
+def test_hidden_states_and_attentions_turn_the_shortcut_off_and_stay_exact():
+    model = tiny_bert(num_hidden_layers=3)
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (9, 2, 5))
+    valid = batch["attention_mask"].bool()
+    out = model(**batch, output_hidden_states=True)
+    ref = reference(**batch, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours[valid], theirs[valid], **TOL)  # padding positions are zeros here
+    model.set_attn_implementation("eager")
+    reference.set_attn_implementation("eager")
+    out, ref = model(**batch, output_attentions=True), reference(**batch, output_attentions=True)
+    assert len(out.attentions) == 3
+    for ours, theirs in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    model.config.output_hidden_states = True
+    assert encoder_rows(model, batch) == 9
+    model.config.output_hidden_states = False
+    assert encoder_rows(model, batch) == 1
+
+
+@pytest.mark.parametrize("head", ["token", "question-answering", "base", "custom"])
+def test_heads_reading_every_token_get_every_token(head):
+    config = transformers.BertConfig(**TINY, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = {
+        "token": lambda: transformers.BertForTokenClassification(config),
+        "question-answering": lambda: transformers.BertForQuestionAnswering(config),
+        "base": lambda: transformers.BertModel(config),
+        "custom": lambda: torch.nn.Sequential(transformers.BertModel(config)),
+    }[head]().to(DEVICE)
+    batch = {k: v for k, v in padded_batch(tiny_bert(), (6, 2, 4)).items() if k != "labels"}
+    valid = batch["attention_mask"].bool()
+    reference = copy.deepcopy(model)
+    bitfit_fast.apply(model, backend="torch", head=[] if head in ("base", "custom") else None)
+    call = (lambda m: m[0](**batch)) if head == "custom" else (lambda m: m(**batch))
+    out, ref = call(model), call(reference)
+    assert encoder_rows(model[0] if head == "custom" else model, batch) == 6
+    for key in ref.keys():
+        ours, theirs = (out[key], ref[key]) if key == "pooler_output" else (out[key][valid], ref[key][valid])
+        torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_base_model_of_a_classifier_called_directly_returns_every_token():
+    model = bitfit_fast.apply(tiny_bert(), backend="torch")
+    batch = padded_batch(model, (6, 2, 4))
+    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert hidden.shape[:2] == (3, 6)
+
+
+def test_left_padding_and_custom_masks_keep_the_padded_layout():
+    model = tiny_bert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (6, 2, 4))
+    batch["attention_mask"] = batch["attention_mask"].flip(1)  # left padding: the head reads a padding token
+    batch["input_ids"] = batch["input_ids"].flip(1)
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **TOL)
+    assert encoder_rows(model, batch) == 6
+
+
+def flattened(model, lengths, labels=True):
+    """Sequences as a padded batch and as DataCollatorWithFlattening packs them (one row, positions from 0)."""
+    padded = padded_batch(model, lengths)
+    features = []
+    for row, length in enumerate(lengths):
+        ids = padded["input_ids"][row, :length].tolist()
+        features.append(dict(input_ids=ids, labels=[row % 3] * length) if labels else dict(input_ids=ids))
+    packed = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    return padded, {k: v.to(DEVICE) for k, v in packed.items()}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_flattened_batches_equal_the_padded_ones(arch):
+    make = {"bert": transformers.BertForTokenClassification, "roberta": transformers.RobertaForTokenClassification}
+    base = MODELS[arch]()
+    torch.manual_seed(0)
+    model = make[arch](base.config).to(DEVICE)
+    bitfit_fast.apply(model, backend="torch")
+    lengths = (5, 1, 8, 3)
+    padded, packed = flattened(model, lengths)
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "position_ids" in packed
+    valid = padded["attention_mask"].bool()
+    # Each position labelled by its sequence (as flattened() does); the collator masks each first label (-100).
+    labels = (torch.arange(len(lengths), device=DEVICE)[:, None] % 3).expand_as(valid).clone()
+    labels[~valid] = -100
+    labels[:, 0] = -100
+    ours = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=labels)
+    flat = model(**packed)
+    torch.testing.assert_close(flat.logits[0], ours.logits[valid], **TOL)
+    torch.testing.assert_close(flat.loss, ours.loss, **TOL)
+    params = list(trainable(model).values())
+    grads = torch.autograd.grad(ours.loss, params)
+    flat_grads = torch.autograd.grad(flat.loss, params)
+    for name, grad, flat_grad in zip(trainable(model), grads, flat_grads):
+        torch.testing.assert_close(flat_grad, grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_roberta_positions_of_flattened_batches_count_from_its_offset():
+    base = MODELS["roberta"]()
+    torch.manual_seed(0)
+    model = transformers.RobertaModel(base.config).to(DEVICE)
+    reference = copy.deepcopy(model)
+    bitfit_fast.apply(model, backend="torch", head=[])
+    padded, packed = flattened(model, (4, 6), labels=False)
+    valid = padded["attention_mask"].bool()
+    # The reference sees each sequence alone, with RoBERTa's own position numbering.
+    expected = reference(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).last_hidden_state
+    torch.testing.assert_close(out[0], expected[valid], **TOL)
+
+
+def test_merge_removes_the_hooks_and_a_deep_copy_keeps_its_own():
+    model = bitfit_fast.apply(tiny_bert(), backend="torch")
+    copied = copy.deepcopy(model)
+    batch = padded_batch(model, (6, 2, 4))
+    merged = bitfit_fast.merge(model)
+    assert not merged._forward_pre_hooks and not merged._forward_hooks
+    assert encoder_rows(copied, batch) == 1
+
+
+def test_hugging_face_gradient_checkpointing_runs_through_the_unpadded_encoder():
+    model = tiny_bert(num_hidden_layers=3)
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
+    assert_same_training(model.train(), reference.train(), [padded_batch(model, (9, 2, 5)) for _ in range(2)])
