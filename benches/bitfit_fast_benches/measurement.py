@@ -95,14 +95,16 @@ def _rss_probe(spec: str) -> None:
     """
     args = json.loads(spec)
     workload = Workload(**args["workload"])
-    warmup = dataclasses.replace(workload, model="bert-tiny", seq=8, batch=1, real_lengths=False)
+    warmup = dataclasses.replace(workload, model="bert-tiny", seq=8, batch=1, lengths="fixed")
     trainer = build_provider(args["provider"], build_base_model(warmup, "cpu"), "cpu", copy_base=False)
     trainer.step(make_batches(warmup, 1, trainer.model.config.vocab_size, "cpu")[0])
+    vocab = trainer.model.config.vocab_size
     del trainer
+    batches = make_batches(workload, args["steps"], vocab, "cpu")  # a corpus's tokenizer stays out of the peak
     Path("/proc/self/clear_refs").write_text("5")
     idle = _proc_status_bytes("VmRSS")
     trainer = build_provider(args["provider"], build_base_model(workload, "cpu"), "cpu", copy_base=False)
-    for batch in make_batches(workload, args["steps"], trainer.model.config.vocab_size, "cpu"):
+    for batch in batches:
         trainer.step(batch)
     peak = _proc_status_bytes("VmHWM")
     print(json.dumps(dict(idle_rss=idle, peak_rss=peak, above_idle=peak - idle)))
@@ -129,7 +131,7 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192)
     trainer = build_provider(provider, build_base_model(workload, device), device, copy_base=False)
 
     def fits(batch_size: int) -> bool:
-        batch = make_batches(dataclasses.replace(workload, batch=batch_size, real_lengths=False), 1,
+        batch = make_batches(dataclasses.replace(workload, batch=batch_size, lengths="fixed"), 1,
                              trainer.model.config.vocab_size, device)[0]
         try:
             trainer.step(batch)

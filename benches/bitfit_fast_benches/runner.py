@@ -103,7 +103,7 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
         for name in preset.providers:
             probe = cpu_peak_rss(name, workload)
             results[name].update(peak_rss_bytes=probe["peak_rss"], peak_memory_bytes=probe["above_idle"])
-    if preset.max_batch and device == "cuda" and not workload.real_lengths and workload == preset.workloads[0]:
+    if preset.max_batch and device == "cuda" and not workload.variable_lengths and workload == preset.workloads[0]:
         for name in preset.providers:
             results[name]["max_batch"] = max_batch(name, workload, device)
     add_ratios(results)
@@ -119,6 +119,8 @@ def add_ratios(results: dict) -> None:
         return
     for stats in results.values():
         stats["speedup_vs_reference"] = ref["median_ms"] / stats["median_ms"]
+        if "real_tokens_per_s" in stats and ref.get("real_tokens_per_s"):
+            stats["real_tokens_vs_reference"] = stats["real_tokens_per_s"] / ref["real_tokens_per_s"]
         if "peak_memory_bytes" in stats and ref.get("peak_memory_bytes"):
             stats["memory_vs_reference"] = stats["peak_memory_bytes"] / ref["peak_memory_bytes"]
         if "max_batch" in stats and ref.get("max_batch"):
