@@ -4,13 +4,48 @@ tokenisation once, dynamic padding and length-grouped batches."""
 import dataclasses
 import importlib.util
 import random
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (an argument, a path, data, the network, a checkpoint): the message says what is
+    wrong and what to do. `bitfit-fast` prints it as one line and exits with status 2."""
+
+
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, column or label at fault."""
+
+
+def first_line(error: BaseException) -> str:
+    """A library's error message cut to its first line, to quote inside a one-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def require_hub(what: str, offline_alternative: str) -> None:
+    """Fail in seconds where the Hugging Face hub cannot be reached: the libraries would otherwise retry for up to a
+    minute, then raise a long chain of tracebacks. With HF_HUB_OFFLINE=1 they read the local cache only."""
+    import huggingface_hub.constants
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname):
+        endpoint = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # the hop that must answer
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
+    except OSError as error:
+        raise UserError(
+            f"{what} needs the Hugging Face hub, and {endpoint.hostname}:{port} cannot be reached "
+            f"({first_line(error)}): "
+            f"check the network, or set HF_HUB_OFFLINE=1 to use a copy in the local cache, or {offline_alternative}"
+        ) from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +85,8 @@ class TaskData:
     num_labels: int
     metrics: tuple[str, ...]
     label_names: list[str] | None = None
+    text_columns: tuple[str, ...] = ("text",)  # the columns a file for eval or predict needs
+    label_column: str = "label"
 
 
 def _stratified_split(examples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
@@ -87,22 +124,39 @@ def load_bbc_news(seed: int = 0, validation_fraction: float = 0.2) -> TaskData:
                     ("accuracy",), label_names)
 
 
-def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None) -> Split:
-    missing = [c for c in (*text_columns, label_column) if c not in table.column_names]
+def _require_columns(table, columns, where: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{where} has no column {missing[0]!r}; its columns are {table.column_names}")
+        raise DataError(f"{where} has no column {missing[0]!r}; its columns are {table.column_names}: "
+                        "name the right ones with --text-columns / --label-column")
+
+
+def _texts(table, text_columns, where: str) -> list[tuple[str, ...]]:
+    _require_columns(table, text_columns, where)
     if len(table) == 0:
-        raise DataError(f"{where} is empty")
+        raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
     for row, text in enumerate(texts):
         if any(t is None for t in text):
-            raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}")
+            raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
+                            "the row")
+    return texts
+
+
+def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None) -> Split:
+    _require_columns(table, (*text_columns, label_column), where)
+    texts = _texts(table, text_columns, where)
     raw = table[label_column]
     if label_ids is None:
-        return Split(texts, [float(v) for v in raw])
+        try:
+            return Split(texts, [float(v) for v in raw])
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{where} column {label_column!r} is not a score ({first_line(error)}): "
+                            "leave out --regression for class labels") from error
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
     if unknown:
-        raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {sorted(label_ids)}")
+        raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {sorted(label_ids)}: "
+                        "remove those rows, or train on data that has them")
     return Split(texts, [label_ids[str(v)] for v in raw])
 
 
@@ -111,37 +165,60 @@ def load_glue(task: str) -> TaskData:
     import datasets
 
     spec = GLUE[task]
-    data = datasets.load_dataset("nyu-mll/glue", task)
+    require_hub(f"GLUE {task}", "train offline on local files (--train-file, --validation-file) or on the embedded "
+                                "BBC News (no --task)")
+    try:
+        data = datasets.load_dataset("nyu-mll/glue", task)
+    except (OSError, datasets.exceptions.DatasetsError) as error:  # ConnectionError, not in the cache, ...
+        raise DataError(f"GLUE {task} could not be loaded ({first_line(error)}): with HF_HUB_OFFLINE=1 it must be in "
+                        "the local cache; otherwise check the network") from error
     label_ids = None if spec.num_labels == 1 else {str(i): i for i in range(spec.num_labels)}
     train = _columns_split(data["train"], spec.text_columns, spec.label_column, f"glue/{task} train", label_ids)
     validation = {s: _columns_split(data[s], spec.text_columns, spec.label_column, f"glue/{task} {s}", label_ids)
                   for s in spec.validation_splits}
-    return TaskData(task, train, validation, spec.num_labels, spec.metrics)
+    return TaskData(task, train, validation, spec.num_labels, spec.metrics, None, spec.text_columns, spec.label_column)
+
+
+FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_table(file: str):
+    """A local CSV / JSON(L) / Parquet file as a `datasets.Dataset`."""
+    import datasets
+
+    path = Path(file)
+    if path.suffix not in FORMATS:
+        raise DataError(f"{file}: unsupported format {path.suffix!r}; use a file ending in one of {sorted(FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{file} does not exist; check the path")
+    if path.stat().st_size == 0:
+        raise DataError(f"{file} is empty: it needs a header and at least one row")
+    datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
+    try:
+        return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train")
+    except Exception as error:  # datasets raises many types for unreadable files
+        raise DataError(f"{file} could not be read as {FORMATS[path.suffix]} ({first_line(error)}); "
+                        "check its format") from error
+
+
+def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The texts of a local file, for prediction: no label column needed."""
+    return _texts(read_table(file), text_columns, file)
+
+
+def load_labeled(file: str, text_columns: tuple[str, ...], label_column: str, label_names: list[str] | None) -> Split:
+    """A local file labelled like a trained run: class names map to the run's class ids (None: regression scores)."""
+    label_ids = None if label_names is None else {name: index for index, name in enumerate(label_names)}
+    return _columns_split(read_table(file), text_columns, label_column, file, label_ids)
 
 
 def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str,
                regression: bool = False) -> TaskData:
     """CSV / JSON(L) / Parquet files with one or two text columns and a label column."""
-    import datasets
-
-    formats = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    tables = {}
-    for split, file in (("train", train_file), ("validation", validation_file)):
-        path = Path(file)
-        if path.suffix not in formats:
-            raise DataError(f"{file}: unsupported format {path.suffix!r}; use {sorted(formats)}")
-        if not path.is_file():
-            raise DataError(f"{file} does not exist")
-        if path.stat().st_size == 0:
-            raise DataError(f"{file} is empty")
-        try:
-            tables[split] = datasets.load_dataset(formats[path.suffix], data_files=str(path), split="train")
-        except Exception as error:  # datasets raises many types for unreadable files
-            raise DataError(f"{file} could not be read as {formats[path.suffix]}: {error}") from error
+    tables = {"train": read_table(train_file), "validation": read_table(validation_file)}
     label_ids = None
     if not regression:
-        if label_column not in tables["train"].column_names:
-            raise DataError(f"{train_file} has no column {label_column!r}; its columns are {tables['train'].column_names}")
+        _require_columns(tables["train"], (label_column,), train_file)
         names = sorted({str(v) for v in tables["train"][label_column]},
                        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
         label_ids = {name: index for index, name in enumerate(names)}
@@ -149,7 +226,7 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     validation = _columns_split(tables["validation"], text_columns, label_column, validation_file, label_ids)
     return TaskData(Path(train_file).stem, train, {"validation": validation}, 1 if regression else len(label_ids),
                     ("pearson", "spearman") if regression else ("accuracy",),
-                    None if regression else list(label_ids))
+                    None if regression else list(label_ids), tuple(text_columns), label_column)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -26,7 +27,7 @@ def save_tiny_bert(root, dropout: float) -> str:
     transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=48, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                     intermediate_size=48, max_position_embeddings=128, hidden_dropout_prob=dropout,
                                      attention_probs_dropout_prob=0.0)
     transformers.BertModel(config, add_pooling_layer=False).save_pretrained(root)  # no pooler: new, like MiniLM's
     return str(root)
@@ -43,22 +44,29 @@ def model_dir_no_dropout(tmp_path_factory):
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
 
 
-def write_csv(path, n, seed, labels=tuple(WORDS), score=False):
+def topic_texts(n, seed, labels=tuple(WORDS)):
+    """(text, topic) pairs: filler words with two words of the topic, cycling through the topics."""
     rng = random.Random(seed)
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.choices(FILLER, k=rng.randint(2, 9)) + rng.choices(WORDS[label], k=2)
+        rng.shuffle(words)
+        yield " ".join(words), label
+
+
+def write_csv(path, n, seed, labels=tuple(WORDS), score=False):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        for i in range(n):
-            label = labels[i % len(labels)]
-            words = rng.choices(FILLER, k=rng.randint(2, 9)) + rng.choices(WORDS[label], k=2)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), float(i % 3) if score else label])
+        for i, (text, label) in enumerate(topic_texts(n, seed, labels)):
+            writer.writerow([text, float(i % 3) if score else label])
     return str(path)
 
 
 @pytest.fixture()
 def files(tmp_path):
-    return dict(train_file=write_csv(tmp_path / "train.csv", 48, 1), validation_file=write_csv(tmp_path / "val.csv", 24, 2))
+    return dict(train_file=write_csv(tmp_path / "train.csv", 48, 1),
+                validation_file=write_csv(tmp_path / "val.csv", 24, 2))
 
 
 def config(model_dir, files, tmp_path, **overrides):
@@ -85,15 +93,56 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
     assert "train / 24 validation examples" in printed and "epoch 3: validation accuracy" in printed
 
     scores = serve.evaluate_checkpoints([str(out)])[str(out)]
-    assert scores["validation"]["accuracy"] == pytest.approx(summary["epochs"][-1]["validation"]["accuracy"])
+    assert scores["validation"]["accuracy"] == pytest.approx(summary["best"]["value"]), "biases/: the best epoch"
     rows = serve.predict(str(out), texts=[("goal match team",), ("bank price profit market",)])
-    assert [set(r) for r in rows] == [{"text", "label", "probability"}] * 2 and rows[0]["label"] in WORDS
+    assert [list(r) for r in rows] == [["text", "label", "probabilities"]] * 2 and rows[0]["label"] in WORDS
 
     capsys.readouterr()
     assert cli.main(["eval", str(out)]) == 0
     assert f"{out}: validation accuracy {scores['validation']['accuracy']:.4f}" in capsys.readouterr().out
     assert cli.main(["predict", str(out), "--text", "goal match team"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["label"] == rows[0]["label"]
+
+
+def test_biases_hold_the_best_epoch_and_biases_last_the_last(model_dir, files, tmp_path, monkeypatch):
+    """Scripted validation scores (epoch 2 best): biases/ must equal the parameters at the end of epoch 2."""
+    scores = iter([0.5, 0.9, 0.7])
+    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"accuracy": next(scores)})
+    at_epoch_end = {}
+    save_checkpoint = trainer.save_checkpoint
+
+    def remember(path, model, optimizer, scaler, position, history, d):
+        save_checkpoint(path, model, optimizer, scaler, position, history, d)
+        at_epoch_end[position["epoch"]] = {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}
+
+    monkeypatch.setattr(trainer, "save_checkpoint", remember)
+    summary = trainer.train(config(model_dir, files, tmp_path, epochs=3), log=lambda *_: None)
+    assert summary["best"]["epoch"] == 2 and summary["saved_biases"] == {"biases": 2, "biases-last": 3}
+    out = tmp_path / "run"
+    for directory, epoch in (("biases", 2), ("biases-last", 3)):
+        saved = safetensors.torch.load_file(out / directory / "bitfit_biases.safetensors")
+        assert saved.keys() == at_epoch_end[epoch].keys()
+        for name, tensor in saved.items():
+            assert torch.equal(tensor, at_epoch_end[epoch][name]), (directory, name)
+    assert not torch.equal(at_epoch_end[2]["classifier.bias"], at_epoch_end[3]["classifier.bias"])
+
+
+def test_a_regression_run_predicts_scores(model_dir, tmp_path):
+    files = dict(train_file=write_csv(tmp_path / "t.csv", 16, 1, score=True),
+                 validation_file=write_csv(tmp_path / "v.csv", 8, 2, score=True))
+    trainer.train(config(model_dir, files, tmp_path, epochs=1, regression=True), log=lambda *_: None)
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\ngoal match\nbank price\n")
+    rows = serve.predict(str(tmp_path / "run"), input_file=str(texts))
+    assert [r["text"] for r in rows] == ["goal match", "bank price"]
+    assert all(list(r) == ["text", "score"] and isinstance(r["score"], float) for r in rows)
+
+
+def test_smoothing_averages_exactly_window_values():
+    assert trainer.moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert trainer.moving_average([3.0, 6.0, 9.0], 1) == [3.0, 6.0, 9.0]
+    assert trainer.moving_average([0.0, 3.0, 6.0, 9.0], 3) == [0.0, 1.5, 3.0, 6.0]
 
 
 def test_micro_batches_give_the_big_batch_result(model_dir_no_dropout, files, tmp_path):
@@ -210,7 +259,7 @@ def fake_glue(task):
 
     spec = data.GLUE[task]
     rows = {c: [f"{c} {i}" for i in range(6)] for c in spec.text_columns}
-    rows["label"] = [float(i) / 2 for i in range(6)] if spec.num_labels == 1 else [i % spec.num_labels for i in range(6)]
+    rows["label"] = [float(i) / 2 if spec.num_labels == 1 else i % spec.num_labels for i in range(6)]
     return datasets.DatasetDict({s: datasets.Dataset.from_dict(rows) for s in ("train", *spec.validation_splits)})
 
 
@@ -219,6 +268,7 @@ def test_glue_tasks_map_columns_labels_and_metrics(task, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda path, name: fake_glue(name))
+    monkeypatch.setattr(data, "require_hub", lambda what, offline_alternative: None)
     loaded = data.load_glue(task)
     spec = data.GLUE[task]
     assert list(loaded.validation) == list(spec.validation_splits) and loaded.metrics == spec.metrics
