@@ -1,6 +1,8 @@
 """`bitfit-fast`: the command-line entry point."""
 
 import argparse
+import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -21,8 +23,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import DataError
-    from .trainer import TrainConfig, TrainingDiverged, sweep, train
+    from .trainer import TrainConfig, sweep, train
 
     config = TrainConfig(
         model=args.model, task=args.task, train_file=args.train_file, validation_file=args.validation_file,
@@ -34,96 +35,181 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume, backend=args.backend, memory=args.memory, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, progress=not args.no_progress,
     )
-    try:
-        sweep(config) if args.lr_sweep else train(config)
-    except (DataError, TrainingDiverged, FileNotFoundError) as error:
-        print(f"bitfit-fast train: error: {error}", file=sys.stderr)
-        return 2
+    sweep(config) if args.lr_sweep else train(config)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .serve import evaluate_checkpoints
 
-    for path, scores in evaluate_checkpoints(args.checkpoint, args.validation_file).items():
+    for path, scores in evaluate_checkpoints(args.runs, args.validation_file).items():
         print(f"{path}: " + " | ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
                                          for split, m in scores.items()))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import json
-
     from .serve import predict
 
-    texts = [(t,) for t in args.text] if args.text else None
-    for row in predict(args.checkpoint, texts=texts, input_file=args.input_file):
-        print(json.dumps(row))
+    texts = None
+    if args.text:
+        texts = list(zip(args.text, args.text_pair)) if args.text_pair else [(t,) for t in args.text]
+    for row in predict(args.run, texts=texts, input_file=args.input_file):
+        print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+def _train_conflict(args: argparse.Namespace) -> str | None:
+    if len(args.text_columns) > 2:
+        return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
+    if bool(args.train_file) != bool(args.validation_file):
+        return "--train-file and --validation-file go together: give both"
+    if args.task and args.train_file:
+        return "--task and --train-file/--validation-file are two data sources: give one"
+    if args.lr_sweep and args.lr is not None:
+        return "--lr-sweep tries the paper's learning rates itself: leave out --lr"
+    return None
+
+
+def _predict_conflict(args: argparse.Namespace) -> str | None:
+    if args.text_pair and not args.text:
+        return "--text-pair gives the second text of each --text: give --text too"
+    if args.text_pair and len(args.text_pair) != len(args.text):
+        return (f"--text-pair needs one text per --text: got {len(args.text)} --text and {len(args.text_pair)} "
+                "--text-pair")
+    return None
+
+
+def _number(kind: type, minimum: float, above: bool = False):
+    """An argparse type: a finite ``kind`` that is at least ``minimum`` (more than it, with ``above``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
+POSITIVE, NON_NEGATIVE = _number(float, 0, above=True), _number(float, 0)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each default, except for options that are off (or automatic) unless given."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bitfit_fast_benches.presets import PRESETS
 
-    parser = argparse.ArgumentParser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels")
-    commands = parser.add_subparsers(dest="command", required=True)
-    b = commands.add_parser("bench", help="benchmark reference BitFit, full fine-tuning and bitfit_fast")
-    b.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    b.add_argument("--providers", nargs="+", help="run these providers instead of the preset's")
-    b.add_argument("--out", default="benches/results", help="directory for the JSON, Markdown and PNG results")
-    b.add_argument("--update-readme", action="store_true", help="regenerate README's section from --out/*.json")
-    b.add_argument("--readme", default="README.md")
-    b.set_defaults(func=_bench)
+    from .backend import BACKENDS
+    from .data import GLUE
+    from .fused_layer import MEMORY_MODES
+    from .trainer import METHODS
 
-    t = commands.add_parser("train", help="fine-tune with BitFit (no arguments: the embedded offline demo)")
-    t.add_argument("--model", help="Hugging Face encoder name or path (default: the embedded all-MiniLM-L6-v2)")
-    t.add_argument("--task", help="GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli (needs a network)")
-    t.add_argument("--train-file", help="local CSV/JSON/Parquet training file")
-    t.add_argument("--validation-file", help="local CSV/JSON/Parquet validation file")
-    t.add_argument("--text-columns", nargs="+", default=["text"], help="one or two text columns of local files")
-    t.add_argument("--label-column", default="label")
-    t.add_argument("--regression", action="store_true", help="the label is a score (one output, MSE loss)")
-    t.add_argument("--method", choices=["bitfit", "subset", "full", "frozen"], default="bitfit",
-                   help="biases + head (bitfit), query+intermediate biases + head (subset), all weights (full), head only (frozen)")
-    t.add_argument("--lr", type=float, help="learning rate (default: 1e-3 BitFit, 1e-4 BitFit on MNLI, 1e-5 full)")
-    t.add_argument("--lr-sweep", action="store_true", help="one run per learning rate of the paper's grid; report the best")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step, over all processes")
-    t.add_argument("--micro-batch-size", type=int, help="examples per forward pass (default: fit to GPU memory)")
-    t.add_argument("--max-length", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not just its message")
+    parser = argparse.ArgumentParser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels",
+                                     formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, summary: str, func) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary, parents=[common],
+                                  formatter_class=_HelpFormatter)
+        sub.set_defaults(func=func)
+        return sub
+
+    b = command("bench", "benchmark reference BitFit, full fine-tuning and bitfit_fast", _bench)
+    presets = "; ".join(f"{name}: {preset.device}, {len(preset.workloads)} workloads of "
+                        f"{'/'.join(sorted({w.model for w in preset.workloads}))}" for name, preset in PRESETS.items())
+    b.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
+                   help=f"what to measure ({presets}); tiny is a smoke test of a few seconds")
+    b.add_argument("--providers", nargs="+", help="run these providers instead of the preset's")
+    b.add_argument("--out", default="runs/bench",
+                   help="directory for the JSON, Markdown and PNG results (the committed ones: benches/results)")
+    b.add_argument("--update-readme", action="store_true", help="regenerate README's section from --out/*.json")
+    b.add_argument("--readme", default="README.md", help="the README that --update-readme rewrites")
+
+    t = command("train", "fine-tune with BitFit (no arguments: the embedded offline demo)", _train)
+    data = t.add_argument_group("data (default: the embedded BBC News, offline)")
+    data.add_argument("--task", choices=list(GLUE), help="a GLUE task, through `datasets` (needs the network)")
+    data.add_argument("--train-file", help="local CSV/JSON/Parquet training file (with --validation-file)")
+    data.add_argument("--validation-file", help="local CSV/JSON/Parquet validation file")
+    data.add_argument("--text-columns", nargs="+", default=["text"], help="one or two text columns of local files")
+    data.add_argument("--label-column", default="label", help="label column of local files")
+    data.add_argument("--regression", action="store_true", help="the label is a score (one output, MSE loss)")
+    data.add_argument("--max-train-examples", type=POSITIVE_INT, help="train on the first N examples only")
+    data.add_argument("--max-eval-examples", type=POSITIVE_INT, help="evaluate on the first N examples only")
+    t.add_argument("--model", help="Hugging Face encoder: hub name or local directory (default: the embedded "
+                                   "all-MiniLM-L6-v2)")
+    t.add_argument("--method", choices=METHODS, default="bitfit",
+                   help="what trains: all biases + head (bitfit), query and intermediate biases + head (subset), "
+                        "every weight (full), the head only (frozen)")
+    t.add_argument("--lr", type=POSITIVE, help="learning rate (default: 1e-3 BitFit, 1e-4 BitFit on MNLI, 1e-5 full)")
+    t.add_argument("--lr-sweep", action="store_true",
+                   help="one run per learning rate of the paper's grid, in --output-dir/lr-*; reports the best")
+    t.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")
+    t.add_argument("--epochs", type=POSITIVE_INT, default=3, help="passes over the training data")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="examples per optimizer step, over all processes")
+    t.add_argument("--micro-batch-size", type=POSITIVE_INT,
+                   help="examples per forward pass (default: the whole batch on CPU, the most that fits on a GPU)")
+    t.add_argument("--max-length", type=POSITIVE_INT, default=128, help="tokens per example; longer ones are cut")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and the new head")
     precision = t.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling")
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--output-dir", default="runs/bitfit")
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: each epoch)")
+    t.add_argument("--max-grad-norm", type=POSITIVE, default=1.0, help="gradient clipping")
+    t.add_argument("--output-dir", default="runs/bitfit",
+                   help="where biases/ (best epoch), biases-last/, checkpoint.pt and the summary go")
+    t.add_argument("--save-every", type=COUNT, default=0, help="also checkpoint every N steps (0: each epoch only)")
     t.add_argument("--resume", action="store_true", help="continue exactly from --output-dir's checkpoint")
-    t.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    t.add_argument("--memory", choices=["default", "lean", "minimal"], default="default")
-    t.add_argument("--max-train-examples", type=int)
-    t.add_argument("--max-eval-examples", type=int)
+    t.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="Triton kernels or torch ops (auto: the kernels on a GPU)")
+    t.add_argument("--memory", choices=MEMORY_MODES, default="default", help="memory mode of the fused layers")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_train)
+    t.set_defaults(conflict=_train_conflict)
 
-    e = commands.add_parser("eval", help="evaluate saved bias checkpoints (one base model, bias sets swapped)")
-    e.add_argument("checkpoint", nargs="+", help="output directories of `bitfit-fast train`")
-    e.add_argument("--validation-file", help="evaluate on this file instead of the run's validation data")
-    e.set_defaults(func=_evaluate)
+    e = command("eval", "evaluate runs' best biases (one base model loaded, bias sets swapped)", _evaluate)
+    e.add_argument("runs", nargs="+", metavar="RUN", help="output directories of `bitfit-fast train`")
+    e.add_argument("--validation-file",
+                   help="CSV/JSON/Parquet file with the runs' text and label columns (default: each run's own "
+                        "validation data)")
 
-    p = commands.add_parser("predict", help="predict labels with a saved bias checkpoint")
-    p.add_argument("checkpoint", help="output directory of `bitfit-fast train`")
+    p = command("predict", "predict with a run's best biases: one JSON line per text, with label and probabilities",
+                _predict)
+    p.add_argument("run", metavar="RUN", help="output directory of `bitfit-fast train`")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", nargs="+", help="texts to classify")
+    source.add_argument("--text", nargs="+", help="texts to classify (the first text, for runs on two text columns)")
     source.add_argument("--input-file", help="CSV/JSON/Parquet file with the run's text columns")
-    p.set_defaults(func=_predict)
+    p.add_argument("--text-pair", nargs="+", help="the second text of each --text, for runs on two text columns")
+    p.set_defaults(conflict=_predict_conflict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`bitfit-fast`: a mistake the user can fix ends with one line and exit status 2 (`--debug`: the traceback)."""
+    from .data import UserError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    conflict = getattr(args, "conflict", lambda _: None)(args)
+    prefix = f"bitfit-fast {args.command}: error:"
+    if conflict:
+        print(f"{prefix} {conflict}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"{prefix} {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

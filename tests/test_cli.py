@@ -1,0 +1,340 @@
+"""`bitfit-fast` as a user runs it, each command in its own process (`python -m bitfit_fast.cli`): the documented
+commands work, and every mistake ends with one line on stderr that says what to do, exit status 2, no traceback.
+
+A tiny BERT saved to disk stands in for a real encoder; the subprocesses of a stage run two at a time."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+
+import datasets
+import pytest
+from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
+
+from bitfit_fast import cli
+
+UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once, network or not
+
+
+def write_table(path, columns: dict) -> str:
+    """A CSV, JSON Lines or Parquet file of ``columns``, by the file's suffix."""
+    table = datasets.Dataset.from_dict(columns)
+    {".csv": lambda: table.to_csv(path, index=False), ".jsonl": lambda: table.to_json(path),
+     ".parquet": lambda: table.to_parquet(path)}[path.suffix]()
+    return str(path)
+
+
+def pair_columns(n: int, seed: int) -> dict:
+    """Two-text examples: the premise holds the topic's words, the hypothesis other text of the same topic."""
+    first, second = list(topic_texts(n, seed)), list(topic_texts(n, seed + 100))
+    return dict(premise=[t for t, _ in first], hypothesis=[t for t, _ in second], label=[label for _, label in first])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """The user's directory: a tiny model, one-text and two-text data in CSV, JSON Lines and Parquet."""
+    root = tmp_path_factory.mktemp("user")
+    (root / "model").mkdir()
+    save_tiny_bert(root / "model", dropout=0.1)
+    (root / "data").mkdir()
+    write_csv(root / "data" / "train.csv", 48, 1)
+    write_csv(root / "data" / "val.csv", 24, 2)
+    write_table(root / "data" / "texts.csv", dict(text=["goal match team coach", "bank market price profit"]))
+    write_table(root / "data" / "pairs-train.csv", pair_columns(48, 1))
+    write_table(root / "data" / "pairs-val.jsonl", pair_columns(24, 2))
+    pairs = pair_columns(3, 3)
+    write_table(root / "data" / "pairs.parquet", dict(premise=pairs["premise"], hypothesis=pairs["hypothesis"]))
+    (root / "data" / "texts.txt").write_text("goal\n")
+    write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
+    (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
+    (root / "not-a-run").mkdir()
+    return root
+
+
+def run_all(commands: dict, home) -> dict:
+    """{name: (args, extra env)} run as `python -m bitfit_fast.cli *args` from ``home``, two at a time:
+    {name: (CompletedProcess, seconds)}."""
+
+    def one(args, extra_env):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        env.update(HF_HOME=str(home / "hf-home"), **extra_env)  # an empty cache: offline means offline
+        start = time.perf_counter()
+        process = subprocess.run([sys.executable, "-m", "bitfit_fast.cli", *args], cwd=home, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        return process, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(one, args, env) for name, (args, env) in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+TRAIN = ["train", "--model", "model", "--epochs", "2", "--backend", "torch", "--no-progress"]
+TRAIN_TWO = [*TRAIN, "--train-file", "data/pairs-train.csv", "--validation-file", "data/pairs-val.jsonl",
+             "--text-columns", "premise", "hypothesis", "--output-dir", "runs/two"]
+
+# Mistakes that need no trained run: (arguments, extra environment, what the last line of stderr says).
+MISTAKES = {
+    "batch size 0": (["train", "--batch-size", "0"], {}, "train: error: argument --batch-size: must be at least 1"),
+    "model path that does not exist": (["train", "--model", "/nonexistent", "--output-dir", "runs/failed"], {},
+                                       "train: error: --model /nonexistent does not exist: pass a directory"),
+    "misspelled hub name": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed"],
+                            {"HF_ENDPOINT": UNREACHABLE_HUB},
+                            "train: error: --model bert-base-uncassed needs the Hugging Face hub, and 127.0.0.1:9 "
+                            "cannot be reached"),
+    "misspelled hub name, offline": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed"],
+                                     {"HF_HUB_OFFLINE": "1"},
+                                     "train: error: --model bert-base-uncassed could not be loaded"),
+    "GLUE task without the network": (["train", "--task", "sst2", "--output-dir", "runs/failed"],
+                                      {"HF_ENDPOINT": UNREACHABLE_HUB},
+                                      "train: error: GLUE sst2 needs the Hugging Face hub, and 127.0.0.1:9 cannot be "
+                                      "reached"),
+    "GLUE task offline": (["train", "--task", "sst2", "--output-dir", "runs/failed"], {"HF_HUB_OFFLINE": "1"},
+                          "train: error: GLUE sst2 could not be loaded"),
+    "predict on a directory that is not a run": (["predict", "not-a-run", "--text", "hello"], {},
+                                                 "predict: error: not-a-run is not a `bitfit-fast train` run (it has "
+                                                 "no run_config.json): pass the --output-dir"),
+}
+
+
+@pytest.fixture(scope="module")
+def first_stage(home):
+    """The two-text training and the mistakes that need no run, side by side."""
+    commands = {"train two texts": (TRAIN_TWO, {}), "debug": (["train", "--model", "/nonexistent", "--debug"], {})}
+    commands.update({name: (args, env) for name, (args, env, _) in MISTAKES.items()})
+    return run_all(commands, home)
+
+
+@pytest.fixture(scope="module")
+def runs(home, first_stage):
+    """Two runs: on two text columns (trained in its own process, from relative paths) and on one (in this one)."""
+    process, _ = first_stage["train two texts"]
+    assert process.returncode == 0, process.stderr[-3000:]
+    data = home / "data"
+    assert cli.main(["train", "--model", str(home / "model"), "--epochs", "2", "--backend", "torch", "--no-progress",
+                     "--train-file", str(data / "train.csv"), "--validation-file", str(data / "val.csv"),
+                     "--output-dir", str(home / "runs" / "one")]) == 0
+    return {name: json.loads((home / "runs" / name / "run_summary.json").read_text()) for name in ("one", "two")}
+
+
+@pytest.fixture(scope="module")
+def second_stage(home, runs):
+    """eval and predict, as documented, from another directory, and the mistakes made with the runs."""
+    elsewhere = home / "elsewhere"
+    commands = {
+        "eval two runs": (["eval", "../runs/one", "../runs/two"], {}),
+        "predict a file": (["predict", "../runs/one", "--input-file", "../data/texts.csv"], {}),
+        "predict text pairs": (["predict", "../runs/two", "--text", "goal match", "bank price", "--text-pair",
+                                "team coach", "market profit"], {}),
+    }
+    return run_all(commands, elsewhere)
+
+
+def test_training_writes_absolute_paths_and_the_best_and_last_biases(home, first_stage, runs):
+    out = home / "runs" / "two"
+    recorded = json.loads((out / "run_config.json").read_text())
+    for key in ("model", "train_file", "validation_file"):
+        assert os.path.isabs(recorded["config"][key]) and os.path.exists(recorded["config"][key]), key
+    assert recorded["text_columns"] == ["premise", "hypothesis"] and recorded["label_column"] == "label"
+    summary = runs["two"]
+    assert summary["saved_biases"] == {"biases": summary["best"]["epoch"], "biases-last": 2}
+    assert (out / "biases").is_dir() and (out / "biases-last").is_dir()
+    printed = first_stage["train two texts"][0].stdout
+    assert f"biases/ holds epoch {summary['best']['epoch']}, biases-last/ epoch 2" in printed
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 3)", "(default: 8)", "(default: runs/bitfit)", "(default: bitfit)"):
+        assert default in help_text
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+
+
+def test_eval_scores_the_best_biases_from_any_directory(second_stage, runs):
+    process, _ = second_stage["eval two runs"]
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.splitlines() == [
+        f"../runs/{name}: validation accuracy {runs[name]['best']['value']:.4f}" for name in ("one", "two")]
+
+
+def test_eval_takes_any_validation_file(home, runs, capsys):
+    file = home / "data" / "pairs-val.jsonl"
+    assert cli.main(["eval", str(home / "runs" / "two"), "--validation-file", str(file)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{file} accuracy {runs['two']['best']['value']:.4f}")
+
+
+def check_predictions(printed: str, columns: list[str], count: int):
+    rows = [json.loads(line) for line in printed.splitlines()]
+    assert len(rows) == count
+    for row in rows:
+        assert list(row) == [*columns, "label", "probabilities"]
+        assert set(row["probabilities"]) == set(WORDS) and sum(row["probabilities"].values()) == pytest.approx(1)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+
+
+@pytest.mark.parametrize("name,columns", [("predict a file", ["text"]),
+                                          ("predict text pairs", ["premise", "hypothesis"])])
+def test_predict_prints_json_lines_with_label_and_probabilities(second_stage, name, columns):
+    process, _ = second_stage[name]
+    assert process.returncode == 0, process.stderr
+    check_predictions(process.stdout, columns, 2)
+
+
+def test_predict_reads_parquet(home, runs, capsys):
+    assert cli.main(["predict", str(home / "runs" / "two"), "--input-file", str(home / "data" / "pairs.parquet")]) == 0
+    check_predictions(capsys.readouterr().out, ["premise", "hypothesis"], 3)
+
+
+@pytest.mark.parametrize("name", ["eval two runs", "predict text pairs", "predict a file"])
+def test_eval_and_predict_do_not_report_the_restored_head_as_new(second_stage, name):
+    process, _ = second_stage[name]
+    for noise in ("LOAD REPORT", "MISSING", "newly initialized", "Loading weights"):
+        assert noise not in process.stdout + process.stderr
+
+
+def check_one_line_error(process, expected: str):
+    assert process.returncode == 2, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bitfit-fast {expected}"), last
+    if not expected.split(": ", 2)[-1].startswith(("argument", "one of the arguments")):  # argparse adds its usage
+        assert process.stderr.strip().count("\n") == 0, process.stderr
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
+    process, seconds = first_stage[name]
+    check_one_line_error(process, MISTAKES[name][2])
+    assert seconds < 60, "a missing network is found in seconds, not after minutes of retries"
+    assert not (home / "runs" / "failed").exists(), "a run that failed to start leaves no directory"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["predict", "{runs}/two", "--text", "goal match"],
+     "{runs}/two was trained on two texts per example (premise, hypothesis): give each --text its second text with "
+     "--text-pair"),
+    (["predict", "{runs}/one", "--text", "goal", "--text-pair", "match"],
+     "{runs}/one was trained on one text per example (text): leave out --text-pair"),
+    (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
+    (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),
+    (["predict", "{runs}/one", "--input-file", "{data}/texts.txt"], "unsupported format '.txt'"),
+    (["eval", "{runs}/one", "--validation-file", "{data}/pairs-val.jsonl"], "pairs-val.jsonl has no column 'text'"),
+    (["eval", "{runs}/two", "--validation-file", "{data}/unknown-labels.csv"],
+     "has labels ['weather'] that the training data does not have"),
+    (["eval", "{runs}/none"], "{runs}/none is not a directory: pass the --output-dir of a `bitfit-fast train` run"),
+    (["eval", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
+    (["train", "--model", "{home}/model", "--output-dir", "{runs}/one"],
+     "{runs}/one already holds a run (checkpoint.pt): continue it with --resume"),
+    (["train", "--model", "{home}/model", "--output-dir", "{home}/not-a-run", "--resume"],
+     "--resume: no checkpoint at {home}/not-a-run/checkpoint.pt; leave out --resume"),
+    (["train", "--model", "{home}/model", "--max-length", "1000", "--output-dir", "{runs}/failed"],
+     "--max-length 1000 is more than the 128 positions of --model {home}/model: use --max-length 128 or less"),
+    (["train", "--model", "{data}", "--output-dir", "{runs}/failed"],
+     "--model {data} has no config.json, so it is not a Hugging Face model"),
+])
+def test_mistakes_with_runs_and_files_end_with_one_line(home, runs, args, message, capsys):
+    places = dict(home=home, runs=home / "runs", data=home / "data")
+    assert cli.main([arg.format(**places) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bitfit-fast {args[0]}: error: ")
+    assert message.format(**places) in err
+    assert not (home / "runs" / "failed").exists()
+
+
+def test_network_errors_name_the_offline_alternative(first_stage):
+    for name in ("misspelled hub name", "GLUE task without the network"):
+        assert "set HF_HUB_OFFLINE=1" in first_stage[name][0].stderr
+    assert "--train-file" in first_stage["GLUE task without the network"][0].stderr
+    assert "leave --model out for the embedded all-MiniLM-L6-v2" in first_stage["misspelled hub name"][0].stderr
+
+
+def test_debug_shows_the_traceback(first_stage):
+    process, _ = first_stage["debug"]
+    assert process.returncode != 0 and "Traceback" in process.stderr and "UserError" in process.stderr
+
+
+# In-process: the same `main`, for mistakes that need no separate process to be believed.
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--text-columns", "a", "b", "c"], "--text-columns takes one or two columns, got 3"),
+    (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
+    (["train", "--task", "rte", "--train-file", "t.csv", "--validation-file", "v.csv"], "two data sources"),
+    (["train", "--lr-sweep", "--lr", "1e-3"], "--lr-sweep tries the paper's learning rates itself: leave out --lr"),
+    (["predict", "run", "--input-file", "f.csv", "--text-pair", "b"], "--text-pair gives the second text"),
+    (["predict", "run", "--text", "a", "--text-pair", "b", "c"], "got 1 --text and 2 --text-pair"),
+])
+def test_conflicting_arguments_end_with_one_line(args, message, capsys):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bitfit-fast {args[0]}: error: ") and message in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--lr", "-1"], "argument --lr: must be more than 0, got -1"),
+    (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["train", "--max-length", "0"], "argument --max-length: must be at least 1, got 0"),
+    (["train", "--micro-batch-size", "0"], "argument --micro-batch-size: must be at least 1"),
+    (["train", "--max-grad-norm", "0"], "argument --max-grad-norm: must be more than 0"),
+    (["train", "--weight-decay", "-0.1"], "argument --weight-decay: must be at least 0"),
+    (["train", "--lr", "nan"], "argument --lr: must be more than 0"),
+    (["train", "--epochs", "two"], "argument --epochs: 'two' is not an integer"),
+    (["train", "--save-every", "-1"], "argument --save-every: must be at least 0"),
+    (["train", "--method", "lora"], "argument --method: invalid choice: 'lora'"),
+    (["train", "--task", "sst3"], "argument --task: invalid choice: 'sst3'"),
+    (["train", "--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
+    (["predict", "runs/a"], "one of the arguments --text --input-file is required"),
+    (["eval"], "the following arguments are required: RUN"),
+])
+def test_argument_ranges_are_checked_before_anything_loads(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"bitfit-fast {args[0]}: error: {message}")
+    assert "Traceback" not in err
+
+
+def test_choices_come_from_the_library():
+    from bitfit_fast.backend import BACKENDS
+    from bitfit_fast.fused_layer import MEMORY_MODES
+    from bitfit_fast.trainer import METHODS
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {action.dest: tuple(action.choices) for action in train._actions if action.choices}
+    assert choices["backend"] == BACKENDS and choices["memory"] == MEMORY_MODES and choices["method"] == METHODS
+
+
+def test_bench_writes_under_runs_by_default_and_documents_its_presets(capsys):
+    from bitfit_fast_benches.presets import PRESETS
+
+    args = cli.build_parser().parse_args(["bench"])
+    assert args.out == "runs/bench"
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/bench)" in help_text
+    for name in PRESETS:
+        assert f"{name}: " in help_text
+    assert "tiny is a smoke test" in help_text
+
+
+def test_the_hub_probe_goes_through_the_proxy(monkeypatch):
+    """Behind a proxy the hub is reached through it: the proxy is what must answer."""
+    import huggingface_hub.constants
+
+    from bitfit_fast.data import UserError, require_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(UserError, match=r"--model x needs the Hugging Face hub, and 127.0.0.1:9 cannot be reached"):
+        require_hub("--model x", "pass a local directory")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    require_hub("--model x", "pass a local directory")  # offline: the local cache only, nothing to probe
