@@ -60,6 +60,44 @@ BERT_LAYER = EncoderLayerSpec(
 
 
 @dataclasses.dataclass(frozen=True)
+class PreNormGluLayerSpec:
+    """Attribute paths, from a layer, of a pre-LayerNorm encoder layer with rotary positions and a GLU MLP
+    (ModernBERT):
+
+        a  = attention(rope(q), rope(k), v), q|k|v = qkv(attention_norm(x))   dropout on the probabilities
+        x1 = x + dropout(attention_output(a))          the attention's dropout probability, again
+        y  = x1 + mlp_output(dropout(act(u) * gate)),  u|gate = glu_input(mlp_norm(x1))
+
+    attention_norm may be an Identity (ModernBERT's layer 0); dropouts may be Identity (probability 0).
+    """
+
+    attention: str  # the self-attention module: head_dim, attention_dropout
+    qkv: str  # q, k and v packed along the output rows
+    attention_output: str
+    attention_output_dropout: str
+    attention_norm: str
+    mlp_norm: str
+    glu_input: str  # [input | gate] halves along the output rows
+    activation: str
+    mlp_dropout: str
+    mlp_output: str
+
+
+MODERNBERT_LAYER = PreNormGluLayerSpec(
+    attention="attn",
+    qkv="attn.Wqkv",
+    attention_output="attn.Wo",
+    attention_output_dropout="attn.out_drop",
+    attention_norm="attn_norm",
+    mlp_norm="mlp_norm",
+    glu_input="mlp.Wi",
+    activation="mlp.act",
+    mlp_dropout="mlp.drop",
+    mlp_output="mlp.Wo",
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     # biases="subset": the paper's b_q and b_m2 (query and intermediate), as module-name patterns.
@@ -70,10 +108,11 @@ class Family:
     # Key projections of dot-product self-attention: their bias has an identically zero gradient (softmax ignores
     # the per-query constant q·b_k) as long as positions do not enter through the keys (absolute positions).
     attention_keys: tuple[str, ...] = ()
-    # Fusable layers: their class names, and where their parts live.
+    # Fusable layers: their class names, and where their parts live (the spec's type picks the fused layer).
     layer_classes: tuple[str, ...] = ()
-    layer: EncoderLayerSpec | None = None
-    # Modules holding the fusable layers as a ModuleList ``layer``; they run the stack unpadded.
+    layer: EncoderLayerSpec | PreNormGluLayerSpec | None = None
+    # Modules holding the fusable layers (a ModuleList ``layer``; ModernBERT's model: ``layers``); they run the
+    # stack unpadded.
     encoder_classes: tuple[str, ...] = ()
     # Task models whose head reads only the first token of the last layer (the classification shortcut).
     first_token_heads: tuple[str, ...] = ()
@@ -110,7 +149,8 @@ FAMILIES = (
     Family(name="albert", subset=("attention.query", "ffn"), attention_keys=("attention.key",)),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
-    Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",)),
+    Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),
+           layer_classes=("ModernBertEncoderLayer",), layer=MODERNBERT_LAYER, encoder_classes=("ModernBertModel",)),
 )
 
 
@@ -125,7 +165,7 @@ FIRST_TOKEN_HEADS = frozenset(_union("first_token_heads"))
 OFFSET_POSITION_EMBEDDINGS = frozenset(_union("offset_position_embeddings"))
 
 
-def layer_spec(layer_class: str) -> EncoderLayerSpec | None:
+def layer_spec(layer_class: str) -> EncoderLayerSpec | PreNormGluLayerSpec | None:
     """The fusable-layer spec of a layer class name, or None."""
     return next((f.layer for f in FAMILIES if layer_class in f.layer_classes), None)
 

@@ -63,7 +63,7 @@ def _is_exact_gelu(act: nn.Module | None) -> bool:
 def is_fusable(layer: nn.Module) -> bool:
     """A layer of a registered family (see ``families``) whose parts are all BitFit modules with biases."""
     spec = layer_spec(type(layer).__name__)
-    if spec is None:
+    if not isinstance(spec, EncoderLayerSpec):  # None, or another layout (fused_modernbert)
         return False
     try:
         linears = [layer.get_submodule(path) for path in spec.linears()]
@@ -322,8 +322,11 @@ def fuse(model: nn.Module, memory: str, first_token_head: bool) -> None:
     """Fuse every fusable layer of ``model`` and every encoder whose layers all fused; with
     ``first_token_head`` (the model's head reads only each sequence's first token), the model's forward turns
     the classification shortcut on in its encoder."""
+    from .fused_modernbert import fuse_modernbert  # it builds on this module: imported at first use
+
     replace_children(model, lambda m: FusedEncoderLayer.fuse(m, memory) if is_fusable(m) else None)
     replace_children(model, lambda m: FusedEncoder.fuse(m) if _is_fusable_encoder(m) else None)
+    fuse_modernbert(model, memory)
     encoders = [name for name, m in model.named_modules() if isinstance(m, FusedEncoder)]
     if first_token_head and len(encoders) == 1:
         model.register_forward_pre_hook(functools.partial(_read_first_tokens_only, encoders[0]), with_kwargs=True)
@@ -346,11 +349,12 @@ def unfuse_hooks(model: nn.Module) -> None:
                 module._forward_hooks_always_called.pop(key, None)
 
 
-def _is_fusable_encoder(module: nn.Module) -> bool:
-    layers = getattr(module, "layer", None)
+def _is_fusable_encoder(module: nn.Module, layers_attribute: str = "layer",
+                        layer_class: type = FusedEncoderLayer) -> bool:
+    layers = getattr(module, layers_attribute, None)
     return (
         is_fusable_encoder_class(type(module).__name__)
         and isinstance(layers, nn.ModuleList)
         and len(layers) > 0
-        and all(isinstance(layer, FusedEncoderLayer) for layer in layers)
+        and all(isinstance(layer, layer_class) for layer in layers)
     )

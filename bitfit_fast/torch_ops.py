@@ -53,8 +53,27 @@ def check_frozen(name: str, tensor: torch.Tensor) -> None:
         raise RuntimeError(f"the BitFit backward computes no {name} gradient; freeze the {name} first")
 
 
+def activation_forward(activation: str | None, h: torch.Tensor) -> torch.Tensor:
+    """activation(h): None, "gelu" (exact), or "geglu": gelu(first half of h) * second half (a GLU such as
+    ModernBERT's, whose up-projection stacks its input and gate halves), half as wide as h."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "geglu":
+        value, gate = h.chunk(2, dim=-1)
+        return F.gelu(value) * gate
+    return h
+
+
+def activation_backward(activation: str, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The gradient of h from the gradient g of :func:`activation_forward` (activation, h)."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(g, h)
+    value, gate = h.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.gelu_backward(g * gate, value), g * F.gelu(value)], dim=-1)
+
+
 class FrozenLinearFunction(torch.autograd.Function):
-    """y = dropout(activation(x @ W^T + b)) with W frozen.
+    """y = dropout(activation(x @ W^T + b)) with W frozen; activation: see :func:`activation_forward`.
 
     Saves W (a parameter: free) and, with an activation, the pre-activation h. With ``recompute_from``, the
     (x_hat, gamma, beta) of the LayerNorm whose output x is, it saves nothing new (that LayerNorm keeps x_hat
@@ -66,7 +85,7 @@ class FrozenLinearFunction(torch.autograd.Function):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
         h = F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
-        y = F.gelu(h) if activation == "gelu" else h
+        y = activation_forward(activation, h)
         if dropout_p > 0.0:
             y = apply_dropout(y, dropout_p, seed)
         recompute = activation is not None and recompute_from is not None
@@ -84,11 +103,11 @@ class FrozenLinearFunction(torch.autograd.Function):
         g = dy.contiguous()
         if dropout_p > 0.0:
             g = apply_dropout(g, dropout_p, seed)
-        if activation == "gelu":
+        if activation is not None:
             if recompute:
                 bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
                 h = F.linear(layer_norm_output(*source).to(dy.dtype), w_c, bias)
-            g = torch.ops.aten.gelu_backward(g, h)
+            g = activation_backward(activation, g, h)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         db = bias_grad(g, ctx.bias_like.dtype) if ctx.needs_input_grad[2] else None
         return dx, None, db, None, None, None, None

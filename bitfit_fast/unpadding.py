@@ -60,7 +60,7 @@ class Tokens:
         self.starts = starts  # [S] each sequence's first row
         self.max_len = max_len  # L
         self.key_mask = key_mask  # [S, 1, 1, L] True where a key exists (or any attention mask); None: all exist
-        self._additive_mask = None
+        self._additive_masks = {}
 
     @property
     def num_sequences(self) -> int:
@@ -138,30 +138,39 @@ class Tokens:
         x = x.reshape(self.num_sequences * self.max_len, *x.shape[2:])
         return x if self.slots is None else x.index_select(0, self.slots)
 
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The key mask as 0 / dtype's lowest, for attention that adds it to the scores; made once a forward."""
+    def additive_mask(self, dtype: torch.dtype, window: int | None = None) -> torch.Tensor | None:
+        """The key mask as 0 / dtype's lowest, for attention that adds it to the scores; made once a forward.
+        With ``window``, keys farther than that from the query (positions within the sequence, or within the
+        batch row when the mask is kept as it came) are masked too: a bidirectional sliding window."""
         mask = self.key_mask
-        if mask is None or mask.dtype != torch.bool:
+        if window is None and (mask is None or mask.dtype != torch.bool):
             return mask if mask is None else mask.to(dtype)
-        if self._additive_mask is None or self._additive_mask.dtype != dtype:
-            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-            self._additive_mask = additive.masked_fill_(~mask, torch.finfo(dtype).min)
-        return self._additive_mask
+        if (dtype, window) not in self._additive_masks:
+            allowed = mask if mask is None or mask.dtype == torch.bool else mask == 0
+            if window is not None:
+                position = torch.arange(self.max_len, device=self.starts.device)
+                near = (position[:, None] - position[None, :]).abs() <= window
+                allowed = near if allowed is None else allowed & near
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._additive_masks[dtype, window] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return self._additive_masks[dtype, window]
 
     def attention(self, q, kv, heads: int, dropout_p: float, seed: int | None, scale: float,
-                  keep_probabilities: bool, first_only: bool = False) -> torch.Tensor:
+                  keep_probabilities: bool, first_only: bool = False, window: int | None = None) -> torch.Tensor:
         """softmax(q k^T · scale + mask) v per sequence, for q [N, d] (with ``first_only``, [S, d]: each
         sequence's first row) and kv [N, 2d] (k then v); returns q's shape. ``keep_probabilities=False`` runs the
-        flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the row logsumexp, not the probabilities."""
+        flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the row logsumexp, not the probabilities.
+        ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
         hidden = q.shape[-1]
         k, v = self._to_sequences(kv).view(self.num_sequences, self.max_len, 2, heads, -1).permute(2, 0, 3, 1, 4)
         q = (q.unsqueeze(1) if first_only else self._to_sequences(q)).view(*k.shape[:1], -1, heads, k.shape[-1])
         q = q.transpose(1, 2)
         if not keep_probabilities and dropout_p > 0.0:
-            context = DropoutAttentionFunction.apply(q, k, v, self.additive_mask(q.dtype), dropout_p, seed, scale)
+            context = DropoutAttentionFunction.apply(q, k, v, self.additive_mask(q.dtype, window), dropout_p, seed,
+                                                     scale)
         else:
             # The additive mask, made once for all layers: SDPA would convert a boolean one and keep a copy per layer.
-            mask = self.additive_mask(q.dtype)
+            mask = self.additive_mask(q.dtype, window)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         context = context.transpose(1, 2).reshape(self.num_sequences, -1, hidden)
         return context.squeeze(1) if first_only else self._from_sequences(context)

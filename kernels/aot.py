@@ -80,12 +80,14 @@ def linear_variants():
     fn = linear._linear_fwd_kernel.fn
     # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
     families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
-    # FusedLinearFunction: bias or not; plain, GELU storing its pre-activation (default memory) or not (recompute).
-    epilogues = [("", False), ("gelu", True), ("gelu", False)]
+    # FusedLinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
+    # memory) or not (recompute).
+    epilogues = [("", False), ("gelu", True), ("gelu", False), ("geglu", True), ("geglu", False)]
     for (dt, precision), has_bias, (act, preact) in itertools.product(families, (True, False), epilogues):
-        for cfg in linear.gemm_configs(DTYPES[dt], precision):
+        for cfg in linear.gemm_configs(DTYPES[dt], precision, act or None):
             tile = "x".join(str(cfg.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            label = f"{tile} s{cfg.num_stages} w{cfg.num_warps} {_flags(bias=has_bias, gelu=bool(act), preact=preact)}"
+            flags = _flags(bias=has_bias, gelu=act == "gelu", geglu=act == "geglu", preact=preact)
+            label = f"{tile} s{cfg.num_stages} w{cfg.num_warps} {flags}"
             yield Variant(
                 "linear_fwd", f"{precision} {label}" if dt == "fp32" else label, fn, dt,
                 consts=dict(HAS_BIAS=has_bias, ACTIVATION=act, HAS_DROPOUT=False, STORE_PREACT=preact,
@@ -93,12 +95,13 @@ def linear_variants():
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                 fp32_pointers={"b_ptr"} if has_bias else set(), ints=dict(INTS, seed=0),
             )
-    # linear_backward: g with the GELU (stored for dx, column-summed for db), or db alone from dy.
-    for dt, (act, store_g, db) in itertools.product(
-        DTYPES, [("gelu", True, True), ("gelu", True, False), ("gelu", False, True), ("", False, True)]
-    ):
+    # linear_backward: g with the GELU or GeGLU (stored for dx, column-summed for db), or db alone from dy.
+    activated = [(act, store_g, db) for act in ("gelu", "geglu") for store_g, db in [(True, True), (True, False),
+                                                                                   (False, True)]]
+    for dt, (act, store_g, db) in itertools.product(DTYPES, [*activated, ("", False, True)]):
         yield Variant(
-            "linear_grad", _flags(gelu=bool(act), store_g=store_g, db=db), linear._linear_grad_kernel, dt,
+            "linear_grad", _flags(gelu=act == "gelu", geglu=act == "geglu", store_g=store_g, db=db),
+            linear._linear_grad_kernel, dt,
             consts={"ACTIVATION": act, "HAS_DROPOUT": False, "STORE_G": store_g, "COMPUTE_DB": db,
                         "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
             options={"num_warps": linear._GRAD_WARPS},

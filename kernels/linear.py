@@ -72,7 +72,8 @@ from .utils import (
     row_bucket,
 )
 
-ACTIVATIONS = (None, "gelu")
+# "geglu": gelu(h[:, :N/2]) * h[:, N/2:], the GLU of ModernBERT (its up-projection stacks the input and gate halves).
+ACTIVATIONS = (None, "gelu", "geglu")
 
 
 def _gemm_config(bm, bn, bk, stages, warps):
@@ -84,8 +85,11 @@ def _gemm_config(bm, bn, bk, stages, warps):
 # spills (checked by `python -m bitfit_fast_kernels.aot`): 128 x 128 tiles on 4 warps hit 255 registers and spill
 # 0.5-1.2 KB per thread in the GELU epilogue, so they take 8 warps; fp32 operands take twice the shared memory, so
 # half the K depth; FMA ("ieee") tiles stay small. Under the interpreter one small tile keeps the tests fast.
+# The GeGLU epilogue holds two accumulators (input and gate columns), so its tiles hold half the columns per warp:
+# the plain tiles with both accumulators use all 255 registers and spill 128-368 B.
 if INTERPRETER:
     _GEMM_CONFIGS = dict.fromkeys(("16-bit", "tf32", "ieee"), [_gemm_config(64, 64, 64, 1, 4)])
+    _GEGLU_CONFIGS = _GEMM_CONFIGS
 else:
     _GEMM_CONFIGS = {
         # fp16 / bf16: wgmma tiles; 64 x 64 for small batches, where larger tiles leave SMs idle
@@ -96,28 +100,36 @@ else:
         # fp32 FMA ("ieee"): no tensor cores, the operands go through registers
         "ieee": [_gemm_config(*c) for c in [(64, 64, 16, 4, 4), (64, 128, 16, 3, 8)]],
     }
+    _GEGLU_CONFIGS = {
+        "16-bit": [_gemm_config(*c) for c in [(128, 64, 64, 4, 8), (64, 128, 64, 4, 8), (64, 64, 64, 4, 4)]],
+        "tf32": [_gemm_config(*c) for c in [(128, 64, 32, 3, 8), (64, 64, 32, 4, 4)]],
+        "ieee": [_gemm_config(*c) for c in [(64, 64, 16, 4, 8)]],
+    }
 
 # The gradient pass is bandwidth-bound: 16 elements per thread (a 32-row tile spills with the GELU), no tuning.
 # Its interpreter tile is narrower than the GEMM's, so the tests see the dropout mask drawn under two tilings.
 _GRAD_BLOCK_M, _GRAD_BLOCK_N, _GRAD_WARPS = (16, 64, 1) if INTERPRETER else (16, 128, 4)
 
 
-def gemm_configs(dtype: torch.dtype, precision: str) -> list[triton.Config]:
-    """The forward GEMM's candidate tiles for operands of ``dtype`` and the ``dot_precision`` it runs with."""
-    return _GEMM_CONFIGS["16-bit" if dtype != torch.float32 else precision]
+def gemm_configs(dtype: torch.dtype, precision: str, activation: str | None = None) -> list[triton.Config]:
+    """The forward GEMM's candidate tiles for operands of ``dtype``, the ``dot_precision`` it runs with and its
+    epilogue's activation."""
+    family = "16-bit" if dtype != torch.float32 else precision
+    return (_GEGLU_CONFIGS if activation == "geglu" else _GEMM_CONFIGS)[family]
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
     # The autotuner holds every family's configs; time only this dtype's, and only those whose pipelined operand
     # tiles fit the device's shared memory (all do on sm_90; smaller GPUs lose the deepest ones).
     x = named_args["x_ptr"]
-    candidates = gemm_configs(x.dtype, kwargs["DOT_PRECISION"])
+    candidates = gemm_configs(x.dtype, kwargs["DOT_PRECISION"], kwargs["ACTIVATION"])
     if INTERPRETER:
         return candidates
     limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    w_tiles = 2 if kwargs["ACTIVATION"] == "geglu" else 1  # the GeGLU loads an input and a gate tile of W
     fitting = [c for c in candidates
-               if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * x.element_size()
-               <= limit]
+               if c.num_stages * (c.kwargs["BLOCK_M"] + w_tiles * c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+               * x.element_size() <= limit]
     return fitting or [min(candidates, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
 
 
@@ -153,7 +165,8 @@ def _dropout_keep(seed, philox_offset, rows, col_start, N, p, BLOCK_M: tl.conste
 
 @_autotune(
     # One entry per distinct config: with a single one (the interpreter) triton neither prunes nor benchmarks.
-    configs=list(dict.fromkeys(c for family in _GEMM_CONFIGS.values() for c in family)),
+    configs=list(dict.fromkeys(c for table in (_GEMM_CONFIGS, _GEGLU_CONFIGS) for family in table.values()
+                               for c in family)),
     # Everything that changes the best tile: sizes, the epilogue and the precision (triton adds the dtypes).
     key=["N", "K", "M_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_DROPOUT", "STORE_PREACT", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
@@ -164,7 +177,7 @@ def _linear_fwd_kernel(
     x_ptr,  # [M, K] input, row-major
     w_ptr,  # [N, K] frozen weight (nn.Linear layout), same dtype as x
     b_ptr,  # [N] bias, any float dtype, read as fp32 (unused without HAS_BIAS)
-    y_ptr,  # [M, N] output, dtype of x
+    y_ptr,  # [M, N] output, dtype of x; [M, N / 2] with the GeGLU
     h_ptr,  # [M, N] pre-activation x @ W^T + b, written only with STORE_PREACT
     # Sizes
     M,
@@ -178,7 +191,7 @@ def _linear_fwd_kernel(
     philox_offset,
     # Features
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # "" or "gelu"
+    ACTIVATION: tl.constexpr,  # "", "gelu" or "geglu"
     HAS_DROPOUT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee", see utils.dot_precision
@@ -188,10 +201,16 @@ def _linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # With the GeGLU a program computes output columns cols from two accumulators: the input half (rows cols of W)
+    # and the gate half (rows cols + N / 2), so the product is formed in registers and only y is written.
+    if ACTIVATION == "geglu":
+        n_out = N // 2
+    else:
+        n_out = N
     # Grouped program order: GROUP_M row blocks share each column block of W while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(n_out, BLOCK_N)
     group_size = GROUP_M * num_pid_n
     first_pid_m = (pid // group_size) * GROUP_M
     group_rows = min(num_pid_m - first_pid_m, GROUP_M)
@@ -202,38 +221,49 @@ def _linear_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    col_ok = cols < N
+    col_ok = cols < n_out
     x_ptrs = x_ptr + rows[:, None] * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]  # [BLOCK_K, BLOCK_N], a tile of W^T
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACTIVATION == "geglu":
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_ok = ks < K - k * BLOCK_K
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if ACTIVATION == "geglu":
+            w_gate = tl.load(w_ptrs + n_out * K, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            gate = tl.dot(x, w_gate, gate, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
     # Epilogue, still in fp32 registers.
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == "geglu":
+            gate += tl.load(b_ptr + n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_mask = row_ok[:, None] & col_ok[None, :]
-    out_offsets = rows[:, None] * N + cols[None, :]
+    h_offsets = rows[:, None] * N + cols[None, :]
     if STORE_PREACT:
-        tl.store(h_ptr + out_offsets, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(h_ptr + h_offsets, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
+        if ACTIVATION == "geglu":
+            tl.store(h_ptr + n_out + h_offsets, gate.to(h_ptr.dtype.element_ty), mask=out_mask)
     if ACTIVATION == "gelu":
         acc = _gelu(acc)
+    if ACTIVATION == "geglu":
+        acc = _gelu(acc) * gate
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, philox_offset, rows, pid_n * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
+        keep = _dropout_keep(seed, philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
-    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "philox_offset"])
 def _linear_grad_kernel(
     # Pointers
-    dy_ptr,  # [M, N] gradient of the output y
+    dy_ptr,  # [M, N] gradient of the output y; [M, N / 2] with the GeGLU
     h_ptr,  # [M, N] pre-activation saved by the forward (read only with an ACTIVATION)
     g_ptr,  # [M, N] gradient of h, dtype of dy (written only with STORE_G)
     db_partial_ptr,  # [num_programs(0), N] fp32 column sums of g, one row per program (written with COMPUTE_DB)
@@ -255,32 +285,56 @@ def _linear_grad_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # Program (i, j) walks row blocks i, i + P, ... of column block j: each element of dy and h is read once, its
-    # erf/exp and Philox computed once, and the column sums of g accumulate in registers until one store.
+    # erf/exp and Philox computed once, and the column sums of g accumulate in registers until one store. With the
+    # GeGLU, column j of dy gives the gradients of both h columns j (input) and j + N / 2 (gate).
+    if ACTIVATION == "geglu":
+        n_out = N // 2
+    else:
+        n_out = N
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    col_ok = cols < n_out
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if ACTIVATION == "geglu":
+        db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
         rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
         mask = (rows < M)[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * N + cols[None, :]
-        g = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        h_offsets = rows[:, None] * N + cols[None, :]
+        g = tl.load(dy_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, N, p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
             g = tl.where(keep, g * scale, 0.0)
         if ACTIVATION == "gelu":
-            g *= _gelu_grad(tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+            g *= _gelu_grad(tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32))
+        if ACTIVATION == "geglu":
+            value = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
+            g_gate = g * _gelu(value)
+            g *= tl.load(h_ptr + n_out + h_offsets, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(value)
+            if STORE_G:
+                tl.store(g_ptr + n_out + h_offsets, g_gate.to(g_ptr.dtype.element_ty), mask=mask)
+            if COMPUTE_DB:
+                db_gate += tl.sum(g_gate, axis=0)
         if STORE_G:
-            tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_ptr + h_offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DB:
             db += tl.sum(g, axis=0)  # masked elements loaded as 0
     if COMPUTE_DB:
         tl.store(db_partial_ptr + pid_m * N + cols, db, mask=col_ok)
+        if ACTIVATION == "geglu":
+            tl.store(db_partial_ptr + pid_m * N + n_out + cols, db_gate, mask=col_ok)
 
 
-def _check_activation(activation: str | None) -> None:
+def _output_features(activation: str | None, weight: torch.Tensor) -> int:
+    """Columns of y for a weight of N rows: N, or N / 2 with the GeGLU (N must then be even)."""
     if activation not in ACTIVATIONS:
         raise KernelInputError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    rows = weight.shape[0]
+    if activation == "geglu":
+        if rows % 2:
+            raise KernelInputError(f"activation='geglu' needs an even number of weight rows (input | gate), got {rows}")
+        return rows // 2
+    return rows
 
 
 def linear_forward(
@@ -294,15 +348,17 @@ def linear_forward(
     philox_offset: int = 0,
     store_preact: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y = dropout(activation(x @ weight^T + bias)) for x of shape (..., K) and weight (N, K).
+    """y = dropout(activation(x @ weight^T + bias)) for x of shape (..., K) and weight (N, K); y has N columns,
+    N / 2 with ``activation="geglu"`` (gelu of h's first half times its second half, both from one GEMM).
 
-    Returns (y, h): h is the pre-activation x @ W^T + b when ``store_preact`` (the GELU backward needs it),
-    else None. x and weight share one dtype (fp32/fp16/bf16); the bias is read as fp32 whatever its dtype.
+    Returns (y, h): h is the pre-activation x @ W^T + b, N columns, when ``store_preact`` (the GELU and GeGLU
+    backwards need it), else None. x and weight share one dtype (fp32/fp16/bf16); the bias is read as fp32
+    whatever its dtype.
     """
     check_compute_tensor("x", x)
     check_compute_tensor("weight", weight, ndim=2)
-    _check_activation(activation)
     N, K = weight.shape
+    n_out = _output_features(activation, weight)
     if x.shape[-1] != K:
         raise KernelInputError(
             f"x has {x.shape[-1]} features but weight expects {K} (weight shape {tuple(weight.shape)})"
@@ -318,9 +374,9 @@ def linear_forward(
     check_dropout(dropout_p, seed)
 
     x2d = x.reshape(M, K)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(y) if store_preact else None
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_preact else None
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
     _linear_fwd_kernel[grid](
         x2d, weight, bias if bias is not None else y, y, h if h is not None else y,
         M, N, K, row_bucket(M),
@@ -331,8 +387,7 @@ def linear_forward(
         STORE_PREACT=store_preact,
         DOT_PRECISION=dot_precision(x.dtype),
     )
-    out_shape = (*x.shape[:-1], N)
-    return y.view(out_shape), (h.view(out_shape) if h is not None else None)
+    return y.view(*x.shape[:-1], n_out), (h.view(*x.shape[:-1], N) if h is not None else None)
 
 
 def linear_backward(
@@ -349,15 +404,16 @@ def linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`linear_forward` with respect to x and the bias; never the weight.
 
-    dy has shape (..., N). With an activation, ``preact`` is the h returned by the forward. Dropout arguments
-    must equal the forward's. Returns (dx in dy's dtype or None, db in fp32 or None).
+    dy has y's shape (..., N), or (..., N / 2) with the GeGLU. With an activation, ``preact`` is the h returned by
+    the forward, (..., N). Dropout arguments must equal the forward's. Returns (dx in dy's dtype or None, db [N]
+    in fp32 or None).
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("weight", weight, ndim=2)
-    _check_activation(activation)
     N, K = weight.shape
-    if dy.shape[-1] != N:
-        raise KernelInputError(f"dy has {dy.shape[-1]} features but weight produces {N}")
+    n_out = _output_features(activation, weight)
+    if dy.shape[-1] != n_out:
+        raise KernelInputError(f"dy has {dy.shape[-1]} features but the layer produces {n_out}")
     if dy.dtype != weight.dtype:
         raise KernelInputError(f"dy is {dy.dtype} but weight is {weight.dtype}; cast them to one dtype")
     M = check_rows("dy", dy)
@@ -366,16 +422,16 @@ def linear_backward(
         if preact is None:
             raise KernelInputError(f"activation={activation!r} needs the pre-activation saved by the forward")
         check_compute_tensor("preact", preact)
-        if preact.shape != dy.shape:
+        if preact.shape != (*dy.shape[:-1], N):
             raise KernelInputError(f"preact has shape {tuple(preact.shape)} but dy has {tuple(dy.shape)}")
 
-    dy2d = dy.reshape(M, N)
+    dy2d = dy.reshape(M, n_out)
     g, db = dy2d, None
     transforms = activation is not None or dropout_p > 0.0
     store_g = compute_dx and transforms
     if store_g or compute_db:
-        g = torch.empty_like(dy2d) if store_g else dy2d
-        col_blocks = triton.cdiv(N, _GRAD_BLOCK_N)
+        g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
+        col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
         row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
         db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
         _linear_grad_kernel[(row_programs, col_blocks)](

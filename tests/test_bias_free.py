@@ -44,6 +44,7 @@ def test_bias_free_model_gets_zero_biases_by_default_and_keeps_its_function(caps
     assert model.bitfit_fast_config.add_missing_biases is None and len(added) == 15
     assert "model.layers.1.attn.Wqkv" in added and "head.norm" in added
     assert isinstance(model.model.layers[0].attn.Wqkv, BitFitLinear)
+    assert type(model.model.layers[0]).__name__ == "FusedModernBertEncoderLayer", "the zero biases make it fusable"
     assert isinstance(model.model.final_norm, BitFitLayerNorm)
     torch.testing.assert_close(logits(model, batch), before, atol=0, rtol=0)
     assert all(param.requires_grad for name, param in model.named_parameters() if name.endswith(".bias"))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
+from bitfit_fast.torch_ops import activation_forward
 from bitfit_fast.triton_ops import FusedLinearFunction
 from bitfit_fast_kernels.utils import row_bucket
 
@@ -23,8 +24,7 @@ def make(lead, k, n, dtype, bias=True):
 
 
 def torch_linear(x, w, b, activation, dtype):
-    h = F.linear(x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
-    return F.gelu(h) if activation == "gelu" else h
+    return activation_forward(activation, F.linear(x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,6 +75,29 @@ def test_backward_computes_only_what_is_asked(activation, p):
     if activation is None:
         torch.testing.assert_close(dx, dy @ w)
         torch.testing.assert_close(db, dy.sum(0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,n", [((3, 11), 70, 37), ((13,), 64, 48)])
+def test_geglu_forward_and_backward_match_torch(dtype, lead, k, n):
+    # One GEMM over the [input | gate] weight rows (2n of them), y = gelu(input) * gate with n columns.
+    x, w, b = make(lead, k, 2 * n, dtype)
+    y, h = K.linear_forward(x, w, b, activation="geglu", store_preact=True)
+    assert y.shape == (*lead, n) and h.shape == (*lead, 2 * n)
+    assert_as_accurate_as_torch(y, torch_linear(x, w, b, "geglu", dtype), torch_linear(x, w, b, "geglu", torch.float64))
+    assert_as_accurate_as_torch(h, torch_linear(x, w, b, None, dtype), torch_linear(x, w, b, None, torch.float64))
+    dy = torch.randn(*lead, n, device=DEVICE, dtype=dtype)
+    dx, db = K.linear_backward(dy, w, h, activation="geglu")
+
+    def linear(xp, bp, precision):
+        return torch_linear(xp, w, bp, "geglu", precision)
+
+    truth_dx, truth_db = torch_grads(linear, x, b, dy, torch.float64)
+    same_dx, same_db = torch_grads(linear, x, b, dy, dtype)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")
+    db_only = K.linear_backward(dy, w, h, activation="geglu", compute_dx=False)[1]
+    assert torch.equal(db_only, db), "the bias gradient does not depend on whether g is stored"
 
 
 def test_bias_gradient_is_bit_identical_across_runs():
@@ -143,17 +166,18 @@ def test_backward_regenerates_the_forward_mask(activation):
     torch.testing.assert_close(dx, factor * mask_scaled @ w)
 
 
-def test_autograd_function_with_gelu_and_dropout_matches_torch_on_the_same_mask():
-    x, w, b = make((5, 7), 33, 29, torch.float32)
+@pytest.mark.parametrize("activation,rows", [("gelu", 29), ("geglu", 2 * 29)])
+def test_autograd_function_with_activation_and_dropout_matches_torch_on_the_same_mask(activation, rows):
+    x, w, b = make((5, 7), 33, rows, torch.float32)
     x.requires_grad_()
     b.requires_grad_()
-    y = FusedLinearFunction.apply(x, w, b, "gelu", 0.25, 2024)
+    y = FusedLinearFunction.apply(x, w, b, activation, 0.25, 2024)
     keep = (y != 0).float()
     dy = torch.randn_like(y)
     dx, db = torch.autograd.grad(y, (x, b), dy)
 
     xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    yr = F.gelu(F.linear(xr, w.double(), br)) * keep.double() / 0.75
+    yr = activation_forward(activation, F.linear(xr, w.double(), br)) * keep.double() / 0.75
     torch.testing.assert_close(y.double(), yr, atol=1e-5, rtol=1e-5)
     dxr, dbr = torch.autograd.grad(yr, (xr, br), dy.double())
     torch.testing.assert_close(dx.double(), dxr, atol=1e-5, rtol=1e-5)
@@ -183,6 +207,9 @@ def test_autograd_function_returns_gradients_only_where_needed():
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=1.0, seed=1), r"in \[0, 1\)"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), activation="relu"), "activation must be"),
         (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), activation="gelu"), "pre-activation"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(7, 5), activation="geglu"), "even number of weight"),
+        (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 4), activation="geglu"),
+         "dy has 4 features but the layer produces 2"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
@@ -208,13 +235,13 @@ GPU_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 3072), (
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k,n", GPU_SHAPES)
-@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("activation", [None, "gelu", "geglu"])
 def test_gpu_bert_shapes(dtype, k, n, activation):
     x, w, b = make((4, 509), k, n, dtype)  # 2036 tokens: not a multiple of any tile
     y, h = K.linear_forward(x, w, b, activation=activation, store_preact=True)
     truth = torch_linear(x, w, b, activation, torch.float64)
     assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
-    dy = torch.randn_like(y)
+    dy = torch.randn_like(y)  # y's shape: half of n columns with the GeGLU
     dx, db = K.linear_backward(dy, w, h if activation else None, activation=activation)
     xp, bp = x.double().requires_grad_(), b.double().requires_grad_()
     truth_dx, truth_db = torch.autograd.grad(torch_linear(xp, w, bp, activation, torch.float64), (xp, bp), dy.double())

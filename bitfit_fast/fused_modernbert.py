@@ -1,0 +1,237 @@
+"""ModernBERT's encoder layers and stack on the fused functions, on the batch's real tokens only.
+
+A ModernBERT layer (``families.PreNormGluLayerSpec``: pre-LayerNorm, packed Wqkv, rotary positions, global or
+sliding-window attention, GeGLU MLP) whose parts are all BitFit modules becomes ``Fused<LayerClass>``, as a BERT
+layer does in ``fused_layer``, with the forward:
+
+    h   = attn_norm(x)                                 Identity in layer 0
+    qkv = h @ Wqkv^T + b_qkv                           one GEMM, already packed by the model
+    a   = attention(rope(q), rope(k), v)               per sequence; sliding layers see keys within the window
+    x1  = x + dropout(a @ Wo^T + b_o)
+    u   = mlp_norm(x1) @ Wi^T + b_i                    Wi's rows: [input | gate]
+    y   = x1 + dropout(gelu(u_input) * u_gate) @ Wo2^T + b_o2     GeGLU and dropout in Wi's epilogue
+
+The residual stream stays in the layer input's dtype (fp32 under autocast, as in Hugging Face's forward); the
+GEMMs run in autocast's dtype. Saved for the backward, by memory mode: "default" q, k, v, the attention output,
+both LayerNorms' x_hat with rstd, and u (the GeGLU backward needs both halves); "lean" recomputes u from
+mlp_norm's x_hat (one extra Wi GEMM) and, on the torch backend, attention with dropout recomputes its
+probabilities; "minimal" also recomputes Wqkv, RoPE and the attention from attn_norm's x_hat. Never a weight
+gradient, a layer input for a weight gradient, or a dropout mask.
+
+``ModernBertModel`` becomes ``Fused<ModernBertModel>``: embeddings, then the batch unpadded once (see
+``unpadding``), the rotary cos/sin of every real row computed once per attention type, every layer and the final
+LayerNorm on the rows, and the output padded once. Anything the fused path does not cover (attention weights,
+hidden states of every layer, 4-D or per-layer masks) runs the original forward, whose layers then run fused one
+at a time on the masks Hugging Face built.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from .families import PreNormGluLayerSpec, layer_spec
+from .fused_layer import (
+    FusedEncoder,
+    FusedEncoderLayer,
+    _draw_seed,
+    _fused_class,
+    _is_exact_gelu,
+    _is_fusable_encoder,
+    _recorded_outputs,
+    _remember_normalized,
+    _runs_original_forward,
+)
+from .modules import (
+    BitFitLayerNorm,
+    BitFitLinear,
+    check_batch,
+    functions,
+    is_last_dim_layer_norm,
+    replace_children,
+    retype,
+)
+from .torch_ops import FrozenLinearFunction
+from .unpadding import Tokens
+
+
+@dataclasses.dataclass
+class RotaryRows:
+    """What every layer of one forward shares: the real-token layout, each row's rotary (cos, sin) [N, head_dim]
+    per attention type, and the window sliding-attention layers apply (None: their mask holds it, or every
+    sequence fits in it)."""
+
+    tokens: Tokens
+    rotary: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    sliding_window: int | None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's ``apply_rotary_pos_emb`` on rows: x [N, heads·head_dim], cos and sin [N, head_dim]; in fp32,
+    returned in x's dtype."""
+    rows = x.reshape(x.shape[0], heads, -1).float()
+    half = rows.shape[-1] // 2
+    rotated = torch.cat((-rows[..., half:], rows[..., :half]), dim=-1)
+    return (rows * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype).reshape(x.shape)
+
+
+def _is_frozen_gamma_norm(norm: nn.Module) -> bool:
+    """A LayerNorm the fused functions run: a BitFitLayerNorm, or a bias-free one left as it was (biases="subset"
+    without a selected norm)."""
+    return isinstance(norm, BitFitLayerNorm) or (is_last_dim_layer_norm(norm) and norm.bias is None)
+
+
+def _beta(norm: nn.LayerNorm) -> torch.Tensor:
+    return norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
+
+
+def _dropout_p(module: nn.Module, training: bool) -> float:
+    return module.p if training and isinstance(module, nn.Dropout) else 0.0
+
+
+def is_fusable(layer: nn.Module) -> bool:
+    """A ModernBERT-style layer (see ``families``) whose linears are BitFit modules (with or without a bias)."""
+    spec = layer_spec(type(layer).__name__)
+    if not isinstance(spec, PreNormGluLayerSpec):
+        return False
+    try:
+        part = {field.name: layer.get_submodule(getattr(spec, field.name)) for field in dataclasses.fields(spec)}
+    except AttributeError:
+        return False
+    return (
+        all(isinstance(part[name], BitFitLinear) for name in ("qkv", "attention_output", "glu_input", "mlp_output"))
+        and (isinstance(part["attention_norm"], nn.Identity) or _is_frozen_gamma_norm(part["attention_norm"]))
+        and _is_frozen_gamma_norm(part["mlp_norm"])
+        and all(isinstance(part[name], (nn.Dropout, nn.Identity)) for name in ("attention_output_dropout",
+                                                                               "mlp_dropout"))
+        and _is_exact_gelu(part["activation"])
+        and getattr(layer, "attention_type", None) in ("full_attention", "sliding_attention")
+    )
+
+
+class FusedPreNormLayer(FusedEncoderLayer):
+    """Mixin placed before a ModernBERT layer's class; see the module docstring. It subclasses the BERT layer's
+    mixin for what they share (the memory modes, the checkpointed attention, merge's ``to_vanilla``); Wqkv is
+    packed already, so nothing is repacked."""
+
+    @classmethod
+    def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
+        return retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory)
+
+    def to_vanilla(self) -> nn.Module:
+        plain = retype(self, self.original_class)
+        del plain.bitfit_memory
+        return plain
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        """Hugging Face's call of one layer, with the mask it built for this layer's attention type (a sliding
+        window included): unpadded within the layer where that mask is a key-padding mask."""
+        if (
+            _runs_original_forward((), kwargs)
+            or "attentions" in _recorded_outputs(kwargs)
+            or position_embeddings is None
+            or (attention_mask is not None and attention_mask.dim() != 4)
+        ):
+            return self.original_class.forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
+        check_batch(hidden_states)
+        tokens = Tokens.of_batch(hidden_states, attention_mask)
+        rotary = tuple(tokens.pack(t.expand(*hidden_states.shape[:2], -1)) for t in position_embeddings)
+        rows = RotaryRows(tokens, {self.attention_type: rotary}, sliding_window=None)
+        return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), rows))
+
+    def attention_context(self, h: torch.Tensor, rows: RotaryRows, linear: type, first_only: bool = False):
+        """Attention of the rows h [N, d] (attn_norm's output) before Wo: [N, d]. ``first_only`` is not supported
+        (ModernBERT has no classification shortcut) and must be False."""
+        spec = self.spec
+        attention, qkv_linear = self.get_submodule(spec.attention), self.get_submodule(spec.qkv)
+        qkv = linear.apply(h, qkv_linear.weight, qkv_linear.trained_bias())
+        hidden = qkv.shape[-1] // 3
+        heads = hidden // attention.head_dim
+        cos, sin = rows.rotary[self.attention_type]
+        q = rotate(qkv[:, :hidden], cos, sin, heads)
+        kv = torch.cat([rotate(qkv[:, hidden:2 * hidden], cos, sin, heads), qkv[:, 2 * hidden:]], dim=1)
+        p = attention.attention_dropout if self.training else 0.0
+        window = rows.sliding_window if self.attention_type == "sliding_attention" else None
+        keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
+        return rows.tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
+                                     window=window)
+
+    def fused_forward(self, x: torch.Tensor, rows: RotaryRows) -> torch.Tensor:
+        """The layer on x [N, d], the batch's real tokens (the residual stream, kept in x's dtype); [N, d]."""
+        part = self.get_submodule
+        spec = self.spec
+        attn_norm, mlp_norm = part(spec.attention_norm), part(spec.mlp_norm)
+        attention_output, glu_input, mlp_output = part(spec.attention_output), part(spec.glu_input), part(
+            spec.mlp_output)
+        linear, layer_norm = functions(glu_input.backend, x)
+        minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
+
+        h = x
+        if not isinstance(attn_norm, nn.Identity):
+            h, x_hat = layer_norm.apply(x, None, attn_norm.weight, _beta(attn_norm), attn_norm.eps)
+            if minimal:
+                _remember_normalized(h, x_hat, attn_norm.weight, _beta(attn_norm))
+        if minimal:
+            context = self.checkpointed_attention_context(h, rows, linear, False)
+        else:
+            context = self.attention_context(h, rows, linear)
+        p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
+        x = x + linear.apply(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
+                             _draw_seed(p_attention))
+
+        beta = _beta(mlp_norm)
+        h, x_hat = layer_norm.apply(x, None, mlp_norm.weight, beta, mlp_norm.eps)
+        recompute_from = (x_hat, mlp_norm.weight, beta) if self.bitfit_memory != "default" else None
+        p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
+        gated = linear.apply(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp, _draw_seed(p_mlp),
+                             recompute_from)
+        return x + linear.apply(gated, mlp_output.weight, mlp_output.trained_bias())
+
+
+class FusedPreNormEncoder(FusedEncoder):
+    """Mixin placed before ``ModernBertModel``: the stack unpadded once; see the module docstring."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        config = self.config
+        if (
+            _runs_original_forward((), kwargs)
+            or _recorded_outputs(kwargs)
+            or config.output_hidden_states
+            or config.output_attentions
+            or kwargs.get("return_dict") is False
+            or (attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                                or attention_mask.dim() != 2))
+            or not all(isinstance(layer, FusedPreNormLayer) for layer in self.layers)
+        ):
+            return self.original_class.forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
+                                               **kwargs)
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        check_batch(hidden)
+        batch, seq = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
+        key_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        tokens = Tokens.of_batch(hidden, key_mask, position_ids, kwargs.get("cu_seq_lens_q"))
+        rotary = {}
+        for layer_type in set(config.layer_types):
+            cos_sin = self.rotary_emb(hidden, position_ids, layer_type)
+            rotary[layer_type] = tuple(tokens.pack(t.expand(batch, seq, -1)) for t in cos_sin)
+        window = config.sliding_window if tokens.max_len - 1 > config.sliding_window else None
+        rows = RotaryRows(tokens, rotary, window)
+        x = tokens.pack(hidden)
+        for layer in self.layers:
+            if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, rows, use_reentrant=False)
+            else:
+                x = layer.fused_forward(x, rows)
+        return BaseModelOutput(last_hidden_state=tokens.unpack(self.final_norm(x)))
+
+
+def fuse_modernbert(model: nn.Module, memory: str) -> None:
+    """Fuse every fusable ModernBERT layer of ``model``, and every ModernBertModel whose layers all fused."""
+    replace_children(model, lambda m: FusedPreNormLayer.fuse(m, memory) if is_fusable(m) else None)
+    replace_children(model, lambda m: FusedPreNormEncoder.fuse(m)
+                     if _is_fusable_encoder(m, "layers", FusedPreNormLayer) else None)

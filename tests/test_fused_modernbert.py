@@ -1,0 +1,206 @@
+"""The fused ModernBERT layer and its unpadded stack against reference BitFit on config-built ModernBERT: pre-LayerNorm,
+RoPE, alternating global and sliding-window attention, GeGLU; uneven padding; both backends; dropout; fallbacks;
+a ModernBERT checkpoint on disk trained, saved and reloaded."""
+
+import copy
+
+import pytest
+import torch
+import transformers
+from bitfit_reference import DEVICE, adamw_steps, padded_batch, reference_bitfit, trainable
+
+import bitfit_fast
+from bitfit_fast.fused_modernbert import FusedPreNormEncoder, FusedPreNormLayer
+
+# Hidden 36 over 3 heads (head dim 12), GLU width 44, 3 layers: global, sliding, global attention. The window is 2
+# tokens either side (local_attention 4), shorter than the sequences below.
+TINY_MODERNBERT = dict(
+    vocab_size=97, hidden_size=36, num_hidden_layers=3, num_attention_heads=3, intermediate_size=44,
+    max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, cls_token_id=1, sep_token_id=2, attn_implementation="sdpa", num_labels=3,
+)
+BIAS_FLAGS = dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True)
+LENGTHS = [(11, 4, 8), (3, 9), (10, 6)]
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def tiny_modernbert(**overrides) -> transformers.ModernBertForSequenceClassification:
+    """A ModernBERT whose config declares every bias, each random (so its value matters)."""
+    config = transformers.ModernBertConfig(**{**TINY_MODERNBERT, **BIAS_FLAGS, **overrides})
+    model = transformers.ModernBertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    return model.to(DEVICE)
+
+
+def assert_fused(model) -> None:
+    assert isinstance(model.model, FusedPreNormEncoder)
+    assert all(isinstance(layer, FusedPreNormLayer) for layer in model.model.layers)
+
+
+def assert_same_gradients(model, reference) -> None:
+    expected = trainable(reference)
+    for name, param in trainable(model).items():
+        assert expected[name].grad.abs().max() > 0, name
+        torch.testing.assert_close(param.grad, expected[name].grad, **TOL, msg=name)
+
+
+def test_the_tiny_config_exercises_both_attention_types_and_the_window():
+    model = tiny_modernbert()
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    wide = copy.deepcopy(model)
+    wide.config.local_attention = 64
+    batch = padded_batch(model, LENGTHS[0])
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, wide(**batch).logits, atol=1e-3), "the window matters"
+
+
+@pytest.mark.parametrize("backend,memory", [("torch", "default"), ("torch", "lean"), ("torch", "minimal"),
+                                            ("triton", "lean")])
+def test_logits_gradients_and_adamw_steps_match_reference_bitfit(backend, memory):
+    model = tiny_modernbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend, memory=memory)
+    assert_fused(model)
+    assert trainable(model).keys() == trainable(reference).keys()
+
+    batch = padded_batch(model, LENGTHS[0])
+    out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref_out.logits, **TOL)
+    out.loss.backward()
+    ref_out.loss.backward()
+    assert_same_gradients(model, reference)
+
+    batches = [padded_batch(model, lengths) for lengths in LENGTHS[1:]]
+    assert adamw_steps(model, batches) == pytest.approx(adamw_steps(reference, batches), rel=1e-4, abs=1e-5)
+    expected = dict(reference.named_parameters())
+    for name, param in bitfit_fast.merge(model).named_parameters():
+        torch.testing.assert_close(param, expected[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_autocast_matches_reference_bitfit(backend):
+    # The residual stream stays fp32 (as in Hugging Face's forward under autocast); the GEMMs run in fp16.
+    model = tiny_modernbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend)
+    batch = padded_batch(model, LENGTHS[0])
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits.float(), ref_out.logits.float(), atol=5e-3, rtol=5e-3)
+    out.loss.backward()
+    ref_out.loss.backward()
+    expected = trainable(reference)
+    for name, param in trainable(model).items():
+        assert param.grad.dtype == torch.float32
+        torch.testing.assert_close(param.grad, expected[name].grad, atol=5e-3, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("biases", ["all", "subset"])
+def test_bias_free_modernbert_is_fused_with_its_added_biases(biases):
+    # The default ModernBERT has no bias: apply adds zero ones (all: every Linear and LayerNorm; subset: Wqkv, whose
+    # query rows train, and Wi) and the layers fuse, bias-free LayerNorms and linears included.
+    config = transformers.ModernBertConfig(**TINY_MODERNBERT)
+    model = transformers.ModernBertForSequenceClassification(config).to(DEVICE)
+    reference = transformers.ModernBertForSequenceClassification(
+        transformers.ModernBertConfig(**TINY_MODERNBERT, **BIAS_FLAGS)).to(DEVICE)
+    missing = reference.load_state_dict(model.state_dict(), strict=False).missing_keys
+    with torch.no_grad():
+        for name in missing:
+            reference.get_parameter(name).zero_()
+    reference = reference_bitfit(reference)
+    bitfit_fast.apply(model, biases=biases, backend="torch")
+    assert_fused(model)
+    batch = padded_batch(model, LENGTHS[0])
+    out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref_out.logits, **TOL)
+    out.loss.backward()
+    ref_out.loss.backward()
+    expected = dict(reference.named_parameters())
+    for name, param in trainable(model).items():
+        grad = expected[name].grad
+        if biases == "subset" and name.endswith("attn.Wqkv.bias"):  # key and value rows: exactly zero
+            grad = torch.cat([grad[:36], torch.zeros_like(grad[36:])])
+        torch.testing.assert_close(param.grad, grad, **TOL, msg=name)
+
+
+def test_dropout_same_seed_same_result_and_gradient_of_the_computed_forward():
+    # Torch backend; the Triton GeGLU epilogue's dropout is checked against torch on its mask in test_kernels_linear.
+    model = bitfit_fast.apply(tiny_modernbert(attention_dropout=0.1, mlp_dropout=0.1), backend="torch").train()
+    batch = padded_batch(model, LENGTHS[0])
+
+    def loss(seed):
+        torch.manual_seed(seed)
+        return model(**batch).loss
+
+    assert torch.equal(loss(11), loss(11))
+    assert not torch.equal(loss(11), loss(12)), "dropout is on"
+    params = list(trainable(model).values())
+    grads = torch.autograd.grad(loss(11), params)
+    # Directional derivative along a random direction: the gradient is that of the forward computed (its masks).
+    eps = 1e-3
+    direction = [torch.randn_like(p) for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(eps * d)
+        plus = loss(11)
+        for p, d in zip(params, direction):
+            p.sub_(2 * eps * d)
+        minus = loss(11)
+    numeric = (plus - minus).item() / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    assert analytic == pytest.approx(numeric, rel=2e-2, abs=2e-3)
+
+
+def test_hugging_faces_stack_forward_runs_the_layers_fused_one_at_a_time_on_its_masks():
+    # What runs whenever the fused stack falls back: ModernBertModel's own forward, which builds a 4-D mask per
+    # attention type (the window included) and calls each fused layer with it.
+    model = bitfit_fast.apply(tiny_modernbert(), backend="torch")
+    reference = reference_bitfit(model)
+    batch = padded_batch(model, LENGTHS[0])
+    calls = []
+    model.model.layers[1].register_forward_hook(lambda module, args, output: calls.append(args[0].shape))
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    ours = type(model.model).original_class.forward(model.model, **inputs).last_hidden_state
+    theirs = reference.model(**inputs).last_hidden_state
+    assert calls == [batch["input_ids"].shape + (36,)], "the sliding layer ran on its own"
+    real = batch["attention_mask"].bool()  # padding rows: zeros from the fused layers, whatever from Hugging Face
+    torch.testing.assert_close(ours[real], theirs[real], **TOL)
+    ours.sum().backward()
+    assert all(p.grad is not None for n, p in trainable(model).items() if n.startswith("model.layers"))
+
+
+def test_packed_sequences_match_the_padded_batch():
+    # DataCollatorWithFlattening's layout: one row, position ids restarting at 0; each sequence attends to itself.
+    model = bitfit_fast.apply(tiny_modernbert(), backend="torch").eval()
+    batch = padded_batch(model, LENGTHS[0])
+    real = batch["attention_mask"].bool()
+    packed_ids = batch["input_ids"][real].unsqueeze(0)
+    positions = torch.cat([torch.arange(n, device=DEVICE) for n in LENGTHS[0]]).unsqueeze(0)
+    with torch.no_grad():
+        padded = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        packed = model.model(input_ids=packed_ids, position_ids=positions).last_hidden_state
+    torch.testing.assert_close(packed[0], padded[real], **TOL)
+
+
+def test_a_checkpoint_on_disk_trains_saves_and_reloads_its_biases(tmp_path):
+    # What the trainer does with --model DIR: from_pretrained, apply, steps, save_biases; then a fresh base loads them.
+    transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(**TINY_MODERNBERT)).save_pretrained(
+        tmp_path / "base")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").to(DEVICE)
+    bitfit_fast.apply(model)
+    assert_fused(model)
+    batches = [padded_batch(model, lengths) for lengths in LENGTHS[1:]]
+    adamw_steps(model, batches)
+    added = model.bitfit_fast_state.added_biases
+    assert all(model.get_submodule(name).bias.abs().max() > 0 for name in added), "the added biases trained"
+    bitfit_fast.save_biases(model, tmp_path / "biases")
+
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base").to(DEVICE)
+    bitfit_fast.load_biases(fresh, tmp_path / "biases", backend="torch")
+    assert_fused(fresh)
+    batch = padded_batch(model, LENGTHS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
