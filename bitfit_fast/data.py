@@ -3,6 +3,7 @@ tokenisation once, dynamic padding and length-grouped batches."""
 
 import dataclasses
 import importlib.util
+import itertools
 import random
 import socket
 import urllib.parse
@@ -124,15 +125,17 @@ def load_bbc_news(seed: int = 0, validation_fraction: float = 0.2) -> TaskData:
                     ("accuracy",), label_names)
 
 
-def _require_columns(table, columns, where: str) -> None:
+def _require_columns(table, columns, where: str, of_run: bool = False) -> None:
+    """``of_run``: the columns of a trained run (eval, predict), which the file must have."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"{where} has no column {missing[0]!r}; its columns are {table.column_names}: "
-                        "name the right ones with --text-columns / --label-column")
+        remedy = (f"a file for this run needs the columns it was trained on, {list(columns)}" if of_run
+                  else "name the right ones with --text-columns / --label-column")
+        raise DataError(f"{where} has no column {missing[0]!r}; its columns are {table.column_names}: {remedy}")
 
 
-def _texts(table, text_columns, where: str) -> list[tuple[str, ...]]:
-    _require_columns(table, text_columns, where)
+def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[str, ...]]:
+    _require_columns(table, text_columns, where, of_run)
     if len(table) == 0:
         raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
@@ -143,16 +146,18 @@ def _texts(table, text_columns, where: str) -> list[tuple[str, ...]]:
     return texts
 
 
-def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None) -> Split:
-    _require_columns(table, (*text_columns, label_column), where)
-    texts = _texts(table, text_columns, where)
+def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None,
+                   of_run: bool = False) -> Split:
+    _require_columns(table, (*text_columns, label_column), where, of_run)
+    texts = _texts(table, text_columns, where, of_run)
     raw = table[label_column]
     if label_ids is None:
         try:
             return Split(texts, [float(v) for v in raw])
         except (TypeError, ValueError) as error:
-            raise DataError(f"{where} column {label_column!r} is not a score ({first_line(error)}): "
-                            "leave out --regression for class labels") from error
+            remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
+            raise DataError(f"{where} column {label_column!r} is not a score ({first_line(error)}): {remedy}") \
+                from error
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
     if unknown:
         raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {sorted(label_ids)}: "
@@ -182,6 +187,12 @@ def load_glue(task: str) -> TaskData:
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+def _has_a_row(csv_file: Path) -> bool:
+    """A line after the header (datasets' error for a header-only CSV says nothing a user can act on)."""
+    with open(csv_file, "rb") as f:
+        return sum(1 for line in itertools.islice(f, 1000) if line.strip()) >= 2
+
+
 def read_table(file: str):
     """A local CSV / JSON(L) / Parquet file as a `datasets.Dataset`."""
     import datasets
@@ -191,7 +202,7 @@ def read_table(file: str):
         raise DataError(f"{file}: unsupported format {path.suffix!r}; use a file ending in one of {sorted(FORMATS)}")
     if not path.is_file():
         raise DataError(f"{file} does not exist; check the path")
-    if path.stat().st_size == 0:
+    if path.stat().st_size == 0 or (path.suffix == ".csv" and not _has_a_row(path)):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
     try:
@@ -203,13 +214,13 @@ def read_table(file: str):
 
 def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The texts of a local file, for prediction: no label column needed."""
-    return _texts(read_table(file), text_columns, file)
+    return _texts(read_table(file), text_columns, file, of_run=True)
 
 
 def load_labeled(file: str, text_columns: tuple[str, ...], label_column: str, label_names: list[str] | None) -> Split:
     """A local file labelled like a trained run: class names map to the run's class ids (None: regression scores)."""
     label_ids = None if label_names is None else {name: index for index, name in enumerate(label_names)}
-    return _columns_split(read_table(file), text_columns, label_column, file, label_ids)
+    return _columns_split(read_table(file), text_columns, label_column, file, label_ids, of_run=True)
 
 
 def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str,

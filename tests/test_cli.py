@@ -222,7 +222,9 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
     (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),
     (["predict", "{runs}/one", "--input-file", "{data}/texts.txt"], "unsupported format '.txt'"),
-    (["eval", "{runs}/one", "--validation-file", "{data}/pairs-val.jsonl"], "pairs-val.jsonl has no column 'text'"),
+    (["eval", "{runs}/one", "--validation-file", "{data}/pairs-val.jsonl"],
+     "pairs-val.jsonl has no column 'text'; its columns are ['premise', 'hypothesis', 'label']: a file for this run "
+     "needs the columns it was trained on, ['text', 'label']"),
     (["eval", "{runs}/two", "--validation-file", "{data}/unknown-labels.csv"],
      "has labels ['weather'] that the training data does not have"),
     (["eval", "{runs}/none"], "{runs}/none is not a directory: pass the --output-dir of a `bitfit-fast train` run"),

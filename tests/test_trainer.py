@@ -205,6 +205,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
     [
         (lambda p: (p / "t.csv").write_text("body,label\nhello,a\n"), "has no column 'text'"),
         (lambda p: (p / "t.csv").write_text(""), "t.csv is empty"),
+        (lambda p: (p / "t.csv").write_text("text,label\n"), "t.csv is empty: it needs a header and at least one row"),
         (lambda p: (p / "t.txt").write_text("x"), "unsupported format '.txt'"),
     ],
 )
@@ -214,6 +215,7 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     valid = write_csv(tmp_path / "v.csv", 6, 0)
     with pytest.raises(data.DataError, match=message):
         trainer.train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
+    assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
 
 
 def test_unknown_validation_label_is_named_and_the_cli_exits_2(model_dir, tmp_path, capsys):
