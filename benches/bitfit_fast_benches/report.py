@@ -84,7 +84,7 @@ def check_goals(record: dict, device: str) -> list[dict]:
 
 def format_workload(name: str, results: dict) -> str:
     """One workload's Markdown table: a row per provider."""
-    lines = [f"\n{name}", "| provider | median ms (IQR) | tokens/s | real tokens/s | MFU | peak memory | speedup "
+    lines = [f"\n{name}", "| provider | median ms (IQR) | padded tokens/s | real tokens/s | MFU (padded) | peak memory | speedup "
              "| memory ratio | max batch |", "|---|---|---|---|---|---|---|---|---|"]
     for provider, s in results.items():
         memory = f"{s['peak_memory_bytes'] / 2**20:.0f} MiB" if "peak_memory_bytes" in s else "-"
