@@ -84,8 +84,8 @@ def check_goals(record: dict, device: str) -> list[dict]:
 
 def format_workload(name: str, results: dict) -> str:
     """One workload's Markdown table: a row per provider."""
-    lines = [f"\n{name}", "| provider | median ms (IQR) | padded tokens/s | real tokens/s | MFU (padded) | peak memory | speedup "
-             "| memory ratio | max batch |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"\n{name}", "| provider | median ms (IQR) | padded tokens/s | real tokens/s | MFU (padded) | peak memory "
+             "| speedup | memory ratio | max batch |", "|---|---|---|---|---|---|---|---|---|"]
     for provider, s in results.items():
         memory = f"{s['peak_memory_bytes'] / 2**20:.0f} MiB" if "peak_memory_bytes" in s else "-"
         ratio = f"{s['memory_vs_reference']:.2f}x" if "memory_vs_reference" in s else "-"
