@@ -23,8 +23,8 @@ FILLER = ["the", "a", "today", "new", "big", "said", "and", "with"]
 def save_tiny_bert(root, dropout: float) -> str:
     """A tiny BERT with a WordPiece tokenizer over the words of the data, saved like a hub checkpoint."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for ws in WORDS.values() for w in ws]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    # transformers 5 ignores vocab_file= (the tokenizer would know its special tokens only, every word [UNK]).
+    transformers.BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(root)
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=48, max_position_embeddings=128, hidden_dropout_prob=dropout,
