@@ -90,7 +90,7 @@ def load_biases(
     if is_applied(model):
         config_of(model)  # raises for a model whose modules were swapped without apply()
     else:
-        apply(model, saved_config, backend=backend)
+        apply(model, saved_config, announce=False, backend=backend)
 
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))

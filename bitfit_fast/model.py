@@ -234,12 +234,12 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
                  backend=config.backend)
 
 
-def _add_zero_biases(model: nn.Module, names: list[str]) -> None:
+def _add_zero_biases(model: nn.Module, names: list[str], announce: bool) -> None:
     for name in names:
         module = model.get_submodule(name)
         features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
         module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
-    if names:
+    if names and announce:
         count = sum(model.get_submodule(name).bias.numel() for name in names)
         print(f"bitfit_fast: added zero biases to {len(names)} bias-free layers of {type(model).__name__} "
               f"({count:,} parameters), so step 0 computes the pretrained function")
@@ -265,7 +265,7 @@ def _store_frozen_weights(model: nn.Module, dtype: torch.dtype | None) -> dict[s
     return original
 
 
-def apply(model: nn.Module, config: BitFitConfig | None = None, **overrides) -> nn.Module:
+def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: bool = True, **overrides) -> nn.Module:
     """Make ``model`` a BitFit model in place and return it.
 
     The options are a :class:`BitFitConfig` (``config``; default ``BitFitConfig()``) with any of its fields
@@ -275,7 +275,8 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, **overrides) -> 
     ``nn.LayerNorm`` outside a trained head becomes a :class:`BitFitLinear` / :class:`BitFitLayerNorm` that
     keeps its parameters, so state_dict keys do not change; recognised encoder layers are fused
     (``fuse_layers``). Selected modules without a bias get a zero one (``add_missing_biases``), so step 0
-    computes the pretrained function. Nothing changes until every option and the model have been checked.
+    computes the pretrained function; ``announce`` prints how many (``load_biases`` turns it off: the biases it
+    restores are not zero). Nothing changes until every option and the model have been checked.
     The config is kept as ``model.bitfit_fast_config``; what apply() found and changed as
     ``model.bitfit_fast_state`` (:class:`AppliedState`).
     """
@@ -291,7 +292,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, **overrides) -> 
     plan = _plan(model, config)
 
     # Validation is over: from here on the model changes.
-    _add_zero_biases(model, plan.to_add)
+    _add_zero_biases(model, plan.to_add, announce)
     _freeze_all_but(model, plan.trained_head, plan.selected)
     replace_children(model, plan.to_bitfit)
     weight_dtypes = _store_frozen_weights(model, config.dtype)
