@@ -1,0 +1,182 @@
+"""An HTTP JSON endpoint in front of a predictor, batching concurrent requests (``pip install 'bitfit-fast[serve]'``).
+
+Requests from every connection wait in one bounded queue; a worker takes up to ``max_batch_size`` of them (or
+what arrived within ``max_wait_ms`` of the first) and runs them as one batch in a thread, so the event loop keeps
+accepting connections while the model computes. Each example is checked before it joins a batch, so a bad one
+(unknown task, text too long) is answered on its own and never joins a batch; a batch whose prediction fails is
+run again example by example, so only the example that fails it gets the error. Starlette makes the app, uvicorn
+serves it.
+
+Routes:
+    GET  /health    {"status": "ok", "tasks": [...], "queued": waiting examples}
+    POST /predict   one example {"task": ..., "text": ..., "text_pair": ...}  ->  its prediction
+                    or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
+Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
+predictor refuses, 503 a full queue (retry), 500 a failed prediction.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .errors import first_line
+
+
+class RequestError(ValueError):
+    """An example the predictor refuses; its message goes back to the client (status 422)."""
+
+
+class Predictor(Protocol):
+    """What the server runs: the task names it knows, a per-example check, and a batched prediction."""
+
+    tasks: Sequence[str]
+
+    def check(self, example: object) -> dict:
+        """The example as ``predict`` takes it; raises :class:`RequestError` for one it cannot answer."""
+
+    def predict(self, examples: list[dict]) -> list[dict]:
+        """One JSON-ready answer per checked example, in order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    """How the server groups requests into batches."""
+
+    max_batch_size: int = 64  # examples per predictor call
+    max_wait_ms: float = 5.0  # how long the first example of a batch waits for others
+    max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be at least 0, got {self.max_wait_ms}")
+
+
+class MicroBatcher:
+    """Collects examples submitted from many requests into batches for one ``predict`` call at a time."""
+
+    def __init__(self, predict: Callable[[list[dict]], list[dict]], config: BatchingConfig):
+        self.predict = predict
+        self.config = config
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=config.max_queue)
+
+    def submit(self, examples: list[dict]) -> list[asyncio.Future]:
+        """Queue ``examples`` (all or none: raises ``asyncio.QueueFull`` when they do not all fit)."""
+        if self.queue.maxsize - self.queue.qsize() < len(examples):
+            raise asyncio.QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in examples]
+        for pending in zip(examples, futures):
+            self.queue.put_nowait(pending)
+        return futures
+
+    async def _next_batch(self) -> list[tuple[dict, asyncio.Future]]:
+        batch = [await self.queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.config.max_wait_ms / 1000
+        while len(batch) < self.config.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [(example, future) for example, future in batch if not future.cancelled()]  # clients that left
+
+    async def _answer(self, examples: list[dict]) -> list:
+        """The predictor's answers; when a batch fails, its examples again one by one, so the one that fails it
+        gets the error and the others their answers."""
+        try:
+            return await asyncio.to_thread(self.predict, examples)
+        except Exception as error:
+            if len(examples) == 1:
+                return [error]
+        return [answer for example in examples for answer in await self._answer([example])]
+
+    async def run(self) -> None:
+        """Serve batches until cancelled."""
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            answers = await self._answer([example for example, _ in batch])
+            for (_, future), answer in zip(batch, answers, strict=True):
+                if future.done():
+                    continue
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+
+
+def _error(status: int, message: str, **headers):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+def build_app(predictor: Predictor, config: BatchingConfig | None = None):
+    """The Starlette app serving ``predictor`` (see the module docstring for its routes)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    config = config or BatchingConfig()
+    state = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = batcher = MicroBatcher(predictor.predict, config)
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].queue.qsize()})
+
+    async def predict(request):
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            return _error(400, f"the body is not JSON ({first_line(error)}): send {{\"task\": ..., \"text\": ...}} "
+                               "or {\"inputs\": [...]}")
+        single = not (isinstance(body, dict) and "inputs" in body)
+        examples = [body] if single else body["inputs"]
+        if not isinstance(examples, list) or not examples:
+            return _error(422, '"inputs" must be a non-empty list of examples')
+        checked = []
+        for index, example in enumerate(examples):
+            try:
+                checked.append(predictor.check(example))
+            except RequestError as error:
+                return _error(422, str(error) if single else f"inputs[{index}]: {error}")
+        try:
+            futures = state["batcher"].submit(checked)
+        except asyncio.QueueFull:
+            return _error(503, f"the server is busy ({config.max_queue} examples waiting): retry shortly",
+                          **{"Retry-After": "1"})
+        try:
+            answers = await asyncio.gather(*futures)
+        except Exception as error:
+            return _error(500, f"the prediction failed: {first_line(error)}")
+        return JSONResponse(answers[0] if single else {"predictions": answers})
+
+    return Starlette(routes=[Route("/health", health), Route("/predict", predict, methods=["POST"])],
+                     lifespan=lifespan)
+
+
+def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, config: BatchingConfig | None = None):
+    """Serve ``predictor`` over HTTP until interrupted."""
+    import uvicorn
+
+    uvicorn.run(build_app(predictor, config), host=host, port=port, log_level="info")

@@ -1,0 +1,129 @@
+"""The HTTP server on localhost: concurrent requests are batched and each gets its own answer; every bad request
+gets a status and a message that names the problem; a full queue answers 503; an example that fails its batch
+fails alone."""
+
+import concurrent.futures
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from bitfit_fast.server import BatchingConfig, RequestError, build_app
+
+
+class EchoPredictor:
+    """Answers {"task", "text"} examples with the text upper-cased or its length; records every batch."""
+
+    tasks = ("upper", "length")
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.batches = []
+        self.gate = gate
+
+    def check(self, example):
+        if not isinstance(example, dict) or not isinstance(example.get("text"), str):
+            raise RequestError('an example is {"task": ..., "text": "..."}')
+        if example.get("task") not in self.tasks:
+            raise RequestError(f"unknown task {example.get('task')!r}: this server knows {list(self.tasks)}")
+        if len(example["text"]) > 20:
+            raise RequestError(f"the text is {len(example['text'])} characters; at most 20")
+        return example
+
+    def predict(self, examples):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        self.batches.append(len(examples))
+        if any(e["text"] == "boom" for e in examples):
+            raise RuntimeError("the model ran out of memory")
+        return [dict(task=e["task"], answer=e["text"].upper() if e["task"] == "upper" else len(e["text"]))
+                for e in examples]
+
+
+@contextlib.contextmanager
+def running(predictor, config: BatchingConfig):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(predictor, config), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_concurrent_mixed_requests_are_batched_and_each_answered():
+    predictor = EchoPredictor()
+    examples = [dict(task=("upper", "length")[i % 2], text="word" * (i % 5 + 1)) for i in range(48)]
+    with running(predictor, BatchingConfig(max_batch_size=8, max_wait_ms=50)) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda e: client.post("/predict", json=e), examples))
+            several = client.post("/predict", json={"inputs": examples[:3]})
+            health = client.get("/health").json()
+    for example, answer in zip(examples, answers):
+        expected = example["text"].upper() if example["task"] == "upper" else len(example["text"])
+        assert answer.status_code == 200 and answer.json() == dict(task=example["task"], answer=expected)
+    assert several.json() == {"predictions": [a.json() for a in answers[:3]]}
+    assert max(predictor.batches) <= 8 and max(predictor.batches) > 1, f"batches: {predictor.batches}"
+    assert sum(predictor.batches) == 51
+    assert health == {"status": "ok", "tasks": ["upper", "length"], "queued": 0}
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "the body is not JSON"),
+    (b'{"task": "lower", "text": "a"}', 422, "unknown task 'lower': this server knows ['upper', 'length']"),
+    (b'{"task": "upper", "text": "a very long text of words"}', 422, "the text is 25 characters; at most 20"),
+    (b'{"inputs": [{"task": "upper", "text": "a"}, {"task": "upper"}]}', 422,
+     'inputs[1]: an example is {"task": ..., "text": "..."}'),
+    (b'{"inputs": []}', 422, '"inputs" must be a non-empty list of examples'),
+    (b'{"task": "upper", "text": "boom"}', 500, "the prediction failed: the model ran out of memory"),
+])
+def test_bad_requests_get_a_status_and_a_message(body, status, message):
+    predictor = EchoPredictor()
+    with running(predictor, BatchingConfig(max_wait_ms=0)) as url:
+        response = httpx.post(f"{url}/predict", content=body, timeout=30)
+        assert response.status_code == status and message in response.json()["error"]
+        assert httpx.post(f"{url}/predict", json=dict(task="upper", text="ok"), timeout=30).json()["answer"] == "OK"
+    assert all(size == 1 for size in predictor.batches), "refused examples never reach the predictor"
+
+
+def test_a_full_queue_answers_503_and_a_failed_batch_fails_only_its_requests():
+    gate = threading.Event()
+    predictor = EchoPredictor(gate)
+    with running(predictor, BatchingConfig(max_batch_size=2, max_wait_ms=0, max_queue=2)) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            first = pool.submit(client.post, "/predict", json=dict(task="upper", text="a"))  # taken: the gate holds it
+            deadline = time.monotonic() + 30
+            while client.get("/health").json()["queued"] != 0 or not first.running():
+                assert time.monotonic() < deadline
+            time.sleep(0.1)  # the worker is now inside predict, waiting at the gate
+            queued = [pool.submit(client.post, "/predict", json=dict(task="upper", text=t)) for t in ("b", "boom")]
+            while client.get("/health").json()["queued"] != 2:
+                assert time.monotonic() < deadline
+            refused = client.post("/predict", json=dict(task="length", text="c"))
+            gate.set()
+            answers = [first.result(), *(f.result() for f in queued)]
+    assert refused.status_code == 503 and "the server is busy (2 examples waiting): retry" in refused.json()["error"]
+    assert refused.headers["retry-after"] == "1"
+    assert answers[0].json() == dict(task="upper", answer="A")
+    # "b" and "boom" ran as one batch, which failed; run again one by one, only "boom" fails.
+    assert answers[1].json() == dict(task="upper", answer="B")
+    assert answers[2].status_code == 500 and "ran out of memory" in answers[2].json()["error"]
+    assert predictor.batches == [1, 2, 1, 1]
+
+
+def test_batching_config_is_checked():
+    for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan"))):
+        with pytest.raises(ValueError, match="must be at least"):
+            BatchingConfig(**bad)
