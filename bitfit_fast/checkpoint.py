@@ -9,6 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import AppliedState, BitFitConfig
+from .files import atomic_write, write_json
 from .model import apply, config_of, is_applied, state_of
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
@@ -16,17 +17,6 @@ CONFIG_NAME = "bitfit_config.json"
 # 2: the options ("config", a BitFitConfig) apart from what apply() found ("applied", an AppliedState).
 # 1: both mixed in one "apply" dict; still read.
 FORMAT_VERSION = 2
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``: a crash leaves
-    either the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
@@ -56,8 +46,8 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
         "applied": state.to_dict(),
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_json(directory / CONFIG_NAME, record)
     return directory
 
 

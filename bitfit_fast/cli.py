@@ -1,6 +1,7 @@
 """`bitfit-fast`: the command-line entry point."""
 
 import argparse
+import dataclasses
 import json
 import math
 import shlex
@@ -22,19 +23,32 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .trainer import TrainConfig, sweep, train
+# The BitFitConfig fields that `bitfit-fast train` takes as options (--backend, --memory); --method sets `biases`.
+BITFIT_OPTIONS = ("backend", "memory")
 
-    config = TrainConfig(
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of parsed `bitfit-fast train` arguments."""
+    from .config import BitFitConfig
+    from .train import TrainConfig
+
+    return TrainConfig(
         model=args.model, task=args.task, train_file=args.train_file, validation_file=args.validation_file,
         text_columns=tuple(args.text_columns), label_column=args.label_column, regression=args.regression,
-        method=args.method, learning_rate=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
+        method=args.method, bitfit=BitFitConfig(**{name: getattr(args, name) for name in BITFIT_OPTIONS}),
+        learning_rate=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
         seed=args.seed, precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         max_grad_norm=args.max_grad_norm, output_dir=args.output_dir, save_every=args.save_every,
-        resume=args.resume, backend=args.backend, memory=args.memory, max_train_examples=args.max_train_examples,
+        resume=args.resume, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, progress=not args.no_progress,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import sweep, train
+
+    config = train_config(args)
     sweep(config) if args.lr_sweep else train(config)
     return 0
 
@@ -107,12 +121,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `bitfit-fast` parser: bench, train, eval and predict, each with its options and their checks."""
     from bitfit_fast_benches.presets import PRESETS
 
-    from .backend import BACKENDS
-    from .data import GLUE
-    from .fused_layer import MEMORY_MODES
-    from .trainer import METHODS
+    from .config import BitFitConfig
+    from .train import METHODS
+    from .train.data import GLUE
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not just its message")
@@ -170,9 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where biases/ (best epoch), biases-last/, checkpoint.pt and the summary go")
     t.add_argument("--save-every", type=COUNT, default=0, help="also checkpoint every N steps (0: each epoch only)")
     t.add_argument("--resume", action="store_true", help="continue exactly from --output-dir's checkpoint")
-    t.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="Triton kernels or torch ops (auto: the kernels on a GPU)")
-    t.add_argument("--memory", choices=MEMORY_MODES, default="default", help="memory mode of the fused layers")
+    bitfit = t.add_argument_group("BitFit options (the fields of bitfit_fast.BitFitConfig)")
+    for field in dataclasses.fields(BitFitConfig):
+        if field.name in BITFIT_OPTIONS:
+            bitfit.add_argument(f"--{field.name.replace('_', '-')}", choices=field.metadata["choices"],
+                                default=field.default, help=field.metadata["help"])
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(conflict=_train_conflict)
 
@@ -195,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`bitfit-fast`: a mistake the user can fix ends with one line and exit status 2 (`--debug`: the traceback)."""
-    from .data import UserError
+    from .errors import UserError
 
     args = build_parser().parse_args(argv)
     conflict = getattr(args, "conflict", lambda _: None)(args)

@@ -18,8 +18,10 @@ from .fused_layer import MEMORY_MODES
 BIAS_SETS = ("all", "subset")
 
 
-def _help(text: str, default) -> dataclasses.Field:
-    return dataclasses.field(default=default, metadata={"help": text})
+def _help(text: str, default, choices: tuple | None = None) -> dataclasses.Field:
+    """A field with its help text and, for a closed set of values, its choices: what the checks in
+    ``__post_init__`` and a command line (`bitfit-fast train --backend`) both read."""
+    return dataclasses.field(default=default, metadata={"help": text, "choices": choices})
 
 
 @dataclasses.dataclass
@@ -33,7 +35,7 @@ class BitFitConfig:
         "or a list of module-name patterns (a full name, a dotted suffix, or a glob)", "all")
     backend: str = _help(
         "'auto' (Triton kernels for CUDA tensors, torch ops otherwise), 'triton' (the kernels always) or 'torch'",
-        "auto")
+        "auto", BACKENDS)
     train_head: bool = _help(
         "train the task head fully; False freezes it like the body and its biases follow `biases`", True)
     add_missing_biases: bool | None = _help(
@@ -46,7 +48,7 @@ class BitFitConfig:
         "run recognised encoder layers (BERT, RoBERTa, ELECTRA, XLM-R, ...) as one fused layer each", True)
     memory: str = _help(
         "what fused layers save for the backward: 'default' (fastest), 'lean' (recomputes the pre-GELU "
-        "activation), 'minimal' (also recomputes the QKV GEMM and attention)", "default")
+        "activation), 'minimal' (also recomputes the QKV GEMM and attention)", "default", MEMORY_MODES)
     dtype: torch.dtype | None = _help(
         "store the frozen linear weights once in this floating dtype (torch.bfloat16 or its name 'bfloat16') "
         "instead of casting them every step under autocast; biases stay fp32", None)
@@ -62,8 +64,10 @@ class BitFitConfig:
                 f"biases must be 'all', 'subset' or a non-empty list of module-name patterns, got {self.biases!r}")
         else:
             self.biases = list(self.biases)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for field in dataclasses.fields(self):
+            choices, value = field.metadata["choices"], getattr(self, field.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"{field.name} must be one of {choices}, got {value!r}")
         for name in ("train_head", "fuse_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -73,8 +77,6 @@ class BitFitConfig:
             if isinstance(self.head, str) or not all(isinstance(n, str) for n in self.head):
                 raise ValueError(f"head must be a list of module names such as ['classifier'], got {self.head!r}")
             self.head = list(self.head)
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         self.dtype = _floating_dtype(self.dtype)
 
     def to_dict(self) -> dict:
@@ -102,10 +104,12 @@ class AppliedState:
     weight_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)  # weights stored in `dtype`: originals
 
     def to_dict(self) -> dict:
+        """JSON-ready, as saved in bitfit_config.json."""
         return dataclasses.asdict(self)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """A dtype's name as saved in JSON ('bfloat16'), None for None."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 

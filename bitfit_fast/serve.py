@@ -2,67 +2,13 @@
 on it. Every mistake (a directory that is not a run, a missing column, a moved base model) is a one-line
 `UserError`."""
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from . import data as data_lib
 from .checkpoint import load_biases
-from .data import UserError, first_line
-from .trainer import (
-    BEST_BIASES,
-    RUN_CONFIG_NAME,
-    TrainConfig,
-    evaluate,
-    load_pretrained,
-    model_source,
-    setup_distributed,
-)
-
-NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
-
-
-@dataclasses.dataclass
-class Run:
-    """What eval and predict need from a run's run_config.json."""
-
-    path: Path
-    config: TrainConfig
-    model_path: str
-    num_labels: int
-    label_names: list[str] | None  # None: regression (one output)
-    metrics: list[str]
-    text_columns: tuple[str, ...]
-    label_column: str
-
-
-def load_run(path: str) -> Run:
-    """A finished (or at least one epoch into) `bitfit-fast train` run; `UserError` for anything else."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise UserError(f"{path} is not a directory: {NOT_A_RUN_HINT}")
-    file = directory / RUN_CONFIG_NAME
-    if not file.is_file():
-        raise UserError(f"{path} is not a `bitfit-fast train` run (it has no {RUN_CONFIG_NAME}): {NOT_A_RUN_HINT}")
-    try:
-        record = json.loads(file.read_text())
-        config = TrainConfig(**{**record["config"], "text_columns": tuple(record["config"]["text_columns"])})
-        num_labels = record["num_labels"]
-        label_names = record["label_names"] or (None if num_labels == 1 else [str(i) for i in range(num_labels)])
-        run = Run(directory, config, record["model_path"], num_labels, label_names, record["metrics"],
-                  tuple(record.get("text_columns", config.text_columns)),
-                  record.get("label_column", config.label_column))
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{file} could not be read ({first_line(error)}): it is damaged or was written by another "
-                        "version of bitfit-fast; train the run again") from error
-    if not (directory / BEST_BIASES).is_dir():
-        reason = (f"--method {config.method} trains more than biases, and only biases are saved"
-                  if config.method not in ("bitfit", "subset") else
-                  f"no epoch has finished yet: continue the run with `bitfit-fast train --resume --output-dir {path}`")
-        raise UserError(f"{path} has no {BEST_BIASES}/: {reason}")
-    return run
+from .errors import UserError, first_line
+from .train import BEST_BIASES, Run, data, evaluate, load_pretrained, load_run, model_source, setup_distributed
 
 
 class _BaseModels:
@@ -72,7 +18,8 @@ class _BaseModels:
         self.models = {}
 
     def load(self, run: Run):
-        key = (run.model_path, run.num_labels, json.dumps(run.label_names), run.config.method)
+        """(model in eval mode with the run's best biases loaded, tokenizer)."""
+        key = (run.model_path, run.num_labels, tuple(run.label_names or ()), run.config.method)
         if key not in self.models:
             source = model_source(run.model_path)
             described = f"{run.path}: its base model {run.model_path}"
@@ -87,7 +34,7 @@ class _BaseModels:
         return model.eval(), tokenizer
 
 
-def _run_validation(run: Run) -> dict[str, data_lib.Split]:
+def _run_validation(run: Run) -> dict[str, data.Split]:
     """The validation data the run was trained with."""
     file = run.config.validation_file
     if file:
@@ -96,13 +43,13 @@ def _run_validation(run: Run) -> dict[str, data_lib.Split]:
                             "pass --validation-file with a copy of it")
         return {"validation": _labeled(run, file)}
     if run.config.task:
-        return data_lib.load_glue(run.config.task).validation
-    return data_lib.load_bbc_news(run.config.seed).validation
+        return data.load_glue(run.config.task).validation
+    return data.load_bbc_news(run.config.seed).validation
 
 
-def _labeled(run: Run, file: str) -> data_lib.Split:
+def _labeled(run: Run, file: str) -> data.Split:
     """A file labelled like the run's data: its text columns, its label column, its classes."""
-    return data_lib.load_labeled(file, run.text_columns, run.label_column, run.label_names)
+    return data.load_labeled(file, run.text_columns, run.label_column, run.label_names)
 
 
 def evaluate_checkpoints(paths: list[str], validation_file: str | None = None) -> dict[str, dict]:
@@ -115,10 +62,9 @@ def evaluate_checkpoints(paths: list[str], validation_file: str | None = None) -
         splits = {validation_file: _labeled(run, validation_file)} if validation_file else _run_validation(run)
         model, tokenizer = bases.load(run)
         model.to(d.device)
-        pad_id = tokenizer.pad_token_id or 0
         results[path] = {
-            name: evaluate(model, data_lib.encode(split, tokenizer, run.config.max_length), run.config, run.metrics,
-                           d, pad_id, 32)
+            name: evaluate(model, data.encode(split, tokenizer, run.config.max_length), run.config, run.metrics,
+                           d, data.pad_id(tokenizer), 32)
             for name, split in splits.items()
         }
     return results
@@ -133,7 +79,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     run = load_run(path)
     columns = run.text_columns
     if input_file is not None:
-        texts = data_lib.load_texts(input_file, columns)
+        texts = data.load_texts(input_file, columns)
     elif not texts:
         raise UserError("nothing to predict: give --text (and --text-pair for two-text runs) or --input-file")
     for example in texts:
@@ -145,13 +91,13 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     model, tokenizer = _BaseModels().load(run)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    encoded = data_lib.encode(data_lib.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
-    pad_id = tokenizer.pad_token_id or 0
+    encoded = data.encode(data.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
+    pad_id = data.pad_id(tokenizer)
     rows = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             indices = list(range(start, min(start + batch_size, len(texts))))
-            batch = data_lib.collate(encoded, indices, pad_id, regression=True)
+            batch = data.collate(encoded, indices, pad_id, regression=True)
             batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             for i, row in zip(indices, logits):

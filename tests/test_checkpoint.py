@@ -9,7 +9,9 @@ import transformers
 from bitfit_reference import adamw_steps, padded_batch, tiny_bert, tiny_roberta, trainable
 
 import bitfit_fast
+import bitfit_fast.checkpoint
 from bitfit_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from bitfit_fast.files import atomic_write, write_json
 
 
 def trained(make=tiny_bert, biases="all"):
@@ -101,6 +103,37 @@ def test_saving_again_replaces_the_files_atomically(tmp_path):
     fresh = bitfit_fast.apply(tiny_bert())
     bitfit_fast.load_biases(fresh, tmp_path)
     torch.testing.assert_close(fresh.classifier.bias, model.classifier.bias, atol=0, rtol=0)
+
+
+def test_a_failing_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    target = write_json(tmp_path / "run_summary.json", {"epochs": 1})
+
+    def torn(tmp):
+        tmp.write_text('{"epochs": ')  # half written, then the disk fills up
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, torn)
+    assert json.loads(target.read_text()) == {"epochs": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["run_summary.json"], "the temporary file is removed"
+
+
+def test_a_save_that_fails_midway_keeps_the_saved_biases(tmp_path, monkeypatch):
+    model, _ = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as torn_file:
+            torn_file.write(b"torn")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(bitfit_fast.checkpoint, "save_file", failing_save_file)
+    with torch.no_grad():
+        model.classifier.bias.add_(1)
+    with pytest.raises(OSError, match="No space left"):
+        bitfit_fast.save_biases(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
 
 
 def test_save_needs_an_applied_model(tmp_path):

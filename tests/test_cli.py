@@ -4,6 +4,7 @@ commands work, and every mistake ends with one line on stderr that says what to 
 A tiny BERT saved to disk stands in for a real encoder; the subprocesses of a stage run two at a time."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import datasets
 import pytest
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
 
-from bitfit_fast import cli
+from bitfit_fast import BitFitConfig, cli
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once, network or not
 
@@ -73,7 +74,8 @@ def run_all(commands: dict, home) -> dict:
 
 TRAIN = ["train", "--model", "model", "--epochs", "2", "--backend", "torch", "--no-progress"]
 TRAIN_TWO = [*TRAIN, "--train-file", "data/pairs-train.csv", "--validation-file", "data/pairs-val.jsonl",
-             "--text-columns", "premise", "hypothesis", "--output-dir", "runs/two"]
+             "--text-columns", "premise", "hypothesis", "--output-dir", "runs/two", "--method", "subset", "--memory",
+             "lean"]
 
 # Mistakes that need no trained run: (arguments, extra environment, what the last line of stderr says).
 MISTAKES = {
@@ -138,6 +140,10 @@ def test_training_writes_absolute_paths_and_the_best_and_last_biases(home, first
     for key in ("model", "train_file", "validation_file"):
         assert os.path.isabs(recorded["config"][key]) and os.path.exists(recorded["config"][key]), key
     assert recorded["text_columns"] == ["premise", "hypothesis"] and recorded["label_column"] == "label"
+    options = BitFitConfig(biases="subset", backend="torch", memory="lean")
+    assert recorded["config"]["method"] == "subset" and recorded["config"]["bitfit"] == options.to_dict()
+    applied = json.loads((out / "biases" / "bitfit_config.json").read_text())["config"]
+    assert BitFitConfig.from_dict(applied) == dataclasses.replace(options, head=applied["head"]), "the run's options"
     summary = runs["two"]
     assert summary["saved_biases"] == {"biases": summary["best"]["epoch"], "biases-last": 2}
     assert (out / "biases").is_dir() and (out / "biases-last").is_dir()
@@ -172,8 +178,11 @@ def check_predictions(printed: str, columns: list[str], count: int):
     assert len(rows) == count
     for row in rows:
         assert list(row) == [*columns, "label", "probabilities"]
-        assert set(row["probabilities"]) == set(WORDS) and sum(row["probabilities"].values()) == pytest.approx(1)
-        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+        probabilities = row["probabilities"]
+        # printed to 6 decimals: each value is off by at most 5e-7, so their sum by at most that times their count
+        assert set(probabilities) == set(WORDS)
+        assert sum(probabilities.values()) == pytest.approx(1, rel=0, abs=5e-7 * len(probabilities) + 1e-12)
+        assert row["label"] == max(probabilities, key=probabilities.get)
 
 
 @pytest.mark.parametrize("name,columns", [("predict a file", ["text"]),
@@ -301,14 +310,21 @@ def test_argument_ranges_are_checked_before_anything_loads(args, message, capsys
     assert "Traceback" not in err
 
 
-def test_choices_come_from_the_library():
+def test_choices_and_help_come_from_the_library():
     from bitfit_fast.backend import BACKENDS
-    from bitfit_fast.fused_layer import MEMORY_MODES
-    from bitfit_fast.trainer import METHODS
+    from bitfit_fast.config import MEMORY_MODES
+    from bitfit_fast.train import METHODS
 
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    choices = {action.dest: tuple(action.choices) for action in train._actions if action.choices}
-    assert choices["backend"] == BACKENDS and choices["memory"] == MEMORY_MODES and choices["method"] == METHODS
+    actions = {action.dest: action for action in train._actions}
+    assert tuple(actions["method"].choices) == METHODS
+    fields = {field.name: field for field in dataclasses.fields(BitFitConfig)}
+    for name, constant in (("backend", BACKENDS), ("memory", MEMORY_MODES)):
+        action, field = actions[name], fields[name]
+        assert tuple(action.choices) == constant == field.metadata["choices"], name
+        assert (action.help, action.default) == (field.metadata["help"], field.default), name
+    args = cli.build_parser().parse_args(["train", "--method", "subset", "--backend", "torch", "--memory", "minimal"])
+    assert cli.train_config(args).bitfit == BitFitConfig(biases="subset", backend="torch", memory="minimal")
 
 
 def test_bench_writes_under_runs_by_default_and_documents_its_presets(capsys):
@@ -329,7 +345,8 @@ def test_the_hub_probe_goes_through_the_proxy(monkeypatch):
     """Behind a proxy the hub is reached through it: the proxy is what must answer."""
     import huggingface_hub.constants
 
-    from bitfit_fast.data import UserError, require_hub
+    from bitfit_fast.errors import UserError
+    from bitfit_fast.train.hub import require_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bitfit_fast import metrics
+from bitfit_fast.train import metrics
 
 
 def test_accuracy_and_f1():

@@ -1,6 +1,7 @@
 """`bitfit-fast train` on a tiny local model and CSV data: outputs, exact resume, NaN stop, bad data, DDP."""
 
 import csv
+import functools
 import json
 import os
 import random
@@ -12,8 +13,8 @@ import safetensors.torch
 import torch
 import transformers
 
-from bitfit_fast import cli, data, serve, trainer
-from bitfit_fast.trainer import TrainConfig, TrainingDiverged
+from bitfit_fast import BitFitConfig, cli, serve
+from bitfit_fast.train import CHECKPOINT_NAME, Dist, TrainConfig, TrainingDiverged, data, loop, plots, run, sweep, train
 
 WORDS = {"sport": ["goal", "match", "team", "coach"], "money": ["bank", "market", "price", "profit"],
          "tech": ["phone", "chip", "software", "robot"]}
@@ -71,16 +72,16 @@ def files(tmp_path):
 
 def config(model_dir, files, tmp_path, **overrides):
     base = dict(model=model_dir, epochs=2, batch_size=8, output_dir=str(tmp_path / "run"), progress=False,
-                backend="torch", **files)
+                bitfit=BitFitConfig(backend="torch"), **files)
     return TrainConfig(**{**base, **overrides})
 
 
 def trained_params(out_dir):
-    return torch.load(os.path.join(out_dir, trainer.CHECKPOINT_NAME), weights_only=False)["trainable"]
+    return torch.load(os.path.join(out_dir, CHECKPOINT_NAME), weights_only=False)["trainable"]
 
 
 def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_path, capsys):
-    summary = trainer.train(config(model_dir, files, tmp_path, epochs=3))
+    summary = train(config(model_dir, files, tmp_path, epochs=3))
     out = tmp_path / "run"
     for name in ["biases/bitfit_biases.safetensors", "run_summary.json", "learning_curves.png", "checkpoint.pt",
                  "run_config.json"]:
@@ -107,17 +108,17 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
 def test_biases_hold_the_best_epoch_and_biases_last_the_last(model_dir, files, tmp_path, monkeypatch):
     """Scripted validation scores (epoch 2 best): biases/ must equal the parameters at the end of epoch 2."""
     scores = iter([0.5, 0.9, 0.7])
-    monkeypatch.setattr(trainer, "evaluate", lambda *args, **kwargs: {"accuracy": next(scores)})
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: {"accuracy": next(scores)})
     at_epoch_end = {}
-    save_checkpoint = trainer.save_checkpoint
+    save_checkpoint = loop.save_checkpoint
 
     def remember(path, model, optimizer, scaler, position, history, d):
         save_checkpoint(path, model, optimizer, scaler, position, history, d)
         at_epoch_end[position["epoch"]] = {n: p.detach().clone() for n, p in model.named_parameters()
                                            if p.requires_grad}
 
-    monkeypatch.setattr(trainer, "save_checkpoint", remember)
-    summary = trainer.train(config(model_dir, files, tmp_path, epochs=3), log=lambda *_: None)
+    monkeypatch.setattr(loop, "save_checkpoint", remember)
+    summary = train(config(model_dir, files, tmp_path, epochs=3), log=lambda *_: None)
     assert summary["best"]["epoch"] == 2 and summary["saved_biases"] == {"biases": 2, "biases-last": 3}
     out = tmp_path / "run"
     for directory, epoch in (("biases", 2), ("biases-last", 3)):
@@ -131,7 +132,11 @@ def test_biases_hold_the_best_epoch_and_biases_last_the_last(model_dir, files, t
 def test_a_regression_run_predicts_scores(model_dir, tmp_path):
     files = dict(train_file=write_csv(tmp_path / "t.csv", 16, 1, score=True),
                  validation_file=write_csv(tmp_path / "v.csv", 8, 2, score=True))
-    trainer.train(config(model_dir, files, tmp_path, epochs=1, regression=True), log=lambda *_: None)
+    steps = []
+    train(config(model_dir, files, tmp_path, epochs=1, regression=True), log=lambda *_: None,
+          on_step_end=[steps.append])
+    assert [(s.step, s.epoch, s.batch, s.checkpointed) for s in steps] == [(1, 1, 1, False), (2, 1, 2, False)]
+    assert all(isinstance(s.loss, float) for s in steps)
     texts = tmp_path / "texts.csv"
     texts.write_text("text\ngoal match\nbank price\n")
     rows = serve.predict(str(tmp_path / "run"), input_file=str(texts))
@@ -139,35 +144,67 @@ def test_a_regression_run_predicts_scores(model_dir, tmp_path):
     assert all(list(r) == ["text", "score"] and isinstance(r["score"], float) for r in rows)
 
 
+def test_a_checkpoint_that_fails_to_write_keeps_the_last_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+    path = tmp_path / CHECKPOINT_NAME
+    save_checkpoint = functools.partial(run.save_checkpoint, path, model, optimizer, scaler, history=[], d=Dist())
+    save_checkpoint(position=dict(epoch=0, batch=2, step=2))
+    saved = path.read_bytes()
+
+    def torn(obj, file):
+        with open(file, "wb") as torn_file:
+            torn_file.write(b"torn")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(position=dict(epoch=0, batch=4, step=4))
+    assert path.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
+
+
 def test_smoothing_averages_exactly_window_values():
-    assert trainer.moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
-    assert trainer.moving_average([3.0, 6.0, 9.0], 1) == [3.0, 6.0, 9.0]
-    assert trainer.moving_average([0.0, 3.0, 6.0, 9.0], 3) == [0.0, 1.5, 3.0, 6.0]
+    assert plots.moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert plots.moving_average([3.0, 6.0, 9.0], 1) == [3.0, 6.0, 9.0]
+    assert plots.moving_average([0.0, 3.0, 6.0, 9.0], 3) == [0.0, 1.5, 3.0, 6.0]
 
 
 def test_micro_batches_give_the_big_batch_result(model_dir_no_dropout, files, tmp_path):
     runs = {}
     for micro in (8, 3):
         out = tmp_path / f"micro{micro}"
-        trainer.train(config(model_dir_no_dropout, files, tmp_path, epochs=1, micro_batch_size=micro,
+        train(config(model_dir_no_dropout, files, tmp_path, epochs=1, micro_batch_size=micro,
                              output_dir=str(out), seed=3), log=lambda *_: None)
         runs[micro] = trained_params(out)
     for name, tensor in runs[8].items():
         torch.testing.assert_close(runs[3][name], tensor, atol=2e-6, rtol=1e-5, msg=name)
 
 
-def _cli_train(model_dir, files, out, *extra, env=None):
-    args = [sys.executable, "-m", "bitfit_fast.cli", "train", "--model", model_dir, "--train-file", files["train_file"],
+# `bitfit-fast train ARGS` in a process that SIGKILLs itself after step 5: killed mid-epoch, as by the OOM killer.
+KILLED_AFTER_STEP_5 = """
+import os, signal, sys
+from bitfit_fast import cli, train
+
+def kill_after_step_5(end):
+    if end.step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train.train(cli.train_config(cli.build_parser().parse_args(sys.argv[1:])), on_step_end=[kill_after_step_5])
+"""
+
+
+def _cli_train(model_dir, files, out, *extra, killed_after_step_5=False):
+    program = ["-c", KILLED_AFTER_STEP_5] if killed_after_step_5 else ["-m", "bitfit_fast.cli"]
+    args = [sys.executable, *program, "train", "--model", model_dir, "--train-file", files["train_file"],
             "--validation-file", files["validation_file"], "--epochs", "2", "--batch-size", "8", "--output-dir",
             str(out), "--backend", "torch", "--no-progress", *extra]
-    return subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters(model_dir, files, tmp_path):
     straight = _cli_train(model_dir, files, tmp_path / "straight", "--save-every", "2")
     assert straight.returncode == 0, straight.stderr
-    killed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2",
-                        env={"BITFIT_FAST_CRASH_AFTER_STEP": "5"})
+    killed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", killed_after_step_5=True)
     assert killed.returncode == -9, "the process was SIGKILLed after step 5 (checkpoint of step 4 on disk)"
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
     resumed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", "--resume")
@@ -194,7 +231,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
 
     monkeypatch.setattr(data, "collate", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 4 .*checkpoint.pt, is kept"):
-        trainer.train(config(model_dir, files, tmp_path, regression=True, save_every=1))
+        train(config(model_dir, files, tmp_path, regression=True, save_every=1))
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["position"]["step"] == 3
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
@@ -214,7 +251,7 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     train_file = str(next(p for p in tmp_path.iterdir() if p.name.startswith("t.")))
     valid = write_csv(tmp_path / "v.csv", 6, 0)
     with pytest.raises(data.DataError, match=message):
-        trainer.train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
+        train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
 
 
@@ -249,7 +286,7 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, files, t
 
 
 def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
-    record = trainer.sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
+    record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
     assert [r["learning_rate"] for r in record["runs"]] == [1e-4, 1e-2]
     assert record["best"]["best"]["value"] == max(r["best"]["value"] for r in record["runs"])
     assert (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
@@ -280,6 +317,24 @@ def test_glue_tasks_map_columns_labels_and_metrics(task, monkeypatch):
     assert tuple(loaded.validation) == expected.get(task, ("validation",))
 
 
+def test_the_method_and_the_bitfit_options_agree():
+    assert TrainConfig(method="subset").bitfit.biases == "subset"
+    assert TrainConfig(bitfit=BitFitConfig(biases="subset")).method == "subset", "the same run, recorded one way"
+    assert TrainConfig().bitfit == BitFitConfig()
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="lora")
+
+
+def test_a_run_config_records_its_bitfit_config_and_earlier_records_still_load():
+    config = TrainConfig(method="subset", bitfit=BitFitConfig(backend="torch", memory="lean", dtype=torch.bfloat16))
+    record = json.loads(json.dumps(config.to_dict()))
+    assert record["bitfit"]["memory"] == "lean" and record["bitfit"]["dtype"] == "bfloat16"
+    assert TrainConfig.from_dict(record) == config
+    earlier = {k: v for k, v in record.items() if k != "bitfit"}  # run_config.json before BitFitConfig
+    restored = TrainConfig.from_dict(dict(earlier, backend="torch", memory="lean"))
+    assert restored.bitfit == BitFitConfig(biases="subset", backend="torch", memory="lean")
+
+
 def test_unknown_glue_task_is_named():
     with pytest.raises(data.DataError, match="unknown GLUE task 'sst3'"):
-        trainer.load_task(TrainConfig(task="sst3"))
+        data.load_task(TrainConfig(task="sst3"))

@@ -4,6 +4,7 @@ import torch
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of predictions equal to their label."""
     return (predictions == labels).double().mean().item()
 
 
@@ -29,6 +30,7 @@ def matthews(predictions: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation coefficient (STS-B); 0 when undefined (a constant input)."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denominator = torch.sqrt((x * x).sum() * (y * y).sum())
     return ((x * y).sum() / denominator).item() if denominator > 0 else 0.0
@@ -46,6 +48,7 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation coefficient (STS-B): Pearson's on the ranks, ties averaged."""
     return pearson(_ranks(x), _ranks(y))
 
 

@@ -1,56 +1,27 @@
-"""Data for the trainer: the embedded BBC News corpus, GLUE through `datasets`, local CSV/JSON/Parquet files;
-tokenisation once, dynamic padding and length-grouped batches."""
+"""Data for training, evaluation and prediction: the embedded BBC News corpus, GLUE through `datasets`, local
+CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped batches."""
 
 import dataclasses
 import importlib.util
 import itertools
 import random
-import socket
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import torch
 
-
-class UserError(Exception):
-    """A mistake the user can fix (an argument, a path, data, the network, a checkpoint): the message says what is
-    wrong and what to do. `bitfit-fast` prints it as one line and exits with status 2."""
+from ..errors import UserError, first_line
+from .config import TrainConfig
+from .hub import require_hub
 
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the file, column or label at fault."""
 
 
-def first_line(error: BaseException) -> str:
-    """A library's error message cut to its first line, to quote inside a one-line message."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def require_hub(what: str, offline_alternative: str) -> None:
-    """Fail in seconds where the Hugging Face hub cannot be reached: the libraries would otherwise retry for up to a
-    minute, then raise a long chain of tracebacks. With HF_HUB_OFFLINE=1 they read the local cache only."""
-    import huggingface_hub.constants
-
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
-    proxy = urllib.request.getproxies().get(endpoint.scheme)
-    if proxy and not urllib.request.proxy_bypass(endpoint.hostname):
-        endpoint = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # the hop that must answer
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=3).close()
-    except OSError as error:
-        raise UserError(
-            f"{what} needs the Hugging Face hub, and {endpoint.hostname}:{port} cannot be reached "
-            f"({first_line(error)}): "
-            f"check the network, or set HF_HUB_OFFLINE=1 to use a copy in the local cache, or {offline_alternative}"
-        ) from error
-
-
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
+    """A GLUE task's columns, label count and metrics."""
+
     text_columns: tuple[str, ...]
     label_column: str
     num_labels: int  # 1: regression
@@ -74,12 +45,16 @@ GLUE = {
 
 @dataclasses.dataclass
 class Split:
+    """Examples of one split: their texts and labels."""
+
     texts: list[tuple[str, ...]]  # one or two texts per example
     labels: list[float]  # class ids, or scores for regression
 
 
 @dataclasses.dataclass
 class TaskData:
+    """A task's splits with what training, evaluation and prediction need to know about it."""
+
     name: str
     train: Split
     validation: dict[str, Split]
@@ -240,8 +215,29 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
                     None if regression else list(label_ids), tuple(text_columns), label_column)
 
 
+def load_task(config: TrainConfig) -> TaskData:
+    """The run's data: local files, a GLUE task, or the embedded BBC News (split with the run's seed)."""
+    if config.train_file or config.validation_file:
+        if not (config.train_file and config.validation_file):
+            raise DataError("--train-file and --validation-file go together")
+        return load_local(config.train_file, config.validation_file, tuple(config.text_columns), config.label_column,
+                          config.regression)
+    if config.task:
+        if config.task not in GLUE:
+            raise DataError(f"unknown GLUE task {config.task!r}; known: {sorted(GLUE)}")
+        return load_glue(config.task)
+    return load_bbc_news(config.seed)
+
+
+def limit(split: Split, n: int | None) -> Split:
+    """The first ``n`` examples of ``split`` (all of them for None)."""
+    return split if n is None else Split(split.texts[:n], split.labels[:n])
+
+
 @dataclasses.dataclass
 class Encoded:
+    """A tokenised split: token ids per example (unpadded) and labels."""
+
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: list[float]
@@ -251,9 +247,15 @@ class Encoded:
 
 
 def encode(split: Split, tokenizer, max_length: int) -> Encoded:
+    """Tokenise once, truncated to ``max_length`` tokens; padding is left to :func:`collate`."""
     columns = list(zip(*split.texts))
     out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     return Encoded(out["input_ids"], out.get("token_type_ids"), split.labels)
+
+
+def pad_id(tokenizer) -> int:
+    """The token that pads a batch: the tokenizer's, or 0 where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:

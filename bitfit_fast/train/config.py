@@ -1,0 +1,89 @@
+"""TrainConfig: the options of a `bitfit-fast train` run; the BitFit options among them are a BitFitConfig."""
+
+import dataclasses
+
+import torch
+
+from ..config import BitFitConfig
+
+METHODS = ("bitfit", "subset", "full", "frozen")
+LR_GRID = (1e-4, 4e-4, 7e-4, 1e-3)  # the paper's BitFit learning rates
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: off)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The options of a run: data, model, method and the paper's protocol (AdamW, no schedule, clipping).
+
+    ``bitfit`` holds the options of :func:`bitfit_fast.apply` for the BitFit methods. ``method="subset"`` is BitFit
+    with ``biases="subset"``: either one sets the other, so a run records one consistent pair."""
+
+    model: str | None = None  # a Hugging Face name or path; None: the embedded all-MiniLM-L6-v2
+    task: str | None = None  # a GLUE task; None with no files: the embedded BBC News
+    train_file: str | None = None
+    validation_file: str | None = None
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    regression: bool = False
+    method: str = "bitfit"  # one of METHODS
+    bitfit: BitFitConfig = dataclasses.field(default_factory=BitFitConfig)  # for the methods bitfit and subset
+    learning_rate: float | None = None  # None: 1e-3 (BitFit), 1e-4 (BitFit on MNLI), 1e-5 (full)
+    weight_decay: float = 0.0
+    epochs: int = 3
+    batch_size: int = 8
+    micro_batch_size: int | None = None  # None: the whole batch on CPU, the largest that fits on a GPU
+    max_length: int = 128
+    seed: int = 0
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast)
+    max_grad_norm: float = 1.0
+    output_dir: str = "runs/bitfit"
+    save_every: int = 0  # steps between checkpoints; 0: at the end of each epoch only
+    resume: bool = False
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.bitfit, BitFitConfig):
+            raise ValueError(f"bitfit must be a BitFitConfig, got {self.bitfit!r}")
+        self.text_columns = tuple(self.text_columns)
+        if self.method == "subset" and self.bitfit.biases != "subset":
+            self.bitfit = dataclasses.replace(self.bitfit, biases="subset")
+        elif self.method == "bitfit" and self.bitfit.biases == "subset":
+            self.method = "subset"
+
+    def to_dict(self) -> dict:
+        """JSON-ready options (run_config.json, run_summary.json)."""
+        return dict(dataclasses.asdict(self), bitfit=self.bitfit.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """The config :meth:`to_dict` wrote, or that of an earlier version (backend and memory as fields of their
+        own, no ``bitfit``)."""
+        values = dict(values)
+        if "bitfit" in values:
+            values["bitfit"] = BitFitConfig.from_dict(values["bitfit"])
+        else:
+            values["bitfit"] = BitFitConfig(backend=values.pop("backend", "auto"),
+                                            memory=values.pop("memory", "default"))
+        return cls(**values)
+
+    @property
+    def saves_biases(self) -> bool:
+        """The BitFit methods train biases and the head only, and save them (biases/, biases-last/)."""
+        return self.method in ("bitfit", "subset")
+
+    def resolved_learning_rate(self) -> float:
+        """The learning rate given, else the paper's default for the method and task."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if self.method == "full":
+            return 1e-5
+        return 1e-4 if self.task == "mnli" else 1e-3
+
+    def autocast(self, device: torch.device):
+        """The autocast context of the run's precision on ``device`` (a no-op for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

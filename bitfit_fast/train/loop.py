@@ -1,0 +1,235 @@
+"""The training loop behind `bitfit-fast train`: BitFit with the paper's protocol, on one device or many.
+
+Protocol (Ben Zaken et al.): AdamW, gradient clipping 1.0, no schedule or warm-up, evaluation every epoch.
+Batches are padded dynamically and grouped by length; a batch larger than memory allows is split into
+micro-batches whose gradients add up to the big batch's. Under `torchrun` every rank takes its share of each
+batch and DistributedDataParallel all-reduces the only gradients there are: those of the biases and the head.
+Checkpoints are written atomically and hold everything needed to continue exactly where a run stopped.
+"""
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..backend import check_backend
+from ..checkpoint import save_biases
+from ..errors import UserError
+from ..files import write_json
+from ..model import get_nb_trainable_parameters
+from . import data as data_lib
+from .config import TrainConfig
+from .distributed import Dist, all_reduce_sum, barrier, params_in_sync, setup_distributed
+from .evaluation import best_evaluation, evaluate
+from .models import build_model, model_source
+from .plots import plot_curves
+from .run import (
+    BEST_BIASES,
+    CHECKPOINT_NAME,
+    CURVES_NAME,
+    LAST_BIASES,
+    SUMMARY_NAME,
+    Run,
+    check_output_dir,
+    load_checkpoint,
+    save_checkpoint,
+    write_run_config,
+)
+from .summary import Tokens, summarize
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """What an ``on_step_end`` callback of :func:`train` is given after each optimizer step."""
+
+    step: int  # steps so far, counted over the whole run (a resumed run goes on counting)
+    epoch: int  # from 1
+    batch: int  # the batch just trained, from 1 within the epoch
+    loss: float  # its mean loss over all processes
+    checkpointed: bool  # whether checkpoint.pt now holds this step
+
+
+def find_micro_batch(model, encoded: data_lib.Encoded, config: TrainConfig, d: Dist, pad_id: int, local: int) -> int:
+    """Largest micro-batch (halving from the rank's share of a batch) for which a forward and backward on the
+    longest examples fit in GPU memory."""
+    longest = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]), reverse=True)
+    size = local
+    while size > 1:
+        batch = data_lib.collate(encoded, longest[:size], pad_id, config.regression)
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        try:
+            with config.autocast(d.device):
+                model(**batch).loss.backward()
+            break
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+        finally:
+            model.zero_grad(set_to_none=True)
+            del batch
+            torch.cuda.empty_cache()
+    return max(size, 1)
+
+
+def _absolute(file: str | None) -> str | None:
+    return None if file is None else str(Path(file).expanduser().resolve())
+
+
+def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
+    """Every check that needs no model or data, before anything loads; the config with absolute paths (the run can
+    be evaluated, resumed or predicted from any directory) and the model's source."""
+    check_output_dir(Path(config.output_dir), config.resume)
+    if config.batch_size % d.world:
+        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
+    try:
+        check_backend(config.bitfit.backend)
+    except RuntimeError as error:
+        raise UserError(f"--backend {config.bitfit.backend}: {error}") from error
+    model_path = model_source(config.model)
+    config = dataclasses.replace(config, model=config.model and model_path, train_file=_absolute(config.train_file),
+                                 validation_file=_absolute(config.validation_file))
+    return config, model_path
+
+
+def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEnd], None]] = ()) -> dict:
+    """Train, evaluate every epoch, checkpoint; returns the run summary (also written as run_summary.json).
+
+    `biases/` holds the epoch with the best validation score, `biases-last/` the last epoch (BitFit methods).
+    ``log`` prints the main process's messages; each of ``on_step_end`` is called with a :class:`StepEnd` after
+    every optimizer step and its checkpoint, if one is due (to watch a run, or, in tests, to stop it there)."""
+    d = setup_distributed()
+    say = log if d.main else (lambda *_: None)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    start_time = time.time()
+    out = Path(config.output_dir)
+    config, model_path = _checked_config(config, d)
+
+    task = data_lib.load_task(config)
+    config = dataclasses.replace(config, regression=task.num_labels == 1)  # GLUE's STS-B is a regression too
+    model, tokenizer = build_model(config, task.num_labels, task.label_names, model_path)
+    model.to(d.device).train()
+    pad_id = data_lib.pad_id(tokenizer)
+    train_data = data_lib.encode(data_lib.limit(task.train, config.max_train_examples), tokenizer, config.max_length)
+    validation = {name: data_lib.encode(data_lib.limit(split, config.max_eval_examples), tokenizer, config.max_length)
+                  for name, split in task.validation.items()}
+    trainable_count, total_count = get_nb_trainable_parameters(model)
+    say(f"{task.name}: {len(train_data)} train / {sum(map(len, validation.values()))} validation examples, "
+        f"{task.num_labels} {'outputs' if task.num_labels == 1 else 'classes'} | {config.method}: "
+        f"{trainable_count:,} of {total_count:,} parameters train ({100 * trainable_count / total_count:.4f}%) | "
+        f"{d.world} process(es) on {d.device}")
+    say(f"model {model_path}; newly initialised, trained with the head: "
+        f"{', '.join(model.bitfit_new_modules) or 'none'}")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
+    local = config.batch_size // d.world
+    micro = config.micro_batch_size or (
+        find_micro_batch(model, train_data, config, d, pad_id, local) if d.device.type == "cuda" else local)
+    micro = min(micro, local)
+    device_ids = [d.device.index] if d.device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if d.world > 1 else model
+
+    checkpoint = out / CHECKPOINT_NAME
+    position, history = dict(epoch=0, batch=0, step=0), []
+    if config.resume:
+        position, history = load_checkpoint(checkpoint, model, optimizer, scaler, d)
+        say(f"resumed from {checkpoint}: epoch {position['epoch'] + 1}, batch {position['batch']}, "
+            f"step {position['step']}")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty directory
+        write_run_config(Run(out, config, model_path, task.num_labels, task.label_names, list(task.metrics),
+                             tuple(task.text_columns), task.label_column), task.name)
+    first_split, metric = next(iter(task.validation)), task.metrics[0]
+
+    lengths = [len(ids) for ids in train_data.input_ids]
+    tokens = Tokens()  # this process's, so a resumed run reports its own share
+    step = position["step"]
+    for epoch in range(position["epoch"], config.epochs):
+        batches = data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
+        first = position["batch"] if epoch == position["epoch"] else 0
+        bar = None
+        if d.main and config.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       mininterval=1.0)
+        epoch_start, epoch_tokens = time.time(), 0
+        for index in range(first, len(batches)):
+            shard = batches[index][d.rank::d.world]
+            loss_sum = 0.0
+            pieces = [shard[i:i + micro] for i in range(0, len(shard), micro)]
+            for piece_index, piece in enumerate(pieces):
+                batch = data_lib.collate(train_data, piece, pad_id, config.regression)
+                batch = {k: v.to(d.device) for k, v in batch.items()}
+                real = int(batch["attention_mask"].sum())
+                tokens.real += real
+                tokens.padded += batch["input_ids"].numel()
+                epoch_tokens += real
+                last = piece_index == len(pieces) - 1
+                with ddp.no_sync() if d.world > 1 and not last else contextlib.nullcontext():
+                    with config.autocast(d.device):
+                        loss = ddp(**batch).loss
+                    # Mean over the whole batch: DDP averages over ranks, hence the factor world.
+                    scaler.scale(loss * (len(piece) * d.world / len(batches[index]))).backward()
+                loss_sum += loss.item() * len(piece)
+            batch_loss = all_reduce_sum(loss_sum, d) / len(batches[index])
+            if not math.isfinite(batch_loss):
+                kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.is_file()
+                        else "no checkpoint was written yet")
+                raise TrainingDiverged(
+                    f"the loss became {batch_loss} at step {step + 1} (epoch {epoch + 1}, batch {index + 1}); {kept}. "
+                    "Lower the learning rate, or train in fp32."
+                )
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens.steps += 1
+            history.append(dict(step=step, epoch=epoch + 1, loss=batch_loss))
+            if bar is not None:
+                bar.update(1)
+                tokens_per_s = epoch_tokens * d.world / (time.time() - epoch_start)
+                bar.set_postfix(loss=f"{batch_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            checkpointed = bool(config.save_every) and step % config.save_every == 0
+            if checkpointed:
+                save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch, batch=index + 1, step=step),
+                                history, d)
+            for callback in on_step_end:
+                callback(StepEnd(step, epoch + 1, index + 1, batch_loss, checkpointed))
+        if bar is not None:
+            bar.close()
+        scores = {name: evaluate(model, enc, config, task.metrics, d, pad_id, max(micro, 32))
+                  for name, enc in validation.items()}
+        history.append(dict(step=step, epoch=epoch + 1, validation=scores))
+        say(f"epoch {epoch + 1}: " + " | ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+                                                 for split, m in scores.items()))
+        # Before the checkpoint: a run killed in between redoes this epoch, and saves these biases again.
+        if d.main and config.saves_biases and best_evaluation(history, first_split, metric) is history[-1]:
+            save_biases(model, out / BEST_BIASES)
+        save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch + 1, batch=0, step=step), history, d)
+        position = dict(epoch=epoch + 1, batch=0, step=step)
+
+    summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d))
+    if d.main:
+        if config.saves_biases:
+            save_biases(model, out / LAST_BIASES)
+        write_json(out / SUMMARY_NAME, summary)
+        plot_curves(history, out / CURVES_NAME)
+        best = summary["best"]
+        saved = (f"; {BEST_BIASES}/ holds epoch {best['epoch']}, {LAST_BIASES}/ epoch {summary['epochs'][-1]['epoch']}"
+                 if config.saves_biases else "")
+        say(f"best {best['metric']} {best['value']:.4f} (epoch {best['epoch']}){saved}; wrote {out}/{SUMMARY_NAME}")
+    barrier(d)
+    return summary

