@@ -13,6 +13,7 @@ from .model import (
     print_trainable_parameters,
 )
 from .modules import BitFitLayerNorm, BitFitLinear
+from .task_bank import TaskBank
 
 __all__ = [
     "SUBSET_PATTERNS",
@@ -21,6 +22,7 @@ __all__ = [
     "BitFitLayerNorm",
     "BitFitLinear",
     "QueryRowsBitFitLinear",
+    "TaskBank",
     "__version__",
     "apply",
     "get_nb_trainable_parameters",

@@ -1,5 +1,6 @@
 """save_biases / load_biases: the few KB a BitFit run trains, as safetensors plus a JSON config."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -25,23 +26,26 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
 
     Returns the directory. Existing checkpoint files there are replaced atomically.
     """
-    config, state = config_of(model), state_of(model)
-    tensors = {
-        name: param.detach().to("cpu", copy=True).contiguous()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+    tensors = {name: param for name, param in model.named_parameters() if param.requires_grad}
     if not tensors:
         raise ValueError("the model has no trainable parameter to save; was requires_grad turned off after apply()?")
+    return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
+                            getattr(getattr(model, "config", None), "_name_or_path", None))
+
+
+def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
+                     state: AppliedState, model_class: str, base_model: str | None) -> Path:
+    """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically."""
     from . import __version__
 
-    directory = Path(save_directory)
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     record = {
         "format_version": FORMAT_VERSION,
         "bitfit_fast_version": __version__,
-        "model_class": type(model).__name__,
-        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "model_class": model_class,
+        "base_model": base_model,
         "config": config.to_dict(),
         "applied": state.to_dict(),
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
@@ -61,22 +65,14 @@ def load_biases(
     copied, so a mismatch leaves the model untouched. With ``strict``, the model must be of the saved class and
     must not train parameters that the checkpoint lacks.
     """
-    directory = Path(load_directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(
-            f"no bitfit_fast checkpoint in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} written by "
-            "bitfit_fast.save_biases"
-        )
-    record = json.loads(config_path.read_text())
-    saved_config, saved_state = read_config(record, config_path)
-    saved_class = record.get("model_class")
+    checkpoint = read_checkpoint(load_directory)
+    saved_config, saved_state, tensors = checkpoint.config, checkpoint.state, checkpoint.tensors
+    saved_class = checkpoint.model_class
     if strict and saved_class != type(model).__name__:
         raise ValueError(
             f"the checkpoint was saved from a {saved_class}, not a {type(model).__name__}; load it into the same "
             "architecture (or pass strict=False if the names are known to match)"
         )
-    tensors = load_file(str(weights_path))
     if is_applied(model):
         config_of(model)  # raises for a model whose modules were swapped without apply()
     else:
@@ -111,6 +107,33 @@ def load_biases(
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
     return model
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A directory written by :func:`save_biases`, read."""
+
+    directory: Path
+    config: BitFitConfig
+    state: AppliedState
+    model_class: str | None
+    base_model: str | None
+    tensors: dict[str, torch.Tensor]
+
+
+def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+    """Read what :func:`save_biases` wrote in ``directory``; FileNotFoundError where it wrote nothing."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"no bitfit_fast checkpoint in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} written by "
+            "bitfit_fast.save_biases"
+        )
+    record = json.loads(config_path.read_text())
+    config, state = read_config(record, config_path)
+    return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"),
+                      load_file(str(weights_path)))
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:

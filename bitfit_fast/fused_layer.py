@@ -90,15 +90,17 @@ def _draw_seed(p: float) -> int | None:
     return int(torch.randint(2**31 - 1, (1,)).item()) if p > 0.0 else None
 
 
-def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                         row_task: torch.Tensor | None) -> None:
     """Records on a layer's output the x_hat it was computed from, for the next layer in minimal mode."""
-    y.bitfit_normalized = (x_hat, gamma, beta, y._version)
+    y.bitfit_normalized = (x_hat, gamma, beta, row_task, y._version)
 
 
 def _normalized_source(x: torch.Tensor) -> tuple | None:
-    """(x_hat, gamma, beta) with x == layer_norm_output(x_hat, gamma, beta), if x is such an unmodified output."""
+    """(x_hat, gamma, beta, row_task) with x == layer_norm_output(x_hat, gamma, beta, row_task), if x is such an
+    unmodified output."""
     source = getattr(x, "bitfit_normalized", None)
-    return source[:3] if source is not None and source[3] == x._version else None
+    return source[:4] if source is not None and source[4] == x._version else None
 
 
 def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
@@ -179,12 +181,15 @@ class FusedEncoderLayer(nn.Module):
         attention = self.get_submodule(self.spec.attention)
         hidden = x.shape[-1]
         weight = self.packed_qkv_weight()
-        bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()])
+        # Biases [3d], or task tables [T, 3d] in a TaskBank: concatenated along the features either way.
+        bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()], dim=-1)
+        row_task = tokens.row_tasks()
         if first_only:
-            q = linear.apply(x.index_select(0, tokens.starts), weight[:hidden], bias[:hidden])
-            kv = linear.apply(x, weight[hidden:], bias[hidden:])
+            q = linear.apply(x.index_select(0, tokens.starts), weight[:hidden], bias[..., :hidden], None, 0.0, None,
+                             None, tokens.row_tasks(first_only=True))
+            kv = linear.apply(x, weight[hidden:], bias[..., hidden:], None, 0.0, None, None, row_task)
         else:
-            qkv = linear.apply(x, weight, bias)
+            qkv = linear.apply(x, weight, bias, None, 0.0, None, None, row_task)
             q, kv = qkv[:, :hidden], qkv[:, hidden:]
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
         scale = getattr(attention, "scaling", attention.attention_head_size**-0.5)
@@ -235,14 +240,15 @@ class FusedEncoderLayer(nn.Module):
 
         ln1, ln2 = part(spec.attention_norm), part(spec.output_norm)
         attention_output = part(spec.attention_output)
-        h = linear.apply(context, attention_output.weight, attention_output.bias)
-        y1, x_hat1 = layer_norm.apply(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden))
-        recompute_from = (x_hat1, ln1.weight, ln1.bias) if self.bitfit_memory != "default" else None
-        a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute_from)
-        h = linear.apply(a, output.weight, output.bias)
-        y2, x_hat2 = layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output))
+        rt = tokens.row_tasks(first_only)
+        h = linear.apply(context, attention_output.weight, attention_output.bias, None, 0.0, None, None, rt)
+        y1, x_hat1 = layer_norm.apply(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
+        recompute_from = (x_hat1, ln1.weight, ln1.bias, rt) if self.bitfit_memory != "default" else None
+        a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute_from, rt)
+        h = linear.apply(a, output.weight, output.bias, None, 0.0, None, None, rt)
+        y2, x_hat2 = layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output), rt)
         if minimal:
-            _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias)
+            _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
         return y2
 
     def extra_repr(self) -> str:

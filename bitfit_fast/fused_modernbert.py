@@ -145,7 +145,8 @@ class FusedPreNormLayer(FusedEncoderLayer):
         (ModernBERT has no classification shortcut) and must be False."""
         spec = self.spec
         attention, qkv_linear = self.get_submodule(spec.attention), self.get_submodule(spec.qkv)
-        qkv = linear.apply(h, qkv_linear.weight, qkv_linear.trained_bias())
+        qkv = linear.apply(h, qkv_linear.weight, qkv_linear.trained_bias(), None, 0.0, None, None,
+                           rows.tokens.row_tasks())
         hidden = qkv.shape[-1] // 3
         heads = hidden // attention.head_dim
         cos, sin = rows.rotary[self.attention_type]
@@ -167,26 +168,28 @@ class FusedPreNormLayer(FusedEncoderLayer):
         linear, layer_norm = functions(glu_input.backend, x)
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
+        rt = rows.tokens.row_tasks()
         h = x
         if not isinstance(attn_norm, nn.Identity):
-            h, x_hat = layer_norm.apply(x, None, attn_norm.weight, _beta(attn_norm), attn_norm.eps)
+            beta = _beta(attn_norm)
+            h, x_hat = layer_norm.apply(x, None, attn_norm.weight, beta, attn_norm.eps, 0.0, None, rt)
             if minimal:
-                _remember_normalized(h, x_hat, attn_norm.weight, _beta(attn_norm))
+                _remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
         if minimal:
             context = self.checkpointed_attention_context(h, rows, linear, False)
         else:
             context = self.attention_context(h, rows, linear)
         p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
         x = x + linear.apply(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
-                             _draw_seed(p_attention))
+                             _draw_seed(p_attention), None, rt)
 
         beta = _beta(mlp_norm)
-        h, x_hat = layer_norm.apply(x, None, mlp_norm.weight, beta, mlp_norm.eps)
-        recompute_from = (x_hat, mlp_norm.weight, beta) if self.bitfit_memory != "default" else None
+        h, x_hat = layer_norm.apply(x, None, mlp_norm.weight, beta, mlp_norm.eps, 0.0, None, rt)
+        recompute_from = (x_hat, mlp_norm.weight, beta, rt) if self.bitfit_memory != "default" else None
         p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
         gated = linear.apply(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp, _draw_seed(p_mlp),
-                             recompute_from)
-        return x + linear.apply(gated, mlp_output.weight, mlp_output.trained_bias())
+                             recompute_from, rt)
+        return x + linear.apply(gated, mlp_output.weight, mlp_output.trained_bias(), None, 0.0, None, None, rt)
 
 
 class FusedPreNormEncoder(FusedEncoder):

@@ -41,7 +41,7 @@ class QueryRowsBitFitLinear(BitFitLinear):
         bias = self.bias
         if bias is None or not bias.requires_grad:
             return bias
-        is_query = torch.arange(bias.shape[0], device=bias.device) < self.query_rows
+        is_query = torch.arange(bias.shape[-1], device=bias.device) < self.query_rows
         return torch.where(is_query, bias, bias.detach())
 
     def extra_repr(self) -> str:
@@ -96,7 +96,8 @@ def _head_modules(model: nn.Module, head: Sequence[str] | None) -> list[str]:
     return []
 
 
-def _within(name: str, prefixes: Sequence[str]) -> bool:
+def is_within(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether the parameter or module ``name`` is one of ``prefixes`` (module names) or inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
@@ -142,9 +143,9 @@ def _select_biases(candidates: dict[str, nn.Module], biases: str | list[str], mo
 
 
 def _check_untied(model: nn.Module, head: list[str]) -> None:
-    body = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if not _within(n, head)}
+    body = {id(p): n for n, p in model.named_parameters(remove_duplicate=False) if not is_within(n, head)}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if _within(name, head) and id(param) in body:
+        if is_within(name, head) and id(param) in body:
             raise ValueError(
                 f"the head's {name} is tied to {body[id(param)]}: training the head would train that weight too. "
                 "Pass train_head=False (the head's biases then follow `biases`) or untie the weights first."
@@ -172,7 +173,7 @@ def _encoder_is_bias_free(modules: dict[str, nn.Module], head: list[str], biases
     (which has a bias even on ModernBERT)."""
     selectable = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing=True)}
     chosen = _select_biases(selectable, biases, model_name) if selectable else []
-    in_body = [n for n in chosen if not _within(n, head)]
+    in_body = [n for n in chosen if not is_within(n, head)]
     return bool(chosen) and not any(_has_bias(selectable[n]) for n in in_body or chosen)
 
 
@@ -208,7 +209,7 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
         _check_untied(model, head)
     # A trained head keeps its modules as they are; a frozen head is treated like the body.
     trained_head = head if config.train_head else []
-    modules = {name: m for name, m in model.named_modules() if name and not _within(name, trained_head)}
+    modules = {name: m for name, m in model.named_modules() if name and not is_within(name, trained_head)}
     add_missing = config.add_missing_biases
     if add_missing is None:
         add_missing = _encoder_is_bias_free(modules, head, config.biases, model_name)
@@ -224,7 +225,7 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
     to_add = [n for n, m in selected.items() if not _has_bias(m)]
     if add_missing:  # the trained head's bias-free layers too: they train with the head
         to_add += [n for n, m in model.named_modules()
-                   if _within(n, trained_head) and not _has_bias(m) and _can_take_bias(m, add_missing=True)]
+                   if is_within(n, trained_head) and not _has_bias(m) and _can_take_bias(m, add_missing=True)]
     query_rows_only = set()
     if config.biases == "subset":
         query_rows_only = {id(m) for n, m in selected.items()

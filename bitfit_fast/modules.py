@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import task_rows
 from .backend import uses_triton
 from .torch_ops import FrozenGammaLayerNormFunction, FrozenLinearFunction, ZeroGradient
 from .triton_ops import FusedLinearFunction, ResidualLayerNormFunction
@@ -66,6 +67,11 @@ def check_batch(x: torch.Tensor) -> None:
         raise ValueError(f"got an empty batch (input shape {tuple(x.shape)}); drop empty batches before the forward")
 
 
+def _row_tasks(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Each row's task where the bias is a TaskBank's task table [T, N] (see ``task_rows``)."""
+    return task_rows.of_module_input(x) if bias is not None and bias.dim() == 2 else None
+
+
 class BitFitLinear(nn.Linear):
     """nn.Linear with a frozen weight: the backward gives d(input) and d(bias) only and saves no input."""
 
@@ -94,7 +100,7 @@ class BitFitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         check_batch(x)
         linear, _ = functions(self.backend, x)
-        return linear.apply(x, self.weight, self.trained_bias())
+        return linear.apply(x, self.weight, self.trained_bias(), None, 0.0, None, None, _row_tasks(self.bias, x))
 
     def extra_repr(self) -> str:
         zero = ", zero_bias_grad=True" if self.zero_bias_grad else ""
@@ -128,7 +134,7 @@ class BitFitLayerNorm(nn.LayerNorm):
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # autocast runs layer_norm in fp32; a drop-in module does the same
         _, layer_norm = functions(self.backend, x)
-        y, _ = layer_norm.apply(x, None, self.weight, self.bias, self.eps)
+        y, _ = layer_norm.apply(x, None, self.weight, self.bias, self.eps, 0.0, None, _row_tasks(self.bias, x))
         return y
 
     def extra_repr(self) -> str:

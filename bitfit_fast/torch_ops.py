@@ -14,9 +14,35 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sum of a (..., N) gradient, accumulated in fp32, in ``dtype`` (the bias's)."""
-    return grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=torch.float32).to(dtype)
+def bias_grad(grad: torch.Tensor, bias: torch.Tensor, row_task: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of a bias from the (..., N) gradient of what it was added to, accumulated in fp32, in the
+    bias's dtype: the column sum for a bias [N]; for a task table [T, N] (see :func:`bias_rows`) each task's sum
+    over its rows, one GEMM with the one-hot task matrix (deterministic, no atomics)."""
+    grad = grad.reshape(-1, grad.shape[-1])
+    if bias.dim() == 1:
+        return grad.sum(dim=0, dtype=torch.float32).to(bias.dtype)
+    one_hot = F.one_hot(row_task, bias.shape[0]).to(torch.float32)
+    return (one_hot.t() @ grad.float()).to(bias.dtype)
+
+
+def bias_rows(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
+    """What a bias adds to (M, N) rows: a bias [N] as it is (broadcast); a task table [T, N] (per-example task
+    biases, see ``bitfit_fast.tasks``) gathered by ``row_task`` [M], each row's task, into [M, N]."""
+    if bias is None or bias.dim() == 1:
+        return bias
+    if row_task is None:
+        raise ValueError(f"a task bias table of shape {tuple(bias.shape)} needs each row's task: run the model "
+                         "through bitfit_fast.TaskBank")
+    return bias.index_select(0, row_task)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           row_task: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + b, with b per row for a task table (see :func:`bias_rows`)."""
+    if bias is None or bias.dim() == 1:
+        return F.linear(x, weight, bias)
+    rows = bias_rows(bias, row_task)
+    return torch.addmm(rows, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
 
 
 def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -76,20 +102,22 @@ class FrozenLinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen; activation: see :func:`activation_forward`.
 
     Saves W (a parameter: free) and, with an activation, the pre-activation h. With ``recompute_from``, the
-    (x_hat, gamma, beta) of the LayerNorm whose output x is, it saves nothing new (that LayerNorm keeps x_hat
-    anyway) and recomputes h from x = :func:`layer_norm_output` (x_hat, gamma, beta) in the backward.
+    (x_hat, gamma, beta, row_task) of the LayerNorm whose output x is, it saves nothing new (that LayerNorm keeps
+    x_hat anyway) and recomputes h from x = :func:`layer_norm_output` (x_hat, gamma, beta, row_task) in the
+    backward. ``row_task`` [M]: each row's task, for a bias that is a task table [T, N] (see :func:`bias_rows`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None):
+    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None, row_task=None):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
-        h = F.linear(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
+        h = linear(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, row_task)
         y = activation_forward(activation, h)
         if dropout_p > 0.0:
             y = apply_dropout(y, dropout_p, seed)
         recompute = activation is not None and recompute_from is not None
-        ctx.save_for_backward(weight, h if activation and not recompute else None, *(recompute_from or (None,) * 3))
+        ctx.save_for_backward(weight, h if activation and not recompute else None, row_task,
+                              *(recompute_from or (None,) * 4))
         ctx.x_dtype = x.dtype
         ctx.bias_like = bias
         ctx.options = (activation, dropout_p, seed, recompute)
@@ -97,7 +125,7 @@ class FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, h, *source = ctx.saved_tensors
+        weight, h, row_task, *source = ctx.saved_tensors
         activation, dropout_p, seed, recompute = ctx.options
         w_c = weight.to(dy.dtype)
         g = dy.contiguous()
@@ -106,16 +134,19 @@ class FrozenLinearFunction(torch.autograd.Function):
         if activation is not None:
             if recompute:
                 bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
-                h = F.linear(layer_norm_output(*source).to(dy.dtype), w_c, bias)
+                h = linear(layer_norm_output(*source).to(dy.dtype), w_c, bias, row_task)
             g = activation_backward(activation, g, h)
         dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        db = bias_grad(g, ctx.bias_like.dtype) if ctx.needs_input_grad[2] else None
-        return dx, None, db, None, None, None, None
+        db = bias_grad(g, ctx.bias_like, row_task) if ctx.needs_input_grad[2] else None
+        return dx, None, db, None, None, None, None, None
 
 
-def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """y = gamma * x_hat + beta in fp32, in x_hat's dtype. The forward computes y with exactly this from the x_hat
-    it saves, so a backward that needs y rebuilds it bit for bit (stable for any gamma, unlike x_hat from y)."""
+def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                      row_task: torch.Tensor | None = None) -> torch.Tensor:
+    """y = gamma * x_hat + beta in fp32, in x_hat's dtype (beta per row for a task table, see :func:`bias_rows`).
+    The forward computes y with exactly this from the x_hat it saves, so a backward that needs y rebuilds it bit
+    for bit (stable for any gamma, unlike x_hat from y)."""
+    beta = bias_rows(beta, row_task).view(*x_hat.shape[:-1], -1) if beta.dim() == 2 else beta
     return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
@@ -129,7 +160,7 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None):
+    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
         check_frozen("gamma", gamma)
         s = x.float()
         if dropout_p > 0.0:
@@ -140,15 +171,15 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
             x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
         x_hat = x_hat.to(x.dtype)
         ctx.mark_non_differentiable(x_hat)
-        ctx.save_for_backward(x_hat, gamma, rstd)
+        ctx.save_for_backward(x_hat, gamma, rstd, row_task)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        ctx.beta_dtype = beta.dtype
+        ctx.beta_like = beta
         ctx.options = (dropout_p, seed)
-        return layer_norm_output(x_hat, gamma, beta), x_hat
+        return layer_norm_output(x_hat, gamma, beta, row_task), x_hat
 
     @staticmethod
     def backward(ctx, dy, _):
-        x_hat, gamma, rstd = ctx.saved_tensors
+        x_hat, gamma, rstd, row_task = ctx.saved_tensors
         dropout_p, seed = ctx.options
         x_dtype, residual_dtype = ctx.dtypes
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
@@ -167,8 +198,8 @@ class FrozenGammaLayerNormFunction(torch.autograd.Function):
                     ds = apply_dropout(ds, dropout_p, seed)
                 dx = ds.to(x_dtype)
         if needs_beta:
-            dbeta = bias_grad(dy, ctx.beta_dtype)
-        return dx, dresidual, None, dbeta, None, None, None
+            dbeta = bias_grad(dy, ctx.beta_like, row_task)
+        return dx, dresidual, None, dbeta, None, None, None, None
 
 
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):

@@ -17,6 +17,7 @@ kernel (slower than one padded call).
 import torch
 import torch.nn.functional as F
 
+from . import task_rows
 from .torch_ops import DropoutAttentionFunction
 
 
@@ -61,6 +62,7 @@ class Tokens:
         self.max_len = max_len  # L
         self.key_mask = key_mask  # [S, 1, 1, L] True where a key exists (or any attention mask); None: all exist
         self._additive_masks = {}
+        self._row_tasks = {}
 
     @property
     def num_sequences(self) -> int:
@@ -114,6 +116,25 @@ class Tokens:
         the last layer alone: the classification shortcut)."""
         masked_queries = self.key_mask is not None and self.key_mask.shape[2] > 1
         return self.num_sequences == self.batch_shape[0] and not masked_queries
+
+    def row_tasks(self, first_only: bool = False) -> torch.Tensor | None:
+        """Each row's task in a TaskBank's mixed batch (see ``task_rows``): [N], or [S] for the rows of each
+        sequence's first token; None outside one. Made once a forward, and kept for the backward's recomputations
+        (memory modes that recompute run after the bank's forward has returned)."""
+        if first_only in self._row_tasks:
+            return self._row_tasks[first_only]
+        tasks = task_rows.current()
+        if tasks is None:
+            return None
+        batch, seq = self.batch_shape
+        task_rows.check_batch_size(tasks, batch)
+        tasks = tasks.to(self.starts.device)
+        if first_only:
+            self._row_tasks[first_only] = tasks  # one sequence per batch row: S = B
+        else:
+            rows = self.rows if self.rows is not None else torch.arange(batch * seq, device=tasks.device)
+            self._row_tasks[first_only] = tasks.index_select(0, torch.div(rows, seq, rounding_mode="floor"))
+        return self._row_tasks[first_only]
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, d] → [N, d]."""

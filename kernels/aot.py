@@ -65,6 +65,7 @@ class Variant:
     consts: dict
     options: dict
     fp32_pointers: set = field(default_factory=set)
+    int_pointers: set = field(default_factory=set)  # int64 (per-row task indices)
     ints: dict = field(default_factory=dict)
 
     @property
@@ -83,17 +84,20 @@ def linear_variants():
     # FusedLinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
     # memory) or not (recompute).
     epilogues = [("", False), ("gelu", True), ("gelu", False), ("geglu", True), ("geglu", False)]
-    for (dt, precision), has_bias, (act, preact) in itertools.product(families, (True, False), epilogues):
+    # Biases: none, shared, or per row (a task table gathered by each row's task, TaskBank's mixed batches).
+    for (dt, precision), bias, (act, preact) in itertools.product(families, ("", "shared", "per-row"), epilogues):
         for cfg in linear.gemm_configs(DTYPES[dt], precision, act or None):
             tile = "x".join(str(cfg.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            flags = _flags(bias=has_bias, gelu=act == "gelu", geglu=act == "geglu", preact=preact)
+            flags = _flags(bias=bias == "shared", row_bias=bias == "per-row", gelu=act == "gelu",
+                           geglu=act == "geglu", preact=preact)
             label = f"{tile} s{cfg.num_stages} w{cfg.num_warps} {flags}"
             yield Variant(
                 "linear_fwd", f"{precision} {label}" if dt == "fp32" else label, fn, dt,
-                consts=dict(HAS_BIAS=has_bias, ACTIVATION=act, HAS_DROPOUT=False, STORE_PREACT=preact,
-                            DOT_PRECISION=precision, **cfg.kwargs),
+                consts=dict(HAS_BIAS=bias != "", BIAS_PER_ROW=bias == "per-row", ACTIVATION=act, HAS_DROPOUT=False,
+                            STORE_PREACT=preact, DOT_PRECISION=precision, **cfg.kwargs),
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                fp32_pointers={"b_ptr"} if has_bias else set(), ints=dict(INTS, seed=0),
+                fp32_pointers={"b_ptr"} if bias else set(), int_pointers={"task_ptr"},
+                ints=dict(INTS, seed=0),
             )
     # linear_backward: g with the GELU or GeGLU (stored for dx, column-summed for db), or db alone from dy.
     activated = [(act, store_g, db) for act in ("gelu", "geglu") for store_g, db in [(True, True), (True, False),
@@ -110,14 +114,16 @@ def linear_variants():
 
 
 def layer_norm_variants():
-    for dt, hidden, residual, dropout in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), (True, False)):
+    for dt, hidden, residual, dropout, row_beta in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
+                                                                     (True, False), (False, True)):
         block_n = layer_norm._check_features(hidden)
         yield Variant(
-            "ln_fwd", f"N={hidden} {_flags(residual=residual, dropout=dropout)}",
+            "ln_fwd", f"N={hidden} {_flags(row_beta=row_beta, residual=residual, dropout=dropout)}",
             layer_norm._residual_layer_norm_fwd_kernel, dt,
-            consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "STORE_X_HAT": True, "BLOCK_N": block_n},
+            consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "STORE_X_HAT": True,
+                    "BLOCK_N": block_n},
             options={"num_warps": layer_norm._warps(block_n)},
-            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"},
+            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr"},
             ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )
     for dt, hidden, dropout, dx in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), (True, False)):
@@ -145,7 +151,8 @@ def source(v: Variant) -> triton.compiler.ASTSource:
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*" + ("fp32" if name in v.fp32_pointers else v.dtype)
+            signature[name] = "*" + ("fp32" if name in v.fp32_pointers else "i64" if name in v.int_pointers
+                                     else v.dtype)
             aligned = True
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"

@@ -20,11 +20,13 @@ import triton.language as tl
 
 from .utils import (
     KernelInputError,
+    check_bias,
     check_compute_tensor,
     check_dropout,
     check_rows,
     check_vector,
     reduction_programs,
+    task_sums,
 )
 
 # A whole row lives in registers; 64K fp32 values is far beyond any encoder's hidden size.
@@ -39,7 +41,8 @@ def _residual_layer_norm_fwd_kernel(
     x_ptr,  # [M, N] sublayer output
     res_ptr,  # [M, N] residual (read only with HAS_RESIDUAL)
     gamma_ptr,  # [N] frozen scale, read as fp32
-    beta_ptr,  # [N] shift, read as fp32
+    beta_ptr,  # [N] shift, read as fp32; [T, N] with BETA_PER_ROW
+    task_ptr,  # [M] integer: the row of beta each row adds (read only with BETA_PER_ROW: per-example task biases)
     y_ptr,  # [M, N] output
     x_hat_ptr,  # [M, N] normalised input, output dtype (written only with STORE_X_HAT)
     rstd_ptr,  # [M] fp32 (written only with STORE_X_HAT)
@@ -53,6 +56,7 @@ def _residual_layer_norm_fwd_kernel(
     # Features
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    BETA_PER_ROW: tl.constexpr,
     STORE_X_HAT: tl.constexpr,  # the backward will run
     BLOCK_N: tl.constexpr,
 ):
@@ -74,6 +78,8 @@ def _residual_layer_norm_fwd_kernel(
     # Rounded to the output dtype first: y is then an exact function of the x_hat the backward sees.
     x_hat = (centered * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if BETA_PER_ROW:
+        beta_ptr += tl.load(task_ptr + row).to(tl.int64) * N
     beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = x_hat * gamma + beta
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=col_ok)
@@ -152,8 +158,10 @@ def residual_layer_norm_forward(
     seed: int | None = None,
     philox_offset: int = 0,
     store_x_hat: bool = True,
+    row_task: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """LayerNorm(dropout(x) + residual) over the last dimension, y in x's dtype.
+    """LayerNorm(dropout(x) + residual) over the last dimension, y in x's dtype. With ``row_task`` ([M] integers),
+    beta is a table [T, N] and row i adds its row ``row_task[i]`` (per-example task biases).
 
     Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
     dtype, from which y = gamma * x_hat + beta was computed, and the fp32 per-row rstd; else (y, None, None).
@@ -168,7 +176,7 @@ def residual_layer_norm_forward(
         if residual.device != x.device:
             raise KernelInputError(f"residual is on {residual.device} but x is on {x.device}")
     check_vector("gamma", gamma, N, x.device)
-    check_vector("beta", beta, N, x.device)
+    check_bias("beta", beta, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
     block_n = _check_features(N)
 
@@ -176,11 +184,12 @@ def residual_layer_norm_forward(
     x_hat = torch.empty_like(x) if store_x_hat else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(M,)](
-        x, residual if residual is not None else x, gamma, beta, y,
+        x, residual if residual is not None else x, gamma, beta, row_task if row_task is not None else gamma, y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
         N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0,
+        BETA_PER_ROW=row_task is not None,
         STORE_X_HAT=store_x_hat,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
@@ -198,11 +207,14 @@ def residual_layer_norm_backward(
     seed: int | None = None,
     philox_offset: int = 0,
     compute_dx: bool = True,
+    row_task: torch.Tensor | None = None,
+    num_tasks: int = 1,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
     Returns (dx, dresidual, dbeta): dresidual is the gradient of s (None without ``compute_dx``); dx equals it
-    without dropout and is then the same tensor; dbeta is fp32.
+    without dropout and is then the same tensor; dbeta is fp32, [num_tasks, N] per task with the forward's
+    ``row_task`` (:func:`task_sums` of dy).
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("x_hat", x_hat)
@@ -229,4 +241,6 @@ def residual_layer_norm_backward(
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )
+    if row_task is not None:
+        return dx, ds, task_sums(dy.reshape(M, N), row_task, num_tasks)
     return dx, ds, dbeta_partial.sum(dim=0)

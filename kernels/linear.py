@@ -63,13 +63,14 @@ import triton.language as tl
 from .utils import (
     INTERPRETER,
     KernelInputError,
+    check_bias,
     check_compute_tensor,
     check_dropout,
     check_rows,
-    check_vector,
     dot_precision,
     reduction_programs,
     row_bucket,
+    task_sums,
 )
 
 # "geglu": gelu(h[:, :N/2]) * h[:, N/2:], the GLU of ModernBERT (its up-projection stacks the input and gate halves).
@@ -168,7 +169,8 @@ def _dropout_keep(seed, philox_offset, rows, col_start, N, p, BLOCK_M: tl.conste
     configs=list(dict.fromkeys(c for table in (_GEMM_CONFIGS, _GEGLU_CONFIGS) for family in table.values()
                                for c in family)),
     # Everything that changes the best tile: sizes, the epilogue and the precision (triton adds the dtypes).
-    key=["N", "K", "M_BUCKET", "HAS_BIAS", "ACTIVATION", "HAS_DROPOUT", "STORE_PREACT", "DOT_PRECISION"],
+    key=["N", "K", "M_BUCKET", "HAS_BIAS", "BIAS_PER_ROW", "ACTIVATION", "HAS_DROPOUT", "STORE_PREACT",
+         "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
 @triton.jit(do_not_specialize=["M", "seed", "philox_offset"])  # they change per call: no recompiles
@@ -176,7 +178,8 @@ def _linear_fwd_kernel(
     # Pointers
     x_ptr,  # [M, K] input, row-major
     w_ptr,  # [N, K] frozen weight (nn.Linear layout), same dtype as x
-    b_ptr,  # [N] bias, any float dtype, read as fp32 (unused without HAS_BIAS)
+    b_ptr,  # [N] bias, any float dtype, read as fp32 (unused without HAS_BIAS); [T, N] with BIAS_PER_ROW
+    task_ptr,  # [M] integer: the row of b each row adds (read only with BIAS_PER_ROW: per-example task biases)
     y_ptr,  # [M, N] output, dtype of x; [M, N / 2] with the GeGLU
     h_ptr,  # [M, N] pre-activation x @ W^T + b, written only with STORE_PREACT
     # Sizes
@@ -191,6 +194,7 @@ def _linear_fwd_kernel(
     philox_offset,
     # Features
     HAS_BIAS: tl.constexpr,
+    BIAS_PER_ROW: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "", "gelu" or "geglu"
     HAS_DROPOUT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
@@ -240,11 +244,18 @@ def _linear_fwd_kernel(
         w_ptrs += BLOCK_K
 
     # Epilogue, still in fp32 registers.
-    if HAS_BIAS:
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS and BIAS_PER_ROW:
+        # Each row adds its own task's bias row: a gather from the [T, N] table, which stays in L2.
+        task = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        b_ptrs = b_ptr + task[:, None] * N + cols[None, :]
+        acc += tl.load(b_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        if ACTIVATION == "geglu":
+            gate += tl.load(b_ptrs + n_out, mask=out_mask, other=0.0).to(tl.float32)
+    elif HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if ACTIVATION == "geglu":
             gate += tl.load(b_ptr + n_out + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_mask = row_ok[:, None] & col_ok[None, :]
     h_offsets = rows[:, None] * N + cols[None, :]
     if STORE_PREACT:
         tl.store(h_ptr + h_offsets, acc.to(h_ptr.dtype.element_ty), mask=out_mask)
@@ -347,13 +358,15 @@ def linear_forward(
     seed: int | None = None,
     philox_offset: int = 0,
     store_preact: bool = False,
+    row_task: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = dropout(activation(x @ weight^T + bias)) for x of shape (..., K) and weight (N, K); y has N columns,
     N / 2 with ``activation="geglu"`` (gelu of h's first half times its second half, both from one GEMM).
 
     Returns (y, h): h is the pre-activation x @ W^T + b, N columns, when ``store_preact`` (the GELU and GeGLU
     backwards need it), else None. x and weight share one dtype (fp32/fp16/bf16); the bias is read as fp32
-    whatever its dtype.
+    whatever its dtype. With ``row_task`` ([M] integers, one per row of x), the bias is a table [T, N] and row i
+    adds its row ``row_task[i]``: per-example task biases.
     """
     check_compute_tensor("x", x)
     check_compute_tensor("weight", weight, ndim=2)
@@ -369,8 +382,8 @@ def linear_forward(
         )
     if x.device != weight.device:
         raise KernelInputError(f"x is on {x.device} but weight is on {weight.device}")
-    check_vector("bias", bias, N, x.device)
     M = check_rows("x", x)
+    check_bias("bias", bias, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
 
     x2d = x.reshape(M, K)
@@ -378,10 +391,12 @@ def linear_forward(
     h = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_preact else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
     _linear_fwd_kernel[grid](
-        x2d, weight, bias if bias is not None else y, y, h if h is not None else y,
+        x2d, weight, bias if bias is not None else y, row_task if row_task is not None else y, y,
+        h if h is not None else y,
         M, N, K, row_bucket(M),
         dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_BIAS=bias is not None,
+        BIAS_PER_ROW=bias is not None and row_task is not None,
         ACTIVATION=activation or "",
         HAS_DROPOUT=dropout_p > 0.0,
         STORE_PREACT=store_preact,
@@ -401,12 +416,15 @@ def linear_backward(
     philox_offset: int = 0,
     compute_dx: bool = True,
     compute_db: bool = True,
+    row_task: torch.Tensor | None = None,
+    num_tasks: int = 1,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`linear_forward` with respect to x and the bias; never the weight.
 
     dy has y's shape (..., N), or (..., N / 2) with the GeGLU. With an activation, ``preact`` is the h returned by
     the forward, (..., N). Dropout arguments must equal the forward's. Returns (dx in dy's dtype or None, db [N]
-    in fp32 or None).
+    in fp32 or None). With the forward's ``row_task``, db is the table's gradient [num_tasks, N]: each task's sum
+    over its rows (:func:`task_sums` of the gradient of h).
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("weight", weight, ndim=2)
@@ -428,7 +446,9 @@ def linear_backward(
     dy2d = dy.reshape(M, n_out)
     g, db = dy2d, None
     transforms = activation is not None or dropout_p > 0.0
-    store_g = compute_dx and transforms
+    per_task = compute_db and row_task is not None
+    store_g = (compute_dx or per_task) and transforms
+    compute_db = compute_db and not per_task  # per task: summed from g below
     if store_g or compute_db:
         g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
         col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
@@ -448,6 +468,8 @@ def linear_backward(
         )
         # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
         db = db_partial.sum(dim=0) if compute_db else None
+    if per_task:
+        db = task_sums(g, row_task, num_tasks)
     # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.
     dx = torch.mm(g, weight).view(*dy.shape[:-1], K) if compute_dx else None
     return dx, db

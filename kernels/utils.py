@@ -58,6 +58,33 @@ def check_vector(name: str, tensor: torch.Tensor | None, size: int, device: torc
         raise KernelInputError(f"{name} must be contiguous")
 
 
+def check_bias(name: str, bias: torch.Tensor | None, size: int, rows: int, row_task: torch.Tensor | None,
+               device: torch.device) -> None:
+    """A bias (LayerNorm beta): a vector [size] shared by every row, or with ``row_task`` a table [T, size] of
+    which row i adds row ``row_task[i]`` (per-example task biases)."""
+    if row_task is None or bias is None:
+        check_vector(name, bias, size, device)
+        return
+    if bias.dim() != 2:
+        raise KernelInputError(f"{name} must be a [tasks, {size}] table with row_task, got {tuple(bias.shape)}")
+    check_vector(f"{name}[0]", bias[0], size, device)
+    if not bias.is_contiguous():
+        raise KernelInputError(f"{name} must be contiguous")
+    if row_task.dtype not in (torch.int32, torch.int64) or tuple(row_task.shape) != (rows,):
+        raise KernelInputError(f"row_task must be an integer ({rows},) tensor, one task per row; got "
+                               f"{row_task.dtype} {tuple(row_task.shape)}")
+    if row_task.device != device or not row_task.is_contiguous():
+        raise KernelInputError(f"row_task must be contiguous and on {device}")
+
+
+def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] fp32: the gradient of a per-row task bias table.
+    One GEMM with the rows' one-hot task matrix: deterministic (no atomics), and T·N·M FLOPs, a few percent of the
+    layer's GEMMs for T up to a few hundred tasks."""
+    one_hot = torch.nn.functional.one_hot(row_task.long(), num_tasks).to(torch.float32)
+    return one_hot.t() @ grad.float()
+
+
 def check_rows(name: str, tensor: torch.Tensor) -> int:
     """Number of rows of a (..., features) input; an empty batch is an error, not a silent no-op."""
     rows = tensor.numel() // max(tensor.shape[-1], 1) if tensor.dim() else 0

@@ -16,12 +16,14 @@ from bitfit_fast_kernels import aot, layer_norm, linear
 pytestmark = pytest.mark.aot
 
 # One variant per kernel, each the one BERT training runs most: FC1's forward, its gradient pass, and the
-# residual LayerNorm pair with dropout.
+# residual LayerNorm pair with dropout; and the two forwards with per-row task biases (TaskBank's mixed batches).
 SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 bias gelu preact",
     "linear_grad bf16 gelu store_g db",
     "ln_fwd bf16 N=768 residual dropout",
     "ln_bwd bf16 N=768 dropout dx",
+    "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
+    "ln_fwd bf16 N=768 row_beta residual dropout",
 ]
 
 
@@ -44,18 +46,21 @@ def test_subset_compiles_for_sm90_without_spills(aot_run):
     for name in SUBSET:
         (line,) = [line for line in lines if f" {name} " in line]
         assert line.startswith("OK ") and re.search(r"spill +0 B", line), line
-    (gemm,) = [line for line in lines if "linear_fwd" in line]
-    assert gemm.endswith("wgmma"), f"the bf16 GEMM must use Hopper's warpgroup MMA: {gemm}"
+    gemms = [line for line in lines if "linear_fwd" in line]
+    assert len(gemms) == 2 and all(gemm.endswith("wgmma") for gemm in gemms), (
+        f"the bf16 GEMMs must use Hopper's warpgroup MMA, the per-row task bias gather included: {gemms}")
 
 
 def test_linear_kernels_address_rows_in_int64(aot_run):
     # Row index times row length must be an i64 multiply ([BLOCK_M, 1] row tensors): M * N passes 2**31 at
     # 700k tokens of a 3072-wide layer, and the Philox counters are built from the same product.
     _, dump = aot_run
-    for kernel in ("linear_fwd", "linear_grad"):
-        (ttir,) = dump.glob(f"{kernel}_*.ttir")
-        row_products = re.findall(r"arith\.muli .*: tensor<\d+x1xi(\d+)>", ttir.read_text())
-        assert row_products and set(row_products) == {"64"}, f"{kernel}: row offsets in i{row_products}"
+    for kernel, variants in (("linear_fwd", 2), ("linear_grad", 1)):
+        dumps = list(dump.glob(f"{kernel}_*.ttir"))
+        assert len(dumps) == variants
+        for ttir in dumps:
+            row_products = re.findall(r"arith\.muli .*: tensor<\d+x1xi(\d+)>", ttir.read_text())
+            assert row_products and set(row_products) == {"64"}, f"{ttir.name}: row offsets in i{row_products}"
 
 
 @pytest.mark.parametrize(

@@ -158,3 +158,26 @@ def test_gpu_bert_shapes(dtype, n):
     same = torch.autograd.grad(torch_ln(xs, residual, gamma, bs, dtype), (xs, bs), dy)
     assert_as_accurate_as_torch(dx, same[0], truth[0], "dx")
     assert_as_accurate_as_torch(dbeta.to(dtype), same[1], truth[1], "dbeta")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,n", SHAPES)
+def test_per_row_task_betas_match_torch(dtype, lead, n):
+    """beta as a table [T, N] gathered by each row's task (TaskBank's mixed batches), and its per-task gradient."""
+    x, residual, gamma, _ = make(lead, n, dtype, "adversarial")
+    table = torch.randn(3, n, device=DEVICE)
+    row_task = torch.randint(0, 3, (x[..., 0].numel(),), device=DEVICE)
+
+    def layer_norm(xp, tp, precision):
+        beta_rows = tp.to(precision)[row_task].view(*lead, n)
+        return torch_ln(xp, residual, gamma, torch.zeros(n, device=DEVICE), precision) + beta_rows
+
+    y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, table, EPS, residual, row_task=row_task)
+    assert_as_accurate_as_torch(y, layer_norm(x, table, dtype), layer_norm(x, table, torch.float64), "y")
+    dy = torch.randn_like(y)
+    dx, _, dtable = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, row_task=row_task, num_tasks=3)
+    truth_dx, truth_dtable = torch_grads(layer_norm, x, table, dy, torch.float64)
+    same_dx, same_dtable = torch_grads(layer_norm, x, table, dy, dtype)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert dtable.dtype == torch.float32
+    assert_as_accurate_as_torch(dtable.to(dtype), same_dtable, truth_dtable, "dtable")

@@ -249,3 +249,33 @@ def test_gpu_bert_shapes(dtype, k, n, activation):
     same_dx, same_db = torch.autograd.grad(torch_linear(xs, w, bs, activation, dtype), (xs, bs), dy)
     assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
     assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("activation", [None, "gelu", "geglu"])
+def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation):
+    """A bias table [T, N] gathered by each row's task (TaskBank's mixed batches): forward against torch with the
+    gathered rows; the table's gradient, each task's sum over its rows, against torch autograd of that gather."""
+    n = 2 * n if activation == "geglu" else n
+    x, w, _ = make(lead, k, n, dtype)
+    rows = x[..., 0].numel()
+    table = torch.randn(5, n, device=DEVICE)
+    row_task = torch.randint(0, 5, (rows,), device=DEVICE)
+    row_task[0] = 4  # the last task always has a row
+
+    def linear(xp, tp, precision):
+        h = F.linear(xp.to(precision), w.to(precision)) + tp.to(precision)[row_task].view(*lead, n)
+        return activation_forward(activation, h)
+
+    y, h = K.linear_forward(x, w, table, activation=activation, store_preact=activation is not None,
+                            row_task=row_task)
+    assert_as_accurate_as_torch(y, linear(x, table, dtype), linear(x, table, torch.float64), "y")
+    dy = torch.randn_like(y)
+    dx, dtable = K.linear_backward(dy, w, h, activation=activation, row_task=row_task, num_tasks=5)
+    truth_dx, truth_dtable = torch_grads(linear, x, table, dy, torch.float64)
+    same_dx, same_dtable = torch_grads(linear, x, table, dy, dtype)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert dtable.dtype == torch.float32 and dtable.shape == (5, n)
+    assert_as_accurate_as_torch(dtable.to(dtype), same_dtable, truth_dtable, "dtable")
+    assert not dtable[1:4][torch.bincount(row_task, minlength=5)[1:4] == 0].any(), "a task without rows gets 0"

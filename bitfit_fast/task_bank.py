@@ -1,0 +1,329 @@
+"""TaskBank: many BitFit tasks on one frozen base model, mixed in one batch.
+
+A BitFit task is its biases and its head. The bank applies the base model once, turns each trained bias into a
+table [T, N] (row t: task t's bias) and gives each task its own head, of any number of labels. A forward takes each
+example's task: every BitFit op adds to each row its own task's bias (see ``task_rows``; the Triton kernels gather
+it in their epilogue) and each example goes through its task's head. The frozen GEMMs run once for the whole batch,
+so a batch of 64 tasks costs about what a batch of one task does, where per-task sub-batches (PEFT's
+``adapter_names``) run 64 small batches.
+
+Training: the tables and heads are ordinary parameters. A table's gradient holds in row t the sum over task t's
+rows only (a one-hot GEMM: deterministic), so with :meth:`TaskBank.loss` (the sum of each task's mean loss) one
+optimizer step on a mixed batch is each task's own step on its examples. :meth:`TaskBank.save_task` writes a task
+back as the ``save_biases`` checkpoint it came from.
+"""
+
+import copy
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import task_rows
+from .checkpoint import read_checkpoint, write_checkpoint
+from .config import BitFitConfig
+from .model import apply, config_of, is_within, state_of
+
+
+@dataclasses.dataclass
+class Task:
+    """One task of a bank: its name, its row in the tables, its head's width and what it predicts."""
+
+    name: str
+    index: int
+    num_labels: int  # 1: regression (a score)
+    label_names: list[str] | None  # class names; None: regression
+    source: Path | None  # the save_biases directory it was loaded from; None: a new task
+
+
+class TaskHeads(nn.Module):
+    """Stands in for a head module of the model: example i goes through the head of its task (``task_rows``).
+    Outputs are padded with zeros to the widest task's width; TaskBank reads each example's own columns."""
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        tasks = task_rows.current()
+        if tasks is None:
+            raise RuntimeError("this model's head belongs to a TaskBank: call the bank, not the model")
+        tasks = tasks.to(x.device)
+        task_rows.check_batch_size(tasks, x.shape[0])
+        parts = []
+        for task in tasks.unique().tolist():
+            examples = (tasks == task).nonzero().squeeze(1)
+            parts.append((examples, self.heads[task](x.index_select(0, examples), *args, **kwargs)))
+        width = max(out.shape[-1] for _, out in parts)
+        first = parts[0][1]
+        output = first.new_zeros(x.shape[0], *first.shape[1:-1], width)
+        for examples, out in parts:
+            output = output.index_copy(0, examples, F.pad(out, (0, width - out.shape[-1])))
+        return output
+
+
+def _resolve(source: str | os.PathLike) -> tuple[Path, list[str] | None, int | None]:
+    """(save_biases directory, class names, number of labels) of a bias directory or a `bitfit-fast train` run
+    (whose best biases are in its biases/, with the run's label names)."""
+    path = Path(source)
+    if (path / "run_config.json").is_file():
+        from .train import BEST_BIASES, load_run
+
+        run = load_run(str(path))
+        return path / BEST_BIASES, run.label_names, run.num_labels
+    return path, None, None
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attribute, nn.Parameter(value))
+
+
+def _head_copy(head: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of a head module holding one task's trained tensors (a head of another width is resized)."""
+    copied = copy.deepcopy(head)
+    for name, _ in list(copied.named_parameters()):
+        _set_parameter(copied, name, tensors[f"{prefix}.{name}"].clone())
+    for module in copied.modules():
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+    return copied
+
+
+def _new_head(model: nn.Module, head: nn.Module, width: int) -> nn.Module:
+    """A copy of a head module whose last linear layer is new, with ``width`` outputs, initialised by the model's
+    own ``_init_weights`` (a Hugging Face model's) or torch's default."""
+    copied = copy.deepcopy(head)
+    name, last = [(n, m) for n, m in copied.named_modules() if isinstance(m, nn.Linear)][-1]
+    new = nn.Linear(last.in_features, width, bias=last.bias is not None, device=last.weight.device,
+                    dtype=last.weight.dtype)
+    if hasattr(model, "_init_weights"):
+        model._init_weights(new)
+    if not name:
+        return new
+    _set_module(copied, name, new)
+    return copied
+
+
+def _output_head(model: nn.Module, trained_heads: list[str]) -> str | None:
+    """Which trained head module outputs the labels: the one with a linear layer of the model's ``num_labels``
+    outputs (ModernBERT's "head" is a hidden-size projection before its "classifier"); None without a trained head."""
+    if not trained_heads:
+        return None
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    found = [name for name in trained_heads if any(isinstance(m, nn.Linear) and m.out_features == num_labels
+                                                   for m in model.get_submodule(name).modules())]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which of the head modules {trained_heads} outputs the model's {num_labels} "
+                         "labels; name the head modules with head= in the BitFitConfig")
+    return found[0]
+
+
+def _output_width(head: nn.Module) -> int:
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"the head {type(head).__name__} has no linear layer to read its number of labels from")
+    return linears[-1].out_features
+
+
+def _options(config: BitFitConfig) -> dict:
+    """What must agree between the tasks of one bank: every option but the backend (the machine's choice)."""
+    return {key: value for key, value in config.to_dict().items() if key != "backend"}
+
+
+class TaskBank(nn.Module):
+    """T BitFit tasks on one applied base model; see the module docstring.
+
+    ``bank(tasks, **batch)`` returns logits [B, widest task], example i's in its task's first ``num_labels``
+    columns; ``tasks`` holds task names or indices, one per example.
+    """
+
+    def __init__(self, model: nn.Module, tasks: list[Task], head_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.tasks = {task.name: task for task in tasks}
+        self.head_names = head_names
+
+    @classmethod
+    def load(cls, model: nn.Module, sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
+             backend: str = "auto") -> "TaskBank":
+        """A bank of the tasks saved in ``sources`` (``save_biases`` directories or `bitfit-fast train` runs, by
+        name; a list is named by the directories' names) on ``model``, a base model not applied yet, of the class
+        the tasks were trained from. The tasks must share their BitFit options."""
+        if not isinstance(sources, Mapping):
+            sources = {Path(source).name: source for source in sources}
+        if not sources:
+            raise ValueError("a TaskBank needs at least one task")
+        resolved = {name: _resolve(source) for name, source in sources.items()}
+        checkpoints = {name: read_checkpoint(directory) for name, (directory, _, _) in resolved.items()}
+        first_name, first = next(iter(checkpoints.items()))
+        for name, checkpoint in checkpoints.items():
+            if _options(checkpoint.config) != _options(first.config) or checkpoint.model_class != first.model_class:
+                raise ValueError(
+                    f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options or another model "
+                    f"class than task {first_name!r} ({first.directory}): the tasks of a bank share one base model "
+                    "and one BitFitConfig"
+                )
+        if model.__class__.__name__ != first.model_class:
+            raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
+        apply(model, dataclasses.replace(first.config, backend=backend), announce=False)
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name, checkpoint in checkpoints.items():
+            if set(checkpoint.tensors) != trained:
+                differ = sorted(set(checkpoint.tensors) ^ trained)
+                raise ValueError(f"task {name!r} ({checkpoint.directory}) does not hold the parameters this model "
+                                 f"trains: {differ[:5]} differ; was it saved from this model class?")
+        tasks = [Task(name, index, resolved[name][2] or 0, resolved[name][1], checkpoint.directory)
+                 for index, (name, checkpoint) in enumerate(checkpoints.items())]
+        saved = list(checkpoints.values())
+        return cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
+                             lambda head_name, head, t, _: _head_copy(head, head_name, saved[t].tensors))
+
+    @classmethod
+    def new(cls, model: nn.Module, num_labels: Mapping[str, int], config: BitFitConfig | None = None,
+            **overrides) -> "TaskBank":
+        """A bank of new tasks to train together ({name: number of labels, 1 for regression}) on ``model``, a base
+        model not applied yet, applied here with ``config`` and ``overrides`` (as :func:`bitfit_fast.apply`).
+        Every task starts from the base model's biases and a new head of its own width, initialised as the model
+        initialises its heads."""
+        if not num_labels:
+            raise ValueError("a TaskBank needs at least one task")
+        apply(model, config, announce=False, **overrides)
+        params = dict(model.named_parameters())
+        tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]
+        return cls._assemble(
+            model, tasks, lambda name, t: params[name].detach(),
+            lambda head_name, head, t, is_output: _new_head(model, head, tasks[t].num_labels) if is_output
+            else copy.deepcopy(head))
+
+    @classmethod
+    def _assemble(cls, model: nn.Module, tasks: list["Task"], bias_of, head_of) -> "TaskBank":
+        """The bank of an applied ``model``: each trained bias outside the head becomes a table whose row t is
+        ``bias_of(name, t)``, each trained head module a :class:`TaskHeads` of ``head_of(name, module, t,
+        is_output)`` (``is_output``: the module that outputs the labels, see :func:`_output_head`)."""
+        head_names = state_of(model).head if config_of(model).train_head else []
+        with torch.no_grad():
+            for name, param in list(model.named_parameters()):
+                if param.requires_grad and not is_within(name, head_names):
+                    table = torch.stack([bias_of(name, task.index) for task in tasks])
+                    _set_parameter(model, name, table.to(param.device, param.dtype))
+        trained_heads = [name for name in head_names
+                         if any(p.requires_grad for p in model.get_submodule(name).parameters())]
+        output = _output_head(model, trained_heads)
+        for head_name in trained_heads:
+            head = model.get_submodule(head_name)
+            device = next(head.parameters()).device
+            heads = TaskHeads([head_of(head_name, head, task.index, head_name == output) for task in tasks])
+            _set_module(model, head_name, heads.to(device))
+        for task in tasks:
+            if output is not None:
+                task.num_labels = _output_width(model.get_submodule(output).heads[task.index])
+            if task.label_names is None and task.num_labels > 1:
+                task.label_names = [str(i) for i in range(task.num_labels)]
+        return cls(model, tasks, head_names)
+
+    def task_index(self, tasks: Sequence[str | int] | torch.Tensor, device: torch.device | None = None
+                   ) -> torch.Tensor:
+        """[B] task indices of names or indices; ValueError naming an unknown task."""
+        if isinstance(tasks, torch.Tensor):
+            index = tasks.long()
+        else:
+            by_index = [task.name for task in self.tasks.values()]
+            index = []
+            for task in tasks:
+                if isinstance(task, str):
+                    if task not in self.tasks:
+                        raise ValueError(f"unknown task {task!r}; the bank holds {by_index}")
+                    index.append(self.tasks[task].index)
+                else:
+                    index.append(int(task))
+            index = torch.tensor(index, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
+            raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
+        return index.to(device) if device is not None else index
+
+    def forward(self, tasks, **batch) -> torch.Tensor:
+        """Logits [B, widest task] of a mixed batch (example i's in its task's first num_labels columns)."""
+        device = next(iter(batch.values())).device
+        with task_rows.example_tasks(self.task_index(tasks, device)):
+            return self.model(**batch).logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
+        """The sum over the batch's tasks of each task's mean loss (cross-entropy over its classes, mean squared
+        error for a regression task): its gradient for task t is task t's own, as if trained alone."""
+        index = self.task_index(tasks, logits.device)
+        widths = torch.tensor([task.num_labels for task in self.tasks.values()], device=logits.device)[index]
+        logits = logits.float()
+        # Each example's classes only: the columns past its task's width (zeros) get -inf, so no probability.
+        outside = torch.arange(logits.shape[-1], device=logits.device) >= widths[:, None]
+        regression = widths == 1
+        labels = labels.to(logits.device)
+        per_example = torch.where(
+            regression,
+            (logits[:, 0] - labels.float()).square(),
+            F.cross_entropy(logits.masked_fill(outside, float("-inf")),
+                            labels.long().masked_fill(regression, 0), reduction="none"),
+        )
+        examples_of_task = torch.bincount(index, minlength=len(self.tasks))[index]
+        return (per_example / examples_of_task).sum()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Gradient clipping per task, as each task's own run clips: task t's gradients (its table rows and its
+        heads) are scaled so that their norm is at most ``max_norm``. Returns the tasks' norms before clipping."""
+        squares = None
+        rows, heads = [], []
+        for name, param in self.model.named_parameters():
+            if param.grad is None:
+                continue
+            if not any(is_within(name, [h]) for h in self.head_names):
+                rows.append(param.grad)
+                per_task = param.grad.float().square().sum(dim=1)
+            else:  # inside TaskHeads: "<head>.heads.<task>.<...>"
+                task = int(name.split(".heads.", 1)[1].split(".", 1)[0])
+                heads.append((task, param.grad))
+                per_task = torch.zeros(len(self.tasks), device=param.grad.device)
+                per_task[task] = param.grad.float().square().sum()
+            squares = per_task if squares is None else squares + per_task
+        if squares is None:
+            return torch.zeros(len(self.tasks))
+        norms = squares.sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s formula
+        for grad in rows:
+            grad.mul_(scale.to(grad.dtype)[:, None])
+        for task, grad in heads:
+            grad.mul_(scale[task].to(grad.dtype))
+        return norms
+
+    def task_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Task ``name``'s trained parameters, named as in a single-task model (what save_biases saves)."""
+        task = self.tasks[name]
+        tensors = {}
+        for param_name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            head = next((h for h in self.head_names if is_within(param_name, [h])), None)
+            if head is None:
+                tensors[param_name] = param[task.index]
+            else:
+                prefix = f"{head}.heads.{task.index}."
+                if param_name.startswith(prefix):
+                    tensors[f"{head}.{param_name.removeprefix(prefix)}"] = param
+        return tensors
+
+    def save_task(self, name: str, directory: str | os.PathLike) -> Path:
+        """Task ``name`` as a ``save_biases`` checkpoint: ``load_biases`` puts it on a fresh base model."""
+        return write_checkpoint(directory, self.task_tensors(name), config_of(self.model), state_of(self.model),
+                                type(self.model).__name__,
+                                getattr(getattr(self.model, "config", None), "_name_or_path", None))
+
+    def extra_repr(self) -> str:
+        return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, module)

@@ -1,0 +1,46 @@
+"""Which task each row of a mixed batch belongs to: the mechanism under per-example task biases.
+
+A :class:`~bitfit_fast.task_bank.TaskBank` turns each trained bias of an applied model into a table [T, N], one row
+per task, and runs the model inside :func:`example_tasks` with each example's task. Every BitFit op then adds to
+each row its own task's bias (``torch_ops.bias_rows``; the Triton kernels gather it in their epilogue) and gives the
+table the per-task sums of the gradient (``torch_ops.bias_grad``). This module maps the batch's examples to the
+rows an op sees: a module's input [B, ..., d] here, the fused encoders' real-token rows in ``unpadding.Tokens``.
+"""
+
+import contextlib
+import contextvars
+
+import torch
+
+_EXAMPLE_TASKS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("bitfit_fast_example_tasks",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def example_tasks(tasks: torch.Tensor):
+    """Within the block, example i of every batch the model runs belongs to task ``tasks[i]`` ([B] integers)."""
+    token = _EXAMPLE_TASKS.set(tasks.long())
+    try:
+        yield
+    finally:
+        _EXAMPLE_TASKS.reset(token)
+
+
+def current() -> torch.Tensor | None:
+    """The examples' tasks [B] set by :func:`example_tasks`, or None outside it."""
+    return _EXAMPLE_TASKS.get()
+
+
+def check_batch_size(tasks: torch.Tensor, batch: int) -> None:
+    if tasks.shape[0] != batch:
+        raise ValueError(f"the batch has {batch} examples but {tasks.shape[0]} example tasks were given")
+
+
+def of_module_input(x: torch.Tensor) -> torch.Tensor | None:
+    """Each row's task for a module input x [B, ..., d] (rows in x's order: example i owns the i-th block of
+    x.numel() / (B·d) rows), or None outside :func:`example_tasks`."""
+    tasks = current()
+    if tasks is None:
+        return None
+    check_batch_size(tasks, x.shape[0])
+    return tasks.to(x.device).repeat_interleave(x[..., 0].numel() // x.shape[0])

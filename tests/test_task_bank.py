@@ -1,0 +1,186 @@
+"""TaskBank: several BitFit tasks on one base in mixed batches, against each task's own single-task model."""
+
+import copy
+
+import pytest
+import torch
+from bitfit_reference import (
+    BACKENDS,
+    DEVICE,
+    MODELS,
+    PATHS,
+    bbc_titles,
+    padded_batch,
+    real_batch,
+    real_minilm,
+    trainable,
+)
+
+import bitfit_fast
+from bitfit_fast.task_bank import TaskBank, TaskHeads
+
+# Three tasks of different widths; the mixed batch's examples in an order that interleaves them.
+WIDTHS = {"topic": 3, "sentiment": 2, "intent": 5}
+TASKS = ["topic", "sentiment", "intent", "topic", "intent", "sentiment", "topic"]
+LENGTHS = (7, 3, 5, 1, 6, 2, 4)
+MAX_NORM = 0.05  # small enough that every step clips
+
+
+def with_head(base, num_labels: int):
+    """A copy of ``base`` whose classifier has ``num_labels`` outputs (a new task on the same frozen body)."""
+    model = copy.deepcopy(base)
+    head = model.classifier
+    linear = head.out_proj if hasattr(head, "out_proj") else head
+    replacement = torch.nn.Linear(linear.in_features, num_labels, device=linear.weight.device)
+    if hasattr(head, "out_proj"):
+        head.out_proj = replacement
+    else:
+        model.classifier = replacement
+    model.config.num_labels = model.num_labels = num_labels
+    return model
+
+
+def trained_tasks(base, tmp_path, widths=WIDTHS, **options):
+    """Single-task BitFit models on ``base`` with random trained values (as if each task were trained), saved with
+    save_biases: {name: (model, directory)}."""
+    tasks = {}
+    for seed, (name, width) in enumerate(widths.items()):
+        model = bitfit_fast.apply(with_head(base, width), announce=False, **options)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in trainable(model).values():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        tasks[name] = (model, bitfit_fast.save_biases(model, tmp_path / name))
+    return tasks
+
+
+def check_mixed_equals_single(bank, tasks, batch, example_tasks, atol=0.0, rtol=0.0):
+    with torch.no_grad():
+        mixed = bank(example_tasks, **batch)
+        singles = {name: model(**batch).logits for name, (model, _) in tasks.items()}
+    assert mixed.shape == (len(example_tasks), max(WIDTHS[t] for t in example_tasks))
+    for i, name in enumerate(example_tasks):
+        width = singles[name].shape[1]
+        torch.testing.assert_close(mixed[i, :width], singles[name][i], atol=atol, rtol=rtol, msg=f"example {i}")
+        assert not mixed[i, width:].any()
+    # The tasks disagree on every example, so a bank that mixed up their biases or heads would fail above.
+    names = list(singles)
+    for a, b in zip(names, names[1:]):
+        assert not torch.allclose(singles[a][:, :2], singles[b][:, :2], atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("family", MODELS)
+def test_mixed_batch_logits_equal_each_tasks_own_model(family, path, backend, tmp_path):
+    base = MODELS[family](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, backend=backend, **PATHS[path])
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend=backend).eval()
+    for model, _ in tasks.values():
+        model.eval()
+    batch = padded_batch(base, LENGTHS)
+    batch.pop("labels")
+    check_mixed_equals_single(bank, tasks, batch, TASKS, atol=1e-5, rtol=1e-5)
+    assert [task.num_labels for task in bank.tasks.values()] == list(WIDTHS.values())
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("path", ["fused", "modules"])
+def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
+    base = real_minilm(num_labels=3, layers=[0, 5])
+    tasks = trained_tasks(base, tmp_path, backend="torch", **PATHS[path])
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch").eval()
+    texts = bbc_titles("sports", 3) + bbc_titles("tech", 2) + bbc_titles("business", 2)
+    batch = real_batch(texts, [0] * len(texts))
+    batch.pop("labels")
+    with torch.no_grad():
+        fp32 = bank(TASKS, **batch)
+        with torch.autocast(DEVICE, dtype=precision or torch.float32, enabled=precision is not None):
+            mixed = bank(TASKS, **batch).float()
+            singles = {name: model.eval()(**batch).logits.float() for name, (model, _) in tasks.items()}
+    for i, name in enumerate(TASKS):
+        width = WIDTHS[name]
+        if precision is None:
+            torch.testing.assert_close(mixed[i, :width], singles[name][i], atol=1e-5, rtol=1e-5)
+        else:  # flash-attention's rule against fp32: no worse than twice the single-task model's own error
+            ours = (mixed[i, :width] - fp32[i, :width]).abs().max()
+            theirs = (singles[name][i] - fp32[i, :width]).abs().max()
+            assert ours <= 2 * theirs + 1e-3, (i, ours, theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["fused", "fused-minimal", "modules"])
+def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, backend, tmp_path):
+    """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
+    each task's own model ends after the same steps on its examples alone (clipped as its run clips)."""
+    widths = {"topic": 3, "sentiment": 2}
+    example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
+    base = MODELS["bert"](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, widths, backend=backend, **PATHS[path])
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend=backend).train()
+    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-2)
+    singles = {name: (model.train(), torch.optim.AdamW(trainable(model).values(), lr=1e-2))
+               for name, (model, _) in tasks.items()}
+    initial = {name: {n: p.detach().clone() for n, p in trainable(model).items()} for name, (model, _) in tasks.items()}
+    for _ in range(3):
+        batch = padded_batch(base, (6, 2, 5, 3, 4))
+        labels = torch.tensor([2, 1, 0, 0, 1], device=DEVICE)
+        optimizer.zero_grad()
+        bank.loss(bank(example_tasks, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                  labels, example_tasks).backward()
+        norms = bank.clip_grad_norm_(MAX_NORM)
+        optimizer.step()
+        for name, (model, single_optimizer) in singles.items():
+            rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
+            single_optimizer.zero_grad()
+            model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                  labels=labels[rows]).loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(trainable(model).values(), MAX_NORM)
+            torch.testing.assert_close(norms[bank.tasks[name].index], norm.float(), rtol=1e-4, atol=1e-6)
+            assert norm > MAX_NORM, "the norm must be clipped for the comparison to test the clipping"
+            single_optimizer.step()
+    for name, (model, _) in singles.items():
+        expected = trainable(model)
+        got = bank.task_tensors(name)
+        assert set(got) == set(expected)
+        for param_name, value in expected.items():
+            torch.testing.assert_close(got[param_name], value, atol=2e-5, rtol=1e-4, msg=f"{name} {param_name}")
+        moved = [n for n, v in expected.items() if (v - initial[name][n]).abs().max() > 1e-3]
+        assert len(moved) > len(expected) // 2, "the steps must move the parameters for the comparison to mean much"
+
+
+def test_a_task_saved_from_the_bank_loads_onto_a_fresh_base(tmp_path):
+    base = MODELS["bert"](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, backend="torch")
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch").eval()
+    saved = bank.save_task("sentiment", tmp_path / "saved")
+    alone = bitfit_fast.load_biases(with_head(base, 2), saved, backend="torch").eval()
+    batch = padded_batch(base, LENGTHS)
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(alone(**batch).logits, bank(["sentiment"] * len(LENGTHS), **batch)[:, :2])
+        torch.testing.assert_close(alone(**batch).logits, tasks["sentiment"][0].eval()(**batch).logits)
+
+
+def test_mistakes_name_the_problem(tmp_path):
+    base = MODELS["bert"](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, backend="torch")
+    sources = {name: directory for name, (_, directory) in tasks.items()}
+    bank = TaskBank.load(copy.deepcopy(base), sources, backend="torch")
+    batch = padded_batch(base, (3, 2))
+    batch.pop("labels")
+    with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds \['topic', 'sentiment', 'intent'\]"):
+        bank(["topic", "weather"], **batch)
+    with pytest.raises(ValueError, match="the batch has 2 examples but 3 example tasks"):
+        bank(["topic", "topic", "topic"], **batch)
+    with pytest.raises(ValueError, match="needs each row's task: run the model through bitfit_fast.TaskBank"):
+        bank.model(**batch)
+    subset = bitfit_fast.apply(with_head(base, 2), biases="subset", announce=False)
+    bitfit_fast.save_biases(subset, tmp_path / "subset")
+    with pytest.raises(ValueError, match="other BitFit options"):
+        TaskBank.load(copy.deepcopy(base), {**sources, "subset": tmp_path / "subset"}, backend="torch")
+    assert isinstance(bank.model.classifier, TaskHeads)
