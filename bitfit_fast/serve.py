@@ -101,12 +101,88 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
             batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             for i, row in zip(indices, logits):
-                prediction = dict(zip(columns, texts[i]))
-                if run.num_labels == 1:
-                    prediction["score"] = row.item()
-                else:
-                    probabilities = row.softmax(-1).tolist()
-                    prediction["label"] = run.label_names[int(row.argmax())]
-                    prediction["probabilities"] = {name: round(p, 6) for name, p in zip(run.label_names, probabilities)}
-                rows.append(prediction)
+                rows.append(dict(zip(columns, texts[i]), **answer(row, run.label_names)))
     return rows
+
+
+def answer(logits: torch.Tensor, label_names: list[str] | None) -> dict:
+    """What predict says of one example's logits: ``score`` for regression (no label names), else ``label`` and
+    ``probabilities`` (class name: probability, to 6 decimals)."""
+    if not label_names:
+        return {"score": logits[0].item()}
+    logits = logits[:len(label_names)]
+    probabilities = logits.float().softmax(-1).tolist()
+    return {"label": label_names[int(logits.argmax())],
+            "probabilities": {name: round(p, 6) for name, p in zip(label_names, probabilities)}}
+
+
+class RunsPredictor:
+    """`bitfit-fast serve RUN...`: the runs' tasks in one :class:`~bitfit_fast.task_bank.TaskBank` on their shared
+    base model, answering mixed batches; the predictor of ``bitfit_fast.server``. A task is named by its run
+    directory's name; an example is ``{"task": NAME, "text": "..."}``, with ``"text_pair"`` for a run trained on two
+    text columns."""
+
+    def __init__(self, paths: list[str], backend: str = "auto"):
+        from .server import RequestError
+        from .task_bank import TaskBank
+
+        self._refuse = RequestError
+        runs = {}
+        for path in paths:
+            run = load_run(path)
+            name = run.path.resolve().name
+            if name in runs:
+                raise UserError(f"two runs are named {name!r} ({runs[name].path} and {path}): tasks are named by "
+                                "their run directories, so rename one")
+            runs[name] = run
+        first = next(iter(runs.values()))
+        for run in runs.values():
+            if run.model_path != first.model_path:
+                raise UserError(f"{run.path} was trained on {run.model_path} and {first.path} on {first.model_path}: "
+                                "the runs a server holds share one base model")
+        source = model_source(first.model_path)
+        model, self.tokenizer, _ = load_pretrained(source, first.num_labels, first.label_names,
+                                                   f"{first.path}: its base model {first.model_path}")
+        try:
+            self.bank = TaskBank.load(model, {name: run.path for name, run in runs.items()}, backend=backend).eval()
+        except (OSError, ValueError) as error:
+            raise UserError(f"the runs cannot share one model: {first_line(error)}") from error
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.bank.to(self.device)
+        self.runs = runs
+        self.tasks = list(runs)
+        self.pad_id = data.pad_id(self.tokenizer)
+
+    def check(self, example: object) -> dict:
+        """The example tokenised; RequestError (the client's message) for one this server cannot answer."""
+        shape = '{"task": NAME, "text": "...", "text_pair": "..." (for two-text tasks)}'
+        if not isinstance(example, dict):
+            raise self._refuse(f"an example is {shape}, got {type(example).__name__}")
+        task = example.get("task")
+        if task not in self.runs:
+            raise self._refuse(f"unknown task {task!r}: this server knows {self.tasks}")
+        run = self.runs[task]
+        texts = [example.get("text"), example.get("text_pair")][:len(run.text_columns)]
+        if not all(isinstance(text, str) and text for text in texts):
+            needed = "a non-empty 'text' and 'text_pair'" if len(texts) == 2 else "a non-empty 'text'"
+            raise self._refuse(f"task {task!r} needs {needed}: an example is {shape}")
+        if len(texts) == 1 and example.get("text_pair") is not None:
+            raise self._refuse(f"task {task!r} reads one text: leave out 'text_pair'")
+        encoded = self.tokenizer(*texts, truncation=False)
+        length = len(encoded["input_ids"])
+        if length > run.config.max_length:
+            raise self._refuse(f"the text is {length} tokens; task {task!r} reads at most {run.config.max_length}: "
+                               "shorten it")
+        return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
+
+    def predict(self, examples: list[dict]) -> list[dict]:
+        """One mixed batch through the bank: {"task", "label", "probabilities"} or {"task", "score"} each."""
+        split = data.Encoded([e["input_ids"] for e in examples],
+                             None if examples[0]["token_type_ids"] is None else [e["token_type_ids"] for e in examples],
+                             [0.0] * len(examples))
+        batch = data.collate(split, list(range(len(examples))), self.pad_id, regression=True)
+        batch.pop("labels")
+        tasks = [e["task"] for e in examples]
+        with torch.no_grad():
+            logits = self.bank(tasks, **{k: v.to(self.device) for k, v in batch.items()}).float().cpu()
+        return [dict(task=task, **answer(row, self.runs[task].label_names)) for task, row in zip(tasks, logits)]

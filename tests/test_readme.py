@@ -18,4 +18,6 @@ def test_readme_example_runs(index):
     code = BLOCKS[index]
     if code.startswith("# needs-network"):
         pytest.skip("downloads from the Hugging Face hub")
+    if code.startswith("# needs-server"):
+        pytest.skip("a client of `bitfit-fast serve`: tests/test_server.py runs it against a server")
     exec(compile(code, f"README.md[python block {index}]", "exec"), {})

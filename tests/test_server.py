@@ -127,3 +127,81 @@ def test_batching_config_is_checked():
     for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan"))):
         with pytest.raises(ValueError, match="must be at least"):
             BatchingConfig(**bad)
+
+
+# ------------------------------------------------------------------ runs of `bitfit-fast train`, one model, mixed
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two runs on one tiny BERT: "topics" (3 classes) and "score" (regression), trained for one epoch."""
+    from test_trainer import save_tiny_bert, write_csv
+
+    from bitfit_fast import BitFitConfig
+    from bitfit_fast.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("serve")
+    model = save_tiny_bert(root / "model", dropout=0.0)
+    runs = {}
+    for name, score in (("topics", False), ("score", True)):
+        files = dict(train_file=write_csv(root / f"{name}-train.csv", 24, 1, score=score),
+                     validation_file=write_csv(root / f"{name}-val.csv", 8, 2, score=score))
+        train(TrainConfig(model=model, epochs=1, batch_size=8, regression=score, output_dir=str(root / name),
+                          progress=False, bitfit=BitFitConfig(backend="torch"), **files), log=lambda *_: None)
+        runs[name] = str(root / name)
+    return runs
+
+
+def test_runs_served_together_answer_as_each_run_alone(two_runs):
+    """Concurrent requests of both tasks are answered in mixed batches, each exactly as `bitfit-fast predict` of
+    its own run answers it."""
+    from bitfit_fast import serve
+    from bitfit_fast.serve import RunsPredictor
+
+    texts = ["goal match team", "bank price", "the new chip and robot", "coach said today", "market profit big",
+             "software phone", "a big team goal with new coach"]
+    examples = [dict(task=("topics", "score")[i % 2], text=texts[i % len(texts)]) for i in range(20)]
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch")
+    assert predictor.tasks == ["topics", "score"]
+    with running(predictor, BatchingConfig(max_batch_size=8, max_wait_ms=50)) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda e: client.post("/predict", json=e), examples))
+    alone = {task: {row["text"]: row for row in serve.predict(path, texts=[(t,) for t in texts])}
+             for task, path in two_runs.items()}
+    for example, response in zip(examples, answers):
+        assert response.status_code == 200, response.text
+        got, expected = response.json(), alone[example["task"]][example["text"]]
+        assert got["task"] == example["task"]
+        if example["task"] == "score":
+            assert got["score"] == pytest.approx(expected["score"], abs=1e-5)
+        else:
+            assert got["label"] == expected["label"]
+            assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+
+
+@pytest.mark.parametrize("example,message", [
+    (dict(task="weather", text="goal"), "unknown task 'weather': this server knows ['topics', 'score']"),
+    (dict(task="topics", text=" ".join(["goal"] * 200)), "the text is 202 tokens; task 'topics' reads at most 128"),
+    (dict(task="topics", text=""), "task 'topics' needs a non-empty 'text'"),
+    (dict(task="score", text="goal", text_pair="match"), "task 'score' reads one text: leave out 'text_pair'"),
+])
+def test_a_request_the_runs_cannot_answer_is_named(two_runs, example, message):
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch")
+    with pytest.raises(RequestError) as refused:
+        predictor.check(example)
+    assert message in str(refused.value)
+
+
+def test_readme_client_talks_to_a_server_of_runs(two_runs, capsys):
+    from test_readme import BLOCKS
+
+    from bitfit_fast.serve import RunsPredictor
+
+    client = next(code for code in BLOCKS if code.startswith("# needs-server"))
+    with running(RunsPredictor(list(two_runs.values()), backend="torch"), BatchingConfig()) as url:
+        namespace = {"SERVER": url}
+        exec(compile(client, "README.md[client]", "exec"), namespace)
+    topics, score = namespace["answers"]
+    assert topics["task"] == "topics" and topics["label"] in topics["probabilities"]
+    assert score["task"] == "score" and isinstance(score["score"], float)
