@@ -10,12 +10,23 @@ from pathlib import Path
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     from bitfit_fast_benches import report, runner
+    from bitfit_fast_benches.presets import PRESETS
+
+    from .errors import UserError
 
     if args.update_readme:
-        report.update_readme(Path(args.readme), Path(args.out))
+        readme = Path(args.readme)
+        if not readme.is_file() or report.README_START not in readme.read_text():
+            raise UserError(f"--readme {readme} is not a README with a generated benchmark section (its "
+                            f"{report.README_START} marker): run from the repository root or pass --readme PATH")
+        report.update_readme(readme, Path(args.out))
         print(f"updated the benchmark section of {args.readme} from {args.out}/*.json")
         return 0
+    if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-small on this machine")
     command = "bitfit-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     record = runner.run(args.preset, command, providers=args.providers)
     for kind, path in report.write(record, Path(args.out)).items():
@@ -49,7 +60,12 @@ def _train(args: argparse.Namespace) -> int:
     from .train import sweep, train
 
     config = train_config(args)
-    sweep(config) if args.lr_sweep else train(config)
+    if args.task_files:
+        from .train.multitask import TaskFiles, train_tasks
+
+        train_tasks(config, [TaskFiles(*files) for files in args.task_files])
+    else:
+        sweep(config) if args.lr_sweep else train(config)
     return 0
 
 
@@ -73,6 +89,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .errors import UserError
+
+    try:
+        from .server import BatchingConfig, serve
+    except ImportError as error:
+        raise UserError(f"serving needs the 'serve' extra ({error.name} is missing): pip install "
+                        "'bitfit-fast[serve]'") from error
+    from .serve import RunsPredictor
+
+    predictor = RunsPredictor(args.runs, backend=args.backend)
+    print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",
+          file=sys.stderr)
+    serve(predictor, args.host, args.port, BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue))
+    return 0
+
+
 def _train_conflict(args: argparse.Namespace) -> str | None:
     if len(args.text_columns) > 2:
         return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
@@ -82,6 +115,13 @@ def _train_conflict(args: argparse.Namespace) -> str | None:
         return "--task and --train-file/--validation-file are two data sources: give one"
     if args.lr_sweep and args.lr is not None:
         return "--lr-sweep tries the paper's learning rates itself: leave out --lr"
+    if args.task_files:
+        given = [option for option, value in (("--task", args.task), ("--train-file", args.train_file),
+                                              ("--resume", args.resume), ("--save-every", args.save_every),
+                                              ("--lr-sweep", args.lr_sweep),
+                                              ("--micro-batch-size", args.micro_batch_size)) if value]
+        if given:
+            return f"--task-files trains several tasks from their files in one process: leave out {', '.join(given)}"
     return None
 
 
@@ -121,9 +161,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `bitfit-fast` parser: bench, train, eval and predict, each with its options and their checks."""
+    """The `bitfit-fast` parser: bench, train, eval, predict and serve, each with its options and their checks."""
     from bitfit_fast_benches.presets import PRESETS
+    from bitfit_fast_benches.providers import PROVIDERS
 
+    from .backend import BACKENDS
     from .config import BitFitConfig
     from .train import METHODS
     from .train.data import GLUE
@@ -145,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{'/'.join(sorted({w.model for w in preset.workloads}))}" for name, preset in PRESETS.items())
     b.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
                    help=f"what to measure ({presets}); tiny is a smoke test of a few seconds")
-    b.add_argument("--providers", nargs="+", help="run these providers instead of the preset's")
+    b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER",
+                   help=f"run these providers instead of the preset's (of {', '.join(PROVIDERS)})")
     b.add_argument("--out", default="runs/bench",
                    help="directory for the JSON, Markdown and PNG results (the committed ones: benches/results)")
     b.add_argument("--update-readme", action="store_true", help="regenerate README's section from --out/*.json")
@@ -156,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--task", choices=list(GLUE), help="a GLUE task, through `datasets` (needs the network)")
     data.add_argument("--train-file", help="local CSV/JSON/Parquet training file (with --validation-file)")
     data.add_argument("--validation-file", help="local CSV/JSON/Parquet validation file")
+    data.add_argument("--task-files", nargs=3, action="append", metavar=("NAME", "TRAIN", "VALIDATION"),
+                      help="a task to train together with the others given so (mixed batches, one model): its name "
+                           "and files; OUTPUT_DIR/NAME becomes its run (repeat for each task)")
     data.add_argument("--text-columns", nargs="+", default=["text"], help="one or two text columns of local files")
     data.add_argument("--label-column", default="label", help="label column of local files")
     data.add_argument("--regression", action="store_true", help="the label is a score (one output, MSE loss)")
@@ -206,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-file", help="CSV/JSON/Parquet file with the run's text columns")
     p.add_argument("--text-pair", nargs="+", help="the second text of each --text, for runs on two text columns")
     p.set_defaults(conflict=_predict_conflict)
+
+    s = command("serve", "serve runs' best biases over HTTP: one model, every run a task, requests of any tasks "
+                "batched together (needs the 'serve' extra)", _serve)
+    s.add_argument("runs", nargs="+", metavar="RUN", help="output directories of `bitfit-fast train` on one base model"
+                   " (each a task named by its directory)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=POSITIVE_INT, default=8000, help="port to listen on")
+    s.add_argument("--max-batch-size", type=POSITIVE_INT, default=64, help="examples per model call")
+    s.add_argument("--max-wait-ms", type=NON_NEGATIVE, default=5.0,
+                   help="how long a batch's first example waits for others")
+    s.add_argument("--max-queue", type=POSITIVE_INT, default=1024,
+                   help="examples that may wait; beyond it requests get 503 and retry")
+    s.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="Triton kernels or torch ops (auto: the kernels on a GPU)")
     return parser
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bitfit_fast import cli
-from bitfit_fast_benches import measurement, presets, providers, report, runner
+from bitfit_fast_benches import measurement, presets, providers, report, runner, task_bank
 from bitfit_fast_benches.presets import Preset, Workload
 
 TINY = Workload("bert-tiny", 16, 2)
@@ -134,10 +134,20 @@ def test_readme_benchmark_section_is_generated_from_the_committed_results():
     assert section == "\n" + report.readme_section(root / "benches" / "results")
 
 
-def test_gpu_preset_without_a_gpu_is_a_clear_error(monkeypatch):
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "gpu-base", "--out", "/tmp/unused"], "--preset gpu-base needs a CUDA GPU; use --preset cpu-small"),
+    (["--update-readme", "--readme", "/nonexistent/README.md"],
+     "--readme /nonexistent/README.md is not a README with a generated benchmark section"),
+    (["--providers", "nope"], "argument --providers: invalid choice: 'nope'"),
+])
+def test_bench_mistakes_end_with_one_line(monkeypatch, capsys, args, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU; use --preset cpu-small"):
-        cli.main(["bench", "--preset", "gpu-base", "--out", "/tmp/unused"])
+    try:
+        status = cli.main(["bench", *args])
+    except SystemExit as exit_:  # argparse's own checks: usage, then the one error line
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and err.splitlines()[-1].startswith("bitfit-fast bench: error: ") and message in err
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 5, 20, 64, 100, 1000, 10_000])
@@ -184,3 +194,17 @@ def test_unpadding_goals_name_the_fused_default_on_bert_base_workloads():
     throughput = checks["fused default real-token throughput vs reference, real lengths"]
     assert throughput["measured"] == pytest.approx(100 / 70) and not throughput["met"]
     assert checks["fused default peak memory vs reference"]["met"]
+
+
+def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path):
+    assert task_bank.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(record["environment"]) >= {"device", "torch", "commit", "command"}
+    predict, train = record["results"]["predict"], record["results"]["train"]
+    assert list(predict) == ["single-task model", "bank, 1 tasks", "bank, 4 tasks", "sub-batches, 4 tasks"]
+    assert list(train) == ["single-task model", "bank, 1 tasks", "bank, 4 tasks"]
+    for entry in [*predict.values(), *train.values()]:
+        assert entry["examples_per_s"] > 0 and entry["steps"] == 1
+    assert record["ratios"]["mixed_vs_sub_batches"] == pytest.approx(
+        predict["bank, 4 tasks"]["examples_per_s"] / predict["sub-batches, 4 tasks"]["examples_per_s"])
+    assert len(record["goals"]) == 5 and (tmp_path / "tiny.md").read_text().startswith("Task bank, preset `tiny`")

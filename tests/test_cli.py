@@ -246,6 +246,11 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
      "--max-length 1000 is more than the 128 positions of --model {home}/model: use --max-length 128 or less"),
     (["train", "--model", "{data}", "--output-dir", "{runs}/failed"],
      "--model {data} has no config.json, so it is not a Hugging Face model"),
+    (["serve", "{runs}/one", "{runs}/two"],
+     "the runs cannot share one model: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
+    (["serve", "{runs}/one", "{runs}/one"],
+     "two runs are named 'one' ({runs}/one and {runs}/one): tasks are named by their run directories"),
+    (["serve", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
 ])
 def test_mistakes_with_runs_and_files_end_with_one_line(home, runs, args, message, capsys):
     places = dict(home=home, runs=home / "runs", data=home / "data")

@@ -5,7 +5,8 @@
 - ``loop``: :func:`train`; ``evaluation``: metrics over a split (``metrics``: GLUE's) and the best epoch;
   ``distributed``: one process or many under torchrun; ``run``: the run directory, run_config.json and the
   checkpoint that resumes a run exactly; ``summary``: run_summary.json; ``plots``: the learning curves;
-  ``lr_sweep``: the paper's learning-rate sweep.
+  ``lr_sweep``: the paper's learning-rate sweep; ``multitask``: several tasks trained together in mixed batches
+  (``--task-files``), each saved as a run of its own.
 
 `bitfit_fast.serve` (eval, predict) uses what this module exports.
 """

@@ -1,0 +1,180 @@
+"""`bitfit-fast train --task-files NAME TRAIN VALIDATION ...`: several tasks trained together on one base model, in
+mixed batches (see :class:`~bitfit_fast.task_bank.TaskBank`).
+
+Sampling is proportional: every epoch takes every example of every task once, all tasks shuffled together and
+grouped by length, so a batch mixes the tasks in proportion to their sizes and a small task is not repeated. Each
+task learns as it would alone: its loss is the mean over its examples in the batch, its gradient is clipped on its
+own, and AdamW updates each parameter from its own gradient. Every epoch each task is evaluated on its own
+validation file, and ``OUTPUT_DIR/NAME/`` is a run directory of its own (``run_config.json``, ``biases/`` of its
+best epoch by its metric, ``biases-last/``) that `bitfit-fast eval`, `predict` and `serve` take like any run.
+
+One process, no checkpoint to resume and no micro-batching: a joint run is meant for the many small tasks that one
+model serves.
+"""
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..files import write_json
+from ..task_bank import TaskBank
+from . import data as data_lib
+from .config import TrainConfig
+from .distributed import Dist
+from .evaluation import best_evaluation, evaluate
+from .models import load_pretrained, max_positions, model_source
+from .run import BEST_BIASES, LAST_BIASES, SUMMARY_NAME, Run, check_output_dir, write_run_config
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFiles:
+    """One task of a joint run: its name (its run directory's) and its files."""
+
+    name: str
+    train_file: str
+    validation_file: str
+
+
+class _OneTask(nn.Module):
+    """The bank seen as one task's model, for :func:`evaluate`: logits of that task's width."""
+
+    def __init__(self, bank: TaskBank, name: str):
+        super().__init__()
+        self.bank, self.name = bank, name
+
+    def forward(self, labels=None, **batch):
+        logits = self.bank([self.name] * batch["input_ids"].shape[0], **batch)
+        return dataclasses.make_dataclass("Output", ["logits"])(logits[:, :self.bank.tasks[self.name].num_labels])
+
+
+def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
+    names = [task.name for task in tasks]
+    if len(tasks) < 2:
+        raise UserError("--task-files trains several tasks together: give it at least twice (one task: use "
+                        "--train-file and --validation-file)")
+    if len(set(names)) != len(names):
+        raise UserError(f"--task-files names must differ, got {names}")
+    for name in names:
+        if not name or name != Path(name).name or name.startswith("."):
+            raise UserError(f"--task-files name {name!r} must be a plain directory name: it names OUTPUT_DIR/{name}")
+    if not config.saves_biases:
+        raise UserError(f"--task-files trains BitFit tasks: --method {config.method} is not one")
+    check_output_dir(Path(config.output_dir), resume=False)
+    for name in names:
+        check_output_dir(Path(config.output_dir) / name, resume=False)
+
+
+def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
+    """Train ``tasks`` together with ``config``'s model, method and protocol; returns the joint summary (also
+    written as OUTPUT_DIR/run_summary.json)."""
+    _check(config, tasks)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    start = time.time()
+    out = Path(config.output_dir)
+    model_path = model_source(config.model)
+    d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    task_data = {}
+    for task in tasks:
+        files = dict(train_file=str(Path(task.train_file).expanduser().resolve()),
+                     validation_file=str(Path(task.validation_file).expanduser().resolve()))
+        task_data[task.name] = (data_lib.load_local(files["train_file"], files["validation_file"],
+                                                    tuple(config.text_columns), config.label_column,
+                                                    config.regression), files)
+    first = next(iter(task_data.values()))[0]
+    model, tokenizer, info = load_pretrained(model_path, first.num_labels, first.label_names,
+                                             f"--model {config.model or model_path}")
+    positions = max_positions(model, tokenizer)
+    if positions is not None and config.max_length > positions:
+        raise UserError(f"--max-length {config.max_length} is more than the {positions} positions of --model "
+                        f"{config.model or model_path}: use --max-length {positions} or less")
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    head = sorted({n for n, _ in model.named_children() if n != model.base_model_prefix} | set(new_modules))
+    try:
+        bank = TaskBank.new(model, {name: data.num_labels for name, (data, _) in task_data.items()}, config.bitfit,
+                            head=config.bitfit.head or head)
+    except ValueError as error:
+        raise UserError(f"--model {config.model or model_path}: {error}") from error
+    for name, (data, _) in task_data.items():
+        bank.tasks[name].label_names = data.label_names
+    bank.to(d.device).train()
+
+    pad_id = data_lib.pad_id(tokenizer)
+    encoded = {name: data_lib.encode(data_lib.limit(data.train, config.max_train_examples), tokenizer,
+                                     config.max_length) for name, (data, _) in task_data.items()}
+    validation = {name: {split: data_lib.encode(data_lib.limit(s, config.max_eval_examples), tokenizer,
+                                                config.max_length) for split, s in data.validation.items()}
+                  for name, (data, _) in task_data.items()}
+    # All tasks' training examples in one list, with each example's task.
+    types = None if any(e.token_type_ids is None for e in encoded.values()) else [
+        types for e in encoded.values() for types in e.token_type_ids]
+    joint = data_lib.Encoded([ids for e in encoded.values() for ids in e.input_ids], types,
+                             [label for e in encoded.values() for label in e.labels])
+    example_task = [name for name, e in encoded.items() for _ in range(len(e))]
+    log(f"{len(tasks)} tasks together: " + ", ".join(
+        f"{name} ({len(encoded[name])} train, {data.num_labels} {'outputs' if data.num_labels == 1 else 'classes'})"
+        for name, (data, _) in task_data.items()) + f" | {config.method} on {d.device}")
+    for name, (data, files) in task_data.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        run_config = dataclasses.replace(config, model=config.model and model_path, output_dir=str(out / name),
+                                         **files)
+        write_run_config(Run(out / name, run_config, model_path, data.num_labels, data.label_names,
+                             list(data.metrics), tuple(data.text_columns), data.label_column), name)
+
+    params = [p for p in bank.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
+    lengths = [len(ids) for ids in joint.input_ids]
+    histories = {name: [] for name in task_data}
+    losses = []
+    step = 0
+    for epoch in range(config.epochs):
+        for indices in data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch):
+            batch = {k: v.to(d.device) for k, v in data_lib.collate(joint, indices, pad_id, True).items()}
+            labels = batch.pop("labels")
+            names = [example_task[i] for i in indices]
+            with config.autocast(d.device):
+                loss = bank.loss(bank(names, **batch), labels, names)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}): lower the "
+                                "learning rate, or train in fp32")
+            loss.backward()
+            bank.clip_grad_norm_(config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(dict(step=step, epoch=epoch + 1, loss=loss.item()))
+        line = []
+        for name, (data, _) in task_data.items():
+            task_config = dataclasses.replace(config, regression=data.num_labels == 1)
+            scores = {split: evaluate(_OneTask(bank, name), enc, task_config, data.metrics, d, pad_id, 32)
+                      for split, enc in validation[name].items()}
+            histories[name].append(dict(step=step, epoch=epoch + 1, validation=scores))
+            line.append(f"{name} " + ", ".join(f"{k} {v:.4f}" for k, v in next(iter(scores.values())).items()))
+            split = next(iter(data.validation))
+            if best_evaluation(histories[name], split, data.metrics[0]) is histories[name][-1]:
+                bank.save_task(name, out / name / BEST_BIASES)
+        log(f"epoch {epoch + 1}: " + " | ".join(line))
+
+    summary = dict(config=config.to_dict(), tasks={}, steps=step, seconds=time.time() - start,
+                   final_train_loss=losses[-1]["loss"] if losses else None, losses=losses)
+    for name, (data, _) in task_data.items():
+        bank.save_task(name, out / name / LAST_BIASES)
+        split, metric = next(iter(data.validation)), data.metrics[0]
+        best = best_evaluation(histories[name], split, metric)
+        task_summary = dict(
+            epochs=[dict(epoch=h["epoch"], **h["validation"]) for h in histories[name]],
+            best=dict(epoch=best["epoch"], split=split, metric=metric, value=best["validation"][split][metric]),
+            saved_biases={BEST_BIASES: best["epoch"], LAST_BIASES: config.epochs})
+        summary["tasks"][name] = task_summary
+        write_json(out / name / SUMMARY_NAME, dict(task_summary, task=name, joint_run=str(out)))
+        log(f"{name}: best {metric} {task_summary['best']['value']:.4f} (epoch {best['epoch']}); {out / name} is "
+            "its run")
+    write_json(out / SUMMARY_NAME, summary)
+    return summary
+

@@ -1,0 +1,89 @@
+"""`bitfit-fast train --task-files ...`: several tasks trained together in mixed batches, each a run of its own."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from test_trainer import save_tiny_bert, write_csv
+
+from bitfit_fast import cli
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("joint")
+    model = save_tiny_bert(root / "model", dropout=0.1)
+    files = {
+        "topics": (write_csv(root / "topics-train.csv", 36, 1), write_csv(root / "topics-val.csv", 12, 2)),
+        "sport-or-tech": (write_csv(root / "st-train.csv", 20, 3, labels=("sport", "tech")),
+                          write_csv(root / "st-val.csv", 10, 4, labels=("sport", "tech"))),
+    }
+    args = ["train", "--model", model, "--epochs", "3", "--batch-size", "8", "--lr", "1e-2", "--backend", "torch",
+            "--no-progress", "--output-dir", str(root / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    return root, files
+
+
+def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
+    root, files = joint_run
+    summary = json.loads((root / "runs" / "run_summary.json").read_text())
+    assert list(summary["tasks"]) == list(files) and summary["steps"] == 3 * 7  # 56 examples in batches of 8
+    capsys.readouterr()
+    for name, (_, validation) in files.items():
+        run = root / "runs" / name
+        for part in ("run_config.json", "run_summary.json", "biases/bitfit_biases.safetensors",
+                     "biases-last/bitfit_biases.safetensors"):
+            assert (run / part).is_file(), part
+        recorded = json.loads((run / "run_config.json").read_text())
+        assert recorded["config"]["validation_file"] == validation and recorded["num_labels"] == (3, 2)[
+            name != "topics"]
+        best, saved = summary["tasks"][name]["best"], summary["tasks"][name]["saved_biases"]
+        assert saved == {"biases": best["epoch"], "biases-last": 3}
+        if best["epoch"] != 3:  # the epochs' biases differ: the joint steps trained this task
+            first, last = (safetensors.torch.load_file(run / d / "bitfit_biases.safetensors")
+                           for d in ("biases", "biases-last"))
+            assert any(not torch.equal(first[k], last[k]) for k in first)
+        # The task's best biases, saved from the bank, score on a fresh single-task model what the bank scored.
+        assert cli.main(["eval", str(run)]) == 0
+        assert capsys.readouterr().out.strip() == f"{run}: validation accuracy {best['value']:.4f}"
+    assert cli.main(["predict", str(root / "runs" / "sport-or-tech"), "--text", "goal team", "robot chip"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(row["probabilities"]) for row in rows] == [{"sport", "tech"}] * 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--task-files", "a", "t.csv", "v.csv"], "--task-files trains several tasks together: give it at least twice"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "a", "t.csv", "v.csv"],
+     "--task-files names must differ, got ['a', 'a']"),
+    (["--task-files", "a/b", "t.csv", "v.csv", "--task-files", "c", "t.csv", "v.csv"],
+     "--task-files name 'a/b' must be a plain directory name"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--resume", "--save-every", "3"],
+     "--task-files trains several tasks from their files in one process: leave out --resume, --save-every"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--method", "full"],
+     "--task-files trains BitFit tasks: --method full is not one"),
+])
+def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, extra, message):
+    assert cli.main(["train", "--output-dir", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bitfit-fast train: error: ") and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_tasks_of_a_joint_run_serve_together(joint_run):
+    from bitfit_fast import serve
+    from bitfit_fast.serve import RunsPredictor
+
+    root, files = joint_run
+    runs = [str(root / "runs" / name) for name in files]
+    predictor = RunsPredictor(runs, backend="torch")
+    examples = [predictor.check(dict(task=task, text=text)) for task, text in
+                (("topics", "bank price"), ("sport-or-tech", "goal team"), ("topics", "robot chip"))]
+    for example, answer in zip(examples, predictor.predict(examples)):
+        alone = serve.predict(str(root / "runs" / example["task"]), texts=[("bank price",), ("goal team",),
+                                                                          ("robot chip",)])
+        expected = next(row for row in alone if predictor.tokenizer(row["text"])["input_ids"] == example["input_ids"])
+        assert answer["label"] == expected["label"]
+        assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
