@@ -1,0 +1,221 @@
+"""Mixed-task batches: a TaskBank's throughput with 1, 8 and 64 distinct tasks per batch, against one task's model
+and against per-task sub-batches (PEFT's ``adapter_names`` strategy: the batch split by task, each part run after
+swapping that task's biases and head in).
+
+    python -m bitfit_fast_benches.task_bank --preset cpu --out benches/results/task-bank
+
+Every configuration runs the same batches (real BBC News paragraph lengths, dynamic padding), in alternating rounds
+in one process so that drift cancels; ratios come from the medians measured here. ``predict`` times a no-grad
+forward (serving); ``train`` a forward, backward and AdamW step on the bank's loss.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .measurement import spread, timed
+from .presets import Workload, build_base_model, make_batches, real_tokens
+from .runner import environment
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskBankPreset:
+    workload: Workload
+    repeats: int
+    warmup: int
+    device: str
+    distinct: tuple[int, ...] = (1, 8, 64)  # distinct tasks per mixed batch; the bank holds the most (heads of 2-5)
+
+
+PRESETS = {
+    "cpu": TaskBankPreset(Workload("bert-mini", 128, 64, lengths="bbc"), repeats=7, warmup=1, device="cpu"),
+    "gpu": TaskBankPreset(Workload("bert-base", 128, 64, lengths="bbc"), repeats=30, warmup=5, device="cuda"),
+    # For the test suite: seconds, not a measurement.
+    "tiny": TaskBankPreset(Workload("bert-tiny", 16, 8, lengths="lognormal"), repeats=1, warmup=0, device="cpu",
+                           distinct=(1, 4)),
+}
+
+GOALS = {"mixed_vs_single_min": 0.9, "mixed_vs_sub_batches_min": 3.0}
+
+
+def _tasks(base: torch.nn.Module, directory: Path, count: int) -> dict[str, Path]:
+    """``count`` single-task BitFit models on ``base`` with random trained values, saved: {name: directory}."""
+    import bitfit_fast
+
+    sources = {}
+    for index in range(count):
+        model = bitfit_fast.apply(_with_head(base, 2 + index % 4), announce=False)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for param in (p for p in model.parameters() if p.requires_grad):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        sources[f"task{index}"] = bitfit_fast.save_biases(model, directory / f"task{index}")
+    return sources
+
+
+def _with_head(base: torch.nn.Module, width: int) -> torch.nn.Module:
+    """A copy of ``base`` with a new classifier of ``width`` labels."""
+    model = copy.deepcopy(base)
+    model.classifier = torch.nn.Linear(model.classifier.in_features, width, device=model.classifier.weight.device)
+    model.config.num_labels = model.num_labels = width
+    return model
+
+
+class SubBatching:
+    """Single-task models whose trained values are swapped per task: the batch's examples grouped by task, each
+    group run after copying its task's biases and head in (what a hot-swapping adapter server does). One model per
+    head width, since a swap cannot resize a head in place."""
+
+    def __init__(self, base: torch.nn.Module, bank):
+        import bitfit_fast
+
+        self.bank = bank
+        self.tensors = {name: bank.task_tensors(name) for name in bank.tasks}
+        self.models = {width: bitfit_fast.apply(_with_head(base, width), announce=False).eval()
+                       for width in {task.num_labels for task in bank.tasks.values()}}
+
+    def __call__(self, tasks: list[str], batch: dict) -> None:
+        groups: dict[str, list[int]] = {}
+        for i, task in enumerate(tasks):
+            groups.setdefault(task, []).append(i)
+        for task, rows in groups.items():
+            model = self.models[self.bank.tasks[task].num_labels]
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self.tensors[task].items():
+                    params[name].copy_(value)
+                index = torch.tensor(rows, device=batch["input_ids"].device)
+                model(**{k: v.index_select(0, index) for k, v in batch.items()})
+
+
+def run(preset_name: str, command: str, log=print) -> dict:
+    import bitfit_fast
+    from bitfit_fast.task_bank import TaskBank
+
+    preset = PRESETS[preset_name]
+    device = preset.device
+    base = build_base_model(preset.workload, device)
+    with tempfile.TemporaryDirectory() as directory:
+        sources = _tasks(base, Path(directory), max(preset.distinct))
+        bank = TaskBank.load(copy.deepcopy(base), sources).eval()
+    single = bitfit_fast.apply(copy.deepcopy(base), announce=False).eval()
+    sub_batching = SubBatching(base, bank)
+    names = list(bank.tasks)
+    batches = make_batches(preset.workload, preset.warmup + preset.repeats, base.config.vocab_size, device)
+    for batch in batches:
+        batch.pop("labels")
+    rng = random.Random(0)
+    assignments = {k: [names[i % k] for i in range(preset.workload.batch)] for k in preset.distinct}
+    for tasks in assignments.values():
+        rng.shuffle(tasks)
+
+    def predict_single(batch):
+        with torch.no_grad():
+            single(**batch)
+
+    def predict_bank(k):
+        def step(batch):
+            with torch.no_grad():
+                bank(assignments[k], **batch)
+        return step
+
+    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4)
+    single_optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-4)
+    labels = torch.zeros(preset.workload.batch, dtype=torch.long, device=device)
+
+    def train_single(batch):
+        single_optimizer.zero_grad()
+        single(**batch, labels=labels).loss.backward()
+        single_optimizer.step()
+
+    def train_bank(k):
+        def step(batch):
+            optimizer.zero_grad()
+            bank.loss(bank(assignments[k], **batch), labels, assignments[k]).backward()
+            optimizer.step()
+        return step
+
+    most = preset.distinct[-1]
+    modes = {
+        "predict": {"single-task model": predict_single,
+                    **{f"bank, {k} tasks": predict_bank(k) for k in preset.distinct},
+                    f"sub-batches, {most} tasks": lambda batch: sub_batching(assignments[most], batch)},
+        "train": {"single-task model": train_single, **{f"bank, {k} tasks": train_bank(k) for k in preset.distinct}},
+    }
+    results = {}
+    for mode, configs in modes.items():
+        for model in (single, bank):
+            model.train(mode == "train")
+        times = {name: [] for name in configs}
+        for round_index, batch in enumerate(batches):
+            for name, step in configs.items():
+                seconds, _ = timed(step, batch, device)
+                if round_index >= preset.warmup:
+                    times[name].append(seconds)
+        tokens = statistics.mean(real_tokens(b) for b in batches[preset.warmup:])
+        results[mode] = {name: dict(spread(t), examples_per_s=preset.workload.batch / statistics.median(t),
+                                    real_tokens_per_s=tokens / statistics.median(t))
+                         for name, t in times.items()}
+        single_speed = results[mode]["single-task model"]["examples_per_s"]
+        for entry in results[mode].values():
+            entry["vs_single"] = entry["examples_per_s"] / single_speed
+        log(f"{mode}: " + ", ".join(f"{n} {e['examples_per_s']:.1f}/s ({e['vs_single']:.2f}x)"
+                                    for n, e in results[mode].items()))
+    predict = results["predict"]
+    ratios = dict(
+        mixed_vs_single={mode: {k: results[mode][f"bank, {k} tasks"]["vs_single"] for k in preset.distinct}
+                         for mode in results},
+        mixed_vs_sub_batches=predict[f"bank, {most} tasks"]["examples_per_s"]
+        / predict[f"sub-batches, {most} tasks"]["examples_per_s"],
+    )
+    goals = [
+        dict(goal=f"mixed-batch throughput with {k} tasks >= {GOALS['mixed_vs_single_min']}x single-task ({mode})",
+             value=round(ratio, 3), met=ratio >= GOALS["mixed_vs_single_min"])
+        for mode, by_k in ratios["mixed_vs_single"].items() for k, ratio in by_k.items()
+    ] + [dict(goal=f"mixed batch of {most} tasks >= {GOALS['mixed_vs_sub_batches_min']}x per-task sub-batches "
+                   "(predict)",
+              value=round(ratios["mixed_vs_sub_batches"], 3),
+              met=ratios["mixed_vs_sub_batches"] >= GOALS["mixed_vs_sub_batches_min"])]
+    return dict(environment=environment(command), preset=preset_name, workload=dataclasses.asdict(preset.workload),
+                tasks_in_bank=max(preset.distinct), results=results, ratios=ratios, goals=goals)
+
+
+def markdown(record: dict) -> str:
+    """The record as a Markdown table per mode, then the goals."""
+    env = record["environment"]
+    lines = [f"Task bank, preset `{record['preset']}` on {env['device']} (torch {env['torch']}, commit "
+             f"{env['commit'][:12]}): batch {record['workload']['batch']}, {record['tasks_in_bank']} tasks in the "
+             f"bank, `{env['command']}`", ""]
+    for mode, entries in record["results"].items():
+        lines += [f"| {mode} | examples/s | real tokens/s | × single-task |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {e['examples_per_s']:.1f} | {e['real_tokens_per_s']:.0f} | {e['vs_single']:.2f} |"
+                  for name, e in entries.items()]
+        lines.append("")
+    lines += [f"- {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']}" for g in record["goals"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.task_bank", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="cpu")
+    parser.add_argument("--out", type=Path, help="directory for PRESET.json and PRESET.md (default: print only)")
+    args = parser.parse_args(argv)
+    command = "python -m bitfit_fast_benches.task_bank " + " ".join(argv if argv is not None else [])
+    record = run(args.preset, command.strip())
+    print(markdown(record))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.preset}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / f"{args.preset}.md").write_text(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
