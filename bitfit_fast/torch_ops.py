@@ -21,8 +21,18 @@ def bias_grad(grad: torch.Tensor, bias: torch.Tensor, row_task: torch.Tensor | N
     grad = grad.reshape(-1, grad.shape[-1])
     if bias.dim() == 1:
         return grad.sum(dim=0, dtype=torch.float32).to(bias.dtype)
-    one_hot = F.one_hot(row_task, bias.shape[0]).to(torch.float32)
-    return (one_hot.t() @ grad.float()).to(bias.dtype)
+    return task_sums(grad, row_task, bias.shape[0]).to(bias.dtype)
+
+
+def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32, deterministic. On CUDA one GEMM with the
+    rows' one-hot task matrix (index_add_ would add with atomics, in no fixed order); elsewhere index_add_, which
+    adds in row order there and costs M·N instead of T·M·N. The kernels' host functions do the same
+    (``bitfit_fast_kernels.utils.task_sums``, which cannot import this package)."""
+    if grad.is_cuda:
+        return F.one_hot(row_task, num_tasks).to(torch.float32).t() @ grad.float()
+    sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)
+    return sums.index_add_(0, row_task, grad.float())
 
 
 def bias_rows(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:

@@ -78,11 +78,13 @@ def check_bias(name: str, bias: torch.Tensor | None, size: int, rows: int, row_t
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] fp32: the gradient of a per-row task bias table.
-    One GEMM with the rows' one-hot task matrix: deterministic (no atomics), and T·N·M FLOPs, a few percent of the
-    layer's GEMMs for T up to a few hundred tasks."""
-    one_hot = torch.nn.functional.one_hot(row_task.long(), num_tasks).to(torch.float32)
-    return one_hot.t() @ grad.float()
+    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] fp32: the gradient of a per-row task bias table,
+    deterministic. On CUDA one GEMM with the rows' one-hot task matrix (index_add_ would add with atomics, in no
+    fixed order; T·M·N FLOPs, a few percent of a layer's GEMMs); under the interpreter index_add_, in row order."""
+    if grad.is_cuda:
+        return torch.nn.functional.one_hot(row_task.long(), num_tasks).to(torch.float32).t() @ grad.float()
+    sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)
+    return sums.index_add_(0, row_task.long(), grad.float())
 
 
 def check_rows(name: str, tensor: torch.Tensor) -> int:

@@ -14,7 +14,9 @@ import copy
 import dataclasses
 import json
 import random
+import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -206,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.task_bank", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=PRESETS, default="cpu")
     parser.add_argument("--out", type=Path, help="directory for PRESET.json and PRESET.md (default: print only)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    command = "python -m bitfit_fast_benches.task_bank " + " ".join(argv if argv is not None else [])
-    record = run(args.preset, command.strip())
+    record = run(args.preset, " ".join(["python -m bitfit_fast_benches.task_bank", *map(shlex.quote, argv)]))
     print(markdown(record))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
