@@ -33,12 +33,15 @@ class EncoderLayerSpec:
     output_norm: str
 
     def linears(self) -> tuple[str, ...]:
+        """Paths of the six linears: query, key, value, attention output, intermediate, output."""
         return self.query, self.key, self.value, self.attention_output, self.intermediate, self.output
 
     def norms(self) -> tuple[str, ...]:
+        """Paths of the two LayerNorms: after the attention block and after the feed-forward block."""
         return self.attention_norm, self.output_norm
 
     def dropouts(self) -> tuple[str, ...]:
+        """Paths of the three dropouts: attention probabilities, attention output, feed-forward output."""
         return self.attention_dropout, self.attention_output_dropout, self.output_dropout
 
 
@@ -99,6 +102,7 @@ MODERNBERT_LAYER = PreNormGluLayerSpec(
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """One registry entry: what ``apply``, the fused encoder and the classification shortcut know of a family."""
     name: str
     # biases="subset": the paper's b_q and b_m2 (query and intermediate), as module-name patterns.
     subset: tuple[str, ...]
@@ -171,4 +175,5 @@ def layer_spec(layer_class: str) -> EncoderLayerSpec | PreNormGluLayerSpec | Non
 
 
 def is_fusable_encoder_class(encoder_class: str) -> bool:
+    """Whether a class name is a registered family's encoder, whose fused layers can run as one unpadded stack."""
     return encoder_class in _union("encoder_classes")

@@ -130,11 +130,13 @@ class FusedEncoderLayer(nn.Module):
 
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
+        """``layer`` as ``Fused<LayerClass>`` in memory mode ``memory``, its q/k/v weights packed into one tensor."""
         fused = retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory, _packed_qkv=None)
         fused.packed_qkv_weight()
         return fused
 
     def to_vanilla(self) -> nn.Module:
+        """The layer as its original class again, its q/k/v weights standalone instead of views of the packed one."""
         for linear in self._qkv_linears():  # standalone weights again, not views of the packed one
             linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
         plain = retype(self, self.original_class)
@@ -143,6 +145,7 @@ class FusedEncoderLayer(nn.Module):
 
     @property
     def spec(self) -> EncoderLayerSpec:
+        """Where the layer's parts live: the registered spec of its original class."""
         return layer_spec(self.original_class.__name__)
 
     def _qkv_linears(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -270,9 +273,11 @@ class FusedEncoder(nn.Module):
 
     @classmethod
     def fuse(cls, encoder: nn.Module) -> nn.Module:
+        """``encoder`` as ``Fused<EncoderClass>``, with the classification shortcut off."""
         return retype(encoder, _fused_class(cls, type(encoder)), first_token_only=False)
 
     def to_vanilla(self) -> nn.Module:
+        """The encoder as its original class again, without the shortcut flag."""
         plain = retype(self, self.original_class)
         del plain.first_token_only
         return plain

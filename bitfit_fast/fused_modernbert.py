@@ -117,9 +117,11 @@ class FusedPreNormLayer(FusedEncoderLayer):
 
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
+        """``layer`` as ``Fused<LayerClass>`` in memory mode ``memory``; Wqkv is one packed weight already."""
         return retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory)
 
     def to_vanilla(self) -> nn.Module:
+        """The layer as its original class again (there is no packed weight to unpack)."""
         plain = retype(self, self.original_class)
         del plain.bitfit_memory
         return plain

@@ -30,14 +30,17 @@ class QueryRowsBitFitLinear(BitFitLinear):
 
     @classmethod
     def from_packed_qkv(cls, linear: nn.Linear, backend: str) -> "QueryRowsBitFitLinear":
+        """``linear`` (q, k, v stacked along its output rows) as a BitFit linear whose bias trains in its query rows."""
         return retype(linear, cls, backend=backend, zero_bias_grad=False, query_rows=linear.out_features // 3)
 
     def to_vanilla(self) -> nn.Linear:
+        """A plain nn.Linear with the same parameters (see ``BitFitLinear.to_vanilla``)."""
         plain = super().to_vanilla()
         del plain.query_rows
         return plain
 
     def trained_bias(self) -> torch.Tensor | None:
+        """The bias with its key and value rows detached, so they get an exact zero gradient; a frozen bias as it is."""
         bias = self.bias
         if bias is None or not bias.requires_grad:
             return bias
@@ -79,6 +82,7 @@ def state_of(model: nn.Module) -> AppliedState:
 
 
 def is_applied(model: nn.Module) -> bool:
+    """Whether apply() has run on ``model``: its config attribute is set, or it holds a BitFit module."""
     return hasattr(model, CONFIG_ATTRIBUTE) or any(isinstance(m, BITFIT_MODULES) for m in model.modules())
 
 
@@ -191,6 +195,7 @@ class _Plan:
     backend: str
 
     def to_bitfit(self, module: nn.Module) -> nn.Module | None:
+        """The BitFit module ``module`` becomes under the plan (for ``replace_children``), or None to keep it."""
         if id(module) not in self.replaceable:
             return None
         if id(module) in self.query_rows_only:

@@ -63,6 +63,7 @@ def is_last_dim_layer_norm(module: nn.Module) -> bool:
 
 
 def check_batch(x: torch.Tensor) -> None:
+    """Raise a ValueError for an empty batch, which the BitFit ops do not take: drop it before the forward."""
     if x.numel() == 0:
         raise ValueError(f"got an empty batch (input shape {tuple(x.shape)}); drop empty batches before the forward")
 
@@ -85,6 +86,7 @@ class BitFitLinear(nn.Linear):
         return retype(linear, cls, backend=backend, zero_bias_grad=zero_bias_grad)
 
     def to_vanilla(self) -> nn.Linear:
+        """A plain nn.Linear with the same parameters, buffers and hooks (what merge() puts back)."""
         plain = retype(self, nn.Linear)
         del plain.backend, plain.zero_bias_grad
         return plain
@@ -118,11 +120,13 @@ class BitFitLayerNorm(nn.LayerNorm):
 
     @classmethod
     def from_layer_norm(cls, layer_norm: nn.LayerNorm, backend: str) -> "BitFitLayerNorm":
+        """``layer_norm``, over the last dimension and with a bias, as a BitFitLayerNorm sharing its parameters."""
         if not is_last_dim_layer_norm(layer_norm) or layer_norm.bias is None:
             raise ValueError("BitFitLayerNorm needs a LayerNorm over the last dimension with weight and bias")
         return retype(layer_norm, cls, backend=backend)
 
     def to_vanilla(self) -> nn.LayerNorm:
+        """A plain nn.LayerNorm with the same parameters, buffers and hooks (what merge() puts back)."""
         plain = retype(self, nn.LayerNorm)
         del plain.backend
         return plain

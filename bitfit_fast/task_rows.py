@@ -32,6 +32,7 @@ def current() -> torch.Tensor | None:
 
 
 def check_batch_size(tasks: torch.Tensor, batch: int) -> None:
+    """Raise unless ``tasks`` gives one task per example of a batch of ``batch`` examples."""
     if tasks.shape[0] != batch:
         raise ValueError(f"the batch has {batch} examples but {tasks.shape[0]} example tasks were given")
 

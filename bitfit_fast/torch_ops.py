@@ -64,6 +64,7 @@ def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x with dropout whose mask is drawn from ``seed`` (see :func:`dropout_scale`), so the backward can redraw it."""
     return x * dropout_scale(x, p, seed)
 
 
@@ -85,6 +86,7 @@ class ZeroGradient(torch.autograd.Function):
 
 
 def check_frozen(name: str, tensor: torch.Tensor) -> None:
+    """Raise if ``tensor`` (the weight or gamma, called ``name``) requires grad: the BitFit backward gives it none."""
     if tensor.requires_grad:
         raise RuntimeError(f"the BitFit backward computes no {name} gradient; freeze the {name} first")
 

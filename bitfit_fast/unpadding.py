@@ -66,6 +66,7 @@ class Tokens:
 
     @property
     def num_sequences(self) -> int:
+        """S, the number of sequences."""
         return self.starts.shape[0]
 
     @classmethod

@@ -58,6 +58,7 @@ DRAWN_SEED = 12345  # not a multiple of 16, as 15 in 16 drawn seeds
 
 @dataclass
 class Variant:
+    """One launch to compile: the kernel, its constexprs and compile options, and its pointer and integer arguments."""
     kernel: str
     label: str
     fn: object  # the JITFunction
@@ -70,6 +71,7 @@ class Variant:
 
     @property
     def name(self) -> str:
+        """The variant's label in the output: kernel, dtype and config (what ``--only`` matches)."""
         return f"{self.kernel} {self.dtype} {self.label}"
 
 
@@ -78,6 +80,7 @@ def _flags(**flags) -> str:
 
 
 def linear_variants():
+    """Every variant of the fused linear forward (tile x dtype x bias x epilogue) and of its gradient kernel."""
     fn = linear._linear_fwd_kernel.fn
     # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
     families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
@@ -114,6 +117,7 @@ def linear_variants():
 
 
 def layer_norm_variants():
+    """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
     for dt, hidden, residual, dropout, row_beta in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
                                                                      (True, False), (False, True)):
         block_n = layer_norm._check_features(hidden)
@@ -139,6 +143,7 @@ def layer_norm_variants():
 
 
 def all_variants() -> list[Variant]:
+    """All variants, in a fixed order: the worker processes find theirs by index."""
     return [*linear_variants(), *layer_norm_variants()]
 
 
@@ -166,6 +171,8 @@ def source(v: Variant) -> triton.compiler.ASTSource:
 
 
 def compile_variant(v: Variant, dump: str | None = None) -> dict:
+    """Compile ``v`` for sm_90: its name with registers, spill bytes, shared memory and MMA kind, or the error;
+    with ``dump``, also write its TTIR and PTX there."""
     result = {"name": v.name}
     log = io.StringIO()
     try:
@@ -192,6 +199,7 @@ def compile_variant(v: Variant, dump: str | None = None) -> dict:
 
 
 def verdict(result: dict) -> str:
+    """OK, or FAIL (no compile), SMEM (over sm_90's shared memory) or SPILL (over SPILL_BUDGET, or unknown)."""
     if "error" in result:
         return "FAIL"
     if result["smem"] > SM90_SHARED_MEMORY:
@@ -202,6 +210,7 @@ def verdict(result: dict) -> str:
 
 
 def format_result(result: dict) -> str:
+    """The variant's output line: verdict, name and resources, or the compile error."""
     head = f"{verdict(result):<5} {result['name']:<62}"
     if "error" in result:
         return f"{head} | {result['error']}"
@@ -215,6 +224,7 @@ def _compile_indexed(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status: 0 all OK, 1 any failure, 2 no match."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
                         help="compile the variants whose name contains this (repeatable: any of them)")

@@ -16,6 +16,7 @@ class KernelInputError(ValueError):
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:
+    """Raise unless ``tensor`` is on CUDA, or on CPU under the interpreter and not bfloat16."""
     if tensor.is_cuda:
         return
     if tensor.device.type == "cpu" and INTERPRETER:
@@ -96,6 +97,7 @@ def check_rows(name: str, tensor: torch.Tensor) -> int:
 
 
 def check_dropout(p: float, seed: int | None) -> None:
+    """Raise unless p is in [0, 1) and, for p > 0, a seed is given: the backward regenerates the mask from it."""
     if not 0.0 <= p < 1.0:
         raise KernelInputError(f"dropout probability must be in [0, 1), got {p}")
     if p > 0.0 and seed is None:
