@@ -184,3 +184,34 @@ def test_mistakes_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="other BitFit options"):
         TaskBank.load(copy.deepcopy(base), {**sources, "subset": tmp_path / "subset"}, backend="torch")
     assert isinstance(bank.model.classifier, TaskHeads)
+
+
+@pytest.mark.parametrize("biases", ["all", "subset"])
+def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, tmp_path):
+    """Added zero biases become tables too; with "subset" the packed q/k/v table trains its query rows only."""
+    from test_bias_free import tiny_modernbert
+
+    base = tiny_modernbert(3).eval()
+    tasks = {}
+    for seed, (name, width) in enumerate({"topic": 3, "sentiment": 2}.items()):
+        model = copy.deepcopy(base)
+        model.classifier = torch.nn.Linear(model.classifier.in_features, width,
+                                           bias=model.classifier.bias is not None)
+        model.config.num_labels = width
+        bitfit_fast.apply(model, biases=biases, backend="torch", announce=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in trainable(model).values():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        tasks[name] = (model.eval(), bitfit_fast.save_biases(model, tmp_path / name))
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch").eval()
+    input_ids = torch.randint(5, base.config.vocab_size, (4, 9), device=DEVICE)
+    mask = torch.ones_like(input_ids)
+    mask[1, 5:] = mask[3, 2:] = 0
+    example_tasks = ["topic", "sentiment", "sentiment", "topic"]
+    with torch.no_grad():
+        mixed = bank(example_tasks, input_ids=input_ids, attention_mask=mask)
+        for i, name in enumerate(example_tasks):
+            alone = tasks[name][0](input_ids=input_ids, attention_mask=mask).logits[i]
+            torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
