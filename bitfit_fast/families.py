@@ -7,6 +7,8 @@ this registry; supporting a family is one entry here plus a test.
 """
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,21 +18,26 @@ class EncoderLayerSpec:
         a  = attention(query(x), key(x), value(x))            dropout on the probabilities: attention_dropout
         y1 = attention_norm(dropout(attention_output(a)) + x)  dropout: attention_output_dropout
         y2 = output_norm(dropout(output(gelu(intermediate(y1)))) + y1)
+
+    attention_output_dropout is None where the layer has no dropout there (DistilBERT). ``heads`` names the
+    attention module's head-count attribute; its ``scaling`` attribute, where present, is the score scale, else
+    1/sqrt(hidden / heads).
     """
 
-    attention: str  # the self-attention module: head count, head size, scaling, position embedding type
+    attention: str  # the self-attention module: head count, scaling, position embedding type
     query: str
     key: str
     value: str
     attention_dropout: str
     attention_output: str
-    attention_output_dropout: str
+    attention_output_dropout: str | None
     attention_norm: str
     intermediate: str
     activation: str
     output: str
     output_dropout: str
     output_norm: str
+    heads: str = "num_attention_heads"  # attribute of the attention module
 
     def linears(self) -> tuple[str, ...]:
         """Paths of the six linears: query, key, value, attention output, intermediate, output."""
@@ -41,8 +48,10 @@ class EncoderLayerSpec:
         return self.attention_norm, self.output_norm
 
     def dropouts(self) -> tuple[str, ...]:
-        """Paths of the three dropouts: attention probabilities, attention output, feed-forward output."""
-        return self.attention_dropout, self.attention_output_dropout, self.output_dropout
+        """Paths of the dropouts: attention probabilities, attention output (where there is one), feed-forward
+        output."""
+        paths = self.attention_dropout, self.attention_output_dropout, self.output_dropout
+        return tuple(path for path in paths if path is not None)
 
 
 BERT_LAYER = EncoderLayerSpec(
@@ -59,6 +68,24 @@ BERT_LAYER = EncoderLayerSpec(
     output="output.dense",
     output_dropout="output.dropout",
     output_norm="output.LayerNorm",
+)
+
+# DistilBERT's TransformerBlock: no dropout between out_lin and the residual; the FFN's dropout follows lin2.
+DISTILBERT_LAYER = EncoderLayerSpec(
+    attention="attention",
+    query="attention.q_lin",
+    key="attention.k_lin",
+    value="attention.v_lin",
+    attention_dropout="attention.dropout",
+    attention_output="attention.out_lin",
+    attention_output_dropout=None,
+    attention_norm="sa_layer_norm",
+    intermediate="ffn.lin1",
+    activation="ffn.activation",
+    output="ffn.lin2",
+    output_dropout="ffn.dropout",
+    output_norm="output_layer_norm",
+    heads="n_heads",
 )
 
 
@@ -120,9 +147,18 @@ class Family:
     encoder_classes: tuple[str, ...] = ()
     # Task models whose head reads only the first token of the last layer (the classification shortcut).
     first_token_heads: tuple[str, ...] = ()
+    # Whether, given a task model's config, its first_token_heads read only the first token (checked at every
+    # forward); None: always. ModernBERT's head pools the first token only with classifier_pooling="cls".
+    first_token_condition: Callable[[Any], bool] | None = None
     # Embedding modules that number positions from padding_idx + 1 (RoBERTa); position ids that start at 0, as
     # Hugging Face's DataCollatorWithFlattening writes them, are shifted by that much.
     offset_position_embeddings: tuple[str, ...] = ()
+
+
+def _pools_cls_token(config: Any) -> bool:
+    """ModernBERT's sequence classifier reads only the first token with ``classifier_pooling="cls"``; with
+    "mean" it averages every token."""
+    return getattr(config, "classifier_pooling", None) == "cls"
 
 
 FAMILIES = (
@@ -149,12 +185,15 @@ FAMILIES = (
             "RobertaEmbeddings", "XLMRobertaEmbeddings", "CamembertEmbeddings", "Data2VecTextEmbeddings",
         ),
     ),
-    Family(name="distilbert", subset=("attention.q_lin", "ffn.lin1"), attention_keys=("attention.k_lin",)),
+    Family(name="distilbert", subset=("attention.q_lin", "ffn.lin1"), attention_keys=("attention.k_lin",),
+           layer_classes=("TransformerBlock",), layer=DISTILBERT_LAYER, encoder_classes=("Transformer",),
+           first_token_heads=("DistilBertForSequenceClassification",)),
     Family(name="albert", subset=("attention.query", "ffn"), attention_keys=("attention.key",)),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
     Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),
-           layer_classes=("ModernBertEncoderLayer",), layer=MODERNBERT_LAYER, encoder_classes=("ModernBertModel",)),
+           layer_classes=("ModernBertEncoderLayer",), layer=MODERNBERT_LAYER, encoder_classes=("ModernBertModel",),
+           first_token_heads=("ModernBertForSequenceClassification",), first_token_condition=_pools_cls_token),
 )
 
 
@@ -172,6 +211,13 @@ OFFSET_POSITION_EMBEDDINGS = frozenset(_union("offset_position_embeddings"))
 def layer_spec(layer_class: str) -> EncoderLayerSpec | PreNormGluLayerSpec | None:
     """The fusable-layer spec of a layer class name, or None."""
     return next((f.layer for f in FAMILIES if layer_class in f.layer_classes), None)
+
+
+def reads_first_token_only(model_class: str, config: Any) -> bool:
+    """Whether a task model of class ``model_class`` with ``config`` has a head that reads only each sequence's
+    first token of the last layer: a family's ``first_token_heads``, under its ``first_token_condition``."""
+    family = next((f for f in FAMILIES if model_class in f.first_token_heads), None)
+    return family is not None and (family.first_token_condition is None or family.first_token_condition(config))
 
 
 def is_fusable_encoder_class(encoder_class: str) -> bool:

@@ -1,9 +1,10 @@
 """Whole encoders and their layers on the fused functions, on the batch's real tokens only.
 
 Swapping single modules cannot remove the passes and saved tensors *between* them. A layer of a registered family
-(``families``: BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, ... : post-LayerNorm, exact GELU, absolute positions, no
-cross-attention) becomes an instance of ``Fused<LayerClass>``, a subclass of its own class created here (the
-original class is untouched, so ``isinstance`` and Hugging Face's output capture still hold), whose forward is:
+(``families``: BERT, RoBERTa, ELECTRA, XLM-R, CamemBERT, DistilBERT, ... : post-LayerNorm, exact GELU, absolute
+positions, no cross-attention) becomes an instance of ``Fused<LayerClass>``, a subclass of its own class created
+here (the original class is untouched, so ``isinstance`` and Hugging Face's output capture still hold), whose
+forward is:
 
     qkv = x @ W_qkv^T + b_qkv                     one GEMM; W_qkv packed once, q/k/v weights are views of it
     a   = scaled_dot_product_attention(q, k, v)   per sequence (see ``unpadding``)
@@ -36,7 +37,13 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .families import OFFSET_POSITION_EMBEDDINGS, EncoderLayerSpec, is_fusable_encoder_class, layer_spec
+from .families import (
+    OFFSET_POSITION_EMBEDDINGS,
+    EncoderLayerSpec,
+    is_fusable_encoder_class,
+    layer_spec,
+    reads_first_token_only,
+)
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, replace_children, retype
 from .torch_ops import FrozenLinearFunction, compute_dtype, layer_norm_output
 from .unpadding import Tokens
@@ -81,7 +88,9 @@ def is_fusable(layer: nn.Module) -> bool:
         and not getattr(layer, "is_decoder", False)
         and not getattr(layer, "add_cross_attention", False)
         and getattr(attention, "position_embedding_type", "absolute") == "absolute"
-        and not getattr(layer, "chunk_size_feed_forward", 0)
+        and isinstance(getattr(attention, spec.heads, None), int)
+        # BERT chunks in the layer, DistilBERT in its FFN: the fused feed-forward does not chunk.
+        and not any(getattr(m, "chunk_size_feed_forward", 0) for m in layer.modules())
     )
 
 
@@ -195,10 +204,10 @@ class FusedEncoderLayer(nn.Module):
             qkv = linear.apply(x, weight, bias, None, 0.0, None, None, row_task)
             q, kv = qkv[:, :hidden], qkv[:, hidden:]
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
-        scale = getattr(attention, "scaling", attention.attention_head_size**-0.5)
+        heads = getattr(attention, self.spec.heads)
+        scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
         keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
-        return tokens.attention(q, kv, attention.num_attention_heads, p, _draw_seed(p), scale, keep_probabilities,
-                                first_only)
+        return tokens.attention(q, kv, heads, p, _draw_seed(p), scale, keep_probabilities, first_only)
 
     def checkpointed_attention_context(self, x, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous
@@ -231,7 +240,8 @@ class FusedEncoderLayer(nn.Module):
         intermediate, output = part(spec.intermediate), part(spec.output)
         linear, layer_norm = functions(intermediate.backend, x)
         x = x.to(compute_dtype(x))
-        p_hidden = part(spec.attention_output_dropout).p if self.training else 0.0
+        no_hidden_dropout = spec.attention_output_dropout is None or not self.training
+        p_hidden = 0.0 if no_hidden_dropout else part(spec.attention_output_dropout).p
         p_output = part(spec.output_dropout).p if self.training else 0.0
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
@@ -263,7 +273,7 @@ class FusedEncoder(nn.Module):
     batch once, runs every fused layer on the real tokens and pads the output once (see ``unpadding``).
 
     ``first_token_only`` is set, for the duration of a forward, by the task model whose head reads only each
-    sequence's first token (``families.Family.first_token_heads``): the last layer then runs queries, the
+    sequence's first token (``families.reads_first_token_only``): the last layer then runs queries, the
     attention output, the feed-forward block and the LayerNorms for those rows only, and the encoder returns
     them as [B, 1, d]. Anything that reads more (hidden states, attention weights, any other head) keeps it off.
     """
@@ -308,8 +318,9 @@ class FusedEncoder(nn.Module):
 
 
 def _read_first_tokens_only(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    config = getattr(model, "config", None)
     if not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-            or getattr(getattr(model, "config", None), "output_hidden_states", False)):
+            or getattr(config, "output_hidden_states", False)) and reads_first_token_only(type(model).__name__, config):
         model.get_submodule(encoder_path).first_token_only = True
 
 

@@ -20,9 +20,13 @@ gradient, a layer input for a weight gradient, or a dropout mask.
 
 ``ModernBertModel`` becomes ``Fused<ModernBertModel>``: embeddings, then the batch unpadded once (see
 ``unpadding``), the rotary cos/sin of every real row computed once per attention type, every layer and the final
-LayerNorm on the rows, and the output padded once. Anything the fused path does not cover (attention weights,
-hidden states of every layer, 4-D or per-layer masks) runs the original forward, whose layers then run fused one
-at a time on the masks Hugging Face built.
+LayerNorm on the rows, and the output padded once. In a sequence classifier with ``classifier_pooling="cls"``
+(``families``: its head reads only each sequence's first token) the last layer runs queries, the attention
+output, the MLP and its LayerNorms for each sequence's first row only (keys and values for all rows), as
+``fused_layer.FusedEncoder`` does for BERT, and the model returns those rows, final LayerNorm applied, as
+[B, 1, d]; with "mean" pooling the head reads every token and the shortcut stays off. Anything the fused path does
+not cover (attention weights, hidden states of every layer, 4-D or per-layer masks) runs the original forward,
+whose layers then run fused one at a time on the masks Hugging Face built.
 """
 
 import dataclasses
@@ -143,25 +147,37 @@ class FusedPreNormLayer(FusedEncoderLayer):
         return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), rows))
 
     def attention_context(self, h: torch.Tensor, rows: RotaryRows, linear: type, first_only: bool = False):
-        """Attention of the rows h [N, d] (attn_norm's output) before Wo: [N, d]. ``first_only`` is not supported
-        (ModernBERT has no classification shortcut) and must be False."""
+        """Attention of the rows h [N, d] (attn_norm's output) before Wo: [N, d], or [S, d] with ``first_only``
+        (queries of each sequence's first row only, rotated at that row's position; keys and values of all rows)."""
         spec = self.spec
         attention, qkv_linear = self.get_submodule(spec.attention), self.get_submodule(spec.qkv)
-        qkv = linear.apply(h, qkv_linear.weight, qkv_linear.trained_bias(), None, 0.0, None, None,
-                           rows.tokens.row_tasks())
-        hidden = qkv.shape[-1] // 3
+        tokens = rows.tokens
+        weight, bias = qkv_linear.weight, qkv_linear.trained_bias()
+        hidden = weight.shape[0] // 3
         heads = hidden // attention.head_dim
         cos, sin = rows.rotary[self.attention_type]
-        q = rotate(qkv[:, :hidden], cos, sin, heads)
-        kv = torch.cat([rotate(qkv[:, hidden:2 * hidden], cos, sin, heads), qkv[:, 2 * hidden:]], dim=1)
+        if first_only:
+            # Biases [3d], or task tables [T, 3d] in a TaskBank (or None): split along the features either way.
+            q_bias, kv_bias = (None, None) if bias is None else (bias[..., :hidden], bias[..., hidden:])
+            starts = tokens.starts
+            q = linear.apply(h.index_select(0, starts), weight[:hidden], q_bias, None, 0.0, None, None,
+                             tokens.row_tasks(first_only=True))
+            q = rotate(q, cos.index_select(0, starts), sin.index_select(0, starts), heads)
+            kv = linear.apply(h, weight[hidden:], kv_bias, None, 0.0, None, None, tokens.row_tasks())
+        else:
+            qkv = linear.apply(h, weight, bias, None, 0.0, None, None, tokens.row_tasks())
+            q = rotate(qkv[:, :hidden], cos, sin, heads)
+            kv = qkv[:, hidden:]
+        kv = torch.cat([rotate(kv[:, :hidden], cos, sin, heads), kv[:, hidden:]], dim=1)
         p = attention.attention_dropout if self.training else 0.0
         window = rows.sliding_window if self.attention_type == "sliding_attention" else None
         keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
-        return rows.tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
-                                     window=window)
+        return tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
+                                first_only, window)
 
-    def fused_forward(self, x: torch.Tensor, rows: RotaryRows) -> torch.Tensor:
-        """The layer on x [N, d], the batch's real tokens (the residual stream, kept in x's dtype); [N, d]."""
+    def fused_forward(self, x: torch.Tensor, rows: RotaryRows, first_only: bool = False) -> torch.Tensor:
+        """The layer on x [N, d], the batch's real tokens (the residual stream, kept in x's dtype); [N, d], or
+        [S, d] with ``first_only`` (each sequence's first row: the classification shortcut of the last layer)."""
         part = self.get_submodule
         spec = self.spec
         attn_norm, mlp_norm = part(spec.attention_norm), part(spec.mlp_norm)
@@ -170,7 +186,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         linear, layer_norm = functions(glu_input.backend, x)
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
-        rt = rows.tokens.row_tasks()
+        rt = rows.tokens.row_tasks()  # attn_norm, k and v: every row
         h = x
         if not isinstance(attn_norm, nn.Identity):
             beta = _beta(attn_norm)
@@ -178,9 +194,12 @@ class FusedPreNormLayer(FusedEncoderLayer):
             if minimal:
                 _remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
         if minimal:
-            context = self.checkpointed_attention_context(h, rows, linear, False)
+            context = self.checkpointed_attention_context(h, rows, linear, first_only)
         else:
-            context = self.attention_context(h, rows, linear)
+            context = self.attention_context(h, rows, linear, first_only)
+        if first_only:  # from here on, each sequence's first row only
+            x = x.index_select(0, rows.tokens.starts)
+            rt = rows.tokens.row_tasks(first_only=True)
         p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
         x = x + linear.apply(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
                              _draw_seed(p_attention), None, rt)
@@ -195,7 +214,21 @@ class FusedPreNormLayer(FusedEncoderLayer):
 
 
 class FusedPreNormEncoder(FusedEncoder):
-    """Mixin placed before ``ModernBertModel``: the stack unpadded once; see the module docstring."""
+    """Mixin placed before ``ModernBertModel``: the stack unpadded once; with ``first_token_only`` (set by a
+    sequence classifier pooling the first token, see ``FusedEncoder``) and one sequence per batch row, the last
+    layer and the final LayerNorm run for each sequence's first row only, returned as [B, 1, d]."""
+
+    @classmethod
+    def fuse(cls, encoder: nn.Module) -> nn.Module:
+        """``encoder`` as ``Fused<ModernBertModel>``, registered (as Hugging Face registers each model class it
+        builds) for the hidden states and attentions its original forward collects."""
+        fused = super().fuse(encoder)
+        try:
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+        except ImportError:  # transformers 4: the layers' outputs are passed back, not collected
+            return fused
+        _CAN_RECORD_REGISTRY[fused] = getattr(fused, "_can_record_outputs", None)
+        return fused
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
         config = self.config
@@ -226,13 +259,16 @@ class FusedPreNormEncoder(FusedEncoder):
             rotary[layer_type] = tuple(tokens.pack(t.expand(batch, seq, -1)) for t in cos_sin)
         window = config.sliding_window if tokens.max_len - 1 > config.sliding_window else None
         rows = RotaryRows(tokens, rotary, window)
+        first_only = self.first_token_only and tokens.one_sequence_per_row
         x = tokens.pack(hidden)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            last = first_only and i == len(self.layers) - 1
             if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, rows, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, rows, last, use_reentrant=False)
             else:
-                x = layer.fused_forward(x, rows)
-        return BaseModelOutput(last_hidden_state=tokens.unpack(self.final_norm(x)))
+                x = layer.fused_forward(x, rows, last)
+        x = self.final_norm(x)
+        return BaseModelOutput(last_hidden_state=x.unsqueeze(1) if first_only else tokens.unpack(x))
 
 
 def fuse_modernbert(model: nn.Module, memory: str) -> None:

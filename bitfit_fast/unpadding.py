@@ -77,6 +77,9 @@ class Tokens:
         token is padding (left padding: the head would read a padding token), is kept as it is."""
         batch, seq = hidden.shape[:2]
         device = hidden.device
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Hugging Face passes the 0/1 padding mask itself to a flash-attention model's layers.
+            attention_mask = attention_mask.bool()[:, None, None, :]
         if attention_mask is not None:
             valid = key_padding(attention_mask, batch, seq)
             if valid is None or not bool(valid[:, 0].all()):
@@ -184,15 +187,16 @@ class Tokens:
         flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the row logsumexp, not the probabilities.
         ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
         hidden = q.shape[-1]
+        mask = self.additive_mask(q.dtype, window)
+        if first_only and mask is not None:
+            mask = mask[..., :1, :]  # a window's [L, L] mask: the first query's row
         k, v = self._to_sequences(kv).view(self.num_sequences, self.max_len, 2, heads, -1).permute(2, 0, 3, 1, 4)
         q = (q.unsqueeze(1) if first_only else self._to_sequences(q)).view(*k.shape[:1], -1, heads, k.shape[-1])
         q = q.transpose(1, 2)
         if not keep_probabilities and dropout_p > 0.0:
-            context = DropoutAttentionFunction.apply(q, k, v, self.additive_mask(q.dtype, window), dropout_p, seed,
-                                                     scale)
+            context = DropoutAttentionFunction.apply(q, k, v, mask, dropout_p, seed, scale)
         else:
             # The additive mask, made once for all layers: SDPA would convert a boolean one and keep a copy per layer.
-            mask = self.additive_mask(q.dtype, window)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         context = context.transpose(1, 2).reshape(self.num_sequences, -1, hidden)
         return context.squeeze(1) if first_only else self._from_sequences(context)

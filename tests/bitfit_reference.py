@@ -7,6 +7,7 @@ import functools
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import (
     AutoTokenizer,
@@ -90,6 +91,37 @@ def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
         scaler.update()
         losses.append(loss.item())
     return losses
+
+
+def loss_with_seed(model, batch, seed: int) -> torch.Tensor:
+    """The model's loss on ``batch`` with torch's generator seeded: the same seed draws the same dropout masks."""
+    torch.manual_seed(seed)
+    return model(**batch).loss
+
+
+def check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards(model, batch, seed: int = 11) -> None:
+    """With dropout on: the same seed gives the same loss, another seed another; and the gradient is that of the
+    forward computed with its masks (directional derivatives along random directions, by central differences)."""
+    first = loss_with_seed(model, batch, seed)
+    assert torch.equal(first, loss_with_seed(model, batch, seed))
+    assert not torch.equal(first, loss_with_seed(model, batch, seed + 1)), "dropout is on"
+    params = list(trainable(model).values())
+    grads = torch.autograd.grad(loss_with_seed(model, batch, seed), params)
+    eps = 1e-3
+    for _ in range(2):
+        direction = [torch.randn_like(p) for p in params]
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(eps * d)
+            plus = loss_with_seed(model, batch, seed)
+            for p, d in zip(params, direction):
+                p.sub_(2 * eps * d)
+            minus = loss_with_seed(model, batch, seed)
+            for p, d in zip(params, direction):
+                p.add_(eps * d)
+        numeric = (plus - minus).item() / (2 * eps)
+        analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+        assert analytic == pytest.approx(numeric, rel=2e-2, abs=2e-3)
 
 
 # ------------------------------------------------------------------------------ real weights and real text

@@ -105,7 +105,12 @@ FAMILIES = {
 }
 
 
-BERT_SHAPED = {"electra", "xlm-roberta"}  # their layers are fused; DistilBERT's and ALBERT's keep the module path
+# The fused layer and encoder classes of each family; ALBERT's layers keep the module path.
+FUSED_CLASSES = {
+    "distilbert": {"FusedTransformerBlock", "FusedTransformer"},
+    "electra": {"FusedElectraLayer", "FusedElectraEncoder"},
+    "xlm-roberta": {"FusedXLMRobertaLayer", "FusedXLMRobertaEncoder"},
+}
 # The paper's subset (b_q, b_m2) by each family's module names.
 SUBSET_NAMES = {
     "distilbert": ("attention.q_lin.bias", "ffn.lin1.bias"),
@@ -124,8 +129,7 @@ def test_other_encoder_families_match_the_reference(family, biases):
     reference = reference_bitfit(model, head=head)
     bitfit_fast.apply(model, biases=biases, backend="torch")
     fused = {type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Fused")}
-    stem = type(model).__name__.split("For")[0]
-    assert fused == ({f"Fused{stem}Layer", f"Fused{stem}Encoder"} if family in BERT_SHAPED else set())
+    assert fused == FUSED_CLASSES.get(family, set())
     selected = trainable(model).keys()
     if biases == "all":
         assert selected == trainable(reference).keys()

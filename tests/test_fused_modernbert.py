@@ -1,6 +1,6 @@
 """The fused ModernBERT layer and its unpadded stack against reference BitFit on config-built ModernBERT: pre-LayerNorm,
 RoPE, alternating global and sliding-window attention, GeGLU; uneven padding; both backends; dropout; fallbacks;
-a ModernBERT checkpoint on disk trained, saved and reloaded."""
+a ModernBERT checkpoint on disk trained, saved and reloaded; the classification shortcut (classifier_pooling="cls")."""
 
 import copy
 
@@ -10,6 +10,7 @@ import transformers
 from bitfit_reference import DEVICE, adamw_steps, padded_batch, reference_bitfit, trainable
 
 import bitfit_fast
+from bitfit_fast.fused_layer import unfuse_hooks
 from bitfit_fast.fused_modernbert import FusedPreNormEncoder, FusedPreNormLayer
 
 # Hidden 36 over 3 heads (head dim 12), GLU width 44, 3 layers: global, sliding, global attention. The window is 2
@@ -204,3 +205,121 @@ def test_a_checkpoint_on_disk_trains_saves_and_reloads_its_biases(tmp_path):
     batch = padded_batch(model, LENGTHS[0])
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ the classification shortcut (pooling "cls")
+
+
+def record_last_layer(model) -> list[bool]:
+    """The ``first_only`` of every call of the last layer's fused_forward (the instance's, wrapped)."""
+    layer = model.model.layers[-1]
+    calls, fused_forward = [], layer.fused_forward
+
+    def recording(x, rows, first_only=False):
+        calls.append(first_only)
+        return fused_forward(x, rows, first_only)
+
+    layer.fused_forward = recording
+    return calls
+
+
+def encoder_rows(model, batch, **kwargs):
+    """The model's output on ``batch``, and how many positions per sequence its ModernBertModel returned (1 when
+    the shortcut ran)."""
+    seen = []
+    handle = model.model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state.shape))
+    try:
+        out = model(**batch, **kwargs)
+    finally:
+        handle.remove()
+    assert seen[0][0] == batch["input_ids"].shape[0]
+    return out, seen[0][1]
+
+
+def gradients(loss, model) -> dict:
+    params = trainable(model)
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+
+def assert_close_gradients(grads, expected, tol) -> None:
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert expected[name].abs().max() > 0, name
+        torch.testing.assert_close(grad, expected[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# Layers: 3 (global, sliding, global: the last one global) or 2 (global, sliding: the last one sliding, its window
+# shorter than the longer sequences). Batches: uneven padding, a one-token sequence, no padding at all.
+SHORTCUT_LENGTHS = [(11, 4, 8), (1, 9, 6), (7, 7)]
+
+
+@pytest.mark.parametrize("backend,memory,layers", [("torch", "default", 3), ("torch", "default", 2),
+                                                   ("torch", "minimal", 3), ("torch", "minimal", 2),
+                                                   ("triton", "default", 2)])
+def test_cls_pooling_runs_the_last_layer_for_first_tokens_with_the_same_logits_loss_and_gradients(
+        backend, memory, layers):
+    model = tiny_modernbert(num_hidden_layers=layers)
+    assert model.config.classifier_pooling == "cls", "Hugging Face's default"
+    assert model.config.layer_types[-1] == ("sliding_attention" if layers == 2 else "full_attention")
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend, memory=memory)
+    shortcut_off = copy.deepcopy(model)
+    unfuse_hooks(shortcut_off)  # the encoder's first_token_only is never turned on
+    calls, off_calls = record_last_layer(model), record_last_layer(shortcut_off)
+    for lengths in SHORTCUT_LENGTHS:
+        batch = padded_batch(model, lengths)
+        out, rows = encoder_rows(model, batch)
+        off, off_rows = encoder_rows(shortcut_off, batch)
+        ref = reference(**batch)
+        assert (rows, off_rows) == (1, max(lengths)), "the shortcut returns [B, 1, d]; without it, every token"
+        assert (calls, off_calls) == ([True], [False])
+        calls.clear()
+        off_calls.clear()
+        torch.testing.assert_close(out.logits, off.logits, **TOL)
+        torch.testing.assert_close(out.logits, ref.logits, **TOL)
+        torch.testing.assert_close(out.loss, off.loss, **TOL)
+        torch.testing.assert_close(out.loss, ref.loss, **TOL)
+        grads = gradients(out.loss, model)
+        assert_close_gradients(grads, gradients(off.loss, shortcut_off), TOL)
+        assert_close_gradients(grads, gradients(ref.loss, reference), TOL)
+
+
+def test_mean_pooling_reads_every_token_and_keeps_the_shortcut_off():
+    model = tiny_modernbert(classifier_pooling="mean")
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    calls = record_last_layer(model)
+    batch = padded_batch(model, LENGTHS[0])
+    out, rows = encoder_rows(model, batch)
+    ref = reference(**batch)
+    assert (rows, calls) == (11, [False])
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+    # The pooling is read from the config at every forward.
+    model.config.classifier_pooling = reference.config.classifier_pooling = "cls"
+    out, rows = encoder_rows(model, batch)
+    assert (rows, calls[1:]) == (1, [True])
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, reference(**batch).logits, **TOL)
+
+
+def test_hidden_states_turn_the_shortcut_off_and_stay_exact():
+    model = tiny_modernbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    calls = record_last_layer(model)
+    batch = padded_batch(model, LENGTHS[0])
+    valid = batch["attention_mask"].bool()
+    out, rows = encoder_rows(model, batch, output_hidden_states=True)
+    ref = reference(**batch, output_hidden_states=True)
+    assert (rows, calls) == (11, [False])
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(ours[valid], theirs[valid], **TOL)  # padding positions are zeros here
+    assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+    model.config.output_hidden_states = True
+    calls.clear()
+    assert encoder_rows(model, batch)[1] == 11 and calls == [False]
+    model.config.output_hidden_states = False
+    assert encoder_rows(model, batch)[1] == 1 and calls[1:] == [True]

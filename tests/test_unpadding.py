@@ -142,6 +142,21 @@ def test_left_padding_and_custom_masks_keep_the_padded_layout():
     assert encoder_rows(model, batch) == 6
 
 
+@pytest.mark.parametrize("flip", [False, True], ids=["right-padding", "left-padding"])
+def test_a_two_dimensional_padding_mask_means_what_the_four_dimensional_one_does(flip):
+    """Hugging Face hands a flash-attention model's encoder the [B, T] 0/1 padding mask itself, not an additive
+    [B, 1, T, T] one: it must mask the same keys, never be added to the scores as it is."""
+    model = bitfit_fast.apply(tiny_bert(), backend="torch").eval()
+    batch = padded_batch(model, (6, 2, 4))
+    mask = batch["attention_mask"].flip(1) if flip else batch["attention_mask"]
+    hidden = model.bert.embeddings(input_ids=batch["input_ids"])
+    with torch.no_grad():
+        as_2d = model.bert.encoder(hidden, attention_mask=mask).last_hidden_state
+        as_4d = model.bert.encoder(hidden, attention_mask=mask.bool()[:, None, None, :]).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(as_2d[real], as_4d[real], atol=0, rtol=0)
+
+
 def flattened(model, lengths, labels=True):
     """Sequences as a padded batch and as DataCollatorWithFlattening packs them (one row, positions from 0)."""
     padded = padded_batch(model, lengths)
