@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitfit_fast.triton_ops import FusedLinearFunction, ResidualLayerNormFunction
+from bitfit_fast.triton_ops import LayerNormFunction, LinearFunction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA GPU")
 
@@ -34,7 +34,7 @@ def _torch_linear(x, w, b, epilogue):
 
 
 def _fused_linear(x, w, b, epilogue):
-    return FusedLinearFunction.apply(x, w, b, "gelu" if epilogue == "gelu" else None,
+    return LinearFunction.apply(x, w, b, "gelu" if epilogue == "gelu" else None,
                                      0.1 if epilogue == "dropout" else 0.0, 1234)
 
 
@@ -66,7 +66,7 @@ def test_residual_layer_norm_forward_backward(benchmark, impl, n):
 
     def step():
         if impl == "fused":
-            y = ResidualLayerNormFunction.apply(x, residual, gamma, beta, 1e-12, 0.1, 99, True)
+            y = LayerNormFunction.apply(x, residual, gamma, beta, 1e-12, 0.1, 99, True)
         else:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = F.layer_norm(F.dropout(x, 0.1) + residual, (n,), gamma, beta, 1e-12)

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from . import torch_ops
 from .families import (
     OFFSET_POSITION_EMBEDDINGS,
     EncoderLayerSpec,
@@ -45,7 +46,7 @@ from .families import (
     reads_first_token_only,
 )
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, replace_children, retype
-from .torch_ops import FrozenLinearFunction, compute_dtype, layer_norm_output
+from .torch_ops import compute_dtype, layer_norm_output
 from .unpadding import Tokens
 
 MEMORY_MODES = ("default", "lean", "minimal")
@@ -206,7 +207,7 @@ class FusedEncoderLayer(nn.Module):
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
         heads = getattr(attention, self.spec.heads)
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
-        keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
+        keep_probabilities = linear is not torch_ops.LinearFunction or self.bitfit_memory == "default"
         return tokens.attention(q, kv, heads, p, _draw_seed(p), scale, keep_probabilities, first_only)
 
     def checkpointed_attention_context(self, x, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:

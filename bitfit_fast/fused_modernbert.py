@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from . import torch_ops
 from .families import PreNormGluLayerSpec, layer_spec
 from .fused_layer import (
     FusedEncoder,
@@ -56,7 +57,6 @@ from .modules import (
     replace_children,
     retype,
 )
-from .torch_ops import FrozenLinearFunction
 from .unpadding import Tokens
 
 
@@ -171,7 +171,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         kv = torch.cat([rotate(kv[:, :hidden], cos, sin, heads), kv[:, hidden:]], dim=1)
         p = attention.attention_dropout if self.training else 0.0
         window = rows.sliding_window if self.attention_type == "sliding_attention" else None
-        keep_probabilities = linear is not FrozenLinearFunction or self.bitfit_memory == "default"
+        keep_probabilities = linear is not torch_ops.LinearFunction or self.bitfit_memory == "default"
         return tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
                                 first_only, window)
 

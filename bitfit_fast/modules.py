@@ -12,17 +12,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import task_rows
+from . import task_rows, torch_ops, triton_ops
 from .backend import uses_triton
-from .torch_ops import FrozenGammaLayerNormFunction, FrozenLinearFunction, ZeroGradient
-from .triton_ops import FusedLinearFunction, ResidualLayerNormFunction
+from .torch_ops import ZeroGradient
 
 
 def functions(backend: str, x: torch.Tensor) -> tuple[type, type]:
     """(linear, residual LayerNorm) autograd functions of the backend that runs on x; same signatures."""
     if uses_triton(backend, x):
-        return FusedLinearFunction, ResidualLayerNormFunction
-    return FrozenLinearFunction, FrozenGammaLayerNormFunction
+        return triton_ops.LinearFunction, triton_ops.LayerNormFunction
+    return torch_ops.LinearFunction, torch_ops.LayerNormFunction
 
 
 def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
@@ -113,7 +112,7 @@ class BitFitLayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dimension with gamma frozen: d(input) and d(beta) only.
 
     It saves the normalised input x_hat and rstd rather than its input: exact for any gamma (see
-    ``FrozenGammaLayerNormFunction``).
+    ``torch_ops.LayerNormFunction``).
     """
 
     backend: str

@@ -110,7 +110,7 @@ def activation_backward(activation: str, g: torch.Tensor, h: torch.Tensor) -> to
     return torch.cat([torch.ops.aten.gelu_backward(g * gate, value), g * F.gelu(value)], dim=-1)
 
 
-class FrozenLinearFunction(torch.autograd.Function):
+class LinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen; activation: see :func:`activation_forward`.
 
     Saves W (a parameter: free) and, with an activation, the pre-activation h. With ``recompute_from``, the
@@ -162,7 +162,7 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
     return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
-class FrozenGammaLayerNormFunction(torch.autograd.Function):
+class LayerNormFunction(torch.autograd.Function):
     """LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: d(x), d(residual), d(beta).
 
     Normalises in fp32 and returns (y, x_hat) in x's dtype; x_hat is not differentiable. It saves x_hat and

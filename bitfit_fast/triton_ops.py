@@ -10,7 +10,7 @@ from .backend import triton_kernels
 from .torch_ops import bias_rows, check_frozen, compute_dtype, layer_norm_output
 
 
-class FusedLinearFunction(torch.autograd.Function):
+class LinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen, as one GEMM with its epilogue.
 
     Saves W (a parameter: free) and, with an activation, the pre-activation; with ``recompute_from``, the
@@ -79,7 +79,7 @@ def _row_task(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch
     return row_task.contiguous()
 
 
-class ResidualLayerNormFunction(torch.autograd.Function):
+class LayerNormFunction(torch.autograd.Function):
     """LayerNorm(dropout(x) + residual) with gamma frozen: gradients for x, residual and beta only.
 
     Returns (y, x_hat) in x's dtype, x_hat not differentiable; saves x_hat and rstd (see the kernel's docstring:

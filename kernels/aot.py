@@ -84,7 +84,7 @@ def linear_variants():
     fn = linear._linear_fwd_kernel.fn
     # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
     families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
-    # FusedLinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
+    # triton_ops.LinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
     # memory) or not (recompute).
     epilogues = [("", False), ("gelu", True), ("gelu", False), ("geglu", True), ("geglu", False)]
     # Biases: none, shared, or per row (a task table gathered by each row's task, TaskBank's mixed batches).

@@ -7,7 +7,7 @@ from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
 from bitfit_fast.torch_ops import layer_norm_output
-from bitfit_fast.triton_ops import ResidualLayerNormFunction
+from bitfit_fast.triton_ops import LayerNormFunction
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-12  # BERT's
@@ -80,7 +80,7 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     x.requires_grad_()
     residual.requires_grad_()
     beta.requires_grad_()
-    y, _ = ResidualLayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
+    y, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
     # Recover the mask from the kernel's backward: dx is ds through the mask, ds is nowhere zero.
     _, x_hat, rstd = K.residual_layer_norm_forward(x.detach(), gamma, beta, EPS, residual.detach(), dropout_p=0.2,
                                                    seed=77)
@@ -98,8 +98,8 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     for ours, theirs in zip(grads, torch.autograd.grad(ref, leaves, dy.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
 
-    again, _ = ResidualLayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
-    other, _ = ResidualLayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 78)
+    again, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
+    other, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 78)
     assert torch.equal(y, again) and not torch.equal(y, other)
 
 
