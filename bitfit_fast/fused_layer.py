@@ -113,6 +113,13 @@ def _normalized_source(x: torch.Tensor) -> tuple | None:
     return source[:4] if source is not None and source[4] == x._version else None
 
 
+def _as_module_output(y: torch.Tensor) -> torch.Tensor:
+    """A fused block's output in the dtype its original returns, the one autocast policy of both layer paths: every
+    module gives what torch's would (under autocast torch runs LayerNorm in fp32, so a post-LayerNorm layer returns
+    fp32, as BitFitLayerNorm does), while inside a fused block activations stay in the autocast dtype."""
+    return y.float() if torch.is_autocast_enabled(y.device.type) else y
+
+
 def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
     """Calls the fused path does not cover: cross-attention, caches, attention weights."""
     return any(a is not None for a in args) or any(
@@ -186,7 +193,7 @@ class FusedEncoderLayer(nn.Module):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
         tokens = Tokens.of_batch(hidden_states, attention_mask)
-        return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens))
+        return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)))
 
     def attention_context(self, x: torch.Tensor, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d_head) + mask) v, for x [N, d] rows; [N, d], or [S, d] with ``first_only``
@@ -315,7 +322,7 @@ class FusedEncoder(nn.Module):
             else:
                 x = layer.fused_forward(x, tokens, last)
         hidden = x.unsqueeze(1) if first_only else tokens.unpack(x)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_as_module_output(hidden))
 
 
 def _read_first_tokens_only(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict) -> None:

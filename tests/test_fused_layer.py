@@ -150,3 +150,32 @@ def test_gpu_bf16_fused_bert_base_layer_matches_the_reference(make):
     for name, p in trainable(model).items():
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), ref[name].grad.flatten().float(), dim=0)
         assert cos > 0.99, (name, cos.item())
+
+
+def _builders():
+    from test_bias_free import tiny_modernbert
+    from test_fused_distilbert import tiny_distilbert
+
+    return {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_distilbert, "modernbert": tiny_modernbert}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "modernbert"])
+@pytest.mark.parametrize("fuse_layers", [True, False], ids=["fused", "modules"])
+def test_under_autocast_every_output_has_the_dtype_hugging_faces_has(family, fuse_layers):
+    """One autocast policy for both layer paths: each module returns what torch's module would (LayerNorm in fp32
+    under autocast); inside a fused block activations stay in the autocast dtype."""
+    model = _builders()[family]().eval()
+    reference = copy.deepcopy(model)
+    bitfit_fast.apply(model, backend="torch", fuse_layers=fuse_layers, announce=False)
+    input_ids = torch.randint(5, model.config.vocab_size, (3, 7), device=DEVICE)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        ours = model.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        theirs = reference.base_model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+        last = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        expected_logits = reference(input_ids=input_ids, attention_mask=mask).logits
+    assert last.dtype == ours.last_hidden_state.dtype == theirs.last_hidden_state.dtype == torch.float32
+    assert [h.dtype for h in ours.hidden_states] == [h.dtype for h in theirs.hidden_states]
+    assert logits.dtype == expected_logits.dtype
