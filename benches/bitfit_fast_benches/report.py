@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from bitfit_fast.files import atomic_write
+
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
@@ -118,12 +120,10 @@ def markdown(record: dict) -> str:
 def plot(record: dict, path: Path) -> Path | None:
     """Throughput and memory against batch size, one line per provider, for each (model, sequence) sweep; and
     for the variable-length workloads, real tokens/s and memory per provider as bars."""
-    try:
-        import matplotlib
+    from bitfit_fast.train.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     sweeps: dict[str, list[dict]] = {}
     variable = []
@@ -162,7 +162,7 @@ def plot(record: dict, path: Path) -> Path | None:
         axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{record['preset']} — {record['device']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path
 
@@ -172,8 +172,8 @@ def write(record: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{record['preset']}"
     paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md"}
-    paths["json"].write_text(json.dumps(record, indent=1) + "\n")
-    paths["markdown"].write_text(markdown(record))
+    atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(paths["markdown"], lambda tmp: tmp.write_text(markdown(record)))
     png = plot(record, out_dir / f"{stem}.png")
     if png is not None:
         paths["png"] = png
@@ -196,4 +196,4 @@ def update_readme(readme: Path, results_dir: Path) -> None:
     """Replace the text between README's bench markers with :func:`readme_section`."""
     text = readme.read_text()
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + readme_section(results_dir) + text[end:])
+    atomic_write(readme, lambda tmp: tmp.write_text(text[:start] + "\n" + readme_section(results_dir) + text[end:]))

@@ -13,7 +13,6 @@ forward (serving); ``train`` a forward, backward and AdamW step on the bank's lo
 import argparse
 import copy
 import dataclasses
-import json
 import random
 import shlex
 import statistics
@@ -22,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from bitfit_fast.files import atomic_write, write_json
 
 from .measurement import spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(record))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.preset}.json").write_text(json.dumps(record, indent=2) + "\n")
-        (args.out / f"{args.preset}.md").write_text(markdown(record))
+        write_json(args.out / f"{args.preset}.json", record)
+        atomic_write(args.out / f"{args.preset}.md", lambda tmp: tmp.write_text(markdown(record)))
     return 0
 
 
