@@ -35,15 +35,22 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     return sums.index_add_(0, row_task, grad.float())
 
 
-def bias_rows(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
-    """What a bias adds to (M, N) rows: a bias [N] as it is (broadcast); a task table [T, N] (per-example task
-    biases, see ``bitfit_fast.tasks``) gathered by ``row_task`` [M], each row's task, into [M, N]."""
+def table_row_tasks(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
+    """``row_task`` [M], each row's task, where ``bias`` is a task table [T, N] (per-example task biases, see
+    ``bitfit_fast.task_bank``); None for a bias [N] or none. A table without the rows' tasks is an error."""
     if bias is None or bias.dim() == 1:
-        return bias
+        return None
     if row_task is None:
         raise ValueError(f"a task bias table of shape {tuple(bias.shape)} needs each row's task: run the model "
                          "through bitfit_fast.TaskBank")
-    return bias.index_select(0, row_task)
+    return row_task
+
+
+def bias_rows(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
+    """What a bias adds to (M, N) rows: a bias [N] as it is (broadcast); a task table [T, N] gathered by each row's
+    task into [M, N]."""
+    row_task = table_row_tasks(bias, row_task)
+    return bias if row_task is None else bias.index_select(0, row_task)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

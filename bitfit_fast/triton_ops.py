@@ -7,7 +7,7 @@ frozen weight is cast to it, as F.linear under autocast would); gradients come b
 import torch
 
 from .backend import triton_kernels
-from .torch_ops import bias_rows, check_frozen, compute_dtype, layer_norm_output
+from .torch_ops import check_frozen, compute_dtype, layer_norm_output, table_row_tasks
 
 
 class LinearFunction(torch.autograd.Function):
@@ -72,11 +72,9 @@ class LinearFunction(torch.autograd.Function):
 
 
 def _row_task(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
-    """The rows' tasks where the bias is a task table [T, N] (checked as torch_ops.bias_rows does), else None."""
-    if bias is None or bias.dim() == 1:
-        return None
-    bias_rows(bias, row_task)
-    return row_task.contiguous()
+    """The rows' tasks, contiguous, where the bias is a task table [T, N] (the kernels gather it), else None."""
+    row_task = table_row_tasks(bias, row_task)
+    return None if row_task is None else row_task.contiguous()
 
 
 class LayerNormFunction(torch.autograd.Function):
