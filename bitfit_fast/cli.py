@@ -28,7 +28,8 @@ def _bench(args: argparse.Namespace) -> int:
     if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-small on this machine")
     command = "bitfit-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    record = runner.run(args.preset, command, providers=args.providers)
+    record = runner.run(args.preset, command, providers=args.providers,
+                        checkpoint=lambda partial: report.write(partial, Path(args.out)))
     for kind, path in report.write(record, Path(args.out)).items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -74,6 +74,12 @@ PRESETS = {
         ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
         repeats=20, warmup=5, max_batch=True,
     ),
+    # gpu-base's goal workloads sized for a 15-minute GPU lease (benches/gpu_run.sh): no max-batch search.
+    "gpu-short": Preset(
+        "cuda", [Workload("bert-base", 128, 256), Workload("bert-base", 128, 256, lengths="bbc")],
+        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
+        repeats=10, warmup=3,
+    ),
     "gpu-large": Preset(
         "cuda", _sweep("bert-large", 128, [32, 64, 128]) + _sweep("bert-large", 512, [8, 16]),
         ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal"], repeats=15, warmup=5,

@@ -50,7 +50,8 @@ def environment(command: str) -> dict:
                                capture_output=True, text=True, check=True).stdout.strip()
         commit += "-dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        # A copy without .git (a GPU machine is sent the working tree only): the caller names the commit.
+        commit = os.environ.get("BITFIT_FAST_COMMIT", "unknown")
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -127,8 +128,10 @@ def add_ratios(results: dict) -> None:
             stats["max_batch_vs_reference"] = stats["max_batch"] / ref["max_batch"]
 
 
-def run(preset_name: str, command: str, providers: list[str] | None = None, log=print) -> dict:
-    """The record of a whole preset run (environment, every workload, the goals), as ``report.write`` saves it."""
+def run(preset_name: str, command: str, providers: list[str] | None = None, log=print, checkpoint=None) -> dict:
+    """The record of a whole preset run (environment, every workload, the goals), as ``report.write`` saves it.
+    ``checkpoint(record)``, if given, sees the record after every workload, so a run cut short keeps what it
+    measured."""
     preset = PRESETS[preset_name]
     if providers:
         unknown = sorted(set(providers) - set(PROVIDERS))
@@ -146,6 +149,10 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
                       if preset.device == "cuda" else
                       "peak RSS above the idle process (after imports), one fresh process per provider"))
     log(f"{record['device']} | matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']})")
-    record["workloads"] = [run_workload(w, preset, record["matmul_peak_tflops"], log) for w in preset.workloads]
-    record["goals"] = check_goals(record, preset.device)
+    record["workloads"] = []
+    for workload in preset.workloads:
+        record["workloads"].append(run_workload(workload, preset, record["matmul_peak_tflops"], log))
+        record["goals"] = check_goals(record, preset.device)
+        if checkpoint is not None:
+            checkpoint(record)
     return record

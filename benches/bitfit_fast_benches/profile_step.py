@@ -1,0 +1,70 @@
+"""Training steps under torch.profiler on a GPU: which kernels take a provider's step time.
+
+    python -m bitfit_fast_benches.profile_step --providers reference fast --out DIR
+
+Writes ``DIR/profile.json`` (per provider: the top kernels by self GPU time, per step) and ``DIR/profile.txt``
+(torch's tables). Steps run after a warm-up, so Triton's autotuning and compilation stay out of the profile.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bitfit_fast.files import atomic_write
+
+from .presets import Workload, build_base_model, make_batches
+from .providers import PROVIDERS, build_provider
+
+WORKLOAD = Workload("bert-base", 128, 256)
+
+
+def profile(provider: str, workload: Workload = WORKLOAD, steps: int = 2, warmup: int = 3, top: int = 25):
+    """``provider``'s ``steps`` profiled training steps: (top kernels as dicts, torch's table)."""
+    base = build_base_model(workload, "cuda")
+    trainer = build_provider(provider, base, "cuda", copy_base=False)
+    batches = make_batches(workload, warmup + steps, base.config.vocab_size, "cuda")
+    for batch in batches[:warmup]:
+        trainer.step(batch)
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for batch in batches[warmup:]:
+            trainer.step(batch)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    total_us = sum(e.self_device_time_total for e in kernels)
+    rows = [dict(name=e.key, calls_per_step=e.count / steps, ms_per_step=e.self_device_time_total / steps / 1e3,
+                 share=e.self_device_time_total / total_us) for e in kernels[:top]]
+    table = events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=90)
+    del trainer, base
+    torch.cuda.empty_cache()
+    return dict(gpu_ms_per_step=total_us / steps / 1e3, top_kernels=rows), table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.profile_step",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["reference", "fast"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    record, tables = dict(device=torch.cuda.get_device_name(), workload=WORKLOAD.name, providers={}), []
+    for provider in args.providers:
+        record["providers"][provider], table = profile(provider)
+        tables.append(f"== {provider}: {WORKLOAD.name}, {record['providers'][provider]['gpu_ms_per_step']:.1f} "
+                      f"GPU ms per step\n{table}")
+        print(tables[-1], flush=True)
+    atomic_write(args.out / "profile.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(args.out / "profile.txt", lambda tmp: tmp.write_text("\n".join(tables)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

