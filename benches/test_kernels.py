@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bitfit_fast_kernels as K
 from bitfit_fast.triton_ops import LayerNormFunction, LinearFunction
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA GPU")
@@ -35,15 +36,41 @@ def _torch_linear(x, w, b, epilogue):
 
 def _fused_linear(x, w, b, epilogue):
     return LinearFunction.apply(x, w, b, "gelu" if epilogue == "gelu" else None,
-                                     0.1 if epilogue == "dropout" else 0.0, 1234)
+                                0.1 if epilogue == "dropout" else 0.0, 1234)
 
 
-@pytest.mark.parametrize("impl", ["torch", "fused"])
+class _TritonGemmLinear(torch.autograd.Function):
+    """The fused path with its forward GEMM forced to the Triton kernel (LinearFunction lets ``gemm="auto"``
+    choose cuBLAS for bias and GELU epilogues): what that choice saves."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, activation, p):
+        y, h = K.linear_forward(x, w, b, activation=activation, dropout_p=p, seed=1234 if p else None,
+                                store_preact=activation is not None, gemm="triton")
+        ctx.save_for_backward(w, h)
+        ctx.options = activation, p
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        w, h = ctx.saved_tensors
+        activation, p = ctx.options
+        dx, db = K.linear_backward(dy.contiguous(), w, h, activation=activation, dropout_p=p,
+                                   seed=1234 if p else None)
+        return dx, None, db, None, None
+
+
+def _fused_triton_gemm_linear(x, w, b, epilogue):
+    return _TritonGemmLinear.apply(x, w, b, "gelu" if epilogue == "gelu" else None,
+                                   0.1 if epilogue == "dropout" else 0.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "fused", "fused-triton-gemm"])
 @pytest.mark.parametrize("k,n,epilogue", LINEARS, ids=[f"{k}x{n}-{e}" for k, n, e in LINEARS])
 def test_linear_forward_backward(benchmark, impl, k, n, epilogue):
     x, w, b = _inputs(k, n)
     dy = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
-    fn = _fused_linear if impl == "fused" else _torch_linear
+    fn = {"torch": _torch_linear, "fused": _fused_linear, "fused-triton-gemm": _fused_triton_gemm_linear}[impl]
 
     def step():
         y = fn(x, w, b, epilogue)
@@ -66,7 +93,7 @@ def test_residual_layer_norm_forward_backward(benchmark, impl, n):
 
     def step():
         if impl == "fused":
-            y = LayerNormFunction.apply(x, residual, gamma, beta, 1e-12, 0.1, 99, True)
+            y, _ = LayerNormFunction.apply(x, residual, gamma, beta, 1e-12, 0.1, 99)
         else:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = F.layer_norm(F.dropout(x, 0.1) + residual, (n,), gamma, beta, 1e-12)

@@ -209,8 +209,7 @@ class FusedEncoderLayer(nn.Module):
                              None, tokens.row_tasks(first_only=True))
             kv = linear.apply(x, weight[hidden:], bias[..., hidden:], None, 0.0, None, None, row_task)
         else:
-            qkv = linear.apply(x, weight, bias, None, 0.0, None, None, row_task)
-            q, kv = qkv[:, :hidden], qkv[:, hidden:]
+            q, kv = None, linear.apply(x, weight, bias, None, 0.0, None, None, row_task)  # kv: q, k and v
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
         heads = getattr(attention, self.spec.heads)
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5

@@ -2,6 +2,10 @@
 
 Forward, one Triton GEMM with its epilogue applied while the fp32 accumulator sits in registers:
     h = x @ W^T + b;   y = dropout(act(h))                 h is stored only when the GELU backward needs it
+On a GPU a bias-only or GELU epilogue runs as cuBLAS's GEMM instead (bias in cuBLASLt's epilogue, the GELU one
+elementwise pass after it): measured on an H200, this kernel reached ~400 TFLOP/s at BERT-base's shapes and
+cuBLAS ~725 (see ``linear_forward``'s ``gemm``). The fused kernel runs what cuBLAS has no epilogue for: per-row
+task biases, dropout, the GeGLU.
 Backward, no weight gradient and no saved x:
     1. _linear_grad_kernel, ONE elementwise pass:  g = dy * keep / (1 - p) * act'(h), written in dy's dtype (only
        when an activation or dropout makes it differ from dy and dx is wanted), and per-program fp32 column
@@ -359,6 +363,7 @@ def linear_forward(
     philox_offset: int = 0,
     store_preact: bool = False,
     row_task: torch.Tensor | None = None,
+    gemm: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = dropout(activation(x @ weight^T + bias)) for x of shape (..., K) and weight (N, K); y has N columns,
     N / 2 with ``activation="geglu"`` (gelu of h's first half times its second half, both from one GEMM).
@@ -367,6 +372,12 @@ def linear_forward(
     backwards need it), else None. x and weight share one dtype (fp32/fp16/bf16); the bias is read as fp32
     whatever its dtype. With ``row_task`` ([M] integers, one per row of x), the bias is a table [T, N] and row i
     adds its row ``row_task[i]``: per-example task biases.
+
+    ``gemm``: "triton", the GEMM with its epilogue fused (this module's kernel); "cublas", torch.addmm with the
+    bias in cuBLASLt's epilogue, then the GELU as one elementwise pass (only for a bias or GELU epilogue; the
+    bias is rounded to x's dtype first, as F.linear under autocast does); "auto", cuBLAS for those epilogues on
+    a GPU and Triton otherwise. Measured on an H200 (benches/results/gpu-short.json's profile), cuBLAS ran
+    BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at ~400, which an epilogue pass does not outweigh.
     """
     check_compute_tensor("x", x)
     check_compute_tensor("weight", weight, ndim=2)
@@ -385,6 +396,11 @@ def linear_forward(
     M = check_rows("x", x)
     check_bias("bias", bias, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
+    if _gemm_choice(gemm, x, activation, dropout_p, row_task) == "cublas":
+        x2d = x.reshape(M, K)
+        h = torch.addmm(bias.to(x.dtype), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+        y = torch.nn.functional.gelu(h) if activation == "gelu" else h
+        return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
 
     x2d = x.reshape(M, K)
     y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
@@ -403,6 +419,24 @@ def linear_forward(
         DOT_PRECISION=dot_precision(x.dtype),
     )
     return y.view(*x.shape[:-1], n_out), (h.view(*x.shape[:-1], N) if h is not None else None)
+
+
+GEMMS = ("auto", "triton", "cublas")
+
+
+def _gemm_choice(gemm: str, x: torch.Tensor, activation: str | None, dropout_p: float,
+                 row_task: torch.Tensor | None) -> str:
+    """Which GEMM :func:`linear_forward` runs: cuBLAS has epilogues for a bias (and runs a GELU as a pass after);
+    per-row task biases, dropout and the GeGLU need the fused Triton kernel."""
+    if gemm not in GEMMS:
+        raise KernelInputError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    cublas_can = activation in (None, "gelu") and dropout_p == 0.0 and row_task is None
+    if gemm == "cublas" and not cublas_can:
+        raise KernelInputError("gemm='cublas' takes a bias or GELU epilogue only: per-row task biases, dropout "
+                               "and the GeGLU run in the Triton GEMM (gemm='triton' or 'auto')")
+    if gemm == "auto":
+        return "cublas" if cublas_can and x.is_cuda else "triton"
+    return gemm
 
 
 def linear_backward(

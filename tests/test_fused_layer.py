@@ -137,7 +137,8 @@ def test_hidden_states_are_captured_and_attention_weights_fall_back_to_the_modul
 @pytest.mark.gpu
 @pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
 def test_gpu_bf16_fused_bert_base_layer_matches_the_reference(make):
-    base = make(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=2)
+    base = make(hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=2,
+                max_position_embeddings=130)  # 128 tokens (RoBERTa's positions start after its padding id)
     reference = reference_bitfit(base)
     model = bitfit_fast.apply(copy.deepcopy(base), dtype=torch.bfloat16)
     batch = padded_batch(base, lengths=(128, 77, 128, 5))

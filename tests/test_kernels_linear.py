@@ -31,9 +31,11 @@ def torch_linear(x, w, b, activation, dtype):
 @pytest.mark.parametrize("lead,k,n", SHAPES)
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_forward_matches_torch(dtype, lead, k, n, activation, has_bias):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_forward_matches_torch(dtype, lead, k, n, activation, has_bias, gemm):
+    """Both GEMMs of a bias or GELU epilogue (on CPU "cublas" is torch.addmm on the CPU: the same host code)."""
     x, w, b = make(lead, k, n, dtype, has_bias)
-    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=activation is not None)
+    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=activation is not None, gemm=gemm)
     truth = torch_linear(x, w, b, activation, torch.float64)
     assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
     if activation is not None:
@@ -207,6 +209,9 @@ def test_autograd_function_returns_gradients_only_where_needed():
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=1.0, seed=1), r"in \[0, 1\)"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), activation="relu"), "activation must be"),
         (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), activation="gelu"), "pre-activation"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), gemm="cutlass"), "gemm must be one of"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=0.1, seed=1, gemm="cublas"),
+         "takes a bias or GELU epilogue only"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(7, 5), activation="geglu"), "even number of weight"),
         (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 4), activation="geglu"),
          "dy has 4 features but the layer produces 2"),
@@ -236,9 +241,10 @@ GPU_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768), (1024, 3072), (
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k,n", GPU_SHAPES)
 @pytest.mark.parametrize("activation", [None, "gelu", "geglu"])
-def test_gpu_bert_shapes(dtype, k, n, activation):
+@pytest.mark.parametrize("gemm", ["triton", "auto"])  # "auto": cuBLAS for the bias and GELU epilogues on a GPU
+def test_gpu_bert_shapes(dtype, k, n, activation, gemm):
     x, w, b = make((4, 509), k, n, dtype)  # 2036 tokens: not a multiple of any tile
-    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=True)
+    y, h = K.linear_forward(x, w, b, activation=activation, store_preact=True, gemm=gemm)
     truth = torch_linear(x, w, b, activation, torch.float64)
     assert_as_accurate_as_torch(y, torch_linear(x, w, b, activation, dtype), truth, "y")
     dy = torch.randn_like(y)  # y's shape: half of n columns with the GeGLU

@@ -1,9 +1,11 @@
 """Training steps under torch.profiler on a GPU: which kernels take a provider's step time.
 
-    python -m bitfit_fast_benches.profile_step --providers reference fast --out DIR
+    python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc --out DIR
 
-Writes ``DIR/profile.json`` (per provider: the top kernels by self GPU time, per step) and ``DIR/profile.txt``
-(torch's tables). Steps run after a warm-up, so Triton's autotuning and compilation stay out of the profile.
+Each run is PROVIDER:LENGTHS on BERT-base, batch 256, at most 128 tokens ("fixed": every sequence 128 tokens;
+"bbc": real BBC News paragraph lengths, padded to the batch's longest). Writes ``DIR/profile.json`` (per run: the
+top kernels by self GPU time, per step) and ``DIR/profile.txt`` (torch's tables). Steps run after a warm-up, so
+Triton's autotuning and compilation stay out of the profile.
 """
 
 import argparse
@@ -18,10 +20,8 @@ from bitfit_fast.files import atomic_write
 from .presets import Workload, build_base_model, make_batches
 from .providers import PROVIDERS, build_provider
 
-WORKLOAD = Workload("bert-base", 128, 256)
 
-
-def profile(provider: str, workload: Workload = WORKLOAD, steps: int = 2, warmup: int = 3, top: int = 25):
+def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, top: int = 25):
     """``provider``'s ``steps`` profiled training steps: (top kernels as dicts, torch's table)."""
     base = build_base_model(workload, "cuda")
     trainer = build_provider(provider, base, "cuda", copy_base=False)
@@ -35,7 +35,9 @@ def profile(provider: str, workload: Workload = WORKLOAD, steps: int = 2, warmup
             trainer.step(batch)
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernels = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    # GPU kernels only: an operator's row repeats the time of the kernels it launched.
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
     total_us = sum(e.self_device_time_total for e in kernels)
     rows = [dict(name=e.key, calls_per_step=e.count / steps, ms_per_step=e.self_device_time_total / steps / 1e3,
                  share=e.self_device_time_total / total_us) for e in kernels[:top]]
@@ -48,18 +50,23 @@ def profile(provider: str, workload: Workload = WORKLOAD, steps: int = 2, warmup
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.profile_step",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=["reference", "fast"])
+    parser.add_argument("--runs", nargs="+", default=["reference:fixed", "fast:fixed"], metavar="PROVIDER:LENGTHS")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
+    runs = [run.split(":") for run in args.runs]
+    bad = [":".join(run) for run in runs if len(run) != 2 or run[0] not in PROVIDERS or run[1] not in ("fixed", "bbc")]
+    if bad:
+        parser.error(f"runs are PROVIDER:LENGTHS with a provider of {sorted(PROVIDERS)} and fixed or bbc: got {bad}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record, tables = dict(device=torch.cuda.get_device_name(), workload=WORKLOAD.name, providers={}), []
-    for provider in args.providers:
-        record["providers"][provider], table = profile(provider)
-        tables.append(f"== {provider}: {WORKLOAD.name}, {record['providers'][provider]['gpu_ms_per_step']:.1f} "
-                      f"GPU ms per step\n{table}")
+    record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
+    for provider, lengths in runs:
+        workload = Workload("bert-base", 128, 256, lengths=lengths)
+        name = f"{provider} {workload.name}"
+        record["runs"][name], table = profile(provider, workload)
+        tables.append(f"== {name}: {record['runs'][name]['gpu_ms_per_step']:.1f} GPU ms per step\n{table}")
         print(tables[-1], flush=True)
     atomic_write(args.out / "profile.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     atomic_write(args.out / "profile.txt", lambda tmp: tmp.write_text("\n".join(tables)))

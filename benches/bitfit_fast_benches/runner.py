@@ -43,23 +43,31 @@ def environment(command: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    return dict(device=_device_name(), torch=torch.__version__, triton=triton_version,
+                transformers=transformers.__version__, python=platform.python_version(), commit=_commit(),
+                command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _commit() -> str:
+    """The repository's commit, ``-dirty`` with uncommitted changes. A GPU machine is sent the working tree, not
+    its history: there the caller names the commit in BITFIT_FAST_COMMIT."""
+    if os.environ.get("BITFIT_FAST_COMMIT"):
+        return os.environ["BITFIT_FAST_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPOSITORY,
                                capture_output=True, text=True, check=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
+        return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # A copy without .git (a GPU machine is sent the working tree only): the caller names the commit.
-        commit = os.environ.get("BITFIT_FAST_COMMIT", "unknown")
+        return "unknown"
+
+
+def _device_name() -> str:
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = (f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"{torch.get_num_threads()} threads")
-    return dict(device=device, torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
-                python=platform.python_version(), commit=commit, command=command,
-                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=print) -> dict:
