@@ -9,7 +9,8 @@
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
 #           stages, in this order by default: env tests-gpu tests-real kernels bench profile task-bank
-#           (the CUDA run of every other test, stage "tests", takes longer than a lease has)
+#           (the CUDA run of every other test, stage "tests", takes longer than a lease has); also "max-batch"
+#           (the largest-batch goal) and "tests-bank" (the task bank's tests and per-row kernels)
 #           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
 #           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
 #           OUT/summary.txt.
@@ -73,6 +74,10 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         kernels) "${PYTEST[@]}" benches/test_kernels.py --benchmark-only --benchmark-json="$LOGS/kernels.json" \
                  --benchmark-columns=median,iqr,rounds ;;
         bench) python -m bitfit_fast.cli bench --preset gpu-short --out "$OUT/bench" ;;
+        max-batch) python -m bitfit_fast.cli bench --preset gpu-max-batch --out "$OUT/bench" ;;
+        tests-bank) "${PYTEST[@]}" -m "gpu or not aot" tests/test_task_bank.py tests/test_fused_layer.py \
+                    tests/test_kernels_linear.py -k "gpu_bf16 or per_row or task_bank" \
+                    --junitxml="$LOGS/tests-bank.xml" ;;
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc \
                  --out "$LOGS" ;;
         task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS" ;;

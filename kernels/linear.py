@@ -4,8 +4,8 @@ Forward, one Triton GEMM with its epilogue applied while the fp32 accumulator si
     h = x @ W^T + b;   y = dropout(act(h))                 h is stored only when the GELU backward needs it
 On a GPU a bias-only or GELU epilogue runs as cuBLAS's GEMM instead (bias in cuBLASLt's epilogue, the GELU one
 elementwise pass after it): measured on an H200, this kernel reached ~400 TFLOP/s at BERT-base's shapes and
-cuBLAS ~725 (see ``linear_forward``'s ``gemm``). The fused kernel runs what cuBLAS has no epilogue for: per-row
-task biases, dropout, the GeGLU.
+cuBLAS ~725 (see ``linear_forward``'s ``gemm``). The fused kernel runs what cuBLAS has no epilogue for, dropout
+and the GeGLU, and every GEMM under the interpreter.
 Backward, no weight gradient and no saved x:
     1. _linear_grad_kernel, ONE elementwise pass:  g = dy * keep / (1 - p) * act'(h), written in dy's dtype (only
        when an activation or dropout makes it differ from dy and dx is wanted), and per-program fp32 column
@@ -374,10 +374,11 @@ def linear_forward(
     adds its row ``row_task[i]``: per-example task biases.
 
     ``gemm``: "triton", the GEMM with its epilogue fused (this module's kernel); "cublas", torch.addmm with the
-    bias in cuBLASLt's epilogue, then the GELU as one elementwise pass (only for a bias or GELU epilogue; the
-    bias is rounded to x's dtype first, as F.linear under autocast does); "auto", cuBLAS for those epilogues on
-    a GPU and Triton otherwise. Measured on an H200 (benches/results/gpu-short.json's profile), cuBLAS ran
-    BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at ~400, which an epilogue pass does not outweigh.
+    bias in cuBLASLt's epilogue (a task table's rows gathered into the GEMM's C matrix), then the GELU as one
+    elementwise pass (only for a bias or GELU epilogue; the bias is rounded to x's dtype first, as F.linear
+    under autocast does); "auto", cuBLAS for those epilogues on a GPU and Triton otherwise. Measured on an H200
+    (benches/results/gpu/profile.json), cuBLAS ran BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at
+    ~400, which an elementwise GELU pass after the GEMM does not outweigh.
     """
     check_compute_tensor("x", x)
     check_compute_tensor("weight", weight, ndim=2)
@@ -396,8 +397,10 @@ def linear_forward(
     M = check_rows("x", x)
     check_bias("bias", bias, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
-    if _gemm_choice(gemm, x, activation, dropout_p, row_task) == "cublas":
+    if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
         x2d = x.reshape(M, K)
+        if bias is not None and row_task is not None:
+            bias = bias.to(x.dtype).index_select(0, row_task)  # [M, N]: cuBLAS adds it as the GEMM's C matrix
         h = torch.addmm(bias.to(x.dtype), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
         y = torch.nn.functional.gelu(h) if activation == "gelu" else h
         return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
@@ -424,16 +427,15 @@ def linear_forward(
 GEMMS = ("auto", "triton", "cublas")
 
 
-def _gemm_choice(gemm: str, x: torch.Tensor, activation: str | None, dropout_p: float,
-                 row_task: torch.Tensor | None) -> str:
-    """Which GEMM :func:`linear_forward` runs: cuBLAS has epilogues for a bias (and runs a GELU as a pass after);
-    per-row task biases, dropout and the GeGLU need the fused Triton kernel."""
+def _gemm_choice(gemm: str, x: torch.Tensor, activation: str | None, dropout_p: float) -> str:
+    """Which GEMM :func:`linear_forward` runs: cuBLAS adds a bias (per-row task biases as a gathered [M, N]
+    matrix) and runs a GELU as a pass after; dropout and the GeGLU need the fused Triton kernel."""
     if gemm not in GEMMS:
         raise KernelInputError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-    cublas_can = activation in (None, "gelu") and dropout_p == 0.0 and row_task is None
+    cublas_can = activation in (None, "gelu") and dropout_p == 0.0
     if gemm == "cublas" and not cublas_can:
-        raise KernelInputError("gemm='cublas' takes a bias or GELU epilogue only: per-row task biases, dropout "
-                               "and the GeGLU run in the Triton GEMM (gemm='triton' or 'auto')")
+        raise KernelInputError("gemm='cublas' takes a bias or GELU epilogue only: dropout and the GeGLU run in "
+                               "the Triton GEMM (gemm='triton' or 'auto')")
     if gemm == "auto":
         return "cublas" if cublas_can and x.is_cuda else "triton"
     return gemm

@@ -149,6 +149,11 @@ def test_gpu_bf16_fused_bert_base_layer_matches_the_reference(make):
     ref_out.loss.backward()
     ref = trainable(reference)
     for name, p in trainable(model).items():
+        if name.endswith("attention.self.key.bias"):
+            # Its true gradient is zero (softmax ignores a shift shared by a query's scores): ours is exactly
+            # zero, the reference's bf16 rounding noise, so a cosine between them means nothing.
+            assert not p.grad.any(), name
+            continue
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), ref[name].grad.flatten().float(), dim=0)
         assert cos > 0.99, (name, cos.item())
 

@@ -212,6 +212,8 @@ def test_autograd_function_returns_gradients_only_where_needed():
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), gemm="cutlass"), "gemm must be one of"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), dropout_p=0.1, seed=1, gemm="cublas"),
          "takes a bias or GELU epilogue only"),
+        (lambda: K.linear_forward(torch.randn(3, 6), torch.randn(4, 6), activation="geglu", gemm="cublas"),
+         "takes a bias or GELU epilogue only"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(7, 5), activation="geglu"), "even number of weight"),
         (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 4), activation="geglu"),
          "dy has 4 features but the layer produces 2"),
@@ -259,8 +261,9 @@ def test_gpu_bert_shapes(dtype, k, n, activation, gemm):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,n", SHAPES)
-@pytest.mark.parametrize("activation", [None, "gelu", "geglu"])
-def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation):
+@pytest.mark.parametrize("activation,gemm", [(None, "triton"), (None, "cublas"), ("gelu", "triton"),
+                                             ("gelu", "cublas"), ("geglu", "triton")])
+def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation, gemm):
     """A bias table [T, N] gathered by each row's task (TaskBank's mixed batches): forward against torch with the
     gathered rows; the table's gradient, each task's sum over its rows, against torch autograd of that gather."""
     n = 2 * n if activation == "geglu" else n
@@ -275,7 +278,7 @@ def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation):
         return activation_forward(activation, h)
 
     y, h = K.linear_forward(x, w, table, activation=activation, store_preact=activation is not None,
-                            row_task=row_task)
+                            row_task=row_task, gemm=gemm)
     assert_as_accurate_as_torch(y, linear(x, table, dtype), linear(x, table, torch.float64), "y")
     dy = torch.randn_like(y)
     dx, dtable = K.linear_backward(dy, w, h, activation=activation, row_task=row_task, num_tasks=5)

@@ -80,6 +80,9 @@ PRESETS = {
         ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
         repeats=10, warmup=3,
     ),
+    # The largest-batch goal alone (minimal memory mode against the reference), for the same lease.
+    "gpu-max-batch": Preset("cuda", [Workload("bert-base", 128, 256)], ["reference", "fast-minimal"], repeats=3,
+                            warmup=2, max_batch=True),
     "gpu-large": Preset(
         "cuda", _sweep("bert-large", 128, [32, 64, 128]) + _sweep("bert-large", 512, [8, 16]),
         ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal"], repeats=15, warmup=5,

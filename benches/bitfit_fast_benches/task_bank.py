@@ -86,14 +86,14 @@ class SubBatching:
         self.models = {width: bitfit_fast.apply(_with_head(base, width), announce=False).eval()
                        for width in {task.num_labels for task in bank.tasks.values()}}
 
-    def __call__(self, tasks: list[str], batch: dict) -> None:
+    def __call__(self, tasks: list[str], batch: dict, precision) -> None:
         groups: dict[str, list[int]] = {}
         for i, task in enumerate(tasks):
             groups.setdefault(task, []).append(i)
         for task, rows in groups.items():
             model = self.models[self.bank.tasks[task].num_labels]
             params = dict(model.named_parameters())
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 for name, value in self.tensors[task].items():
                     params[name].copy_(value)
                 index = torch.tensor(rows, device=batch["input_ids"].device)
@@ -121,13 +121,17 @@ def run(preset_name: str, command: str, log=print) -> dict:
     for tasks in assignments.values():
         rng.shuffle(tasks)
 
+    def precision():
+        # bf16 autocast on a GPU, as every GPU benchmark runs (providers.py); fp32 on CPU.
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
     def predict_single(batch):
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             single(**batch)
 
     def predict_bank(k):
         def step(batch):
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 bank(assignments[k], **batch)
         return step
 
@@ -137,13 +141,17 @@ def run(preset_name: str, command: str, log=print) -> dict:
 
     def train_single(batch):
         single_optimizer.zero_grad()
-        single(**batch, labels=labels).loss.backward()
+        with precision():
+            loss = single(**batch, labels=labels).loss
+        loss.backward()
         single_optimizer.step()
 
     def train_bank(k):
         def step(batch):
             optimizer.zero_grad()
-            bank.loss(bank(assignments[k], **batch), labels, assignments[k]).backward()
+            with precision():
+                loss = bank.loss(bank(assignments[k], **batch), labels, assignments[k])
+            loss.backward()
             optimizer.step()
         return step
 
@@ -151,7 +159,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
     modes = {
         "predict": {"single-task model": predict_single,
                     **{f"bank, {k} tasks": predict_bank(k) for k in preset.distinct},
-                    f"sub-batches, {most} tasks": lambda batch: sub_batching(assignments[most], batch)},
+                    f"sub-batches, {most} tasks": lambda batch: sub_batching(assignments[most], batch, precision)},
         "train": {"single-task model": train_single, **{f"bank, {k} tasks": train_bank(k) for k in preset.distinct}},
     }
     results = {}
