@@ -196,7 +196,7 @@ def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, tmp_pa
     for seed, (name, width) in enumerate({"topic": 3, "sentiment": 2}.items()):
         model = copy.deepcopy(base)
         model.classifier = torch.nn.Linear(model.classifier.in_features, width,
-                                           bias=model.classifier.bias is not None)
+                                           bias=model.classifier.bias is not None, device=DEVICE)
         model.config.num_labels = width
         bitfit_fast.apply(model, biases=biases, backend="torch", announce=False)
         generator = torch.Generator().manual_seed(seed)

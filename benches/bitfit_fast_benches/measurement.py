@@ -139,6 +139,8 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
+        except RuntimeError as error:  # not a size limit: say at which batch, keep the cause
+            raise RuntimeError(f"{provider} failed at batch {batch_size} (not out of memory): {error}") from error
         finally:
             trainer.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
