@@ -8,9 +8,12 @@
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
-#           stages, in this order by default: env tests-gpu tests-real kernels bench profile task-bank
-#           (the CUDA run of every other test, stage "tests", takes longer than a lease has); also "max-batch"
-#           (the largest-batch goal) and "tests-bank" (the task bank's tests and per-row kernels)
+#           stages, in this order by default (about 8.5 minutes on an H200):
+#             env tests-gpu tests-real aot kernels bench profile task-bank max-batch
+#           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
+#           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
+#           "tests" (every other test on CUDA: longer than a lease) and "tests-bank" (task bank tests, per-row
+#           kernels).
 #           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
 #           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
 #           OUT/summary.txt.
@@ -46,7 +49,8 @@ fi
 OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:15 tests-gpu:90 tests-real:75 kernels:50 bench:160 profile:45 task-bank:45)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:15 tests-gpu:90 tests-real:45 aot:60 kernels:40 bench:100 profile:40
+                                    task-bank:60 max-batch:60)
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1
@@ -71,6 +75,7 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         tests-gpu) "${PYTEST[@]}" -m gpu "${TEST_FILES[@]}" --junitxml="$LOGS/tests-gpu.xml" ;;
         tests-real) "${PYTEST[@]}" tests/test_real_weights.py --junitxml="$LOGS/tests-real.xml" ;;
         tests) "${PYTEST[@]}" -m "not gpu and not aot" "${TEST_FILES[@]}" --junitxml="$LOGS/tests.xml" ;;
+        aot) python -m bitfit_fast_kernels.aot --jobs 16 --compare benches/results/gpu/aot-cpu-triton3.6.txt ;;
         kernels) "${PYTEST[@]}" benches/test_kernels.py --benchmark-only --benchmark-json="$LOGS/kernels.json" \
                  --benchmark-columns=median,iqr,rounds ;;
         bench) python -m bitfit_fast.cli bench --preset gpu-short --out "$OUT/bench" ;;

@@ -1,7 +1,7 @@
 """Ahead-of-time compile check: every Triton kernel variant bitfit_fast launches, compiled for sm_90 (H100/H200)
 on any machine, with or without a GPU (triton ships ptxas).
 
-    python -m bitfit_fast_kernels.aot [--only SUBSTRING ...] [--jobs N] [--dump DIR]
+    python -m bitfit_fast_kernels.aot [--only SUBSTRING ...] [--jobs N] [--dump DIR] [--compare FILE]
 
 A variant is a kernel x tile config x dtype x the constexpr flag set that bitfit_fast's autograd functions pass
 (bitfit_fast/triton_ops.py: the linears run without dropout; LayerNorm always stores x_hat). Argument types and
@@ -13,6 +13,9 @@ One line per variant: status, registers per thread, spill bytes (stores + loads,
 (compiler metadata) and the MMA instructions in the PTX (wgmma = Hopper warpgroup MMA, mma.sync = Ampere-style,
 fma = none). Then ``aot: N/M variants compiled for sm_90``; the exit status is 1 when any variant fails to compile
 (FAIL), needs more shared memory than sm_90 gives a block (SMEM) or spills more than SPILL_BUDGET (SPILL).
+On a machine with a Hopper GPU each variant is also loaded by the CUDA driver, as the JIT would, and its line
+adds the registers and local memory the driver reports (LOAD when the driver refuses it or disagrees with
+ptxas): run there and here, the two outputs compare the ahead-of-time check with the real compile.
 
 Runs with TRITON_INTERPRET=1 in the environment too: the kernel modules then declared their interpreter configs,
 so the check re-executes itself without it. The same code runs on triton 3.6 and 3.9 (ASTSource, GPUTarget,
@@ -190,6 +193,7 @@ def compile_variant(v: Variant, dump: str | None = None) -> dict:
         smem=compiled.metadata.shared,
         mma="wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "no MMA",
     )
+    result.update(_loaded_resources(compiled))
     if dump:
         stem = os.path.join(dump, re.sub(r"[^A-Za-z0-9]+", "_", v.name).strip("_"))
         for ext in ("ttir", "ptx"):
@@ -198,14 +202,30 @@ def compile_variant(v: Variant, dump: str | None = None) -> dict:
     return result
 
 
+def _loaded_resources(compiled) -> dict:
+    """On a Hopper GPU, the variant loaded by the CUDA driver as the JIT would load it: its registers per thread
+    and local memory (the spills' home) as the driver reports them, to hold against ptxas's log. Empty without
+    one."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return {}
+    try:
+        compiled._init_handles()
+    except Exception as e:  # noqa: BLE001 - a variant the driver refuses is a finding, reported on its line
+        return {"load_error": str(e).splitlines()[0]}
+    return {"loaded_regs": compiled.n_regs, "loaded_local_bytes": compiled.n_spills}
+
+
 def verdict(result: dict) -> str:
-    """OK, or FAIL (no compile), SMEM (over sm_90's shared memory) or SPILL (over SPILL_BUDGET, or unknown)."""
+    """OK, or FAIL (no compile), SMEM (over sm_90's shared memory), SPILL (over SPILL_BUDGET, or unknown) or LOAD
+    (the GPU's driver refused it or reports other registers than ptxas)."""
     if "error" in result:
         return "FAIL"
     if result["smem"] > SM90_SHARED_MEMORY:
         return "SMEM"
     if result["spill"] < 0 or result["spill"] > SPILL_BUDGET:  # -1: no ptxas log, the spill is unknown
         return "SPILL"
+    if "load_error" in result or result.get("loaded_regs", result["regs"]) != result["regs"]:
+        return "LOAD"  # the GPU's driver refused the variant, or disagrees with ptxas
     return "OK"
 
 
@@ -214,8 +234,45 @@ def format_result(result: dict) -> str:
     head = f"{verdict(result):<5} {result['name']:<62}"
     if "error" in result:
         return f"{head} | {result['error']}"
-    return (f"{head} | regs {result['regs']:>3} | spill {result['spill']:>4} B | smem {result['smem']:>6} B | "
+    line = (f"{head} | regs {result['regs']:>3} | spill {result['spill']:>4} B | smem {result['smem']:>6} B | "
             f"{result['mma']}")
+    if "load_error" in result:
+        return f"{line} | load: {result['load_error']}"
+    if "loaded_regs" in result:
+        return f"{line} | loaded: regs {result['loaded_regs']:>3}, local {result['loaded_local_bytes']} B"
+    return line
+
+
+RESOURCES = ("regs", "spill", "smem", "mma")
+
+
+def parse_line(line: str) -> tuple[str, dict] | None:
+    """A variant's name and resources from a line :func:`format_result` wrote; None for any other line."""
+    fields = [field.strip() for field in line.split(" | ")]
+    if len(fields) < 5 or not fields[1].startswith("regs "):
+        return None
+    name = fields[0].split(None, 1)[1].strip()
+    numbers = [int(field.split()[1]) for field in fields[1:4]]
+    return name, dict(zip(RESOURCES, [*numbers, fields[4]]))
+
+
+def differences(results: list[dict], reference: str) -> list[str]:
+    """Each variant whose resources differ from the same variant's line in the output file ``reference`` (another
+    machine's run of this check), or that the file lacks."""
+    with open(reference) as f:
+        known = dict(parsed for parsed in map(parse_line, f) if parsed)
+    lines = []
+    for result in results:
+        if "error" in result:
+            continue
+        theirs = known.get(result["name"])
+        if theirs is None:
+            lines.append(f"{result['name']}: not in {reference}")
+            continue
+        changed = [f"{key} {theirs[key]} -> {result[key]}" for key in RESOURCES if theirs[key] != result[key]]
+        if changed:
+            lines.append(f"{result['name']}: {', '.join(changed)}")
+    return lines
 
 
 def _compile_indexed(args):
@@ -230,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile the variants whose name contains this (repeatable: any of them)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (processes)")
     parser.add_argument("--dump", metavar="DIR", help="write each variant's TTIR and PTX into DIR")
+    parser.add_argument("--compare", metavar="FILE",
+                        help="another run's output (another machine's): list the variants whose resources differ")
     args = parser.parse_args(argv)
     if INTERPRETER:  # the modules declared their interpreter configs: start again without the interpreter
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -258,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     passed = sum(verdict(r) == "OK" for r in results)
+    differing = differences(results, args.compare) if args.compare else []
+    for line in differing:
+        print(f"DIFF  {line}")
+    if args.compare:
+        print(f"aot: {len(results) - len(differing)}/{len(results)} variants as in {args.compare}")
     print(f"aot: {passed}/{len(results)} variants compiled for sm_90")
-    return 0 if passed == len(results) else 1
+    return 0 if passed == len(results) and not differing else 1
 
 
 if __name__ == "__main__":

@@ -377,7 +377,7 @@ def linear_forward(
     bias in cuBLASLt's epilogue (a task table's rows gathered into the GEMM's C matrix), then the GELU as one
     elementwise pass (only for a bias or GELU epilogue; the bias is rounded to x's dtype first, as F.linear
     under autocast does); "auto", cuBLAS for those epilogues on a GPU and Triton otherwise. Measured on an H200
-    (benches/results/gpu/profile.json), cuBLAS ran BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at
+    (benches/results/gpu/profile-triton-gemm.json), cuBLAS ran BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at
     ~400, which an elementwise GELU pass after the GEMM does not outweigh.
     """
     check_compute_tensor("x", x)

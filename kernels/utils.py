@@ -121,8 +121,16 @@ def row_bucket(rows: int) -> int:
     return bucket
 
 
+# Programs per SM of a persistent row loop. These loops are bandwidth-bound and keep one tile per program in
+# flight, so the count is what hides memory latency: the H200 profile (benches/results/gpu/profile.txt) had the
+# bias-gradient pass at ~1.4 TB/s of 4.3 with 4 per SM. 8 is what fits at once: the BERT variants use 32-80
+# registers per thread on 4 warps (`python -m bitfit_fast_kernels.aot --only grad`), 65,536 / (72 x 128) = 7.
+# Not yet timed on a GPU (prediction: that pass from 7.4 to ~4.5 ms a BERT-base step at batch 256).
+PROGRAMS_PER_SM = 8
+
+
 def reduction_programs(rows: int, device: torch.device) -> int:
-    """Programs of a persistent row loop: a few per SM on a GPU, a handful under the interpreter."""
+    """Programs of a persistent row loop: PROGRAMS_PER_SM per SM on a GPU, a handful under the interpreter."""
     if device.type == "cuda":
-        return min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(rows, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(rows, 4)

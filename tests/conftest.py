@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def bucketed_rows(monkeypatch):
+    """Row bucketing (bitfit_fast.unpadding.bucketed: zero rows after the real tokens), which runs on GPUs only,
+    on every device, so that the CPU tests run that path too."""
+    from bitfit_fast import unpadding
+
+    monkeypatch.setattr(unpadding, "BUCKETED_DEVICES", {"cuda", "cpu"})

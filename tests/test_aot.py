@@ -71,6 +71,9 @@ def test_linear_kernels_address_rows_in_int64(aot_run):
         ({"regs": 255, "spill": -1, "smem": 98304}, "SPILL"),  # no ptxas log: unknown is not a pass
         ({"regs": 200, "spill": 0, "smem": 262144}, "SMEM"),
         ({"error": "PTXASError: ptxas fatal"}, "FAIL"),
+        ({"regs": 72, "spill": 0, "smem": 1024, "loaded_regs": 72, "loaded_local_bytes": 0}, "OK"),
+        ({"regs": 72, "spill": 0, "smem": 1024, "loaded_regs": 80, "loaded_local_bytes": 0}, "LOAD"),
+        ({"regs": 72, "spill": 0, "smem": 1024, "load_error": "CUDA_ERROR_OUT_OF_RESOURCES"}, "LOAD"),
     ],
 )
 def test_verdict(result, expected):
@@ -89,3 +92,22 @@ def test_every_kernel_has_variants():
     assert kernels == covered
     names = [v.name for v in aot.all_variants()]
     assert len(names) == len(set(names)), "variant names must be unique: --only selects by them"
+
+
+def test_output_lines_parse_back_and_another_machines_run_compares(tmp_path):
+    """--compare FILE: the real compile on a GPU machine against the ahead-of-time output committed from this one."""
+    ours = [dict(name="linear_grad bf16 gelu store_g db", regs=72, spill=0, smem=1024, mma="no MMA"),
+            dict(name="linear_fwd bf16 128x128x64 s4 w8 bias", regs=168, spill=0, smem=131072, mma="wgmma",
+                 loaded_regs=168, loaded_local_bytes=0),
+            dict(name="ln_bwd bf16 N=768 dx", regs=40, spill=0, smem=16, mma="no MMA")]
+    for result in ours:
+        assert aot.parse_line(aot.format_result(result)) == (result["name"], {k: result[k] for k in aot.RESOURCES})
+    assert aot.parse_line("aot: 3/3 variants compiled for sm_90") is None
+    theirs = [dict(ours[0]), dict(ours[1], regs=154), dict(name="ln_fwd bf16 N=768", regs=30, spill=0, smem=0,
+                                                           mma="no MMA")]
+    reference = tmp_path / "aot-gpu.txt"
+    reference.write_text("triton 3.6.0: 3 variants\n" + "\n".join(map(aot.format_result, theirs)) + "\n")
+    assert aot.differences(ours, str(reference)) == [
+        "linear_fwd bf16 128x128x64 s4 w8 bias: regs 154 -> 168",
+        f"ln_bwd bf16 N=768 dx: not in {reference}",
+    ]

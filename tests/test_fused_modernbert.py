@@ -173,7 +173,10 @@ def test_hugging_faces_stack_forward_runs_the_layers_fused_one_at_a_time_on_its_
     assert all(p.grad is not None for n, p in trainable(model).items() if n.startswith("model.layers"))
 
 
-def test_packed_sequences_match_the_padded_batch():
+@pytest.mark.parametrize("rows", ["exact", "bucketed"])
+def test_packed_sequences_match_the_padded_batch(rows, request):
+    if rows == "bucketed":
+        request.getfixturevalue("bucketed_rows")
     # DataCollatorWithFlattening's layout: one row, position ids restarting at 0; each sequence attends to itself.
     model = bitfit_fast.apply(tiny_modernbert(), backend="torch").eval()
     batch = padded_batch(model, LENGTHS[0])

@@ -111,10 +111,14 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", ["fused", "fused-minimal", "modules"])
-def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, backend, tmp_path):
+@pytest.mark.parametrize("path", ["fused", "fused-minimal", "modules", "fused-bucketed"])
+def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, backend, tmp_path, request):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
-    each task's own model ends after the same steps on its examples alone (clipped as its run clips)."""
+    each task's own model ends after the same steps on its examples alone (clipped as its run clips).
+    "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device."""
+    if path == "fused-bucketed":
+        request.getfixturevalue("bucketed_rows")
+        path = "fused"
     widths = {"topic": 3, "sentiment": 2}
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
     base = MODELS["bert"](num_labels=3)

@@ -65,6 +65,33 @@ def test_uneven_padding_trains_like_the_reference(arch, backend, lengths):
     assert_same_training(model, reference, batches)
 
 
+def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
+    from bitfit_fast.unpadding import Tokens, bucketed
+
+    assert [bucketed(n) for n in (1, 64, 65, 1000, 1025, 20000, 32768)] == [64, 64, 128, 1024, 1088, 20480, 32768]
+    model = tiny_bert()
+    batch = padded_batch(model, (1, 13, 7, 2))
+    hidden = torch.randn(4, 13, 5, device=DEVICE)
+    tokens = Tokens.of_batch(hidden, batch["attention_mask"][:, None, None, :].bool())
+    assert (tokens.real_rows, tokens.num_rows) == (23, 64)
+    packed = tokens.pack(hidden)
+    assert packed.shape == (64, 5) and not packed[23:].any()
+    torch.testing.assert_close(tokens.unpack(packed), hidden * batch["attention_mask"][..., None])
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory", ["default", "minimal"])
+def test_bucketed_rows_train_like_the_reference(arch, backend, memory, bucketed_rows):
+    """The bucket's zero rows run through every GEMM, LayerNorm and gradient pass: their gradients must be exactly
+    zero, or every bias's gradient would move."""
+    model = MODELS[arch]()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend, memory=memory)
+    batches = [padded_batch(model, (1, 13, 7, 2)) for _ in range(3)]
+    assert_same_training(model, reference, batches)
+
+
 @pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
 def test_real_minilm_uneven_real_text_trains_like_the_reference(memory):
     model = real_minilm(layers=[0, 5])
@@ -76,7 +103,10 @@ def test_real_minilm_uneven_real_text_trains_like_the_reference(memory):
     assert_same_training(model, reference, batches)
 
 
-def test_hidden_states_and_attentions_turn_the_shortcut_off_and_stay_exact():
+@pytest.mark.parametrize("rows", ["exact", "bucketed"])
+def test_hidden_states_and_attentions_turn_the_shortcut_off_and_stay_exact(rows, request):
+    if rows == "bucketed":
+        request.getfixturevalue("bucketed_rows")
     model = tiny_bert(num_hidden_layers=3)
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend="torch")
@@ -168,8 +198,11 @@ def flattened(model, lengths, labels=True):
     return padded, {k: v.to(DEVICE) for k, v in packed.items()}
 
 
+@pytest.mark.parametrize("rows", ["exact", "bucketed"])
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_flattened_batches_equal_the_padded_ones(arch):
+def test_flattened_batches_equal_the_padded_ones(arch, rows, request):
+    if rows == "bucketed":
+        request.getfixturevalue("bucketed_rows")
     make = {"bert": transformers.BertForTokenClassification, "roberta": transformers.RobertaForTokenClassification}
     base = MODELS[arch]()
     torch.manual_seed(0)
