@@ -303,6 +303,7 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
     (["train", "--method", "lora"], "argument --method: invalid choice: 'lora'"),
     (["train", "--task", "sst3"], "argument --task: invalid choice: 'sst3'"),
     (["train", "--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
+    (["train", "--fp32", "--bf16"], "argument --bf16: not allowed with argument --fp32"),
     (["predict", "runs/a"], "one of the arguments --text --input-file is required"),
     (["eval"], "the following arguments are required: RUN"),
 ])

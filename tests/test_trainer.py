@@ -87,6 +87,7 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
                  "run_config.json"]:
         assert (out / name).is_file(), name
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    assert json.loads((out / "run_config.json").read_text())["config"]["precision"] == "fp32", "auto, resolved"
     assert summary["best"]["metric"] == "accuracy" and 0 <= summary["best"]["value"] <= 1
     assert summary["learning_rate"] == 1e-3 and summary["padding_waste"] > 0
     assert "bert.pooler.dense.weight" in trained_params(out), "the new pooler trains with the head"
@@ -323,6 +324,19 @@ def test_the_method_and_the_bitfit_options_agree():
     assert TrainConfig().bitfit == BitFitConfig()
     with pytest.raises(ValueError, match="method must be one of"):
         TrainConfig(method="lora")
+
+
+def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypatch):
+    config = TrainConfig()
+    assert config.precision == "auto"
+    assert config.resolved_precision(torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert config.resolved_precision(torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert config.resolved_precision(torch.device("cuda")) == "fp32"
+    assert TrainConfig(precision="fp16").resolved_precision(torch.device("cpu")) == "fp16", "given: kept"
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
+        TrainConfig(precision="fp8")
 
 
 def test_a_run_config_records_its_bitfit_config_and_earlier_records_still_load():

@@ -34,7 +34,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # None: the whole batch on CPU, the largest that fits on a GPU
     max_length: int = 128
     seed: int = 0
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast)
+    precision: str = "auto"  # fp32, bf16 or fp16 (autocast); "auto": see resolved_precision
     max_grad_norm: float = 1.0
     output_dir: str = "runs/bitfit"
     save_every: int = 0  # steps between checkpoints; 0: at the end of each epoch only
@@ -46,6 +46,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ValueError(f"precision must be auto or one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.bitfit, BitFitConfig):
             raise ValueError(f"bitfit must be a BitFitConfig, got {self.bitfit!r}")
         self.text_columns = tuple(self.text_columns)
@@ -83,7 +85,15 @@ class TrainConfig:
             return 1e-5
         return 1e-4 if self.task == "mnli" else 1e-3
 
+    def resolved_precision(self, device: torch.device) -> str:
+        """The precision a run uses on ``device``: the one given, or for "auto" bf16 autocast on a GPU that has
+        bf16 (the fused kernels' and tensor cores' fast path; fp32 GEMMs there run without tensor cores) and fp32
+        elsewhere (CPU autocast is slower than fp32 on most CPUs)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
     def autocast(self, device: torch.device):
         """The autocast context of the run's precision on ``device`` (a no-op for fp32)."""
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[self.resolved_precision(device)]
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -95,7 +95,8 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
         raise UserError(f"--backend {config.bitfit.backend}: {error}") from error
     model_path = model_source(config.model)
     config = dataclasses.replace(config, model=config.model and model_path, train_file=_absolute(config.train_file),
-                                 validation_file=_absolute(config.validation_file))
+                                 validation_file=_absolute(config.validation_file),
+                                 precision=config.resolved_precision(d.device))  # the run records what it used
     return config, model_path
 
 

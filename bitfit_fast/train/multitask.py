@@ -80,6 +80,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     out = Path(config.output_dir)
     model_path = model_source(config.model)
     d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    config = dataclasses.replace(config, precision=config.resolved_precision(d.device))
     task_data = {}
     for task in tasks:
         files = dict(train_file=str(Path(task.train_file).expanduser().resolve()),
