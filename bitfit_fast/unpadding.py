@@ -44,7 +44,7 @@ class _HeadViews(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, parts, heads):
-        ctx.parts, ctx.heads = parts, heads
+        ctx.parts = parts
         sequences, length, width = x.shape
         return x.view(sequences, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
@@ -239,8 +239,8 @@ class Tokens:
                   keep_probabilities: bool, first_only: bool = False, window: int | None = None) -> torch.Tensor:
         """softmax(q k^T · scale + mask) v per sequence, for q [N, d] (with ``first_only``, [S, d]: each
         sequence's first row) and kv [N, 2d] (k then v), or q None and kv [N, 3d] (q, k, v: one GEMM's output);
-        returns q's shape. ``keep_probabilities=False`` runs the
-        flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the row logsumexp, not the probabilities.
+        returns q's shape. ``keep_probabilities=False`` runs the flash-style ``DropoutAttentionFunction``, which
+        keeps q, k, v and the row logsumexp, not the probabilities.
         ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
         parts = 3 if q is None else 2
         hidden = kv.shape[-1] // parts

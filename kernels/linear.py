@@ -401,9 +401,11 @@ def linear_forward(
     check_dropout(dropout_p, seed)
     if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
         x2d = x.reshape(M, K)
-        if bias is not None and row_task is not None:
-            bias = bias.to(x.dtype).index_select(0, row_task)  # [M, N]: cuBLAS adds it as the GEMM's C matrix
-        h = torch.addmm(bias.to(x.dtype), x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+        if bias is not None:
+            bias = bias.to(x.dtype)
+            if row_task is not None:
+                bias = bias.index_select(0, row_task)  # [M, N]: cuBLAS adds it as the GEMM's C matrix
+        h = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
         y = torch.nn.functional.gelu(h) if activation == "gelu" else h
         return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
 
