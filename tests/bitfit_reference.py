@@ -47,6 +47,16 @@ PATHS = {"fused": dict(), "fused-lean": dict(memory="lean"), "fused-minimal": di
          "modules": dict(fuse_layers=False)}
 
 
+def with_random_biases(model):
+    """``model`` on the test device with every bias drawn at random (Hugging Face initialises them to zero, where
+    their value, and a bias mixed up with another, would not show)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    return model.to(DEVICE)
+
+
 def padded_batch(model, lengths=(7, 3, 5), num_labels: int = 3) -> dict:
     """Fresh random token ids, right-padded to the longest length, with the attention mask and labels."""
     config = model.config

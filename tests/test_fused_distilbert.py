@@ -14,6 +14,7 @@ from bitfit_reference import (
     padded_batch,
     reference_bitfit,
     trainable,
+    with_random_biases,
 )
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -32,12 +33,7 @@ LENGTHS = [(1, 13, 7, 2), (11, 11, 11), (1,), (5, 1, 1)]
 def tiny_distilbert(num_labels: int = 3, **overrides) -> transformers.DistilBertForSequenceClassification:
     """A DistilBERT classifier whose biases are random (HF initialises them to zero: their value would not matter)."""
     config = transformers.DistilBertConfig(**{**TINY_DISTILBERT, **overrides}, num_labels=num_labels)
-    model = transformers.DistilBertForSequenceClassification(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-    return model.to(DEVICE)
+    return with_random_biases(transformers.DistilBertForSequenceClassification(config))
 
 
 def layers(model):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import transformers
-from bitfit_reference import DEVICE, adamw_steps, padded_batch, reference_bitfit, trainable
+from bitfit_reference import DEVICE, adamw_steps, padded_batch, reference_bitfit, trainable, with_random_biases
 
 import bitfit_fast
 from bitfit_fast.fused_layer import unfuse_hooks
@@ -28,12 +28,7 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 def tiny_modernbert(**overrides) -> transformers.ModernBertForSequenceClassification:
     """A ModernBERT whose config declares every bias, each random (so its value matters)."""
     config = transformers.ModernBertConfig(**{**TINY_MODERNBERT, **BIAS_FLAGS, **overrides})
-    model = transformers.ModernBertForSequenceClassification(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-    return model.to(DEVICE)
+    return with_random_biases(transformers.ModernBertForSequenceClassification(config))
 
 
 def assert_fused(model) -> None:
