@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import bitfit_fast_kernels as K
-from bitfit_fast.triton_ops import LayerNormFunction, LinearFunction
+from bitfit_fast.functions import Ops
+
+FUSED = Ops(K)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA GPU")
 
@@ -35,12 +37,11 @@ def _torch_linear(x, w, b, epilogue):
 
 
 def _fused_linear(x, w, b, epilogue):
-    return LinearFunction.apply(x, w, b, "gelu" if epilogue == "gelu" else None,
-                                0.1 if epilogue == "dropout" else 0.0, 1234)
+    return FUSED.linear(x, w, b, "gelu" if epilogue == "gelu" else None, 0.1 if epilogue == "dropout" else 0.0, 1234)
 
 
 class _TritonGemmLinear(torch.autograd.Function):
-    """The fused path with its forward GEMM forced to the Triton kernel (LinearFunction lets ``gemm="auto"``
+    """The fused path with its forward GEMM forced to the Triton kernel (the fused linear lets ``gemm="auto"``
     choose cuBLAS for bias and GELU epilogues): what that choice saves."""
 
     @staticmethod
@@ -93,7 +94,7 @@ def test_residual_layer_norm_forward_backward(benchmark, impl, n):
 
     def step():
         if impl == "fused":
-            y, _ = LayerNormFunction.apply(x, residual, gamma, beta, 1e-12, 0.1, 99)
+            y, _ = FUSED.layer_norm(x, residual, gamma, beta, 1e-12, 0.1, 99)
         else:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = F.layer_norm(F.dropout(x, 0.1) + residual, (n,), gamma, beta, 1e-12)

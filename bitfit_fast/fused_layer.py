@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from . import torch_ops
 from .families import (
     OFFSET_POSITION_EMBEDDINGS,
     EncoderLayerSpec,
@@ -45,7 +44,8 @@ from .families import (
     layer_spec,
     reads_first_token_only,
 )
-from .modules import BitFitLayerNorm, BitFitLinear, check_batch, functions, replace_children, retype
+from .functions import Ops, functions
+from .modules import BitFitLayerNorm, BitFitLinear, check_batch, replace_children, retype
 from .torch_ops import compute_dtype, layer_norm_output
 from .unpadding import Tokens
 
@@ -195,7 +195,7 @@ class FusedEncoderLayer(nn.Module):
         tokens = Tokens.of_batch(hidden_states, attention_mask)
         return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)))
 
-    def attention_context(self, x: torch.Tensor, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
+    def attention_context(self, x: torch.Tensor, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d_head) + mask) v, for x [N, d] rows; [N, d], or [S, d] with ``first_only``
         (queries of each sequence's first row only: q from those rows, k and v from all)."""
         attention = self.get_submodule(self.spec.attention)
@@ -205,18 +205,18 @@ class FusedEncoderLayer(nn.Module):
         bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()], dim=-1)
         row_task = tokens.row_tasks()
         if first_only:
-            q = linear.apply(x.index_select(0, tokens.starts), weight[:hidden], bias[..., :hidden], None, 0.0, None,
-                             None, tokens.row_tasks(first_only=True))
-            kv = linear.apply(x, weight[hidden:], bias[..., hidden:], None, 0.0, None, None, row_task)
+            q = ops.linear(x.index_select(0, tokens.starts), weight[:hidden], bias[..., :hidden],
+                           row_task=tokens.row_tasks(first_only=True))
+            kv = ops.linear(x, weight[hidden:], bias[..., hidden:], row_task=row_task)
         else:
-            q, kv = None, linear.apply(x, weight, bias, None, 0.0, None, None, row_task)  # kv: q, k and v
+            q, kv = None, ops.linear(x, weight, bias, row_task=row_task)  # kv: q, k and v
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
         heads = getattr(attention, self.spec.heads)
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
-        keep_probabilities = linear is not torch_ops.LinearFunction or self.bitfit_memory == "default"
+        keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
         return tokens.attention(q, kv, heads, p, _draw_seed(p), scale, keep_probabilities, first_only)
 
-    def checkpointed_attention_context(self, x, tokens: Tokens, linear: type, first_only: bool) -> torch.Tensor:
+    def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous
         layer's output, the checkpoint keeps that layer's x_hat (saved by its LayerNorm anyway) in place of the
         input and rebuilds the input from it; the RNG state is replayed so attention dropout draws the same mask."""
@@ -224,7 +224,7 @@ class FusedEncoderLayer(nn.Module):
 
         def run():
             return torch.utils.checkpoint.checkpoint(
-                self.attention_context, x, tokens, linear, first_only, use_reentrant=False
+                self.attention_context, x, tokens, ops, first_only, use_reentrant=False
             )
 
         if source is None:
@@ -245,7 +245,7 @@ class FusedEncoderLayer(nn.Module):
         part = self.get_submodule
         spec = self.spec
         intermediate, output = part(spec.intermediate), part(spec.output)
-        linear, layer_norm = functions(intermediate.backend, x)
+        ops = functions(intermediate.backend, x)
         x = x.to(compute_dtype(x))
         no_hidden_dropout = spec.attention_output_dropout is None or not self.training
         p_hidden = 0.0 if no_hidden_dropout else part(spec.attention_output_dropout).p
@@ -253,20 +253,20 @@ class FusedEncoderLayer(nn.Module):
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
         if minimal:
-            context = self.checkpointed_attention_context(x, tokens, linear, first_only)
+            context = self.checkpointed_attention_context(x, tokens, ops, first_only)
         else:
-            context = self.attention_context(x, tokens, linear, first_only)
+            context = self.attention_context(x, tokens, ops, first_only)
         residual = x.index_select(0, tokens.starts) if first_only else x
 
         ln1, ln2 = part(spec.attention_norm), part(spec.output_norm)
         attention_output = part(spec.attention_output)
         rt = tokens.row_tasks(first_only)
-        h = linear.apply(context, attention_output.weight, attention_output.bias, None, 0.0, None, None, rt)
-        y1, x_hat1 = layer_norm.apply(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
+        h = ops.linear(context, attention_output.weight, attention_output.bias, row_task=rt)
+        y1, x_hat1 = ops.layer_norm(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
         recompute_from = (x_hat1, ln1.weight, ln1.bias, rt) if self.bitfit_memory != "default" else None
-        a = linear.apply(y1, intermediate.weight, intermediate.bias, "gelu", 0.0, None, recompute_from, rt)
-        h = linear.apply(a, output.weight, output.bias, None, 0.0, None, None, rt)
-        y2, x_hat2 = layer_norm.apply(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output), rt)
+        a = ops.linear(y1, intermediate.weight, intermediate.bias, "gelu", recompute_from=recompute_from, row_task=rt)
+        h = ops.linear(a, output.weight, output.bias, row_task=rt)
+        y2, x_hat2 = ops.layer_norm(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output), rt)
         if minimal:
             _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
         return y2

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from . import torch_ops
 from .families import PreNormGluLayerSpec, layer_spec
+from .functions import Ops, functions
 from .fused_layer import (
     FusedEncoder,
     FusedEncoderLayer,
@@ -52,7 +52,6 @@ from .modules import (
     BitFitLayerNorm,
     BitFitLinear,
     check_batch,
-    functions,
     is_last_dim_layer_norm,
     replace_children,
     retype,
@@ -146,7 +145,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         rows = RotaryRows(tokens, {self.attention_type: rotary}, sliding_window=None)
         return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), rows))
 
-    def attention_context(self, h: torch.Tensor, rows: RotaryRows, linear: type, first_only: bool = False):
+    def attention_context(self, h: torch.Tensor, rows: RotaryRows, ops: Ops, first_only: bool = False):
         """Attention of the rows h [N, d] (attn_norm's output) before Wo: [N, d], or [S, d] with ``first_only``
         (queries of each sequence's first row only, rotated at that row's position; keys and values of all rows)."""
         spec = self.spec
@@ -160,18 +159,17 @@ class FusedPreNormLayer(FusedEncoderLayer):
             # Biases [3d], or task tables [T, 3d] in a TaskBank (or None): split along the features either way.
             q_bias, kv_bias = (None, None) if bias is None else (bias[..., :hidden], bias[..., hidden:])
             starts = tokens.starts
-            q = linear.apply(h.index_select(0, starts), weight[:hidden], q_bias, None, 0.0, None, None,
-                             tokens.row_tasks(first_only=True))
+            q = ops.linear(h.index_select(0, starts), weight[:hidden], q_bias, row_task=tokens.row_tasks(True))
             q = rotate(q, cos.index_select(0, starts), sin.index_select(0, starts), heads)
-            kv = linear.apply(h, weight[hidden:], kv_bias, None, 0.0, None, None, tokens.row_tasks())
+            kv = ops.linear(h, weight[hidden:], kv_bias, row_task=tokens.row_tasks())
         else:
-            qkv = linear.apply(h, weight, bias, None, 0.0, None, None, tokens.row_tasks())
+            qkv = ops.linear(h, weight, bias, row_task=tokens.row_tasks())
             q = rotate(qkv[:, :hidden], cos, sin, heads)
             kv = qkv[:, hidden:]
         kv = torch.cat([rotate(kv[:, :hidden], cos, sin, heads), kv[:, hidden:]], dim=1)
         p = attention.attention_dropout if self.training else 0.0
         window = rows.sliding_window if self.attention_type == "sliding_attention" else None
-        keep_probabilities = linear is not torch_ops.LinearFunction or self.bitfit_memory == "default"
+        keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
         return tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
                                 first_only, window)
 
@@ -183,34 +181,34 @@ class FusedPreNormLayer(FusedEncoderLayer):
         attn_norm, mlp_norm = part(spec.attention_norm), part(spec.mlp_norm)
         attention_output, glu_input, mlp_output = part(spec.attention_output), part(spec.glu_input), part(
             spec.mlp_output)
-        linear, layer_norm = functions(glu_input.backend, x)
+        ops = functions(glu_input.backend, x)
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
         rt = rows.tokens.row_tasks()  # attn_norm, k and v: every row
         h = x
         if not isinstance(attn_norm, nn.Identity):
             beta = _beta(attn_norm)
-            h, x_hat = layer_norm.apply(x, None, attn_norm.weight, beta, attn_norm.eps, 0.0, None, rt)
+            h, x_hat = ops.layer_norm(x, None, attn_norm.weight, beta, attn_norm.eps, row_task=rt)
             if minimal:
                 _remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
         if minimal:
-            context = self.checkpointed_attention_context(h, rows, linear, first_only)
+            context = self.checkpointed_attention_context(h, rows, ops, first_only)
         else:
-            context = self.attention_context(h, rows, linear, first_only)
+            context = self.attention_context(h, rows, ops, first_only)
         if first_only:  # from here on, each sequence's first row only
             x = x.index_select(0, rows.tokens.starts)
             rt = rows.tokens.row_tasks(first_only=True)
         p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
-        x = x + linear.apply(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
-                             _draw_seed(p_attention), None, rt)
+        x = x + ops.linear(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
+                           _draw_seed(p_attention), row_task=rt)
 
         beta = _beta(mlp_norm)
-        h, x_hat = layer_norm.apply(x, None, mlp_norm.weight, beta, mlp_norm.eps, 0.0, None, rt)
+        h, x_hat = ops.layer_norm(x, None, mlp_norm.weight, beta, mlp_norm.eps, row_task=rt)
         recompute_from = (x_hat, mlp_norm.weight, beta, rt) if self.bitfit_memory != "default" else None
         p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
-        gated = linear.apply(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp, _draw_seed(p_mlp),
-                             recompute_from, rt)
-        return x + linear.apply(gated, mlp_output.weight, mlp_output.trained_bias(), None, 0.0, None, None, rt)
+        gated = ops.linear(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp, _draw_seed(p_mlp),
+                           recompute_from, rt)
+        return x + ops.linear(gated, mlp_output.weight, mlp_output.trained_bias(), row_task=rt)
 
 
 class FusedPreNormEncoder(FusedEncoder):

@@ -12,16 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import task_rows, torch_ops, triton_ops
-from .backend import uses_triton
+from . import task_rows
+from .functions import functions
 from .torch_ops import ZeroGradient
-
-
-def functions(backend: str, x: torch.Tensor) -> tuple[type, type]:
-    """(linear, residual LayerNorm) autograd functions of the backend that runs on x; same signatures."""
-    if uses_triton(backend, x):
-        return triton_ops.LinearFunction, triton_ops.LayerNormFunction
-    return torch_ops.LinearFunction, torch_ops.LayerNormFunction
 
 
 def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
@@ -100,8 +93,8 @@ class BitFitLinear(nn.Linear):
         if self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
         check_batch(x)
-        linear, _ = functions(self.backend, x)
-        return linear.apply(x, self.weight, self.trained_bias(), None, 0.0, None, None, _row_tasks(self.bias, x))
+        ops = functions(self.backend, x)
+        return ops.linear(x, self.weight, self.trained_bias(), row_task=_row_tasks(self.bias, x))
 
     def extra_repr(self) -> str:
         zero = ", zero_bias_grad=True" if self.zero_bias_grad else ""
@@ -112,7 +105,7 @@ class BitFitLayerNorm(nn.LayerNorm):
     """nn.LayerNorm over the last dimension with gamma frozen: d(input) and d(beta) only.
 
     It saves the normalised input x_hat and rstd rather than its input: exact for any gamma (see
-    ``torch_ops.LayerNormFunction``).
+    ``functions.LayerNormFunction``).
     """
 
     backend: str
@@ -136,8 +129,8 @@ class BitFitLayerNorm(nn.LayerNorm):
         check_batch(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.float()  # autocast runs layer_norm in fp32; a drop-in module does the same
-        _, layer_norm = functions(self.backend, x)
-        y, _ = layer_norm.apply(x, None, self.weight, self.bias, self.eps, 0.0, None, _row_tasks(self.bias, x))
+        ops = functions(self.backend, x)
+        y, _ = ops.layer_norm(x, None, self.weight, self.bias, self.eps, row_task=_row_tasks(self.bias, x))
         return y
 
     def extra_repr(self) -> str:

@@ -1,7 +1,9 @@
-"""The torch backend: the same autograd functions as ``triton_ops``, in plain torch ops.
+"""The torch implementation: the Triton kernels' host functions (``bitfit_fast_kernels``) with the same
+signatures, in plain torch ops. ``functions`` runs either behind one set of autograd functions; this one runs on
+CPU and is the kernels' test oracle.
 
-They compute what BitFit needs and nothing more: no weight or gamma gradient, no saved layer input, no stored
-dropout mask (it is drawn again from its seed in the backward).
+They compute what BitFit needs and nothing more: no weight or gamma gradient, no stored dropout mask (it is drawn
+again from its seed in the backward).
 """
 
 import torch
@@ -12,16 +14,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The GEMM dtype: autocast's when it is on (as F.linear would), else the input's."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def bias_grad(grad: torch.Tensor, bias: torch.Tensor, row_task: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient of a bias from the (..., N) gradient of what it was added to, accumulated in fp32, in the
-    bias's dtype: the column sum for a bias [N]; for a task table [T, N] (see :func:`bias_rows`) each task's sum
-    over its rows, one GEMM with the one-hot task matrix (deterministic, no atomics)."""
-    grad = grad.reshape(-1, grad.shape[-1])
-    if bias.dim() == 1:
-        return grad.sum(dim=0, dtype=torch.float32).to(bias.dtype)
-    return task_sums(grad, row_task, bias.shape[0]).to(bias.dtype)
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -117,47 +109,38 @@ def activation_backward(activation: str, g: torch.Tensor, h: torch.Tensor) -> to
     return torch.cat([torch.ops.aten.gelu_backward(g * gate, value), g * F.gelu(value)], dim=-1)
 
 
-class LinearFunction(torch.autograd.Function):
-    """y = dropout(activation(x @ W^T + b)) with W frozen; activation: see :func:`activation_forward`.
+def linear_forward(x, weight, bias=None, *, activation=None, dropout_p=0.0, seed=None, store_preact=False,
+                   row_task=None):
+    """``bitfit_fast_kernels.linear_forward`` in torch ops: (y, h) with y = dropout(activation(h)),
+    h = x @ W^T + b (returned with ``store_preact``, else None). The bias is rounded to x's dtype first, as
+    F.linear under autocast does."""
+    h = linear(x, weight, bias.to(x.dtype) if bias is not None else None, row_task)
+    y = activation_forward(activation, h)
+    if dropout_p > 0.0:
+        y = apply_dropout(y, dropout_p, seed)
+    return y, (h if store_preact else None)
 
-    Saves W (a parameter: free) and, with an activation, the pre-activation h. With ``recompute_from``, the
-    (x_hat, gamma, beta, row_task) of the LayerNorm whose output x is, it saves nothing new (that LayerNorm keeps
-    x_hat anyway) and recomputes h from x = :func:`layer_norm_output` (x_hat, gamma, beta, row_task) in the
-    backward. ``row_task`` [M]: each row's task, for a bias that is a task table [T, N] (see :func:`bias_rows`).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None, row_task=None):
-        check_frozen("weight", weight)
-        dtype = compute_dtype(x)
-        h = linear(x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None, row_task)
-        y = activation_forward(activation, h)
-        if dropout_p > 0.0:
-            y = apply_dropout(y, dropout_p, seed)
-        recompute = activation is not None and recompute_from is not None
-        ctx.save_for_backward(weight, h if activation and not recompute else None, row_task,
-                              *(recompute_from or (None,) * 4))
-        ctx.x_dtype = x.dtype
-        ctx.bias_like = bias
-        ctx.options = (activation, dropout_p, seed, recompute)
-        return y
+def linear_backward(dy, weight, preact=None, *, activation=None, dropout_p=0.0, seed=None, compute_dx=True,
+                    compute_db=True, row_task=None, num_tasks=1):
+    """``bitfit_fast_kernels.linear_backward`` in torch ops: (dx or None, db in fp32 or None; per task with
+    ``row_task``)."""
+    g = dy
+    if dropout_p > 0.0:
+        g = apply_dropout(g, dropout_p, seed)
+    if activation is not None:
+        g = activation_backward(activation, g, preact)
+    dx = g @ weight if compute_dx else None
+    return dx, (column_sums(g, row_task, num_tasks) if compute_db else None)
 
-    @staticmethod
-    def backward(ctx, dy):
-        weight, h, row_task, *source = ctx.saved_tensors
-        activation, dropout_p, seed, recompute = ctx.options
-        w_c = weight.to(dy.dtype)
-        g = dy.contiguous()
-        if dropout_p > 0.0:
-            g = apply_dropout(g, dropout_p, seed)
-        if activation is not None:
-            if recompute:
-                bias = ctx.bias_like.to(dy.dtype) if ctx.bias_like is not None else None
-                h = linear(layer_norm_output(*source).to(dy.dtype), w_c, bias, row_task)
-            g = activation_backward(activation, g, h)
-        dx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        db = bias_grad(g, ctx.bias_like, row_task) if ctx.needs_input_grad[2] else None
-        return dx, None, db, None, None, None, None, None
+
+def column_sums(grad: torch.Tensor, row_task: torch.Tensor | None = None, num_tasks: int = 1) -> torch.Tensor:
+    """The gradient of a bias from the (..., N) gradient of what it was added to, in fp32: the column sums
+    [N]; with ``row_task``, each task's sums over its rows [num_tasks, N] (:func:`task_sums`)."""
+    grad = grad.reshape(-1, grad.shape[-1])
+    if row_task is None:
+        return grad.sum(dim=0, dtype=torch.float32)
+    return task_sums(grad, row_task, num_tasks)
 
 
 def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -169,56 +152,36 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
     return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: d(x), d(residual), d(beta).
+def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
+                                store_x_hat=True, row_task=None):
+    """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
+    None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the rounded x_hat."""
+    s = x.float()
+    if dropout_p > 0.0:
+        s = apply_dropout(s, dropout_p, seed)
+    if residual is not None:
+        s = s + residual.float()
+    with torch.autocast(x.device.type, enabled=False):
+        x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
+    x_hat = x_hat.to(x.dtype)
+    y = layer_norm_output(x_hat, gamma, beta, row_task)
+    return (y, x_hat, rstd.view(-1)) if store_x_hat else (y, None, None)
 
-    Normalises in fp32 and returns (y, x_hat) in x's dtype; x_hat is not differentiable. It saves x_hat and
-    rstd, what the backward needs, in a form that is exact for any gamma (pretrained LayerNorms have gamma
-    entries near 1e-33: dividing by gamma to rebuild x_hat from y would be garbage there). y is computed from the
-    saved x_hat by :func:`layer_norm_output`, so whoever needs y later rebuilds it from x_hat instead of keeping it.
-    """
 
-    @staticmethod
-    def forward(ctx, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
-        check_frozen("gamma", gamma)
-        s = x.float()
-        if dropout_p > 0.0:
-            s = apply_dropout(s, dropout_p, seed)
-        if residual is not None:
-            s = s + residual.float()
-        with torch.autocast(x.device.type, enabled=False):
-            x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
-        x_hat = x_hat.to(x.dtype)
-        ctx.mark_non_differentiable(x_hat)
-        ctx.save_for_backward(x_hat, gamma, rstd, row_task)
-        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        ctx.beta_like = beta
-        ctx.options = (dropout_p, seed)
-        return layer_norm_output(x_hat, gamma, beta, row_task), x_hat
-
-    @staticmethod
-    def backward(ctx, dy, _):
-        x_hat, gamma, rstd, row_task = ctx.saved_tensors
-        dropout_p, seed = ctx.options
-        x_dtype, residual_dtype = ctx.dtypes
-        needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[:4]
-        dx = dresidual = dbeta = None
-        if needs_x or needs_residual:
-            # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
-            ds, _, _ = torch.ops.aten.native_layer_norm_backward(
-                dy.float(), x_hat.float(), (x_hat.shape[-1],), torch.zeros_like(rstd), torch.ones_like(rstd),
-                gamma.float(), None, [True, False, False],
-            )
-            ds = ds.mul_(rstd)
-            if needs_residual:
-                dresidual = ds.to(residual_dtype)
-            if needs_x:
-                if dropout_p > 0.0:
-                    ds = apply_dropout(ds, dropout_p, seed)
-                dx = ds.to(x_dtype)
-        if needs_beta:
-            dbeta = bias_grad(dy, ctx.beta_like, row_task)
-        return dx, dresidual, None, dbeta, None, None, None, None
+def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=None, compute_dx=True,
+                                 row_task=None, num_tasks=1):
+    """``bitfit_fast_kernels.residual_layer_norm_backward`` in torch ops: (dx, dresidual, dbeta in fp32)."""
+    ds = dx = None
+    if compute_dx:
+        # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
+        rows = rstd.view(*x_hat.shape[:-1], 1)
+        ds, _, _ = torch.ops.aten.native_layer_norm_backward(
+            dy.float(), x_hat.float(), (x_hat.shape[-1],), torch.zeros_like(rows), torch.ones_like(rows),
+            gamma.float(), None, [True, False, False],
+        )
+        ds = ds.mul_(rows)
+        dx = apply_dropout(ds, dropout_p, seed) if dropout_p > 0.0 else ds
+    return dx, ds, column_sums(dy, row_task, num_tasks)
 
 
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):

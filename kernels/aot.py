@@ -4,7 +4,7 @@ on any machine, with or without a GPU (triton ships ptxas).
     python -m bitfit_fast_kernels.aot [--only SUBSTRING ...] [--jobs N] [--dump DIR] [--compare FILE]
 
 A variant is a kernel x tile config x dtype x the constexpr flag set that bitfit_fast's autograd functions pass
-(bitfit_fast/triton_ops.py: the linears run without dropout; LayerNorm always stores x_hat). Argument types and
+(bitfit_fast/functions.py: the linears run without dropout; LayerNorm always stores x_hat). Argument types and
 16-byte divisibility are what the JIT derives from a BERT launch: torch allocations are aligned, N, K and the
 hidden size are multiples of 16, biases / gamma / beta / statistics are fp32, arguments named in a kernel's
 ``do_not_specialize`` get no alignment hint, and a drawn dropout seed is taken as unaligned.
@@ -87,7 +87,7 @@ def linear_variants():
     fn = linear._linear_fwd_kernel.fn
     # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
     families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
-    # triton_ops.LinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
+    # functions.LinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
     # memory) or not (recompute).
     epilogues = [("", False), ("gelu", True), ("gelu", False), ("geglu", True), ("geglu", False)]
     # Biases: none, shared, or per row (a task table gathered by each row's task, TaskBank's mixed batches).

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
+from bitfit_fast.functions import Ops
 from bitfit_fast.torch_ops import layer_norm_output
-from bitfit_fast.triton_ops import LayerNormFunction
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = Ops(K)
 EPS = 1e-12  # BERT's
 SHAPES = [((1,), 36), ((3, 7), 37), ((5,), 257), ((2, 3), 768)]
 
@@ -80,7 +81,7 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     x.requires_grad_()
     residual.requires_grad_()
     beta.requires_grad_()
-    y, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
+    y, _ = KERNELS.layer_norm(x, residual, gamma, beta, EPS, 0.2, 77)
     # Recover the mask from the kernel's backward: dx is ds through the mask, ds is nowhere zero.
     _, x_hat, rstd = K.residual_layer_norm_forward(x.detach(), gamma, beta, EPS, residual.detach(), dropout_p=0.2,
                                                    seed=77)
@@ -98,8 +99,8 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     for ours, theirs in zip(grads, torch.autograd.grad(ref, leaves, dy.double())):
         torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
 
-    again, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 77)
-    other, _ = LayerNormFunction.apply(x, residual, gamma, beta, EPS, 0.2, 78)
+    again, _ = KERNELS.layer_norm(x, residual, gamma, beta, EPS, 0.2, 77)
+    other, _ = KERNELS.layer_norm(x, residual, gamma, beta, EPS, 0.2, 78)
     assert torch.equal(y, again) and not torch.equal(y, other)
 
 

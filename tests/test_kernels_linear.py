@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
+from bitfit_fast.functions import Ops
 from bitfit_fast.torch_ops import activation_forward
-from bitfit_fast.triton_ops import LinearFunction
 from bitfit_fast_kernels.utils import row_bucket
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = Ops(K)
 DTYPES = [torch.float32, torch.float16]
 # (leading shape of x, K, N): a single row, primes, and sizes that are not multiples of the tiles.
 SHAPES = [((1,), 17, 5), ((3, 11), 70, 37), ((13,), 64, 96), ((2, 1), 3, 1)]
@@ -173,7 +174,7 @@ def test_autograd_function_with_activation_and_dropout_matches_torch_on_the_same
     x, w, b = make((5, 7), 33, rows, torch.float32)
     x.requires_grad_()
     b.requires_grad_()
-    y = LinearFunction.apply(x, w, b, activation, 0.25, 2024)
+    y = KERNELS.linear(x, w, b, activation, 0.25, 2024)
     keep = (y != 0).float()
     dy = torch.randn_like(y)
     dx, db = torch.autograd.grad(y, (x, b), dy)
@@ -189,11 +190,11 @@ def test_autograd_function_with_activation_and_dropout_matches_torch_on_the_same
 def test_autograd_function_returns_gradients_only_where_needed():
     x, w, b = make((4,), 16, 8, torch.float32)
     b.requires_grad_()
-    y = LinearFunction.apply(x, w, b)
+    y = KERNELS.linear(x, w, b)
     (db,) = torch.autograd.grad(y.sum(), (b,))
     torch.testing.assert_close(db, torch.full_like(b, 4.0))
     with pytest.raises(RuntimeError, match="no weight gradient"):
-        LinearFunction.apply(x, w.requires_grad_(), b)
+        KERNELS.linear(x, w.requires_grad_(), b)
 
 
 @pytest.mark.parametrize(
