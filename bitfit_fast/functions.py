@@ -110,7 +110,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _):
         x_hat, gamma, rstd, row_task = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[1:5]
-        dx, dresidual, dbeta = ctx.impl.residual_layer_norm_backward(
+        dx, dresidual, dbeta, _ = ctx.impl.residual_layer_norm_backward(
             dy.to(x_hat.dtype).contiguous(), x_hat, gamma, rstd,
             compute_dx=needs_x or needs_residual, row_task=row_task, **ctx.options,
         )
@@ -118,6 +118,72 @@ class LayerNormFunction(torch.autograd.Function):
         return (
             None,
             _cast(dx, x_dtype) if needs_x else None,
+            _cast(dresidual, residual_dtype) if needs_residual else None,
+            None,
+            _cast(dbeta, beta_dtype) if needs_beta else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class LinearLayerNormFunction(torch.autograd.Function):
+    """(y, x_hat) = LayerNorm(dropout(x @ W^T + b) + residual): a frozen linear layer and the residual LayerNorm its
+    output feeds (BERT's attention output and feed-forward output), W and gamma frozen.
+
+    The same as :class:`LinearFunction` then :class:`LayerNormFunction`, and it saves the same (W, x_hat, rstd),
+    but one backward serves both: the LayerNorm's backward writes the linear's output gradient dropout(ds) and
+    sums its columns while the rows are in registers (``sum_dx``), which is the linear's bias gradient. The
+    linear's backward is then a plain GEMM, with no pass over its gradient for the bias. (Where only one of b and
+    beta is a task table, their sums differ in kind, and the linear's backward sums b's as usual.)
+    """
+
+    @staticmethod
+    def forward(ctx, impl, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
+        check_frozen("weight", weight)
+        check_frozen("gamma", gamma)
+        dtype = compute_dtype(x)
+        bias, bias_rows, bias_tasks = _tables(bias, row_task)
+        beta, beta_rows, beta_tasks = _tables(beta, row_task)
+        h, _ = impl.linear_forward(x.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias, row_task=bias_rows)
+        y, x_hat, rstd = impl.residual_layer_norm_forward(
+            h, gamma, beta, eps, residual.to(h.dtype).contiguous() if residual is not None else None,
+            dropout_p=dropout_p, seed=seed, row_task=beta_rows,
+        )
+        ctx.mark_non_differentiable(x_hat)
+        ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows)
+        ctx.impl = impl
+        ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None, residual.dtype if residual is not None
+                      else None, beta.dtype)
+        ctx.options = (dropout_p, seed, bias_tasks, beta_tasks)
+        return y, x_hat
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        weight, x_hat, gamma, rstd, bias_rows, beta_rows = ctx.saved_tensors
+        dropout_p, seed, bias_tasks, beta_tasks = ctx.options
+        needs_x, _, needs_bias, needs_residual, _, needs_beta = ctx.needs_input_grad[1:7]
+        sum_in_layer_norm = needs_bias and (bias_rows is None) == (beta_rows is None)
+        dh, dresidual, dbeta, db = ctx.impl.residual_layer_norm_backward(
+            dy.to(x_hat.dtype).contiguous(), x_hat, gamma, rstd,
+            dropout_p=dropout_p, seed=seed, row_task=beta_rows, num_tasks=beta_tasks,
+            compute_dx=needs_x or needs_bias or needs_residual, sum_dx=sum_in_layer_norm,
+        )
+        dx = None
+        if needs_x or (needs_bias and not sum_in_layer_norm):
+            dh = dh.to(x_hat.dtype)  # the GEMM dtype (the torch ops return the LayerNorm's gradients in fp32)
+            dx, db_rows = ctx.impl.linear_backward(
+                dh, weight.to(dh.dtype).contiguous(), row_task=bias_rows, num_tasks=bias_tasks,
+                compute_dx=needs_x, compute_db=needs_bias and not sum_in_layer_norm,
+            )
+            db = db if sum_in_layer_norm else db_rows
+        x_dtype, bias_dtype, residual_dtype, beta_dtype = ctx.dtypes
+        return (
+            None,
+            _cast(dx, x_dtype),
+            None,
+            _cast(db, bias_dtype) if needs_bias else None,
             _cast(dresidual, residual_dtype) if needs_residual else None,
             None,
             _cast(dbeta, beta_dtype) if needs_beta else None,
@@ -147,6 +213,12 @@ class Ops:
     def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
         """:class:`LayerNormFunction`: (y, x_hat)."""
         return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task)
+
+    def linear_layer_norm(self, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None,
+                          row_task=None):
+        """:class:`LinearLayerNormFunction`: (y, x_hat)."""
+        return LinearLayerNormFunction.apply(self.impl, x, weight, bias, residual, gamma, beta, eps, dropout_p, seed,
+                                             row_task)
 
 
 TORCH = Ops(torch_ops)

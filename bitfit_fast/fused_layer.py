@@ -10,6 +10,9 @@ forward is:
     a   = scaled_dot_product_attention(q, k, v)   per sequence (see ``unpadding``)
     y1  = LayerNorm(dropout(a @ W_o^T + b_o) + x)             dropout + residual + LayerNorm in one pass
     y2  = LayerNorm(dropout(gelu(y1 @ W_i^T + b_i) @ W_2^T + b_2) + y1)
+Each LayerNorm and the linear layer feeding it are one autograd function (``LinearLayerNormFunction``): the
+LayerNorm's backward sums b_o's and b_2's gradients from the rows it writes, and those linears' backwards are
+plain GEMMs.
 
 Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
   "default"  q, k, v and the attention output (what SDPA needs), the two LayerNorms' normalised inputs x_hat
@@ -261,12 +264,12 @@ class FusedEncoderLayer(nn.Module):
         ln1, ln2 = part(spec.attention_norm), part(spec.output_norm)
         attention_output = part(spec.attention_output)
         rt = tokens.row_tasks(first_only)
-        h = ops.linear(context, attention_output.weight, attention_output.bias, row_task=rt)
-        y1, x_hat1 = ops.layer_norm(h, residual, ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
+        y1, x_hat1 = ops.linear_layer_norm(context, attention_output.weight, attention_output.bias, residual,
+                                           ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
         recompute_from = (x_hat1, ln1.weight, ln1.bias, rt) if self.bitfit_memory != "default" else None
         a = ops.linear(y1, intermediate.weight, intermediate.bias, "gelu", recompute_from=recompute_from, row_task=rt)
-        h = ops.linear(a, output.weight, output.bias, row_task=rt)
-        y2, x_hat2 = ops.layer_norm(h, y1, ln2.weight, ln2.bias, ln2.eps, p_output, _draw_seed(p_output), rt)
+        y2, x_hat2 = ops.linear_layer_norm(a, output.weight, output.bias, y1, ln2.weight, ln2.bias, ln2.eps, p_output,
+                                           _draw_seed(p_output), rt)
         if minimal:
             _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
         return y2

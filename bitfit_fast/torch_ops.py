@@ -169,8 +169,9 @@ def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p
 
 
 def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=None, compute_dx=True,
-                                 row_task=None, num_tasks=1):
-    """``bitfit_fast_kernels.residual_layer_norm_backward`` in torch ops: (dx, dresidual, dbeta in fp32)."""
+                                 sum_dx=False, row_task=None, num_tasks=1):
+    """``bitfit_fast_kernels.residual_layer_norm_backward`` in torch ops: (dx, dresidual, dbeta, dx_sum), the
+    sums in fp32 (dx_sum, dx's column sums, with ``sum_dx`` only)."""
     ds = dx = None
     if compute_dx:
         # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
@@ -181,7 +182,8 @@ def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=
         )
         ds = ds.mul_(rows)
         dx = apply_dropout(ds, dropout_p, seed) if dropout_p > 0.0 else ds
-    return dx, ds, column_sums(dy, row_task, num_tasks)
+    dx_sum = column_sums(dx, row_task, num_tasks) if sum_dx else None
+    return dx, ds, column_sums(dy, row_task, num_tasks), dx_sum
 
 
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):

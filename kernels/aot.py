@@ -133,14 +133,17 @@ def layer_norm_variants():
             fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr"},
             ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )
-    for dt, hidden, dropout, dx in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), (True, False)):
+    # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
+    # gradient there), or d(beta) alone.
+    gradients = [(True, True), (True, False), (False, False)]
+    for dt, hidden, dropout, (dx, sum_dx) in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), gradients):
         block_n = layer_norm._check_features(hidden)
         yield Variant(
-            "ln_bwd", f"N={hidden} {_flags(dropout=dropout, dx=dx)}",
+            "ln_bwd", f"N={hidden} {_flags(dropout=dropout, dx=dx, sum_dx=sum_dx)}",
             layer_norm._residual_layer_norm_bwd_kernel, dt,
-            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "BLOCK_N": block_n},
+            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "BLOCK_N": block_n},
             options={"num_warps": layer_norm._warps(block_n)},
-            fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr"},
+            fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr"},
             ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )
 

@@ -2,6 +2,9 @@
 
 Forward:   s = dropout(x) + residual;  x_hat = (s - mean(s)) * rstd;  y = gamma * x_hat + beta
 Backward:  ds = rstd * (g - x_hat * mean(g * x_hat) - mean(g)),  g = gamma * dy;  d(beta) = sum_rows(dy)
+           dx = dropout(ds), and optionally sum_rows(dx): the bias gradient of the linear layer whose output x is
+           (BERT's attention output and FFN output), summed here from the rows as they are written, so that
+           layer's backward is one plain GEMM with no pass over its gradient.
 
 The forward saves x_hat (in the output dtype) and rstd: exactly what the backward needs, and stable for any
 gamma. Pretrained LayerNorms have gamma entries down to 1e-33, where rebuilding x_hat = (y - beta) / gamma
@@ -11,7 +14,8 @@ d(beta) and the input gradients are computed.
 
 Rows are indexed with int64 offsets: M * N may exceed 2**31 (and so may the Philox counters, which take them).
 Bytes per row element: forward reads x (+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds
-(+ dx with dropout). d(beta) is reduced in registers over a persistent row loop, one fp32 partial per program.
+(+ dx with dropout). d(beta) and sum_rows(dx) are reduced in registers over a persistent row loop, one fp32
+partial per program each.
 """
 
 import torch
@@ -98,6 +102,7 @@ def _residual_layer_norm_bwd_kernel(
     ds_ptr,  # [M, N] gradient of s, which is the residual's gradient (written with COMPUTE_DX)
     dx_ptr,  # [M, N] gradient of x: ds through the dropout mask (written with COMPUTE_DX and HAS_DROPOUT)
     dbeta_partial_ptr,  # [num_programs, N] fp32 per-program sums of dy
+    dx_partial_ptr,  # [num_programs, N] fp32 per-program sums of dx (written with SUM_DX)
     # Sizes and scalars
     M,
     N,
@@ -108,15 +113,17 @@ def _residual_layer_norm_bwd_kernel(
     # Features
     HAS_DROPOUT: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
+    SUM_DX: tl.constexpr,  # needs COMPUTE_DX
     BLOCK_N: tl.constexpr,
 ):
-    # A persistent loop over rows pid, pid + P, ...: d(beta) accumulates in registers and is written once.
+    # A persistent loop over rows pid, pid + P, ...: the column sums accumulate in registers and are written once.
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dx_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     for row in range(pid, M, num_programs):
         offsets = tl.cast(row, tl.int64) * N + cols  # the loop variable is a plain int under the interpreter
@@ -130,11 +137,17 @@ def _residual_layer_norm_bwd_kernel(
             c2 = tl.sum(g, axis=0) / N
             ds = (g - x_hat * c1 - c2) * rstd
             tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=col_ok)
+            dx = ds
             if HAS_DROPOUT:
                 keep = tl.rand(seed, philox_offset + offsets) >= p
-                tl.store(dx_ptr + offsets, tl.where(keep, ds * scale, 0.0).to(dx_ptr.dtype.element_ty), mask=col_ok)
+                dx = tl.where(keep, ds * scale, 0.0)
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=col_ok)
+            if SUM_DX:
+                dx_sum += dx
 
     tl.store(dbeta_partial_ptr + pid * N + cols, dbeta, mask=col_ok)
+    if SUM_DX:
+        tl.store(dx_partial_ptr + pid * N + cols, dx_sum, mask=col_ok)
 
 
 def _check_features(N: int) -> int:
@@ -207,14 +220,17 @@ def residual_layer_norm_backward(
     seed: int | None = None,
     philox_offset: int = 0,
     compute_dx: bool = True,
+    sum_dx: bool = False,
     row_task: torch.Tensor | None = None,
     num_tasks: int = 1,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
-    Returns (dx, dresidual, dbeta): dresidual is the gradient of s (None without ``compute_dx``); dx equals it
-    without dropout and is then the same tensor; dbeta is fp32, [num_tasks, N] per task with the forward's
-    ``row_task`` (:func:`task_sums` of dy).
+    Returns (dx, dresidual, dbeta, dx_sum): dresidual is the gradient of s (None without ``compute_dx``); dx
+    equals it without dropout and is then the same tensor; dbeta is fp32, [num_tasks, N] per task with the
+    forward's ``row_task`` (:func:`task_sums` of dy). With ``sum_dx`` (which needs ``compute_dx``), dx_sum is
+    the fp32 column sums of dx, summed before dx is rounded to its dtype (per task with ``row_task``): the bias
+    gradient of the linear layer whose output x is; else None.
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("x_hat", x_hat)
@@ -226,21 +242,29 @@ def residual_layer_norm_backward(
     if rstd.dtype != torch.float32 or tuple(rstd.shape) != (M,):
         raise KernelInputError(f"rstd must be the fp32 ({M},) tensor returned by the forward")
     check_dropout(dropout_p, seed)
+    if sum_dx and not compute_dx:
+        raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
     block_n = _check_features(N)
+    per_task = row_task is not None  # the task sums run on the host, from dy and dx
 
     programs = reduction_programs(M, dy.device)
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
     dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+    dx_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device) if sum_dx and not per_task else None
     _residual_layer_norm_bwd_kernel[(programs,)](
         dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, dbeta_partial,
+        dx_partial if dx_partial is not None else dbeta_partial,
         M, N, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
+        SUM_DX=dx_partial is not None,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )
-    if row_task is not None:
-        return dx, ds, task_sums(dy.reshape(M, N), row_task, num_tasks)
-    return dx, ds, dbeta_partial.sum(dim=0)
+    # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
+    if per_task:
+        dx_sum = task_sums(dx.reshape(M, N), row_task, num_tasks) if sum_dx else None
+        return dx, ds, task_sums(dy.reshape(M, N), row_task, num_tasks), dx_sum
+    return dx, ds, dbeta_partial.sum(dim=0), (dx_partial.sum(dim=0) if dx_partial is not None else None)

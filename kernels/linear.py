@@ -40,24 +40,25 @@ bf16 tensor is 50 MB), the old design's rereads taken from HBM (its worst case: 
 
   backward, kernel sequence of one block (BitFit: 464 GFLOP of dX GEMMs, half of full fine-tuning's)
                                    GFLOP   new design: bytes                ms     old design (fused prologue)
-  LN2 backward (dbeta in-kernel)      -    dy, x_hat 100, ds, dx 100 MB   0.060   same
-  FC2: db pass over dy                -    50 MB read                     0.015   dy re-read 3072/128 = 24x:
-  FC2: dx = dy @ W2 (cuBLAS)        155    50 + 5 + 201 MB                0.193   1.2 GB -> 0.36 ms, bound by HBM
+  LN2 backward (dbeta, FC2's db)      -    dy, x_hat 100, ds, dx 100 MB   0.060   + FC2 db: dy re-read 3072/128 =
+  FC2: dx = dy @ W2 (cuBLAS)        155    50 + 5 + 201 MB                0.193   24x: 1.2 GB -> 0.36 ms, HBM-bound
   FC1: g = dy*gelu'(h), db pass       -    dy, h 402 read, g 201 written  0.180   dy, h re-read up to 768/64 = 12x,
   FC1: dx = g @ W1 (cuBLAS)         155    201 + 5 + 50 MB                0.193   erf/exp redone 12x: ~1.4 ms
   residual gradient add (autograd)    -    150 MB                         0.045   same
-  LN1 backward                        -    200 MB                         0.060   same
-  attn-out: db pass + dx GEMM        39    50 MB + 101 MB                 0.063   dy re-read 6x: 0.09 ms
+  LN1 backward (dbeta, attn-out db)   -    200 MB                         0.060   same
+  attn-out: dx GEMM                  39    101 MB                         0.048   + db, dy re-read 6x: 0.09 ms
   SDPA backward                      32    ~400 MB                        0.120   same
   QKV: db pass + dx GEMM            116    151 MB + 205 MB                0.190   dy re-read 6x: 0.27 ms
-  block backward                    497    ~2.6 GB                        1.12    ~2.5 ms
+  block backward                    497    ~2.5 GB                        1.09    ~2.5 ms
 
 The old kernel recomputed g as the prologue of the dX GEMM: every one of the K/BLOCK_K programs sharing a row
 block reread dy and h and redid erf/exp (and Philox), and with pid_m fastest those programs ran far apart, so
-the rereads came from HBM. The new sequence reads each gradient tensor once for db and once in the GEMM; the
-GEMMs run at the compute roof and the elementwise passes at the bandwidth roof. Left on the table (~0.2 ms per
-block, the block-level rewrite): FC1's g pass fused into the epilogue of FC2's dX GEMM (cuBLASLt's DGELU_BGRAD),
-and the FC2 / attn-out db sums into the LayerNorm backward rows that produce those gradients.
+the rereads came from HBM. The new sequence reads each gradient tensor once, in the pass that produces it or in
+the GEMM: FC2's and attn-out's bias gradients are summed by the LayerNorm backward that writes their gradients
+(``bitfit_fast.functions.LinearLayerNormFunction``), FC1's by the g pass. The GEMMs run at the compute roof and
+the elementwise passes at the bandwidth roof. Left on the table: the QKV db pass (151 MB, ~0.045 ms), which the packing
+of dq/dk/dv into one [tokens, 3d] gradient could sum; and FC1's g pass fused into the epilogue of FC2's dX GEMM
+(~0.13 ms, cuBLASLt's DGELU_BGRAD), which on an H200 only pays with a Triton GEMM as fast as cuBLAS.
 """
 
 import inspect

@@ -16,12 +16,13 @@ from bitfit_fast_kernels import aot, layer_norm, linear
 pytestmark = pytest.mark.aot
 
 # One variant per kernel, each the one BERT training runs most: FC1's forward, its gradient pass, and the
-# residual LayerNorm pair with dropout; and the two forwards with per-row task biases (TaskBank's mixed batches).
+# residual LayerNorm pair with dropout (its backward also summing the feeding linear's bias gradient); and the two
+# forwards with per-row task biases (TaskBank's mixed batches).
 SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 bias gelu preact",
     "linear_grad bf16 gelu store_g db",
     "ln_fwd bf16 N=768 residual dropout",
-    "ln_bwd bf16 N=768 dropout dx",
+    "ln_bwd bf16 N=768 dropout dx sum_dx",
     "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
     "ln_fwd bf16 N=768 row_beta residual dropout",
 ]

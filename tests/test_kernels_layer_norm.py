@@ -57,7 +57,8 @@ def test_forward_and_backward_match_torch(dtype, lead, n, with_residual, gamma_k
                                msg="y is gamma * x_hat + beta of the x_hat the backward sees")
 
     dy = torch.randn_like(y)
-    dx, dres, dbeta = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd)
+    dx, dres, dbeta, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd)
+    assert dx_sum is None
     assert dx is dres, "without dropout the two input gradients are one tensor"
 
     def ln(xp, bp, precision):
@@ -85,7 +86,7 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     # Recover the mask from the kernel's backward: dx is ds through the mask, ds is nowhere zero.
     _, x_hat, rstd = K.residual_layer_norm_forward(x.detach(), gamma, beta, EPS, residual.detach(), dropout_p=0.2,
                                                    seed=77)
-    dx, ds, _ = K.residual_layer_norm_backward(torch.randn_like(y), x_hat, gamma, rstd, dropout_p=0.2, seed=77)
+    dx, ds, _, _ = K.residual_layer_norm_backward(torch.randn_like(y), x_hat, gamma, rstd, dropout_p=0.2, seed=77)
     assert (ds != 0).all()
     keep = dx != 0
     rate = keep.float().mean().item()
@@ -108,17 +109,18 @@ def test_beta_gradient_is_bit_identical_across_runs():
     x, residual, gamma, beta = make((97,), 53, torch.float16)
     y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual)
     dy = torch.randn_like(y)
-    runs = [K.residual_layer_norm_backward(dy, x_hat, gamma, rstd) for _ in range(3)]
-    for dx, _, dbeta in runs[1:]:
-        assert torch.equal(dbeta, runs[0][2]) and torch.equal(dx, runs[0][0])
+    runs = [K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=0.1, seed=3, sum_dx=True)
+            for _ in range(3)]
+    for dx, _, dbeta, dx_sum in runs[1:]:
+        assert torch.equal(dbeta, runs[0][2]) and torch.equal(dx, runs[0][0]) and torch.equal(dx_sum, runs[0][3])
 
 
 def test_only_beta_gradient_when_inputs_need_none():
     x, _, gamma, beta = make((4,), 16, torch.float32)
     y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS)
     dy = torch.randn_like(y)
-    dx, dres, dbeta = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, compute_dx=False)
-    assert dx is None and dres is None
+    dx, dres, dbeta, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, compute_dx=False)
+    assert dx is None and dres is None and dx_sum is None
     torch.testing.assert_close(dbeta, dy.sum(0))
 
 
@@ -134,6 +136,8 @@ def test_only_beta_gradient_when_inputs_need_none():
          "rstd must be the fp32"),
         (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 4), torch.ones(5), torch.zeros(3)),
          "x_hat has shape"),
+        (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
+                                                compute_dx=False, sum_dx=True), "needs compute_dx"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
@@ -152,7 +156,7 @@ def test_gpu_bert_shapes(dtype, n):
     assert_as_accurate_as_torch(y, torch_ln(x, residual, gamma, beta, dtype),
                                 torch_ln(x, residual, gamma, beta, torch.float64), "y")
     dy = torch.randn_like(y)
-    dx, _, dbeta = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd)
+    dx, _, dbeta, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd)
     xp, bp = x.double().requires_grad_(), beta.double().requires_grad_()
     truth = torch.autograd.grad(torch_ln(xp, residual, gamma, bp, torch.float64), (xp, bp), dy.double())
     xs, bs = x.clone().requires_grad_(), beta.to(dtype).requires_grad_()
@@ -176,9 +180,39 @@ def test_per_row_task_betas_match_torch(dtype, lead, n):
     y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, table, EPS, residual, row_task=row_task)
     assert_as_accurate_as_torch(y, layer_norm(x, table, dtype), layer_norm(x, table, torch.float64), "y")
     dy = torch.randn_like(y)
-    dx, _, dtable = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, row_task=row_task, num_tasks=3)
+    dx, _, dtable, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, row_task=row_task, num_tasks=3)
     truth_dx, truth_dtable = torch_grads(layer_norm, x, table, dy, torch.float64)
     same_dx, same_dtable = torch_grads(layer_norm, x, table, dy, dtype)
     assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
     assert dtable.dtype == torch.float32
     assert_as_accurate_as_torch(dtable.to(dtype), same_dtable, truth_dtable, "dtable")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,n", SHAPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("per_task", [False, True])
+def test_dx_sum_is_the_gradient_of_a_bias_added_to_x(dtype, lead, n, dropout, per_task):
+    """sum_dx: the bias gradient of the linear layer whose output is x, LayerNorm(dropout(x + b) + residual),
+    summed in the backward kernel (per task for a task table b [T, N])."""
+    x, residual, gamma, beta = make(lead, n, dtype, "adversarial")
+    seed = 5 if dropout else None
+    rows = x[..., 0].numel()
+    row_task = torch.randint(0, 3, (rows,), device=DEVICE) if per_task else None
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=dropout, seed=seed)
+    dy = torch.randn_like(x)
+    dx, _, _, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=dropout, seed=seed,
+                                                      sum_dx=True, row_task=row_task, num_tasks=3)
+    keep = dx != 0 if dropout else None  # ds is nowhere zero: dx is zero exactly where dropout dropped
+    assert keep is None or 0.6 < keep.float().mean().item() < 0.95
+    bias = torch.zeros(3, n, device=DEVICE) if per_task else torch.zeros(n, device=DEVICE)
+
+    def linear_output_ln(xp, bp, precision):
+        added = bp[row_task].view(*lead, n) if per_task else bp
+        return torch_ln(xp + added, residual, gamma, beta, precision, keep=keep)
+
+    truth_dx, truth_db = torch_grads(linear_output_ln, x, bias, dy, torch.float64)
+    same_dx, same_db = torch_grads(linear_output_ln, x, bias, dy, dtype)
+    assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
+    assert dx_sum.dtype == torch.float32 and dx_sum.shape == bias.shape
+    assert_as_accurate_as_torch(dx_sum.to(dtype), same_db, truth_db, "dx_sum")

@@ -1,0 +1,88 @@
+"""The autograd functions, written once over either implementation: the torch ops match the kernels' host
+functions' signatures, and the linear + LayerNorm function equals the two functions it fuses."""
+
+import inspect
+
+import pytest
+import torch
+from bitfit_reference import DEVICE
+
+import bitfit_fast_kernels
+from bitfit_fast import torch_ops
+from bitfit_fast.functions import Ops
+
+IMPLS = {"torch": Ops(torch_ops), "triton": Ops(bitfit_fast_kernels)}
+HOST_FUNCTIONS = ("linear_forward", "linear_backward", "residual_layer_norm_forward", "residual_layer_norm_backward")
+# Kernel-only parameters: the Philox stream offset and the choice of GEMM have no meaning in torch ops.
+KERNEL_ONLY = {"philox_offset", "gemm"}
+
+
+@pytest.mark.parametrize("name", HOST_FUNCTIONS)
+def test_torch_ops_take_the_kernels_parameters(name):
+    kernel = inspect.signature(getattr(bitfit_fast_kernels, name)).parameters
+    ours = inspect.signature(getattr(torch_ops, name)).parameters
+    expected = [(p.name, p.kind, p.default) for p in kernel.values() if p.name not in KERNEL_ONLY]
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == expected
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tables", ["none", "both", "bias", "beta"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_linear_layer_norm_equals_linear_then_layer_norm(impl, dtype, tables, dropout):
+    """Same outputs and gradients as LinearFunction then LayerNormFunction, whose LayerNorm backward does not sum
+    the linear's bias gradient; with task tables for b, beta, both or neither (then b's and beta's per-task sums
+    differ in kind, and the linear sums its own)."""
+    ops = IMPLS[impl]
+    rows, k, n, tasks = 13, 11, 37, 3
+    x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
+    weight = torch.randn(n, k, device=DEVICE, dtype=dtype) / k**0.5
+    residual = torch.randn(rows, n, device=DEVICE, dtype=dtype)
+    gamma = 1 + 0.3 * torch.randn(n, device=DEVICE)
+    bias = torch.randn(tasks, n, device=DEVICE) if tables in ("both", "bias") else torch.randn(n, device=DEVICE)
+    beta = torch.randn(tasks, n, device=DEVICE) if tables in ("both", "beta") else torch.randn(n, device=DEVICE)
+    row_task = torch.randint(0, tasks, (rows,), device=DEVICE) if tables != "none" else None
+    dy = torch.randn(rows, n, device=DEVICE, dtype=dtype)
+    seed = 7 if dropout else None
+
+    def run(fused: bool):
+        leaves = [_leaf(t) for t in (x, bias, residual, beta)]
+        xl, bl, rl, betal = leaves
+        if fused:
+            y, _ = ops.linear_layer_norm(xl, weight, bl, rl, gamma, betal, 1e-12, dropout, seed, row_task)
+        else:
+            h = ops.linear(xl, weight, bl, row_task=row_task)
+            y, _ = ops.layer_norm(h, rl, gamma, betal, 1e-12, dropout, seed, row_task)
+        return y, torch.autograd.grad(y, leaves, dy)
+
+    y, grads = run(fused=True)
+    y_ref, grads_ref = run(fused=False)
+    assert torch.equal(y, y_ref)
+    # Only the linear's bias gradient is summed otherwise: from dx in fp32 here, from dx rounded to its dtype there.
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-3)
+    for name, ours, theirs in zip(("dx", "dbias", "dresidual", "dbeta"), grads, grads_ref):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+        if name == "dbias":
+            torch.testing.assert_close(ours, theirs, **tolerance, msg=name)
+        else:
+            assert torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_layer_norm_computes_only_the_gradients_asked_for(impl):
+    ops = IMPLS[impl]
+    x = torch.randn(5, 8, device=DEVICE)
+    weight = torch.randn(6, 8, device=DEVICE)
+    bias, beta = torch.randn(6, device=DEVICE, requires_grad=True), torch.randn(6, device=DEVICE, requires_grad=True)
+    y, x_hat = ops.linear_layer_norm(x, weight, bias, None, torch.ones(6, device=DEVICE), beta, 1e-5)
+    assert not x_hat.requires_grad
+    dbias, dbeta = torch.autograd.grad(y, (bias, beta), torch.ones_like(y))
+    torch.testing.assert_close(dbeta, torch.full_like(beta, 5.0))
+    # LayerNorm's output is invariant to a constant added to its input's row: sum over features of dx is 0 per row.
+    torch.testing.assert_close(dbias.sum(), torch.zeros((), device=DEVICE), atol=1e-4, rtol=0)
+    with pytest.raises(RuntimeError, match="no weight gradient"):
+        ops.linear_layer_norm(x, weight.requires_grad_(), bias, None, torch.ones(6, device=DEVICE), beta, 1e-5)
