@@ -1,11 +1,12 @@
 """The BitFit autograd functions, written once over an implementation of the kernels' host functions.
 
 An implementation ("impl") is a module with ``linear_forward``, ``linear_backward``,
-``residual_layer_norm_forward`` and ``residual_layer_norm_backward``: the Triton kernels (``bitfit_fast_kernels``)
-or the same functions in plain torch ops (``torch_ops``, the CPU path and the kernels' oracle). The functions
-below hold what both share: what is saved for the backward, which gradients are needed, the autocast dtype of the
-GEMMs, and the casts of the gradients back to the inputs' dtypes. Each impl keeps its own numerics: the kernels
-add the bias in their fp32 accumulator, torch rounds it to the GEMM dtype first, as F.linear under autocast does.
+``residual_layer_norm_forward``, ``residual_layer_norm_backward`` and ``heads_to_rows``: the Triton kernels
+(``bitfit_fast_kernels``) or the same functions in plain torch ops (``torch_ops``, the CPU path and the kernels'
+oracle). The functions below hold what both share: what is saved for the backward, which gradients are needed, the
+autocast dtype of the GEMMs, and the casts of the gradients back to the inputs' dtypes. Each impl keeps its own
+numerics: the kernels add the bias in their fp32 accumulator, torch rounds it to the GEMM dtype first, as F.linear
+under autocast does.
 
 Nothing saved is an activation BitFit can do without: no weight or gamma gradient, no layer input, no dropout
 mask (drawn again from its seed), a LayerNorm's x_hat and rstd rather than its input or output.
@@ -194,6 +195,46 @@ class LinearLayerNormFunction(torch.autograd.Function):
         )
 
 
+class LinearHeadsFunction(torch.autograd.Function):
+    """The rows x @ W^T + b [R, P * H * D] of a frozen projection split into P parts [S, H, L, D], attention's layout
+    (BERT's packed q, k, v: P = 3; k, v: P = 2). Real row i sits at slot ``slots[i]`` = s * L + l of the [S, L]
+    layout (None: row i at slot i); rows past the real ones (a row bucket) are not read.
+
+    Saves W only. Its backward gathers the parts' gradients back into rows and sums their columns for the bias in
+    one pass (``heads_to_rows``), then runs the dX GEMM plain: no copies into a packed buffer, no gather of the
+    real rows, no pass for the bias gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, impl, x, weight, bias, row_task, slots, layout, parts, heads):
+        check_frozen("weight", weight)
+        dtype = compute_dtype(x)
+        bias, row_task, num_tasks = _tables(bias, row_task)
+        rows, _ = impl.linear_forward(x.to(dtype).contiguous(), weight.to(dtype).contiguous(), bias, row_task=row_task)
+        sequences, length = layout
+        real = rows[: slots.shape[0] if slots is not None else sequences * length]
+        if slots is not None:
+            real = real.new_zeros(sequences * length, real.shape[1]).index_copy_(0, slots, real)
+        ctx.save_for_backward(weight, slots, row_task)
+        ctx.impl = impl
+        ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
+        ctx.num_rows, ctx.num_tasks = x.shape[0], num_tasks
+        width = real.shape[1]
+        return real.view(sequences, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        weight, slots, row_task = ctx.saved_tensors
+        needs_x, _, needs_bias = ctx.needs_input_grad[1:4]
+        g, db = ctx.impl.heads_to_rows(grads, slots, ctx.num_rows, compute_db=needs_bias, row_task=row_task,
+                                       num_tasks=ctx.num_tasks)
+        dx = None
+        if needs_x:
+            dx, _ = ctx.impl.linear_backward(g, weight.to(g.dtype).contiguous(), compute_db=False)
+        x_dtype, bias_dtype = ctx.dtypes
+        return None, _cast(dx, x_dtype), None, _cast(db, bias_dtype), None, None, None, None, None
+
+
 class Ops:
     """The fused functions on one implementation, with keyword arguments; see :func:`functions`."""
 
@@ -213,6 +254,12 @@ class Ops:
     def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
         """:class:`LayerNormFunction`: (y, x_hat)."""
         return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task)
+
+    def linear_heads(self, x, weight, bias, tokens, parts: int, heads: int, row_task=None):
+        """:class:`LinearHeadsFunction` on the attention layout of ``tokens`` (an ``unpadding.Tokens``): P tensors
+        [S, H, L, D]."""
+        layout = (tokens.num_sequences, tokens.max_len)
+        return LinearHeadsFunction.apply(self.impl, x, weight, bias, row_task, tokens.slots, layout, parts, heads)
 
     def linear_layer_norm(self, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None,
                           row_task=None):

@@ -6,7 +6,8 @@ positions, no cross-attention) becomes an instance of ``Fused<LayerClass>``, a s
 here (the original class is untouched, so ``isinstance`` and Hugging Face's output capture still hold), whose
 forward is:
 
-    qkv = x @ W_qkv^T + b_qkv                     one GEMM; W_qkv packed once, q/k/v weights are views of it
+    qkv = x @ W_qkv^T + b_qkv                     one GEMM; W_qkv packed once, q/k/v weights are views of it,
+                                                  split into heads as views (``LinearHeadsFunction``)
     a   = scaled_dot_product_attention(q, k, v)   per sequence (see ``unpadding``)
     y1  = LayerNorm(dropout(a @ W_o^T + b_o) + x)             dropout + residual + LayerNorm in one pass
     y2  = LayerNorm(dropout(gelu(y1 @ W_i^T + b_i) @ W_2^T + b_2) + y1)
@@ -207,17 +208,18 @@ class FusedEncoderLayer(nn.Module):
         # Biases [3d], or task tables [T, 3d] in a TaskBank: concatenated along the features either way.
         bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()], dim=-1)
         row_task = tokens.row_tasks()
+        heads = getattr(attention, self.spec.heads)
         if first_only:
             q = ops.linear(x.index_select(0, tokens.starts), weight[:hidden], bias[..., :hidden],
                            row_task=tokens.row_tasks(first_only=True))
-            kv = ops.linear(x, weight[hidden:], bias[..., hidden:], row_task=row_task)
+            q = tokens.query_heads(q, heads, first_only=True)
+            k, v = ops.linear_heads(x, weight[hidden:], bias[..., hidden:], tokens, 2, heads, row_task)
         else:
-            q, kv = None, ops.linear(x, weight, bias, row_task=row_task)  # kv: q, k and v
+            q, k, v = ops.linear_heads(x, weight, bias, tokens, 3, heads, row_task)
         p = self.get_submodule(self.spec.attention_dropout).p if self.training else 0.0
-        heads = getattr(attention, self.spec.heads)
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
-        return tokens.attention(q, kv, heads, p, _draw_seed(p), scale, keep_probabilities, first_only)
+        return tokens.attend(q, k, v, p, _draw_seed(p), scale, keep_probabilities, first_only)
 
     def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous

@@ -186,6 +186,24 @@ def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=
     return dx, ds, column_sums(dy, row_task, num_tasks), dx_sum
 
 
+def heads_to_rows(grads, slots, num_rows, *, compute_db=True, row_task=None, num_tasks=1):
+    """``bitfit_fast_kernels.heads_to_rows`` in torch ops: (g [num_rows, P * H * D], db in fp32 or None)."""
+    first = next(grad for grad in grads if grad is not None)
+    sequences, heads, length, dim = first.shape
+    packed = first.new_empty(sequences, length, len(grads), heads, dim)
+    for part, grad in enumerate(grads):
+        if grad is None:
+            packed[:, :, part].zero_()
+        else:
+            packed[:, :, part].copy_(grad.transpose(1, 2))
+    g = packed.view(sequences * length, -1)
+    if slots is not None:
+        g = g.index_select(0, slots)
+    if num_rows > g.shape[0]:
+        g = torch.cat([g, g.new_zeros(num_rows - g.shape[0], g.shape[1])])
+    return g, (column_sums(g, row_task, num_tasks) if compute_db else None)
+
+
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):
     """softmax(q k^T * scale + mask) in at least fp32, and its row logsumexp. The dropout mask is drawn in this
     dtype in the forward and the backward alike (torch.rand's stream depends on the dtype)."""

@@ -239,24 +239,33 @@ class Tokens:
                   keep_probabilities: bool, first_only: bool = False, window: int | None = None) -> torch.Tensor:
         """softmax(q k^T · scale + mask) v per sequence, for q [N, d] (with ``first_only``, [S, d]: each
         sequence's first row) and kv [N, 2d] (k then v), or q None and kv [N, 3d] (q, k, v: one GEMM's output);
-        returns q's shape. ``keep_probabilities=False`` runs the flash-style ``DropoutAttentionFunction``, which
-        keeps q, k, v and the row logsumexp, not the probabilities.
-        ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
-        parts = 3 if q is None else 2
-        hidden = kv.shape[-1] // parts
-        mask = self.additive_mask(kv.dtype, window)
+        returns q's shape. See :meth:`attend`."""
+        if q is None:
+            q, k, v = _HeadViews.apply(self._to_sequences(kv), 3, heads)
+        else:
+            k, v = _HeadViews.apply(self._to_sequences(kv), 2, heads)
+            q = self.query_heads(q, heads, first_only)
+        return self.attend(q, k, v, dropout_p, seed, scale, keep_probabilities, first_only, window)
+
+    def query_heads(self, q: torch.Tensor, heads: int, first_only: bool = False) -> torch.Tensor:
+        """Query rows [N, d] (with ``first_only``, [S, d]) as [S, H, L, D] (L = 1 with ``first_only``)."""
+        q = q.unsqueeze(1) if first_only else self._to_sequences(q)
+        return q.view(self.num_sequences, -1, heads, q.shape[-1] // heads).transpose(1, 2)
+
+    def attend(self, q, k, v, dropout_p: float, seed: int | None, scale: float, keep_probabilities: bool,
+               first_only: bool = False, window: int | None = None) -> torch.Tensor:
+        """softmax(q k^T · scale + mask) v for q, k, v [S, H, L, D] in the attention layout (q with L = 1 and
+        ``first_only``: each sequence's first row); returns rows [N, H·D], or [S, H·D] with ``first_only``.
+        ``keep_probabilities=False`` runs the flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the
+        row logsumexp, not the probabilities. ``window``: each query sees the keys at most that many positions
+        away (see ``additive_mask``)."""
+        mask = self.additive_mask(k.dtype, window)
         if first_only and mask is not None:
             mask = mask[..., :1, :]  # a window's [L, L] mask: the first query's row
-        if q is None:
-            q, k, v = _HeadViews.apply(self._to_sequences(kv), parts, heads)
-        else:
-            k, v = _HeadViews.apply(self._to_sequences(kv), parts, heads)
-            q = (q.unsqueeze(1) if first_only else self._to_sequences(q)).view(*k.shape[:1], -1, heads, k.shape[-1])
-            q = q.transpose(1, 2)
         if not keep_probabilities and dropout_p > 0.0:
             context = DropoutAttentionFunction.apply(q, k, v, mask, dropout_p, seed, scale)
         else:
             # The additive mask, made once for all layers: SDPA would convert a boolean one and keep a copy per layer.
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-        context = context.transpose(1, 2).reshape(self.num_sequences, -1, hidden)
+        context = context.transpose(1, 2).reshape(self.num_sequences, -1, q.shape[1] * q.shape[3])
         return context.squeeze(1) if first_only else self._from_sequences(context)

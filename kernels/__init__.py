@@ -4,6 +4,7 @@ Each module holds private ``@triton.jit`` kernels followed by host functions tha
 the outputs and launch. Autograd lives in ``bitfit_fast``; nothing here knows about ``nn.Module``.
 """
 
+from .heads import heads_to_rows
 from .layer_norm import residual_layer_norm_backward, residual_layer_norm_forward
 from .linear import linear_backward, linear_forward
 from .utils import INTERPRETER, KernelInputError
@@ -11,6 +12,7 @@ from .utils import INTERPRETER, KernelInputError
 __all__ = [
     "INTERPRETER",
     "KernelInputError",
+    "heads_to_rows",
     "linear_backward",
     "linear_forward",
     "residual_layer_norm_backward",

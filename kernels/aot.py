@@ -4,7 +4,8 @@ on any machine, with or without a GPU (triton ships ptxas).
     python -m bitfit_fast_kernels.aot [--only SUBSTRING ...] [--jobs N] [--dump DIR] [--compare FILE]
 
 A variant is a kernel x tile config x dtype x the constexpr flag set that bitfit_fast's autograd functions pass
-(bitfit_fast/functions.py: the linears run without dropout; LayerNorm always stores x_hat). Argument types and
+(bitfit_fast/functions.py: BERT's linears run without dropout, ModernBERT's Wo and GeGLU with it when its
+config asks; LayerNorm always stores x_hat). Argument types and
 16-byte divisibility are what the JIT derives from a BERT launch: torch allocations are aligned, N, K and the
 hidden size are multiples of 16, biases / gamma / beta / statistics are fp32, arguments named in a kernel's
 ``do_not_specialize`` get no alignment hint, and a drawn dropout seed is taken as unaligned.
@@ -39,7 +40,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import layer_norm, linear
+from . import heads, layer_norm, linear
 from .utils import INTERPRETER, dot_precision
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -88,34 +89,38 @@ def linear_variants():
     # (dtype, DOT_PRECISION): 16-bit operands always pass "tf32"; fp32 passes either, see utils.dot_precision.
     families = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32"), ("fp32", "ieee")]
     # functions.LinearFunction: bias or not; plain, GELU or GeGLU (ModernBERT's Wi) storing its pre-activation (default
-    # memory) or not (recompute).
-    epilogues = [("", False), ("gelu", True), ("gelu", False), ("geglu", True), ("geglu", False)]
+    # memory) or not (recompute); with dropout, ModernBERT's Wo and GeGLU (attention_dropout, mlp_dropout).
+    epilogues = [("", False, False), ("gelu", True, False), ("gelu", False, False), ("geglu", True, False),
+                 ("geglu", False, False), ("", False, True), ("geglu", True, True), ("geglu", False, True)]
     # Biases: none, shared, or per row (a task table gathered by each row's task, TaskBank's mixed batches).
-    for (dt, precision), bias, (act, preact) in itertools.product(families, ("", "shared", "per-row"), epilogues):
+    for (dt, precision), bias, (act, preact, dropout) in itertools.product(families, ("", "shared", "per-row"),
+                                                                           epilogues):
         for cfg in linear.gemm_configs(DTYPES[dt], precision, act or None):
             tile = "x".join(str(cfg.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             flags = _flags(bias=bias == "shared", row_bias=bias == "per-row", gelu=act == "gelu",
-                           geglu=act == "geglu", preact=preact)
+                           geglu=act == "geglu", preact=preact, dropout=dropout)
             label = f"{tile} s{cfg.num_stages} w{cfg.num_warps} {flags}"
             yield Variant(
                 "linear_fwd", f"{precision} {label}" if dt == "fp32" else label, fn, dt,
-                consts=dict(HAS_BIAS=bias != "", BIAS_PER_ROW=bias == "per-row", ACTIVATION=act, HAS_DROPOUT=False,
-                            STORE_PREACT=preact, DOT_PRECISION=precision, **cfg.kwargs),
+                consts=dict(HAS_BIAS=bias != "", BIAS_PER_ROW=bias == "per-row", ACTIVATION=act,
+                            HAS_DROPOUT=dropout, STORE_PREACT=preact, DOT_PRECISION=precision, **cfg.kwargs),
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                 fp32_pointers={"b_ptr"} if bias else set(), int_pointers={"task_ptr"},
-                ints=dict(INTS, seed=0),
+                ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
             )
-    # linear_backward: g with the GELU or GeGLU (stored for dx, column-summed for db), or db alone from dy.
-    activated = [(act, store_g, db) for act in ("gelu", "geglu") for store_g, db in [(True, True), (True, False),
-                                                                                   (False, True)]]
-    for dt, (act, store_g, db) in itertools.product(DTYPES, [*activated, ("", False, True)]):
+    # linear_backward: g with the GELU or GeGLU (stored for dx, column-summed for db), or db alone from dy; with
+    # dropout (ModernBERT's Wo and GeGLU), g = dy through the mask with or without the GeGLU.
+    outputs = [(True, True), (True, False), (False, True)]  # (store_g, db)
+    passes = [(act, False, *out) for act in ("gelu", "geglu") for out in outputs] + [("", False, False, True)]
+    passes += [(act, True, *out) for act in ("", "geglu") for out in outputs]
+    for dt, (act, dropout, store_g, db) in itertools.product(DTYPES, passes):
         yield Variant(
-            "linear_grad", _flags(gelu=act == "gelu", geglu=act == "geglu", store_g=store_g, db=db),
+            "linear_grad", _flags(gelu=act == "gelu", geglu=act == "geglu", dropout=dropout, store_g=store_g, db=db),
             linear._linear_grad_kernel, dt,
-            consts={"ACTIVATION": act, "HAS_DROPOUT": False, "STORE_G": store_g, "COMPUTE_DB": db,
-                        "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
+            consts={"ACTIVATION": act, "HAS_DROPOUT": dropout, "STORE_G": store_g, "COMPUTE_DB": db,
+                    "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
             options={"num_warps": linear._GRAD_WARPS},
-            fp32_pointers={"db_partial_ptr"} if db else set(), ints=dict(INTS, seed=0),
+            fp32_pointers={"db_partial_ptr"} if db else set(), ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
         )
 
 
@@ -148,9 +153,24 @@ def layer_norm_variants():
         )
 
 
+def heads_variants():
+    """Every variant of the heads-to-rows gradient gather, per dtype: padded or packed batches (slots) or batches
+    with every token real, with or without the bias-gradient sums (a frozen or per-task projection bias)."""
+    # BERT-base's q/k/v gradients as a GPU's SDPA backward leaves them: [S, H, L, D] views of [S, L, H, D].
+    ints = dict(M=32768, R=32768, L=128, N=768, D=64, row_stride=2304, col_offset=768,
+                stride_s=128 * 768, stride_h=64, stride_l=768, stride_d=1)
+    for dt, slots, db in itertools.product(DTYPES, (True, False), (True, False)):
+        yield Variant(
+            "heads_to_rows", _flags(slots=slots, db=db), heads._heads_to_rows_kernel, dt,
+            consts={"HAS_SLOTS": slots, "COMPUTE_DB": db, "BLOCK_M": heads._BLOCK_M, "BLOCK_N": heads._BLOCK_N},
+            options={"num_warps": heads._WARPS},
+            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers={"slot_ptr"}, ints=ints,
+        )
+
+
 def all_variants() -> list[Variant]:
     """All variants, in a fixed order: the worker processes find theirs by index."""
-    return [*linear_variants(), *layer_norm_variants()]
+    return [*linear_variants(), *layer_norm_variants(), *heads_variants()]
 
 
 def source(v: Variant) -> triton.compiler.ASTSource:

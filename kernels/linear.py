@@ -48,17 +48,20 @@ bf16 tensor is 50 MB), the old design's rereads taken from HBM (its worst case: 
   LN1 backward (dbeta, attn-out db)   -    200 MB                         0.060   same
   attn-out: dx GEMM                  39    101 MB                         0.048   + db, dy re-read 6x: 0.09 ms
   SDPA backward                      32    ~400 MB                        0.120   same
-  QKV: db pass + dx GEMM            116    151 MB + 205 MB                0.190   dy re-read 6x: 0.27 ms
-  block backward                    497    ~2.5 GB                        1.09    ~2.5 ms
+  QKV: heads_to_rows (gather + db)    -    151 read, 151 MB written       0.090   pack + gather passes: 0.18 ms
+  QKV: dx = g @ Wqkv (cuBLAS)       116    151 + 4 + 50 MB                0.145   + db, dy re-read 6x: 0.27 ms
+  block backward                    497    ~2.7 GB                        1.13    ~2.7 ms
 
 The old kernel recomputed g as the prologue of the dX GEMM: every one of the K/BLOCK_K programs sharing a row
 block reread dy and h and redid erf/exp (and Philox), and with pid_m fastest those programs ran far apart, so
 the rereads came from HBM. The new sequence reads each gradient tensor once, in the pass that produces it or in
 the GEMM: FC2's and attn-out's bias gradients are summed by the LayerNorm backward that writes their gradients
-(``bitfit_fast.functions.LinearLayerNormFunction``), FC1's by the g pass. The GEMMs run at the compute roof and
-the elementwise passes at the bandwidth roof. Left on the table: the QKV db pass (151 MB, ~0.045 ms), which the packing
-of dq/dk/dv into one [tokens, 3d] gradient could sum; and FC1's g pass fused into the epilogue of FC2's dX GEMM
-(~0.13 ms, cuBLASLt's DGELU_BGRAD), which on an H200 only pays with a Triton GEMM as fast as cuBLAS.
+(``bitfit_fast.functions.LinearLayerNormFunction``), FC1's by the g pass, the QKV bias's by the one pass that
+gathers dq, dk and dv back into rows (``heads.heads_to_rows``, ``LinearHeadsFunction``; before it, a pack into a
+[S, L, 3d] buffer, a gather of the real rows and a db pass: three passes over 151 MB). No bias-gradient pass of its
+own remains. The GEMMs run at the compute roof and the elementwise passes at the bandwidth roof. Left on the
+table: FC1's g pass fused into the epilogue of FC2's dX GEMM (~0.13 ms, cuBLASLt's DGELU_BGRAD), which on an
+H200 only pays with a Triton GEMM as fast as cuBLAS.
 """
 
 import inspect

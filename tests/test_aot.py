@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from bitfit_fast_kernels import aot, layer_norm, linear
+from bitfit_fast_kernels import aot, heads, layer_norm, linear
 
 pytestmark = pytest.mark.aot
 
 # One variant per kernel, each the one BERT training runs most: FC1's forward, its gradient pass, and the
 # residual LayerNorm pair with dropout (its backward also summing the feeding linear's bias gradient); and the two
-# forwards with per-row task biases (TaskBank's mixed batches).
+# forwards with per-row task biases (TaskBank's mixed batches); the q/k/v gradient gather of padded batches.
 SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 bias gelu preact",
     "linear_grad bf16 gelu store_g db",
@@ -25,6 +25,7 @@ SUBSET = [
     "ln_bwd bf16 N=768 dropout dx sum_dx",
     "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
     "ln_fwd bf16 N=768 row_beta residual dropout",
+    "heads_to_rows bf16 slots db",
 ]
 
 
@@ -85,7 +86,7 @@ def test_every_kernel_has_variants():
     # A kernel added to kernels/ without an entry in the check would never be compiled before it meets a GPU.
     kernels = {
         obj.fn if hasattr(obj, "configs") else obj  # an Autotuner wraps the jitted function
-        for module in (linear, layer_norm)
+        for module in (linear, layer_norm, heads)
         for name, obj in vars(module).items()
         if name.endswith("_kernel")
     }

@@ -1,0 +1,90 @@
+"""heads_to_rows: the attention heads' gradients back into a projection's rows, and its bias gradient, against
+the torch implementation and float64."""
+
+import pytest
+import torch
+
+import bitfit_fast_kernels as K
+from bitfit_fast import torch_ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (sequences, heads, length, head size, real rows or None for all, extra bucket rows): primes, a single row, and
+# head sizes that are not powers of two.
+LAYOUTS = [(1, 1, 1, 3, None, 0), (3, 2, 7, 5, 13, 4), (2, 3, 11, 12, None, 9), (5, 4, 6, 16, 17, 0)]
+
+
+def _grads(sequences, heads, length, dim, parts, dtype, transposed):
+    """Each part's gradient [S, H, L, D]: contiguous, or laid out as [S, L, H, D] (what a packed buffer's views
+    give) with its last two dimensions swapped too, so that the kernel sees strides of every kind."""
+    if not transposed:
+        return [torch.randn(sequences, heads, length, dim, device=DEVICE, dtype=dtype) for _ in range(parts)]
+    return [torch.randn(sequences, length, dim, heads, device=DEVICE, dtype=dtype).permute(0, 3, 1, 2)
+            for _ in range(parts)]
+
+
+def _slots(sequences, length, real):
+    """Real rows' places in the [S, L] layout, in order (as unpadding lays them out), or None for all."""
+    if real is None:
+        return None
+    return torch.randperm(sequences * length, device=DEVICE)[:real].sort().values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("parts", [3, 2])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rows_and_bias_gradient_match_torch(dtype, layout, parts, transposed):
+    sequences, heads, length, dim, real, extra = layout
+    grads = _grads(sequences, heads, length, dim, parts, dtype, transposed)
+    slots = _slots(sequences, length, real)
+    num_rows = (real if real is not None else sequences * length) + extra
+    g, db = K.heads_to_rows(grads, slots, num_rows)
+    g_ref, _ = torch_ops.heads_to_rows(grads, slots, num_rows)
+    assert g.dtype == dtype and g.shape == (num_rows, parts * heads * dim)
+    assert torch.equal(g, g_ref), "a gather: exact"
+    assert not g[num_rows - extra:].any(), "the bucket's rows are zeros"
+    truth = g_ref.double().sum(dim=0)
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()), rtol=1e-6)
+
+
+def test_a_part_without_gradient_gives_zero_columns_and_db_only_when_asked():
+    grads = _grads(2, 3, 5, 4, 3, torch.float32, False)
+    grads[1] = None
+    g, db = K.heads_to_rows(grads, None, 10)
+    assert not g[:, 12:24].any() and not db[12:24].any()
+    torch.testing.assert_close(g, torch_ops.heads_to_rows(grads, None, 10)[0], atol=0, rtol=0)
+    _, none = K.heads_to_rows(grads, None, 10, compute_db=False)
+    assert none is None
+
+
+def test_per_task_bias_gradient():
+    grads = _grads(3, 2, 7, 5, 3, torch.float32, False)
+    slots = _slots(3, 7, 13)
+    row_task = torch.randint(0, 4, (16,), device=DEVICE)
+    g, dtable = K.heads_to_rows(grads, slots, 16, row_task=row_task, num_tasks=4)
+    expected = torch.zeros(4, g.shape[1], dtype=torch.float64, device=DEVICE).index_add_(0, row_task, g.double())
+    assert dtable.shape == (4, 30)
+    torch.testing.assert_close(dtable.double(), expected, atol=1e-5, rtol=1e-6)
+
+
+def test_bias_gradient_is_bit_identical_across_runs():
+    grads = _grads(5, 4, 6, 16, 3, torch.float16, True)
+    runs = [K.heads_to_rows(grads, None, 40) for _ in range(3)]
+    assert all(torch.equal(db, runs[0][1]) for _, db in runs[1:])
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: K.heads_to_rows((None, None), None, 4), "at least one"),
+        (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5)), None, 3), "one"),
+        (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), torch.tensor([0, 2], dtype=torch.int32), 3), "int64"),
+        (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), None, 2), "less than"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    if DEVICE == "cuda":
+        pytest.skip("the calls build CPU tensors")
+    with pytest.raises(K.KernelInputError, match=message):
+        call()
