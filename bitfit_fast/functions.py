@@ -116,17 +116,9 @@ class LayerNormFunction(torch.autograd.Function):
             compute_dx=needs_x or needs_residual, row_task=row_task, **ctx.options,
         )
         x_dtype, residual_dtype, beta_dtype = ctx.dtypes
-        return (
-            None,
-            _cast(dx, x_dtype) if needs_x else None,
-            _cast(dresidual, residual_dtype) if needs_residual else None,
-            None,
-            _cast(dbeta, beta_dtype) if needs_beta else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        dx = _cast(dx, x_dtype) if needs_x else None
+        dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
+        return None, dx, dresidual, None, _cast(dbeta, beta_dtype) if needs_beta else None, *(None,) * 4
 
 
 class LinearLayerNormFunction(torch.autograd.Function):
@@ -180,19 +172,10 @@ class LinearLayerNormFunction(torch.autograd.Function):
             )
             db = db if sum_in_layer_norm else db_rows
         x_dtype, bias_dtype, residual_dtype, beta_dtype = ctx.dtypes
-        return (
-            None,
-            _cast(dx, x_dtype),
-            None,
-            _cast(db, bias_dtype) if needs_bias else None,
-            _cast(dresidual, residual_dtype) if needs_residual else None,
-            None,
-            _cast(dbeta, beta_dtype) if needs_beta else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        db = _cast(db, bias_dtype) if needs_bias else None
+        dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
+        dbeta = _cast(dbeta, beta_dtype) if needs_beta else None
+        return None, _cast(dx, x_dtype), None, db, dresidual, None, dbeta, *(None,) * 4
 
 
 class LinearHeadsFunction(torch.autograd.Function):
