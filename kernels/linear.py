@@ -96,7 +96,8 @@ def _gemm_config(bm, bn, bk, stages, warps):
 # spills (checked by `python -m bitfit_fast_kernels.aot`): 128 x 128 tiles on 4 warps hit 255 registers and spill
 # 0.5-1.2 KB per thread in the GELU epilogue, so they take 8 warps; fp32 operands take twice the shared memory, so
 # half the K depth, and TF32's 128 x 64 tile takes 8 warps too (on 4, the per-row bias gather with the dropout
-# epilogue spilled 32 B under triton 3.6); FMA ("ieee") tiles stay small. Under the interpreter one small tile keeps the tests fast.
+# epilogue spilled 32 B under triton 3.6); FMA ("ieee") tiles stay small. Under the interpreter one small tile
+# keeps the tests fast.
 # The GeGLU epilogue holds two accumulators (input and gate columns), so its tiles hold half the columns per warp:
 # the plain tiles with both accumulators use all 255 registers and spill 128-368 B.
 if INTERPRETER:

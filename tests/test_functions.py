@@ -86,3 +86,47 @@ def test_linear_layer_norm_computes_only_the_gradients_asked_for(impl):
     torch.testing.assert_close(dbias.sum(), torch.zeros((), device=DEVICE), atol=1e-4, rtol=0)
     with pytest.raises(RuntimeError, match="no weight gradient"):
         ops.linear_layer_norm(x, weight.requires_grad_(), bias, None, torch.ones(6, device=DEVICE), beta, 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("lengths", [(5, 1, 3), (4, 4)])
+@pytest.mark.parametrize("parts", [3, 2])
+@pytest.mark.parametrize("table", [False, True])
+def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, parts, table, bucketed_rows):
+    """LinearHeadsFunction against LinearFunction then Tokens' own split into heads (the path ModernBERT keeps): the
+    same [S, H, L, D] parts and the same input and bias gradients, on padded and unpadded batches with bucket rows,
+    for a bias and a task table."""
+    from bitfit_fast.unpadding import Tokens
+
+    ops, heads, dim, tasks = IMPLS[impl], 3, 4, 3
+    width = parts * heads * dim
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=DEVICE)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = True
+    tokens = Tokens.of_batch(torch.zeros(*mask.shape, 1, device=DEVICE), mask[:, None, None, :])
+    assert tokens.num_rows > tokens.real_rows, "the bucket adds rows (fixture bucketed_rows)"
+    x = torch.randn(tokens.num_rows, 7, device=DEVICE)
+    weight = torch.randn(width, 7, device=DEVICE)
+    bias = torch.randn(tasks, width, device=DEVICE) if table else torch.randn(width, device=DEVICE)
+    row_task = torch.randint(0, tasks, (tokens.num_rows,), device=DEVICE) if table else None
+    cotangents = [torch.randn(tokens.num_sequences, heads, tokens.max_len, dim, device=DEVICE) for _ in range(parts)]
+
+    def run(fused: bool):
+        xl, bl = _leaf(x), _leaf(bias)
+        if fused:
+            outs = ops.linear_heads(xl, weight, bl, tokens, parts, heads, row_task)
+        else:
+            rows = tokens._to_sequences(ops.linear(xl, weight, bl, row_task=row_task))
+            outs = rows.view(*rows.shape[:2], parts, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # Padding slots carry no gradient in attention (their keys are masked, their outputs dropped).
+        real = tokens.key_mask[:, :, 0, :, None] if tokens.key_mask is not None else True
+        loss = sum((out * c * real).sum() for out, c in zip(outs, cotangents))
+        return [out.detach() for out in outs], torch.autograd.grad(loss, (xl, bl))
+
+    outs, grads = run(fused=True)
+    outs_ref, grads_ref = run(fused=False)
+    for ours, theirs in zip(outs, outs_ref):
+        assert torch.equal(ours, theirs)
+    for name, ours, theirs in zip(("dx", "dbias"), grads, grads_ref):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
+    assert not grads[0][tokens.real_rows:].any(), "bucket rows get no gradient"
