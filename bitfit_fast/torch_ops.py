@@ -17,10 +17,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32, deterministic. On CUDA one GEMM with the
-    rows' one-hot task matrix (index_add_ would add with atomics, in no fixed order); elsewhere index_add_, which
-    adds in row order there and costs M·N instead of T·M·N. The kernels' host functions do the same
-    (``bitfit_fast_kernels.utils.task_sums``, which cannot import this package)."""
+    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32, deterministic: index_add_, which adds in
+    row order on CPU (the torch ops' device); on CUDA, where index_add_ adds with atomics in no fixed order, one
+    GEMM with the rows' one-hot task matrix (T·M·N; the Triton backend sums in one read instead,
+    ``bitfit_fast_kernels.task_sums``)."""
     if grad.is_cuda:
         return F.one_hot(row_task, num_tasks).to(torch.float32).t() @ grad.float()
     sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)

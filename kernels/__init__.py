@@ -7,6 +7,7 @@ the outputs and launch. Autograd lives in ``bitfit_fast``; nothing here knows ab
 from .heads import heads_to_rows
 from .layer_norm import residual_layer_norm_backward, residual_layer_norm_forward
 from .linear import linear_backward, linear_forward
+from .task_tables import task_sums
 from .utils import INTERPRETER, KernelInputError
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "linear_forward",
     "residual_layer_norm_backward",
     "residual_layer_norm_forward",
+    "task_sums",
 ]

@@ -40,7 +40,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import heads, layer_norm, linear
+from . import heads, layer_norm, linear, task_tables
 from .utils import INTERPRETER, dot_precision
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -168,9 +168,20 @@ def heads_variants():
         )
 
 
+def task_sums_variants():
+    """The per-task column sums of a task table's gradient, per dtype of the gradient."""
+    for dt in DTYPES:
+        yield Variant(
+            "task_sums", "plain", task_tables._task_sums_kernel, dt,
+            consts={"BLOCK_M": task_tables._BLOCK_M, "BLOCK_N": task_tables._BLOCK_N},
+            options={"num_warps": task_tables._WARPS},
+            fp32_pointers={"sums_ptr"}, int_pointers={"order_ptr", "starts_ptr"}, ints=dict(N=3072),
+        )
+
+
 def all_variants() -> list[Variant]:
     """All variants, in a fixed order: the worker processes find theirs by index."""
-    return [*linear_variants(), *layer_norm_variants(), *heads_variants()]
+    return [*linear_variants(), *layer_norm_variants(), *heads_variants(), *task_sums_variants()]
 
 
 def source(v: Variant) -> triton.compiler.ASTSource:

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs, task_sums
+from .task_tables import task_sums
+from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs
 
 _BLOCK_M, _BLOCK_N, _WARPS = (16, 32, 1) if INTERPRETER else (16, 128, 4)
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .task_tables import task_sums
 from .utils import (
     KernelInputError,
     check_bias,
@@ -30,7 +31,6 @@ from .utils import (
     check_rows,
     check_vector,
     reduction_programs,
-    task_sums,
 )
 
 # A whole row lives in registers; 64K fp32 values is far beyond any encoder's hidden size.

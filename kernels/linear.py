@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .task_tables import task_sums
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -80,7 +81,6 @@ from .utils import (
     dot_precision,
     reduction_programs,
     row_bucket,
-    task_sums,
 )
 
 # "geglu": gelu(h[:, :N/2]) * h[:, N/2:], the GLU of ModernBERT (its up-projection stacks the input and gate halves).

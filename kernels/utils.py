@@ -78,16 +78,6 @@ def check_bias(name: str, bias: torch.Tensor | None, size: int, rows: int, row_t
         raise KernelInputError(f"row_task must be contiguous and on {device}")
 
 
-def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] fp32: the gradient of a per-row task bias table,
-    deterministic. On CUDA one GEMM with the rows' one-hot task matrix (index_add_ would add with atomics, in no
-    fixed order; T·M·N FLOPs, a few percent of a layer's GEMMs); under the interpreter index_add_, in row order."""
-    if grad.is_cuda:
-        return torch.nn.functional.one_hot(row_task.long(), num_tasks).to(torch.float32).t() @ grad.float()
-    sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)
-    return sums.index_add_(0, row_task.long(), grad.float())
-
-
 def check_rows(name: str, tensor: torch.Tensor) -> int:
     """Number of rows of a (..., features) input; an empty batch is an error, not a silent no-op."""
     rows = tensor.numel() // max(tensor.shape[-1], 1) if tensor.dim() else 0

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bitfit_fast_kernels import aot, heads, layer_norm, linear
+from bitfit_fast_kernels import aot, heads, layer_norm, linear, task_tables
 
 pytestmark = pytest.mark.aot
 
@@ -86,7 +86,7 @@ def test_every_kernel_has_variants():
     # A kernel added to kernels/ without an entry in the check would never be compiled before it meets a GPU.
     kernels = {
         obj.fn if hasattr(obj, "configs") else obj  # an Autotuner wraps the jitted function
-        for module in (linear, layer_norm, heads)
+        for module in (linear, layer_norm, heads, task_tables)
         for name, obj in vars(module).items()
         if name.endswith("_kernel")
     }
