@@ -12,7 +12,8 @@ from bitfit_fast import torch_ops
 from bitfit_fast.functions import Ops
 
 IMPLS = {"torch": Ops(torch_ops), "triton": Ops(bitfit_fast_kernels)}
-HOST_FUNCTIONS = ("linear_forward", "linear_backward", "residual_layer_norm_forward", "residual_layer_norm_backward")
+HOST_FUNCTIONS = ("linear_forward", "linear_backward", "residual_layer_norm_forward", "residual_layer_norm_backward",
+                  "heads_to_rows", "task_sums")
 # Kernel-only parameters: the Philox stream offset and the choice of GEMM have no meaning in torch ops.
 KERNEL_ONLY = {"philox_offset", "gemm"}
 
