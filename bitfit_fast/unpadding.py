@@ -237,15 +237,12 @@ class Tokens:
 
     def attention(self, q, kv, heads: int, dropout_p: float, seed: int | None, scale: float,
                   keep_probabilities: bool, first_only: bool = False, window: int | None = None) -> torch.Tensor:
-        """softmax(q k^T · scale + mask) v per sequence, for q [N, d] (with ``first_only``, [S, d]: each
-        sequence's first row) and kv [N, 2d] (k then v), or q None and kv [N, 3d] (q, k, v: one GEMM's output);
-        returns q's shape. See :meth:`attend`."""
-        if q is None:
-            q, k, v = _HeadViews.apply(self._to_sequences(kv), 3, heads)
-        else:
-            k, v = _HeadViews.apply(self._to_sequences(kv), 2, heads)
-            q = self.query_heads(q, heads, first_only)
-        return self.attend(q, k, v, dropout_p, seed, scale, keep_probabilities, first_only, window)
+        """softmax(q k^T · scale + mask) v per sequence, for query rows q [N, d] (with ``first_only``, [S, d]: each
+        sequence's first row) and key-value rows kv [N, 2d] (k then v); returns q's shape. See :meth:`attend`
+        (BERT's layers split their QKV GEMM's output into heads themselves: ``functions.LinearHeadsFunction``)."""
+        k, v = _HeadViews.apply(self._to_sequences(kv), 2, heads)
+        return self.attend(self.query_heads(q, heads, first_only), k, v, dropout_p, seed, scale, keep_probabilities,
+                           first_only, window)
 
     def query_heads(self, q: torch.Tensor, heads: int, first_only: bool = False) -> torch.Tensor:
         """Query rows [N, d] (with ``first_only``, [S, d]) as [S, H, L, D] (L = 1 with ``first_only``)."""
