@@ -68,19 +68,21 @@ class TaskHeads(nn.Module):
         return output
 
     def _linear_heads(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-        """Linear heads (BERT's classifier) in a few ops instead of a few per task: the weights zero-padded to the
-        widest head and stacked [T, C, d], each example's gathered, one batched product."""
-        width = max(head.out_features for head in self.heads)
-        weight = torch.stack([F.pad(head.weight, (0, 0, 0, width - head.out_features)) for head in self.heads])
-        bias = torch.stack([F.pad(head.bias, (0, width - head.out_features)) for head in self.heads])
-        if x.is_cuda:  # a one-hot product: its backward is a GEMM, where a gather's would add with atomics
-            one_hot = F.one_hot(tasks, len(self.heads)).to(weight.dtype)
-            weight, bias = torch.einsum("bt,tcd->bcd", one_hot, weight), one_hot @ bias
-        else:
-            weight, bias = weight.index_select(0, tasks), bias.index_select(0, tasks)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.baddbmm(bias.unsqueeze(1).to(x.dtype), rows, weight.transpose(1, 2).to(x.dtype))
-        return out.view(*x.shape[:-1], width)
+        """Linear heads (BERT's classifier) in a few ops, however many tasks: every head's outputs for every example
+        from one GEMM with the heads concatenated [sum of widths, d], then each example's own columns gathered (a
+        slot past its task's width reads its first column and is zeroed). Another task's columns never reach an
+        example's logits, and each gradient element gets one value plus exact zeros, so the gather's backward is
+        deterministic even where it adds with atomics (CUDA)."""
+        widths = torch.tensor([head.out_features for head in self.heads], device=x.device)[tasks, None]
+        first_column = torch.tensor([0] + [head.out_features for head in self.heads], device=x.device).cumsum(0)
+        weight = torch.cat([head.weight for head in self.heads])
+        out = F.linear(x, weight, torch.cat([head.bias for head in self.heads]))  # [B, ..., sum of widths]
+        slot = torch.arange(max(head.out_features for head in self.heads), device=x.device)
+        inside = slot < widths  # [B, widest]
+        column = first_column[tasks, None] + torch.where(inside, slot, 0)
+        rows = out.reshape(x.shape[0], -1, out.shape[-1])
+        picked = rows.gather(2, column[:, None, :].expand(-1, rows.shape[1], -1))
+        return picked.masked_fill(~inside[:, None, :], 0).view(*x.shape[:-1], slot.numel())
 
 
 def _resolve(source: str | os.PathLike) -> tuple[Path, list[str] | None, int | None]:

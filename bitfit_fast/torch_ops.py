@@ -50,8 +50,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """x @ W^T + b, with b per row for a task table (see :func:`bias_rows`)."""
     if bias is None or bias.dim() == 1:
         return F.linear(x, weight, bias)
-    rows = bias_rows(bias, row_task)
-    return torch.addmm(rows, x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
+    rows = bias_rows(bias, row_task)  # gathered into a new tensor: the GEMM adds into it, with no copy of it first
+    return rows.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
 
 
 def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -148,8 +148,10 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
     """y = gamma * x_hat + beta in fp32, in x_hat's dtype (beta per row for a task table, see :func:`bias_rows`).
     The forward computes y with exactly this from the x_hat it saves, so a backward that needs y rebuilds it bit
     for bit (stable for any gamma, unlike x_hat from y)."""
-    beta = bias_rows(beta, row_task).view(*x_hat.shape[:-1], -1) if beta.dim() == 2 else beta
-    return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
+    if beta.dim() == 1:
+        return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
+    rows = bias_rows(beta.float(), row_task).view(*x_hat.shape[:-1], -1)  # gathered into a new tensor: add in place
+    return rows.addcmul_(x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,

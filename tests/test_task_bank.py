@@ -17,6 +17,7 @@ from bitfit_reference import (
 )
 
 import bitfit_fast
+from bitfit_fast import task_rows
 from bitfit_fast.task_bank import TaskBank, TaskHeads
 
 # Three tasks of different widths; the mixed batch's examples in an order that interleaves them.
@@ -188,6 +189,38 @@ def test_mistakes_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="other BitFit options"):
         TaskBank.load(copy.deepcopy(base), {**sources, "subset": tmp_path / "subset"}, backend="torch")
     assert isinstance(bank.model.classifier, TaskHeads)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (5, 3, 8)])  # one row per example; a row per token (token heads)
+def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
+    """Linear heads run as one GEMM over every head: each example still gets exactly its own head's output and
+    gradient, zeros past its width, and nothing from another task's columns (not even an overflowed one)."""
+    torch.manual_seed(0)
+    heads = TaskHeads([torch.nn.Linear(8, width, device=DEVICE) for width in (3, 1, 5, 2)])
+    with torch.no_grad():
+        heads.heads[3].bias.fill_(float("inf"))  # task 3 is in no example: its columns must not leak
+    tasks = torch.tensor([2, 0, 1, 2, 0], device=DEVICE)
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    with task_rows.example_tasks(tasks):
+        out = heads(x)
+    assert out.shape == (*shape[:-1], 5)
+    weights = torch.randn(out.shape, device=DEVICE)
+    (out * weights).sum().backward()
+    got = {name: p.grad.clone() for name, p in heads.named_parameters() if p.grad is not None}
+    x_grad, x.grad = x.grad.clone(), None
+    heads.zero_grad(set_to_none=True)
+    for i, task in enumerate(tasks.tolist()):
+        head = heads.heads[task]
+        alone = head(x[i])
+        torch.testing.assert_close(out[i, ..., :head.out_features], alone)
+        assert not out[i, ..., head.out_features:].any()
+        (alone * weights[i, ..., :head.out_features]).sum().backward()
+    want = {name: p.grad for name, p in heads.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(x.grad, x_grad)
+    assert set(got) == set(want) | {"heads.3.weight", "heads.3.bias"}
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, msg=name)
+    assert not got["heads.3.weight"].any() and not got["heads.3.bias"].any()
 
 
 @pytest.mark.parametrize("biases", ["all", "subset"])
