@@ -169,14 +169,23 @@ def heads_variants():
 
 
 def task_sums_variants():
-    """The per-task column sums of a task table's gradient, per dtype of the gradient."""
+    """The per-task column sums of a task table's gradient: its chunk sums per dtype of the gradient, then the
+    fp32 reduction of their pieces."""
+    sizes = dict(M=32768, N=3072)
     for dt in DTYPES:
         yield Variant(
-            "task_sums", "plain", task_tables._task_sums_kernel, dt,
-            consts={"BLOCK_M": task_tables._BLOCK_M, "BLOCK_N": task_tables._BLOCK_N},
+            "task_sums", "chunks", task_tables._task_chunk_sums_kernel, dt,
+            consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_M": task_tables._BLOCK_M,
+                    "BLOCK_N": task_tables._BLOCK_N},
             options={"num_warps": task_tables._WARPS},
-            fp32_pointers={"sums_ptr"}, int_pointers={"order_ptr", "starts_ptr"}, ints=dict(N=3072),
+            fp32_pointers={"partial_ptr"}, int_pointers={"order_ptr", "sorted_task_ptr", "starts_ptr"}, ints=sizes,
         )
+    yield Variant(
+        "task_sums", "pieces", task_tables._task_pieces_sum_kernel, "fp32",
+        consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_N": task_tables._BLOCK_N},
+        options={"num_warps": task_tables._WARPS},
+        fp32_pointers={"partial_ptr", "sums_ptr"}, int_pointers={"starts_ptr"}, ints=sizes,
+    )
 
 
 def all_variants() -> list[Variant]:

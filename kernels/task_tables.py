@@ -2,11 +2,20 @@
 
     sums[t, :] = sum of grad[i, :] over the rows i whose task is t            (fp32, [T, N])
 
-Rows are sorted by task once (a stable sort and a search, no host sync), then program (t, j) sums column block j
-over task t's rows, in their order: one read of the gradient, no float atomics, the same bits every run. It
-replaces a GEMM with the rows' one-hot task matrix, T·M·N multiply-adds in fp32 (CUDA cores: without TF32): for
-64 tasks at BERT-base's 256 x 128 tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100,
-against one 201 MB read here, ~0.06 ms.
+Rows are sorted by task once (a stable sort and a search, no host sync). The sorted rows are then cut into chunks
+of CHUNK_ROWS, whatever the tasks: the work spreads over the GPU the same way whether a batch holds 64 tasks or
+one (one program per task would leave a single-task batch's whole gradient to N / BLOCK_N programs). Two kernels,
+as in every bias-gradient reduction here, per-program fp32 partials and then one reduction:
+
+1. Program (c, j) sums column block j of chunk c's rows, one partial per task in the chunk. Tasks are
+   contiguous in sorted order, so piece (c, t) gets slot c + t of the partials [chunks + T - 1, N]: along the
+   sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a slot.
+2. Program (t, j) adds task t's pieces, slots c + t for the chunks c its rows span, in chunk order.
+
+One read of the gradient, no float atomics, the same bits every run. It replaces a GEMM with the rows' one-hot
+task matrix, T·M·N multiply-adds in fp32 (CUDA cores: without TF32): for 64 tasks at BERT-base's 256 x 128
+tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100, against one 201 MB read here,
+~0.06 ms (the partials, 192 x 3072 fp32, add 2.4 MB).
 """
 
 import torch
@@ -15,20 +24,58 @@ import triton.language as tl
 
 from .utils import INTERPRETER, KernelInputError, check_compute_tensor
 
-_BLOCK_M, _BLOCK_N, _WARPS = (8, 32, 1) if INTERPRETER else (16, 128, 4)
+# The interpreter's chunk is two row blocks, so that small test shapes cross chunk and task boundaries alike.
+_BLOCK_M, _BLOCK_N, _WARPS, _CHUNK_ROWS = (8, 32, 1, 16) if INTERPRETER else (16, 128, 4, 256)
 
 
 @triton.jit
-def _task_sums_kernel(
+def _task_chunk_sums_kernel(
     # Pointers
     grad_ptr,  # [M, N] the gradient of what the table's rows were added to
     order_ptr,  # [M] int64: the rows sorted by task, stably
+    sorted_task_ptr,  # [M] int64: the task of each sorted row
     starts_ptr,  # [T + 1] int64: task t's rows are order[starts[t]:starts[t + 1]]
+    partial_ptr,  # [chunks + T - 1, N] fp32 output: piece (chunk c, task t) in row c + t
+    # Sizes
+    M,
+    N,
+    # Tiles
+    CHUNK_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    lo = chunk * CHUNK_ROWS
+    hi = tl.minimum(lo + CHUNK_ROWS, M)
+    first_task = tl.load(sorted_task_ptr + lo)
+    last_task = tl.load(sorted_task_ptr + hi - 1)
+    for task in range(first_task, last_task + 1):
+        begin = tl.maximum(tl.load(starts_ptr + task), lo)
+        end = tl.minimum(tl.load(starts_ptr + task + 1), hi)
+        # A [BLOCK_M, BLOCK_N] accumulator, reduced once at the end: BLOCK_M independent adds in flight per column.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(begin, end, BLOCK_M):
+            index = start + tl.arange(0, BLOCK_M)
+            ok = index < end
+            rows = tl.load(order_ptr + index, mask=ok, other=0)
+            acc += tl.load(grad_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+        # A task between the chunk's first and last with no rows at all writes zeros that no one reads.
+        tl.store(partial_ptr + (chunk + task) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _task_pieces_sum_kernel(
+    # Pointers
+    partial_ptr,  # [chunks + T - 1, N] fp32: the first kernel's pieces
+    starts_ptr,  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
     sums_ptr,  # [T, N] fp32 output
     # Sizes
     N,
     # Tiles
-    BLOCK_M: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     task = tl.program_id(0)
@@ -36,15 +83,13 @@ def _task_sums_kernel(
     col_ok = cols < N
     begin = tl.load(starts_ptr + task)
     end = tl.load(starts_ptr + task + 1)
-    # A [BLOCK_M, BLOCK_N] accumulator, reduced once at the end: BLOCK_M independent adds in flight per column.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(begin, end, BLOCK_M):
-        index = start + tl.arange(0, BLOCK_M)
-        ok = index < end
-        rows = tl.load(order_ptr + index, mask=ok, other=0)
-        acc += tl.load(grad_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                       other=0.0).to(tl.float32)
-    tl.store(sums_ptr + task * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+    first_chunk = begin // CHUNK_ROWS
+    # The chunks holding the task's rows; none for a task without rows (its sums are zero).
+    chunks = tl.where(end > begin, (end - 1) // CHUNK_ROWS - first_chunk + 1, 0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, chunks):
+        acc += tl.load(partial_ptr + (first_chunk + i + task) * N + cols, mask=col_ok, other=0.0)
+    tl.store(sums_ptr + task * N + cols, acc, mask=col_ok)
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -53,16 +98,29 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     check_compute_tensor("grad", grad)
     N = grad.shape[-1]
     grad = grad.reshape(-1, N)
-    if row_task.dim() != 1 or row_task.shape[0] != grad.shape[0] or row_task.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"row_task must be an integer ({grad.shape[0]},) tensor, one task per row; got "
+    M = grad.shape[0]
+    if row_task.dim() != 1 or row_task.shape[0] != M or row_task.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"row_task must be an integer ({M},) tensor, one task per row; got "
                                f"{row_task.dtype} {tuple(row_task.shape)}")
-    sorted_tasks, order = torch.sort(row_task, stable=True)
-    bounds = torch.arange(num_tasks + 1, device=grad.device, dtype=sorted_tasks.dtype)
-    starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
     sums = torch.empty((num_tasks, N), dtype=torch.float32, device=grad.device)
-    _task_sums_kernel[(num_tasks, triton.cdiv(N, _BLOCK_N))](
-        grad, order, starts, sums, N,
+    if M == 0:
+        return sums.zero_()
+    sorted_tasks, order = torch.sort(row_task.long(), stable=True)
+    bounds = torch.arange(num_tasks + 1, device=grad.device, dtype=torch.int64)
+    starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
+    chunks = triton.cdiv(M, _CHUNK_ROWS)
+    partial = torch.empty((chunks + num_tasks - 1, N), dtype=torch.float32, device=grad.device)
+    column_blocks = triton.cdiv(N, _BLOCK_N)
+    _task_chunk_sums_kernel[(chunks, column_blocks)](
+        grad, order, sorted_tasks, starts, partial, M, N,
+        CHUNK_ROWS=_CHUNK_ROWS,
         BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        num_warps=_WARPS,
+    )
+    _task_pieces_sum_kernel[(num_tasks, column_blocks)](
+        partial, starts, sums, N,
+        CHUNK_ROWS=_CHUNK_ROWS,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
     )

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.aot
 
 # One variant per kernel, each the one BERT training runs most: FC1's forward, its gradient pass, and the
 # residual LayerNorm pair with dropout (its backward also summing the feeding linear's bias gradient); and the two
-# forwards with per-row task biases (TaskBank's mixed batches); the q/k/v gradient gather of padded batches.
+# forwards with per-row task biases (TaskBank's mixed batches) and their gradient's per-task sums (a loop over
+# the tasks of a chunk, data-dependent bounds); the q/k/v gradient gather of padded batches.
 SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 bias gelu preact",
     "linear_grad bf16 gelu store_g db",
@@ -26,6 +27,7 @@ SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
     "ln_fwd bf16 N=768 row_beta residual dropout",
     "heads_to_rows bf16 slots db",
+    "task_sums bf16 chunks",
 ]
 
 

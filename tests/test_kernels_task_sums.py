@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bitfit_fast_kernels as K
+from bitfit_fast_kernels import task_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -21,6 +22,39 @@ def test_sums_match_float64(dtype, rows, features, tasks, index_dtype):
     assert sums.dtype == torch.float32 and sums.shape == (tasks, features)
     torch.testing.assert_close(sums.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()), rtol=1e-6)
     assert not sums[max(1, tasks // 2):].any(), "tasks without rows get zeros"
+
+
+def _layout(name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Row tasks (of 6) placed against the kernel's chunks of sorted rows (16 under the interpreter, 256 on a GPU)."""
+    if name == "one task":  # a single-task batch: its rows span every chunk
+        return torch.full((rows,), 4)
+    if name == "boundary on a chunk edge":  # task 0 fills whole chunks, task 5 starts a chunk; 1-4 have no rows
+        edge = 2 * task_tables._CHUNK_ROWS
+        return torch.cat([torch.zeros(min(edge, rows), dtype=torch.int64), torch.full((max(0, rows - edge),), 5)])
+    if name == "few rows per task":  # many tasks per chunk, in shuffled row order
+        return torch.randint(0, 6, (rows,), generator=generator)
+    # "uneven": one task with most rows, two with one row each, shuffled
+    tasks = torch.full((rows,), 2)
+    tasks[:2] = torch.tensor([0, 5])[:rows]
+    return tasks[torch.randperm(rows, generator=generator)]
+
+
+@pytest.mark.parametrize("rows", [1, 31, 3 * task_tables._CHUNK_ROWS + 5])
+@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "uneven"])
+def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows):
+    generator = torch.Generator().manual_seed(rows)
+    row_task = _layout(layout, rows, generator).to(DEVICE)
+    grad = torch.randn(rows, 45, generator=generator).to(DEVICE)
+    sums = K.task_sums(grad, row_task, 6)
+    truth = torch.zeros(6, 45, dtype=torch.float64, device=DEVICE).index_add_(0, row_task, grad.double())
+    torch.testing.assert_close(sums.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()), rtol=1e-6)
+    absent = sorted(set(range(6)) - set(row_task.tolist()))
+    assert not sums[absent].any(), "tasks without rows get zeros"
+
+
+def test_an_empty_gradient_sums_to_zeros():
+    sums = K.task_sums(torch.randn(0, 7, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE), 3)
+    assert sums.shape == (3, 7) and not sums.any()
 
 
 def test_leading_dimensions_are_rows_and_sums_are_bit_identical_across_runs():
