@@ -149,7 +149,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         """Attention of the rows h [N, d] (attn_norm's output) before Wo: [N, d], or [S, d] with ``first_only``
         (queries of each sequence's first row only, rotated at that row's position; keys and values of all rows)."""
         spec = self.spec
-        attention, qkv_linear = self.get_submodule(spec.attention), self.get_submodule(spec.qkv)
+        attention, qkv_linear = self.part(spec.attention), self.part(spec.qkv)
         tokens = rows.tokens
         weight, bias = qkv_linear.weight, qkv_linear.trained_bias()
         hidden = weight.shape[0] // 3
@@ -176,7 +176,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
     def fused_forward(self, x: torch.Tensor, rows: RotaryRows, first_only: bool = False) -> torch.Tensor:
         """The layer on x [N, d], the batch's real tokens (the residual stream, kept in x's dtype); [N, d], or
         [S, d] with ``first_only`` (each sequence's first row: the classification shortcut of the last layer)."""
-        part = self.get_submodule
+        part = self.part
         spec = self.spec
         attn_norm, mlp_norm = part(spec.attention_norm), part(spec.mlp_norm)
         attention_output, glu_input, mlp_output = part(spec.attention_output), part(spec.glu_input), part(
