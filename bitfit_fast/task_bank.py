@@ -47,6 +47,12 @@ class TaskHeads(nn.Module):
     def __init__(self, heads: list[nn.Module]):
         super().__init__()
         self.heads = nn.ModuleList(heads)
+        # Linear heads run as one GEMM (see _linear_heads). Their columns' layout is made here, once: built in a
+        # forward, it would be a copy from the host that waits for the encoder's GPU work to finish.
+        linear = all(type(head) is nn.Linear and head.bias is not None for head in heads)
+        widths = torch.tensor([head.out_features for head in heads]) if linear else None
+        self.register_buffer("widths", widths, persistent=False)
+        self.register_buffer("first_column", None if widths is None else widths.cumsum(0) - widths, persistent=False)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         tasks = task_rows.current()
@@ -54,7 +60,7 @@ class TaskHeads(nn.Module):
             raise RuntimeError("this model's head belongs to a TaskBank: call the bank, not the model")
         tasks = tasks.to(x.device)
         task_rows.check_batch_size(tasks, x.shape[0])
-        if not args and not kwargs and all(type(head) is nn.Linear and head.bias is not None for head in self.heads):
+        if not args and not kwargs and self.widths is not None:
             return self._linear_heads(x, tasks)
         parts = []
         for task in tasks.unique().tolist():
@@ -73,13 +79,12 @@ class TaskHeads(nn.Module):
         slot past its task's width reads its first column and is zeroed). Another task's columns never reach an
         example's logits, and each gradient element gets one value plus exact zeros, so the gather's backward is
         deterministic even where it adds with atomics (CUDA)."""
-        widths = torch.tensor([head.out_features for head in self.heads], device=x.device)[tasks, None]
-        first_column = torch.tensor([0] + [head.out_features for head in self.heads], device=x.device).cumsum(0)
-        weight = torch.cat([head.weight for head in self.heads])
-        out = F.linear(x, weight, torch.cat([head.bias for head in self.heads]))  # [B, ..., sum of widths]
+        weight = torch.cat([head.weight for head in self.heads]).to(x.dtype)
+        bias = torch.cat([head.bias for head in self.heads]).to(x.dtype)
+        out = F.linear(x, weight, bias)  # [B, ..., sum of widths]
         slot = torch.arange(max(head.out_features for head in self.heads), device=x.device)
-        inside = slot < widths  # [B, widest]
-        column = first_column[tasks, None] + torch.where(inside, slot, 0)
+        inside = slot < self.widths[tasks, None]  # [B, widest]
+        column = self.first_column[tasks, None] + torch.where(inside, slot, 0)
         rows = out.reshape(x.shape[0], -1, out.shape[-1])
         picked = rows.gather(2, column[:, None, :].expand(-1, rows.shape[1], -1))
         return picked.masked_fill(~inside[:, None, :], 0).view(*x.shape[:-1], slot.numel())

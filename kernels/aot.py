@@ -171,7 +171,7 @@ def heads_variants():
 def task_sums_variants():
     """The per-task column sums of a task table's gradient: its chunk sums per dtype of the gradient, then the
     fp32 reduction of their pieces."""
-    sizes = dict(M=32768, N=3072)
+    sizes = dict(M=32768, N=3072, T=64)
     for dt in DTYPES:
         yield Variant(
             "task_sums", "chunks", task_tables._task_chunk_sums_kernel, dt,
@@ -182,7 +182,8 @@ def task_sums_variants():
         )
     yield Variant(
         "task_sums", "pieces", task_tables._task_pieces_sum_kernel, "fp32",
-        consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_N": task_tables._BLOCK_N},
+        consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_PIECES": task_tables._BLOCK_PIECES,
+                "BLOCK_N": task_tables._BLOCK_N},
         options={"num_warps": task_tables._WARPS},
         fp32_pointers={"partial_ptr", "sums_ptr"}, int_pointers={"starts_ptr"}, ints=sizes,
     )

@@ -28,6 +28,7 @@ SUBSET = [
     "ln_fwd bf16 N=768 row_beta residual dropout",
     "heads_to_rows bf16 slots db",
     "task_sums bf16 chunks",
+    "task_sums fp32 pieces",
 ]
 
 

@@ -39,9 +39,22 @@ def _layout(name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
     return tasks[torch.randperm(rows, generator=generator)]
 
 
+class _TorchWithNanEmpty:
+    """torch, but ``empty`` floating-point tensors hold NaN: a partial sum read but never written shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        tensor = torch.empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+
 @pytest.mark.parametrize("rows", [1, 31, 3 * task_tables._CHUNK_ROWS + 5])
 @pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "uneven"])
-def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows):
+def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows, monkeypatch):
+    monkeypatch.setattr(task_tables, "torch", _TorchWithNanEmpty())
     generator = torch.Generator().manual_seed(rows)
     row_task = _layout(layout, rows, generator).to(DEVICE)
     grad = torch.randn(rows, 45, generator=generator).to(DEVICE)
@@ -50,6 +63,14 @@ def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows)
     torch.testing.assert_close(sums.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()), rtol=1e-6)
     absent = sorted(set(range(6)) - set(row_task.tolist()))
     assert not sums[absent].any(), "tasks without rows get zeros"
+
+
+def test_rows_of_tasks_outside_the_table_are_summed_nowhere():
+    grad = torch.randn(40, 9, device=DEVICE)
+    row_task = torch.tensor([-1, 3, 0, 7, 1] * 8, device=DEVICE)  # 3 tasks: -1, 3 and 7 are outside
+    inside = (row_task >= 0) & (row_task < 3)
+    truth = torch.zeros(3, 9, dtype=torch.float64, device=DEVICE).index_add_(0, row_task[inside], grad[inside].double())
+    torch.testing.assert_close(K.task_sums(grad, row_task, 3).double(), truth, atol=1e-5, rtol=1e-6)
 
 
 def test_an_empty_gradient_sums_to_zeros():

@@ -221,6 +221,14 @@ def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, msg=name)
     assert not got["heads.3.weight"].any() and not got["heads.3.bias"].any()
+    # 16-bit rows without autocast (a bank on a bf16 base): the fp32 heads run in the rows' dtype, as nn.Linear
+    # heads cast to it would.
+    with torch.no_grad(), task_rows.example_tasks(tasks):
+        half = heads(x.detach().bfloat16())
+    for i, task in enumerate(tasks.tolist()):
+        head = heads.heads[task]
+        want = torch.nn.functional.linear(x[i].detach().bfloat16(), head.weight.bfloat16(), head.bias.bfloat16())
+        torch.testing.assert_close(half[i, ..., :head.out_features], want)
 
 
 @pytest.mark.parametrize("biases", ["all", "subset"])
