@@ -103,6 +103,13 @@ def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
     return losses
 
 
+def enable_hf_checkpointing(model) -> None:
+    """Hugging Face's activation checkpointing on every layer: ``activation_checkpointing_enable`` since
+    transformers 5.24, which deprecates ``gradient_checkpointing_enable`` (the only name before)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+
+
 def loss_with_seed(model, batch, seed: int) -> torch.Tensor:
     """The model's loss on ``batch`` with torch's generator seeded: the same seed draws the same dropout masks."""
     torch.manual_seed(seed)

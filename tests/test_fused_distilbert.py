@@ -11,6 +11,7 @@ from bitfit_reference import (
     PATHS,
     adamw_steps,
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
+    enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
     trainable,
@@ -254,7 +255,7 @@ def test_hugging_face_gradient_checkpointing_runs_through_the_unpadded_encoder()
     model = tiny_distilbert(n_layers=3)
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend="torch")
-    model.gradient_checkpointing_enable()
+    enable_hf_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in layers(model))
     batch = padded_batch(model, (9, 1, 5))
     out, ref = model(**batch), reference(**batch)

@@ -11,6 +11,7 @@ from bitfit_reference import (
     MODELS,
     TINY,
     adamw_steps,
+    enable_hf_checkpointing,
     padded_batch,
     real_batch,
     real_minilm,
@@ -254,6 +255,6 @@ def test_hugging_face_gradient_checkpointing_runs_through_the_unpadded_encoder()
     model = tiny_bert(num_hidden_layers=3)
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend="torch")
-    model.gradient_checkpointing_enable()
+    enable_hf_checkpointing(model)
     assert all(layer.gradient_checkpointing for layer in model.bert.encoder.layer)
     assert_same_training(model.train(), reference.train(), [padded_batch(model, (9, 2, 5)) for _ in range(2)])
