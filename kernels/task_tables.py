@@ -2,10 +2,11 @@
 
     sums[t, :] = sum of grad[i, :] over the rows i whose task is t            (fp32, [T, N])
 
-Rows are sorted by task once (a stable sort and a search, no host sync). The sorted rows are then cut into chunks
-of CHUNK_ROWS, whatever the tasks: the work spreads over the GPU the same way whether a batch holds 64 tasks or
-one (one program per task would leave a single-task batch's whole gradient to N / BLOCK_N programs). Two kernels,
-as in every bias-gradient reduction here, per-program fp32 partials and then one reduction:
+Rows are sorted by task once per backward (a stable sort and a search, no host sync; the same rows' order serves
+every table of the step). The sorted rows are then cut into chunks of CHUNK_ROWS, whatever the tasks: the work
+spreads over the GPU the same way whether a batch holds 64 tasks or one (one program per task would leave a
+single-task batch's whole gradient to N / BLOCK_N programs). Two kernels, as in every bias-gradient reduction
+here, per-program fp32 partials and then one reduction:
 
 1. Program (c, j) sums column block j of chunk c's rows, one partial per task in the chunk. Tasks are
    contiguous in sorted order, so piece (c, t) gets slot c + t of the partials [chunks + T - 1, N]: along the
@@ -17,6 +18,8 @@ task matrix, T·M·N multiply-adds in fp32 (CUDA cores: without TF32): for 64 ta
 tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100, against one 201 MB read here,
 ~0.06 ms (the partials, 191 x 3072 fp32, add 2.4 MB).
 """
+
+import weakref
 
 import torch
 import triton
@@ -101,6 +104,26 @@ def _task_pieces_sum_kernel(
     tl.store(sums_ptr + task * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
+# The last rows' order by task: (key, weak reference to row_task, (sorted tasks, order, starts)).
+_last_order: tuple | None = None
+
+
+def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each sorted row's task, the rows sorted by task stably, starts [T + 1]: task t's sorted rows are
+    starts[t]:starts[t + 1]). One backward sums several tables' gradients over the same rows, 6 per BERT layer, so
+    the last order is kept: for the same ``row_task`` tensor, unchanged since, the sort and search run once."""
+    global _last_order
+    key = (row_task._version, num_tasks)
+    last = _last_order
+    if last is not None and last[0] == key and last[1]() is row_task:
+        return last[2]
+    sorted_tasks, order = torch.sort(row_task.long(), stable=True)
+    bounds = torch.arange(num_tasks + 1, device=row_task.device, dtype=torch.int64)
+    starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
+    _last_order = (key, weakref.ref(row_task), (sorted_tasks, order, starts))
+    return sorted_tasks, order, starts
+
+
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Column sums of ``grad`` (..., N) per task, [num_tasks, N] in fp32, deterministic; ``row_task`` holds each
     row's task, integers in [0, num_tasks). A task without rows gets zeros."""
@@ -114,9 +137,7 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     sums = torch.empty((num_tasks, N), dtype=torch.float32, device=grad.device)
     if M == 0:
         return sums.zero_()
-    sorted_tasks, order = torch.sort(row_task.long(), stable=True)
-    bounds = torch.arange(num_tasks + 1, device=grad.device, dtype=torch.int64)
-    starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
+    sorted_tasks, order, starts = _task_order(row_task, num_tasks)
     chunks = triton.cdiv(M, _CHUNK_ROWS)
     partial = torch.empty((chunks + num_tasks - 1, N), dtype=torch.float32, device=grad.device)
     column_blocks = triton.cdiv(N, _BLOCK_N)

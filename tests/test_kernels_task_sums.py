@@ -65,6 +65,39 @@ def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows,
     assert not sums[absent].any(), "tasks without rows get zeros"
 
 
+def test_the_rows_are_sorted_once_for_every_table_of_the_same_rows(monkeypatch):
+    """A backward sums several tables over one row_task: one sort serves them all, until the rows' tasks change."""
+    sorts = []
+
+    class CountingTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def sort(*args, **kwargs):
+            sorts.append(1)
+            return torch.sort(*args, **kwargs)
+
+    monkeypatch.setattr(task_tables, "torch", CountingTorch())
+    row_task = torch.randint(0, 4, (37,), device=DEVICE)
+    grads = [torch.randn(37, n, device=DEVICE) for n in (5, 12, 5)]
+
+    def check(grad, num_tasks=4):
+        truth = torch.zeros(num_tasks, grad.shape[1], dtype=torch.float64, device=DEVICE)
+        truth.index_add_(0, row_task, grad.double())
+        torch.testing.assert_close(K.task_sums(grad, row_task, num_tasks).double(), truth, atol=1e-5, rtol=1e-6)
+
+    for grad in grads:
+        check(grad)
+    assert len(sorts) == 1
+    row_task[:5] = 3 - row_task[:5]  # the same tensor with other tasks: sorted again
+    check(grads[0])
+    check(grads[1], num_tasks=6)  # another table size: its starts differ
+    row_task = row_task.clone()  # equal values, another tensor
+    check(grads[2])
+    assert len(sorts) == 4
+
+
 def test_rows_of_tasks_outside_the_table_are_summed_nowhere():
     grad = torch.randn(40, 9, device=DEVICE)
     row_task = torch.tensor([-1, 3, 0, 7, 1] * 8, device=DEVICE)  # 3 tasks: -1, 3 and 7 are outside
