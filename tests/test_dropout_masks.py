@@ -48,11 +48,9 @@ def _padded(rows: torch.Tensor, valid: torch.Tensor, first_only: bool) -> torch.
     return full
 
 
-# The default memory mode hands attention dropout to scaled_dot_product_attention, whose mask cannot be read back:
-# there the attention probabilities keep no dropout, and every other dropout is compared.
-@pytest.mark.parametrize("memory,attention_p", [("default", 0.0), ("lean", P), ("minimal", P)])
-def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, attention_p, monkeypatch):
-    base = tiny_bert(hidden_dropout_prob=P, attention_probs_dropout_prob=attention_p, classifier_dropout=P)
+@pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
+def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, monkeypatch):
+    base = tiny_bert(hidden_dropout_prob=P, attention_probs_dropout_prob=P, classifier_dropout=P)
     ours = bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory=memory, announce=False).train()
     reference = reference_bitfit(copy.deepcopy(base)).train()
     batch = padded_batch(base, lengths=(7, 1, 5, 7, 3))  # the longest fills the padded width
@@ -62,15 +60,15 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, a
     # The fused path: every mask its ops draw (attention probabilities, then the two hidden-state dropouts of each
     # layer, in order), and the embeddings' and classifier's nn.Dropout masks.
     drawn, recording = [], [True]
-    draw = torch_ops.dropout_scale
+    draw = torch_ops.dropout_keep
 
-    def recorded_draw(x, p, seed):
-        scale = draw(x, p, seed)
+    def recorded_draw(shape, p, seed, device):
+        keep = draw(shape, p, seed, device)
         if recording[0]:
-            drawn.append(scale.detach().clone())
-        return scale
+            drawn.append(keep.to(torch.float32) * torch_ops.keep_scale(p))
+        return keep
 
-    monkeypatch.setattr(torch_ops, "dropout_scale", recorded_draw)
+    monkeypatch.setattr(torch_ops, "dropout_keep", recorded_draw)
     embedding_masks, classifier_masks = [], []
     hooks = [_record_module_dropout(ours.bert.embeddings.dropout, embedding_masks),
              _record_module_dropout(ours.dropout, classifier_masks)]
@@ -79,17 +77,16 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, a
     out.loss.backward()
     for hook in hooks:
         hook.remove()
-    per_layer = 3 if attention_p else 2
-    assert len(drawn) == per_layer * layers, "an attention mask (with attention dropout) and two hidden-state masks"
+    per_layer = 3
+    assert len(drawn) == per_layer * layers, "an attention mask and two hidden-state masks"
 
     # The reference with those masks in their places.
     probabilities = []
     for layer in range(layers):
-        *attention, first_hidden, second_hidden = drawn[per_layer * layer:per_layer * (layer + 1)]
+        attention, first_hidden, second_hidden = drawn[per_layer * layer:per_layer * (layer + 1)]
         shortcut = layer == layers - 1 and first_hidden.shape[0] == len(valid)  # the last layer ran first rows only
         full = torch.ones(len(valid), base.config.num_attention_heads, valid.shape[1], valid.shape[1], device=DEVICE)
-        if attention:
-            full[:, :, :1 if shortcut else None] = attention[0]
+        full[:, :, :1 if shortcut else None] = attention
         probabilities.append(full)
         modules = reference.bert.encoder.layer[layer]
         modules.attention.output.dropout = Replay(_padded(first_hidden, valid, shortcut))
@@ -122,3 +119,54 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, a
             continue
         torch.testing.assert_close(ours_grads[name].grad, param.grad, atol=2e-5, rtol=1e-4, msg=name)
     assert any(mask.eq(0).any() for mask in drawn), "dropout dropped something"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
+def test_dropout_keep_drops_at_the_quantized_rate_with_an_unbiased_scale(p):
+    keep = torch_ops.dropout_keep((1 << 20,), p, seed=11, device=DEVICE)
+    assert keep.dtype == torch.bool
+    quantized = torch_ops._quantized(p) / 2**16
+    assert abs(quantized - p) <= 2**-17
+    # Within 5 standard deviations of the rate; every 16-bit lane of the 64-bit words on its own too (a lane whose
+    # top bit were never set would keep everything, or drop half too many).
+    for lane in (keep, *keep.view(-1, 4).unbind(1)):
+        sigma = (p * (1 - p) / lane.numel()) ** 0.5
+        assert abs((~lane).float().mean().item() - quantized) < 5 * sigma
+    assert torch_ops.keep_scale(p) * (1 - quantized) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5, 13), (2, 1, 4, 4)])
+def test_dropout_keep_is_drawn_again_from_its_seed(shape):
+    first = torch_ops.dropout_keep(shape, 0.5, seed=5, device=DEVICE)
+    assert first.shape == shape
+    assert torch.equal(first, torch_ops.dropout_keep(shape, 0.5, seed=5, device=DEVICE))
+    other_seeds = [torch_ops.dropout_keep((4096,), 0.5, seed=s, device=DEVICE) for s in (5, 6)]
+    assert not torch.equal(*other_seeds)
+    x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    expected = x * first * torch_ops.keep_scale(0.5)
+    torch.testing.assert_close(torch_ops.apply_dropout(x, 0.5, seed=5), expected, rtol=0, atol=0)
+
+
+def _dropout_flash_style(q, k, v, mask, p, seed, scale):
+    return torch_ops.DropoutAttentionFunction.apply(q, k, v, mask, p, seed, scale)
+
+
+@pytest.mark.parametrize("attention", [_dropout_flash_style, torch_ops.dropout_attention])
+@pytest.mark.parametrize("queries", [7, 1])  # 1: the classification shortcut's first rows
+def test_dropout_attention_matches_explicit_attention_on_the_same_mask(attention, queries):
+    batch, heads, seq, dim = 2, 3, 7, 5
+    q = torch.randn(batch, heads, queries, dim, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, heads, seq, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.zeros(batch, 1, 1, seq, dtype=torch.float64)
+    mask[1, ..., 4:] = torch.finfo(torch.float64).min  # padding keys of the second sequence
+    out = attention(q, k, v, mask, 0.25, 123, dim**-0.5)
+    keep_scale = torch_ops.dropout_scale(torch.empty(batch, heads, queries, seq, dtype=torch.float64), 0.25, 123)
+    assert 0 < (keep_scale == 0).float().mean() < 0.5
+
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    reference = torch.softmax(q2 @ k2.transpose(-2, -1) * dim**-0.5 + mask, dim=-1) * keep_scale @ v2
+    torch.testing.assert_close(out, reference)
+    dout = torch.randn_like(out)
+    expected = torch.autograd.grad(reference, (q2, k2, v2), dout)
+    for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), dout), expected):
+        torch.testing.assert_close(ours, theirs)
