@@ -9,9 +9,9 @@ scattered back to the padded shape once, with zeros at the padding (as flash-att
 Attention is the one op that needs the sequences apart. It runs on the real tokens laid out as [S, L] (S
 sequences, L the longest in the batch) with a key-padding mask, through ``scaled_dot_product_attention`` (on CPU
 with dropout, the same math in torch ops with a faster mask draw: ``torch_ops.dropout_attention``), at a cost of
-O(S·L²) scores, which for L ≤ 512 is a few percent of the GEMMs that unpadding saves. torch's variable-length alternatives do not serve both: ``varlen_attn`` is
-CUDA-only flash attention without dropout, and nested-tensor SDPA on CPU loops over the sequences in the math
-kernel (slower than one padded call).
+O(S·L²) scores, which for L ≤ 512 is a few percent of the GEMMs that unpadding saves. torch's variable-length
+alternatives do not serve both: ``varlen_attn`` is CUDA-only flash attention without dropout, and nested-tensor
+SDPA on CPU loops over the sequences in the math kernel (slower than one padded call).
 """
 
 import torch
@@ -254,8 +254,8 @@ class Tokens:
         """softmax(q k^T · scale + mask) v for q, k, v [S, H, L, D] in the attention layout (q with L = 1 and
         ``first_only``: each sequence's first row); returns rows [N, H·D], or [S, H·D] with ``first_only``.
         ``keep_probabilities=False`` runs the flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the
-        row logsumexp, not the probabilities; otherwise SDPA runs, or on CPU with dropout ``dropout_attention``. ``window``: each query sees the keys at most that many positions
-        away (see ``additive_mask``)."""
+        row logsumexp, not the probabilities; otherwise SDPA runs, or on CPU with dropout ``dropout_attention``.
+        ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
         mask = self.additive_mask(k.dtype, window)
         if first_only and mask is not None:
             mask = mask[..., :1, :]  # a window's [L, L] mask: the first query's row
