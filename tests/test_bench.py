@@ -54,6 +54,18 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
     assert fast["memory_vs_reference"] == 1.0 and fast["steps"] == 3
 
 
+def test_mfu_is_against_the_faster_of_the_matmul_probes_before_and_after(monkeypatch):
+    probes = iter([0.5, 2.0])  # the first probe ran in a slow phase
+    monkeypatch.setattr(runner, "matmul_peak_tflops", lambda device: next(probes))
+    monkeypatch.setattr(runner, "run_workload", lambda workload, preset, peak, log: dict(
+        workload=workload.name, spec=dataclasses.asdict(workload),
+        providers={"fast": dict(median_ms=500.0, model_flops_per_step=1e12)}))
+    record = runner.run("cpu-small", "test", log=lambda _: None)
+    assert record["matmul_peak_probes_tflops"] == [0.5, 2.0] and record["matmul_peak_tflops"] == 2.0
+    for workload in record["workloads"]:
+        assert workload["providers"]["fast"]["mfu"] == pytest.approx(1.0)  # 2 TFLOP/s of a 2 TFLOP/s peak
+
+
 def test_run_workload_measures_real_providers_and_memory():
     preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=2, warmup=1)
     result = runner.run_workload(TINY, preset, peak_tflops=0.1, log=lambda _: None)

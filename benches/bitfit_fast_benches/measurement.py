@@ -157,7 +157,7 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192)
 
 def matmul_peak_tflops(device: str) -> float:
     """Measured dense-matmul throughput: bf16 on a GPU, fp32 on CPU (the dtype the models compute in there)."""
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device == "cuda" else (1024, torch.float32, 5)
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device == "cuda" else (1024, torch.float32, 20)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
