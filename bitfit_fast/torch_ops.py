@@ -252,7 +252,9 @@ def dropout_attention(q, k, v, mask, dropout_p: float, seed: int, scale: float) 
         scores = scores.add_(mask)
     probs = torch.softmax(scores, dim=-1)
     kept = torch.where(dropout_keep(probs.shape, dropout_p, seed, probs.device), probs, 0.0)
-    return torch.matmul(kept.to(v.dtype), v).mul_(keep_scale(dropout_p))  # the scale on the smaller [.., L, D]
+    if v.dtype != kept.dtype:  # scaled before the cast to a low precision: no second rounding of the output
+        return torch.matmul(kept.mul_(keep_scale(dropout_p)).to(v.dtype), v)
+    return torch.matmul(kept, v).mul_(keep_scale(dropout_p))  # on the output [.., L, D], half the probabilities' size
 
 
 class DropoutAttentionFunction(torch.autograd.Function):

@@ -170,3 +170,23 @@ def test_dropout_attention_matches_explicit_attention_on_the_same_mask(attention
     expected = torch.autograd.grad(reference, (q2, k2, v2), dout)
     for ours, theirs in zip(torch.autograd.grad(out, (q, k, v), dout), expected):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("attention", [_dropout_flash_style, torch_ops.dropout_attention])
+def test_dropout_attention_in_bf16_is_as_close_to_fp64_as_torch_in_bf16(attention):
+    batch, heads, seq, dim = 3, 4, 37, 16
+    q, k, v = (torch.randn(batch, heads, seq, dim, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(batch, 1, 1, seq, dtype=torch.float64)
+    mask[0, ..., 20:] = torch.finfo(torch.float64).min
+    keep_scale = torch_ops.dropout_scale(torch.empty(batch, heads, seq, seq, dtype=torch.float64), 0.1, 9)
+
+    def explicit(q, k, v):  # torch's ops in q's dtype, softmax in fp32 or above (as SDPA's math path)
+        scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * dim**-0.5 + mask
+        return (torch.softmax(scores, dim=-1) * keep_scale).to(v.dtype) @ v
+
+    exact = explicit(q, k, v)
+    low = [t.to(torch.bfloat16) for t in (q, k, v)]
+    ours = attention(*low, mask.to(torch.bfloat16), 0.1, 9, dim**-0.5)
+    assert ours.dtype == torch.bfloat16
+    torch_error = (explicit(*low).double() - exact).abs().max()
+    assert (ours.double() - exact).abs().max() <= 2 * torch_error + 1e-3
