@@ -24,7 +24,8 @@ Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
              probabilities instead of keeping them (SDPA's CPU path keeps the [B, H, T, T] matrix and mask).
   "minimal"  also recomputes the QKV GEMM and the attention from the layer input, rebuilt the same way from the
              previous layer's last x_hat: 3·d² more per token plus the attention, about 2·T·d values a layer.
-No dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode. A LayerNorm keeps
+No hidden-state dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode (the
+attention probabilities' dropout mask is kept where its probabilities are: "default" on CPU). A LayerNorm keeps
 x_hat, not its output: rebuilding x_hat = (y - beta) / gamma from the output is unstable where gamma is tiny, and
 pretrained LayerNorms have gamma entries near 1e-33; rebuilding y = gamma·x_hat + beta is exact.
 x is [N, d], the batch's real tokens: the encoder holding the layers becomes ``Fused<EncoderClass>``, which

@@ -16,7 +16,7 @@ GEMMs run in autocast's dtype. Saved for the backward, by memory mode: "default"
 both LayerNorms' x_hat with rstd, and u (the GeGLU backward needs both halves); "lean" recomputes u from
 mlp_norm's x_hat (one extra Wi GEMM) and, on the torch backend, attention with dropout recomputes its
 probabilities; "minimal" also recomputes Wqkv, RoPE and the attention from attn_norm's x_hat. Never a weight
-gradient, a layer input for a weight gradient, or a dropout mask.
+gradient, a layer input for a weight gradient, or a hidden-state dropout mask.
 
 ``ModernBertModel`` becomes ``Fused<ModernBertModel>``: embeddings, then the batch unpadded once (see
 ``unpadding``), the rotary cos/sin of every real row computed once per attention type, every layer and the final

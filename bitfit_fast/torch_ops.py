@@ -56,8 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return rows.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
 
 
-# Masks are drawn as 16-bit lanes of 64-bit words: on CPU a quarter of the generator calls of one float per
-# element (``torch.rand``), ~2x faster than it and ~3x faster than ``bernoulli_`` (dropout's CPU draw).
+# Masks are drawn as 16-bit lanes of 64-bit words: on CPU half the generator's 32-bit draws of ``torch.rand``'s one
+# float per element, ~2x faster than it and ~3x faster than ``bernoulli_`` (dropout's CPU draw).
 _LANES = 2**16
 
 
@@ -69,6 +69,8 @@ def _quantized(p: float) -> int:
 def dropout_keep(shape, p: float, seed: int, device) -> torch.Tensor:
     """A boolean keep mask of ``shape`` from a generator seeded with ``seed``, so that the backward can draw the
     forward's mask again: each element drops with probability ``_quantized(p) / 2^16``, within 2^-17 of p."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     numel = math.prod(shape)
     generator = torch.Generator(device=device).manual_seed(seed)
     # random_(from=int64 min, to=None) covers all 64 bits; random_() leaves the sign bit, a lane's top bit, 0.
@@ -83,13 +85,14 @@ def keep_scale(p: float) -> float:
 
 
 def dropout_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """keep / (1 - p) for x's shape and dtype, keep from :func:`dropout_keep` (the backward draws it again)."""
+    """keep / (1 - p) for x's shape, in x's dtype (the scale rounded to it), keep from :func:`dropout_keep`."""
     return dropout_keep(x.shape, p, seed, x.device).to(x.dtype).mul_(keep_scale(p))
 
 
 def apply_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x with dropout whose mask is drawn from ``seed`` (see :func:`dropout_scale`), so the backward can redraw it."""
-    return x * dropout_scale(x, p, seed)
+    """x with dropout whose mask is drawn from ``seed`` (see :func:`dropout_keep`), so the backward can redraw it;
+    kept values are scaled in one rounding (a scale rounded to bf16 first would be 0.16% low at p = 0.1)."""
+    return torch.where(dropout_keep(x.shape, p, seed, x.device), x * keep_scale(p), 0.0)
 
 
 class ZeroGradient(torch.autograd.Function):
@@ -231,10 +234,16 @@ def heads_to_rows(grads, slots, num_rows, *, compute_db=True, row_task=None, num
     return g, (column_sums(g, row_task, num_tasks) if compute_db else None)
 
 
+def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Half-precision tensors in fp32, others as they are: attention computes in fp32 and rounds its output once,
+    as scaled_dot_product_attention's CPU math path does (bf16 scores would err by 2^-9 of every logit). Call it
+    with autocast off, which would cast the fp32 GEMMs down again."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
+
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):
-    """softmax(q k^T * scale + mask) in at least fp32, and its row logsumexp. The dropout mask is drawn in this
-    dtype in the forward and the backward alike (torch.rand's stream depends on the dtype)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)).mul_(scale)
+    """softmax(q k^T * scale + mask) for q, k in at least fp32, and its row logsumexp."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if mask is not None:
         scores.add_(mask)
     if logsumexp is None:
@@ -244,17 +253,19 @@ def _attention_probabilities(q, k, mask, scale, logsumexp=None):
 
 def dropout_attention(q, k, v, mask, dropout_p: float, seed: int, scale: float) -> torch.Tensor:
     """dropout(softmax(q k^T * scale + mask)) v in autograd's ops, with the mask of :func:`dropout_keep`: what
-    scaled_dot_product_attention computes on CPU with dropout (its math path; autograd keeps the probabilities and
-    a boolean mask alike), but with the mask drawn in a third of ``bernoulli_``'s time (a BERT-base step on real
-    lengths spent ~7% of its time in SDPA's ``bernoulli_``)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)).mul_(scale)
-    if mask is not None:
-        scores = scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1)
-    kept = torch.where(dropout_keep(probs.shape, dropout_p, seed, probs.device), probs, 0.0)
-    if v.dtype != kept.dtype:  # scaled before the cast to a low precision: no second rounding of the output
-        return torch.matmul(kept.mul_(keep_scale(dropout_p)).to(v.dtype), v)
-    return torch.matmul(kept, v).mul_(keep_scale(dropout_p))  # on the output [.., L, D], half the probabilities' size
+    scaled_dot_product_attention's CPU math path computes with dropout (in fp32, the output rounded once), with
+    its mask drawn in a third of ``bernoulli_``'s time (SDPA's draw took ~7% of a BERT-base step on real lengths).
+    Autograd keeps the probabilities and a boolean mask; SDPA's path kept the probabilities and a float mask."""
+    dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = _at_least_fp32(q, k, v)
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        if mask is not None:
+            scores = scores.add_(mask)
+        probs = torch.softmax(scores, dim=-1)
+        kept = torch.where(dropout_keep(probs.shape, dropout_p, seed, probs.device), probs, 0.0)
+        # The scale on the output [.., L, D], half the probabilities' size, before its one rounding.
+        return torch.matmul(kept, v).mul_(keep_scale(dropout_p)).to(dtype)
 
 
 class DropoutAttentionFunction(torch.autograd.Function):
@@ -268,8 +279,10 @@ class DropoutAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, dropout_p, seed, scale):
-        probs, logsumexp = _attention_probabilities(q, k, mask, scale)
-        out = torch.matmul(apply_dropout(probs, dropout_p, seed).to(v.dtype), v)
+        with torch.autocast(q.device.type, enabled=False):
+            q32, k32, v32 = _at_least_fp32(q, k, v)
+            probs, logsumexp = _attention_probabilities(q32, k32, mask, scale)
+            out = torch.matmul(apply_dropout(probs, dropout_p, seed), v32).to(v.dtype)
         ctx.save_for_backward(q, k, v, mask, logsumexp)
         ctx.options = (dropout_p, seed, scale)
         return out
@@ -278,12 +291,14 @@ class DropoutAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, mask, logsumexp = ctx.saved_tensors
         dropout_p, seed, scale = ctx.options
-        probs, _ = _attention_probabilities(q, k, mask, scale, logsumexp)
-        keep = dropout_scale(probs, dropout_p, seed)  # drawn once for both uses
-        dv = torch.matmul((probs * keep).to(v.dtype).transpose(-2, -1), dout)
-        dprobs = torch.matmul(dout, v.transpose(-2, -1)).to(probs.dtype).mul_(keep)
-        del keep
-        dscores = probs.mul_(dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)).mul_(scale).to(q.dtype)
-        dq = torch.matmul(dscores, k)
-        dk = torch.matmul(dscores.transpose(-2, -1), q)
-        return dq, dk, dv, None, None, None, None
+        with torch.autocast(q.device.type, enabled=False):
+            q32, k32, v32, dout = _at_least_fp32(q, k, v, dout)
+            probs, _ = _attention_probabilities(q32, k32, mask, scale, logsumexp)
+            keep = dropout_scale(probs, dropout_p, seed)  # drawn once for both uses
+            dv = torch.matmul((probs * keep).transpose(-2, -1), dout)
+            dprobs = torch.matmul(dout, v32.transpose(-2, -1)).mul_(keep)
+            del keep
+            dscores = probs.mul_(dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)).mul_(scale)
+            dq = torch.matmul(dscores, k32)
+            dk = torch.matmul(dscores.transpose(-2, -1), q32)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
