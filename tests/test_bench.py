@@ -57,6 +57,7 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
 def test_mfu_is_against_the_faster_of_the_matmul_probes_before_and_after(monkeypatch):
     probes = iter([0.5, 2.0])  # the first probe ran in a slow phase
     monkeypatch.setattr(runner, "matmul_peak_tflops", lambda device: next(probes))
+    monkeypatch.setitem(report.GOALS, "cpu", [report.Goal("MFU", "mfu", ">=", 1.5, relative_to=None)])
     monkeypatch.setattr(runner, "run_workload", lambda workload, preset, peak, log: dict(
         workload=workload.name, spec=dataclasses.asdict(workload),
         providers={"fast": dict(median_ms=500.0, model_flops_per_step=1e12)}))
@@ -64,6 +65,8 @@ def test_mfu_is_against_the_faster_of_the_matmul_probes_before_and_after(monkeyp
     assert record["matmul_peak_probes_tflops"] == [0.5, 2.0] and record["matmul_peak_tflops"] == 2.0
     for workload in record["workloads"]:
         assert workload["providers"]["fast"]["mfu"] == pytest.approx(1.0)  # 2 TFLOP/s of a 2 TFLOP/s peak
+    # Met against the first probe (4.0), missed against the faster one.
+    assert [(goal["measured"], goal["met"]) for goal in record["goals"]] == [(pytest.approx(1.0), False)]
 
 
 def test_run_workload_measures_real_providers_and_memory():

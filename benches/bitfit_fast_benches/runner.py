@@ -175,4 +175,6 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
     for workload in record["workloads"]:
         for stats in workload["providers"].values():
             stats["mfu"] = mfu(stats, max(probes))
+    record["goals"] = check_goals(record, preset.device)
+    log(f"matmul peak probed again: {probes[1]:.2f} TFLOP/s; MFU and goals against {max(probes):.2f}")
     return record
