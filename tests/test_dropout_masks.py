@@ -4,14 +4,16 @@ The fused path draws its masks itself (from seeds, again in the backward); the r
 with every dropout replaced by a replay of the mask the fused path drew at that place. Masks live on the batch's
 real tokens in the fused path (and on each sequence's first row in the last layer: the classification shortcut),
 so they are scattered to the padded positions the reference uses; what lands on padding never reaches the logits.
+On a config-built BERT and on real pretrained MiniLM.
 """
 
 import copy
+import functools
 
 import pytest
 import torch
 import transformers.models.bert.modeling_bert as modeling_bert
-from bitfit_reference import DEVICE, padded_batch, reference_bitfit, tiny_bert, trainable
+from bitfit_reference import DEVICE, padded_batch, real_minilm, reference_bitfit, tiny_bert, trainable
 
 import bitfit_fast
 from bitfit_fast import torch_ops
@@ -48,12 +50,16 @@ def _padded(rows: torch.Tensor, valid: torch.Tensor, first_only: bool) -> torch.
     return full
 
 
+MODELS = {"config-built": tiny_bert, "real MiniLM": functools.partial(real_minilm, 3)}
+
+
+@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
-def test_fused_torch_path_equals_the_reference_applying_the_same_masks(memory, monkeypatch):
+def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, memory, monkeypatch):
     # On CUDA the default memory mode hands attention dropout to scaled_dot_product_attention, whose mask cannot be
     # read back: there the attention probabilities keep no dropout, and every other dropout is compared.
     attention_p = 0.0 if memory == "default" and DEVICE == "cuda" else P
-    base = tiny_bert(hidden_dropout_prob=P, attention_probs_dropout_prob=attention_p, classifier_dropout=P)
+    base = MODELS[model](hidden_dropout_prob=P, attention_probs_dropout_prob=attention_p, classifier_dropout=P)
     ours = bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory=memory, announce=False).train()
     reference = reference_bitfit(copy.deepcopy(base)).train()
     batch = padded_batch(base, lengths=(7, 1, 5, 7, 3))  # the longest fills the padded width
