@@ -29,3 +29,14 @@ def bucketed_rows(monkeypatch):
     from bitfit_fast import unpadding
 
     monkeypatch.setattr(unpadding, "BUCKETED_DEVICES", {"cuda", "cpu"})
+
+
+@pytest.fixture
+def grouped_attention(monkeypatch):
+    """Attention by length groups (bitfit_fast.unpadding.length_groups), which runs on CPU only and on larger batches,
+    on the tests' small ones on every device: every drop of a sequence's length to 0.8 of its group's longest starts
+    a group."""
+    from bitfit_fast import unpadding
+
+    monkeypatch.setattr(unpadding, "MIN_GROUP_SAVING", 0)
+    monkeypatch.setattr(unpadding, "GROUPED_DEVICES", {"cuda", "cpu"})

@@ -17,6 +17,7 @@ from bitfit_reference import DEVICE, padded_batch, real_minilm, reference_bitfit
 
 import bitfit_fast
 from bitfit_fast import torch_ops
+from bitfit_fast.unpadding import LengthGroup, Tokens
 
 P = 0.25  # every dropout of the model: embeddings, attention probabilities, hidden states, classifier
 
@@ -55,7 +56,9 @@ MODELS = {"config-built": tiny_bert, "real MiniLM": functools.partial(real_minil
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
-def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, memory, monkeypatch):
+@pytest.mark.parametrize("attention", ["one call", "length groups"])
+def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, memory, attention, monkeypatch,
+                                                                         request):
     # On CUDA the default memory mode hands attention dropout to scaled_dot_product_attention, whose mask cannot be
     # read back: there the attention probabilities keep no dropout, and every other dropout is compared.
     attention_p = 0.0 if memory == "default" and DEVICE == "cuda" else P
@@ -65,6 +68,13 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
     batch = padded_batch(base, lengths=(7, 1, 5, 7, 3))  # the longest fills the padded width
     valid = batch["attention_mask"].bool()
     layers = base.config.num_hidden_layers
+    if attention == "length groups":
+        request.getfixturevalue("grouped_attention")
+    # The attention layout the fused path runs: its sequences' order and the groups that each draw a mask.
+    tokens = Tokens.of_batch(valid[..., None], valid[:, None, None, :])
+    assert (tokens.groups is not None) == (attention == "length groups")
+    groups = tokens.groups or (LengthGroup(0, len(valid), valid.shape[1], True),)
+    order = tokens.order if tokens.order is not None else torch.arange(len(valid), device=DEVICE)
 
     # The fused path: every mask its ops draw (attention probabilities, then the two hidden-state dropouts of each
     # layer, in order), and the embeddings' and classifier's nn.Dropout masks.
@@ -86,17 +96,18 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
     out.loss.backward()
     for hook in hooks:
         hook.remove()
-    per_layer = 3 if attention_p else 2
-    assert len(drawn) == per_layer * layers, "an attention mask (with attention dropout) and two hidden-state masks"
+    per_layer = (len(groups) if attention_p else 0) + 2
+    assert len(drawn) == per_layer * layers, "attention masks (one a group, with attention dropout), two hidden-state"
 
     # The reference with those masks in their places.
     probabilities = []
     for layer in range(layers):
-        *attention, first_hidden, second_hidden = drawn[per_layer * layer:per_layer * (layer + 1)]
+        *attention_masks, first_hidden, second_hidden = drawn[per_layer * layer:per_layer * (layer + 1)]
         shortcut = layer == layers - 1 and first_hidden.shape[0] == len(valid)  # the last layer ran first rows only
         full = torch.ones(len(valid), base.config.num_attention_heads, valid.shape[1], valid.shape[1], device=DEVICE)
-        if attention:
-            full[:, :, :1 if shortcut else None] = attention[0]
+        for group, mask in zip(groups, attention_masks, strict=True):
+            assert mask.shape[2:] == (1 if shortcut else group.length, group.length)
+            full[order[group.first:group.first + group.count], :, :mask.shape[2], :group.length] = mask
         probabilities.append(full)
         modules = reference.bert.encoder.layer[layer]
         modules.attention.output.dropout = Replay(_padded(first_hidden, valid, shortcut))

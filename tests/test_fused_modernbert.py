@@ -53,9 +53,13 @@ def test_the_tiny_config_exercises_both_attention_types_and_the_window():
         assert not torch.allclose(model(**batch).logits, wide(**batch).logits, atol=1e-3), "the window matters"
 
 
-@pytest.mark.parametrize("backend,memory", [("torch", "default"), ("torch", "lean"), ("torch", "minimal"),
-                                            ("triton", "lean")])
-def test_logits_gradients_and_adamw_steps_match_reference_bitfit(backend, memory):
+@pytest.mark.parametrize("backend,memory,attention", [
+    ("torch", "default", "one call"), ("torch", "lean", "one call"), ("torch", "minimal", "one call"),
+    ("triton", "lean", "one call"), ("torch", "default", "length groups"), ("triton", "lean", "length groups")])
+def test_logits_gradients_and_adamw_steps_match_reference_bitfit(backend, memory, attention, request):
+    """In one attention call and by length groups (each cut to its longest, the sliding window's mask with it)."""
+    if attention == "length groups":
+        request.getfixturevalue("grouped_attention")
     model = tiny_modernbert()
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend=backend, memory=memory)
@@ -251,11 +255,14 @@ def assert_close_gradients(grads, expected, tol) -> None:
 SHORTCUT_LENGTHS = [(11, 4, 8), (1, 9, 6), (7, 7)]
 
 
-@pytest.mark.parametrize("backend,memory,layers", [("torch", "default", 3), ("torch", "default", 2),
-                                                   ("torch", "minimal", 3), ("torch", "minimal", 2),
-                                                   ("triton", "default", 2)])
+@pytest.mark.parametrize("backend,memory,layers,attention", [
+    ("torch", "default", 3, "one call"), ("torch", "default", 2, "one call"), ("torch", "minimal", 3, "one call"),
+    ("torch", "minimal", 2, "one call"), ("triton", "default", 2, "one call"), ("torch", "default", 2, "length groups"),
+    ("triton", "default", 2, "length groups")])
 def test_cls_pooling_runs_the_last_layer_for_first_tokens_with_the_same_logits_loss_and_gradients(
-        backend, memory, layers):
+        backend, memory, layers, attention, request):
+    if attention == "length groups":
+        request.getfixturevalue("grouped_attention")
     model = tiny_modernbert(num_hidden_layers=layers)
     assert model.config.classifier_pooling == "cls", "Hugging Face's default"
     assert model.config.layer_types[-1] == ("sliding_attention" if layers == 2 else "full_attention")

@@ -59,12 +59,24 @@ def assert_close_relative_to_largest(ours: dict, theirs: dict, rel: float, what:
         assert err <= rel * scale, f"{what} {name}: off by {err:.3g}, {err / scale:.2%} of the largest ({scale:.3g})"
 
 
+# The fused paths again with attention by length groups (on CPU, the path of batches that save enough by it).
+GROUPED = [f"{path}+groups" for path in PATHS if path.startswith("fused")]
+
+
+def apply_path(model, path: str, request, **options):
+    """bitfit_fast.apply for a path of PATHS, or one of GROUPED."""
+    if path.endswith("+groups"):
+        request.getfixturevalue("grouped_attention")
+        path = path.removesuffix("+groups")
+    return bitfit_fast.apply(model, **PATHS[path], **options)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", list(PATHS))
-def test_fp32_five_adamw_steps_match_the_reference(backend, path):
+@pytest.mark.parametrize("path", [*PATHS, *GROUPED])
+def test_fp32_five_adamw_steps_match_the_reference(backend, path, request):
     model = minilm_for(backend)
     reference = reference_bitfit(model)
-    bitfit_fast.apply(model, backend=backend, **PATHS[path])
+    apply_path(model, path, request, backend=backend)
     batches = uneven_batches(5, max_length=48 if backend == "torch" else 12)
 
     grads, ref_grads = [], []
@@ -96,12 +108,12 @@ def autocast_errors(model, reference, batch, precision) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", list(PATHS))
-def test_fp16_autocast_is_as_accurate_as_torch_fp16(backend, path):
+@pytest.mark.parametrize("path", [*PATHS, *GROUPED])
+def test_fp16_autocast_is_as_accurate_as_torch_fp16(backend, path, request):
     # flash-attention's rule: err(ours at fp16) <= 2 err(torch at fp16) + atol, both against fp32.
     model = minilm_for(backend)
     reference = reference_bitfit(model)
-    bitfit_fast.apply(model, backend=backend, **PATHS[path])
+    apply_path(model, path, request, backend=backend)
     err, ref_err = autocast_errors(model, reference, uneven_batches(1, max_length=12)[0], torch.float16)
     for name in err:
         assert err[name] <= 2 * ref_err[name] + 2e-3, (name, err[name], ref_err[name])
@@ -126,15 +138,18 @@ def reference_losses(precision: torch.dtype | None) -> list[float]:
 
 @pytest.mark.parametrize(
     "precision,path",
-    [(torch.bfloat16, path) for path in [*PATHS, "bf16-weights"]]
-    + [(torch.float16, "fused"), (torch.float16, "modules")],
+    [(torch.bfloat16, path) for path in [*PATHS, "bf16-weights", "fused+groups"]]
+    + [(torch.float16, "fused"), (torch.float16, "modules"), (torch.float16, "fused+groups")],
 )
-def test_autocast_training_tracks_the_reference(precision, path):
+def test_autocast_training_tracks_the_reference(precision, path, request):
     # Ten real titles, two classes, full batch, 15 AdamW steps; the first and last MiniLM layers (bf16 matmuls
     # are slow on CPU). Under autocast ours must follow the fp32 reference's loss as closely as the reference
     # under the same autocast does. Before the LayerNorm fix ours stalled at bf16 (0.615 vs 0.349 at step 15).
     model, steps = learning_setup()
-    bitfit_fast.apply(model, backend="torch", **(dict(dtype=torch.bfloat16) if path == "bf16-weights" else PATHS[path]))
+    if path == "bf16-weights":
+        bitfit_fast.apply(model, backend="torch", dtype=torch.bfloat16)
+    else:
+        apply_path(model, path, request, backend="torch")
     losses = adamw_steps(model, steps, lr=LEARNING_RATE, precision=precision)
     exact, same = reference_losses(None), reference_losses(precision)
     assert exact[-1] < 0.6 * exact[0], f"the fp32 reference learns the task: {exact}"

@@ -112,13 +112,14 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", ["fused", "fused-minimal", "modules", "fused-bucketed"])
+@pytest.mark.parametrize("path", ["fused", "fused-minimal", "modules", "fused-bucketed", "fused-grouped"])
 def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, backend, tmp_path, request):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
-    "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device."""
-    if path == "fused-bucketed":
-        request.getfixturevalue("bucketed_rows")
+    "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device;
+    "fused-grouped": attention by length groups, whose layout holds the examples in another order than the batch."""
+    if path in ("fused-bucketed", "fused-grouped"):
+        request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
         path = "fused"
     widths = {"topic": 3, "sentiment": 2}
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]

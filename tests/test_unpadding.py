@@ -26,6 +26,20 @@ from bitfit_fast.fused_layer import FusedEncoder
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Very uneven lengths: a one-token sequence beside a full one, all equal (no padding at all), one sequence.
 LENGTHS = [(1, 13, 7, 2), (11, 11, 11), (1,), (5, 1, 1)]
+# Attention in one call over the padded layout, or by length groups (the CPU's path on larger batches).
+ATTENTION = ["one call", "length groups"]
+
+
+def attend_by(attention: str, request, batch: dict | None = None) -> None:
+    """Attention as ``attention`` says for the rest of the test; with ``batch``, it checks that the batch's
+    lengths do split into groups."""
+    if attention == "length groups":
+        request.getfixturevalue("grouped_attention")
+        if batch is not None:
+            from bitfit_fast.unpadding import Tokens
+
+            mask = batch["attention_mask"].bool()
+            assert Tokens.of_batch(mask[..., None], mask[:, None, None, :]).groups is not None
 
 
 def encoder_rows(model, batch) -> int:
@@ -56,14 +70,75 @@ def assert_same_training(model, reference, batches, tol=TOL):
 
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
-def test_uneven_padding_trains_like_the_reference(arch, backend, lengths):
+@pytest.mark.parametrize("lengths,attention", [(lengths, "one call") for lengths in LENGTHS] + [
+    (lengths, "length groups") for lengths in LENGTHS if len(set(lengths)) > 1], ids=str)
+def test_uneven_padding_trains_like_the_reference(arch, backend, lengths, attention, request):
     model = MODELS[arch]()
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend=backend)
     batches = [padded_batch(model, lengths) for _ in range(3)]
+    attend_by(attention, request, batches[0])
     assert encoder_rows(model, batches[0]) == 1, "a sequence-classification head reads the first token only"
     assert_same_training(model, reference, batches)
+
+
+def test_length_groups_sort_longest_first_and_split_where_it_saves_enough(monkeypatch):
+    from bitfit_fast import unpadding
+    from bitfit_fast.unpadding import LengthGroup, length_groups
+
+    # One group where cutting saves fewer scores than a group's calls cost (MIN_GROUP_SAVING = 128²).
+    assert length_groups([7, 1, 5, 7, 3]) == ([0, 3, 2, 4, 1], (LengthGroup(0, 5, 7, True),))
+    # 8 sequences of 128 and 8 of 40: cutting at the first 40 saves 8 · (128² - 40²) scores.
+    order, groups = length_groups([40, 128] * 8)
+    assert order == [1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14], "longest first, a stable sort"
+    assert groups == (LengthGroup(0, 8, 128, False), LengthGroup(8, 8, 40, False))
+    # 110 is more than 0.8 of 128: it stays in the first group, which then holds padding.
+    assert length_groups([128, 110, 40, 40])[1] == (LengthGroup(0, 2, 128, True), LengthGroup(2, 2, 40, False))
+    monkeypatch.setattr(unpadding, "MIN_GROUP_SAVING", 0)
+    assert length_groups([7, 1, 5, 7, 3])[1] == (LengthGroup(0, 2, 7, False), LengthGroup(2, 1, 5, False),
+                                                  LengthGroup(3, 1, 3, False), LengthGroup(4, 1, 1, False))
+    assert length_groups([6, 5, 4])[1] == (LengthGroup(0, 2, 6, True), LengthGroup(2, 1, 4, False))
+    assert length_groups([1])[1] == (LengthGroup(0, 1, 1, False),)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("first_only", [False, True])
+@pytest.mark.parametrize("window", [None, 2])
+def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layout, first_only, window, request):
+    """Outputs and q/k/v row gradients in fp64, for a padding mask and for packed sequences, each sequence's first
+    query only (the classification shortcut's last layer) and a sliding window."""
+    from bitfit_fast.unpadding import Tokens
+
+    lengths, heads, dim = (3, 9, 1, 9, 6, 2, 8), 2, 4
+    width = heads * dim
+
+    def tokens() -> Tokens:
+        if layout == "packed":
+            starts = torch.tensor([0, *lengths[:-1]], device=DEVICE).cumsum(0)
+            return Tokens.packed(sum(lengths), starts)
+        mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=DEVICE)
+        for row, length in enumerate(lengths):
+            mask[row, :length] = True
+        return Tokens.of_batch(mask[..., None], mask[:, None, None, :])
+
+    rows = sum(lengths)
+    q_rows, kv = (torch.randn(n, w, dtype=torch.float64, device=DEVICE) for n, w in ((rows, width), (rows, 2 * width)))
+    cotangent = torch.randn(len(lengths) if first_only else rows, width, dtype=torch.float64, device=DEVICE)
+
+    def run(tokens: Tokens):
+        q, k_v = q_rows.clone().requires_grad_(), kv.clone().requires_grad_()
+        queries = q.index_select(0, tokens.starts) if first_only else q
+        out = tokens.attention(queries, k_v, heads, 0.0, None, dim**-0.5, True, first_only, window)
+        return out.detach(), *torch.autograd.grad((out * cotangent).sum(), (q, k_v))
+
+    one_call = run(tokens())
+    request.getfixturevalue("grouped_attention")
+    grouped = tokens()
+    assert grouped.order.tolist() == [1, 3, 6, 4, 0, 5, 2]
+    assert [(group.count, group.padded) for group in grouped.groups] == [(3, True), (1, False), (1, False),
+                                                                          (1, False), (1, False)]
+    for name, ours, theirs in zip(("output", "dq", "dkv"), run(grouped), one_call):
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12, msg=name)
 
 
 def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
@@ -83,24 +158,28 @@ def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory", ["default", "minimal"])
-def test_bucketed_rows_train_like_the_reference(arch, backend, memory, bucketed_rows):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_bucketed_rows_train_like_the_reference(arch, backend, memory, attention, bucketed_rows, request):
     """The bucket's zero rows run through every GEMM, LayerNorm and gradient pass: their gradients must be exactly
     zero, or every bias's gradient would move."""
     model = MODELS[arch]()
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend=backend, memory=memory)
     batches = [padded_batch(model, (1, 13, 7, 2)) for _ in range(3)]
+    attend_by(attention, request, batches[0])
     assert_same_training(model, reference, batches)
 
 
 @pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
-def test_real_minilm_uneven_real_text_trains_like_the_reference(memory):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_real_minilm_uneven_real_text_trains_like_the_reference(memory, attention, request):
     model = real_minilm(layers=[0, 5])
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend="torch", memory=memory)
     texts = ["Rates rise.", "The central bank raised interest rates for the third time this year, citing prices.",
              "Shares", "Champions League final tickets sold out within minutes of going on sale online"]
     batches = [real_batch(texts[i:] + texts[:i], [i, 1, 2, 3]) for i in range(3)]
+    attend_by(attention, request, batches[0])
     assert_same_training(model, reference, batches)
 
 
@@ -201,7 +280,8 @@ def flattened(model, lengths, labels=True):
 
 @pytest.mark.parametrize("rows", ["exact", "bucketed"])
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_flattened_batches_equal_the_padded_ones(arch, rows, request):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_flattened_batches_equal_the_padded_ones(arch, rows, attention, request):
     if rows == "bucketed":
         request.getfixturevalue("bucketed_rows")
     make = {"bert": transformers.BertForTokenClassification, "roberta": transformers.RobertaForTokenClassification}
@@ -211,6 +291,7 @@ def test_flattened_batches_equal_the_padded_ones(arch, rows, request):
     bitfit_fast.apply(model, backend="torch")
     lengths = (5, 1, 8, 3)
     padded, packed = flattened(model, lengths)
+    attend_by(attention, request, padded)
     assert packed["input_ids"].shape == (1, sum(lengths)) and "position_ids" in packed
     valid = padded["attention_mask"].bool()
     # Each position labelled by its sequence (as flattened() does); the collator masks each first label (-100).
