@@ -54,19 +54,14 @@ class _GroupViews(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        full = [None, None, None]
+        full = []
         for part, shape in enumerate(ctx.shapes):
-            parts = grads[part::3]
-            if all(grad is None for grad in parts):
-                continue
-            full[part] = parts[0].new_empty(shape) if all(grad is not None for grad in parts) else (
-                parts[0].new_zeros(shape) if parts[0] is not None else next(g for g in parts if g is not None)
-                .new_zeros(shape))
-            for group, grad in zip(ctx.groups, parts):
-                rows = full[part][group.first:group.first + group.count]
-                if grad is not None:
-                    rows[:, :, :grad.shape[2]] = grad
-                    rows[:, :, grad.shape[2]:].zero_()
+            buffer = grads[part].new_empty(shape)  # autograd hands zeros for an unused output, never None
+            for group, grad in zip(ctx.groups, grads[part::3]):
+                rows = buffer[group.first:group.first + group.count]
+                rows[:, :, :grad.shape[2]] = grad
+                rows[:, :, grad.shape[2]:].zero_()
+            full.append(buffer)
         return None, *full
 
 
