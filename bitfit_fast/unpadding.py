@@ -6,15 +6,15 @@ of concatenated sequences whose ``position_ids`` restart at 0, the convention of
 GEMM, LayerNorm, activation, dropout and bias-gradient sum then runs on real tokens only, and the output is
 scattered back to the padded shape once, with zeros at the padding (as flash-attention's BERT does).
 
-Attention is the one op that needs the sequences apart. It runs on the real tokens laid out as [S, L] (S
-sequences, L the longest in the batch) with a key-padding mask, through ``scaled_dot_product_attention`` (on CPU
-with dropout, the same math in torch ops with a faster mask draw: ``torch_ops.dropout_attention``), at a cost of
-O(S·L²) scores. On CPU the layout holds the sequences longest first and attention runs once per group of similar
-lengths (``length_groups``), each group cut to its own longest: on real BBC News paragraph lengths that computes
-~0.55 of the padded layout's scores, on short sentences 0.1-0.4 (attention was ~12% of a CPU BERT-base step).
-torch's variable-length alternatives do not serve both devices: ``varlen_attn`` is CUDA-only flash attention
-without dropout, and nested-tensor SDPA on CPU loops over the sequences in the math kernel (slower than one
-padded call).
+Attention is the one op that needs the sequences apart. It runs on the real tokens laid out as [S, L] (S sequences,
+L the longest in the batch) with a key-padding mask, through ``scaled_dot_product_attention`` (on CPU with dropout,
+the same math in torch ops with a faster mask draw: ``torch_ops.dropout_attention``), at a cost of O(S·L²) scores.
+On CPU, where lengths differ enough, the layout holds the sequences longest first and attention runs once per group
+of similar lengths (``length_groups``), each group cut to its own longest: on real BBC News paragraph lengths that
+computes ~0.55 of the padded layout's scores, on short sentences 0.1-0.4 (attention was ~12% of a CPU BERT-base
+step). torch's variable-length alternatives do not serve both devices: ``varlen_attn`` is CUDA-only flash attention
+without dropout, and nested-tensor SDPA on CPU loops over the sequences in the math kernel (slower than one padded
+call).
 """
 
 from typing import NamedTuple
@@ -42,10 +42,10 @@ class _ScatterRows(torch.autograd.Function):
 
 
 class _GroupViews(torch.autograd.Function):
-    """q, k, v [S, H, L, D] in the attention layout as each length group's q, k, v [count, H, length, D] (q keeps a
-    length of 1: each sequence's first row): views, no copy. The backward writes the groups' gradients into one
-    buffer per tensor, zeros past each group's length; autograd's backward of slicing would zero-fill a full-size
-    buffer per group and add them up."""
+    """q, k, v [S, H, L, D] in the attention layout as each length group's q, k, v [count, H, length, D] (with one
+    query per sequence, its first row, q keeps its length of 1): views, no copy. The backward writes the groups'
+    gradients into one buffer per tensor, zeros past each group's length; autograd's backward of slicing would
+    zero-fill a full-size buffer per group and add them up."""
 
     @staticmethod
     def forward(ctx, groups, q, k, v):
@@ -146,8 +146,9 @@ def bucketed(rows: int) -> int:
 # small batches.
 GROUPED_DEVICES = {"cpu"}
 # A sequence starts a new group where it is at most GROUP_LENGTH_RATIO of the group's longest and cutting there saves
-# at least MIN_GROUP_SAVING scores per head (a group's calls cost ~0.3 ms of a CPU's time, fwd + bwd, and a BERT-base
-# score element with its backward ~0.1 µs).
+# at least MIN_GROUP_SAVING scores per head. On a 2-core CPU a group's calls cost ~0.7 ms (fwd + bwd, a tiny
+# group), and 128² scores take ~4.6 ms with BERT-base's 12 heads (73 ms for 16 × 128²) and ~0.8 ms with 2: a
+# margin against groups that cost more than they save.
 GROUP_LENGTH_RATIO = 0.8
 MIN_GROUP_SAVING = 128 * 128
 
@@ -165,29 +166,29 @@ class LengthGroup(NamedTuple):
 def length_groups(lengths: list[int]) -> tuple[list[int], tuple[LengthGroup, ...]]:
     """The attention layout for sequences of ``lengths``: their order in it, longest first (a stable sort), and its
     groups of similar lengths, each attended over its own longest. Padded to the batch's longest L, attention
-    computes S·L² scores per head; grouped, each group's count·length². Splits go where the rest of the
-    sequences, at most ``length`` long, then save ≥ MIN_GROUP_SAVING scores."""
+    computes S·L² scores per head; grouped, each group's count·length². A sequence starts a group where it is at
+    most GROUP_LENGTH_RATIO of the current group's longest and the sequences from it on, none longer, then save at
+    least MIN_GROUP_SAVING scores per head."""
     order = sorted(range(len(lengths)), key=lambda sequence: -lengths[sequence])
     ordered = [lengths[sequence] for sequence in order]
+
+    def group(first: int, end: int) -> LengthGroup:
+        return LengthGroup(first, end - first, ordered[first], ordered[end - 1] < ordered[first])
+
     groups, first = [], 0
     for position, length in enumerate(ordered):
         longest = ordered[first]
         saved = (len(ordered) - position) * (longest**2 - length**2)
         if length <= GROUP_LENGTH_RATIO * longest and saved >= MIN_GROUP_SAVING:
-            groups.append(LengthGroup(first, position - first, longest, ordered[position - 1] < longest))
+            groups.append(group(first, position))
             first = position
-    groups.append(LengthGroup(first, len(ordered) - first, ordered[first], ordered[-1] < ordered[first]))
-    return order, tuple(groups)
-
-
-def _places(order: torch.Tensor) -> torch.Tensor:
-    """[S] each sequence's place in a layout holding the sequences ``order`` (the inverse permutation)."""
-    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.shape[0], device=order.device))
+    return order, (*groups, group(first, len(ordered)))
 
 
 def _layout(lengths: torch.Tensor):
-    """(L, each sequence's place in the attention layout [S], the layout's sequences [S] or None when in order,
-    its length groups or None for one call, key mask [S, 1, 1, L]) for sequences of ``lengths`` [S]."""
+    """(L, each sequence's place in the attention layout [S], the layout's sequences [S] or None when in the
+    batch's order, its length groups or None for one call, key mask [S, 1, 1, L]) for sequences of ``lengths``
+    [S]."""
     device = lengths.device
     max_len = int(lengths.max())
     place, order, groups = torch.arange(lengths.shape[0], device=device), None, None
@@ -195,7 +196,7 @@ def _layout(lengths: torch.Tensor):
         sequences, groups = length_groups(lengths.tolist())
         if len(groups) > 1:
             order = torch.tensor(sequences, device=device)
-            place = _places(order)
+            place = torch.empty_like(order).index_copy_(0, order, place)  # the inverse permutation
             lengths = lengths.index_select(0, order)
         else:
             groups = None
@@ -210,15 +211,16 @@ class Tokens:
     the N real ones, which no output reads, so their gradients are exactly zero and add nothing to any bias's.
     On CPU the attention layout may hold the sequences in another order than the batch (see ``length_groups``)."""
 
-    def __init__(self, batch_shape, rows, slots, starts, max_len, key_mask, order=None, groups=None):
+    def __init__(self, batch_shape, rows, slots, starts, max_len, key_mask, order=None, places=None, groups=None):
         self.batch_shape = batch_shape  # (B, T) of the hidden states
         self.rows = rows  # [N] real tokens' indices in the flattened [B·T]; None: every token is real
         self.slots = slots  # [N] their places in the [S·L] attention layout; None: rows laid out as [S, L]
-        self.starts = starts  # [S] each sequence's first row
+        self.starts = starts  # [S] each sequence's first row, in the batch's order
         self.max_len = max_len  # L
         # [S, 1, 1, L] True where a key exists (or any attention mask), in layout order; None: every key exists
         self.key_mask = key_mask
         self.order = order  # [S] the sequence at each place of the layout; None: the batch's order
+        self.places = places  # [S] each sequence's place in the layout (the inverse of ``order``)
         self.groups = groups  # the layout's length groups, attended one by one; None: one call over [S, L]
         index = rows if rows is not None else slots
         self.real_rows = index.shape[0] if index is not None else batch_shape[0] * batch_shape[1]  # N
@@ -257,21 +259,21 @@ class Tokens:
                     return cls.packed(seq, starts)
             return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, None)
         lengths = valid.sum(dim=1)
-        max_len, place, order, groups, key_mask = _layout(lengths)
+        max_len, places, order, groups, key_mask = _layout(lengths)
         rows = valid.reshape(-1).nonzero().squeeze(1)
-        slots = (valid.cumsum(dim=1) - 1 + place.unsqueeze(1) * max_len).reshape(-1)[rows]
+        slots = (valid.cumsum(dim=1) - 1 + places.unsqueeze(1) * max_len).reshape(-1)[rows]
         starts = torch.cumsum(lengths, 0) - lengths
-        return cls((batch, seq), rows, slots, starts, max_len, key_mask, order, groups)
+        return cls((batch, seq), rows, slots, starts, max_len, key_mask, order, places, groups)
 
     @classmethod
     def packed(cls, total: int, starts: torch.Tensor) -> "Tokens":
         """One row of ``total`` tokens holding sequences that begin at ``starts``."""
         device = starts.device
         lengths = torch.diff(starts, append=torch.tensor([total], device=device))
-        max_len, place, order, groups, key_mask = _layout(lengths)
+        max_len, places, order, groups, key_mask = _layout(lengths)
         sequence = torch.repeat_interleave(torch.arange(starts.shape[0], device=device), lengths)
-        slots = torch.arange(total, device=device) - starts[sequence] + place[sequence] * max_len
-        return cls((1, total), None, slots, starts, max_len, key_mask, order, groups)
+        slots = torch.arange(total, device=device) - starts[sequence] + places[sequence] * max_len
+        return cls((1, total), None, slots, starts, max_len, key_mask, order, places, groups)
 
     @property
     def one_sequence_per_row(self) -> bool:
@@ -355,8 +357,9 @@ class Tokens:
     def attention(self, q, kv, heads: int, dropout_p: float, seed: int | None, scale: float,
                   keep_probabilities: bool, first_only: bool = False, window: int | None = None) -> torch.Tensor:
         """softmax(q k^T · scale + mask) v per sequence, for query rows q [N, d] (with ``first_only``, [S, d]: each
-        sequence's first row) and key-value rows kv [N, 2d] (k then v); returns q's shape. See :meth:`attend`
-        (BERT's layers split their QKV GEMM's output into heads themselves: ``functions.LinearHeadsFunction``)."""
+        sequence's first row, in the batch's order) and key-value rows kv [N, 2d] (k then v); returns q's shape. See
+        :meth:`attend` (BERT's layers split their QKV GEMM's output into heads themselves:
+        ``functions.LinearHeadsFunction``)."""
         k, v = _HeadViews.apply(self._to_sequences(kv), 2, heads)
         return self.attend(self.query_heads(q, heads, first_only), k, v, dropout_p, seed, scale, keep_probabilities,
                            first_only, window)
@@ -373,7 +376,8 @@ class Tokens:
     def attend(self, q, k, v, dropout_p: float, seed: int | None, scale: float, keep_probabilities: bool,
                first_only: bool = False, window: int | None = None) -> torch.Tensor:
         """softmax(q k^T · scale + mask) v for q, k, v [S, H, L, D] in the attention layout (q with L = 1 and
-        ``first_only``: each sequence's first row); returns rows [N, H·D], or [S, H·D] with ``first_only``.
+        ``first_only``: each sequence's first row); returns rows [N, H·D], or [S, H·D] in the batch's order with
+        ``first_only``. With length groups, one call per group, each group drawing its own dropout mask.
         ``keep_probabilities=False`` runs the flash-style ``DropoutAttentionFunction``, which keeps q, k, v and the
         row logsumexp, not the probabilities; otherwise SDPA runs, or on CPU with dropout ``dropout_attention``.
         ``window``: each query sees the keys at most that many positions away (see ``additive_mask``)."""
@@ -388,15 +392,17 @@ class Tokens:
             contexts = []
             for index, group in enumerate(self.groups):
                 q_g, k_g, v_g = views[3 * index:3 * index + 3]
-                # The group's rows of the mask, cut to its length; none where its sequences fill it and no window does.
-                mask_g = None if mask is None or not (group.padded or window is not None) else (
-                    mask[group.first:group.first + group.count, :, :q_g.shape[2], :group.length])
+                # The group's rows of the mask, cut to its length; none where its sequences fill it and no window
+                # is narrower than it.
+                masked = group.padded or (window is not None and group.length - 1 > window)
+                mask_g = mask[group.first:group.first + group.count, :, :q_g.shape[2], :group.length] if (
+                    mask is not None and masked) else None
                 seed_g = None if seed is None else seed + index  # each group draws its own dropout mask
                 contexts.append(_attention(q_g, k_g, v_g, mask_g, dropout_p, seed_g, scale, keep_probabilities))
             context = _GroupsToLayout.apply(self.groups, q.shape[2], *contexts)
         if first_only:
             context = context.squeeze(1)
-            return context if self.order is None else context.index_select(0, _places(self.order))
+            return context if self.order is None else context.index_select(0, self.places)
         return self._from_sequences(context)
 
 

@@ -40,3 +40,13 @@ def grouped_attention(monkeypatch):
 
     monkeypatch.setattr(unpadding, "MIN_GROUP_SAVING", 0)
     monkeypatch.setattr(unpadding, "GROUPED_DEVICES", {"cuda", "cpu"})
+    # Each grouped attention's groups, for the test to read; a test that never attended by groups fails here.
+    grouped, assemble = [], unpadding._GroupsToLayout.apply
+
+    def recorded(groups, *args):
+        grouped.append(groups)
+        return assemble(groups, *args)
+
+    monkeypatch.setattr(unpadding._GroupsToLayout, "apply", recorded)
+    yield grouped
+    assert grouped, "no attention ran by length groups: the test's batches must have uneven lengths"

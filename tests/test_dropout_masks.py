@@ -78,13 +78,14 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
 
     # The fused path: every mask its ops draw (attention probabilities, then the two hidden-state dropouts of each
     # layer, in order), and the embeddings' and classifier's nn.Dropout masks.
-    drawn, recording = [], [True]
+    drawn, seeds, recording = [], [], [True]
     draw = torch_ops.dropout_keep
 
     def recorded_draw(shape, p, seed, device):
         keep = draw(shape, p, seed, device)
         if recording[0]:
             drawn.append(keep.to(torch.float32) * torch_ops.keep_scale(p))
+            seeds.append(seed)
         return keep
 
     monkeypatch.setattr(torch_ops, "dropout_keep", recorded_draw)
@@ -98,6 +99,7 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
         hook.remove()
     per_layer = (len(groups) if attention_p else 0) + 2
     assert len(drawn) == per_layer * layers, "attention masks (one a group, with attention dropout), two hidden-state"
+    assert len(set(seeds)) == len(seeds), "every mask, each group's too, is drawn from a seed of its own"
 
     # The reference with those masks in their places.
     probabilities = []

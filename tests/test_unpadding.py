@@ -132,13 +132,13 @@ def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layou
         return out.detach(), *torch.autograd.grad((out * cotangent).sum(), (q, k_v))
 
     one_call = run(tokens())
-    request.getfixturevalue("grouped_attention")
+    attended = request.getfixturevalue("grouped_attention")
     grouped = tokens()
     assert grouped.order.tolist() == [1, 3, 6, 4, 0, 5, 2]
-    assert [(group.count, group.padded) for group in grouped.groups] == [(3, True), (1, False), (1, False),
-                                                                          (1, False), (1, False)]
     for name, ours, theirs in zip(("output", "dq", "dkv"), run(grouped), one_call):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12, msg=name)
+    assert [(group.count, group.length, group.padded) for group in attended[0]] == [
+        (3, 9, True), (1, 6, False), (1, 3, False), (1, 2, False), (1, 1, False)]
 
 
 def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
