@@ -13,8 +13,9 @@ On CPU, where lengths differ enough, the layout holds the sequences longest firs
 of similar lengths (``length_groups``), each group cut to its own longest: on real BBC News paragraph lengths that
 computes ~0.55 of the padded layout's scores, on short sentences 0.1-0.4 (attention was ~12% of a CPU BERT-base
 step). torch's variable-length alternatives do not serve both devices: ``varlen_attn`` is CUDA-only flash attention
-without dropout, and nested-tensor SDPA on CPU loops over the sequences in the math kernel (slower than one padded
-call).
+without dropout; FlexAttention with a document mask has no dropout either (no ``dropout_p`` in torch 2.11 or 2.13:
+a score_mod cannot drop probabilities after the softmax) and is fast only compiled; nested-tensor SDPA on CPU loops
+over the sequences in the math kernel (slower than one padded call).
 """
 
 from typing import NamedTuple
