@@ -8,8 +8,8 @@
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
-#           stages, in this order by default (about 8.5 minutes on an H200):
-#             env tests-gpu tests-real aot kernels bench profile task-bank max-batch
+#           stages, in this order by default (about 9 minutes on an H200):
+#             env tests-gpu tests-real aot kernels bench profile task-bank max-batch length-groups
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
 #           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
 #           "tests" (every other test on CUDA: longer than a lease) and "tests-bank" (task bank tests, per-row
@@ -50,7 +50,7 @@ OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
 shift
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env:15 tests-gpu:90 tests-real:45 aot:60 kernels:40 bench:100 profile:40
-                                    task-bank:60 max-batch:60)
+                                    task-bank:60 max-batch:60 length-groups:40)
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1
@@ -86,6 +86,7 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc \
                  --out "$LOGS" ;;
         task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS" ;;
+        length-groups) python -m bitfit_fast_benches.length_groups --preset gpu --out "$LOGS" ;;
         *) echo "unknown stage $1"; return 2 ;;
     esac
 }

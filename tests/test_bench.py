@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bitfit_fast import cli
-from bitfit_fast_benches import measurement, presets, providers, report, runner, task_bank
+from bitfit_fast_benches import length_groups, measurement, presets, providers, report, runner, task_bank
 from bitfit_fast_benches.presets import Preset, Workload
 
 TINY = Workload("bert-tiny", 16, 2)
@@ -223,3 +223,15 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
     assert record["ratios"]["mixed_vs_sub_batches"] == pytest.approx(
         predict["bank, 4 tasks"]["examples_per_s"] / predict["sub-batches, 4 tasks"]["examples_per_s"])
     assert len(record["goals"]) == 5 and (tmp_path / "tiny.md").read_text().startswith("Task bank, preset `tiny`")
+
+
+def test_length_groups_benchmark_times_the_same_steps_grouped_and_in_one_call(tmp_path, grouped_attention):
+    # grouped_attention records every grouped call: bert-tiny's 2 layers in each of the 2 grouped steps, none in the
+    # steps that must run in one call.
+    assert length_groups.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    assert len(grouped_attention) == 2 * 2
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert set(record["environment"]) >= {"device", "torch", "commit", "command"}
+    assert {name: steps["steps"] for name, steps in record["steps"].items()} == {"grouped": 2, "one call": 2}
+    assert record["paired_speedup"] > 0 and record["groups_per_batch"] > 1 and 0 < record["scores_fraction"] < 1
+    assert (tmp_path / "tiny.md").read_text().startswith("Length groups, preset `tiny`")
