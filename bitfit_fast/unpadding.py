@@ -11,7 +11,7 @@ L the longest in the batch) with a key-padding mask, through ``scaled_dot_produc
 the same math in torch ops with a faster mask draw: ``torch_ops.dropout_attention``), at a cost of O(S·L²) scores.
 On CPU, where lengths differ enough, the layout holds the sequences longest first and attention runs once per group
 of similar lengths (``length_groups``), each group cut to its own longest: on real BBC News paragraph lengths that
-computes ~0.55 of the padded layout's scores, on short sentences 0.1-0.4 (attention was ~12% of a CPU BERT-base
+computes ~0.58 of the padded layout's scores, on short sentences 0.1-0.4 (attention was ~12% of a CPU BERT-base
 step). torch's variable-length alternatives do not serve both devices: ``varlen_attn`` is CUDA-only flash attention
 without dropout; FlexAttention with a document mask has no dropout either (no ``dropout_p`` in torch 2.11 or 2.13:
 a score_mod cannot drop probabilities after the softmax) and is fast only compiled; nested-tensor SDPA on CPU loops
