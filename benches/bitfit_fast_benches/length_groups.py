@@ -8,23 +8,16 @@ what they save there against the host time of their extra calls. The ratio is pa
 one call's step time over the grouped step's on the same batch, so that the VM's drift between batches cancels.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import shlex
 import statistics
-import sys
-from pathlib import Path
-
-import torch
 
 from bitfit_fast import unpadding
-from bitfit_fast.files import atomic_write, write_json
 
 from .measurement import spread, timed
 from .presets import Workload, build_base_model, make_batches
 from .providers import build_provider
-from .runner import environment
+from .runner import environment, preset_command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,22 +97,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.length_groups",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=PRESETS, default="cpu")
-    parser.add_argument("--out", type=Path, help="directory for PRESET.json and PRESET.md (default: print only)")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
-        print(f"preset {args.preset} needs a CUDA GPU", file=sys.stderr)
-        return 2
-    record = run(args.preset, " ".join(["python -m bitfit_fast_benches.length_groups", *map(shlex.quote, argv)]))
-    print(markdown(record))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.preset}.json", record)
-        atomic_write(args.out / f"{args.preset}.md", lambda tmp: tmp.write_text(markdown(record)))
-    return 0
+    return preset_command("bitfit_fast_benches.length_groups", __doc__, PRESETS, run, markdown, argv)
 
 
 if __name__ == "__main__":

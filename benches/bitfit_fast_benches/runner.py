@@ -7,15 +7,20 @@ synchronisations. Memory is measured per provider on its own (see ``measurement`
 from the medians measured here, never assumed.
 """
 
+import argparse
 import dataclasses
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bitfit_fast.files import atomic_write, write_json
 
 from .measurement import (
     cpu_peak_rss,
@@ -46,6 +51,27 @@ def environment(command: str) -> dict:
     return dict(device=_device_name(), torch=torch.__version__, triton=triton_version,
                 transformers=transformers.__version__, python=platform.python_version(), commit=_commit(),
                 command=command, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def preset_command(module: str, doc: str, presets: dict, run, markdown, argv: list[str] | None) -> int:
+    """The command line of a benchmark module with presets of its own: ``python -m MODULE [--preset P] [--out DIR]``
+    runs ``run(P, command)``, prints ``markdown(record)`` and writes DIR/P.json and DIR/P.md. A preset whose
+    ``device`` is cuda on a machine without one ends with one line."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--preset", choices=presets, default="cpu")
+    parser.add_argument("--out", type=Path, help="directory for PRESET.json and PRESET.md (default: print only)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if presets[args.preset].device == "cuda" and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a CUDA GPU", file=sys.stderr)
+        return 2
+    record = run(args.preset, " ".join([f"python -m {module}", *map(shlex.quote, argv)]))
+    print(markdown(record))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / f"{args.preset}.json", record)
+        atomic_write(args.out / f"{args.preset}.md", lambda tmp: tmp.write_text(markdown(record)))
+    return 0
 
 
 def _commit() -> str:

@@ -10,23 +10,18 @@ from the medians measured here. ``predict`` times a no-grad
 forward (serving); ``train`` a forward, backward and AdamW step on the bank's loss.
 """
 
-import argparse
 import copy
 import dataclasses
 import random
-import shlex
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bitfit_fast.files import atomic_write, write_json
-
 from .measurement import spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
-from .runner import environment
+from .runner import environment, preset_command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,18 +213,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.task_bank", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=PRESETS, default="cpu")
-    parser.add_argument("--out", type=Path, help="directory for PRESET.json and PRESET.md (default: print only)")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    record = run(args.preset, " ".join(["python -m bitfit_fast_benches.task_bank", *map(shlex.quote, argv)]))
-    print(markdown(record))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / f"{args.preset}.json", record)
-        atomic_write(args.out / f"{args.preset}.md", lambda tmp: tmp.write_text(markdown(record)))
-    return 0
+    return preset_command("bitfit_fast_benches.task_bank", __doc__, PRESETS, run, markdown, argv)
 
 
 if __name__ == "__main__":
