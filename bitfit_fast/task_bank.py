@@ -8,8 +8,9 @@ so a batch of 64 tasks costs about what a batch of one task does, where per-task
 ``adapter_names``) run 64 small batches.
 
 Training: the tables and heads are ordinary parameters. A table's gradient holds in row t the sum over task t's
-rows only (``torch_ops.task_sums`` or the ``task_sums`` kernel: deterministic), so with :meth:`TaskBank.loss` (the
-sum of each task's mean loss) one optimizer step on a mixed batch is each task's own step on its examples.
+rows only (``torch_ops.task_sums``, or the kernels' bias-gradient passes: deterministic), so with
+:meth:`TaskBank.loss` (the sum of each task's mean loss) one optimizer step on a mixed batch is each task's own step
+on its examples.
 :meth:`TaskBank.save_task` writes a task back as the ``save_biases`` checkpoint it came from.
 """
 

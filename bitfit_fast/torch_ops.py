@@ -21,8 +21,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32, deterministic: index_add_, which adds in
     row order on CPU (the torch ops' device); on CUDA, where index_add_ adds with atomics in no fixed order, one
-    GEMM with the rows' one-hot task matrix (T·M·N; the Triton backend sums in one read instead,
-    ``bitfit_fast_kernels.task_sums``)."""
+    GEMM with the rows' one-hot task matrix (T·M·N; the Triton kernels sum per task in the pass that writes the
+    gradient instead, ``bitfit_fast_kernels.task_tables``)."""
     if grad.is_cuda:
         return F.one_hot(row_task, num_tasks).to(torch.float32).t() @ grad.float()
     sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)

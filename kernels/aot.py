@@ -56,7 +56,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOAT_ARGS = {"p", "scale", "eps"}
 HIDDEN_SIZES = (384, 768)  # MiniLM (BLOCK_N 512) and BERT-base (1024; BERT-large's 1024 compiles alike)
 # Integer arguments of a BERT-base launch (32768 tokens); only their divisibility by 16 reaches the compiler.
-INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "philox_offset": 0}
+INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "philox_offset": 0, "T": 64}
+TASK_POINTERS = {"order_ptr", "sorted_task_ptr"}  # int64: the rows sorted by task and their tasks
 DRAWN_SEED = 12345  # not a multiple of 16, as 15 in 16 drawn seeds
 
 
@@ -80,6 +81,8 @@ class Variant:
 
 
 def _flags(**flags) -> str:
+    # Names select variants by substring (--only): a flag that only some variants have comes first, so that a name
+    # without it is not part of the name with it.
     return " ".join(name for name, on in flags.items() if on) or "plain"
 
 
@@ -113,14 +116,20 @@ def linear_variants():
     outputs = [(True, True), (True, False), (False, True)]  # (store_g, db)
     passes = [(act, False, *out) for act in ("gelu", "geglu") for out in outputs] + [("", False, False, True)]
     passes += [(act, True, *out) for act in ("", "geglu") for out in outputs]
-    for dt, (act, dropout, store_g, db) in itertools.product(DTYPES, passes):
+    passes = [(*entry, False) for entry in passes]
+    # A task table's sums (TaskBank's mixed batches) in every pass that transforms dy; without a transform g is
+    # dy and task_sums sums it.
+    passes += [(*entry[:4], True) for entry in passes if entry[3] and (entry[0] or entry[1])]
+    for dt, (act, dropout, store_g, db, per_task) in itertools.product(DTYPES, passes):
         yield Variant(
-            "linear_grad", _flags(gelu=act == "gelu", geglu=act == "geglu", dropout=dropout, store_g=store_g, db=db),
+            "linear_grad", _flags(per_task=per_task, gelu=act == "gelu", geglu=act == "geglu", dropout=dropout,
+                                  store_g=store_g, db=db),
             linear._linear_grad_kernel, dt,
             consts={"ACTIVATION": act, "HAS_DROPOUT": dropout, "STORE_G": store_g, "COMPUTE_DB": db,
-                    "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
+                    "PER_TASK": per_task, "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
             options={"num_warps": linear._GRAD_WARPS},
-            fp32_pointers={"db_partial_ptr"} if db else set(), ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
+            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers=TASK_POINTERS,
+            ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
         )
 
 
@@ -141,15 +150,17 @@ def layer_norm_variants():
     # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
     # gradient there), or d(beta) alone.
     gradients = [(True, True), (True, False), (False, False)]
-    for dt, hidden, dropout, (dx, sum_dx) in itertools.product(DTYPES, HIDDEN_SIZES, (True, False), gradients):
+    for dt, hidden, dropout, (dx, sum_dx), per_task in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
+                                                                         gradients, (False, True)):
         block_n = layer_norm._check_features(hidden)
         yield Variant(
-            "ln_bwd", f"N={hidden} {_flags(dropout=dropout, dx=dx, sum_dx=sum_dx)}",
+            "ln_bwd", f"N={hidden} {_flags(per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)}",
             layer_norm._residual_layer_norm_bwd_kernel, dt,
-            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "BLOCK_N": block_n},
+            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "PER_TASK": per_task,
+                    "BLOCK_N": block_n},
             options={"num_warps": layer_norm._warps(block_n)},
             fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr"},
-            ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
+            int_pointers=TASK_POINTERS, ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )
 
 
@@ -157,33 +168,33 @@ def heads_variants():
     """Every variant of the heads-to-rows gradient gather, per dtype: padded or packed batches (slots) or batches
     with every token real, with or without the bias-gradient sums (a frozen or per-task projection bias)."""
     # BERT-base's q/k/v gradients as a GPU's SDPA backward leaves them: [S, H, L, D] views of [S, L, H, D].
-    ints = dict(M=32768, R=32768, L=128, N=768, D=64, row_stride=2304, col_offset=768,
+    ints = dict(M=32768, R=32768, L=128, N=768, D=64, T=INTS["T"], row_stride=2304, col_offset=768,
                 stride_s=128 * 768, stride_h=64, stride_l=768, stride_d=1)
-    for dt, slots, db in itertools.product(DTYPES, (True, False), (True, False)):
+    sums = [(True, False), (False, False), (True, True)]  # (db, per task)
+    for dt, slots, (db, per_task) in itertools.product(DTYPES, (True, False), sums):
         yield Variant(
-            "heads_to_rows", _flags(slots=slots, db=db), heads._heads_to_rows_kernel, dt,
-            consts={"HAS_SLOTS": slots, "COMPUTE_DB": db, "BLOCK_M": heads._BLOCK_M, "BLOCK_N": heads._BLOCK_N},
+            "heads_to_rows", _flags(per_task=per_task, slots=slots, db=db), heads._heads_to_rows_kernel, dt,
+            consts={"HAS_SLOTS": slots, "COMPUTE_DB": db, "PER_TASK": per_task, "BLOCK_M": heads._BLOCK_M,
+                    "BLOCK_N": heads._BLOCK_N},
             options={"num_warps": heads._WARPS},
-            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers={"slot_ptr"}, ints=ints,
+            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers={"slot_ptr", *TASK_POINTERS}, ints=ints,
         )
 
 
 def task_sums_variants():
-    """The per-task column sums of a task table's gradient: its chunk sums per dtype of the gradient, then the
-    fp32 reduction of their pieces."""
-    sizes = dict(M=32768, N=3072, T=64)
+    """The per-task column sums of a task table's gradient in memory: its chunk sums per dtype of the gradient;
+    then the fp32 reduction of the pieces, which every pass summing per task shares."""
+    sizes = dict(M=32768, N=3072, T=INTS["T"])
     for dt in DTYPES:
         yield Variant(
             "task_sums", "chunks", task_tables._task_chunk_sums_kernel, dt,
-            consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_M": task_tables._BLOCK_M,
-                    "BLOCK_N": task_tables._BLOCK_N},
+            consts={"BLOCK_M": task_tables._BLOCK_M, "BLOCK_N": task_tables._BLOCK_N},
             options={"num_warps": task_tables._WARPS},
-            fp32_pointers={"partial_ptr"}, int_pointers={"order_ptr", "sorted_task_ptr", "starts_ptr"}, ints=sizes,
+            fp32_pointers={"partial_ptr"}, int_pointers={"starts_ptr", *TASK_POINTERS}, ints=sizes,
         )
     yield Variant(
         "task_sums", "pieces", task_tables._task_pieces_sum_kernel, "fp32",
-        consts={"CHUNK_ROWS": task_tables._CHUNK_ROWS, "BLOCK_PIECES": task_tables._BLOCK_PIECES,
-                "BLOCK_N": task_tables._BLOCK_N},
+        consts={"BLOCK_PIECES": task_tables._BLOCK_PIECES, "BLOCK_N": task_tables._BLOCK_N},
         options={"num_warps": task_tables._WARPS},
         fp32_pointers={"partial_ptr", "sums_ptr"}, int_pointers={"starts_ptr"}, ints=sizes,
     )

@@ -15,25 +15,46 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import task_sums
+from .task_tables import clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
 from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs
 
 _BLOCK_M, _BLOCK_N, _WARPS = (16, 32, 1) if INTERPRETER else (16, 128, 4)
 
 
-@triton.jit(do_not_specialize=["M", "R", "L"])  # they change with every batch's lengths: no recompiles
+@triton.jit
+def _gather_rows(src_ptr, slot_ptr, g_ptr, rows, real, written, cols, col_ok, head_offsets, L, row_stride, col_offset,
+                 stride_s, stride_l, HAS_SLOTS: tl.constexpr):
+    """Rows ``rows`` [BLOCK_M] (int64) of g from the part's [S, H, L, D] gradient, written where ``written`` (zeros
+    where not ``real``); returned as loaded."""
+    if HAS_SLOTS:
+        slot = tl.load(slot_ptr + rows, mask=real, other=0)
+    else:
+        slot = rows
+    src = src_ptr + (slot // L) * stride_s + (slot % L) * stride_l
+    g = tl.load(src[:, None] + head_offsets[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
+    tl.store(g_ptr + rows[:, None] * row_stride + col_offset + cols[None, :], g,
+             mask=written[:, None] & col_ok[None, :])
+    return g
+
+
+@triton.jit(do_not_specialize=["M", "R", "L", "chunk_rows"])  # they change with every batch's lengths: no recompiles
 def _heads_to_rows_kernel(
     # Pointers
     src_ptr,  # [S, H, L, D] one part's gradient, any strides (coalesced when D's is 1, as SDPA's on a GPU)
     slot_ptr,  # [M] int64: each real row's slot s * L + l (read only with HAS_SLOTS)
     g_ptr,  # [R, row_stride] rows of the GEMM's output gradient; this part's columns start at col_offset
-    db_partial_ptr,  # [num_programs(0), row_stride] fp32 column sums of g (written with COMPUTE_DB)
+    db_partial_ptr,  # fp32 column sums of g (written with COMPUTE_DB): [num_programs(0), row_stride]; with
+    #                  PER_TASK the pieces [num_programs(0) + T - 1, row_stride] of task_tables
+    order_ptr,  # [R] int64: the rows sorted by task (read only with PER_TASK, as the next one)
+    sorted_task_ptr,  # [R] int64: each sorted row's task
     # Sizes and strides
     M,  # real rows
     R,  # rows of g: M real ones, then zeros (a row bucket)
     L,  # the attention layout's sequence length
     N,  # this part's columns, H * D
     D,  # head size
+    T,  # tasks of the bias table
+    chunk_rows,  # sorted rows per program with PER_TASK
     row_stride,  # columns of g, P * H * D
     col_offset,  # this part's first column, part * H * D
     stride_s,
@@ -43,32 +64,48 @@ def _heads_to_rows_kernel(
     # Features
     HAS_SLOTS: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    PER_TASK: tl.constexpr,  # the bias is a task table: sum g per task (needs COMPUTE_DB)
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program (i, j) walks row blocks i, i + P, ... of column block j: each gradient element is read once, written
-    # once, and summed into registers until one store per program.
+    # Each gradient element is read once, written once, and summed into registers until one store per program (per
+    # piece with PER_TASK).
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     head_offsets = (cols // D) * stride_h + (cols % D) * stride_d
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(pid_m * BLOCK_M, R, tl.num_programs(0) * BLOCK_M):
-        rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
-        real = rows < M
-        if HAS_SLOTS:
-            slot = tl.load(slot_ptr + rows, mask=real, other=0)
-        else:
-            slot = rows
-        src = src_ptr + (slot // L) * stride_s + (slot % L) * stride_l
-        g = tl.load(src[:, None] + head_offsets[None, :], mask=real[:, None] & col_ok[None, :], other=0.0)
-        tl.store(g_ptr + rows[:, None] * row_stride + col_offset + cols[None, :], g,
-                 mask=(rows < R)[:, None] & col_ok[None, :])
+    if PER_TASK:
+        # Program (c, j) walks chunk c of the rows sorted by task, in row blocks; each task met adds its rows of
+        # the block to the running piece (task_tables' step 1).
+        lo = pid_m * chunk_rows
+        hi = tl.minimum(lo + chunk_rows, R)
+        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        for start in range(lo, hi, BLOCK_M):
+            index = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
+            ok = index < hi
+            rows = tl.load(order_ptr + index, mask=ok, other=0)
+            tasks = tl.load(sorted_task_ptr + index, mask=ok, other=-2)  # no task: never summed
+            g = _gather_rows(src_ptr, slot_ptr, g_ptr, rows, ok & (rows < M), ok, cols, col_ok, head_offsets, L,
+                             row_stride, col_offset, stride_s, stride_l, HAS_SLOTS).to(tl.float32)
+            block_last = clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
+            for task in range(piece_task, block_last + 1):
+                db = next_piece(db_partial_ptr + col_offset, pid_m, piece_task, task, db, cols, col_ok, row_stride,
+                                 T)
+                db += tl.sum(tl.where((tasks == task)[:, None], g, 0.0), axis=0)
+                piece_task = task
+        store_piece(db_partial_ptr + col_offset, pid_m, piece_task, db, cols, col_ok, row_stride, T)
+    else:
+        # Program (i, j) walks row blocks i, i + P, ... of column block j.
+        for start in range(pid_m * BLOCK_M, R, tl.num_programs(0) * BLOCK_M):
+            rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
+            g = _gather_rows(src_ptr, slot_ptr, g_ptr, rows, rows < M, rows < R, cols, col_ok, head_offsets, L,
+                             row_stride, col_offset, stride_s, stride_l, HAS_SLOTS)
+            if COMPUTE_DB:
+                db += tl.sum(g.to(tl.float32), axis=0)
         if COMPUTE_DB:
-            db += tl.sum(g.to(tl.float32), axis=0)
-    if COMPUTE_DB:
-        tl.store(db_partial_ptr + pid_m * row_stride + col_offset + cols, db, mask=col_ok)
+            tl.store(db_partial_ptr + pid_m * row_stride + col_offset + cols, db, mask=col_ok)
 
 
 def heads_to_rows(
@@ -104,28 +141,34 @@ def heads_to_rows(
         raise KernelInputError(f"num_rows ({num_rows}) is less than the {real_rows} real rows")
     width = heads * dim
     g = torch.empty((num_rows, len(grads) * width), dtype=present[0].dtype, device=present[0].device)
-    per_task = compute_db and row_task is not None
     col_blocks = triton.cdiv(width, _BLOCK_N)
     row_programs = max(1, min(triton.cdiv(num_rows, _BLOCK_M), reduction_programs(num_rows, g.device) // col_blocks))
-    db_partial = (torch.empty((row_programs, g.shape[1]), dtype=torch.float32, device=g.device)
-                  if compute_db and not per_task else None)
+    chunks = task_chunks(row_task, num_tasks, num_rows, row_programs) if compute_db and row_task is not None else None
+    if chunks is not None:
+        db_partial = empty_pieces(chunks, g.shape[1], g.device)
+    else:
+        db_partial = (torch.empty((row_programs, g.shape[1]), dtype=torch.float32, device=g.device)
+                      if compute_db else None)
     for part, grad in enumerate(grads):
         if grad is None:
             g[:, part * width:(part + 1) * width].zero_()
             if db_partial is not None:
                 db_partial[:, part * width:(part + 1) * width].zero_()
             continue
-        _heads_to_rows_kernel[(row_programs, col_blocks)](
+        _heads_to_rows_kernel[(chunks.chunks if chunks is not None else row_programs, col_blocks)](
             grad, slots if slots is not None else g, g, db_partial if db_partial is not None else g,
-            real_rows, num_rows, length, width, dim, g.shape[1], part * width,
+            chunks.order if chunks is not None else g, chunks.sorted_tasks if chunks is not None else g,
+            real_rows, num_rows, length, width, dim, num_tasks, chunks.chunk_rows if chunks is not None else 1,
+            g.shape[1], part * width,
             *grad.stride(),
             HAS_SLOTS=slots is not None,
             COMPUTE_DB=db_partial is not None,
+            PER_TASK=chunks is not None,
             BLOCK_M=_BLOCK_M,
             BLOCK_N=_BLOCK_N,
             num_warps=_WARPS,
         )
-    if per_task:
-        return g, task_sums(g, row_task, num_tasks)
+    if chunks is not None:
+        return g, sum_pieces(db_partial, chunks)
     # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
     return g, (db_partial.sum(dim=0) if db_partial is not None else None)

@@ -15,14 +15,15 @@ d(beta) and the input gradients are computed.
 Rows are indexed with int64 offsets: M * N may exceed 2**31 (and so may the Philox counters, which take them).
 Bytes per row element: forward reads x (+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds
 (+ dx with dropout). d(beta) and sum_rows(dx) are reduced in registers over a persistent row loop, one fp32
-partial per program each.
+partial per program each; for task tables, a program walks a chunk of the rows sorted by task and writes one
+partial per task it meets (``task_tables``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .task_tables import task_sums
+from .task_tables import clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
 from .utils import (
     KernelInputError,
     check_bias,
@@ -92,7 +93,31 @@ def _residual_layer_norm_fwd_kernel(
         tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])
+@triton.jit
+def _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, row, cols, col_ok, gamma, N, p, scale, seed,
+                         philox_offset, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr):
+    """(dy, dx) of one row, fp32; with COMPUTE_DX, ds and dx are written (dx only where dropout makes it differ
+    from ds), else dx is dy and unused."""
+    offsets = tl.cast(row, tl.int64) * N + cols  # the loop variable is a plain int under the interpreter
+    dy = tl.load(dy_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
+    dx = dy
+    if COMPUTE_DX:
+        x_hat = tl.load(x_hat_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        g = dy * gamma
+        c1 = tl.sum(x_hat * g, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        ds = (g - x_hat * c1 - c2) * rstd
+        tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=col_ok)
+        dx = ds
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, philox_offset + offsets) >= p
+            dx = tl.where(keep, ds * scale, 0.0)
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=col_ok)
+    return dy, dx
+
+
+@triton.jit(do_not_specialize=["M", "seed", "philox_offset", "chunk_rows"])
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output
@@ -101,11 +126,15 @@ def _residual_layer_norm_bwd_kernel(
     rstd_ptr,  # [M] fp32
     ds_ptr,  # [M, N] gradient of s, which is the residual's gradient (written with COMPUTE_DX)
     dx_ptr,  # [M, N] gradient of x: ds through the dropout mask (written with COMPUTE_DX and HAS_DROPOUT)
-    dbeta_partial_ptr,  # [num_programs, N] fp32 per-program sums of dy
-    dx_partial_ptr,  # [num_programs, N] fp32 per-program sums of dx (written with SUM_DX)
+    dbeta_partial_ptr,  # [num_programs, N] fp32 per-program sums of dy; with PER_TASK [num_programs + T - 1, N] pieces
+    dx_partial_ptr,  # the same for dx (written with SUM_DX)
+    order_ptr,  # [M] int64: the rows sorted by task (read only with PER_TASK, as the next one)
+    sorted_task_ptr,  # [M] int64: each sorted row's task
     # Sizes and scalars
     M,
     N,
+    T,  # tasks of beta's table (and the feeding linear's)
+    chunk_rows,  # sorted rows per program with PER_TASK
     p,
     scale,
     seed,
@@ -114,40 +143,47 @@ def _residual_layer_norm_bwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
     SUM_DX: tl.constexpr,  # needs COMPUTE_DX
+    PER_TASK: tl.constexpr,  # beta is a task table: the sums per task (task_tables)
     BLOCK_N: tl.constexpr,
 ):
-    # A persistent loop over rows pid, pid + P, ...: the column sums accumulate in registers and are written once.
+    # The column sums accumulate in registers and are written once per program (per piece with PER_TASK).
     pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dx_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-
-    for row in range(pid, M, num_programs):
-        offsets = tl.cast(row, tl.int64) * N + cols  # the loop variable is a plain int under the interpreter
-        dy = tl.load(dy_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
-        dbeta += dy
-        if COMPUTE_DX:
-            x_hat = tl.load(x_hat_ptr + offsets, mask=col_ok, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            g = dy * gamma
-            c1 = tl.sum(x_hat * g, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
-            ds = (g - x_hat * c1 - c2) * rstd
-            tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=col_ok)
-            dx = ds
-            if HAS_DROPOUT:
-                keep = tl.rand(seed, philox_offset + offsets) >= p
-                dx = tl.where(keep, ds * scale, 0.0)
-                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=col_ok)
+    if PER_TASK:
+        # Program c walks chunk c of the rows sorted by task; a row of another task closes the running pieces.
+        lo = pid * chunk_rows
+        hi = tl.minimum(lo + chunk_rows, M)
+        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        for index in range(lo, hi):
+            task = clamped_task(sorted_task_ptr, index, T)
+            dbeta = next_piece(dbeta_partial_ptr, pid, piece_task, task, dbeta, cols, col_ok, N, T)
+            if SUM_DX:
+                dx_sum = next_piece(dx_partial_ptr, pid, piece_task, task, dx_sum, cols, col_ok, N, T)
+            piece_task = task
+            dy, dx = _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, tl.load(order_ptr + index),
+                                          cols, col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DROPOUT,
+                                          COMPUTE_DX)
+            dbeta += dy
             if SUM_DX:
                 dx_sum += dx
-
-    tl.store(dbeta_partial_ptr + pid * N + cols, dbeta, mask=col_ok)
-    if SUM_DX:
-        tl.store(dx_partial_ptr + pid * N + cols, dx_sum, mask=col_ok)
+        store_piece(dbeta_partial_ptr, pid, piece_task, dbeta, cols, col_ok, N, T)
+        if SUM_DX:
+            store_piece(dx_partial_ptr, pid, piece_task, dx_sum, cols, col_ok, N, T)
+    else:
+        # A persistent loop over rows pid, pid + P, ...
+        for row in range(pid, M, tl.num_programs(0)):
+            dy, dx = _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, row, cols, col_ok, gamma, N,
+                                          p, scale, seed, philox_offset, HAS_DROPOUT, COMPUTE_DX)
+            dbeta += dy
+            if SUM_DX:
+                dx_sum += dx
+        tl.store(dbeta_partial_ptr + pid * N + cols, dbeta, mask=col_ok)
+        if SUM_DX:
+            tl.store(dx_partial_ptr + pid * N + cols, dx_sum, mask=col_ok)
 
 
 def _check_features(N: int) -> int:
@@ -228,9 +264,9 @@ def residual_layer_norm_backward(
 
     Returns (dx, dresidual, dbeta, dx_sum): dresidual is the gradient of s (None without ``compute_dx``); dx
     equals it without dropout and is then the same tensor; dbeta is fp32, [num_tasks, N] per task with the
-    forward's ``row_task`` (:func:`task_sums` of dy). With ``sum_dx`` (which needs ``compute_dx``), dx_sum is
-    the fp32 column sums of dx, summed before dx is rounded to its dtype (per task with ``row_task``): the bias
-    gradient of the linear layer whose output x is; else None.
+    forward's ``row_task`` (each task's sum over its rows, taken in this pass: ``task_tables``). With ``sum_dx``
+    (which needs ``compute_dx``), dx_sum is the fp32 column sums of dx, summed before dx is rounded to its dtype
+    (per task with ``row_task``): the bias gradient of the linear layer whose output x is; else None.
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("x_hat", x_hat)
@@ -245,26 +281,32 @@ def residual_layer_norm_backward(
     if sum_dx and not compute_dx:
         raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
     block_n = _check_features(N)
-    per_task = row_task is not None  # the task sums run on the host, from dy and dx
 
     programs = reduction_programs(M, dy.device)
+    chunks = task_chunks(row_task, num_tasks, M, programs) if row_task is not None else None
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
-    dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
-    dx_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device) if sum_dx and not per_task else None
-    _residual_layer_norm_bwd_kernel[(programs,)](
+    if chunks is not None:
+        dbeta_partial = empty_pieces(chunks, N, dy.device)
+        dx_partial = empty_pieces(chunks, N, dy.device) if sum_dx else None
+    else:
+        dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
+        dx_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device) if sum_dx else None
+    _residual_layer_norm_bwd_kernel[(chunks.chunks if chunks is not None else programs,)](
         dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, dbeta_partial,
         dx_partial if dx_partial is not None else dbeta_partial,
-        M, N, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+        chunks.order if chunks is not None else rstd, chunks.sorted_tasks if chunks is not None else rstd,
+        M, N, num_tasks, chunks.chunk_rows if chunks is not None else 1,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
-        SUM_DX=dx_partial is not None,
+        SUM_DX=sum_dx,
+        PER_TASK=chunks is not None,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )
     # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
-    if per_task:
-        dx_sum = task_sums(dx.reshape(M, N), row_task, num_tasks) if sum_dx else None
-        return dx, ds, task_sums(dy.reshape(M, N), row_task, num_tasks), dx_sum
+    if chunks is not None:
+        return dx, ds, sum_pieces(dbeta_partial, chunks), (sum_pieces(dx_partial, chunks) if sum_dx else None)
     return dx, ds, dbeta_partial.sum(dim=0), (dx_partial.sum(dim=0) if dx_partial is not None else None)

@@ -9,8 +9,10 @@ and the GeGLU, and every GEMM under the interpreter.
 Backward, no weight gradient and no saved x:
     1. _linear_grad_kernel, ONE elementwise pass:  g = dy * keep / (1 - p) * act'(h), written in dy's dtype (only
        when an activation or dropout makes it differ from dy and dx is wanted), and per-program fp32 column
-       sums of g in a [programs, N] buffer
+       sums of g in a [programs, N] buffer (for a task table, pieces per task: the program walks rows sorted
+       by task, see ``task_tables``)
     2. db = partials.sum(0)                                one small deterministic reduction: no float atomics
+                                                           (per task, ``task_tables.sum_pieces``)
     3. dx = g @ W                                          a plain GEMM, cuBLAS through torch.mm: with nothing to
                                                            fuse into it, cuBLAS is the fastest GEMM on Hopper
 
@@ -70,7 +72,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import task_sums
+from .task_tables import (
+    clamped_task,
+    empty_pieces,
+    next_piece,
+    store_piece,
+    sum_pieces,
+    task_chunks,
+    task_sums,
+)
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -283,16 +293,47 @@ def _linear_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])
+@triton.jit
+def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, scale, seed, philox_offset,
+               ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_G: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(g, g_gate) of rows ``rows`` [BLOCK_M] (int64) and columns ``cols``, fp32, zero where masked; g_gate is the
+    GeGLU gate's gradient (columns + N / 2), g again otherwise. With STORE_G both are written to g."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    h_offsets = rows[:, None] * N + cols[None, :]
+    g = tl.load(dy_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        g = tl.where(keep, g * scale, 0.0)
+    g_gate = g
+    if ACTIVATION == "gelu":
+        g *= _gelu_grad(tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32))
+    if ACTIVATION == "geglu":
+        value = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
+        g_gate = g * _gelu(value)
+        g *= tl.load(h_ptr + n_out + h_offsets, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(value)
+        if STORE_G:
+            tl.store(g_ptr + n_out + h_offsets, g_gate.to(g_ptr.dtype.element_ty), mask=mask)
+    if STORE_G:
+        tl.store(g_ptr + h_offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
+    return g, g_gate
+
+
+@triton.jit(do_not_specialize=["M", "seed", "philox_offset", "chunk_rows"])
 def _linear_grad_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output y; [M, N / 2] with the GeGLU
     h_ptr,  # [M, N] pre-activation saved by the forward (read only with an ACTIVATION)
     g_ptr,  # [M, N] gradient of h, dtype of dy (written only with STORE_G)
-    db_partial_ptr,  # [num_programs(0), N] fp32 column sums of g, one row per program (written with COMPUTE_DB)
+    db_partial_ptr,  # fp32 column sums of g (written with COMPUTE_DB): [num_programs(0), N], one row per program;
+    #                  with PER_TASK the pieces [num_programs(0) + T - 1, N] of task_tables
+    order_ptr,  # [M] int64: the rows sorted by task (read only with PER_TASK, as the next two)
+    sorted_task_ptr,  # [M] int64: each sorted row's task
     # Sizes
     M,
     N,
+    T,  # tasks of the bias table
+    chunk_rows,  # sorted rows per program with PER_TASK
     # Dropout
     p,
     scale,
@@ -303,13 +344,14 @@ def _linear_grad_kernel(
     HAS_DROPOUT: tl.constexpr,
     STORE_G: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    PER_TASK: tl.constexpr,  # the bias is a task table: sum g per task (needs COMPUTE_DB)
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program (i, j) walks row blocks i, i + P, ... of column block j: each element of dy and h is read once, its
-    # erf/exp and Philox computed once, and the column sums of g accumulate in registers until one store. With the
-    # GeGLU, column j of dy gives the gradients of both h columns j (input) and j + N / 2 (gate).
+    # Each element of dy and h is read once, its erf/exp and Philox computed once, and the column sums of g
+    # accumulate in registers until one store. With the GeGLU, column j of dy gives the gradients of both h
+    # columns j (input) and j + N / 2 (gate).
     if ACTIVATION == "geglu":
         n_out = N // 2
     else:
@@ -318,34 +360,46 @@ def _linear_grad_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if ACTIVATION == "geglu":
-        db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
-        rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
-        mask = (rows < M)[:, None] & col_ok[None, :]
-        h_offsets = rows[:, None] * N + cols[None, :]
-        g = tl.load(dy_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
-            g = tl.where(keep, g * scale, 0.0)
-        if ACTIVATION == "gelu":
-            g *= _gelu_grad(tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32))
+    db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PER_TASK:
+        # Program (c, j) walks chunk c of the rows sorted by task, in row blocks: g is computed once per row, and
+        # each task met adds its rows of the block to the running piece (task_tables' step 1).
+        lo = pid_m * chunk_rows
+        hi = tl.minimum(lo + chunk_rows, M)
+        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        for start in range(lo, hi, BLOCK_M):
+            index = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
+            ok = index < hi
+            rows = tl.load(order_ptr + index, mask=ok, other=0)
+            tasks = tl.load(sorted_task_ptr + index, mask=ok, other=-2)  # no task: never summed
+            g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, ok, cols, col_ok, N, n_out, p, scale, seed,
+                                   philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
+            block_last = clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
+            for task in range(piece_task, block_last + 1):
+                db = next_piece(db_partial_ptr, pid_m, piece_task, task, db, cols, col_ok, N, T)
+                db += tl.sum(tl.where((tasks == task)[:, None], g, 0.0), axis=0)
+                if ACTIVATION == "geglu":
+                    db_gate = next_piece(db_partial_ptr + n_out, pid_m, piece_task, task, db_gate, cols, col_ok,
+                                          N, T)
+                    db_gate += tl.sum(tl.where((tasks == task)[:, None], g_gate, 0.0), axis=0)
+                piece_task = task
+        store_piece(db_partial_ptr, pid_m, piece_task, db, cols, col_ok, N, T)
         if ACTIVATION == "geglu":
-            value = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
-            g_gate = g * _gelu(value)
-            g *= tl.load(h_ptr + n_out + h_offsets, mask=mask, other=0.0).to(tl.float32) * _gelu_grad(value)
-            if STORE_G:
-                tl.store(g_ptr + n_out + h_offsets, g_gate.to(g_ptr.dtype.element_ty), mask=mask)
+            store_piece(db_partial_ptr + n_out, pid_m, piece_task, db_gate, cols, col_ok, N, T)
+    else:
+        # Program (i, j) walks row blocks i, i + P, ... of column block j.
+        for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+            rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
+            g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, rows < M, cols, col_ok, N, n_out, p, scale, seed,
+                                   philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
             if COMPUTE_DB:
-                db_gate += tl.sum(g_gate, axis=0)
-        if STORE_G:
-            tl.store(g_ptr + h_offsets, g.to(g_ptr.dtype.element_ty), mask=mask)
+                db += tl.sum(g, axis=0)  # masked elements are 0
+                if ACTIVATION == "geglu":
+                    db_gate += tl.sum(g_gate, axis=0)
         if COMPUTE_DB:
-            db += tl.sum(g, axis=0)  # masked elements loaded as 0
-    if COMPUTE_DB:
-        tl.store(db_partial_ptr + pid_m * N + cols, db, mask=col_ok)
-        if ACTIVATION == "geglu":
-            tl.store(db_partial_ptr + pid_m * N + n_out + cols, db_gate, mask=col_ok)
+            tl.store(db_partial_ptr + pid_m * N + cols, db, mask=col_ok)
+            if ACTIVATION == "geglu":
+                tl.store(db_partial_ptr + pid_m * N + n_out + cols, db_gate, mask=col_ok)
 
 
 def _output_features(activation: str | None, weight: torch.Tensor) -> int:
@@ -470,7 +524,7 @@ def linear_backward(
     dy has y's shape (..., N), or (..., N / 2) with the GeGLU. With an activation, ``preact`` is the h returned by
     the forward, (..., N). Dropout arguments must equal the forward's. Returns (dx in dy's dtype or None, db [N]
     in fp32 or None). With the forward's ``row_task``, db is the table's gradient [num_tasks, N]: each task's sum
-    over its rows (:func:`task_sums` of the gradient of h).
+    over its rows, taken in the pass that computes the gradient of h (``task_tables``).
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("weight", weight, ndim=2)
@@ -493,29 +547,37 @@ def linear_backward(
     g, db = dy2d, None
     transforms = activation is not None or dropout_p > 0.0
     per_task = compute_db and row_task is not None
-    store_g = (compute_dx or per_task) and transforms
-    compute_db = compute_db and not per_task  # per task: summed from g below
-    if store_g or compute_db:
+    store_g = compute_dx and transforms
+    if per_task and not transforms:
+        db = task_sums(dy2d, row_task, num_tasks)  # g is dy: nothing to compute, one pass that only sums
+    elif store_g or compute_db:
         g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
         col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
         row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
-        db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
-        _linear_grad_kernel[(row_programs, col_blocks)](
+        chunks = task_chunks(row_task, num_tasks, M, row_programs) if per_task else None
+        if chunks is not None:
+            db_partial = empty_pieces(chunks, N, dy.device)
+        else:
+            db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
+        _linear_grad_kernel[(chunks.chunks if chunks is not None else row_programs, col_blocks)](
             dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
-            M, N,
+            chunks.order if chunks is not None else dy2d, chunks.sorted_tasks if chunks is not None else dy2d,
+            M, N, num_tasks, chunks.chunk_rows if chunks is not None else 1,
             dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
             ACTIVATION=activation or "",
             HAS_DROPOUT=dropout_p > 0.0,
             STORE_G=store_g,
             COMPUTE_DB=compute_db,
+            PER_TASK=chunks is not None,
             BLOCK_M=_GRAD_BLOCK_M,
             BLOCK_N=_GRAD_BLOCK_N,
             num_warps=_GRAD_WARPS,
         )
         # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
-        db = db_partial.sum(dim=0) if compute_db else None
-    if per_task:
-        db = task_sums(g, row_task, num_tasks)
+        if chunks is not None:
+            db = sum_pieces(db_partial, chunks)
+        elif compute_db:
+            db = db_partial.sum(dim=0)
     # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.
     dx = torch.mm(g, weight).view(*dy.shape[:-1], K) if compute_dx else None
     return dx, db

@@ -3,23 +3,35 @@
     sums[t, :] = sum of grad[i, :] over the rows i whose task is t            (fp32, [T, N])
 
 Rows are sorted by task once per backward (a stable sort and a search, no host sync; the same rows' order serves
-every table of the step). The sorted rows are then cut into chunks of CHUNK_ROWS, whatever the tasks: the work
-spreads over the GPU the same way whether a batch holds 64 tasks or one (one program per task would leave a
-single-task batch's whole gradient to N / BLOCK_N programs). Two kernels, as in every bias-gradient reduction
-here, per-program fp32 partials and then one reduction:
+every table of the step). The sorted rows are then cut into chunks, whatever the tasks: the work spreads over the
+GPU the same way whether a batch holds 64 tasks or one (one program per task would leave a single-task batch's
+whole gradient to N / BLOCK_N programs). Two steps, as in every bias-gradient reduction here, per-program fp32
+partials and then one reduction:
 
-1. Program (c, j) sums column block j of chunk c's rows, one partial per task in the chunk. Tasks are
-   contiguous in sorted order, so piece (c, t) gets slot c + t of the partials [chunks + T - 1, N]: along the
+1. A program walks one chunk of the sorted rows and keeps one partial sum per task it meets. Tasks are contiguous
+   in sorted order, so piece (chunk c, task t) goes to slot c + t of the partials [chunks + T - 1, N]: along the
    sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a slot.
-2. Program (t, j) adds task t's pieces, slots c + t for the chunks c its rows span, in a fixed order.
+2. Program (t, j) of ``_task_pieces_sum_kernel`` adds task t's pieces, slots c + t for the chunks c its rows span,
+   in a fixed order.
+
+Step 1 runs inside the pass that produces the gradient, wherever there is one: the linear layer's g pass
+(``linear._linear_grad_kernel``), the LayerNorm backward (its beta's and the feeding linear's sums) and the q/k/v
+gather (``heads._heads_to_rows_kernel``) walk their chunk's rows in task order, writing each row where it belongs,
+and sum the rows while they sit in registers: the same one read of the gradient as a single-task batch, no second
+pass. A row of a task other than the running piece's closes that piece (``next_piece``). Those kernels share
+:func:`task_chunks`, :func:`empty_pieces`, :func:`sum_pieces` and the ``@triton.jit`` helpers below.
+:func:`task_sums` is step 1 on its own, for a gradient that is already in memory with nothing to compute (a linear
+layer without an epilogue, whose g is dy).
 
 One read of the gradient, no float atomics, the same bits every run. It replaces a GEMM with the rows' one-hot
 task matrix, T·M·N multiply-adds in fp32 (CUDA cores: without TF32): for 64 tasks at BERT-base's 256 x 128
 tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100, against one 201 MB read here,
-~0.06 ms (the partials, 191 x 3072 fp32, add 2.4 MB).
+~0.06 ms, in the g pass that reads it anyway. The partials add little: a chunk per program of the pass, so for
+FC1 on an H100 (44 row programs x 24 column blocks) 44 + 63 rows of 3072 fp32, 1.3 MB.
 """
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,12 +39,38 @@ import triton.language as tl
 
 from .utils import INTERPRETER, KernelInputError, check_compute_tensor
 
-# The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that small test shapes
-# cross chunk, task and piece-block boundaries alike.
+# task_sums' tiles. The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that
+# small test shapes cross chunk, task and piece-block boundaries alike.
 _BLOCK_M, _BLOCK_N, _WARPS, _CHUNK_ROWS, _BLOCK_PIECES = (8, 32, 1, 16, 2) if INTERPRETER else (16, 128, 4, 256, 16)
 
 
-@triton.jit(do_not_specialize=["M"])  # it changes with every batch's lengths: no recompiles
+@triton.jit
+def clamped_task(sorted_task_ptr, index, T):
+    """The task of sorted row ``index``, clamped to [-1, T]: a row of a task outside [0, T) is summed nowhere, and
+    a loop over the tasks between two rows stays short whatever the bad value."""
+    return tl.minimum(tl.maximum(tl.load(sorted_task_ptr + index), -1), T)
+
+
+@triton.jit
+def store_piece(partial_ptr, chunk, task, acc, cols, mask, row_stride, T):
+    """Piece (chunk, task), the chunk's sum over the task's rows, to slot chunk + task; none for a task outside
+    [0, T)."""
+    task = tl.cast(task, tl.int64)  # the loop variable is a plain int when interpreted
+    # tl.where, not `mask & scalar`: the interpreter cannot broadcast a scalar boolean into a mask.
+    mask = tl.where((task >= 0) & (task < T), mask, False)
+    tl.store(partial_ptr + (chunk + task) * row_stride + cols, acc, mask=mask)
+
+
+@triton.jit
+def next_piece(partial_ptr, chunk, piece_task, task, acc, cols, col_ok, row_stride, T):
+    """A kernel's running sum ``acc`` of ``piece_task``'s rows, now that the walk reached ``task``'s: where that
+    starts a new piece, store ``acc`` as piece (chunk, piece_task) and start again from zeros."""
+    new = task != piece_task
+    store_piece(partial_ptr, chunk, piece_task, acc, cols, tl.where(new, col_ok, False), row_stride, T)
+    return tl.where(new, 0.0, acc)
+
+
+@triton.jit(do_not_specialize=["M", "chunk_rows"])  # they change with every batch's lengths: no recompiles
 def _task_chunk_sums_kernel(
     # Pointers
     grad_ptr,  # [M, N] the gradient of what the table's rows were added to
@@ -44,16 +82,16 @@ def _task_chunk_sums_kernel(
     M,
     N,
     T,
+    chunk_rows,
     # Tiles
-    CHUNK_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    lo = chunk * CHUNK_ROWS
-    hi = tl.minimum(lo + CHUNK_ROWS, M)
+    lo = chunk * chunk_rows
+    hi = tl.minimum(lo + chunk_rows, M)
     # Rows of a task outside [0, T) are in no task's range of starts: clamped, they are summed nowhere.
     first_task = tl.maximum(tl.load(sorted_task_ptr + lo), 0)
     last_task = tl.minimum(tl.load(sorted_task_ptr + hi - 1), T - 1)
@@ -69,19 +107,19 @@ def _task_chunk_sums_kernel(
             acc += tl.load(grad_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                            other=0.0).to(tl.float32)
         # A task between the chunk's first and last with no rows at all writes zeros that no one reads.
-        tl.store(partial_ptr + (chunk + task) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+        store_piece(partial_ptr, chunk, task, tl.sum(acc, axis=0), cols, col_ok, N, T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_rows"])
 def _task_pieces_sum_kernel(
     # Pointers
-    partial_ptr,  # [chunks + T - 1, N] fp32: the first kernel's pieces
+    partial_ptr,  # [chunks + T - 1, N] fp32: the pieces of step 1
     starts_ptr,  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
     sums_ptr,  # [T, N] fp32 output
     # Sizes
     N,
+    chunk_rows,
     # Tiles
-    CHUNK_ROWS: tl.constexpr,
     BLOCK_PIECES: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -90,11 +128,12 @@ def _task_pieces_sum_kernel(
     col_ok = cols < N
     begin = tl.load(starts_ptr + task)
     end = tl.load(starts_ptr + task + 1)
-    first_chunk = begin // CHUNK_ROWS
+    first_chunk = begin // chunk_rows
     # The chunks holding the task's rows; none for a task without rows (its sums are zero).
-    chunks = tl.where(end > begin, (end - 1) // CHUNK_ROWS - first_chunk + 1, 0)
-    # BLOCK_PIECES pieces per step, reduced once at the end: a single task's 128 pieces (BERT-base's 32768 rows)
-    # take 8 steps of independent loads, not 128 dependent ones; the order is fixed, so are the bits.
+    chunks = tl.where(end > begin, (end - 1) // chunk_rows - first_chunk + 1, 0)
+    # BLOCK_PIECES pieces per step, reduced once at the end: a single task's ~1,000 pieces (the LayerNorm backward's
+    # chunk per program on an H100) take 64 steps of independent loads, not 1,000 dependent ones; the order is
+    # fixed, so are the bits.
     acc = tl.zeros((BLOCK_PIECES, BLOCK_N), dtype=tl.float32)
     for start in range(0, chunks, BLOCK_PIECES):
         piece = start + tl.arange(0, BLOCK_PIECES)
@@ -104,14 +143,26 @@ def _task_pieces_sum_kernel(
     tl.store(sums_ptr + task * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
+class TaskChunks(NamedTuple):
+    """Rows sorted by task and cut into chunks: what a kernel summing per task walks. Chunk c is sorted rows
+    c * chunk_rows up to (c + 1) * chunk_rows; the sorted row j is row ``order[j]``, of task ``sorted_tasks[j]``."""
+
+    sorted_tasks: torch.Tensor  # [M] int64
+    order: torch.Tensor  # [M] int64
+    starts: torch.Tensor  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
+    num_tasks: int
+    chunk_rows: int
+    chunks: int
+
+
 # The last rows' order by task: (key, weak reference to row_task, (sorted tasks, order, starts)).
 _last_order: tuple | None = None
 
 
 def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each sorted row's task, the rows sorted by task stably, starts [T + 1]: task t's sorted rows are
-    starts[t]:starts[t + 1]). One backward sums several tables' gradients over the same rows, 6 per BERT layer, so
-    the last order is kept: for the same ``row_task`` tensor, unchanged since, the sort and search run once."""
+    """(each sorted row's task, the rows sorted by task stably, starts [T + 1]). One backward sums several tables'
+    gradients over the same rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor,
+    unchanged since, the sort and search run once."""
     global _last_order
     key = (row_task._version, num_tasks)
     last = _last_order
@@ -124,6 +175,33 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, t
     return sorted_tasks, order, starts
 
 
+def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunks: int) -> TaskChunks:
+    """The ``rows`` rows of tasks ``row_task`` sorted by task, in about ``chunks`` chunks of equal rows."""
+    if row_task.dim() != 1 or row_task.shape[0] != rows or row_task.dtype not in (torch.int32, torch.int64):
+        raise KernelInputError(f"row_task must be an integer ({rows},) tensor, one task per row; got "
+                               f"{row_task.dtype} {tuple(row_task.shape)}")
+    chunk_rows = max(1, triton.cdiv(rows, max(1, chunks)))
+    return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, triton.cdiv(rows, chunk_rows))
+
+
+def empty_pieces(chunks: TaskChunks, width: int, device: torch.device) -> torch.Tensor:
+    """The partials [chunks + T - 1, width] (fp32) that step 1 writes over ``chunks``."""
+    return torch.empty((chunks.chunks + chunks.num_tasks - 1, width), dtype=torch.float32, device=device)
+
+
+def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
+    """Step 2: each task's pieces in ``partial`` added in a fixed order, [T, width] fp32."""
+    width = partial.shape[1]
+    sums = torch.empty((chunks.num_tasks, width), dtype=torch.float32, device=partial.device)
+    _task_pieces_sum_kernel[(chunks.num_tasks, triton.cdiv(width, _BLOCK_N))](
+        partial, chunks.starts, sums, width, chunks.chunk_rows,
+        BLOCK_PIECES=_BLOCK_PIECES,
+        BLOCK_N=_BLOCK_N,
+        num_warps=_WARPS,
+    )
+    return sums
+
+
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Column sums of ``grad`` (..., N) per task, [num_tasks, N] in fp32, deterministic; ``row_task`` holds each
     row's task, integers in [0, num_tasks). A task without rows gets zeros."""
@@ -131,28 +209,14 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     N = grad.shape[-1]
     grad = grad.reshape(-1, N)
     M = grad.shape[0]
-    if row_task.dim() != 1 or row_task.shape[0] != M or row_task.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"row_task must be an integer ({M},) tensor, one task per row; got "
-                               f"{row_task.dtype} {tuple(row_task.shape)}")
-    sums = torch.empty((num_tasks, N), dtype=torch.float32, device=grad.device)
+    chunks = task_chunks(row_task, num_tasks, M, triton.cdiv(M, _CHUNK_ROWS))
     if M == 0:
-        return sums.zero_()
-    sorted_tasks, order, starts = _task_order(row_task, num_tasks)
-    chunks = triton.cdiv(M, _CHUNK_ROWS)
-    partial = torch.empty((chunks + num_tasks - 1, N), dtype=torch.float32, device=grad.device)
-    column_blocks = triton.cdiv(N, _BLOCK_N)
-    _task_chunk_sums_kernel[(chunks, column_blocks)](
-        grad, order, sorted_tasks, starts, partial, M, N, num_tasks,
-        CHUNK_ROWS=_CHUNK_ROWS,
+        return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
+    partial = empty_pieces(chunks, N, grad.device)
+    _task_chunk_sums_kernel[(chunks.chunks, triton.cdiv(N, _BLOCK_N))](
+        grad, chunks.order, chunks.sorted_tasks, chunks.starts, partial, M, N, num_tasks, chunks.chunk_rows,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
     )
-    _task_pieces_sum_kernel[(num_tasks, column_blocks)](
-        partial, starts, sums, N,
-        CHUNK_ROWS=_CHUNK_ROWS,
-        BLOCK_PIECES=_BLOCK_PIECES,
-        BLOCK_N=_BLOCK_N,
-        num_warps=_WARPS,
-    )
-    return sums
+    return sum_pieces(partial, chunks)

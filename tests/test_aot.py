@@ -17,11 +17,14 @@ pytestmark = pytest.mark.aot
 
 # One variant per kernel, each the one BERT training runs most: FC1's forward, its gradient pass, and the
 # residual LayerNorm pair with dropout (its backward also summing the feeding linear's bias gradient); and the two
-# forwards with per-row task biases (TaskBank's mixed batches) and their gradient's per-task sums (a loop over
-# the tasks of a chunk, data-dependent bounds); the q/k/v gradient gather of padded batches.
+# forwards with per-row task biases (TaskBank's mixed batches) and their gradient's per-task sums (loops over
+# the tasks of a chunk, data-dependent bounds), alone and in FC1's gradient pass and the LayerNorm backward; the
+# q/k/v gradient gather of padded batches.
 SUBSET = [
     "linear_fwd bf16 128x128x64 s4 w8 bias gelu preact",
     "linear_grad bf16 gelu store_g db",
+    "linear_grad bf16 per_task gelu store_g db",
+    "ln_bwd bf16 N=768 per_task dropout dx sum_dx",
     "ln_fwd bf16 N=768 residual dropout",
     "ln_bwd bf16 N=768 dropout dx sum_dx",
     "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
@@ -60,7 +63,7 @@ def test_linear_kernels_address_rows_in_int64(aot_run):
     # Row index times row length must be an i64 multiply ([BLOCK_M, 1] row tensors): M * N passes 2**31 at
     # 700k tokens of a 3072-wide layer, and the Philox counters are built from the same product.
     _, dump = aot_run
-    for kernel, variants in (("linear_fwd", 2), ("linear_grad", 1)):
+    for kernel, variants in (("linear_fwd", 2), ("linear_grad", 2)):
         dumps = list(dump.glob(f"{kernel}_*.ttir"))
         assert len(dumps) == variants
         for ttir in dumps:

@@ -1,10 +1,11 @@
-"""task_sums: per-task column sums (a task table's bias gradient) against float64, deterministic."""
+"""Per-task column sums (a task table's bias gradient) against float64, deterministic: task_sums on its own, and
+the sums the gradient passes take while they write the gradient (linear g pass, LayerNorm backward, q/k/v gather)."""
 
 import pytest
 import torch
 
 import bitfit_fast_kernels as K
-from bitfit_fast_kernels import task_tables
+from bitfit_fast_kernels import heads, layer_norm, linear, task_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,6 +34,8 @@ def _layout(name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
         return torch.cat([torch.zeros(min(edge, rows), dtype=torch.int64), torch.full((max(0, rows - edge),), 5)])
     if name == "few rows per task":  # many tasks per chunk, in shuffled row order
         return torch.randint(0, 6, (rows,), generator=generator)
+    if name == "outside the table":  # rows of tasks -1 and 9 are summed nowhere, but their gradients are written
+        return torch.tensor([9, -1, 3, 0, 3, 3, 1])[torch.arange(rows) % 7][torch.randperm(rows, generator=generator)]
     # "uneven": one task with most rows, two with one row each, shuffled
     tasks = torch.full((rows,), 2)
     tasks[:2] = torch.tensor([0, 5])[:rows]
@@ -124,3 +127,74 @@ def test_row_tasks_of_the_wrong_shape_get_a_clear_error():
         pytest.skip("the call builds CPU tensors")
     with pytest.raises(K.KernelInputError, match="one task per row"):
         K.task_sums(torch.randn(4, 3), torch.zeros(3, dtype=torch.int64), 2)
+
+
+def _linear_pass(activation):
+    """FC1's (GELU) or ModernBERT's (GeGLU) gradient pass with dropout, through an identity weight: dx is g."""
+    def run(rows, generator, row_task):
+        n_out = 40
+        n = 2 * n_out if activation == "geglu" else n_out
+        h = torch.randn(rows, n, generator=generator).to(DEVICE)
+        dy = torch.randn(rows, n_out, generator=generator).to(DEVICE)
+        dx, db = K.linear_backward(dy, torch.eye(n, device=DEVICE), h, activation=activation, dropout_p=0.3, seed=7,
+                                   row_task=row_task, num_tasks=TASKS)
+        return [dx], [(db, dx)]  # the gradients written; each bias gradient with the rows it sums
+    return run
+
+
+def _layer_norm_pass(rows, generator, row_task):
+    """The residual LayerNorm backward with dropout, summing the feeding linear's bias gradient too (sum_dx)."""
+    n = 45
+    x, residual, dy = (torch.randn(rows, n, generator=generator).to(DEVICE) for _ in range(3))
+    gamma = torch.randn(n, generator=generator).to(DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, torch.zeros(n, device=DEVICE), 1e-5, residual)
+    dx, ds, dbeta, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=0.3, seed=7,
+                                                           sum_dx=True, row_task=row_task, num_tasks=TASKS)
+    return [dx, ds], [(dbeta, dy), (dx_sum, dx)]
+
+
+def _heads_pass(rows, generator, row_task):
+    """The q/k/v gather of a padded batch into ``rows`` rows of g, of which the last ones (up to 3) are a bucket's
+    zeros."""
+    real = max(1, rows - 3)
+    sequences, length = 3, -(-real // 3) + 1
+    grads = [torch.randn(sequences, 2, length, 5, generator=generator).to(DEVICE) for _ in range(3)]
+    slots = torch.randperm(sequences * length, generator=generator)[:real].sort().values.to(DEVICE)
+    g, db = K.heads_to_rows(grads, slots, rows, row_task=row_task, num_tasks=TASKS)
+    return [g], [(db, g)]
+
+
+TASKS = 6
+PASSES = {"linear gelu": _linear_pass("gelu"), "linear geglu": _linear_pass("geglu"),
+          "layer norm": _layer_norm_pass, "heads to rows": _heads_pass}
+
+
+@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "uneven",
+                                    "outside the table"])
+# Under the interpreter, 64 rows make chunks of 16, so that the layout's task edge at 32 falls on a chunk edge;
+# 150 rows make chunks of 38, three row blocks each. The LayerNorm walks single rows: slow interpreted.
+@pytest.mark.parametrize("name,rows", [(name, rows) for name in PASSES for rows in (1, 37, 64, 150)
+                                       if (name, rows) != ("layer norm", 150)])
+def test_gradient_passes_write_every_row_and_sum_it_per_task(name, rows, layout, monkeypatch):
+    """A pass walking the rows sorted by task writes exactly the gradient that the same pass over a shared bias
+    writes (every row, in its place, through its dropout mask), and its sums per task equal float64 sums of those
+    rows, the same bits every run."""
+    for module in (linear, layer_norm, heads, task_tables):  # a value read but never written shows as NaN
+        monkeypatch.setattr(module, "torch", _TorchWithNanEmpty())
+    row_task = _layout(layout, rows, torch.Generator().manual_seed(rows)).to(DEVICE)
+    run = PASSES[name]
+    shared_written, _ = run(rows, torch.Generator().manual_seed(1), None)
+    written, sums = run(rows, torch.Generator().manual_seed(1), row_task)
+    _, sums_again = run(rows, torch.Generator().manual_seed(1), row_task)
+    for ours, expected in zip(written, shared_written, strict=True):
+        assert torch.equal(ours, expected), "every row's gradient, as the pass over a shared bias writes it"
+    inside = (row_task >= 0) & (row_task < TASKS)
+    absent = sorted(set(range(TASKS)) - set(row_task.tolist()))
+    for (table_grad, summed), (again, _) in zip(sums, sums_again, strict=True):
+        truth = torch.zeros(TASKS, summed.shape[1], dtype=torch.float64, device=DEVICE)
+        truth.index_add_(0, row_task[inside], summed[inside].double())
+        assert table_grad.dtype == torch.float32 and table_grad.shape == truth.shape
+        torch.testing.assert_close(table_grad.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()),
+                                   rtol=1e-6)
+        assert not table_grad[absent].any(), "tasks without rows get zeros"
+        assert torch.equal(table_grad, again), "deterministic: the same bits every run"
