@@ -62,10 +62,11 @@ ln -sfn "$REPO/benches/bitfit_fast_benches" /tmp/gpu-run-packages/bitfit_fast_be
 export PYTHONPATH="$REPO:/tmp/gpu-run-packages:$REPO/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST=(python -m pytest -v --tb=short -rfE -p no:cacheprovider)
-# The layer paths on CUDA: kernels, real MiniLM in every precision, fused layers, modules, unpadding, dropout.
+# The layer paths on CUDA: kernels (their per-task sums too), real MiniLM in every precision, fused layers, modules,
+# unpadding, dropout.
 TEST_FILES=(tests/test_kernels_linear.py tests/test_kernels_layer_norm.py tests/test_real_weights.py
             tests/test_fused_layer.py tests/test_modules.py tests/test_dropout_masks.py tests/test_unpadding.py
-            tests/test_fused_distilbert.py tests/test_task_bank.py tests/test_api.py)
+            tests/test_fused_distilbert.py tests/test_task_bank.py tests/test_api.py tests/test_kernels_task_sums.py)
 
 run_stage() {
     case "$1" in

@@ -198,3 +198,12 @@ def test_gradient_passes_write_every_row_and_sum_it_per_task(name, rows, layout,
                                    rtol=1e-6)
         assert not table_grad[absent].any(), "tasks without rows get zeros"
         assert torch.equal(table_grad, again), "deterministic: the same bits every run"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "outside the table"])
+@pytest.mark.parametrize("name", list(PASSES))
+def test_gpu_gradient_passes_sum_per_task_over_many_chunks(name, layout, monkeypatch):
+    """The compiled kernels: 5,000 rows make a GPU's chunks (8 programs per SM) a few rows long for the LayerNorm
+    and many row blocks long for the others."""
+    test_gradient_passes_write_every_row_and_sum_it_per_task(name, 5000, layout, monkeypatch)
