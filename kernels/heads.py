@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
+from .task_tables import chunk_rows_for, clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
 from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs
 
 _BLOCK_M, _BLOCK_N, _WARPS = (16, 32, 1) if INTERPRETER else (16, 128, 4)
@@ -143,7 +143,8 @@ def heads_to_rows(
     g = torch.empty((num_rows, len(grads) * width), dtype=present[0].dtype, device=present[0].device)
     col_blocks = triton.cdiv(width, _BLOCK_N)
     row_programs = max(1, min(triton.cdiv(num_rows, _BLOCK_M), reduction_programs(num_rows, g.device) // col_blocks))
-    chunks = task_chunks(row_task, num_tasks, num_rows, row_programs) if compute_db and row_task is not None else None
+    chunks = (task_chunks(row_task, num_tasks, num_rows, chunk_rows_for(num_rows, row_programs))
+              if compute_db and row_task is not None else None)
     if chunks is not None:
         db_partial = empty_pieces(chunks, g.shape[1], g.device)
     else:

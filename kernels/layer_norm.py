@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
+from .task_tables import chunk_rows_for, clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
 from .utils import (
     KernelInputError,
     check_bias,
@@ -283,7 +283,7 @@ def residual_layer_norm_backward(
     block_n = _check_features(N)
 
     programs = reduction_programs(M, dy.device)
-    chunks = task_chunks(row_task, num_tasks, M, programs) if row_task is not None else None
+    chunks = task_chunks(row_task, num_tasks, M, chunk_rows_for(M, programs)) if row_task is not None else None
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
     if chunks is not None:

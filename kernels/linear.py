@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from .task_tables import (
+    chunk_rows_for,
     clamped_task,
     empty_pieces,
     next_piece,
@@ -554,7 +555,7 @@ def linear_backward(
         g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
         col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
         row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
-        chunks = task_chunks(row_task, num_tasks, M, row_programs) if per_task else None
+        chunks = task_chunks(row_task, num_tasks, M, chunk_rows_for(M, row_programs)) if per_task else None
         if chunks is not None:
             db_partial = empty_pieces(chunks, N, dy.device)
         else:

@@ -8,9 +8,11 @@ GPU the same way whether a batch holds 64 tasks or one (one program per task wou
 whole gradient to N / BLOCK_N programs). Two steps, as in every bias-gradient reduction here, per-program fp32
 partials and then one reduction:
 
-1. A program walks one chunk of the sorted rows and keeps one partial sum per task it meets. Tasks are contiguous
-   in sorted order, so piece (chunk c, task t) goes to slot c + t of the partials [chunks + T - 1, N]: along the
-   sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a slot.
+1. A program walks one chunk of the sorted rows and writes piece (chunk c, task t), its sum over task t's rows, for
+   every task t from its first row's to its last row's (zeros for a task without rows between two others).
+   Tasks are contiguous in sorted order, so piece (c, t) goes to slot c + t of the partials [chunks + T - 1, N]:
+   along the sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a
+   slot.
 2. Program (t, j) of ``_task_pieces_sum_kernel`` adds task t's pieces, slots c + t for the chunks c its rows span,
    in a fixed order.
 
@@ -132,7 +134,7 @@ def _task_pieces_sum_kernel(
     # The chunks holding the task's rows; none for a task without rows (its sums are zero).
     chunks = tl.where(end > begin, (end - 1) // chunk_rows - first_chunk + 1, 0)
     # BLOCK_PIECES pieces per step, reduced once at the end: a single task's ~1,000 pieces (the LayerNorm backward's
-    # chunk per program on an H100) take 64 steps of independent loads, not 1,000 dependent ones; the order is
+    # chunk per program on an H100) take 66 steps of independent loads, not 1,000 dependent ones; the order is
     # fixed, so are the bits.
     acc = tl.zeros((BLOCK_PIECES, BLOCK_N), dtype=tl.float32)
     for start in range(0, chunks, BLOCK_PIECES):
@@ -175,13 +177,17 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, t
     return sorted_tasks, order, starts
 
 
-def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunks: int) -> TaskChunks:
-    """The ``rows`` rows of tasks ``row_task`` sorted by task, in about ``chunks`` chunks of equal rows."""
+def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:
+    """The ``rows`` rows of tasks ``row_task`` sorted by task, in chunks of ``chunk_rows`` (the last one shorter)."""
     if row_task.dim() != 1 or row_task.shape[0] != rows or row_task.dtype not in (torch.int32, torch.int64):
         raise KernelInputError(f"row_task must be an integer ({rows},) tensor, one task per row; got "
                                f"{row_task.dtype} {tuple(row_task.shape)}")
-    chunk_rows = max(1, triton.cdiv(rows, max(1, chunks)))
     return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, triton.cdiv(rows, chunk_rows))
+
+
+def chunk_rows_for(rows: int, programs: int) -> int:
+    """Rows per chunk for a pass that runs ``programs`` programs along the rows: one chunk each."""
+    return max(1, triton.cdiv(rows, programs))
 
 
 def empty_pieces(chunks: TaskChunks, width: int, device: torch.device) -> torch.Tensor:
@@ -209,7 +215,7 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     N = grad.shape[-1]
     grad = grad.reshape(-1, N)
     M = grad.shape[0]
-    chunks = task_chunks(row_task, num_tasks, M, triton.cdiv(M, _CHUNK_ROWS))
+    chunks = task_chunks(row_task, num_tasks, M, _CHUNK_ROWS)
     if M == 0:
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
     partial = empty_pieces(chunks, N, grad.device)

@@ -131,34 +131,37 @@ def test_row_tasks_of_the_wrong_shape_get_a_clear_error():
 
 def _linear_pass(activation):
     """FC1's (GELU) or ModernBERT's (GeGLU) gradient pass with dropout, through an identity weight: dx is g."""
-    def run(rows, generator, row_task):
+    def run(rows, generator, row_task, dtype, compute_dx):
         n_out = 40
         n = 2 * n_out if activation == "geglu" else n_out
-        h = torch.randn(rows, n, generator=generator).to(DEVICE)
-        dy = torch.randn(rows, n_out, generator=generator).to(DEVICE)
-        dx, db = K.linear_backward(dy, torch.eye(n, device=DEVICE), h, activation=activation, dropout_p=0.3, seed=7,
-                                   row_task=row_task, num_tasks=TASKS)
+        h = torch.randn(rows, n, generator=generator).to(DEVICE, dtype)
+        dy = torch.randn(rows, n_out, generator=generator).to(DEVICE, dtype)
+        dx, db = K.linear_backward(dy, torch.eye(n, device=DEVICE, dtype=dtype), h, activation=activation,
+                                   dropout_p=0.3, seed=7, compute_dx=compute_dx, row_task=row_task,
+                                   num_tasks=TASKS)
         return [dx], [(db, dx)]  # the gradients written; each bias gradient with the rows it sums
     return run
 
 
-def _layer_norm_pass(rows, generator, row_task):
-    """The residual LayerNorm backward with dropout, summing the feeding linear's bias gradient too (sum_dx)."""
+def _layer_norm_pass(rows, generator, row_task, dtype, compute_dx):
+    """The residual LayerNorm backward with dropout, summing the feeding linear's bias gradient too (sum_dx); or
+    beta's gradient alone."""
     n = 45
-    x, residual, dy = (torch.randn(rows, n, generator=generator).to(DEVICE) for _ in range(3))
+    x, residual, dy = (torch.randn(rows, n, generator=generator).to(DEVICE, dtype) for _ in range(3))
     gamma = torch.randn(n, generator=generator).to(DEVICE)
     _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, torch.zeros(n, device=DEVICE), 1e-5, residual)
     dx, ds, dbeta, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=0.3, seed=7,
-                                                           sum_dx=True, row_task=row_task, num_tasks=TASKS)
-    return [dx, ds], [(dbeta, dy), (dx_sum, dx)]
+                                                           compute_dx=compute_dx, sum_dx=compute_dx,
+                                                           row_task=row_task, num_tasks=TASKS)
+    return [dx, ds], [(dbeta, dy), (dx_sum, dx)][:1 + compute_dx]
 
 
-def _heads_pass(rows, generator, row_task):
+def _heads_pass(rows, generator, row_task, dtype, compute_dx):
     """The q/k/v gather of a padded batch into ``rows`` rows of g, of which the last ones (up to 3) are a bucket's
-    zeros."""
+    zeros. It always writes g (the dX GEMM's input)."""
     real = max(1, rows - 3)
     sequences, length = 3, -(-real // 3) + 1
-    grads = [torch.randn(sequences, 2, length, 5, generator=generator).to(DEVICE) for _ in range(3)]
+    grads = [torch.randn(sequences, 2, length, 5, generator=generator).to(DEVICE, dtype) for _ in range(3)]
     slots = torch.randperm(sequences * length, generator=generator)[:real].sort().values.to(DEVICE)
     g, db = K.heads_to_rows(grads, slots, rows, row_task=row_task, num_tasks=TASKS)
     return [g], [(db, g)]
@@ -169,41 +172,70 @@ PASSES = {"linear gelu": _linear_pass("gelu"), "linear geglu": _linear_pass("geg
           "layer norm": _layer_norm_pass, "heads to rows": _heads_pass}
 
 
-@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "uneven",
-                                    "outside the table"])
+def _check_pass_per_task(name, rows, layout, monkeypatch, dtype=torch.float32, compute_dx=True):
+    """A pass walking the rows sorted by task writes exactly the gradient that the same pass over a shared bias
+    writes (every row, in its place, through its dropout mask), and its sums per task equal float64 sums of those
+    rows (summed before they are rounded to ``dtype``: exactly for fp32, to fp32 accuracy of the shared pass's own
+    sums for 16-bit), the same bits every run."""
+    for module in (linear, layer_norm, heads, task_tables):  # a value read but never written shows as NaN
+        monkeypatch.setattr(module, "torch", _TorchWithNanEmpty())
+    row_task = _layout(layout, rows, torch.Generator().manual_seed(rows)).to(DEVICE)
+    run = PASSES[name]
+    shared_written, shared_sums = run(rows, torch.Generator().manual_seed(1), None, dtype, True)
+    written, sums = run(rows, torch.Generator().manual_seed(1), row_task, dtype, compute_dx)
+    _, sums_again = run(rows, torch.Generator().manual_seed(1), row_task, dtype, compute_dx)
+    if compute_dx:
+        for ours, expected in zip(written, shared_written, strict=True):
+            assert torch.equal(ours, expected), "every row's gradient, as the pass over a shared bias writes it"
+    inside = (row_task >= 0) & (row_task < TASKS)
+    absent = sorted(set(range(TASKS)) - set(row_task.tolist()))
+    for (table_grad, _), (again, _), (shared, summed) in zip(sums, sums_again, shared_sums[:len(sums)], strict=True):
+        truth = torch.zeros(TASKS, summed.shape[1], dtype=torch.float64, device=DEVICE)
+        truth.index_add_(0, row_task[inside], summed[inside].double())
+        assert table_grad.dtype == torch.float32 and table_grad.shape == truth.shape
+        scale = max(1.0, truth.abs().max().item())
+        if dtype == torch.float32:
+            torch.testing.assert_close(table_grad.double(), truth, atol=1e-5 * scale, rtol=1e-6)
+        elif inside.all():  # the rows are rounded to 16 bits, the sums are not: compare with the shared pass's
+            torch.testing.assert_close(table_grad.sum(0), shared, atol=1e-5 * scale, rtol=1e-5)
+        assert not table_grad[absent].any(), "tasks without rows get zeros"
+        assert torch.equal(table_grad, again), "deterministic: the same bits every run"
+
+
+LAYOUTS = ["one task", "boundary on a chunk edge", "few rows per task", "uneven", "outside the table"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 # Under the interpreter, 64 rows make chunks of 16, so that the layout's task edge at 32 falls on a chunk edge;
 # 150 rows make chunks of 38, three row blocks each. The LayerNorm walks single rows: slow interpreted.
 @pytest.mark.parametrize("name,rows", [(name, rows) for name in PASSES for rows in (1, 37, 64, 150)
                                        if (name, rows) != ("layer norm", 150)])
 def test_gradient_passes_write_every_row_and_sum_it_per_task(name, rows, layout, monkeypatch):
-    """A pass walking the rows sorted by task writes exactly the gradient that the same pass over a shared bias
-    writes (every row, in its place, through its dropout mask), and its sums per task equal float64 sums of those
-    rows, the same bits every run."""
-    for module in (linear, layer_norm, heads, task_tables):  # a value read but never written shows as NaN
-        monkeypatch.setattr(module, "torch", _TorchWithNanEmpty())
-    row_task = _layout(layout, rows, torch.Generator().manual_seed(rows)).to(DEVICE)
-    run = PASSES[name]
-    shared_written, _ = run(rows, torch.Generator().manual_seed(1), None)
-    written, sums = run(rows, torch.Generator().manual_seed(1), row_task)
-    _, sums_again = run(rows, torch.Generator().manual_seed(1), row_task)
-    for ours, expected in zip(written, shared_written, strict=True):
-        assert torch.equal(ours, expected), "every row's gradient, as the pass over a shared bias writes it"
-    inside = (row_task >= 0) & (row_task < TASKS)
-    absent = sorted(set(range(TASKS)) - set(row_task.tolist()))
-    for (table_grad, summed), (again, _) in zip(sums, sums_again, strict=True):
-        truth = torch.zeros(TASKS, summed.shape[1], dtype=torch.float64, device=DEVICE)
-        truth.index_add_(0, row_task[inside], summed[inside].double())
-        assert table_grad.dtype == torch.float32 and table_grad.shape == truth.shape
-        torch.testing.assert_close(table_grad.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()),
-                                   rtol=1e-6)
-        assert not table_grad[absent].any(), "tasks without rows get zeros"
-        assert torch.equal(table_grad, again), "deterministic: the same bits every run"
+    _check_pass_per_task(name, rows, layout, monkeypatch)
+
+
+@pytest.mark.parametrize("layout", ["uneven", "outside the table"])
+@pytest.mark.parametrize("name", ["linear gelu", "linear geglu", "layer norm"])
+def test_gradient_passes_sum_per_task_without_writing_the_input_gradient(name, layout, monkeypatch):
+    """No dx wanted (a first layer's input): the linear pass only sums g, the LayerNorm only dy for beta."""
+    _check_pass_per_task(name, 64, layout, monkeypatch, compute_dx=False)
+
+
+@pytest.mark.parametrize("layout", ["few rows per task", "uneven"])
+@pytest.mark.parametrize("name", list(PASSES))
+def test_gradient_passes_per_task_in_fp16(name, layout, monkeypatch):
+    _check_pass_per_task(name, 64, layout, monkeypatch, dtype=torch.float16)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 7])  # None: a GPU's 8 per SM; 7: chunks hundreds of rows long
 @pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "outside the table"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(PASSES))
-def test_gpu_gradient_passes_sum_per_task_over_many_chunks(name, layout, monkeypatch):
-    """The compiled kernels: 5,000 rows make a GPU's chunks (8 programs per SM) a few rows long for the LayerNorm
-    and many row blocks long for the others."""
-    test_gradient_passes_write_every_row_and_sum_it_per_task(name, 5000, layout, monkeypatch)
+def test_gpu_gradient_passes_sum_per_task(name, dtype, layout, programs, monkeypatch):
+    """The compiled kernels over 5,000 rows: with a GPU's program count the LayerNorm's chunks are a few rows long
+    and the others' one row block (their columns fit one block); with 7 programs every pass walks long chunks."""
+    if programs is not None:
+        for module in (linear, layer_norm, heads):
+            monkeypatch.setattr(module, "reduction_programs", lambda rows, device: min(rows, programs))
+    _check_pass_per_task(name, 5000, layout, monkeypatch, dtype=dtype)
