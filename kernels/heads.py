@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import chunk_rows_for, clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
+from . import task_tables
 from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs
 
 _BLOCK_M, _BLOCK_N, _WARPS = (16, 32, 1) if INTERPRETER else (16, 128, 4)
@@ -79,23 +79,16 @@ def _heads_to_rows_kernel(
     if PER_TASK:
         # Program (c, j) walks chunk c of the rows sorted by task, in row blocks; each task met adds its rows of
         # the block to the running piece (task_tables' step 1).
-        lo = pid_m * chunk_rows
-        hi = tl.minimum(lo + chunk_rows, R)
-        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        lo, hi, piece_task = task_tables.chunk_bounds(pid_m, chunk_rows, R, sorted_task_ptr, T)
         for start in range(lo, hi, BLOCK_M):
-            index = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
-            ok = index < hi
-            rows = tl.load(order_ptr + index, mask=ok, other=0)
-            tasks = tl.load(sorted_task_ptr + index, mask=ok, other=-2)  # no task: never summed
+            rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             g = _gather_rows(src_ptr, slot_ptr, g_ptr, rows, ok & (rows < M), ok, cols, col_ok, head_offsets, L,
                              row_stride, col_offset, stride_s, stride_l, HAS_SLOTS).to(tl.float32)
-            block_last = clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
-            for task in range(piece_task, block_last + 1):
-                db = next_piece(db_partial_ptr + col_offset, pid_m, piece_task, task, db, cols, col_ok, row_stride,
-                                 T)
-                db += tl.sum(tl.where((tasks == task)[:, None], g, 0.0), axis=0)
-                piece_task = task
-        store_piece(db_partial_ptr + col_offset, pid_m, piece_task, db, cols, col_ok, row_stride, T)
+            block_last = task_tables.last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
+            db = task_tables.add_block(db_partial_ptr + col_offset, pid_m, piece_task, block_last, db, g, tasks,
+                                       cols, col_ok, row_stride, T)
+            piece_task = block_last
+        task_tables.store_piece(db_partial_ptr + col_offset, pid_m, piece_task, db, cols, col_ok, row_stride, T)
     else:
         # Program (i, j) walks row blocks i, i + P, ... of column block j.
         for start in range(pid_m * BLOCK_M, R, tl.num_programs(0) * BLOCK_M):
@@ -143,10 +136,12 @@ def heads_to_rows(
     g = torch.empty((num_rows, len(grads) * width), dtype=present[0].dtype, device=present[0].device)
     col_blocks = triton.cdiv(width, _BLOCK_N)
     row_programs = max(1, min(triton.cdiv(num_rows, _BLOCK_M), reduction_programs(num_rows, g.device) // col_blocks))
-    chunks = (task_chunks(row_task, num_tasks, num_rows, chunk_rows_for(num_rows, row_programs))
-              if compute_db and row_task is not None else None)
+    chunks = None
+    if compute_db and row_task is not None:
+        chunk_rows = task_tables.chunk_rows_for(num_rows, row_programs)
+        chunks = task_tables.task_chunks(row_task, num_tasks, num_rows, chunk_rows)
     if chunks is not None:
-        db_partial = empty_pieces(chunks, g.shape[1], g.device)
+        db_partial = task_tables.empty_pieces(chunks, g.shape[1], g.device)
     else:
         db_partial = (torch.empty((row_programs, g.shape[1]), dtype=torch.float32, device=g.device)
                       if compute_db else None)
@@ -170,6 +165,6 @@ def heads_to_rows(
             num_warps=_WARPS,
         )
     if chunks is not None:
-        return g, sum_pieces(db_partial, chunks)
+        return g, task_tables.sum_pieces(db_partial, chunks)
     # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
     return g, (db_partial.sum(dim=0) if db_partial is not None else None)

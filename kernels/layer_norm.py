@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import chunk_rows_for, clamped_task, empty_pieces, next_piece, store_piece, sum_pieces, task_chunks
+from . import task_tables
 from .utils import (
     KernelInputError,
     check_bias,
@@ -155,14 +155,12 @@ def _residual_layer_norm_bwd_kernel(
     dx_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PER_TASK:
         # Program c walks chunk c of the rows sorted by task; a row of another task closes the running pieces.
-        lo = pid * chunk_rows
-        hi = tl.minimum(lo + chunk_rows, M)
-        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        lo, hi, piece_task = task_tables.chunk_bounds(pid, chunk_rows, M, sorted_task_ptr, T)
         for index in range(lo, hi):
-            task = clamped_task(sorted_task_ptr, index, T)
-            dbeta = next_piece(dbeta_partial_ptr, pid, piece_task, task, dbeta, cols, col_ok, N, T)
+            task = task_tables.clamped_task(sorted_task_ptr, index, T)
+            dbeta = task_tables.next_piece(dbeta_partial_ptr, pid, piece_task, task, dbeta, cols, col_ok, N, T)
             if SUM_DX:
-                dx_sum = next_piece(dx_partial_ptr, pid, piece_task, task, dx_sum, cols, col_ok, N, T)
+                dx_sum = task_tables.next_piece(dx_partial_ptr, pid, piece_task, task, dx_sum, cols, col_ok, N, T)
             piece_task = task
             dy, dx = _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, tl.load(order_ptr + index),
                                           cols, col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DROPOUT,
@@ -170,9 +168,9 @@ def _residual_layer_norm_bwd_kernel(
             dbeta += dy
             if SUM_DX:
                 dx_sum += dx
-        store_piece(dbeta_partial_ptr, pid, piece_task, dbeta, cols, col_ok, N, T)
+        task_tables.store_piece(dbeta_partial_ptr, pid, piece_task, dbeta, cols, col_ok, N, T)
         if SUM_DX:
-            store_piece(dx_partial_ptr, pid, piece_task, dx_sum, cols, col_ok, N, T)
+            task_tables.store_piece(dx_partial_ptr, pid, piece_task, dx_sum, cols, col_ok, N, T)
     else:
         # A persistent loop over rows pid, pid + P, ...
         for row in range(pid, M, tl.num_programs(0)):
@@ -283,12 +281,14 @@ def residual_layer_norm_backward(
     block_n = _check_features(N)
 
     programs = reduction_programs(M, dy.device)
-    chunks = task_chunks(row_task, num_tasks, M, chunk_rows_for(M, programs)) if row_task is not None else None
+    chunks = None
+    if row_task is not None:
+        chunks = task_tables.task_chunks(row_task, num_tasks, M, task_tables.chunk_rows_for(M, programs))
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
     if chunks is not None:
-        dbeta_partial = empty_pieces(chunks, N, dy.device)
-        dx_partial = empty_pieces(chunks, N, dy.device) if sum_dx else None
+        dbeta_partial = task_tables.empty_pieces(chunks, N, dy.device)
+        dx_partial = task_tables.empty_pieces(chunks, N, dy.device) if sum_dx else None
     else:
         dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
         dx_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device) if sum_dx else None
@@ -308,5 +308,6 @@ def residual_layer_norm_backward(
     )
     # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
     if chunks is not None:
-        return dx, ds, sum_pieces(dbeta_partial, chunks), (sum_pieces(dx_partial, chunks) if sum_dx else None)
+        dx_sum = task_tables.sum_pieces(dx_partial, chunks) if sum_dx else None
+        return dx, ds, task_tables.sum_pieces(dbeta_partial, chunks), dx_sum
     return dx, ds, dbeta_partial.sum(dim=0), (dx_partial.sum(dim=0) if dx_partial is not None else None)

@@ -72,16 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .task_tables import (
-    chunk_rows_for,
-    clamped_task,
-    empty_pieces,
-    next_piece,
-    store_piece,
-    sum_pieces,
-    task_chunks,
-    task_sums,
-)
+from . import task_tables
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -365,28 +356,20 @@ def _linear_grad_kernel(
     if PER_TASK:
         # Program (c, j) walks chunk c of the rows sorted by task, in row blocks: g is computed once per row, and
         # each task met adds its rows of the block to the running piece (task_tables' step 1).
-        lo = pid_m * chunk_rows
-        hi = tl.minimum(lo + chunk_rows, M)
-        piece_task = clamped_task(sorted_task_ptr, lo, T)
+        lo, hi, piece_task = task_tables.chunk_bounds(pid_m, chunk_rows, M, sorted_task_ptr, T)
         for start in range(lo, hi, BLOCK_M):
-            index = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)
-            ok = index < hi
-            rows = tl.load(order_ptr + index, mask=ok, other=0)
-            tasks = tl.load(sorted_task_ptr + index, mask=ok, other=-2)  # no task: never summed
+            rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, ok, cols, col_ok, N, n_out, p, scale, seed,
                                    philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
-            block_last = clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
-            for task in range(piece_task, block_last + 1):
-                db = next_piece(db_partial_ptr, pid_m, piece_task, task, db, cols, col_ok, N, T)
-                db += tl.sum(tl.where((tasks == task)[:, None], g, 0.0), axis=0)
-                if ACTIVATION == "geglu":
-                    db_gate = next_piece(db_partial_ptr + n_out, pid_m, piece_task, task, db_gate, cols, col_ok,
-                                          N, T)
-                    db_gate += tl.sum(tl.where((tasks == task)[:, None], g_gate, 0.0), axis=0)
-                piece_task = task
-        store_piece(db_partial_ptr, pid_m, piece_task, db, cols, col_ok, N, T)
+            block_last = task_tables.last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
+            db = task_tables.add_block(db_partial_ptr, pid_m, piece_task, block_last, db, g, tasks, cols, col_ok, N, T)
+            if ACTIVATION == "geglu":
+                db_gate = task_tables.add_block(db_partial_ptr + n_out, pid_m, piece_task, block_last, db_gate, g_gate,
+                                                tasks, cols, col_ok, N, T)
+            piece_task = block_last
+        task_tables.store_piece(db_partial_ptr, pid_m, piece_task, db, cols, col_ok, N, T)
         if ACTIVATION == "geglu":
-            store_piece(db_partial_ptr + n_out, pid_m, piece_task, db_gate, cols, col_ok, N, T)
+            task_tables.store_piece(db_partial_ptr + n_out, pid_m, piece_task, db_gate, cols, col_ok, N, T)
     else:
         # Program (i, j) walks row blocks i, i + P, ... of column block j.
         for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
@@ -550,14 +533,16 @@ def linear_backward(
     per_task = compute_db and row_task is not None
     store_g = compute_dx and transforms
     if per_task and not transforms:
-        db = task_sums(dy2d, row_task, num_tasks)  # g is dy: nothing to compute, one pass that only sums
+        db = task_tables.task_sums(dy2d, row_task, num_tasks)  # g is dy: nothing to compute, one pass that only sums
     elif store_g or compute_db:
         g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
         col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
         row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
-        chunks = task_chunks(row_task, num_tasks, M, chunk_rows_for(M, row_programs)) if per_task else None
+        chunks = None
+        if per_task:
+            chunks = task_tables.task_chunks(row_task, num_tasks, M, task_tables.chunk_rows_for(M, row_programs))
         if chunks is not None:
-            db_partial = empty_pieces(chunks, N, dy.device)
+            db_partial = task_tables.empty_pieces(chunks, N, dy.device)
         else:
             db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
         _linear_grad_kernel[(chunks.chunks if chunks is not None else row_programs, col_blocks)](
@@ -576,7 +561,7 @@ def linear_backward(
         )
         # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
         if chunks is not None:
-            db = sum_pieces(db_partial, chunks)
+            db = task_tables.sum_pieces(db_partial, chunks)
         elif compute_db:
             db = db_partial.sum(dim=0)
     # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.

@@ -72,6 +72,41 @@ def next_piece(partial_ptr, chunk, piece_task, task, acc, cols, col_ok, row_stri
     return tl.where(new, 0.0, acc)
 
 
+@triton.jit
+def chunk_bounds(chunk, chunk_rows, rows, sorted_task_ptr, T):
+    """(lo, hi, task): chunk ``chunk`` is sorted rows lo..hi-1, its first row of task ``task`` (clamped)."""
+    lo = chunk * chunk_rows
+    return lo, tl.minimum(lo + chunk_rows, rows), clamped_task(sorted_task_ptr, lo, T)
+
+
+@triton.jit
+def sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M: tl.constexpr):
+    """Sorted rows start.. start + BLOCK_M - 1, those below ``hi``: (their rows [BLOCK_M] int64, which exist, their
+    tasks: -2 where none, never summed)."""
+    index = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
+    ok = index < hi
+    return tl.load(order_ptr + index, mask=ok, other=0), ok, tl.load(sorted_task_ptr + index, mask=ok, other=-2)
+
+
+@triton.jit
+def last_task(sorted_task_ptr, start, hi, T, BLOCK_M: tl.constexpr):
+    """The task of the block's last sorted row, clamped. Loaded once the block's gradient is: loaded with the block,
+    it stays live across the gradient's loads (heads_to_rows then spilled 24 B under triton 3.9)."""
+    return clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
+
+
+@triton.jit
+def add_block(partial_ptr, chunk, piece_task, block_last, acc, values, tasks, cols, col_ok, row_stride, T):
+    """The running piece ``acc`` of ``piece_task`` after a block of sorted rows, ``values`` [BLOCK_M, BLOCK_N] fp32 of
+    tasks ``tasks`` up to ``block_last``: each task the block reaches closes the piece before it. The running task
+    is ``block_last`` after it."""
+    for task in range(piece_task, block_last + 1):
+        acc = next_piece(partial_ptr, chunk, piece_task, task, acc, cols, col_ok, row_stride, T)
+        acc += tl.sum(tl.where((tasks == task)[:, None], values, 0.0), axis=0)
+        piece_task = task
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "chunk_rows"])  # they change with every batch's lengths: no recompiles
 def _task_chunk_sums_kernel(
     # Pointers
@@ -92,10 +127,9 @@ def _task_chunk_sums_kernel(
     chunk = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    lo = chunk * chunk_rows
-    hi = tl.minimum(lo + chunk_rows, M)
+    lo, hi, first_task = chunk_bounds(chunk, chunk_rows, M, sorted_task_ptr, T)
     # Rows of a task outside [0, T) are in no task's range of starts: clamped, they are summed nowhere.
-    first_task = tl.maximum(tl.load(sorted_task_ptr + lo), 0)
+    first_task = tl.maximum(first_task, 0)
     last_task = tl.minimum(tl.load(sorted_task_ptr + hi - 1), T - 1)
     for task in range(first_task, last_task + 1):
         begin = tl.maximum(tl.load(starts_ptr + task), lo)
