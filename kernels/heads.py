@@ -84,7 +84,7 @@ def _heads_to_rows_kernel(
             rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             g = _gather_rows(src_ptr, slot_ptr, g_ptr, rows, ok & (rows < M), ok, cols, col_ok, head_offsets, L,
                              row_stride, col_offset, stride_s, stride_l, HAS_SLOTS).to(tl.float32)
-            block_last = task_tables.last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
+            block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
             db = task_tables.add_block(db_partial_ptr + col_offset, pid_m, piece_task, block_last, db, g, tasks,
                                        cols, col_ok, row_stride, T)
             piece_task = block_last

@@ -361,7 +361,7 @@ def _linear_grad_kernel(
             rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, ok, cols, col_ok, N, n_out, p, scale, seed,
                                    philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
-            block_last = task_tables.last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
+            block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
             db = task_tables.add_block(db_partial_ptr, pid_m, piece_task, block_last, db, g, tasks, cols, col_ok, N, T)
             if ACTIVATION == "geglu":
                 db_gate = task_tables.add_block(db_partial_ptr + n_out, pid_m, piece_task, block_last, db_gate, g_gate,

@@ -89,7 +89,7 @@ def sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def last_task(sorted_task_ptr, start, hi, T, BLOCK_M: tl.constexpr):
+def block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M: tl.constexpr):
     """The task of the block's last sorted row, clamped. Loaded once the block's gradient is: loaded with the block,
     it stays live across the gradient's loads (heads_to_rows then spilled 24 B under triton 3.9)."""
     return clamped_task(sorted_task_ptr, tl.minimum(start + BLOCK_M, hi) - 1, T)
