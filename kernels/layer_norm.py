@@ -155,23 +155,20 @@ def _residual_layer_norm_bwd_kernel(
     dx_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PER_TASK:
         # Program c walks chunk c of the rows sorted by task; a row of another task closes the running pieces.
-        # The next row's index and task are loaded one row ahead: the row's loads wait on its index, which would
-        # otherwise put a dependent load in front of every row.
+        # The row's loads wait on its index, so the next index is loaded one row ahead; the task is needed only
+        # once the row is done.
         lo, hi, piece_task = task_tables.chunk_bounds(pid, chunk_rows, M, sorted_task_ptr, T)
         next_row = tl.load(order_ptr + lo)
-        next_task = piece_task
         for index in range(lo, hi):
             row = next_row
-            task = next_task
-            ahead = tl.minimum(index + 1, hi - 1)
-            next_row = tl.load(order_ptr + ahead)
-            next_task = task_tables.clamped_task(sorted_task_ptr, ahead, T)
+            next_row = tl.load(order_ptr + tl.minimum(index + 1, hi - 1))
+            task = task_tables.clamped_task(sorted_task_ptr, index, T)
+            dy, dx = _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, row, cols, col_ok, gamma, N,
+                                          p, scale, seed, philox_offset, HAS_DROPOUT, COMPUTE_DX)
             dbeta = task_tables.next_piece(dbeta_partial_ptr, pid, piece_task, task, dbeta, cols, col_ok, N, T)
             if SUM_DX:
                 dx_sum = task_tables.next_piece(dx_partial_ptr, pid, piece_task, task, dx_sum, cols, col_ok, N, T)
             piece_task = task
-            dy, dx = _layer_norm_grad_row(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, row, cols, col_ok, gamma, N,
-                                          p, scale, seed, philox_offset, HAS_DROPOUT, COMPUTE_DX)
             dbeta += dy
             if SUM_DX:
                 dx_sum += dx
