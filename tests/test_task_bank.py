@@ -112,10 +112,10 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path,model", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
+@pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
                                         ("fused", "real-minilm")])
-def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, model, backend, tmp_path, request):
+def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
     "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device;
@@ -127,7 +127,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, model, backend
         path = "fused"
     widths = {"topic": 3, "sentiment": 2}
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
-    if model == "bert":
+    if encoder == "bert":
         base = MODELS["bert"](num_labels=3)
     else:  # without dropout, as the config-built models: the bank and the single models draw different masks
         base = real_minilm(num_labels=3, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -140,7 +140,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, model, backend
                for name, (model, _) in tasks.items()}
     initial = {name: {n: p.detach().clone() for n, p in trainable(model).items()} for name, (model, _) in tasks.items()}
     for step in range(3):
-        if model == "bert":
+        if encoder == "bert":
             batch = padded_batch(base, (6, 2, 5, 3, 4))
         else:
             batch = real_batch(bbc_titles("tech", 3, skip=3 * step) + bbc_titles("sports", 2, skip=2 * step),
