@@ -273,3 +273,43 @@ def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, tmp_pa
         for i, name in enumerate(example_tasks):
             alone = tasks[name][0](input_ids=input_ids, attention_mask=mask).logits[i]
             torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_path):
+    """One backward of the bank's loss on a mixed batch of real text under fp16 autocast: each task's gradients (its
+    table rows, its head) against its own model's in fp32, by flash-attention's rule: no worse than twice the error
+    of its own model under the same autocast. With the Triton backend the tables' rows are the kernels' per-task
+    sums (summed in fp32 before any rounding)."""
+    widths = {"topic": 3, "sentiment": 2}
+    example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
+    base = real_minilm(num_labels=3, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       classifier_dropout=0.0)
+    tasks = trained_tasks(base, tmp_path, widths, backend=backend)
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend=backend).train()
+    batch = real_batch(bbc_titles("business", 3) + bbc_titles("politics", 2), [2, 1, 0, 0, 1])
+    labels = batch.pop("labels")
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        bank.loss(bank(example_tasks, **batch), labels, example_tasks).backward()
+    # A step of plain SGD with lr 1 leaves each parameter at value - gradient: the bank's gradients, per task.
+    before = {name: {n: v.detach().clone() for n, v in bank.task_tensors(name).items()} for name in widths}
+    torch.optim.SGD([p for p in bank.parameters() if p.requires_grad], lr=1.0).step()
+    for name, (model, _) in tasks.items():
+        rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
+        grads = {}
+        for precision in (torch.float32, torch.float16):
+            model.train().zero_grad()
+            with torch.autocast(DEVICE, dtype=precision, enabled=precision != torch.float32):
+                model(**{k: v[rows] for k, v in batch.items()}, labels=labels[rows]).loss.backward()
+            grads[precision] = {n: p.grad.float().clone() for n, p in trainable(model).items()}
+        after = bank.task_tensors(name)
+        truths = grads[torch.float32]
+        # The key bias's true gradient is zero (softmax ignores a shift per query): it is held to the same rule.
+        assert sum(bool(truth.any()) for truth in truths.values()) > len(truths) // 2
+        atol = 1e-4 * max(truth.abs().max() for truth in truths.values())
+        for param_name, truth in truths.items():
+            ours = (before[name][param_name] - after[param_name]).float()
+            ours_error = (ours - truth).abs().max()
+            their_error = (grads[torch.float16][param_name] - truth).abs().max()
+            assert ours_error <= 2 * their_error + atol, (name, param_name, ours_error, their_error)
