@@ -52,6 +52,32 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
     flops = fast["model_flops_per_step"]
     assert fast["mfu"] == pytest.approx(flops / (fast["median_ms"] / 1e3) / 1e12)
     assert fast["memory_vs_reference"] == 1.0 and fast["steps"] == 3
+    per_step = fast["speedup_per_step"]
+    assert per_step["q1"] <= per_step["median"] <= per_step["q3"] < 1, "every step of fast is the slower one"
+    assert ref["speedup_per_step"] == dict(q1=1.0, median=1.0, q3=1.0)
+
+
+def test_paired_ratios_are_the_quartiles_of_each_steps_own_ratio():
+    # Medians 2.5 / 2 = 1.25, but the steps' own ratios are 0.5, 2, 0.75, 2: a ratio of medians alone hides that.
+    ratios = measurement.paired_ratios([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 2.0])
+    assert ratios == dict(q1=0.5, median=pytest.approx(1.375), q3=2.0)
+    with pytest.raises(ValueError):
+        measurement.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_goals_on_time_ratios_show_the_per_step_spread():
+    stats = lambda ms: dict(median_ms=ms, q1_ms=ms, q3_ms=ms, tokens_per_s=1.0, real_tokens_per_s=1.0,  # noqa: E731
+                            mfu=0.1, peak_memory_bytes=1000)
+    results = {"reference": stats(100.0), "fast": stats(80.0)}
+    runner.add_ratios(results)
+    results["fast"]["speedup_per_step"] = dict(q1=1.1, median=1.25, q3=1.4)
+    workload = dict(workload="bert-mini-seq128-b8", spec=dataclasses.asdict(Workload("bert-mini", 128, 8)),
+                    providers=results)
+    checks = {c["goal"]: c for c in report.check_goals(dict(workloads=[workload]), "cpu")}
+    assert checks["step time vs reference"]["per_step"] == results["fast"]["speedup_per_step"]
+    assert "per_step" not in checks["peak memory vs reference"]
+    table = report.format_workload("w", results)
+    assert "| 1.25x (1.10–1.40) |" in table
 
 
 def test_mfu_is_against_the_faster_of_the_matmul_probes_before_and_after(monkeypatch):
@@ -220,6 +246,9 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
     assert list(train) == ["single-task model", "bank, 1 tasks", "bank, 4 tasks"]
     for entry in [*predict.values(), *train.values()]:
         assert entry["examples_per_s"] > 0 and entry["steps"] == 1
+        # One timed step: its own ratio is the ratio of the medians.
+        assert entry["vs_single_per_step"]["median"] == pytest.approx(entry["vs_single"])
+    assert record["goals"][-1]["per_step"]["median"] == pytest.approx(record["ratios"]["mixed_vs_sub_batches"])
     assert record["ratios"]["mixed_vs_sub_batches"] == pytest.approx(
         predict["bank, 4 tasks"]["examples_per_s"] / predict["sub-batches, 4 tasks"]["examples_per_s"])
     assert len(record["goals"]) == 5 and (tmp_path / "tiny.md").read_text().startswith("Task bank, preset `tiny`")

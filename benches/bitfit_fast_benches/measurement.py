@@ -35,12 +35,26 @@ def timed(step: Callable[[dict], torch.Tensor], batch: dict, device: str) -> tup
     return time.perf_counter() - start, loss
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values``; the quartiles are the values a quarter of the way
+    in from either end (the extremes below 8 values)."""
+    ordered = sorted(values)
+    quartile = max(1, len(ordered) // 4)
+    return ordered[quartile - 1], statistics.median(ordered), ordered[-quartile]
+
+
 def spread(times: list[float]) -> dict:
     """Median, quartiles and minimum of step times, in milliseconds."""
-    ordered = sorted(times)
-    quartile = max(1, len(ordered) // 4)
-    return dict(median_ms=1e3 * statistics.median(ordered), q1_ms=1e3 * ordered[quartile - 1],
-                q3_ms=1e3 * ordered[-quartile], min_ms=1e3 * ordered[0], steps=len(ordered))
+    q1, median, q3 = quartiles(times)
+    return dict(median_ms=1e3 * median, q1_ms=1e3 * q1, q3_ms=1e3 * q3, min_ms=1e3 * min(times), steps=len(times))
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> dict:
+    """Quartiles of the per-step ratios numerators[i] / denominators[i], each pair timed on the same batch in the
+    same round. A ratio of medians hides how far a shared machine's drift moves it (a 2-core VM's speed swings by
+    20% within a run); the spread of the paired ratios shows it."""
+    q1, median, q3 = quartiles([a / b for a, b in zip(numerators, denominators, strict=True)])
+    return dict(q1=q1, median=median, q3=q3)
 
 
 # ---------------------------------------------------------------------------------------------------- memory

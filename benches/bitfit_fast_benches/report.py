@@ -83,19 +83,34 @@ def check_goals(record: dict, device: str) -> list[dict]:
         provider = pick(values, key=values.get)
         value = values[provider]
         met = value >= goal.target if goal.comparison == ">=" else value <= goal.target
-        checks.append(dict(goal=goal.name, workload=workload["workload"], target=f"{goal.comparison} {goal.target:.3g}",
-                           provider=provider, measured=value, met=met))
+        check = dict(goal=goal.name, workload=workload["workload"], target=f"{goal.comparison} {goal.target:.3g}",
+                     provider=provider, measured=value, met=met)
+        if goal.stat in _PER_STEP_STATS and "speedup_per_step" in results[provider]:
+            check["per_step"] = results[provider]["speedup_per_step"]
+        checks.append(check)
     return checks
+
+
+# Stats that are the reference's step time over the provider's, step by step as well (both run the same batches,
+# so a step's real-token throughput ratio is its time ratio): a goal on them shows the per-step ratios' spread.
+_PER_STEP_STATS = ("speedup_vs_reference", "real_tokens_vs_reference")
+
+
+def _interquartile(ratios: dict | None) -> str:
+    return "-" if ratios is None else f"{ratios['q1']:.2f}–{ratios['q3']:.2f}"
 
 
 def format_workload(name: str, results: dict) -> str:
     """One workload's Markdown table: a row per provider."""
     lines = [f"\n{name}", "| provider | median ms (IQR) | padded tokens/s | real tokens/s | MFU (padded) | peak memory "
-             "| speedup | memory ratio | max batch |", "|---|---|---|---|---|---|---|---|---|"]
+             "| speedup (per-step IQR) | memory ratio | max batch |", "|---|---|---|---|---|---|---|---|---|"]
     for provider, s in results.items():
         memory = f"{s['peak_memory_bytes'] / 2**20:.0f} MiB" if "peak_memory_bytes" in s else "-"
         ratio = f"{s['memory_vs_reference']:.2f}x" if "memory_vs_reference" in s else "-"
-        speed = f"{s['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in s else "-"
+        speed = "-"
+        if "speedup_vs_reference" in s:
+            per_step = f" ({_interquartile(s['speedup_per_step'])})" if "speedup_per_step" in s else ""
+            speed = f"{s['speedup_vs_reference']:.2f}x{per_step}"
         lines.append(
             f"| {provider} | {s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f}) | {s['tokens_per_s']:,.0f} | "
             f"{s['real_tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {memory} | {speed} | {ratio} | "
@@ -112,10 +127,13 @@ def markdown(record: dict) -> str:
               f"Command: `{record['command']}`. Memory: {record['memory_method']}.")
     goals = ""
     if record.get("goals"):
-        goals = ("\nGoals (the named provider, or the best bitfit_fast provider):\n\n"
-                 "| goal | workload | target | provider | measured | met |\n|---|---|---|---|---|---|\n"
+        goals = ("\nGoals (the named provider, or the best bitfit_fast provider; a time ratio's per-step IQR is the "
+                 "spread of the ratios of steps timed on the same batch, the measured value their medians' ratio):\n\n"
+                 "| goal | workload | target | provider | measured | per-step IQR | met |\n"
+                 "|---|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {g['goal']} | {g.get('workload', record['workloads'][0]['workload'])} | "
-                              f"{g['target']} | {g['provider']} | {g['measured']:.3g} | {'yes' if g['met'] else 'no'} |"
+                              f"{g['target']} | {g['provider']} | {g['measured']:.3g} | "
+                              f"{_interquartile(g.get('per_step'))} | {'yes' if g['met'] else 'no'} |"
                               for g in record["goals"]) + "\n")
     return (header + "\n" + "\n".join(format_workload(w["workload"], w["providers"]) for w in record["workloads"])
             + "\n" + goals)

@@ -27,6 +27,7 @@ from .measurement import (
     gpu_peak_bytes,
     matmul_peak_tflops,
     max_batch,
+    paired_ratios,
     spread,
     step_flops,
     timed,
@@ -129,6 +130,8 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
     results = {}
     for name, trainer in trainers.items():
         stats = spread(times[name])
+        if "reference" in times:
+            stats["speedup_per_step"] = paired_ratios(times["reference"], times[name])
         seconds = stats["median_ms"] / 1e3
         flops = statistics.mean(step_flops(workload, b, trainer.method) for b in timed_batches)
         stats.update(tokens_per_s=padded / seconds, real_tokens_per_s=real / seconds, model_flops_per_step=flops)
