@@ -136,35 +136,26 @@ def heads_to_rows(
     g = torch.empty((num_rows, len(grads) * width), dtype=present[0].dtype, device=present[0].device)
     col_blocks = triton.cdiv(width, _BLOCK_N)
     row_programs = max(1, min(triton.cdiv(num_rows, _BLOCK_M), reduction_programs(num_rows, g.device) // col_blocks))
-    chunks = None
-    if compute_db and row_task is not None:
-        chunk_rows = task_tables.chunk_rows_for(num_rows, row_programs)
-        chunks = task_tables.task_chunks(row_task, num_tasks, num_rows, chunk_rows)
-    if chunks is not None:
-        db_partial = task_tables.empty_pieces(chunks, g.shape[1], g.device)
-    else:
-        db_partial = (torch.empty((row_programs, g.shape[1]), dtype=torch.float32, device=g.device)
-                      if compute_db else None)
+    reduction = task_tables.bias_reduction(row_task if compute_db else None, num_tasks, num_rows, row_programs)
+    db_partial = reduction.partials(g.shape[1], g.device) if compute_db else None
+    order, sorted_tasks, chunk_rows = reduction.walk(g)
     for part, grad in enumerate(grads):
         if grad is None:
             g[:, part * width:(part + 1) * width].zero_()
             if db_partial is not None:
                 db_partial[:, part * width:(part + 1) * width].zero_()
             continue
-        _heads_to_rows_kernel[(chunks.chunks if chunks is not None else row_programs, col_blocks)](
+        _heads_to_rows_kernel[(reduction.programs, col_blocks)](
             grad, slots if slots is not None else g, g, db_partial if db_partial is not None else g,
-            chunks.order if chunks is not None else g, chunks.sorted_tasks if chunks is not None else g,
-            real_rows, num_rows, length, width, dim, num_tasks, chunks.chunk_rows if chunks is not None else 1,
+            order, sorted_tasks, real_rows, num_rows, length, width, dim, num_tasks, chunk_rows,
             g.shape[1], part * width,
             *grad.stride(),
             HAS_SLOTS=slots is not None,
             COMPUTE_DB=db_partial is not None,
-            PER_TASK=chunks is not None,
+            PER_TASK=reduction.per_task,
             BLOCK_M=_BLOCK_M,
             BLOCK_N=_BLOCK_N,
             num_warps=_WARPS,
         )
-    if chunks is not None:
-        return g, task_tables.sum_pieces(db_partial, chunks)
-    # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
-    return g, (db_partial.sum(dim=0) if db_partial is not None else None)
+    # One deterministic reduction of the partial sums: no float atomics, same bits every run.
+    return g, (reduction.total(db_partial) if db_partial is not None else None)

@@ -285,33 +285,24 @@ def residual_layer_norm_backward(
     block_n = _check_features(N)
 
     programs = reduction_programs(M, dy.device)
-    chunks = None
-    if row_task is not None:
-        chunks = task_tables.task_chunks(row_task, num_tasks, M, task_tables.chunk_rows_for(M, programs))
+    reduction = task_tables.bias_reduction(row_task, num_tasks, M, programs)
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
-    if chunks is not None:
-        dbeta_partial = task_tables.empty_pieces(chunks, N, dy.device)
-        dx_partial = task_tables.empty_pieces(chunks, N, dy.device) if sum_dx else None
-    else:
-        dbeta_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device)
-        dx_partial = torch.empty((programs, N), dtype=torch.float32, device=dy.device) if sum_dx else None
-    _residual_layer_norm_bwd_kernel[(chunks.chunks if chunks is not None else programs,)](
+    dbeta_partial = reduction.partials(N, dy.device)
+    dx_partial = reduction.partials(N, dy.device) if sum_dx else None
+    order, sorted_tasks, chunk_rows = reduction.walk(rstd)
+    _residual_layer_norm_bwd_kernel[(reduction.programs,)](
         dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, dbeta_partial,
         dx_partial if dx_partial is not None else dbeta_partial,
-        chunks.order if chunks is not None else rstd, chunks.sorted_tasks if chunks is not None else rstd,
-        M, N, num_tasks, chunks.chunk_rows if chunks is not None else 1,
+        order, sorted_tasks, M, N, num_tasks, chunk_rows,
         dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
         SUM_DX=sum_dx,
-        PER_TASK=chunks is not None,
+        PER_TASK=reduction.per_task,
         BLOCK_N=block_n,
         num_warps=_warps(block_n),
     )
     # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
-    if chunks is not None:
-        dx_sum = task_tables.sum_pieces(dx_partial, chunks) if sum_dx else None
-        return dx, ds, task_tables.sum_pieces(dbeta_partial, chunks), dx_sum
-    return dx, ds, dbeta_partial.sum(dim=0), (dx_partial.sum(dim=0) if dx_partial is not None else None)
+    return dx, ds, reduction.total(dbeta_partial), (reduction.total(dx_partial) if sum_dx else None)

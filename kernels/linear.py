@@ -12,7 +12,7 @@ Backward, no weight gradient and no saved x:
        sums of g in a [programs, N] buffer (for a task table, pieces per task: the program walks rows sorted
        by task, see ``task_tables``)
     2. db = partials.sum(0)                                one small deterministic reduction: no float atomics
-                                                           (per task, ``task_tables.sum_pieces``)
+                                                           (per task: ``task_tables``)
     3. dx = g @ W                                          a plain GEMM, cuBLAS through torch.mm: with nothing to
                                                            fuse into it, cuBLAS is the fastest GEMM on Hopper
 
@@ -538,32 +538,25 @@ def linear_backward(
         g = torch.empty((M, N), dtype=dy.dtype, device=dy.device) if store_g else dy2d
         col_blocks = triton.cdiv(n_out, _GRAD_BLOCK_N)
         row_programs = max(1, min(triton.cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
-        chunks = None
-        if per_task:
-            chunks = task_tables.task_chunks(row_task, num_tasks, M, task_tables.chunk_rows_for(M, row_programs))
-        if chunks is not None:
-            db_partial = task_tables.empty_pieces(chunks, N, dy.device)
-        else:
-            db_partial = torch.empty((row_programs, N), dtype=torch.float32, device=dy.device) if compute_db else None
-        _linear_grad_kernel[(chunks.chunks if chunks is not None else row_programs, col_blocks)](
+        reduction = task_tables.bias_reduction(row_task if per_task else None, num_tasks, M, row_programs)
+        db_partial = reduction.partials(N, dy.device) if compute_db else None
+        order, sorted_tasks, chunk_rows = reduction.walk(dy2d)
+        _linear_grad_kernel[(reduction.programs, col_blocks)](
             dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
-            chunks.order if chunks is not None else dy2d, chunks.sorted_tasks if chunks is not None else dy2d,
-            M, N, num_tasks, chunks.chunk_rows if chunks is not None else 1,
+            order, sorted_tasks, M, N, num_tasks, chunk_rows,
             dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
             ACTIVATION=activation or "",
             HAS_DROPOUT=dropout_p > 0.0,
             STORE_G=store_g,
             COMPUTE_DB=compute_db,
-            PER_TASK=chunks is not None,
+            PER_TASK=reduction.per_task,
             BLOCK_M=_GRAD_BLOCK_M,
             BLOCK_N=_GRAD_BLOCK_N,
             num_warps=_GRAD_WARPS,
         )
         # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
-        if chunks is not None:
-            db = task_tables.sum_pieces(db_partial, chunks)
-        elif compute_db:
-            db = db_partial.sum(dim=0)
+        if compute_db:
+            db = reduction.total(db_partial)
     # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.
     dx = torch.mm(g, weight).view(*dy.shape[:-1], K) if compute_dx else None
     return dx, db

@@ -21,7 +21,7 @@ Step 1 runs inside the pass that produces the gradient, wherever there is one: t
 gather (``heads._heads_to_rows_kernel``) walk their chunk's rows in task order, writing each row where it belongs,
 and sum the rows while they sit in registers: the same one read of the gradient as a single-task batch, no second
 pass. A row of a task other than the running piece's closes that piece (``next_piece``). Those kernels share
-:func:`task_chunks`, :func:`empty_pieces`, :func:`sum_pieces` and the ``@triton.jit`` helpers below.
+:func:`bias_reduction` (which also plans a shared bias's reduction) and the ``@triton.jit`` helpers below.
 :func:`task_sums` is step 1 on its own, for a gradient that is already in memory with nothing to compute (a linear
 layer without an epilogue, whose g is dy).
 
@@ -219,11 +219,6 @@ def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: i
     return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, triton.cdiv(rows, chunk_rows))
 
 
-def chunk_rows_for(rows: int, programs: int) -> int:
-    """Rows per chunk for a pass that runs ``programs`` programs along the rows: one chunk each."""
-    return max(1, triton.cdiv(rows, programs))
-
-
 def empty_pieces(chunks: TaskChunks, width: int, device: torch.device) -> torch.Tensor:
     """The partials [chunks + T - 1, width] (fp32) that step 1 writes over ``chunks``."""
     return torch.empty((chunks.chunks + chunks.num_tasks - 1, width), dtype=torch.float32, device=device)
@@ -240,6 +235,45 @@ def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
         num_warps=_WARPS,
     )
     return sums
+
+
+class BiasReduction(NamedTuple):
+    """How a gradient pass sums its bias gradient: ``programs`` programs along the rows each write fp32 partial
+    sums, then one deterministic reduction adds them up; over all rows for a bias [N], or per task for a task table
+    (``chunks``: each program walks one chunk of the task-sorted rows and writes pieces)."""
+
+    programs: int
+    chunks: TaskChunks | None
+
+    @property
+    def per_task(self) -> bool:
+        return self.chunks is not None
+
+    def partials(self, width: int, device: torch.device) -> torch.Tensor:
+        """The fp32 partials the pass writes: a row per program, or the pieces."""
+        if self.chunks is not None:
+            return empty_pieces(self.chunks, width, device)
+        return torch.empty((self.programs, width), dtype=torch.float32, device=device)
+
+    def walk(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The pass's (order, sorted_tasks, chunk_rows) arguments; ``placeholder`` for the unused pointers of a
+        shared bias's pass."""
+        if self.chunks is None:
+            return placeholder, placeholder, 1
+        return self.chunks.order, self.chunks.sorted_tasks, self.chunks.chunk_rows
+
+    def total(self, partials: torch.Tensor) -> torch.Tensor:
+        """The bias gradient from the partials: [width], or [T, width] per task."""
+        return sum_pieces(partials, self.chunks) if self.chunks is not None else partials.sum(dim=0)
+
+
+def bias_reduction(row_task: torch.Tensor | None, num_tasks: int, rows: int, programs: int) -> BiasReduction:
+    """The reduction of a pass over ``rows`` rows that would run ``programs`` programs along them: per task when
+    ``row_task`` is given (then a chunk per program), else over all rows."""
+    if row_task is None:
+        return BiasReduction(programs, None)
+    chunks = task_chunks(row_task, num_tasks, rows, max(1, triton.cdiv(rows, programs)))
+    return BiasReduction(chunks.chunks, chunks)
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
