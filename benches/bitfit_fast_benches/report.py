@@ -96,7 +96,8 @@ def check_goals(record: dict, device: str) -> list[dict]:
 _PER_STEP_STATS = ("speedup_vs_reference", "real_tokens_vs_reference")
 
 
-def _interquartile(ratios: dict | None) -> str:
+def interquartile(ratios: dict | None) -> str:
+    """Per-step ratios' quartiles (``measurement.paired_ratios``) as "q1–q3"; "-" for none."""
     return "-" if ratios is None else f"{ratios['q1']:.2f}–{ratios['q3']:.2f}"
 
 
@@ -109,7 +110,7 @@ def format_workload(name: str, results: dict) -> str:
         ratio = f"{s['memory_vs_reference']:.2f}x" if "memory_vs_reference" in s else "-"
         speed = "-"
         if "speedup_vs_reference" in s:
-            per_step = f" ({_interquartile(s['speedup_per_step'])})" if "speedup_per_step" in s else ""
+            per_step = f" ({interquartile(s['speedup_per_step'])})" if "speedup_per_step" in s else ""
             speed = f"{s['speedup_vs_reference']:.2f}x{per_step}"
         lines.append(
             f"| {provider} | {s['median_ms']:.1f} ({s['q1_ms']:.1f}–{s['q3_ms']:.1f}) | {s['tokens_per_s']:,.0f} | "
@@ -133,7 +134,7 @@ def markdown(record: dict) -> str:
                  "|---|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {g['goal']} | {g.get('workload', record['workloads'][0]['workload'])} | "
                               f"{g['target']} | {g['provider']} | {g['measured']:.3g} | "
-                              f"{_interquartile(g.get('per_step'))} | {'yes' if g['met'] else 'no'} |"
+                              f"{interquartile(g.get('per_step'))} | {'yes' if g['met'] else 'no'} |"
                               for g in record["goals"]) + "\n")
     return (header + "\n" + "\n".join(format_workload(w["workload"], w["providers"]) for w in record["workloads"])
             + "\n" + goals)

@@ -21,6 +21,7 @@ import torch
 
 from .measurement import paired_ratios, spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
+from .report import interquartile
 from .runner import environment, preset_command
 
 
@@ -206,7 +207,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
 
 
 def _per_step(ratios: dict | None) -> str:
-    return "" if ratios is None else f" ({ratios['q1']:.2f}–{ratios['q3']:.2f})"
+    return "" if ratios is None else f" ({interquartile(ratios)})"
 
 
 def markdown(record: dict) -> str:
