@@ -12,7 +12,8 @@ Routes:
     POST /predict   one example {"task": ..., "text": ..., "text_pair": ...}  ->  its prediction
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
-predictor refuses, 503 a full queue (retry), 500 a failed prediction.
+predictor refuses, 413 more examples than the whole queue holds (split them), 503 a full queue (retry), 500 a failed
+prediction.
 """
 
 import asyncio
@@ -154,6 +155,9 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         examples = [body] if single else body["inputs"]
         if not isinstance(examples, list) or not examples:
             return _error(422, '"inputs" must be a non-empty list of examples')
+        if len(examples) > config.max_queue:  # it would never fit: a 503 would have the client retry forever
+            return _error(413, f"{len(examples)} examples in one request; this server queues at most "
+                               f"{config.max_queue}: split them into several requests")
         checked = []
         for index, example in enumerate(examples):
             try:

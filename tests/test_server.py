@@ -123,6 +123,18 @@ def test_a_full_queue_answers_503_and_a_failed_batch_fails_only_its_requests():
     assert predictor.batches == [1, 2, 1, 1]
 
 
+def test_a_request_larger_than_the_queue_is_told_to_split():
+    predictor = EchoPredictor()
+    with running(predictor, BatchingConfig(max_queue=3)) as url:
+        many = httpx.post(f"{url}/predict", json={"inputs": [dict(task="upper", text="a")] * 4}, timeout=30)
+        fitting = httpx.post(f"{url}/predict", json={"inputs": [dict(task="upper", text="a")] * 3}, timeout=30)
+    assert many.status_code == 413
+    assert many.json()["error"] == ("4 examples in one request; this server queues at most 3: split them into several "
+                                    "requests")
+    assert fitting.json() == {"predictions": [dict(task="upper", answer="A")] * 3}
+    assert predictor.batches == [3]
+
+
 def test_batching_config_is_checked():
     for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan"))):
         with pytest.raises(ValueError, match="must be at least"):
