@@ -245,6 +245,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
         (lambda p: (p / "t.csv").write_text(""), "t.csv is empty"),
         (lambda p: (p / "t.csv").write_text("text,label\n"), "t.csv is empty: it needs a header and at least one row"),
         (lambda p: (p / "t.txt").write_text("x"), "unsupported format '.txt'"),
+        (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\nmatch,sport\n"),
+         "t.csv column 'label' has one class, 'sport': classification needs at least two"),
+        (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\nprice,\nbank,money\n"),
+         "t.csv row 1 has no label in column 'label': fill it in"),
+        (lambda p: (p / "t.csv").write_text("text,label\ngoal,1\nprice,\nbank,0\n"),  # a blank in a number column
+         "t.csv row 1 has no label in column 'label'"),
+        (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
+         r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns"),
     ],
 )
 def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):

@@ -118,6 +118,12 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
         if any(t is None for t in text):
             raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
                             "the row")
+        for column, t in zip(text_columns, text):
+            if not isinstance(t, str):
+                remedy = (f"a file for this run needs texts in its columns {list(text_columns)}" if of_run
+                          else "name the text columns with --text-columns")
+                raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in row {row}, not a "
+                                f"text: {remedy}")
     return texts
 
 
@@ -126,6 +132,9 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
     _require_columns(table, (*text_columns, label_column), where, of_run)
     texts = _texts(table, text_columns, where, of_run)
     raw = table[label_column]
+    blank = next((row for row, value in enumerate(raw) if value is None or value != value), None)  # None or NaN
+    if blank is not None:
+        raise DataError(f"{where} row {blank} has no label in column {label_column!r}: fill it in, or remove the row")
     if label_ids is None:
         try:
             return Split(texts, [float(v) for v in raw])
@@ -204,9 +213,12 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     tables = {"train": read_table(train_file), "validation": read_table(validation_file)}
     label_ids = None
     if not regression:
-        _require_columns(tables["train"], (label_column,), train_file)
+        _require_columns(tables["train"], (*text_columns, label_column), train_file)
         names = sorted({str(v) for v in tables["train"][label_column]},
                        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        if len(names) < 2:
+            raise DataError(f"{train_file} column {label_column!r} has one class, {names[0]!r}: classification needs "
+                            "at least two (pass --regression if the column holds scores)")
         label_ids = {name: index for index, name in enumerate(names)}
     train = _columns_split(tables["train"], text_columns, label_column, train_file, label_ids)
     validation = _columns_split(tables["validation"], text_columns, label_column, validation_file, label_ids)
