@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import AppliedState, BitFitConfig
+from .errors import first_line
 from .files import atomic_write, write_json
-from .model import apply, config_of, is_applied, state_of
+from .model import apply, config_of, is_applied, is_within, planned_parameters, state_of, trained_parameters
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
 CONFIG_NAME = "bitfit_config.json"
@@ -21,14 +23,13 @@ FORMAT_VERSION = 2
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
-    """Save every parameter that trains (the selected biases and the head), the model's BitFitConfig and what
-    apply() found (head, added biases).
+    """Save every parameter that trains (the biases and head apply() selected, even if frozen since, and any
+    parameter unfrozen since), the model's BitFitConfig and what apply() found (head, added biases).
 
     Returns the directory. Existing checkpoint files there are replaced atomically.
     """
-    tensors = {name: param for name, param in model.named_parameters() if param.requires_grad}
-    if not tensors:
-        raise ValueError("the model has no trainable parameter to save; was requires_grad turned off after apply()?")
+    trained = trained_parameters(model)
+    tensors = {name: param for name, param in model.named_parameters() if name in trained}
     return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
                             getattr(getattr(model, "config", None), "_name_or_path", None))
 
@@ -73,13 +74,14 @@ def load_biases(
             f"the checkpoint was saved from a {saved_class}, not a {type(model).__name__}; load it into the same "
             "architecture (or pass strict=False if the names are known to match)"
         )
-    if is_applied(model):
-        config_of(model)  # raises for a model whose modules were swapped without apply()
-    else:
-        apply(model, saved_config, announce=False, backend=backend)
+    applied = is_applied(model)
+    if applied:
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        trained = trained_parameters(model)
+    else:  # what apply() would leave, checked before it runs
+        shapes, trained = planned_parameters(model, dataclasses.replace(saved_config, backend=backend))
 
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
+    unknown = sorted(set(tensors) - set(shapes))
     if unknown:
         added = {f"{name}.bias" for name in saved_state.added_biases}
         remedy = (
@@ -90,19 +92,33 @@ def load_biases(
             f"the checkpoint holds parameters this {type(model).__name__} lacks: {unknown[:5]} "
             f"({len(unknown)} in all); {remedy}"
         )
-    mismatched = [
-        f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(params[name].shape)}"
-        for name, t in tensors.items()
-        if t.shape != params[name].shape
-    ]
+    mismatched = [name for name, t in tensors.items() if tuple(t.shape) != shapes[name]]
     if mismatched:
-        raise ValueError(f"shape mismatch between the checkpoint and the model: {mismatched[:5]}")
-    not_in_checkpoint = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
-    if strict and not_in_checkpoint:
-        raise ValueError(
-            f"the model trains parameters that the checkpoint lacks: {not_in_checkpoint[:5]} "
-            f"({len(not_in_checkpoint)} in all); apply() it with the checkpoint's options, or pass strict=False"
-        )
+        remedy = (f"the head differs: build the base model with the checkpoint's number of labels, "
+                  f"{tensors[mismatched[0]].shape[0]}" if all(is_within(n, saved_state.head) for n in mismatched)
+                  else f"load it onto the base model it was trained from ({checkpoint.base_model})")
+        shown = [f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {shapes[name]}" for name in mismatched[:5]]
+        raise ValueError(f"shape mismatch between the checkpoint and the model: {shown}; {remedy}")
+    if strict:
+        options = (f"the checkpoint's options are {saved_config}" if not applied
+                   else f"the checkpoint was saved with {saved_config}, the model applied with {config_of(model)}")
+        not_in_checkpoint = sorted(trained - set(tensors))
+        if not_in_checkpoint:
+            raise ValueError(
+                f"the model trains parameters that the checkpoint lacks: {not_in_checkpoint[:5]} "
+                f"({len(not_in_checkpoint)} in all); {options}: load it onto a base model that is not applied, or "
+                "pass strict=False"
+            )
+        not_trained = sorted(set(tensors) - trained)
+        if not_trained:  # loaded into frozen parameters, they would be missing from the model's next save_biases
+            raise ValueError(
+                f"the checkpoint holds trained values of parameters the model does not train: {not_trained[:5]} "
+                f"({len(not_trained)} in all); {options}: load it onto a base model that is not applied, or "
+                "pass strict=False"
+            )
+    if not applied:
+        apply(model, saved_config, announce=False, backend=backend)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
@@ -130,10 +146,14 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
             f"no bitfit_fast checkpoint in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} written by "
             "bitfit_fast.save_biases"
         )
-    record = json.loads(config_path.read_text())
-    config, state = read_config(record, config_path)
-    return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"),
-                      load_file(str(weights_path)))
+    try:
+        record = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path))
+        config, state = read_config(record, config_path)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
+                         "save the biases again") from error
+    return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors)
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:
@@ -146,6 +166,8 @@ def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:
         state = AppliedState(head=saved["head"], added_biases=saved.pop("added_biases"),
                              weight_dtypes=saved.pop("weight_dtypes", {}))
         return BitFitConfig.from_dict(saved), state
+    if not isinstance(version, int):
+        raise KeyError(f"{path} has no format version")
     raise ValueError(
         f"{path} has format version {version}; this bitfit_fast reads versions 1 and {FORMAT_VERSION}: upgrade it"
     )

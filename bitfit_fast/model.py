@@ -17,6 +17,7 @@ from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, repl
 
 CONFIG_ATTRIBUTE = "bitfit_fast_config"  # the BitFitConfig a model was applied with
 STATE_ATTRIBUTE = "bitfit_fast_state"  # its AppliedState
+TRAINED_ATTRIBUTE = "bitfit_fast_trained"  # names of the parameters apply() set to train
 
 
 class QueryRowsBitFitLinear(BitFitLinear):
@@ -240,11 +241,33 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
                  backend=config.backend)
 
 
+def _bias_features(module: nn.Module) -> int:
+    """The length of the bias apply() gives a bias-free linear or LayerNorm."""
+    return module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
+
+
+def planned_parameters(model: nn.Module, config: BitFitConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """What ``apply(model, config)`` would leave, found without touching the model: every parameter's shape by
+    name (the biases it would add included) and the names of those that would train. Raises what apply would."""
+    plan = _plan(model, config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes.update({f"{name}.bias": (_bias_features(model.get_submodule(name)),) for name in plan.to_add})
+    trained = {name for name in shapes if is_within(name, plan.trained_head)} | {f"{n}.bias" for n in plan.selected}
+    return shapes, trained
+
+
+def trained_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters an applied model trains: those apply() set to train, even if frozen since (a
+    head frozen for a second stage still holds trained values), and any unfrozen since."""
+    config_of(model)
+    return set(getattr(model, TRAINED_ATTRIBUTE)) | {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _add_zero_biases(model: nn.Module, names: list[str], announce: bool) -> None:
     for name in names:
         module = model.get_submodule(name)
-        features = module.out_features if isinstance(module, nn.Linear) else module.normalized_shape[0]
-        module.bias = nn.Parameter(torch.zeros(features, dtype=module.weight.dtype, device=module.weight.device))
+        module.bias = nn.Parameter(torch.zeros(_bias_features(module), dtype=module.weight.dtype,
+                                               device=module.weight.device))
     if names and announce:
         count = sum(model.get_submodule(name).bias.numel() for name in names)
         print(f"bitfit_fast: added zero biases to {len(names)} bias-free layers of {type(model).__name__} "
@@ -300,6 +323,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     # Validation is over: from here on the model changes.
     _add_zero_biases(model, plan.to_add, announce)
     _freeze_all_but(model, plan.trained_head, plan.selected)
+    setattr(model, TRAINED_ATTRIBUTE, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
     replace_children(model, plan.to_bitfit)
     weight_dtypes = _store_frozen_weights(model, config.dtype)
     if config.fuse_layers:
@@ -359,7 +383,7 @@ def merge(model: nn.Module) -> nn.Module:
     are turned on to declare them, and a model whose flags cannot declare exactly those biases is refused,
     unchanged (use save_biases / load_biases). ``requires_grad`` flags are left as they are. Weights that
     ``apply(dtype=...)`` stored in low precision get their original dtype back, but keep the rounding: for the
-    exact pretrained weights, load the biases onto a fresh base model.
+    exact pretrained weights, apply a fresh base model with ``dtype=None`` and load the biases onto it.
     """
     config, state = config_of(model), state_of(model)
     from transformers import PreTrainedModel
@@ -374,11 +398,12 @@ def merge(model: nn.Module) -> nn.Module:
     if state.weight_dtypes:
         warnings.warn(
             f"merge(): weights stored in {dtype_name(config.dtype)} by apply(dtype=...) are back in their original "
-            "dtype but rounded to it; for the exact pretrained weights use load_biases on a fresh base model",
+            "dtype but rounded to it; for the exact pretrained weights apply a fresh base model with dtype=None and "
+            "load_biases onto it",
             stacklevel=2,
         )
-    delattr(model, CONFIG_ATTRIBUTE)
-    delattr(model, STATE_ATTRIBUTE)
+    for attribute in (CONFIG_ATTRIBUTE, STATE_ATTRIBUTE, TRAINED_ATTRIBUTE):
+        delattr(model, attribute)
     return model
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import task_rows
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import BitFitConfig
-from .model import apply, config_of, is_within, state_of
+from .model import apply, config_of, is_within, planned_parameters, state_of
 
 
 @dataclasses.dataclass
@@ -180,7 +180,12 @@ class TaskBank(nn.Module):
         name; a list is named by the directories' names) on ``model``, a base model not applied yet, of the class
         the tasks were trained from. The tasks must share their BitFit options."""
         if not isinstance(sources, Mapping):
-            sources = {Path(source).name: source for source in sources}
+            names = [Path(source).name for source in sources]
+            twice = next((name for name in names if names.count(name) > 1), None)
+            if twice is not None:
+                raise ValueError(f"two tasks would be named {twice!r} (a list names each by its directory): pass "
+                                 "{name: directory} instead")
+            sources = dict(zip(names, sources))
         if not sources:
             raise ValueError("a TaskBank needs at least one task")
         resolved = {name: _resolve(source) for name, source in sources.items()}
@@ -195,13 +200,22 @@ class TaskBank(nn.Module):
                 )
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
-        apply(model, dataclasses.replace(first.config, backend=backend), announce=False)
-        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        config = dataclasses.replace(first.config, backend=backend)
+        shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
         for name, checkpoint in checkpoints.items():
             if set(checkpoint.tensors) != trained:
                 differ = sorted(set(checkpoint.tensors) ^ trained)
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) does not hold the parameters this model "
                                  f"trains: {differ[:5]} differ; was it saved from this model class?")
+            # A head's output layer may differ in width (its first dimension) from task to task; nothing else may.
+            compared = {p: slice(1 if is_within(p, checkpoint.state.head) else 0, None) for p in checkpoint.tensors}
+            mismatched = [p for p, part in compared.items()
+                          if tuple(checkpoint.tensors[p].shape)[part] != shapes[p][part]]
+            if mismatched:
+                shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
+                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
+                                 f"{shown}; load it onto the base model it was trained from ({checkpoint.base_model})")
+        apply(model, config, announce=False)
         tasks = [Task(name, index, resolved[name][2] or 0, resolved[name][1], checkpoint.directory)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())

@@ -235,3 +235,25 @@ def test_recognised_layers_are_fused_and_keep_parameter_names_and_values():
     sa = layer.attention.self
     packed = layer.packed_qkv_weight()
     assert sa.key.weight.data_ptr() == packed[36].data_ptr(), "q/k/v weights are views of the packed weight"
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "modernbert", *FAMILIES])
+@pytest.mark.parametrize("options", [dict(), dict(biases="subset"), dict(train_head=False)],
+                         ids=["all", "subset", "frozen-head"])
+def test_planned_parameters_are_what_apply_leaves(family, options):
+    """load_biases checks a checkpoint against the plan before apply() changes the model: they must agree."""
+    from test_bias_free import tiny_modernbert
+
+    from bitfit_fast.model import planned_parameters
+
+    if family in FAMILIES:
+        config_cls, model_cls, config = FAMILIES[family]
+        model = model_cls(config_cls(**config, num_labels=3))
+    else:
+        model = {"bert": tiny_bert, "roberta": tiny_roberta, "modernbert": tiny_modernbert}[family]()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    shapes, trained = planned_parameters(model, bitfit_fast.BitFitConfig(**options))
+    assert model.state_dict().keys() == before.keys(), "planning changes nothing"
+    bitfit_fast.apply(model, **options, announce=False)
+    assert shapes == {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert trained == trainable(model).keys()

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from bitfit_reference import adamw_steps, padded_batch, tiny_bert, tiny_roberta, trainable
+from test_bias_free import tiny_modernbert
 
 import bitfit_fast
 import bitfit_fast.checkpoint
@@ -91,6 +92,75 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     message = "saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"
     with pytest.raises(ValueError, match=message):
         bitfit_fast.load_biases(wrong_model, tmp_path / "subset")
+
+
+def snapshot(model) -> tuple[dict, dict, list, object]:
+    """Everything a load could change: the state_dict, the requires_grad flags, the module classes and the
+    applied config."""
+    return ({name: value.clone() for name, value in model.state_dict().items()},
+            {name: p.requires_grad for name, p in model.named_parameters()},
+            [type(m).__name__ for m in model.modules()], getattr(model, "bitfit_fast_config", None))
+
+
+def assert_unchanged(model, before) -> None:
+    state, flags, classes, config = snapshot(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(v, before[0][k]) for k, v in state.items())
+    assert (flags, classes, config) == before[1:]
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_modernbert], ids=["bert", "modernbert-bias-free"])
+def test_a_failed_load_onto_a_plain_model_leaves_it_plain(tmp_path, make):
+    model, _ = trained(make)
+    bitfit_fast.save_biases(model, tmp_path)
+    other_labels = make(num_labels=2)
+    before = snapshot(other_labels)
+    with pytest.raises(ValueError, match=r"shape mismatch .*classifier.*; the head differs: build the base model with "
+                                         r"the checkpoint's number of labels, 3"):
+        bitfit_fast.load_biases(other_labels, tmp_path)
+    assert_unchanged(other_labels, before)  # not applied: no fused layer, no added bias, no flag changed
+    bitfit_fast.apply(other_labels)  # and so it can still be applied
+
+
+def test_a_head_frozen_after_training_is_still_saved(tmp_path):
+    model, base = trained()
+    model.classifier.requires_grad_(False)  # e.g. a second stage that trains the biases only
+    bitfit_fast.save_biases(model, tmp_path)
+    bitfit_fast.load_biases(base, tmp_path)
+    batch = padded_batch(model)
+    torch.testing.assert_close(base.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_a_checkpoint_of_more_biases_than_the_model_trains_is_refused(tmp_path):
+    """Loaded into frozen parameters, those values would silently be missing from the model's next save."""
+    model, base = trained(biases="all")
+    bitfit_fast.save_biases(model, tmp_path)
+    subset = bitfit_fast.apply(base, biases="subset")
+    before = snapshot(subset)
+    with pytest.raises(ValueError, match=r"trained values of parameters the model does not train: .*saved with "
+                                         r"BitFitConfig\(biases='all'.*applied with BitFitConfig\(biases='subset'"):
+        bitfit_fast.load_biases(subset, tmp_path)
+    assert_unchanged(subset, before)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: _truncate(d / WEIGHTS_NAME),
+    lambda d: _truncate(d / CONFIG_NAME),
+    lambda d: (d / CONFIG_NAME).write_text(json.dumps({k: v for k, v in json.loads((d / CONFIG_NAME).read_text())
+                                                       .items() if k != "config"})),
+    lambda d: (d / CONFIG_NAME).write_text("{}"),
+], ids=["safetensors-truncated", "json-truncated", "json-without-config", "json-empty"])
+def test_a_damaged_checkpoint_is_named_and_the_model_left_as_it_was(tmp_path, damage):
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    damage(tmp_path)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=f"the checkpoint in {tmp_path} is damaged .*: save the biases again"):
+        bitfit_fast.load_biases(base, tmp_path)
+    assert_unchanged(base, before)
 
 
 def test_saving_again_replaces_the_files_atomically(tmp_path):

@@ -203,6 +203,20 @@ def test_mistakes_name_the_problem(tmp_path):
         TaskBank.load(copy.deepcopy(base), {**sources, "subset": tmp_path / "subset"}, backend="torch")
     assert isinstance(bank.model.classifier, TaskHeads)
 
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for parent, name in (("a", "topic"), ("b", "intent")):
+        bitfit_fast.save_biases(tasks[name][0], tmp_path / parent / "best")
+    with pytest.raises(ValueError, match=r"two tasks would be named 'best' .*: pass \{name: directory\} instead"):
+        TaskBank.load(copy.deepcopy(base), [tmp_path / "a" / "best", tmp_path / "b" / "best"], backend="torch")
+
+    wider = MODELS["bert"](num_labels=3, intermediate_size=64)  # trained on another size, refused before any change
+    bitfit_fast.save_biases(bitfit_fast.apply(wider, announce=False), tmp_path / "wider")
+    plain = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"task 'wider' .* was trained on a model of other sizes: .*intermediate"):
+        TaskBank.load(plain, {"topic": sources["topic"], "wider": tmp_path / "wider"}, backend="torch")
+    assert not hasattr(plain, "bitfit_fast_config") and all(p.requires_grad for p in plain.parameters())
+
 
 @pytest.mark.parametrize("shape", [(5, 8), (5, 3, 8)])  # one row per example; a row per token (token heads)
 def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
