@@ -72,6 +72,23 @@ def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys):
+    root, files = joint_run
+    saved = {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()}
+    again = ["train", "--model", str(root / "model"), "--epochs", "1", "--backend", "torch", "--no-progress"]
+    for name, (train, validation) in files.items():
+        again += ["--task-files", name, train, validation]
+    train, validation = files["topics"]
+    single = ["train", "--model", str(root / "model"), "--epochs", "1", "--backend", "torch", "--no-progress",
+              "--train-file", train, "--validation-file", validation]
+    for args, message in ((again + ["--output-dir", str(root / "runs")], "runs already holds a run (run_summary.json)"),
+                          (single + ["--output-dir", str(root / "runs" / "topics")],
+                           "runs/topics already holds a run (biases): choose another --output-dir")):
+        assert cli.main(args) == 2
+        assert message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()} == saved
+
+
 def test_the_tasks_of_a_joint_run_serve_together(joint_run):
     from bitfit_fast import serve
     from bitfit_fast.serve import RunsPredictor
@@ -87,3 +104,21 @@ def test_the_tasks_of_a_joint_run_serve_together(joint_run):
         expected = next(row for row in alone if predictor.tokenizer(row["text"])["input_ids"] == example["input_ids"])
         assert answer["label"] == expected["label"]
         assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+
+
+def test_a_joint_fp16_run_scales_its_loss(joint_run, tmp_path, monkeypatch):
+    root, files = joint_run
+    scaled = []
+
+    class RecordingScaler(torch.amp.GradScaler):
+        def scale(self, outputs):
+            scaled.append(self.is_enabled())
+            return super().scale(outputs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "28", "--fp16", "--backend",
+            "torch", "--no-progress", "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    assert scaled == [True, True], "each of the two steps scales its fp16 loss"

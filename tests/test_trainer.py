@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from bitfit_fast import BitFitConfig, cli, serve
+from bitfit_fast.errors import UserError
 from bitfit_fast.train import CHECKPOINT_NAME, Dist, TrainConfig, TrainingDiverged, data, loop, plots, run, sweep, train
 
 WORDS = {"sport": ["goal", "match", "team", "coach"], "money": ["bank", "market", "price", "profit"],
@@ -299,6 +300,41 @@ def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
     assert [r["learning_rate"] for r in record["runs"]] == [1e-4, 1e-2]
     assert record["best"]["best"]["value"] == max(r["best"]["value"] for r in record["runs"])
     assert (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
+
+
+def test_a_stopped_sweep_goes_on_with_resume(model_dir, files, tmp_path):
+    stopped = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4,), log=lambda *_: None)
+    with pytest.raises(UserError, match="lr-0.0001 already holds a run"):
+        sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
+    assert not (tmp_path / "run" / "lr-0.01").exists(), "every run directory is checked before the first trains"
+    said = []
+    record = sweep(config(model_dir, files, tmp_path, epochs=1, resume=True), grid=(1e-4, 1e-2), log=said.append)
+    assert said[0].startswith("lr-0.0001 finished before")
+    assert record["runs"][0] == stopped["runs"][0] and (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
+
+
+def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_path):
+    train(config(model_dir, files, tmp_path, epochs=1))
+    summary = (tmp_path / "run" / "run_summary.json").read_bytes()
+    for overrides, message in [
+        (dict(learning_rate=0.05), r"learning_rate 0.05 \(the run: None\)"),
+        (dict(method="full"), r"method 'full' \(the run: 'bitfit'\)"),
+        (dict(batch_size=16, seed=3), r"batch_size 16 \(the run: 8\), seed 3 \(the run: 0\) differ: give the run's"),
+        (dict(epochs=1), r"has finished its 1 epochs, so there is nothing to continue: pass --epochs more than 1"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            train(config(model_dir, files, tmp_path, **{"epochs": 2, "resume": True, **overrides}))
+        assert (tmp_path / "run" / "run_summary.json").read_bytes() == summary
+    write_csv(files["train_file"], 48, 1, labels=("sport", "money"))  # the same files, now of two classes
+    write_csv(files["validation_file"], 24, 2, labels=("sport", "money"))
+    with pytest.raises(UserError, match=r"the training data's classes \['money', 'sport'\] are not those"):
+        train(config(model_dir, files, tmp_path, epochs=2, resume=True))
+    write_csv(files["train_file"], 48, 1)
+    write_csv(files["validation_file"], 24, 2)
+    # More epochs, another memory mode and progress bars: the run goes on.
+    resumed = train(config(model_dir, files, tmp_path, epochs=2, resume=True,
+                           bitfit=BitFitConfig(backend="torch", memory="lean")))
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
 
 
 def fake_glue(task):

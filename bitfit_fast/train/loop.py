@@ -35,6 +35,7 @@ from .run import (
     LAST_BIASES,
     SUMMARY_NAME,
     Run,
+    check_continues,
     check_output_dir,
     load_checkpoint,
     save_checkpoint,
@@ -116,6 +117,8 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
 
     task = data_lib.load_task(config)
     config = dataclasses.replace(config, regression=task.num_labels == 1)  # GLUE's STS-B is a regression too
+    if config.resume:
+        check_continues(out, config, task.num_labels, task.label_names)
     model, tokenizer = build_model(config, task.num_labels, task.label_names, model_path)
     model.to(d.device).train()
     pad_id = data_lib.pad_id(tokenizer)
@@ -144,6 +147,9 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     position, history = dict(epoch=0, batch=0, step=0), []
     if config.resume:
         position, history = load_checkpoint(checkpoint, model, optimizer, scaler, d)
+        if position["epoch"] >= config.epochs:
+            raise UserError(f"{out} has finished its {position['epoch']} epochs, so there is nothing to continue: "
+                            f"pass --epochs more than {position['epoch']} to train it further")
         say(f"resumed from {checkpoint}: epoch {position['epoch'] + 1}, batch {position['batch']}, "
             f"step {position['step']}")
     if d.main:

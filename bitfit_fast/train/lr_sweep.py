@@ -1,21 +1,45 @@
 """The paper's learning-rate sweep: one run per learning rate, the best validation score reported."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 from ..files import write_json
 from .config import LR_GRID, TrainConfig
 from .loop import train
+from .run import CHECKPOINT_NAME, SUMMARY_NAME, check_output_dir
+
+
+def _finished(run: TrainConfig) -> dict | None:
+    """The summary of a run of the sweep that already trained all its epochs, else None."""
+    file = Path(run.output_dir) / SUMMARY_NAME
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text())
+        return summary if summary["epochs"][-1]["epoch"] >= run.epochs else None
+    except (ValueError, KeyError, IndexError, TypeError):  # damaged: the run's checkpoint decides
+        return None
 
 
 def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     """One run per learning rate of the grid (each in its own directory, ``lr-<rate>`` under the output directory);
-    returns and writes (sweep_summary.json) every run's best score and the best of all."""
+    returns and writes (sweep_summary.json) every run's best score and the best of all. With ``resume``, a sweep
+    that stopped goes on: its finished runs are kept, its started ones continue, the others start."""
+    runs = [dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
+            for lr in grid]
+    for run in runs:  # all before the first trains: a sweep does not stop hours in on its third directory
+        run.resume = config.resume and (Path(run.output_dir) / CHECKPOINT_NAME).is_file()
+        if not (config.resume and _finished(run)):
+            check_output_dir(Path(run.output_dir), run.resume)
     results = []
-    for lr in grid:
-        run = dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
-        summary = train(run, log)
-        results.append(dict(learning_rate=lr, best=summary["best"]))
+    for run in runs:
+        summary = _finished(run) if config.resume else None
+        if summary is not None:
+            log(f"lr-{run.learning_rate:g} finished before: {Path(run.output_dir) / SUMMARY_NAME}")
+        else:
+            summary = train(run, log)
+        results.append(dict(learning_rate=run.learning_rate, best=summary["best"]))
     best = max(results, key=lambda r: r["best"]["value"])
     record = dict(grid=list(grid), runs=results, best=best)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
 
     params = [p for p in bank.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
     lengths = [len(ids) for ids in joint.input_ids]
     histories = {name: [] for name in task_data}
     losses = []
@@ -144,9 +145,11 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             if not math.isfinite(loss.item()):
                 raise UserError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}): lower the "
                                 "learning rate, or train in fp32")
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             bank.clip_grad_norm_(config.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(dict(step=step, epoch=epoch + 1, loss=loss.item()))

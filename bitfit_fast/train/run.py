@@ -24,7 +24,8 @@ NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
-    """Before anything loads: a run is only continued on purpose, never overwritten."""
+    """Before anything loads: a run is only continued on purpose, never overwritten (a joint run's tasks and a
+    finished run hold no checkpoint, but biases and a summary)."""
     checkpoint = out / CHECKPOINT_NAME
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; choose a directory")
@@ -33,6 +34,39 @@ def check_output_dir(out: Path, resume: bool) -> None:
     if not resume and checkpoint.exists():
         raise UserError(f"{out} already holds a run ({CHECKPOINT_NAME}): continue it with --resume, or choose another "
                         "--output-dir (or remove that run first)")
+    saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
+    if not resume and saved is not None:
+        raise UserError(f"{out} already holds a run ({saved}): choose another --output-dir (or remove that run first)")
+
+
+# What may change when a run continues: how long it trains, what it shows, how a batch is split (its gradient is
+# the same), where the run is named from, and the machine's choices of kernels and memory (the same arithmetic).
+CONTINUABLE_OPTIONS = {"epochs", "resume", "progress", "save_every", "micro_batch_size", "output_dir"}
+CONTINUABLE_BITFIT_OPTIONS = {"backend", "memory"}
+
+
+def check_continues(out: Path, config: TrainConfig, num_labels: int, label_names: list[str] | None) -> None:
+    """--resume continues a run exactly as it started: its options, but for ``CONTINUABLE_OPTIONS``, and its
+    classes must be those recorded in its run_config.json."""
+    file = out / RUN_CONFIG_NAME
+    try:
+        record = json.loads(file.read_text())
+        started = TrainConfig.from_dict(record["config"]).to_dict()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--resume: {file} could not be read ({first_line(error)}): start a new run in another "
+                        "--output-dir") from error
+    now = config.to_dict()
+    for options in (started, now):
+        options.update({f"bitfit.{k}": v for k, v in options.pop("bitfit").items()
+                        if k not in CONTINUABLE_BITFIT_OPTIONS})
+    changed = [f"{key} {now[key]!r} (the run: {started.get(key)!r})" for key in now
+               if key not in CONTINUABLE_OPTIONS and now[key] != started.get(key)]
+    if changed:
+        raise UserError(f"--resume continues {out} as it started, but {', '.join(changed[:3])} differ: give the "
+                        "run's options, or start a new run in another --output-dir")
+    if (num_labels, label_names) != (record["num_labels"], record["label_names"]):
+        raise UserError(f"--resume: the training data's classes {label_names} are not those {out} started with, "
+                        f"{record['label_names']}: give the run's data")
 
 
 @dataclasses.dataclass
