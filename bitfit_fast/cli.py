@@ -22,6 +22,9 @@ def _bench(args: argparse.Namespace) -> int:
         if not readme.is_file() or report.README_START not in readme.read_text():
             raise UserError(f"--readme {readme} is not a README with a generated benchmark section (its "
                             f"{report.README_START} marker): run from the repository root or pass --readme PATH")
+        if not any(Path(args.out).glob("*.json")):  # the section would be emptied
+            raise UserError(f"--out {args.out} holds no benchmark results (*.json): pass the directory that holds "
+                            "them, e.g. --out benches/results")
         report.update_readme(readme, Path(args.out))
         print(f"updated the benchmark section of {args.readme} from {args.out}/*.json")
         return 0
@@ -90,6 +93,18 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_listenable(host: str, port: int) -> None:
+    import socket
+
+    from .errors import UserError, first_line
+
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({first_line(error)}): choose another --port (or --host)") \
+            from error
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .errors import UserError
 
@@ -100,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
                         "'bitfit-fast[serve]'") from error
     from .serve import RunsPredictor
 
+    _check_listenable(args.host, args.port)  # before the model loads: uvicorn would report it after, in its format
     predictor = RunsPredictor(args.runs, backend=args.backend)
     print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",
           file=sys.stderr)
@@ -135,8 +151,9 @@ def _predict_conflict(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _number(kind: type, minimum: float, above: bool = False):
-    """An argparse type: a finite ``kind`` that is at least ``minimum`` (more than it, with ``above``)."""
+def _number(kind: type, minimum: float, above: bool = False, maximum: float = math.inf):
+    """An argparse type: a finite ``kind`` that is at least ``minimum`` (more than it, with ``above``) and at most
+    ``maximum``."""
 
     def parse(text: str):
         try:
@@ -145,12 +162,14 @@ def _number(kind: type, minimum: float, above: bool = False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
         return value
 
     return parse
 
 
-POSITIVE_INT, COUNT = _number(int, 1), _number(int, 0)
+POSITIVE_INT, COUNT, PORT = _number(int, 1), _number(int, 0), _number(int, 1, maximum=65535)
 POSITIVE, NON_NEGATIVE = _number(float, 0, above=True), _number(float, 0)
 
 
@@ -261,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("runs", nargs="+", metavar="RUN", help="output directories of `bitfit-fast train` on one base model"
                    " (each a task named by its directory)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=POSITIVE_INT, default=8000, help="port to listen on")
+    s.add_argument("--port", type=PORT, default=8000, help="port to listen on")
     s.add_argument("--max-batch-size", type=POSITIVE_INT, default=64, help="examples per model call")
     s.add_argument("--max-wait-ms", type=NON_NEGATIVE, default=5.0,
                    help="how long a batch's first example waits for others")

@@ -180,6 +180,8 @@ def test_readme_benchmark_section_is_generated_from_the_committed_results():
     (["--update-readme", "--readme", "/nonexistent/README.md"],
      "--readme /nonexistent/README.md is not a README with a generated benchmark section"),
     (["--providers", "nope"], "argument --providers: invalid choice: 'nope'"),
+    (["--update-readme", "--out", "/nonexistent/results"],
+     "--out /nonexistent/results holds no benchmark results (*.json): pass the directory that holds them"),
 ])
 def test_bench_mistakes_end_with_one_line(monkeypatch, capsys, args, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -261,6 +262,14 @@ def test_mistakes_with_runs_and_files_end_with_one_line(home, runs, args, messag
     assert not (home / "runs" / "failed").exists()
 
 
+def test_a_port_in_use_is_named_before_the_model_loads(home, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", str(home / "not-a-run"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port} (" in err and "choose another --port" in err
+
+
 def test_network_errors_name_the_offline_alternative(first_stage):
     for name in ("misspelled hub name", "GLUE task without the network"):
         assert "set HF_HUB_OFFLINE=1" in first_stage[name][0].stderr
@@ -306,6 +315,7 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
     (["train", "--fp32", "--bf16"], "argument --bf16: not allowed with argument --fp32"),
     (["predict", "runs/a"], "one of the arguments --text --input-file is required"),
     (["eval"], "the following arguments are required: RUN"),
+    (["serve", "runs/a", "--port", "70000"], "argument --port: must be at most 65535, got 70000"),
 ])
 def test_argument_ranges_are_checked_before_anything_loads(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
