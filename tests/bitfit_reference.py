@@ -77,10 +77,12 @@ def trainable(model) -> dict:
 def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
     """Train with the paper's optimizer (AdamW, clipping 1.0); returns the losses.
 
-    ``precision`` runs the forward under autocast in that dtype (fp16 with a loss scaler). Gradients of
-    :data:`ZERO_GRADIENT_BIASES` are set to their true value, zero, before each step; with a ``grads`` list, each
+    ``precision`` runs the forward under autocast in that dtype (fp16 with a loss scaler). Biases whose true
+    gradient is zero (``zero_gradient_bias``) must get exactly zero from an applied model; the reference's, rounding
+    noise that AdamW would turn into lr-sized steps, are set to zero before each step. With a ``grads`` list, each
     step's gradients (by name) are appended to it.
     """
+    applied = hasattr(model, "bitfit_fast_config")  # ours: the reference never imports bitfit_fast
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=lr)
     scaler = torch.amp.GradScaler(DEVICE, enabled=precision == torch.float16)
@@ -93,6 +95,8 @@ def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
         scaler.unscale_(opt)
         for name, param in params.items():
             if zero_gradient_bias(name):
+                if applied:
+                    assert not param.grad.any(), f"{name}'s true gradient is zero; ours is not"
                 param.grad.zero_()
         if grads is not None:
             grads.append({n: p.grad.clone() for n, p in params.items()})
