@@ -47,6 +47,10 @@ class EncoderLayerSpec:
         """Paths of the two LayerNorms: after the attention block and after the feed-forward block."""
         return self.attention_norm, self.output_norm
 
+    def weighted(self) -> tuple[str, ...]:
+        """Paths of the parts with a frozen weight or gain: the linears and the LayerNorms."""
+        return self.linears() + self.norms()
+
     def dropouts(self) -> tuple[str, ...]:
         """Paths of the dropouts: attention probabilities, attention output (where there is one), feed-forward
         output."""
@@ -111,6 +115,10 @@ class PreNormGluLayerSpec:
     activation: str
     mlp_dropout: str
     mlp_output: str
+
+    def weighted(self) -> tuple[str, ...]:
+        """Paths of the parts with a frozen weight or gain (attention_norm may be an Identity, without one)."""
+        return self.qkv, self.attention_output, self.glu_input, self.mlp_output, self.attention_norm, self.mlp_norm
 
 
 MODERNBERT_LAYER = PreNormGluLayerSpec(

@@ -179,6 +179,16 @@ class FusedEncoderLayer(nn.Module):
             module = module._modules[name]
         return module
 
+    def trains_a_weight(self) -> bool:
+        """Whether a weight or LayerNorm gain of the layer was unfrozen after apply(). The fused path computes no
+        weight gradient (q/k/v even run on a packed copy), so the layer then runs its original forward, whose
+        BitFit modules fall back to plain autograd. Eight attribute reads: cheap enough for every forward."""
+        for path in self.spec.weighted():
+            weight = getattr(self.part(path), "weight", None)
+            if weight is not None and weight.requires_grad:
+                return True
+        return False
+
     def _qkv_linears(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         spec = self.spec
         return tuple(self.part(path) for path in (spec.query, spec.key, spec.value))
@@ -203,7 +213,8 @@ class FusedEncoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         """Hugging Face's call of one layer: unpadded within the layer (the fused encoder unpads once for all)."""
-        if _runs_original_forward(args, kwargs) or "attentions" in _recorded_outputs(kwargs):
+        if (_runs_original_forward(args, kwargs) or "attentions" in _recorded_outputs(kwargs)
+                or self.trains_a_weight()):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
         tokens = Tokens.of_batch(hidden_states, attention_mask)
@@ -320,6 +331,7 @@ class FusedEncoder(nn.Module):
             _runs_original_forward(args, kwargs)
             or _recorded_outputs(kwargs)
             or not all(isinstance(layer, FusedEncoderLayer) for layer in layers)
+            or any(layer.trains_a_weight() for layer in layers)
         ):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions

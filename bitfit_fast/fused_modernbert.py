@@ -137,6 +137,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
             or "attentions" in _recorded_outputs(kwargs)
             or position_embeddings is None
             or (attention_mask is not None and attention_mask.dim() != 4)
+            or self.trains_a_weight()
         ):
             return self.original_class.forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
         check_batch(hidden_states)
@@ -239,6 +240,7 @@ class FusedPreNormEncoder(FusedEncoder):
             or (attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                                 or attention_mask.dim() != 2))
             or not all(isinstance(layer, FusedPreNormLayer) for layer in self.layers)
+            or any(layer.trains_a_weight() for layer in self.layers)
         ):
             return self.original_class.forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
                                                **kwargs)

@@ -185,3 +185,36 @@ def test_under_autocast_every_output_has_the_dtype_hugging_faces_has(family, fus
     assert last.dtype == ours.last_hidden_state.dtype == theirs.last_hidden_state.dtype == torch.float32
     assert [h.dtype for h in ours.hidden_states] == [h.dtype for h in theirs.hidden_states]
     assert logits.dtype == expected_logits.dtype
+
+
+UNFROZEN = {
+    "bert-query": (tiny_bert, "bert.encoder.layer.0.attention.self.query.weight"),  # a view of the packed q/k/v
+    "bert-intermediate": (tiny_bert, "bert.encoder.layer.1.intermediate.dense.weight"),
+    "bert-layernorm-gain": (tiny_bert, "bert.encoder.layer.0.output.LayerNorm.weight"),
+    "modernbert-wqkv": ("modernbert", "model.layers.0.attn.Wqkv.weight"),
+    "modernbert-mlp-norm-gain": ("modernbert", "model.layers.1.mlp_norm.weight"),
+}
+
+
+@pytest.mark.parametrize("case", UNFROZEN)
+def test_a_weight_unfrozen_after_apply_gets_the_plain_autograd_gradient(case):
+    from test_bias_free import plain_reference, tiny_modernbert
+
+    make, name = UNFROZEN[case]
+    model = (tiny_modernbert if make == "modernbert" else make)().eval()
+    # Plain autograd, every parameter trainable (ModernBERT's with the zero biases apply() adds declared).
+    reference = (plain_reference(model) if make == "modernbert" else copy.deepcopy(model)).eval()
+    bitfit_fast.apply(model, backend="torch", announce=False)
+    model.get_parameter(name).requires_grad_(True)
+    batch = padded_batch(model)
+    model(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    expected = reference.get_parameter(name).grad
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(model.get_parameter(name).grad, expected, atol=1e-7, rtol=1e-5)
+    for other, param in trainable(model).items():
+        torch.testing.assert_close(param.grad, reference.get_parameter(other).grad, atol=1e-7, rtol=1e-5, msg=other)
+    model.get_parameter(name).requires_grad_(False)  # frozen again: the fused path runs again, and gives no grad
+    model.get_parameter(name).grad = None
+    model(**batch).loss.backward()
+    assert model.get_parameter(name).grad is None
