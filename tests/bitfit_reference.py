@@ -74,6 +74,22 @@ def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_gradients_match(model, reference, rel: float = 1e-4) -> None:
+    """Every trainable parameter's gradient equals the reference's to ``rel`` of that gradient's own largest value:
+    an absolute tolerance would pass any gradient smaller than it (b_q's, in a config-built model, is ~1e-6). A
+    bias whose true gradient is zero gets exactly zero from ours, rounding noise from the reference."""
+    ref_params = dict(reference.named_parameters())
+    for name, param in trainable(model).items():
+        expected = ref_params[name].grad
+        if zero_gradient_bias(name):
+            assert not param.grad.any(), f"{name}: the true gradient is zero"
+            assert expected.abs().max() < 1e-6, f"{name}: the reference's is rounding noise"
+        else:
+            scale = expected.abs().max().item()
+            assert scale > 0, f"{name}: a zero reference gradient tests nothing"
+            torch.testing.assert_close(param.grad, expected, atol=rel * scale, rtol=rel, msg=name)
+
+
 def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
     """Train with the paper's optimizer (AdamW, clipping 1.0); returns the losses.
 

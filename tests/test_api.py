@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers
-from bitfit_reference import DEVICE, TINY, padded_batch, reference_bitfit, tiny_bert, tiny_roberta, trainable
+from bitfit_reference import (
+    DEVICE,
+    TINY,
+    assert_gradients_match,
+    padded_batch,
+    reference_bitfit,
+    tiny_bert,
+    tiny_roberta,
+    trainable,
+)
 
 import bitfit_fast
 from bitfit_fast import BitFitLayerNorm, BitFitLinear
@@ -143,9 +152,7 @@ def test_other_encoder_families_match_the_reference(family, biases):
     torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-5, rtol=1e-4)
     out.loss.backward()
     ref_out.loss.backward()
-    ref_params = dict(reference.named_parameters())
-    for name, param in trainable(model).items():
-        torch.testing.assert_close(param.grad, ref_params[name].grad, atol=2e-5, rtol=1e-4, msg=name)
+    assert_gradients_match(model, reference)
 
 
 def test_albert_shared_layers_stay_shared():

@@ -14,6 +14,7 @@ from bitfit_reference import (
     tiny_bert,
     tiny_roberta,
     trainable,
+    with_random_biases,
 )
 
 import bitfit_fast
@@ -110,8 +111,9 @@ def test_dtype_stores_weights_once_in_low_precision_and_merge_restores_the_dtype
 
 
 def test_moving_the_model_repacks_qkv_and_stays_correct():
-    model = bitfit_fast.apply(tiny_bert(), backend="torch")
-    reference = reference_bitfit(model).double()
+    model = with_random_biases(tiny_bert())
+    reference = reference_bitfit(model).double()  # before apply: plain modules, nothing packed
+    bitfit_fast.apply(model, backend="torch")
     model.double()  # moves each parameter on its own: the q/k/v views of the packed weight are broken
     batch = padded_batch(model)
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)

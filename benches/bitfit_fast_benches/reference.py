@@ -28,7 +28,8 @@ def reference_bitfit(model: nn.Module, head: tuple[str, ...] | list[str] | None 
 
 # Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
 # them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
-ZERO_GRADIENT_BIASES = ("attention.self.key.bias", "attention.k_lin.bias")  # BERT-style, DistilBERT
+# The key biases of BERT-style models, DistilBERT and ALBERT.
+ZERO_GRADIENT_BIASES = ("attention.self.key.bias", "attention.k_lin.bias", "attention.key.bias")
 
 
 def zero_gradient_bias(name: str) -> bool:
