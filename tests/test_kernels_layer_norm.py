@@ -33,10 +33,17 @@ def make(lead, n, dtype, gamma_kind="plain"):
     return x, residual, adversarial_gamma(n), 5 * torch.randn(n, device=DEVICE)
 
 
-def torch_ln(x, residual, gamma, beta, precision, keep=None):
+def assert_keep_rate(keep: torch.Tensor, p: float) -> None:
+    """The kernel keeps an element where tl.rand >= p (p is not quantized): each is kept with probability 1 - p,
+    so the kept fraction is within 5 sigma of it."""
+    rate = keep.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, f"keep rate {rate:.4f}, expected {1 - p}"
+
+
+def torch_ln(x, residual, gamma, beta, precision, keep=None, p=0.2):
     s = x.to(precision)
     if keep is not None:
-        s = s * keep.to(precision) / 0.8
+        s = s * keep.to(precision) / (1 - p)
     if residual is not None:
         s = s + residual.to(precision)
     return F.layer_norm(s, (s.shape[-1],), gamma.to(precision), beta.to(precision), EPS)
@@ -89,8 +96,7 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     dx, ds, _, _ = K.residual_layer_norm_backward(torch.randn_like(y), x_hat, gamma, rstd, dropout_p=0.2, seed=77)
     assert (ds != 0).all()
     keep = dx != 0
-    rate = keep.float().mean().item()
-    assert 0.6 < rate < 0.95 and not keep.all()
+    assert_keep_rate(keep, 0.2)
 
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, residual, beta), dy)
@@ -103,6 +109,73 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     again, _ = KERNELS.layer_norm(x, residual, gamma, beta, EPS, 0.2, 77)
     other, _ = KERNELS.layer_norm(x, residual, gamma, beta, EPS, 0.2, 78)
     assert torch.equal(y, again) and not torch.equal(y, other)
+
+
+# Dropout masks on their own, as tests/test_kernels_linear.py checks the linear kernel's.
+P = 0.3
+
+
+def _forward_keep(seed, p=P, m=64, n=64, philox_offset=0):
+    """The forward's keep mask, read exactly from its output: with x = 1, a zero residual, gamma 1 and beta 0,
+    s = keep / (1 - p) takes two values in a row, and y is positive exactly where the kernel kept (a row kept or
+    dropped whole would be all zeros, which is refused)."""
+    x = torch.ones(m, n, device=DEVICE)
+    y, _, _ = K.residual_layer_norm_forward(x, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE), EPS,
+                                            torch.zeros_like(x), dropout_p=p, seed=seed, philox_offset=philox_offset,
+                                            store_x_hat=False)
+    assert (y != 0).any(-1).all(), "a row is kept or dropped whole"
+    return y > 0
+
+
+def test_dropout_keep_rate_scale_and_the_backward_mask():
+    m, n, seed = 64, 64, 1234
+    keep = _forward_keep(seed)
+    assert_keep_rate(keep, P)
+
+    # Kept inputs are scaled by exactly 1 / (1 - p): y is LayerNorm of x * keep / (1 - p) + residual (the scale is
+    # visible only beside a residual), on the same mask, which depends on the seed and the element only.
+    x, residual, gamma, beta = make((m,), n, torch.float32)
+    y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=P, seed=seed)
+    torch.testing.assert_close(y.double(), torch_ln(x, residual, gamma, beta, torch.float64, keep=keep, p=P),
+                               atol=1e-5, rtol=1e-5)
+
+    # The backward draws the forward's mask again: dx is ds (nowhere zero) times 1 / (1 - p) where it kept, else 0;
+    # also when it walks the rows sorted by task.
+    dy = torch.randn_like(y)
+    dx, ds, _, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=P, seed=seed)
+    assert (ds != 0).all()
+    assert torch.equal(dx != 0, keep), "the backward's mask is not the forward's"
+    scale = torch.tensor(1 / (1 - P), dtype=torch.float32)
+    torch.testing.assert_close(dx[keep], ds[keep] * scale, atol=0, rtol=2e-7)
+    row_task = torch.randint(0, 3, (m,), device=DEVICE)
+    dx_tasks, _, _, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=P, seed=seed,
+                                                       row_task=row_task, num_tasks=3)
+    assert torch.equal(dx_tasks, dx), "the mask moves with the backward's row order"
+
+
+def test_dropout_rows_and_columns_are_independent():
+    m, n = 64, 64
+    keep = _forward_keep(seed=77, m=m, n=n)
+    agree = P**2 + (1 - P) ** 2  # two independent elements both kept or both dropped
+    # Disjoint pairs of rows, of columns: independent comparisons.
+    for what, a, b in [("rows", keep[0::2], keep[1::2]), ("columns", keep[:, 0::2], keep[:, 1::2])]:
+        rate = (a == b).float().mean().item()
+        assert abs(rate - agree) < 5 * (agree * (1 - agree) / a.numel()) ** 0.5, (what, rate)
+    assert torch.unique(keep, dim=0).shape[0] == m, "two rows have the same mask"
+    # No row repeats another's draws at a shift (counters shared between rows): any 48 consecutive elements of
+    # the rows coincide with probability agree**48 ~ 5e-12 when independent.
+    width = 48
+    windows = keep.unfold(1, width, 1).reshape(-1, width).long()
+    codes = (windows << torch.arange(width, device=DEVICE)).sum(-1)
+    assert torch.unique(codes).numel() == codes.numel(), "rows share a run of draws"
+
+
+def test_dropout_mask_follows_seed_and_offset_and_not_the_number_of_rows():
+    keep = _forward_keep(seed=3, m=40, n=37)
+    assert torch.equal(keep, _forward_keep(seed=3, m=40, n=37)), "same seed must give the same mask"
+    assert not torch.equal(keep, _forward_keep(seed=4, m=40, n=37)), "two seeds must differ"
+    assert not torch.equal(keep, _forward_keep(seed=3, m=40, n=37, philox_offset=7)), "the offset moves the stream"
+    assert torch.equal(keep, _forward_keep(seed=3, m=100, n=37)[:40]), "a row's mask depends on the batch size"
 
 
 def test_beta_gradient_is_bit_identical_across_runs():
@@ -204,7 +277,8 @@ def test_dx_sum_is_the_gradient_of_a_bias_added_to_x(dtype, lead, n, dropout, pe
     dx, _, _, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=dropout, seed=seed,
                                                       sum_dx=True, row_task=row_task, num_tasks=3)
     keep = dx != 0 if dropout else None  # ds is nowhere zero: dx is zero exactly where dropout dropped
-    assert keep is None or 0.6 < keep.float().mean().item() < 0.95
+    if keep is not None:
+        assert_keep_rate(keep, dropout)
     bias = torch.zeros(3, n, device=DEVICE) if per_task else torch.zeros(n, device=DEVICE)
 
     def linear_output_ln(xp, bp, precision):
