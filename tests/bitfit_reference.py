@@ -74,6 +74,21 @@ def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def autocast_outputs(model, reference, batch, precision) -> tuple[dict, dict, dict]:
+    """What the precision rule (``kernel_checks.assert_autocast_as_accurate_as_torch``) compares: the logits and
+    every trainable gradient (by name) of ours under autocast in ``precision``, of the reference under the same
+    autocast, and of the reference in fp32 (the truth)."""
+
+    def run(m, dtype):
+        m.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = m(**batch)
+        out.loss.backward()
+        return {"logits": out.logits.detach().float(), **{n: p.grad for n, p in trainable(m).items()}}
+
+    return run(model, precision), run(reference, precision), run(reference, None)
+
+
 def assert_gradients_match(model, reference, rel: float = 1e-4) -> None:
     """Every trainable parameter's gradient equals the reference's to ``rel`` of that gradient's own largest value:
     an absolute tolerance would pass any gradient smaller than it (b_q's, in a config-built model, is ~1e-6). A

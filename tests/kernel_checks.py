@@ -21,3 +21,25 @@ def torch_grads(fn, x: torch.Tensor, bias: torch.Tensor, dy: torch.Tensor, preci
     xp = x.to(precision).requires_grad_()
     bp = bias.to(precision).requires_grad_()
     return torch.autograd.grad(fn(xp, bp, precision), (xp, bp), dy.to(precision))
+
+
+def assert_autocast_as_accurate_as_torch(ours: dict, torch_same_precision: dict, truth: dict, precision: torch.dtype,
+                                         what: str = "") -> None:
+    """The rule above on the outputs of a whole model run under autocast in ``precision`` (its logits, each trainable
+    gradient: fp32 tensors by name), each against the fp32 ``truth``: err(ours) <= 2 err(torch under the same
+    autocast) + 2 ATOL[precision] * max|truth| (about 4 units in the last place of the format at the tensor's largest
+    value: a model compounds the roundings of many layers). The slack is relative to each tensor's own largest value,
+    never a flat one: gradients span orders of magnitude (real MiniLM's query-bias gradients are 3e-4, its
+    classifier's 2e-1), and a flat slack larger than a whole gradient lets any error of it pass."""
+    assert ours.keys() == torch_same_precision.keys() == truth.keys(), what
+    failures = []
+    for name, exact in truth.items():
+        exact = exact.double()
+        largest = exact.abs().max().item()
+        err_ours = (ours[name].double() - exact).abs().max().item()
+        err_torch = (torch_same_precision[name].double() - exact).abs().max().item()
+        bound = 2 * err_torch + 2 * ATOL[precision] * largest
+        if not err_ours <= bound:
+            failures.append(f"{name}: max error {err_ours:.3e} > {bound:.3e} (torch's: {err_torch:.3e}, largest "
+                            f"value: {largest:.3e})")
+    assert not failures, f"{what} under {precision} autocast, less accurate than torch's:\n" + "\n".join(failures)

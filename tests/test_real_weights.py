@@ -13,15 +13,17 @@ import torch
 from bitfit_reference import (
     BACKENDS,
     BBC_DIR,
-    DEVICE,
     PATHS,
     adamw_steps,
+    autocast_outputs,
     bbc_titles,
     real_batch,
     real_minilm,
     reference_bitfit,
     trainable,
+    zero_gradient_bias,
 )
+from kernel_checks import assert_autocast_as_accurate_as_torch
 
 import bitfit_fast
 
@@ -90,33 +92,36 @@ def test_fp32_five_adamw_steps_match_the_reference(backend, path, request):
         torch.testing.assert_close(param, ref_params[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def autocast_errors(model, reference, batch, precision) -> tuple[dict, dict]:
-    """Errors against the fp32 reference, of ours under autocast and of the reference under the same autocast:
-    logits and every trainable gradient."""
-
-    def run(m, dtype):
-        m.zero_grad()
-        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = m(**batch)
-        out.loss.backward()
-        return {"logits": out.logits.detach().float(), **{n: p.grad.float() for n, p in trainable(m).items()}}
-
-    exact, ours, same = run(reference, None), run(model, precision), run(reference, precision)
-    err = {k: (ours[k] - v).abs().max().item() for k, v in exact.items()}
-    ref_err = {k: (same[k] - v).abs().max().item() for k, v in exact.items()}
-    return err, ref_err
+# Every layer path (and, at bf16, bf16 weights) under fp16 and bf16 autocast; Triton's interpreter cannot run a bf16
+# tl.dot, so bf16 on Triton runs on a GPU only.
+AUTOCAST_CASES = [
+    *[(precision, path, backend) for precision in (torch.float16, torch.bfloat16) for path in [*PATHS, *GROUPED]
+      for backend in BACKENDS],
+    (torch.bfloat16, "bf16-weights", "torch"), (torch.bfloat16, "bf16-weights", "triton"),
+]
+AUTOCAST_CASES = [pytest.param(*case, id="-".join(str(v).removeprefix("torch.") for v in case),
+                               marks=[pytest.mark.gpu] if case[::2] == (torch.bfloat16, "triton") else [])
+                  for case in AUTOCAST_CASES]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path", [*PATHS, *GROUPED])
-def test_fp16_autocast_is_as_accurate_as_torch_fp16(backend, path, request):
-    # flash-attention's rule: err(ours at fp16) <= 2 err(torch at fp16) + atol, both against fp32.
+@pytest.mark.parametrize("precision,path,backend", AUTOCAST_CASES)
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path, backend, request):
+    # flash-attention's rule (kernel_checks): err(ours) <= 2 err(torch at the same precision) + a slack relative to
+    # each tensor's own largest value, all against fp32, on the logits and every gradient. A flat slack of 2e-3
+    # exceeded 22 of the 53 tensors whole (the query-bias gradients are 2e-4 to 3e-4), and a halved bias gradient
+    # passed.
     model = minilm_for(backend)
     reference = reference_bitfit(model)
-    apply_path(model, path, request, backend=backend)
-    err, ref_err = autocast_errors(model, reference, uneven_batches(1, max_length=12)[0], torch.float16)
-    for name in err:
-        assert err[name] <= 2 * ref_err[name] + 2e-3, (name, err[name], ref_err[name])
+    if path == "bf16-weights":
+        bitfit_fast.apply(model, backend=backend, dtype=torch.bfloat16)
+    else:
+        apply_path(model, path, request, backend=backend)
+    ours, same, exact = autocast_outputs(model, reference, uneven_batches(1, max_length=12)[0], precision)
+    for name in [n for n in exact if zero_gradient_bias(n)]:
+        # A true gradient of zero: ours is exactly zero, the reference's rounding noise, no scale to be relative to.
+        assert not ours.pop(name).any(), name
+        del same[name], exact[name]
+    assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"{path} on {backend}")
 
 
 TWO_CLASSES = [(text, 0) for text in bbc_titles("sports", 5)] + [(text, 1) for text in bbc_titles("tech", 5)]
