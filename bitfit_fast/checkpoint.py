@@ -62,9 +62,11 @@ def load_biases(
     """Load biases saved by :func:`save_biases` into ``model`` in place; returns it.
 
     A model that is not applied yet is first set up with the saved BitFitConfig (on ``backend``, the one choice
-    that belongs to the machine rather than to the checkpoint). Every name and shape is checked before anything is
-    copied, so a mismatch leaves the model untouched. With ``strict``, the model must be of the saved class and
-    must not train parameters that the checkpoint lacks.
+    that belongs to the machine rather than to the checkpoint); a weight the saved model had unfrozen trains again.
+    Every name and shape is checked before the model changes, so a mismatch leaves it untouched. With ``strict``,
+    the model must be of the saved class, must not train parameters that the checkpoint lacks and, if it is applied
+    already, must train every parameter the checkpoint holds (else those values would be missing from its next
+    save).
     """
     checkpoint = read_checkpoint(load_directory)
     saved_config, saved_state, tensors = checkpoint.config, checkpoint.state, checkpoint.tensors
@@ -99,29 +101,27 @@ def load_biases(
                   else f"load it onto the base model it was trained from ({checkpoint.base_model})")
         shown = [f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {shapes[name]}" for name in mismatched[:5]]
         raise ValueError(f"shape mismatch between the checkpoint and the model: {shown}; {remedy}")
+    not_trained = sorted(set(tensors) - trained)  # not applied: weights the saved model had unfrozen
     if strict:
-        options = (f"the checkpoint's options are {saved_config}" if not applied
-                   else f"the checkpoint was saved with {saved_config}, the model applied with {config_of(model)}")
+        remedy = ("pass strict=False" if not applied else
+                  f"the checkpoint was saved with {saved_config}, the model applied with {config_of(model)}: load it "
+                  "onto a base model that is not applied, or pass strict=False")
         not_in_checkpoint = sorted(trained - set(tensors))
         if not_in_checkpoint:
-            raise ValueError(
-                f"the model trains parameters that the checkpoint lacks: {not_in_checkpoint[:5]} "
-                f"({len(not_in_checkpoint)} in all); {options}: load it onto a base model that is not applied, or "
-                "pass strict=False"
-            )
-        not_trained = sorted(set(tensors) - trained)
-        if not_trained:  # loaded into frozen parameters, they would be missing from the model's next save_biases
-            raise ValueError(
-                f"the checkpoint holds trained values of parameters the model does not train: {not_trained[:5]} "
-                f"({len(not_trained)} in all); {options}: load it onto a base model that is not applied, or "
-                "pass strict=False"
-            )
+            raise ValueError(f"the model trains parameters that the checkpoint lacks: {not_in_checkpoint[:5]} "
+                             f"({len(not_in_checkpoint)} in all); {remedy}")
+        if applied and not_trained:  # loaded into frozen parameters, they would be missing from the next save
+            raise ValueError(f"the checkpoint holds trained values of parameters the model does not train: "
+                             f"{not_trained[:5]} ({len(not_trained)} in all); {remedy}")
     if not applied:
         apply(model, saved_config, announce=False, backend=backend)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
+    if not applied:
+        for name in not_trained:
+            params[name].requires_grad_(True)
     return model
 
 

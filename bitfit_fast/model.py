@@ -250,9 +250,11 @@ def planned_parameters(model: nn.Module, config: BitFitConfig) -> tuple[dict[str
     """What ``apply(model, config)`` would leave, found without touching the model: every parameter's shape by
     name (the biases it would add included) and the names of those that would train. Raises what apply would."""
     plan = _plan(model, config)
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied bias under the one name it is listed as
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     shapes.update({f"{name}.bias": (_bias_features(model.get_submodule(name)),) for name in plan.to_add})
-    trained = {name for name in shapes if is_within(name, plan.trained_head)} | {f"{n}.bias" for n in plan.selected}
+    trained = {name for name in shapes if is_within(name, plan.trained_head)}
+    trained |= {f"{n}.bias" if n in plan.to_add else names[id(m.bias)] for n, m in plan.selected.items()}
     return shapes, trained
 
 
@@ -260,7 +262,7 @@ def trained_parameters(model: nn.Module) -> set[str]:
     """Names of the parameters an applied model trains: those apply() set to train, even if frozen since (a
     head frozen for a second stage still holds trained values), and any unfrozen since."""
     config_of(model)
-    return set(getattr(model, TRAINED_ATTRIBUTE)) | {n for n, p in model.named_parameters() if p.requires_grad}
+    return set(getattr(model, TRAINED_ATTRIBUTE, ())) | {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _add_zero_biases(model: nn.Module, names: list[str], announce: bool) -> None:
@@ -403,7 +405,7 @@ def merge(model: nn.Module) -> nn.Module:
             stacklevel=2,
         )
     for attribute in (CONFIG_ATTRIBUTE, STATE_ATTRIBUTE, TRAINED_ATTRIBUTE):
-        delattr(model, attribute)
+        model.__dict__.pop(attribute, None)  # the last is missing on a model applied by an earlier version
     return model
 
 

@@ -245,3 +245,34 @@ def test_a_format_1_checkpoint_still_loads(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="has format version 7; this bitfit_fast reads versions 1 and 2"):
         bitfit_fast.load_biases(tiny_bert(), tmp_path)
+
+
+def test_a_masked_lm_whose_bias_is_tied_round_trips(tmp_path):
+    """BertForMaskedLM's decoder bias is its prediction bias: one parameter under two names."""
+    from bitfit_fast.model import planned_parameters
+
+    model = transformers.BertForMaskedLM(tiny_bert().config)
+    base = copy.deepcopy(model)
+    shapes, trained = planned_parameters(model, bitfit_fast.BitFitConfig(train_head=False))
+    bitfit_fast.apply(model, train_head=False)
+    assert (shapes, trained) == ({n: tuple(p.shape) for n, p in model.named_parameters()}, trainable(model).keys())
+    batch = padded_batch(model)
+    batch["labels"] = batch["input_ids"]
+    adamw_steps(model, [batch])
+    bitfit_fast.save_biases(model, tmp_path)
+    bitfit_fast.load_biases(base, tmp_path)
+    torch.testing.assert_close(base.eval()(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
+
+
+def test_a_weight_unfrozen_after_apply_is_saved_and_trains_again_after_loading(tmp_path):
+    model, base = trained()
+    name = "bert.encoder.layer.1.output.dense.weight"
+    model.get_parameter(name).requires_grad_(True)
+    with torch.no_grad():
+        model.get_parameter(name).mul_(1.5)  # as if it had trained
+    bitfit_fast.save_biases(model, tmp_path)
+    bitfit_fast.load_biases(base, tmp_path)
+    assert base.get_parameter(name).requires_grad
+    assert trainable(base).keys() == trainable(model).keys()
+    batch = padded_batch(model)
+    torch.testing.assert_close(base.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
