@@ -307,6 +307,10 @@ def test_a_stopped_sweep_goes_on_with_resume(model_dir, files, tmp_path):
     with pytest.raises(UserError, match="lr-0.0001 already holds a run"):
         sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
     assert not (tmp_path / "run" / "lr-0.01").exists(), "every run directory is checked before the first trains"
+    with pytest.raises(UserError, match=r"lr-0.0001 as it started, but batch_size 16 \(the run: 8\) differ"):
+        sweep(config(model_dir, files, tmp_path, epochs=1, resume=True, batch_size=16), grid=(1e-4, 1e-2),
+              log=lambda *_: None)  # the runs of one sweep share a protocol
+    assert not (tmp_path / "run" / "lr-0.01").exists()
     said = []
     record = sweep(config(model_dir, files, tmp_path, epochs=1, resume=True), grid=(1e-4, 1e-2), log=said.append)
     assert said[0].startswith("lr-0.0001 finished before")

@@ -85,8 +85,7 @@ def _absolute(file: str | None) -> str | None:
 
 
 def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
-    """Every check that needs no model or data, before anything loads; the config with absolute paths (the run can
-    be evaluated, resumed or predicted from any directory) and the model's source."""
+    """Every check that needs no model or data, before anything loads; the :func:`resolved_config`."""
     check_output_dir(Path(config.output_dir), config.resume)
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
@@ -94,10 +93,16 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
         check_backend(config.bitfit.backend)
     except RuntimeError as error:
         raise UserError(f"--backend {config.bitfit.backend}: {error}") from error
+    return resolved_config(config, d.device)
+
+
+def resolved_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
+    """The config as its run records it (absolute paths: the run can be evaluated, resumed or predicted from any
+    directory; the precision used on ``device``) and the model's source."""
     model_path = model_source(config.model)
     config = dataclasses.replace(config, model=config.model and model_path, train_file=_absolute(config.train_file),
                                  validation_file=_absolute(config.validation_file),
-                                 precision=config.resolved_precision(d.device))  # the run records what it used
+                                 precision=config.resolved_precision(device))
     return config, model_path
 
 

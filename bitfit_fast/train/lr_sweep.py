@@ -4,10 +4,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from ..files import write_json
 from .config import LR_GRID, TrainConfig
-from .loop import train
-from .run import CHECKPOINT_NAME, SUMMARY_NAME, check_output_dir
+from .loop import resolved_config, train
+from .run import CHECKPOINT_NAME, RUN_CONFIG_NAME, SUMMARY_NAME, check_output_dir, check_same_options
 
 
 def _finished(run: TrainConfig) -> dict | None:
@@ -28,10 +30,14 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     that stopped goes on: its finished runs are kept, its started ones continue, the others start."""
     runs = [dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
             for lr in grid]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for run in runs:  # all before the first trains: a sweep does not stop hours in on its third directory
-        run.resume = config.resume and (Path(run.output_dir) / CHECKPOINT_NAME).is_file()
+        out = Path(run.output_dir)
+        run.resume = config.resume and (out / CHECKPOINT_NAME).is_file()
         if not (config.resume and _finished(run)):
-            check_output_dir(Path(run.output_dir), run.resume)
+            check_output_dir(out, run.resume)
+        if config.resume and (out / RUN_CONFIG_NAME).is_file():  # kept or continued: trained as the others will be
+            check_same_options(out, resolved_config(run, device)[0], unknown_yet=("regression",))
     results = []
     for run in runs:
         summary = _finished(run) if config.resume else None

@@ -45,13 +45,15 @@ CONTINUABLE_OPTIONS = {"epochs", "resume", "progress", "save_every", "micro_batc
 CONTINUABLE_BITFIT_OPTIONS = {"backend", "memory"}
 
 
-def check_continues(out: Path, config: TrainConfig, num_labels: int, label_names: list[str] | None) -> None:
-    """--resume continues a run exactly as it started: its options, but for ``CONTINUABLE_OPTIONS``, and its
-    classes must be those recorded in its run_config.json."""
+def check_same_options(out: Path, config: TrainConfig, unknown_yet: tuple[str, ...] = ()) -> tuple:
+    """A run goes on only with the options it started with, but for ``CONTINUABLE_OPTIONS`` (and ``unknown_yet``,
+    options the data decides); returns the classes it records, (num_labels, label_names). ``config`` has absolute
+    paths and a resolved precision, as the run's run_config.json has."""
     file = out / RUN_CONFIG_NAME
     try:
         record = json.loads(file.read_text())
         started = TrainConfig.from_dict(record["config"]).to_dict()
+        classes = record["num_labels"], record["label_names"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"--resume: {file} could not be read ({first_line(error)}): start a new run in another "
                         "--output-dir") from error
@@ -60,13 +62,20 @@ def check_continues(out: Path, config: TrainConfig, num_labels: int, label_names
         options.update({f"bitfit.{k}": v for k, v in options.pop("bitfit").items()
                         if k not in CONTINUABLE_BITFIT_OPTIONS})
     changed = [f"{key} {now[key]!r} (the run: {started.get(key)!r})" for key in now
-               if key not in CONTINUABLE_OPTIONS and now[key] != started.get(key)]
+               if key not in CONTINUABLE_OPTIONS and key not in unknown_yet and now[key] != started.get(key)]
     if changed:
         raise UserError(f"--resume continues {out} as it started, but {', '.join(changed[:3])} differ: give the "
                         "run's options, or start a new run in another --output-dir")
-    if (num_labels, label_names) != (record["num_labels"], record["label_names"]):
+    return classes
+
+
+def check_continues(out: Path, config: TrainConfig, num_labels: int, label_names: list[str] | None) -> None:
+    """--resume continues a run exactly as it started: its options (:func:`check_same_options`) and the classes
+    recorded in its run_config.json."""
+    started_with = check_same_options(out, config)
+    if (num_labels, label_names) != started_with:
         raise UserError(f"--resume: the training data's classes {label_names} are not those {out} started with, "
-                        f"{record['label_names']}: give the run's data")
+                        f"{started_with[1]}: give the run's data")
 
 
 @dataclasses.dataclass
