@@ -98,8 +98,8 @@ def _check_listenable(host: str, port: int) -> None:
 
     from .errors import UserError, first_line
 
-    try:
-        socket.create_server((host, port)).close()
+    try:  # uvicorn's choice of address family: IPv6 for an address with a colon
+        socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET).close()
     except OSError as error:
         raise UserError(f"cannot listen on {host}:{port} ({first_line(error)}): choose another --port (or --host)") \
             from error
