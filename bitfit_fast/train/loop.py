@@ -37,6 +37,7 @@ from .run import (
     Run,
     check_continues,
     check_output_dir,
+    check_unfinished,
     load_checkpoint,
     save_checkpoint,
     write_run_config,
@@ -119,6 +120,8 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     start_time = time.time()
     out = Path(config.output_dir)
     config, model_path = _checked_config(config, d)
+    if config.resume:
+        check_unfinished(out / CHECKPOINT_NAME, config.epochs)
 
     task = data_lib.load_task(config)
     config = dataclasses.replace(config, regression=task.num_labels == 1)  # GLUE's STS-B is a regression too
@@ -152,9 +155,6 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     position, history = dict(epoch=0, batch=0, step=0), []
     if config.resume:
         position, history = load_checkpoint(checkpoint, model, optimizer, scaler, d)
-        if position["epoch"] >= config.epochs:
-            raise UserError(f"{out} has finished its {position['epoch']} epochs, so there is nothing to continue: "
-                            f"pass --epochs more than {position['epoch']} to train it further")
         say(f"resumed from {checkpoint}: epoch {position['epoch'] + 1}, batch {position['batch']}, "
             f"step {position['step']}")
     if d.main:

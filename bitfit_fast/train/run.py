@@ -159,14 +159,27 @@ def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, histor
     barrier(d)
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict, list]:
-    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, ``scaler`` and this process's
-    generators; returns (position, history)."""
+def _read_state(path: Path, mmap: bool = False) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
         raise UserError(f"{path} could not be read ({first_line(error)}): it is damaged or was not written "
                         "by bitfit-fast train; start a new run in another --output-dir") from error
+
+
+def check_unfinished(path: Path, epochs: int) -> None:
+    """Before anything loads: a run resumed with no epoch left to train is refused (its tensors are only mapped,
+    not read)."""
+    done = _read_state(path, mmap=True)["position"]["epoch"]
+    if done >= epochs:
+        raise UserError(f"{path.parent} has finished its {done} epochs, so there is nothing to continue: pass "
+                        f"--epochs more than {done} to train it further")
+
+
+def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict, list]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, ``scaler`` and this process's
+    generators; returns (position, history)."""
+    state = _read_state(path)
     if state["world"] != d.world:
         raise UserError(f"{path} was written by {state['world']} processes; resume with the same number")
     params = dict(model.named_parameters())
