@@ -16,7 +16,15 @@ import triton
 import triton.language as tl
 
 from . import task_tables
-from .utils import INTERPRETER, KernelInputError, check_device, reduction_programs
+from .utils import (
+    INTERPRETER,
+    SUPPORTED_DTYPES,
+    KernelInputError,
+    check_device,
+    check_row_task,
+    launches_on_input_device,
+    reduction_programs,
+)
 
 _BLOCK_M, _BLOCK_N, _WARPS = (16, 32, 1) if INTERPRETER else (16, 128, 4)
 
@@ -101,6 +109,7 @@ def _heads_to_rows_kernel(
             tl.store(db_partial_ptr + pid_m * row_stride + col_offset + cols, db, mask=col_ok)
 
 
+@launches_on_input_device
 def heads_to_rows(
     grads: tuple[torch.Tensor | None, ...],
     slots: torch.Tensor | None,
@@ -124,14 +133,19 @@ def heads_to_rows(
     sequences, heads, length, dim = present[0].shape
     for grad in present:
         check_device("grad", grad)
-        if grad.shape != present[0].shape or grad.dtype != present[0].dtype:
-            raise KernelInputError("every part's gradient must have one [S, H, L, D] shape and one dtype")
+        if grad.shape != present[0].shape or grad.dtype != present[0].dtype or grad.device != present[0].device:
+            raise KernelInputError("every part's gradient must have one [S, H, L, D] shape, dtype and device")
+    if present[0].dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"the gradients are {present[0].dtype}; supported are float32, float16 and bfloat16")
+    if heads * dim == 0:
+        raise KernelInputError(f"the gradients have no features (shape {tuple(present[0].shape)})")
     real_rows = slots.shape[0] if slots is not None else sequences * length
     if slots is not None and (slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous()
                               or slots.device != present[0].device):
         raise KernelInputError(f"slots must be a contiguous 1-D int64 tensor on {present[0].device}")
     if num_rows < real_rows:
         raise KernelInputError(f"num_rows ({num_rows}) is less than the {real_rows} real rows")
+    check_row_task(row_task if compute_db else None, num_rows, present[0].device)
     width = heads * dim
     g = torch.empty((num_rows, len(grads) * width), dtype=present[0].dtype, device=present[0].device)
     col_blocks = triton.cdiv(width, _BLOCK_N)

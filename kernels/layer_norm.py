@@ -29,8 +29,11 @@ from .utils import (
     check_bias,
     check_compute_tensor,
     check_dropout,
+    check_row_task,
     check_rows,
+    check_same_device,
     check_vector,
+    launches_on_input_device,
     reduction_programs,
 )
 
@@ -198,6 +201,7 @@ def _warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
+@launches_on_input_device
 def residual_layer_norm_forward(
     x: torch.Tensor,
     gamma: torch.Tensor,
@@ -227,6 +231,8 @@ def residual_layer_norm_forward(
         if residual.device != x.device:
             raise KernelInputError(f"residual is on {residual.device} but x is on {x.device}")
     check_vector("gamma", gamma, N, x.device)
+    if beta is None:
+        raise KernelInputError("beta is None: pass zeros for a LayerNorm without a bias")
     check_bias("beta", beta, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
     block_n = _check_features(N)
@@ -248,6 +254,7 @@ def residual_layer_norm_forward(
     return y, x_hat, rstd
 
 
+@launches_on_input_device
 def residual_layer_norm_backward(
     dy: torch.Tensor,
     x_hat: torch.Tensor,
@@ -276,6 +283,8 @@ def residual_layer_norm_backward(
         raise KernelInputError(f"x_hat has shape {tuple(x_hat.shape)} but dy has {tuple(dy.shape)}")
     N = dy.shape[-1]
     M = check_rows("dy", dy)
+    check_same_device(dy.device, x_hat=x_hat, rstd=rstd)
+    check_row_task(row_task, M, dy.device)
     check_vector("gamma", gamma, N, dy.device)
     if rstd.dtype != torch.float32 or tuple(rstd.shape) != (M,):
         raise KernelInputError(f"rstd must be the fp32 ({M},) tensor returned by the forward")

@@ -79,8 +79,11 @@ from .utils import (
     check_bias,
     check_compute_tensor,
     check_dropout,
+    check_row_task,
     check_rows,
+    check_same_device,
     dot_precision,
+    launches_on_input_device,
     reduction_programs,
     row_bucket,
 )
@@ -398,6 +401,7 @@ def _output_features(activation: str | None, weight: torch.Tensor) -> int:
     return rows
 
 
+@launches_on_input_device
 def linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -489,6 +493,7 @@ def _gemm_choice(gemm: str, x: torch.Tensor, activation: str | None, dropout_p: 
     return gemm
 
 
+@launches_on_input_device
 def linear_backward(
     dy: torch.Tensor,
     weight: torch.Tensor,
@@ -519,6 +524,8 @@ def linear_backward(
     if dy.dtype != weight.dtype:
         raise KernelInputError(f"dy is {dy.dtype} but weight is {weight.dtype}; cast them to one dtype")
     M = check_rows("dy", dy)
+    check_same_device(dy.device, weight=weight, preact=preact)
+    check_row_task(row_task, M, dy.device)
     check_dropout(dropout_p, seed)
     if activation is not None:
         if preact is None:

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETER, KernelInputError, check_compute_tensor
+from .utils import INTERPRETER, check_compute_tensor, check_row_task, launches_on_input_device
 
 # task_sums' tiles. The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that
 # small test shapes cross chunk, task and piece-block boundaries alike.
@@ -212,10 +212,8 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, t
 
 
 def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:
-    """The ``rows`` rows of tasks ``row_task`` sorted by task, in chunks of ``chunk_rows`` (the last one shorter)."""
-    if row_task.dim() != 1 or row_task.shape[0] != rows or row_task.dtype not in (torch.int32, torch.int64):
-        raise KernelInputError(f"row_task must be an integer ({rows},) tensor, one task per row; got "
-                               f"{row_task.dtype} {tuple(row_task.shape)}")
+    """The ``rows`` rows of tasks ``row_task`` (checked by the host function: ``utils.check_row_task``) sorted by
+    task, in chunks of ``chunk_rows`` (the last one shorter)."""
     return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, triton.cdiv(rows, chunk_rows))
 
 
@@ -276,6 +274,7 @@ def bias_reduction(row_task: torch.Tensor | None, num_tasks: int, rows: int, pro
     return BiasReduction(chunks.chunks, chunks)
 
 
+@launches_on_input_device
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Column sums of ``grad`` (..., N) per task, [num_tasks, N] in fp32, deterministic; ``row_task`` holds each
     row's task, integers in [0, num_tasks). A task without rows gets zeros."""
@@ -283,6 +282,7 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     N = grad.shape[-1]
     grad = grad.reshape(-1, N)
     M = grad.shape[0]
+    check_row_task(row_task, M, grad.device)
     chunks = task_chunks(row_task, num_tasks, M, _CHUNK_ROWS)
     if M == 0:
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)

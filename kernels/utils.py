@@ -1,5 +1,6 @@
 """Input checks and launch helpers shared by the kernels."""
 
+import functools
 import os
 
 import torch
@@ -66,16 +67,47 @@ def check_bias(name: str, bias: torch.Tensor | None, size: int, rows: int, row_t
     if row_task is None or bias is None:
         check_vector(name, bias, size, device)
         return
-    if bias.dim() != 2:
+    if bias.dim() != 2 or bias.shape[0] == 0:
         raise KernelInputError(f"{name} must be a [tasks, {size}] table with row_task, got {tuple(bias.shape)}")
     check_vector(f"{name}[0]", bias[0], size, device)
     if not bias.is_contiguous():
         raise KernelInputError(f"{name} must be contiguous")
+    check_row_task(row_task, rows, device)
+
+
+def check_row_task(row_task: torch.Tensor | None, rows: int, device: torch.device) -> None:
+    """Each row's task: an integer [rows] tensor on the rows' device (its values, in [0, T), are the caller's to
+    keep: bitfit_fast.TaskBank checks the names or indices it is given)."""
+    if row_task is None:
+        return
     if row_task.dtype not in (torch.int32, torch.int64) or tuple(row_task.shape) != (rows,):
         raise KernelInputError(f"row_task must be an integer ({rows},) tensor, one task per row; got "
                                f"{row_task.dtype} {tuple(row_task.shape)}")
     if row_task.device != device or not row_task.is_contiguous():
-        raise KernelInputError(f"row_task must be contiguous and on {device}")
+        raise KernelInputError(f"row_task must be contiguous and on {device}, got {row_task.device}")
+
+
+def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Raise unless every given tensor is on ``device``, the device of the pass's input."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise KernelInputError(f"{name} is on {tensor.device} but the input is on {device}; move them together")
+
+
+def launches_on_input_device(host_function):
+    """Runs a host function with the GPU of its first argument (a tensor, or a tuple of them) current: Triton
+    launches on the current device, which need not be the one holding the tensors (a model moved to cuda:1
+    without torch.cuda.set_device); the device is switched only where they differ."""
+
+    @functools.wraps(host_function)
+    def run(first, *args, **kwargs):
+        tensor = first if isinstance(first, torch.Tensor) else next((t for t in first if t is not None), None)
+        if tensor is None or not tensor.is_cuda or tensor.device.index == torch.cuda.current_device():
+            return host_function(first, *args, **kwargs)
+        with torch.cuda.device(tensor.device):
+            return host_function(first, *args, **kwargs)
+
+    return run
 
 
 def check_rows(name: str, tensor: torch.Tensor) -> int:

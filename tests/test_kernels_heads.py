@@ -81,6 +81,10 @@ def test_bias_gradient_is_bit_identical_across_runs():
         (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 5)), None, 3), "one"),
         (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), torch.tensor([0, 2], dtype=torch.int32), 3), "int64"),
         (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), None, 2), "less than"),
+        (lambda: K.heads_to_rows((torch.ones(1, 2, 3, 4, dtype=torch.int32),), None, 3), "supported are float32"),
+        (lambda: K.heads_to_rows((torch.randn(1, 0, 3, 4),), None, 3), "no features"),
+        (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), None, 3, row_task=torch.zeros(2, dtype=torch.long)),
+         r"row_task must be an integer \(3,\) tensor"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):

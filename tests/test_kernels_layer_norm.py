@@ -211,6 +211,11 @@ def test_only_beta_gradient_when_inputs_need_none():
          "x_hat has shape"),
         (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
                                                 compute_dx=False, sum_dx=True), "needs compute_dx"),
+        (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), None, 1e-5),
+         "beta is None: pass zeros"),
+        (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
+                                                row_task=torch.zeros(3, dtype=torch.long, device="meta")),
+         "row_task must be contiguous and on cpu, got meta"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):

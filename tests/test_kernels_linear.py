@@ -218,6 +218,13 @@ def test_autograd_function_returns_gradients_only_where_needed():
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(7, 5), activation="geglu"), "even number of weight"),
         (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 4), activation="geglu"),
          "dy has 4 features but the layer produces 2"),
+        (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), row_task=torch.zeros(3, dtype=torch.long,
+                                                                                            device="meta")),
+         "row_task must be contiguous and on cpu, got meta"),
+        (lambda: K.linear_backward(torch.randn(3, 4), torch.randn(4, 5), row_task=torch.zeros(2, dtype=torch.long)),
+         r"row_task must be an integer \(3,\) tensor"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.zeros(0, 4),
+                                  row_task=torch.zeros(3, dtype=torch.long)), r"a \[tasks, 4\] table"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
