@@ -241,6 +241,7 @@ class FusedPreNormEncoder(FusedEncoder):
                                                 or attention_mask.dim() != 2))
             or not all(isinstance(layer, FusedPreNormLayer) for layer in self.layers)
             or any(layer.trains_a_weight() for layer in self.layers)
+            or _pads_between_tokens(attention_mask, config.sliding_window)
         ):
             return self.original_class.forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
                                                **kwargs)
@@ -269,6 +270,16 @@ class FusedPreNormEncoder(FusedEncoder):
                 x = layer.fused_forward(x, rows, last)
         x = self.final_norm(x)
         return BaseModelOutput(last_hidden_state=x.unsqueeze(1) if first_only else tokens.unpack(x))
+
+
+def _pads_between_tokens(attention_mask: torch.Tensor | None, window: int) -> bool:
+    """Whether a [B, T] padding mask has padding between two real tokens of a row longer than the sliding window:
+    the window counts the row's positions, and the unpadded stack would count the real tokens instead."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] - 1 <= window:
+        return False
+    real = attention_mask.bool()
+    after_a_token = real.cumsum(dim=1)[:, :-1] > 0
+    return bool((after_a_token & ~real[:, :-1] & real[:, 1:]).any())
 
 
 def fuse_modernbert(model: nn.Module, memory: str) -> None:

@@ -120,6 +120,9 @@ def key_padding(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None
     if mask.dim() != 4 or mask.shape[0] != batch or mask.shape[1] != 1 or mask.shape[-1] != seq:
         return None
     allowed = mask if mask.dtype == torch.bool else mask == 0
+    # An additive value above -1e4 is a soft bias, not a block: softmax weighs it (exp(-1e4) is 0 in every float).
+    if mask.dtype != torch.bool and not bool((allowed | (mask <= -1e4)).all()):
+        return None
     valid = allowed.all(dim=2).squeeze(1)  # a key some real query may not see is not a real key
     # Hugging Face lets padding queries see every key (no all-masked row): those rows are not checked.
     rows = allowed[:, 0][valid] if allowed.shape[2] > 1 else allowed[:, 0, 0]
@@ -227,6 +230,11 @@ class Tokens:
         self.real_rows = index.shape[0] if index is not None else batch_shape[0] * batch_shape[1]  # N
         self.num_rows = bucketed(self.real_rows) if starts.device.type in BUCKETED_DEVICES else self.real_rows
         self._additive_masks = {}
+        # [B, 1, T or 1, 1] True for a query of a kept boolean mask that may see no key (an empty example, a padding
+        # query outside every window): SDPA with the boolean mask, Hugging Face's attention, gives it zeros, while
+        # the additive mask would average every value (and torch's SDPA backward of such a row is not its
+        # forward's gradient).
+        self._blind_queries = {}
         self._row_tasks = {}
 
     @property
@@ -344,7 +352,15 @@ class Tokens:
         batch row when the mask is kept as it came) are masked too: a bidirectional sliding window."""
         mask = self.key_mask
         if window is None and (mask is None or mask.dtype != torch.bool):
-            return mask if mask is None else mask.to(dtype)
+            if mask is None:
+                return None
+            if (dtype, None) not in self._additive_masks:
+                # A query whose keys are all at the lowest value (an empty example under eager attention): softmax
+                # averages every value, as with no mask, which is how it is run, since torch's SDPA backward of
+                # such a row is not its forward's gradient.
+                blind = (mask == torch.finfo(mask.dtype).min).all(dim=-1, keepdim=True)
+                self._additive_masks[dtype, None] = mask.masked_fill(blind, 0.0).to(dtype)
+            return self._additive_masks[dtype, None]
         if (dtype, window) not in self._additive_masks:
             allowed = mask if mask is None or mask.dtype == torch.bool else mask == 0
             if window is not None:
@@ -353,6 +369,8 @@ class Tokens:
                 allowed = near if allowed is None else allowed & near
             additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             self._additive_masks[dtype, window] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+            if self.rows is None and self.slots is None and mask is not None:  # a mask kept as it came
+                self._blind_queries[window] = ~allowed.any(dim=-1, keepdim=True)
         return self._additive_masks[dtype, window]
 
     def attention(self, q, kv, heads: int, dropout_p: float, seed: int | None, scale: float,
@@ -387,6 +405,9 @@ class Tokens:
             mask = mask[..., :1, :]  # a window's [L, L] mask: the first query's row
         if self.groups is None:
             context = _attention(q, k, v, mask, dropout_p, seed, scale, keep_probabilities)
+            blind = self._blind_queries.get(window)
+            if blind is not None:
+                context = context.masked_fill(blind[..., :1, :] if first_only else blind, 0.0)
             context = context.transpose(1, 2).reshape(self.num_sequences, -1, q.shape[1] * q.shape[3])
         else:
             views = _GroupViews.apply(self.groups, q, k, v)

@@ -11,6 +11,7 @@ from bitfit_reference import (
     MODELS,
     TINY,
     adamw_steps,
+    assert_gradients_match,
     enable_hf_checkpointing,
     padded_batch,
     real_batch,
@@ -18,7 +19,9 @@ from bitfit_reference import (
     reference_bitfit,
     tiny_bert,
     trainable,
+    with_random_biases,
 )
+from test_bias_free import BIAS_FLAGS
 
 import bitfit_fast
 from bitfit_fast.fused_layer import FusedEncoder
@@ -250,6 +253,57 @@ def test_left_padding_and_custom_masks_keep_the_padded_layout():
     batch["input_ids"] = batch["input_ids"].flip(1)
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **TOL)
     assert encoder_rows(model, batch) == 6
+
+
+def assert_logits_and_gradients_match(model, reference, batch) -> None:
+    """The loss over every example, its logits and every trainable gradient, ours against the reference's."""
+    out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref_out.logits, **TOL)
+    out.loss.backward()
+    ref_out.loss.backward()
+    assert_gradients_match(model, reference)
+
+
+@pytest.mark.parametrize("make", ["bert", "minilm"])
+def test_an_empty_example_is_attended_as_hugging_face_attends_it(make):
+    """An all-zero attention mask: Hugging Face's SDPA gives its queries zeros, and so do we (the additive mask
+    would average every value, and torch's SDPA backward of such a row was off by a factor of its length)."""
+    model = with_random_biases(real_minilm() if make == "minilm" else tiny_bert()).eval()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (6, 1, 4), num_labels=model.config.num_labels)
+    batch["attention_mask"][1] = 0
+    assert_logits_and_gradients_match(model, reference, batch)
+
+
+@pytest.mark.parametrize("padding", ["left", "inside"])
+def test_modernbert_padding_outside_or_inside_a_row_keeps_the_sliding_window_of_its_positions(padding):
+    """The window counts a row's positions: a left-padded row's first query may see no key in it, and padding
+    between tokens must not pull farther tokens into the window."""
+    from test_bias_free import tiny_modernbert
+
+    model = with_random_biases(tiny_modernbert(**dict.fromkeys(BIAS_FLAGS, True))).eval()  # a window of 4 tokens
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (7, 7, 4))
+    mask = batch["attention_mask"]
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[0, 2:5] = 0
+    batch["input_ids"] = batch["input_ids"].masked_fill(mask == 0, model.config.pad_token_id)
+    assert_logits_and_gradients_match(model, reference, batch)
+
+
+def test_a_soft_additive_mask_is_added_not_taken_for_padding():
+    model = with_random_biases(tiny_bert()).eval()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (5, 5, 5))
+    soft = torch.zeros(3, 1, 1, 5, device=DEVICE)
+    soft[..., 3] = -0.7  # a bias on one key, which softmax weighs
+    batch["attention_mask"] = soft
+    assert_logits_and_gradients_match(model, reference, batch)
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["right-padding", "left-padding"])
