@@ -36,11 +36,12 @@ def timed(step: Callable[[dict], torch.Tensor], batch: dict, device: str) -> tup
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
-    """(first quartile, median, third quartile) of ``values``; the quartiles are the values a quarter of the way
-    in from either end (the extremes below 8 values)."""
-    ordered = sorted(values)
-    quartile = max(1, len(ordered) // 4)
-    return ordered[quartile - 1], statistics.median(ordered), ordered[-quartile]
+    """(first quartile, median, third quartile) of ``values``, interpolated between the sorted values as NumPy's
+    default does (one value: itself three times)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def spread(times: list[float]) -> dict:

@@ -1,6 +1,7 @@
 """Mixed-task batches: a TaskBank's throughput with 1, 8 and 64 distinct tasks per batch, against one task's model
-and against per-task sub-batches (PEFT's ``adapter_names`` strategy: the batch split by task, each part run after
-swapping that task's biases and head in).
+and against per-task sub-batches (a hot-swapping adapter server's strategy: the batch split by task, each part run
+through the whole model after swapping that task's biases and head in; PEFT's ``adapter_names`` splits inside each
+layer instead, which for a bias is what the bank does).
 
     python -m bitfit_fast_benches.task_bank --preset cpu --out benches/results/task-bank
 
