@@ -66,6 +66,18 @@ def test_paired_ratios_are_the_quartiles_of_each_steps_own_ratio():
         measurement.paired_ratios([1.0, 2.0], [1.0])
 
 
+def test_a_paired_speedup_is_the_median_of_each_steps_own_ratio():
+    ref_times, fast_times = [1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 4.0, 1.0, 2.0, 10.0]  # medians 3 and 2: ratio 1.5
+    results = {name: dict(median_ms=1e3 * statistics.median(t), real_tokens_per_s=1.0 / statistics.median(t),
+                          speedup_per_step=measurement.paired_ratios(ref_times, t))
+               for name, t in (("reference", ref_times), ("fast", fast_times))}
+    runner.add_ratios(results)  # each step's own ratio: 2, 0.5, 3, 2, 0.5, whose median is 2
+    assert results["fast"]["speedup_vs_reference"] == results["fast"]["real_tokens_vs_reference"] == 2.0
+    del results["fast"]["speedup_per_step"]
+    runner.add_ratios(results)  # no paired steps: the medians' ratio
+    assert results["fast"]["speedup_vs_reference"] == pytest.approx(1.5)
+
+
 def test_goals_on_time_ratios_show_the_per_step_spread():
     stats = lambda ms: dict(median_ms=ms, q1_ms=ms, q3_ms=ms, tokens_per_s=1.0, real_tokens_per_s=1.0,  # noqa: E731
                             mfu=0.1, peak_memory_bytes=1000)

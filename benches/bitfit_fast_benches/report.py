@@ -128,8 +128,9 @@ def markdown(record: dict) -> str:
               f"Command: `{record['command']}`. Memory: {record['memory_method']}.")
     goals = ""
     if record.get("goals"):
-        goals = ("\nGoals (the named provider, or the best bitfit_fast provider; a time ratio's per-step IQR is the "
-                 "spread of the ratios of steps timed on the same batch, the measured value their medians' ratio):\n\n"
+        goals = ("\nGoals (the named provider, or the best bitfit_fast provider; a time or throughput ratio is the "
+                 "median of the ratios of steps timed on the same batch, shown with their IQR, or in a run that "
+                 "recorded none the ratio of the medians):\n\n"
                  "| goal | workload | target | provider | measured | per-step IQR | met |\n"
                  "|---|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {g['goal']} | {g.get('workload', record['workloads'][0]['workload'])} | "
