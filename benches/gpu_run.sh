@@ -49,8 +49,8 @@ fi
 OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:15 tests-gpu:90 tests-real:45 aot:60 kernels:40 bench:100 profile:40
-                                    task-bank:60 max-batch:60 length-groups:40)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:10 tests-gpu:100 tests-real:40 aot:60 kernels:40 bench:110 profile:35
+                                    task-bank:50 max-batch:50 length-groups:30)
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1

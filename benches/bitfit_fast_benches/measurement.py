@@ -5,6 +5,7 @@ Memory on a GPU is resident state plus the step's peak allocation; on CPU it is 
 process (``python -m bitfit_fast_benches.measurement --rss-probe SPEC``) that builds one provider alone.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -141,11 +142,22 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return good
 
 
-def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192) -> int:
-    """Largest batch (padded to ``workload.seq``) for which a training step runs without running out of memory."""
-    trainer = build_provider(provider, build_base_model(workload, device), device, copy_base=False)
+def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
+              memory_gib: float | None = None) -> int:
+    """Largest batch (padded to ``workload.seq``) for which a training step runs without running out of memory,
+    within ``memory_gib`` of GPU memory when given (the whole card otherwise).
+
+    Every probe trains a fresh copy of one base model, so a probe that ran out of memory part-way through its
+    backward leaves nothing behind for the next (on the H200 run at 4caaf0e, PyTorch's own LayerNorm backward
+    returned an empty bias gradient during the search, which reused one model).
+    """
+    base = build_base_model(workload, "cpu")
+    if memory_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total))
 
     def fits(batch_size: int) -> bool:
+        trainer = build_provider(provider, copy.deepcopy(base).to(device), device, copy_base=False)
         batch = make_batches(dataclasses.replace(workload, batch=batch_size, lengths="fixed"), 1,
                              trainer.model.config.vocab_size, device)[0]
         try:
@@ -157,13 +169,13 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192)
         except RuntimeError as error:  # not a size limit: say at which batch, keep the cause
             raise RuntimeError(f"{provider} failed at batch {batch_size} (not out of memory): {error}") from error
         finally:
-            trainer.optimizer.zero_grad(set_to_none=True)
+            del trainer, batch
             torch.cuda.empty_cache()
 
     try:
         return largest_fitting(fits, workload.batch, limit)
     finally:
-        trainer.model.cpu()
+        torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
 
 

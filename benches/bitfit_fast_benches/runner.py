@@ -148,7 +148,7 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
             results[name].update(peak_rss_bytes=probe["peak_rss"], peak_memory_bytes=probe["above_idle"])
     if preset.max_batch and device == "cuda" and not workload.variable_lengths and workload == preset.workloads[0]:
         for name in preset.providers:
-            results[name]["max_batch"] = max_batch(name, workload, device)
+            results[name]["max_batch"] = max_batch(name, workload, device, memory_gib=preset.max_batch_memory_gib)
     add_ratios(results)
     log(format_workload(workload.name, results))
     return dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,
@@ -195,6 +195,8 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
                       "resident state (parameters, buffers, optimizer state) + the step's peak allocation above it"
                       if preset.device == "cuda" else
                       "peak RSS above the idle process (after imports), one fresh process per provider"))
+    if preset.max_batch_memory_gib is not None:
+        record["memory_method"] += f"; max batch searched within {preset.max_batch_memory_gib:g} GiB of GPU memory"
     log(f"{record['device']} | matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']})")
     record["workloads"] = []
     for workload in preset.workloads:
