@@ -8,12 +8,12 @@
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
-#           stages, in this order by default (about 9 minutes on an H200):
+#           stages, in this order by default (6.5 minutes on an H200 at aaf637a, three stages cut short):
 #             env tests-gpu tests-real aot kernels bench profile task-bank max-batch length-groups
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
 #           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
-#           "tests" (every other test on CUDA: longer than a lease) and "tests-bank" (task bank tests, per-row
-#           kernels).
+#           "tests" (every other test on CUDA: longer than a lease), "tests-bank" (task bank tests, per-row
+#           kernels) and "host-profile" (cProfile of the host's time in a step).
 #           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
 #           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
 #           OUT/summary.txt.
@@ -49,8 +49,8 @@ fi
 OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:10 tests-gpu:100 tests-real:40 aot:60 kernels:40 bench:110 profile:35
-                                    task-bank:50 max-batch:50 length-groups:30)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env:10 tests-gpu:100 tests-real:60 aot:40 kernels:30 bench:90 profile:35
+                                    task-bank:75 max-batch:60 length-groups:45)
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1
@@ -86,6 +86,8 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
                     --junitxml="$LOGS/tests-bank.xml" ;;
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc \
                  --out "$LOGS" ;;
+        host-profile) python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc \
+                      --out "$LOGS" ;;
         task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS" ;;
         length-groups) python -m bitfit_fast_benches.length_groups --preset gpu --out "$LOGS" ;;
         *) echo "unknown stage $1"; return 2 ;;

@@ -143,14 +143,16 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
 
 
 def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
-              memory_gib: float | None = None) -> int:
-    """Largest batch (padded to ``workload.seq``) for which a training step runs without running out of memory,
-    within ``memory_gib`` of GPU memory when given (the whole card otherwise).
+              memory_gib: float | None = None) -> tuple[int, list[str]]:
+    """(largest batch, padded to ``workload.seq``, whose training step runs, the errors other than running out of
+    memory that stopped larger ones), within ``memory_gib`` of GPU memory when given (the whole card otherwise).
 
-    Every probe trains a fresh copy of one base model, so a probe that ran out of memory part-way through its
-    backward leaves nothing behind for the next (on the H200 run at 4caaf0e, PyTorch's own LayerNorm backward
-    returned an empty bias gradient during the search, which reused one model).
+    Every probe trains a fresh copy of one base model, so a probe that failed part-way through its backward leaves
+    nothing behind for the next. Near the memory limit PyTorch's own LayerNorm backward can fail with another
+    error than running out of memory (the reference on an H200, at aaf637a: "NativeLayerNormBackward0 returned an
+    invalid gradient ... got [0]"): such a batch does not train either, and its error is returned to be reported.
     """
+    errors = []
     base = build_base_model(workload, "cpu")
     if memory_gib is not None:
         total = torch.cuda.get_device_properties(device).total_memory
@@ -166,14 +168,15 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
             return True
         except torch.cuda.OutOfMemoryError:
             return False
-        except RuntimeError as error:  # not a size limit: say at which batch, keep the cause
-            raise RuntimeError(f"{provider} failed at batch {batch_size} (not out of memory): {error}") from error
+        except RuntimeError as error:
+            errors.append(f"batch {batch_size}: {str(error).splitlines()[0]}")
+            return False
         finally:
             del trainer, batch
             torch.cuda.empty_cache()
 
     try:
-        return largest_fitting(fits, workload.batch, limit)
+        return largest_fitting(fits, workload.batch, limit), errors
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()

@@ -47,6 +47,16 @@ def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, 
     return dict(gpu_ms_per_step=total_us / steps / 1e3, top_kernels=rows), table
 
 
+def parse_runs(parser: argparse.ArgumentParser, runs: list[str]) -> list[tuple[str, Workload]]:
+    """(provider, BERT-base batch-256 workload) of each PROVIDER:LENGTHS run; a parser error for any other."""
+    parts = [run.split(":") for run in runs]
+    bad = [run for run, part in zip(runs, parts)
+           if len(part) != 2 or part[0] not in PROVIDERS or part[1] not in ("fixed", "bbc")]
+    if bad:
+        parser.error(f"runs are PROVIDER:LENGTHS with a provider of {sorted(PROVIDERS)} and fixed or bbc: got {bad}")
+    return [(provider, Workload("bert-base", 128, 256, lengths=lengths)) for provider, lengths in parts]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.profile_step",
                                      description=__doc__.split("\n")[0])
@@ -56,14 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
-    runs = [run.split(":") for run in args.runs]
-    bad = [":".join(run) for run in runs if len(run) != 2 or run[0] not in PROVIDERS or run[1] not in ("fixed", "bbc")]
-    if bad:
-        parser.error(f"runs are PROVIDER:LENGTHS with a provider of {sorted(PROVIDERS)} and fixed or bbc: got {bad}")
     args.out.mkdir(parents=True, exist_ok=True)
     record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
-    for provider, lengths in runs:
-        workload = Workload("bert-base", 128, 256, lengths=lengths)
+    for provider, workload in parse_runs(parser, args.runs):
         name = f"{provider} {workload.name}"
         record["runs"][name], table = profile(provider, workload)
         tables.append(f"== {name}: {record['runs'][name]['gpu_ms_per_step']:.1f} GPU ms per step\n{table}")

@@ -117,6 +117,8 @@ def format_workload(name: str, results: dict) -> str:
             f"{s['real_tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {memory} | {speed} | {ratio} | "
             f"{s.get('max_batch', '-')} |"
         )
+    lines += [f"- {provider}'s largest-batch search, failed other than out of memory at {error}"
+              for provider, s in results.items() for error in s.get("max_batch_errors", [])]
     return "\n".join(lines)
 
 

@@ -148,7 +148,10 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
             results[name].update(peak_rss_bytes=probe["peak_rss"], peak_memory_bytes=probe["above_idle"])
     if preset.max_batch and device == "cuda" and not workload.variable_lengths and workload == preset.workloads[0]:
         for name in preset.providers:
-            results[name]["max_batch"] = max_batch(name, workload, device, memory_gib=preset.max_batch_memory_gib)
+            size, errors = max_batch(name, workload, device, memory_gib=preset.max_batch_memory_gib)
+            results[name]["max_batch"] = size
+            if errors:
+                results[name]["max_batch_errors"] = errors
     add_ratios(results)
     log(format_workload(workload.name, results))
     return dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,

@@ -1,0 +1,99 @@
+"""Where a training step's host (Python) time goes on a GPU: cProfile over synchronised steps.
+
+    python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc --out DIR
+
+On the H200 at aaf637a the fused default's step took 52.6 ms of wall time but kept the GPU busy for 37.1 ms
+(``profile_step``): a step the host cannot issue as fast as the GPU runs it. Each run is PROVIDER:LENGTHS on
+BERT-base, batch 256, at most 128 tokens, as in ``profile_step``. Writes ``DIR/host-profile.json`` (per run: the
+median wall time of a synchronised step; the host milliseconds per step inside the top functions, self and
+cumulative) and ``DIR/host-profile.txt`` (pstats' tables). The profiled backward runs on the calling thread, so
+that cProfile sees it. A sync inside the step shows as time in the call that waits (``item``, ``__bool__``).
+"""
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bitfit_fast.files import atomic_write
+
+from .measurement import timed
+from .presets import Workload, build_base_model, make_batches
+from .profile_step import parse_runs
+from .providers import build_provider
+
+
+def _function_name(key: tuple) -> str:
+    filename, line, name = key
+    return f"{Path(filename).name}:{line}({name})" if line else name
+
+
+def profile(provider: str, workload: Workload, steps: int = 10, warmup: int = 3, top: int = 40, device="cuda"):
+    """(record, pstats tables) for ``steps`` synchronised steps of ``provider`` after ``warmup`` steps."""
+    base = build_base_model(workload, device)
+    trainer = build_provider(provider, base, device, copy_base=False)
+    batches = make_batches(workload, warmup + 2 * steps, base.config.vocab_size, device)
+    for batch in batches[:warmup]:
+        trainer.step(batch)
+    wall = [timed(trainer.step, batch, device)[0] * 1e3 for batch in batches[warmup:warmup + steps]]
+    profiler = cProfile.Profile()
+    # On a GPU the autograd engine runs the backward on a thread of its own, which cProfile would not see.
+    with torch.autograd.set_multithreading_enabled(False):
+        profiler.enable()
+        for batch in batches[warmup + steps:]:
+            trainer.step(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    entries = stats.stats  # {(file, line, name): (primitive calls, calls, self s, cumulative s, callers)}
+    by_self = sorted(entries.items(), key=lambda item: -item[1][2])[:top]
+    by_cumulative = sorted(entries.items(), key=lambda item: -item[1][3])[:top]
+
+    def rows(items):
+        return [dict(function=_function_name(key), calls_per_step=value[1] / steps,
+                     self_ms_per_step=value[2] / steps * 1e3, cumulative_ms_per_step=value[3] / steps * 1e3)
+                for key, value in items]
+
+    tables = []
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(top)
+        tables.append(text.getvalue())
+    del trainer, base
+    record = dict(wall_ms_median=statistics.median(wall), host_ms_per_step=stats.total_tt / steps * 1e3,
+                  by_self_time=rows(by_self), by_cumulative_time=rows(by_cumulative))
+    return record, "\n".join(tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.host_profile",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", default=["reference:fixed", "fast:fixed"], metavar="PROVIDER:LENGTHS")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("host_profile needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
+    for provider, workload in parse_runs(parser, args.runs):
+        name = f"{provider} {workload.name}"
+        record["runs"][name], table = profile(provider, workload)
+        run = record["runs"][name]
+        tables.append(f"== {name}: wall {run['wall_ms_median']:.1f} ms per synchronised step, "
+                      f"{run['host_ms_per_step']:.1f} ms of profiled host time\n{table}")
+        print(tables[-1][:6000], flush=True)
+    atomic_write(args.out / "host-profile.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(args.out / "host-profile.txt", lambda tmp: tmp.write_text("\n".join(tables)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
