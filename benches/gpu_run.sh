@@ -88,8 +88,9 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
                  --out "$LOGS" ;;
         host-profile) python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc \
                       --out "$LOGS" ;;
-        task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS" ;;
-        length-groups) python -m bitfit_fast_benches.length_groups --preset gpu --out "$LOGS" ;;
+        # Both write gpu.{json,md}: a folder each (the aaf637a run lost the task bank's JSON to length groups').
+        task-bank) python -m bitfit_fast_benches.task_bank --preset gpu --out "$LOGS/task-bank" ;;
+        length-groups) python -m bitfit_fast_benches.length_groups --preset gpu --out "$LOGS/length-groups" ;;
         *) echo "unknown stage $1"; return 2 ;;
     esac
 }
