@@ -219,6 +219,46 @@ def test_largest_batch_search_finds_the_threshold(threshold):
     assert len(tried) < 30
 
 
+def test_largest_batch_search_counts_a_failing_probe_as_too_large_and_reports_it(monkeypatch):
+    """A probe that fails other than by running out of memory (PyTorch's LayerNorm backward near the memory limit on
+    an H200) is a batch that does not train: the search goes on below it and returns the error for the report.
+    Every probe gets a fresh model, and the memory cap is lifted afterwards."""
+    models, fractions = [], []
+
+    def step_of(model):
+        def step(batch):
+            size = batch["size"]
+            if size > 300:
+                raise torch.cuda.OutOfMemoryError("out of memory")
+            if size > 200:
+                raise RuntimeError("Function NativeLayerNormBackward0 returned an invalid gradient\nmore")
+            return torch.tensor(0.0)
+        return step
+
+    def provider(name, model, device, copy_base=True):
+        models.append(model)
+        return providers.Trainer(model, torch.optim.SGD([torch.zeros(1, requires_grad=True)]), step_of(model), "bitfit")
+
+    base = torch.nn.Linear(2, 2)
+    base.config = type("Config", (), {"vocab_size": 8})()
+    monkeypatch.setattr(measurement, "build_base_model", lambda workload, device: base)
+    monkeypatch.setattr(measurement, "build_provider", provider)
+    monkeypatch.setattr(measurement, "make_batches", lambda workload, count, vocab, device: [dict(size=workload.batch)])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 96 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fractions.append)
+
+    size, errors = measurement.max_batch("reference", Workload("bert-tiny", 8, 64), "cpu", memory_gib=24)
+    assert 200 - 200 // 16 <= size <= 200
+    assert errors and all(e.startswith("batch ") and e.endswith("invalid gradient") for e in errors)
+    assert len({id(m) for m in models}) == len(models) > 1 and base not in models
+    assert fractions == [0.25, 1.0]
+    results = {"reference": dict(median_ms=1.0, q1_ms=1.0, q3_ms=1.0, tokens_per_s=1.0, real_tokens_per_s=1.0,
+                                 mfu=0.1, max_batch=size, max_batch_errors=errors)}
+    assert f"failed other than out of memory at {errors[0]}" in report.format_workload("w", results)
+
+
 def test_goals_are_checked_against_the_best_fast_provider():
     stats = lambda ms, mem: dict(median_ms=ms, peak_memory_bytes=mem)  # noqa: E731
     results = {"reference": stats(100.0, 1000), "fast": stats(95.0, 900), "fast-minimal": stats(150.0, 500)}
