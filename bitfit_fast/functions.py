@@ -109,6 +109,7 @@ class LayerNormFunction(torch.autograd.Function):
             dropout_p=dropout_p, seed=seed, row_task=row_task,
         )
         ctx.mark_non_differentiable(x_hat)
+        ctx.set_materialize_grads(False)  # x_hat's gradient stays None: no zero-filled tensor per backward
         ctx.save_for_backward(x_hat, gamma, rstd, row_task)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None, beta.dtype)
@@ -153,6 +154,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
             dropout_p=dropout_p, seed=seed, row_task=beta_rows,
         )
         ctx.mark_non_differentiable(x_hat)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None, residual.dtype if residual is not None

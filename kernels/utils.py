@@ -151,8 +151,15 @@ def row_bucket(rows: int) -> int:
 PROGRAMS_PER_SM = 8
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    # Cached: the properties query costs ~10 us of host time, and a step launches ~50 such loops.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def reduction_programs(rows: int, device: torch.device) -> int:
     """Programs of a persistent row loop: PROGRAMS_PER_SM per SM on a GPU, a handful under the interpreter."""
     if device.type == "cuda":
-        return min(rows, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(rows, PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else
+                                                             torch.cuda.current_device()))
     return min(rows, 4)
