@@ -180,6 +180,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line that says where to look, not argparse's usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `bitfit-fast` parser: bench, train, eval, predict and serve, each with its options and their checks."""
     from bitfit_fast_benches.presets import PRESETS
@@ -192,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not just its message")
-    parser = argparse.ArgumentParser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels",
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels",
+                     formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, summary: str, func) -> argparse.ArgumentParser:
