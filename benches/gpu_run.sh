@@ -8,12 +8,14 @@
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
-#           stages, in this order by default (6.5 minutes on an H200 at aaf637a, three stages cut short):
-#             env tests-gpu tests-real aot kernels bench profile task-bank max-batch length-groups
+#           stages, in this order by default (about 8 minutes on an H200):
+#             env tests-gpu tests-real aot kernels bench profile task-bank max-batch host-profile
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
 #           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
 #           "tests" (every other test on CUDA: longer than a lease), "tests-bank" (task bank tests, per-row
-#           kernels) and "host-profile" (cProfile of the host's time in a step).
+#           kernels), "length-groups" (attention by length groups on CUDA: 0.055x one call at aaf637a) and
+#           "kernels-compiled" (each block under torch.compile: a compile per shape, minutes). "host-profile" is
+#           cProfile of the host's time in a step.
 #           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
 #           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
 #           OUT/summary.txt.
@@ -50,7 +52,7 @@ OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
 shift
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env:10 tests-gpu:100 tests-real:60 aot:40 kernels:30 bench:90 profile:35
-                                    task-bank:75 max-batch:60 length-groups:45)
+                                    task-bank:75 max-batch:60 host-profile:45)
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1
@@ -77,8 +79,10 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         tests-real) "${PYTEST[@]}" tests/test_real_weights.py --junitxml="$LOGS/tests-real.xml" ;;
         tests) "${PYTEST[@]}" -m "not gpu and not aot" "${TEST_FILES[@]}" --junitxml="$LOGS/tests.xml" ;;
         aot) python -m bitfit_fast_kernels.aot --jobs 16 --compare benches/results/gpu/aot-cpu-triton3.6.txt ;;
-        kernels) "${PYTEST[@]}" benches/test_kernels.py --benchmark-only --benchmark-json="$LOGS/kernels.json" \
-                 --benchmark-columns=median,iqr,rounds ;;
+        kernels) "${PYTEST[@]}" benches/test_kernels.py -k "not compiled" --benchmark-only \
+                 --benchmark-json="$LOGS/kernels.json" --benchmark-columns=median,iqr,rounds ;;
+        kernels-compiled) "${PYTEST[@]}" benches/test_kernels.py -k compiled --benchmark-only \
+                          --benchmark-json="$LOGS/kernels-compiled.json" --benchmark-columns=median,iqr,rounds ;;
         bench) python -m bitfit_fast.cli bench --preset gpu-short --out "$OUT/bench" ;;
         max-batch) python -m bitfit_fast.cli bench --preset gpu-max-batch --out "$OUT/bench" ;;
         tests-bank) "${PYTEST[@]}" -m "gpu or not aot" tests/test_task_bank.py tests/test_fused_layer.py \

@@ -1,4 +1,8 @@
-"""Fused kernels against the torch ops they replace, at BERT shapes (32,768 tokens), bf16 on a GPU.
+"""Fused kernels against the torch ops they replace, eager and under ``torch.compile``, at BERT shapes (32,768
+tokens), bf16 on a GPU. pytest-benchmark times each block's fwd+bwd from the host (what a step pays); the GPU's own
+time per call (its kernels, without the host's gaps between launches) goes to ``extra_info["gpu_busy_ms"]``, so a
+block's host overhead and its kernels' speed can be told apart. The compiled variants compile per shape (minutes
+in all): select them with ``-k compiled`` or leave them out with ``-k "not compiled"``.
 
 Under the CPU interpreter the kernels run in numpy: their timings mean nothing, so these need CUDA.
 """
@@ -9,6 +13,7 @@ import torch.nn.functional as F
 
 import bitfit_fast_kernels as K
 from bitfit_fast.functions import Ops
+from bitfit_fast_benches.profile_step import gpu_busy_ms
 
 FUSED = Ops(K)
 
@@ -66,24 +71,34 @@ def _fused_triton_gemm_linear(x, w, b, epilogue):
                                    0.1 if epilogue == "dropout" else 0.0)
 
 
-@pytest.mark.parametrize("impl", ["torch", "fused", "fused-triton-gemm"])
+def _run(benchmark, step, group: str) -> None:
+    benchmark.group = group
+    benchmark.pedantic(step, rounds=30, warmup_rounds=5, iterations=1)
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), tokens=TOKENS, gpu_busy_ms=gpu_busy_ms(step))
+
+
+@pytest.mark.parametrize("impl", ["torch", "torch-compiled", "fused", "fused-triton-gemm"])
 @pytest.mark.parametrize("k,n,epilogue", LINEARS, ids=[f"{k}x{n}-{e}" for k, n, e in LINEARS])
 def test_linear_forward_backward(benchmark, impl, k, n, epilogue):
     x, w, b = _inputs(k, n)
     dy = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
-    fn = {"torch": _torch_linear, "fused": _fused_linear, "fused-triton-gemm": _fused_triton_gemm_linear}[impl]
+    fn = {"torch": _torch_linear, "torch-compiled": torch.compile(_torch_linear, dynamic=False),
+          "fused": _fused_linear, "fused-triton-gemm": _fused_triton_gemm_linear}[impl]
 
     def step():
         y = fn(x, w, b, epilogue)
         torch.autograd.grad(y, (x, b), dy)
         torch.cuda.synchronize()
 
-    benchmark.group = f"linear {k}->{n} {epilogue or 'bias'} fwd+bwd"
-    benchmark.pedantic(step, rounds=30, warmup_rounds=5, iterations=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), tokens=TOKENS)
+    _run(benchmark, step, f"linear {k}->{n} {epilogue or 'bias'} fwd+bwd")
 
 
-@pytest.mark.parametrize("impl", ["torch", "fused"])
+def _torch_residual_layer_norm(x, residual, gamma, beta):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return F.layer_norm(F.dropout(x, 0.1) + residual, (x.shape[-1],), gamma, beta, 1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", "torch-compiled", "fused"])
 @pytest.mark.parametrize("n", [768, 1024])
 def test_residual_layer_norm_forward_backward(benchmark, impl, n):
     x = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -92,15 +107,15 @@ def test_residual_layer_norm_forward_backward(benchmark, impl, n):
     beta = torch.zeros(n, device="cuda", requires_grad=True)
     dy = torch.randn_like(x)
 
+    torch_block = torch.compile(_torch_residual_layer_norm, dynamic=False) if impl == "torch-compiled" else \
+        _torch_residual_layer_norm
+
     def step():
         if impl == "fused":
             y, _ = FUSED.layer_norm(x, residual, gamma, beta, 1e-12, 0.1, 99)
         else:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = F.layer_norm(F.dropout(x, 0.1) + residual, (n,), gamma, beta, 1e-12)
+            y = torch_block(x, residual, gamma, beta)
         torch.autograd.grad(y, (x, residual, beta), dy.to(y.dtype))
         torch.cuda.synchronize()
 
-    benchmark.group = f"dropout+residual+LayerNorm {n} fwd+bwd"
-    benchmark.pedantic(step, rounds=30, warmup_rounds=5, iterations=1)
-    benchmark.extra_info.update(device=torch.cuda.get_device_name(), tokens=TOKENS)
+    _run(benchmark, step, f"dropout+residual+LayerNorm {n} fwd+bwd")

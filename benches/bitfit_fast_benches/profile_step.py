@@ -11,6 +11,7 @@ Triton's autotuning and compilation stay out of the profile.
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,30 @@ from .presets import Workload, build_base_model, make_batches
 from .providers import PROVIDERS, build_provider
 
 
+def profiled_kernels(run: Callable[[], object], rounds: int, with_host: bool = True):
+    """``run()`` ``rounds`` times under torch.profiler: (its GPU kernels' events, by self GPU time, and every
+    event). ``with_host=False`` records the GPU alone (less overhead on the host)."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    if with_host:
+        activities.append(torch.profiler.ProfilerActivity.CPU)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(rounds):
+            run()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # GPU kernels only: an operator's row repeats the time of the kernels it launched.
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: -e.self_device_time_total)
+    return kernels, events
+
+
+def gpu_busy_ms(run: Callable[[], object], rounds: int = 5) -> float:
+    """Milliseconds of GPU kernels per ``run()``: its time without the host's gaps between launches."""
+    kernels, _ = profiled_kernels(run, rounds, with_host=False)
+    return sum(e.self_device_time_total for e in kernels) / rounds / 1e3
+
+
 def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, top: int = 25):
     """``provider``'s ``steps`` profiled training steps: (top kernels as dicts, torch's table)."""
     base = build_base_model(workload, "cuda")
@@ -28,16 +53,7 @@ def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, 
     batches = make_batches(workload, warmup + steps, base.config.vocab_size, "cuda")
     for batch in batches[:warmup]:
         trainer.step(batch)
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for batch in batches[warmup:]:
-            trainer.step(batch)
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    # GPU kernels only: an operator's row repeats the time of the kernels it launched.
-    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: -e.self_device_time_total)
+    kernels, events = profiled_kernels(map(trainer.step, batches[warmup:]).__next__, steps)
     total_us = sum(e.self_device_time_total for e in kernels)
     rows = [dict(name=e.key, calls_per_step=e.count / steps, ms_per_step=e.self_device_time_total / steps / 1e3,
                  share=e.self_device_time_total / total_us) for e in kernels[:top]]
