@@ -157,7 +157,7 @@ def _check_untied(model: nn.Module, head: list[str]) -> None:
             )
 
 
-def _resolve_config(config: BitFitConfig | None, overrides: dict) -> BitFitConfig:
+def config_with(config: BitFitConfig | None, overrides: dict) -> BitFitConfig:
     """``config`` (default: BitFitConfig()) with ``overrides`` replaced, validated again."""
     if config is None:
         config = BitFitConfig()
@@ -318,7 +318,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
             f"bitfit_fast is already applied to this {type(model).__name__}; call bitfit_fast.merge(model) first "
             "to apply it again with other options"
         )
-    config = _resolve_config(config, overrides)
+    config = config_with(config, overrides)
     check_backend(config.backend)
     plan = _plan(model, config)
 

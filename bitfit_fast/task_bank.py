@@ -9,8 +9,8 @@ so a batch of 64 tasks costs about what a batch of one task does, where per-task
 
 Training: the tables and heads are ordinary parameters. A table's gradient holds in row t the sum over task t's
 rows only (``torch_ops.task_sums``, or the kernels' bias-gradient passes: deterministic), so with
-:meth:`TaskBank.loss` (the sum of each task's mean loss) one optimizer step on a mixed batch is each task's own step
-on its examples.
+:meth:`TaskBank.loss` (the sum of each task's mean loss) and :meth:`TaskBank.optimizer` (AdamW that steps only the
+batch's tasks) one optimizer step on a mixed batch is each task's own step on its examples.
 :meth:`TaskBank.save_task` writes a task back as the ``save_biases`` checkpoint it came from.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import task_rows
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import BitFitConfig
-from .model import apply, config_of, is_within, planned_parameters, state_of
+from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
 
 
 @dataclasses.dataclass
@@ -155,9 +155,13 @@ def _output_width(head: nn.Module) -> int:
     return linears[-1].out_features
 
 
+# Options that change how a model runs, not what it trains: tasks that differ only in them share a bank.
+_EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
+
+
 def _options(config: BitFitConfig) -> dict:
-    """What must agree between the tasks of one bank: every option but the backend (the machine's choice)."""
-    return {key: value for key, value in config.to_dict().items() if key != "backend"}
+    """What must agree between the tasks of one bank: the options that decide what a task trains."""
+    return {key: value for key, value in config.to_dict().items() if key not in _EXECUTION_OPTIONS}
 
 
 class TaskBank(nn.Module):
@@ -231,6 +235,12 @@ class TaskBank(nn.Module):
         initialises its heads."""
         if not num_labels:
             raise ValueError("a TaskBank needs at least one task")
+        if not config_with(config, overrides).train_head:
+            width = getattr(getattr(model, "config", None), "num_labels", None)
+            other = {name: n for name, n in num_labels.items() if n != width}
+            if other:
+                raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
+                                 f"but {other} differ: train the heads, or give every task {width} labels")
         apply(model, config, announce=False, **overrides)
         params = dict(model.named_parameters())
         tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]
@@ -287,6 +297,9 @@ class TaskBank(nn.Module):
 
     def forward(self, tasks, **batch) -> torch.Tensor:
         """Logits [B, widest task] of a mixed batch (example i's in its task's first num_labels columns)."""
+        if "labels" in batch:  # the model's own loss would take every example as its first task's
+            raise ValueError("TaskBank returns logits, not a loss: drop labels from the batch and take "
+                             "bank.loss(logits, labels, tasks)")
         device = next(iter(batch.values())).device
         with task_rows.example_tasks(self.task_index(tasks, device)):
             return self.model(**batch).logits
@@ -310,19 +323,34 @@ class TaskBank(nn.Module):
         examples_of_task = torch.bincount(index, minlength=len(self.tasks))[index]
         return (per_example / examples_of_task).sum()
 
+    def optimizer(self, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8
+                  ) -> "TaskAdamW":
+        """AdamW over the bank's trained parameters in which a task steps only when the batch holds its examples:
+        ``optimizer.step(tasks)`` with the batch's tasks (see :class:`TaskAdamW`)."""
+        return TaskAdamW(self, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def parameter_tasks(self) -> dict[nn.Parameter, int | None]:
+        """Each trained parameter's task: its index for a head's parameter, None for a table (row t: task t)."""
+        tasks = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                in_head = any(is_within(name, [head]) for head in self.head_names)
+                # A head's parameters are "<head>.heads.<task>.<...>" (TaskHeads).
+                tasks[param] = int(name.split(".heads.", 1)[1].split(".", 1)[0]) if in_head else None
+        return tasks
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Gradient clipping per task, as each task's own run clips: task t's gradients (its table rows and its
         heads) are scaled so that their norm is at most ``max_norm``. Returns the tasks' norms before clipping."""
         squares = None
         rows, heads = [], []
-        for name, param in self.model.named_parameters():
+        for param, task in self.parameter_tasks().items():
             if param.grad is None:
                 continue
-            if not any(is_within(name, [h]) for h in self.head_names):
+            if task is None:
                 rows.append(param.grad)
                 per_task = param.grad.float().square().sum(dim=1)
-            else:  # inside TaskHeads: "<head>.heads.<task>.<...>"
-                task = int(name.split(".heads.", 1)[1].split(".", 1)[0])
+            else:
                 heads.append((task, param.grad))
                 per_task = torch.zeros(len(self.tasks), device=param.grad.device)
                 per_task[task] = param.grad.float().square().sum()
@@ -361,6 +389,58 @@ class TaskBank(nn.Module):
 
     def extra_repr(self) -> str:
         return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())
+
+
+class TaskAdamW(torch.optim.Optimizer):
+    """AdamW (torch.optim.AdamW's update, without amsgrad) for a :class:`TaskBank`, in which a task steps only when
+    the batch held its examples. ``step(tasks)`` takes the batch's tasks, as the bank's forward does.
+
+    torch's AdamW would step every task on every batch: a task absent from a batch has a zero gradient, yet its
+    momentum and weight decay would move it and its step count would grow, so it would not end where its own run
+    does. Here an absent task keeps its parameters, moments and step count; each table row counts its own steps.
+    """
+
+    def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.bank = bank
+        self._task_of = bank.parameter_tasks()
+        super().__init__(list(self._task_of), dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, tasks) -> None:
+        present = torch.zeros(len(self.bank.tasks), dtype=torch.bool)
+        present[self.bank.task_index(tasks)] = True
+        for group in self.param_groups:
+            for param in group["params"]:
+                task = self._task_of[param]
+                if param.grad is None or (task is not None and not present[task]):
+                    continue
+                state = self.state[param]
+                if not state:
+                    # float64 step counts: the bias corrections as torch computes them, in Python floats
+                    steps = torch.zeros(param.shape[0] if task is None else (), dtype=torch.float64,
+                                        device=param.device)
+                    state.update(step=steps, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                rows = present.to(param.device) if task is None else torch.ones((), dtype=torch.bool,
+                                                                                device=param.device)
+                _adamw_rows(param, param.grad, state, rows, group["lr"], group["weight_decay"], group["betas"],
+                            group["eps"])
+
+
+def _adamw_rows(param, grad, state, rows, lr, weight_decay, betas, eps) -> None:
+    """One AdamW step of the rows of ``param`` where ``rows`` [param.shape[0]] (or a 0-d tensor for all) is True."""
+    beta1, beta2 = betas
+    state["step"] += rows.to(torch.float64)
+    steps = state["step"].clamp(min=1)  # rows never stepped keep 0 and are not written below
+    shape = (-1,) + (1,) * (param.dim() - 1) if rows.dim() else ()
+    keep = rows.view(shape)
+    exp_avg = torch.where(keep, state["exp_avg"].lerp(grad, 1 - beta1), state["exp_avg"])
+    exp_avg_sq = torch.where(keep, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad, state["exp_avg_sq"])
+    step_size = (lr / (1 - beta1**steps)).view(shape).to(param.dtype)
+    correction2_sqrt = ((1 - beta2**steps) ** 0.5).view(shape).to(param.dtype)
+    updated = param * (1 - lr * weight_decay) - step_size * exp_avg / (exp_avg_sq.sqrt() / correction2_sqrt + eps)
+    param.copy_(torch.where(keep, updated, param))
+    state["exp_avg"].copy_(exp_avg)
+    state["exp_avg_sq"].copy_(exp_avg_sq)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -135,7 +135,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     tasks = trained_tasks(base, tmp_path, widths, backend=backend, **PATHS[path])
     bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
                          backend=backend).train()
-    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = bank.optimizer(lr=1e-2)
     singles = {name: (model.train(), torch.optim.AdamW(trainable(model).values(), lr=1e-2))
                for name, (model, _) in tasks.items()}
     initial = {name: {n: p.detach().clone() for n, p in trainable(model).items()} for name, (model, _) in tasks.items()}
@@ -150,7 +150,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
         bank.loss(bank(example_tasks, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
                   labels, example_tasks).backward()
         norms = bank.clip_grad_norm_(MAX_NORM)
-        optimizer.step()
+        optimizer.step(example_tasks)
         for name, (model, single_optimizer) in singles.items():
             rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
             single_optimizer.zero_grad()
@@ -168,6 +168,59 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
             torch.testing.assert_close(got[param_name], value, atol=2e-5, rtol=1e-4, msg=f"{name} {param_name}")
         moved = [n for n, v in expected.items() if (v - initial[name][n]).abs().max() > 1e-3]
         assert len(moved) > len(expected) // 2, "the steps must move the parameters for the comparison to mean much"
+
+
+@pytest.mark.parametrize("optimizer", ["bank", "torch"])
+def test_a_task_absent_from_a_batch_ends_where_its_own_run_ends(optimizer, tmp_path):
+    """The bank's optimizer steps only the batch's tasks: with "sentiment" absent from the middle batch, each task
+    ends where its own run ends after the steps on its examples. torch's AdamW ("torch") moves the absent task by
+    its momentum and weight decay and counts the step, which is why the bank has an optimizer of its own."""
+    widths = {"topic": 3, "sentiment": 2}
+    base = MODELS["bert"](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, widths)
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()}).train()
+    params = [p for p in bank.parameters() if p.requires_grad]
+    bank_optimizer = (bank.optimizer(lr=1e-2, weight_decay=0.1) if optimizer == "bank"
+                      else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1))
+    singles = {name: (model.train(), torch.optim.AdamW(trainable(model).values(), lr=1e-2, weight_decay=0.1))
+               for name, (model, _) in tasks.items()}
+    schedule = [["topic", "sentiment", "sentiment", "topic", "topic"], ["topic"] * 5,
+                ["sentiment", "topic", "sentiment", "topic", "topic"]]
+    labels = torch.tensor([1, 1, 0, 2, 1], device=DEVICE)
+    for example_tasks in schedule:
+        batch = padded_batch(base, (6, 2, 5, 3, 4))
+        del batch["labels"]
+        bank_optimizer.zero_grad()
+        bank.loss(bank(example_tasks, **batch), labels, example_tasks).backward()
+        bank_optimizer.step(example_tasks) if optimizer == "bank" else bank_optimizer.step()
+        for name, (model, single_optimizer) in singles.items():
+            rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
+            if rows.numel():
+                single_optimizer.zero_grad()
+                model(**{k: v[rows] for k, v in batch.items()}, labels=labels[rows]).loss.backward()
+                single_optimizer.step()
+    mismatched = []
+    for name, (model, _) in singles.items():
+        got = bank.task_tensors(name)
+        mismatched += [(name, n) for n, value in trainable(model).items()
+                       if not torch.allclose(got[n], value, atol=2e-5, rtol=1e-4)]
+    if optimizer == "bank":
+        assert not mismatched
+    else:
+        assert mismatched and {name for name, _ in mismatched} == {"sentiment"}
+
+
+def test_tasks_trained_in_other_memory_modes_or_paths_share_a_bank(tmp_path):
+    """memory and fuse_layers change how a model runs, not what it trains: such tasks serve together."""
+    base = MODELS["bert"](num_labels=3)
+    lean = trained_tasks(base, tmp_path / "lean", {"topic": 3}, memory="lean", backend="torch")
+    modules = trained_tasks(base, tmp_path / "modules", {"sentiment": 2}, fuse_layers=False, backend="torch")
+    tasks = {**lean, **modules}
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch")
+    batch = padded_batch(base, (3, 2, 4))
+    batch.pop("labels")
+    check_mixed_equals_single(bank, tasks, batch, ["topic", "sentiment", "topic"], atol=1e-5, rtol=1e-5)
 
 
 def test_a_task_saved_from_the_bank_loads_onto_a_fresh_base(tmp_path):
@@ -195,6 +248,12 @@ def test_mistakes_name_the_problem(tmp_path):
         bank(["topic", "weather"], **batch)
     with pytest.raises(ValueError, match="the batch has 2 examples but 3 example tasks"):
         bank(["topic", "topic", "topic"], **batch)
+    with pytest.raises(ValueError, match=r"TaskBank returns logits, not a loss: .* bank.loss\(logits, labels, tasks\)"):
+        bank(["topic", "topic"], labels=torch.tensor([0, 1]), **batch)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"train_head=False .* head of 3 labels, but \{'sentiment': 2\} differ"):
+        TaskBank.new(fresh, {"topic": 3, "sentiment": 2}, train_head=False)
+    assert not hasattr(fresh, "bitfit_fast_config")
     with pytest.raises(ValueError, match="needs each row's task: run the model through bitfit_fast.TaskBank"):
         bank.model(**batch)
     subset = bitfit_fast.apply(with_head(base, 2), biases="subset", announce=False)
