@@ -126,19 +126,20 @@ def _serve(args: argparse.Namespace) -> int:
 def _train_conflict(args: argparse.Namespace) -> str | None:
     if len(args.text_columns) > 2:
         return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
+    if args.task_files:  # first: the pairing checks below would give hints that do not apply to a joint run
+        given = [option for option, value in (("--task", args.task), ("--train-file", args.train_file),
+                                              ("--validation-file", args.validation_file),
+                                              ("--resume", args.resume), ("--save-every", args.save_every),
+                                              ("--lr-sweep", args.lr_sweep),
+                                              ("--micro-batch-size", args.micro_batch_size)) if value]
+        if given:
+            return f"--task-files trains several tasks from their files in one process: leave out {', '.join(given)}"
     if bool(args.train_file) != bool(args.validation_file):
         return "--train-file and --validation-file go together: give both"
     if args.task and args.train_file:
         return "--task and --train-file/--validation-file are two data sources: give one"
     if args.lr_sweep and args.lr is not None:
         return "--lr-sweep tries the paper's learning rates itself: leave out --lr"
-    if args.task_files:
-        given = [option for option, value in (("--task", args.task), ("--train-file", args.train_file),
-                                              ("--resume", args.resume), ("--save-every", args.save_every),
-                                              ("--lr-sweep", args.lr_sweep),
-                                              ("--micro-batch-size", args.micro_batch_size)) if value]
-        if given:
-            return f"--task-files trains several tasks from their files in one process: leave out {', '.join(given)}"
     return None
 
 

@@ -8,6 +8,8 @@ import torch
 from test_trainer import save_tiny_bert, write_csv
 
 from bitfit_fast import cli
+from bitfit_fast.errors import UserError
+from bitfit_fast.train.run import load_run
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,20 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
      "--task-files trains several tasks from their files in one process: leave out --resume, --save-every"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--method", "full"],
      "--task-files trains BitFit tasks: --method full is not one"),
+    (["--task-files", "biases", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv"],
+     "--task-files name 'biases' is a file of the joint run's directory: choose another name"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--validation-file", "v.csv"],
+     "--task-files trains several tasks from their files in one process: leave out --validation-file"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--backend", "triton"],
+     "--backend triton: backend='triton' needs a CUDA GPU"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv"],
+     "--task-files trains in one process: start it without torchrun"),
 ])
-def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, extra, message):
+def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr("bitfit_fast_kernels.INTERPRETER", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "torchrun" in message:
+        monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["train", "--output-dir", str(tmp_path / "runs"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: error: ") and message in err
@@ -87,6 +101,18 @@ def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys):
         assert cli.main(args) == 2
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()} == saved
+
+
+def test_a_task_of_a_joint_run_that_stopped_early_says_to_train_again(joint_run, tmp_path):
+    """A joint run keeps no checkpoint: a task directory without biases says to run the joint command again, not
+    to --resume it."""
+    root, _ = joint_run
+    task = tmp_path / "topics"
+    task.mkdir()
+    (task / "run_config.json").write_text((root / "runs" / "topics" / "run_config.json").read_text())
+    with pytest.raises(UserError, match=r"stopped before its first epoch finished: train its --task-files command "
+                                        r"again, into a new --output-dir"):
+        load_run(str(task))
 
 
 def test_the_tasks_of_a_joint_run_serve_together(joint_run):

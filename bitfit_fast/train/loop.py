@@ -90,11 +90,16 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     check_output_dir(Path(config.output_dir), config.resume)
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
+    check_backend_option(config)
+    return resolved_config(config, d.device)
+
+
+def check_backend_option(config: TrainConfig) -> None:
+    """--backend usable here (triton: a GPU, or the CPU interpreter), or one line saying why not."""
     try:
         check_backend(config.bitfit.backend)
     except RuntimeError as error:
         raise UserError(f"--backend {config.bitfit.backend}: {error}") from error
-    return resolved_config(config, d.device)
 
 
 def resolved_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
@@ -178,22 +183,26 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         epoch_start, epoch_tokens = time.time(), 0
         for index in range(first, len(batches)):
             shard = batches[index][d.rank::d.world]
+            # A last batch of fewer examples than processes leaves some rank none; it still runs the backward whose
+            # gradient all-reduce the other ranks wait for (they would hang), on one example weighted 0.
+            weight = 1.0 if shard else 0.0
+            shard = shard or batches[index][:1]
             loss_sum = 0.0
             pieces = [shard[i:i + micro] for i in range(0, len(shard), micro)]
             for piece_index, piece in enumerate(pieces):
                 batch = data_lib.collate(train_data, piece, pad_id, config.regression)
                 batch = {k: v.to(d.device) for k, v in batch.items()}
-                real = int(batch["attention_mask"].sum())
+                real = int(batch["attention_mask"].sum() * weight)
                 tokens.real += real
-                tokens.padded += batch["input_ids"].numel()
+                tokens.padded += int(batch["input_ids"].numel() * weight)
                 epoch_tokens += real
                 last = piece_index == len(pieces) - 1
                 with ddp.no_sync() if d.world > 1 and not last else contextlib.nullcontext():
                     with config.autocast(d.device):
                         loss = ddp(**batch).loss
                     # Mean over the whole batch: DDP averages over ranks, hence the factor world.
-                    scaler.scale(loss * (len(piece) * d.world / len(batches[index]))).backward()
-                loss_sum += loss.item() * len(piece)
+                    scaler.scale(loss * (weight * len(piece) * d.world / len(batches[index]))).backward()
+                loss_sum += weight * loss.item() * len(piece)
             batch_loss = all_reduce_sum(loss_sum, d) / len(batches[index])
             if not math.isfinite(batch_loss):
                 kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.is_file()

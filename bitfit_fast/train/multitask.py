@@ -1,12 +1,13 @@
 """`bitfit-fast train --task-files NAME TRAIN VALIDATION ...`: several tasks trained together on one base model, in
 mixed batches (see :class:`~bitfit_fast.task_bank.TaskBank`).
 
-Sampling is proportional: every epoch takes every example of every task once, all tasks shuffled together and
-grouped by length, so a batch mixes the tasks in proportion to their sizes and a small task is not repeated. Each
-task learns as it would alone: its loss is the mean over its examples in the batch, its gradient is clipped on its
-own, and AdamW updates each parameter from its own gradient. Every epoch each task is evaluated on its own
-validation file, and ``OUTPUT_DIR/NAME/`` is a run directory of its own (``run_config.json``, ``biases/`` of its
-best epoch by its metric, ``biases-last/``) that `bitfit-fast eval`, `predict` and `serve` take like any run.
+Sampling: every epoch takes every example of every task once (a small task is not repeated), all tasks shuffled
+together and grouped by length, so a batch holds the tasks whose examples have similar lengths. Each task learns as
+it would alone: its loss is the mean over its examples in the batch, its gradient is clipped on its own, and AdamW
+steps it on the batches that hold its examples only (:class:`~bitfit_fast.task_bank.TaskAdamW`). Every epoch
+each task is evaluated on its own validation file, and ``OUTPUT_DIR/NAME/`` is a run directory of its own
+(``run_config.json``, ``biases/`` of its best epoch by its metric, ``biases-last/``) that `bitfit-fast eval`,
+`predict` and `serve` take like any run.
 
 One process, no checkpoint to resume and no micro-batching: a joint run is meant for the many small tasks that one
 model serves.
@@ -14,6 +15,7 @@ model serves.
 
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -28,8 +30,22 @@ from . import data as data_lib
 from .config import TrainConfig
 from .distributed import Dist
 from .evaluation import best_evaluation, evaluate
+from .loop import check_backend_option
 from .models import load_pretrained, max_positions, model_source
-from .run import BEST_BIASES, LAST_BIASES, SUMMARY_NAME, Run, check_output_dir, write_run_config
+from .run import (
+    BEST_BIASES,
+    CHECKPOINT_NAME,
+    CURVES_NAME,
+    LAST_BIASES,
+    RUN_CONFIG_NAME,
+    SUMMARY_NAME,
+    Run,
+    check_output_dir,
+    write_run_config,
+)
+
+# What a run directory holds: a task named so would collide with the joint run's own files.
+RUN_FILES = {CHECKPOINT_NAME, RUN_CONFIG_NAME, SUMMARY_NAME, CURVES_NAME, BEST_BIASES, LAST_BIASES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +79,13 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
     for name in names:
         if not name or name != Path(name).name or name.startswith("."):
             raise UserError(f"--task-files name {name!r} must be a plain directory name: it names OUTPUT_DIR/{name}")
+        if name in RUN_FILES:
+            raise UserError(f"--task-files name {name!r} is a file of the joint run's directory: choose another name")
     if not config.saves_biases:
         raise UserError(f"--task-files trains BitFit tasks: --method {config.method} is not one")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--task-files trains in one process: start it without torchrun")
+    check_backend_option(config)
     check_output_dir(Path(config.output_dir), resume=False)
     for name in names:
         check_output_dir(Path(config.output_dir) / name, resume=False)
@@ -126,10 +147,9 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
         run_config = dataclasses.replace(config, model=config.model and model_path, output_dir=str(out / name),
                                          **files)
         write_run_config(Run(out / name, run_config, model_path, data.num_labels, data.label_names,
-                             list(data.metrics), tuple(data.text_columns), data.label_column), name)
+                             list(data.metrics), tuple(data.text_columns), data.label_column), name, out)
 
-    params = [p for p in bank.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
+    optimizer = bank.optimizer(lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
     lengths = [len(ids) for ids in joint.input_ids]
     histories = {name: [] for name in task_data}
@@ -148,7 +168,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             bank.clip_grad_norm_(config.max_grad_norm)
-            scaler.step(optimizer)
+            scaler.step(optimizer, names)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1

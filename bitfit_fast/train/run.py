@@ -98,9 +98,11 @@ class Run:
                     label_column=self.label_column)
 
 
-def write_run_config(run: Run, task_name: str) -> None:
-    """run_config.json in the run's directory: the options, with the data files and the model as absolute paths."""
-    write_json(run.path / RUN_CONFIG_NAME, dict(run.to_dict(), task=task_name))
+def write_run_config(run: Run, task_name: str, joint_run: Path | None = None) -> None:
+    """run_config.json in the run's directory: the options, with the data files and the model as absolute paths;
+    for a task of a joint run (`--task-files`), that run's directory too."""
+    extra = {} if joint_run is None else dict(joint_run=str(joint_run))
+    write_json(run.path / RUN_CONFIG_NAME, dict(run.to_dict(), task=task_name, **extra))
 
 
 def load_run(path: str) -> Run:
@@ -123,9 +125,14 @@ def load_run(path: str) -> Run:
         raise UserError(f"{file} could not be read ({first_line(error)}): it is damaged or was written by another "
                         "version of bitfit-fast; train the run again") from error
     if not (directory / BEST_BIASES).is_dir():
-        reason = (f"--method {config.method} trains more than biases, and only biases are saved"
-                  if not config.saves_biases else
-                  f"no epoch has finished yet: continue the run with `bitfit-fast train --resume --output-dir {path}`")
+        if not config.saves_biases:
+            reason = f"--method {config.method} trains more than biases, and only biases are saved"
+        elif "joint_run" in record:  # a joint run keeps no checkpoint to continue from
+            reason = (f"the joint run {record['joint_run']} stopped before its first epoch finished: train its "
+                      "--task-files command again, into a new --output-dir")
+        else:
+            reason = ("no epoch has finished yet: continue the run with "
+                      f"`bitfit-fast train --resume --output-dir {path}`")
         raise UserError(f"{path} has no {BEST_BIASES}/: {reason}")
     return run
 
