@@ -8,7 +8,8 @@ layer instead, which for a bias is what the bank does).
 Every configuration runs the same batches (real BBC News paragraph lengths, dynamic padding), in rounds that
 alternate the configurations (each round starting at another) in one process so that drift cancels; ratios come
 from the medians measured here. ``predict`` times a no-grad
-forward (serving); ``train`` a forward, backward and AdamW step on the bank's loss.
+forward (serving); ``train`` a forward, backward and AdamW step on the bank's loss (the bank's own
+``TaskBank.optimizer``, the single-task model's torch.optim.AdamW).
 """
 
 import copy
@@ -132,7 +133,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
                 bank(assignments[k], **batch)
         return step
 
-    optimizer = torch.optim.AdamW([p for p in bank.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = bank.optimizer(lr=1e-4)  # what a joint run steps with: only the batch's tasks
     single_optimizer = torch.optim.AdamW([p for p in single.parameters() if p.requires_grad], lr=1e-4)
     labels = torch.zeros(preset.workload.batch, dtype=torch.long, device=device)
 
@@ -149,7 +150,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
             with precision():
                 loss = bank.loss(bank(assignments[k], **batch), labels, assignments[k])
             loss.backward()
-            optimizer.step()
+            optimizer.step(assignments[k])
         return step
 
     most = preset.distinct[-1]
