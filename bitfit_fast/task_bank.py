@@ -416,27 +416,42 @@ class TaskAdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[param]
                 if not state:
-                    # float64 step counts: the bias corrections as torch computes them, in Python floats
-                    steps = torch.zeros(param.shape[0] if task is None else (), dtype=torch.float64,
-                                        device=param.device)
-                    state.update(step=steps, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-                rows = present.to(param.device) if task is None else torch.ones((), dtype=torch.bool,
-                                                                                device=param.device)
-                _adamw_rows(param, param.grad, state, rows, group["lr"], group["weight_decay"], group["betas"],
-                            group["eps"])
+                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                    # A table counts each row's steps on its device; a head its own, on the host (no sync to read).
+                    state["step"] = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device) \
+                        if task is None else 0
+                if task is None:
+                    _adamw_rows(param, state, present.to(param.device), **_hyperparameters(group))
+                else:
+                    _adamw(param, state, **_hyperparameters(group))
 
 
-def _adamw_rows(param, grad, state, rows, lr, weight_decay, betas, eps) -> None:
-    """One AdamW step of the rows of ``param`` where ``rows`` [param.shape[0]] (or a 0-d tensor for all) is True."""
+def _hyperparameters(group: dict) -> dict:
+    return {key: group[key] for key in ("lr", "weight_decay", "betas", "eps")}
+
+
+def _adamw(param, state, lr, weight_decay, betas, eps) -> None:
+    """One step of torch.optim.AdamW's (single-tensor, no amsgrad) update of a whole parameter."""
+    beta1, beta2 = betas
+    state["step"] += 1
+    param.mul_(1 - lr * weight_decay)
+    state["exp_avg"].lerp_(param.grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+    denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** state["step"]) ** 0.5).add_(eps)
+    param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
+
+
+def _adamw_rows(param, state, rows, lr, weight_decay, betas, eps) -> None:
+    """The same update of a table's rows where ``rows`` [T] is True, each row with its own step count."""
     beta1, beta2 = betas
     state["step"] += rows.to(torch.float64)
     steps = state["step"].clamp(min=1)  # rows never stepped keep 0 and are not written below
-    shape = (-1,) + (1,) * (param.dim() - 1) if rows.dim() else ()
-    keep = rows.view(shape)
+    keep = rows.view((-1,) + (1,) * (param.dim() - 1))
+    grad = param.grad
     exp_avg = torch.where(keep, state["exp_avg"].lerp(grad, 1 - beta1), state["exp_avg"])
     exp_avg_sq = torch.where(keep, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad, state["exp_avg_sq"])
-    step_size = (lr / (1 - beta1**steps)).view(shape).to(param.dtype)
-    correction2_sqrt = ((1 - beta2**steps) ** 0.5).view(shape).to(param.dtype)
+    step_size = (lr / (1 - beta1**steps)).view(keep.shape).to(param.dtype)
+    correction2_sqrt = ((1 - beta2**steps) ** 0.5).view(keep.shape).to(param.dtype)
     updated = param * (1 - lr * weight_decay) - step_size * exp_avg / (exp_avg_sq.sqrt() / correction2_sqrt + eps)
     param.copy_(torch.where(keep, updated, param))
     state["exp_avg"].copy_(exp_avg)
