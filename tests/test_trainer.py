@@ -294,6 +294,7 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples
     assert summary["world_size"] == 2 and summary["ranks_in_sync"]
     one = json.loads((tmp_path / "one" / "run_summary.json").read_text())
     assert summary["epochs"][0]["validation"]["accuracy"] == pytest.approx(one["epochs"][0]["validation"]["accuracy"])
+    assert summary["real_tokens"] == one["real_tokens"], "every process's tokens, counted once"
     expected, got = trained_params(tmp_path / "one"), trained_params(tmp_path / "two")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -333,6 +334,8 @@ def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_p
         with pytest.raises(UserError, match=message):
             train(config(model_dir, files, tmp_path, **{"epochs": 2, "resume": True, **overrides}))
         assert (tmp_path / "run" / "run_summary.json").read_bytes() == summary
+    with pytest.raises(UserError, match=r"checkpoint.pt was written by 1 process\(es\), not 2: resume it with 1"):
+        run.check_unfinished(tmp_path / "run" / "checkpoint.pt", 2, world=2)  # torchrun of 2 resuming 1 process's
     write_csv(files["train_file"], 48, 1, labels=("sport", "money"))  # the same files, now of two classes
     write_csv(files["validation_file"], 24, 2, labels=("sport", "money"))
     with pytest.raises(UserError, match=r"the training data's classes \['money', 'sport'\] are not those"):

@@ -126,7 +126,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     out = Path(config.output_dir)
     config, model_path = _checked_config(config, d)
     if config.resume:
-        check_unfinished(out / CHECKPOINT_NAME, config.epochs)
+        check_unfinished(out / CHECKPOINT_NAME, config.epochs, d.world)
 
     task = data_lib.load_task(config)
     config = dataclasses.replace(config, regression=task.num_labels == 1)  # GLUE's STS-B is a regression too

@@ -174,21 +174,29 @@ def _read_state(path: Path, mmap: bool = False) -> dict:
                         "by bitfit-fast train; start a new run in another --output-dir") from error
 
 
-def check_unfinished(path: Path, epochs: int) -> None:
-    """Before anything loads: a run resumed with no epoch left to train is refused (its tensors are only mapped,
-    not read)."""
-    done = _read_state(path, mmap=True)["position"]["epoch"]
+def check_unfinished(path: Path, epochs: int, world: int) -> None:
+    """Before anything loads: a run resumed with no epoch left to train, or by another number of processes than
+    wrote its checkpoint (each process's generators are in it), is refused (its tensors are only mapped, not
+    read)."""
+    state = _read_state(path, mmap=True)
+    _check_world(path, state, world)
+    done = state["position"]["epoch"]
     if done >= epochs:
         raise UserError(f"{path.parent} has finished its {done} epochs, so there is nothing to continue: pass "
                         f"--epochs more than {done} to train it further")
+
+
+def _check_world(path: Path, state: dict, world: int) -> None:
+    if state["world"] != world:
+        raise UserError(f"{path} was written by {state['world']} process(es), not {world}: resume it with "
+                        f"{state['world']}")
 
 
 def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict, list]:
     """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, ``scaler`` and this process's
     generators; returns (position, history)."""
     state = _read_state(path)
-    if state["world"] != d.world:
-        raise UserError(f"{path} was written by {state['world']} processes; resume with the same number")
+    _check_world(path, state, d.world)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state["trainable"].items():

@@ -9,7 +9,7 @@ import torch
 from ..model import get_nb_trainable_parameters
 from .config import TrainConfig
 from .data import TaskData
-from .distributed import Dist
+from .distributed import Dist, all_reduce_sum
 from .evaluation import best_evaluation
 from .run import BEST_BIASES, LAST_BIASES
 
@@ -44,6 +44,8 @@ def summarize(config: TrainConfig, task: TaskData, model, history: list, start_t
     saved_biases = ({BEST_BIASES: best["epoch"], LAST_BIASES: evaluations[-1]["epoch"]}
                     if best and config.saves_biases else {})
     trainable, total = get_nb_trainable_parameters(model)
+    # Every process's tokens (each counts its own shard's; the steps are the same on all).
+    real, padded = int(all_reduce_sum(tokens.real, d)), int(all_reduce_sum(tokens.padded, d))
     return dict(
         config=config.to_dict(), task=task.name, world_size=d.world, ranks_in_sync=in_sync,
         trainable_parameters=trainable, all_parameters=total, learning_rate=config.resolved_learning_rate(),
@@ -52,9 +54,9 @@ def summarize(config: TrainConfig, task: TaskData, model, history: list, start_t
         if best else None,
         saved_biases=saved_biases,  # directory: the epoch whose biases it holds
         final_train_loss=next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        seconds=time.time() - start_time, real_tokens=tokens.real, padded_tokens=tokens.padded,
-        padded_tokens_per_batch=tokens.padded * d.world / max(1, tokens.steps),
-        padding_waste=1 - tokens.real / tokens.padded if tokens.padded else 0.0,
+        seconds=time.time() - start_time, real_tokens=real, padded_tokens=padded,
+        padded_tokens_per_batch=padded / max(1, tokens.steps),
+        padding_waste=1 - real / padded if padded else 0.0,
         peak_memory_bytes=peak_memory_bytes(d.device), device=str(d.device),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
     )
