@@ -324,6 +324,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
 
     # Validation is over: from here on the model changes.
     _add_zero_biases(model, plan.to_add, announce)
+    _declare_added_biases(model, plan.to_add)
     _freeze_all_but(model, plan.trained_head, plan.selected)
     setattr(model, TRAINED_ATTRIBUTE, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
     replace_children(model, plan.to_bitfit)
@@ -334,6 +335,23 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     setattr(model, STATE_ATTRIBUTE, AppliedState(head=plan.head, added_biases=plan.to_add,
                                                  weight_dtypes=weight_dtypes))
     return model
+
+
+def _declare_added_biases(model: nn.Module, added) -> None:
+    """Turns on the config flags that declare exactly the biases apply() added (see
+    :func:`_bias_flags_declaring_added_biases`), so that ``save_pretrained`` of the applied model (every checkpoint
+    the Hugging Face Trainer writes) reloads them into the vanilla class; where no flags can, nothing changes, and
+    merge() says to keep them with save_biases."""
+    from transformers import PreTrainedModel
+
+    if not added or not isinstance(model, PreTrainedModel):
+        return
+    try:
+        flags = _bias_flags_declaring_added_biases(model)
+    except ValueError:
+        return
+    for flag in flags:
+        setattr(model.config, flag, True)
 
 
 def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:

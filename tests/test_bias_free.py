@@ -144,6 +144,22 @@ def test_merge_save_pretrained_from_pretrained_reproduces_the_trained_model(make
     torch.testing.assert_close(logits(reloaded.to(DEVICE), batch), logits(merged, batch), atol=0, rtol=0)
 
 
+def test_a_checkpoint_of_the_applied_model_reloads_its_added_biases(tmp_path):
+    """apply() declares the biases it adds in the config, so save_pretrained of the applied model itself (what the
+    Hugging Face Trainer writes at every checkpoint) reloads them into the vanilla class (it dropped them, found by
+    an audit)."""
+    model, _ = trained(tiny_modernbert)
+    assert all(getattr(model.config, flag) for flag in BIAS_FLAGS)
+    model.save_pretrained(tmp_path)
+    reloaded, info = transformers.ModernBertForSequenceClassification.from_pretrained(tmp_path,
+                                                                                      output_loading_info=True)
+    assert not any(info.values()), info
+    batch = padded_batch(model)
+    torch.testing.assert_close(logits(reloaded.to(DEVICE), batch), logits(model, batch), atol=1e-6, rtol=0)
+    subset, _ = trained(tiny_modernbert, biases="subset")  # no flags declare exactly these: the config is kept
+    assert not any(getattr(subset.config, flag) for flag in BIAS_FLAGS)
+
+
 def test_load_biases_onto_a_fresh_bias_free_base_restores_them_exactly(tmp_path):
     model, base = trained(tiny_modernbert)
     bitfit_fast.save_biases(model, tmp_path)
