@@ -17,6 +17,7 @@ from bitfit_fast import unpadding
 from .measurement import spread, timed
 from .presets import Workload, build_base_model, make_batches
 from .providers import build_provider
+from .report import short_commit
 from .runner import environment, preset_command
 
 
@@ -83,8 +84,8 @@ def markdown(record: dict) -> str:
     workload = record["workload"]
     return "\n".join([
         f"Length groups, preset `{record['preset']}` on {env['device']} (torch {env['torch']}, commit "
-        f"{env['commit'][:12]}): {workload['model']}, batch {workload['batch']}, {workload['lengths']} lengths up to "
-        f"{workload['seq']}, the fused default's training step, `{env['command']}`",
+        f"{short_commit(env['commit'])}): {workload['model']}, batch {workload['batch']}, {workload['lengths']} "
+        f"lengths up to {workload['seq']}, the fused default's training step, `{env['command']}`",
         "",
         "| attention | median ms (IQR) |",
         "|---|---:|",

@@ -53,6 +53,11 @@ GOALS = {
 }
 
 
+def short_commit(commit: str) -> str:
+    """A recorded commit as reports show it: 12 digits, and ``-dirty`` kept."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def _workload_for(record: dict, goal: Goal) -> dict | None:
     return next((w for w in record["workloads"] if w["spec"]["lengths"] == goal.lengths
                  and goal.model in (None, w["spec"]["model"])), None)
@@ -125,7 +130,7 @@ def format_workload(name: str, results: dict) -> str:
 def markdown(record: dict) -> str:
     """A run's Markdown: environment, command, a table per workload, the goals."""
     header = (f"**{record['preset']}** on {record['device']} — torch {record['torch']}, triton {record['triton']}, "
-              f"transformers {record['transformers']}, commit `{record['commit'][:12]}`, "
+              f"transformers {record['transformers']}, commit `{short_commit(record['commit'])}`, "
               f"matmul peak {record['matmul_peak_tflops']:.2f} TFLOP/s ({record['matmul_peak_dtype']}).  \n"
               f"Command: `{record['command']}`. Memory: {record['memory_method']}.")
     goals = ""

@@ -23,7 +23,7 @@ import torch
 
 from .measurement import paired_ratios, spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
-from .report import interquartile
+from .report import interquartile, short_commit
 from .runner import environment, preset_command
 
 
@@ -215,8 +215,8 @@ def markdown(record: dict) -> str:
     """The record as a Markdown table per mode, then the goals."""
     env = record["environment"]
     lines = [f"Task bank, preset `{record['preset']}` on {env['device']} (torch {env['torch']}, commit "
-             f"{env['commit'][:12]}): batch {record['workload']['batch']}, {record['tasks_in_bank']} tasks in the "
-             f"bank, `{env['command']}`", ""]
+             f"{short_commit(env['commit'])}): batch {record['workload']['batch']}, {record['tasks_in_bank']} tasks "
+             f"in the bank, `{env['command']}`", ""]
     for mode, entries in record["results"].items():
         lines += [f"| {mode} | examples/s | real tokens/s | × single-task (per-step IQR) |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {e['examples_per_s']:.1f} | {e['real_tokens_per_s']:.0f} | {e['vs_single']:.2f}"
