@@ -10,22 +10,17 @@ cumulative) and ``DIR/host-profile.txt`` (pstats' tables). The profiled backward
 that cProfile sees it. A sync inside the step shows as time in the call that waits (``item``, ``__bool__``).
 """
 
-import argparse
 import cProfile
 import io
-import json
 import pstats
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-from bitfit_fast.files import atomic_write
-
 from .measurement import timed
 from .presets import Workload, build_base_model, make_batches
-from .profile_step import parse_runs
+from .profile_step import profiles_main
 from .providers import build_provider
 
 
@@ -73,26 +68,9 @@ def profile(provider: str, workload: Workload, steps: int = 10, warmup: int = 3,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.host_profile",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", nargs="+", default=["reference:fixed", "fast:fixed"], metavar="PROVIDER:LENGTHS")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available():
-        print("host_profile needs a CUDA GPU", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
-    for provider, workload in parse_runs(parser, args.runs):
-        name = f"{provider} {workload.name}"
-        record["runs"][name], table = profile(provider, workload)
-        run = record["runs"][name]
-        tables.append(f"== {name}: wall {run['wall_ms_median']:.1f} ms per synchronised step, "
-                      f"{run['host_ms_per_step']:.1f} ms of profiled host time\n{table}")
-        print(tables[-1][:6000], flush=True)
-    atomic_write(args.out / "host-profile.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    atomic_write(args.out / "host-profile.txt", lambda tmp: tmp.write_text("\n".join(tables)))
-    return 0
+    return profiles_main(argv, "host_profile", __doc__.split("\n")[0], profile,
+                         lambda name, run: f"== {name}: wall {run['wall_ms_median']:.1f} ms per synchronised step, "
+                                           f"{run['host_ms_per_step']:.1f} ms of profiled host time", "host-profile")
 
 
 if __name__ == "__main__":

@@ -73,25 +73,32 @@ def parse_runs(parser: argparse.ArgumentParser, runs: list[str]) -> list[tuple[s
     return [(provider, Workload("bert-base", 128, 256, lengths=lengths)) for provider, lengths in parts]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitfit_fast_benches.profile_step",
-                                     description=__doc__.split("\n")[0])
+def profiles_main(argv: list[str] | None, module: str, description: str, profile, headline, stem: str) -> int:
+    """The command line of a profiler of BERT-base steps: ``--runs PROVIDER:LENGTHS ... --out DIR``, each run
+    profiled by ``profile(provider, workload)`` -> (record, table) and its table printed under ``headline(name,
+    record)``; writes ``DIR/{stem}.json`` and ``DIR/{stem}.txt``."""
+    parser = argparse.ArgumentParser(prog=f"python -m bitfit_fast_benches.{module}", description=description)
     parser.add_argument("--runs", nargs="+", default=["reference:fixed", "fast:fixed"], metavar="PROVIDER:LENGTHS")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
-        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        print(f"{module} needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
     for provider, workload in parse_runs(parser, args.runs):
         name = f"{provider} {workload.name}"
         record["runs"][name], table = profile(provider, workload)
-        tables.append(f"== {name}: {record['runs'][name]['gpu_ms_per_step']:.1f} GPU ms per step\n{table}")
-        print(tables[-1], flush=True)
-    atomic_write(args.out / "profile.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    atomic_write(args.out / "profile.txt", lambda tmp: tmp.write_text("\n".join(tables)))
+        tables.append(f"{headline(name, record['runs'][name])}\n{table}")
+        print(tables[-1][:6000], flush=True)
+    atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    atomic_write(args.out / f"{stem}.txt", lambda tmp: tmp.write_text("\n".join(tables)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return profiles_main(argv, "profile_step", __doc__.split("\n")[0], profile,
+                         lambda name, run: f"== {name}: {run['gpu_ms_per_step']:.1f} GPU ms per step", "profile")
 
 
 if __name__ == "__main__":
