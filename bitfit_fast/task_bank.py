@@ -409,6 +409,7 @@ class TaskAdamW(torch.optim.Optimizer):
     def step(self, tasks) -> None:
         present = torch.zeros(len(self.bank.tasks), dtype=torch.bool)
         present[self.bank.task_index(tasks)] = True
+        present_on = {}  # device -> present there: one copy per device a step, not one per table
         for group in self.param_groups:
             for param in group["params"]:
                 task = self._task_of[param]
@@ -421,7 +422,9 @@ class TaskAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device) \
                         if task is None else 0
                 if task is None:
-                    _adamw_rows(param, state, present.to(param.device), **_hyperparameters(group))
+                    if param.device not in present_on:
+                        present_on[param.device] = present.to(param.device)
+                    _adamw_rows(param, state, present_on[param.device], **_hyperparameters(group))
                 else:
                     _adamw(param, state, **_hyperparameters(group))
 
