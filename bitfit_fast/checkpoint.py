@@ -56,6 +56,16 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     return directory
 
 
+def require_storage(model: nn.Module) -> None:
+    """Raise if ``model`` has parameters on the meta device: copying saved values into them keeps nothing."""
+    without_storage = [name for name, p in model.named_parameters() if p.is_meta]
+    if without_storage:
+        raise ValueError(
+            f"the model's parameters are on the meta device, with no values to load into ({without_storage[0]}, "
+            f"{len(without_storage)} in all): load the base weights first (e.g. from_pretrained), then the biases"
+        )
+
+
 def load_biases(
     model: nn.Module, load_directory: str | os.PathLike, backend: str = "auto", strict: bool = True
 ) -> nn.Module:
@@ -76,6 +86,7 @@ def load_biases(
             f"the checkpoint was saved from a {saved_class}, not a {type(model).__name__}; load it into the same "
             "architecture (or pass strict=False if the names are known to match)"
         )
+    require_storage(model)
     applied = is_applied(model)
     if applied:
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import task_rows
-from .checkpoint import read_checkpoint, write_checkpoint
+from .checkpoint import read_checkpoint, require_storage, write_checkpoint
 from .config import BitFitConfig
 from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
 
@@ -204,6 +204,7 @@ class TaskBank(nn.Module):
                 )
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
+        require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
         for name, checkpoint in checkpoints.items():

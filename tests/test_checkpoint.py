@@ -11,6 +11,7 @@ from test_bias_free import tiny_modernbert
 
 import bitfit_fast
 import bitfit_fast.checkpoint
+import bitfit_fast.model
 from bitfit_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from bitfit_fast.files import atomic_write, write_json
 
@@ -92,6 +93,16 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     message = "saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"
     with pytest.raises(ValueError, match=message):
         bitfit_fast.load_biases(wrong_model, tmp_path / "subset")
+
+
+def test_loading_onto_a_model_without_storage_is_refused_not_silently_empty(tmp_path):
+    model, _ = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    with torch.device("meta"):  # what init_empty_weights-style loading leaves before the weights arrive
+        empty = type(model)(model.config)
+    with pytest.raises(ValueError, match="on the meta device, with no values to load into"):
+        bitfit_fast.load_biases(empty, tmp_path)
+    assert not bitfit_fast.model.is_applied(empty)
 
 
 def snapshot(model) -> tuple[dict, dict, list, object]:

@@ -275,6 +275,10 @@ def test_mistakes_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"task 'wider' .* was trained on a model of other sizes: .*intermediate"):
         TaskBank.load(plain, {"topic": sources["topic"], "wider": tmp_path / "wider"}, backend="torch")
     assert not hasattr(plain, "bitfit_fast_config") and all(p.requires_grad for p in plain.parameters())
+    with torch.device("meta"):  # no weights loaded yet: the tasks' values would be copied into nothing
+        empty = type(base)(base.config)
+    with pytest.raises(ValueError, match="on the meta device, with no values to load into"):
+        TaskBank.load(empty, sources, backend="torch")
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (5, 3, 8)])  # one row per example; a row per token (token heads)
