@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import task_rows
-from .torch_ops import DropoutAttentionFunction, dropout_attention
+from .torch_ops import DropoutAttentionFunction, dropout_attention, packed_heads
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -45,8 +45,10 @@ class _ScatterRows(torch.autograd.Function):
 class _GroupViews(torch.autograd.Function):
     """q, k, v [S, H, L, D] in the attention layout as each length group's q, k, v [count, H, length, D] (with one
     query per sequence, its first row, q keeps its length of 1): views, no copy. The backward writes the groups'
-    gradients into one buffer per tensor, zeros past each group's length; autograd's backward of slicing would
-    zero-fill a full-size buffer per group and add them up."""
+    gradients, zeros past each group's length, straight into the rows [S, L, P, H, D] of the projection that made
+    them (the parts of equal shape interleaved: q, k, v, or k, v beside a first-rows q), which
+    ``torch_ops.packed_heads`` then takes as they are; autograd's backward of slicing would zero-fill a full-size
+    buffer per group and add them up."""
 
     @staticmethod
     def forward(ctx, groups, q, k, v):
@@ -55,14 +57,17 @@ class _GroupViews(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        full = []
-        for part, shape in enumerate(ctx.shapes):
-            buffer = grads[part].new_empty(shape)  # autograd hands zeros for an unused output, never None
+        sequences, heads, length, dim = ctx.shapes[1]
+        parts = 3 if ctx.shapes[0] == ctx.shapes[1] else 2  # a first-rows q gets a buffer of its own
+        rows = grads[0].new_empty(sequences, length, parts, heads, dim)  # autograd hands zeros, never None
+        full = [rows[:, :, part].transpose(1, 2) for part in range(parts)]
+        if parts == 2:
+            full.insert(0, grads[0].new_empty(ctx.shapes[0]))
+        for part, buffer in enumerate(full):
             for group, grad in zip(ctx.groups, grads[part::3]):
-                rows = buffer[group.first:group.first + group.count]
-                rows[:, :, :grad.shape[2]] = grad
-                rows[:, :, grad.shape[2]:].zero_()
-            full.append(buffer)
+                written = buffer[group.first:group.first + group.count]
+                written[:, :, :grad.shape[2]] = grad
+                written[:, :, grad.shape[2]:].zero_()
         return None, *full
 
 
@@ -90,10 +95,11 @@ class _GroupsToLayout(torch.autograd.Function):
 
 
 class _HeadViews(torch.autograd.Function):
-    """x [S, L, P * H * D] as P tensors [S, H, L, D] (attention's layout): views, no copy. Its backward writes
-    each gradient into its place of one [S, L, P * H * D] buffer, one pass; autograd's backward of slicing the
-    projections apart and splitting the heads zero-fills a full-width buffer per slice, copies into it and sums
-    them (measured on an H200: 4 to 5 ms of a 56 ms BERT-base step)."""
+    """x [S, L, P * H * D] as P tensors [S, H, L, D] (attention's layout): views, no copy. Its backward
+    interleaves the gradients into one [S, L, P * H * D] buffer (``torch_ops.packed_heads``: one pass, or none
+    where they sit so already); autograd's backward of slicing the projections apart and splitting the heads
+    zero-fills a full-width buffer per slice, copies into it and sums them (measured on an H200: 4 to 5 ms of a
+    56 ms BERT-base step)."""
 
     @staticmethod
     def forward(ctx, x, parts, heads):
@@ -103,15 +109,7 @@ class _HeadViews(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        first = next(g for g in grads if g is not None)
-        sequences, heads, length, dim = first.shape
-        grad = first.new_empty(sequences, length, ctx.parts, heads, dim)
-        for part, g in enumerate(grads):
-            if g is None:
-                grad[:, :, part].zero_()
-            else:
-                grad[:, :, part].copy_(g.transpose(1, 2))
-        return grad.view(sequences, length, -1), None, None
+        return packed_heads(grads), None, None
 
 
 def key_padding(mask: torch.Tensor, batch: int, seq: int) -> torch.Tensor | None:
