@@ -399,67 +399,131 @@ class TaskAdamW(torch.optim.Optimizer):
     torch's AdamW would step every task on every batch: a task absent from a batch has a zero gradient, yet its
     momentum and weight decay would move it and its step count would grow, so it would not end where its own run
     does. Here an absent task keeps its parameters, moments and step count; each table row counts its own steps.
+
+    A step is a fixed number of operations, not one set per parameter: the tables update as one flat vector
+    (:class:`_FlatTables`) and the present tasks' heads with torch's multi-tensor ``_foreach`` ops. Per parameter,
+    a BERT-base bank of 64 tasks ran ~20 operations for each of its ~100 tables and ~8 for each of its 128 head
+    parameters, ~3,000 kernel launches a step on a GPU.
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
         self.bank = bank
         self._task_of = bank.parameter_tasks()
+        # (group, device, dtype) -> its tables, built at their first step and again whenever the state was replaced
+        # (load_state_dict): see _FlatTables.holds
+        self._flat: dict[tuple, _FlatTables] = {}
         super().__init__(list(self._task_of), dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, tasks) -> None:
         present = torch.zeros(len(self.bank.tasks), dtype=torch.bool)
         present[self.bank.task_index(tasks)] = True
-        present_on = {}  # device -> present there: one copy per device a step, not one per table
-        for group in self.param_groups:
+        present_tasks = set(present.nonzero().flatten().tolist())
+        present_on = {}  # device -> present there: one copy per device a step
+        for index, group in enumerate(self.param_groups):
+            hyperparameters = _hyperparameters(group)
+            tables, heads = {}, []
             for param in group["params"]:
                 task = self._task_of[param]
-                if param.grad is None or (task is not None and not present[task]):
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-                    # A table counts each row's steps on its device; a head its own, on the host (no sync to read).
-                    state["step"] = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device) \
-                        if task is None else 0
                 if task is None:
-                    if param.device not in present_on:
-                        present_on[param.device] = present.to(param.device)
-                    _adamw_rows(param, state, present_on[param.device], **_hyperparameters(group))
-                else:
-                    _adamw(param, state, **_hyperparameters(group))
+                    tables.setdefault((index, param.device, param.dtype), []).append(param)
+                elif param.grad is not None and task in present_tasks:
+                    heads.append(param)
+            for key, params in tables.items():
+                if all(param.grad is None for param in params):
+                    continue
+                flat = self._flat.get(key)
+                if flat is None or not flat.holds(params, self.state):
+                    flat = self._flat[key] = _FlatTables(params, self.state)
+                if key[1] not in present_on:
+                    present_on[key[1]] = present.to(key[1])
+                flat.step(present_on[key[1]], **hyperparameters)
+            _adamw_heads(heads, [self.state[param] for param in heads], **hyperparameters)
 
 
 def _hyperparameters(group: dict) -> dict:
     return {key: group[key] for key in ("lr", "weight_decay", "betas", "eps")}
 
 
-def _adamw(param, state, lr, weight_decay, betas, eps) -> None:
-    """One step of torch.optim.AdamW's (single-tensor, no amsgrad) update of a whole parameter."""
+def _adamw_heads(params, states, lr, weight_decay, betas, eps) -> None:
+    """torch.optim.AdamW's single-tensor update (no amsgrad) of whole parameters, each with its own step count,
+    in multi-tensor ops."""
+    if not params:
+        return
     beta1, beta2 = betas
-    state["step"] += 1
-    param.mul_(1 - lr * weight_decay)
-    state["exp_avg"].lerp_(param.grad, 1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-    denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** state["step"]) ** 0.5).add_(eps)
-    param.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** state["step"]))
+    for param, state in zip(params, states):
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+        state["step"] += 1  # on the host: no sync to read it
+    grads = [param.grad for param in params]
+    exp_avgs, exp_avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, [(1 - beta2 ** state["step"]) ** 0.5 for state in states])
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-lr / (1 - beta1 ** state["step"]) for state in states])
 
 
-def _adamw_rows(param, state, rows, lr, weight_decay, betas, eps) -> None:
-    """The same update of a table's rows where ``rows`` [T] is True, each row with its own step count."""
-    beta1, beta2 = betas
-    state["step"] += rows.to(torch.float64)
-    steps = state["step"].clamp(min=1)  # rows never stepped keep 0 and are not written below
-    keep = rows.view((-1,) + (1,) * (param.dim() - 1))
-    grad = param.grad
-    exp_avg = torch.where(keep, state["exp_avg"].lerp(grad, 1 - beta1), state["exp_avg"])
-    exp_avg_sq = torch.where(keep, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad, state["exp_avg_sq"])
-    step_size = (lr / (1 - beta1**steps)).view(keep.shape).to(param.dtype)
-    correction2_sqrt = ((1 - beta2**steps) ** 0.5).view(keep.shape).to(param.dtype)
-    updated = param * (1 - lr * weight_decay) - step_size * exp_avg / (exp_avg_sq.sqrt() / correction2_sqrt + eps)
-    param.copy_(torch.where(keep, updated, param))
-    state["exp_avg"].copy_(exp_avg)
-    state["exp_avg_sq"].copy_(exp_avg_sq)
+class _FlatTables:
+    """A group's task tables [T, ...] on one device and dtype, stepped by :class:`TaskAdamW` as one flat vector:
+    the moments live in two flat buffers, the step counts (one per table and row) in one [tables, T] tensor, and
+    each table's state holds views of them, so that ``state_dict`` keeps torch's per-parameter layout. A step
+    gathers the parameters and gradients into flat vectors, updates them with each element's row factors (gathered
+    through ``element_rows``) and copies the parameters back: about 20 operations however many tables there are."""
+
+    def __init__(self, params: list[torch.Tensor], state) -> None:
+        first = params[0]
+        rows = first.shape[0]
+        self.params = params
+        self.sizes = [param.numel() for param in params]
+        self.exp_avg, self.exp_avg_sq = (
+            torch.cat([(state[p][key] if state[p] else torch.zeros_like(p)).reshape(-1) for p in params])
+            for key in ("exp_avg", "exp_avg_sq"))
+        self.steps = torch.stack([state[p]["step"] if state[p] else
+                                  torch.zeros(rows, dtype=torch.float64, device=first.device) for p in params])
+        # Each element's place in the [tables, T] steps: table i's rows are i * T + row.
+        row = torch.arange(rows, device=first.device, dtype=torch.int32)
+        self.element_rows = torch.cat([(row + i * rows).repeat_interleave(p[0].numel()) for i, p in enumerate(params)])
+        for i, (param, exp_avg, exp_avg_sq) in enumerate(zip(params, self.exp_avg.split(self.sizes),
+                                                                self.exp_avg_sq.split(self.sizes))):
+            state[param].update(step=self.steps[i], exp_avg=exp_avg.view_as(param),
+                                exp_avg_sq=exp_avg_sq.view_as(param))
+        self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]
+
+    def holds(self, params: list[torch.Tensor], state) -> bool:
+        """Whether these are still the group's tables and the optimizer's state still holds this object's views."""
+        return len(params) == len(self.params) and all(
+            param is mine and state[param].get("step") is step and state[param].get("exp_avg") is exp_avg
+            and state[param].get("exp_avg_sq") is exp_avg_sq
+            for param, mine, (step, exp_avg, exp_avg_sq) in zip(params, self.params, self.views))
+
+    def step(self, present: torch.Tensor, lr, weight_decay, betas, eps) -> None:
+        """Steps the ``present`` [T] rows of every table that has a gradient; the rest keep everything."""
+        beta1, beta2 = betas
+        missing = [i for i, param in enumerate(self.params) if param.grad is None]
+        keep = present.expand(len(self.params), -1)
+        if missing:  # such a table does not step (as torch's AdamW skips a parameter without a gradient)
+            stepping = torch.ones(len(self.params), 1, dtype=torch.bool)
+            stepping[missing] = False
+            keep = keep & stepping.to(present.device)
+        self.steps += keep
+        steps = self.steps.clamp(min=1)  # rows never stepped keep 0 and are not written below
+        dtype = self.exp_avg.dtype
+        step_size = (lr / (1 - beta1**steps)).to(dtype).view(-1).index_select(0, self.element_rows)
+        correction2_sqrt = ((1 - beta2**steps) ** 0.5).to(dtype).view(-1).index_select(0, self.element_rows)
+        keep = keep.reshape(-1).index_select(0, self.element_rows)
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
+        param = torch.cat([p.reshape(-1) for p in self.params])
+        exp_avg = torch.where(keep, self.exp_avg.lerp(grad, 1 - beta1), self.exp_avg)
+        exp_avg_sq = torch.where(keep, self.exp_avg_sq * beta2 + (1 - beta2) * grad * grad, self.exp_avg_sq)
+        updated = param * (1 - lr * weight_decay) - step_size * exp_avg / (exp_avg_sq.sqrt() / correction2_sqrt + eps)
+        self.exp_avg.copy_(exp_avg)
+        self.exp_avg_sq.copy_(exp_avg_sq)
+        param = torch.where(keep, updated, param)
+        torch._foreach_copy_(self.params, [flat.view_as(p) for flat, p in zip(param.split(self.sizes), self.params)])
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -69,10 +69,13 @@ def _quantized(p: float) -> int:
 
 def _random_words(count: int, seed: int, device) -> torch.Tensor:
     """``count`` uniformly random int64 words from a generator seeded with ``seed``."""
+    if count == 0:  # numpy's empty array has stride 0, which no view to int16 takes
+        return torch.empty(0, dtype=torch.int64, device=device)
     if torch.device(device).type == "cpu":
         # numpy's PCG64 draws them ~1.6x as fast as torch's CPU generator (a Mersenne twister; 1.2 vs 2.0 ms for a
         # BERT-base layer's 1.1 M mask elements on 2 cores): torch's draws took ~3% of a real-length step.
-        words = np.random.Generator(np.random.PCG64(seed)).integers(0, 2**64, size=count, dtype=np.uint64)
+        generator = np.random.Generator(np.random.PCG64(seed % 2**64))  # torch takes negative seeds, numpy not
+        words = generator.integers(0, 2**64, size=count, dtype=np.uint64)
         return torch.from_numpy(words.view(np.int64))
     generator = torch.Generator(device=device).manual_seed(seed)
     # random_(from=int64 min, to=None) covers all 64 bits; random_() leaves the sign bit, a lane's top bit, 0.

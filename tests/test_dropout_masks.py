@@ -243,3 +243,10 @@ def test_dropout_attention_in_half_precision_under_autocast_is_as_close_to_fp64_
     # of its (scores rounded to the half type first err by several).
     atol = 1e-5 * torch_out.abs().max().item()
     torch.testing.assert_close(ours, torch_out.to(dtype), rtol=torch.finfo(dtype).eps, atol=atol)
+
+
+@pytest.mark.parametrize("seed", [0, -1, 2**63])  # torch's generators take any of these
+def test_dropout_keep_takes_empty_shapes_and_any_seed(seed):
+    assert torch_ops.dropout_keep((0, 4), 0.1, seed=seed, device=DEVICE).shape == (0, 4)
+    keep = torch_ops.dropout_keep((64,), 0.5, seed=seed, device=DEVICE)
+    assert torch.equal(keep, torch_ops.dropout_keep((64,), 0.5, seed=seed, device=DEVICE))

@@ -131,3 +131,42 @@ def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, par
     for name, ours, theirs in zip(("dx", "dbias"), grads, grads_ref):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
     assert not grads[0][tokens.real_rows:].any(), "bucket rows get no gradient"
+
+
+def _interleaved_parts(parts: int, sequences=3, heads=2, length=5, dim=4):
+    """A projection's rows [S, L, P, H, D] and its P parts [S, H, L, D] as views of them (how
+    ``unpadding._GroupViews`` hands q, k, v gradients back)."""
+    rows = torch.randn(sequences, length, parts, heads, dim, dtype=torch.float64, device=DEVICE)
+    return rows, [rows[:, :, part].transpose(1, 2) for part in range(parts)]
+
+
+def _rows_of(grads):
+    return torch.cat([grad.transpose(1, 2).flatten(2) for grad in grads], dim=-1)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+def test_packed_heads_takes_gradients_already_in_the_rows_without_a_copy(parts):
+    rows, grads = _interleaved_parts(parts)
+    packed = torch_ops.packed_heads(grads)
+    assert packed.data_ptr() == rows.data_ptr(), "the interleaved parts must be used as they are"
+    assert torch.equal(packed, _rows_of(grads))
+
+
+@pytest.mark.parametrize("case", ["separate buffers", "swapped", "two parts of three", "contiguous", "a None part"])
+def test_packed_heads_copies_gradients_that_only_look_interleaved(case):
+    rows, grads = _interleaved_parts(2)
+    if case == "separate buffers":  # each at the right strides and offset, but of another buffer
+        grads = [grads[0], _interleaved_parts(2)[1][1]]
+    elif case == "swapped":
+        grads = grads[::-1]
+    elif case == "two parts of three":
+        rows, three = _interleaved_parts(3)
+        grads = three[1:]
+    elif case == "contiguous":
+        grads = [grad.contiguous() for grad in grads]
+    else:
+        grads = [grads[0], None]
+    packed = torch_ops.packed_heads(grads)
+    assert packed.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr()
+    expected = _rows_of([torch.zeros_like(grads[0]) if grad is None else grad for grad in grads])
+    assert torch.equal(packed, expected)
