@@ -342,28 +342,35 @@ class TaskBank(nn.Module):
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Gradient clipping per task, as each task's own run clips: task t's gradients (its table rows and its
-        heads) are scaled so that their norm is at most ``max_norm``. Returns the tasks' norms before clipping."""
-        squares = None
-        rows, heads = [], []
+        heads) are scaled so that their norm is at most ``max_norm``. Returns the tasks' norms before clipping.
+
+        The tables are summed and scaled as one [T, ...] matrix and the heads in multi-tensor ops, deterministically
+        (no atomics): a few operations, not a set per parameter."""
+        tables, heads, head_tasks = [], [], []
         for param, task in self.parameter_tasks().items():
-            if param.grad is None:
-                continue
-            if task is None:
-                rows.append(param.grad)
-                per_task = param.grad.float().square().sum(dim=1)
-            else:
-                heads.append((task, param.grad))
-                per_task = torch.zeros(len(self.tasks), device=param.grad.device)
-                per_task[task] = param.grad.float().square().sum()
-            squares = per_task if squares is None else squares + per_task
-        if squares is None:
+            if param.grad is not None:
+                (tables if task is None else heads).append(param.grad)
+                if task is not None:
+                    head_tasks.append(task)
+        if not tables and not heads:
             return torch.zeros(len(self.tasks))
+        device = (tables or heads)[0].device
+        squares = torch.zeros(len(self.tasks), device=device)
+        if tables:
+            rows = torch.cat([grad.float().reshape(grad.shape[0], -1) for grad in tables], dim=1)
+            squares += rows.square().sum(dim=1)
+        if heads:
+            # [heads, T] one-hot times the heads' squares: each task's sum in a fixed order.
+            one_hot = F.one_hot(torch.tensor(head_tasks, device=device), len(self.tasks)).float()
+            head_norms = torch.stack(torch._foreach_norm([grad.float() for grad in heads]))
+            squares += head_norms.square() @ one_hot
         norms = squares.sqrt()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s formula
-        for grad in rows:
-            grad.mul_(scale.to(grad.dtype)[:, None])
-        for task, grad in heads:
-            grad.mul_(scale[task].to(grad.dtype))
+        if tables:
+            scaled = rows.mul_(scale[:, None]).split([grad[0].numel() for grad in tables], dim=1)
+            torch._foreach_copy_(tables, [part.view_as(grad) for part, grad in zip(scaled, tables)])
+        if heads:
+            torch._foreach_mul_(heads, list(scale[one_hot.argmax(dim=1)].unbind()))
         return norms
 
     def task_tensors(self, name: str) -> dict[str, torch.Tensor]:

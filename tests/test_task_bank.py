@@ -287,15 +287,18 @@ def _computing_ops(function) -> int:
     return Count.count
 
 
-def test_a_bank_optimizer_step_costs_the_same_operations_for_any_number_of_tables_and_heads():
-    """On a GPU every operation is a kernel launch and a step's host time: the step must not run a set of them per
-    parameter (it ran ~3,000 for a BERT-base bank of 64 tasks)."""
+@pytest.mark.parametrize("operation", ["optimizer step", "gradient clipping"])
+def test_a_bank_training_step_costs_the_same_operations_for_any_number_of_tables_and_heads(operation):
+    """On a GPU every operation is a kernel launch and a step's host time: the optimizer step and the per-task
+    clipping must not run a set of them per parameter (the step ran ~3,000 for a BERT-base bank of 64 tasks)."""
     counts = {}
     for layers, tasks in ((1, 2), (3, 6)):
         bank = _bank_with_gradients(layers, tasks)
         optimizer = bank.optimizer(lr=1e-3)
         optimizer.step(list(bank.tasks))  # the first step builds the state
-        counts[layers, tasks] = _computing_ops(lambda opt=optimizer, names=list(bank.tasks): opt.step(names))
+        run = ((lambda opt=optimizer, names=list(bank.tasks): opt.step(names)) if operation == "optimizer step"
+               else (lambda bank=bank: bank.clip_grad_norm_(0.5)))
+        counts[layers, tasks] = _computing_ops(run)
     assert counts[1, 2] == counts[3, 6], counts
 
 
