@@ -409,8 +409,8 @@ class TaskAdamW(torch.optim.Optimizer):
 
     A step is a fixed number of operations, not one set per parameter: the tables update as one flat vector
     (:class:`_FlatTables`) and the present tasks' heads with torch's multi-tensor ``_foreach`` ops. Per parameter,
-    a BERT-base bank of 64 tasks ran ~20 operations for each of its ~100 tables and ~8 for each of its 128 head
-    parameters, ~3,000 kernel launches a step on a GPU.
+    a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a kernel launch
+    on a GPU; now 50.
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
