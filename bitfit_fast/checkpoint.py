@@ -17,6 +17,7 @@ from .model import apply, config_of, is_applied, is_within, planned_parameters, 
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
 CONFIG_NAME = "bitfit_config.json"
+RUN_CONFIG_NAME = "run_config.json"  # what marks a `bitfit-fast train` run's directory (train.run)
 # 2: the options ("config", a BitFitConfig) apart from what apply() found ("applied", an AppliedState).
 # 1: both mixed in one "apply" dict; still read.
 FORMAT_VERSION = 2
@@ -41,6 +42,9 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
     directory = Path(directory)
+    if (directory / RUN_CONFIG_NAME).is_file():  # TaskBank, eval and serve would read the run's biases/ instead
+        raise ValueError(f"{directory} is a `bitfit-fast train` run ({RUN_CONFIG_NAME}); save the biases into "
+                         f"another directory (the run's own are in {directory / 'biases'})")
     directory.mkdir(parents=True, exist_ok=True)
     record = {
         "format_version": FORMAT_VERSION,

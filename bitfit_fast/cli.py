@@ -126,6 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _train_conflict(args: argparse.Namespace) -> str | None:
     if len(args.text_columns) > 2:
         return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
+    if args.label_column in args.text_columns:
+        return f"--label-column {args.label_column!r} is also a text column: name the column that holds the labels"
     if args.task_files:  # first: the pairing checks below would give hints that do not apply to a joint run
         given = [option for option, value in (("--task", args.task), ("--train-file", args.train_file),
                                               ("--validation-file", args.validation_file),
@@ -316,6 +318,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prefix} {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130  # the shell's status for a command ended by Ctrl-C
+
+
+def _resume_hint(args) -> str:
+    """What continues an interrupted `train`: its checkpoint, written atomically, is whole whenever it stopped."""
+    from .train import CHECKPOINT_NAME
+
+    checkpoint = Path(getattr(args, "output_dir", None) or ".") / CHECKPOINT_NAME
+    if args.command != "train" or getattr(args, "task_files", None) or not checkpoint.is_file():
+        return ""
+    return f"; the same command with --resume continues from its last checkpoint, {checkpoint}"
 
 
 if __name__ == "__main__":

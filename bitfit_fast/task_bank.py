@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import task_rows
-from .checkpoint import read_checkpoint, require_storage, write_checkpoint
+from .checkpoint import RUN_CONFIG_NAME, read_checkpoint, require_storage, write_checkpoint
 from .config import BitFitConfig
 from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
 
@@ -95,7 +95,7 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, list[str] | None, int | N
     """(save_biases directory, class names, number of labels) of a bias directory or a `bitfit-fast train` run
     (whose best biases are in its biases/, with the run's label names)."""
     path = Path(source)
-    if (path / "run_config.json").is_file():
+    if (path / RUN_CONFIG_NAME).is_file():
         from .train import BEST_BIASES, load_run
 
         run = load_run(str(path))

@@ -105,6 +105,17 @@ def test_loading_onto_a_model_without_storage_is_refused_not_silently_empty(tmp_
     assert not bitfit_fast.model.is_applied(empty)
 
 
+def test_biases_are_not_saved_into_a_training_run(tmp_path):
+    """A run's directory means its biases/ to TaskBank, eval and serve: biases saved beside them would be ignored
+    by those and read by load_biases, two meanings for one path."""
+    model, _ = trained()
+    (tmp_path / "run_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is a `bitfit-fast train` run \(run_config.json\); save the biases into "
+                                         "another directory"):
+        bitfit_fast.save_biases(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
+
+
 def snapshot(model) -> tuple[dict, dict, list, object]:
     """Everything a load could change: the state_dict, the requires_grad flags, the module classes and the
     applied config."""

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -240,6 +241,8 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     (["eval", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
     (["train", "--model", "{home}/model", "--output-dir", "{runs}/one"],
      "{runs}/one already holds a run (checkpoint.pt): continue it with --resume"),
+    (["train", "--model", "{home}/model", "--output-dir", "{runs}/one/biases"],  # a run there would hide them
+     "{runs}/one/biases holds biases saved by save_biases (bitfit_biases.safetensors): choose another --output-dir"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/not-a-run", "--resume"],
      "--resume: no checkpoint at {home}/not-a-run/checkpoint.pt; leave out --resume"),
     (["train", "--model", "{home}/model", "--max-length", "1000", "--output-dir", "{runs}/failed"],
@@ -286,6 +289,7 @@ def test_debug_shows_the_traceback(first_stage):
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--text-columns", "a", "b", "c"], "--text-columns takes one or two columns, got 3"),
+    (["train", "--text-columns", "text", "--label-column", "text"], "--label-column 'text' is also a text column"),
     (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
     (["train", "--task", "rte", "--train-file", "t.csv", "--validation-file", "v.csv"], "two data sources"),
     (["train", "--lr-sweep", "--lr", "1e-3"], "--lr-sweep tries the paper's learning rates itself: leave out --lr"),
@@ -372,3 +376,34 @@ def test_the_hub_probe_goes_through_the_proxy(monkeypatch):
         require_hub("--model x", "pass a local directory")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     require_hub("--model x", "pass a local directory")  # offline: the local cache only, nothing to probe
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_run_without_finished_epochs_says_how_to_go_on(home, runs, tmp_path, checkpoint, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(home / "runs" / "one" / "run_config.json", unfinished)
+    if checkpoint:
+        shutil.copy(home / "runs" / "one" / "checkpoint.pt", unfinished)
+    assert cli.main(["predict", str(unfinished), "--text", "goal"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert ("continue the run with the options it started with (its run_config.json) and `--resume`" if checkpoint
+            else "no epoch has finished and no checkpoint was saved: train it again") in err
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_ctrl_c_ends_train_with_one_line_naming_the_checkpoint(monkeypatch, tmp_path, checkpoint, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    if checkpoint:
+        (out / "checkpoint.pt").write_bytes(b"")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert cli.main(["train", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bitfit-fast train: interrupted")
+    assert ("the same command with --resume continues from its last checkpoint" in err) == checkpoint

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME
 from ..errors import UserError, first_line
 from ..files import atomic_write, write_json
 from .config import TrainConfig
 from .distributed import Dist, barrier, gather
 
 CHECKPOINT_NAME = "checkpoint.pt"
-RUN_CONFIG_NAME = "run_config.json"
 SUMMARY_NAME = "run_summary.json"
 CURVES_NAME = "learning_curves.png"
 BEST_BIASES = "biases"  # the epoch with the best validation score: what eval and predict load
@@ -37,6 +37,9 @@ def check_output_dir(out: Path, resume: bool) -> None:
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
     if not resume and saved is not None:
         raise UserError(f"{out} already holds a run ({saved}): choose another --output-dir (or remove that run first)")
+    biases = next((name for name in (WEIGHTS_NAME, CONFIG_NAME) if (out / name).exists()), None)
+    if biases is not None:  # a run there would hide them: TaskBank, eval and serve read a run's biases/
+        raise UserError(f"{out} holds biases saved by save_biases ({biases}): choose another --output-dir")
 
 
 # What may change when a run continues: how long it trains, what it shows, how a batch is split (its gradient is
@@ -131,8 +134,9 @@ def load_run(path: str) -> Run:
             reason = (f"the joint run {record['joint_run']} stopped before its first epoch finished: train its "
                       "--task-files command again, into a new --output-dir")
         else:
-            reason = ("no epoch has finished yet: continue the run with "
-                      f"`bitfit-fast train --resume --output-dir {path}`")
+            reason = (f"no epoch has finished yet: continue the run with the options it started with (its "
+                      f"{RUN_CONFIG_NAME}) and `--resume`" if (directory / CHECKPOINT_NAME).is_file() else
+                      "no epoch has finished and no checkpoint was saved: train it again (the same command)")
         raise UserError(f"{path} has no {BEST_BIASES}/: {reason}")
     return run
 
