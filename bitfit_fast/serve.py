@@ -158,7 +158,10 @@ class RunsPredictor:
         shape = '{"task": NAME, "text": "...", "text_pair": "..." (for two-text tasks)}'
         if not isinstance(example, dict):
             raise self._refuse(f"an example is {shape}, got {type(example).__name__}")
-        task = example.get("task")
+        if "task" not in example:  # e.g. a list of examples under another key than "inputs"
+            raise self._refuse(f"an example is {shape}, and several are {{\"inputs\": [example, ...]}}; got the keys "
+                               f"{sorted(example)}")
+        task = example["task"]
         if task not in self.runs:
             raise self._refuse(f"unknown task {task!r}: this server knows {self.tasks}")
         run = self.runs[task]

@@ -192,6 +192,7 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
 
 @pytest.mark.parametrize("example,message", [
     (dict(task="weather", text="goal"), "unknown task 'weather': this server knows ['topics', 'score']"),
+    (dict(examples=[]), "several are {\"inputs\": [example, ...]}; got the keys ['examples']"),
     (dict(task="topics", text=" ".join(["goal"] * 200)), "the text is 202 tokens; task 'topics' reads at most 128"),
     (dict(task="topics", text=""), "task 'topics' needs a non-empty 'text'"),
     (dict(task="score", text="goal", text_pair="match"), "task 'score' reads one text: leave out 'text_pair'"),
