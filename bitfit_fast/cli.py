@@ -305,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     """`bitfit-fast`: a mistake the user can fix ends with one line and exit status 2 (`--debug`: the traceback)."""
     from .errors import UserError
 
-    args = build_parser().parse_args(argv)
-    conflict = getattr(args, "conflict", lambda _: None)(args)
+    args, unknown = build_parser().parse_known_args(argv)
     prefix = f"bitfit-fast {args.command}: error:"
+    if unknown:  # argparse would name the top-level command, not the one they were given to
+        print(f"{prefix} unrecognized arguments: {' '.join(unknown)} (options: bitfit-fast {args.command} --help)",
+              file=sys.stderr)
+        return 2
+    conflict = getattr(args, "conflict", lambda _: None)(args)
     if conflict:
         print(f"{prefix} {conflict}", file=sys.stderr)
         return 2

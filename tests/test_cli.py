@@ -290,6 +290,8 @@ def test_debug_shows_the_traceback(first_stage):
 @pytest.mark.parametrize("args,message", [
     (["train", "--text-columns", "a", "b", "c"], "--text-columns takes one or two columns, got 3"),
     (["train", "--text-columns", "text", "--label-column", "text"], "--label-column 'text' is also a text column"),
+    (["predict", "runs/a", "runs/b", "--text", "hi"],
+     "unrecognized arguments: runs/b (options: bitfit-fast predict --help)"),
     (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
     (["train", "--task", "rte", "--train-file", "t.csv", "--validation-file", "v.csv"], "two data sources"),
     (["train", "--lr-sweep", "--lr", "1e-3"], "--lr-sweep tries the paper's learning rates itself: leave out --lr"),

@@ -254,6 +254,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
          "t.csv row 1 has no label in column 'label'"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
          r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns"),
+        (lambda p: (p / "t.csv").write_text("text,label\n12,a\n7,b\n"),  # read as numbers: the column may be right
+         r"not a text: name the text columns with --text-columns; texts that are numbers need a format that keeps "
+         r"them strings \(JSON Lines"),
     ],
 )
 def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):

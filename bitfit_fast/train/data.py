@@ -122,6 +122,8 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
             if not isinstance(t, str):
                 remedy = (f"a file for this run needs texts in its columns {list(text_columns)}" if of_run
                           else "name the text columns with --text-columns")
+                # A CSV column of numbers is read as numbers: the column may be the right one.
+                remedy += "; texts that are numbers need a format that keeps them strings (JSON Lines: \"12\")"
                 raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in row {row}, not a "
                                 f"text: {remedy}")
     return texts
