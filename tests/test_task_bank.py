@@ -268,6 +268,22 @@ def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone():
     assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
 
 
+def test_a_tasks_overflowing_gradient_stays_in_its_task():
+    """Each task's own run would clip and step on its own: an inf in one task's head or table row leaves every other
+    task's norm, clipped gradients and step finite."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1)
+    task_of = bank.parameter_tasks()
+    next(p for p, task in task_of.items() if task == 1).grad.view(-1)[0] = float("inf")
+    next(p for p, task in task_of.items() if task is None).grad[2, 0] = float("nan")
+    norms = bank.clip_grad_norm_(1.0)
+    assert norms[[0, 3]].isfinite().all() and not norms[[1, 2]].isfinite().any()
+    bank.optimizer(lr=1e-2).step(list(bank.tasks))
+    for param, task in task_of.items():
+        healthy = param[[0, 3]] if task is None else param if task in (0, 3) else None
+        assert healthy is None or healthy.isfinite().all()
+
+
 def _computing_ops(function) -> int:
     """How many operations that compute (not views, not host scalars) ``function()`` dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
