@@ -362,7 +362,8 @@ class TaskBank(nn.Module):
         if heads:
             # Each task's sum over its heads in a fixed order (no atomics), and a head's inf or NaN only in its task's
             # (a product with a one-hot matrix would spread it: inf * 0 is NaN).
-            of_task = F.one_hot(torch.tensor(head_tasks, device=device), len(self.tasks)).bool()
+            head_tasks = torch.tensor(head_tasks, device=device)
+            of_task = F.one_hot(head_tasks, len(self.tasks)).bool()
             head_squares = torch.stack(torch._foreach_norm([grad.float() for grad in heads])).square()
             squares += torch.where(of_task, head_squares[:, None], 0.0).sum(dim=0)
         norms = squares.sqrt()
@@ -373,7 +374,7 @@ class TaskBank(nn.Module):
                 same = [(grad, part) for grad, part in zip(tables, scaled) if grad.dtype == dtype]  # mixed them up
                 torch._foreach_copy_([grad for grad, _ in same], [part.view_as(grad) for grad, part in same])
         if heads:
-            torch._foreach_mul_(heads, list(scale[of_task.float().argmax(dim=1)].unbind()))
+            torch._foreach_mul_(heads, list(scale[head_tasks].unbind()))
         return norms
 
     def task_tensors(self, name: str) -> dict[str, torch.Tensor]:
