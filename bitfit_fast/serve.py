@@ -82,7 +82,9 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
         texts = data.load_texts(input_file, columns)
     elif not texts:
         raise UserError("nothing to predict: give --text (and --text-pair for two-text runs) or --input-file")
-    for example in texts:
+    for number, example in enumerate(texts, 1):
+        if not all(example):  # as the server refuses it: an empty text has nothing to classify
+            raise UserError(f"example {number} has an empty text: there is nothing to classify; give it a text")
         if len(example) != len(columns):
             if len(columns) == 2:
                 raise UserError(f"{path} was trained on two texts per example ({', '.join(columns)}): give each "

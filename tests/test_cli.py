@@ -229,6 +229,8 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
      "--text-pair"),
     (["predict", "{runs}/one", "--text", "goal", "--text-pair", "match"],
      "{runs}/one was trained on one text per example (text): leave out --text-pair"),
+    (["predict", "{runs}/one", "--text", "goal match", ""],  # as the server refuses it
+     "example 2 has an empty text: there is nothing to classify; give it a text"),
     (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
     (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),
     (["predict", "{runs}/one", "--input-file", "{data}/texts.txt"], "unsupported format '.txt'"),

@@ -252,6 +252,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
          "t.csv row 1 has no label in column 'label': fill it in"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,1\nprice,\nbank,0\n"),  # a blank in a number column
          "t.csv row 1 has no label in column 'label'"),
+        (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": "", "label": "b"}\n'),
+         r"t.jsonl row 1 has an empty text in \['text'\]: fill it in, or remove the row"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
          r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns"),
         (lambda p: (p / "t.csv").write_text("text,label\n12,a\n7,b\n"),  # read as numbers: the column may be right

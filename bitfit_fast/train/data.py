@@ -115,7 +115,7 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
         raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
     for row, text in enumerate(texts):
-        if any(t is None for t in text):
+        if any(t is None or t == "" for t in text):
             raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
                             "the row")
         for column, t in zip(text_columns, text):
