@@ -307,6 +307,12 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
     assert record["ratios"]["mixed_vs_sub_batches"] == pytest.approx(
         predict["bank, 4 tasks"]["examples_per_s"] / predict["sub-batches, 4 tasks"]["examples_per_s"])
     assert len(record["goals"]) == 5 and (tmp_path / "tiny.md").read_text().startswith("Task bank, preset `tiny`")
+    assert "GPU busy" not in (tmp_path / "tiny.md").read_text()  # measured on a GPU only
+    # On a GPU the single-task model's and the full bank's steps also get their GPU time and top kernels.
+    kernels = [dict(name="index_select_kernel", calls_per_step=12.0, ms_per_step=0.25, share=0.1)]
+    predict["bank, 4 tasks"].update(gpu_busy_ms=3.5, top_kernels=kernels)
+    assert (f"- predict, bank, 4 tasks: GPU busy 3.50 ms of a {predict['bank, 4 tasks']['median_ms']:.2f} ms step; "
+            "top kernels (ms per step): index_select_kernel 0.250\n") in task_bank.markdown(record)
 
 
 def test_length_groups_benchmark_times_the_same_steps_grouped_and_in_one_call(tmp_path, grouped_attention):

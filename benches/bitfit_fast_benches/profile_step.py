@@ -46,6 +46,18 @@ def gpu_busy_ms(run: Callable[[], object], rounds: int = 5) -> float:
     return sum(e.self_device_time_total for e in kernels) / rounds / 1e3
 
 
+def kernel_rows(kernels, rounds: int, top: int) -> list[dict]:
+    """The ``top`` kernels of :func:`profiled_kernels` as dicts: name, calls and milliseconds per round, share."""
+    total_us = sum(e.self_device_time_total for e in kernels)
+    return [dict(name=e.key, calls_per_step=e.count / rounds, ms_per_step=e.self_device_time_total / rounds / 1e3,
+                 share=e.self_device_time_total / total_us) for e in kernels[:top]]
+
+
+def top_kernels(run: Callable[[], object], rounds: int = 3, top: int = 15) -> list[dict]:
+    """``run()``'s ``top`` GPU kernels by self time (see :func:`kernel_rows`)."""
+    return kernel_rows(profiled_kernels(run, rounds, with_host=False)[0], rounds, top)
+
+
 def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, top: int = 25):
     """``provider``'s ``steps`` profiled training steps: (top kernels as dicts, torch's table)."""
     base = build_base_model(workload, "cuda")
@@ -55,8 +67,7 @@ def profile(provider: str, workload: Workload, steps: int = 2, warmup: int = 3, 
         trainer.step(batch)
     kernels, events = profiled_kernels(map(trainer.step, batches[warmup:]).__next__, steps)
     total_us = sum(e.self_device_time_total for e in kernels)
-    rows = [dict(name=e.key, calls_per_step=e.count / steps, ms_per_step=e.self_device_time_total / steps / 1e3,
-                 share=e.self_device_time_total / total_us) for e in kernels[:top]]
+    rows = kernel_rows(kernels, steps, top)
     table = events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=90)
     del trainer, base
     torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ forward (serving); ``train`` a forward, backward and AdamW step on the bank's lo
 
 import copy
 import dataclasses
+import functools
 import random
 import statistics
 import tempfile
@@ -23,6 +24,7 @@ import torch
 
 from .measurement import paired_ratios, spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
+from .profile_step import gpu_busy_ms, top_kernels
 from .report import interquartile, short_commit
 from .runner import environment, preset_command
 
@@ -185,6 +187,10 @@ def run(preset_name: str, command: str, log=print) -> dict:
             entry["vs_single"] = entry["vs_single_per_step"]["median"]
         log(f"{mode}: " + ", ".join(f"{n} {e['examples_per_s']:.1f}/s ({e['vs_single']:.2f}x)"
                                     for n, e in results[mode].items()))
+        if device == "cuda":  # where the bank's extra time goes: GPU work, or the host issuing it
+            for name in ("single-task model", f"bank, {most} tasks"):
+                step = functools.partial(configs[name], batches[-1])
+                results[mode][name].update(gpu_busy_ms=gpu_busy_ms(step), top_kernels=top_kernels(step))
     ratios = dict(
         mixed_vs_single={mode: {k: results[mode][f"bank, {k} tasks"]["vs_single"] for k in preset.distinct}
                          for mode in results},
@@ -222,6 +228,12 @@ def markdown(record: dict) -> str:
         lines += [f"| {name} | {e['examples_per_s']:.1f} | {e['real_tokens_per_s']:.0f} | {e['vs_single']:.2f}"
                   f"{_per_step(e.get('vs_single_per_step'))} |" for name, e in entries.items()]
         lines.append("")
+        lines += [f"- {mode}, {name}: GPU busy {e['gpu_busy_ms']:.2f} ms of a {e['median_ms']:.2f} ms step; top "
+                  "kernels (ms per step): " + ", ".join(f"{k['name'][:60]} {k['ms_per_step']:.3f}"
+                                                        for k in e["top_kernels"][:8])
+                  for name, e in entries.items() if "gpu_busy_ms" in e]
+        if any("gpu_busy_ms" in e for e in entries.values()):
+            lines.append("")
     lines += [f"- {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']}{_per_step(g.get('per_step'))}"
               for g in record["goals"]]
     lines += ["", "Ratios are medians of the ratios of steps timed on the same batch in the same round, with those "
