@@ -148,3 +148,30 @@ def test_a_joint_fp16_run_scales_its_loss(joint_run, tmp_path, monkeypatch):
         args += ["--task-files", name, train, validation]
     assert cli.main(args) == 0
     assert scaled == [True, True], "each of the two steps scales its fp16 loss"
+
+
+def test_each_step_of_a_joint_run_clips_and_steps_only_its_batchs_tasks(joint_run, tmp_path, monkeypatch):
+    """The wiring the library tests cannot see: every step clips each task's gradient at --max-grad-norm and steps
+    the optimizer with the batch's own tasks (stepping the others would move them by momentum and weight decay)."""
+    from bitfit_fast.task_bank import TaskAdamW, TaskBank
+
+    root, files = joint_run
+    calls = []
+    for cls, method in ((TaskBank, "loss"), (TaskBank, "clip_grad_norm_"), (TaskAdamW, "step")):
+        original = getattr(cls, method)
+
+        def recording(self, *args, _method=method, _original=original):
+            calls.append((_method, args[-1]))  # loss(logits, labels, tasks), clip_grad_norm_(max_norm), step(tasks)
+            return _original(self, *args)
+
+        monkeypatch.setattr(cls, method, recording)
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "6", "--max-grad-norm", "0.25",
+            "--backend", "torch", "--no-progress", "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    steps = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(steps) == 10  # 56 examples in batches of 6
+    for (loss, batch_tasks), (clip, max_norm), (step, stepped) in steps:
+        assert (loss, clip, step) == ("loss", "clip_grad_norm_", "step")
+        assert max_norm == 0.25 and list(stepped) == list(batch_tasks)

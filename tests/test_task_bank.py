@@ -125,8 +125,8 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     if path in ("fused-bucketed", "fused-grouped"):
         request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
         path = "fused"
-    widths = {"topic": 3, "sentiment": 2}
-    example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
+    widths = {"topic": 3, "sentiment": 2, "score": 1}  # "score": a regression task (its loss the mean squared error)
+    example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic", "score"]
     if encoder == "bert":
         base = MODELS["bert"](num_labels=3)
     else:  # without dropout, as the config-built models: the bank and the single models draw different masks
@@ -141,11 +141,11 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     initial = {name: {n: p.detach().clone() for n, p in trainable(model).items()} for name, (model, _) in tasks.items()}
     for step in range(3):
         if encoder == "bert":
-            batch = padded_batch(base, (6, 2, 5, 3, 4))
+            batch = padded_batch(base, (6, 2, 5, 3, 4, 7))
         else:
-            batch = real_batch(bbc_titles("tech", 3, skip=3 * step) + bbc_titles("sports", 2, skip=2 * step),
-                               [0] * 5)
-        labels = torch.tensor([2, 1, 0, 0, 1], device=DEVICE)
+            batch = real_batch(bbc_titles("tech", 3, skip=3 * step) + bbc_titles("sports", 3, skip=3 * step),
+                               [0] * 6)
+        labels = torch.tensor([2, 1, 0, 0, 1, 0.5], device=DEVICE)  # class ids, and a score for "score"
         optimizer.zero_grad()
         bank.loss(bank(example_tasks, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
                   labels, example_tasks).backward()
@@ -155,7 +155,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
             rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
             single_optimizer.zero_grad()
             model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
-                  labels=labels[rows]).loss.backward()
+                  labels=labels[rows] if name == "score" else labels[rows].long()).loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(trainable(model).values(), MAX_NORM)
             torch.testing.assert_close(norms[bank.tasks[name].index], norm.float(), rtol=1e-4, atol=1e-6)
             assert norm > MAX_NORM, "the norm must be clipped for the comparison to test the clipping"
@@ -356,6 +356,9 @@ def test_mistakes_name_the_problem(tmp_path):
         bank(["topic", "weather"], **batch)
     with pytest.raises(ValueError, match="the batch has 2 examples but 3 example tasks"):
         bank(["topic", "topic", "topic"], **batch)
+    for indices in ([-1, 0], [0, 3], torch.tensor([-1, 0])):  # a negative index would take the last task's biases
+        with pytest.raises(ValueError, match=r"task indices must be in \[0, 3\), got \[-?\d, -?\d\]"):
+            bank(indices, **batch)
     with pytest.raises(ValueError, match=r"TaskBank returns logits, not a loss: .* bank.loss\(logits, labels, tasks\)"):
         bank(["topic", "topic"], labels=torch.tensor([0, 1]), **batch)
     fresh = copy.deepcopy(base)
