@@ -226,8 +226,13 @@ class FusedEncoderLayer(nn.Module):
         attention = self.part(self.spec.attention)
         hidden = x.shape[-1]
         weight = self.packed_qkv_weight()
-        # Biases [3d], or task tables [T, 3d] in a TaskBank: concatenated along the features either way.
-        bias = torch.cat([projection.trained_bias() for projection in self._qkv_linears()], dim=-1)
+        # Biases [3d], or task tables [T, 3d] in a TaskBank, where a frozen bias (the key's and value's with
+        # biases="subset") stays a vector [d]: every task's row holds it.
+        biases = [projection.trained_bias() for projection in self._qkv_linears()]
+        tables = [b for b in biases if b.dim() == 2]
+        if tables:
+            biases = [b if b.dim() == 2 else b.expand(tables[0].shape[0], -1) for b in biases]
+        bias = torch.cat(biases, dim=-1)
         row_task = tokens.row_tasks()
         heads = getattr(attention, self.spec.heads)
         if first_only:

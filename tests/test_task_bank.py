@@ -114,17 +114,19 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
-                                        ("fused", "real-minilm")])
+                                        ("fused-subset", "bert"), ("fused", "real-minilm")])
 def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
     "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device;
-    "fused-grouped": attention by length groups, whose layout holds the examples in another order than the batch.
+    "fused-grouped": attention by length groups, whose layout holds the examples in another order than the batch;
+    "fused-subset": biases="subset", whose query biases are tables beside the frozen key and value biases.
     "real-minilm": pretrained MiniLM (two of its layers) on real BBC titles; with the Triton backend the tables'
     gradients are the kernels' per-task sums (``bitfit_fast_kernels.task_tables``)."""
+    options = dict(biases="subset") if path == "fused-subset" else {}
     if path in ("fused-bucketed", "fused-grouped"):
         request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
-        path = "fused"
+    path = path if path in PATHS else "fused"
     widths = {"topic": 3, "sentiment": 2, "score": 1}  # "score": a regression task (its loss the mean squared error)
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic", "score"]
     if encoder == "bert":
@@ -132,7 +134,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     else:  # without dropout, as the config-built models: the bank and the single models draw different masks
         base = real_minilm(num_labels=3, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                            classifier_dropout=0.0)
-    tasks = trained_tasks(base, tmp_path, widths, backend=backend, **PATHS[path])
+    tasks = trained_tasks(base, tmp_path, widths, backend=backend, **PATHS[path], **options)
     bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
                          backend=backend).train()
     optimizer = bank.optimizer(lr=1e-2)
