@@ -255,10 +255,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": "", "label": "b"}\n'),
          r"t.jsonl row 1 has an empty text in \['text'\]: fill it in, or remove the row"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
-         r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns"),
-        (lambda p: (p / "t.csv").write_text("text,label\n12,a\n7,b\n"),  # read as numbers: the column may be right
-         r"not a text: name the text columns with --text-columns; texts that are numbers need a format that keeps "
-         r"them strings \(JSON Lines"),
+         r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns; "
+         r"texts that are numbers are written as strings \(JSON: \"12\"\)"),
+        (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\n  ,money\n"),
+         r"t.csv row 1 has an empty text in \['text'\]"),
     ],
 )
 def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):
@@ -268,6 +268,21 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     with pytest.raises(data.DataError, match=message):
         train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
+
+
+def test_a_csv_is_read_as_the_strings_it_holds(tmp_path):
+    """Class labels as written (pandas would merge 1 and 1.0, turn 007 into 7 and NA or None into a missing
+    label), texts that look like numbers as texts; a regression column's strings parse as scores."""
+    rows = [("12", "1"), ("goal", "1.0"), ("0.5", "007"), ("match", "NA"), ("bank", "None"), ("price", "1")]
+    train_file = tmp_path / "t.csv"
+    train_file.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    task = data.load_local(str(train_file), str(train_file), ("text",), "label")
+    assert sorted(task.label_names) == ["007", "1", "1.0", "NA", "None"]
+    assert task.train.texts == [(text,) for text, _ in rows]
+    assert [task.label_names[i] for i in task.train.labels] == [label for _, label in rows]
+    scores = tmp_path / "s.csv"
+    scores.write_text("text,label\ngoal,0.25\nmatch,-1\n")
+    assert data.load_local(str(scores), str(scores), ("text",), "label", regression=True).train.labels == [0.25, -1.0]
 
 
 def test_unknown_validation_label_is_named_and_the_cli_exits_2(model_dir, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Data for training, evaluation and prediction: the embedded BBC News corpus, GLUE through `datasets`, local
 CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped batches."""
 
+import csv
 import dataclasses
 import importlib.util
 import itertools
@@ -16,6 +17,10 @@ from .hub import require_hub
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the file, column or label at fault."""
+
+
+class NotScoresError(DataError):
+    """A label column read for regression holds something other than numbers (class labels, likely)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,15 +120,15 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
         raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
     for row, text in enumerate(texts):
-        if any(t is None or t == "" for t in text):
+        if any(t is None or (isinstance(t, str) and not t.strip()) for t in text):
             raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
                             "the row")
         for column, t in zip(text_columns, text):
             if not isinstance(t, str):
                 remedy = (f"a file for this run needs texts in its columns {list(text_columns)}" if of_run
                           else "name the text columns with --text-columns")
-                # A CSV column of numbers is read as numbers: the column may be the right one.
-                remedy += "; texts that are numbers need a format that keeps them strings (JSON Lines: \"12\")"
+                # A JSON number in a text column: the column may be the right one.
+                remedy += "; texts that are numbers are written as strings (JSON: \"12\")"
                 raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in row {row}, not a "
                                 f"text: {remedy}")
     return texts
@@ -134,7 +139,8 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
     _require_columns(table, (*text_columns, label_column), where, of_run)
     texts = _texts(table, text_columns, where, of_run)
     raw = table[label_column]
-    blank = next((row for row, value in enumerate(raw) if value is None or value != value), None)  # None or NaN
+    blank = next((row for row, value in enumerate(raw)  # None, NaN or an empty cell
+                  if value is None or value != value or (isinstance(value, str) and not value.strip())), None)
     if blank is not None:
         raise DataError(f"{where} row {blank} has no label in column {label_column!r}: fill it in, or remove the row")
     if label_ids is None:
@@ -142,13 +148,25 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
             return Split(texts, [float(v) for v in raw])
         except (TypeError, ValueError) as error:
             remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
-            raise DataError(f"{where} column {label_column!r} is not a score ({first_line(error)}): {remedy}") \
+            raise NotScoresError(f"{where} column {label_column!r} is not a score ({first_line(error)}): {remedy}") \
                 from error
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
     if unknown:
-        raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {sorted(label_ids)}: "
-                        "remove those rows, or train on data that has them")
+        scores = not of_run and all(_is_number(v) for v in [*unknown, *label_ids])  # new values: scores, likely
+        known = sorted(label_ids)
+        shown = f"{known}" if len(known) <= 20 else f"{len(known)} classes: {known[:5]}"
+        raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {shown}: remove "
+                        "those rows, or train on data that has them"
+                        + ("; if the column holds scores, pass --regression" if scores else ""))
     return Split(texts, [label_ids[str(v)] for v in raw])
+
+
+def _is_number(label: object) -> bool:
+    try:
+        float(label)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def load_glue(task: str) -> TaskData:
@@ -179,6 +197,17 @@ def _has_a_row(csv_file: Path) -> bool:
         return sum(1 for line in itertools.islice(f, 1000) if line.strip()) >= 2
 
 
+def _as_written(csv_file: Path) -> dict:
+    """Options that read every column of a CSV file as the strings it holds: pandas would read class labels 1 and
+    1.0 as one number, 007 as 7, and NA, None or null as missing values. An empty cell reads as ""."""
+    import datasets
+
+    with open(csv_file, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f))
+    return dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
+                keep_default_na=False)
+
+
 def read_table(file: str):
     """A local CSV / JSON(L) / Parquet file as a `datasets.Dataset`."""
     import datasets
@@ -192,7 +221,8 @@ def read_table(file: str):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
     try:
-        return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train")
+        return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train",
+                                     **(_as_written(path) if path.suffix == ".csv" else {}))
     except Exception as error:  # datasets raises many types for unreadable files
         raise DataError(f"{file} could not be read as {FORMATS[path.suffix]} ({first_line(error)}); "
                         "check its format") from error
