@@ -2,6 +2,7 @@
 on it. Every mistake (a directory that is not a run, a missing column, a moved base model) is a one-line
 `UserError`."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     elif not texts:
         raise UserError("nothing to predict: give --text (and --text-pair for two-text runs) or --input-file")
     for number, example in enumerate(texts, 1):
-        if not all(example):  # as the server refuses it: an empty text has nothing to classify
+        if not all(text.strip() for text in example):  # as the server refuses it: nothing to classify
             raise UserError(f"example {number} has an empty text: there is nothing to classify; give it a text")
         if len(example) != len(columns):
             if len(columns) == 2:
@@ -164,15 +165,23 @@ class RunsPredictor:
             raise self._refuse(f"an example is {shape}, and several are {{\"inputs\": [example, ...]}}; got the keys "
                                f"{sorted(example)}")
         task = example["task"]
+        if not isinstance(task, str):  # a number or a list: never a run's name, even where it reads as one
+            raise self._refuse(f"'task' is a task's name, a string of {self.tasks}; got {json.dumps(task)[:80]}")
         if task not in self.runs:
             raise self._refuse(f"unknown task {task!r}: this server knows {self.tasks}")
         run = self.runs[task]
         texts = [example.get("text"), example.get("text_pair")][:len(run.text_columns)]
-        if not all(isinstance(text, str) and text for text in texts):
+        if not all(isinstance(text, str) and text.strip() for text in texts):
             needed = "a non-empty 'text' and 'text_pair'" if len(texts) == 2 else "a non-empty 'text'"
             raise self._refuse(f"task {task!r} needs {needed}: an example is {shape}")
         if len(texts) == 1 and example.get("text_pair") is not None:
             raise self._refuse(f"task {task!r} reads one text: leave out 'text_pair'")
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no tokenizer reads
+                raise self._refuse(f"a text of task {task!r} is not valid Unicode (a lone surrogate, such as "
+                                   "\\ud800): send well-formed text") from None
         encoded = self.tokenizer(*texts, truncation=False)
         length = len(encoded["input_ids"])
         if length > run.config.max_length:

@@ -13,7 +13,7 @@ Routes:
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
 predictor refuses, 413 more examples than the whole queue holds (split them), 503 a full queue (retry), 500 a failed
-prediction.
+prediction, 404 and 405 another route or method.
 """
 
 import asyncio
@@ -127,6 +127,7 @@ def _error(status: int, message: str, **headers):
 def build_app(predictor: Predictor, config: BatchingConfig | None = None):
     """The Starlette app serving ``predictor`` (see the module docstring for its routes)."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -164,19 +165,27 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
                 checked.append(predictor.check(example))
             except RequestError as error:
                 return _error(422, str(error) if single else f"inputs[{index}]: {error}")
+            except Exception as error:  # the predictor's own failure, answered as JSON like every error
+                return _error(500, f"checking {'the example' if single else f'inputs[{index}]'} failed: "
+                                   f"{first_line(error)}")
         try:
             futures = state["batcher"].submit(checked)
         except asyncio.QueueFull:
-            return _error(503, f"the server is busy ({config.max_queue} examples waiting): retry shortly",
-                          **{"Retry-After": "1"})
+            waiting = state["batcher"].queue.qsize()
+            return _error(503, f"the server is busy ({waiting} examples waiting, at most {config.max_queue}): retry "
+                               "shortly", **{"Retry-After": "1"})
         try:
             answers = await asyncio.gather(*futures)
         except Exception as error:
             return _error(500, f"the prediction failed: {first_line(error)}")
         return JSONResponse(answers[0] if single else {"predictions": answers})
 
+    async def unknown_route(request, error: HTTPException):  # 404 and 405 as JSON too, with their headers (Allow)
+        return _error(error.status_code, f"{error.detail}: this server answers GET /health and POST /predict",
+                      **(error.headers or {}))
+
     return Starlette(routes=[Route("/health", health), Route("/predict", predict, methods=["POST"])],
-                     lifespan=lifespan)
+                     lifespan=lifespan, exception_handlers={HTTPException: unknown_route})
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, config: BatchingConfig | None = None):

@@ -31,6 +31,8 @@ class EchoPredictor:
             raise RequestError(f"unknown task {example.get('task')!r}: this server knows {list(self.tasks)}")
         if len(example["text"]) > 20:
             raise RequestError(f"the text is {len(example['text'])} characters; at most 20")
+        if example["text"] == "bug":
+            raise TypeError("the check itself failed")
         return example
 
     def predict(self, examples):
@@ -88,6 +90,9 @@ def test_concurrent_mixed_requests_are_batched_and_each_answered():
      'inputs[1]: an example is {"task": ..., "text": "..."}'),
     (b'{"inputs": []}', 422, '"inputs" must be a non-empty list of examples'),
     (b'{"task": "upper", "text": "boom"}', 500, "the prediction failed: the model ran out of memory"),
+    (b'{"task": "upper", "text": "bug"}', 500, "checking the example failed: the check itself failed"),
+    (b'{"inputs": [{"task": "upper", "text": "a"}, {"task": "upper", "text": "bug"}]}', 500,
+     "checking inputs[1] failed: the check itself failed"),
 ])
 def test_bad_requests_get_a_status_and_a_message(body, status, message):
     predictor = EchoPredictor()
@@ -114,13 +119,24 @@ def test_a_full_queue_answers_503_and_a_failed_batch_fails_only_its_requests():
             refused = client.post("/predict", json=dict(task="length", text="c"))
             gate.set()
             answers = [first.result(), *(f.result() for f in queued)]
-    assert refused.status_code == 503 and "the server is busy (2 examples waiting): retry" in refused.json()["error"]
+    assert refused.status_code == 503
+    assert "the server is busy (2 examples waiting, at most 2): retry" in refused.json()["error"]
     assert refused.headers["retry-after"] == "1"
     assert answers[0].json() == dict(task="upper", answer="A")
     # "b" and "boom" ran as one batch, which failed; run again one by one, only "boom" fails.
     assert answers[1].json() == dict(task="upper", answer="B")
     assert answers[2].status_code == 500 and "ran out of memory" in answers[2].json()["error"]
     assert predictor.batches == [1, 2, 1, 1]
+
+
+def test_another_route_or_method_is_answered_in_json():
+    with running(EchoPredictor(), BatchingConfig()) as url:
+        wrong_method = httpx.get(f"{url}/predict", timeout=30)
+        no_route = httpx.post(f"{url}/predictions", json={}, timeout=30)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "Method Not Allowed: this server answers GET /health and POST /predict"}
+    assert no_route.status_code == 404
+    assert no_route.json() == {"error": "Not Found: this server answers GET /health and POST /predict"}
 
 
 def test_a_request_larger_than_the_queue_is_told_to_split():
@@ -195,6 +211,10 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
     (dict(examples=[]), "several are {\"inputs\": [example, ...]}; got the keys ['examples']"),
     (dict(task="topics", text=" ".join(["goal"] * 200)), "the text is 202 tokens; task 'topics' reads at most 128"),
     (dict(task="topics", text=""), "task 'topics' needs a non-empty 'text'"),
+    (dict(task="topics", text=" \n"), "task 'topics' needs a non-empty 'text'"),
+    (dict(task=["topics"], text="goal"), "'task' is a task's name, a string of ['topics', 'score']; got [\"topics\"]"),
+    (dict(task=12, text="goal"), "'task' is a task's name, a string of ['topics', 'score']; got 12"),
+    (dict(task="topics", text="goal \ud800 match"), "a text of task 'topics' is not valid Unicode (a lone surrogate"),
     (dict(task="score", text="goal", text_pair="match"), "task 'score' reads one text: leave out 'text_pair'"),
 ])
 def test_a_request_the_runs_cannot_answer_is_named(two_runs, example, message):
