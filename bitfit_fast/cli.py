@@ -330,13 +330,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args) -> str:
-    """What continues an interrupted `train`: its checkpoint, written atomically, is whole whenever it stopped."""
+    """What continues an interrupted `train`: its checkpoint, written atomically, is whole whenever it stopped; a
+    joint run keeps no checkpoint, only its tasks' finished epochs."""
     from .train import CHECKPOINT_NAME
 
-    checkpoint = Path(getattr(args, "output_dir", None) or ".") / CHECKPOINT_NAME
-    if args.command != "train" or getattr(args, "task_files", None) or not checkpoint.is_file():
+    out = Path(getattr(args, "output_dir", None) or ".")
+    if args.command != "train":
         return ""
-    return f"; the same command with --resume continues from its last checkpoint, {checkpoint}"
+    if getattr(args, "task_files", None):
+        return (f"; a joint run has no --resume: the task runs in {out} keep the biases of the epochs that finished; "
+                f"to train again, remove {out} or choose another --output-dir") if out.is_dir() else ""
+    checkpoint = out / CHECKPOINT_NAME
+    return f"; the same command with --resume continues from its last checkpoint, {checkpoint}" \
+        if checkpoint.is_file() else ""
 
 
 if __name__ == "__main__":

@@ -411,3 +411,9 @@ def test_ctrl_c_ends_train_with_one_line_naming_the_checkpoint(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: interrupted")
     assert ("the same command with --resume continues from its last checkpoint" in err) == checkpoint
+    joint = ["train", "--output-dir", str(out), "--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv",
+             "v.csv"]
+    assert cli.main(joint) == 130
+    assert capsys.readouterr().err == (f"bitfit-fast train: interrupted; a joint run has no --resume: the task runs in "
+                                       f"{out} keep the biases of the epochs that finished; to train again, remove "
+                                       f"{out} or choose another --output-dir\n")

@@ -115,6 +115,39 @@ def test_a_task_of_a_joint_run_that_stopped_early_says_to_train_again(joint_run,
         load_run(str(task))
 
 
+def test_class_labels_and_scores_say_which_option_they_need(joint_run, tmp_path, capsys):
+    root, files = joint_run
+    scores = tmp_path / "scores.csv"
+    scores.write_text("text,label\ngoal match,0.25\nbank price,0.75\nteam goal,0.5\n")
+    new_scores = tmp_path / "new-scores.csv"
+    new_scores.write_text("text,label\ngoal team,0.3\nprice bank,0.9\n")
+    common = ["train", "--model", str(root / "model"), "--backend", "torch", "--no-progress", "--output-dir",
+              str(tmp_path / "runs")]
+    # --regression is shared by a joint run's tasks: a task of classes among them is told to train apart.
+    assert cli.main([*common, "--regression", "--task-files", "topics", *files["topics"],
+                     "--task-files", "score", str(scores), str(scores)]) == 2
+    err = capsys.readouterr().err
+    assert "column 'label' is not a score" in err and err.strip().endswith(
+        "(the tasks of a joint run share --regression: train a task of scores and one of classes in separate runs)")
+    # Scores read as classes: the validation's new values are named, with the option they need.
+    assert cli.main([*common, "--train-file", str(scores), "--validation-file", str(new_scores)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "has labels ['0.3', '0.9'] that the training data does not have ['0.25', '0.5', '0.75']: remove those rows, "
+        "or train on data that has them; if the column holds scores, pass --regression")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_joint_runs_output_dir_names_its_task_runs(joint_run, capsys):
+    root, _ = joint_run
+    runs = root / "runs"
+    for command in ("eval", "predict", "serve"):
+        assert cli.main([command, str(runs), *(["--text", "goal"] if command == "predict" else [])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert (f"{runs} is not a `bitfit-fast train` run (it has no run_config.json): it holds the runs "
+                f"{runs / 'sport-or-tech'}, {runs / 'topics'}: pass one of them") in err
+
+
 def test_the_tasks_of_a_joint_run_serve_together(joint_run):
     from bitfit_fast import serve
     from bitfit_fast.serve import RunsPredictor

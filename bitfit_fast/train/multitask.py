@@ -106,9 +106,13 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     for task in tasks:
         files = dict(train_file=str(Path(task.train_file).expanduser().resolve()),
                      validation_file=str(Path(task.validation_file).expanduser().resolve()))
-        task_data[task.name] = (data_lib.load_local(files["train_file"], files["validation_file"],
-                                                    tuple(config.text_columns), config.label_column,
-                                                    config.regression), files)
+        try:
+            loaded = data_lib.load_local(files["train_file"], files["validation_file"], tuple(config.text_columns),
+                                         config.label_column, config.regression)
+        except data_lib.NotScoresError as error:
+            raise data_lib.NotScoresError(f"{error} (the tasks of a joint run share --regression: train a task of "
+                                          "scores and one of classes in separate runs)") from error
+        task_data[task.name] = (loaded, files)
     first = next(iter(task_data.values()))[0]
     model, tokenizer, info = load_pretrained(model_path, first.num_labels, first.label_names,
                                              f"--model {config.model or model_path}")
@@ -140,7 +144,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
                              [label for e in encoded.values() for label in e.labels])
     example_task = [name for name, e in encoded.items() for _ in range(len(e))]
     log(f"{len(tasks)} tasks together: " + ", ".join(
-        f"{name} ({len(encoded[name])} train, {data.num_labels} {'outputs' if data.num_labels == 1 else 'classes'})"
+        f"{name} ({len(encoded[name])} train, {'scores' if data.num_labels == 1 else f'{data.num_labels} classes'})"
         for name, (data, _) in task_data.items()) + f" | {config.method} on {d.device}")
     for name, (data, files) in task_data.items():
         (out / name).mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,11 @@ def load_run(path: str) -> Run:
         raise UserError(f"{path} is not a directory: {NOT_A_RUN_HINT}")
     file = directory / RUN_CONFIG_NAME
     if not file.is_file():
-        raise UserError(f"{path} is not a `bitfit-fast train` run (it has no {RUN_CONFIG_NAME}): {NOT_A_RUN_HINT}")
+        # A joint run's --output-dir (one run per task), or a folder of runs: name them.
+        runs = sorted(str(d) for d in directory.iterdir() if (d / RUN_CONFIG_NAME).is_file())
+        hint = (f"it holds the runs {', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}: pass one of them (a "
+                "joint run of several --task-files has one run per task)") if runs else NOT_A_RUN_HINT
+        raise UserError(f"{path} is not a `bitfit-fast train` run (it has no {RUN_CONFIG_NAME}): {hint}")
     try:
         record = json.loads(file.read_text())
         config = TrainConfig.from_dict(record["config"])
