@@ -31,13 +31,25 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """
     trained = trained_parameters(model)
     tensors = {name: param for name, param in model.named_parameters() if name in trained}
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
-                            getattr(getattr(model, "config", None), "_name_or_path", None))
+                            getattr(getattr(model, "config", None), "_name_or_path", None),
+                            [str(id2label[i]) for i in sorted(id2label)])
+
+
+def named_classes(label_names: list[str] | None) -> list[str] | None:
+    """``label_names`` where they name the classes; None for none or the placeholders LABEL_0, ... or 0, 1, ..."""
+    if not label_names or label_names in ([f"LABEL_{i}" for i in range(len(label_names))],
+                                          [str(i) for i in range(len(label_names))]):
+        return None
+    return list(label_names)
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
-                     state: AppliedState, model_class: str, base_model: str | None) -> Path:
-    """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically."""
+                     state: AppliedState, model_class: str, base_model: str | None,
+                     label_names: list[str] | None = None) -> Path:
+    """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically; the
+    class names (``label_names``) where they are more than placeholders."""
     from . import __version__
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
@@ -55,6 +67,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
         "applied": state.to_dict(),
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
     }
+    if named_classes(label_names):
+        record["label_names"] = named_classes(label_names)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, record)
     return directory
@@ -137,6 +151,11 @@ def load_biases(
     if not applied:
         for name in not_trained:
             params[name].requires_grad_(True)
+    model_config = getattr(model, "config", None)
+    labels = len(checkpoint.label_names or ())
+    if labels and labels == getattr(model_config, "num_labels", None):  # the loaded head's classes, by name
+        model_config.id2label = dict(enumerate(checkpoint.label_names))
+        model_config.label2id = {name: index for index, name in enumerate(checkpoint.label_names)}
     return model
 
 
@@ -150,6 +169,7 @@ class Checkpoint:
     model_class: str | None
     base_model: str | None
     tensors: dict[str, torch.Tensor]
+    label_names: list[str] | None  # the head's class names, where saved
 
 
 def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
@@ -168,7 +188,8 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
                          "save the biases again") from error
-    return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors)
+    return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
+                      record.get("label_names"))
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:

@@ -221,7 +221,8 @@ class TaskBank(nn.Module):
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
                                  f"{shown}; load it onto the base model it was trained from ({checkpoint.base_model})")
         apply(model, config, announce=False)
-        tasks = [Task(name, index, resolved[name][2] or 0, resolved[name][1], checkpoint.directory)
+        tasks = [Task(name, index, resolved[name][2] or 0, resolved[name][1] or checkpoint.label_names,
+                      checkpoint.directory)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())
         return cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
@@ -272,6 +273,8 @@ class TaskBank(nn.Module):
         for task in tasks:
             if output is not None:
                 task.num_labels = _output_width(model.get_submodule(output).heads[task.index])
+            if task.label_names is not None and len(task.label_names) != task.num_labels:  # not this head's
+                task.label_names = None
             if task.label_names is None and task.num_labels > 1:
                 task.label_names = [str(i) for i in range(task.num_labels)]
         return cls(model, tasks, head_names)
@@ -397,7 +400,8 @@ class TaskBank(nn.Module):
         """Task ``name`` as a ``save_biases`` checkpoint: ``load_biases`` puts it on a fresh base model."""
         return write_checkpoint(directory, self.task_tensors(name), config_of(self.model), state_of(self.model),
                                 type(self.model).__name__,
-                                getattr(getattr(self.model, "config", None), "_name_or_path", None))
+                                getattr(getattr(self.model, "config", None), "_name_or_path", None),
+                                self.tasks[name].label_names)
 
     def extra_repr(self) -> str:
         return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from bitfit_reference import adamw_steps, padded_batch, tiny_bert, tiny_roberta, trainable
+from bitfit_reference import TINY, adamw_steps, padded_batch, tiny_bert, tiny_roberta, trainable
 from test_bias_free import tiny_modernbert
 
 import bitfit_fast
@@ -70,6 +70,31 @@ def test_merge_gives_a_vanilla_hugging_face_model(tmp_path):
     torch.testing.assert_close(reloaded(**batch).logits, logits, atol=1e-6, rtol=0)
 
 
+def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
+    """save_biases keeps the head's class names (not placeholders); load_biases puts them on the model it loads
+    into, so a merged save_pretrained model answers "sport", not LABEL_2; a TaskBank's tasks keep them too."""
+    names = ["business", "sport", "tech"]
+    model, base = trained(lambda: tiny_bert(id2label=dict(enumerate(names)),
+                                            label2id={n: i for i, n in enumerate(names)}))
+    bitfit_fast.save_biases(model, tmp_path / "named")
+    assert json.loads((tmp_path / "named" / CONFIG_NAME).read_text())["label_names"] == names
+    bitfit_fast.save_biases(trained()[0], tmp_path / "placeholders")  # LABEL_0, LABEL_1, ...: nothing to keep
+    assert "label_names" not in json.loads((tmp_path / "placeholders" / CONFIG_NAME).read_text())
+
+    plain = tiny_bert()
+    plain.load_state_dict(base.state_dict())
+    merged = bitfit_fast.merge(bitfit_fast.load_biases(plain, tmp_path / "named"))
+    merged.save_pretrained(tmp_path / "hf")
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf")
+    assert reloaded.config.id2label == dict(enumerate(names))
+    assert reloaded.config.label2id == {n: i for i, n in enumerate(names)}
+
+    bank = bitfit_fast.TaskBank.load(copy.deepcopy(plain), {"topics": tmp_path / "named"})
+    assert bank.tasks["topics"].label_names == names
+    bank.save_task("topics", tmp_path / "again")
+    assert bitfit_fast.load_biases(tiny_bert(), tmp_path / "again").config.id2label == dict(enumerate(names))
+
+
 def test_load_errors_leave_the_model_untouched(tmp_path):
     model, _ = trained(biases="subset")
     bitfit_fast.save_biases(model, tmp_path / "subset")
@@ -88,6 +113,12 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     wrong_labels = bitfit_fast.apply(tiny_bert(num_labels=5), biases="subset")
     with pytest.raises(ValueError, match=r"shape mismatch.*classifier"):
         bitfit_fast.load_biases(wrong_labels, tmp_path / "subset")
+
+    wider = bitfit_fast.apply(tiny_bert(intermediate_size=TINY["intermediate_size"] + 8), biases="subset")
+    before = {n: p.detach().clone() for n, p in wider.named_parameters()}  # the head matches, the body does not
+    with pytest.raises(ValueError, match=r"shape mismatch.*intermediate.*load it onto the base model it was trained"):
+        bitfit_fast.load_biases(wider, tmp_path / "subset")
+    assert all(torch.equal(p, before[n]) for n, p in wider.named_parameters())
 
     wrong_model = tiny_roberta()
     message = "saved from a BertForSequenceClassification, not a RobertaForSequenceClassification"
