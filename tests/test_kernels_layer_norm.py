@@ -77,6 +77,20 @@ def test_forward_and_backward_match_torch(dtype, lead, n, with_residual, gamma_k
     assert_as_accurate_as_torch(dbeta.to(dtype), same_db, truth_db, "dbeta")
 
 
+def test_eps_is_added_to_the_variance_inside_the_square_root():
+    """Rows of tiny variance, where eps counts (torch's default 1e-5 here): rstd = 1 / sqrt(var + eps), and a
+    constant row gives 1 / sqrt(eps), not a division by zero."""
+    eps, n = 1e-5, 37
+    x = 3 + 1e-3 * torch.randn(4, n, device=DEVICE)
+    x[1] = 3.0
+    gamma, beta = 1 + 0.3 * torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    y, _, rstd = K.residual_layer_norm_forward(x, gamma, beta, eps)
+    variance = x.double().var(-1, unbiased=False)
+    torch.testing.assert_close(rstd.double().view(-1), (variance + eps).rsqrt(), rtol=1e-4, atol=0)
+    assert_as_accurate_as_torch(y, F.layer_norm(x, (n,), gamma, beta, eps),
+                                F.layer_norm(x.double(), (n,), gamma.double(), beta.double(), eps), "y")
+
+
 def test_without_a_backward_the_forward_stores_nothing_for_it():
     x, residual, gamma, beta = make((3,), 37, torch.float32)
     y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, store_x_hat=False)
@@ -168,6 +182,19 @@ def test_dropout_rows_and_columns_are_independent():
     windows = keep.unfold(1, width, 1).reshape(-1, width).long()
     codes = (windows << torch.arange(width, device=DEVICE)).sum(-1)
     assert torch.unique(codes).numel() == codes.numel(), "rows share a run of draws"
+
+
+@pytest.mark.parametrize("philox_offset", [0, 7])
+def test_the_backward_regenerates_the_forwards_mask_at_its_offset(philox_offset):
+    m, n, seed = 40, 37, 5
+    keep = _forward_keep(seed, m=m, n=n, philox_offset=philox_offset)
+    x, ones = torch.ones(m, n, device=DEVICE), torch.ones(n, device=DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, ones, ones * 0, EPS, x * 0, dropout_p=P, seed=seed,
+                                                   philox_offset=philox_offset)
+    dx, ds, _, _ = K.residual_layer_norm_backward(torch.randn(m, n, device=DEVICE), x_hat, ones, rstd, dropout_p=P,
+                                                  seed=seed, philox_offset=philox_offset)
+    assert (ds != 0).all()
+    assert torch.equal(dx != 0, keep)
 
 
 def test_dropout_mask_follows_seed_and_offset_and_not_the_number_of_rows():

@@ -157,13 +157,15 @@ def test_row_buckets_are_coarse():
         256, 256, 1024, 16384, 16384, 65536, 65536]
 
 
+@pytest.mark.parametrize("philox_offset", [0, 7])
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_backward_regenerates_the_forward_mask(activation):
-    y, w = _dropout_run(seed=99)
+def test_backward_regenerates_the_forward_mask(activation, philox_offset):
+    y, w = _dropout_run(seed=99, philox_offset=philox_offset)
     mask_scaled = y  # keep / (1 - p), from the forward
     dy = torch.ones_like(y)
     preact = torch.zeros_like(y) if activation else None  # gelu'(0) = 0.5
-    dx, db = K.linear_backward(dy, w, preact, activation=activation, dropout_p=0.3, seed=99)
+    dx, db = K.linear_backward(dy, w, preact, activation=activation, dropout_p=0.3, seed=99,
+                               philox_offset=philox_offset)
     factor = 0.5 if activation else 1.0
     torch.testing.assert_close(db, factor * mask_scaled.sum(0))
     torch.testing.assert_close(dx, factor * mask_scaled @ w)

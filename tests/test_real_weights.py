@@ -92,6 +92,23 @@ def test_fp32_five_adamw_steps_match_the_reference(backend, path, request):
         torch.testing.assert_close(param, ref_params[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", [*PATHS, *GROUPED])
+def test_in_eval_mode_the_pretrained_dropout_is_off(backend, path, request):
+    """MiniLM as pretrained, dropout 0.1 in its config: in eval mode no path drops anything, so two forwards
+    agree to the bit and equal the reference's eval forward."""
+    model = real_minilm(layers=None if backend == "torch" else [5]).eval()
+    assert model.config.hidden_dropout_prob > 0 and model.config.attention_probs_dropout_prob > 0
+    reference = reference_bitfit(model).eval()
+    apply_path(model, path, request, backend=backend)
+    batch = uneven_batches(1, max_length=48 if backend == "torch" else 12)[0]
+    batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert torch.equal(logits, model(**batch).logits)
+        torch.testing.assert_close(logits, reference(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
 # Every layer path (and, at bf16, bf16 weights) under fp16 and bf16 autocast; Triton's interpreter cannot run a bf16
 # tl.dot, so bf16 on Triton runs on a GPU only.
 AUTOCAST_CASES = [
