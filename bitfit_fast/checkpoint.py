@@ -177,9 +177,11 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_path.is_file() or not weights_path.is_file():
+        run = (directory / RUN_CONFIG_NAME).is_file()  # a `bitfit-fast train` run: its best biases are in biases/
         raise FileNotFoundError(
             f"no bitfit_fast checkpoint in {directory}: expected {CONFIG_NAME} and {WEIGHTS_NAME} written by "
-            "bitfit_fast.save_biases"
+            "bitfit_fast.save_biases" + (f"; it is a `bitfit-fast train` run, whose best biases are in "
+                                         f"{directory / 'biases'}" if run else "")
         )
     try:
         record = json.loads(config_path.read_text())

@@ -101,6 +101,10 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no bitfit_fast checkpoint"):
         bitfit_fast.load_biases(model, tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"a `bitfit-fast train` run, whose best biases are in .*run/biases"):
+        bitfit_fast.load_biases(model, tmp_path / "run")
 
     other = bitfit_fast.apply(tiny_bert())  # trains every bias: the subset checkpoint lacks most
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
