@@ -228,6 +228,12 @@ def reads_first_token_only(model_class: str, config: Any) -> bool:
     return family is not None and (family.first_token_condition is None or family.first_token_condition(config))
 
 
+def reads_padding(model_class: str) -> bool:
+    """Whether a task model's loss reads the padding positions of the last layer: question answering, whose
+    start and end losses are a softmax over every position (Hugging Face's heads; its values there count)."""
+    return model_class.endswith("ForQuestionAnswering")
+
+
 def is_fusable_encoder_class(encoder_class: str) -> bool:
     """Whether a class name is a registered family's encoder, whose fused layers can run as one unpadded stack."""
     return encoder_class in _union("encoder_classes")

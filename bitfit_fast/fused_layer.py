@@ -48,6 +48,7 @@ from .families import (
     is_fusable_encoder_class,
     layer_spec,
     reads_first_token_only,
+    reads_padding,
 )
 from .functions import Ops, functions
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, replace_children, retype
@@ -62,8 +63,21 @@ _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 def _fused_class(mixin: type, base: type) -> type:
     """``Fused<Base>``: the mixin placed before the module's own class, made once per class."""
     if (mixin, base) not in _FUSED_CLASSES:
-        _FUSED_CLASSES[mixin, base] = type(f"Fused{base.__name__}", (mixin, base), {"original_class": base})
+        _FUSED_CLASSES[mixin, base] = type(f"Fused{base.__name__}", (mixin, base),
+                                           {"original_class": base, "__reduce_ex__": _reduce_fused})
     return _FUSED_CLASSES[mixin, base]
+
+
+def _reduce_fused(module: nn.Module, protocol: int):
+    """How pickle (torch.save of a whole model, copy.deepcopy) takes a fused module: by its mixin and original
+    class, both importable, since ``Fused<Base>`` is made at run time and cannot be found by name."""
+    return _new_fused, (type(module).__bases__[0], module.original_class), module.__dict__
+
+
+def _new_fused(mixin: type, base: type) -> nn.Module:
+    """An empty ``Fused<Base>`` for pickle to fill with the module's state."""
+    cls = _fused_class(mixin, base)
+    return cls.__new__(cls)
 
 
 def _is_exact_gelu(act: nn.Module | None) -> bool:
@@ -132,6 +146,33 @@ def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
     )
 
 
+def _is_output_capture(hook) -> bool:
+    """transformers 5's output capture: hooks it leaves on the layers, idle outside a collector (``_recorded_outputs``
+    sees an active one)."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+def hooks_inside(modules) -> bool:
+    """Whether a hook would be passed over by the fused path, which runs ``modules`` and everything inside them as
+    one computation without calling them: a forward or backward hook a user registered (an ablation, a probe, a
+    profiler), accelerate's (``_hf_hook``: device placement, offloaded weights) or a global one. The original
+    forward then runs, calling every submodule, so each hook fires."""
+    from torch.nn.modules import module as torch_module
+
+    if (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+            or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks):
+        return True
+    stack = list(modules)
+    while stack:  # a plain walk: ~3x faster than Module.modules() over BERT-base's 216 submodules
+        module = stack.pop()
+        if (module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+                or "_hf_hook" in module.__dict__
+                or not all(_is_output_capture(hook) for hook in module._forward_hooks.values())):
+            return True
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return False
+
+
 def _recorded_outputs(kwargs: dict) -> set[str]:
     """What Hugging Face collects from inside the model ("hidden_states", "attentions"): transformers 5 does it
     with forward hooks on the layers and attention modules, under a context variable; older versions pass flags."""
@@ -149,6 +190,7 @@ class FusedEncoderLayer(nn.Module):
     original_class: type
     bitfit_memory: str
     _packed_qkv: torch.Tensor | None
+    keeps_padding = False  # set by fuse() where the model's loss reads the padding positions (see Tokens.of_batch)
 
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
@@ -163,6 +205,7 @@ class FusedEncoderLayer(nn.Module):
             linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
         plain = retype(self, self.original_class)
         del plain.bitfit_memory, plain._packed_qkv
+        plain.__dict__.pop("keeps_padding", None)
         return plain
 
     @property
@@ -214,10 +257,10 @@ class FusedEncoderLayer(nn.Module):
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         """Hugging Face's call of one layer: unpadded within the layer (the fused encoder unpads once for all)."""
         if (_runs_original_forward(args, kwargs) or "attentions" in _recorded_outputs(kwargs)
-                or self.trains_a_weight()):
+                or self.trains_a_weight() or hooks_inside(self.children())):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
-        tokens = Tokens.of_batch(hidden_states, attention_mask)
+        tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding)
         return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)))
 
     def attention_context(self, x: torch.Tensor, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
@@ -318,6 +361,7 @@ class FusedEncoder(nn.Module):
 
     original_class: type
     first_token_only: bool
+    keeps_padding = False  # as FusedEncoderLayer's
 
     @classmethod
     def fuse(cls, encoder: nn.Module) -> nn.Module:
@@ -328,6 +372,7 @@ class FusedEncoder(nn.Module):
         """The encoder as its original class again, without the shortcut flag."""
         plain = retype(self, self.original_class)
         del plain.first_token_only
+        plain.__dict__.pop("keeps_padding", None)
         return plain
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
@@ -337,13 +382,14 @@ class FusedEncoder(nn.Module):
             or _recorded_outputs(kwargs)
             or not all(isinstance(layer, FusedEncoderLayer) for layer in layers)
             or any(layer.trains_a_weight() for layer in layers)
+            or hooks_inside(layers)
         ):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         check_batch(hidden_states)
         tokens = Tokens.of_batch(hidden_states, attention_mask, kwargs.get("position_ids"),
-                                 kwargs.get("cu_seq_lens_q"))
+                                 kwargs.get("cu_seq_lens_q"), self.keeps_padding)
         first_only = self.first_token_only and tokens.one_sequence_per_row
         x = tokens.pack(hidden_states)
         for i, layer in enumerate(layers):
@@ -368,10 +414,11 @@ def _read_all_tokens(encoder_path: str, model: nn.Module, args: tuple, kwargs: d
 
 
 def _shift_positions_from_zero(embeddings: nn.Module, args: tuple, kwargs: dict):
-    """RoBERTa numbers positions from padding_idx + 1; position ids from 0 (DataCollatorWithFlattening's) are
-    shifted there. Position 0 is never a RoBERTa position, so ids that contain it cannot mean RoBERTa's."""
+    """RoBERTa numbers positions from padding_idx + 1; a packed row's position ids, restarting at 0 for each of
+    its sequences (DataCollatorWithFlattening's), are shifted there, so that packed sequences mean what they mean
+    padded. Any other position ids are the caller's, taken as given (as Hugging Face takes them)."""
     position_ids = kwargs.get("position_ids")
-    if position_ids is not None and position_ids.numel() and int(position_ids.min()) == 0:
+    if position_ids is not None and position_ids.shape[0] == 1 and int((position_ids == 0).sum()) > 1:
         return args, {**kwargs, "position_ids": position_ids + embeddings.padding_idx + 1}
     return None
 
@@ -397,6 +444,10 @@ def fuse(model: nn.Module, memory: str, first_token_head: bool) -> None:
         for module in model.modules():
             if type(module).__name__ in OFFSET_POSITION_EMBEDDINGS:
                 module.register_forward_pre_hook(_shift_positions_from_zero, with_kwargs=True)
+    if reads_padding(type(model).__name__):
+        for module in model.modules():
+            if isinstance(module, (FusedEncoderLayer, FusedEncoder)):
+                module.keeps_padding = True
 
 
 def unfuse_hooks(model: nn.Module) -> None:

@@ -47,6 +47,7 @@ from .fused_layer import (
     _recorded_outputs,
     _remember_normalized,
     _runs_original_forward,
+    hooks_inside,
 )
 from .modules import (
     BitFitLayerNorm,
@@ -127,6 +128,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         """The layer as its original class again (there is no packed weight to unpack)."""
         plain = retype(self, self.original_class)
         del plain.bitfit_memory
+        plain.__dict__.pop("keeps_padding", None)
         return plain
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
@@ -138,10 +140,11 @@ class FusedPreNormLayer(FusedEncoderLayer):
             or position_embeddings is None
             or (attention_mask is not None and attention_mask.dim() != 4)
             or self.trains_a_weight()
+            or hooks_inside(self.children())
         ):
             return self.original_class.forward(self, hidden_states, attention_mask, position_embeddings, **kwargs)
         check_batch(hidden_states)
-        tokens = Tokens.of_batch(hidden_states, attention_mask)
+        tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding)
         rotary = tuple(tokens.pack(t.expand(*hidden_states.shape[:2], -1)) for t in position_embeddings)
         rows = RotaryRows(tokens, {self.attention_type: rotary}, sliding_window=None)
         return tokens.unpack(self.fused_forward(tokens.pack(hidden_states), rows))
@@ -241,6 +244,7 @@ class FusedPreNormEncoder(FusedEncoder):
                                                 or attention_mask.dim() != 2))
             or not all(isinstance(layer, FusedPreNormLayer) for layer in self.layers)
             or any(layer.trains_a_weight() for layer in self.layers)
+            or hooks_inside(self.layers)
             or _pads_between_tokens(attention_mask, config.sliding_window)
         ):
             return self.original_class.forward(self, input_ids, attention_mask, position_ids, inputs_embeds,
@@ -253,7 +257,7 @@ class FusedPreNormEncoder(FusedEncoder):
         if position_ids is None:
             position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
         key_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        tokens = Tokens.of_batch(hidden, key_mask, position_ids, kwargs.get("cu_seq_lens_q"))
+        tokens = Tokens.of_batch(hidden, key_mask, position_ids, kwargs.get("cu_seq_lens_q"), self.keeps_padding)
         rotary = {}
         for layer_type in set(config.layer_types):
             cos_sin = self.rotary_emb(hidden, position_ids, layer_type)

@@ -241,11 +241,13 @@ class Tokens:
         return self.starts.shape[0]
 
     @classmethod
-    def of_batch(cls, hidden: torch.Tensor, attention_mask=None, position_ids=None, cu_seq_lens=None) -> "Tokens":
+    def of_batch(cls, hidden: torch.Tensor, attention_mask=None, position_ids=None, cu_seq_lens=None,
+                 keep_padding: bool = False) -> "Tokens":
         """The layout for a [B, T, d] batch and the mask its layers receive. Packed sequences in a batch of one
         row are recognised by ``position_ids`` restarting at 0, or by flash-attention's ``cu_seq_lens`` (what
-        ``DataCollatorWithFlattening`` returns); a mask that is not a key-padding mask, or a batch whose first
-        token is padding (left padding: the head would read a padding token), is kept as it is."""
+        ``DataCollatorWithFlattening`` returns); a mask that is not a key-padding mask, a batch whose first token
+        is padding (left padding: the head would read a padding token), or any padded batch with
+        ``keep_padding`` (a model whose loss reads the padding positions), is kept as it is."""
         batch, seq = hidden.shape[:2]
         device = hidden.device
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -253,7 +255,7 @@ class Tokens:
             attention_mask = attention_mask.bool()[:, None, None, :]
         if attention_mask is not None:
             valid = key_padding(attention_mask, batch, seq)
-            if valid is None or not bool(valid[:, 0].all()):
+            if valid is None or not bool(valid[:, 0].all()) or (keep_padding and not bool(valid.all())):
                 return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, attention_mask)
             if bool(valid.all()):
                 attention_mask = None

@@ -1,6 +1,9 @@
 """The fused encoder layer: dropout, saved-tensor accounting, dtype, re-packing, fallbacks."""
 
 import copy
+import io
+import pickle
+import unittest.mock
 import warnings
 
 import pytest
@@ -11,6 +14,7 @@ from bitfit_reference import (
     autocast_outputs,
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
     padded_batch,
+    real_minilm,
     reference_bitfit,
     tiny_bert,
     tiny_roberta,
@@ -24,6 +28,7 @@ import bitfit_fast
 from bitfit_fast.fused_layer import FusedEncoderLayer
 
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, classifier_dropout=0.0)
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,3 +223,75 @@ def test_a_weight_unfrozen_after_apply_gets_the_plain_autograd_gradient(case):
     assert [layer.trains_a_weight() for layer in layers].count(True) == 1, "the layer holding it falls back"
     model.get_parameter(name).requires_grad_(False)  # frozen again: the fused path runs again
     assert not any(layer.trains_a_weight() for layer in layers)
+
+
+HOOKED = {"bert": ("bert.encoder.layer.1", "attention.output.dense"),
+          "distilbert": ("distilbert.transformer.layer.1", "attention.out_lin"),
+          "modernbert": ("model.layers.1", "attn.Wo"),
+          "real-minilm": ("bert.encoder.layer.1", "attention.output.dense")}
+
+
+@pytest.mark.parametrize("family", HOOKED)
+def test_hooks_inside_the_encoder_fire_and_see_what_hugging_faces_see(family):
+    """The fused path runs a layer as one computation, without calling its submodules: a hook on one of them (an
+    ablation, a probe) or on a layer makes the encoder run the original forward, which calls them all. Removed,
+    the fused path runs again; transformers' own output-capture hooks, idle outside a collector, do not count."""
+    from test_fused_modernbert import tiny_modernbert  # every bias declared: the reference has them too
+
+    builders = {**_builders(), "modernbert": tiny_modernbert,
+                "real-minilm": lambda: real_minilm(layers=[0, 5], **NO_DROPOUT)}
+    model = with_random_biases(builders[family]()).train()
+    reference = reference_bitfit(model).train()
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, (6, 2, 5))
+    layer_path, inner = HOOKED[family]
+    seen = {"ours": [], "reference": []}
+    handles = []
+    for name, m in (("ours", model), ("reference", reference)):
+        layer = m.get_submodule(layer_path)
+        handles.append(layer.get_submodule(inner).register_forward_pre_hook(lambda module, args: (args[0] * 0.5,)))
+        handles.append(layer.register_forward_hook(lambda module, args, out, name=name: seen[name].append(1)))
+        handles.append(layer.get_submodule(inner).register_full_backward_hook(
+            lambda module, grad_in, grad_out, name=name: seen[name].append(2)))
+    fused_calls = []  # the layers that ran fused
+    original = type(model.get_submodule(layer_path)).fused_forward
+    with unittest.mock.patch.object(type(model.get_submodule(layer_path)), "fused_forward",
+                                    lambda self, *a, **k: fused_calls.append(self) or original(self, *a, **k)):
+        out, ref = model(**batch), reference(**batch)
+        torch.testing.assert_close(out.logits, ref.logits, atol=2e-5, rtol=1e-4)
+        out.loss.backward()
+        ref.loss.backward()
+        assert seen["ours"] == seen["reference"] == [1, 2], seen
+        assert model.get_submodule(layer_path) not in fused_calls
+        for name, param in trainable(model).items():
+            expected = reference.get_parameter(name).grad
+            torch.testing.assert_close(param.grad, expected, atol=1e-6 + 1e-4 * expected.abs().max().item(), rtol=0,
+                                       msg=name)
+        for handle in handles:
+            handle.remove()
+        model(**batch, output_hidden_states=True)  # transformers 5 leaves idle output-capture hooks behind
+        fused_calls.clear()
+        model(**batch)
+        assert model.get_submodule(layer_path) in fused_calls, "without hooks the fused path runs"
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "modernbert"])
+def test_a_whole_applied_model_pickles_and_loads_with_torch(family):
+    """torch.save of the model object (not its state_dict): the Fused<Class> classes are made at run time, so pickle
+    takes each fused module by its mixin and original class and makes the class again where it loads."""
+    model = bitfit_fast.apply(with_random_biases(_builders()[family]())).train()
+    batch = padded_batch(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    assert loaded.bitfit_fast_config == model.bitfit_fast_config
+    for copied in (loaded, pickle.loads(pickle.dumps(model))):
+        out, expected = copied(**batch), model(**batch)
+        torch.testing.assert_close(out.logits, expected.logits, atol=0, rtol=0)
+        out.loss.backward()
+        expected.loss.backward()
+        for name, param in trainable(copied).items():
+            torch.testing.assert_close(param.grad, model.get_parameter(name).grad, atol=0, rtol=0, msg=name)
+        model.zero_grad()

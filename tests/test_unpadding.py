@@ -22,6 +22,8 @@ from bitfit_reference import (
     with_random_biases,
 )
 from test_bias_free import BIAS_FLAGS
+from test_fused_distilbert import TINY_DISTILBERT
+from test_fused_modernbert import TINY_MODERNBERT
 
 import bitfit_fast
 from bitfit_fast.fused_layer import FusedEncoder
@@ -232,9 +234,62 @@ def test_heads_reading_every_token_get_every_token(head):
     call = (lambda m: m[0](**batch)) if head == "custom" else (lambda m: m(**batch))
     out, ref = call(model), call(reference)
     assert encoder_rows(model[0] if head == "custom" else model, batch) == 6
+    if head == "question-answering":  # its loss reads the padding positions too (see the next test)
+        valid = torch.ones_like(valid)
     for key in ref.keys():
         ours, theirs = (out[key], ref[key]) if key == "pooler_output" else (out[key][valid], ref[key][valid])
         torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def _minilm_question_answering() -> transformers.BertForQuestionAnswering:
+    """Pretrained MiniLM's encoder (its first and last layers) under a new question-answering head."""
+    encoder = real_minilm(num_labels=2, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForQuestionAnswering(encoder.config)
+    model.bert.load_state_dict(encoder.bert.state_dict(), strict=False)  # the classifier's pooler is not used
+    return model
+
+
+QUESTION_ANSWERING = {
+    "bert": lambda: transformers.BertForQuestionAnswering(transformers.BertConfig(**TINY,
+                                                                                  max_position_embeddings=64)),
+    "roberta": lambda: transformers.RobertaForQuestionAnswering(
+        transformers.RobertaConfig(**TINY, max_position_embeddings=72, pad_token_id=1)),
+    "distilbert": lambda: transformers.DistilBertForQuestionAnswering(
+        transformers.DistilBertConfig(**TINY_DISTILBERT, qa_dropout=0.0)),
+    "modernbert": lambda: transformers.ModernBertForQuestionAnswering(
+        transformers.ModernBertConfig(**{**TINY_MODERNBERT, "num_labels": 2}, **dict.fromkeys(BIAS_FLAGS, True))),
+    "real-minilm": _minilm_question_answering,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", QUESTION_ANSWERING)
+def test_question_answering_reads_the_padding_positions_as_hugging_face_computes_them(arch, backend):
+    """Its start and end losses are a softmax over every position, padding included (Hugging Face's heads), so a
+    padded batch keeps its layout: the logits at every position, the loss and the bias gradients are the
+    reference's. With zeros at the padding, the loss of this batch differed by ~1e-2. A bias added alike to every
+    position (the last LayerNorm's, the head's) shifts all logits of a softmax alike: its true gradient is zero,
+    and both gradients must be rounding noise."""
+    model = with_random_biases(QUESTION_ANSWERING[arch]()).train()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend)
+    batch = padded_batch(model, (9, 2, 6))
+    del batch["labels"]
+    batch.update(start_positions=torch.tensor([1, 0, 3], device=DEVICE),
+                 end_positions=torch.tensor([4, 1, 5], device=DEVICE))
+    out, ref = model(**batch), reference(**batch)
+    for key in ("start_logits", "end_logits"):
+        torch.testing.assert_close(out[key], ref[key], **TOL)
+    out.loss.backward()
+    ref.loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    largest = max(g.abs().max().item() for g in expected.values())
+    for name, param in trainable(model).items():
+        scale = expected[name].abs().max().item()
+        if scale < 1e-6 * largest:  # zero up to rounding: shift-invariant, or a key bias
+            assert param.grad.abs().max() < 1e-6 * largest, name
+        else:
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-4 * scale, rtol=0, msg=name)
 
 
 def test_base_model_of_a_classifier_called_directly_returns_every_token():
@@ -375,6 +430,11 @@ def test_roberta_positions_of_flattened_batches_count_from_its_offset():
     expected = reference(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).last_hidden_state
     torch.testing.assert_close(out[0], expected[valid], **TOL)
+    # Position ids of a padded batch are the caller's, taken as given, 0 included (as Hugging Face takes them).
+    given = torch.arange(padded["input_ids"].shape[1], device=DEVICE).expand_as(padded["input_ids"])
+    ours = model(**padded, position_ids=given).last_hidden_state
+    theirs = reference(**padded, position_ids=given).last_hidden_state
+    torch.testing.assert_close(ours[valid], theirs[valid], **TOL)
 
 
 def test_merge_removes_the_hooks_and_a_deep_copy_keeps_its_own():
