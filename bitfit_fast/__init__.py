@@ -7,6 +7,7 @@ from .config import AppliedState, BitFitConfig
 from .families import SUBSET_PATTERNS
 from .model import (
     QueryRowsBitFitLinear,
+    UndeclaredBiasesWarning,
     apply,
     get_nb_trainable_parameters,
     merge,
@@ -23,6 +24,7 @@ __all__ = [
     "BitFitLinear",
     "QueryRowsBitFitLinear",
     "TaskBank",
+    "UndeclaredBiasesWarning",
     "__version__",
     "apply",
     "get_nb_trainable_parameters",

@@ -101,6 +101,23 @@ def _head_modules(model: nn.Module, head: Sequence[str] | None) -> list[str]:
     return []
 
 
+def _check_head_found(model: nn.Module, head: Sequence[str] | None) -> None:
+    """Refuse to guess the head of a module that holds a Hugging Face model without being one (torch.compile's or
+    DataParallel's wrapper, an encoder under a head of one's own): its head's weight would stay frozen, silently.
+    A Hugging Face base model (BertModel) has no head, and a module without one has none to find."""
+    from transformers import PreTrainedModel
+
+    if head is not None or isinstance(model, PreTrainedModel):
+        return
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is not None:
+        wrapper = any(getattr(model, name, None) is inner for name in ("_orig_mod", "module"))
+        hint = ("apply to the model before wrapping it (torch.compile, DataParallel), or " if wrapper else "")
+        raise ValueError(f"{type(model).__name__} holds a {type(inner).__name__} but is not a Hugging Face model, so "
+                         f"its head cannot be found: {hint}name the modules that train fully with head=[...] "
+                         "(head=[] for none), or pass train_head=False")
+
+
 def is_within(name: str, prefixes: Sequence[str]) -> bool:
     """Whether the parameter or module ``name`` is one of ``prefixes`` (module names) or inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
@@ -212,6 +229,7 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
     model_name = type(model).__name__
     head = _head_modules(model, config.head)
     if config.train_head:
+        _check_head_found(model, config.head)
         _check_untied(model, head)
     # A trained head keeps its modules as they are; a frozen head is treated like the body.
     trained_head = head if config.train_head else []
@@ -324,7 +342,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
 
     # Validation is over: from here on the model changes.
     _add_zero_biases(model, plan.to_add, announce)
-    _declare_added_biases(model, plan.to_add)
+    _declare_added_biases(model, plan.to_add, announce)
     _freeze_all_but(model, plan.trained_head, plan.selected)
     setattr(model, TRAINED_ATTRIBUTE, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
     replace_children(model, plan.to_bitfit)
@@ -337,11 +355,17 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     return model
 
 
-def _declare_added_biases(model: nn.Module, added) -> None:
+class UndeclaredBiasesWarning(UserWarning):
+    """Biases apply() added that a save_pretrained checkpoint of the applied model cannot reload."""
+
+
+def _declare_added_biases(model: nn.Module, added, announce: bool) -> None:
     """Turns on the config flags that declare exactly the biases apply() added (see
     :func:`_bias_flags_declaring_added_biases`), so that ``save_pretrained`` of the applied model (every checkpoint
-    the Hugging Face Trainer writes) reloads them into the vanilla class; where no flags can, nothing changes, and
-    merge() says to keep them with save_biases."""
+    the Hugging Face Trainer writes) reloads them into the vanilla class. The flags go on a copy of the config,
+    which the model's modules then share: another model built from the caller's config object keeps its own flags.
+    Where no flags can declare them, the config is left as it is, with a warning where apply() ``announce``s
+    (load_biases and TaskBank apply without: their biases come from save_biases already), and merge() refuses."""
     from transformers import PreTrainedModel
 
     if not added or not isinstance(model, PreTrainedModel):
@@ -349,9 +373,20 @@ def _declare_added_biases(model: nn.Module, added) -> None:
     try:
         flags = _bias_flags_declaring_added_biases(model)
     except ValueError:
+        if not announce:
+            return
+        warnings.warn(
+            f"apply(): the {len(added)} biases added to this {type(model).__name__} cannot be declared by its config "
+            "flags, so save_pretrained (every Hugging Face Trainer checkpoint) writes them but from_pretrained drops "
+            "them: keep the trained values with bitfit_fast.save_biases(model, dir) and restore them onto a base "
+            "model with bitfit_fast.load_biases", UndeclaredBiasesWarning, stacklevel=3)
         return
+    shared, own = model.config, copy.deepcopy(model.config)
     for flag in flags:
-        setattr(model.config, flag, True)
+        setattr(own, flag, True)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = own
 
 
 def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:

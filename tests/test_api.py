@@ -181,6 +181,12 @@ def test_albert_shared_layers_stay_shared():
         (lambda: nn.Sequential(nn.Conv1d(3, 3, 1)), {}, ValueError, "supports encoders built from those modules"),
         (lambda: nn.Sequential(nn.Linear(4, 4)), dict(biases="subset"), ValueError, "found no query/intermediate"),
         (lambda: "bert-base-uncased", {}, TypeError, "takes a torch.nn.Module"),
+        # Its head cannot be found: guessed, the head's weight would stay frozen.
+        (lambda: nn.ModuleDict(dict(encoder=tiny_bert().bert, head=nn.Linear(36, 2))), {}, ValueError,
+         r"ModuleDict holds a BertModel but is not a Hugging Face model, so its head cannot be found: name the "
+         r"modules that train fully with head=\[...\]"),
+        (lambda: torch.nn.DataParallel(tiny_bert()), {}, ValueError,
+         "apply to the model before wrapping it"),
     ],
 )
 def test_bad_arguments_get_a_clear_error_and_leave_the_model_untouched(make, kwargs, error, message):

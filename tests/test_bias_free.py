@@ -156,8 +156,22 @@ def test_a_checkpoint_of_the_applied_model_reloads_its_added_biases(tmp_path):
     assert not any(info.values()), info
     batch = padded_batch(model)
     torch.testing.assert_close(logits(reloaded.to(DEVICE), batch), logits(model, batch), atol=1e-6, rtol=0)
-    subset, _ = trained(tiny_modernbert, biases="subset")  # no flags declare exactly these: the config is kept
+    undeclared = (r"cannot be declared by its config flags, so save_pretrained .* writes them but from_pretrained "
+                  r"drops them: keep the trained values with .*save_biases")
+    with pytest.warns(bitfit_fast.UndeclaredBiasesWarning, match=undeclared):
+        subset, _ = trained(tiny_modernbert, biases="subset")  # no flags declare exactly these: the config is kept
     assert not any(getattr(subset.config, flag) for flag in BIAS_FLAGS)
+
+
+def test_apply_declares_added_biases_on_the_models_own_config():
+    """Another model built from the same config object keeps its flags off: it has no such biases."""
+    config = transformers.ModernBertConfig(**MODERNBERT, num_labels=3)
+    applied = transformers.ModernBertForSequenceClassification(config)
+    other = transformers.ModernBertForSequenceClassification(config)
+    bitfit_fast.apply(applied)
+    assert all(getattr(applied.config, flag) for flag in BIAS_FLAGS)
+    assert all(module.config is applied.config for module in applied.modules() if hasattr(module, "config"))
+    assert not any(getattr(config, flag) for flag in BIAS_FLAGS) and other.config is config
 
 
 def test_load_biases_onto_a_fresh_bias_free_base_restores_them_exactly(tmp_path):

@@ -3,10 +3,11 @@ it with a new classification head and its tokenizer, and setting it up for the r
 
 import contextlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 from ..errors import UserError, first_line
-from ..model import apply
+from ..model import UndeclaredBiasesWarning, apply
 from .config import TrainConfig
 from .hub import require_hub
 
@@ -100,7 +101,9 @@ def build_model(config: TrainConfig, num_labels: int, label_names: list[str] | N
     head = sorted({n for n, _ in model.named_children() if n != prefix} | set(new_modules))
     if config.saves_biases:
         try:
-            apply(model, config.bitfit, head=config.bitfit.head or head)
+            with warnings.catch_warnings():  # a run keeps its biases with save_biases, not save_pretrained
+                warnings.simplefilter("ignore", UndeclaredBiasesWarning)
+                apply(model, config.bitfit, head=config.bitfit.head or head)
         except ValueError as error:  # a model bitfit_fast cannot train
             raise UserError(f"--model {config.model or path}: {error}") from error
     elif config.method == "frozen":
