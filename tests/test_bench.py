@@ -61,6 +61,9 @@ def test_paired_ratios_are_the_quartiles_of_each_steps_own_ratio():
     ratios = measurement.paired_ratios([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 2.0])
     assert ratios == dict(q1=pytest.approx(0.6875), median=pytest.approx(1.375), q3=2.0)  # NumPy's: 0.6875 too
     assert measurement.quartiles(list(range(11))) == (2.5, 5, 7.5)
+    assert measurement.spread([3e-3, 1e-3, 2e-3, 4e-3]) == dict(median_ms=pytest.approx(2.5), q1_ms=pytest.approx(1.75),
+                                                                q3_ms=pytest.approx(3.25), min_ms=pytest.approx(1.0),
+                                                                steps=4)
     with pytest.raises(ValueError):
         measurement.paired_ratios([1.0, 2.0], [1.0])
 
@@ -271,6 +274,13 @@ def test_goals_are_checked_against_the_best_fast_provider():
     assert speed["provider"] == "fast" and speed["measured"] == pytest.approx(100 / 95) and not speed["met"]
     assert memory["provider"] == "fast-minimal" and memory["measured"] == pytest.approx(0.5) and memory["met"]
     assert set(checks) == {"step time vs reference", "peak memory vs reference"}, "the BERT-base goals need BERT-base"
+    # A value exactly on its target meets it.
+    target = float(memory["target"].split()[1])
+    results["fast-minimal"]["peak_memory_bytes"] = target * 1000
+    runner.add_ratios(results)
+    assert results["fast-minimal"]["memory_vs_reference"] == target
+    rechecked = {c["goal"]: c for c in report.check_goals(dict(workloads=[workload]), "cpu")}
+    assert rechecked["peak memory vs reference"]["met"]
 
 
 def test_unpadding_goals_name_the_fused_default_on_bert_base_workloads():

@@ -13,6 +13,8 @@ def test_accuracy_and_f1():
     assert metrics.accuracy(pred, gold) == pytest.approx(4 / 6)
     tp, fp, fn = 2, 1, 1
     assert metrics.f1(pred, gold) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    # The positive class is 1: here its F1 is 0.5 (tp 1, fp 2, fn 0), class 0's would be 0.8.
+    assert metrics.f1(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 0, 0])) == pytest.approx(0.5)
 
 
 def test_matthews_binary_formula_and_degenerate_case():

@@ -15,7 +15,20 @@ import transformers
 
 from bitfit_fast import BitFitConfig, cli, serve
 from bitfit_fast.errors import UserError
-from bitfit_fast.train import CHECKPOINT_NAME, Dist, TrainConfig, TrainingDiverged, data, loop, plots, run, sweep, train
+from bitfit_fast.train import (
+    CHECKPOINT_NAME,
+    Dist,
+    TrainConfig,
+    TrainingDiverged,
+    data,
+    evaluation,
+    loop,
+    lr_sweep,
+    plots,
+    run,
+    sweep,
+    train,
+)
 
 WORDS = {"sport": ["goal", "match", "team", "coach"], "money": ["bank", "market", "price", "profit"],
          "tech": ["phone", "chip", "software", "robot"]}
@@ -131,6 +144,76 @@ def test_biases_hold_the_best_epoch_and_biases_last_the_last(model_dir, files, t
     assert not torch.equal(at_epoch_end[2]["classifier.bias"], at_epoch_end[3]["classifier.bias"])
 
 
+def test_the_best_epoch_is_the_first_of_equal_scores_on_the_first_split():
+    history = [dict(epoch=1, validation={"matched": {"accuracy": 0.9}, "mismatched": {"accuracy": 0.5}}),
+               dict(epoch=2, validation={"matched": {"accuracy": 0.9}, "mismatched": {"accuracy": 0.8}}),
+               dict(epoch=3, validation={"matched": {"accuracy": float("nan")}, "mismatched": {"accuracy": 0.9}})]
+    assert evaluation.best_evaluation(history, "matched", "accuracy")["epoch"] == 1
+    assert evaluation.best_evaluation(history, "mismatched", "accuracy")["epoch"] == 3
+
+
+def test_every_step_clips_at_max_grad_norm_and_the_summary_ends_on_the_last_loss(model_dir, files, tmp_path,
+                                                                                monkeypatch):
+    clipped, ends = [], []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    summary = train(config(model_dir, files, tmp_path, epochs=1, max_grad_norm=0.25), log=lambda *_: None,
+                    on_step_end=[ends.append])
+    assert clipped == [0.25] * len(ends) == [0.25] * 6  # 48 examples in batches of 8
+    assert summary["final_train_loss"] == ends[-1].loss
+
+
+@pytest.mark.parametrize("examples", [1, 7, 8, 50, 801])
+def test_an_epochs_batches_hold_every_example_once(examples):
+    """A seeded shuffle, length-sorted windows of 50 batches (801 examples in batches of 8: three windows, the last
+    one short), the last batch short: every example once, batches of similar lengths."""
+    lengths = [(i * 37) % 23 + 1 for i in range(examples)]
+    for epoch in (0, 1):
+        batches = data.length_grouped_batches(lengths, 8, seed=3, epoch=epoch)
+        assert sorted(i for batch in batches for i in batch) == list(range(examples))
+        assert all(0 < len(batch) <= 8 for batch in batches) and len(batches) == -(-examples // 8)
+        assert batches == data.length_grouped_batches(lengths, 8, seed=3, epoch=epoch)
+    if examples >= 50:
+        spread = [max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in batches]
+        assert sorted(spread)[len(spread) // 2] <= (max(lengths) - min(lengths)) / 4, "a batch holds similar lengths"
+
+
+def test_encode_truncates_the_end_and_collate_pads_and_masks(model_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    texts = data.Split([("goal match team bank price chip robot phone",), ("goal",)], [0.0, 1.0])
+    encoded = data.encode(texts, tokenizer, max_length=5)
+    full = tokenizer(texts.texts[0][0])["input_ids"]
+    assert encoded.input_ids[0] == full[:4] + [tokenizer.sep_token_id]  # [CLS] and the first words kept
+    batch = data.collate(encoded, [1, 0], pad_id=7, regression=False)
+    assert batch["attention_mask"].sum(1).tolist() == [len(encoded.input_ids[1]), 5]
+    assert batch["input_ids"][0, len(encoded.input_ids[1]):].eq(7).all()
+    assert batch["input_ids"][1].tolist() == encoded.input_ids[0] and batch["labels"].tolist() == [1, 0]
+
+
+def test_labels_of_a_file_map_to_the_trained_class_ids(tmp_path):
+    """Class names sorted as numbers where they are numbers (2 before 10), and another file's labels mapped by name
+    to the ids the run trained with."""
+    train_file, other = tmp_path / "t.csv", tmp_path / "v.csv"
+    train_file.write_text("text,label\na,10\nb,2\nc,10\n")
+    other.write_text("text,label\nd,2\ne,10\n")
+    task = data.load_local(str(train_file), str(other), ("text",), "label")
+    assert task.label_names == ["2", "10"] and task.train.labels == [1, 0, 1]
+    assert data.load_labeled(str(other), ("text",), "label", task.label_names).labels == [0, 1]
+
+
+def test_a_sweep_reports_the_run_with_the_best_score(model_dir, files, tmp_path, monkeypatch):
+    scores = {1e-4: 0.4, 4e-4: 0.9, 7e-4: 0.6}
+    monkeypatch.setattr(lr_sweep, "train", lambda run, log: dict(best=dict(value=scores[run.learning_rate],
+                                                                           metric="accuracy")))
+    record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=tuple(scores), log=lambda *_: None)
+    assert record["best"]["learning_rate"] == 4e-4
+
+
 def test_a_regression_run_predicts_scores(model_dir, tmp_path):
     files = dict(train_file=write_csv(tmp_path / "t.csv", 16, 1, score=True),
                  validation_file=write_csv(tmp_path / "v.csv", 8, 2, score=True))
@@ -237,6 +320,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["position"]["step"] == 3
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+    # In micro-batches, the poisoned first piece of the batch counts too, not only the last piece's loss.
+    calls["n"] = 3  # poisoned's next call, the first piece (3 of 8 examples) of the first batch, gets the inf
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at step 1 "):
+        train(config(model_dir, files, tmp_path / "micro", regression=True, micro_batch_size=3))
 
 
 @pytest.mark.parametrize(
