@@ -13,7 +13,16 @@ from safetensors.torch import load_file, save_file
 from .config import AppliedState, BitFitConfig
 from .errors import first_line
 from .files import atomic_write, write_json
-from .model import apply, config_of, is_applied, is_within, planned_parameters, state_of, trained_parameters
+from .model import (
+    apply,
+    config_of,
+    is_applied,
+    is_within,
+    own_config,
+    planned_parameters,
+    state_of,
+    trained_parameters,
+)
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
 CONFIG_NAME = "bitfit_config.json"
@@ -151,12 +160,21 @@ def load_biases(
     if not applied:
         for name in not_trained:
             params[name].requires_grad_(True)
-    model_config = getattr(model, "config", None)
-    labels = len(checkpoint.label_names or ())
-    if labels and labels == getattr(model_config, "num_labels", None):  # the loaded head's classes, by name
-        model_config.id2label = dict(enumerate(checkpoint.label_names))
-        model_config.label2id = {name: index for index, name in enumerate(checkpoint.label_names)}
+    _name_classes(model, checkpoint)
     return model
+
+
+def _name_classes(model: nn.Module, checkpoint: "Checkpoint") -> None:
+    """A loaded head brings its classes' names (placeholders LABEL_0, ... where it was saved without any), on a
+    config of the model's own (see ``own_config``)."""
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if not classes or not any(is_within(name, checkpoint.state.head) for name in checkpoint.tensors):
+        return
+    names = checkpoint.label_names or [f"LABEL_{i}" for i in range(classes)]
+    if len(names) == classes and [model.config.id2label.get(i) for i in range(classes)] != names:
+        config = own_config(model)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: index for index, name in enumerate(names)}
 
 
 @dataclasses.dataclass

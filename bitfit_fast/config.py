@@ -42,7 +42,8 @@ class BitFitConfig:
         "give selected nn.Linear / nn.LayerNorm modules without a bias (and the trained head's) a zero one; "
         "None: only when none of the selected modules has a bias (bias-free encoders such as ModernBERT)", None)
     head: list[str] | None = _help(
-        "names of the task head's modules; None: the top-level modules outside a Hugging Face model's base model",
+        "names of the task head's modules; None: the top-level modules outside a Hugging Face model's base model "
+        "(a module that wraps one must name them)",
         None)
     fuse_layers: bool = _help(
         "run recognised encoder layers (BERT, RoBERTa, ELECTRA, XLM-R, ...) as one fused layer each", True)

@@ -381,12 +381,19 @@ def _declare_added_biases(model: nn.Module, added, announce: bool) -> None:
             "them: keep the trained values with bitfit_fast.save_biases(model, dir) and restore them onto a base "
             "model with bitfit_fast.load_biases", UndeclaredBiasesWarning, stacklevel=3)
         return
-    shared, own = model.config, copy.deepcopy(model.config)
+    config = own_config(model)
     for flag in flags:
-        setattr(own, flag, True)
+        setattr(config, flag, True)
+
+
+def own_config(model: nn.Module):
+    """The model's config as an object of its own, which its modules then share: a config object a caller built
+    several models from is not changed for the others when this one's flags or class names change."""
+    shared, own = model.config, copy.deepcopy(model.config)
     for module in model.modules():
         if getattr(module, "config", None) is shared:
             module.config = own
+    return own
 
 
 def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:

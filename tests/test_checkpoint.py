@@ -89,6 +89,14 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     assert reloaded.config.id2label == dict(enumerate(names))
     assert reloaded.config.label2id == {n: i for i, n in enumerate(names)}
 
+    # Swapping to a head saved without names drops the names; a model built from the same config keeps its own.
+    config = transformers.BertConfig(**TINY, num_labels=3)
+    swapped, sibling = (transformers.BertForSequenceClassification(config) for _ in range(2))
+    bitfit_fast.load_biases(swapped, tmp_path / "named")
+    assert swapped.config.id2label == dict(enumerate(names)) and sibling.config.id2label[0] == "LABEL_0"
+    bitfit_fast.load_biases(swapped, tmp_path / "placeholders")
+    assert swapped.config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+
     bank = bitfit_fast.TaskBank.load(copy.deepcopy(plain), {"topics": tmp_path / "named"})
     assert bank.tasks["topics"].label_names == names
     bank.save_task("topics", tmp_path / "again")

@@ -128,7 +128,7 @@ def test_class_labels_and_scores_say_which_option_they_need(joint_run, tmp_path,
                      "--task-files", "score", str(scores), str(scores)]) == 2
     err = capsys.readouterr().err
     assert "column 'label' is not a score" in err and err.strip().endswith(
-        "(the tasks of a joint run share --regression: train a task of scores and one of classes in separate runs)")
+        "(if it is a task of classes: the tasks of a joint run share --regression, so train it in a run of its own)")
     # Scores read as classes: the validation's new values are named, with the option they need.
     assert cli.main([*common, "--train-file", str(scores), "--validation-file", str(new_scores)]) == 2
     assert capsys.readouterr().err.strip().endswith(

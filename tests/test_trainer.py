@@ -371,6 +371,21 @@ def test_a_csv_is_read_as_the_strings_it_holds(tmp_path):
     scores = tmp_path / "s.csv"
     scores.write_text("text,label\ngoal,0.25\nmatch,-1\n")
     assert data.load_local(str(scores), str(scores), ("text",), "label", regression=True).train.labels == [0.25, -1.0]
+    for mark in ("NaN", "NA", "inf", "None"):  # no score: refused, not fitted (NaN stopped training as a divergence)
+        scores.write_text(f"text,label\ngoal,0.25\nmatch,{mark}\n")
+        with pytest.raises(data.DataError, match=f"s.csv row 1 has no score in column 'label' \\('{mark}'\\)"):
+            data.load_local(str(scores), str(scores), ("text",), "label", regression=True)
+    # The header as pandas names its columns: a written index (empty name), a repeated name, a blank first line.
+    for header, columns in ((",text,label", ["Unnamed: 0", "text", "label"]),
+                            ("text,text,label", ["text", "text.1", "label"]),
+                            ("\ntext,x,label", ["text", "x", "label"])):
+        train_file.write_text(f"{header}\n" + "".join(f"{i},a b,{label}\n" for i, label in enumerate("xyx")))
+        assert data.read_table(str(train_file)).column_names == columns
+    # Labels are compared as written: 1.0 is another class than 1, and the message says so.
+    train_file.write_text("text,label\na,0\nb,1\n")
+    scores.write_text("text,label\na,1.0\n")
+    with pytest.raises(data.DataError, match=r"labels are compared as written, and '1.0' is not '1': write them alike"):
+        data.load_local(str(train_file), str(scores), ("text",), "label")
 
 
 def test_unknown_validation_label_is_named_and_the_cli_exits_2(model_dir, tmp_path, capsys):

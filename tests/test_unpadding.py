@@ -430,6 +430,8 @@ def test_roberta_positions_of_flattened_batches_count_from_its_offset():
     expected = reference(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).last_hidden_state
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).last_hidden_state
     torch.testing.assert_close(out[0], expected[valid], **TOL)
+    alone = model(input_ids=packed["input_ids"][:, :4], position_ids=packed["position_ids"][:, :4])
+    torch.testing.assert_close(alone.last_hidden_state[0], expected[0, :4], **TOL)  # a packed row of one sequence
     # Position ids of a padded batch are the caller's, taken as given, 0 included (as Hugging Face takes them).
     given = torch.arange(padded["input_ids"].shape[1], device=DEVICE).expand_as(padded["input_ids"])
     ours = model(**padded, position_ids=given).last_hidden_state

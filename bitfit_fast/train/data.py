@@ -1,10 +1,10 @@
 """Data for training, evaluation and prediction: the embedded BBC News corpus, GLUE through `datasets`, local
 CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped batches."""
 
-import csv
 import dataclasses
 import importlib.util
 import itertools
+import math
 import random
 from pathlib import Path
 
@@ -144,29 +144,46 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
     if blank is not None:
         raise DataError(f"{where} row {blank} has no label in column {label_column!r}: fill it in, or remove the row")
     if label_ids is None:
-        try:
-            return Split(texts, [float(v) for v in raw])
-        except (TypeError, ValueError) as error:
+        scores = [_number(v) for v in raw]
+        missing = next((row for row, (value, score) in enumerate(zip(raw, scores))
+                        if str(value).strip().lower() in MISSING_MARKS
+                        or (score is not None and not math.isfinite(score))), None)
+        if missing is not None:  # a spreadsheet's mark for a missing value, NaN or inf: no score to fit
+            raise DataError(f"{where} row {missing} has no score in column {label_column!r} ({raw[missing]!r}): fill "
+                            "it in, or remove the row")
+        bad = next((row for row, score in enumerate(scores) if score is None), None)
+        if bad is not None:
             remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
-            raise NotScoresError(f"{where} column {label_column!r} is not a score ({first_line(error)}): {remedy}") \
-                from error
+            raise NotScoresError(f"{where} column {label_column!r} is not a score ({raw[bad]!r} in row {bad}): "
+                                 f"{remedy}")
+        return Split(texts, scores)
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
     if unknown:
-        scores = not of_run and all(_is_number(v) for v in [*unknown, *label_ids])  # new values: scores, likely
         known = sorted(label_ids)
         shown = f"{known}" if len(known) <= 20 else f"{len(known)} classes: {known[:5]}"
+        twin = next(((u, k) for u in unknown for k in known if _number(u) is not None and _number(u) == _number(k)),
+                    None)
+        if twin is not None:  # 1.0 beside 1: the same number, another class name
+            hint = f"; labels are compared as written, and {twin[0]!r} is not {twin[1]!r}: write them alike"
+        elif not of_run and all(_number(v) is not None for v in [*unknown, *known]):
+            hint = "; if the column holds scores, pass --regression"
+        else:
+            hint = ""
         raise DataError(f"{where} has labels {unknown[:5]} that the training data does not have {shown}: remove "
-                        "those rows, or train on data that has them"
-                        + ("; if the column holds scores, pass --regression" if scores else ""))
+                        f"those rows, or train on data that has them{hint}")
     return Split(texts, [label_ids[str(v)] for v in raw])
 
 
-def _is_number(label: object) -> bool:
+# What spreadsheets and pandas write for a missing value; a CSV is read as written (see _as_written).
+MISSING_MARKS = {"na", "n/a", "nan", "-nan", "none", "null", "#n/a"}
+
+
+def _number(label: object) -> float | None:
+    """The label as a number, or None where it is not one."""
     try:
-        float(label)
+        return float(label)
     except (TypeError, ValueError):
-        return False
-    return True
+        return None
 
 
 def load_glue(task: str) -> TaskData:
@@ -201,9 +218,9 @@ def _as_written(csv_file: Path) -> dict:
     """Options that read every column of a CSV file as the strings it holds: pandas would read class labels 1 and
     1.0 as one number, 007 as 7, and NA, None or null as missing values. An empty cell reads as ""."""
     import datasets
+    import pandas
 
-    with open(csv_file, newline="", encoding="utf-8-sig") as f:
-        header = next(csv.reader(f))
+    header = pandas.read_csv(csv_file, nrows=0, encoding="utf-8-sig").columns  # named as datasets' reader names them
     return dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
                 keep_default_na=False)
 

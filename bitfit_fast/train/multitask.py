@@ -110,8 +110,8 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             loaded = data_lib.load_local(files["train_file"], files["validation_file"], tuple(config.text_columns),
                                          config.label_column, config.regression)
         except data_lib.NotScoresError as error:
-            raise data_lib.NotScoresError(f"{error} (the tasks of a joint run share --regression: train a task of "
-                                          "scores and one of classes in separate runs)") from error
+            raise data_lib.NotScoresError(f"{error} (if it is a task of classes: the tasks of a joint run share "
+                                          "--regression, so train it in a run of its own)") from error
         task_data[task.name] = (loaded, files)
     first = next(iter(task_data.values()))[0]
     model, tokenizer, info = load_pretrained(model_path, first.num_labels, first.label_names,
