@@ -92,7 +92,7 @@ def plain_reference(base: transformers.ModernBertForSequenceClassification) -> t
 def test_added_biases_get_the_plain_autograd_gradients(biases):
     model = tiny_modernbert()
     reference = plain_reference(model)
-    bitfit_fast.apply(model, biases=biases)
+    bitfit_fast.apply(model, biases=biases, announce=False)
     batch = padded_batch(model)
     model(**batch).loss.backward()
     reference(**batch).loss.backward()
@@ -111,7 +111,7 @@ def test_added_biases_get_the_plain_autograd_gradients(biases):
 
 
 def test_subset_trains_only_the_query_rows_of_the_packed_projection():
-    model = bitfit_fast.apply(tiny_modernbert(), biases="subset")
+    model = bitfit_fast.apply(tiny_modernbert(), biases="subset", announce=False)
     adamw_steps(model, [padded_batch(model) for _ in range(3)])
     qkv_bias = model.model.layers[1].attn.Wqkv.bias
     assert qkv_bias[:32].abs().min() > 0, "every query row moved"
@@ -205,7 +205,8 @@ def assert_refused_unchanged(model, message):
 
 def test_merge_refuses_biases_the_config_flags_cannot_declare_exactly(tmp_path):
     # subset adds Wqkv and Wi biases; attention_bias and mlp_bias would also create the Wo biases.
-    model, base = trained(tiny_modernbert, biases="subset")
+    with pytest.warns(bitfit_fast.UndeclaredBiasesWarning):  # apply() says so already
+        model, base = trained(tiny_modernbert, biases="subset")
     assert_refused_unchanged(
         model, r"attention_bias=True would also create model\.layers\.0\.attn\.Wo\.bias \(and 1 more\).*"
         r"save_biases\(model, dir\).*load_biases\(base_model, dir\)"
@@ -219,6 +220,7 @@ def test_merge_refuses_biases_the_config_flags_cannot_declare_exactly(tmp_path):
 def test_merge_refuses_added_biases_of_a_family_without_flags():
     # T5's linear layers have no bias and its config no flag for one.
     config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
-    model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
+    with pytest.warns(bitfit_fast.UndeclaredBiasesWarning, match="12 biases added to this T5EncoderModel"):
+        model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
     assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_state.added_biases
     assert_refused_unchanged(model, r"no flag of T5Config declares \['encoder\.block\.0\.layer\.0\.Self")

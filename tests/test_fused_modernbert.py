@@ -124,7 +124,7 @@ def test_bias_free_modernbert_is_fused_with_its_added_biases(biases):
         for name in missing:
             reference.get_parameter(name).zero_()
     reference = reference_bitfit(reference)
-    bitfit_fast.apply(model, biases=biases, backend="torch")
+    bitfit_fast.apply(model, biases=biases, backend="torch", announce=False)
     assert_fused(model)
     batch = padded_batch(model, LENGTHS[0])
     out, ref_out = model(**batch), reference(**batch)
