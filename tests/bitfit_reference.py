@@ -47,13 +47,17 @@ PATHS = {"fused": dict(), "fused-lean": dict(memory="lean"), "fused-minimal": di
          "modules": dict(fuse_layers=False)}
 
 
-def with_random_biases(model):
+def with_random_biases(model, gains: bool = False):
     """``model`` on the test device with every bias drawn at random (Hugging Face initialises them to zero, where
-    their value, and a bias mixed up with another, would not show)."""
+    their value, and a bias mixed up with another, would not show); with ``gains``, every LayerNorm's gain too
+    (initialised to one, one LayerNorm's would pass for another's)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
+        for module in model.modules():
+            if gains and isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.normal_(1.0, 0.2)
     return model.to(DEVICE)
 
 
