@@ -120,7 +120,7 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
         raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
     for row, text in enumerate(texts):
-        if any(t is None or (isinstance(t, str) and not t.strip()) for t in text):
+        if any(map(_blank, text)):
             raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
                             "the row")
         for column, t in zip(text_columns, text):
@@ -134,13 +134,17 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
     return texts
 
 
+def _blank(value: object) -> bool:
+    """A cell with nothing in it: None, NaN (a missing number) or a string of whitespace (a CSV's empty cell)."""
+    return value is None or value != value or (isinstance(value, str) and not value.strip())
+
+
 def _columns_split(table, text_columns, label_column, where: str, label_ids: dict | None,
                    of_run: bool = False) -> Split:
     _require_columns(table, (*text_columns, label_column), where, of_run)
     texts = _texts(table, text_columns, where, of_run)
     raw = table[label_column]
-    blank = next((row for row, value in enumerate(raw)  # None, NaN or an empty cell
-                  if value is None or value != value or (isinstance(value, str) and not value.strip())), None)
+    blank = next((row for row, value in enumerate(raw) if _blank(value)), None)
     if blank is not None:
         raise DataError(f"{where} row {blank} has no label in column {label_column!r}: fill it in, or remove the row")
     if label_ids is None:
