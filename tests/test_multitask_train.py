@@ -59,7 +59,10 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--task-files", "a", "t.csv", "v.csv"], "--task-files trains several tasks together: give it at least twice"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "a", "t.csv", "v.csv"],
-     "--task-files names must differ, got ['a', 'a']"),
+     "--task-files names must differ, also in more than letter case (each names a directory), got ['a', 'a']"),
+    (["--task-files", "Sport", "t.csv", "v.csv", "--task-files", "sport", "t.csv", "v.csv"],
+     "--task-files names must differ, also in more than letter case (each names a directory), got ['Sport', "
+     "'sport']"),
     (["--task-files", "a/b", "t.csv", "v.csv", "--task-files", "c", "t.csv", "v.csv"],
      "--task-files name 'a/b' must be a plain directory name"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--resume", "--save-every", "3"],
@@ -68,6 +71,8 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
      "--task-files trains BitFit tasks: --method full is not one"),
     (["--task-files", "biases", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv"],
      "--task-files name 'biases' is a file of the joint run's directory: choose another name"),
+    (["--task-files", "a", "t.csv", "v.csv", "--task-files", "Biases-Last", "t.csv", "v.csv"],
+     "--task-files name 'Biases-Last' is a file of the joint run's directory: choose another name"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--validation-file", "v.csv"],
      "--task-files trains several tasks from their files in one process: leave out --validation-file"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--backend", "triton"],

@@ -74,12 +74,14 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
     if len(tasks) < 2:
         raise UserError("--task-files trains several tasks together: give it at least twice (one task: use "
                         "--train-file and --validation-file)")
-    if len(set(names)) != len(names):
-        raise UserError(f"--task-files names must differ, got {names}")
+    # Compared as a case-insensitive file system (macOS', Windows') would: Sport and sport are one directory there.
+    if len({name.casefold() for name in names}) != len(names):
+        raise UserError(f"--task-files names must differ, also in more than letter case (each names a directory), "
+                        f"got {names}")
     for name in names:
         if not name or name != Path(name).name or name.startswith("."):
             raise UserError(f"--task-files name {name!r} must be a plain directory name: it names OUTPUT_DIR/{name}")
-        if name in RUN_FILES:
+        if name.casefold() in RUN_FILES:
             raise UserError(f"--task-files name {name!r} is a file of the joint run's directory: choose another name")
     if not config.saves_biases:
         raise UserError(f"--task-files trains BitFit tasks: --method {config.method} is not one")
