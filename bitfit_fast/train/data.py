@@ -121,17 +121,22 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
     texts = list(zip(*(table[c] for c in text_columns)))
     for row, text in enumerate(texts):
         if any(map(_blank, text)):
-            raise DataError(f"{where} row {row} has an empty text in {list(text_columns)}: fill it in, or remove "
-                            "the row")
+            raise DataError(f"{where} {_example(row)} has an empty text in {list(text_columns)}: fill it in, or "
+                            "remove it")
         for column, t in zip(text_columns, text):
             if not isinstance(t, str):
                 remedy = (f"a file for this run needs texts in its columns {list(text_columns)}" if of_run
                           else "name the text columns with --text-columns")
                 # A JSON number in a text column: the column may be the right one.
                 remedy += "; texts that are numbers are written as strings (JSON: \"12\")"
-                raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in row {row}, not a "
+                raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in {_example(row)}, not a "
                                 f"text: {remedy}")
     return texts
+
+
+def _example(row: int) -> str:
+    """Row ``row`` of a table as a user counts it: the first example, after a CSV's header, is example 1."""
+    return f"example {row + 1}"
 
 
 def _blank(value: object) -> bool:
@@ -146,19 +151,19 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
     raw = table[label_column]
     blank = next((row for row, value in enumerate(raw) if _blank(value)), None)
     if blank is not None:
-        raise DataError(f"{where} row {blank} has no label in column {label_column!r}: fill it in, or remove the row")
+        raise DataError(f"{where} {_example(blank)} has no label in column {label_column!r}: fill it in, or remove it")
     if label_ids is None:
         scores = [_number(v) for v in raw]
         missing = next((row for row, (value, score) in enumerate(zip(raw, scores))
                         if str(value).strip().lower() in MISSING_MARKS
                         or (score is not None and not math.isfinite(score))), None)
         if missing is not None:  # a spreadsheet's mark for a missing value, NaN or inf: no score to fit
-            raise DataError(f"{where} row {missing} has no score in column {label_column!r} ({raw[missing]!r}): fill "
-                            "it in, or remove the row")
+            raise DataError(f"{where} {_example(missing)} has no score in column {label_column!r} "
+                            f"({raw[missing]!r}): fill it in, or remove it")
         bad = next((row for row, score in enumerate(scores) if score is None), None)
         if bad is not None:
             remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
-            raise NotScoresError(f"{where} column {label_column!r} is not a score ({raw[bad]!r} in row {bad}): "
+            raise NotScoresError(f"{where} column {label_column!r} is not a score ({raw[bad]!r} in {_example(bad)}): "
                                  f"{remedy}")
         return Split(texts, scores)
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
