@@ -174,6 +174,7 @@ def _number(kind: type, minimum: float, above: bool = False, maximum: float = ma
 
 POSITIVE_INT, COUNT, PORT = _number(int, 1), _number(int, 0), _number(int, 1, maximum=65535)
 POSITIVE, NON_NEGATIVE = _number(float, 0, above=True), _number(float, 0)
+LEARNING_RATE = _number(float, 0, above=True, maximum=1.0)  # train.config.MAX_LEARNING_RATE (that imports torch)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=METHODS, default="bitfit",
                    help="what trains: all biases + head (bitfit), query and intermediate biases + head (subset), "
                         "every weight (full), the head only (frozen)")
-    t.add_argument("--lr", type=POSITIVE, help="learning rate (default: 1e-3 BitFit, 1e-4 BitFit on MNLI, 1e-5 full)")
+    t.add_argument("--lr", type=LEARNING_RATE,
+                   help="learning rate (default: 1e-3 BitFit, 1e-4 BitFit on MNLI, 1e-5 full)")
     t.add_argument("--lr-sweep", action="store_true",
                    help="one run per learning rate of the paper's grid, in --output-dir/lr-*; reports the best")
     t.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay")

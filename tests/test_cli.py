@@ -308,6 +308,7 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["train", "--lr", "-1"], "argument --lr: must be more than 0, got -1"),
+    (["train", "--lr", "1e38"], "argument --lr: must be at most 1.0, got 1e38"),
     (["train", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["train", "--max-length", "0"], "argument --max-length: must be at least 1, got 0"),
     (["train", "--micro-batch-size", "0"], "argument --micro-batch-size: must be at least 1"),

@@ -337,16 +337,16 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\nmatch,sport\n"),
          "t.csv column 'label' has one class, 'sport': classification needs at least two"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\nprice,\nbank,money\n"),
-         "t.csv row 1 has no label in column 'label': fill it in"),
+         "t.csv example 2 has no label in column 'label': fill it in"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,1\nprice,\nbank,0\n"),  # a blank in a number column
-         "t.csv row 1 has no label in column 'label'"),
+         "t.csv example 2 has no label in column 'label'"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": "", "label": "b"}\n'),
-         r"t.jsonl row 1 has an empty text in \['text'\]: fill it in, or remove the row"),
+         r"t.jsonl example 2 has an empty text in \['text'\]: fill it in, or remove it"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
-         r"t.jsonl column 'text' holds 5 \(int\) in row 1, not a text: name the text columns with --text-columns; "
+         r"t.jsonl column 'text' holds 5 \(int\) in example 2, not a text: name the text columns with --text-columns; "
          r"texts that are numbers are written as strings \(JSON: \"12\"\)"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\n  ,money\n"),
-         r"t.csv row 1 has an empty text in \['text'\]"),
+         r"t.csv example 2 has an empty text in \['text'\]"),
     ],
 )
 def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):
@@ -373,7 +373,7 @@ def test_a_csv_is_read_as_the_strings_it_holds(tmp_path):
     assert data.load_local(str(scores), str(scores), ("text",), "label", regression=True).train.labels == [0.25, -1.0]
     for mark in ("NaN", "NA", "inf", "None"):  # no score: refused, not fitted (NaN stopped training as a divergence)
         scores.write_text(f"text,label\ngoal,0.25\nmatch,{mark}\n")
-        with pytest.raises(data.DataError, match=f"s.csv row 1 has no score in column 'label' \\('{mark}'\\)"):
+        with pytest.raises(data.DataError, match=f"s.csv example 2 has no score in column 'label' \\('{mark}'\\)"):
             data.load_local(str(scores), str(scores), ("text",), "label", regression=True)
     # The header as pandas names its columns: a written index (empty name), a repeated name, a blank first line.
     for header, columns in ((",text,label", ["Unnamed: 0", "text", "label"]),
@@ -515,6 +515,14 @@ def test_precision_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_elsewhere(monkeypa
     assert TrainConfig(precision="fp16").resolved_precision(torch.device("cpu")) == "fp16", "given: kept"
     with pytest.raises(ValueError, match="precision must be auto or one of"):
         TrainConfig(precision="fp8")
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, 1e38, float("nan"), float("inf")])
+def test_a_learning_rate_that_cannot_train_is_refused(lr):
+    """1e38 overflowed inside AdamW's first step (a traceback); NaN and 0 would train nothing."""
+    with pytest.raises(ValueError, match="learning_rate must be more than 0 and at most 1.0"):
+        TrainConfig(learning_rate=lr)
+    assert TrainConfig(learning_rate=1.0).resolved_learning_rate() == 1.0
 
 
 def test_a_run_config_records_its_bitfit_config_and_earlier_records_still_load():

@@ -8,6 +8,7 @@ from ..config import BitFitConfig
 
 METHODS = ("bitfit", "subset", "full", "frozen")
 LR_GRID = (1e-4, 4e-4, 7e-4, 1e-3)  # the paper's BitFit learning rates
+MAX_LEARNING_RATE = 1.0  # AdamW moves each trained value by up to ~lr a step: beyond 1 nothing trains, it overflows
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: off)
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ValueError(f"precision must be auto or one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.learning_rate is not None and not 0 < self.learning_rate <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be more than 0 and at most {MAX_LEARNING_RATE}, got "
+                             f"{self.learning_rate!r}")
         if not isinstance(self.bitfit, BitFitConfig):
             raise ValueError(f"bitfit must be a BitFitConfig, got {self.bitfit!r}")
         self.text_columns = tuple(self.text_columns)
