@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 
 import pytest
 import safetensors.torch
@@ -395,6 +396,48 @@ def test_unknown_validation_label_is_named_and_the_cli_exits_2(model_dir, tmp_pa
                      "--output-dir", str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     assert "has labels ['tech'] that the training data does not have" in capsys.readouterr().err
+
+
+class _ScoreByLength(torch.nn.Module):
+    """A model whose score is a function of each example's length: scores differ across a split sorted by length."""
+
+    def forward(self, input_ids, attention_mask, labels=None, **batch):
+        lengths = attention_mask.sum(1, keepdim=True).double()
+        return types.SimpleNamespace(logits=torch.cat([lengths.sin(), lengths.cos()], 1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_shards_score_every_example_once_and_agree_with_one_process(world, monkeypatch):
+    """Each rank's shard as torchrun's ranks score them (gather replaced by each rank's own shard): every example
+    once, in the split's order, so the metrics equal one process's to the last bit; a shard scored twice fails."""
+    lengths = [7, 3, 9, 3, 5, 12, 1, 8, 6, 2, 4, 11, 10]  # 13 examples: shards of batch 2 are uneven
+    encoded = data.Encoded([list(range(1, n + 1)) for n in lengths], None, [float(i % 3) for i in range(13)])
+    config = TrainConfig(regression=True)
+
+    def shards(duplicate=False):
+        recorded = {}
+
+        def record(part, d):  # what the rank would send, before it waits for the others'
+            recorded[d.rank] = part
+            raise InterruptedError
+
+        monkeypatch.setattr(evaluation, "gather", record)
+        for rank in range(world):
+            with pytest.raises(InterruptedError):
+                evaluation.evaluate(_ScoreByLength(), encoded, config, ["pearson"], Dist(rank, world), 0, 2)
+        parts = [recorded[rank] for rank in range(world)]
+        return parts + parts[:1] if duplicate else parts
+
+    one = evaluation.evaluate(_ScoreByLength(), encoded, config, ["pearson", "spearman"], Dist(), 0, 2)
+    for duplicate in (False, True):
+        gathered = shards(duplicate)
+        monkeypatch.setattr(evaluation, "gather", lambda part, d, parts=gathered: parts)
+        if duplicate:
+            with pytest.raises(RuntimeError, match=r"evaluation scored \d+ examples of 13, not each once"):
+                evaluation.evaluate(_ScoreByLength(), encoded, config, ["pearson"], Dist(0, world), 0, 2)
+        else:
+            assert evaluation.evaluate(_ScoreByLength(), encoded, config, ["pearson", "spearman"], Dist(0, world), 0,
+                                       2) == one
 
 
 @pytest.mark.parametrize("examples", [48, 49])

@@ -25,9 +25,14 @@ def evaluate(model, encoded: data_lib.Encoded, config: TrainConfig, metric_names
             labels.append(batch["labels"].cpu())
             indices += idx
     model.train()
-    parts = gather((torch.cat(outputs) if outputs else None, torch.cat(labels) if labels else None, indices), d)
-    parts = [p for p in parts if p[0] is not None]
-    return metrics_lib.compute(list(metric_names), torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    parts = [p for p in gather((outputs, labels, indices), d) if p[2]]
+    scored = torch.tensor([i for p in parts for i in p[2]])
+    if not torch.equal(scored.sort().values, torch.arange(len(encoded))):  # a shard lost or scored twice
+        raise RuntimeError(f"evaluation scored {len(scored)} examples of {len(encoded)}, not each once")
+    # In the split's order, as one process would: the same metrics to the last bit on any number of processes.
+    order = scored.argsort()
+    return metrics_lib.compute(list(metric_names), torch.cat([o for p in parts for o in p[0]])[order],
+                               torch.cat([y for p in parts for y in p[1]])[order])
 
 
 def _score(evaluation: dict, split: str, metric: str) -> float:
