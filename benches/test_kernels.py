@@ -105,17 +105,20 @@ def test_residual_layer_norm_forward_backward(benchmark, impl, n):
     residual = torch.randn_like(x, requires_grad=True)
     gamma = torch.ones(n, device="cuda")
     beta = torch.zeros(n, device="cuda", requires_grad=True)
-    dy = torch.randn_like(x)
-
     torch_block = torch.compile(_torch_residual_layer_norm, dynamic=False) if impl == "torch-compiled" else \
         _torch_residual_layer_norm
 
-    def step():
+    def forward():
         if impl == "fused":
-            y, _ = FUSED.layer_norm(x, residual, gamma, beta, 1e-12, 0.1, 99)
-        else:
-            y = torch_block(x, residual, gamma, beta)
-        torch.autograd.grad(y, (x, residual, beta), dy.to(y.dtype))
+            return FUSED.layer_norm(x, residual, gamma, beta, 1e-12, 0.1, 99)[0]
+        return torch_block(x, residual, gamma, beta)
+
+    # In the output's dtype, made before the timed steps: torch's LayerNorm under autocast returns fp32, the fused
+    # one bf16, and a cast inside the step would time a conversion on torch's side only.
+    dy = torch.randn_like(forward())
+
+    def step():
+        torch.autograd.grad(forward(), (x, residual, beta), dy)
         torch.cuda.synchronize()
 
     _run(benchmark, step, f"dropout+residual+LayerNorm {n} fwd+bwd")

@@ -34,8 +34,10 @@ def profiled_kernels(run: Callable[[], object], rounds: int, with_host: bool = T
             run()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    # GPU kernels only: an operator's row repeats the time of the kernels it launched.
-    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+    # GPU kernels only: an operator's row repeats the time of the kernels it launched, and a user annotation's
+    # GPU row (the optimizer's "Optimizer.step#AdamW.step") spans kernels already counted.
+    kernels = sorted((e for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation),
                      key=lambda e: -e.self_device_time_total)
     return kernels, events
 
