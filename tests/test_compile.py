@@ -3,10 +3,10 @@ model uncompiled, on every layer path, config-built and real MiniLM; with dropou
 seeds), and after the first steps no recompilation.
 
 The fused path graph-breaks where it must leave values to the host (the unpadded layout's lengths, dropout seeds, the
-torch backend's dropout masks, drawn with numpy): dynamo runs those parts eagerly and compiles the rest, so what is compiled must still compute what the
-uncompiled model does. ``aot_eager`` traces and splits forward and backward as torch.compile does, without inductor's
-C++ builds (minutes on CI). The Triton backend runs on a GPU only: under the CPU interpreter dynamo would trace into
-the interpreter itself.
+torch backend's dropout masks, drawn with numpy): dynamo runs those parts eagerly and compiles the rest, so what is
+compiled must still compute what the uncompiled model does. ``aot_eager`` traces and splits forward and backward as
+torch.compile does, without inductor's C++ builds (minutes on CI). The Triton backend runs on a GPU only: under the
+CPU interpreter dynamo would trace into the interpreter itself.
 """
 
 import copy
