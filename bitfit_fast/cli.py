@@ -191,6 +191,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
 
 
+def _versions() -> str:
+    """bitfit-fast's version and those a bug report needs: torch (with its CUDA), triton, transformers."""
+    import importlib.metadata
+
+    import torch
+
+    from . import __version__
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
+    return (f"bitfit-fast {__version__} (torch {torch.__version__}{cuda}, triton {version('triton')}, "
+            f"transformers {version('transformers')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `bitfit-fast` parser: bench, train, eval, predict and serve, each with its options and their checks."""
     from bitfit_fast_benches.presets import PRESETS
@@ -205,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not just its message")
     parser = _Parser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels",
                      formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="show the versions of bitfit-fast and of what it runs on, and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, summary: str, func) -> argparse.ArgumentParser:

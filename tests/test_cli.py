@@ -153,6 +153,20 @@ def test_training_writes_absolute_paths_and_the_best_and_last_biases(home, first
     assert f"biases/ holds epoch {summary['best']['epoch']}, biases-last/ epoch 2" in printed
 
 
+def test_version_names_what_a_bug_report_needs(capsys):
+    import torch
+    import transformers
+
+    import bitfit_fast
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"bitfit-fast {bitfit_fast.__version__} (torch {torch.__version__}")
+    assert f"transformers {transformers.__version__})" in out and "triton " in out
+
+
 def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

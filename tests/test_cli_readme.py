@@ -40,6 +40,11 @@ def test_readme_documents_the_cli():
 def test_every_documented_command_line_is_accepted(line):
     args = words(line)
     args = args[1:] if args[0] == "bitfit-fast" else args[args.index("bitfit_fast.cli") + 1:]  # torchrun ... -m
+    if args == ["--version"]:  # prints and exits
+        with pytest.raises(SystemExit) as exit_:
+            cli.build_parser().parse_args(args)
+        assert exit_.value.code == 0
+        return
     parsed = cli.build_parser().parse_args(args)
     conflict = getattr(parsed, "conflict", lambda _: None)(parsed)
     assert conflict is None, conflict
