@@ -93,6 +93,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .serve import export
+
+    out, model_class = export(args.run, args.output_dir)
+    print(f"wrote {out}: a {model_class} with {args.run}'s best biases merged in, and its tokenizer; load it with "
+          f"transformers' from_pretrained({str(out)!r}), no bitfit-fast needed")
+    return 0
+
+
 def _check_listenable(host: str, port: int) -> None:
     import socket
 
@@ -307,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-file", help="CSV/JSON/Parquet file with the run's text columns")
     p.add_argument("--text-pair", nargs="+", help="the second text of each --text, for runs on two text columns")
     p.set_defaults(conflict=_predict_conflict)
+
+    x = command("export", "a run's best biases merged into its base model, saved as a plain Hugging Face model "
+                "directory (from_pretrained loads it without bitfit-fast)", _export)
+    x.add_argument("run", metavar="RUN", help="output directory of `bitfit-fast train`")
+    x.add_argument("output_dir", metavar="OUTPUT_DIR", help="new (or empty) directory for the model and its tokenizer")
 
     s = command("serve", "serve runs' best biases over HTTP: one model, every run a task, requests of any tasks "
                 "batched together (needs the 'serve' extra)", _serve)

@@ -1,14 +1,17 @@
-"""Evaluate and predict with the biases of `bitfit-fast train` runs: one base model is loaded, bias sets are swapped
-on it. Every mistake (a directory that is not a run, a missing column, a moved base model) is a one-line
+"""Evaluate, predict with and export the biases of `bitfit-fast train` runs: one base model is loaded, bias sets are
+swapped on it. Every mistake (a directory that is not a run, a missing column, a moved base model) is a one-line
 `UserError`."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from .checkpoint import load_biases
 from .errors import UserError, first_line
+from .model import merge
 from .train import BEST_BIASES, Run, data, evaluate, load_pretrained, load_run, model_source, setup_distributed
 
 
@@ -200,3 +203,31 @@ class RunsPredictor:
         with torch.no_grad():
             logits = self.bank(tasks, **{k: v.to(self.device) for k, v in batch.items()}).float().cpu()
         return [dict(task=task, **answer(row, self.runs[task].label_names)) for task, row in zip(tasks, logits)]
+
+
+def export(path: str, output_dir: str) -> tuple[Path, str]:
+    """A run's best biases merged into its base model and saved as a plain Hugging Face model directory (weights,
+    config with the run's class names, tokenizer) that transformers' ``from_pretrained`` loads without bitfit_fast.
+    Written into a temporary directory beside ``output_dir`` and renamed into place, so ``output_dir`` holds the
+    whole model or nothing; an existing non-empty ``output_dir`` is refused, never written over. Returns (the
+    directory, the model's class name)."""
+    run = load_run(path)
+    out = Path(output_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise UserError(f"{output_dir} already exists and is not an empty directory: export into a new one (it never "
+                        "writes over files)")
+    model, tokenizer = _BaseModels().load(run)
+    try:
+        merge(model)
+    except ValueError as error:  # biases the model's config cannot declare (ModernBERT subset, T5, ...)
+        raise UserError(f"{path} cannot be exported as a plain Hugging Face model: {first_line(error)} Its biases "
+                        "load with bitfit-fast (predict, serve, bitfit_fast.load_biases).") from error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # onto nothing or an empty directory: both renames are atomic
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, type(model).__name__

@@ -221,6 +221,67 @@ def test_eval_and_predict_do_not_report_the_restored_head_as_new(second_stage, n
         assert noise not in process.stdout + process.stderr
 
 
+# Run in a process that never imports bitfit_fast: what a user of the exported model has.
+LOAD_EXPORTED = """
+import json, sys, torch, transformers
+out, texts = sys.argv[1], json.loads(sys.argv[2])
+model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+batch = transformers.AutoTokenizer.from_pretrained(out)(*map(list, zip(*texts)), padding=True, return_tensors="pt")
+with torch.no_grad():
+    rows = model(**batch).logits.float().softmax(-1).tolist()
+assert not any(name.startswith("bitfit_fast") for name in sys.modules)
+print(json.dumps([{model.config.id2label[i]: p for i, p in enumerate(row)} for row in rows]))
+"""
+
+
+def exported_probabilities(out, texts) -> list[dict]:
+    process = subprocess.run([sys.executable, "-c", LOAD_EXPORTED, str(out), json.dumps(texts)], capture_output=True,
+                             text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(process.stdout)
+
+
+@pytest.mark.parametrize("name,texts", [("one", [["goal match team"], ["bank price"]]),
+                                        ("two", [["goal match", "team coach"], ["bank price", "market profit"]])])
+def test_export_writes_a_plain_hugging_face_model_that_predicts_what_the_run_does(home, runs, name, texts, capsys):
+    """The run's best biases merged into its base model: transformers alone loads the directory (weights, class
+    names, tokenizer) and answers what `bitfit-fast predict` answers; the run of biases="subset" (two) too."""
+    run, out = home / "runs" / name, home / "exported" / name
+    assert cli.main(["export", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out}: a BertForSequenceClassification with {run}'s best biases merged in")
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary directory is left"
+    assert not [key for key in json.loads((out / "config.json").read_text()) if "bitfit" in key]
+    args = ["--text", *(t[0] for t in texts)] + (["--text-pair", *(t[1] for t in texts)] if len(texts[0]) == 2 else [])
+    assert cli.main(["predict", str(run), *args]) == 0
+    predicted = [json.loads(line)["probabilities"] for line in capsys.readouterr().out.splitlines()]
+    for exported, expected in zip(exported_probabilities(out, texts), predicted, strict=True):
+        assert set(exported) == set(WORDS)
+        assert exported == pytest.approx(expected, abs=1e-6), "predict prints probabilities to 6 decimals"
+
+
+def test_export_never_writes_over_a_directory_and_names_a_run_it_cannot_merge(home, runs, capsys, monkeypatch):
+    run, taken = str(home / "runs" / "one"), home / "exported-taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert cli.main(["export", run, str(taken)]) == 2
+    assert capsys.readouterr().err == (f"bitfit-fast export: error: {taken} already exists and is not an empty "
+                                       "directory: export into a new one (it never writes over files)\n")
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+
+    def refuse(model):  # what merge() says of biases its config cannot declare (ModernBERT subset, T5)
+        raise ValueError("merge() refuses: a save_pretrained checkpoint would not reload the biases apply() added.")
+
+    monkeypatch.setattr("bitfit_fast.serve.merge", refuse)
+    out = home / "exported-refused"
+    assert cli.main(["export", run, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bitfit-fast export: error: {run} cannot be exported as a plain Hugging Face model: "
+                          "merge() refuses") and err.endswith("Its biases load with bitfit-fast (predict, serve, "
+                                                              "bitfit_fast.load_biases).\n")
+    assert not out.exists()
+
+
 def check_one_line_error(process, expected: str):
     assert process.returncode == 2, process.stderr[-3000:]
     assert "Traceback" not in process.stderr

@@ -1,11 +1,13 @@
 """`bitfit-fast train --model DIR` on a bias-free ModernBERT checkpoint, with the commands a BERT user runs: the
-trainer adds zero biases, trains them through the fused ModernBERT layers, and `eval` / `predict` put them back
-on the bias-free base exactly."""
+trainer adds zero biases, trains them through the fused ModernBERT layers, `eval` / `predict` put them back on the
+bias-free base exactly, and `export` writes a model whose config declares them, so transformers alone reloads it."""
 
 import json
 
+import pytest
 import torch
 import transformers
+from test_cli import exported_probabilities
 from test_trainer import WORDS, save_tiny_bert, write_csv
 
 import bitfit_fast
@@ -57,3 +59,10 @@ def test_train_eval_and_predict_a_bias_free_modernbert_checkpoint(tmp_path, caps
     assert cli.main(["predict", str(out), "--text", "goal match team coach"]) == 0
     answer = json.loads(capsys.readouterr().out)  # stdout holds the JSON line only: it pipes into other tools
     assert answer["label"] in WORDS and abs(sum(answer["probabilities"].values()) - 1) < 1e-5
+
+    exported = tmp_path / "exported"
+    assert cli.main(["export", str(out), str(exported)]) == 0
+    config = json.loads((exported / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"] and config["norm_bias"], "the added biases, declared"
+    [probabilities] = exported_probabilities(exported, [["goal match team coach"]])
+    assert probabilities == pytest.approx(answer["probabilities"], abs=1e-6)
