@@ -22,6 +22,7 @@ from .model import (
     planned_parameters,
     state_of,
     trained_parameters,
+    unwrapped,
 )
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
@@ -34,10 +35,12 @@ FORMAT_VERSION = 2
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Save every parameter that trains (the biases and head apply() selected, even if frozen since, and any
-    parameter unfrozen since), the model's BitFitConfig and what apply() found (head, added biases).
+    parameter unfrozen since), the model's BitFitConfig and what apply() found (head, added biases). A
+    ``torch.compile``'d model saves as the model it wraps.
 
     Returns the directory. Existing checkpoint files there are replaced atomically.
     """
+    model = unwrapped(model)
     trained = trained_parameters(model)
     tensors = {name: param for name, param in model.named_parameters() if name in trained}
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
@@ -105,6 +108,7 @@ def load_biases(
     already, must train every parameter the checkpoint holds (else those values would be missing from its next
     save).
     """
+    given, model = model, unwrapped(model)
     checkpoint = read_checkpoint(load_directory)
     saved_config, saved_state, tensors = checkpoint.config, checkpoint.state, checkpoint.tensors
     saved_class = checkpoint.model_class
@@ -161,7 +165,7 @@ def load_biases(
         for name in not_trained:
             params[name].requires_grad_(True)
     _name_classes(model, checkpoint)
-    return model
+    return given
 
 
 def _name_classes(model: nn.Module, checkpoint: "Checkpoint") -> None:

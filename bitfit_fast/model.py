@@ -66,6 +66,13 @@ def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
     return found
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model ``torch.compile`` wrapped, or ``model``: the wrapper shares its parameters under names prefixed
+    "_orig_mod.", which a checkpoint must not record, and its attributes are the model's."""
+    inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def config_of(model: nn.Module) -> BitFitConfig:
     """The options ``model`` was applied with."""
     config = getattr(model, CONFIG_ATTRIBUTE, None)
@@ -447,6 +454,7 @@ def merge(model: nn.Module) -> nn.Module:
     ``apply(dtype=...)`` stored in low precision get their original dtype back, but keep the rounding: for the
     exact pretrained weights, apply a fresh base model with ``dtype=None`` and load the biases onto it.
     """
+    given, model = model, unwrapped(model)
     config, state = config_of(model), state_of(model)
     from transformers import PreTrainedModel
 
@@ -466,7 +474,7 @@ def merge(model: nn.Module) -> nn.Module:
         )
     for attribute in (CONFIG_ATTRIBUTE, STATE_ATTRIBUTE, TRAINED_ATTRIBUTE):
         model.__dict__.pop(attribute, None)  # the last is missing on a model applied by an earlier version
-    return model
+    return given
 
 
 def _restore_weight_dtypes(model: nn.Module, weight_dtypes: dict[str, str]) -> None:

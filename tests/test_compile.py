@@ -10,6 +10,7 @@ CPU interpreter dynamo would trace into the interpreter itself.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ from bitfit_reference import (
 )
 
 import bitfit_fast
+from bitfit_fast.checkpoint import CONFIG_NAME
+from bitfit_fast.model import is_applied
 
 COMPILER = "aot_eager"
 # Dynamo's note where it graph-breaks in the torch backend's dropout masks (drawn with numpy): expected, see above.
@@ -105,3 +108,26 @@ def test_compiled_dropout_draws_the_uncompiled_masks_and_stops_recompiling(path,
         _assert_same_gradients(eager, compiled_model)
         losses.append(expected.loss.item())
     assert len(set(losses)) == len(losses), "dropout must be on: each step's seeds, its own loss"
+
+
+def test_a_compiled_model_saves_loads_and_merges_as_the_model_it_wraps(tmp_path):
+    """torch.compile's wrapper names the parameters "_orig_mod.*": saved as such, they loaded onto no base model."""
+    base = with_random_biases(tiny_bert())
+    model = bitfit_fast.apply(copy.deepcopy(base), backend="torch", announce=False)
+    with torch.no_grad():
+        for param in trainable(model).values():
+            param.normal_()  # trained values, as the compiled model's steps would leave them
+    compiled = torch.compile(model, backend=COMPILER)  # lazy: nothing compiles without a forward
+    bitfit_fast.save_biases(compiled, tmp_path / "biases")
+    record = json.loads((tmp_path / "biases" / CONFIG_NAME).read_text())
+    assert record["model_class"] == "BertForSequenceClassification" and set(record["parameters"]) == set(
+        trainable(model))
+    loaded = bitfit_fast.load_biases(copy.deepcopy(base), tmp_path / "biases")
+    other = torch.compile(bitfit_fast.apply(copy.deepcopy(base), backend="torch", announce=False), backend=COMPILER)
+    assert bitfit_fast.load_biases(other, tmp_path / "biases") is other
+    for target in (loaded, other._orig_mod):
+        values = trainable(target)
+        assert values.keys() == trainable(model).keys()
+        assert all(torch.equal(values[name], param) for name, param in trainable(model).items())
+    assert bitfit_fast.merge(compiled) is compiled and not is_applied(model), "the wrapped model merged"
+    assert not any(name.startswith("bitfit_fast") for name in vars(model))
