@@ -174,6 +174,9 @@ def test_albert_shared_layers_stay_shared():
         (tiny_bert, dict(memory="low"), ValueError, "memory must be one of"),
         (tiny_bert, dict(dtype=torch.int8), ValueError, "dtype must be a floating torch.dtype"),
         (tiny_bert, dict(train_head="yes"), ValueError, "train_head must be True or False"),
+        (tiny_bert, dict(fuse_layers="no"), ValueError, "fuse_layers must be True or False, got 'no'"),
+        (tiny_bert, dict(add_missing_biases="false"), ValueError, "add_missing_biases must be None, True or False"),
+        (tiny_bert, dict(head="classifier"), ValueError, r"head must be a list of module names such as \['classif"),
         (tiny_bert, dict(lr=1e-3), TypeError, r"unknown options \['lr'\]"),
         (tiny_bert, dict(config="subset"), TypeError, "config must be a bitfit_fast.BitFitConfig"),
         (tiny_bert, dict(head=["classifer"]), ValueError, r"head modules \['classifer'\] not found"),
@@ -197,6 +200,22 @@ def test_bad_arguments_get_a_clear_error_and_leave_the_model_untouched(make, kwa
     if state is not None:
         assert {n: p.requires_grad for n, p in model.named_parameters()} == state
         assert not any(isinstance(m, (BitFitLinear, BitFitLayerNorm)) for m in model.modules())
+
+
+def test_names_match_at_dots_only():
+    """Layer 0's pattern is not layer 10's, layer 1's head module not layer 10's or 11's: a pattern matches a dotted
+    suffix, a head module what is inside it, both at a dot."""
+    model = bitfit_fast.apply(tiny_bert(num_hidden_layers=12), biases=["0.attention.self.value"],
+                              head=["bert.encoder.layer.1", "classifier"], announce=False)
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    layer_1 = {name for name, _ in model.named_parameters() if name.startswith("bert.encoder.layer.1.")}
+    assert {name for name in trained if name.startswith("bert.encoder.")} == {
+        "bert.encoder.layer.0.attention.self.value.bias", *layer_1}
+    model = bitfit_fast.apply(tiny_bert(num_hidden_layers=12), head=["bert.encoder.layer.1", "classifier"],
+                              announce=False)
+    for name, param in model.named_parameters():
+        if name.startswith(("bert.encoder.layer.10.", "bert.encoder.layer.11.")):
+            assert param.requires_grad == name.endswith(".bias"), f"{name}: a body parameter, not the head's"
 
 
 def test_a_config_and_keywords_set_a_model_up_alike():
