@@ -1,18 +1,19 @@
 """save_biases / load_biases: the few KB a BitFit run trains, as safetensors plus a JSON config."""
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .config import AppliedState, BitFitConfig
 from .errors import first_line
-from .files import atomic_write, write_json
+from .files import atomic_write_together, json_text
 from .model import (
     apply,
     config_of,
@@ -81,8 +82,9 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     }
     if named_classes(label_names):
         record["label_names"] = named_classes(label_names)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_json(directory / CONFIG_NAME, record)
+    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    record["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # the pair's tie: see read_checkpoint
+    atomic_write_together({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json_text(record).encode()})
     return directory
 
 
@@ -207,11 +209,16 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         )
     try:
         record = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
+        weights = weights_path.read_bytes()
+        tensors = safetensors.torch.load(weights)
         config, state = read_config(record, config_path)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
                          "save the biases again") from error
+    recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions
+    if recorded is not None and recorded != hashlib.sha256(weights).hexdigest():
+        raise ValueError(f"the checkpoint in {directory} is damaged: its {WEIGHTS_NAME} is not the one its "
+                         f"{CONFIG_NAME} was saved with (a save interrupted between the two?): save the biases again")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
                       record.get("label_names"))
 

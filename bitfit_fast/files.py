@@ -1,5 +1,6 @@
 """Files a crash cannot tear: everything bitfit_fast writes for a user (biases, checkpoints, run configs,
-summaries, plots) goes through :func:`atomic_write`."""
+summaries, plots) goes through :func:`atomic_write`, or :func:`atomic_write_together` for files that belong
+together."""
 
 import json
 import os
@@ -7,26 +8,57 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _temporary(path: Path) -> Path:
+    """A temporary file beside ``path``: the same directory (a rename within it is atomic) and suffix (writers that
+    pick a format by the suffix still do)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _flush_to_disk(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # the data is on disk before a rename makes it the file
+    finally:
+        os.close(descriptor)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Write ``path`` through ``write(temporary_path)``: a temporary file beside ``path`` (same directory and suffix,
-    so writers that pick a format by the suffix still do) is written, flushed to disk and renamed over ``path``. A
-    crash or an error leaves the old file (or none), never a torn one; on an error the temporary file is removed and
-    the error raised. Returns ``path``."""
+    """Write ``path`` through ``write(temporary_path)``: a temporary file beside ``path`` is written, flushed to disk
+    and renamed over ``path``. A crash or an error leaves the old file (or none), never a torn one; on an error the
+    temporary file is removed and the error raised. Returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = _temporary(path)
     try:
         write(tmp)
-        descriptor = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)  # the data is on disk before the rename makes it the file
-        finally:
-            os.close(descriptor)
+        _flush_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
+def atomic_write_together(contents: dict[Path, bytes]) -> None:
+    """Write files that belong together (a checkpoint's weights and config): every one is written to its temporary
+    file and flushed to disk before any is renamed into place, so an error while writing (a full disk) leaves every
+    old file as it was. Only a crash between the renames, microseconds apart, could pair a new file with an old one;
+    a reader that must know compares a hash one file records of the other."""
+    temporaries = {path: _temporary(Path(path)) for path in contents}
+    try:
+        for path, data in contents.items():
+            temporaries[path].write_bytes(data)
+            _flush_to_disk(temporaries[path])
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
+
+
+def json_text(record) -> str:
+    """``record`` as bitfit_fast writes JSON: indented, with a final newline."""
+    return json.dumps(record, indent=2) + "\n"
+
+
 def write_json(path: str | os.PathLike, record) -> Path:
-    """``record`` as indented JSON with a final newline, written atomically; returns ``path``."""
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    """``record`` as JSON (:func:`json_text`), written atomically; returns ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json_text(record)))

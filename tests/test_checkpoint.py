@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import pathlib
 
 import pytest
 import torch
@@ -253,22 +255,54 @@ def test_a_failing_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run_summary.json"], "the temporary file is removed"
 
 
-def test_a_save_that_fails_midway_keeps_the_saved_biases(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [WEIGHTS_NAME, CONFIG_NAME])
+def test_a_save_that_fails_midway_keeps_the_saved_biases(tmp_path, monkeypatch, failing):
+    """The disk fills up while the weights, or the config after them, are written: both old files stay, with no
+    temporary file beside them (the config used to be written after the new weights had replaced the old)."""
     model, _ = trained()
     bitfit_fast.save_biases(model, tmp_path)
     saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write_bytes = pathlib.Path.write_bytes
 
-    def failing_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as torn_file:
-            torn_file.write(b"torn")
-        raise OSError("No space left on device")
+    def filling_the_disk(path, data):
+        if path.name.startswith(f".{pathlib.Path(failing).stem}.tmp"):
+            write_bytes(path, data[: len(data) // 2])
+            raise OSError("No space left on device")
+        return write_bytes(path, data)
 
-    monkeypatch.setattr(bitfit_fast.checkpoint, "save_file", failing_save_file)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", filling_the_disk)
     with torch.no_grad():
         model.classifier.bias.add_(1)
     with pytest.raises(OSError, match="No space left"):
         bitfit_fast.save_biases(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+
+
+def test_files_of_two_saves_are_not_taken_for_one_checkpoint(tmp_path, monkeypatch):
+    """A save stopped between its two renames (a crash, or an error renaming the config) leaves the new weights
+    beside the old config: loading them says so, where it used to load them under the old save's options."""
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    replace, renamed = os.replace, []
+
+    def stopping_after_the_first(source, target):
+        if renamed:
+            raise OSError("interrupted")
+        renamed.append(target)
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stopping_after_the_first)
+    with torch.no_grad():
+        model.classifier.bias.add_(1)
+    with pytest.raises(OSError, match="interrupted"):
+        bitfit_fast.save_biases(model, tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert [p.name for p in renamed] == [WEIGHTS_NAME]
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=f"the checkpoint in {tmp_path} is damaged: its {WEIGHTS_NAME} is not the one "
+                                         f"its {CONFIG_NAME} was saved with"):
+        bitfit_fast.load_biases(base, tmp_path)
+    assert_unchanged(base, before)
 
 
 def test_save_needs_an_applied_model(tmp_path):
