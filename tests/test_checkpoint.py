@@ -105,6 +105,65 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     assert bitfit_fast.load_biases(tiny_bert(), tmp_path / "again").config.id2label == dict(enumerate(names))
 
 
+def test_a_checkpoint_without_the_head_leaves_the_class_names_alone(tmp_path):
+    """Biases saved with train_head=False hold no head: loading them says nothing of the classes, so the model keeps
+    its own names (it would answer LABEL_i after a merge)."""
+    model = bitfit_fast.apply(tiny_bert(), biases=["attention.self.value"], train_head=False, announce=False)
+    bitfit_fast.save_biases(model, tmp_path)
+    names = ["sport", "tech", "money"]
+    named = tiny_bert(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    assert bitfit_fast.load_biases(named, tmp_path).config.id2label == dict(enumerate(names))
+
+
+def test_an_applied_model_whose_head_was_frozen_loads_the_head_it_trained(tmp_path):
+    """An applied model still trains (and saves) a head frozen since apply(): strict loading takes a checkpoint
+    that holds the head and refuses one without it, whose missing head the next save would write stale."""
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path / "with-head")
+    without = bitfit_fast.apply(copy.deepcopy(base), train_head=False, announce=False)
+    bitfit_fast.save_biases(without, tmp_path / "without-head")
+    target = bitfit_fast.apply(copy.deepcopy(base), announce=False)
+    target.classifier.requires_grad_(False)
+    bitfit_fast.load_biases(target, tmp_path / "with-head")
+    torch.testing.assert_close(target.classifier.bias, model.classifier.bias, atol=0, rtol=0)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"classifier\.(weight|bias)"):
+        bitfit_fast.load_biases(target, tmp_path / "without-head")
+    assert_unchanged(target, before)
+
+
+def test_load_biases_runs_on_the_backend_asked_for(tmp_path):
+    """The backend belongs to the machine, not to the checkpoint: torch where the kernels would run by default."""
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    assert bitfit_fast.model.config_of(model).backend == "auto"
+    loaded = bitfit_fast.load_biases(base, tmp_path, backend="torch")
+    assert bitfit_fast.model.config_of(loaded).backend == "torch"
+    backends = {m.backend for m in loaded.modules() if isinstance(m, (bitfit_fast.BitFitLinear,
+                                                                      bitfit_fast.BitFitLayerNorm))}
+    assert backends == {"torch"}
+
+
+def test_options_of_a_newer_version_are_refused_not_dropped(tmp_path):
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    record = json.loads((tmp_path / CONFIG_NAME).read_text())
+    record["config"]["future_option"] = True
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"unknown BitFitConfig options \['future_option'\]: saved by a newer "
+                                         r"bitfit_fast\? Upgrade it"):
+        bitfit_fast.load_biases(base, tmp_path)
+
+
+def test_merge_gives_the_weights_their_own_dtype_back(tmp_path):
+    """An fp16 model applied with dtype=bfloat16 merges back to fp16 weights, not fp32."""
+    model = bitfit_fast.apply(tiny_bert().half(), dtype=torch.bfloat16, announce=False)
+    assert model.bert.encoder.layer[0].intermediate.dense.weight.dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="are back in their original dtype"):
+        merged = bitfit_fast.merge(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.float16}
+
+
 def test_load_errors_leave_the_model_untouched(tmp_path):
     model, _ = trained(biases="subset")
     bitfit_fast.save_biases(model, tmp_path / "subset")
