@@ -29,6 +29,16 @@ def logits(model, batch) -> torch.Tensor:
         return model.eval()(**batch).logits
 
 
+def test_added_biases_take_the_dtype_of_a_model_cast_whole():
+    """A bf16 ModernBERT gets bf16 zero biases (fp32 ones would fail its first forward with a dtype mismatch)."""
+    model = bitfit_fast.apply(tiny_modernbert().to(torch.bfloat16), backend="torch", announce=False)
+    added = bitfit_fast.model.state_of(model).added_biases
+    assert added and {model.get_submodule(name).bias.dtype for name in added} == {torch.bfloat16}
+    out = model(**padded_batch(model))
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and all(p.grad is not None for p in trainable(model).values())
+
+
 def test_bias_free_model_gets_zero_biases_by_default_and_keeps_its_function(capsys):
     model = tiny_modernbert()
     batch = padded_batch(model)
