@@ -52,7 +52,7 @@ from .families import (
 )
 from .functions import Ops, functions
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, replace_children, retype
-from .torch_ops import compute_dtype, layer_norm_output
+from .torch_ops import compute_dtype, layer_norm_output, layer_norm_output_dtype
 from .unpadding import Tokens
 
 MEMORY_MODES = ("default", "lean", "minimal")
@@ -132,11 +132,12 @@ def _normalized_source(x: torch.Tensor) -> tuple | None:
     return source[:4] if source is not None and source[4] == x._version else None
 
 
-def _as_module_output(y: torch.Tensor) -> torch.Tensor:
+def _as_module_output(y: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
     """A fused block's output in the dtype its original returns, the one autocast policy of both layer paths: every
-    module gives what torch's would (under autocast torch runs LayerNorm in fp32, so a post-LayerNorm layer returns
-    fp32, as BitFitLayerNorm does), while inside a fused block activations stay in the autocast dtype."""
-    return y.float() if torch.is_autocast_enabled(y.device.type) else y
+    module gives what torch's would, while inside a fused block activations stay in the autocast dtype. The block
+    ends in a LayerNorm of a linear's output plus the block's input [of ``input_dtype``]: under CUDA's autocast torch
+    returns it in fp32, under CPU's in the dtype of that sum (see ``layer_norm_output_dtype``)."""
+    return y.to(layer_norm_output_dtype(y.device.type, torch.promote_types(y.dtype, input_dtype)))
 
 
 def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
@@ -264,7 +265,8 @@ class FusedEncoderLayer(nn.Module):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
         tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding)
-        return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)))
+        return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)),
+                                 hidden_states.dtype)
 
     def attention_context(self, x: torch.Tensor, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d_head) + mask) v, for x [N, d] rows; [N, d], or [S, d] with ``first_only``
@@ -402,7 +404,8 @@ class FusedEncoder(nn.Module):
             else:
                 x = layer.fused_forward(x, tokens, last)
         hidden = x.unsqueeze(1) if first_only else tokens.unpack(x)
-        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_as_module_output(hidden))
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_as_module_output(hidden,
+                                                                                             hidden_states.dtype))
 
 
 def _read_first_tokens_only(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict) -> None:

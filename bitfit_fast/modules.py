@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import task_rows
 from .functions import functions
-from .torch_ops import ZeroGradient
+from .torch_ops import ZeroGradient, layer_norm_output_dtype
 
 
 def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
@@ -127,8 +127,7 @@ class BitFitLayerNorm(nn.LayerNorm):
         if self.weight.requires_grad:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         check_batch(x)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # autocast runs layer_norm in fp32; a drop-in module does the same
+        x = x.to(layer_norm_output_dtype(x.device.type, x.dtype))  # CUDA's autocast runs it in fp32, so do we
         ops = functions(self.backend, x)
         y, _ = ops.layer_norm(x, None, self.weight, self.bias, self.eps, row_task=_row_tasks(self.bias, x))
         return y

@@ -6,6 +6,7 @@ They compute what BitFit needs and nothing more: no weight or gamma gradient, no
 linear layer or LayerNorm (it is drawn again from its seed in the backward).
 """
 
+import functools
 import math
 
 import numpy as np
@@ -17,6 +18,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The GEMM dtype: autocast's when it is on (as F.linear would), else the input's."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+@functools.cache
+def _autocast_runs_layer_norm_in_fp32(device_type: str) -> bool:
+    """Whether autocast on ``device_type`` runs layer_norm in fp32 (CUDA's policy) or leaves it in its input's dtype
+    (CPU's), probed once on a low-precision input."""
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, dtype=dtype):
+        return F.layer_norm(torch.zeros(1, 1, dtype=dtype, device=device_type), (1,)).dtype == torch.float32
+
+
+def layer_norm_output_dtype(device_type: str, input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's LayerNorm returns for an input of ``input_dtype`` under the autocast active now: what a
+    drop-in module returns."""
+    if torch.is_autocast_enabled(device_type) and _autocast_runs_layer_norm_in_fp32(device_type):
+        return torch.float32
+    return input_dtype
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
