@@ -39,7 +39,7 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     parameter unfrozen since), the model's BitFitConfig and what apply() found (head, added biases). A
     ``torch.compile``'d model saves as the model it wraps.
 
-    Returns the directory. Existing checkpoint files there are replaced atomically.
+    Returns the directory. Existing checkpoint files there are replaced together (see ``atomic_write_together``).
     """
     model = unwrapped(model)
     trained = trained_parameters(model)
