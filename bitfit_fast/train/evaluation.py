@@ -26,7 +26,7 @@ def evaluate(model, encoded: data_lib.Encoded, config: TrainConfig, metric_names
             indices += idx
     model.train()
     parts = [p for p in gather((outputs, labels, indices), d) if p[2]]
-    scored = torch.tensor([i for p in parts for i in p[2]])
+    scored = torch.tensor([i for p in parts for i in p[2]], dtype=torch.long)
     if not torch.equal(scored.sort().values, torch.arange(len(encoded))):  # a shard lost or scored twice
         raise RuntimeError(f"evaluation scored {len(scored)} examples of {len(encoded)}, not each once")
     # In the split's order, as one process would: the same metrics to the last bit on any number of processes.
