@@ -9,6 +9,7 @@ torch.compile does, without inductor's C++ builds (minutes on CI). The Triton ba
 CPU interpreter dynamo would trace into the interpreter itself.
 """
 
+import contextlib
 import copy
 import json
 
@@ -46,6 +47,14 @@ def _models(make, backend: str, path: str):
     return models[0], models[1], torch.compile(models[1], backend=COMPILER)
 
 
+@contextlib.contextmanager
+def _compiling():
+    """Fails unless dynamo compiles a graph within: a silent fallback to eager would make every check pass."""
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    yield
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before, "nothing was compiled"
+
+
 def _step(model, batch):
     model.zero_grad()
     out = model(**batch)
@@ -76,8 +85,9 @@ def _assert_same_gradients(eager, compiled_model) -> None:
 def test_compiled_model_computes_what_it_does_uncompiled(path, backend):
     eager, compiled_model, compiled = _models(
         lambda: with_random_biases(tiny_bert(), gains=True), backend, path)
-    for lengths in ((7, 3, 5), (1, 11, 4, 2, 6)):  # a second shape: dynamo recompiles, or runs it with symbolic sizes
-        _assert_same_step(eager, compiled_model, compiled, padded_batch(eager, lengths))
+    with _compiling():
+        for lengths in ((7, 3, 5), (1, 11, 4, 2, 6)):  # a second shape: recompiled, or run with symbolic sizes
+            _assert_same_step(eager, compiled_model, compiled, padded_batch(eager, lengths))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,7 +95,8 @@ def test_compiled_model_computes_what_it_does_uncompiled(path, backend):
 def test_compiled_real_minilm_computes_what_it_does_uncompiled(path, backend):
     eager, compiled_model, compiled = _models(lambda: real_minilm(layers=[0, 5], **NO_DROPOUT), backend, path)
     texts = bbc_titles("tech", 2) + bbc_titles("sports", 3)
-    _assert_same_step(eager, compiled_model, compiled, real_batch(texts, [4, 4, 3, 3, 3]))
+    with _compiling():
+        _assert_same_step(eager, compiled_model, compiled, real_batch(texts, [4, 4, 3, 3, 3]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,7 +113,8 @@ def test_compiled_dropout_draws_the_uncompiled_masks_and_stops_recompiling(path,
         torch.manual_seed(100 + step)
         expected = _step(eager, batch)
         torch.manual_seed(100 + step)
-        with torch.compiler.set_stance("fail_on_recompile" if step == 3 else "default"):
+        with torch.compiler.set_stance("fail_on_recompile" if step == 3 else "default"), \
+                (_compiling() if step == 0 else contextlib.nullcontext()):
             got = _step(compiled, batch)
         torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
         _assert_same_gradients(eager, compiled_model)
