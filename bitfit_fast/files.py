@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def _temporary(path: Path) -> Path:
-    """A temporary file beside ``path``: the same directory (a rename within it is atomic) and suffix (writers that
-    pick a format by the suffix still do)."""
+def temporary_beside(path: Path) -> Path:
+    """A temporary name beside ``path`` (a file or directory): the same directory (a rename within it is atomic) and
+    suffix (writers that pick a format by the suffix still do)."""
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
@@ -27,7 +27,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     and renamed over ``path``. A crash or an error leaves the old file (or none), never a torn one; on an error the
     temporary file is removed and the error raised. Returns ``path``."""
     path = Path(path)
-    tmp = _temporary(path)
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         _flush_to_disk(tmp)
@@ -42,7 +42,7 @@ def atomic_write_together(contents: dict[Path, bytes]) -> None:
     file and flushed to disk before any is renamed into place, so an error while writing (a full disk) leaves every
     old file as it was. Only a crash between the renames, microseconds apart, could pair a new file with an old one;
     a reader that must know compares a hash one file records of the other."""
-    temporaries = {path: _temporary(Path(path)) for path in contents}
+    temporaries = {path: temporary_beside(Path(path)) for path in contents}
     try:
         for path, data in contents.items():
             temporaries[path].write_bytes(data)

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint import load_biases
 from .errors import UserError, first_line
+from .files import temporary_beside
 from .model import merge
 from .train import BEST_BIASES, Run, data, evaluate, load_pretrained, load_run, model_source, setup_distributed
 
@@ -223,7 +224,7 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
         raise UserError(f"{path} cannot be exported as a plain Hugging Face model: {first_line(error)} Its biases "
                         "load with bitfit-fast (predict, serve, bitfit_fast.load_biases).") from error
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(out)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
