@@ -32,6 +32,15 @@ def test_print_trainable_parameters_on_bert_base(capsys):
     assert capsys.readouterr().out == "trainable params: 104,450 || all params: 109,483,778 || trainable%: 0.0954\n"
 
 
+def test_a_tied_weight_counts_once():
+    model = meta_model(transformers.BertConfig, transformers.BertForMaskedLM)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    bitfit_fast.apply(model, train_head=False)
+    # bert-base-uncased's masked-LM count; the biases: BERT-base's 102,912 less the pooler's 768, plus the MLM
+    # transform's dense and LayerNorm biases (768 each) and the decoder's 30,522.
+    assert bitfit_fast.get_nb_trainable_parameters(model) == (102_912 - 768 + 2 * 768 + 30_522, 109_514_298)
+
+
 @pytest.mark.parametrize(
     "size,biases,expected",
     [
