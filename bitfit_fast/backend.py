@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .errors import UserError
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -42,3 +44,11 @@ def uses_triton(backend: str, x: torch.Tensor) -> bool:
     if backend == "triton":
         return True
     return backend == "auto" and x.is_cuda and triton_kernels() is not None
+
+
+def check_backend_option(backend: str) -> None:
+    """A command's --backend usable here, or one line saying why not (before any model loads)."""
+    try:
+        check_backend(backend)
+    except RuntimeError as error:
+        raise UserError(f"--backend {backend}: {error}") from error

@@ -122,9 +122,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UserError(f"serving needs the 'serve' extra ({error.name} is missing): pip install "
                         "'bitfit-fast[serve]'") from error
+    from .backend import check_backend_option
     from .serve import RunsPredictor
 
-    _check_listenable(args.host, args.port)  # before the model loads: uvicorn would report it after, in its format
+    check_backend_option(args.backend)  # both before the model loads: uvicorn would report a port after, its way
+    _check_listenable(args.host, args.port)
     predictor = RunsPredictor(args.runs, backend=args.backend)
     print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",
           file=sys.stderr)

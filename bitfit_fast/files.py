@@ -7,11 +7,25 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
+
 
 def temporary_beside(path: Path) -> Path:
     """A temporary name beside ``path`` (a file or directory): the same directory (a rename within it is atomic) and
     suffix (writers that pick a format by the suffix still do)."""
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def check_can_write(directory: Path, named: str) -> None:
+    """Before any work: ``directory`` is, or can be made, a directory this process writes in (its nearest existing
+    ancestor is a writable directory), else one line naming it as ``named`` (e.g. the option that gave it)."""
+    directory = Path(directory).absolute()
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"{named} cannot be created: {existing} is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{named} cannot be written: this user may not write in {existing}; choose another "
+                        "directory")
 
 
 def _flush_to_disk(path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_biases
 from .errors import UserError, first_line
-from .files import temporary_beside
+from .files import check_can_write, temporary_beside
 from .model import merge
 from .train import BEST_BIASES, Run, data, evaluate, load_pretrained, load_run, model_source, setup_distributed
 
@@ -214,6 +214,7 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
     directory, the model's class name)."""
     run = load_run(path)
     out = Path(output_dir)
+    check_can_write(out.parent, output_dir)  # where it is written beside and renamed
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"{output_dir} already exists and is not an empty directory: export into a new one (it never "
                         "writes over files)")

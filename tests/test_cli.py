@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
 
 from bitfit_fast import BitFitConfig, cli
@@ -331,6 +333,14 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     (["serve", "{runs}/one", "{runs}/one"],
      "two runs are named 'one' ({runs}/one and {runs}/one): tasks are named by their run directories"),
     (["serve", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
+    (["train", "--model", "{home}/model", "--output-dir", "{home}/model/config.json/failed"],
+     "--output-dir {home}/model/config.json/failed cannot be created: {home}/model/config.json is a file; choose "
+     "another directory"),
+    (["train", "--model", "{home}/model", "--output-dir", "{data}/train.csv"],
+     "--output-dir {data}/train.csv cannot be created: {data}/train.csv is a file; choose another directory"),
+    (["export", "{runs}/one", "{home}/model/config.json/exported"],
+     "{home}/model/config.json/exported cannot be created: {home}/model/config.json is a file; choose another "
+     "directory"),
 ])
 def test_mistakes_with_runs_and_files_end_with_one_line(home, runs, args, message, capsys):
     places = dict(home=home, runs=home / "runs", data=home / "data")
@@ -347,6 +357,24 @@ def test_a_port_in_use_is_named_before_the_model_loads(home, capsys):
         assert cli.main(["serve", str(home / "not-a-run"), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port} (" in err and "choose another --port" in err
+
+
+def test_a_backend_that_cannot_run_here_is_named_before_the_model_loads(home, runs, capsys, monkeypatch):
+    monkeypatch.setattr("bitfit_fast_kernels.INTERPRETER", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["serve", str(home / "runs" / "one"), "--backend", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("bitfit-fast serve: error: --backend triton: backend='triton' needs a CUDA GPU")
+
+
+def test_a_directory_this_user_may_not_write_in_is_named(home, runs, capsys, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != home)  # as for a user other than root
+    out = home / "exported-unwritable"
+    assert cli.main(["export", str(home / "runs" / "one"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} cannot be written: this user may not write in {home}; choose" in err
+    assert not out.exists()
 
 
 def test_network_errors_name_the_offline_alternative(first_stage):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..backend import check_backend
+from ..backend import check_backend_option
 from ..checkpoint import save_biases
 from ..errors import UserError
 from ..files import write_json
@@ -90,16 +90,8 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     check_output_dir(Path(config.output_dir), config.resume)
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
-    check_backend_option(config)
+    check_backend_option(config.bitfit.backend)
     return resolved_config(config, d.device)
-
-
-def check_backend_option(config: TrainConfig) -> None:
-    """--backend usable here (triton: a GPU, or the CPU interpreter), or one line saying why not."""
-    try:
-        check_backend(config.bitfit.backend)
-    except RuntimeError as error:
-        raise UserError(f"--backend {config.bitfit.backend}: {error}") from error
 
 
 def resolved_config(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:

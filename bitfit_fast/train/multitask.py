@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..backend import check_backend_option
 from ..errors import UserError
 from ..files import write_json
 from ..task_bank import TaskBank
@@ -30,7 +31,6 @@ from . import data as data_lib
 from .config import TrainConfig
 from .distributed import Dist
 from .evaluation import best_evaluation, evaluate
-from .loop import check_backend_option
 from .models import load_pretrained, max_positions, model_source
 from .run import (
     BEST_BIASES,
@@ -87,7 +87,7 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
         raise UserError(f"--task-files trains BitFit tasks: --method {config.method} is not one")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--task-files trains in one process: start it without torchrun")
-    check_backend_option(config)
+    check_backend_option(config.bitfit.backend)
     check_output_dir(Path(config.output_dir), resume=False)
     for name in names:
         check_output_dir(Path(config.output_dir) / name, resume=False)

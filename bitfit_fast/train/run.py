@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME
 from ..errors import UserError, first_line
-from ..files import atomic_write, write_json
+from ..files import atomic_write, check_can_write, write_json
 from .config import TrainConfig
 from .distributed import Dist, barrier, gather
 
@@ -24,11 +24,10 @@ NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
-    """Before anything loads: a run is only continued on purpose, never overwritten (a joint run's tasks and a
-    finished run hold no checkpoint, but biases and a summary)."""
+    """Before anything loads: a run is only continued on purpose, never overwritten (a joint run's tasks hold no
+    checkpoint, only biases and a summary), and ``out`` can be written."""
     checkpoint = out / CHECKPOINT_NAME
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file; choose a directory")
+    check_can_write(out, f"--output-dir {out}")
     if resume and not checkpoint.is_file():
         raise UserError(f"--resume: no checkpoint at {checkpoint}; leave out --resume to start a new run there")
     if not resume and checkpoint.exists():
