@@ -88,7 +88,7 @@ class MicroBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         return [(example, future) for example, future in batch if not future.cancelled()]  # clients that left
 
