@@ -213,3 +213,29 @@ def test_each_step_of_a_joint_run_clips_and_steps_only_its_batchs_tasks(joint_ru
     for (loss, batch_tasks), (clip, max_norm), (step, stepped) in steps:
         assert (loss, clip, step) == ("loss", "clip_grad_norm_", "step")
         assert max_norm == 0.25 and list(stepped) == list(batch_tasks)
+
+
+@pytest.mark.parametrize("step,epoch,kept", [  # 56 examples in batches of 8: 7 steps an epoch
+    (2, 1, "no biases were saved yet"), (9, 2, "each task's best biases so far are kept")])
+def test_a_joint_run_whose_loss_diverges_stops_as_a_run_does(joint_run, tmp_path, monkeypatch, step, epoch, kept):
+    from bitfit_fast import BitFitConfig
+    from bitfit_fast.task_bank import TaskBank
+    from bitfit_fast.train import TrainConfig, TrainingDiverged
+    from bitfit_fast.train.multitask import TaskFiles, train_tasks
+
+    root, files = joint_run
+    calls = []
+    loss = TaskBank.loss
+
+    def poisoned(self, *args):
+        calls.append(None)
+        return loss(self, *args) * (float("nan") if len(calls) == step else 1.0)
+
+    monkeypatch.setattr(TaskBank, "loss", poisoned)
+    out = tmp_path / "runs"
+    config = TrainConfig(model=str(root / "model"), epochs=2, batch_size=8, output_dir=str(out), progress=False,
+                         bitfit=BitFitConfig(backend="torch"))
+    with pytest.raises(TrainingDiverged, match=rf"the loss became nan at step {step} \(epoch {epoch}\); {kept}"):
+        train_tasks(config, [TaskFiles(name, *task_files) for name, task_files in files.items()], log=lambda _: None)
+    for name in files:
+        assert (out / name / "biases").is_dir() == (epoch > 1)

@@ -46,7 +46,7 @@ from .summary import Tokens, summarize
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; what the run saved before is kept (the message says what)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,18 +87,25 @@ def max_positions(model, tokenizer) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def build_model(config: TrainConfig, num_labels: int, label_names: list[str] | None, path: str):
-    """(model, tokenizer): the pre-trained encoder at ``path`` (see :func:`model_source`) with a new head, set up for
-    the method. Weights that the checkpoint lacks (the classifier, a pooler that a sentence-embedding checkpoint does
-    not have) are new: they train with the head; their modules are listed in ``model.bitfit_new_modules``."""
+def load_for_training(config: TrainConfig, num_labels: int, label_names: list[str] | None, path: str):
+    """(model, tokenizer, head, new modules): the pre-trained encoder at ``path`` (see :func:`model_source`) with a
+    new head, checked against ``--max-length``. Weights that the checkpoint lacks (the classifier, a pooler that a
+    sentence-embedding checkpoint does not have) are new: their modules train with the head, which is every
+    top-level module but the encoder."""
     model, tokenizer, info = load_pretrained(path, num_labels, label_names, f"--model {config.model or path}")
     positions = max_positions(model, tokenizer)
     if positions is not None and config.max_length > positions:
         raise UserError(f"--max-length {config.max_length} is more than the {positions} positions of --model "
                         f"{config.model or path}: use --max-length {positions} or less")
     new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
-    prefix = model.base_model_prefix
-    head = sorted({n for n, _ in model.named_children() if n != prefix} | set(new_modules))
+    head = sorted({n for n, _ in model.named_children() if n != model.base_model_prefix} | set(new_modules))
+    return model, tokenizer, head, new_modules
+
+
+def build_model(config: TrainConfig, num_labels: int, label_names: list[str] | None, path: str):
+    """(model, tokenizer): :func:`load_for_training`'s model set up for the method; its new modules are listed in
+    ``model.bitfit_new_modules``."""
+    model, tokenizer, head, new_modules = load_for_training(config, num_labels, label_names, path)
     if config.saves_biases:
         try:
             with warnings.catch_warnings():  # a run keeps its biases with save_biases, not save_pretrained

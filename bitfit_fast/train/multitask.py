@@ -31,7 +31,8 @@ from . import data as data_lib
 from .config import TrainConfig
 from .distributed import Dist
 from .evaluation import best_evaluation, evaluate
-from .models import load_pretrained, max_positions, model_source
+from .loop import TrainingDiverged
+from .models import load_for_training, model_source
 from .run import (
     BEST_BIASES,
     CHECKPOINT_NAME,
@@ -116,14 +117,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
                                           "--regression, so train it in a run of its own)") from error
         task_data[task.name] = (loaded, files)
     first = next(iter(task_data.values()))[0]
-    model, tokenizer, info = load_pretrained(model_path, first.num_labels, first.label_names,
-                                             f"--model {config.model or model_path}")
-    positions = max_positions(model, tokenizer)
-    if positions is not None and config.max_length > positions:
-        raise UserError(f"--max-length {config.max_length} is more than the {positions} positions of --model "
-                        f"{config.model or model_path}: use --max-length {positions} or less")
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
-    head = sorted({n for n, _ in model.named_children() if n != model.base_model_prefix} | set(new_modules))
+    model, tokenizer, head, _ = load_for_training(config, first.num_labels, first.label_names, model_path)
     try:
         bank = TaskBank.new(model, {name: data.num_labels for name, (data, _) in task_data.items()}, config.bitfit,
                             head=config.bitfit.head or head)
@@ -169,8 +163,10 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             with config.autocast(d.device):
                 loss = bank.loss(bank(names, **batch), labels, names)
             if not math.isfinite(loss.item()):
-                raise UserError(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}): lower the "
-                                "learning rate, or train in fp32")
+                kept = (f"each task's best biases so far are kept in {out}/<task>/{BEST_BIASES}" if epoch
+                        else "no biases were saved yet")
+                raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                                       f"{kept}. Lower the learning rate, or train in fp32.")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             bank.clip_grad_norm_(config.max_grad_norm)
