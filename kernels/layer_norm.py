@@ -41,8 +41,8 @@ from .utils import (
 MAX_FEATURES = 65536
 
 
-# Seeds and offsets change every call and M with padding: specialising on their divisibility by 16 would compile
-# again for 1 call in 16.
+# Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16
+# (the backward's row count and chunk likewise).
 @triton.jit(do_not_specialize=["seed", "philox_offset"])
 def _residual_layer_norm_fwd_kernel(
     # Pointers
@@ -286,8 +286,8 @@ def residual_layer_norm_backward(
     check_same_device(dy.device, x_hat=x_hat, rstd=rstd)
     check_row_task(row_task, M, dy.device)
     check_vector("gamma", gamma, N, dy.device)
-    if rstd.dtype != torch.float32 or tuple(rstd.shape) != (M,):
-        raise KernelInputError(f"rstd must be the fp32 ({M},) tensor returned by the forward")
+    if rstd.dtype != torch.float32 or tuple(rstd.shape) != (M,) or not rstd.is_contiguous():
+        raise KernelInputError(f"rstd must be the contiguous fp32 ({M},) tensor returned by the forward")
     check_dropout(dropout_p, seed)
     if sum_dx and not compute_dx:
         raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
