@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from bitfit_fast import cli
-from bitfit_fast_benches import length_groups, measurement, presets, providers, report, runner, task_bank
+from bitfit_fast_benches import (
+    length_groups,
+    measurement,
+    presets,
+    profile_step,
+    providers,
+    report,
+    runner,
+    task_bank,
+)
 from bitfit_fast_benches.presets import Preset, Workload
 
 TINY = Workload("bert-tiny", 16, 2)
@@ -44,6 +53,7 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
 
     monkeypatch.setattr(runner, "build_provider", build)
     monkeypatch.setattr(runner, "cpu_peak_rss", lambda name, w: dict(peak_rss=2 * 2**20, above_idle=2**20))
+    monkeypatch.setattr(runner, "TIME_GOALS_RELATIVE_TO", ["reference", "reference-compiled"])  # one not run
     preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=3, warmup=1)
     result = runner.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
     ref, fast = result["providers"]["reference"], result["providers"]["fast"]
@@ -56,6 +66,9 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
     per_step = fast["speedup_per_step"]
     assert per_step["q1"] <= per_step["median"] <= per_step["q3"] < 1, "every step of fast is the slower one"
     assert ref["speedup_per_step"] == dict(q1=1.0, median=1.0, q3=1.0)
+    # The step time over another provider's, step by step (3 steps: the median step's ratio is the reciprocal).
+    assert list(fast["time_vs_per_step"]) == ["reference"] and "time_vs_per_step" not in ref
+    assert fast["time_vs_per_step"]["reference"]["median"] == pytest.approx(1 / per_step["median"])
 
 
 def test_paired_ratios_are_the_quartiles_of_each_steps_own_ratio():
@@ -95,6 +108,21 @@ def test_goals_on_time_ratios_show_the_per_step_spread():
     assert "per_step" not in checks["peak memory vs reference"]
     table = report.format_workload("w", results)
     assert "| 1.25x (1.10–1.40) |" in table
+
+
+def test_a_goal_on_time_against_another_provider_takes_each_steps_own_ratio():
+    stats = lambda ms: dict(median_ms=ms, speedup_vs_reference=1.0)  # noqa: E731
+    results = {"reference": stats(100.0), "reference-compiled": stats(80.0), "fast": stats(72.0)}
+    paired = dict(q1=0.85, median=0.88, q3=0.95)  # the medians' ratio is 0.9
+    results["fast"]["time_vs_per_step"] = {"reference-compiled": paired}
+    workload = dict(workload="w", spec=dataclasses.asdict(Workload("bert-base", 128, 8)), providers=results)
+    checks = {c["goal"]: c for c in report.check_goals(dict(workloads=[workload]), "cuda")}
+    compiled = checks["speed vs reference compiled"]
+    assert (compiled["provider"], compiled["measured"], compiled["per_step"]) == ("fast", 0.88, paired)
+    del results["fast"]["time_vs_per_step"]  # a run that paired no steps: the medians' ratio
+    compiled = {c["goal"]: c for c in report.check_goals(dict(workloads=[workload]), "cuda")}[
+        "speed vs reference compiled"]
+    assert compiled["measured"] == pytest.approx(0.9) and "per_step" not in compiled
 
 
 def test_mfu_is_against_the_faster_of_the_matmul_probes_before_and_after(monkeypatch):
@@ -337,3 +365,17 @@ def test_length_groups_benchmark_times_the_same_steps_grouped_and_in_one_call(tm
     assert {name: steps["steps"] for name, steps in record["steps"].items()} == {"grouped": 2, "one call": 2}
     assert record["paired_speedup"] > 0 and record["groups_per_batch"] > 1 and 0 < record["scores_fraction"] < 1
     assert (tmp_path / "tiny.md").read_text().startswith("Length groups, preset `tiny`")
+
+
+def test_a_profile_records_where_it_ran_and_how(tmp_path, monkeypatch):
+    """The profilers' JSON backs figures quoted in the code: it names the device, versions, commit and command."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    profile = lambda provider, workload: (dict(provider=provider), "a table")  # noqa: E731
+    argv = ["--runs", "fast:bbc", "--out", str(tmp_path)]
+    assert profile_step.profiles_main(argv, "host_profile", "", profile, lambda name, run: name, "profiled") == 0
+    record = json.loads((tmp_path / "profiled.json").read_text())
+    assert record["device"] == "a GPU" and record["commit"] == runner._commit()
+    assert record["command"] == f"python -m bitfit_fast_benches.host_profile {' '.join(argv)}"
+    assert record["torch"] == torch.__version__
+    assert record["runs"] == {"fast bert-base-bbc-lengths128-b256": dict(provider="fast")}

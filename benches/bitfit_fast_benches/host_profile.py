@@ -2,12 +2,14 @@
 
     python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc --out DIR
 
-On the H200 at aaf637a the fused default's step took 52.6 ms of wall time but kept the GPU busy for 37.1 ms
-(``profile_step``): a step the host cannot issue as fast as the GPU runs it. Each run is PROVIDER:LENGTHS on
+On the H200 at aaf637a the fused default's step took 52.6 ms of wall time but kept the GPU busy for ~35.8 ms
+(``profile_step``'s 37.1 ms counted the optimizer's profiler annotation, 1.3 ms over kernels already counted): a step
+the host cannot issue as fast as the GPU runs it. Each run is PROVIDER:LENGTHS on
 BERT-base, batch 256, at most 128 tokens, as in ``profile_step``. Writes ``DIR/host-profile.json`` (per run: the
 median wall time of a synchronised step; the host milliseconds per step inside the top functions, self and
 cumulative) and ``DIR/host-profile.txt`` (pstats' tables). The profiled backward runs on the calling thread, so
-that cProfile sees it. A sync inside the step shows as time in the call that waits (``item``, ``__bool__``).
+that cProfile sees it. A sync inside the step shows as time in the call that waits (``item``, ``__bool__``); the
+wait for the GPU after each step is not profiled.
 """
 
 import cProfile
@@ -40,12 +42,12 @@ def profile(provider: str, workload: Workload, steps: int = 10, warmup: int = 3,
     profiler = cProfile.Profile()
     # On a GPU the autograd engine runs the backward on a thread of its own, which cProfile would not see.
     with torch.autograd.set_multithreading_enabled(False):
-        profiler.enable()
         for batch in batches[warmup + steps:]:
+            profiler.enable()
             trainer.step(batch)
-            if device == "cuda":
+            profiler.disable()
+            if device == "cuda":  # the GPU finishing the step is not host time
                 torch.cuda.synchronize()
-        profiler.disable()
     stats = pstats.Stats(profiler)
     entries = stats.stats  # {(file, line, name): (primitive calls, calls, self s, cumulative s, callers)}
     by_self = sorted(entries.items(), key=lambda item: -item[1][2])[:top]

@@ -74,7 +74,9 @@ def resident_bytes(trainer: Trainer) -> int:
 
 
 def gpu_peak_bytes(trainer: Trainer, batch: dict) -> int:
-    """Resident state plus the highest allocation above it during one step."""
+    """Resident state plus the highest allocation above it during one step, the step's gradients included (the last
+    step's are freed first: the step would free them at its start, and the peak above them would net them out)."""
+    trainer.optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()

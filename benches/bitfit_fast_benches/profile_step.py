@@ -10,6 +10,7 @@ Triton's autotuning and compilation stay out of the profile.
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from bitfit_fast.files import atomic_write
 
 from .presets import Workload, build_base_model, make_batches
 from .providers import PROVIDERS, build_provider
+from .runner import environment
 
 
 def profiled_kernels(run: Callable[[], object], rounds: int, with_host: bool = True):
@@ -93,12 +95,14 @@ def profiles_main(argv: list[str] | None, module: str, description: str, profile
     parser = argparse.ArgumentParser(prog=f"python -m bitfit_fast_benches.{module}", description=description)
     parser.add_argument("--runs", nargs="+", default=["reference:fixed", "fast:fixed"], metavar="PROVIDER:LENGTHS")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{module} needs a CUDA GPU", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    record, tables = dict(device=torch.cuda.get_device_name(), runs={}), []
+    command = " ".join([f"python -m bitfit_fast_benches.{module}", *map(shlex.quote, argv)])
+    record, tables = dict(environment(command), runs={}), []
     for provider, workload in parse_runs(parser, args.runs):
         name = f"{provider} {workload.name}"
         record["runs"][name], table = profile(provider, workload)

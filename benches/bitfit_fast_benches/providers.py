@@ -1,7 +1,9 @@
 """What a benchmark compares: each provider is a model with its optimizer and training step.
 
 Every provider trains the same randomly initialised model on the same batches with the paper's optimizer
-(AdamW, clipping 1.0), in bf16 autocast on a GPU.
+(AdamW, clipping 1.0), in bf16 autocast on a GPU. There the bitfit_fast providers hold their frozen weights in bf16
+(``apply(dtype=torch.bfloat16)``: frozen weights need no fp32 master, and autocast then casts none of them each step)
+where the reference and full fine-tuning keep the fp32 weights they load, as stock PyTorch training does.
 """
 
 import copy

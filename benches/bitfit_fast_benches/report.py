@@ -53,6 +53,11 @@ GOALS = {
 }
 
 
+# The providers a goal times against other than the reference: the runner pairs each step with theirs too.
+TIME_GOALS_RELATIVE_TO = sorted({goal.relative_to for goals in GOALS.values() for goal in goals
+                                 if goal.stat == "median_ms" and goal.relative_to})
+
+
 def short_commit(commit: str) -> str:
     """A recorded commit as reports show it: 12 digits, and ``-dirty`` kept."""
     return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
@@ -79,8 +84,9 @@ def check_goals(record: dict, device: str) -> list[dict]:
             if not provider.startswith("fast") or goal.provider not in (None, provider) or goal.stat not in stats:
                 continue
             value = stats[goal.stat]
-            if goal.stat == "median_ms" and goal.relative_to:  # time relative to another provider
-                value = value / results[goal.relative_to]["median_ms"]
+            if goal.stat == "median_ms" and goal.relative_to:  # time relative to another provider, step by step
+                paired = stats.get("time_vs_per_step", {}).get(goal.relative_to)
+                value = paired["median"] if paired else value / results[goal.relative_to]["median_ms"]
             values[provider] = value
         if not values:
             continue
@@ -90,8 +96,11 @@ def check_goals(record: dict, device: str) -> list[dict]:
         met = value >= goal.target if goal.comparison == ">=" else value <= goal.target
         check = dict(goal=goal.name, workload=workload["workload"], target=f"{goal.comparison} {goal.target:.3g}",
                      provider=provider, measured=value, met=met)
-        if goal.stat in _PER_STEP_STATS and "speedup_per_step" in results[provider]:
-            check["per_step"] = results[provider]["speedup_per_step"]
+        per_step = (results[provider].get("time_vs_per_step", {}).get(goal.relative_to)
+                    if goal.stat == "median_ms" else
+                    results[provider].get("speedup_per_step") if goal.stat in _PER_STEP_STATS else None)
+        if per_step:
+            check["per_step"] = per_step
         checks.append(check)
     return checks
 

@@ -3,8 +3,8 @@ and data.
 
 Every provider trains the same randomly initialised model on the same fresh batches. Steps of all providers
 alternate in one process so that drift (clocks, thermals, other load) cancels; each step is timed between device
-synchronisations. Memory is measured per provider on its own (see ``measurement``). Ratios are always computed
-from the medians measured here, never assumed.
+synchronisations. Memory is measured per provider on its own (see ``measurement``). A time ratio is the median of
+each step's own ratio (the two steps ran the same batch in the same round), measured here, never assumed.
 """
 
 import argparse
@@ -34,7 +34,7 @@ from .measurement import (
 )
 from .presets import PRESETS, Preset, Workload, build_base_model, make_batches, padded_tokens, real_tokens
 from .providers import PROVIDERS, build_provider
-from .report import check_goals, format_workload
+from .report import TIME_GOALS_RELATIVE_TO, check_goals, format_workload
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -132,6 +132,9 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
         stats = spread(times[name])
         if "reference" in times:
             stats["speedup_per_step"] = paired_ratios(times["reference"], times[name])
+        timed_against = [other for other in TIME_GOALS_RELATIVE_TO if other in times and other != name]
+        if timed_against:  # the step time over another provider's, for a goal on it
+            stats["time_vs_per_step"] = {other: paired_ratios(times[name], times[other]) for other in timed_against}
         seconds = stats["median_ms"] / 1e3
         flops = statistics.mean(step_flops(workload, b, trainer.method) for b in timed_batches)
         stats.update(tokens_per_s=padded / seconds, real_tokens_per_s=real / seconds, model_flops_per_step=flops)
@@ -139,7 +142,7 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
         if device == "cuda":
             stats["peak_memory_bytes"] = gpu_peak_bytes(trainer, batches[-1])
         results[name] = stats
-    del trainers
+    del trainers, trainer, batches, batch, timed_batches  # none of them stays on the GPU through the probes below
     if device == "cuda":
         torch.cuda.empty_cache()
     else:
@@ -195,7 +198,8 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
                   matmul_peak_tflops=matmul_peak_tflops(preset.device),
                   matmul_peak_dtype="bfloat16" if preset.device == "cuda" else "float32",
                   memory_method=(
-                      "resident state (parameters, buffers, optimizer state) + the step's peak allocation above it"
+                      "resident state (parameters, buffers, optimizer state) + the step's peak allocation above it; "
+                      "the bitfit_fast providers' frozen weights are bf16, the others' fp32"
                       if preset.device == "cuda" else
                       "peak RSS above the idle process (after imports), one fresh process per provider"))
     if preset.max_batch_memory_gib is not None:

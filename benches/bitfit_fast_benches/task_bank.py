@@ -6,10 +6,10 @@ layer instead, which for a bias is what the bank does).
     python -m bitfit_fast_benches.task_bank --preset cpu --out benches/results/task-bank
 
 Every configuration runs the same batches (real BBC News paragraph lengths, dynamic padding), in rounds that
-alternate the configurations (each round starting at another) in one process so that drift cancels; ratios come
-from the medians measured here. ``predict`` times a no-grad
-forward (serving); ``train`` a forward, backward and AdamW step on the bank's loss (the bank's own
-``TaskBank.optimizer``, the single-task model's torch.optim.AdamW).
+alternate the configurations (each round starting at another) in one process so that drift cancels; a ratio is
+the median of each round's own ratio, measured here. ``predict`` times a no-grad forward (serving); ``train`` a
+forward, backward and AdamW step on the bank's loss (the bank's own ``TaskBank.optimizer``, the single-task model's
+torch.optim.AdamW).
 """
 
 import copy
