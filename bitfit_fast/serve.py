@@ -108,16 +108,23 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
             batch.pop("labels")
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             for i, row in zip(indices, logits):
-                rows.append(dict(zip(columns, texts[i]), **answer(row, run.label_names)))
+                try:
+                    rows.append(dict(zip(columns, texts[i]), **answer(row, run.label_names)))
+                except UserError as error:
+                    raise UserError(f"example {i + 1}: {error}") from error
     return rows
 
 
 def answer(logits: torch.Tensor, label_names: list[str] | None) -> dict:
     """What predict says of one example's logits: ``score`` for regression (no label names), else ``label`` and
-    ``probabilities`` (class name: probability, to 6 decimals)."""
+    ``probabilities`` (class name: probability, to 6 decimals). UserError for a NaN or infinite output, which no
+    JSON carries."""
+    logits = logits[:len(label_names) if label_names else 1]
+    if not torch.isfinite(logits).all():
+        raise UserError(f"the model's output is {logits.tolist()}, not finite: the run's biases are damaged or "
+                        "diverged; train it again")
     if not label_names:
         return {"score": logits[0].item()}
-    logits = logits[:len(label_names)]
     probabilities = logits.float().softmax(-1).tolist()
     return {"label": label_names[int(logits.argmax())],
             "probabilities": {name: round(p, 6) for name, p in zip(label_names, probabilities)}}
@@ -230,6 +237,9 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)  # onto nothing or an empty directory: both renames are atomic
+    except OSError as error:  # a full disk, a lost mount
+        raise UserError(f"{output_dir} could not be written ({first_line(error)}); nothing was written there") \
+            from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out, type(model).__name__

@@ -178,7 +178,11 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
             answers = await asyncio.gather(*futures)
         except Exception as error:
             return _error(500, f"the prediction failed: {first_line(error)}")
-        return JSONResponse(answers[0] if single else {"predictions": answers})
+        try:
+            return JSONResponse(answers[0] if single else {"predictions": answers})
+        except ValueError as error:  # NaN or infinity, which JSON cannot carry
+            return _error(500, f"the prediction is not valid JSON ({first_line(error)}): the model's output is not "
+                               "a finite number")
 
     async def unknown_route(request, error: HTTPException):  # 404 and 405 as JSON too, with their headers (Allow)
         return _error(error.status_code, f"{error.detail}: this server answers GET /health and POST /predict",

@@ -284,6 +284,51 @@ def test_export_never_writes_over_a_directory_and_names_a_run_it_cannot_merge(ho
     assert not out.exists()
 
 
+def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, runs, capsys, monkeypatch):
+    run, empty = str(home / "runs" / "one"), home / "exported-empty"
+    empty.mkdir()
+    assert cli.main(["export", run, str(empty)]) == 0
+    assert (empty / "config.json").is_file() and (empty / "tokenizer_config.json").is_file()
+    capsys.readouterr()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", full_disk)
+    out = home / "exported-full-disk"
+    assert cli.main(["export", run, str(out)]) == 2
+    err = capsys.readouterr().err  # after the progress bar of the model's weights
+    assert err.endswith(f"\nbitfit-fast export: error: {out} could not be written ([Errno 28] No space left on "
+                        "device); nothing was written there\n")
+    assert not out.exists() and not [p for p in home.iterdir() if p.name.startswith(".exported")], "no temporary left"
+
+
+def test_serve_options_reach_the_server(home, runs, monkeypatch):
+    from bitfit_fast import server
+
+    served = {}
+    monkeypatch.setattr(server, "build_app", lambda predictor, config: served.update(config=config) or "app")
+    monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kwargs: served.update(app=app, host=host, port=port))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["serve", str(home / "runs" / "one"), "--port", str(port), "--max-batch-size", "3",
+                     "--max-wait-ms", "0", "--max-queue", "7"]) == 0
+    assert served == dict(config=server.BatchingConfig(3, 0.0, 7), app="app", host="127.0.0.1", port=port)
+
+
+def test_runs_of_two_base_models_are_not_served_together(home, runs, capsys):
+    other = home / "runs" / "on-a-copy"
+    shutil.copytree(home / "runs" / "one", other)
+    shutil.copytree(home / "model", home / "model-copy")
+    record = json.loads((other / "run_config.json").read_text())
+    record["model_path"] = record["config"]["model"] = str(home / "model-copy")
+    (other / "run_config.json").write_text(json.dumps(record))
+    assert cli.main(["serve", str(home / "runs" / "one"), str(other)]) == 2
+    assert (f"{other} was trained on {home / 'model-copy'} and {home / 'runs' / 'one'} on {home / 'model'}: the runs "
+            "a server holds share one base model") in capsys.readouterr().err
+
+
 def check_one_line_error(process, expected: str):
     assert process.returncode == 2, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
@@ -307,6 +352,8 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     (["predict", "{runs}/one", "--text", "goal", "--text-pair", "match"],
      "{runs}/one was trained on one text per example (text): leave out --text-pair"),
     (["predict", "{runs}/one", "--text", "goal match", ""],  # as the server refuses it
+     "example 2 has an empty text: there is nothing to classify; give it a text"),
+    (["predict", "{runs}/one", "--text", "goal match", " \n"],
      "example 2 has an empty text: there is nothing to classify; give it a text"),
     (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
     (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),

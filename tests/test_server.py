@@ -7,9 +7,11 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from bitfit_fast.server import BatchingConfig, RequestError, build_app
@@ -22,7 +24,9 @@ class EchoPredictor:
 
     def __init__(self, gate: threading.Event | None = None):
         self.batches = []
+        self.texts = []
         self.gate = gate
+        self.waiting = threading.Event()  # set once a batch waits at the gate
 
     def check(self, example):
         if not isinstance(example, dict) or not isinstance(example.get("text"), str):
@@ -37,12 +41,14 @@ class EchoPredictor:
 
     def predict(self, examples):
         if self.gate is not None:
+            self.waiting.set()
             self.gate.wait(timeout=30)
         self.batches.append(len(examples))
+        self.texts += [e["text"] for e in examples]
         if any(e["text"] == "boom" for e in examples):
             raise RuntimeError("the model ran out of memory")
-        return [dict(task=e["task"], answer=e["text"].upper() if e["task"] == "upper" else len(e["text"]))
-                for e in examples]
+        return [dict(task=e["task"], answer=float("nan") if e["text"] == "nan" else
+                     e["text"].upper() if e["task"] == "upper" else len(e["text"])) for e in examples]
 
 
 @contextlib.contextmanager
@@ -63,6 +69,7 @@ def running(predictor, config: BatchingConfig):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        assert not thread.is_alive(), "the server did not stop"
 
 
 def test_concurrent_mixed_requests_are_batched_and_each_answered():
@@ -89,6 +96,10 @@ def test_concurrent_mixed_requests_are_batched_and_each_answered():
     (b'{"inputs": [{"task": "upper", "text": "a"}, {"task": "upper"}]}', 422,
      'inputs[1]: an example is {"task": ..., "text": "..."}'),
     (b'{"inputs": []}', 422, '"inputs" must be a non-empty list of examples'),
+    (b'{"inputs": 5}', 422, '"inputs" must be a non-empty list of examples'),
+    (b"5", 422, 'an example is {"task": ..., "text": "..."}'),
+    (b'{"task": "upper", "text": "\xff"}', 400, "the body is not JSON"),  # not UTF-8
+    (b'{"task": "length", "text": "nan"}', 500, "the prediction is not valid JSON (Out of range float values"),
     (b'{"task": "upper", "text": "boom"}', 500, "the prediction failed: the model ran out of memory"),
     (b'{"task": "upper", "text": "bug"}', 500, "checking the example failed: the check itself failed"),
     (b'{"inputs": [{"task": "upper", "text": "a"}, {"task": "upper", "text": "bug"}]}', 500,
@@ -109,10 +120,8 @@ def test_a_full_queue_answers_503_and_a_failed_batch_fails_only_its_requests():
     with running(predictor, BatchingConfig(max_batch_size=2, max_wait_ms=0, max_queue=2)) as url:
         with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
             first = pool.submit(client.post, "/predict", json=dict(task="upper", text="a"))  # taken: the gate holds it
+            assert predictor.waiting.wait(timeout=30)
             deadline = time.monotonic() + 30
-            while client.get("/health").json()["queued"] != 0 or not first.running():
-                assert time.monotonic() < deadline
-            time.sleep(0.1)  # the worker is now inside predict, waiting at the gate
             queued = [pool.submit(client.post, "/predict", json=dict(task="upper", text=t)) for t in ("b", "boom")]
             while client.get("/health").json()["queued"] != 2:
                 assert time.monotonic() < deadline
@@ -127,6 +136,52 @@ def test_a_full_queue_answers_503_and_a_failed_batch_fails_only_its_requests():
     assert answers[1].json() == dict(task="upper", answer="B")
     assert answers[2].status_code == 500 and "ran out of memory" in answers[2].json()["error"]
     assert predictor.batches == [1, 2, 1, 1]
+
+
+def test_a_request_that_does_not_fit_queues_none_of_its_examples():
+    gate = threading.Event()
+    predictor = EchoPredictor(gate)
+    with running(predictor, BatchingConfig(max_batch_size=1, max_wait_ms=0, max_queue=3)) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(client.post, "/predict", json=dict(task="upper", text="a"))  # held at the gate
+            assert predictor.waiting.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            queued = [pool.submit(client.post, "/predict", json=dict(task="upper", text=t)) for t in ("b", "c")]
+            while client.get("/health").json()["queued"] != 2:
+                assert time.monotonic() < deadline
+            two = client.post("/predict", json={"inputs": [dict(task="upper", text=t) for t in ("d", "e")]})
+            waiting = client.get("/health").json()["queued"]
+            gate.set()
+            answers = [first.result(), *(f.result() for f in queued)]
+    assert two.status_code == 503 and waiting == 2, "one free slot: neither of the two examples is queued"
+    assert [a.json()["answer"] for a in answers] == ["A", "B", "C"] and sorted(predictor.texts) == ["a", "b", "c"]
+
+
+def test_a_batch_waits_max_wait_ms_from_its_first_example():
+    """An example that arrives within max_wait_ms of the batch's first joins it, however long the server was idle
+    before (the wait starts at the first example, not when the worker last looked)."""
+    predictor = EchoPredictor()
+    with running(predictor, BatchingConfig(max_batch_size=64, max_wait_ms=1500)) as url:
+        time.sleep(1.6)
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/predict", json=dict(task="upper", text="a"))
+            time.sleep(0.2)
+            second = pool.submit(client.post, "/predict", json=dict(task="upper", text="b"))
+            assert (first.result().json()["answer"], second.result().json()["answer"]) == ("A", "B")
+    assert predictor.batches == [2]
+
+
+def test_a_batch_closes_max_wait_ms_after_its_first_example():
+    """Examples arriving one after another, each within max_wait_ms of the last, do not hold a batch open."""
+    predictor = EchoPredictor()
+    with running(predictor, BatchingConfig(max_batch_size=64, max_wait_ms=600)) as url:
+        with httpx.Client(base_url=url, timeout=30) as client, concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = []
+            for text in "abcdefghij":  # 1.5 s in all
+                answers.append(pool.submit(client.post, "/predict", json=dict(task="upper", text=text)))
+                time.sleep(0.15)
+            assert [a.result().json()["answer"] for a in answers] == list("ABCDEFGHIJ")
+    assert len(predictor.batches) >= 2 and sum(predictor.batches) == 10, f"batches: {predictor.batches}"
 
 
 def test_another_route_or_method_is_answered_in_json():
@@ -238,3 +293,70 @@ def test_readme_client_talks_to_a_server_of_runs(two_runs, capsys):
     topics, score = namespace["answers"]
     assert topics["task"] == "topics" and topics["label"] in topics["probabilities"]
     assert score["task"] == "score" and isinstance(score["score"], float)
+
+
+def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch")
+    checked = predictor.check(dict(task="topics", text=" ".join(["goal"] * 126)))  # with [CLS] and [SEP]: 128
+    assert len(checked["input_ids"]) == 128
+    with pytest.raises(RequestError, match="the text is 129 tokens; task 'topics' reads at most 128"):
+        predictor.check(dict(task="topics", text=" ".join(["goal"] * 127)))
+
+
+def test_predict_answers_every_text_past_its_first_batch(two_runs):
+    from bitfit_fast import serve
+
+    texts = [(f"goal {'match ' * i}",) for i in range(40)]  # batches of 32: a second, partial batch
+    rows = serve.predict(two_runs["topics"], texts=texts)
+    assert [row["text"] for row in rows] == [t for t, in texts]
+    one_by_one = [serve.predict(two_runs["topics"], texts=[t])[0] for t in (texts[0], texts[33], texts[39])]
+    assert [rows[0], rows[33], rows[39]] == one_by_one
+
+
+def test_an_answer_is_its_tasks_own_columns_and_a_finite_number():
+    from bitfit_fast.errors import UserError
+    from bitfit_fast.serve import answer
+
+    padded = torch.tensor([-1.5, 0.0, 0.0])  # a score task's row in a bank whose widest task has 3 classes
+    assert answer(padded, None) == {"score": -1.5}
+    assert answer(torch.tensor([2.0, 0.0, 0.0]), ["sport", "tech"])["label"] == "sport"
+    for logits, names in ((torch.tensor([float("nan"), 0.0]), None), (torch.tensor([1.0, float("inf")]), ["a", "b"])):
+        with pytest.raises(UserError, match="not finite: the run's biases are damaged or diverged; train it again"):
+            answer(logits, names)
+
+
+@pytest.fixture(scope="module")
+def pair_run(two_runs, tmp_path_factory):
+    """A run on two text columns (premise, hypothesis) of the same tiny BERT as ``two_runs``."""
+    from test_cli import pair_columns, write_table
+
+    from bitfit_fast import BitFitConfig
+    from bitfit_fast.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("pairs")
+    files = dict(train_file=write_table(root / "train.csv", pair_columns(24, 1)),
+                 validation_file=write_table(root / "val.csv", pair_columns(8, 2)))
+    model = str(Path(two_runs["topics"]).parent / "model")
+    train(TrainConfig(model=model, epochs=1, batch_size=8, text_columns=["premise", "hypothesis"],
+                      output_dir=str(root / "pairs"), progress=False, bitfit=BitFitConfig(backend="torch"), **files),
+          log=lambda *_: None)
+    return str(root / "pairs")
+
+
+def test_a_two_text_task_is_served_with_both_texts(two_runs, pair_run):
+    from bitfit_fast import serve
+    from bitfit_fast.serve import RunsPredictor
+
+    pairs = [("goal match team", "coach said today"), ("bank price", "market profit big"),
+             ("goal match team", "market profit big")]  # the same first text with another second one
+    predictor = RunsPredictor([two_runs["topics"], pair_run], backend="torch")
+    with running(predictor, BatchingConfig(max_batch_size=8, max_wait_ms=50)) as url:
+        examples = [dict(task="pairs", text=a, text_pair=b) for a, b in pairs] + [dict(task="topics", text="goal")]
+        answers = httpx.post(f"{url}/predict", json={"inputs": examples}, timeout=30).json()["predictions"]
+    alone = serve.predict(pair_run, texts=pairs)
+    for got, expected in zip(answers[:3], alone, strict=True):
+        assert got["task"] == "pairs" and got["label"] == expected["label"]
+        assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+    assert answers[0]["probabilities"] != answers[2]["probabilities"], "the second text is read"

@@ -356,8 +356,9 @@ def test_mistakes_name_the_problem(tmp_path):
     batch.pop("labels")
     with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds \['topic', 'sentiment', 'intent'\]"):
         bank(["topic", "weather"], **batch)
-    with pytest.raises(ValueError, match="the batch has 2 examples but 3 example tasks"):
-        bank(["topic", "topic", "topic"], **batch)
+    for names in (["topic"] * 3, ["topic"]):  # too many or too few
+        with pytest.raises(ValueError, match=f"the batch has 2 examples but {len(names)} example tasks"):
+            bank(names, **batch)
     for indices in ([-1, 0], [0, 3], torch.tensor([-1, 0])):  # a negative index would take the last task's biases
         with pytest.raises(ValueError, match=r"task indices must be in \[0, 3\), got \[-?\d, -?\d\]"):
             bank(indices, **batch)
