@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .backend import check_backend_option
     from .serve import RunsPredictor
 
-    check_backend_option(args.backend)  # both before the model loads: uvicorn would report a port after, its way
+    check_backend_option(args.backend)  # both before the model loads (uvicorn reports a taken port only after it)
     _check_listenable(args.host, args.port)
     predictor = RunsPredictor(args.runs, backend=args.backend)
     print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",

@@ -41,8 +41,7 @@ from .utils import (
 MAX_FEATURES = 65536
 
 
-# Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16
-# (the backward's row count and chunk likewise).
+# Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16.
 @triton.jit(do_not_specialize=["seed", "philox_offset"])
 def _residual_layer_norm_fwd_kernel(
     # Pointers
