@@ -114,7 +114,7 @@ def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layou
     query only (the classification shortcut's last layer) and a sliding window."""
     from bitfit_fast.unpadding import Tokens
 
-    lengths, heads, dim = (3, 9, 1, 9, 6, 2, 8), 2, 4
+    lengths, heads, dim = (3, 9, 1, 9, 6, 2, 8, 5), 2, 4  # two padded groups: (9, 9, 8) and (6, 5)
     width = heads * dim
 
     def tokens() -> Tokens:
@@ -139,11 +139,11 @@ def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layou
     one_call = run(tokens())
     attended = request.getfixturevalue("grouped_attention")
     grouped = tokens()
-    assert grouped.order.tolist() == [1, 3, 6, 4, 0, 5, 2]
+    assert grouped.order.tolist() == [1, 3, 6, 4, 7, 0, 5, 2]
     for name, ours, theirs in zip(("output", "dq", "dkv"), run(grouped), one_call):
         torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12, msg=name)
     assert [(group.count, group.length, group.padded) for group in attended[0]] == [
-        (3, 9, True), (1, 6, False), (1, 3, False), (1, 2, False), (1, 1, False)]
+        (3, 9, True), (2, 6, True), (1, 3, False), (1, 2, False), (1, 1, False)]
 
 
 def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
@@ -306,6 +306,13 @@ def test_left_padding_and_custom_masks_keep_the_padded_layout():
     batch = padded_batch(model, (6, 2, 4))
     batch["attention_mask"] = batch["attention_mask"].flip(1)  # left padding: the head reads a padding token
     batch["input_ids"] = batch["input_ids"].flip(1)
+    torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **TOL)
+    assert encoder_rows(model, batch) == 6
+    # A 4-D mask in which one query may not see every real key is not a padding mask.
+    batch = padded_batch(model, (6, 2, 4))
+    custom = batch["attention_mask"].bool()[:, None, None, :].expand(-1, 1, 6, -1).clone()
+    custom[:, :, -1, 3:] = False
+    batch["attention_mask"] = custom
     torch.testing.assert_close(model(**batch).logits, reference(**batch).logits, **TOL)
     assert encoder_rows(model, batch) == 6
 
