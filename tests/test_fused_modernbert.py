@@ -341,3 +341,23 @@ def test_hidden_states_turn_the_shortcut_off_and_stay_exact():
     assert encoder_rows(model, batch)[1] == 11 and calls == [False]
     model.config.output_hidden_states = False
     assert encoder_rows(model, batch)[1] == 1 and calls[1:] == [True]
+
+
+def test_a_tuple_return_and_a_tanh_gelu_answer_as_hugging_face_does():
+    """return_dict=False asks the stack for Hugging Face's tuple; a tanh GELU is not the fused layers' exact one, so
+    its layers keep their own forward."""
+    model = tiny_modernbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = padded_batch(model, LENGTHS[0])
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_dict=False)
+    ours, theirs = model.model(**inputs), reference.model(**inputs)
+    assert type(ours) is tuple and type(theirs) is tuple
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[0][valid], theirs[0][valid], **TOL)
+
+    tanh = tiny_modernbert(hidden_activation="gelu_pytorch_tanh")
+    reference = reference_bitfit(tanh)
+    bitfit_fast.apply(tanh, backend="torch")
+    assert not any(isinstance(layer, FusedPreNormLayer) for layer in tanh.model.layers)
+    torch.testing.assert_close(tanh(**batch).logits, reference(**batch).logits, **TOL)
