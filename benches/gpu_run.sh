@@ -12,6 +12,7 @@
 #             env tests-gpu tests-real aot kernels bench profile task-bank max-batch host-profile
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
 #           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
+#           "tests-more" (the gpu-marked ModernBERT and torch.compile tests),
 #           "tests" (every other test on CUDA: longer than a lease), "tests-bank" (task bank tests, per-row
 #           kernels), "length-groups" (attention by length groups on CUDA: 0.055x one call at aaf637a) and
 #           "kernels-compiled" (each block under torch.compile: a compile per shape, minutes). "host-profile" is
@@ -77,6 +78,8 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
              echo "commit ${BITFIT_FAST_COMMIT:-unknown}" ;;
         tests-gpu) "${PYTEST[@]}" -m gpu "${TEST_FILES[@]}" --junitxml="$LOGS/tests-gpu.xml" ;;
         tests-real) "${PYTEST[@]}" tests/test_real_weights.py --junitxml="$LOGS/tests-real.xml" ;;
+        tests-more) "${PYTEST[@]}" -m gpu tests/test_fused_modernbert.py tests/test_compile.py \
+                    --junitxml="$LOGS/tests-more.xml" ;;
         tests) "${PYTEST[@]}" -m "not gpu and not aot" "${TEST_FILES[@]}" --junitxml="$LOGS/tests.xml" ;;
         aot) python -m bitfit_fast_kernels.aot --jobs 16 --compare benches/results/gpu/aot-cpu-triton3.6.txt ;;
         kernels) "${PYTEST[@]}" benches/test_kernels.py -k "not compiled" --benchmark-only \

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import statistics
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,36 @@ def test_the_reference_provider_trains_the_biases_and_the_head_only(arch):
     expected = {n for n, _ in base.named_parameters() if n.endswith("bias") or n.startswith("classifier.")}
     assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == expected
     assert all(p.requires_grad for p in base.parameters()), "the base model is copied, not changed"
+
+
+def test_providers_are_timed_in_blocks_of_the_same_batches():
+    """Warm-up for all first; then per block each provider re-warms once and times the block's batches back to
+    back, so no timed step follows another provider's step; every provider times every timed batch once, in order;
+    the first provider changes by block."""
+    calls = []
+
+    def trainer(name):
+        def step(batch):
+            calls.append((name, batch["id"]))
+            return torch.tensor(float(batch["id"]))
+        return types.SimpleNamespace(step=step)
+
+    names = ["a", "b", "c"]
+    batches = [{"id": index} for index in range(2 + 7)]
+    times, losses = runner.time_in_blocks({n: trainer(n) for n in names}, batches, warmup=2, block=3, device="cpu")
+
+    assert calls[:6] == [(n, i) for n in names for i in (0, 1)]
+    timed_ids = list(range(2, 9))
+    for name in names:
+        assert len(times[name]) == len(timed_ids) and losses[name].item() == 8
+    blocks = [timed_ids[i:i + 3] for i in range(0, len(timed_ids), 3)]
+    expected, first = [], []
+    for index, chunk in enumerate(blocks):
+        order = names[index % 3:] + names[:index % 3]
+        first.append(order[0])
+        expected += [(n, i) for n in order for i in [chunk[0]] + chunk]
+    assert calls[6:] == expected
+    assert first == ["a", "b", "c"]
 
 
 def test_a_slower_provider_is_reported_slower(monkeypatch):

@@ -110,16 +110,7 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
     trainers = {name: build_provider(name, base, device) for name in preset.providers}
     del base
     batches = make_batches(workload, preset.warmup + preset.repeats, vocab, device)
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    losses = {}
-    names = list(trainers)
-    for index, batch in enumerate(batches):
-        # Rotate the order so no provider always runs first (caches, clocks) and drift cancels.
-        for name in names[index % len(names):] + names[: index % len(names)]:
-            seconds, loss = timed(trainers[name].step, batch, device)
-            if index >= preset.warmup:
-                times[name].append(seconds)
-            losses[name] = loss
+    times, losses = time_in_blocks(trainers, batches, preset.warmup, preset.block, device)
     for name, loss in losses.items():
         if not torch.isfinite(loss):
             raise RuntimeError(f"{name} produced a non-finite loss on {workload.name}: the timing is void")
@@ -142,7 +133,7 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
         if device == "cuda":
             stats["peak_memory_bytes"] = gpu_peak_bytes(trainer, batches[-1])
         results[name] = stats
-    del trainers, trainer, batches, batch, timed_batches  # none of them stays on the GPU through the probes below
+    del trainers, trainer, batches, timed_batches, losses  # none of them stays on the GPU through the probes below
     if device == "cuda":
         torch.cuda.empty_cache()
     else:
@@ -159,6 +150,29 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
     log(format_workload(workload.name, results))
     return dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,
                 padded_tokens_per_step=padded, providers=results)
+
+
+def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int, device: str):
+    """({provider: step seconds per timed batch}, {provider: last loss}). Every provider first runs the ``warmup``
+    batches untimed (compilation, autotuning, the allocator's pool); the rest are timed in blocks of ``block``
+    batches, each provider running a block back to back after one untimed step on its first batch, so that no
+    timed step follows another model's. The order of providers rotates by block, so that no provider always runs
+    first and drift spreads over all; every provider times the same batches, and ratios pair them."""
+    names = list(trainers)
+    for name in names:
+        for batch in batches[:warmup]:
+            trainers[name].step(batch)
+    timed_batches = batches[warmup:]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    losses = {}
+    for index, start in enumerate(range(0, len(timed_batches), block)):
+        chunk = timed_batches[start:start + block]
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            trainers[name].step(chunk[0])
+            for batch in chunk:
+                seconds, losses[name] = timed(trainers[name].step, batch, device)
+                times[name].append(seconds)
+    return times, losses
 
 
 def add_ratios(results: dict) -> None:
