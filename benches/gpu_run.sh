@@ -8,6 +8,8 @@
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
 #   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
+#           <commit> written out literally (git rev-parse here): a $(git ...) in the command runs there, on
+#           a stale .git (the 86e182c run recorded a8c5d01-dirty).
 #           stages, in this order by default (about 8 minutes on an H200):
 #             env tests-gpu tests-real aot kernels bench profile task-bank max-batch host-profile
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same

@@ -137,7 +137,7 @@ def bucketed(rows: int) -> int:
     rows on at most 6.25% more (below, at most 63 more), and about 16 distinct sizes per doubling. Real text
     gives every batch another token count, and cuBLAS pays for each GEMM shape it has not seen: on an H200 a
     BERT-base step on real BBC lengths spent ~2.4x the host time per GEMM of a fixed-length one
-    (benches/results/gpu/profile.txt, aten::mm 174 vs 71 us) and left the GPU idle a quarter of the step."""
+    (benches/results/gpu/profile-f776471.txt, aten::mm 174 vs 71 us) and left the GPU idle a quarter of the step."""
     step = max(64, (1 << (rows.bit_length() - 1)) // 16)
     return -(-rows // step) * step
 

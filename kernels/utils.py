@@ -144,11 +144,12 @@ def row_bucket(rows: int) -> int:
 
 
 # Programs per SM of a persistent row loop. These loops are bandwidth-bound and keep one tile per program in
-# flight, so the count is what hides memory latency: the H200 profile (benches/results/gpu/profile.txt) had the
-# bias-gradient pass at ~1.4 TB/s of 4.3 with 4 per SM. 8 fit at once up to 64 registers per thread on 4 warps
+# flight, so the count is what hides memory latency: the H200 profile (benches/results/gpu/profile-f776471.txt) had
+# the bias-gradient pass at ~1.4 TB/s of 4.3 with 4 per SM. 8 fit at once up to 64 registers per thread on 4 warps
 # (65,536 / (64 x 128)); the BERT variants use 32-80 (`python -m bitfit_fast_kernels.aot --only grad`), so at 72-80
 # 6-7 run at once and the rest wait for a slot.
-# Not yet timed on a GPU (prediction: that pass from 7.4 to ~4.5 ms a BERT-base step at batch 256).
+# Predicted: that pass from 7.4 to ~4.5 ms a BERT-base step at batch 256. Not timed apart: by the next profile
+# (profile.txt, 86e182c) most of its calls had moved to cuBLAS, and its 14 left took 3.9 ms a step.
 PROGRAMS_PER_SM = 8
 
 

@@ -35,10 +35,17 @@ def test_the_reference_provider_trains_the_biases_and_the_head_only(arch):
     assert all(p.requires_grad for p in base.parameters()), "the base model is copied, not changed"
 
 
+@pytest.mark.parametrize("commit, shown", [("86e182c", "86e182c"), ("a8c5d01-dirty", "a8c5d01-dirty"),
+                                           ("0123456789abcdef0123", "0123456789ab"),
+                                           ("0123456789abcdef0123-dirty", "0123456789ab-dirty")])
+def test_reports_show_a_commit_short_and_dirty_once(commit, shown):
+    assert report.short_commit(commit) == shown
+
+
 def test_providers_are_timed_in_blocks_of_the_same_batches():
-    """Warm-up for all first; then per block each provider re-warms once and times the block's batches back to
-    back, so no timed step follows another provider's step; every provider times every timed batch once, in order;
-    the first provider changes by block."""
+    """Warm-up for all first; then per block each provider re-warms once on a warm-up batch and times the block's
+    batches back to back, so no timed step follows another provider's step; every provider times every timed batch
+    once, in order; the first provider changes by block."""
     calls = []
 
     def trainer(name):
@@ -60,7 +67,7 @@ def test_providers_are_timed_in_blocks_of_the_same_batches():
     for index, chunk in enumerate(blocks):
         order = names[index % 3:] + names[:index % 3]
         first.append(order[0])
-        expected += [(n, i) for n in order for i in [chunk[0]] + chunk]
+        expected += [(n, i) for n in order for i in [0] + chunk]
     assert calls[6:] == expected
     assert first == ["a", "b", "c"]
 

@@ -46,7 +46,7 @@ class Preset:
     providers: list[str]  # keys of providers.PROVIDERS
     repeats: int
     warmup: int
-    # Timed steps a provider runs back to back (after one untimed step on the block's first batch) before the next
+    # Timed steps a provider runs back to back (after one untimed step on a warm-up batch) before the next
     # provider's block: a training run repeats one model's step. With seven models alternating every step, the
     # H200's fused step took 52.6 ms (gpu-short at aaf637a) against 39.6 ms alone (host_profile, another call).
     block: int = 5

@@ -60,7 +60,8 @@ TIME_GOALS_RELATIVE_TO = sorted({goal.relative_to for goals in GOALS.values() fo
 
 def short_commit(commit: str) -> str:
     """A recorded commit as reports show it: 12 digits, and ``-dirty`` kept."""
-    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    dirty = commit.endswith("-dirty")
+    return commit.removesuffix("-dirty")[:12] + ("-dirty" if dirty else "")
 
 
 def _workload_for(record: dict, goal: Goal) -> dict | None:

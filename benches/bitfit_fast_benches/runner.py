@@ -155,9 +155,10 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
 def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int, device: str):
     """({provider: step seconds per timed batch}, {provider: last loss}). Every provider first runs the ``warmup``
     batches untimed (compilation, autotuning, the allocator's pool); the rest are timed in blocks of ``block``
-    batches, each provider running a block back to back after one untimed step on its first batch, so that no
-    timed step follows another model's. The order of providers rotates by block, so that no provider always runs
-    first and drift spreads over all; every provider times the same batches, and ratios pair them."""
+    batches, each provider running a block back to back after one untimed step on the first batch (a warm-up
+    batch, so that no timed step runs a batch its provider has seen), so that no timed step follows another model's.
+    The order of providers rotates by block, so that no provider always runs first and drift spreads over all; every
+    provider times the same batches, and ratios pair them."""
     names = list(trainers)
     for name in names:
         for batch in batches[:warmup]:
@@ -168,7 +169,7 @@ def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int,
     for index, start in enumerate(range(0, len(timed_batches), block)):
         chunk = timed_batches[start:start + block]
         for name in names[index % len(names):] + names[: index % len(names)]:
-            trainers[name].step(chunk[0])
+            trainers[name].step(batches[0])
             for batch in chunk:
                 seconds, losses[name] = timed(trainers[name].step, batch, device)
                 times[name].append(seconds)
