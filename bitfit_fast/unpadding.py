@@ -355,9 +355,12 @@ class Tokens:
             if mask is None:
                 return None
             if (dtype, None) not in self._additive_masks:
-                # A query whose keys are all at the lowest value (an empty example under eager attention): softmax
-                # averages every value, as with no mask, which is how it is run, since torch's SDPA backward of
-                # such a row is not its forward's gradient.
+                # A query whose keys are all at the lowest value (an empty example under eager attention) is run
+                # unmasked: softmax of its scores, since torch's SDPA backward of an all-lowest row is not its
+                # forward's gradient. Hugging Face's eager attention gives such a row uniform weights (the scores
+                # vanish next to the lowest value) and the softmax Jacobian at them: the row's output and the
+                # gradients through it differ from that (~2e-4 of the gradients' scale on a tiny BERT). Tokenizers
+                # give every example at least its special tokens, so no real batch holds such a row.
                 blind = (mask == torch.finfo(mask.dtype).min).all(dim=-1, keepdim=True)
                 self._additive_masks[dtype, None] = mask.masked_fill(blind, 0.0).to(dtype)
             return self._additive_masks[dtype, None]
