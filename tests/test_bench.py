@@ -71,6 +71,10 @@ def test_providers_are_timed_in_blocks_of_the_same_batches():
     assert calls[6:] == expected
     assert first == ["a", "b", "c"]
 
+    calls.clear()  # without warm-up batches no untimed step: it would run a timed batch first
+    runner.time_in_blocks({n: trainer(n) for n in names}, batches[:4], warmup=0, block=2, device="cpu")
+    assert calls == [(n, i) for n in names for i in (0, 1)] + [(n, i) for n in ["b", "c", "a"] for i in (2, 3)]
+
 
 def test_a_slower_provider_is_reported_slower(monkeypatch):
     """Providers whose steps take known times: the reported speedup must follow the measured medians."""

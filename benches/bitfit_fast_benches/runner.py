@@ -1,10 +1,11 @@
 """A preset run end to end: reference BitFit (eager, compiled), full fine-tuning and bitfit_fast on one model
 and data.
 
-Every provider trains the same randomly initialised model on the same fresh batches. Steps of all providers
-alternate in one process so that drift (clocks, thermals, other load) cancels; each step is timed between device
-synchronisations. Memory is measured per provider on its own (see ``measurement``). A time ratio is the median of
-each step's own ratio (the two steps ran the same batch in the same round), measured here, never assumed.
+Every provider trains the same randomly initialised model on the same fresh batches, in one process: in blocks of
+steps it runs back to back, the providers' order rotating by block so that drift (clocks, thermals, other load)
+spreads over all of them (``time_in_blocks``); each step is timed between device synchronisations. Memory is
+measured per provider on its own (see ``measurement``). A time ratio is the median of each step's own ratio (the
+two steps ran the same batch in the same round), measured here, never assumed.
 """
 
 import argparse
@@ -156,7 +157,8 @@ def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int,
     """({provider: step seconds per timed batch}, {provider: last loss}). Every provider first runs the ``warmup``
     batches untimed (compilation, autotuning, the allocator's pool); the rest are timed in blocks of ``block``
     batches, each provider running a block back to back after one untimed step on the first batch (a warm-up
-    batch, so that no timed step runs a batch its provider has seen), so that no timed step follows another model's.
+    batch, so that no timed step runs a batch its provider has seen; none without one), so that no timed step
+    follows another model's.
     The order of providers rotates by block, so that no provider always runs first and drift spreads over all; every
     provider times the same batches, and ratios pair them."""
     names = list(trainers)
@@ -169,7 +171,8 @@ def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int,
     for index, start in enumerate(range(0, len(timed_batches), block)):
         chunk = timed_batches[start:start + block]
         for name in names[index % len(names):] + names[: index % len(names)]:
-            trainers[name].step(batches[0])
+            if warmup:
+                trainers[name].step(batches[0])
             for batch in chunk:
                 seconds, losses[name] = timed(trainers[name].step, batch, device)
                 times[name].append(seconds)
