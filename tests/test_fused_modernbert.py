@@ -11,6 +11,7 @@ from bitfit_reference import (
     DEVICE,
     adamw_steps,
     autocast_outputs,
+    enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
     trainable,
@@ -19,6 +20,7 @@ from bitfit_reference import (
 from kernel_checks import assert_autocast_as_accurate_as_torch
 
 import bitfit_fast
+from bitfit_fast import torch_ops
 from bitfit_fast.fused_layer import unfuse_hooks
 from bitfit_fast.fused_modernbert import FusedPreNormEncoder, FusedPreNormLayer
 
@@ -361,3 +363,228 @@ def test_a_tuple_return_and_a_tanh_gelu_answer_as_hugging_face_does():
     bitfit_fast.apply(tanh, backend="torch")
     assert not any(isinstance(layer, FusedPreNormLayer) for layer in tanh.model.layers)
     torch.testing.assert_close(tanh(**batch).logits, reference(**batch).logits, **TOL)
+
+
+def test_the_shortcut_under_gradient_checkpointing_gives_the_reference_logits_and_gradients():
+    """Hugging Face's activation checkpointing on every layer: the stack checkpoints each fused layer, the last one
+    for each sequence's first row (run again in the backward, for first rows again)."""
+    for layers, memory in ((2, "default"), (3, "minimal")):  # the last layer sliding, then global
+        model = tiny_modernbert(num_hidden_layers=layers)
+        reference = reference_bitfit(model).train()
+        bitfit_fast.apply(model, backend="torch", memory=memory)
+        enable_hf_checkpointing(model)
+        model.train()
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        calls = record_last_layer(model)
+        for lengths in SHORTCUT_LENGTHS:
+            batch = padded_batch(model, lengths)
+            out, rows = encoder_rows(model, batch)
+            ref = reference(**batch)
+            assert rows == 1, "the shortcut returns [B, 1, d]"
+            torch.testing.assert_close(out.logits, ref.logits, **TOL)
+            torch.testing.assert_close(out.loss, ref.loss, **TOL)
+            assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+            assert calls == [True, True], "first rows in the forward, and again in the checkpoint's recomputation"
+            calls.clear()
+
+
+QUESTION_ANSWERING_OR_TOKENS = {
+    "question-answering": transformers.ModernBertForQuestionAnswering,
+    "token": transformers.ModernBertForTokenClassification,
+}
+
+
+@pytest.mark.parametrize("head", QUESTION_ANSWERING_OR_TOKENS)
+@pytest.mark.parametrize("hidden_states", [False, True], ids=["logits", "hidden-states"])
+def test_heads_reading_every_token_get_every_hidden_state_and_logit_of_the_reference(head, hidden_states):
+    """No shortcut for a head that reads every token, with or without hidden states asked for. Question answering's
+    loss reads the padding positions (a softmax over every position): every position of every hidden state and of
+    the logits is the reference's; a token classifier's real positions are."""
+    config = transformers.ModernBertConfig(**{**TINY_MODERNBERT, **BIAS_FLAGS, "num_labels": 2})
+    model = with_random_biases(QUESTION_ANSWERING_OR_TOKENS[head](config)).train()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    calls = record_last_layer(model)
+    batch = padded_batch(model, (9, 2, 6), num_labels=2)
+    valid = batch["attention_mask"].bool()
+    if head == "question-answering":
+        del batch["labels"]
+        batch.update(start_positions=torch.tensor([1, 0, 3], device=DEVICE),
+                     end_positions=torch.tensor([4, 1, 5], device=DEVICE))
+        logits, compared = ("start_logits", "end_logits"), torch.ones_like(valid)
+    else:
+        batch["labels"] = torch.randint(0, 2, valid.shape, device=DEVICE).masked_fill(~valid, -100)
+        logits, compared = ("logits",), valid
+    out, rows = encoder_rows(model, batch, output_hidden_states=hidden_states)
+    ref = reference(**batch, output_hidden_states=hidden_states)
+    assert rows == 9 and calls == [False], "every token, in the last layer too"
+    for key in logits:
+        assert out[key].shape == ref[key].shape
+        torch.testing.assert_close(out[key][compared], ref[key][compared], **TOL)
+    if hidden_states:
+        assert len(out.hidden_states) == len(ref.hidden_states) == 4
+        for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours[compared], theirs[compared], **TOL)
+    else:
+        assert out.hidden_states is None
+    grads, expected = gradients(out.loss, model), gradients(ref.loss, reference)
+    largest = max(g.abs().max().item() for g in expected.values())
+    for name, grad in grads.items():
+        scale = expected[name].abs().max().item()
+        if scale < 1e-6 * largest:  # question answering: a bias shifting every position's logit alike
+            assert grad.abs().max() < 1e-6 * largest, name
+        else:
+            torch.testing.assert_close(grad, expected[name], atol=1e-4 * scale, rtol=0, msg=name)
+
+
+def packed_row(model, lengths, given: str) -> tuple[dict, dict]:
+    """Sequences as a padded batch and as one packed row (DataCollatorWithFlattening's layout) with position ids
+    restarting at 0 ("position_ids"), flash attention's cu_seq_lens without them ("cu_seq_lens"), or both."""
+    padded = padded_batch(model, lengths)
+    features = [dict(input_ids=padded["input_ids"][row, :length].tolist()) for row, length in enumerate(lengths)]
+    collator = transformers.DataCollatorWithFlattening(return_tensors="pt", return_position_ids=given != "cu_seq_lens",
+                                                       return_flash_attn_kwargs=given != "position_ids")
+    packed = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in collator(features).items()
+              if k != "labels"}  # the collator's language-modelling labels
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert ("position_ids" in packed) == (given != "cu_seq_lens") and ("cu_seq_lens_q" in packed) == (
+        given != "position_ids")
+    return padded, packed
+
+
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens", "both"])
+def test_a_packed_row_is_classified_as_the_reference_classifies_its_first_sequence(given):
+    """A sequence classifier on a packed row reads the row's first token: the first sequence's (whose attention, per
+    sequence, sees none of the others). Several sequences in the row: no shortcut (it would read each sequence's
+    first row); one sequence: the shortcut."""
+    model = tiny_modernbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    calls = record_last_layer(model)
+    for lengths in ((6, 3, 9), (7,)):
+        padded, packed = packed_row(model, lengths, given)
+        labels = padded["labels"][:1]
+        out, rows = encoder_rows(model, dict(packed, labels=labels))
+        ref = reference(input_ids=padded["input_ids"][:1, :lengths[0]], labels=labels)
+        shortcut = len(lengths) == 1
+        assert (rows, calls) == ((1, [True]) if shortcut else (sum(lengths), [False]))
+        calls.clear()
+        torch.testing.assert_close(out.logits, ref.logits, **TOL)
+        torch.testing.assert_close(out.loss, ref.loss, **TOL)
+        assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+
+
+@pytest.mark.parametrize("given", ["position_ids", "cu_seq_lens", "both"])
+def test_a_packed_row_of_token_labels_equals_the_reference_on_the_padded_batch(given):
+    """Every token of a packed row, from position ids, from cu_seq_lens alone (no position ids: the rotary positions
+    of the row, whose differences within each sequence are those of positions from 0), or both."""
+    config = transformers.ModernBertConfig(**{**TINY_MODERNBERT, **BIAS_FLAGS})
+    model = with_random_biases(transformers.ModernBertForTokenClassification(config))
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    lengths = (5, 1, 8, 3)  # some longer than the window
+    padded, packed = packed_row(model, lengths, given)
+    valid = padded["attention_mask"].bool()
+    labels = torch.randint(0, 3, valid.shape, device=DEVICE).masked_fill(~valid, -100)
+    out = model(**packed, labels=labels[valid].unsqueeze(0))
+    ref = reference(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=labels)
+    torch.testing.assert_close(out.logits[0], ref.logits[valid], **TOL)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+
+
+WINDOW_CASES = [(length, layout) for length in (2, 3, 4, 5, 6) for layout in ("one call", "length groups", "inside")
+                if layout != "inside" or length >= 3]
+
+
+@pytest.mark.parametrize("length,layout", WINDOW_CASES)
+def test_sequences_about_as_long_as_the_sliding_window_keep_it(length, layout, request):
+    """ModernBERT's window (local_attention 4: each query sees the keys at most sliding_window = 2 positions away)
+    masks nothing in a sequence of up to 3 tokens, and from 4 tokens on it does: at the lengths around that edge,
+    with every row full (one attention call), by length groups (a group of full rows beside a one-token one), and
+    with padding inside a row (the window counts its positions)."""
+    model = tiny_modernbert(num_hidden_layers=2)  # global, sliding: the sliding layer is the last, the shortcut's
+    assert model.config.sliding_window == 2 and model.config.layer_types[-1] == "sliding_attention"
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    if layout == "length groups":
+        request.getfixturevalue("grouped_attention")
+    batch = padded_batch(model, (length, length, 1) if layout == "length groups" else (length, length))
+    if layout == "inside":
+        batch["attention_mask"][1, 1] = 0
+        batch["input_ids"][1, 1] = model.config.pad_token_id
+    valid = batch["attention_mask"].bool()
+    out, ref = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    assert_close_gradients(gradients(out.loss, model), gradients(ref.loss, reference), TOL)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():  # every query of the sliding layer, not only each first one
+        ours, theirs = model.model(**inputs).last_hidden_state, reference.model(**inputs).last_hidden_state
+    torch.testing.assert_close(ours[valid], theirs[valid], **TOL)
+
+
+SITE_BY_MODULE = {"embeddings.drop": "embeddings", "attn.out_drop": "attention output", "mlp.drop": "mlp",
+                  "drop": "classifier"}
+
+
+def record_dropout_modules(model, sites: list, inside_layers: bool = True) -> list:
+    """Hooks appending (site, p) to ``sites`` as each of ``model``'s nn.Dropout modules runs; ``inside_layers=False``
+    leaves the layers' alone (a hook inside a fused layer would make it run its original forward)."""
+    hooks = []
+    for name, module in model.named_modules():
+        site = next((s for suffix, s in SITE_BY_MODULE.items() if name == suffix or name.endswith("." + suffix)), None)
+        if site is not None and isinstance(module, torch.nn.Dropout) and (inside_layers or ".layers." not in name):
+            hooks.append(module.register_forward_pre_hook(lambda mod, args, s=site: sites.append((s, mod.p))))
+    return hooks
+
+
+@pytest.mark.parametrize("memory", ["default", "lean"])
+def test_each_dropout_site_draws_with_the_probability_hugging_face_gives_it(memory, monkeypatch):
+    """Distinct probabilities at every site: the attention probabilities and the attention output (Hugging Face's
+    attention_dropout, both), the GeGLU output (mlp_dropout), the embeddings and the classifier. Recorded in the order
+    each forward applies them: Hugging Face's nn.Dropout modules and SDPA's dropout_p; the fused layers' mask draws
+    (torch_ops.dropout_keep, from their seeds: [S, H, L, L] probabilities, [N, d] attention output, [N, GLU width]
+    GeGLU output), beside the embeddings' and classifier's modules, which run as they are."""
+    model = tiny_modernbert(attention_dropout=0.1, mlp_dropout=0.2, embedding_dropout=0.3, classifier_dropout=0.4)
+    reference = reference_bitfit(model).train()
+    bitfit_fast.apply(model, backend="torch", memory=memory)
+    model.train()
+    hidden, glu = model.config.hidden_size, model.config.intermediate_size
+    assert hidden != glu
+    batch = padded_batch(model, LENGTHS[0])
+
+    theirs = []
+    hooks = record_dropout_modules(reference, theirs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded_sdpa(*args, dropout_p=0.0, **kwargs):
+        theirs.append(("attention probabilities", dropout_p))
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded_sdpa)
+        reference(**batch)
+    for hook in hooks:
+        hook.remove()
+    per_layer = [("attention probabilities", 0.1), ("attention output", 0.1), ("mlp", 0.2)]
+    expected = [("embeddings", 0.3), *per_layer * model.config.num_hidden_layers, ("classifier", 0.4)]
+    assert theirs == expected, "Hugging Face's sites"
+
+    ours = []
+    hooks = record_dropout_modules(model, ours, inside_layers=False)
+    calls = record_last_layer(model)
+    draw = torch_ops.dropout_keep
+
+    def recorded_draw(shape, p, seed, device):
+        site = ("attention probabilities" if len(shape) == 4 else
+                {hidden: "attention output", glu: "mlp"}.get(shape[-1], f"unknown {tuple(shape)}"))
+        ours.append((site, p))
+        return draw(shape, p, seed, device)
+
+    monkeypatch.setattr(torch_ops, "dropout_keep", recorded_draw)
+    model(**batch)  # the forward's draws only (the backward draws each mask again)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [True], "the stack ran fused, the shortcut in its last layer"
+    assert ours == theirs
