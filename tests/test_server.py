@@ -2,6 +2,7 @@
 gets a status and a message that names the problem; a full queue answers 503; an example that fails its batch
 fails alone."""
 
+import asyncio
 import concurrent.futures
 import contextlib
 import socket
@@ -14,7 +15,7 @@ import pytest
 import torch
 import uvicorn
 
-from bitfit_fast.server import BatchingConfig, RequestError, build_app
+from bitfit_fast.server import BatchingConfig, MicroBatcher, RequestError, build_app
 
 
 class EchoPredictor:
@@ -182,6 +183,36 @@ def test_a_batch_closes_max_wait_ms_after_its_first_example():
                 time.sleep(0.15)
             assert [a.result().json()["answer"] for a in answers] == list("ABCDEFGHIJ")
     assert len(predictor.batches) >= 2 and sum(predictor.batches) == 10, f"batches: {predictor.batches}"
+
+
+def test_examples_whose_client_left_are_not_predicted_and_the_batcher_serves_on():
+    """A request cancelled while its examples wait (its client went away) leaves them out of their batch; one cancelled
+    while its batch runs gets no answer (setting one on a cancelled future would end the batcher), and the next
+    request is answered."""
+    gate = threading.Event()
+    predictor = EchoPredictor(gate)
+    batcher = MicroBatcher(predictor.predict, BatchingConfig(max_batch_size=8, max_wait_ms=0))
+
+    async def scenario():
+        left, stays = batcher.submit([dict(task="upper", text="left"), dict(task="upper", text="stays")])
+        left.cancel()
+        worker = asyncio.create_task(batcher.run())
+        gate.set()
+        assert await asyncio.wait_for(stays, 10) == dict(task="upper", answer="STAYS")
+        assert predictor.texts == ["stays"]
+
+        gate.clear()
+        predictor.waiting.clear()
+        (running_batch,) = batcher.submit([dict(task="upper", text="running")])
+        assert await asyncio.to_thread(predictor.waiting.wait, 10), "the batch reached the predictor"
+        running_batch.cancel()
+        gate.set()
+        (after,) = batcher.submit([dict(task="length", text="after")])
+        assert await asyncio.wait_for(after, 10) == dict(task="length", answer=5)
+        assert predictor.texts == ["stays", "running", "after"]
+        worker.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_another_route_or_method_is_answered_in_json():
