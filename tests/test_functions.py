@@ -170,3 +170,127 @@ def test_packed_heads_copies_gradients_that_only_look_interleaved(case):
     assert packed.untyped_storage().data_ptr() != rows.untyped_storage().data_ptr()
     expected = _rows_of([torch.zeros_like(grads[0]) if grad is None else grad for grad in grads])
     assert torch.equal(packed, expected)
+
+
+# Only an activation's pre-activation is recomputed.
+@pytest.mark.parametrize("activation,recompute", [(None, False), ("gelu", False), ("geglu", False), ("gelu", True),
+                                                  ("geglu", True)])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_torch_linear_equals_float64_autograd_on_the_same_mask(activation, dropout, recompute):
+    """The torch backend's LinearFunction in float64 against plain autograd on the mask it drew: the exact GELU's
+    derivative, GeGLU's two halves, the backward's mask redrawn from the same seed and scaled as the forward's,
+    the bias gradient after the activation; with ``recompute``, h rebuilt in the backward from the LayerNorm
+    output x = gamma * x_hat + beta (lean mode), random gamma and beta, so x_hat in its place would show."""
+    ops, k, n = IMPLS["torch"], 33, 29
+    width = 2 * n if activation == "geglu" else n
+    x_hat = torch.randn(5, 7, k, device=DEVICE, dtype=torch.float64)
+    gamma = 1 + 0.3 * torch.randn(k, device=DEVICE)
+    beta = torch.randn(k, device=DEVICE)
+    x = torch_ops.layer_norm_output(x_hat, gamma, beta)
+    weight = torch.randn(width, k, device=DEVICE, dtype=torch.float64) / k**0.5
+    bias = torch.randn(width, device=DEVICE, dtype=torch.float64)
+    seed = 2024 if dropout else None
+    xl, bl = _leaf(x), _leaf(bias)
+    y = ops.linear(xl, weight, bl, activation, dropout, seed,
+                   recompute_from=(x_hat, gamma, beta, None) if recompute else None)
+    dy = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (xl, bl), dy)
+
+    xr, br = _leaf(x), _leaf(bias)
+    yr = torch_ops.activation_forward(activation, torch.nn.functional.linear(xr, weight, br))
+    if dropout:
+        yr = yr * torch_ops.dropout_scale(yr, dropout, seed)
+        assert (yr == 0).any()
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    dxr, dbr = torch.autograd.grad(yr, (xr, br), dy)
+    torch.testing.assert_close(dx, dxr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, dbr, rtol=1e-5, atol=1e-5)  # column sums in fp32, by design
+
+
+@pytest.mark.parametrize("eps", [1e-12, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "linear_layer_norm"])
+def test_torch_residual_layer_norm_equals_float64_autograd_on_the_same_mask(eps, dropout, fused):
+    """LayerNorm(dropout(x) + residual) (x = h @ W^T + b with ``fused``) on the torch backend, float64 inputs, against
+    F.layer_norm on the mask it drew, for every input's gradient (fp32 tolerances: the backend normalises in fp32 by
+    design): eps where torch puts it (0.3, against rows of variance ~1, moves every value), dropout on x alone, the
+    backward's mask redrawn from the same seed, residual and beta gradients without it, x_hat and rstd kept at full
+    precision."""
+    ops, rows, k, n = IMPLS["torch"], 13, 11, 37
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    h_in = torch.randn(rows, k, **f64)
+    weight = torch.randn(n, k, **f64) / k**0.5
+    bias = torch.randn(n, **f64)
+    x = torch.randn(rows, n, **f64) * 3
+    residual = torch.randn(rows, n, **f64)
+    gamma = 1 + 0.3 * torch.randn(n, **f64)
+    beta = torch.randn(n, **f64)
+    seed = 99 if dropout else None
+    leaves = [_leaf(t) for t in ((h_in, bias) if fused else (x,)) + (residual, beta)]
+    if fused:
+        y, x_hat = ops.linear_layer_norm(leaves[0], weight, leaves[1], leaves[2], gamma, leaves[3], eps, dropout, seed)
+    else:
+        y, x_hat = ops.layer_norm(leaves[0], leaves[1], gamma, leaves[2], eps, dropout, seed)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    ref_leaves = [_leaf(t) for t in ((h_in, bias) if fused else (x,)) + (residual, beta)]
+    s = torch.nn.functional.linear(ref_leaves[0], weight, ref_leaves[1]) if fused else ref_leaves[0]
+    if dropout:
+        s = s * torch_ops.dropout_scale(s, dropout, seed)
+        assert (s == 0).any()
+    s = s + ref_leaves[-2]
+    y_ref = torch.nn.functional.layer_norm(s, (n,), gamma, ref_leaves[-1], eps)
+    x_hat_ref = torch.nn.functional.layer_norm(s.detach(), (n,), None, None, eps)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_hat, x_hat_ref, rtol=1e-5, atol=1e-5)
+    names = ("dx", "dbias", "dresidual", "dbeta") if fused else ("dx", "dresidual", "dbeta")
+    for name, ours, theirs in zip(names, grads, torch.autograd.grad(y_ref, ref_leaves, dy), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_torch_half_precision_bias_gradients_are_fp32_column_sums(activation):
+    """In fp16, the bias and beta gradients of the torch backend are the fp32 column sums of the (fp16) gradient of
+    what they were added to, not sums rounded to fp16 (~1e-3 off at these sizes)."""
+    ops, rows, k, n = IMPLS["torch"], 67, 19, 41
+    x = torch.randn(rows, k, device=DEVICE, dtype=torch.float16)
+    weight = (torch.randn(n, k, device=DEVICE) / k**0.5).half()
+    bias, beta = _leaf(torch.randn(n, device=DEVICE)), _leaf(torch.randn(n, device=DEVICE))
+    y = ops.linear(x, weight, bias, activation)
+    dy = torch.randn_like(y)
+    (db,) = torch.autograd.grad(y, (bias,), dy)
+    h = torch.nn.functional.linear(x, weight, bias.detach().half())
+    g = torch.ops.aten.gelu_backward(dy, h) if activation else dy
+    assert db.dtype == torch.float32
+    torch.testing.assert_close(db, g.float().sum(0), rtol=1e-6, atol=1e-5)
+
+    residual = torch.randn(rows, n, device=DEVICE, dtype=torch.float16)
+    y, _ = ops.layer_norm(_leaf(y.detach()), residual, torch.ones(n, device=DEVICE), beta, 1e-12)
+    dy = torch.randn_like(y)
+    (dbeta,) = torch.autograd.grad(y, (beta,), dy)
+    torch.testing.assert_close(dbeta, dy.float().sum(0), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "linear_layer_norm"])
+def test_a_residual_alone_gets_its_gradient(impl, fused):
+    """Only the residual needs a gradient (the sum's other input, and the linear's bias, frozen): it still gets the
+    gradient through the LayerNorm, which the backward computes as the sum's (dx before dropout's mask)."""
+    ops, rows, k, n = IMPLS[impl], 7, 5, 12
+    h = torch.randn(rows, k, device=DEVICE)
+    weight = torch.randn(n, k, device=DEVICE) / k**0.5
+    bias = torch.randn(n, device=DEVICE)
+    x = torch.nn.functional.linear(h, weight, bias) if fused else torch.randn(rows, n, device=DEVICE)
+    gamma, beta = 1 + 0.3 * torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    residual = _leaf(torch.randn(rows, n, device=DEVICE))
+    if fused:
+        y, _ = ops.linear_layer_norm(h, weight, bias, residual, gamma, beta, 1e-12)
+    else:
+        y, _ = ops.layer_norm(x, residual, gamma, beta, 1e-12)
+    dy = torch.randn_like(y)
+    (dresidual,) = torch.autograd.grad(y, (residual,), dy)
+    expected_residual = _leaf(residual)
+    y_ref = torch.nn.functional.layer_norm(x + expected_residual, (n,), gamma, beta, 1e-12)
+    (expected,) = torch.autograd.grad(y_ref, (expected_residual,), dy)
+    torch.testing.assert_close(dresidual, expected, rtol=1e-4, atol=1e-5)
