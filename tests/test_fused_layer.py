@@ -38,22 +38,27 @@ def test_dropout_same_seed_same_result_and_gradient_of_the_computed_forward(back
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards(model, padded_batch(model))
 
 
-def saved_bytes(model, batch) -> int:
-    """Bytes of the distinct storages that the forward leaves for the backward, parameters excluded."""
+def saved_tensors(model, batch) -> dict[int, torch.Tensor]:
+    """The tensors that the forward leaves for the backward, parameters excluded, one per distinct storage."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
+    saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
+            saved[storage.data_ptr()] = t
         return t
 
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
     loss.backward()  # the graph was complete and usable
-    return sum(storages.values())
+    return saved
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of the distinct storages that the forward leaves for the backward, parameters excluded."""
+    return sum(t.untyped_storage().nbytes() for t in saved_tensors(model, batch).values())
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
@@ -98,6 +103,12 @@ def test_with_attention_dropout_the_lean_torch_path_keeps_no_probability_matrix(
     probabilities = 4 * 4 * base.config.num_attention_heads * 48 * 48 * 4  # one fp32 [B, H, T, T] per layer
     assert reference - fused >= probabilities, (reference, fused)
     assert fused <= 0.6 * reference
+
+    def square(model):  # saved tensors [..., T, T]: probabilities or their dropout mask
+        return [tuple(t.shape) for t in saved_tensors(model, batch).values() if t.shape[-2:] == (48, 48)]
+
+    assert square(bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory="lean")) == []
+    assert square(bitfit_fast.apply(copy.deepcopy(base), backend="torch")), "the default keeps them: seen here"
 
 
 def without_zero_gradient_biases(*outputs: dict) -> tuple[dict, ...]:
