@@ -221,7 +221,9 @@ class TaskBank(nn.Module):
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
                                  f"{shown}; load it onto the base model it was trained from ({checkpoint.base_model})")
         apply(model, config, announce=False)
-        tasks = [Task(name, index, resolved[name][2] or 0, resolved[name][1] or checkpoint.label_names,
+        # Without a trained head every task answers through the model's frozen one, of the model's width.
+        shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
+        tasks = [Task(name, index, resolved[name][2] or shared_width, resolved[name][1] or checkpoint.label_names,
                       checkpoint.directory)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())

@@ -1,5 +1,6 @@
 """`bitfit-fast train --task-files ...`: several tasks trained together in mixed batches, each a run of its own."""
 
+import collections
 import json
 
 import pytest
@@ -239,3 +240,108 @@ def test_a_joint_run_whose_loss_diverges_stops_as_a_run_does(joint_run, tmp_path
         train_tasks(config, [TaskFiles(name, *task_files) for name, task_files in files.items()], log=lambda _: None)
     for name in files:
         assert (out / name / "biases").is_dir() == (epoch > 1)
+
+
+def test_each_epoch_of_a_joint_run_trains_each_tasks_examples_once_from_fresh_gradients(joint_run, tmp_path,
+                                                                                        monkeypatch):
+    """Against each task's own encoded examples (its first --max-train-examples): every epoch's training batches
+    hold each of them once, under its own task and with its own label, in an order of the epoch's own; every step
+    starts from no gradients; the optimizer takes --lr and --weight-decay."""
+    from transformers import AutoTokenizer
+
+    from bitfit_fast.task_bank import TaskBank
+    from bitfit_fast.train import TrainConfig
+    from bitfit_fast.train import data as data_lib
+
+    root, files = joint_run
+    config = TrainConfig()
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    expected = {}
+    for name, (train, validation) in files.items():
+        data = data_lib.load_local(train, validation, tuple(config.text_columns), config.label_column)
+        encoded = data_lib.encode(data_lib.limit(data.train, 30), tokenizer, config.max_length)
+        expected[name] = collections.Counter(zip(map(tuple, encoded.input_ids), encoded.labels))
+    steps, optimizers = [], []
+    forward, loss, optimizer = TaskBank.forward, TaskBank.loss, TaskBank.optimizer
+
+    def recording_forward(self, tasks, **batch):
+        if self.training:
+            assert all(p.grad is None for p in self.parameters()), "a step starts from no gradients"
+            steps.append([(task, tuple(ids[mask.bool()].tolist()))
+                          for task, ids, mask in zip(tasks, batch["input_ids"], batch["attention_mask"])])
+        return forward(self, tasks, **batch)
+
+    def recording_loss(self, logits, labels, tasks):
+        steps[-1] = [(task, ids, label) for (task, ids), label in zip(steps[-1], labels.tolist(), strict=True)]
+        return loss(self, logits, labels, tasks)
+
+    def recording_optimizer(self, **options):
+        optimizers.append(options)
+        return optimizer(self, **options)
+
+    monkeypatch.setattr(TaskBank, "forward", recording_forward)
+    monkeypatch.setattr(TaskBank, "loss", recording_loss)
+    monkeypatch.setattr(TaskBank, "optimizer", recording_optimizer)
+    args = ["train", "--model", str(root / "model"), "--epochs", "2", "--batch-size", "8", "--lr", "2e-3",
+            "--weight-decay", "0.05", "--max-train-examples", "30", "--backend", "torch", "--no-progress",
+            "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    assert optimizers == [dict(lr=2e-3, weight_decay=0.05)]
+    assert len(steps) == 2 * 7  # 30 + 20 examples in batches of 8
+    epochs = [[example for step in steps[7 * e:7 * e + 7] for example in step] for e in range(2)]
+    for examples in epochs:
+        got = {name: collections.Counter((ids, label) for task, ids, label in examples if task == name)
+               for name in files}
+        assert got == expected
+    assert epochs[0] != epochs[1], "each epoch shuffles anew"
+
+
+def test_a_joint_fp16_run_clips_unscaled_gradients(joint_run, tmp_path, monkeypatch):
+    """The loss is scaled (by 65536 at first): each step unscales the gradients before it clips them at
+    --max-grad-norm, as a run does."""
+    from bitfit_fast.task_bank import TaskBank
+
+    root, files = joint_run
+    calls = []
+    unscale, clip = torch.amp.GradScaler.unscale_, TaskBank.clip_grad_norm_
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_",
+                        lambda self, optimizer: (calls.append("unscale_"), unscale(self, optimizer))[1])
+    monkeypatch.setattr(TaskBank, "clip_grad_norm_",
+                        lambda self, max_norm: (calls.append("clip_grad_norm_"), clip(self, max_norm))[1])
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "28", "--fp16", "--backend",
+            "torch", "--no-progress", "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    assert calls == ["unscale_", "clip_grad_norm_"] * 2
+
+
+def test_a_joint_runs_saved_biases_name_their_tasks_classes(joint_run):
+    """Each task's biases/ and biases-last/ hold its own class names, as save_biases of its own run would: loaded
+    on their own (load_biases, a TaskBank of directories) they answer "sport", not LABEL_1."""
+    from bitfit_fast.checkpoint import CONFIG_NAME
+
+    root, _ = joint_run
+    for directory in ("biases", "biases-last"):
+        record = json.loads((root / "runs" / "sport-or-tech" / directory / CONFIG_NAME).read_text())
+        assert record["label_names"] == ["sport", "tech"], directory
+
+
+def test_a_task_of_the_bank_evaluates_on_its_own_columns():
+    """The bank seen as one task's model (what each epoch evaluates) gives that task's logits only, of its width:
+    the zero columns past it are no class of its own to predict."""
+    from bitfit_reference import MODELS, padded_batch
+
+    from bitfit_fast.task_bank import TaskBank
+    from bitfit_fast.train.multitask import _OneTask
+
+    base = MODELS["bert"](num_labels=3)
+    bank = TaskBank.new(base, {"topic": 5, "sentiment": 2, "score": 1}).eval()
+    batch = padded_batch(base, (4, 6, 3))
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        for name, task in bank.tasks.items():
+            logits = _OneTask(bank, name)(labels=labels, **batch).logits
+            torch.testing.assert_close(logits, bank([name] * 3, **batch)[:, :task.num_labels], rtol=0, atol=0)

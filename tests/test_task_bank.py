@@ -43,10 +43,11 @@ def with_head(base, num_labels: int):
 
 def trained_tasks(base, tmp_path, widths=WIDTHS, **options):
     """Single-task BitFit models on ``base`` with random trained values (as if each task were trained), saved with
-    save_biases: {name: (model, directory)}."""
+    save_biases: {name: (model, directory)}. With train_head=False every task keeps the base's own head."""
     tasks = {}
     for seed, (name, width) in enumerate(widths.items()):
-        model = bitfit_fast.apply(with_head(base, width), announce=False, **options)
+        own = with_head(base, width) if options.get("train_head", True) else copy.deepcopy(base)
+        model = bitfit_fast.apply(own, announce=False, **options)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in trainable(model).values():
@@ -504,3 +505,186 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_p
             ours_error = (ours - truth).abs().max()
             their_error = (grads[torch.float16][param_name] - truth).abs().max()
             assert ours_error <= 2 * their_error + atol, (name, param_name, ours_error, their_error)
+
+
+def _task_gradients(bank, task: int) -> list[torch.Tensor]:
+    """Task ``task``'s gradients as its own run holds them: its row of every table, then its heads' parameters."""
+    task_of = bank.parameter_tasks()
+    return ([p.grad[task] for p, t in task_of.items() if t is None and p.grad is not None]
+            + [p.grad for p, t in task_of.items() if t == task and p.grad is not None])
+
+
+@pytest.mark.parametrize("max_norm,gain", [(0.5, 1.0), (1e-6, 1e-6)])
+def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as_torch_does(max_norm, gain):
+    """Each task's gradients against torch.nn.utils.clip_grad_norm_ on that task's own tensors, with tasks on both
+    sides of max_norm: a task whose norm is under it keeps its gradients exactly (torch's clamp of the scale at 1).
+    Norms of the size of torch's 1e-6 (in max_norm / (norm + 1e-6)) too."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=2, tasks=4)
+    gains = [1e-3 * gain, gain, 2e-3 * gain, 3.0 * gain]  # tasks 0 and 2 under max_norm, 1 and 3 over it
+    for task, gain in enumerate(gains):
+        for grad in _task_gradients(bank, task):
+            grad.mul_(gain)
+    references = []  # each task's gradients on stand-in parameters, for torch's clipping
+    for task in range(4):
+        references.append([torch.zeros_like(grad, requires_grad=True) for grad in _task_gradients(bank, task)])
+        for own, grad in zip(references[-1], _task_gradients(bank, task)):
+            own.grad = grad.clone()
+    expected_norms = torch.stack([torch.nn.utils.clip_grad_norm_(own, max_norm) for own in references])
+    assert (expected_norms[[0, 2]] < max_norm).all() and (expected_norms[[1, 3]] > max_norm).all()
+    norms = bank.clip_grad_norm_(max_norm)
+    torch.testing.assert_close(norms, expected_norms.float(), rtol=1e-5, atol=0)
+    for task in range(4):
+        for got, own in zip(_task_gradients(bank, task), references[task], strict=True):
+            torch.testing.assert_close(got, own.grad, rtol=1e-6, atol=0, msg=f"task {task}")
+
+
+def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
+    """Gradients of the size of eps: there the eps (passed through bank.optimizer, added after the bias-corrected
+    square root) decides the step. Every table row and head against torch's AdamW on it alone."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    options = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-7)
+    optimizer = bank.optimizer(**options)
+    task_of = bank.parameter_tasks()
+    alone = {}
+    for param, task in task_of.items():
+        for row in (range(param.shape[0]) if task is None else [None]):
+            own = (param[row] if row is not None else param).detach().clone().requires_grad_(True)
+            alone[param, row] = own, torch.optim.AdamW([own], **options)
+    names = list(bank.tasks)
+    for example_tasks in (names, names[1:], names):
+        gradients = {p: torch.randn_like(p) * 1e-7 for p in task_of}
+        for p, grad in gradients.items():
+            p.grad = grad
+        optimizer.step(example_tasks)
+        present = {bank.tasks[name].index for name in example_tasks}
+        for (param, row), (own, own_optimizer) in alone.items():
+            if (task_of[param] if row is None else row) in present:
+                own.grad = gradients[param][row] if row is not None else gradients[param]
+                own_optimizer.step()
+    for (param, row), (own, _) in alone.items():
+        torch.testing.assert_close(param[row] if row is not None else param, own.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
+    """load_state_dict into an optimizer that has already stepped (a rewind to an earlier state): its next step is
+    the step the earlier state took, not one from the moments it held before the load."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2, weight_decay=0.1)
+    params = [p for p in bank.parameters() if p.requires_grad]
+    names = list(bank.tasks)
+    schedule = [names, names[:2], names[1:], names]
+    gradients = [[torch.randn_like(p) for p in params] for _ in schedule]
+
+    def step(index):
+        for p, grad in zip(params, gradients[index]):
+            p.grad = grad.clone()
+        optimizer.step(schedule[index])
+
+    step(0)
+    step(1)
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    saved_params = [p.detach().clone() for p in params]
+    step(2)
+    after_first = [p.detach().clone() for p in params]
+    step(3)
+    with torch.no_grad():
+        for p, value in zip(params, saved_params):
+            p.copy_(value)
+    optimizer.load_state_dict(saved_state)
+    step(2)
+    for p, want in zip(params, after_first):
+        torch.testing.assert_close(p, want, rtol=0, atol=0)
+
+
+def test_a_regression_tasks_scores_outside_the_class_range_are_its_own_mean_squared_error():
+    """A score is no class index: scores past the widest head or negative, in a batch with a task of classes, give
+    each task its own mean loss (cross-entropy over its classes; the score's mean squared error)."""
+    torch.manual_seed(0)
+    base = MODELS["bert"](num_labels=3)
+    bank = TaskBank.new(base, {"topic": 3, "score": 1})
+    batch = padded_batch(base, (5, 3, 4, 6, 2))
+    batch.pop("labels")
+    example_tasks = ["topic", "score", "score", "topic", "score"]
+    labels = torch.tensor([2.0, 7.5, -1.25, 0.0, 3.0], device=DEVICE)
+    logits = bank(example_tasks, **batch)
+    topic, score = [0, 3], [1, 2, 4]
+    expected = (torch.nn.functional.cross_entropy(logits[topic, :3], labels[topic].long())
+                + torch.nn.functional.mse_loss(logits[score, 0], labels[score]))
+    torch.testing.assert_close(bank.loss(logits, labels, example_tasks), expected)
+
+
+def test_a_bank_needs_a_task():
+    base = MODELS["bert"](num_labels=3)
+    for sources in ({}, []):
+        with pytest.raises(ValueError, match="a TaskBank needs at least one task"):
+            TaskBank.load(copy.deepcopy(base), sources)
+    with pytest.raises(ValueError, match="a TaskBank needs at least one task"):
+        TaskBank.new(copy.deepcopy(base), {})
+
+
+def test_each_loaded_task_keeps_its_own_class_names(tmp_path):
+    """Class names saved with each task's biases stay that task's (not the first task's); a regression task has
+    none."""
+    base = MODELS["bert"](num_labels=3)
+    names = {"topic": ["business", "sport", "tech"], "sentiment": ["negative", "positive"], "score": None,
+             "stale": ["a", "b", "c"]}  # "stale": a 2-label head saved with its model's old 3 names: not its own
+    sources = {}
+    for name, classes in names.items():
+        model = with_head(base, 2 if name == "stale" else len(classes) if classes else 1)
+        if classes:
+            model.config.id2label = dict(enumerate(classes))
+            model.config.label2id = {c: i for i, c in enumerate(classes)}
+        sources[name] = bitfit_fast.save_biases(bitfit_fast.apply(model, announce=False), tmp_path / name)
+    bank = TaskBank.load(copy.deepcopy(base), sources)
+    assert {name: task.label_names for name, task in bank.tasks.items()} == {**names, "stale": ["0", "1"]}
+    assert [task.num_labels for task in bank.tasks.values()] == [3, 2, 1, 2]
+
+
+def test_new_tasks_heads_start_as_the_model_initialises_its_heads():
+    """A new task's head is initialised by the model's own _init_weights (BERT: normal with initializer_range, zero
+    bias), not torch's default Linear init."""
+    torch.manual_seed(0)
+    base = MODELS["bert"](num_labels=3, initializer_range=0.02)
+    bank = TaskBank.new(base, {"a": 40, "b": 60})
+    for head in bank.model.classifier.heads:
+        assert not head.bias.any()
+        assert 0.015 < head.weight.std().item() < 0.025, head.weight.std()
+
+
+def test_task_heads_refuse_a_batch_of_another_size_than_its_tasks():
+    """Called on rows of another batch size than the example tasks, the heads say so (they would otherwise gather
+    some example's task for another's row)."""
+    heads = TaskHeads([torch.nn.Linear(8, width, device=DEVICE) for width in (3, 2)])
+    with task_rows.example_tasks(torch.tensor([0, 1, 0], device=DEVICE)):
+        with pytest.raises(ValueError, match="the batch has 5 examples but 3 example tasks"):
+            heads(torch.randn(5, 8, device=DEVICE))
+
+
+def test_a_bank_whose_trained_heads_both_could_output_the_labels_says_to_name_them():
+    """Two trained head modules with a linear layer of num_labels outputs (the pooler's 36 and a 36-label classifier):
+    which one a task's width resizes is ambiguous, and the bank says so rather than picking one."""
+    base = MODELS["bert"](num_labels=36)
+    with pytest.raises(ValueError, match=r"cannot tell which of the head modules \['bert.pooler', 'classifier'\]"):
+        TaskBank.new(base, {"a": 36, "b": 36}, head=["bert.pooler", "classifier"])
+
+
+def test_tasks_saved_without_a_trained_head_load_with_the_models_labels(tmp_path):
+    """train_head=False: every task answers through the base model's frozen head, so a bank of such save_biases
+    directories has the model's labels per task, and each example's loss is its task's own model's."""
+    base = MODELS["bert"](num_labels=3)
+    tasks = trained_tasks(base, tmp_path, widths={"topic": 3, "genre": 3}, train_head=False)
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()})
+    assert [(task.num_labels, task.label_names) for task in bank.tasks.values()] == [(3, ["0", "1", "2"])] * 2
+    batch = padded_batch(base, LENGTHS[:4])
+    labels = batch.pop("labels")
+    names = ["topic", "genre", "genre", "topic"]
+    bank.eval()
+    with torch.no_grad():
+        loss = bank.loss(bank(names, **batch), labels, names)
+        own = {name: model.eval()(**batch).logits for name, (model, _) in tasks.items()}
+    rows = {name: [i for i, n in enumerate(names) if n == name] for name in tasks}  # the sum of each task's mean
+    expected = sum(torch.nn.functional.cross_entropy(own[name][rows[name]], labels[rows[name]]) for name in tasks)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
