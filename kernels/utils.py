@@ -149,7 +149,7 @@ def row_bucket(rows: int) -> int:
 # (65,536 / (64 x 128)); the BERT variants use 32-80 (`python -m bitfit_fast_kernels.aot --only grad`), so at 72-80
 # 6-7 run at once and the rest wait for a slot.
 # Predicted: that pass from 7.4 to ~4.5 ms a BERT-base step at batch 256. Not timed apart: by the next profile
-# (profile.txt, 86e182c) most of its calls had moved to cuBLAS, and its 14 left took 3.9 ms a step.
+# (profile-aaf637a.txt) most of its calls had moved to cuBLAS; its 14 left took 3.9 ms a step there and at 86e182c.
 PROGRAMS_PER_SM = 8
 
 

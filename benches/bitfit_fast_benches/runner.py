@@ -158,9 +158,8 @@ def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int,
     batches untimed (compilation, autotuning, the allocator's pool); the rest are timed in blocks of ``block``
     batches, each provider running a block back to back after one untimed step on the first batch (a warm-up
     batch, so that no timed step runs a batch its provider has seen; none without one), so that no timed step
-    follows another model's.
-    The order of providers rotates by block, so that no provider always runs first and drift spreads over all; every
-    provider times the same batches, and ratios pair them."""
+    follows another model's. The order of providers rotates by block, so that no provider always runs first and
+    drift spreads over all; every provider times the same batches, and ratios pair them."""
     names = list(trainers)
     for name in names:
         for batch in batches[:warmup]:
