@@ -522,9 +522,9 @@ def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as
     torch.manual_seed(0)
     bank = _bank_with_gradients(layers=2, tasks=4)
     gains = [1e-3 * gain, gain, 2e-3 * gain, 3.0 * gain]  # tasks 0 and 2 under max_norm, 1 and 3 over it
-    for task, gain in enumerate(gains):
+    for task, factor in enumerate(gains):
         for grad in _task_gradients(bank, task):
-            grad.mul_(gain)
+            grad.mul_(factor)
     references = []  # each task's gradients on stand-in parameters, for torch's clipping
     for task in range(4):
         references.append([torch.zeros_like(grad, requires_grad=True) for grad in _task_gradients(bank, task)])
