@@ -2,6 +2,7 @@
 
 import collections
 import json
+import shutil
 
 import pytest
 import safetensors.torch
@@ -9,6 +10,7 @@ import torch
 from test_trainer import save_tiny_bert, write_csv
 
 from bitfit_fast import cli
+from bitfit_fast.checkpoint import WEIGHTS_NAME
 from bitfit_fast.errors import UserError
 from bitfit_fast.train.run import load_run
 
@@ -92,7 +94,7 @@ def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, monkeypatch, ext
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys):
+def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys, tmp_path):
     root, files = joint_run
     saved = {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()}
     again = ["train", "--model", str(root / "model"), "--epochs", "1", "--backend", "torch", "--no-progress"]
@@ -107,6 +109,29 @@ def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys):
         assert cli.main(args) == 2
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()} == saved
+    # A directory that holds no joint run but a task's run where a task of the joint run would go.
+    shutil.copytree(root / "runs" / "topics", tmp_path / "other" / "topics")
+    kept = {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()}
+    assert cli.main(again + ["--output-dir", str(tmp_path / "other")]) == 2
+    assert "other/topics already holds a run (biases): choose another --output-dir" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()} == kept
+
+
+def test_a_joint_run_repeats_under_its_seed(joint_run, tmp_path):
+    """The same joint run twice, with dropout: every task's trained values are the same, bit for bit."""
+    root, files = joint_run
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "8", "--lr", "1e-2",
+            "--backend", "torch", "--no-progress", "--seed", "7"]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    for out in ("first", "second"):
+        assert cli.main(args + ["--output-dir", str(tmp_path / out)]) == 0
+    for name in files:
+        first, second = (safetensors.torch.load_file(tmp_path / out / name / "biases-last" / WEIGHTS_NAME)
+                         for out in ("first", "second"))
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), (name, key)
 
 
 def test_a_task_of_a_joint_run_that_stopped_early_says_to_train_again(joint_run, tmp_path):
