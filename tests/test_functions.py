@@ -272,6 +272,33 @@ def test_torch_half_precision_bias_gradients_are_fp32_column_sums(activation):
     torch.testing.assert_close(dbeta, dy.float().sum(0), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_torch_linear_with_a_task_table_under_autocast_equals_f_linear_with_each_rows_bias(activation):
+    """Under autocast the torch backend's GEMM runs in autocast's dtype, as F.linear would, for a task table too
+    (its rows gathered and added to that GEMM's output, not an fp32 GEMM): each row equals F.linear under the same
+    autocast with its task's bias, in the same dtype, and so do the input's and the table's gradients."""
+    ops, rows, k, n, tasks = IMPLS["torch"], 12, 19, 23, 3
+    x = torch.randn(rows, k, device=DEVICE)
+    weight = torch.randn(n, k, device=DEVICE) / k**0.5
+    table = torch.randn(tasks, n, device=DEVICE)
+    row_task = torch.randint(0, tasks, (rows,), device=DEVICE)
+    row_task[:tasks] = torch.arange(tasks, device=DEVICE)  # every task has rows
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        xl, tl = _leaf(x), _leaf(table)
+        y = ops.linear(xl, weight, tl, activation, row_task=row_task)
+        xr, tr = _leaf(x), _leaf(table)
+        order = torch.cat([(row_task == t).nonzero().flatten() for t in range(tasks)])
+        parts = [torch.nn.functional.linear(xr[row_task == t], weight, tr[t]) for t in range(tasks)]
+        y_ref = torch_ops.activation_forward(activation, torch.cat(parts)[torch.argsort(order)])
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    ours, theirs = torch.autograd.grad(y, (xl, tl), dy), torch.autograd.grad(y_ref, (xr, tr), dy)
+    for name, a, b in zip(("dx", "dtable"), ours, theirs):
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=name)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fused", [False, True], ids=["layer_norm", "linear_layer_norm"])
 def test_a_residual_alone_gets_its_gradient(impl, fused):

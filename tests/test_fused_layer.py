@@ -26,6 +26,7 @@ from kernel_checks import assert_autocast_as_accurate_as_torch
 
 import bitfit_fast
 from bitfit_fast.fused_layer import FusedEncoderLayer
+from bitfit_fast.unpadding import Tokens
 
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, classifier_dropout=0.0)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -115,6 +116,52 @@ def without_zero_gradient_biases(*outputs: dict) -> tuple[dict, ...]:
     """``autocast_outputs`` without the key biases, whose true gradient is zero: ours is exactly zero (checked in
     test_equivalence), the reference's rounding noise, with no scale to be relative to."""
     return tuple({name: value for name, value in out.items() if not zero_gradient_bias(name)} for out in outputs)
+
+
+def test_minimal_mode_rebuilds_a_layer_input_from_the_previous_layer_only_while_it_is_unmodified():
+    """In minimal mode a layer's checkpoint keeps the previous layer's x_hat in place of its input, and rebuilds the
+    input from it in the backward. An output changed in place after its layer returned (a step of the caller's
+    between two ``fused_forward`` calls) is no longer what that x_hat gives: it is kept as it is, and the gradients
+    are those of the reference on the changed input."""
+    model = with_random_biases(tiny_bert(**NO_DROPOUT)).train()
+    reference = reference_bitfit(model).train()
+    bitfit_fast.apply(model, backend="torch", memory="minimal", announce=False)
+    ours, theirs = model.bert.encoder.layer, reference.bert.encoder.layer
+    hidden = torch.randn(3, 6, model.config.hidden_size, device=DEVICE)
+    cotangent = torch.randn_like(hidden)
+    tokens = Tokens.of_batch(hidden)
+    y = ours[0].fused_forward(tokens.pack(hidden), tokens)
+    y.mul_(1.5)
+    out = tokens.unpack(ours[1].fused_forward(y, tokens))
+    (out * cotangent).sum().backward()
+
+    def layer(module, h):
+        result = module(h)
+        return result[0] if isinstance(result, tuple) else result
+
+    expected = layer(theirs[1], layer(theirs[0], hidden) * 1.5)
+    (expected * cotangent).sum().backward()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grads = {name: p.grad for name, p in trainable(model).items() if ".encoder." in name}
+    assert len(grads) > 0 and all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        truth = reference.get_parameter(name).grad
+        torch.testing.assert_close(grad, truth, atol=1e-6 + 1e-4 * truth.abs().max().item(), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
+def test_in_eval_mode_attention_dropout_is_off(memory):
+    """A model configured with attention (and hidden) dropout, put in eval mode: the fused torch path drops nothing,
+    so its logits are the reference's in eval mode, and the same on every call."""
+    model = with_random_biases(tiny_bert(**DROPOUT))
+    reference = reference_bitfit(model).eval()
+    bitfit_fast.apply(model, backend="torch", memory=memory, announce=False)
+    model.eval()
+    batch = padded_batch(model)
+    with torch.no_grad():
+        first, second, expected = model(**batch).logits, model(**batch).logits, reference(**batch).logits
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_dtype_stores_weights_once_in_low_precision_and_merge_restores_the_dtype():
