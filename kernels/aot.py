@@ -137,13 +137,13 @@ def layer_norm_variants():
     """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
     for dt, hidden, residual, dropout, row_beta in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
                                                                      (True, False), (False, True)):
-        block_n = layer_norm._check_features(hidden)
+        block_m, block_n, warps = layer_norm._row_tile(hidden, "forward")
         yield Variant(
             "ln_fwd", f"N={hidden} {_flags(row_beta=row_beta, residual=residual, dropout=dropout)}",
             layer_norm._residual_layer_norm_fwd_kernel, dt,
             consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "STORE_X_HAT": True,
-                    "BLOCK_N": block_n},
-            options={"num_warps": layer_norm._warps(block_n)},
+                    "BLOCK_M": block_m, "BLOCK_N": block_n},
+            options={"num_warps": warps},
             fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr"},
             ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )
@@ -152,13 +152,13 @@ def layer_norm_variants():
     gradients = [(True, True), (True, False), (False, False)]
     for dt, hidden, dropout, (dx, sum_dx), per_task in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
                                                                          gradients, (False, True)):
-        block_n = layer_norm._check_features(hidden)
+        block_m, block_n, warps = layer_norm._row_tile(hidden, "backward")
         yield Variant(
             "ln_bwd", f"N={hidden} {_flags(per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)}",
             layer_norm._residual_layer_norm_bwd_kernel, dt,
             consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "PER_TASK": per_task,
-                    "BLOCK_N": block_n},
-            options={"num_warps": layer_norm._warps(block_n)},
+                    "BLOCK_M": block_m, "BLOCK_N": block_n},
+            options={"num_warps": warps},
             fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr"},
             int_pointers=TASK_POINTERS, ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
         )

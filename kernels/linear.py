@@ -16,10 +16,8 @@ Backward, no weight gradient and no saved x:
     3. dx = g @ W                                          a plain GEMM, cuBLAS through torch.mm: with nothing to
                                                            fuse into it, cuBLAS is the fastest GEMM on Hopper
 
-The dropout mask is never stored: forward and backward draw it from Philox with the same seed. One Philox call
-gives four numbers, so counter ``philox_offset + row * ceil(N / 4) + col // 4`` covers columns col..col+3 of
-its row; tiles start on multiples of 4 columns, so the mask does not depend on the tile shapes. Row offsets are
-int64 (M * N and the counters may pass 2**31). fp32 GEMMs use TF32 only when torch's
+The dropout mask is never stored: forward and backward draw it from its seed (``dropout.keep_mask``). Row
+offsets are int64 (M * N may pass 2**31). fp32 GEMMs use TF32 only when torch's
 ``torch.backends.cuda.matmul.allow_tf32`` is on (torch's default is off, so both backends round alike); without
 it they run as FMA GEMMs on the CUDA cores, about 1/15 of the bf16 tensor-core rate: train in bf16 on a GPU.
 
@@ -73,6 +71,7 @@ import triton
 import triton.language as tl
 
 from . import task_tables
+from .dropout import keep_mask
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -169,16 +168,6 @@ def _gelu_grad(h):
     cdf = 0.5 * (1.0 + tl.erf(h * 0.7071067811865476))
     pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327
     return cdf + h * pdf
-
-
-@triton.jit
-def _dropout_keep(seed, philox_offset, rows, col_start, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # rows: [BLOCK_M] int64; col_start a multiple of 4. One Philox call per 4 columns, all four outputs used.
-    quads = col_start // 4 + tl.arange(0, BLOCK_N // 4)
-    counters = philox_offset + rows[:, None] * ((N + 3) // 4) + quads[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, counters)
-    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))  # column 4q + i: r_i
-    return tl.uint_to_uniform_float(r) >= p
 
 
 @_autotune(
@@ -283,7 +272,7 @@ def _linear_fwd_kernel(
     if ACTIVATION == "geglu":
         acc = _gelu(acc) * gate
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        keep = keep_mask(seed, philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
     tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -298,7 +287,7 @@ def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, sc
     h_offsets = rows[:, None] * N + cols[None, :]
     g = tl.load(dy_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        keep = keep_mask(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         g = tl.where(keep, g * scale, 0.0)
     g_gate = g
     if ACTIVATION == "gelu":

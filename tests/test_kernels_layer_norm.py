@@ -34,8 +34,8 @@ def make(lead, n, dtype, gamma_kind="plain"):
 
 
 def assert_keep_rate(keep: torch.Tensor, p: float) -> None:
-    """The kernel keeps an element where tl.rand >= p (p is not quantized): each is kept with probability 1 - p,
-    so the kept fraction is within 5 sigma of it."""
+    """The kernel keeps an element where its uniform draw is >= p (p is not quantized): each is kept with
+    probability 1 - p, so the kept fraction is within 5 sigma of it."""
     rate = keep.float().mean().item()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, f"keep rate {rate:.4f}, expected {1 - p}"
 
