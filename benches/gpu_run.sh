@@ -15,10 +15,12 @@
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
 #           check on a CPU machine (benches/results/gpu/aot-cpu-triton3.6.txt, triton 3.6 as there). Also
 #           "tests-more" (the gpu-marked ModernBERT and torch.compile tests),
-#           "tests" (every other test on CUDA: longer than a lease), "tests-bank" (task bank tests, per-row
-#           kernels), "length-groups" (attention by length groups on CUDA: 0.055x one call at aaf637a) and
+#           "tests" (every other test on CUDA: longer than a lease), "tests-kernels" (every kernel test on CUDA),
+#           "tests-bank" (task bank tests, per-row kernels), "length-groups" (attention by length groups on
+#           CUDA: 0.055x one call at aaf637a) and
 #           "kernels-compiled" (each block under torch.compile: a compile per shape, minutes). "host-profile" is
-#           cProfile of the host's time in a step.
+#           cProfile of the host's time in a step; "sweep" times candidate tiles of the bandwidth-bound kernels
+#           and probes the host's time (bitfit_fast_benches.sweep).
 #           Each stage runs under its own time limit, so a slow one cannot take the rest of the lease; logs go to
 #           OUT/logs.tar.gz after every stage, the bench's JSON/Markdown/PNG to OUT/bench, one line per stage to
 #           OUT/summary.txt.
@@ -79,6 +81,7 @@ run_stage() {
 triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())";
              echo "commit ${BITFIT_FAST_COMMIT:-unknown}" ;;
         tests-gpu) "${PYTEST[@]}" -m gpu "${TEST_FILES[@]}" --junitxml="$LOGS/tests-gpu.xml" ;;
+        tests-kernels) "${PYTEST[@]}" -m "not aot" tests/test_kernels_*.py --junitxml="$LOGS/tests-kernels.xml" ;;
         tests-real) "${PYTEST[@]}" tests/test_real_weights.py --junitxml="$LOGS/tests-real.xml" ;;
         tests-more) "${PYTEST[@]}" -m gpu tests/test_fused_modernbert.py tests/test_compile.py \
                     --junitxml="$LOGS/tests-more.xml" ;;
@@ -95,6 +98,7 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
                     --junitxml="$LOGS/tests-bank.xml" ;;
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc \
                  --out "$LOGS" ;;
+        sweep) python -m bitfit_fast_benches.sweep --out "$LOGS" ;;
         host-profile) python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc \
                       --out "$LOGS" ;;
         # Both write gpu.{json,md}: a folder each (the aaf637a run lost the task bank's JSON to length groups').

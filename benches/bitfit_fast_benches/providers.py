@@ -40,8 +40,10 @@ class Trainer:
     method: str  # "bitfit" or "full": which FLOPs count as the model's
 
 
-def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: bool = True) -> Trainer:
-    """The provider's trainer on a copy of ``base`` (or on ``base`` itself with ``copy_base=False``)."""
+def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: bool = True,
+                   fused_optimizer: bool = False) -> Trainer:
+    """The provider's trainer on a copy of ``base`` (or on ``base`` itself with ``copy_base=False``);
+    ``fused_optimizer``: AdamW's single-kernel implementation (``fused=True``, GPU) instead of torch's default."""
     if name not in PROVIDERS:
         raise ValueError(f"unknown provider {name!r}; known: {sorted(PROVIDERS)}")
     model = copy.deepcopy(base) if copy_base else base
@@ -53,7 +55,7 @@ def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: boo
     elif name != "full":
         freeze_for_bitfit(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5, fused=fused_optimizer or None)
     forward = torch.compile(model) if name == "reference-compiled" else model
     autocast = torch.bfloat16 if device == "cuda" else None
 
