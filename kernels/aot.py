@@ -137,7 +137,7 @@ def layer_norm_variants():
     """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
     for dt, hidden, residual, dropout, row_beta in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
                                                                      (True, False), (False, True)):
-        block_m, block_n, warps = layer_norm._row_tile(hidden, "forward")
+        block_m, block_n, warps = layer_norm._row_tile(hidden)
         yield Variant(
             "ln_fwd", f"N={hidden} {_flags(row_beta=row_beta, residual=residual, dropout=dropout)}",
             layer_norm._residual_layer_norm_fwd_kernel, dt,
@@ -152,7 +152,7 @@ def layer_norm_variants():
     gradients = [(True, True), (True, False), (False, False)]
     for dt, hidden, dropout, (dx, sum_dx), per_task in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
                                                                          gradients, (False, True)):
-        block_m, block_n, warps = layer_norm._row_tile(hidden, "backward")
+        block_m, block_n, warps = layer_norm._row_tile(hidden)
         yield Variant(
             "ln_bwd", f"N={hidden} {_flags(per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)}",
             layer_norm._residual_layer_norm_bwd_kernel, dt,

@@ -28,6 +28,7 @@ from .dropout import keep_mask
 from .utils import (
     INTERPRETER,
     KernelInputError,
+    cdiv,
     check_bias,
     check_compute_tensor,
     check_dropout,
@@ -36,6 +37,7 @@ from .utils import (
     check_same_device,
     check_vector,
     launches_on_input_device,
+    next_power_of_2,
     reduction_programs,
 )
 
@@ -87,6 +89,10 @@ def _residual_layer_norm_fwd_kernel(
 
     mean = tl.sum(s, axis=1) / N
     centered = tl.where(mask, s - mean[:, None], 0.0)
+    # The mean is off by its sum's rounding, which x_hat = centered / std magnifies in a row of large mean and small
+    # spread (mean 3, std 1e-3: twice torch's error on an H200). The centred values' own mean, summed in registers,
+    # takes it out.
+    centered = tl.where(mask, centered - (tl.sum(centered, axis=1) / N)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
     # Rounded to the output dtype first: y is then an exact function of the x_hat the backward sees.
     x_hat = (centered * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -202,21 +208,23 @@ def _residual_layer_norm_bwd_kernel(
 def _check_features(N: int) -> int:
     if N > MAX_FEATURES:
         raise KernelInputError(f"LayerNorm over {N} features exceeds the kernel's limit of {MAX_FEATURES}")
-    return triton.next_power_of_2(N)
+    return next_power_of_2(N)
 
 
-# A program's tile is BLOCK_M whole rows, about TILE_ELEMENTS values, ELEMENTS_PER_THREAD of them per thread (one
-# row per program, 4 warps for 1024 columns, moved ~1.5 TB/s of the H200's 4.8 at BERT-base's shapes: 32768 small
-# programs). The interpreter takes 4 rows whatever the width, so the tests cross row blocks.
-TILE_ELEMENTS = {"forward": 4096, "backward": 4096}
-ELEMENTS_PER_THREAD = {"forward": 8, "backward": 8}
+# A program's tile is BLOCK_M whole rows, about TILE_ELEMENTS values, ELEMENTS_PER_THREAD of them per thread. Timed
+# on an H200 at BERT-base's shapes with dropout (bitfit_fast_benches.sweep, benches/results/gpu/sweep.json): 2 rows
+# on 4 warps, forward 0.069 ms and backward 0.082 ms, where one row per program on 4 warps with a Philox call per
+# element took 0.121 and 0.129 ms (profile.txt at 86e182c); tiles of 4096 values and more ran the backward 2.5-8x
+# slower. The interpreter takes 4 rows whatever the width, so the tests cross row blocks.
+TILE_ELEMENTS = 2048
+ELEMENTS_PER_THREAD = 16
 
 
-def _row_tile(N: int, direction: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the ``direction`` kernel for rows of N features."""
+def _row_tile(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the kernels for rows of N features."""
     block_n = _check_features(N)
-    block_m = 4 if INTERPRETER else max(1, TILE_ELEMENTS[direction] // block_n)
-    warps = min(max(block_m * block_n // (32 * ELEMENTS_PER_THREAD[direction]), 1), 16)
+    block_m = 4 if INTERPRETER else max(1, TILE_ELEMENTS // block_n)
+    warps = min(max(block_m * block_n // (32 * ELEMENTS_PER_THREAD), 1), 16)
     return block_m, block_n, warps
 
 
@@ -254,12 +262,12 @@ def residual_layer_norm_forward(
         raise KernelInputError("beta is None: pass zeros for a LayerNorm without a bias")
     check_bias("beta", beta, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
-    block_m, block_n, warps = _row_tile(N, "forward")
+    block_m, block_n, warps = _row_tile(N)
 
     y = torch.empty_like(x)
     x_hat = torch.empty_like(x) if store_x_hat else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
-    _residual_layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+    _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else x, gamma, beta, row_task if row_task is not None else gamma, y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
         M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
@@ -311,9 +319,9 @@ def residual_layer_norm_backward(
     check_dropout(dropout_p, seed)
     if sum_dx and not compute_dx:
         raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
-    block_m, block_n, warps = _row_tile(N, "backward")
+    block_m, block_n, warps = _row_tile(N)
 
-    programs = reduction_programs(triton.cdiv(M, block_m), dy.device)
+    programs = reduction_programs(cdiv(M, block_m), dy.device)
     reduction = task_tables.bias_reduction(row_task, num_tasks, M, programs)
     ds = torch.empty_like(dy) if compute_dx else None
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETER, check_compute_tensor, check_row_task, launches_on_input_device
+from .utils import INTERPRETER, cdiv, check_compute_tensor, check_row_task, launches_on_input_device
 
 # task_sums' tiles. The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that
 # small test shapes cross chunk, task and piece-block boundaries alike.
@@ -214,7 +214,7 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, t
 def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:
     """The ``rows`` rows of tasks ``row_task`` (checked by the host function: ``utils.check_row_task``) sorted by
     task, in chunks of ``chunk_rows`` (the last one shorter)."""
-    return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, triton.cdiv(rows, chunk_rows))
+    return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, cdiv(rows, chunk_rows))
 
 
 def empty_pieces(chunks: TaskChunks, width: int, device: torch.device) -> torch.Tensor:
@@ -226,7 +226,7 @@ def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
     """Step 2: each task's pieces in ``partial`` added in a fixed order, [T, width] fp32."""
     width = partial.shape[1]
     sums = torch.empty((chunks.num_tasks, width), dtype=torch.float32, device=partial.device)
-    _task_pieces_sum_kernel[(chunks.num_tasks, triton.cdiv(width, _BLOCK_N))](
+    _task_pieces_sum_kernel[(chunks.num_tasks, cdiv(width, _BLOCK_N))](
         partial, chunks.starts, sums, width, chunks.chunk_rows,
         BLOCK_PIECES=_BLOCK_PIECES,
         BLOCK_N=_BLOCK_N,
@@ -270,7 +270,7 @@ def bias_reduction(row_task: torch.Tensor | None, num_tasks: int, rows: int, pro
     ``row_task`` is given (then a chunk per program), else over all rows."""
     if row_task is None:
         return BiasReduction(programs, None)
-    chunks = task_chunks(row_task, num_tasks, rows, max(1, triton.cdiv(rows, programs)))
+    chunks = task_chunks(row_task, num_tasks, rows, max(1, cdiv(rows, programs)))
     return BiasReduction(chunks.chunks, chunks)
 
 
@@ -287,7 +287,7 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     if M == 0:
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
     partial = empty_pieces(chunks, N, grad.device)
-    _task_chunk_sums_kernel[(chunks.chunks, triton.cdiv(N, _BLOCK_N))](
+    _task_chunk_sums_kernel[(chunks.chunks, cdiv(N, _BLOCK_N))](
         grad, chunks.order, chunks.sorted_tasks, chunks.starts, partial, M, N, num_tasks, chunks.chunk_rows,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,

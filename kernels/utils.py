@@ -134,6 +134,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if not INTERPRETER and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+# Host arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions, ~5 us a call on
+# the host (the H200 host profile at 86e182c counted ~100 a step).
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def row_bucket(rows: int) -> int:
     """Autotuning key for the token count: powers of 4 from 256 to 65536, so that dynamic padding re-tunes at most
     five times per shape (tile choice changes with the number of row blocks, not with a few rows more or less)."""
@@ -144,13 +156,11 @@ def row_bucket(rows: int) -> int:
 
 
 # Programs per SM of a persistent row loop. These loops are bandwidth-bound and keep one tile per program in
-# flight, so the count is what hides memory latency: the H200 profile (benches/results/gpu/profile-f776471.txt) had
-# the bias-gradient pass at ~1.4 TB/s of 4.3 with 4 per SM. 8 fit at once up to 64 registers per thread on 4 warps
-# (65,536 / (64 x 128)); the BERT variants use 32-80 (`python -m bitfit_fast_kernels.aot --only grad`), so at 72-80
-# 6-7 run at once and the rest wait for a slot.
-# Predicted: that pass from 7.4 to ~4.5 ms a BERT-base step at batch 256. Not timed apart: by the next profile
-# (profile-aaf637a.txt) most of its calls had moved to cuBLAS; its 14 left took 3.9 ms a step there and at 86e182c.
-PROGRAMS_PER_SM = 8
+# flight, so the count is what hides memory latency. Timed on an H200 at BERT-base's shapes (bitfit_fast_benches.sweep,
+# benches/results/gpu/sweep.json), with the 2-warp tiles of the linear gradient pass and the q/k/v gather: 16 per SM
+# against 8 and 4, FC1's GELU pass 0.229 / 0.232 / 0.318 ms, the gather 0.089 / 0.097 / 0.130 ms; the LayerNorm
+# backward (4 warps) 0.082 ms at each count. Programs that do not fit at once wait for a slot.
+PROGRAMS_PER_SM = 16
 
 
 @functools.cache

@@ -45,23 +45,15 @@ def kernel_ms(run, name: str, rounds: int = 10) -> float:
 
 @contextlib.contextmanager
 def patched(module, **values):
-    """Module constants set for the duration (dict constants: their given keys)."""
-    saved = {}
+    """Module constants set for the duration."""
+    saved = {key: getattr(module, key) for key in values}
     for key, value in values.items():
-        current = getattr(module, key)
-        saved[key] = dict(current) if isinstance(current, dict) else current
-        if isinstance(current, dict):
-            current.update(value)
-        else:
-            setattr(module, key, value)
+        setattr(module, key, value)
     try:
         yield
     finally:
         for key, value in saved.items():
-            if isinstance(value, dict):
-                getattr(module, key).update(value)
-            else:
-                setattr(module, key, value)
+            setattr(module, key, value)
 
 
 def layer_norm_tiles() -> list[dict]:
@@ -75,10 +67,8 @@ def layer_norm_tiles() -> list[dict]:
     rows.append(dict(kernel="layer_norm eager forward (dropout, add, F.layer_norm)",
                      ms=kernel_ms(eager, "", rounds=10)))
     for tile, per_thread in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
-        config = dict(TILE_ELEMENTS={"forward": tile, "backward": tile},
-                      ELEMENTS_PER_THREAD={"forward": per_thread, "backward": per_thread})
-        with patched(layer_norm, **config):
-            block_m, _, warps = layer_norm._row_tile(HIDDEN, "forward")
+        with patched(layer_norm, TILE_ELEMENTS=tile, ELEMENTS_PER_THREAD=per_thread):
+            block_m, _, warps = layer_norm._row_tile(HIDDEN)
             forward = lambda: layer_norm.residual_layer_norm_forward(x, gamma, beta, 1e-12, residual, dropout_p=0.1,
                                                                      seed=1)
             rows.append(dict(kernel="layer_norm forward", block_m=block_m, warps=warps,
@@ -164,7 +154,7 @@ def launch_probes(calls: int = 2000) -> dict:
     x = torch.randn(8, HIDDEN, device="cuda", dtype=torch.bfloat16)
     gamma, beta = torch.ones(HIDDEN, device="cuda"), torch.zeros(HIDDEN, device="cuda")
     y, x_hat, rstd = torch.empty_like(x), torch.empty_like(x), torch.empty(8, device="cuda")
-    block_m, block_n, warps = layer_norm._row_tile(HIDDEN, "forward")
+    block_m, block_n, warps = layer_norm._row_tile(HIDDEN)
 
     def host_function():
         layer_norm.residual_layer_norm_forward(x, gamma, beta, 1e-12, x)
