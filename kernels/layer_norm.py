@@ -12,11 +12,12 @@ from the output would be garbage. y is computed from the x_hat as stored (rounde
 later consumer that needs y rebuilds it from x_hat instead of keeping a second tensor. gamma is frozen: only
 d(beta) and the input gradients are computed.
 
-Rows are indexed with int64 offsets: M * N may exceed 2**31 (and so may the Philox counters, which take them).
-Bytes per row element: forward reads x (+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds
-(+ dx with dropout). d(beta) and sum_rows(dx) are reduced in registers over a persistent row loop, one fp32
-partial per program each; for task tables, a program walks a chunk of the rows sorted by task and writes one
-partial per task it meets (``task_tables``).
+A program holds BLOCK_M whole rows (``TILE_ELEMENTS``), indexed with int64 offsets: M * N may exceed 2**31. The
+dropout mask is ``dropout.keep_mask``'s, drawn again in the backward. Bytes per row element: forward reads x
+(+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds (+ dx with dropout). d(beta) and
+sum_rows(dx) are reduced in registers over a persistent loop of row blocks, one fp32 partial per program each; for
+task tables, a program walks a chunk of the rows sorted by task and writes one partial per task it meets
+(``task_tables``).
 """
 
 import torch
@@ -214,7 +215,7 @@ def _check_features(N: int) -> int:
 # A program's tile is BLOCK_M whole rows, about TILE_ELEMENTS values, ELEMENTS_PER_THREAD of them per thread. Timed
 # on an H200 at BERT-base's shapes with dropout (bitfit_fast_benches.sweep, benches/results/gpu/sweep.json): 2 rows
 # on 4 warps, forward 0.069 ms and backward 0.082 ms, where one row per program on 4 warps with a Philox call per
-# element took 0.121 and 0.129 ms (profile.txt at 86e182c); tiles of 4096 values and more ran the backward 2.5-8x
+# element took 0.121 and 0.129 ms (profile-86e182c.txt); tiles of 4096 values and more ran the backward 2.5-8x
 # slower. The interpreter takes 4 rows whatever the width, so the tests cross row blocks.
 TILE_ELEMENTS = 2048
 ELEMENTS_PER_THREAD = 16
