@@ -19,6 +19,7 @@ from bitfit_fast_benches import (
     providers,
     report,
     runner,
+    sweep,
     task_bank,
 )
 from bitfit_fast_benches.presets import Preset, Workload
@@ -421,3 +422,34 @@ def test_a_profile_records_where_it_ran_and_how(tmp_path, monkeypatch):
     assert record["command"] == f"python -m bitfit_fast_benches.host_profile {' '.join(argv)}"
     assert record["torch"] == torch.__version__
     assert record["runs"] == {"fast bert-base-bbc-lengths128-b256": dict(provider="fast")}
+
+
+def test_the_sweep_records_where_it_ran_and_restores_what_it_tuned(tmp_path, monkeypatch):
+    """The sweep's JSON names its device, versions, commit and command; the module constants it sets for a
+    candidate tile are back as they were afterwards, also when the candidate fails."""
+    from bitfit_fast_kernels import layer_norm
+
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(tmp_path)])  # no GPU here: one line, nothing written
+    assert not (tmp_path / "sweep.json").exists()
+
+    tile = layer_norm.TILE_ELEMENTS
+    with pytest.raises(RuntimeError), sweep.patched(layer_norm, TILE_ELEMENTS=tile * 2):
+        assert layer_norm.TILE_ELEMENTS == tile * 2
+        raise RuntimeError("a candidate that does not compile")
+    assert layer_norm.TILE_ELEMENTS == tile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(sweep, "launch_probes", lambda: {"torch.add: host us per call": 9.7})
+    assert sweep.main(["--out", str(tmp_path), "--parts", "launch"]) == 0
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["environment"]["device"] == "a GPU" and record["environment"]["commit"] == runner._commit()
+    assert record["environment"]["command"] == f"python -m bitfit_fast_benches.sweep --out {tmp_path} --parts launch"
+    assert record["launch"] == {"torch.add: host us per call": 9.7}
+
+
+def test_a_provider_can_take_fused_adamw():
+    base = presets.build_base_model(TINY, "cpu")
+    assert providers.build_provider("fast", base, "cpu", fused_optimizer=True).optimizer.defaults["fused"] is True
+    assert providers.build_provider("fast", base, "cpu").optimizer.defaults["fused"] is None
