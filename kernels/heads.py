@@ -160,7 +160,7 @@ def heads_to_rows(
         if grad is None:
             g[:, part * width:(part + 1) * width].zero_()
             if db_partial is not None:
-                db_partial[:, part * width:(part + 1) * width].zero_()
+                db_partial[..., part * width:(part + 1) * width].zero_()
             continue
         _heads_to_rows_kernel[(reduction.programs, col_blocks)](
             grad, slots if slots is not None else g, g, db_partial if db_partial is not None else g,
@@ -175,4 +175,4 @@ def heads_to_rows(
             num_warps=_WARPS,
         )
     # One deterministic reduction of the partial sums: no float atomics, same bits every run.
-    return g, (reduction.total(db_partial) if db_partial is not None else None)
+    return g, (reduction.total(db_partial)[0] if db_partial is not None else None)

@@ -554,7 +554,7 @@ def linear_backward(
         )
         # One deterministic reduction of the per-program partial sums: no float atomics, same bits every run.
         if compute_db:
-            db = reduction.total(db_partial)
+            db = reduction.total(db_partial)[0]
     # torch.mm rounds fp32 like dot_precision: TF32 exactly when torch.backends.cuda.matmul.allow_tf32 is on.
     dx = torch.mm(g, weight).view(*dy.shape[:-1], K) if compute_dx else None
     return dx, db

@@ -14,7 +14,7 @@ partials and then one reduction:
    along the sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a
    slot.
 2. Program (t, j) of ``_task_pieces_sum_kernel`` adds task t's pieces, slots c + t for the chunks c its rows span,
-   in a fixed order.
+   in a fixed order; one launch serves every table a pass sums (the LayerNorm backward's two).
 
 Step 1 runs inside the pass that produces the gradient, wherever there is one: the linear layer's g pass
 (``linear._linear_grad_kernel``), the LayerNorm backward (its beta's and the feeding linear's sums) and the q/k/v
@@ -149,18 +149,24 @@ def _task_chunk_sums_kernel(
 @triton.jit(do_not_specialize=["chunk_rows"])
 def _task_pieces_sum_kernel(
     # Pointers
-    partial_ptr,  # [chunks + T - 1, N] fp32: the pieces of step 1
+    partial_ptr,  # [tables, chunks + T - 1, N] fp32: the pieces of step 1, for each table over the same rows
     starts_ptr,  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
-    sums_ptr,  # [T, N] fp32 output
+    sums_ptr,  # [tables, T, N] fp32 output
     # Sizes
     N,
+    T,
+    table_slots,  # chunks + T - 1: one table's pieces
     chunk_rows,
     # Tiles
     BLOCK_PIECES: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Program (t, j, k) sums task t's pieces of table k, columns block j: one launch for every table of a pass.
     task = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    table = tl.program_id(2).to(tl.int64)
+    partial_ptr += table * table_slots * N
+    sums_ptr += table * T * N
     col_ok = cols < N
     begin = tl.load(starts_ptr + task)
     end = tl.load(starts_ptr + task + 1)
@@ -217,17 +223,19 @@ def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: i
     return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, cdiv(rows, chunk_rows))
 
 
-def empty_pieces(chunks: TaskChunks, width: int, device: torch.device) -> torch.Tensor:
-    """The partials [chunks + T - 1, width] (fp32) that step 1 writes over ``chunks``."""
-    return torch.empty((chunks.chunks + chunks.num_tasks - 1, width), dtype=torch.float32, device=device)
+def empty_pieces(chunks: TaskChunks, width: int, device: torch.device, tables: int = 1) -> torch.Tensor:
+    """The partials [tables, chunks + T - 1, width] (fp32) that step 1 writes over ``chunks``, for ``tables``
+    tables summed over the same rows."""
+    return torch.empty((tables, chunks.chunks + chunks.num_tasks - 1, width), dtype=torch.float32, device=device)
 
 
 def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
-    """Step 2: each task's pieces in ``partial`` added in a fixed order, [T, width] fp32."""
-    width = partial.shape[1]
-    sums = torch.empty((chunks.num_tasks, width), dtype=torch.float32, device=partial.device)
-    _task_pieces_sum_kernel[(chunks.num_tasks, cdiv(width, _BLOCK_N))](
-        partial, chunks.starts, sums, width, chunks.chunk_rows,
+    """Step 2: each task's pieces in ``partial`` [tables, slots, width] added in a fixed order, [tables, T, width]
+    fp32, in one launch."""
+    tables, slots, width = partial.shape
+    sums = torch.empty((tables, chunks.num_tasks, width), dtype=torch.float32, device=partial.device)
+    _task_pieces_sum_kernel[(chunks.num_tasks, cdiv(width, _BLOCK_N), tables)](
+        partial, chunks.starts, sums, width, chunks.num_tasks, slots, chunks.chunk_rows,
         BLOCK_PIECES=_BLOCK_PIECES,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
@@ -247,11 +255,12 @@ class BiasReduction(NamedTuple):
     def per_task(self) -> bool:
         return self.chunks is not None
 
-    def partials(self, width: int, device: torch.device) -> torch.Tensor:
-        """The fp32 partials the pass writes: a row per program, or the pieces."""
+    def partials(self, width: int, device: torch.device, tables: int = 1) -> torch.Tensor:
+        """The fp32 partials the pass writes for ``tables`` biases summed over the same rows, [tables, rows, width]:
+        a row per program, or the pieces."""
         if self.chunks is not None:
-            return empty_pieces(self.chunks, width, device)
-        return torch.empty((self.programs, width), dtype=torch.float32, device=device)
+            return empty_pieces(self.chunks, width, device, tables)
+        return torch.empty((tables, self.programs, width), dtype=torch.float32, device=device)
 
     def walk(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The pass's (order, sorted_tasks, chunk_rows) arguments; ``placeholder`` for the unused pointers of a
@@ -261,8 +270,9 @@ class BiasReduction(NamedTuple):
         return self.chunks.order, self.chunks.sorted_tasks, self.chunks.chunk_rows
 
     def total(self, partials: torch.Tensor) -> torch.Tensor:
-        """The bias gradient from the partials: [width], or [T, width] per task."""
-        return sum_pieces(partials, self.chunks) if self.chunks is not None else partials.sum(dim=0)
+        """The bias gradients from the partials, one reduction for every table: [tables, width], or
+        [tables, T, width] per task."""
+        return sum_pieces(partials, self.chunks) if self.chunks is not None else partials.sum(dim=1)
 
 
 def bias_reduction(row_task: torch.Tensor | None, num_tasks: int, rows: int, programs: int) -> BiasReduction:
@@ -286,11 +296,11 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     chunks = task_chunks(row_task, num_tasks, M, _CHUNK_ROWS)
     if M == 0:
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
-    partial = empty_pieces(chunks, N, grad.device)
+    partial = empty_pieces(chunks, N, grad.device)  # one table
     _task_chunk_sums_kernel[(chunks.chunks, cdiv(N, _BLOCK_N))](
         grad, chunks.order, chunks.sorted_tasks, chunks.starts, partial, M, N, num_tasks, chunks.chunk_rows,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
     )
-    return sum_pieces(partial, chunks)
+    return sum_pieces(partial, chunks)[0]
