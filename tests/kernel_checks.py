@@ -43,3 +43,45 @@ def assert_autocast_as_accurate_as_torch(ours: dict, torch_same_precision: dict,
             failures.append(f"{name}: max error {err_ours:.3e} > {bound:.3e} (torch's: {err_torch:.3e}, largest "
                             f"value: {largest:.3e})")
     assert not failures, f"{what} under {precision} autocast, less accurate than torch's:\n" + "\n".join(failures)
+
+
+class TorchWithNanEmpty:
+    """torch, but ``empty`` floating-point tensors hold NaN (patch a kernel module's ``torch`` with it): a partial
+    sum read but never written shows."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        tensor = torch.empty(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+
+class TorchWithGuardRows:
+    """torch, but ``empty`` and ``empty_like`` tensors are the first rows of a NaN buffer ``rows`` rows longer
+    (patch a kernel module's ``torch`` with it): a kernel that writes past the end of its output leaves a guard row
+    that is not NaN (``guards_intact``). On a GPU such a write can go unnoticed; on CPU it may only crash later."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.buffers = []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _guarded(self, shape, dtype, device) -> torch.Tensor:
+        shape = tuple(shape)
+        buffer = torch.full((shape[0] + self.rows, *shape[1:]), float("nan"), dtype=dtype, device=device)
+        self.buffers.append((buffer, shape[0]))
+        return buffer[:shape[0]]
+
+    def empty(self, *size, dtype=None, device=None):
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return self._guarded(shape, dtype or torch.get_default_dtype(), device)
+
+    def empty_like(self, tensor, dtype=None):
+        return self._guarded(tensor.shape, dtype or tensor.dtype, tensor.device)
+
+    def guards_intact(self) -> bool:
+        return bool(self.buffers) and all(buffer[used:].isnan().all() for buffer, used in self.buffers)

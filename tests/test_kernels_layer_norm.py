@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import assert_as_accurate_as_torch, torch_grads
+from kernel_checks import TorchWithGuardRows, assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
 from bitfit_fast.functions import Ops
 from bitfit_fast.torch_ops import layer_norm_output
+from bitfit_fast_kernels import layer_norm, task_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = Ops(K)
@@ -322,3 +323,73 @@ def test_dx_sum_is_the_gradient_of_a_bias_added_to_x(dtype, lead, n, dropout, pe
     assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
     assert dx_sum.dtype == torch.float32 and dx_sum.shape == bias.shape
     assert_as_accurate_as_torch(dx_sum.to(dtype), same_db, truth_db, "dx_sum")
+
+
+def test_x_hat_of_rows_of_large_mean_and_small_spread_is_accurate_to_fp32():
+    """Rows of mean 300 and spread 1e-2: the mean's sum (of values near 300) is rounded by far more than the spread
+    allows, and x_hat = (s - mean) * rstd magnifies that rounding 100x. The forward takes it out (the centred values'
+    own mean): x_hat is as accurate as fp32 allows against float64, whatever order the sums take."""
+    eps, n = 1e-5, 37
+    x = 300 + 1e-2 * torch.randn(8, n, device=DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE), eps)
+    s = x.double()
+    centered = s - s.mean(-1, keepdim=True)
+    truth = centered * (centered.square().mean(-1, keepdim=True) + eps).rsqrt()
+    torch.testing.assert_close(x_hat.double(), truth, atol=1e-5 * truth.abs().max().item(), rtol=1e-5)
+
+
+def _nan_padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` [M, ...] as the first M rows of a buffer whose ``rows`` rows after them are NaN: same shape, contiguous."""
+    buffer = torch.full((t.shape[0] + rows, *t.shape[1:]), float("nan"), dtype=t.dtype, device=t.device)
+    buffer[:t.shape[0]] = t
+    return buffer[:t.shape[0]]
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_the_backward_reads_only_its_rows(per_task):
+    """M = 5 rows, not a multiple of any row tile: the last row block is partly past the end. Its masked rows must
+    read nothing (NaN behind dy, x_hat and rstd, a row block of it) and sum nothing: every output equals that of
+    inputs with no NaN behind them, bit for bit."""
+    m, n, seed = 5, 37, 11
+    x, residual, gamma, beta = make((m,), n, torch.float32)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=0.2, seed=seed)
+    dy = torch.randn_like(x)
+    row_task = torch.tensor([2, 0, 2, 1, 0], device=DEVICE) if per_task else None
+    options = dict(dropout_p=0.2, seed=seed, sum_dx=True, row_task=row_task, num_tasks=3)
+    expected = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, **options)
+    block_m = layer_norm._row_tile(n)[0]
+    padded = K.residual_layer_norm_backward(_nan_padded(dy, block_m), _nan_padded(x_hat, block_m), gamma,
+                                            _nan_padded(rstd, block_m), **options)
+    for name, ours, theirs in zip(["dx", "ds", "dbeta", "dx_sum"], padded, expected, strict=True):
+        assert ours.isfinite().all(), f"{name}: a masked row's NaN was read"
+        assert torch.equal(ours, theirs), name
+
+
+def test_dropout_rows_of_a_width_not_a_multiple_of_4_draw_apart():
+    """A row of 37 columns takes ceil(37 / 4) = 10 Philox counters: the next row starts at the 11th, so a row's last
+    column and the next row's first are independent draws (agreeing at the rate of two independent elements, within
+    5 sigma), not one counter's number twice."""
+    keep = _forward_keep(seed=21, m=128, n=37)
+    agree = P**2 + (1 - P) ** 2
+    rate = (keep[:-1, -1] == keep[1:, 0]).float().mean().item()
+    assert abs(rate - agree) < 5 * (agree * (1 - agree) / (keep.shape[0] - 1)) ** 0.5, rate
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_the_kernels_write_only_their_rows(per_task, monkeypatch):
+    """M = 5 rows, not a multiple of any row tile: the last row block is partly past the end. Every tensor the host
+    functions allocate (y, x_hat, rstd, ds, dx, the partial and final sums) has a row block of NaN after it, which
+    the forward and the backward leave untouched."""
+    m, n, seed = 5, 37, 11
+    guarded = TorchWithGuardRows(rows=layer_norm._row_tile(n)[0])
+    for module in (layer_norm, task_tables):
+        monkeypatch.setattr(module, "torch", guarded)
+    x, residual, gamma, beta = make((m,), n, torch.float32)
+    row_task = torch.tensor([2, 0, 2, 1, 0], device=DEVICE) if per_task else None
+    if per_task:
+        beta = torch.randn(3, n, device=DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=0.2, seed=seed,
+                                                   row_task=row_task)
+    K.residual_layer_norm_backward(torch.randn_like(x), x_hat, gamma, rstd, dropout_p=0.2, seed=seed, sum_dx=True,
+                                   row_task=row_task, num_tasks=3)
+    assert guarded.guards_intact(), "a kernel wrote past the end of its output"

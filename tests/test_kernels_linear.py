@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from kernel_checks import assert_as_accurate_as_torch, torch_grads
 
 import bitfit_fast_kernels as K
 from bitfit_fast.functions import Ops
 from bitfit_fast.torch_ops import activation_forward
-from bitfit_fast_kernels.utils import row_bucket
+from bitfit_fast_kernels.utils import cdiv, next_power_of_2, row_bucket
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = Ops(K)
@@ -155,6 +156,18 @@ def test_dropout_mask_does_not_depend_on_the_batch_shape():
 def test_row_buckets_are_coarse():
     assert [row_bucket(m) for m in (1, 256, 257, 5000, 16384, 16385, 10**7)] == [
         256, 256, 1024, 16384, 16384, 65536, 65536]
+
+
+def test_host_cdiv_and_next_power_of_2_are_tritons():
+    """The plain-Python host helpers give what triton.cdiv and triton.next_power_of_2 give: exact multiples and
+    exact powers of 2 included (a block of 2N for N features would be twice the work); next_power_of_2 is 1 for
+    n <= 1 (triton's is 0 for 0)."""
+    for n in range(1, 70):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+    for n in range(0, 70):
+        for b in (1, 3, 4, 16):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+    assert [next_power_of_2(n) for n in (0, 1, 2, 768, 1024, 1025, 65536)] == [1, 1, 2, 1024, 1024, 2048, 65536]
 
 
 @pytest.mark.parametrize("philox_offset", [0, 7])

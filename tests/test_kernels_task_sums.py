@@ -3,6 +3,7 @@ the sums the gradient passes take while they write the gradient (linear g pass, 
 
 import pytest
 import torch
+from kernel_checks import TorchWithNanEmpty
 
 import bitfit_fast_kernels as K
 from bitfit_fast_kernels import heads, layer_norm, linear, task_tables
@@ -42,22 +43,10 @@ def _layout(name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
     return tasks[torch.randperm(rows, generator=generator)]
 
 
-class _TorchWithNanEmpty:
-    """torch, but ``empty`` floating-point tensors hold NaN: a partial sum read but never written shows."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        tensor = torch.empty(*args, **kwargs)
-        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-
 @pytest.mark.parametrize("rows", [1, 31, 3 * task_tables._CHUNK_ROWS + 5])
 @pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "uneven"])
 def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows, monkeypatch):
-    monkeypatch.setattr(task_tables, "torch", _TorchWithNanEmpty())
+    monkeypatch.setattr(task_tables, "torch", TorchWithNanEmpty())
     generator = torch.Generator().manual_seed(rows)
     row_task = _layout(layout, rows, generator).to(DEVICE)
     grad = torch.randn(rows, 45, generator=generator).to(DEVICE)
@@ -176,7 +165,7 @@ def _check_pass_per_task(name, rows, layout, monkeypatch, dtype=torch.float32, c
     rows (summed before they are rounded to ``dtype``: exactly for fp32, to fp32 accuracy of the shared pass's own
     sums for 16-bit), the same bits every run."""
     for module in (linear, layer_norm, heads, task_tables):  # a value read but never written shows as NaN
-        monkeypatch.setattr(module, "torch", _TorchWithNanEmpty())
+        monkeypatch.setattr(module, "torch", TorchWithNanEmpty())
     row_task = _layout(layout, rows, torch.Generator().manual_seed(rows)).to(DEVICE)
     run = PASSES[name]
     shared_written, shared_sums = run(rows, torch.Generator().manual_seed(1), None, dtype, True)
