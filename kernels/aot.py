@@ -8,7 +8,7 @@ A variant is a kernel x tile config x dtype x the constexpr flag set that bitfit
 config asks; LayerNorm always stores x_hat). Argument types and
 16-byte divisibility are what the JIT derives from a BERT launch: torch allocations are aligned, N, K and the
 hidden size are multiples of 16, biases / gamma / beta / statistics are fp32, arguments named in a kernel's
-``do_not_specialize`` get no alignment hint, and a drawn dropout seed is taken as unaligned.
+``do_not_specialize`` get no alignment hint, and the dropout seed is a [1] int64 tensor (``seed_ptr``).
 
 One line per variant: status, registers per thread, spill bytes (stores + loads, from ptxas -v), shared memory
 (compiler metadata) and the MMA instructions in the PTX (wgmma = Hopper warpgroup MMA, mma.sync = Ampere-style,
@@ -58,7 +58,6 @@ HIDDEN_SIZES = (384, 768)  # MiniLM (BLOCK_N 512) and BERT-base (1024; BERT-larg
 # Integer arguments of a BERT-base launch (32768 tokens); only their divisibility by 16 reaches the compiler.
 INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "philox_offset": 0, "T": 64}
 TASK_POINTERS = {"order_ptr", "sorted_task_ptr"}  # int64: the rows sorted by task and their tasks
-DRAWN_SEED = 12345  # not a multiple of 16, as 15 in 16 drawn seeds
 
 
 @dataclass
@@ -108,8 +107,7 @@ def linear_variants():
                 consts=dict(HAS_BIAS=bias != "", BIAS_PER_ROW=bias == "per-row", ACTIVATION=act,
                             HAS_DROPOUT=dropout, STORE_PREACT=preact, DOT_PRECISION=precision, **cfg.kwargs),
                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                fp32_pointers={"b_ptr"} if bias else set(), int_pointers={"task_ptr"},
-                ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
+                fp32_pointers={"b_ptr"} if bias else set(), int_pointers={"task_ptr", "seed_ptr"}, ints=INTS,
             )
     # linear_backward: g with the GELU or GeGLU (stored for dx, column-summed for db), or db alone from dy; with
     # dropout (ModernBERT's Wo and GeGLU), g = dy through the mask with or without the GeGLU.
@@ -128,8 +126,7 @@ def linear_variants():
             consts={"ACTIVATION": act, "HAS_DROPOUT": dropout, "STORE_G": store_g, "COMPUTE_DB": db,
                     "PER_TASK": per_task, "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
             options={"num_warps": linear._GRAD_WARPS},
-            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers=TASK_POINTERS,
-            ints=dict(INTS, seed=DRAWN_SEED if dropout else 0),
+            fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers={"seed_ptr", *TASK_POINTERS}, ints=INTS,
         )
 
 
@@ -144,8 +141,8 @@ def layer_norm_variants():
             consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "STORE_X_HAT": True,
                     "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
-            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr"},
-            ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
+            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr", "seed_ptr"},
+            ints=dict(INTS, N=hidden),
         )
     # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
     # gradient there), or d(beta) alone.
@@ -160,7 +157,7 @@ def layer_norm_variants():
                     "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
             fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr"},
-            int_pointers=TASK_POINTERS, ints=dict(INTS, N=hidden, seed=DRAWN_SEED if dropout else 0),
+            int_pointers={"seed_ptr", *TASK_POINTERS}, ints=dict(INTS, N=hidden),
         )
 
 

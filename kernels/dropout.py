@@ -6,10 +6,20 @@ col % 4 to each). A tile starting on a multiple of 4 columns draws exactly its o
 depends on the seed, the offset and the element, not on the tile shapes or the number of rows. Counters are int64
 (M * N / 4 may pass 2**31). A quarter of a Philox call per element: the LayerNorm kernels' one call per element
 (``tl.rand``) was their costliest arithmetic.
+
+The seed is read from memory (``seed_ptr``, a [1] int64 tensor), not passed as a launch argument: a CUDA graph
+replays its launches' arguments as captured, but a seed drawn on the device inside the graph is new each replay.
+Its low 32 bits are the Philox key (a 64-bit key cost the fp32 GEMM's dropout epilogue a spill on sm_90).
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """The dropout seed at ``seed_ptr``: its low 32 bits."""
+    return tl.load(seed_ptr).to(tl.uint32)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import task_tables
-from .dropout import keep_mask
+from .dropout import keep_mask, load_seed
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -40,6 +40,7 @@ from .utils import (
     launches_on_input_device,
     next_power_of_2,
     reduction_programs,
+    seed_pointer,
 )
 
 # A whole row lives in registers; 64K fp32 values is far beyond any encoder's hidden size.
@@ -47,7 +48,7 @@ MAX_FEATURES = 65536
 
 
 # Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16.
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])
+@triton.jit(do_not_specialize=["M", "philox_offset"])
 def _residual_layer_norm_fwd_kernel(
     # Pointers
     x_ptr,  # [M, N] sublayer output
@@ -64,7 +65,7 @@ def _residual_layer_norm_fwd_kernel(
     eps,
     p,
     scale,
-    seed,
+    seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
     philox_offset,
     # Features
     HAS_RESIDUAL: tl.constexpr,
@@ -84,7 +85,7 @@ def _residual_layer_norm_fwd_kernel(
 
     s = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        s = tl.where(keep_mask(seed, philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), s * scale, 0.0)
+        s = tl.where(keep_mask(load_seed(seed_ptr), philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), s * scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
@@ -135,7 +136,7 @@ def _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row
     return dy, dx
 
 
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "philox_offset", "chunk_rows"])
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output
@@ -155,7 +156,7 @@ def _residual_layer_norm_bwd_kernel(
     chunk_rows,  # sorted rows per program with PER_TASK
     p,
     scale,
-    seed,
+    seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
     philox_offset,
     # Features
     HAS_DROPOUT: tl.constexpr,
@@ -171,6 +172,7 @@ def _residual_layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    seed = load_seed(seed_ptr) if HAS_DROPOUT else 0
     dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dx_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PER_TASK:
@@ -238,7 +240,7 @@ def residual_layer_norm_forward(
     residual: torch.Tensor | None = None,
     *,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     philox_offset: int = 0,
     store_x_hat: bool = True,
     row_task: torch.Tensor | None = None,
@@ -271,7 +273,7 @@ def residual_layer_norm_forward(
     _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else x, gamma, beta, row_task if row_task is not None else gamma, y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
-        M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+        M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, gamma), philox_offset,
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         BETA_PER_ROW=row_task is not None,
@@ -291,7 +293,7 @@ def residual_layer_norm_backward(
     rstd: torch.Tensor,
     *,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     philox_offset: int = 0,
     compute_dx: bool = True,
     sum_dx: bool = False,
@@ -333,7 +335,7 @@ def residual_layer_norm_backward(
         dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, partials[0], partials[-1],
         order, sorted_tasks, M, N, num_tasks, chunk_rows,
-        dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, gamma), philox_offset,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
         SUM_DX=sum_dx,

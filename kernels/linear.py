@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from . import task_tables
-from .dropout import keep_mask
+from .dropout import keep_mask, load_seed
 from .utils import (
     INTERPRETER,
     KernelInputError,
@@ -86,6 +86,7 @@ from .utils import (
     launches_on_input_device,
     reduction_programs,
     row_bucket,
+    seed_pointer,
 )
 
 # "geglu": gelu(h[:, :N/2]) * h[:, N/2:], the GLU of ModernBERT (its up-projection stacks the input and gate halves).
@@ -181,7 +182,7 @@ def _gelu_grad(h):
          "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset"])  # they change per call: no recompiles
+@triton.jit(do_not_specialize=["M", "philox_offset"])  # they change per call: no recompiles
 def _linear_fwd_kernel(
     # Pointers
     x_ptr,  # [M, K] input, row-major
@@ -198,7 +199,7 @@ def _linear_fwd_kernel(
     # Dropout
     p,  # drop probability
     scale,  # 1 / (1 - p)
-    seed,
+    seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
     philox_offset,
     # Features
     HAS_BIAS: tl.constexpr,
@@ -274,7 +275,7 @@ def _linear_fwd_kernel(
     if ACTIVATION == "geglu":
         acc = _gelu(acc) * gate
     if HAS_DROPOUT:
-        keep = keep_mask(seed, philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        keep = keep_mask(load_seed(seed_ptr), philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
     tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -305,7 +306,7 @@ def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, sc
     return g, g_gate
 
 
-@triton.jit(do_not_specialize=["M", "seed", "philox_offset", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "philox_offset", "chunk_rows"])
 def _linear_grad_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output y; [M, N / 2] with the GeGLU
@@ -323,7 +324,7 @@ def _linear_grad_kernel(
     # Dropout
     p,
     scale,
-    seed,
+    seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
     philox_offset,
     # Features
     ACTIVATION: tl.constexpr,
@@ -345,6 +346,7 @@ def _linear_grad_kernel(
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
+    seed = load_seed(seed_ptr) if HAS_DROPOUT else 0
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PER_TASK:
@@ -400,7 +402,7 @@ def linear_forward(
     *,
     activation: str | None = None,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     philox_offset: int = 0,
     store_preact: bool = False,
     row_task: torch.Tensor | None = None,
@@ -456,7 +458,7 @@ def linear_forward(
         x2d, weight, bias if bias is not None else y, row_task if row_task is not None else y, y,
         h if h is not None else y,
         M, N, K, row_bucket(M),
-        dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, y), philox_offset,
         HAS_BIAS=bias is not None,
         BIAS_PER_ROW=bias is not None and row_task is not None,
         ACTIVATION=activation or "",
@@ -492,7 +494,7 @@ def linear_backward(
     *,
     activation: str | None = None,
     dropout_p: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     philox_offset: int = 0,
     compute_dx: bool = True,
     compute_db: bool = True,
@@ -542,7 +544,7 @@ def linear_backward(
         _linear_grad_kernel[(reduction.programs, col_blocks)](
             dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
             order, sorted_tasks, M, N, num_tasks, chunk_rows,
-            dropout_p, 1.0 / (1.0 - dropout_p), seed or 0, philox_offset,
+            dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, dy2d), philox_offset,
             ACTIVATION=activation or "",
             HAS_DROPOUT=dropout_p > 0.0,
             STORE_G=store_g,

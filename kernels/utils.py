@@ -118,12 +118,27 @@ def check_rows(name: str, tensor: torch.Tensor) -> int:
     return rows
 
 
-def check_dropout(p: float, seed: int | None) -> None:
+def check_dropout(p: float, seed: int | torch.Tensor | None) -> None:
     """Raise unless p is in [0, 1) and, for p > 0, a seed is given: the backward regenerates the mask from it."""
     if not 0.0 <= p < 1.0:
         raise KernelInputError(f"dropout probability must be in [0, 1), got {p}")
     if p > 0.0 and seed is None:
         raise KernelInputError("dropout needs a seed: the backward regenerates the mask from it")
+
+
+def seed_pointer(seed: int | torch.Tensor | None, p: float, device: torch.device, unused: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``seed_ptr``: the dropout seed as a [1] int64 tensor on ``device``. The kernels read the seed
+    from memory so that a CUDA graph, which replays launch arguments as captured, still draws a new mask each
+    replay from a seed drawn on the device (``torch.randint(..., device=...)``) inside the graph. An int seed is
+    written into a new tensor (one small fill). Without dropout nothing is read: ``unused`` stands in."""
+    if p == 0.0:
+        return unused
+    if not isinstance(seed, torch.Tensor):
+        return torch.full((1,), seed, dtype=torch.int64, device=device)
+    if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise KernelInputError(f"a seed tensor must hold one int64 on {device}, got {seed.dtype} "
+                               f"{tuple(seed.shape)} on {seed.device}")
+    return seed
 
 
 def dot_precision(dtype: torch.dtype) -> str:

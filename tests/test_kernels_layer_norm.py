@@ -185,6 +185,20 @@ def test_dropout_rows_and_columns_are_independent():
     assert torch.unique(codes).numel() == codes.numel(), "rows share a run of draws"
 
 
+def test_a_seed_tensor_draws_the_mask_of_the_int_it_holds_forward_and_backward():
+    m, n = 40, 37
+    seed = torch.tensor([5], device=DEVICE)  # as a CUDA graph replays it: read from memory
+    keep = _forward_keep(seed, m=m, n=n)
+    assert torch.equal(keep, _forward_keep(5, m=m, n=n))
+    assert not torch.equal(keep, _forward_keep(torch.tensor([6], device=DEVICE), m=m, n=n))
+    x, ones = torch.ones(m, n, device=DEVICE), torch.ones(n, device=DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, ones, ones * 0, EPS, x * 0, dropout_p=P, seed=seed)
+    dx, ds, _, _ = K.residual_layer_norm_backward(torch.randn(m, n, device=DEVICE), x_hat, ones, rstd, dropout_p=P,
+                                                  seed=seed)
+    assert (ds != 0).all()
+    assert torch.equal(dx != 0, keep)
+
+
 @pytest.mark.parametrize("philox_offset", [0, 7])
 def test_the_backward_regenerates_the_forwards_mask_at_its_offset(philox_offset):
     m, n, seed = 40, 37, 5

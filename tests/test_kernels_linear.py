@@ -170,6 +170,23 @@ def test_host_cdiv_and_next_power_of_2_are_tritons():
     assert [next_power_of_2(n) for n in (0, 1, 2, 768, 1024, 1025, 65536)] == [1, 1, 2, 1024, 1024, 2048, 65536]
 
 
+def test_a_seed_tensor_draws_the_mask_of_the_int_it_holds_forward_and_backward():
+    # The kernels read the seed from memory, so that a CUDA graph replays a seed drawn on the device.
+    seed = torch.tensor([1234], device=DEVICE)
+    y, w = _dropout_run(seed=seed)
+    assert torch.equal(y, _dropout_run(seed=1234)[0])
+    assert not torch.equal(y, _dropout_run(seed=torch.tensor([1235], device=DEVICE))[0])
+    dx, db = K.linear_backward(torch.ones_like(y), w, dropout_p=0.3, seed=seed)
+    torch.testing.assert_close(db, y.sum(0))  # dy = 1: db counts the forward's kept (scaled) elements
+    torch.testing.assert_close(dx, y @ w)
+
+
+@pytest.mark.parametrize("seed", [torch.tensor([5], dtype=torch.int32), torch.tensor([5, 6]), torch.tensor([5.0])])
+def test_a_seed_tensor_holds_one_int64(seed):
+    with pytest.raises(K.KernelInputError, match="one int64"):
+        _dropout_run(seed=seed.to(DEVICE))
+
+
 @pytest.mark.parametrize("philox_offset", [0, 7])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_backward_regenerates_the_forward_mask(activation, philox_offset):
