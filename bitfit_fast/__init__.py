@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .checkpoint import load_biases, save_biases
 from .config import AppliedState, BitFitConfig
 from .families import SUBSET_PATTERNS
+from .graphs import GraphedStep
 from .model import (
     QueryRowsBitFitLinear,
     UndeclaredBiasesWarning,
@@ -22,6 +23,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitLayerNorm",
     "BitFitLinear",
+    "GraphedStep",
     "QueryRowsBitFitLinear",
     "TaskBank",
     "UndeclaredBiasesWarning",

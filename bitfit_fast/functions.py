@@ -16,6 +16,7 @@ import torch
 
 from . import torch_ops
 from .backend import triton_kernels, uses_triton
+from .graphs import check_not_capturing
 from .torch_ops import check_frozen, compute_dtype, layer_norm_output, table_row_tasks
 
 
@@ -238,6 +239,18 @@ class Ops:
     def is_torch(self) -> bool:
         """Whether plain torch ops run (the CPU path), rather than the Triton kernels."""
         return self.impl is torch_ops
+
+    def dropout_seed(self, p: float, device: torch.device) -> int | torch.Tensor | None:
+        """The seed of a dropout mask these ops draw (None without dropout), reproducible under torch.manual_seed:
+        for the Triton kernels a [1] int64 tensor drawn on ``device``, which they read from memory (a CUDA graph
+        replaying the step draws a new one each time: ``graphs``); for the torch ops an int from torch's CPU
+        generator, with no device sync."""
+        if p == 0.0:
+            return None
+        if not self.is_torch:
+            return torch.randint(2**31 - 1, (1,), device=device)
+        check_not_capturing("the torch backend's dropout (its seeds are host integers)")
+        return int(torch.randint(2**31 - 1, (1,)).item())
 
     def linear(self, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None,
                row_task=None) -> torch.Tensor:

@@ -115,7 +115,8 @@ def is_fusable(layer: nn.Module) -> bool:
 
 
 def _draw_seed(p: float) -> int | None:
-    # From torch's CPU generator: reproducible under torch.manual_seed, and no device sync.
+    # Attention's dropout seed, for the torch ops that draw its mask where SDPA does not (on CPU, or keeping no
+    # probabilities): from torch's CPU generator, reproducible under torch.manual_seed, and no device sync.
     return int(torch.randint(2**31 - 1, (1,)).item()) if p > 0.0 else None
 
 
@@ -341,11 +342,12 @@ class FusedEncoderLayer(nn.Module):
         attention_output = part(spec.attention_output)
         rt = tokens.row_tasks(first_only)
         y1, x_hat1 = ops.linear_layer_norm(context, attention_output.weight, attention_output.bias, residual,
-                                           ln1.weight, ln1.bias, ln1.eps, p_hidden, _draw_seed(p_hidden), rt)
+                                           ln1.weight, ln1.bias, ln1.eps, p_hidden,
+                                           ops.dropout_seed(p_hidden, x.device), rt)
         recompute_from = (x_hat1, ln1.weight, ln1.bias, rt) if self.bitfit_memory != "default" else None
         a = ops.linear(y1, intermediate.weight, intermediate.bias, "gelu", recompute_from=recompute_from, row_task=rt)
         y2, x_hat2 = ops.linear_layer_norm(a, output.weight, output.bias, y1, ln2.weight, ln2.bias, ln2.eps, p_output,
-                                           _draw_seed(p_output), rt)
+                                           ops.dropout_seed(p_output, x.device), rt)
         if minimal:
             _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
         return y2

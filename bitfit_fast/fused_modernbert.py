@@ -204,14 +204,14 @@ class FusedPreNormLayer(FusedEncoderLayer):
             rt = rows.tokens.row_tasks(first_only=True)
         p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
         x = x + ops.linear(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
-                           _draw_seed(p_attention), row_task=rt)
+                           ops.dropout_seed(p_attention, x.device), row_task=rt)
 
         beta = _beta(mlp_norm)
         h, x_hat = ops.layer_norm(x, None, mlp_norm.weight, beta, mlp_norm.eps, row_task=rt)
         recompute_from = (x_hat, mlp_norm.weight, beta, rt) if self.bitfit_memory != "default" else None
         p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
-        gated = ops.linear(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp, _draw_seed(p_mlp),
-                           recompute_from, rt)
+        gated = ops.linear(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp,
+                           ops.dropout_seed(p_mlp, h.device), recompute_from, rt)
         return x + ops.linear(gated, mlp_output.weight, mlp_output.trained_bias(), row_task=rt)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import task_rows
+from .graphs import capturing, check_not_capturing
 from .torch_ops import DropoutAttentionFunction, dropout_attention, packed_heads
 
 
@@ -253,6 +254,13 @@ class Tokens:
         if attention_mask is not None and attention_mask.dim() == 2:
             # Hugging Face passes the 0/1 padding mask itself to a flash-attention model's layers.
             attention_mask = attention_mask.bool()[:, None, None, :]
+        if capturing():
+            # A CUDA graph being captured: no question to the GPU (a host sync) is allowed, and no shape may depend
+            # on the data. Every token is kept, under the mask as it came.
+            if batch == 1 and (cu_seq_lens is not None or position_ids is not None):
+                raise RuntimeError("packed sequences (cu_seq_lens, or position_ids in a batch of one row) cannot be "
+                                   "captured in a CUDA graph: where they start is data. Pad them into rows instead")
+            return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, attention_mask)
         if attention_mask is not None:
             valid = key_padding(attention_mask, batch, seq)
             if valid is None or not bool(valid[:, 0].all()) or (keep_padding and not bool(valid.all())):
@@ -434,6 +442,7 @@ class Tokens:
 def _attention(q, k, v, mask, dropout_p: float, seed: int | None, scale: float, keep_probabilities: bool):
     """softmax(q k^T · scale + mask) v with dropout, for q, k, v [S, H, L, D]: see ``Tokens.attend``."""
     if not keep_probabilities and dropout_p > 0.0:
+        check_not_capturing("attention dropout without its probabilities (memory='lean' or 'minimal')")
         return DropoutAttentionFunction.apply(q, k, v, mask, dropout_p, seed, scale)
     if dropout_p > 0.0 and q.device.type == "cpu":  # SDPA's CPU path: dropout drawn by bernoulli_, slower
         return dropout_attention(q, k, v, mask, dropout_p, seed, scale)
