@@ -74,7 +74,8 @@ PYTEST=(python -m pytest -v --tb=short -rfE -p no:cacheprovider)
 # unpadding, dropout.
 TEST_FILES=(tests/test_kernels_linear.py tests/test_kernels_layer_norm.py tests/test_real_weights.py
             tests/test_fused_layer.py tests/test_modules.py tests/test_dropout_masks.py tests/test_unpadding.py
-            tests/test_fused_distilbert.py tests/test_task_bank.py tests/test_api.py tests/test_kernels_task_sums.py)
+            tests/test_fused_distilbert.py tests/test_task_bank.py tests/test_api.py tests/test_kernels_task_sums.py
+            tests/test_graphs.py)
 
 run_stage() {
     case "$1" in
@@ -99,7 +100,7 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         tests-bank) "${PYTEST[@]}" -m "gpu or not aot" tests/test_task_bank.py tests/test_fused_layer.py \
                     tests/test_kernels_linear.py -k "gpu_bf16 or per_row or task_bank" \
                     --junitxml="$LOGS/tests-bank.xml" ;;
-        profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast:bbc \
+        profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast-graphed:fixed fast:bbc \
                  --out "$LOGS" ;;
         sweep) python -m bitfit_fast_benches.sweep --out "$LOGS" ;;
         host-profile) python -m bitfit_fast_benches.host_profile --runs reference:fixed fast:fixed fast:bbc \

@@ -114,6 +114,33 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
     assert fast["time_vs_per_step"]["reference"]["median"] == pytest.approx(1 / per_step["median"])
 
 
+def test_a_graphed_provider_that_cannot_be_captured_is_recorded_and_runs_on_fixed_lengths_only(monkeypatch):
+    real_build = providers.build_provider
+
+    def build(name, base, device, copy_base=True):
+        trainer = real_build(name, base, device, copy_base)
+        if name != "fast":
+            return trainer
+
+        def step(batch):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore lines")
+
+        return dataclasses.replace(trainer, step=step)
+
+    monkeypatch.setattr(runner, "build_provider", build)
+    monkeypatch.setattr(runner, "GRAPHED", {"fast"})  # as if "fast" replayed a CUDA graph
+    monkeypatch.setattr(runner, "cpu_peak_rss", lambda name, w: dict(peak_rss=2 * 2**20, above_idle=2**20))
+    preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=2, warmup=1)
+    result = runner.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
+    assert list(result["providers"]) == ["reference"], "the others are timed still"
+    assert result["failed_providers"] == {"fast": "operation not permitted when stream is capturing"}
+    variable = dataclasses.replace(TINY, lengths="lognormal")
+    result = runner.run_workload(variable, preset, peak_tflops=1.0, log=lambda _: None)
+    assert list(result["providers"]) == ["reference"] and "failed_providers" not in result, "a shape per batch"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        real_build("fast-graphed", presets.build_base_model(TINY, "cpu"), "cpu")
+
+
 def test_paired_ratios_are_the_quartiles_of_each_steps_own_ratio():
     # Medians 2.5 / 2 = 1.25, but the steps' own ratios are 0.5, 2, 0.75, 2: a ratio of medians alone hides that.
     ratios = measurement.paired_ratios([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 2.0])

@@ -77,13 +77,15 @@ PRESETS = {
         "cuda",
         _sweep("bert-base", 128, [32, 64, 128, 256]) + _sweep("bert-base", 512, [16, 32])
         + [Workload("bert-base", 128, 256, lengths="bbc")],
-        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
+        ["reference", "reference-compiled", "reference-graphed", "full", "fast", "fast-lean", "fast-minimal",
+         "fast-torch", "fast-graphed"],
         repeats=20, warmup=5, max_batch=True,
     ),
     # gpu-base's goal workloads sized for a 15-minute GPU lease (benches/gpu_run.sh): no max-batch search.
     "gpu-short": Preset(
         "cuda", [Workload("bert-base", 128, 256), Workload("bert-base", 128, 256, lengths="bbc")],
-        ["reference", "reference-compiled", "full", "fast", "fast-lean", "fast-minimal", "fast-torch"],
+        ["reference", "reference-compiled", "reference-graphed", "full", "fast", "fast-lean", "fast-minimal",
+         "fast-torch", "fast-graphed"],
         repeats=10, warmup=3,
     ),
     # The largest-batch goal alone (minimal memory mode against the reference), for the same lease: searched within

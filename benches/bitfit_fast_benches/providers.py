@@ -23,11 +23,17 @@ PROVIDERS = {
     "fast-minimal": "bitfit_fast, fused layers (memory=minimal)",
     "fast-modules": "bitfit_fast, module-level path only (fuse_layers=False)",
     "fast-torch": "bitfit_fast, fused layers on the torch backend (no Triton)",
+    "fast-graphed": "bitfit_fast, fused layers, the whole step replayed as a CUDA graph (GPU, fixed shapes)",
+    "reference-graphed": "PyTorch BitFit eager, the whole step replayed as a CUDA graph (GPU, fixed shapes)",
 }
+# Providers whose step is a CUDA graph (bitfit_fast.GraphedStep): one capture per batch shape, so they run on
+# fixed-length workloads only; their peak memory is not measured (the graph's pool holds the step's memory for good,
+# which the allocator's peak above the resident state does not see).
+GRAPHED = {"fast-graphed", "reference-graphed"}
 
 # bitfit_fast.apply() options of the fast providers.
 FAST_OPTIONS = {"fast": {}, "fast-lean": dict(memory="lean"), "fast-minimal": dict(memory="minimal"),
-                "fast-modules": dict(fuse_layers=False), "fast-torch": dict(backend="torch")}
+                "fast-modules": dict(fuse_layers=False), "fast-torch": dict(backend="torch"), "fast-graphed": {}}
 
 
 @dataclasses.dataclass
@@ -55,9 +61,17 @@ def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: boo
     elif name != "full":
         freeze_for_bitfit(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5, fused=fused_optimizer or None)
+    graphed = name in GRAPHED
+    if graphed and device != "cuda":
+        raise ValueError(f"{name} replays a CUDA graph: it needs a GPU")
+    optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5, fused=fused_optimizer or None,
+                                  capturable=graphed and not fused_optimizer)
     forward = torch.compile(model) if name == "reference-compiled" else model
     autocast = torch.bfloat16 if device == "cuda" else None
+    if graphed:
+        import bitfit_fast
+
+        return Trainer(model, optimizer, bitfit_fast.GraphedStep(model, optimizer, 1.0, autocast), method)
 
     def step(batch: dict) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)

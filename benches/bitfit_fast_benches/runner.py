@@ -34,7 +34,7 @@ from .measurement import (
     timed,
 )
 from .presets import PRESETS, Preset, Workload, build_base_model, make_batches, padded_tokens, real_tokens
-from .providers import PROVIDERS, build_provider
+from .providers import GRAPHED, PROVIDERS, build_provider
 from .report import TIME_GOALS_RELATIVE_TO, check_goals, format_workload
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -108,9 +108,19 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
     device = preset.device
     base = build_base_model(workload, device)
     vocab = base.config.vocab_size
-    trainers = {name: build_provider(name, base, device) for name in preset.providers}
+    names = [name for name in preset.providers if not (workload.variable_lengths and name in GRAPHED)]
+    trainers = {name: build_provider(name, base, device) for name in names}
     del base
     batches = make_batches(workload, preset.warmup + preset.repeats, vocab, device)
+    failed = {}
+    for name in [name for name in names if name in GRAPHED]:
+        try:  # the capture, on the first warm-up batch: a model that cannot be captured is recorded, not fatal
+            trainers[name].step(batches[0])
+        except Exception as error:  # noqa: BLE001 - whatever the capture raises is recorded with its message
+            failed[name] = str(error).splitlines()[0][:300]
+            log(f"{name} failed on {workload.name}: {failed[name]}")
+            del trainers[name]
+            names.remove(name)
     times, losses = time_in_blocks(trainers, batches, preset.warmup, preset.block, device)
     for name, loss in losses.items():
         if not torch.isfinite(loss):
@@ -131,26 +141,29 @@ def run_workload(workload: Workload, preset: Preset, peak_tflops: float, log=pri
         flops = statistics.mean(step_flops(workload, b, trainer.method) for b in timed_batches)
         stats.update(tokens_per_s=padded / seconds, real_tokens_per_s=real / seconds, model_flops_per_step=flops)
         stats["mfu"] = mfu(stats, peak_tflops)
-        if device == "cuda":
+        if device == "cuda" and name not in GRAPHED:
             stats["peak_memory_bytes"] = gpu_peak_bytes(trainer, batches[-1])
         results[name] = stats
     del trainers, trainer, batches, timed_batches, losses  # none of them stays on the GPU through the probes below
     if device == "cuda":
         torch.cuda.empty_cache()
     else:
-        for name in preset.providers:
+        for name in names:
             probe = cpu_peak_rss(name, workload)
             results[name].update(peak_rss_bytes=probe["peak_rss"], peak_memory_bytes=probe["above_idle"])
     if preset.max_batch and device == "cuda" and not workload.variable_lengths and workload == preset.workloads[0]:
-        for name in preset.providers:
+        for name in (name for name in names if name not in GRAPHED):
             size, errors = max_batch(name, workload, device, memory_gib=preset.max_batch_memory_gib)
             results[name]["max_batch"] = size
             if errors:
                 results[name]["max_batch_errors"] = errors
     add_ratios(results)
     log(format_workload(workload.name, results))
-    return dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,
-                padded_tokens_per_step=padded, providers=results)
+    record = dict(workload=workload.name, spec=dataclasses.asdict(workload), real_tokens_per_step=real,
+                  padded_tokens_per_step=padded, providers=results)
+    if failed:
+        record["failed_providers"] = failed
+    return record
 
 
 def time_in_blocks(trainers: dict, batches: list[dict], warmup: int, block: int, device: str):
