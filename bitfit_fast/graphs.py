@@ -54,7 +54,9 @@ class GraphedStep:
     capturable (``capturable=True`` or ``fused=True``); the model must not sync the host inside its step. A graph
     keeps the learning rate it was captured with: a schedule needs it as a tensor (``lr=torch.tensor(1e-3)``),
     which the step reads from memory; a changed float raises. Elsewhere (CPU) every step runs eagerly.
-    ``autocast``: the dtype of ``torch.autocast``, or None.
+    ``autocast``: the dtype of ``torch.autocast``, or None. ``drop_full_masks``: a batch whose ``attention_mask``
+    is all ones replays the graph of the batch without it (one host sync a step asks; a graph captured with a mask
+    attends under it, padding or not: on an H200 that cost a BERT-base step 8.6 ms of 38.6 ms of GPU work).
 
         step = GraphedStep(model, optimizer, max_grad_norm=1.0, autocast=torch.bfloat16)
         for batch in batches:  # dicts of tensors, already on the model's device
@@ -63,7 +65,7 @@ class GraphedStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 1.0,
                  autocast: torch.dtype | None = None, warmup: int = 2,
-                 loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None):
+                 loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, drop_full_masks: bool = True):
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 step (kernels compile and tune in the first), got {warmup}")
         if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
@@ -75,6 +77,7 @@ class GraphedStep:
         self.autocast = autocast
         self.warmup = warmup
         self.loss = loss or (lambda model, batch: model(**batch).loss)
+        self.drop_full_masks = drop_full_masks
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._captures: dict[tuple, _Capture] = {}
         self._pool = None  # one memory pool shared by the graphs of every shape
@@ -143,6 +146,12 @@ class GraphedStep:
             raise TypeError("a batch is a non-empty dict of tensors")
         if not next(iter(batch.values())).is_cuda:
             return self._eager(batch)
+        mask = batch.get("attention_mask")
+        if self.drop_full_masks and mask is not None and bool(mask.all()):
+            # No padding: the graph of the batch without its mask (the same computation), whose attention needs no
+            # mask and whose last layer may run the first tokens only. A captured mask would stay a mask: the
+            # layout cannot ask the GPU during a capture. The question is one sync a step, before the replay.
+            batch = {key: value for key, value in batch.items() if key != "attention_mask"}
         key = _signature(batch)
         capture = self._captures.get(key)
         if capture is None:

@@ -149,8 +149,10 @@ def test_graphed_steps_train_as_eager_steps_on_the_same_layout(model_name, preci
                               backend="triton", announce=False).train()
     twin = copy.deepcopy(model)
     twin.bert.encoder.keeps_padding = True
-    batches = [_batch(model_name, model) for _ in range(4)]
+    batches = [_batch(model_name, model) for _ in range(5)]
     batches[2] = {k: v.clone() for k, v in batches[0].items()}  # a batch seen again
+    batches[3]["attention_mask"].fill_(1)  # no padding: the graph of the batch without a mask
+    batches[4]["attention_mask"].fill_(1)
     step = GraphedStep(model, _adamw(model, capturable=True), autocast=precision)
     twin_step = GraphedStep(twin, _adamw(twin, capturable=True), autocast=precision)
     start = {n: p.detach().clone() for n, p in trainable(model).items()}
@@ -160,7 +162,7 @@ def test_graphed_steps_train_as_eager_steps_on_the_same_layout(model_name, preci
         for (name, param), twin_param in zip(trainable(model).items(), trainable(twin).values(), strict=True):
             torch.testing.assert_close(param, twin_param, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(start[n], p) for n, p in trainable(model).items()), "the steps trained"
-    assert len(step._captures) == 1, "batches of one shape replay one graph"
+    assert len(step._captures) == 2, "batches of one shape replay one graph, with their mask or without"
 
 
 @pytest.mark.gpu

@@ -179,9 +179,9 @@ def plot(record: dict, path: Path) -> Path | None:
     providers = list(record["providers"])
     for column, (title, workloads) in enumerate(sweeps.items()):
         xs = [w["spec"]["batch"] for w in workloads]
-        for provider in providers:
-            stats = [w["providers"][provider] for w in workloads]
-            axes[0][column].plot(xs, [s["tokens_per_s"] for s in stats], marker="o", label=provider)
+        for provider in providers:  # a provider some workloads skip (a CUDA graph's on real lengths) has gaps
+            stats = [w["providers"].get(provider, {}) for w in workloads]
+            axes[0][column].plot(xs, [s.get("tokens_per_s", math.nan) for s in stats], marker="o", label=provider)
             axes[1][column].plot(xs, [s.get("peak_memory_bytes", math.nan) / 2**20 for s in stats], marker="o",
                                  label=provider)
         axes[0][column].set(title=title, xlabel="batch", ylabel="tokens/s")
@@ -189,10 +189,11 @@ def plot(record: dict, path: Path) -> Path | None:
         for ax in axes[:, column]:
             ax.set_xscale("log", base=2)
     for column, w in enumerate(variable, start=len(sweeps)):
-        stats = [w["providers"][p] for p in providers]
-        colors = [f"C{i}" for i in range(len(providers))]
-        axes[0][column].bar(providers, [s["real_tokens_per_s"] for s in stats], color=colors)
-        axes[1][column].bar(providers, [s.get("peak_memory_bytes", math.nan) / 2**20 for s in stats], color=colors)
+        present = [p for p in providers if p in w["providers"]]
+        stats = [w["providers"][p] for p in present]
+        colors = [f"C{providers.index(p)}" for p in present]
+        axes[0][column].bar(present, [s["real_tokens_per_s"] for s in stats], color=colors)
+        axes[1][column].bar(present, [s.get("peak_memory_bytes", math.nan) / 2**20 for s in stats], color=colors)
         axes[0][column].set(title=w["workload"], ylabel="real tokens/s")
         axes[1][column].set(ylabel="peak memory (MiB)")
         for ax in axes[:, column]:
