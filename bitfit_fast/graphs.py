@@ -10,10 +10,15 @@ optimizer. Unpadding is what a graph cannot do (every batch would have another t
 computes padding tokens, masked, where the eager step drops them.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable
 
 import torch
+
+# Set by GraphedStep while it runs and captures a batch it found free of padding (see ``batch_without_padding``).
+_UNPADDED = contextvars.ContextVar("bitfit_fast_unpadded_batch", default=False)
 
 
 def capturing() -> bool:
@@ -27,6 +32,24 @@ def check_not_capturing(what: str) -> None:
     if capturing():
         raise RuntimeError(f"{what} cannot be captured in a CUDA graph: each replay would draw the capture's dropout "
                            "masks again. Use the Triton backend with memory='default', or train without the graph")
+
+
+@contextlib.contextmanager
+def batch_without_padding():
+    """Declares the batch of the forwards inside free of padding (its attention mask, if any, all ones; the caller
+    checked). While a graph captures, the token layout then drops the attention mask it receives: it cannot ask
+    the GPU whether the mask masks anything, and transformers builds an all-True mask during a capture (5.17: even
+    for a batch given none), which the layout would otherwise keep, attending under it."""
+    token = _UNPADDED.set(True)
+    try:
+        yield
+    finally:
+        _UNPADDED.reset(token)
+
+
+def declared_without_padding() -> bool:
+    """Whether the current batch was declared free of padding (``batch_without_padding``)."""
+    return _UNPADDED.get()
 
 
 def _signature(batch: dict) -> tuple:
@@ -55,8 +78,10 @@ class GraphedStep:
     keeps the learning rate it was captured with: a schedule needs it as a tensor (``lr=torch.tensor(1e-3)``),
     which the step reads from memory; a changed float raises. Elsewhere (CPU) every step runs eagerly.
     ``autocast``: the dtype of ``torch.autocast``, or None. ``drop_full_masks``: a batch whose ``attention_mask``
-    is all ones replays the graph of the batch without it (one host sync a step asks; a graph captured with a mask
-    attends under it, padding or not: on an H200 that cost a BERT-base step 8.6 ms of 38.6 ms of GPU work).
+    is all ones (one host sync a step asks) or that has none replays the graph of the batch without one, captured
+    as unpadded (``batch_without_padding``); a graph captured with a mask attends under it, padding or not (on an
+    H200 that cost a BERT-base step 8.6 of 38.6 ms of GPU work). For encoders whose attention mask is the padding
+    mask (the fused families); False keeps every mask.
 
         step = GraphedStep(model, optimizer, max_grad_norm=1.0, autocast=torch.bfloat16)
         for batch in batches:  # dicts of tensors, already on the model's device
@@ -147,7 +172,8 @@ class GraphedStep:
         if not next(iter(batch.values())).is_cuda:
             return self._eager(batch)
         mask = batch.get("attention_mask")
-        if self.drop_full_masks and mask is not None and bool(mask.all()):
+        unpadded = self.drop_full_masks and (mask is None or bool(mask.all()))
+        if unpadded:
             # No padding: the graph of the batch without its mask (the same computation), whose attention needs no
             # mask and whose last layer may run the first tokens only. A captured mask would stay a mask: the
             # layout cannot ask the GPU during a capture. The question is one sync a step, before the replay.
@@ -155,7 +181,8 @@ class GraphedStep:
         key = _signature(batch)
         capture = self._captures.get(key)
         if capture is None:
-            capture = self._captures[key] = self._capture(batch)
+            with batch_without_padding() if unpadded else contextlib.nullcontext():
+                capture = self._captures[key] = self._capture(batch)
         else:
             if self._float_learning_rates() != capture.learning_rates:
                 raise ValueError("the learning rate changed since the step was captured, and the graph replays the "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import task_rows
-from .graphs import capturing, check_not_capturing
+from .graphs import capturing, check_not_capturing, declared_without_padding
 from .torch_ops import DropoutAttentionFunction, dropout_attention, packed_heads
 
 
@@ -256,11 +256,13 @@ class Tokens:
             attention_mask = attention_mask.bool()[:, None, None, :]
         if capturing():
             # A CUDA graph being captured: no question to the GPU (a host sync) is allowed, and no shape may depend
-            # on the data. Every token is kept, under the mask as it came.
+            # on the data. Every token is kept, under the mask as it came, unless the batch was declared free of
+            # padding (then the mask, all-True, is dropped: attention without one, the first-token shortcut).
             if batch == 1 and (cu_seq_lens is not None or position_ids is not None):
                 raise RuntimeError("packed sequences (cu_seq_lens, or position_ids in a batch of one row) cannot be "
                                    "captured in a CUDA graph: where they start is data. Pad them into rows instead")
-            return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, attention_mask)
+            mask = None if declared_without_padding() else attention_mask
+            return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, mask)
         if attention_mask is not None:
             valid = key_padding(attention_mask, batch, seq)
             if valid is None or not bool(valid[:, 0].all()) or (keep_padding and not bool(valid.all())):

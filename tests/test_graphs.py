@@ -74,6 +74,41 @@ def test_while_capturing_the_layout_keeps_the_padding_asks_the_gpu_nothing_and_c
         torch.testing.assert_close(captured_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("model_name", MODELS)
+def test_a_batch_declared_without_padding_is_captured_without_a_mask(model_name, pretend_capturing, monkeypatch):
+    # GraphedStep declares a batch whose attention mask is all ones: the all-True mask transformers builds while
+    # capturing is dropped, so that attention runs unmasked and the last layer on first tokens, as eagerly.
+    model = bitfit_fast.apply(MODELS[model_name](hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                              backend="triton", announce=False).train()
+    batch = _batch(model_name, model)
+    batch["attention_mask"].fill_(1)
+    hidden = torch.zeros(*batch["input_ids"].shape, 4, device=DEVICE)
+    all_true = torch.ones(hidden.shape[0], 1, hidden.shape[1], hidden.shape[1], dtype=torch.bool, device=DEVICE)
+    assert Tokens.of_batch(hidden, all_true).key_mask is not None, "undeclared, a mask is kept: it may mask"
+    seen = []
+    of_batch = Tokens.of_batch.__func__
+    monkeypatch.setattr(Tokens, "of_batch", classmethod(lambda cls, *args, **kwargs: seen.append(
+        of_batch(cls, *args, **kwargs)) or seen[-1]))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
+
+    with graphs.batch_without_padding(), monkeypatch.context() as syncs:
+        assert Tokens.of_batch(hidden, all_true).key_mask is None
+        _refuse_host_syncs(syncs)
+        captured_loss, captured_grads = run()
+    assert seen[-1].key_mask is None and seen[-1].one_sequence_per_row, "unmasked, first tokens only at the end"
+    assert not graphs.declared_without_padding(), "the declaration ends with its block"
+    monkeypatch.undo()
+    loss, grads = run()
+    torch.testing.assert_close(captured_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(captured_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_while_capturing_packed_sequences_are_refused(pretend_capturing):
     hidden = torch.zeros(1, 8, 4, device=DEVICE)
     with pytest.raises(RuntimeError, match="packed sequences"):
