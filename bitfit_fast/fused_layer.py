@@ -265,7 +265,9 @@ class FusedEncoderLayer(nn.Module):
                 or self.trains_a_weight() or hooks_inside(self.children())):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
-        tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding)
+        # Hugging Face's mask of these bidirectional encoders is the batch's padding.
+        tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding,
+                                 mask_is_padding=True)
         return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)),
                                  hidden_states.dtype)
 
@@ -396,7 +398,7 @@ class FusedEncoder(nn.Module):
 
         check_batch(hidden_states)
         tokens = Tokens.of_batch(hidden_states, attention_mask, kwargs.get("position_ids"),
-                                 kwargs.get("cu_seq_lens_q"), self.keeps_padding)
+                                 kwargs.get("cu_seq_lens_q"), self.keeps_padding, mask_is_padding=True)
         first_only = self.first_token_only and tokens.one_sequence_per_row
         x = tokens.pack(hidden_states)
         for i, layer in enumerate(layers):

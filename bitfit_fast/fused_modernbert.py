@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from . import graphs
 from .families import PreNormGluLayerSpec, layer_spec
 from .functions import Ops, functions
 from .fused_layer import (
@@ -254,10 +255,12 @@ class FusedPreNormEncoder(FusedEncoder):
         hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         check_batch(hidden)
         batch, seq = hidden.shape[:2]
+        key_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+        # The caller's position_ids only: ones filled in here would pass for packed sequences in a batch of one row.
+        tokens = Tokens.of_batch(hidden, key_mask, position_ids, kwargs.get("cu_seq_lens_q"), self.keeps_padding,
+                                 mask_is_padding=True)
         if position_ids is None:
             position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
-        key_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        tokens = Tokens.of_batch(hidden, key_mask, position_ids, kwargs.get("cu_seq_lens_q"), self.keeps_padding)
         rotary = {}
         for layer_type in set(config.layer_types):
             cos_sin = self.rotary_emb(hidden, position_ids, layer_type)
@@ -278,9 +281,12 @@ class FusedPreNormEncoder(FusedEncoder):
 
 def _pads_between_tokens(attention_mask: torch.Tensor | None, window: int) -> bool:
     """Whether a [B, T] padding mask has padding between two real tokens of a row longer than the sliding window:
-    the window counts the row's positions, and the unpadded stack would count the real tokens instead."""
+    the window counts the row's positions, and the unpadded stack would count the real tokens instead. While a
+    CUDA graph captures, the GPU cannot be asked: only a batch declared free of padding is known to have none."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] - 1 <= window:
         return False
+    if graphs.capturing():
+        return not graphs.declared_without_padding()
     real = attention_mask.bool()
     after_a_token = real.cumsum(dim=1)[:, :-1] > 0
     return bool((after_a_token & ~real[:, :-1] & real[:, 1:]).any())

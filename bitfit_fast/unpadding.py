@@ -23,8 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import task_rows
-from .graphs import capturing, check_not_capturing, declared_without_padding
+from . import graphs, task_rows
 from .torch_ops import DropoutAttentionFunction, dropout_attention, packed_heads
 
 
@@ -243,25 +242,27 @@ class Tokens:
 
     @classmethod
     def of_batch(cls, hidden: torch.Tensor, attention_mask=None, position_ids=None, cu_seq_lens=None,
-                 keep_padding: bool = False) -> "Tokens":
+                 keep_padding: bool = False, mask_is_padding: bool = False) -> "Tokens":
         """The layout for a [B, T, d] batch and the mask its layers receive. Packed sequences in a batch of one
         row are recognised by ``position_ids`` restarting at 0, or by flash-attention's ``cu_seq_lens`` (what
         ``DataCollatorWithFlattening`` returns); a mask that is not a key-padding mask, a batch whose first token
         is padding (left padding: the head would read a padding token), or any padded batch with
-        ``keep_padding`` (a model whose loss reads the padding positions), is kept as it is."""
+        ``keep_padding`` (a model whose loss reads the padding positions), is kept as it is.
+        ``mask_is_padding``: the caller's word that the mask holds the batch's padding and nothing else (no
+        sliding window), so that while a graph captures a batch declared free of padding it may be dropped."""
         batch, seq = hidden.shape[:2]
         device = hidden.device
         if attention_mask is not None and attention_mask.dim() == 2:
             # Hugging Face passes the 0/1 padding mask itself to a flash-attention model's layers.
             attention_mask = attention_mask.bool()[:, None, None, :]
-        if capturing():
+        if graphs.capturing():
             # A CUDA graph being captured: no question to the GPU (a host sync) is allowed, and no shape may depend
             # on the data. Every token is kept, under the mask as it came, unless the batch was declared free of
             # padding (then the mask, all-True, is dropped: attention without one, the first-token shortcut).
             if batch == 1 and (cu_seq_lens is not None or position_ids is not None):
                 raise RuntimeError("packed sequences (cu_seq_lens, or position_ids in a batch of one row) cannot be "
                                    "captured in a CUDA graph: where they start is data. Pad them into rows instead")
-            mask = None if declared_without_padding() else attention_mask
+            mask = None if mask_is_padding and graphs.declared_without_padding() else attention_mask
             return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, mask)
         if attention_mask is not None:
             valid = key_padding(attention_mask, batch, seq)
@@ -444,7 +445,7 @@ class Tokens:
 def _attention(q, k, v, mask, dropout_p: float, seed: int | None, scale: float, keep_probabilities: bool):
     """softmax(q k^T · scale + mask) v with dropout, for q, k, v [S, H, L, D]: see ``Tokens.attend``."""
     if not keep_probabilities and dropout_p > 0.0:
-        check_not_capturing("attention dropout without its probabilities (memory='lean' or 'minimal')")
+        graphs.check_not_capturing("attention dropout without its probabilities (memory='lean' or 'minimal')")
         return DropoutAttentionFunction.apply(q, k, v, mask, dropout_p, seed, scale)
     if dropout_p > 0.0 and q.device.type == "cpu":  # SDPA's CPU path: dropout drawn by bernoulli_, slower
         return dropout_attention(q, k, v, mask, dropout_p, seed, scale)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 import types
@@ -480,3 +481,28 @@ def test_a_provider_can_take_fused_adamw():
     base = presets.build_base_model(TINY, "cpu")
     assert providers.build_provider("fast", base, "cpu", fused_optimizer=True).optimizer.defaults["fused"] is True
     assert providers.build_provider("fast", base, "cpu").optimizer.defaults["fused"] is None
+
+
+def test_the_plot_leaves_gaps_for_a_provider_a_workload_skipped(tmp_path, monkeypatch):
+    # A graphed provider runs on fixed lengths only: its line has a gap where a sweep lacks it, the bars of a
+    # variable-length workload leave it out, and each provider keeps its color across the panels.
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    stats = dict(tokens_per_s=100.0, real_tokens_per_s=90.0, peak_memory_bytes=2**20)
+    workloads = [TINY, dataclasses.replace(TINY, batch=4), dataclasses.replace(TINY, lengths="lognormal")]
+    record = dict(preset="tiny", device="cpu", providers={"reference": "", "fast-graphed": "", "fast": ""},
+                  workloads=[dict(workload=w.name, spec=dataclasses.asdict(w),
+                                  providers={p: dict(stats) for p in ["reference", "fast-graphed", "fast"]
+                                             if p != "fast-graphed" or w.batch == 2 and w.lengths == "fixed"})
+                             for w in workloads])
+    assert report.plot(record, tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    sweep, bars = fig.axes[0], fig.axes[1]
+    graphed = [line for line in sweep.get_lines() if line.get_label() == "fast-graphed"][0]
+    assert graphed.get_ydata()[0] == 100.0 and math.isnan(graphed.get_ydata()[1])
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["reference", "fast"]
+    assert [p.get_facecolor() for p in bars.patches] == [matplotlib.colors.to_rgba(c) for c in ("C0", "C2")]
+    plt.close(fig)

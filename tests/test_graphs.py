@@ -7,11 +7,13 @@ import pytest
 import torch
 import transformers.utils.import_utils as hf_import_utils
 from bitfit_reference import DEVICE, bbc_titles, padded_batch, real_batch, real_minilm, tiny_bert, trainable
+from test_fused_modernbert import tiny_modernbert
 
 import bitfit_fast
 import bitfit_fast_kernels as K
-from bitfit_fast import GraphedStep, graphs, unpadding
+from bitfit_fast import GraphedStep, graphs
 from bitfit_fast.functions import TORCH, Ops
+from bitfit_fast.fused_modernbert import _pads_between_tokens
 from bitfit_fast.unpadding import Tokens
 
 MODELS = {"tiny": lambda **options: tiny_bert(**options),
@@ -29,7 +31,6 @@ def _batch(model_name: str, model) -> dict:
 def pretend_capturing(monkeypatch):
     """What the fused path and Hugging Face see while a CUDA graph captures, on any device."""
     monkeypatch.setattr(graphs, "capturing", lambda: True)
-    monkeypatch.setattr(unpadding, "capturing", lambda: True)
     monkeypatch.setattr(hf_import_utils, "is_cuda_stream_capturing", lambda: True)
 
 
@@ -97,7 +98,8 @@ def test_a_batch_declared_without_padding_is_captured_without_a_mask(model_name,
         return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
 
     with graphs.batch_without_padding(), monkeypatch.context() as syncs:
-        assert Tokens.of_batch(hidden, all_true).key_mask is None
+        assert Tokens.of_batch(hidden, all_true, mask_is_padding=True).key_mask is None
+        assert Tokens.of_batch(hidden, all_true).key_mask is not None, "a mask that may hold a window is kept"
         _refuse_host_syncs(syncs)
         captured_loss, captured_grads = run()
     assert seen[-1].key_mask is None and seen[-1].one_sequence_per_row, "unmasked, first tokens only at the end"
@@ -107,6 +109,37 @@ def test_a_batch_declared_without_padding_is_captured_without_a_mask(model_name,
     torch.testing.assert_close(captured_loss, loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(captured_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rows", [2, 1])
+@pytest.mark.parametrize("path", ["model", "layers"])
+def test_a_modernbert_captured_as_unpadded_keeps_its_sliding_window(path, rows, pretend_capturing, monkeypatch):
+    # Sequences longer than the window. On the per-layer path (taken with output_hidden_states) Hugging Face's
+    # mask of a sliding layer holds the window, not only padding: a declared batch keeps it. A batch of one row
+    # is not packed because the encoder fills in position_ids.
+    model = bitfit_fast.apply(tiny_modernbert(), backend="triton", announce=False).eval()
+    seq = model.config.local_attention + 3
+    batch = dict(input_ids=torch.randint(3, model.config.vocab_size, (rows, seq), device=DEVICE),
+                 output_hidden_states=path == "layers")
+    with graphs.batch_without_padding(), monkeypatch.context() as syncs:
+        _refuse_host_syncs(syncs)
+        captured = model(**batch).logits
+    monkeypatch.undo()
+    torch.testing.assert_close(captured, model(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_while_capturing_modernbert_does_not_ask_whether_padding_sits_between_tokens(pretend_capturing,
+                                                                                       monkeypatch):
+    # Padding between real tokens of a row longer than the window sends ModernBERT to its own forward; only the
+    # GPU could say: while capturing, a batch not declared free of padding takes that path without asking.
+    window = 2
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEVICE)
+    with monkeypatch.context() as syncs:
+        _refuse_host_syncs(syncs)
+        assert _pads_between_tokens(mask, window)
+        with graphs.batch_without_padding():
+            assert not _pads_between_tokens(mask, window)
+        assert not _pads_between_tokens(mask[:, :3], window), "a row within the window needs no answer"
 
 
 def test_while_capturing_packed_sequences_are_refused(pretend_capturing):
@@ -239,3 +272,140 @@ def test_a_changed_float_learning_rate_is_refused_and_a_tensor_one_is_followed()
     step(batch)
     for name, param in trainable(scheduled).items():  # AdamW's decoupled decay is lr-scaled too: nothing moves
         assert torch.equal(param, before[name]), name
+
+
+def test_a_step_takes_a_dict_of_tensors_and_returns_its_loss_detached():
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    step = GraphedStep(model, _adamw(model))
+    for batch in ({}, {"input_ids": [[1, 2]]}):
+        with pytest.raises(TypeError, match="dict of tensors"):
+            step(batch)
+    loss = step({k: v.cpu() for k, v in padded_batch(model).items()})
+    assert not loss.requires_grad, "a returned loss would keep the step's autograd graph alive"
+
+
+def test_only_a_capturable_or_fused_optimizer_is_captured():
+    # The check a capture runs first (GPU), called directly.
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedStep(model, _adamw(model))._check_optimizer()
+    GraphedStep(model, _adamw(model, capturable=True))._check_optimizer()
+
+
+def test_restore_puts_back_parameters_and_adam_state_in_place_and_zeroes_state_created_since():
+    # What a capture does after its warmup steps (GPU), on CPU: a graph holds the addresses of the parameters and
+    # of the optimizer state, so both go back as they were in place; state the warmup created goes back to Adam's
+    # initial zeros, state that existed to its values before the warmup.
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    step = GraphedStep(layer, optimizer)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    optimizer.step()  # the weight has state, the bias none
+    before = [p.detach().clone() for p in step.params]
+    weight_state = {k: v.clone() for k, v in optimizer.state[layer.weight].items()}
+    snapshot = step._snapshot()
+    for _ in range(2):  # the warmup
+        layer.weight.grad, layer.bias.grad = torch.randn(2, 3), torch.randn(2)
+        optimizer.step()
+    tensors = {(i, k): v for i, p in enumerate(step.params) for k, v in optimizer.state[p].items()}
+    assert not torch.equal(layer.weight, before[0]) and not torch.equal(layer.bias, before[1])
+    pointers = [p.data_ptr() for p in step.params]
+    step._restore(snapshot)
+    assert [p.data_ptr() for p in step.params] == pointers
+    for p, value in zip(step.params, before, strict=True):
+        assert torch.equal(p, value)
+    assert {(i, k): v for i, p in enumerate(step.params) for k, v in optimizer.state[p].items()} == tensors, \
+        "the same tensors, written in place"
+    for name, value in optimizer.state[layer.weight].items():
+        assert torch.equal(value, weight_state[name]), name
+    for name, value in optimizer.state[layer.bias].items():
+        assert not value.any(), name
+
+
+def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_masks_without_them(monkeypatch):
+    # GraphedStep.__call__'s dispatch, on CPU with the capture faked: a graph per (keys, shapes, dtypes, devices)
+    # whatever the keys' order, a batch with an all-ones mask or none replays the graph of the batch without one,
+    # captured declared unpadded; a replay first copies the batch into the graph's inputs; a changed float lr is
+    # refused.
+    model = tiny_bert()
+    optimizer = _adamw(model)
+    step = GraphedStep(model, optimizer)
+    captured, replayed = [], []
+
+    class Graph:
+        def __init__(self, inputs):
+            self.inputs = inputs
+
+        def replay(self):
+            replayed.append({k: v.clone() for k, v in self.inputs.items()})
+
+    def capture(batch):
+        captured.append((sorted(batch), graphs.declared_without_padding()))
+        inputs = {k: v.clone() for k, v in batch.items()}
+        return graphs._Capture(Graph(inputs), inputs, torch.tensor(float(len(captured))),
+                               step._float_learning_rates())
+
+    keeping = GraphedStep(model, _adamw(model), drop_full_masks=False)
+    for graphed in (step, keeping):
+        monkeypatch.setattr(graphed, "_capture", capture)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as on a GPU
+    ids = torch.arange(8).view(2, 4)
+    padding = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    full = torch.ones(2, 4, dtype=torch.long)
+    assert step(dict(input_ids=ids, attention_mask=padding)) == 1
+    assert captured[-1] == (["attention_mask", "input_ids"], False), "a padded batch keeps its mask"
+    assert step(dict(input_ids=ids + 1, attention_mask=full)) == 2
+    assert captured[-1] == (["input_ids"], True), "a full mask is dropped, the batch declared unpadded"
+    assert not graphs.declared_without_padding()
+    loss = step(dict(input_ids=ids + 2))  # no mask: the same graph
+    assert loss == 2 and torch.equal(replayed[-1]["input_ids"], ids + 2)
+    step._captures[graphs._signature(dict(input_ids=ids))].loss.fill_(0.0)  # as the next replay would
+    assert loss == 2, "the caller's loss is a copy"
+    assert step(dict(attention_mask=padding, input_ids=ids + 3)) == 1, "the keys' order does not matter"
+    assert torch.equal(replayed[-1]["input_ids"], ids + 3) and torch.equal(replayed[-1]["attention_mask"], padding)
+    step(dict(input_ids=ids.int()))
+    step(dict(input_ids=ids[:1]))
+    step(dict(token_type_ids=ids))
+    assert len(captured) == 5, "a new dtype, shape or key is a new graph"
+    assert len(replayed) == 7, "every step replays"
+    optimizer.param_groups[0]["lr"] = 5e-4
+    with pytest.raises(ValueError, match="lr=torch.tensor"):
+        step(dict(input_ids=ids))
+    keeping(dict(input_ids=ids, attention_mask=full))
+    assert captured[-1] == (["attention_mask", "input_ids"], False), "drop_full_masks=False keeps every mask"
+
+
+def test_the_kernels_dropout_seed_is_drawn_on_the_given_device_afresh_each_time():
+    # On a GPU the seed must be drawn there, inside the graph (meta stands in for another device); every mask its
+    # own seed, following torch's seed.
+    kernels = Ops(K)
+    assert kernels.dropout_seed(0.1, torch.device("meta")).device.type == "meta"
+    torch.manual_seed(5)
+    first, second = kernels.dropout_seed(0.1, torch.device(DEVICE)), kernels.dropout_seed(0.1, torch.device(DEVICE))
+    torch.manual_seed(6)
+    other = kernels.dropout_seed(0.1, torch.device(DEVICE))
+    assert not torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_while_capturing_only_a_single_row_with_position_ids_is_refused_as_packed(pretend_capturing):
+    # position_ids restarting at 0 mark packed sequences in a batch of one row only; rows of a padded batch may
+    # carry them (HF passes them on) and are captured as rows.
+    hidden = torch.zeros(1, 8, 4, device=DEVICE)
+    with pytest.raises(RuntimeError, match="packed sequences"):
+        Tokens.of_batch(hidden, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]], device=DEVICE))
+    rows = torch.zeros(2, 8, 4, device=DEVICE)
+    tokens = Tokens.of_batch(rows, None, position_ids=torch.arange(8, device=DEVICE).expand(2, -1))
+    assert tokens.rows is None and tokens.key_mask is None
+
+
+def test_a_graphed_step_clips_the_gradients_global_norm():
+    # The tiny model's gradient norm is below 1 (a clip to 1 changes nothing), and Adam's update hardly sees a
+    # rescaled gradient: the gradients the step leaves behind show the clipping.
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False).eval()
+    batch = {k: v.cpu() for k, v in padded_batch(model).items()}
+    GraphedStep(model, _adamw(model), max_grad_norm=None)(batch)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable(model).values()]))
+    assert norm > 1e-3
+    GraphedStep(model, _adamw(model), max_grad_norm=1e-3)(batch)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable(model).values()]))
+    torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)

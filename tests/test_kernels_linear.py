@@ -9,7 +9,7 @@ from kernel_checks import assert_as_accurate_as_torch, torch_grads
 import bitfit_fast_kernels as K
 from bitfit_fast.functions import Ops
 from bitfit_fast.torch_ops import activation_forward
-from bitfit_fast_kernels.utils import cdiv, next_power_of_2, row_bucket
+from bitfit_fast_kernels.utils import cdiv, next_power_of_2, row_bucket, seed_pointer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = Ops(K)
@@ -326,3 +326,14 @@ def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation, gemm):
     assert dtable.dtype == torch.float32 and dtable.shape == (5, n)
     assert_as_accurate_as_torch(dtable.to(dtype), same_dtable, truth_dtable, "dtable")
     assert not dtable[1:4][torch.bincount(row_task, minlength=5)[1:4] == 0].any(), "a task without rows gets 0"
+
+
+def test_a_seed_tensor_lives_on_the_inputs_device_and_is_read_as_it_is():
+    # A CUDA graph replays the launch with this very tensor, which a seed drawn inside the graph rewrites: a copy
+    # (or the int it holds) would repeat the capture's mask on every replay.
+    elsewhere = torch.tensor([5], device="cpu" if DEVICE == "cuda" else "meta")
+    with pytest.raises(K.KernelInputError, match="one int64"):
+        _dropout_run(seed=elsewhere)
+    seed, unused = torch.tensor([5], device=DEVICE), torch.empty(1, device=DEVICE)
+    assert seed_pointer(seed, 0.1, seed.device, unused) is seed
+    assert seed_pointer(None, 0.0, seed.device, unused) is unused
