@@ -3,8 +3,9 @@
 A fused step launches ~100 Triton kernels and as many torch ops, each costing the host tens of microseconds: on an
 H200 the BERT-base step at batch 256 kept the GPU busy 30 ms of its 42 (benches/results/gpu/host-profile.txt). A
 replayed graph launches the whole step (forward, backward, gradient clipping, optimizer) as one. What a graph
-needs, the fused path provides: no host sync inside the step (``unpadding.Tokens`` keeps a batch's padding while
-capturing, where it would otherwise ask the GPU whether there is any), dropout seeds that the kernels read from
+needs, the fused path provides: no host sync inside the step (``unpadding.Tokens`` keeps a batch's padding under
+its mask while capturing, where it would otherwise ask the GPU whether there is any, and drops the mask of a batch
+declared free of padding, ``batch_without_padding``), dropout seeds that the kernels read from
 device memory and that are drawn on the device inside the graph (so each replay draws new masks), and a capturable
 optimizer. Unpadding is what a graph cannot do (every batch would have another token count): a graphed step
 computes padding tokens, masked, where the eager step drops them.
