@@ -149,16 +149,23 @@ class GraphedStep:
         self._check_optimizer()
         snapshot = self._snapshot()
         inputs = {key: value.clone() for key, value in batch.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._eager(inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph, and stay there
-        with torch.cuda.graph(graph, pool=self._pool):
-            loss = self._eager(inputs)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._eager(inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph, and stay there
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = self._eager(inputs)
+        except BaseException:
+            # A model that cannot be captured keeps what it had trained: the warmup steps are undone. (After a
+            # sticky CUDA error the restore fails too; the capture's error is the one to see.)
+            with contextlib.suppress(Exception):
+                self._restore(snapshot)
+            raise
         self._pool = graph.pool()
         self._restore(snapshot)
         return _Capture(graph, inputs, loss, self._float_learning_rates())

@@ -1,6 +1,7 @@
 """The CUDA-graph training step (``bitfit_fast.GraphedStep``) and what a capture asks of the fused path: dropout
 seeds drawn on the device and read by the kernels from memory, and a token layout that asks the GPU nothing."""
 
+import contextlib
 import copy
 
 import pytest
@@ -409,3 +410,35 @@ def test_a_graphed_step_clips_the_gradients_global_norm():
     GraphedStep(model, _adamw(model), max_grad_norm=1e-3)(batch)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable(model).values()]))
     torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)
+
+
+def test_a_failed_capture_leaves_the_parameters_and_the_optimizer_as_they_were(monkeypatch):
+    # The capture itself (GPU) faked on CPU: the warmup steps run, then the capture fails (a host sync inside the
+    # model, say); what the warmup trained is undone, and the capture's error is the one raised.
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    optimizer = _adamw(model)
+    step = GraphedStep(model, optimizer)
+    batch = {k: v.cpu() for k, v in padded_batch(model).items()}
+    step(batch)  # a real step first: state exists, and must come back as it was
+    before = {n: p.detach().clone() for n, p in trainable(model).items()}
+    state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in trainable(model).items()}
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def failing_graph(graph, pool=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    monkeypatch.setattr(step, "_check_optimizer", lambda: None)  # a CPU AdamW cannot be capturable
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        step._capture(batch)
+    for name, param in trainable(model).items():
+        assert torch.equal(param, before[name]), name
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(value, state[name][key]), (name, key)
