@@ -62,7 +62,8 @@ class _Capture:
     graph: "torch.cuda.CUDAGraph"
     inputs: dict
     loss: torch.Tensor
-    learning_rates: list  # each group's lr at capture, where a float
+    settings: tuple  # what the graph replays as captured (``GraphedStep._settings``)
+    grads: list  # the parameters' gradients the graph writes
 
 
 class GraphedStep:
@@ -70,19 +71,23 @@ class GraphedStep:
     norm to ``max_grad_norm`` (None: no clipping), optimizer step; the detached loss is returned. The same training
     as running those lines on every batch, on a GPU in one launch.
 
-    On a GPU the first batch of each new set of shapes is run eagerly ``warmup`` times (on a side stream, as CUDA
-    graphs ask: kernels compile and tune, the optimizer state and the allocator settle), then captured; the trained
-    parameters and the optimizer state are then put back as they were before the warmup, and the graph replays
-    that batch: it trains once, as any other. Every later batch of those shapes is copied into the graph's inputs
-    and replayed. The optimizer must be Adam or AdamW (the state a warmup creates is reset to theirs, zeros) and
-    capturable (``capturable=True`` or ``fused=True``); the model must not sync the host inside its step. A graph
-    keeps the learning rate it was captured with: a schedule needs it as a tensor (``lr=torch.tensor(1e-3)``),
-    which the step reads from memory; a changed float raises. Elsewhere (CPU) every step runs eagerly.
-    ``autocast``: the dtype of ``torch.autocast``, or None. ``drop_full_masks``: a batch whose ``attention_mask``
-    is all ones (one host sync a step asks) or that has none replays the graph of the batch without one, captured
-    as unpadded (``batch_without_padding``); a graph captured with a mask attends under it, padding or not (on an
-    H200 that cost a BERT-base step 8.6 of 38.6 ms of GPU work). For encoders whose attention mask is the padding
-    mask (the fused families); False keeps every mask.
+    On a GPU the first batch of each new set of shapes (and train/eval mode) is run eagerly ``warmup`` times (on a
+    side stream, as CUDA graphs ask: kernels compile and tune, the optimizer state and the allocator settle), then
+    captured; the trained parameters and the optimizer state are then put back as they were before the warmup, and
+    the graph replays that batch: it trains once, as any other. A capture that fails undoes the warmup too. Every
+    later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or AdamW
+    (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True``; the model must not sync
+    the host inside its step (nor recompute under ``torch.utils.checkpoint``, which reads the RNG state on the
+    host: gradient checkpointing, ``memory="minimal"``). A graph keeps the hyperparameters it was captured with
+    (``max_grad_norm``, ``autocast``, each param group's floats): a learning-rate schedule needs the lr as a tensor
+    (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads from memory; any other change raises. Elsewhere
+    (CPU) every step runs eagerly. ``autocast``: the dtype of ``torch.autocast``, or None.
+
+    ``drop_full_masks``: a batch whose ``attention_mask`` is all ones (one host sync a step asks) or that has none
+    replays the graph of the batch without one, captured as unpadded (``batch_without_padding``); a graph captured
+    with a mask attends under it, padding or not (on an H200 that cost a BERT-base step 8.6 of 38.6 ms of GPU
+    work). For models that read the mask only as padding (the fused families' encoders and classification heads);
+    a custom ``loss(model, batch)`` then gets the batch without it. False keeps every mask.
 
         step = GraphedStep(model, optimizer, max_grad_norm=1.0, autocast=torch.bfloat16)
         for batch in batches:  # dicts of tensors, already on the model's device
@@ -121,11 +126,25 @@ class GraphedStep:
         self.optimizer.step()
         return loss.detach()
 
-    def _check_optimizer(self) -> None:
-        defaults = self.optimizer.defaults
-        if not (defaults.get("capturable") or defaults.get("fused")):
+    def _check_capturable(self) -> None:
+        """Refuse, before any warmup step, what a capture cannot take."""
+        if not all(group.get("capturable") for group in self.optimizer.param_groups):
             raise ValueError(f"{type(self.optimizer).__name__} is not capturable: a CUDA graph replays its step only "
-                             "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True)) or fused=True")
+                             "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True); fused=True "
+                             "alone is not enough)")
+        for name, module in self.model.named_modules():
+            if getattr(module, "bitfit_memory", None) == "minimal" or getattr(module, "gradient_checkpointing", False):
+                raise ValueError(f"{name or 'the model'} recomputes under torch.utils.checkpoint (memory='minimal' "
+                                 "or gradient checkpointing), which reads the RNG state on the host: a CUDA graph "
+                                 "cannot capture it. Use memory='default' or 'lean' with GraphedStep")
+
+    def _settings(self) -> tuple:
+        """What a graph replays as it was at its capture: the clipping, the autocast dtype and each param group's
+        hyperparameters but tensors (a tensor lr is read from memory at every replay)."""
+        groups = tuple(tuple((k, v) for k, v in sorted(group.items())
+                             if k != "params" and not isinstance(v, torch.Tensor))
+                       for group in self.optimizer.param_groups)
+        return self.max_grad_norm, self.autocast, groups
 
     @torch.no_grad()
     def _snapshot(self) -> tuple[list, dict]:
@@ -146,33 +165,47 @@ class GraphedStep:
                     tensor.copy_(saved) if saved is not None else tensor.zero_()
 
     def _capture(self, batch: dict) -> _Capture:
-        self._check_optimizer()
+        self._check_capturable()
         snapshot = self._snapshot()
         inputs = {key: value.clone() for key, value in batch.items()}
+        stream = torch.cuda.current_stream()
+        body_errors = []
+
+        def body():
+            try:
+                return self._eager(inputs)
+            except BaseException as error:
+                body_errors.append(error)
+                raise
+
         try:
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self._eager(inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            side.wait_stream(stream)
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self._eager(inputs)
+            finally:
+                stream.wait_stream(side)  # also after a failed step: the restore below must come after its kernels
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph, and stay there
             with torch.cuda.graph(graph, pool=self._pool):
-                loss = self._eager(inputs)
-        except BaseException:
-            # A model that cannot be captured keeps what it had trained: the warmup steps are undone. (After a
-            # sticky CUDA error the restore fails too; the capture's error is the one to see.)
+                loss = body()
+        except BaseException as error:
+            # A model that cannot be captured keeps what it had trained: the warmup steps are undone. A capture that
+            # an illegal operation invalidated leaves its own stream current: the step's comes back. The error to
+            # see is the step's own, not the capture's end failing after it. (After a sticky CUDA error the restore
+            # fails too, and torch's RNG may refuse eager draws.)
+            torch.cuda.set_stream(stream)
             with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
                 self._restore(snapshot)
+            if body_errors and body_errors[0] is not error:
+                raise body_errors[0] from error
             raise
         self._pool = graph.pool()
         self._restore(snapshot)
-        return _Capture(graph, inputs, loss, self._float_learning_rates())
-
-    def _float_learning_rates(self) -> list:
-        return [group["lr"] if not isinstance(group["lr"], torch.Tensor) else None
-                for group in self.optimizer.param_groups]
+        return _Capture(graph, inputs, loss, self._settings(), [p.grad for p in self.params])
 
     def __call__(self, batch: dict) -> torch.Tensor:
         if not batch or not all(isinstance(value, torch.Tensor) for value in batch.values()):
@@ -186,16 +219,20 @@ class GraphedStep:
             # mask and whose last layer may run the first tokens only. A captured mask would stay a mask: the
             # layout cannot ask the GPU during a capture. The question is one sync a step, before the replay.
             batch = {key: value for key, value in batch.items() if key != "attention_mask"}
-        key = _signature(batch)
+        key = (_signature(batch), self.model.training)  # eval mode: another graph, without dropout
         capture = self._captures.get(key)
         if capture is None:
             with batch_without_padding() if unpadded else contextlib.nullcontext():
                 capture = self._captures[key] = self._capture(batch)
         else:
-            if self._float_learning_rates() != capture.learning_rates:
-                raise ValueError("the learning rate changed since the step was captured, and the graph replays the "
-                                 "float it saw: give the optimizer lr=torch.tensor(...) to schedule it")
+            if self._settings() != capture.settings:
+                raise ValueError("a hyperparameter changed since the step was captured (max_grad_norm, autocast or "
+                                 "an optimizer setting), and the graph replays what it saw: give the optimizer "
+                                 "lr=torch.tensor(...) to schedule the learning rate; for another change, make a "
+                                 "new GraphedStep")
             for name, value in batch.items():
                 capture.inputs[name].copy_(value)
         capture.graph.replay()
+        for param, grad in zip(self.params, capture.grads, strict=True):
+            param.grad = grad  # this graph's gradients (another graph's capture left its own there)
         return capture.loss.clone()

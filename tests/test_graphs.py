@@ -285,12 +285,21 @@ def test_a_step_takes_a_dict_of_tensors_and_returns_its_loss_detached():
     assert not loss.requires_grad, "a returned loss would keep the step's autograd graph alive"
 
 
-def test_only_a_capturable_or_fused_optimizer_is_captured():
-    # The check a capture runs first (GPU), called directly.
-    model = tiny_bert()
-    with pytest.raises(ValueError, match="capturable=True"):
-        GraphedStep(model, _adamw(model))._check_optimizer()
-    GraphedStep(model, _adamw(model, capturable=True))._check_optimizer()
+def test_a_capture_takes_a_capturable_optimizer_and_no_recomputation_under_checkpoint():
+    # The checks a capture runs before its warmup (GPU), called directly. torch's Adam refuses a capture unless
+    # capturable, fused or not; torch.utils.checkpoint reads the RNG state on the host.
+    model = bitfit_fast.apply(tiny_bert(), backend="triton", announce=False)
+    for optimizer in (_adamw(model), _adamw(model, fused=True)):
+        with pytest.raises(ValueError, match="capturable=True"):
+            GraphedStep(model, optimizer)._check_capturable()
+    GraphedStep(model, _adamw(model, capturable=True))._check_capturable()
+    minimal = bitfit_fast.apply(tiny_bert(), backend="triton", memory="minimal", announce=False)
+    with pytest.raises(ValueError, match="memory='minimal' or gradient checkpointing"):
+        GraphedStep(minimal, _adamw(minimal, capturable=True))._check_capturable()
+    checkpointed = tiny_bert()
+    checkpointed.bert.encoder.gradient_checkpointing = True  # what gradient_checkpointing_enable() sets
+    with pytest.raises(ValueError, match="memory='minimal' or gradient checkpointing"):
+        GraphedStep(checkpointed, _adamw(checkpointed, capturable=True))._check_capturable()
 
 
 def test_restore_puts_back_parameters_and_adam_state_in_place_and_zeroes_state_created_since():
@@ -325,9 +334,9 @@ def test_restore_puts_back_parameters_and_adam_state_in_place_and_zeroes_state_c
 
 def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_masks_without_them(monkeypatch):
     # GraphedStep.__call__'s dispatch, on CPU with the capture faked: a graph per (keys, shapes, dtypes, devices)
-    # whatever the keys' order, a batch with an all-ones mask or none replays the graph of the batch without one,
-    # captured declared unpadded; a replay first copies the batch into the graph's inputs; a changed float lr is
-    # refused.
+    # whatever the keys' order, and per train/eval mode; a batch with an all-ones mask or none replays the graph of
+    # the batch without one, captured declared unpadded; a replay first copies the batch into the graph's inputs,
+    # then puts that graph's gradients back on the parameters; a changed float hyperparameter is refused.
     model = tiny_bert()
     optimizer = _adamw(model)
     step = GraphedStep(model, optimizer)
@@ -343,8 +352,8 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
     def capture(batch):
         captured.append((sorted(batch), graphs.declared_without_padding()))
         inputs = {k: v.clone() for k, v in batch.items()}
-        return graphs._Capture(Graph(inputs), inputs, torch.tensor(float(len(captured))),
-                               step._float_learning_rates())
+        grads = [torch.full_like(p, len(captured)) for p in step.params]  # each graph's own gradient buffers
+        return graphs._Capture(Graph(inputs), inputs, torch.tensor(float(len(captured))), step._settings(), grads)
 
     keeping = GraphedStep(model, _adamw(model), drop_full_masks=False)
     for graphed in (step, keeping):
@@ -360,17 +369,31 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
     assert not graphs.declared_without_padding()
     loss = step(dict(input_ids=ids + 2))  # no mask: the same graph
     assert loss == 2 and torch.equal(replayed[-1]["input_ids"], ids + 2)
-    step._captures[graphs._signature(dict(input_ids=ids))].loss.fill_(0.0)  # as the next replay would
+    assert all(torch.equal(p.grad, torch.full_like(p, 2)) for p in step.params), "the replayed graph's gradients"
+    step._captures[graphs._signature(dict(input_ids=ids)), True].loss.fill_(0.0)  # as the next replay would
     assert loss == 2, "the caller's loss is a copy"
     assert step(dict(attention_mask=padding, input_ids=ids + 3)) == 1, "the keys' order does not matter"
     assert torch.equal(replayed[-1]["input_ids"], ids + 3) and torch.equal(replayed[-1]["attention_mask"], padding)
+    assert all(torch.equal(p.grad, torch.full_like(p, 1)) for p in step.params)
     step(dict(input_ids=ids.int()))
     step(dict(input_ids=ids[:1]))
     step(dict(token_type_ids=ids))
     assert len(captured) == 5, "a new dtype, shape or key is a new graph"
-    assert len(replayed) == 7, "every step replays"
+    model.eval()
+    step(dict(input_ids=ids))
+    assert len(captured) == 6, "eval mode (no dropout) is a graph of its own"
+    assert len(replayed) == 8, "every step replays"
+    model.train()
     optimizer.param_groups[0]["lr"] = 5e-4
     with pytest.raises(ValueError, match="lr=torch.tensor"):
+        step(dict(input_ids=ids))
+    optimizer.param_groups[0]["lr"] = 1e-3
+    optimizer.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match="hyperparameter changed"):
+        step(dict(input_ids=ids))
+    optimizer.param_groups[0]["weight_decay"] = 1e-2
+    step.max_grad_norm = 2.0
+    with pytest.raises(ValueError, match="hyperparameter changed"):
         step(dict(input_ids=ids))
     keeping(dict(input_ids=ids, attention_mask=full))
     assert captured[-1] == (["attention_mask", "input_ids"], False), "drop_full_masks=False keeps every mask"
@@ -412,32 +435,62 @@ def test_a_graphed_step_clips_the_gradients_global_norm():
     torch.testing.assert_close(clipped, torch.tensor(1e-3), rtol=1e-4, atol=0)
 
 
-def test_a_failed_capture_leaves_the_parameters_and_the_optimizer_as_they_were(monkeypatch):
-    # The capture itself (GPU) faked on CPU: the warmup steps run, then the capture fails (a host sync inside the
-    # model, say); what the warmup trained is undone, and the capture's error is the one raised.
-    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+@pytest.mark.parametrize("fails_in", ["warmup", "capture"])
+def test_a_failed_capture_leaves_the_parameters_and_the_optimizer_as_they_were(fails_in, monkeypatch):
+    # The capture itself (GPU) faked on CPU. A warmup step fails, or the captured step does (the torch backend's
+    # dropout refuses it) and then the capture's end fails too, as after an operation that invalidated it: what
+    # the warmup trained is undone, the step's stream is current again, and the step's own error is raised.
+    model = bitfit_fast.apply(tiny_bert(hidden_dropout_prob=0.1).cpu(), backend="torch", announce=False).train()
     optimizer = _adamw(model)
     step = GraphedStep(model, optimizer)
     batch = {k: v.cpu() for k, v in padded_batch(model).items()}
     step(batch)  # a real step first: state exists, and must come back as it was
     before = {n: p.detach().clone() for n, p in trainable(model).items()}
     state = {n: {k: v.clone() for k, v in optimizer.state[p].items()} for n, p in trainable(model).items()}
+    capturing, streams = [False], []
 
     class Stream:
         def wait_stream(self, other):
             pass
 
-    def failing_graph(graph, pool=None):
-        raise RuntimeError("operation not permitted when stream is capturing")
+    main = Stream()
 
+    class Capture:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            capturing[0] = True
+            streams.append("capture")
+
+        def __exit__(self, *exc):
+            capturing[0] = False
+            if exc[0] is not None:
+                raise RuntimeError("operation failed due to a previous error during capture")
+
+    warmups = [0]
+    eager = step._eager
+
+    def counted(batch):
+        warmups[0] += 1
+        if fails_in == "warmup" and warmups[0] == 2:
+            raise RuntimeError("CUDA out of memory in the second warmup step")
+        return eager(batch)
+
+    monkeypatch.setattr(step, "_eager", counted)
+    monkeypatch.setattr(graphs, "capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: main)
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
-    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
-    monkeypatch.setattr(step, "_check_optimizer", lambda: None)  # a CPU AdamW cannot be capturable
-    with pytest.raises(RuntimeError, match="stream is capturing"):
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(step, "_check_capturable", lambda: None)  # a CPU AdamW cannot be capturable
+    message = "second warmup step" if fails_in == "warmup" else "torch backend's dropout .* cannot be captured"
+    with pytest.raises(RuntimeError, match=message):
         step._capture(batch)
+    assert streams[-1] is main, "the step's stream is current again"
     for name, param in trainable(model).items():
         assert torch.equal(param, before[name]), name
         for key, value in optimizer.state[param].items():

@@ -65,7 +65,7 @@ def build_provider(name: str, base: torch.nn.Module, device: str, copy_base: boo
     if graphed and device != "cuda":
         raise ValueError(f"{name} replays a CUDA graph: it needs a GPU")
     optimizer = torch.optim.AdamW(params, lr=1e-3 if method == "bitfit" else 1e-5, fused=fused_optimizer or None,
-                                  capturable=graphed and not fused_optimizer)
+                                  capturable=graphed)
     forward = torch.compile(model) if name == "reference-compiled" else model
     autocast = torch.bfloat16 if device == "cuda" else None
     if graphed:
