@@ -103,6 +103,16 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, list[str] | None, int | N
     return path, None, None
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (task indices) on ``device`` without waiting for the GPU: torch's plain copy from
+    pageable memory synchronises the stream (it waits for every kernel queued before it, here a whole forward or
+    backward); from pinned memory the copy is queued like a kernel."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(module_name), attribute, nn.Parameter(value))
@@ -176,6 +186,10 @@ class TaskBank(nn.Module):
         self.model = model
         self.tasks = {task.name: task for task in tasks}
         self.head_names = head_names
+        # Each task's number of labels, where the loss reads it: a tensor made in each loss would be a host copy.
+        device = next(model.parameters()).device
+        self.register_buffer("widths", torch.tensor([task.num_labels for task in tasks], device=device),
+                             persistent=False)
 
     @classmethod
     def load(cls, model: nn.Module, sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
@@ -299,7 +313,7 @@ class TaskBank(nn.Module):
             index = torch.tensor(index, dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
             raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
-        return index.to(device) if device is not None else index
+        return _to_device(index, device) if device is not None else index
 
     def forward(self, tasks, **batch) -> torch.Tensor:
         """Logits [B, widest task] of a mixed batch (example i's in its task's first num_labels columns)."""
@@ -314,7 +328,7 @@ class TaskBank(nn.Module):
         """The sum over the batch's tasks of each task's mean loss (cross-entropy over its classes, mean squared
         error for a regression task): its gradient for task t is task t's own, as if trained alone."""
         index = self.task_index(tasks, logits.device)
-        widths = torch.tensor([task.num_labels for task in self.tasks.values()], device=logits.device)[index]
+        widths = self.widths.to(logits.device)[index]
         logits = logits.float()
         # Each example's classes only: the columns past its task's width (zeros) get -inf, so no probability.
         outside = torch.arange(logits.shape[-1], device=logits.device) >= widths[:, None]
@@ -367,7 +381,7 @@ class TaskBank(nn.Module):
         if heads:
             # Each task's sum over its heads in a fixed order (no atomics), and a head's inf or NaN only in its task's
             # (a product with a one-hot matrix would spread it: inf * 0 is NaN).
-            head_tasks = torch.tensor(head_tasks, device=device)
+            head_tasks = _to_device(torch.tensor(head_tasks), device)
             of_task = F.one_hot(head_tasks, len(self.tasks)).bool()
             head_squares = torch.stack(torch._foreach_norm([grad.float() for grad in heads])).square()
             squares += torch.where(of_task, head_squares[:, None], 0.0).sum(dim=0)
@@ -455,7 +469,7 @@ class TaskAdamW(torch.optim.Optimizer):
                     flat = self._flat[key] = _FlatTables(params, self.state)
                 stepped.add(key)
                 if key[1] not in present_on:
-                    present_on[key[1]] = present.to(key[1])
+                    present_on[key[1]] = _to_device(present, key[1])
                 flat.step(present_on[key[1]], **hyperparameters)
             _adamw_heads(heads, [self.state[param] for param in heads], **hyperparameters)
         # Tables now elsewhere (after bank.to()) leave their old entry: dropped, not kept alive.
@@ -535,7 +549,7 @@ class _FlatTables:
         if missing:  # such a table does not step (as torch's AdamW skips a parameter without a gradient)
             stepping = torch.ones(len(self.params), 1, dtype=torch.bool)
             stepping[missing] = False
-            keep = keep & stepping.to(present.device)
+            keep = keep & _to_device(stepping, present.device)
         self.steps += keep
         steps = self.steps.clamp(min=1)  # rows never stepped keep 0 and are not written below
         dtype = self.exp_avg.dtype

@@ -46,14 +46,17 @@ def check_compute_tensor(name: str, tensor: torch.Tensor, ndim: int | None = Non
     check_device(name, tensor)
 
 
-def check_vector(name: str, tensor: torch.Tensor | None, size: int, device: torch.device) -> None:
-    """A per-feature vector (bias, LayerNorm gamma/beta): read as fp32 whatever its float dtype."""
+def check_vector(name: str, tensor: torch.Tensor | None, size: int, device: torch.device,
+                 tasks: int | None = None) -> None:
+    """A per-feature vector (bias, LayerNorm gamma/beta), or with ``tasks`` a table of one per task [tasks, size]:
+    read as fp32 whatever its float dtype."""
     if tensor is None:
         return
     if not tensor.is_floating_point():
         raise KernelInputError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    if tuple(tensor.shape) != (size,):
-        raise KernelInputError(f"{name} must have shape ({size},), got {tuple(tensor.shape)}")
+    shape = (size,) if tasks is None else (tasks, size)
+    if tuple(tensor.shape) != shape:
+        raise KernelInputError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
     if tensor.device != device:
         raise KernelInputError(f"{name} is on {tensor.device} but the input is on {device}; move them together")
     if not tensor.is_contiguous():
@@ -69,9 +72,7 @@ def check_bias(name: str, bias: torch.Tensor | None, size: int, rows: int, row_t
         return
     if bias.dim() != 2 or bias.shape[0] == 0:
         raise KernelInputError(f"{name} must be a [tasks, {size}] table with row_task, got {tuple(bias.shape)}")
-    check_vector(f"{name}[0]", bias[0], size, device)
-    if not bias.is_contiguous():
-        raise KernelInputError(f"{name} must be contiguous")
+    check_vector(name, bias, size, device, tasks=bias.shape[0])  # whole: viewing a row costs a dispatch
     check_row_task(row_task, rows, device)
 
 

@@ -257,6 +257,10 @@ def test_autograd_function_returns_gradients_only_where_needed():
          r"row_task must be an integer \(3,\) tensor"),
         (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.zeros(0, 4),
                                   row_task=torch.zeros(3, dtype=torch.long)), r"a \[tasks, 4\] table"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.zeros(2, 3),
+                                  row_task=torch.zeros(3, dtype=torch.long)), r"bias must have shape \(2, 4\)"),
+        (lambda: K.linear_forward(torch.randn(3, 5), torch.randn(4, 5), torch.zeros(4, 2).t(),
+                                  row_task=torch.zeros(3, dtype=torch.long)), "bias must be contiguous"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):

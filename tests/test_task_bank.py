@@ -321,6 +321,28 @@ def test_a_bank_training_step_costs_the_same_operations_for_any_number_of_tables
     assert counts[1, 2] == counts[3, 6], counts
 
 
+@pytest.mark.gpu
+def test_past_its_forward_a_bank_training_step_never_waits_for_the_gpu():
+    """The loss, backward, per-task clipping and optimizer step queue their work without a host sync: one there
+    waits for the whole forward or backward queued before it (a task index copied from pageable memory did, in
+    the loss and the optimizer step). The forward's unpadding asks for the batch's lengths and is not checked. The
+    default backend on a GPU: the Triton kernels."""
+    bank = TaskBank.new(MODELS["bert"](num_labels=3), WIDTHS).train()
+    optimizer = bank.optimizer(lr=1e-3)
+    batch = padded_batch(bank.model, LENGTHS)
+    labels = torch.zeros(len(TASKS), dtype=torch.long, device=DEVICE)
+    for _ in range(2):  # the first step and one with the optimizer's state built
+        optimizer.zero_grad()
+        logits = bank(TASKS, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            bank.loss(logits, labels, TASKS).backward()
+            bank.clip_grad_norm_(0.5)
+            optimizer.step(TASKS)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_tasks_trained_in_other_memory_modes_or_paths_share_a_bank(tmp_path):
     """memory and fuse_layers change how a model runs, not what it trains: such tasks serve together."""
     base = MODELS["bert"](num_labels=3)
