@@ -186,6 +186,8 @@ class TaskBank(nn.Module):
         self.model = model
         self.tasks = {task.name: task for task in tasks}
         self.head_names = head_names
+        self._parameter_tasks = None  # see parameter_tasks
+        self._head_tasks = None  # (the heads' tasks, that list on the device): see clip_grad_norm_
         # Each task's number of labels, where the loss reads it: a tensor made in each loss would be a host copy.
         device = next(model.parameters()).device
         self.register_buffer("widths", torch.tensor([task.num_labels for task in tasks], device=device),
@@ -315,6 +317,11 @@ class TaskBank(nn.Module):
             raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
         return _to_device(index, device) if device is not None else index
 
+    def task_presence(self, tasks, device: torch.device) -> torch.Tensor:
+        """[T] bool on ``device``: which tasks ``tasks`` (names or indices, one per example) holds, made there."""
+        index = self.task_index(tasks, device)
+        return torch.zeros(len(self.tasks), dtype=torch.bool, device=device).index_fill_(0, index, True)
+
     def forward(self, tasks, **batch) -> torch.Tensor:
         """Logits [B, widest task] of a mixed batch (example i's in its task's first num_labels columns)."""
         if "labels" in batch:  # the model's own loss would take every example as its first task's
@@ -350,14 +357,20 @@ class TaskBank(nn.Module):
         return TaskAdamW(self, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
     def parameter_tasks(self) -> dict[nn.Parameter, int | None]:
-        """Each trained parameter's task: its index for a head's parameter, None for a table (row t: task t)."""
+        """Each trained parameter's task: its index for a head's parameter, None for a table (row t: task t). The
+        names are read once, and again when the trained parameters change (clipping asks at every step)."""
+        trained = [param for param in self.model.parameters() if param.requires_grad]
+        known = self._parameter_tasks
+        if known is not None and len(known) == len(trained) and all(a is b for a, b in zip(known, trained)):
+            return dict(known)
         tasks = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 in_head = any(is_within(name, [head]) for head in self.head_names)
                 # A head's parameters are "<head>.heads.<task>.<...>" (TaskHeads).
                 tasks[param] = int(name.split(".heads.", 1)[1].split(".", 1)[0]) if in_head else None
-        return tasks
+        self._parameter_tasks = tasks
+        return dict(tasks)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Gradient clipping per task, as each task's own run clips: task t's gradients (its table rows and its
@@ -381,7 +394,10 @@ class TaskBank(nn.Module):
         if heads:
             # Each task's sum over its heads in a fixed order (no atomics), and a head's inf or NaN only in its task's
             # (a product with a one-hot matrix would spread it: inf * 0 is NaN).
-            head_tasks = _to_device(torch.tensor(head_tasks), device)
+            if self._head_tasks is None or self._head_tasks[0] != head_tasks or self._head_tasks[1].device != device:
+                # Kept from step to step: a copy captured in a CUDA graph would read its host memory at every replay.
+                self._head_tasks = head_tasks, _to_device(torch.tensor(head_tasks), device)
+            head_tasks = self._head_tasks[1]
             of_task = F.one_hot(head_tasks, len(self.tasks)).bool()
             head_squares = torch.stack(torch._foreach_norm([grad.float() for grad in heads])).square()
             squares += torch.where(of_task, head_squares[:, None], 0.0).sum(dim=0)
@@ -429,50 +445,43 @@ class TaskAdamW(torch.optim.Optimizer):
 
     torch's AdamW would step every task on every batch: a task absent from a batch has a zero gradient, yet its
     momentum and weight decay would move it and its step count would grow, so it would not end where its own run
-    does. Here an absent task keeps its parameters, moments and step count; each table row counts its own steps.
+    does. Here an absent task keeps its parameters, moments and step count; each table row and head parameter counts
+    its own steps.
 
-    A step is a fixed number of operations, not one set per parameter: the tables update as one flat vector
-    (:class:`_FlatTables`) and the present tasks' heads with torch's multi-tensor ``_foreach`` ops. Per parameter,
-    a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a kernel launch
-    on a GPU; now 49.
+    A step is a fixed number of operations, decided on the device: the table rows and head parameters of a param
+    group are the segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
+    Per parameter, a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a
+    kernel launch on a GPU; now 40. Nothing is read back to the host, and tasks given as indices on the parameters'
+    device are not copied either, so that a CUDA graph can capture the step.
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
         self.bank = bank
         self._task_of = bank.parameter_tasks()
-        # (group, device, dtype) -> its tables, built at their first step and again whenever the state was replaced
-        # (load_state_dict): see _FlatTables.holds
-        self._flat: dict[tuple, _FlatTables] = {}
+        # (group, device, dtype) -> its flat state, built at its first step and again whenever the state was replaced
+        # (load_state_dict): see _FlatSegments.holds
+        self._flat: dict[tuple, _FlatSegments] = {}
         super().__init__(list(self._task_of), dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
 
     @torch.no_grad()
     def step(self, tasks) -> None:
-        present = torch.zeros(len(self.bank.tasks), dtype=torch.bool)
-        present[self.bank.task_index(tasks)] = True
-        present_tasks = set(present.nonzero().flatten().tolist())
-        present_on = {}  # device -> present there: one copy per device a step
+        present_on = {}  # device -> the batch's tasks there [T]: made once per device a step
         stepped = set()  # the _flat keys of this step
         for index, group in enumerate(self.param_groups):
-            hyperparameters = _hyperparameters(group)
-            tables, heads = {}, []
+            parts = {}
             for param in group["params"]:
-                task = self._task_of[param]
-                if task is None:
-                    tables.setdefault((index, param.device, param.dtype), []).append(param)
-                elif param.grad is not None and task in present_tasks:
-                    heads.append(param)
-            for key, params in tables.items():
+                parts.setdefault((index, param.device, param.dtype), []).append(param)
+            for key, params in parts.items():
                 if all(param.grad is None for param in params):
                     continue
                 flat = self._flat.get(key)
                 if flat is None or not flat.holds(params, self.state):
-                    flat = self._flat[key] = _FlatTables(params, self.state)
+                    flat = self._flat[key] = _FlatSegments(params, [self._task_of[p] for p in params], self.state)
                 stepped.add(key)
                 if key[1] not in present_on:
-                    present_on[key[1]] = _to_device(present, key[1])
-                flat.step(present_on[key[1]], **hyperparameters)
-            _adamw_heads(heads, [self.state[param] for param in heads], **hyperparameters)
-        # Tables now elsewhere (after bank.to()) leave their old entry: dropped, not kept alive.
+                    present_on[key[1]] = self.bank.task_presence(tasks, key[1])
+                flat.step(present_on[key[1]], **_hyperparameters(group))
+        # State now elsewhere (after bank.to()) leaves its old entry: dropped, not kept alive.
         self._flat = {key: flat for key, flat in self._flat.items() if key in stepped}
 
 
@@ -480,82 +489,72 @@ def _hyperparameters(group: dict) -> dict:
     return {key: group[key] for key in ("lr", "weight_decay", "betas", "eps")}
 
 
-def _adamw_heads(params, states, lr, weight_decay, betas, eps) -> None:
-    """torch.optim.AdamW's single-tensor update (no amsgrad) of whole parameters, each with its own step count,
-    in multi-tensor ops."""
-    if not params:
-        return
-    beta1, beta2 = betas
-    for param, state in zip(params, states):
-        if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-        state["step"] += 1  # on the host: no sync to read it
-    grads = [param.grad for param in params]
-    exp_avgs, exp_avg_sqs = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, [(1 - beta2 ** state["step"]) ** 0.5 for state in states])
-    torch._foreach_add_(denominators, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-lr / (1 - beta1 ** state["step"]) for state in states])
+class _FlatSegments:
+    """A group's trained parameters on one device and dtype, stepped by :class:`TaskAdamW` as one flat vector of
+    segments: each row of a task table [T, ...] (row t: task t's) and each head parameter (its task's) is one. The
+    moments live in two flat buffers and the step counts, one per segment, in one tensor; each parameter's state
+    holds views of them (a table's step [T], a head parameter's a 0-d tensor), so that ``state_dict`` keeps torch's
+    per-parameter layout. A step gathers the parameters and gradients into flat vectors, updates them with each
+    element's segment factors (spread by ``repeat_interleave``) and copies the parameters back: about 25 operations
+    however many parameters there are, and 4 to 6 flat vectors of temporary memory (torch's foreach AdamW: ~3)."""
 
-
-class _FlatTables:
-    """A group's task tables [T, ...] on one device and dtype, stepped by :class:`TaskAdamW` as one flat vector:
-    the moments live in two flat buffers, the step counts (one per table and row) in one [tables, T] tensor, and
-    each table's state holds views of them, so that ``state_dict`` keeps torch's per-parameter layout. A step
-    gathers the parameters and gradients into flat vectors, updates them with each element's row factors (spread
-    from [tables, T] by ``repeat_interleave``) and copies the parameters back: about 25 operations however many
-    tables there are, and 4 to 6 flat vectors of temporary memory (torch's foreach AdamW: ~3)."""
-
-    def __init__(self, params: list[torch.Tensor], state) -> None:
-        first = params[0]
-        rows = first.shape[0]
+    def __init__(self, params: list[torch.Tensor], tasks: list[int | None], state) -> None:
+        device = params[0].device
         self.params = params
         self.sizes = [param.numel() for param in params]
+        # Per parameter: its segments' tasks and sizes, a table's rows or a head parameter whole.
+        segments = [(list(range(p.shape[0])), [p[0].numel()] * p.shape[0]) if task is None else ([task], [p.numel()])
+                    for p, task in zip(params, tasks)]
+        self.counts = [len(of_param) for of_param, _ in segments]
+        self.segment_task = torch.tensor([t for of_param, _ in segments for t in of_param], device=device)
+        self.segment_sizes = torch.tensor([n for _, sizes in segments for n in sizes], device=device)
         self.exp_avg, self.exp_avg_sq = (
             torch.cat([(state[p][key] if state[p] else torch.zeros_like(p)).reshape(-1) for p in params])
             for key in ("exp_avg", "exp_avg_sq"))
-        self.steps = torch.stack([state[p]["step"] if state[p] else
-                                  torch.zeros(rows, dtype=torch.float64, device=first.device) for p in params])
-        # How many elements each (table, row) of the steps has, in the flat vector's order.
-        self.row_sizes = torch.tensor([p[0].numel() for p in params], device=first.device).repeat_interleave(rows)
-        for i, (param, exp_avg, exp_avg_sq) in enumerate(zip(params, self.exp_avg.split(self.sizes),
-                                                                self.exp_avg_sq.split(self.sizes))):
-            state[param].update(step=self.steps[i], exp_avg=exp_avg.view_as(param),
+        self.steps = torch.cat([state[p]["step"].reshape(-1).to(torch.float64) if state[p] else
+                                torch.zeros(count, dtype=torch.float64, device=device)
+                                for p, count in zip(params, self.counts)])
+        first_segment = 0
+        for param, task, count, exp_avg, exp_avg_sq in zip(params, tasks, self.counts, self.exp_avg.split(self.sizes),
+                                                           self.exp_avg_sq.split(self.sizes)):
+            steps = self.steps[first_segment:first_segment + count]
+            state[param].update(step=steps if task is None else steps[0], exp_avg=exp_avg.view_as(param),
                                 exp_avg_sq=exp_avg_sq.view_as(param))
+            first_segment += count
         self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]
+        # The parameters flat, viewed once: a view a parameter a step is a dispatch each (128 heads in a bank of 64).
+        self.flat_params = [param.view(-1) for param in params]
 
     def holds(self, params: list[torch.Tensor], state) -> bool:
-        """Whether these are still the group's tables and the optimizer's state still holds this object's views."""
+        """Whether these are still the group's parameters, in the memory this object views (``param.data = ...``
+        replaces it), and the optimizer's state still holds this object's views."""
         return len(params) == len(self.params) and all(
-            param is mine and state[param].get("step") is step and state[param].get("exp_avg") is exp_avg
-            and state[param].get("exp_avg_sq") is exp_avg_sq
-            for param, mine, (step, exp_avg, exp_avg_sq) in zip(params, self.params, self.views))
+            param is mine and param.data_ptr() == flat.data_ptr() and state[param].get("step") is step
+            and state[param].get("exp_avg") is exp_avg and state[param].get("exp_avg_sq") is exp_avg_sq
+            for param, mine, flat, (step, exp_avg, exp_avg_sq) in zip(params, self.params, self.flat_params,
+                                                                      self.views))
 
-    def _per_element(self, per_row: torch.Tensor) -> torch.Tensor:
-        """[tables, T] values spread to the flat vector's elements."""
-        return per_row.reshape(-1).repeat_interleave(self.row_sizes, output_size=self.exp_avg.numel())
+    def _per_element(self, per_segment: torch.Tensor) -> torch.Tensor:
+        """[segments] values spread to the flat vector's elements."""
+        return per_segment.repeat_interleave(self.segment_sizes, output_size=self.exp_avg.numel())
 
     def step(self, present: torch.Tensor, lr, weight_decay, betas, eps) -> None:
-        """Steps the ``present`` [T] rows of every table that has a gradient; the rest keep everything. The update
-        is torch.optim.AdamW's, each row with its own step count; ``where`` (not a factor of 0) keeps the other
-        rows, whatever their gradient holds."""
+        """Steps the segments of the ``present`` [T] tasks whose parameter has a gradient; the rest keep
+        everything. The update is torch.optim.AdamW's, each segment with its own step count; ``where`` (not a
+        factor of 0) keeps the other segments, whatever their gradient holds."""
         beta1, beta2 = betas
+        keep = present[self.segment_task]
         missing = [i for i, param in enumerate(self.params) if param.grad is None]
-        keep = present.expand(len(self.params), -1)
-        if missing:  # such a table does not step (as torch's AdamW skips a parameter without a gradient)
-            stepping = torch.ones(len(self.params), 1, dtype=torch.bool)
+        if missing:  # such a parameter does not step (as torch's AdamW skips a parameter without a gradient)
+            stepping = torch.ones(len(self.params), dtype=torch.bool)
             stepping[missing] = False
-            keep = keep & _to_device(stepping, present.device)
+            keep = keep & _to_device(stepping.repeat_interleave(torch.tensor(self.counts)), keep.device)
         self.steps += keep
-        steps = self.steps.clamp(min=1)  # rows never stepped keep 0 and are not written below
+        steps = self.steps.clamp(min=1)  # segments never stepped keep 0 and are not written below
         dtype = self.exp_avg.dtype
         keep = self._per_element(keep)
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
-        param = torch.cat([p.reshape(-1) for p in self.params])
+        param = torch.cat(self.flat_params)
         # One scratch vector for every intermediate, the moments and parameters updated in place.
         scratch = torch.lerp(self.exp_avg, grad, 1 - beta1)
         torch.where(keep, scratch, self.exp_avg, out=self.exp_avg)
@@ -566,7 +565,7 @@ class _FlatTables:
         torch.div(self.exp_avg, scratch, out=scratch).mul_(self._per_element((lr / (1 - beta1**steps)).to(dtype)))
         updated = torch.mul(param, 1 - lr * weight_decay, out=grad).sub_(scratch)  # the gradient is spent
         torch.where(keep, updated, param, out=param)
-        torch._foreach_copy_(self.params, [flat.view_as(p) for flat, p in zip(param.split(self.sizes), self.params)])
+        torch._foreach_copy_(self.flat_params, param.split(self.sizes))
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

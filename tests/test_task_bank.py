@@ -621,6 +621,42 @@ def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
         torch.testing.assert_close(p, want, rtol=0, atol=0)
 
 
+def test_the_bank_optimizer_steps_parameters_whose_memory_was_replaced():
+    """``param.data = ...`` (what some module conversions do) gives a parameter new memory: the optimizer, which
+    keeps flat views of the parameters, must step the new memory, as a twin bank's optimizer steps its own."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    twin = copy.deepcopy(bank)
+    banks = (bank, twin)
+    optimizers = [b.optimizer(lr=1e-2, weight_decay=0.1) for b in banks]
+    names = list(bank.tasks)
+    for index in range(3):
+        if index == 1:
+            for param in bank.parameters():
+                param.data = param.data.clone()
+        gradients = [torch.randn_like(p) for p in bank.parameters() if p.requires_grad]
+        for b, optimizer in zip(banks, optimizers):
+            for p, grad in zip([p for p in b.parameters() if p.requires_grad], gradients, strict=True):
+                p.grad = grad.clone()
+            optimizer.step(names[index:])
+    for (name, param), twin_param in zip(bank.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(param, twin_param), name
+
+
+def test_parameter_tasks_follow_the_trained_parameters():
+    """parameter_tasks reads the parameters' names once: a parameter frozen or replaced since must show."""
+    bank = TaskBank.new(MODELS["bert"](num_labels=3), {"topic": 3, "sentiment": 2})
+    first = bank.parameter_tasks()
+    frozen, replaced = list(first)[:2]
+    frozen.requires_grad_(False)
+    name = next(n for n, p in bank.named_parameters() if p is replaced)
+    module_name, _, attribute = name.rpartition(".")
+    setattr(bank.get_submodule(module_name), attribute, torch.nn.Parameter(replaced.detach().clone()))
+    now = bank.parameter_tasks()
+    assert frozen not in now and replaced not in now and len(now) == len(first) - 1
+    assert dict(bank.named_parameters())[name] in now
+
+
 def test_a_regression_tasks_scores_outside_the_class_range_are_its_own_mean_squared_error():
     """A score is no class index: scores past the widest head or negative, in a batch with a task of classes, give
     each task its own mean loss (cross-entropy over its classes; the score's mean squared error)."""
