@@ -53,6 +53,15 @@ def declared_without_padding() -> bool:
     return _UNPADDED.get()
 
 
+# A TaskBank's batch: its examples' task indices, beside the model's inputs and the labels.
+TASKS = "tasks"
+
+
+def _bank_loss(bank, batch: dict) -> torch.Tensor:
+    inputs = {key: value for key, value in batch.items() if key not in (TASKS, "labels")}
+    return bank.loss(bank(batch[TASKS], **inputs), batch["labels"], batch[TASKS])
+
+
 def _signature(batch: dict) -> tuple:
     return tuple((key, tuple(value.shape), value.dtype, value.device) for key, value in sorted(batch.items()))
 
@@ -83,6 +92,12 @@ class GraphedStep:
     (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads from memory; any other change raises. Elsewhere
     (CPU) every step runs eagerly. ``autocast``: the dtype of ``torch.autocast``, or None.
 
+    A :class:`~bitfit_fast.TaskBank` trains in mixed batches the same way: ``GraphedStep(bank, bank.optimizer(...))``
+    and ``step(batch, tasks)`` with the examples' tasks (names or indices, checked on the host) and the batch's
+    ``labels``; the step takes ``bank.loss``, clips each task on its own (``bank.clip_grad_norm_``) and steps the
+    batch's tasks, all decided on the device, so that one graph serves every mix of tasks. Its heads must be linear
+    layers (a BERT classifier): other heads run a sub-batch per task, which a graph cannot.
+
     ``drop_full_masks``: a batch whose ``attention_mask`` is all ones (one host sync a step asks) or that has none
     replays the graph of the batch without one, captured as unpadded (``batch_without_padding``); a graph captured
     with a mask attends under it, padding or not (on an H200 that cost a BERT-base step 8.6 of 38.6 ms of GPU
@@ -97,9 +112,18 @@ class GraphedStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = 1.0,
                  autocast: torch.dtype | None = None, warmup: int = 2,
                  loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, drop_full_masks: bool = True):
+        from .task_bank import TaskAdamW, TaskBank  # here: the task bank runs the fused path, which imports this
+
         if warmup < 1:
             raise ValueError(f"warmup must be at least 1 step (kernels compile and tune in the first), got {warmup}")
-        if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        self.bank = model if isinstance(model, TaskBank) else None
+        if self.bank is not None:
+            if not isinstance(optimizer, TaskAdamW) or optimizer.bank is not model:
+                raise ValueError("a TaskBank's GraphedStep takes the bank's own optimizer, bank.optimizer(...), which "
+                                 f"steps only the tasks of each batch; got {type(optimizer).__name__}")
+            if loss is not None:
+                raise ValueError("a TaskBank's GraphedStep takes the bank's loss (bank.loss), not loss=")
+        elif not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
             raise ValueError(f"GraphedStep takes torch.optim.Adam or AdamW, got {type(optimizer).__name__}: the "
                              "state its warmup creates is reset to Adam's initial state, zeros")
         self.model = model
@@ -107,7 +131,7 @@ class GraphedStep:
         self.max_grad_norm = max_grad_norm
         self.autocast = autocast
         self.warmup = warmup
-        self.loss = loss or (lambda model, batch: model(**batch).loss)
+        self.loss = _bank_loss if self.bank is not None else loss or (lambda model, batch: model(**batch).loss)
         self.drop_full_masks = drop_full_masks
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._captures: dict[tuple, _Capture] = {}
@@ -122,13 +146,27 @@ class GraphedStep:
             loss = self.loss(self.model, batch)
         loss.backward()
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+            if self.bank is not None:
+                self.bank.clip_grad_norm_(self.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.bank is not None:
+            self.optimizer.step(batch[TASKS])
+        else:
+            self.optimizer.step()
         return loss.detach()
 
     def _check_capturable(self) -> None:
         """Refuse, before any warmup step, what a capture cannot take."""
-        if not all(group.get("capturable") for group in self.optimizer.param_groups):
+        from .task_bank import TaskHeads
+
+        if self.bank is not None:  # its optimizer decides on the device
+            general = [name for name, module in self.bank.named_modules()
+                       if isinstance(module, TaskHeads) and module.widths is None]
+            if general:
+                raise ValueError(f"the bank's heads {general} are not linear layers: they run a sub-batch per task, "
+                                 "which asks the host which tasks a batch holds, and a CUDA graph cannot capture it")
+        elif not all(group.get("capturable") for group in self.optimizer.param_groups):
             raise ValueError(f"{type(self.optimizer).__name__} is not capturable: a CUDA graph replays its step only "
                              "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True); fused=True "
                              "alone is not enough)")
@@ -207,9 +245,18 @@ class GraphedStep:
         self._restore(snapshot)
         return _Capture(graph, inputs, loss, self._settings(), [p.grad for p in self.params])
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def __call__(self, batch: dict, tasks=None) -> torch.Tensor:
+        """One step on ``batch``; ``tasks``: a TaskBank's examples' tasks (names or indices), else None."""
         if not batch or not all(isinstance(value, torch.Tensor) for value in batch.values()):
             raise TypeError("a batch is a non-empty dict of tensors")
+        if self.bank is not None:
+            if tasks is None or "labels" not in batch or TASKS in batch:
+                raise TypeError("a TaskBank's step takes a batch with its labels and each example's task: "
+                                "step(batch, tasks)")
+            # Checked here, on the host where names or a CPU tensor are given: the graph reads them unchecked.
+            batch = {**batch, TASKS: self.bank.task_index(tasks, next(iter(batch.values())).device)}
+        elif tasks is not None:
+            raise TypeError("tasks= is a TaskBank's: this model takes a batch alone")
         if not next(iter(batch.values())).is_cuda:
             return self._eager(batch)
         mask = batch.get("attention_mask")

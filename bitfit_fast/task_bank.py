@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import task_rows
+from . import graphs, task_rows
 from .checkpoint import RUN_CONFIG_NAME, read_checkpoint, require_storage, write_checkpoint
 from .config import BitFitConfig
 from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
@@ -299,7 +299,8 @@ class TaskBank(nn.Module):
 
     def task_index(self, tasks: Sequence[str | int] | torch.Tensor, device: torch.device | None = None
                    ) -> torch.Tensor:
-        """[B] task indices of names or indices; ValueError naming an unknown task."""
+        """[B] task indices of names or indices; ValueError naming an unknown task. Indices in a tensor are read
+        to be checked (on a GPU a sync), but not while a CUDA graph captures: GraphedStep checks them before."""
         if isinstance(tasks, torch.Tensor):
             index = tasks.long()
         else:
@@ -313,7 +314,7 @@ class TaskBank(nn.Module):
                 else:
                     index.append(int(task))
             index = torch.tensor(index, dtype=torch.long)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
+        if index.numel() and not graphs.capturing() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
             raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
         return _to_device(index, device) if device is not None else index
 
@@ -347,7 +348,8 @@ class TaskBank(nn.Module):
             F.cross_entropy(logits.masked_fill(outside, float("-inf")),
                             labels.long().masked_fill(regression, 0), reduction="none"),
         )
-        examples_of_task = torch.bincount(index, minlength=len(self.tasks))[index]
+        # Not bincount, which on a GPU reads the largest index back to size its output.
+        examples_of_task = F.one_hot(index, len(self.tasks)).sum(dim=0)[index]
         return (per_example / examples_of_task).sum()
 
     def optimizer(self, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8
@@ -524,6 +526,7 @@ class _FlatSegments:
         self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]
         # The parameters flat, viewed once: a view a parameter a step is a dispatch each (128 heads in a bank of 64).
         self.flat_params = [param.view(-1) for param in params]
+        self._stepping = ((), None)  # (the parameters without a gradient, the segments that step on the device)
 
     def holds(self, params: list[torch.Tensor], state) -> bool:
         """Whether these are still the group's parameters, in the memory this object views (``param.data = ...``
@@ -544,11 +547,14 @@ class _FlatSegments:
         factor of 0) keeps the other segments, whatever their gradient holds."""
         beta1, beta2 = betas
         keep = present[self.segment_task]
-        missing = [i for i, param in enumerate(self.params) if param.grad is None]
+        missing = tuple(i for i, param in enumerate(self.params) if param.grad is None)
         if missing:  # such a parameter does not step (as torch's AdamW skips a parameter without a gradient)
-            stepping = torch.ones(len(self.params), dtype=torch.bool)
-            stepping[missing] = False
-            keep = keep & _to_device(stepping.repeat_interleave(torch.tensor(self.counts)), keep.device)
+            if self._stepping[0] != missing:  # kept: a copy captured in a CUDA graph reads its host memory each replay
+                stepping = torch.ones(len(self.params), dtype=torch.bool)
+                stepping[list(missing)] = False
+                self._stepping = missing, _to_device(stepping.repeat_interleave(torch.tensor(self.counts)),
+                                                     keep.device)
+            keep = keep & self._stepping[1]
         self.steps += keep
         steps = self.steps.clamp(min=1)  # segments never stepped keep 0 and are not written below
         dtype = self.exp_avg.dtype

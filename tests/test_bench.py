@@ -1,5 +1,6 @@
 """The benchmark harness (bitfit_fast_benches) itself: it must report what it measured, and nothing it did not."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -424,6 +425,40 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
     predict["bank, 4 tasks"].update(gpu_busy_ms=3.5, top_kernels=kernels)
     assert (f"- predict, bank, 4 tasks: GPU busy 3.50 ms of a {predict['bank, 4 tasks']['median_ms']:.2f} ms step; "
             "top kernels (ms per step): index_select_kernel 0.250\n") in task_bank.markdown(record)
+
+
+def test_task_bank_graphed_training_pads_every_batch_to_one_shape_and_steps_each_model():
+    # The GPU's graphed mode, built on CPU (where GraphedStep runs its steps eagerly): one shape for every batch, so
+    # that one graph per model serves them all; each config trains its model, the bank only the batch's tasks.
+    import bitfit_fast
+    from bitfit_fast.task_bank import TaskBank
+
+    workload = task_bank.PRESETS["tiny"].workload
+    base = presets.build_base_model(workload, "cpu")
+    single = bitfit_fast.apply(copy.deepcopy(base), announce=False).train()
+    bank = TaskBank.new(copy.deepcopy(base), {"a": 2, "b": 3, "c": 2}).train()
+    batches = presets.make_batches(workload, 2, base.config.vocab_size, "cpu")
+    for batch in batches:
+        batch.pop("labels")
+    assignments = {1: ["b"] * workload.batch, 2: ["a", "b"] * (workload.batch // 2)}
+    labels = torch.zeros(workload.batch, dtype=torch.long)
+    configs, fixed = task_bank._graphed_training(single, bank, assignments, batches, workload.seq, labels)
+    assert list(configs) == ["single-task model", "bank, 1 tasks", "bank, 2 tasks"]
+    assert {tuple(b["input_ids"].shape) for b in fixed} == {(workload.batch, workload.seq)}
+    for batch, padded in zip(batches, fixed, strict=True):
+        assert torch.equal(padded["attention_mask"].sum(1), batch["attention_mask"].sum(1))
+        assert padded["labels"] is labels
+    def trained():
+        return {f"{owner}.{name}": p for owner, model in (("single", single), ("bank", bank))
+                for name, p in model.named_parameters() if p.requires_grad}
+
+    before = {name: p.detach().clone() for name, p in trained().items()}
+    configs["single-task model"](fixed[0])
+    configs["bank, 1 tasks"](fixed[1])
+    moved = {name for name, p in trained().items() if not torch.equal(p, before[name])}
+    assert {"single.classifier.weight", "bank.model.classifier.heads.1.weight"} <= moved
+    absent = {"bank.model.classifier.heads.0.weight", "bank.model.classifier.heads.2.weight"}
+    assert not absent & moved, "absent tasks stay"
 
 
 def test_length_groups_benchmark_times_the_same_steps_grouped_and_in_one_call(tmp_path, grouped_attention):

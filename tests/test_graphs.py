@@ -15,6 +15,7 @@ import bitfit_fast_kernels as K
 from bitfit_fast import GraphedStep, graphs
 from bitfit_fast.functions import TORCH, Ops
 from bitfit_fast.fused_modernbert import _pads_between_tokens
+from bitfit_fast.task_bank import TaskBank
 from bitfit_fast.unpadding import Tokens
 
 MODELS = {"tiny": lambda **options: tiny_bert(**options),
@@ -498,3 +499,118 @@ def test_a_failed_capture_leaves_the_parameters_and_the_optimizer_as_they_were(f
         assert torch.equal(param, before[name]), name
         for key, value in optimizer.state[param].items():
             assert torch.equal(value, state[name][key]), (name, key)
+
+
+# A TaskBank's graphed step: mixed batches, the bank's loss, per-task clipping and its optimizer.
+BANK_WIDTHS = {"topic": 3, "sentiment": 2, "score": 1}
+BANK_SCHEDULE = [["topic", "sentiment", "sentiment", "topic", "score"], ["topic"] * 5,  # "sentiment" absent
+                 ["score", "topic", "sentiment", "topic", "sentiment"]]
+BANK_LABELS = [2.0, 1.0, 0.0, 0.0, 0.5]  # class ids, and a score for "score"
+
+
+def _bank(backend: str, device: str = DEVICE, **options):
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **options).to(device)
+    return TaskBank.new(model, BANK_WIDTHS, backend=backend).train()
+
+
+def _bank_batch(bank, tasks: list[str], device: str = DEVICE) -> dict:
+    batch = {k: v.to(device) for k, v in padded_batch(bank.model, lengths=(7, 3, 5, 1, 6)).items()}
+    labels = torch.tensor(BANK_LABELS, device=device)
+    batch["labels"] = torch.where(torch.tensor([t == "score" for t in tasks], device=device), labels, labels.round())
+    return batch
+
+
+def _eager_bank_step(bank, optimizer, batch: dict, tasks, max_grad_norm: float = 1.0) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    loss = bank.loss(bank(tasks, **inputs), batch["labels"], tasks)
+    loss.backward()
+    bank.clip_grad_norm_(max_grad_norm)
+    optimizer.step(tasks)
+    return loss.detach()
+
+
+def test_on_cpu_a_graphed_bank_step_is_the_eager_bank_step():
+    bank = _bank("torch", "cpu")
+    twin = copy.deepcopy(bank)
+    step, optimizer = GraphedStep(bank, bank.optimizer(lr=1e-2), max_grad_norm=0.05), twin.optimizer(lr=1e-2)
+    start = {n: p.detach().clone() for n, p in bank.named_parameters() if p.requires_grad}
+    for tasks in BANK_SCHEDULE:
+        batch = _bank_batch(bank, tasks, "cpu")
+        loss = step(batch, tasks)
+        assert torch.equal(loss, _eager_bank_step(twin, optimizer, batch, tasks, max_grad_norm=0.05))
+    twin_params = dict(twin.named_parameters())
+    for name, param in bank.named_parameters():
+        assert torch.equal(param, twin_params[name]), name
+    assert all(not torch.equal(start[n], p) for n, p in bank.named_parameters() if n.endswith("heads.0.weight"))
+
+
+def test_a_graphed_bank_step_takes_the_banks_optimizer_loss_tasks_and_labels():
+    bank = _bank("torch", "cpu")
+    with pytest.raises(ValueError, match="bank.optimizer"):
+        GraphedStep(bank, torch.optim.AdamW(bank.parameters(), lr=1e-3))
+    with pytest.raises(ValueError, match="bank.optimizer"):
+        GraphedStep(bank, copy.deepcopy(bank).optimizer(lr=1e-3))  # another bank's
+    with pytest.raises(ValueError, match="not loss="):
+        GraphedStep(bank, bank.optimizer(lr=1e-3), loss=lambda model, batch: 0)
+    step = GraphedStep(bank, bank.optimizer(lr=1e-3))
+    tasks = BANK_SCHEDULE[0]
+    batch = _bank_batch(bank, tasks, "cpu")
+    for call in (lambda: step(batch), lambda: step({k: v for k, v in batch.items() if k != "labels"}, tasks),
+                 lambda: step({**batch, "tasks": torch.zeros(5, dtype=torch.long)}, tasks)):
+        with pytest.raises(TypeError, match=r"step\(batch, tasks\)"):
+            call()
+    with pytest.raises(ValueError, match="unknown task 'intent'"):
+        step(batch, ["intent"] + tasks[1:])
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    with pytest.raises(TypeError, match="tasks= is a TaskBank's"):
+        GraphedStep(model, _adamw(model))({k: v.cpu() for k, v in padded_batch(model).items()}, tasks)
+
+
+def test_a_graph_takes_a_bank_of_linear_heads_only():
+    bank = _bank("triton")
+    GraphedStep(bank, bank.optimizer(lr=1e-3))._check_capturable()  # no capturable flag: it decides on the device
+    bank.model.classifier.register_buffer("widths", None, persistent=False)  # as heads of another kind have
+    with pytest.raises(ValueError, match="not linear layers"):
+        GraphedStep(bank, bank.optimizer(lr=1e-3))._check_capturable()
+
+
+def test_while_capturing_a_bank_step_asks_the_host_nothing_and_trains_as_eagerly(pretend_capturing, monkeypatch):
+    # The step a capture records, run on CPU as it runs then: the task indices unchecked on the device, the optimizer
+    # presence made there, the clipping's and optimizer's host-built tensors made by the warmup step and kept. The
+    # padding stays under its mask, so the twin keeps it too.
+    bank = _bank("triton")
+    twin = copy.deepcopy(bank)
+    twin.model.bert.encoder.keeps_padding = True
+    step, optimizer = GraphedStep(bank, bank.optimizer(lr=1e-2), max_grad_norm=0.05), twin.optimizer(lr=1e-2)
+    for index, tasks in enumerate(BANK_SCHEDULE):
+        batch = _bank_batch(bank, tasks)
+        with monkeypatch.context() as syncs:
+            if index:  # the first step is the warmup, eager
+                _refuse_host_syncs(syncs)
+            loss = step._eager({**batch, "tasks": bank.task_index(tasks, DEVICE)})
+        twin_loss = _eager_bank_step(twin, optimizer, batch, tasks, max_grad_norm=0.05)
+        torch.testing.assert_close(loss, twin_loss, rtol=1e-5, atol=1e-6)
+    twin_params = dict(twin.named_parameters())
+    for name, param in bank.named_parameters():
+        torch.testing.assert_close(param, twin_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_graphed_bank_steps_train_as_eager_bank_steps(precision):
+    # One graph for every mix of tasks (a task absent from one batch stays where it was), against the eager steps
+    # of a twin that keeps its padding, as the graph must.
+    bank = _bank("triton")
+    twin = copy.deepcopy(bank)
+    twin.model.bert.encoder.keeps_padding = True
+    step = GraphedStep(bank, bank.optimizer(lr=1e-2), max_grad_norm=0.05, autocast=precision)
+    twin_step = GraphedStep(twin, twin.optimizer(lr=1e-2), max_grad_norm=0.05, autocast=precision)
+    for tasks in BANK_SCHEDULE:
+        batch = _bank_batch(bank, tasks)
+        loss, twin_loss = step(batch, tasks), twin_step._eager({**batch, "tasks": twin.task_index(tasks, DEVICE)})
+        torch.testing.assert_close(loss, twin_loss, rtol=1e-4, atol=1e-5)
+        twin_params = dict(twin.named_parameters())
+        for name, param in bank.named_parameters():
+            torch.testing.assert_close(param, twin_params[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert len(step._captures) == 1, "every mix of tasks replays one graph"

@@ -157,18 +157,22 @@ def run(preset_name: str, command: str, log=print) -> dict:
 
     most = preset.distinct[-1]
     modes = {
-        "predict": {"single-task model": predict_single,
-                    **{f"bank, {k} tasks": predict_bank(k) for k in preset.distinct},
-                    f"sub-batches, {most} tasks": lambda batch: sub_batching(assignments[most], batch, precision)},
-        "train": {"single-task model": train_single, **{f"bank, {k} tasks": train_bank(k) for k in preset.distinct}},
+        "predict": ({"single-task model": predict_single,
+                     **{f"bank, {k} tasks": predict_bank(k) for k in preset.distinct},
+                     f"sub-batches, {most} tasks": lambda batch: sub_batching(assignments[most], batch, precision)},
+                    batches),
+        "train": ({"single-task model": train_single, **{f"bank, {k} tasks": train_bank(k) for k in preset.distinct}},
+                  batches),
     }
+    if device == "cuda":
+        modes[GRAPHED_MODE] = _graphed_training(single, bank, assignments, batches, preset.workload.seq, labels)
     results = {}
-    for mode, configs in modes.items():
+    for mode, (configs, mode_batches) in modes.items():
         for model in (single, bank):
-            model.train(mode == "train")
+            model.train(mode != "predict")
         times = {name: [] for name in configs}
         order = list(configs)
-        for round_index, batch in enumerate(batches):
+        for round_index, batch in enumerate(mode_batches):
             # Each round starts at another configuration: no one always runs first (or after the same one).
             for name in order[round_index % len(order):] + order[:round_index % len(order)]:
                 seconds, _ = timed(configs[name], batch, device)
@@ -176,7 +180,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
                     times[name].append(seconds)
         if mode == "predict":
             sub_batching_per_step = paired_ratios(times[f"sub-batches, {most} tasks"], times[f"bank, {most} tasks"])
-        tokens = statistics.mean(real_tokens(b) for b in batches[preset.warmup:])
+        tokens = statistics.mean(real_tokens(b) for b in mode_batches[preset.warmup:])
         results[mode] = {name: dict(spread(t), examples_per_s=preset.workload.batch / statistics.median(t),
                                     real_tokens_per_s=tokens / statistics.median(t))
                          for name, t in times.items()}
@@ -189,7 +193,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
                                     for n, e in results[mode].items()))
         if device == "cuda":  # where the bank's extra time goes: GPU work, or the host issuing it
             for name in ("single-task model", f"bank, {most} tasks"):
-                step = functools.partial(configs[name], batches[-1])
+                step = functools.partial(configs[name], mode_batches[-1])
                 results[mode][name].update(gpu_busy_ms=gpu_busy_ms(step), top_kernels=top_kernels(step))
     ratios = dict(
         mixed_vs_single={mode: {k: results[mode][f"bank, {k} tasks"]["vs_single"] for k in preset.distinct}
@@ -211,6 +215,28 @@ def run(preset_name: str, command: str, log=print) -> dict:
               per_step=per_step["mixed_vs_sub_batches"])]
     return dict(environment=environment(command), preset=preset_name, workload=dataclasses.asdict(preset.workload),
                 tasks_in_bank=max(preset.distinct), results=results, ratios=ratios, goals=goals)
+
+
+# Training steps replayed as CUDA graphs (bitfit_fast.GraphedStep), on a GPU: the same batches padded to the
+# workload's length (one shape, one graph: the bank's serves every mix of tasks), so that the host's launches no
+# longer set the pace (the eager steps above are host-bound at batch 64) and the GPU's work decides the ratio.
+GRAPHED_MODE = "train, CUDA graphs"
+
+
+def _graphed_training(single, bank, assignments: dict, batches: list[dict], length: int, labels) -> tuple:
+    """(configs, batches) of the graphed training mode: each step a replay of its model's graph."""
+    import bitfit_fast
+
+    params = [p for p in single.parameters() if p.requires_grad]
+    # No clipping, as the eager steps: bf16 autocast, as every GPU benchmark runs.
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=params[0].is_cuda)  # (CPU: the tests, eagerly)
+    single_step = bitfit_fast.GraphedStep(single, optimizer, None, torch.bfloat16)
+    bank_step = bitfit_fast.GraphedStep(bank, bank.optimizer(lr=1e-4), None, torch.bfloat16)
+    fixed = [{key: torch.nn.functional.pad(value, (0, length - value.shape[1])) for key, value in batch.items()}
+             | {"labels": labels} for batch in batches]
+    configs = {"single-task model": single_step,
+               **{f"bank, {k} tasks": functools.partial(bank_step, tasks=tasks) for k, tasks in assignments.items()}}
+    return configs, fixed
 
 
 def _per_step(ratios: dict | None) -> str:
