@@ -127,10 +127,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     check_backend_option(args.backend)  # both before the model loads (uvicorn reports a taken port only after it)
     _check_listenable(args.host, args.port)
-    predictor = RunsPredictor(args.runs, backend=args.backend)
+    predictor = RunsPredictor(args.runs, backend=args.backend, truncate=args.truncate)
     print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",
           file=sys.stderr)
-    serve(predictor, args.host, args.port, BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue))
+    serve(predictor, args.host, args.port,
+          BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue, args.max_request_bytes))
     return 0
 
 
@@ -335,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a batch's first example waits for others")
     s.add_argument("--max-queue", type=POSITIVE_INT, default=1024,
                    help="examples that may wait; beyond it requests get 503 and retry")
+    s.add_argument("--max-request-bytes", type=POSITIVE_INT, default=8 * 2**20,
+                   help="the largest request body read; a larger one gets 413")
+    s.add_argument("--truncate", action="store_true",
+                   help="cut a text longer than its task's --max-length to it, as predict and eval do, instead of "
+                        "answering 422")
     s.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="Triton kernels or torch ops (auto: the kernels on a GPU)")
     return parser

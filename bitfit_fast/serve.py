@@ -136,7 +136,7 @@ class RunsPredictor:
     directory's name; an example is ``{"task": NAME, "text": "..."}``, with ``"text_pair"`` for a run trained on two
     text columns."""
 
-    def __init__(self, paths: list[str], backend: str = "auto"):
+    def __init__(self, paths: list[str], backend: str = "auto", truncate: bool = False):
         from .server import RequestError
         from .task_bank import TaskBank
 
@@ -165,6 +165,7 @@ class RunsPredictor:
         self.bank.to(self.device)
         self.runs = runs
         self.tasks = list(runs)
+        self.truncate = truncate  # a text past its task's max_length: cut to it (as predict does), or refused
         self.pad_id = data.pad_id(self.tokenizer)
 
     def check(self, example: object) -> dict:
@@ -182,6 +183,9 @@ class RunsPredictor:
             raise self._refuse(f"unknown task {task!r}: this server knows {self.tasks}")
         run = self.runs[task]
         texts = [example.get("text"), example.get("text_pair")][:len(run.text_columns)]
+        for key, text in zip(("text", "text_pair"), texts):
+            if text is not None and not isinstance(text, str):
+                raise self._refuse(f"'{key}' must be a string, got {json.dumps(text)[:80]}")
         if not all(isinstance(text, str) and text.strip() for text in texts):
             needed = "a non-empty 'text' and 'text_pair'" if len(texts) == 2 else "a non-empty 'text'"
             raise self._refuse(f"task {task!r} needs {needed}: an example is {shape}")
@@ -193,11 +197,12 @@ class RunsPredictor:
             except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no tokenizer reads
                 raise self._refuse(f"a text of task {task!r} is not valid Unicode (a lone surrogate, such as "
                                    "\\ud800): send well-formed text") from None
-        encoded = self.tokenizer(*texts, truncation=False)
+        encoded = self.tokenizer(*texts, truncation=self.truncate,
+                                 max_length=run.config.max_length if self.truncate else None)
         length = len(encoded["input_ids"])
         if length > run.config.max_length:
             raise self._refuse(f"the text is {length} tokens; task {task!r} reads at most {run.config.max_length}: "
-                               "shorten it")
+                               "shorten it (a server started with --truncate cuts it)")
         return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
     def predict(self, examples: list[dict]) -> list[dict]:

@@ -12,8 +12,9 @@ Routes:
     POST /predict   one example {"task": ..., "text": ..., "text_pair": ...}  ->  its prediction
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
-predictor refuses, 413 more examples than the whole queue holds (split them), 503 a full queue (retry), 500 a failed
-prediction, 404 and 405 another route or method.
+predictor refuses, 413 a body over ``max_request_bytes`` or more examples than the whole queue holds (split them),
+503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. The examples are checked
+(tokenised) in a worker thread: a huge text keeps its own request waiting, not every other.
 """
 
 import asyncio
@@ -44,14 +45,15 @@ class Predictor(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
-    """How the server groups requests into batches."""
+    """How the server groups requests into batches, and the largest request it reads."""
 
     max_batch_size: int = 64  # examples per predictor call
     max_wait_ms: float = 5.0  # how long the first example of a batch waits for others
     max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
+    max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is read whole
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue"):
+        for name in ("max_batch_size", "max_queue", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.max_wait_ms >= 0:
@@ -146,11 +148,29 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
     async def health(request):
         return JSONResponse({"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].queue.qsize()})
 
+    async def read_body(request) -> bytes | None:
+        """The request's body, or None past max_request_bytes (read no further than that)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_request_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_request_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def predict(request):
+        body = await read_body(request)
+        if body is None:
+            return _error(413, f"the request is larger than {config.max_request_bytes} bytes, the most this server "
+                               "reads: split it, or shorten its texts")
         try:
-            body = json.loads(await request.body())
-        except ValueError as error:
-            return _error(400, f"the body is not JSON ({first_line(error)}): send {{\"task\": ..., \"text\": ...}} "
+            body = json.loads(body)
+        except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than Python parses
+            reason = first_line(error) if isinstance(error, ValueError) else "nested too deep"
+            return _error(400, f"the body is not JSON ({reason}): send {{\"task\": ..., \"text\": ...}} "
                                "or {\"inputs\": [...]}")
         single = not (isinstance(body, dict) and "inputs" in body)
         examples = [body] if single else body["inputs"]
@@ -159,15 +179,22 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         if len(examples) > config.max_queue:  # it would never fit: a 503 would have the client retry forever
             return _error(413, f"{len(examples)} examples in one request; this server queues at most "
                                f"{config.max_queue}: split them into several requests")
-        checked = []
-        for index, example in enumerate(examples):
-            try:
-                checked.append(predictor.check(example))
-            except RequestError as error:
-                return _error(422, str(error) if single else f"inputs[{index}]: {error}")
-            except Exception as error:  # the predictor's own failure, answered as JSON like every error
-                return _error(500, f"checking {'the example' if single else f'inputs[{index}]'} failed: "
-                                   f"{first_line(error)}")
+        def check():
+            """The checked examples, or the error response of the first that fails."""
+            checked = []
+            for index, example in enumerate(examples):
+                try:
+                    checked.append(predictor.check(example))
+                except RequestError as error:
+                    return _error(422, str(error) if single else f"inputs[{index}]: {error}")
+                except Exception as error:  # the predictor's own failure, answered as JSON like every error
+                    return _error(500, f"checking {'the example' if single else f'inputs[{index}]'} failed: "
+                                       f"{first_line(error)}")
+            return checked
+
+        checked = await asyncio.to_thread(check)  # tokenising a long text: the event loop serves others meanwhile
+        if not isinstance(checked, list):
+            return checked
         try:
             futures = state["batcher"].submit(checked)
         except asyncio.QueueFull:

@@ -105,6 +105,7 @@ def test_concurrent_mixed_requests_are_batched_and_each_answered():
     (b'{"task": "upper", "text": "bug"}', 500, "checking the example failed: the check itself failed"),
     (b'{"inputs": [{"task": "upper", "text": "a"}, {"task": "upper", "text": "bug"}]}', 500,
      "checking inputs[1] failed: the check itself failed"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "the body is not JSON (nested too deep)"),  # deeper than Python parses
 ])
 def test_bad_requests_get_a_status_and_a_message(body, status, message):
     predictor = EchoPredictor()
@@ -237,8 +238,59 @@ def test_a_request_larger_than_the_queue_is_told_to_split():
     assert predictor.batches == [3]
 
 
+def test_a_request_larger_than_max_request_bytes_gets_413_unread():
+    predictor = EchoPredictor()
+    with running(predictor, BatchingConfig(max_request_bytes=200)) as url:
+        small = httpx.post(f"{url}/predict", json=dict(task="upper", text="ok"), timeout=30)
+        large = httpx.post(f"{url}/predict", json={"inputs": [dict(task="upper", text="abc")] * 10}, timeout=30)
+
+        def chunks():  # no Content-Length: the server stops reading past the limit
+            yield b'{"inputs": ['
+            yield b'{"task": "upper", "text": "abc"}, ' * 10
+            yield b'{"task": "upper", "text": "abc"}]}'
+
+        streamed = httpx.post(f"{url}/predict", content=chunks(), timeout=30)
+    assert small.json()["answer"] == "OK"
+    for refused in (large, streamed):
+        assert refused.status_code == 413
+        assert refused.json()["error"] == ("the request is larger than 200 bytes, the most this server reads: split "
+                                           "it, or shorten its texts")
+    assert predictor.texts == ["ok"]
+
+
+class SlowCheckPredictor(EchoPredictor):
+    """Its check of the text "slow" (a huge text to tokenise) waits until ``done`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.slow_check_started, self.done = threading.Event(), threading.Event()
+
+    def check(self, example):
+        if isinstance(example, dict) and example.get("text") == "slow":
+            self.slow_check_started.set()
+            assert self.done.wait(timeout=30), "the other request was never answered"
+        return super().check(example)
+
+
+def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
+    # The checks (a tokeniser's work) run in a worker thread: while one request's check is busy, the event loop
+    # answers the other requests. The slow check waits until the other request is answered, which would never
+    # happen if the checks ran on the event loop.
+    predictor = SlowCheckPredictor()
+    with running(predictor, BatchingConfig(max_wait_ms=0)) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="slow"), timeout=60)
+        assert predictor.slow_check_started.wait(timeout=30)
+        other = httpx.post(f"{url}/predict", json=dict(task="length", text="quick"), timeout=30)
+        predictor.done.set()
+        assert other.json()["answer"] == 5
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+        assert slow.result().json()["answer"] == "SLOW"
+    assert predictor.texts == ["quick", "slow"]
+
+
 def test_batching_config_is_checked():
-    for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan"))):
+    for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan")),
+                dict(max_request_bytes=0)):
         with pytest.raises(ValueError, match="must be at least"):
             BatchingConfig(**bad)
 
@@ -302,6 +354,8 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
     (dict(task=12, text="goal"), "'task' is a task's name, a string of ['topics', 'score']; got 12"),
     (dict(task="topics", text="goal \ud800 match"), "a text of task 'topics' is not valid Unicode (a lone surrogate"),
     (dict(task="score", text="goal", text_pair="match"), "task 'score' reads one text: leave out 'text_pair'"),
+    (dict(task="topics", text=5), "'text' must be a string, got 5"),
+    (dict(task="topics", text=["goal"]), "'text' must be a string, got [\"goal\"]"),
 ])
 def test_a_request_the_runs_cannot_answer_is_named(two_runs, example, message):
     from bitfit_fast.serve import RunsPredictor
@@ -334,6 +388,20 @@ def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):
     assert len(checked["input_ids"]) == 128
     with pytest.raises(RequestError, match="the text is 129 tokens; task 'topics' reads at most 128"):
         predictor.check(dict(task="topics", text=" ".join(["goal"] * 127)))
+
+
+def test_a_server_started_with_truncate_cuts_a_long_text_as_predict_does(two_runs):
+    from bitfit_fast import serve
+    from bitfit_fast.serve import RunsPredictor
+
+    text = " ".join(["goal", "match", "bank"] * 70)  # 210 words: past the runs' 128 tokens
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch", truncate=True)
+    checked = predictor.check(dict(task="topics", text=text))
+    assert len(checked["input_ids"]) == 128
+    answer = predictor.predict([checked])[0]
+    expected = serve.predict(two_runs["topics"], texts=[(text,)])[0]
+    assert answer["label"] == expected["label"]
+    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
 
 
 def test_predict_answers_every_text_past_its_first_batch(two_runs):
