@@ -16,6 +16,7 @@ batch's tasks) one optimizer step on a mixed batch is each task's own step on it
 
 import copy
 import dataclasses
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import graphs, task_rows
-from .checkpoint import RUN_CONFIG_NAME, read_checkpoint, require_storage, write_checkpoint
+from .checkpoint import RUN_CONFIG_NAME, Checkpoint, read_checkpoint, require_storage, write_checkpoint
 from .config import BitFitConfig
 from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
 
@@ -169,9 +170,12 @@ def _output_width(head: nn.Module) -> int:
 _EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
 
 
-def _options(config: BitFitConfig) -> dict:
-    """What must agree between the tasks of one bank: the options that decide what a task trains."""
-    return {key: value for key, value in config.to_dict().items() if key not in _EXECUTION_OPTIONS}
+def _options(checkpoint: Checkpoint) -> dict:
+    """What must agree between the tasks of one bank: the options that decide what a task trains, the head as the
+    modules it was (`bitfit-fast train` names them; apply() finds the same by default)."""
+    options = {key: value for key, value in checkpoint.config.to_dict().items()
+               if key not in _EXECUTION_OPTIONS | {"head"}}
+    return options | {"head": sorted(checkpoint.state.head)}
 
 
 class TaskBank(nn.Module):
@@ -199,6 +203,9 @@ class TaskBank(nn.Module):
         """A bank of the tasks saved in ``sources`` (``save_biases`` directories or `bitfit-fast train` runs, by
         name; a list is named by the directories' names) on ``model``, a base model not applied yet, of the class
         the tasks were trained from. The tasks must share their BitFit options."""
+        if isinstance(sources, str | os.PathLike):
+            raise ValueError(f"sources are several tasks, {{name: directory}} or a list of directories; got one path, "
+                             f"{str(sources)!r}: pass [{str(sources)!r}]")
         if not isinstance(sources, Mapping):
             names = [Path(source).name for source in sources]
             twice = next((name for name in names if names.count(name) > 1), None)
@@ -212,22 +219,28 @@ class TaskBank(nn.Module):
         checkpoints = {name: read_checkpoint(directory) for name, (directory, _, _) in resolved.items()}
         first_name, first = next(iter(checkpoints.items()))
         for name, checkpoint in checkpoints.items():
-            if _options(checkpoint.config) != _options(first.config) or checkpoint.model_class != first.model_class:
-                raise ValueError(
-                    f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options or another model "
-                    f"class than task {first_name!r} ({first.directory}): the tasks of a bank share one base model "
-                    "and one BitFitConfig"
-                )
+            if checkpoint.model_class != first.model_class:
+                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a {checkpoint.model_class}, "
+                                 f"task {first_name!r} ({first.directory}) on a {first.model_class}: the tasks of a "
+                                 "bank share one base model")
+            mine, theirs = _options(checkpoint), _options(first)
+            differ = [f"{key} {mine[key]!r} vs {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+            if differ:
+                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options than "
+                                 f"task {first_name!r} ({first.directory}): {'; '.join(differ)}. The tasks of a bank "
+                                 "share one BitFitConfig")
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
         for name, checkpoint in checkpoints.items():
+            trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
             if set(checkpoint.tensors) != trained:
                 differ = sorted(set(checkpoint.tensors) ^ trained)
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) does not hold the parameters this model "
-                                 f"trains: {differ[:5]} differ; was it saved from this model class?")
+                                 f"trains: {differ[:5]} differ. It was trained on a model of other sizes (another "
+                                 f"number of layers?): load it onto the base model it was trained from{trained_from}")
             # A head's output layer may differ in width (its first dimension) from task to task; nothing else may.
             compared = {p: slice(1 if is_within(p, checkpoint.state.head) else 0, None) for p in checkpoint.tensors}
             mismatched = [p for p, part in compared.items()
@@ -235,7 +248,7 @@ class TaskBank(nn.Module):
             if mismatched:
                 shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
-                                 f"{shown}; load it onto the base model it was trained from ({checkpoint.base_model})")
+                                 f"{shown}; load it onto the base model it was trained from{trained_from}")
         apply(model, config, announce=False)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
         shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
@@ -255,6 +268,9 @@ class TaskBank(nn.Module):
         initialises its heads."""
         if not num_labels:
             raise ValueError("a TaskBank needs at least one task")
+        bad = {name: n for name, n in num_labels.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
         if not config_with(config, overrides).train_head:
             width = getattr(getattr(model, "config", None), "num_labels", None)
             other = {name: n for name, n in num_labels.items() if n != width}
@@ -301,7 +317,12 @@ class TaskBank(nn.Module):
                    ) -> torch.Tensor:
         """[B] task indices of names or indices; ValueError naming an unknown task. Indices in a tensor are read
         to be checked (on a GPU a sync), but not while a CUDA graph captures: GraphedStep checks them before."""
+        if isinstance(tasks, str):  # its characters would be read as the examples' tasks
+            raise ValueError(f"tasks are one per example, a list of names or indices or a tensor; got the string "
+                             f"{tasks!r}: pass [{tasks!r}] * the number of examples")
         if isinstance(tasks, torch.Tensor):
+            if tasks.dtype.is_floating_point or tasks.dtype.is_complex or tasks.dtype == torch.bool:
+                raise ValueError(f"task indices are integers, got a {tasks.dtype} tensor")
             index = tasks.long()
         else:
             by_index = [task.name for task in self.tasks.values()]
@@ -312,7 +333,10 @@ class TaskBank(nn.Module):
                         raise ValueError(f"unknown task {task!r}; the bank holds {by_index}")
                     index.append(self.tasks[task].index)
                 else:
-                    index.append(int(task))
+                    try:
+                        index.append(operator.index(task))  # an integer; a float is no index
+                    except TypeError:
+                        raise ValueError(f"a task is a name or an integer index, got {task!r}") from None
             index = torch.tensor(index, dtype=torch.long)
         if index.numel() and not graphs.capturing() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
             raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
@@ -328,6 +352,9 @@ class TaskBank(nn.Module):
         if "labels" in batch:  # the model's own loss would take every example as its first task's
             raise ValueError("TaskBank returns logits, not a loss: drop labels from the batch and take "
                              "bank.loss(logits, labels, tasks)")
+        if not batch:
+            raise ValueError("the batch is empty: pass the model's inputs, bank(tasks, input_ids=..., "
+                             "attention_mask=...)")
         device = next(iter(batch.values())).device
         with task_rows.example_tasks(self.task_index(tasks, device)):
             return self.model(**batch).logits
@@ -416,6 +443,8 @@ class TaskBank(nn.Module):
 
     def task_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Task ``name``'s trained parameters, named as in a single-task model (what save_biases saves)."""
+        if name not in self.tasks:
+            raise ValueError(f"unknown task {name!r}; the bank holds {list(self.tasks)}")
         task = self.tasks[name]
         tensors = {}
         for param_name, param in self.model.named_parameters():

@@ -395,9 +395,33 @@ def test_mistakes_name_the_problem(tmp_path):
         bank.model(**batch)
     subset = bitfit_fast.apply(with_head(base, 2), biases="subset", announce=False)
     bitfit_fast.save_biases(subset, tmp_path / "subset")
-    with pytest.raises(ValueError, match="other BitFit options"):
+    with pytest.raises(ValueError, match=r"other BitFit options than task 'topic' .*: biases 'subset' vs 'all'"):
         TaskBank.load(copy.deepcopy(base), {**sources, "subset": tmp_path / "subset"}, backend="torch")
     assert isinstance(bank.model.classifier, TaskHeads)
+    # The head named (as `bitfit-fast train` names it) or found by apply(): the same modules, one bank.
+    named = bitfit_fast.apply(with_head(base, 2), head=["classifier", "dropout"], announce=False)
+    bitfit_fast.save_biases(named, tmp_path / "named")
+    TaskBank.load(copy.deepcopy(base), {**sources, "named": tmp_path / "named"}, backend="torch")
+    only_classifier = bitfit_fast.apply(with_head(base, 2), head=["classifier"], announce=False)
+    bitfit_fast.save_biases(only_classifier, tmp_path / "only-classifier")
+    with pytest.raises(ValueError, match=r"head \['classifier'\] vs \['classifier', 'dropout'\]"):
+        TaskBank.load(copy.deepcopy(base), {**sources, "c": tmp_path / "only-classifier"}, backend="torch")
+    # What a user may pass by mistake gets a message, not a wrong answer or a bare exception.
+    with pytest.raises(ValueError, match=r"got one path, .*: pass \["):
+        TaskBank.load(copy.deepcopy(base), str(sources["topic"]), backend="torch")
+    with pytest.raises(ValueError, match=r"got the string 'topic': pass \['topic'\] \* the number of examples"):
+        bank("topic", **batch)
+    with pytest.raises(ValueError, match="task indices are integers, got a torch.float32 tensor"):
+        bank(torch.tensor([0.9, 1.7]), **batch)
+    with pytest.raises(ValueError, match="a task is a name or an integer index, got 1.7"):
+        bank([0, 1.7], **batch)
+    with pytest.raises(ValueError, match=r"the batch is empty: pass the model's inputs"):
+        bank(["topic", "topic"])
+    with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds"):
+        bank.save_task("weather", tmp_path / "weather")
+    assert not (tmp_path / "weather").exists()
+    with pytest.raises(ValueError, match=r"positive integer .*got \{'none': 0, 'half': 1.5\}"):
+        TaskBank.new(copy.deepcopy(base), {"topic": 3, "none": 0, "half": 1.5})
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -411,6 +435,11 @@ def test_mistakes_name_the_problem(tmp_path):
     plain = copy.deepcopy(base)
     with pytest.raises(ValueError, match=r"task 'wider' .* was trained on a model of other sizes: .*intermediate"):
         TaskBank.load(plain, {"topic": sources["topic"], "wider": tmp_path / "wider"}, backend="torch")
+    deeper = MODELS["bert"](num_labels=3, num_hidden_layers=3)  # another number of layers: other parameters
+    bitfit_fast.save_biases(bitfit_fast.apply(deeper, announce=False), tmp_path / "deeper")
+    with pytest.raises(ValueError, match=r"task 'deeper' .* differ. It was trained on a model of other sizes \(another "
+                                         r"number of layers\?\): load it onto the base model it was trained from$"):
+        TaskBank.load(plain, {"topic": sources["topic"], "deeper": tmp_path / "deeper"}, backend="torch")
     assert not hasattr(plain, "bitfit_fast_config") and all(p.requires_grad for p in plain.parameters())
     with torch.device("meta"):  # no weights loaded yet: the tasks' values would be copied into nothing
         empty = type(base)(base.config)
