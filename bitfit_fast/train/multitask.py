@@ -147,7 +147,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
         run_config = dataclasses.replace(config, model=config.model and model_path, output_dir=str(out / name),
                                          **files)
         write_run_config(Run(out / name, run_config, model_path, data.num_labels, data.label_names,
-                             list(data.metrics), tuple(data.text_columns), data.label_column), name, out)
+                             list(data.metrics), tuple(data.text_columns), data.label_column), name, out.resolve())
 
     optimizer = bank.optimizer(lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
@@ -198,7 +198,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             best=dict(epoch=best["epoch"], split=split, metric=metric, value=best["validation"][split][metric]),
             saved_biases={BEST_BIASES: best["epoch"], LAST_BIASES: config.epochs})
         summary["tasks"][name] = task_summary
-        write_json(out / name / SUMMARY_NAME, dict(task_summary, task=name, joint_run=str(out)))
+        write_json(out / name / SUMMARY_NAME, dict(task_summary, task=name, joint_run=str(out.resolve())))
         log(f"{name}: best {metric} {task_summary['best']['value']:.4f} (epoch {best['epoch']}); {out / name} is "
             "its run")
     write_json(out / SUMMARY_NAME, summary)
