@@ -17,7 +17,8 @@
 #           "tests-more" (the gpu-marked ModernBERT and torch.compile tests),
 #           "tests" (every other test on CUDA: longer than a lease), "tests-kernels" (the kernel tests on CUDA but
 #           the linear forward's, whose autotuned GEMMs take minutes to compile),
-#           "tests-bank" (task bank tests, per-row kernels), "tests-graphs" (the CUDA-graph step's), "length-groups" (attention by length groups on
+#           "tests-bank" (task bank tests, per-row kernels), "tests-graphs" (the CUDA-graph step's),
+#           "tests-bank-graphs" (the task bank's graphed step and sync-free step), "length-groups" (attention by length groups on
 #           CUDA: 0.055x one call at aaf637a) and
 #           "kernels-compiled" (each block under torch.compile: a compile per shape, minutes). "host-profile" is
 #           cProfile of the host's time in a step; "sweep" times candidate tiles of the bandwidth-bound kernels
@@ -88,6 +89,9 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
                        --junitxml="$LOGS/tests-kernels.xml" ;;
         tests-real) "${PYTEST[@]}" tests/test_real_weights.py --junitxml="$LOGS/tests-real.xml" ;;
         tests-graphs) "${PYTEST[@]}" -m gpu tests/test_graphs.py --junitxml="$LOGS/tests-graphs.xml" ;;
+        # The task bank's graphed step and its sync-free training step alone (a few seconds).
+        tests-bank-graphs) "${PYTEST[@]}" -m gpu tests/test_graphs.py tests/test_task_bank.py \
+                           -k "bank or never_waits_for_the_gpu" --junitxml="$LOGS/tests-bank-graphs.xml" ;;
         tests-more) "${PYTEST[@]}" -m gpu tests/test_fused_modernbert.py tests/test_compile.py \
                     --junitxml="$LOGS/tests-more.xml" ;;
         tests) "${PYTEST[@]}" -m "not gpu and not aot" "${TEST_FILES[@]}" --junitxml="$LOGS/tests.xml" ;;
