@@ -73,6 +73,7 @@ class _Capture:
     loss: torch.Tensor
     settings: tuple  # what the graph replays as captured (``GraphedStep._settings``)
     grads: list  # the parameters' gradients the graph writes
+    addresses: tuple  # where it writes the parameters and the optimizer state (``GraphedStep._addresses``)
 
 
 class GraphedStep:
@@ -85,7 +86,8 @@ class GraphedStep:
     captured; the trained parameters and the optimizer state are then put back as they were before the warmup, and
     the graph replays that batch: it trains once, as any other. A capture that fails undoes the warmup too. Every
     later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or AdamW
-    (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True``; the model must not sync
+    (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True`` (a TaskBank's: its own, see
+    below); the model must not sync
     the host inside its step (nor recompute under ``torch.utils.checkpoint``, which reads the RNG state on the
     host: gradient checkpointing, ``memory="minimal"``). A graph keeps the hyperparameters it was captured with
     (``max_grad_norm``, ``autocast``, each param group's floats): a learning-rate schedule needs the lr as a tensor
@@ -95,8 +97,9 @@ class GraphedStep:
     A :class:`~bitfit_fast.TaskBank` trains in mixed batches the same way: ``GraphedStep(bank, bank.optimizer(...))``
     and ``step(batch, tasks)`` with the examples' tasks (names or indices, checked on the host) and the batch's
     ``labels``; the step takes ``bank.loss``, clips each task on its own (``bank.clip_grad_norm_``) and steps the
-    batch's tasks, all decided on the device, so that one graph serves every mix of tasks. Its heads must be linear
-    layers (a BERT classifier): other heads run a sub-batch per task, which a graph cannot.
+    batch's tasks, all decided on the device, so that one graph serves every mix of tasks (the batch key ``tasks``
+    is the step's own). Its heads must be linear layers with a bias (a BERT classifier): other heads run a
+    sub-batch per task, which a graph cannot.
 
     ``drop_full_masks``: a batch whose ``attention_mask`` is all ones (one host sync a step asks) or that has none
     replays the graph of the batch without one, captured as unpadded (``batch_without_padding``); a graph captured
@@ -164,8 +167,9 @@ class GraphedStep:
             general = [name for name, module in self.bank.named_modules()
                        if isinstance(module, TaskHeads) and module.widths is None]
             if general:
-                raise ValueError(f"the bank's heads {general} are not linear layers: they run a sub-batch per task, "
-                                 "which asks the host which tasks a batch holds, and a CUDA graph cannot capture it")
+                raise ValueError(f"the bank's heads {general} are not linear layers with a bias: they run a sub-batch "
+                                 "per task, which asks the host which tasks a batch holds, and a CUDA graph cannot "
+                                 "capture it")
         elif not all(group.get("capturable") for group in self.optimizer.param_groups):
             raise ValueError(f"{type(self.optimizer).__name__} is not capturable: a CUDA graph replays its step only "
                              "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True); fused=True "
@@ -183,6 +187,12 @@ class GraphedStep:
                              if k != "params" and not isinstance(v, torch.Tensor))
                        for group in self.optimizer.param_groups)
         return self.max_grad_norm, self.autocast, groups
+
+    def _addresses(self) -> tuple:
+        """Where the parameters and the optimizer's state tensors live: a graph writes there at every replay."""
+        return tuple(p.data_ptr() for p in self.params) + tuple(
+            value.data_ptr() for p in self.params for value in self.optimizer.state.get(p, {}).values()
+            if isinstance(value, torch.Tensor))
 
     @torch.no_grad()
     def _snapshot(self) -> tuple[list, dict]:
@@ -243,7 +253,7 @@ class GraphedStep:
             raise
         self._pool = graph.pool()
         self._restore(snapshot)
-        return _Capture(graph, inputs, loss, self._settings(), [p.grad for p in self.params])
+        return _Capture(graph, inputs, loss, self._settings(), [p.grad for p in self.params], self._addresses())
 
     def __call__(self, batch: dict, tasks=None) -> torch.Tensor:
         """One step on ``batch``; ``tasks``: a TaskBank's examples' tasks (names or indices), else None."""
@@ -251,8 +261,8 @@ class GraphedStep:
             raise TypeError("a batch is a non-empty dict of tensors")
         if self.bank is not None:
             if tasks is None or "labels" not in batch or TASKS in batch:
-                raise TypeError("a TaskBank's step takes a batch with its labels and each example's task: "
-                                "step(batch, tasks)")
+                raise TypeError(f"a TaskBank's step takes a batch with its labels (and no key {TASKS!r}, the step's "
+                                "own) and each example's task: step(batch, tasks)")
             # Checked here, on the host where names or a CPU tensor are given: the graph reads them unchecked.
             batch = {**batch, TASKS: self.bank.task_index(tasks, next(iter(batch.values())).device)}
         elif tasks is not None:
@@ -277,6 +287,10 @@ class GraphedStep:
                                  "an optimizer setting), and the graph replays what it saw: give the optimizer "
                                  "lr=torch.tensor(...) to schedule the learning rate; for another change, make a "
                                  "new GraphedStep")
+            if self._addresses() != capture.addresses:
+                raise ValueError("the parameters or the optimizer's state live elsewhere since the step was captured "
+                                 "(load_state_dict, param.data = ..., .to()), and the graph writes where they were: "
+                                 "make a new GraphedStep")
             for name, value in batch.items():
                 capture.inputs[name].copy_(value)
         capture.graph.replay()

@@ -2,9 +2,11 @@
 swapped on it. Every mistake (a directory that is not a run, a missing column, a moved base model) is a one-line
 `UserError`."""
 
+import copy
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -166,10 +168,14 @@ class RunsPredictor:
         self.runs = runs
         self.tasks = list(runs)
         self.truncate = truncate  # a text past its task's max_length: cut to it (as predict does), or refused
+        # The server checks examples in several threads at once, and a fast tokenizer's call sets its (shared)
+        # truncation before encoding: one thread's max_length would cut another's text. A copy per thread.
+        self._local = threading.local()
         self.pad_id = data.pad_id(self.tokenizer)
 
     def check(self, example: object) -> dict:
-        """The example tokenised; RequestError (the client's message) for one this server cannot answer."""
+        """The example tokenised; RequestError (the client's message) for one this server cannot answer. Safe to
+        call from several threads at once, as the server does."""
         shape = '{"task": NAME, "text": "...", "text_pair": "..." (for two-text tasks)}'
         if not isinstance(example, dict):
             raise self._refuse(f"an example is {shape}, got {type(example).__name__}")
@@ -197,8 +203,10 @@ class RunsPredictor:
             except UnicodeEncodeError:  # JSON's "\ud800": a lone surrogate, which no tokenizer reads
                 raise self._refuse(f"a text of task {task!r} is not valid Unicode (a lone surrogate, such as "
                                    "\\ud800): send well-formed text") from None
-        encoded = self.tokenizer(*texts, truncation=self.truncate,
-                                 max_length=run.config.max_length if self.truncate else None)
+        if not hasattr(self._local, "tokenizer"):
+            self._local.tokenizer = copy.deepcopy(self.tokenizer)
+        encoded = self._local.tokenizer(*texts, truncation=self.truncate,
+                                        max_length=run.config.max_length if self.truncate else None)
         length = len(encoded["input_ids"])
         if length > run.config.max_length:
             raise self._refuse(f"the text is {length} tokens; task {task!r} reads at most {run.config.max_length}: "

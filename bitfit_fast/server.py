@@ -13,8 +13,9 @@ Routes:
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
 predictor refuses, 413 a body over ``max_request_bytes`` or more examples than the whole queue holds (split them),
-503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. The examples are checked
-(tokenised) in a worker thread: a huge text keeps its own request waiting, not every other.
+503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. A body is read no further
+than ``max_request_bytes`` (one that declares more is refused unread). The examples are checked (tokenised) in
+worker threads, several requests at once: a huge text keeps its own request waiting, not every other.
 """
 
 import asyncio
@@ -37,7 +38,8 @@ class Predictor(Protocol):
     tasks: Sequence[str]
 
     def check(self, example: object) -> dict:
-        """The example as ``predict`` takes it; raises :class:`RequestError` for one it cannot answer."""
+        """The example as ``predict`` takes it; raises :class:`RequestError` for one it cannot answer. Called from
+        worker threads, several at once: it must be thread-safe."""
 
     def predict(self, examples: list[dict]) -> list[dict]:
         """One JSON-ready answer per checked example, in order."""

@@ -114,6 +114,15 @@ def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def _refuse_host_copy_while_capturing(why: str) -> None:
+    """A copy from the host made while a CUDA graph captures is made again at every replay, from host memory freed
+    long before: what such a copy holds must be on the device before the capture (made by the warmup steps)."""
+    if graphs.capturing():
+        raise RuntimeError(f"{why}: a copy from the host made while a CUDA graph captures would be read again, from "
+                           "freed memory, at every replay. GraphedStep gives the tasks as indices on the device; "
+                           "the captured step must give the same parameters a gradient as its warmup steps")
+
+
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attribute = name.rpartition(".")
     setattr(model.get_submodule(module_name), attribute, nn.Parameter(value))
@@ -338,6 +347,8 @@ class TaskBank(nn.Module):
                     except TypeError:
                         raise ValueError(f"a task is a name or an integer index, got {task!r}") from None
             index = torch.tensor(index, dtype=torch.long)
+            if device is not None:
+                _refuse_host_copy_while_capturing("the tasks are given by name or as a list")
         if index.numel() and not graphs.capturing() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
             raise ValueError(f"task indices must be in [0, {len(self.tasks)}), got {index.tolist()}")
         return _to_device(index, device) if device is not None else index
@@ -425,6 +436,7 @@ class TaskBank(nn.Module):
             # (a product with a one-hot matrix would spread it: inf * 0 is NaN).
             if self._head_tasks is None or self._head_tasks[0] != head_tasks or self._head_tasks[1].device != device:
                 # Kept from step to step: a copy captured in a CUDA graph would read its host memory at every replay.
+                _refuse_host_copy_while_capturing("the heads with a gradient differ from the warmup steps'")
                 self._head_tasks = head_tasks, _to_device(torch.tensor(head_tasks), device)
             head_tasks = self._head_tasks[1]
             of_task = F.one_hot(head_tasks, len(self.tasks)).bool()
@@ -482,8 +494,9 @@ class TaskAdamW(torch.optim.Optimizer):
     A step is a fixed number of operations, decided on the device: the table rows and head parameters of a param
     group are the segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
     Per parameter, a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a
-    kernel launch on a GPU; now 40. Nothing is read back to the host, and tasks given as indices on the parameters'
-    device are not copied either, so that a CUDA graph can capture the step.
+    kernel launch on a GPU; now 40. Tasks given as names or host indices are copied to the device from pinned memory,
+    and nothing is read back: the host never waits for the GPU (indices already in a GPU tensor are read back to be
+    checked, but not while a CUDA graph captures the step: GraphedStep checks them before).
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -539,10 +552,11 @@ class _FlatSegments:
         self.counts = [len(of_param) for of_param, _ in segments]
         self.segment_task = torch.tensor([t for of_param, _ in segments for t in of_param], device=device)
         self.segment_sizes = torch.tensor([n for _, sizes in segments for n in sizes], device=device)
+        # State kept elsewhere (loaded from another device, or the bank moved or cast since) joins its parameters.
         self.exp_avg, self.exp_avg_sq = (
-            torch.cat([(state[p][key] if state[p] else torch.zeros_like(p)).reshape(-1) for p in params])
+            torch.cat([(state[p][key].to(p) if state[p] else torch.zeros_like(p)).reshape(-1) for p in params])
             for key in ("exp_avg", "exp_avg_sq"))
-        self.steps = torch.cat([state[p]["step"].reshape(-1).to(torch.float64) if state[p] else
+        self.steps = torch.cat([state[p]["step"].to(device, torch.float64).reshape(-1) if state[p] else
                                 torch.zeros(count, dtype=torch.float64, device=device)
                                 for p, count in zip(params, self.counts)])
         first_segment = 0
@@ -579,6 +593,7 @@ class _FlatSegments:
         missing = tuple(i for i, param in enumerate(self.params) if param.grad is None)
         if missing:  # such a parameter does not step (as torch's AdamW skips a parameter without a gradient)
             if self._stepping[0] != missing:  # kept: a copy captured in a CUDA graph reads its host memory each replay
+                _refuse_host_copy_while_capturing("the parameters without a gradient differ from the warmup steps'")
                 stepping = torch.ones(len(self.params), dtype=torch.bool)
                 stepping[list(missing)] = False
                 self._stepping = missing, _to_device(stepping.repeat_interleave(torch.tensor(self.counts)),

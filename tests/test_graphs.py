@@ -357,7 +357,8 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
         captured.append((sorted(batch), graphs.declared_without_padding()))
         inputs = {k: v.clone() for k, v in batch.items()}
         grads = [torch.full_like(p, len(captured)) for p in step.params]  # each graph's own gradient buffers
-        return graphs._Capture(Graph(inputs), inputs, torch.tensor(float(len(captured))), step._settings(), grads)
+        return graphs._Capture(Graph(inputs), inputs, torch.tensor(float(len(captured))), step._settings(), grads,
+                               step._addresses())
 
     keeping = GraphedStep(model, _adamw(model), drop_full_masks=False)
     for graphed in (step, keeping):
@@ -398,6 +399,12 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
     optimizer.param_groups[0]["weight_decay"] = 1e-2
     step.max_grad_norm = 2.0
     with pytest.raises(ValueError, match="hyperparameter changed"):
+        step(dict(input_ids=ids))
+    step.max_grad_norm = 1.0
+    step(dict(input_ids=ids))
+    # A graph writes where the parameters and the optimizer state were when it was captured.
+    step.params[0].data = step.params[0].data.clone()
+    with pytest.raises(ValueError, match="live elsewhere since the step was captured"):
         step(dict(input_ids=ids))
     keeping(dict(input_ids=ids, attention_mask=full))
     assert captured[-1] == (["attention_mask", "input_ids"], False), "drop_full_masks=False keeps every mask"
@@ -575,20 +582,22 @@ def test_a_graph_takes_a_bank_of_linear_heads_only():
         GraphedStep(bank, bank.optimizer(lr=1e-3))._check_capturable()
 
 
-def test_while_capturing_a_bank_step_asks_the_host_nothing_and_trains_as_eagerly(pretend_capturing, monkeypatch):
+def test_while_capturing_a_bank_step_asks_the_host_nothing_and_trains_as_eagerly(monkeypatch):
     # The step a capture records, run on CPU as it runs then: the task indices unchecked on the device, the optimizer
-    # presence made there, the clipping's and optimizer's host-built tensors made by the warmup step and kept. The
-    # padding stays under its mask, so the twin keeps it too.
+    # presence made there, the clipping's and optimizer's host-built tensors made by the warmup step (eager) and
+    # kept. While capturing the padding stays under its mask, so the twin keeps it too.
     bank = _bank("triton")
     twin = copy.deepcopy(bank)
     twin.model.bert.encoder.keeps_padding = True
     step, optimizer = GraphedStep(bank, bank.optimizer(lr=1e-2), max_grad_norm=0.05), twin.optimizer(lr=1e-2)
     for index, tasks in enumerate(BANK_SCHEDULE):
         batch = _bank_batch(bank, tasks)
-        with monkeypatch.context() as syncs:
-            if index:  # the first step is the warmup, eager
-                _refuse_host_syncs(syncs)
-            loss = step._eager({**batch, "tasks": bank.task_index(tasks, DEVICE)})
+        with monkeypatch.context() as capture:
+            if index:  # the first step is the warmup
+                capture.setattr(graphs, "capturing", lambda: True)
+                capture.setattr(hf_import_utils, "is_cuda_stream_capturing", lambda: True)
+                _refuse_host_syncs(capture)
+            loss = step._eager({**batch, "tasks": bank.task_index(tasks).to(DEVICE)})  # as GraphedStep gives them
         twin_loss = _eager_bank_step(twin, optimizer, batch, tasks, max_grad_norm=0.05)
         torch.testing.assert_close(loss, twin_loss, rtol=1e-5, atol=1e-6)
     twin_params = dict(twin.named_parameters())

@@ -258,6 +258,30 @@ def test_a_request_larger_than_max_request_bytes_gets_413_unread():
     assert predictor.texts == ["ok"]
 
 
+def test_a_body_of_exactly_max_request_bytes_is_read_and_one_byte_more_is_not():
+    body = b'{"task": "upper", "text": "ok"}'
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=len(body))) as url:
+        declared = httpx.post(f"{url}/predict", content=body, timeout=30)
+        streamed = httpx.post(f"{url}/predict", content=iter([body[:10], body[10:]]), timeout=30)
+        over = httpx.post(f"{url}/predict", content=iter([body[:10], body[10:] + b" "]), timeout=30)
+    assert declared.json()["answer"] == "OK" and streamed.json()["answer"] == "OK"
+    assert over.status_code == 413
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_any_body_arrives():
+    # Content-Length past max_request_bytes: 413 at once, without waiting for a body the client may never send.
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=100)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000000\r\n\r\n")
+            try:
+                reply = client.recv(4096)
+            except TimeoutError:
+                reply = b""
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:80]
+
+
 class SlowCheckPredictor(EchoPredictor):
     """Its check of the text "slow" (a huge text to tokenise) waits until ``done`` is set."""
 
@@ -390,6 +414,23 @@ def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):
         predictor.check(dict(task="topics", text=" ".join(["goal"] * 127)))
 
 
+def test_checks_in_many_threads_at_once_cut_each_text_to_its_own_tasks_length(two_runs):
+    # The server checks examples in worker threads, several at once; a tokenizer call sets its truncation before
+    # encoding, so a shared tokenizer cut one task's text to another's max length (157 of 2000 in a review's run).
+    import dataclasses
+
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch", truncate=True)
+    score = predictor.runs["score"]
+    predictor.runs["score"] = dataclasses.replace(score, config=dataclasses.replace(score.config, max_length=16))
+    text = " ".join(["goal", "match", "bank"] * 100)
+    tasks = ["topics", "score"] * 400
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        lengths = list(pool.map(lambda task: len(predictor.check(dict(task=task, text=text))["input_ids"]), tasks))
+    assert lengths == [128, 16] * 400
+
+
 def test_a_server_started_with_truncate_cuts_a_long_text_as_predict_does(two_runs):
     from bitfit_fast import serve
     from bitfit_fast.serve import RunsPredictor
@@ -459,3 +500,5 @@ def test_a_two_text_task_is_served_with_both_texts(two_runs, pair_run):
         assert got["task"] == "pairs" and got["label"] == expected["label"]
         assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
     assert answers[0]["probabilities"] != answers[2]["probabilities"], "the second text is read"
+    with pytest.raises(RequestError, match="'text_pair' must be a string, got 5"):
+        predictor.check(dict(task="pairs", text="a goal", text_pair=5))

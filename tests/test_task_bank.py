@@ -224,6 +224,16 @@ def _bank_with_gradients(layers: int, tasks: int = 4):
     return bank
 
 
+def _alone(bank, options: dict) -> dict:
+    """(param, row or None) -> (a copy of that table row or head parameter, torch's AdamW on it alone)."""
+    alone = {}
+    for param, task in bank.parameter_tasks().items():
+        for row in (range(param.shape[0]) if task is None else [None]):
+            own = (param[row] if row is not None else param).detach().clone().requires_grad_(True)
+            alone[param, row] = own, torch.optim.AdamW([own], **options)
+    return alone
+
+
 def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone():
     """Every table row and head parameter of a task ends where torch's AdamW on that row alone ends, stepped on the
     batches that held the task (and, for a table, had a gradient); an optimizer restored from ``state_dict``
@@ -233,11 +243,7 @@ def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone():
     options = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6)
     optimizer = bank.optimizer(**options)
     task_of = bank.parameter_tasks()
-    alone = {}  # (param, row or None) -> (its own tensor, torch's AdamW on it)
-    for param, task in task_of.items():
-        for row in (range(param.shape[0]) if task is None else [None]):
-            own = (param[row] if row is not None else param).detach().clone().requires_grad_(True)
-            alone[param, row] = own, torch.optim.AdamW([own], **options)
+    alone = _alone(bank, options)
     names = list(bank.tasks)
     schedule = [names, names[:1], names[1:3], names, names[2:]]
     without_gradient = next(p for p, task in task_of.items() if task is None)  # sits out the third step
@@ -420,8 +426,12 @@ def test_mistakes_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds"):
         bank.save_task("weather", tmp_path / "weather")
     assert not (tmp_path / "weather").exists()
-    with pytest.raises(ValueError, match=r"positive integer .*got \{'none': 0, 'half': 1.5\}"):
-        TaskBank.new(copy.deepcopy(base), {"topic": 3, "none": 0, "half": 1.5})
+    with pytest.raises(ValueError, match=r"positive integer .*got \{'none': 0, 'half': 1.5, 'flag': True\}"):
+        TaskBank.new(copy.deepcopy(base), {"topic": 3, "none": 0, "half": 1.5, "flag": True})
+    with pytest.raises(ValueError, match="task indices are integers, got a torch.bool tensor"):
+        bank(torch.tensor([True, False]), **batch)
+    with pytest.raises(ValueError, match="got one path"):
+        TaskBank.load(copy.deepcopy(base), sources["topic"], backend="torch")  # a Path
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -598,11 +608,7 @@ def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
     options = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-7)
     optimizer = bank.optimizer(**options)
     task_of = bank.parameter_tasks()
-    alone = {}
-    for param, task in task_of.items():
-        for row in (range(param.shape[0]) if task is None else [None]):
-            own = (param[row] if row is not None else param).detach().clone().requires_grad_(True)
-            alone[param, row] = own, torch.optim.AdamW([own], **options)
+    alone = _alone(bank, options)
     names = list(bank.tasks)
     for example_tasks in (names, names[1:], names):
         gradients = {p: torch.randn_like(p) * 1e-7 for p in task_of}
@@ -650,6 +656,150 @@ def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
         torch.testing.assert_close(p, want, rtol=0, atol=0)
 
 
+def test_parameters_without_a_gradient_change_from_step_to_step():
+    """Another parameter lacks a gradient at each step (the kept mask of the segments that step must follow it):
+    each table row and head parameter still ends where torch's AdamW on it alone ends."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    options = dict(lr=1e-2, weight_decay=0.1)
+    optimizer = bank.optimizer(**options)
+    task_of = bank.parameter_tasks()
+    alone = _alone(bank, options)
+    tables = [p for p, t in task_of.items() if t is None]
+    heads = [p for p, t in task_of.items() if t is not None]
+    for without in ([tables[0]], [tables[1], heads[0]], [tables[0]], []):
+        gradients = {p: None if any(p is w for w in without) else torch.randn_like(p) for p in task_of}
+        for p, grad in gradients.items():
+            p.grad = grad
+        optimizer.step(list(bank.tasks))
+        for (param, row), (own, own_optimizer) in alone.items():
+            if gradients[param] is not None:
+                own.grad = gradients[param][row] if row is not None else gradients[param]
+                own_optimizer.step()
+    for (param, row), (own, _) in alone.items():
+        torch.testing.assert_close(param[row] if row is not None else param, own.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_bank_optimizer_keeps_torchs_state_layout():
+    """state_dict as torch's AdamW lays it out: a head parameter's step a 0-d tensor (its count), a table's [T]
+    (each row's), in float64 even where a loaded state held float32 (as torch's AdamW saves them)."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2)
+    names = list(bank.tasks)
+    optimizer.step(names)
+    optimizer.step(names[:1])
+    for param, task in bank.parameter_tasks().items():
+        step = optimizer.state[param]["step"]
+        if task is None:
+            assert step.shape == (len(names),) and step.tolist() == [2.0, 1.0, 1.0]
+        else:
+            assert step.shape == () and float(step) == (2.0 if task == 0 else 1.0)
+    state = copy.deepcopy(optimizer.state_dict())
+    for entry in state["state"].values():
+        entry["step"] = entry["step"].float()
+    optimizer.load_state_dict(state)
+    optimizer.step(names)
+    assert {optimizer.state[p]["step"].dtype for p in bank.parameter_tasks()} == {torch.float64}
+
+
+@pytest.mark.parametrize("key", ["step", "exp_avg", "exp_avg_sq"])
+def test_a_state_tensor_replaced_by_hand_is_the_one_stepped(key):
+    """optimizer.state[p][key] = a new tensor (not load_state_dict): the next step reads it, as a twin optimizer
+    loaded with that state does."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2)
+    names = list(bank.tasks)
+    optimizer.step(names)
+    param = next(iter(bank.parameter_tasks()))  # a table
+    edited = optimizer.state[param][key].clone() * 3 + (1 if key == "step" else 0)
+    state = copy.deepcopy(optimizer.state_dict())
+    index = [p for g in optimizer.param_groups for p in g["params"]].index(param)
+    state["state"][index][key] = edited.clone()
+    twin = copy.deepcopy(bank)
+    twin_optimizer = twin.optimizer(lr=1e-2)
+    twin_optimizer.load_state_dict(state)
+    optimizer.state[param][key] = edited
+    trained = [p for p in bank.parameters() if p.requires_grad]
+    twin_trained = [p for p in twin.parameters() if p.requires_grad]
+    for p, q in zip(trained, twin_trained, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    optimizer.step(names)
+    twin_optimizer.step(names)
+    for p, q in zip(trained, twin_trained, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_bank_optimizer_follows_its_state_to_the_parameters_dtype():
+    """The bank cast after a step (or a state loaded from another device): the state joins its parameters."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2)
+    names = list(bank.tasks)
+    optimizer.step(names)
+    bank.double()
+    before = {p: p.detach().clone() for p in bank.parameter_tasks()}
+    for p in before:
+        p.grad = torch.randn_like(p)
+    optimizer.step(names)
+    for p, value in before.items():
+        assert optimizer.state[p]["exp_avg"].dtype == torch.float64 and not torch.equal(p, value)
+
+
+def test_a_capture_of_a_step_unlike_its_warmup_is_refused(monkeypatch):
+    """The optimizer's and the clipping's tensors built on the host are made by the warmup steps: made while a CUDA
+    graph captures, the graph would read freed host memory at every replay."""
+    from bitfit_fast import graphs
+
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2)
+    tasks = bank.task_index(list(bank.tasks))  # on the device (here the CPU), as GraphedStep gives them
+    optimizer.step(tasks)
+    bank.clip_grad_norm_(1.0)
+    monkeypatch.setattr(graphs, "capturing", lambda: True)
+    optimizer.step(tasks)  # as in the warmup: nothing to make
+    bank.clip_grad_norm_(1.0)
+    with pytest.raises(RuntimeError, match="the tasks are given by name or as a list: a copy from the host"):
+        optimizer.step(list(bank.tasks))
+    task_of = bank.parameter_tasks()
+    next(p for p, task in task_of.items() if task == 1).grad = None
+    with pytest.raises(RuntimeError, match="the heads with a gradient differ from the warmup steps'"):
+        bank.clip_grad_norm_(1.0)
+    with pytest.raises(RuntimeError, match="the parameters without a gradient differ from the warmup steps'"):
+        optimizer.step(tasks)
+
+
+def test_clipping_follows_heads_whose_gradient_went_missing():
+    """Clipping keeps the heads' tasks from call to call: a head without a gradient at a later call must not leave
+    them stale. Against a twin that never clipped before."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    twin = copy.deepcopy(bank)  # (a deep copy drops the gradients)
+    for p, q in zip(bank.parameters(), twin.parameters(), strict=True):
+        q.grad = None if p.grad is None else p.grad.clone()
+    bank.clip_grad_norm_(1e9)  # scales nothing; its heads' tasks are kept
+    for b in (bank, twin):
+        next(p for p, t in b.parameter_tasks().items() if t == 1).grad = None
+    torch.testing.assert_close(bank.clip_grad_norm_(0.5), twin.clip_grad_norm_(0.5), rtol=0, atol=0)
+    for p, q in zip(bank.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+@pytest.mark.gpu
+def test_clipping_follows_the_bank_to_another_device():
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3).cpu()
+    bank.clip_grad_norm_(0.5)
+    bank.to(DEVICE)
+    for p in bank.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    assert bank.clip_grad_norm_(0.5).device.type == torch.device(DEVICE).type
+
+
 def test_the_bank_optimizer_steps_parameters_whose_memory_was_replaced():
     """``param.data = ...`` (what some module conversions do) gives a parameter new memory: the optimizer, which
     keeps flat views of the parameters, must step the new memory, as a twin bank's optimizer steps its own."""
@@ -676,14 +826,14 @@ def test_parameter_tasks_follow_the_trained_parameters():
     """parameter_tasks reads the parameters' names once: a parameter frozen or replaced since must show."""
     bank = TaskBank.new(MODELS["bert"](num_labels=3), {"topic": 3, "sentiment": 2})
     first = bank.parameter_tasks()
-    frozen, replaced = list(first)[:2]
-    frozen.requires_grad_(False)
+    replaced, frozen = list(first)[:2]
     name = next(n for n, p in bank.named_parameters() if p is replaced)
     module_name, _, attribute = name.rpartition(".")
     setattr(bank.get_submodule(module_name), attribute, torch.nn.Parameter(replaced.detach().clone()))
     now = bank.parameter_tasks()
-    assert frozen not in now and replaced not in now and len(now) == len(first) - 1
-    assert dict(bank.named_parameters())[name] in now
+    assert replaced not in now and dict(bank.named_parameters())[name] in now and len(now) == len(first)
+    frozen.requires_grad_(False)
+    assert frozen not in bank.parameter_tasks() and len(bank.parameter_tasks()) == len(first) - 1
 
 
 def test_a_regression_tasks_scores_outside_the_class_range_are_its_own_mean_squared_error():
