@@ -87,12 +87,13 @@ class GraphedStep:
     the graph replays that batch: it trains once, as any other. A capture that fails undoes the warmup too. Every
     later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or AdamW
     (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True`` (a TaskBank's: its own, see
-    below); the model must not sync
-    the host inside its step (nor recompute under ``torch.utils.checkpoint``, which reads the RNG state on the
-    host: gradient checkpointing, ``memory="minimal"``). A graph keeps the hyperparameters it was captured with
-    (``max_grad_norm``, ``autocast``, each param group's floats): a learning-rate schedule needs the lr as a tensor
-    (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads from memory; any other change raises. Elsewhere
-    (CPU) every step runs eagerly. ``autocast``: the dtype of ``torch.autocast``, or None.
+    below); the model must not sync the host inside its step (nor recompute under ``torch.utils.checkpoint``, which
+    reads the RNG state on the host: gradient checkpointing, ``memory="minimal"``). A graph keeps the
+    hyperparameters it was captured with (``max_grad_norm``, ``autocast``, each param group's floats): a
+    learning-rate schedule needs the lr as a tensor (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads
+    from memory; any other change raises, as does a replay once the parameters or the optimizer state live elsewhere
+    (the graph writes where they were). Elsewhere (CPU) every step runs eagerly. ``autocast``: the dtype of
+    ``torch.autocast``, or None.
 
     A :class:`~bitfit_fast.TaskBank` trains in mixed batches the same way: ``GraphedStep(bank, bank.optimizer(...))``
     and ``step(batch, tasks)`` with the examples' tasks (names or indices, checked on the host) and the batch's
