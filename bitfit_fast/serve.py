@@ -213,6 +213,13 @@ class RunsPredictor:
                                "shorten it (a server started with --truncate cuts it)")
         return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
+    def describe(self, task: str) -> dict:
+        """What GET /health says of a task: its class names (None: it answers a score), the texts an example
+        gives, and the most tokens it reads (and whether a longer text is cut or refused)."""
+        run = self.runs[task]
+        return {"labels": run.label_names, "texts": ["text", "text_pair"][:len(run.text_columns)],
+                "max_length": run.config.max_length, "longer": "cut" if self.truncate else "refused"}
+
     def predict(self, examples: list[dict]) -> list[dict]:
         """One mixed batch through the bank: {"task", "label", "probabilities"} or {"task", "score"} each."""
         split = data.Encoded([e["input_ids"] for e in examples],

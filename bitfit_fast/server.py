@@ -8,7 +8,8 @@ run again example by example, so only the example that fails it gets the error. 
 serves it.
 
 Routes:
-    GET  /health    {"status": "ok", "tasks": [...], "queued": waiting examples}
+    GET  /health    {"status": "ok", "tasks": [...], "queued": waiting examples}, and where the predictor
+                    describes its tasks, "details": {task: what it takes and answers}
     POST /predict   one example {"task": ..., "text": ..., "text_pair": ...}  ->  its prediction
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
@@ -33,7 +34,8 @@ class RequestError(ValueError):
 
 
 class Predictor(Protocol):
-    """What the server runs: the task names it knows, a per-example check, and a batched prediction."""
+    """What the server runs: the task names it knows, a per-example check, and a batched prediction. A predictor
+    may also have ``describe(task) -> dict``, what GET /health says of each task."""
 
     tasks: Sequence[str]
 
@@ -148,7 +150,10 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
             await worker
 
     async def health(request):
-        return JSONResponse({"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].queue.qsize()})
+        answer = {"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].queue.qsize()}
+        if hasattr(predictor, "describe"):
+            answer["details"] = {task: predictor.describe(task) for task in predictor.tasks}
+        return JSONResponse(answer)
 
     async def read_body(request) -> bytes | None:
         """The request's body, or None past max_request_bytes (read no further than that)."""

@@ -404,6 +404,19 @@ def test_readme_client_talks_to_a_server_of_runs(two_runs, capsys):
     assert score["task"] == "score" and isinstance(score["score"], float)
 
 
+def test_health_describes_what_each_task_takes_and_answers(two_runs, pair_run):
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor([two_runs["topics"], two_runs["score"], pair_run], backend="torch", truncate=True)
+    with running(predictor, BatchingConfig()) as url:
+        health = httpx.get(f"{url}/health", timeout=30).json()
+    assert health["tasks"] == ["topics", "score", "pairs"]
+    details = health["details"]
+    assert details["score"] == {"labels": None, "texts": ["text"], "max_length": 128, "longer": "cut"}
+    assert details["topics"]["labels"] == predictor.runs["topics"].label_names and len(details["topics"]["labels"]) == 3
+    assert details["pairs"]["texts"] == ["text", "text_pair"]
+
+
 def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):
     from bitfit_fast.serve import RunsPredictor
 
