@@ -40,7 +40,7 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
     for name, (_, validation) in files.items():
         run = root / "runs" / name
         for part in ("run_config.json", "run_summary.json", "biases/bitfit_biases.safetensors",
-                     "biases-last/bitfit_biases.safetensors"):
+                     "biases-last/bitfit_biases.safetensors", "learning_curves.png"):
             assert (run / part).is_file(), part
         recorded = json.loads((run / "run_config.json").read_text())
         assert recorded["config"]["validation_file"] == validation and recorded["num_labels"] == (3, 2)[

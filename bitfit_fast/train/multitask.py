@@ -33,6 +33,7 @@ from .distributed import Dist
 from .evaluation import best_evaluation, evaluate
 from .loop import TrainingDiverged
 from .models import load_for_training, model_source
+from .plots import plot_curves
 from .run import (
     BEST_BIASES,
     CHECKPOINT_NAME,
@@ -199,6 +200,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             saved_biases={BEST_BIASES: best["epoch"], LAST_BIASES: config.epochs})
         summary["tasks"][name] = task_summary
         write_json(out / name / SUMMARY_NAME, dict(task_summary, task=name, joint_run=str(out.resolve())))
+        plot_curves(losses + histories[name], out / name / CURVES_NAME, loss_title="joint training loss (all tasks)")
         log(f"{name}: best {metric} {task_summary['best']['value']:.4f} (epoch {best['epoch']}); {out / name} is "
             "its run")
     write_json(out / SUMMARY_NAME, summary)

@@ -23,7 +23,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return [sum(values[max(0, i + 1 - window):i + 1]) / min(window, i + 1) for i in range(len(values))]
 
 
-def plot_curves(history: list, path: Path) -> Path | None:
+def plot_curves(history: list, path: Path, loss_title: str = "training loss") -> Path | None:
     """Batch losses with their moving average, and validation metrics per epoch, as a PNG at ``path``; None (and
     no file) without matplotlib."""
     plt = pyplot()
@@ -36,7 +36,7 @@ def plot_curves(history: list, path: Path) -> Path | None:
     left.plot(steps, losses, alpha=0.4, label="batch")
     window = max(1, len(losses) // 50)
     left.plot(steps, moving_average(losses, window), label=f"mean of {window}")
-    left.set(xlabel="step", ylabel="training loss", title="training loss")
+    left.set(xlabel="step", ylabel="training loss", title=loss_title)
     left.legend()
     for split in (evaluations[0]["validation"] if evaluations else {}):
         for metric in evaluations[0]["validation"][split]:
