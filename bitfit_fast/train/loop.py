@@ -183,10 +183,11 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
             pieces = [shard[i:i + micro] for i in range(0, len(shard), micro)]
             for piece_index, piece in enumerate(pieces):
                 batch = data_lib.collate(train_data, piece, pad_id, config.regression)
-                batch = {k: v.to(d.device) for k, v in batch.items()}
+                # Counted on the host, before the copy: on the GPU a count is a sync before the forward.
                 real = int(batch["attention_mask"].sum() * weight)
                 tokens.real += real
                 tokens.padded += int(batch["input_ids"].numel() * weight)
+                batch = {k: v.to(d.device) for k, v in batch.items()}
                 epoch_tokens += real
                 last = piece_index == len(pieces) - 1
                 with ddp.no_sync() if d.world > 1 and not last else contextlib.nullcontext():

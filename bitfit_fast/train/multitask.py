@@ -163,19 +163,20 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             names = [example_task[i] for i in indices]
             with config.autocast(d.device):
                 loss = bank.loss(bank(names, **batch), labels, names)
-            if not math.isfinite(loss.item()):
+            scaler.scale(loss).backward()  # queued before the loss is read: the GPU runs it while the host waits
+            value = loss.item()  # read once: a second read after the optimizer step would wait for it
+            if not math.isfinite(value):
                 kept = (f"each task's best biases so far are kept in {out}/<task>/{BEST_BIASES}" if epoch
                         else "no biases were saved yet")
-                raise TrainingDiverged(f"the loss became {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                raise TrainingDiverged(f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
                                        f"{kept}. Lower the learning rate, or train in fp32.")
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             bank.clip_grad_norm_(config.max_grad_norm)
             scaler.step(optimizer, names)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            losses.append(dict(step=step, epoch=epoch + 1, loss=loss.item()))
+            losses.append(dict(step=step, epoch=epoch + 1, loss=value))
         line = []
         for name, (data, _) in task_data.items():
             task_config = dataclasses.replace(config, regression=data.num_labels == 1)
