@@ -42,6 +42,14 @@ def _operand(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype).contiguous()
 
 
+def _kernels_add_rows(impl, row_task: torch.Tensor | None) -> bool:
+    """Whether a task table's rows are added by the Triton pass that reads the GEMM's output (the LayerNorm, the
+    q/k/v scatter), which costs no pass of its own, rather than by the GEMM: cuBLAS has no epilogue for a bias per
+    row, so it adds them as a C matrix gathered for it. The torch ops gather them into the GEMM's C as well, which
+    on CPU costs no more."""
+    return row_task is not None and impl is not torch_ops
+
+
 class LinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen; activation None, "gelu" or "geglu" (see
     ``torch_ops.activation_forward``).
@@ -139,7 +147,8 @@ class LinearLayerNormFunction(torch.autograd.Function):
     but one backward serves both: the LayerNorm's backward writes the linear's output gradient dropout(ds) and
     sums its columns while the rows are in registers (``sum_dx``), which is the linear's bias gradient. The
     linear's backward is then a plain GEMM, with no pass over its gradient for the bias. (Where only one of b and
-    beta is a task table, their sums differ in kind, and the linear's backward sums b's as usual.)
+    beta is a task table, their sums differ in kind, and the linear's backward sums b's as usual.) Where both are
+    task tables, the Triton LayerNorm adds b's rows as it reads the GEMM's output (``x_table``).
     """
 
     @staticmethod
@@ -149,10 +158,13 @@ class LinearLayerNormFunction(torch.autograd.Function):
         dtype = compute_dtype(x)
         bias, bias_rows, bias_tasks = _tables(bias, row_task)
         beta, beta_rows, beta_tasks = _tables(beta, row_task)
-        h, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), bias, row_task=bias_rows)
+        # Two task tables: the LayerNorm kernel adds b's rows to the GEMM's output as it reads it.
+        in_layer_norm = _kernels_add_rows(impl, bias_rows) and beta_rows is not None
+        h, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), None if in_layer_norm else bias,
+                                   row_task=None if in_layer_norm else bias_rows)
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             h, gamma, beta, eps, _operand(residual, h.dtype) if residual is not None else None,
-            dropout_p=dropout_p, seed=seed, row_task=beta_rows,
+            dropout_p=dropout_p, seed=seed, row_task=beta_rows, **({"x_table": bias} if in_layer_norm else {}),
         )
         ctx.mark_non_differentiable(x_hat)
         ctx.set_materialize_grads(False)
@@ -192,7 +204,8 @@ class LinearLayerNormFunction(torch.autograd.Function):
 class LinearHeadsFunction(torch.autograd.Function):
     """The rows x @ W^T + b [R, P * H * D] of a frozen projection split into P parts [S, H, L, D], attention's layout
     (BERT's packed q, k, v: P = 3; k, v: P = 2). Real row i sits at slot ``slots[i]`` = s * L + l of the [S, L]
-    layout (None: row i at slot i); rows past the real ones (a row bucket) are not read.
+    layout (None: row i at slot i); rows past the real ones (a row bucket) are not read. One pass writes every slot
+    of the layout, its row or zeros (``rows_to_heads``; with the Triton kernels a task table's rows are added there).
 
     Saves W only. Its backward gathers the parts' gradients back into rows and sums their columns for the bias in
     one pass (``heads_to_rows``), then runs the dX GEMM plain: no copies into a packed buffer, no gather of the
@@ -204,11 +217,15 @@ class LinearHeadsFunction(torch.autograd.Function):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
         bias, row_task, num_tasks = _tables(bias, row_task)
-        rows, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), bias, row_task=row_task)
         sequences, length = layout
-        real = rows[: slots.shape[0] if slots is not None else sequences * length]
-        if slots is not None:
-            real = real.new_zeros(sequences * length, real.shape[1]).index_copy_(0, slots, real)
+        in_scatter = slots is not None and _kernels_add_rows(impl, row_task)  # the scatter adds the table's rows
+        rows, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), None if in_scatter else bias,
+                                      row_task=None if in_scatter else row_task)
+        if slots is None:
+            real = rows[: sequences * length]
+        else:
+            real = impl.rows_to_heads(rows, slots, sequences * length, table=bias if in_scatter else None,
+                                      row_task=row_task if in_scatter else None)
         ctx.save_for_backward(weight, slots, row_task)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)

@@ -270,6 +270,15 @@ def packed_heads(grads) -> torch.Tensor:
     return packed.view(sequences, length, width)
 
 
+def rows_to_heads(rows, slots, num_slots, *, table=None, row_task=None):
+    """``bitfit_fast_kernels.rows_to_heads`` in torch ops: [num_slots, W], row i (plus its task's row of ``table``)
+    at slot ``slots[i]``, zeros elsewhere."""
+    real = rows[: slots.shape[0]]
+    if table is not None:
+        real = real + bias_rows(table, row_task[: slots.shape[0]]).to(real.dtype)
+    return real.new_zeros(num_slots, rows.shape[1]).index_copy_(0, slots, real)
+
+
 def heads_to_rows(grads, slots, num_rows, *, compute_db=True, row_task=None, num_tasks=1):
     """``bitfit_fast_kernels.heads_to_rows`` in torch ops: (g [num_rows, P * H * D], db in fp32 or None)."""
     g = packed_heads(grads).flatten(0, 1)

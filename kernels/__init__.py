@@ -4,7 +4,7 @@ Each module holds private ``@triton.jit`` kernels followed by host functions tha
 the outputs and launch. Autograd lives in ``bitfit_fast``; nothing here knows about ``nn.Module``.
 """
 
-from .heads import heads_to_rows
+from .heads import heads_to_rows, rows_to_heads
 from .layer_norm import residual_layer_norm_backward, residual_layer_norm_forward
 from .linear import linear_backward, linear_forward
 from .task_tables import task_sums
@@ -18,5 +18,6 @@ __all__ = [
     "linear_forward",
     "residual_layer_norm_backward",
     "residual_layer_norm_forward",
+    "rows_to_heads",
     "task_sums",
 ]

@@ -132,16 +132,18 @@ def linear_variants():
 
 def layer_norm_variants():
     """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
-    for dt, hidden, residual, dropout, row_beta in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
-                                                                     (True, False), (False, True)):
+    # Beta shared, a task table, or a task table with the feeding linear's table added to x (TaskBank on a GPU).
+    betas = [(False, False), (True, False), (True, True)]  # (row_beta, x_table)
+    for dt, hidden, residual, dropout, (row_beta, x_table) in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
+                                                                                (True, False), betas):
         block_m, block_n, warps = layer_norm._row_tile(hidden)
         yield Variant(
-            "ln_fwd", f"N={hidden} {_flags(row_beta=row_beta, residual=residual, dropout=dropout)}",
+            "ln_fwd", f"N={hidden} {_flags(x_table=x_table, row_beta=row_beta, residual=residual, dropout=dropout)}",
             layer_norm._residual_layer_norm_fwd_kernel, dt,
-            consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "STORE_X_HAT": True,
-                    "BLOCK_M": block_m, "BLOCK_N": block_n},
+            consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "X_TABLE": x_table,
+                    "STORE_X_HAT": True, "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
-            fp32_pointers={"gamma_ptr", "beta_ptr", "rstd_ptr"}, int_pointers={"task_ptr", "seed_ptr"},
+            fp32_pointers={"gamma_ptr", "beta_ptr", "x_table_ptr", "rstd_ptr"}, int_pointers={"task_ptr", "seed_ptr"},
             ints=dict(INTS, N=hidden),
         )
     # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
@@ -162,8 +164,17 @@ def layer_norm_variants():
 
 
 def heads_variants():
-    """Every variant of the heads-to-rows gradient gather, per dtype: padded or packed batches (slots) or batches
-    with every token real, with or without the bias-gradient sums (a frozen or per-task projection bias)."""
+    """Every variant of the rows-to-heads scatter (with a task table's rows or without) and of the heads-to-rows
+    gradient gather, per dtype: padded or packed batches (slots) or batches with every token real, with or without
+    the bias-gradient sums (a frozen or per-task projection bias)."""
+    for dt, table in itertools.product(DTYPES, (False, True)):
+        yield Variant(
+            "rows_to_heads", _flags(table=table), heads._rows_to_heads_kernel, dt,
+            consts={"HAS_TABLE": table, "BLOCK_M": heads._BLOCK_M, "BLOCK_N": heads._BLOCK_N},
+            options={"num_warps": heads._WARPS},
+            fp32_pointers={"b_ptr"} if table else set(), int_pointers={"slot_row_ptr", "task_ptr"},
+            ints=dict(num_slots=32768, W=2304),
+        )
     # BERT-base's q/k/v gradients as a GPU's SDPA backward leaves them: [S, H, L, D] views of [S, L, H, D].
     ints = dict(M=32768, R=32768, L=128, N=768, D=64, T=INTS["T"], row_stride=2304, col_offset=768,
                 stride_s=128 * 768, stride_h=64, stride_l=768, stride_d=1)

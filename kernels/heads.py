@@ -1,8 +1,13 @@
-"""The gradient of a projection's rows split into attention heads: rows again, and the projection's bias gradient.
+"""A projection's rows into attention's layout and back: the scatter of the rows into padded sequences, and the
+gradient's gather back into rows with the projection's bias gradient.
 
-Forward (in torch, views and one scatter): the Q/K/V GEMM's output rows [M, P * H * D] (P parts: q, k, v) are laid
-out per sequence and split into P tensors [S, H, L, D], attention's layout; row i of the GEMM sits at slot
-``slots[i]`` = s * L + l of the [S, L] layout (padded sequences), or at slot i when the rows already are that layout.
+Forward: the Q/K/V GEMM's output rows [M, P * H * D] (P parts: q, k, v) are laid out per sequence and split into P
+tensors [S, H, L, D], attention's layout (views of one [S * L, P * H * D] tensor); row i of the GEMM sits at slot
+``slots[i]`` = s * L + l of the [S, L] layout (padded sequences), or at slot i when the rows already are that layout
+(then there is nothing to move). ``rows_to_heads`` writes each slot once, its row or zeros, and adds each row's
+task bias on the way for a task table: cuBLAS has no epilogue for it, and here it costs no pass of its own (against
+a zero fill and torch's index_copy: two writes of the layout; for a table also a gather of its rows into the GEMM's C
+matrix, a copy of it and the GEMM's read).
 Backward, ONE pass per part, no prologue and no bias-gradient pass after it:
     g[i, part * H * D + h * D + d] = dpart[s, h, l, d]      for the R rows of g (zeros after the M real ones)
     db partials                    = per-program fp32 column sums of g, then one reduction (deterministic)
@@ -20,7 +25,9 @@ from .utils import (
     INTERPRETER,
     SUPPORTED_DTYPES,
     KernelInputError,
+    LastResult,
     cdiv,
+    check_bias,
     check_device,
     check_row_task,
     launches_on_input_device,
@@ -112,6 +119,89 @@ def _heads_to_rows_kernel(
             tl.store(db_partial_ptr + pid_m * row_stride + col_offset + cols, db, mask=col_ok)
 
 
+@triton.jit(do_not_specialize=["num_slots"])  # it changes with every batch's lengths: no recompiles
+def _rows_to_heads_kernel(
+    # Pointers
+    rows_ptr,  # [R, W] the projection's rows, row-major
+    slot_row_ptr,  # [num_slots] int64: the row at each slot, -1 where none (padding)
+    b_ptr,  # [T, W] task table, read as fp32 (read only with HAS_TABLE)
+    task_ptr,  # [R] integer: the row of b each row adds (read only with HAS_TABLE)
+    out_ptr,  # [num_slots, W] the layout, rows' dtype
+    # Sizes
+    num_slots,
+    W,
+    # Features
+    HAS_TABLE: tl.constexpr,
+    # Tile
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Each output element is written once (its row, plus its task's bias, or zero), each real row read once.
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_ok = slots < num_slots
+    col_ok = cols < W
+    row = tl.load(slot_row_ptr + slots, mask=slot_ok, other=-1)
+    real = (row >= 0)[:, None] & col_ok[None, :]
+    x = tl.load(rows_ptr + row[:, None] * W + cols[None, :], mask=real, other=0.0)
+    if HAS_TABLE:
+        task = tl.load(task_ptr + row, mask=row >= 0, other=0).to(tl.int64)
+        bias = tl.load(b_ptr + task[:, None] * W + cols[None, :], mask=real, other=0.0)
+        x = tl.where(real, x.to(tl.float32) + bias.to(tl.float32), 0.0)
+    tl.store(out_ptr + slots[:, None] * W + cols[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=slot_ok[:, None] & col_ok[None, :])
+
+
+def _slot_rows(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The row at each of ``num_slots`` slots, -1 where none: the inverse of ``slots``. One forward scatters every
+    layer's q/k/v with the same slots, so the last one is kept (``utils.LastResult``)."""
+    return _LAST_SLOT_ROWS.get(slots, num_slots, lambda: torch.full(
+        (num_slots,), -1, dtype=torch.int64, device=slots.device).index_copy_(
+            0, slots, torch.arange(slots.shape[0], device=slots.device)))
+
+
+_LAST_SLOT_ROWS = LastResult()
+
+
+@launches_on_input_device
+def rows_to_heads(
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    num_slots: int,
+    *,
+    table: torch.Tensor | None = None,
+    row_task: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The layout [num_slots, W] of a projection's rows [R, W]: row i (of the first M = len(slots)) at slot
+    ``slots[i]`` (int64, distinct), zeros at every other slot. With ``table`` [T, W] and ``row_task`` ([R]
+    integers), row i adds the table's row ``row_task[i]`` (read as fp32, rounded once with the sum)."""
+    check_device("rows", rows)
+    if rows.dtype not in SUPPORTED_DTYPES or rows.dim() != 2 or not rows.is_contiguous():
+        raise KernelInputError(f"rows must be a contiguous 2-D float32, float16 or bfloat16 tensor, got "
+                               f"{rows.dtype} of shape {tuple(rows.shape)}")
+    _check_slots(slots, rows.device)
+    if slots.shape[0] > min(rows.shape[0], num_slots):
+        raise KernelInputError(f"{slots.shape[0]} slots for {rows.shape[0]} rows and {num_slots} slots in the layout")
+    if (table is None) != (row_task is None):
+        raise KernelInputError("a task table needs each row's task and a row's task its table: give both or neither")
+    check_bias("table", table, rows.shape[1], rows.shape[0], row_task, rows.device)
+    out = torch.empty((num_slots, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    _rows_to_heads_kernel[(cdiv(num_slots, _BLOCK_M), cdiv(rows.shape[1], _BLOCK_N))](
+        rows, _slot_rows(slots, num_slots), table if table is not None else rows,
+        row_task if row_task is not None else rows, out, num_slots, rows.shape[1],
+        HAS_TABLE=table is not None,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        num_warps=_WARPS,
+    )
+    return out
+
+
+def _check_slots(slots: torch.Tensor, device: torch.device) -> None:
+    if slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous() or slots.device != device:
+        raise KernelInputError(f"slots must be a contiguous 1-D int64 tensor on {device}")
+
+
 @launches_on_input_device
 def heads_to_rows(
     grads: tuple[torch.Tensor | None, ...],
@@ -143,9 +233,8 @@ def heads_to_rows(
     if heads * dim == 0:
         raise KernelInputError(f"the gradients have no features (shape {tuple(present[0].shape)})")
     real_rows = slots.shape[0] if slots is not None else sequences * length
-    if slots is not None and (slots.dtype != torch.int64 or slots.dim() != 1 or not slots.is_contiguous()
-                              or slots.device != present[0].device):
-        raise KernelInputError(f"slots must be a contiguous 1-D int64 tensor on {present[0].device}")
+    if slots is not None:
+        _check_slots(slots, present[0].device)
     if num_rows < real_rows:
         raise KernelInputError(f"num_rows ({num_rows}) is less than the {real_rows} real rows")
     check_row_task(row_task if compute_db else None, num_rows, present[0].device)

@@ -55,7 +55,9 @@ def _residual_layer_norm_fwd_kernel(
     res_ptr,  # [M, N] residual (read only with HAS_RESIDUAL)
     gamma_ptr,  # [N] frozen scale, read as fp32
     beta_ptr,  # [N] shift, read as fp32; [T, N] with BETA_PER_ROW
-    task_ptr,  # [M] integer: the row of beta each row adds (read only with BETA_PER_ROW: per-example task biases)
+    x_table_ptr,  # [T, N] the bias table of the linear layer whose output x is, read as fp32 (with X_TABLE)
+    task_ptr,  # [M] integer: the row of beta (and of x's table) each row adds (read only with BETA_PER_ROW:
+    #            per-example task biases)
     y_ptr,  # [M, N] output
     x_hat_ptr,  # [M, N] normalised input, output dtype (written only with STORE_X_HAT)
     rstd_ptr,  # [M] fp32 (written only with STORE_X_HAT)
@@ -71,6 +73,7 @@ def _residual_layer_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     BETA_PER_ROW: tl.constexpr,
+    X_TABLE: tl.constexpr,  # x is a GEMM's output without its task biases: add them first (needs BETA_PER_ROW)
     STORE_X_HAT: tl.constexpr,  # the backward will run
     # Tile: BLOCK_M whole rows
     BLOCK_M: tl.constexpr,
@@ -82,8 +85,12 @@ def _residual_layer_norm_fwd_kernel(
     col_ok = cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * N + cols[None, :]
+    if BETA_PER_ROW:
+        table_offsets = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None] * N + cols[None, :]
 
     s = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if X_TABLE:
+        s += tl.load(x_table_ptr + table_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
         s = tl.where(keep_mask(load_seed(seed_ptr), philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), s * scale, 0.0)
     if HAS_RESIDUAL:
@@ -100,8 +107,7 @@ def _residual_layer_norm_fwd_kernel(
     x_hat = (centered * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if BETA_PER_ROW:
-        task = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        beta = tl.load(beta_ptr + task[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + table_offsets, mask=mask, other=0.0).to(tl.float32)
     else:
         beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = x_hat * gamma[None, :] + beta
@@ -244,9 +250,12 @@ def residual_layer_norm_forward(
     philox_offset: int = 0,
     store_x_hat: bool = True,
     row_task: torch.Tensor | None = None,
+    x_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm(dropout(x) + residual) over the last dimension, y in x's dtype. With ``row_task`` ([M] integers),
-    beta is a table [T, N] and row i adds its row ``row_task[i]`` (per-example task biases).
+    beta is a table [T, N] and row i adds its row ``row_task[i]`` (per-example task biases); so does a table
+    ``x_table`` [T, N] to x first, in fp32 (the bias of the linear layer whose output x is: cuBLAS has no epilogue
+    for a bias per row, and here it costs no pass of its own).
 
     Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
     dtype, from which y = gamma * x_hat + beta was computed, and the fp32 per-row rstd; else (y, None, None).
@@ -264,6 +273,10 @@ def residual_layer_norm_forward(
     if beta is None:
         raise KernelInputError("beta is None: pass zeros for a LayerNorm without a bias")
     check_bias("beta", beta, N, M, row_task, x.device)
+    if x_table is not None:
+        if row_task is None:
+            raise KernelInputError("x_table needs each row's task: pass row_task (and beta as a table)")
+        check_bias("x_table", x_table, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
     block_m, block_n, warps = _row_tile(N)
 
@@ -271,12 +284,14 @@ def residual_layer_norm_forward(
     x_hat = torch.empty_like(x) if store_x_hat else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
-        x, residual if residual is not None else x, gamma, beta, row_task if row_task is not None else gamma, y,
+        x, residual if residual is not None else x, gamma, beta, x_table if x_table is not None else beta,
+        row_task if row_task is not None else gamma, y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
         M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, gamma), philox_offset,
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         BETA_PER_ROW=row_task is not None,
+        X_TABLE=x_table is not None,
         STORE_X_HAT=store_x_hat,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

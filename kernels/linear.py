@@ -442,11 +442,15 @@ def linear_forward(
     check_dropout(dropout_p, seed)
     if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
         x2d = x.reshape(M, K)
-        if bias is not None:
-            bias = bias.to(x.dtype)
-            if row_task is not None:
-                bias = bias.index_select(0, row_task)  # [M, N]: cuBLAS adds it as the GEMM's C matrix
-        h = torch.addmm(bias, x2d, weight.t()) if bias is not None else torch.mm(x2d, weight.t())
+        if bias is None:
+            h = torch.mm(x2d, weight.t())
+        elif row_task is None:
+            h = torch.addmm(bias.to(x.dtype), x2d, weight.t())
+        else:
+            # The rows' biases [M, N] gathered into a new tensor, the GEMM's C matrix, which it adds into in place:
+            # out of place, torch first copies C into the output (a device copy of [M, N], 0.39 ms of a bank's
+            # 10.5 ms BERT-base training step on an H200 at 960342b).
+            h = bias.to(x.dtype).index_select(0, row_task).addmm_(x2d, weight.t())
         y = torch.nn.functional.gelu(h) if activation == "gelu" else h
         return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
 

@@ -32,14 +32,13 @@ tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100,
 FC1 on an H100 (44 row programs x 24 column blocks) 44 + 63 rows of 3072 fp32, 1.3 MB.
 """
 
-import weakref
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETER, cdiv, check_compute_tensor, check_row_task, launches_on_input_device
+from .utils import INTERPRETER, LastResult, cdiv, check_compute_tensor, check_row_task, launches_on_input_device
 
 # task_sums' tiles. The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that
 # small test shapes cross chunk, task and piece-block boundaries alike.
@@ -197,24 +196,20 @@ class TaskChunks(NamedTuple):
     chunks: int
 
 
-# The last rows' order by task: (key, weak reference to row_task, (sorted tasks, order, starts)).
-_last_order: tuple | None = None
-
-
 def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(each sorted row's task, the rows sorted by task stably, starts [T + 1]). One backward sums several tables'
     gradients over the same rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor,
     unchanged since, the sort and search run once."""
-    global _last_order
-    key = (row_task._version, num_tasks)
-    last = _last_order
-    if last is not None and last[0] == key and last[1]() is row_task:
-        return last[2]
-    sorted_tasks, order = torch.sort(row_task.long(), stable=True)
-    bounds = torch.arange(num_tasks + 1, device=row_task.device, dtype=torch.int64)
-    starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
-    _last_order = (key, weakref.ref(row_task), (sorted_tasks, order, starts))
-    return sorted_tasks, order, starts
+    def sort():
+        sorted_tasks, order = torch.sort(row_task.long(), stable=True)
+        bounds = torch.arange(num_tasks + 1, device=row_task.device, dtype=torch.int64)
+        starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
+        return sorted_tasks, order, starts
+
+    return _LAST_ORDER.get(row_task, num_tasks, sort)
+
+
+_LAST_ORDER = LastResult()
 
 
 def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:

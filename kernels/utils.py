@@ -2,6 +2,7 @@
 
 import functools
 import os
+import weakref
 
 import torch
 
@@ -14,6 +15,25 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class KernelInputError(ValueError):
     """An input the Triton kernels cannot take; the message says what to change."""
+
+
+class LastResult:
+    """The last value computed from a tensor, kept for the next call on that same tensor, unchanged since (its
+    version counter): what several launches of one step derive from the step's row indices is made once. Only a
+    weak reference is held: a new tensor at a freed one's address is not taken for it."""
+
+    def __init__(self):
+        self._last = None  # (key, weak reference to the tensor, value)
+
+    def get(self, tensor: torch.Tensor, key, compute):
+        """``compute()``, or what it returned for ``tensor`` and ``key`` last time."""
+        key = (tensor._version, key)
+        last = self._last
+        if last is not None and last[0] == key and last[1]() is tensor:
+            return last[2]
+        value = compute()
+        self._last = (key, weakref.ref(tensor), value)
+        return value
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:

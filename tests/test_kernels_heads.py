@@ -1,5 +1,6 @@
-"""heads_to_rows: the attention heads' gradients back into a projection's rows, and its bias gradient, against
-the torch implementation and float64."""
+"""rows_to_heads: a projection's rows into attention's padded layout (plus a task table's rows); heads_to_rows: the
+attention heads' gradients back into rows, and the projection's bias gradient. Against the torch implementation and
+float64."""
 
 import pytest
 import torch
@@ -78,6 +79,45 @@ def test_bias_gradient_is_bit_identical_across_runs():
     assert all(torch.equal(db, runs[0][1]) for _, db in runs[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout[4] is not None])
+@pytest.mark.parametrize("tasks", [None, 1, 4])
+def test_rows_scatter_into_the_layout_with_their_tasks_bias(dtype, layout, tasks):
+    """Every slot written: its row (plus the row's task bias, rounded once) or zeros; the bucket's rows unread."""
+    sequences, heads, length, dim, real, extra = layout
+    width = 3 * heads * dim
+    rows = torch.randn(real + extra, width, device=DEVICE, dtype=dtype)
+    slots = _slots(sequences, length, real)
+    table = torch.randn(tasks, width, device=DEVICE) if tasks else None
+    row_task = torch.randint(0, tasks, (real + extra,), device=DEVICE) if tasks else None
+    out = K.rows_to_heads(rows, slots, sequences * length, table=table, row_task=row_task)
+    assert out.dtype == dtype and out.shape == (sequences * length, width)
+    expected = torch.zeros(sequences * length, width, dtype=dtype, device=DEVICE)
+    expected[slots] = (rows[:real].float() + (table[row_task[:real]] if tasks else 0.0)).to(dtype)  # in fp32
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    reference = torch_ops.rows_to_heads(rows, slots, sequences * length, table=table, row_task=row_task)
+    torch.testing.assert_close(out.double(), reference.double(), atol=2e-3 if dtype == torch.float16 else 1e-6,
+                               rtol=2e-3 if dtype == torch.float16 else 1e-6)  # torch rounds the bias first
+
+
+def test_the_scatter_writes_every_slot_and_derives_the_inverse_once_per_slots(monkeypatch):
+    monkeypatch.setattr(heads, "torch", TorchWithNanEmpty())  # the output starts as NaN: every zero is written
+    rows = torch.randn(6, 8, device=DEVICE)
+    slots = torch.tensor([0, 1, 2, 5, 6, 9], device=DEVICE)
+    inverses = []
+    real_slot_rows = heads._slot_rows
+    monkeypatch.setattr(heads, "_slot_rows", lambda *args: inverses.append(real_slot_rows(*args)) or inverses[-1])
+    first = K.rows_to_heads(rows, slots, 12)
+    second = K.rows_to_heads(rows * 2, slots, 12)
+    assert not first[[3, 4, 7, 8, 10, 11]].any() and torch.equal(first[slots], rows)
+    assert torch.equal(second, first * 2)
+    assert inverses[0] is inverses[1], "the same slots: one inverse"
+    assert inverses[0].tolist() == [0, 1, 2, -1, -1, 3, 4, -1, -1, 5, -1, -1]
+    slots.add_(1)  # changed in place: derived again
+    K.rows_to_heads(rows, slots, 12)
+    assert inverses[2] is not inverses[0] and inverses[2].tolist()[:3] == [-1, 0, 1]
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -89,6 +129,12 @@ def test_bias_gradient_is_bit_identical_across_runs():
         (lambda: K.heads_to_rows((torch.randn(1, 0, 3, 4),), None, 3), "no features"),
         (lambda: K.heads_to_rows((torch.randn(1, 2, 3, 4),), None, 3, row_task=torch.zeros(2, dtype=torch.long)),
          r"row_task must be an integer \(3,\) tensor"),
+        (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]), 3, table=torch.randn(2, 4)), "both"),
+        (lambda: K.rows_to_heads(torch.randn(3, 4).t(), torch.tensor([0, 2]), 3), "contiguous 2-D"),
+        (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]).int(), 3), "int64"),
+        (lambda: K.rows_to_heads(torch.randn(1, 4), torch.tensor([0, 2]), 3), "2 slots for 1 rows"),
+        (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]), 3, table=torch.randn(2, 5),
+                                 row_task=torch.zeros(3, dtype=torch.long)), r"table must have shape \(2, 4\)"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):

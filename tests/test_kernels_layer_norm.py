@@ -260,6 +260,11 @@ def test_only_beta_gradient_when_inputs_need_none():
         (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
                                                 row_task=torch.zeros(3, dtype=torch.long, device="meta")),
          r"row_task must be contiguous and on (cpu|cuda:0), got meta"),
+        (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), torch.zeros(5), 1e-5,
+                                               x_table=torch.zeros(2, 5)), "x_table needs each row's task"),
+        (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), torch.zeros(2, 5), 1e-5,
+                                               row_task=torch.zeros(3, dtype=torch.long), x_table=torch.zeros(2, 4)),
+         r"x_table must have shape \(2, 5\)"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
@@ -287,17 +292,23 @@ def test_gpu_bert_shapes(dtype, n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,n", SHAPES)
-def test_per_row_task_betas_match_torch(dtype, lead, n):
-    """beta as a table [T, N] gathered by each row's task (TaskBank's mixed batches), and its per-task gradient."""
+@pytest.mark.parametrize("with_x_table", [False, True])
+def test_per_row_task_betas_match_torch(dtype, lead, n, with_x_table):
+    """beta as a table [T, N] gathered by each row's task (TaskBank's mixed batches), and its per-task gradient;
+    with ``x_table``, the feeding linear's bias table added to x the same way."""
     x, residual, gamma, _ = make(lead, n, dtype, "adversarial")
     table = torch.randn(3, n, device=DEVICE)
+    x_table = torch.randn(3, n, device=DEVICE) if with_x_table else None
     row_task = torch.randint(0, 3, (x[..., 0].numel(),), device=DEVICE)
 
     def layer_norm(xp, tp, precision):
         beta_rows = tp.to(precision)[row_task].view(*lead, n)
+        if x_table is not None:
+            xp = xp.to(precision) + x_table.to(precision)[row_task].view(*lead, n)
         return torch_ln(xp, residual, gamma, torch.zeros(n, device=DEVICE), precision) + beta_rows
 
-    y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, table, EPS, residual, row_task=row_task)
+    y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, table, EPS, residual, row_task=row_task,
+                                                   x_table=x_table)
     assert_as_accurate_as_torch(y, layer_norm(x, table, dtype), layer_norm(x, table, torch.float64), "y")
     dy = torch.randn_like(y)
     dx, _, dtable, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, row_task=row_task, num_tasks=3)
@@ -306,6 +317,21 @@ def test_per_row_task_betas_match_torch(dtype, lead, n):
     assert_as_accurate_as_torch(dx, same_dx, truth_dx, "dx")
     assert dtable.dtype == torch.float32
     assert_as_accurate_as_torch(dtable.to(dtype), same_dtable, truth_dtable, "dtable")
+
+
+def test_x_table_is_added_before_the_dropout_in_fp32():
+    """LayerNorm(dropout(x + b[task]) + residual): the same bits as x + b[task] summed in fp32 beforehand."""
+    x, residual, gamma, _ = make((4, 7), 48, torch.float32, "adversarial")
+    beta, x_table = torch.randn(3, 48, device=DEVICE), torch.randn(3, 48, device=DEVICE)
+    row_task = torch.randint(0, 3, (28,), device=DEVICE)
+    added = x + x_table[row_task].view(4, 7, 48)
+    for dropout, seed in ((0.0, None), (0.3, 11)):
+        ours = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=dropout, seed=seed,
+                                             row_task=row_task, x_table=x_table)
+        theirs = K.residual_layer_norm_forward(added, gamma, beta, EPS, residual, dropout_p=dropout, seed=seed,
+                                               row_task=row_task)
+        for got, want in zip(ours, theirs):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -161,8 +161,8 @@ def launch_probes(calls: int = 2000) -> dict:
 
     def triton_alone():
         layer_norm._residual_layer_norm_fwd_kernel[(1,)](
-            x, x, gamma, beta, gamma, y, x_hat, rstd, 8, HIDDEN, 1e-12, 0.0, 1.0, gamma, 0,
-            HAS_RESIDUAL=True, HAS_DROPOUT=False, BETA_PER_ROW=False, STORE_X_HAT=True,
+            x, x, gamma, beta, beta, gamma, y, x_hat, rstd, 8, HIDDEN, 1e-12, 0.0, 1.0, gamma, 0,
+            HAS_RESIDUAL=True, HAS_DROPOUT=False, BETA_PER_ROW=False, X_TABLE=False, STORE_X_HAT=True,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
     def torch_op():
