@@ -44,4 +44,8 @@ def of_module_input(x: torch.Tensor) -> torch.Tensor | None:
     if tasks is None:
         return None
     check_batch_size(tasks, x.shape[0])
-    return tasks.to(x.device).repeat_interleave(x[..., 0].numel() // x.shape[0])
+    rows_per_example = x[..., 0].numel() // x.shape[0]
+    tasks = tasks.to(x.device)
+    # One row per example (a pooler's or a head's input): the tasks tensor itself, the one every such op of the step
+    # shares, so that the kernels sort its rows by task once (``bitfit_fast_kernels.task_tables``).
+    return tasks if rows_per_example == 1 else tasks.repeat_interleave(rows_per_example)

@@ -25,7 +25,7 @@ from .utils import (
     INTERPRETER,
     SUPPORTED_DTYPES,
     KernelInputError,
-    LastResult,
+    LastResults,
     cdiv,
     check_bias,
     check_device,
@@ -154,13 +154,13 @@ def _rows_to_heads_kernel(
 
 def _slot_rows(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
     """The row at each of ``num_slots`` slots, -1 where none: the inverse of ``slots``. One forward scatters every
-    layer's q/k/v with the same slots, so the last one is kept (``utils.LastResult``)."""
+    layer's q/k/v with the same slots, so the last one is kept (``utils.LastResults``)."""
     return _LAST_SLOT_ROWS.get(slots, num_slots, lambda: torch.full(
         (num_slots,), -1, dtype=torch.int64, device=slots.device).index_copy_(
             0, slots, torch.arange(slots.shape[0], device=slots.device)))
 
 
-_LAST_SLOT_ROWS = LastResult()
+_LAST_SLOT_ROWS = LastResults()
 
 
 @launches_on_input_device

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import INTERPRETER, LastResult, cdiv, check_compute_tensor, check_row_task, launches_on_input_device
+from .utils import INTERPRETER, LastResults, cdiv, check_compute_tensor, check_row_task, launches_on_input_device
 
 # task_sums' tiles. The interpreter's chunk is two row blocks and its reduction reads two pieces at a time, so that
 # small test shapes cross chunk, task and piece-block boundaries alike.
@@ -209,7 +209,7 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, t
     return _LAST_ORDER.get(row_task, num_tasks, sort)
 
 
-_LAST_ORDER = LastResult()
+_LAST_ORDER = LastResults()
 
 
 def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:

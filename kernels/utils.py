@@ -17,22 +17,26 @@ class KernelInputError(ValueError):
     """An input the Triton kernels cannot take; the message says what to change."""
 
 
-class LastResult:
-    """The last value computed from a tensor, kept for the next call on that same tensor, unchanged since (its
-    version counter): what several launches of one step derive from the step's row indices is made once. Only a
-    weak reference is held: a new tensor at a freed one's address is not taken for it."""
+class LastResults:
+    """The values last computed from a few tensors, kept for the next call on the same tensor, unchanged since (its
+    version counter): what several launches of one step derive from the step's row indices is made once. A step
+    interleaves a few such tensors (a BERT bank's backward: the rows' tasks, the sequences' first rows' tasks and
+    the embeddings' padded rows' tasks), so the last ``size`` are kept, by weak reference: a new tensor at a freed
+    one's address is not taken for it."""
 
-    def __init__(self):
-        self._last = None  # (key, weak reference to the tensor, value)
+    def __init__(self, size: int = 4):
+        self._size = size
+        self._entries = []  # (key, weak reference to the tensor, value), the most recent last
 
     def get(self, tensor: torch.Tensor, key, compute):
         """``compute()``, or what it returned for ``tensor`` and ``key`` last time."""
         key = (tensor._version, key)
-        last = self._last
-        if last is not None and last[0] == key and last[1]() is tensor:
-            return last[2]
+        for entry in self._entries:
+            if entry[0] == key and entry[1]() is tensor:
+                return entry[2]
         value = compute()
-        self._last = (key, weakref.ref(tensor), value)
+        alive = [entry for entry in self._entries if entry[1]() is not None]
+        self._entries = [*alive, (key, weakref.ref(tensor), value)][-self._size:]
         return value
 
 

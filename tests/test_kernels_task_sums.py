@@ -7,6 +7,7 @@ from kernel_checks import TorchWithNanEmpty
 
 import bitfit_fast_kernels as K
 from bitfit_fast_kernels import heads, layer_norm, linear, task_tables
+from bitfit_fast_kernels.utils import LastResults
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -88,6 +89,28 @@ def test_the_rows_are_sorted_once_for_every_table_of_the_same_rows(monkeypatch):
     row_task = row_task.clone()  # equal values, another tensor
     check(grads[2])
     assert len(sorts) == 4
+
+
+def test_the_last_few_row_task_tensors_keep_their_order_while_they_live():
+    """A bank's backward interleaves a few row_task tensors (all rows, each sequence's first row, the embeddings'
+    padded rows): each is derived once while it lives and is unchanged, whatever the order they come in."""
+    cache = LastResults(size=3)
+    made = []
+
+    def derive(tensor):
+        return cache.get(tensor, "key", lambda: made.append(tensor.sum().item()) or len(made))
+
+    a, b, c = (torch.full((3,), float(i)) for i in range(3))
+    assert [derive(t) for t in (a, b, a, c, b, a, c)] == [1, 2, 1, 3, 2, 1, 3] and made == [0.0, 3.0, 6.0]
+    assert cache.get(a, "other key", lambda: "again") == "again"  # a's value for "key" is dropped: size 3
+    d = torch.full((3,), 9.0)
+    assert derive(d) == 4 and derive(c) == 3 and derive(a) == 5
+    a.add_(1)  # changed in place: derived again
+    assert derive(a) == 6
+    e = torch.full((3,), 1.0)
+    assert derive(e) == 7
+    del e  # freed: its entry cannot answer for a new tensor, perhaps at its address
+    assert derive(torch.full((3,), 1.0)) == 8
 
 
 def test_rows_of_tasks_outside_the_table_are_summed_nowhere():
