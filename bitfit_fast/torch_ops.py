@@ -215,10 +215,12 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
-                                store_x_hat=True, row_task=None):
+                                store_x_hat=True, row_task=None, x_table=None):
     """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
     None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the rounded x_hat."""
     s = x.float()
+    if x_table is not None:
+        s = s + bias_rows(x_table, row_task).float().view(s.shape)
     if dropout_p > 0.0:
         s = apply_dropout(s, dropout_p, seed)
     if residual is not None:

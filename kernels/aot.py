@@ -128,6 +128,14 @@ def linear_variants():
             options={"num_warps": linear._GRAD_WARPS},
             fp32_pointers={"db_partial_ptr"} if db else set(), int_pointers={"seed_ptr", *TASK_POINTERS}, ints=INTS,
         )
+    # cuBLAS's rows plus a task table's rows, then the GELU (TaskBank's FC1 on a GPU), keeping h + b or not.
+    for dt, store_h in itertools.product(DTYPES, (True, False)):
+        yield Variant(
+            "task_bias_gelu", _flags(store_h=store_h), linear._task_bias_gelu_kernel, dt,
+            consts={"STORE_H": store_h, "BLOCK_M": linear._GRAD_BLOCK_M, "BLOCK_N": linear._GRAD_BLOCK_N},
+            options={"num_warps": linear._GRAD_WARPS},
+            fp32_pointers={"b_ptr"}, int_pointers={"task_ptr"}, ints=INTS,
+        )
 
 
 def layer_norm_variants():

@@ -280,6 +280,38 @@ def _linear_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+# Rows change with every batch: no recompiles.
+@triton.jit(do_not_specialize=["M"])
+def _task_bias_gelu_kernel(
+    # Pointers
+    h_ptr,  # [M, N] x @ W^T from cuBLAS; h + b[task] is written back with STORE_H (the GELU backward reads it)
+    b_ptr,  # [T, N] task table, read as fp32
+    task_ptr,  # [M] integer: the row of b each row adds
+    y_ptr,  # [M, N] gelu(h + b[task]); h_ptr itself without STORE_H
+    # Sizes
+    M,
+    N,
+    # Features
+    STORE_H: tl.constexpr,
+    # Tile
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    offsets = rows[:, None] * N + cols[None, :]
+    task = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    h += tl.load(b_ptr + task[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # Rounded first: the GELU of h as stored, which its backward reads, as torch's GELU after the GEMM takes it.
+    h = h.to(h_ptr.dtype.element_ty)
+    if STORE_H:
+        tl.store(h_ptr + offsets, h, mask=mask)
+    tl.store(y_ptr + offsets, _gelu(h.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit
 def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, scale, seed, philox_offset,
                ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_G: tl.constexpr,
@@ -419,9 +451,10 @@ def linear_forward(
     ``gemm``: "triton", the GEMM with its epilogue fused (this module's kernel); "cublas", torch.addmm with the
     bias in cuBLASLt's epilogue (a task table's rows gathered into the GEMM's C matrix), then the GELU as one
     elementwise pass (only for a bias or GELU epilogue; the bias is rounded to x's dtype first, as F.linear
-    under autocast does); "auto", cuBLAS for those epilogues on a GPU and Triton otherwise. Measured on an H200
-    (benches/results/gpu/profile-triton-gemm.json), cuBLAS ran BERT-base's four GEMMs at ~725 TFLOP/s and this kernel at
-    ~400, which an elementwise GELU pass after the GEMM does not outweigh.
+    under autocast does); with a task table and the GELU, torch.mm and one pass that adds each row's bias in fp32
+    and applies the GELU (``_task_bias_gelu``); "auto", cuBLAS for those epilogues on a GPU and Triton otherwise.
+    Measured on an H200 (benches/results/gpu/profile-triton-gemm.json), cuBLAS ran BERT-base's four GEMMs at
+    ~725 TFLOP/s and this kernel at ~400, which an elementwise GELU pass after the GEMM does not outweigh.
     """
     check_compute_tensor("x", x)
     check_compute_tensor("weight", weight, ndim=2)
@@ -442,7 +475,7 @@ def linear_forward(
     check_dropout(dropout_p, seed)
     if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
         x2d = x.reshape(M, K)
-        if bias is None:
+        if bias is None or (row_task is not None and activation == "gelu"):
             h = torch.mm(x2d, weight.t())
         elif row_task is None:
             h = torch.addmm(bias.to(x.dtype), x2d, weight.t())
@@ -451,7 +484,10 @@ def linear_forward(
             # out of place, torch first copies C into the output (a device copy of [M, N], 0.39 ms of a bank's
             # 10.5 ms BERT-base training step on an H200 at 960342b).
             h = bias.to(x.dtype).index_select(0, row_task).addmm_(x2d, weight.t())
-        y = torch.nn.functional.gelu(h) if activation == "gelu" else h
+        if bias is not None and row_task is not None and activation == "gelu":
+            y = _task_bias_gelu(h, bias, row_task, store_preact)
+        else:
+            y = torch.nn.functional.gelu(h) if activation == "gelu" else h
         return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
 
     x2d = x.reshape(M, K)
@@ -471,6 +507,22 @@ def linear_forward(
         DOT_PRECISION=dot_precision(x.dtype),
     )
     return y.view(*x.shape[:-1], n_out), (h.view(*x.shape[:-1], N) if h is not None else None)
+
+
+def _task_bias_gelu(h: torch.Tensor, table: torch.Tensor, row_task: torch.Tensor, store_preact: bool) -> torch.Tensor:
+    """gelu(h + table[row_task]) for cuBLAS's rows h [M, N], in one pass that also leaves h + table[row_task] in h
+    with ``store_preact`` (and writes the GELU over h without). It replaces the gather of the rows' biases into
+    cuBLAS's C matrix, the GEMM's read of it and torch's GELU pass: four passes over [M, N] by three, or by two."""
+    y = torch.empty_like(h) if store_preact else h
+    M, N = h.shape
+    _task_bias_gelu_kernel[(cdiv(M, _GRAD_BLOCK_M), cdiv(N, _GRAD_BLOCK_N))](
+        h, table, row_task, y, M, N,
+        STORE_H=store_preact,
+        BLOCK_M=_GRAD_BLOCK_M,
+        BLOCK_N=_GRAD_BLOCK_N,
+        num_warps=_GRAD_WARPS,
+    )
+    return y
 
 
 GEMMS = ("auto", "triton", "cublas")

@@ -13,7 +13,7 @@ from bitfit_fast.functions import Ops
 
 IMPLS = {"torch": Ops(torch_ops), "triton": Ops(bitfit_fast_kernels)}
 HOST_FUNCTIONS = ("linear_forward", "linear_backward", "residual_layer_norm_forward", "residual_layer_norm_backward",
-                  "heads_to_rows", "task_sums")
+                  "rows_to_heads", "heads_to_rows", "task_sums")
 # Kernel-only parameters: the Philox stream offset and the choice of GEMM have no meaning in torch ops.
 KERNEL_ONLY = {"philox_offset", "gemm"}
 
@@ -37,7 +37,8 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 def test_linear_layer_norm_equals_linear_then_layer_norm(impl, dtype, tables, dropout):
     """Same outputs and gradients as LinearFunction then LayerNormFunction, whose LayerNorm backward does not sum
     the linear's bias gradient; with task tables for b, beta, both or neither (then b's and beta's per-task sums
-    differ in kind, and the linear sums its own)."""
+    differ in kind, and the linear sums its own). With both tables the kernels add b's rows in the LayerNorm, to
+    the GEMM's output as stored: one rounding of h apart from the GEMM that adds them, so the two agree to it."""
     ops = IMPLS[impl]
     rows, k, n, tasks = 13, 11, 37, 3
     x = torch.randn(rows, k, device=DEVICE, dtype=dtype)
@@ -62,12 +63,17 @@ def test_linear_layer_norm_equals_linear_then_layer_norm(impl, dtype, tables, dr
 
     y, grads = run(fused=True)
     y_ref, grads_ref = run(fused=False)
-    assert torch.equal(y, y_ref)
     # Only the linear's bias gradient is summed otherwise: from dx in fp32 here, from dx rounded to its dtype there.
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-3)
+    h_rounded_apart = impl == "triton" and tables == "both"
+    if h_rounded_apart:
+        ulp = y_ref.abs().max().item() * torch.finfo(dtype).eps  # an ulp of the largest output
+        torch.testing.assert_close(y, y_ref, atol=ulp, rtol=0)
+    else:
+        assert torch.equal(y, y_ref)
     for name, ours, theirs in zip(("dx", "dbias", "dresidual", "dbeta"), grads, grads_ref):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
-        if name == "dbias":
+        if name == "dbias" or h_rounded_apart:
             torch.testing.assert_close(ours, theirs, **tolerance, msg=name)
         else:
             assert torch.equal(ours, theirs), name

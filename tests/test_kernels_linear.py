@@ -322,6 +322,8 @@ def test_per_row_task_biases_match_torch(dtype, lead, k, n, activation, gemm):
     y, h = K.linear_forward(x, w, table, activation=activation, store_preact=activation is not None,
                             row_task=row_task, gemm=gemm)
     assert_as_accurate_as_torch(y, linear(x, table, dtype), linear(x, table, torch.float64), "y")
+    alone, none = K.linear_forward(x, w, table, activation=activation, row_task=row_task, gemm=gemm)
+    assert none is None and torch.equal(alone, y), "without the pre-activation kept, the same output"
     dy = torch.randn_like(y)
     dx, dtable = K.linear_backward(dy, w, h, activation=activation, row_task=row_task, num_tasks=5)
     truth_dx, truth_dtable = torch_grads(linear, x, table, dy, torch.float64)
