@@ -4,11 +4,11 @@ fused step's host time goes (issue 16: the fused step was host-bound on an H200)
     python -m bitfit_fast_benches.sweep --out DIR
 
 Kernels, at BERT-base's shapes in bf16 (256 x 128 = 32768 tokens): every candidate tile of the LayerNorm forward and
-backward (with dropout, as BERT runs them), of the linear layers' gradient pass (FC1: GELU, 3072 columns) and of
-the q/k/v gather, each set through the module constants its host function reads and timed as its kernel's own GPU
-time under torch.profiler (median over rounds). Host: a step's time at a tiny batch (2 x 128 tokens: the GPU
-idles, so the step takes the host's time) for the reference and the fused default, then the fused default with
-fused AdamW and under each SDPA backend; whether a step waits for the GPU (torch.cuda.set_sync_debug_mode); the
+backward (with dropout, as BERT runs them), of the linear layers' gradient pass (FC1: GELU, 3072 columns) and of the
+q/k/v gather and scatter, each set through the module constants its host function reads and timed as its kernel's
+own GPU time under torch.profiler (median over rounds). Host: a step's time at a tiny batch (2 x 128 tokens: the GPU
+idles, so the step takes the host's time) for the reference and the fused default, then the fused default with fused
+AdamW and under each SDPA backend; whether a step waits for the GPU (torch.cuda.set_sync_debug_mode); the
 host time of one launch through a host function, through triton alone and of a torch op. Writes DIR/sweep.json.
 """
 
@@ -90,6 +90,9 @@ def gradient_pass_tiles() -> list[dict]:
     weight = torch.randn(INTERMEDIATE, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     parts = tuple(torch.randn(256, HEADS, 128, HIDDEN // HEADS, device="cuda", dtype=torch.bfloat16)
                   for _ in range(3))
+    # The q/k/v scatter of 256 sequences of 96 real tokens into a [256 x 128] layout.
+    slots = (torch.arange(256, device="cuda")[:, None] * 128 + torch.arange(96, device="cuda")).flatten()
+    projected = torch.randn(slots.shape[0], 3 * HIDDEN, device="cuda", dtype=torch.bfloat16)
     rows = []
     tiles = [(16, 128, 4), (8, 256, 4), (16, 256, 4), (32, 128, 4), (16, 128, 2), (32, 256, 8), (64, 128, 8)]
     for (block_m, block_n, warps), per_sm in itertools.product(tiles, (4, 8, 16)):
@@ -102,6 +105,10 @@ def gradient_pass_tiles() -> list[dict]:
                 run = lambda: heads.heads_to_rows(parts, None, TOKENS)
                 rows.append(dict(kernel="q/k/v gather", block_m=block_m, block_n=block_n, warps=warps,
                                  programs_per_sm=per_sm, ms=kernel_ms(run, "_heads_to_rows_kernel")))
+                if per_sm == 4:  # one program per tile: the row loop's program count does not apply
+                    run = lambda: heads.rows_to_heads(projected, slots, TOKENS)
+                    rows.append(dict(kernel="q/k/v scatter", block_m=block_m, block_n=block_n, warps=warps,
+                                     ms=kernel_ms(run, "_rows_to_heads_kernel")))
     return rows
 
 
