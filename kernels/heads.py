@@ -145,9 +145,8 @@ def _rows_to_heads_kernel(
     real = (row >= 0)[:, None] & col_ok[None, :]
     x = tl.load(rows_ptr + row[:, None] * W + cols[None, :], mask=real, other=0.0)
     if HAS_TABLE:
-        task = tl.load(task_ptr + row, mask=row >= 0, other=0).to(tl.int64)
-        bias = tl.load(b_ptr + task[:, None] * W + cols[None, :], mask=real, other=0.0)
-        x = tl.where(real, x.to(tl.float32) + bias.to(tl.float32), 0.0)
+        x = tl.where(real, x.to(tl.float32) + task_tables.table_rows(b_ptr, task_ptr, row, row >= 0, cols, real, W),
+                     0.0)
     tl.store(out_ptr + slots[:, None] * W + cols[None, :], x.to(out_ptr.dtype.element_ty),
              mask=slot_ok[:, None] & col_ok[None, :])
 

@@ -302,9 +302,8 @@ def _task_bias_gelu_kernel(
     row_ok = rows < M
     mask = row_ok[:, None] & (cols < N)[None, :]
     offsets = rows[:, None] * N + cols[None, :]
-    task = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    h += tl.load(b_ptr + task[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h += task_tables.table_rows(b_ptr, task_ptr, rows, row_ok, cols, mask, N)
     # Rounded first: the GELU of h as stored, which its backward reads, as torch's GELU after the GEMM takes it.
     h = h.to(h_ptr.dtype.element_ty)
     if STORE_H:

@@ -46,6 +46,14 @@ _BLOCK_M, _BLOCK_N, _WARPS, _CHUNK_ROWS, _BLOCK_PIECES = (8, 32, 1, 16, 2) if IN
 
 
 @triton.jit
+def table_rows(table_ptr, task_ptr, rows, row_ok, cols, mask, width):
+    """The rows of a task table [T, width] that rows ``rows`` [BLOCK_M] add, at columns ``cols``: row
+    ``task[rows]`` of the table each, in fp32, zeros where not ``mask``."""
+    task = tl.load(task_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return tl.load(table_ptr + task[:, None] * width + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def clamped_task(sorted_task_ptr, index, T):
     """The task of sorted row ``index``, clamped to [-1, T]: a row of a task outside [0, T) is summed nowhere, and
     a loop over the tasks between two rows stays short whatever the bad value."""
