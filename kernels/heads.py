@@ -180,7 +180,8 @@ def rows_to_heads(
                                f"{rows.dtype} of shape {tuple(rows.shape)}")
     _check_slots(slots, rows.device)
     if slots.shape[0] > min(rows.shape[0], num_slots):
-        raise KernelInputError(f"{slots.shape[0]} slots for {rows.shape[0]} rows and {num_slots} slots in the layout")
+        raise KernelInputError(f"{slots.shape[0]} slots, one per real row, need as many rows and room in the layout; "
+                               f"got {rows.shape[0]} rows and a layout of {num_slots} slots")
     if (table is None) != (row_task is None):
         raise KernelInputError("a task table needs each row's task and a row's task its table: give both or neither")
     check_bias("table", table, rows.shape[1], rows.shape[0], row_task, rows.device)

@@ -17,12 +17,22 @@ class KernelInputError(ValueError):
     """An input the Triton kernels cannot take; the message says what to change."""
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class LastResults:
     """The values last computed from a few tensors, kept for the next call on the same tensor, unchanged since (its
     version counter): what several launches of one step derive from the step's row indices is made once. A step
     interleaves a few such tensors (a BERT bank's backward: the rows' tasks, the sequences' first rows' tasks and
     the embeddings' padded rows' tasks), so the last ``size`` are kept, by weak reference: a new tensor at a freed
-    one's address is not taken for it."""
+    one's address is not taken for it.
+
+    A CUDA graph being captured never takes a value computed outside it, nor the eager code one computed in a
+    capture: a graph must record the computation itself (its replays see new inputs in the same tensors, whose
+    version counters a replay does not move), and a capture's values live in its graph's memory. Inference tensors
+    have no version counter: their values are computed every time."""
 
     def __init__(self, size: int = 4):
         self._size = size
@@ -30,13 +40,17 @@ class LastResults:
 
     def get(self, tensor: torch.Tensor, key, compute):
         """``compute()``, or what it returned for ``tensor`` and ``key`` last time."""
-        key = (tensor._version, key)
+        if tensor.is_inference():
+            return compute()
+        in_capture = capturing()
+        key = (tensor._version, key, in_capture)
         for entry in self._entries:
             if entry[0] == key and entry[1]() is tensor:
                 return entry[2]
         value = compute()
-        alive = [entry for entry in self._entries if entry[1]() is not None]
-        self._entries = [*alive, (key, weakref.ref(tensor), value)][-self._size:]
+        # Entries of dead tensors go, and with a capture's start or end those of the other side.
+        kept = [entry for entry in self._entries if entry[1]() is not None and entry[0][2] == in_capture]
+        self._entries = [*kept, (key, weakref.ref(tensor), value)][-self._size:]
         return value
 
 

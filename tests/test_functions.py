@@ -8,6 +8,7 @@ import torch
 from bitfit_reference import DEVICE
 
 import bitfit_fast_kernels
+import bitfit_fast_kernels as K
 from bitfit_fast import torch_ops
 from bitfit_fast.functions import Ops
 
@@ -137,6 +138,75 @@ def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, par
     for name, ours, theirs in zip(("dx", "dbias"), grads, grads_ref):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
     assert not grads[0][tokens.real_rows:].any(), "bucket rows get no gradient"
+
+
+@pytest.mark.parametrize("tables", ["bias", "beta", "both"])
+def test_the_kernels_layer_norm_adds_the_linears_table_where_beta_is_one_too(tables, monkeypatch):
+    """b and beta both task tables: the GEMM runs without b and the LayerNorm adds b's rows as it reads h
+    (x_table); with one table b stays in the GEMM."""
+    seen = {}
+    linear_forward, layer_norm_forward = K.linear_forward, K.residual_layer_norm_forward
+
+    def spy_linear(x, weight, bias, **kwargs):
+        seen["bias"] = bias
+        return linear_forward(x, weight, bias, **kwargs)
+
+    def spy_layer_norm(*args, **kwargs):
+        seen["x_table"] = kwargs.get("x_table")
+        return layer_norm_forward(*args, **kwargs)
+
+    monkeypatch.setattr(K, "linear_forward", spy_linear)
+    monkeypatch.setattr(K, "residual_layer_norm_forward", spy_layer_norm)
+    rows, k, n, tasks = 7, 5, 6, 3
+    bias = torch.randn(tasks, n, device=DEVICE) if tables != "beta" else torch.randn(n, device=DEVICE)
+    beta = torch.randn(tasks, n, device=DEVICE) if tables != "bias" else torch.randn(n, device=DEVICE)
+    row_task = torch.randint(0, tasks, (rows,), device=DEVICE)
+    IMPLS["triton"].linear_layer_norm(torch.randn(rows, k, device=DEVICE), torch.randn(n, k, device=DEVICE), bias,
+                                      None, torch.ones(n, device=DEVICE), beta, 1e-5, row_task=row_task)
+    if tables == "both":
+        assert seen["bias"] is None and seen["x_table"] is bias
+    else:
+        assert seen["bias"] is bias and seen["x_table"] is None
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_the_kernels_scatter_adds_a_tables_rows_into_padded_sequences(table, monkeypatch):
+    """Padded sequences with a task table: the GEMM runs without it and rows_to_heads adds its rows as it writes the
+    layout; a plain bias stays in the GEMM."""
+    from bitfit_fast.unpadding import Tokens
+
+    seen = {}
+    linear_forward, rows_to_heads = K.linear_forward, K.rows_to_heads
+
+    def spy_linear(x, weight, bias, **kwargs):
+        seen["bias"] = bias
+        return linear_forward(x, weight, bias, **kwargs)
+
+    def spy_scatter(*args, **kwargs):
+        seen["table"] = kwargs.get("table")
+        return rows_to_heads(*args, **kwargs)
+
+    monkeypatch.setattr(K, "linear_forward", spy_linear)
+    monkeypatch.setattr(K, "rows_to_heads", spy_scatter)
+    mask = torch.tensor([[True, True, True], [True, False, False]], device=DEVICE)
+    tokens = Tokens.of_batch(torch.zeros(*mask.shape, 1, device=DEVICE), mask[:, None, None, :])
+    assert tokens.slots is not None
+    bias = torch.randn(3, 12, device=DEVICE) if table else torch.randn(12, device=DEVICE)
+    row_task = torch.randint(0, 3, (tokens.num_rows,), device=DEVICE) if table else None
+    IMPLS["triton"].linear_heads(torch.randn(tokens.num_rows, 5, device=DEVICE), torch.randn(12, 5, device=DEVICE),
+                                 bias, tokens, 3, 2, row_task)
+    assert (seen["bias"], seen["table"]) == ((None, bias) if table else (bias, None))
+
+
+def test_torch_layer_norm_adds_x_table_rows_to_x_before_the_dropout():
+    x, x_table, beta = (torch.randn(*shape, device=DEVICE) for shape in ((7, 6), (3, 6), (3, 6)))
+    row_task = torch.randint(0, 3, (7,), device=DEVICE)
+    kwargs = dict(dropout_p=0.3, seed=5, row_task=row_task)
+    ours = torch_ops.residual_layer_norm_forward(x, torch.ones(6, device=DEVICE), beta, 1e-5, x_table=x_table, **kwargs)
+    theirs = torch_ops.residual_layer_norm_forward(x + x_table[row_task], torch.ones(6, device=DEVICE), beta, 1e-5,
+                                                   **kwargs)
+    for got, want in zip(ours, theirs):
+        assert torch.equal(got, want)
 
 
 def _interleaved_parts(parts: int, sequences=3, heads=2, length=5, dim=4):

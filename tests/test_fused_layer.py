@@ -164,6 +164,20 @@ def test_in_eval_mode_attention_dropout_is_off(memory):
     torch.testing.assert_close(first, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_predicts_as_no_grad_does(backend):
+    """Under torch.inference_mode (whose tensors have no version counter) a padded batch runs the fused layers, the
+    q/k/v scatter into attention's layout included, and gives no_grad's logits."""
+    model = with_random_biases(tiny_bert())
+    bitfit_fast.apply(model, backend=backend, announce=False)
+    model.eval()
+    batch = padded_batch(model)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    with torch.inference_mode():
+        assert torch.equal(model(**batch).logits, expected)
+
+
 def test_dtype_stores_weights_once_in_low_precision_and_merge_restores_the_dtype():
     model = tiny_bert()
     reference = reference_bitfit(model)

@@ -118,6 +118,25 @@ def test_the_scatter_writes_every_slot_and_derives_the_inverse_once_per_slots(mo
     assert inverses[2] is not inverses[0] and inverses[2].tolist()[:3] == [-1, 0, 1]
 
 
+def test_the_scatter_runs_under_inference_mode():
+    """Inference tensors have no version counter to key the inverse's cache by: it is derived each call."""
+    with torch.inference_mode():
+        rows = torch.randn(3, 8, device=DEVICE)
+        slots = torch.tensor([0, 2, 3], device=DEVICE)
+        for _ in range(2):
+            out = K.rows_to_heads(rows, slots, 5)
+            assert torch.equal(out[slots], rows) and not out[[1, 4]].any()
+
+
+def test_the_same_slots_in_a_longer_layout_get_their_own_inverse():
+    rows = torch.randn(3, 8, device=DEVICE)
+    slots = torch.tensor([0, 2, 3], device=DEVICE)
+    short = K.rows_to_heads(rows, slots, 4)
+    assert heads._slot_rows(slots, 6).tolist() == [0, -1, 1, 2, -1, -1], "not the 4 slots' inverse"
+    long = K.rows_to_heads(rows, slots, 6)
+    assert long.shape == (6, 8) and torch.equal(long[:4], short) and not long[4:].any()
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -132,7 +151,8 @@ def test_the_scatter_writes_every_slot_and_derives_the_inverse_once_per_slots(mo
         (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]), 3, table=torch.randn(2, 4)), "both"),
         (lambda: K.rows_to_heads(torch.randn(3, 4).t(), torch.tensor([0, 2]), 3), "contiguous 2-D"),
         (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]).int(), 3), "int64"),
-        (lambda: K.rows_to_heads(torch.randn(1, 4), torch.tensor([0, 2]), 3), "2 slots for 1 rows"),
+        (lambda: K.rows_to_heads(torch.randn(1, 4), torch.tensor([0, 2]), 3), "got 1 rows and a layout of 3"),
+        (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 1, 2]), 2), "got 3 rows and a layout of 2 slots"),
         (lambda: K.rows_to_heads(torch.randn(3, 4), torch.tensor([0, 2]), 3, table=torch.randn(2, 5),
                                  row_task=torch.zeros(3, dtype=torch.long)), r"table must have shape \(2, 4\)"),
     ],

@@ -334,6 +334,19 @@ def test_x_table_is_added_before_the_dropout_in_fp32():
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_x_table_rows_are_added_to_a_half_precision_x_in_fp32():
+    """x at 1024 in fp16 (an ulp of 1) plus small table rows: summed in fp32 the rows keep their differences, which
+    the LayerNorm normalises; x + b[task] rounded to fp16 first would make every row constant."""
+    n = 48
+    x = torch.full((6, n), 1024.0, device=DEVICE, dtype=torch.float16)
+    x_table = 0.1 * torch.randn(2, n, device=DEVICE)
+    row_task = torch.tensor([0, 1, 1, 0, 1, 0], device=DEVICE)
+    gamma, beta = torch.ones(n, device=DEVICE), torch.zeros(2, n, device=DEVICE)
+    y, _, _ = K.residual_layer_norm_forward(x, gamma, beta, EPS, row_task=row_task, x_table=x_table)
+    want = F.layer_norm(x_table[row_task].double(), (n,), eps=EPS)
+    torch.testing.assert_close(y.double(), want, atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,n", SHAPES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

@@ -301,6 +301,20 @@ def test_gpu_bert_shapes(dtype, k, n, activation, gemm):
     assert_as_accurate_as_torch(db.to(dtype), same_db, truth_db, "db")
 
 
+def test_cublas_gelu_pass_adds_the_rows_in_fp32_and_takes_the_gelu_of_h_as_stored():
+    """A task table with the GELU after cuBLAS: h = x @ W^T plus each row's fp32 bias, rounded once, and y the GELU
+    of that stored h (the one its backward reads), bit for bit the same pass on h itself (W = I, a zero table)."""
+    x, w, _ = make((13,), 64, 96, torch.float16)
+    table = torch.randn(5, 96, device=DEVICE)
+    row_task = torch.randint(0, 5, (13,), device=DEVICE)
+    y, h = K.linear_forward(x, w, table, activation="gelu", store_preact=True, row_task=row_task, gemm="cublas")
+    assert torch.equal(h, (torch.mm(x, w.t()).float() + table[row_task]).half())
+    gelu_of_h, _ = K.linear_forward(h, torch.eye(96, device=DEVICE, dtype=torch.float16),
+                                    torch.zeros(1, 96, device=DEVICE), activation="gelu",
+                                    row_task=torch.zeros(13, dtype=torch.long, device=DEVICE), gemm="cublas")
+    assert torch.equal(y, gelu_of_h)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead,k,n", SHAPES)
 @pytest.mark.parametrize("activation,gemm", [(None, "triton"), (None, "cublas"), ("gelu", "triton"),

@@ -6,7 +6,7 @@ import torch
 from kernel_checks import TorchWithNanEmpty
 
 import bitfit_fast_kernels as K
-from bitfit_fast_kernels import heads, layer_norm, linear, task_tables
+from bitfit_fast_kernels import heads, layer_norm, linear, task_tables, utils
 from bitfit_fast_kernels.utils import LastResults
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +111,33 @@ def test_the_last_few_row_task_tensors_keep_their_order_while_they_live():
     assert derive(e) == 7
     del e  # freed: its entry cannot answer for a new tensor, perhaps at its address
     assert derive(torch.full((3,), 1.0)) == 8
+
+
+def test_a_freed_tensors_entry_goes_before_a_live_ones():
+    cache = LastResults(size=2)
+    a, b = torch.zeros(3), torch.ones(3)
+    assert cache.get(a, "key", lambda: "a") == "a" and cache.get(b, "key", lambda: "b") == "b"
+    del b  # freed: its entry makes room for the next
+    assert cache.get(torch.full((3,), 2.0), "key", lambda: "c") == "c"
+    assert cache.get(a, "key", lambda: "a again") == "a"
+
+
+def test_a_graph_capture_never_takes_a_value_computed_outside_it(monkeypatch):
+    """A capture must record the computation (its replays see new values in the same tensor, at the same version),
+    and eager code must not read a capture's values (its graph's memory); inference tensors have no version."""
+    cache = LastResults()
+    tasks = torch.zeros(3)
+    in_capture = [False]
+    monkeypatch.setattr(utils, "capturing", lambda: in_capture[0])
+    assert cache.get(tasks, "key", lambda: "eager") == "eager"
+    in_capture[0] = True
+    assert cache.get(tasks, "key", lambda: "captured") == "captured"
+    assert cache.get(tasks, "key", lambda: "again") == "captured", "within the capture, reused"
+    in_capture[0] = False
+    assert cache.get(tasks, "key", lambda: "eager again") == "eager again", "the eager entry went at the capture"
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+        assert cache.get(frozen, "key", lambda: 1) == 1 and cache.get(frozen, "key", lambda: 2) == 2
 
 
 def test_rows_of_tasks_outside_the_table_are_summed_nowhere():

@@ -891,6 +891,14 @@ def test_new_tasks_heads_start_as_the_model_initialises_its_heads():
         assert 0.015 < head.weight.std().item() < 0.025, head.weight.std()
 
 
+def test_one_row_per_example_takes_the_tasks_tensor_itself():
+    """A pooler's or a head's input [B, d]: its rows' tasks are the examples' tasks tensor, which every such op of
+    the step shares (the kernels sort its rows once); a row per token repeats each example's task."""
+    with task_rows.example_tasks(torch.tensor([2, 0, 1], device=DEVICE)):
+        assert task_rows.of_module_input(torch.randn(3, 8, device=DEVICE)) is task_rows.current()
+        assert task_rows.of_module_input(torch.randn(3, 2, 8, device=DEVICE)).tolist() == [2, 2, 0, 0, 1, 1]
+
+
 def test_task_heads_refuse_a_batch_of_another_size_than_its_tasks():
     """Called on rows of another batch size than the example tasks, the heads say so (they would otherwise gather
     some example's task for another's row)."""
