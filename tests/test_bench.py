@@ -1,5 +1,6 @@
 """The benchmark harness (bitfit_fast_benches) itself: it must report what it measured, and nothing it did not."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -459,6 +460,53 @@ def test_task_bank_graphed_training_pads_every_batch_to_one_shape_and_steps_each
     assert {"single.classifier.weight", "bank.model.classifier.heads.1.weight"} <= moved
     absent = {"bank.model.classifier.heads.0.weight", "bank.model.classifier.heads.2.weight"}
     assert not absent & moved, "absent tasks stay"
+
+
+def test_task_bank_graphed_modes_run_and_one_that_fails_costs_only_its_own_figures(tmp_path, monkeypatch):
+    # The GPU's graphed modes, on CPU where their steps run eagerly: the prediction mode's configurations predict
+    # on padded batches; a capture that fails leaves the run's other figures, and is recorded with its error.
+    def failing(*args):
+        def step(batch):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return {"single-task model": step}, args[3]
+
+    monkeypatch.setattr(task_bank, "GRAPHED_DEVICES", ("cpu",))
+    monkeypatch.setattr(task_bank, "_graphed_training", failing)
+    assert task_bank.main(["--preset", "tiny", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "tiny.json").read_text())
+    assert list(record["results"]) == ["predict", "train", task_bank.GRAPHED_PREDICT_MODE]
+    assert set(record["results"][task_bank.GRAPHED_PREDICT_MODE]) == {"single-task model", "bank, 1 tasks",
+                                                                     "bank, 4 tasks"}
+    assert record["failed_modes"] == {task_bank.GRAPHED_MODE: "RuntimeError: operation not permitted when stream "
+                                                              "is capturing"}
+    assert (f"- FAILED, no figures: {task_bank.GRAPHED_MODE}: RuntimeError: operation not permitted"
+            in (tmp_path / "tiny.md").read_text())
+
+
+def test_task_bank_graphed_prediction_pads_every_batch_and_predicts_each_models_logits():
+    import bitfit_fast
+    from bitfit_fast.task_bank import TaskBank
+
+    workload = task_bank.PRESETS["tiny"].workload
+    base = presets.build_base_model(workload, "cpu")
+    single = bitfit_fast.apply(copy.deepcopy(base), announce=False).eval()
+    bank = TaskBank.new(copy.deepcopy(base), {"a": 2, "b": 3}).eval()
+    batches = presets.make_batches(workload, 2, base.config.vocab_size, "cpu")
+    for batch in batches:
+        batch.pop("labels")
+    assignments = {1: ["b"] * workload.batch, 2: ["a", "b"] * (workload.batch // 2)}
+    seen = []
+    configs, fixed = task_bank._graphed_prediction(single, bank, assignments, batches, workload.seq,
+                                                   lambda: seen.append("precision") or contextlib.nullcontext())
+    assert list(configs) == ["single-task model", "bank, 1 tasks", "bank, 2 tasks"]
+    assert {tuple(b["input_ids"].shape) for b in fixed} == {(workload.batch, workload.seq)}
+    calls = []
+    bank.register_forward_hook(lambda module, args, kwargs, out: calls.append((args, kwargs, torch.is_grad_enabled())),
+                               with_kwargs=True)
+    configs["bank, 2 tasks"](fixed[0])
+    (index,), kwargs, grad_enabled = calls[0]
+    assert index.tolist() == [0, 1] * (workload.batch // 2) and kwargs["input_ids"] is fixed[0]["input_ids"]
+    assert seen == ["precision"] and not grad_enabled
 
 
 def test_length_groups_benchmark_times_the_same_steps_grouped_and_in_one_call(tmp_path, grouped_attention):

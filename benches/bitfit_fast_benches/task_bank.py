@@ -9,7 +9,8 @@ Every configuration runs the same batches (real BBC News paragraph lengths, dyna
 alternate the configurations (each round starting at another) in one process so that drift cancels; a ratio is
 the median of each round's own ratio, measured here. ``predict`` times a no-grad forward (serving); ``train`` a
 forward, backward and AdamW step on the bank's loss (the bank's own ``TaskBank.optimizer``, the single-task model's
-torch.optim.AdamW).
+torch.optim.AdamW). On a GPU, where both are host-bound at batch 64, each is timed again replayed as CUDA graphs
+(the batches padded to one shape); a mode whose capture fails is recorded under ``failed_modes``, the others kept.
 """
 
 import copy
@@ -48,6 +49,7 @@ PRESETS = {
 }
 
 GOALS = {"mixed_vs_single_min": 0.9, "mixed_vs_sub_batches_min": 3.0}
+GRAPHED_DEVICES = ("cuda",)  # where the CUDA-graph modes run (the tests add "cpu", where their steps run eagerly)
 
 
 def _tasks(base: torch.nn.Module, directory: Path, count: int) -> dict[str, Path]:
@@ -164,20 +166,29 @@ def run(preset_name: str, command: str, log=print) -> dict:
         "train": ({"single-task model": train_single, **{f"bank, {k} tasks": train_bank(k) for k in preset.distinct}},
                   batches),
     }
-    if device == "cuda":
+    if device in GRAPHED_DEVICES:
+        modes[GRAPHED_PREDICT_MODE] = _graphed_prediction(single, bank, assignments, batches, preset.workload.seq,
+                                                          precision)
         modes[GRAPHED_MODE] = _graphed_training(single, bank, assignments, batches, preset.workload.seq, labels)
-    results = {}
+    results, failed_modes = {}, {}
     for mode, (configs, mode_batches) in modes.items():
         for model in (single, bank):
-            model.train(mode != "predict")
+            model.train(not mode.startswith("predict"))
         times = {name: [] for name in configs}
         order = list(configs)
-        for round_index, batch in enumerate(mode_batches):
-            # Each round starts at another configuration: no one always runs first (or after the same one).
-            for name in order[round_index % len(order):] + order[:round_index % len(order)]:
-                seconds, _ = timed(configs[name], batch, device)
-                if round_index >= preset.warmup:
-                    times[name].append(seconds)
+        try:
+            for round_index, batch in enumerate(mode_batches):
+                # Each round starts at another configuration: no one always runs first (or after the same one).
+                for name in order[round_index % len(order):] + order[:round_index % len(order)]:
+                    seconds, _ = timed(configs[name], batch, device)
+                    if round_index >= preset.warmup:
+                        times[name].append(seconds)
+        except Exception as error:  # a graph that fails to capture costs its mode, not the run's other figures
+            if mode not in (GRAPHED_PREDICT_MODE, GRAPHED_MODE):
+                raise
+            failed_modes[mode] = f"{type(error).__name__}: {error}"[:500]
+            log(f"{mode}: failed: {failed_modes[mode]}")
+            continue
         if mode == "predict":
             sub_batching_per_step = paired_ratios(times[f"sub-batches, {most} tasks"], times[f"bank, {most} tasks"])
         tokens = statistics.mean(real_tokens(b) for b in mode_batches[preset.warmup:])
@@ -214,7 +225,8 @@ def run(preset_name: str, command: str, log=print) -> dict:
               met=ratios["mixed_vs_sub_batches"] >= GOALS["mixed_vs_sub_batches_min"],
               per_step=per_step["mixed_vs_sub_batches"])]
     return dict(environment=environment(command), preset=preset_name, workload=dataclasses.asdict(preset.workload),
-                tasks_in_bank=max(preset.distinct), results=results, ratios=ratios, goals=goals)
+                tasks_in_bank=max(preset.distinct), results=results, ratios=ratios, goals=goals,
+                failed_modes=failed_modes)
 
 
 # Training steps replayed as CUDA graphs (bitfit_fast.GraphedStep), on a GPU: the same batches padded to the
@@ -237,6 +249,59 @@ def _graphed_training(single, bank, assignments: dict, batches: list[dict], leng
     configs = {"single-task model": single_step,
                **{f"bank, {k} tasks": functools.partial(bank_step, tasks=tasks) for k, tasks in assignments.items()}}
     return configs, fixed
+
+
+# Predictions replayed as CUDA graphs, on a GPU: the eager forwards above are host-bound at batch 64 as well.
+GRAPHED_PREDICT_MODE = "predict, CUDA graphs"
+
+
+class _ReplayedForward:
+    """A no-grad forward under ``precision`` replayed as a CUDA graph: captured on the first batch (after two warmup
+    runs on a side stream), each later batch copied into the captured inputs. On CPU (the tests) it runs eagerly."""
+
+    def __init__(self, forward, precision):
+        self.forward, self.precision = forward, precision
+        self.graph, self.inputs = None, None
+
+    def _run(self, batch: dict) -> None:
+        with torch.no_grad(), self.precision():
+            self.forward(batch)
+
+    def __call__(self, batch: dict) -> None:
+        if not next(iter(batch.values())).is_cuda:
+            return self._run(batch)
+        if self.graph is None:
+            self.inputs = {key: value.clone() for key, value in batch.items()}
+            stream, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(self.inputs)
+            stream.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._run(self.inputs)
+            except BaseException:
+                torch.cuda.set_stream(stream)  # a failed capture leaves its own stream current
+                raise
+            self.graph = graph
+        else:
+            for key, value in batch.items():
+                self.inputs[key].copy_(value)
+        self.graph.replay()
+
+
+def _graphed_prediction(single, bank, assignments: dict, batches: list[dict], length: int, precision) -> tuple:
+    """(configs, batches) of the graphed prediction mode: the batches padded to ``length`` (one shape: one graph per
+    configuration), the bank's tasks as a device index tensor fixed in its graph."""
+    device = next(single.parameters()).device
+    configs = {"single-task model": _ReplayedForward(lambda batch: single(**batch), precision)}
+    for k, tasks in assignments.items():
+        index = bank.task_index(tasks, device)
+        configs[f"bank, {k} tasks"] = _ReplayedForward(lambda batch, index=index: bank(index, **batch), precision)
+    return configs, [{key: torch.nn.functional.pad(value, (0, length - value.shape[1])) for key, value in batch.items()}
+                     for batch in batches]
 
 
 def _per_step(ratios: dict | None) -> str:
@@ -262,6 +327,7 @@ def markdown(record: dict) -> str:
             lines.append("")
     lines += [f"- {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']}{_per_step(g.get('per_step'))}"
               for g in record["goals"]]
+    lines += [f"- FAILED, no figures: {mode}: {error}" for mode, error in record.get("failed_modes", {}).items()]
     lines += ["", "Ratios are medians of the ratios of steps timed on the same batch in the same round, with those "
               "ratios' IQR."]
     return "\n".join(lines) + "\n"
