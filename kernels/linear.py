@@ -474,19 +474,23 @@ def linear_forward(
     check_dropout(dropout_p, seed)
     if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
         x2d = x.reshape(M, K)
-        if bias is None or (row_task is not None and activation == "gelu"):
+        if bias is None:
             h = torch.mm(x2d, weight.t())
         elif row_task is None:
             h = torch.addmm(bias.to(x.dtype), x2d, weight.t())
+        elif activation == "gelu":
+            h = torch.mm(x2d, weight.t())  # the table's rows come with the GELU pass
         else:
             # The rows' biases [M, N] gathered into a new tensor, the GEMM's C matrix, which it adds into in place:
             # out of place, torch first copies C into the output (a device copy of [M, N], 0.39 ms of a bank's
             # 10.5 ms BERT-base training step on an H200 at 960342b).
             h = bias.to(x.dtype).index_select(0, row_task).addmm_(x2d, weight.t())
-        if bias is not None and row_task is not None and activation == "gelu":
+        if activation != "gelu":
+            y = h
+        elif bias is not None and row_task is not None:
             y = _task_bias_gelu(h, bias, row_task, store_preact)
         else:
-            y = torch.nn.functional.gelu(h) if activation == "gelu" else h
+            y = torch.nn.functional.gelu(h)
         return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
 
     x2d = x.reshape(M, K)
