@@ -140,23 +140,27 @@ def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, par
     assert not grads[0][tokens.real_rows:].any(), "bucket rows get no gradient"
 
 
+def _spy(monkeypatch, seen: dict, name: str, argument: str) -> None:
+    """Record in ``seen[argument]`` what each call of the kernels' host function ``name`` gets as ``argument``."""
+    real = getattr(K, name)
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        seen[argument] = call.arguments[argument]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, name, spy)
+
+
 @pytest.mark.parametrize("tables", ["bias", "beta", "both"])
 def test_the_kernels_layer_norm_adds_the_linears_table_where_beta_is_one_too(tables, monkeypatch):
     """b and beta both task tables: the GEMM runs without b and the LayerNorm adds b's rows as it reads h
     (x_table); with one table b stays in the GEMM."""
     seen = {}
-    linear_forward, layer_norm_forward = K.linear_forward, K.residual_layer_norm_forward
-
-    def spy_linear(x, weight, bias, **kwargs):
-        seen["bias"] = bias
-        return linear_forward(x, weight, bias, **kwargs)
-
-    def spy_layer_norm(*args, **kwargs):
-        seen["x_table"] = kwargs.get("x_table")
-        return layer_norm_forward(*args, **kwargs)
-
-    monkeypatch.setattr(K, "linear_forward", spy_linear)
-    monkeypatch.setattr(K, "residual_layer_norm_forward", spy_layer_norm)
+    _spy(monkeypatch, seen, "linear_forward", "bias")
+    _spy(monkeypatch, seen, "residual_layer_norm_forward", "x_table")
     rows, k, n, tasks = 7, 5, 6, 3
     bias = torch.randn(tasks, n, device=DEVICE) if tables != "beta" else torch.randn(n, device=DEVICE)
     beta = torch.randn(tasks, n, device=DEVICE) if tables != "bias" else torch.randn(n, device=DEVICE)
@@ -176,18 +180,8 @@ def test_the_kernels_scatter_adds_a_tables_rows_into_padded_sequences(table, mon
     from bitfit_fast.unpadding import Tokens
 
     seen = {}
-    linear_forward, rows_to_heads = K.linear_forward, K.rows_to_heads
-
-    def spy_linear(x, weight, bias, **kwargs):
-        seen["bias"] = bias
-        return linear_forward(x, weight, bias, **kwargs)
-
-    def spy_scatter(*args, **kwargs):
-        seen["table"] = kwargs.get("table")
-        return rows_to_heads(*args, **kwargs)
-
-    monkeypatch.setattr(K, "linear_forward", spy_linear)
-    monkeypatch.setattr(K, "rows_to_heads", spy_scatter)
+    _spy(monkeypatch, seen, "linear_forward", "bias")
+    _spy(monkeypatch, seen, "rows_to_heads", "table")
     mask = torch.tensor([[True, True, True], [True, False, False]], device=DEVICE)
     tokens = Tokens.of_batch(torch.zeros(*mask.shape, 1, device=DEVICE), mask[:, None, None, :])
     assert tokens.slots is not None
