@@ -244,8 +244,7 @@ def _graphed_training(single, bank, assignments: dict, batches: list[dict], leng
     optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=params[0].is_cuda)  # (CPU: the tests, eagerly)
     single_step = bitfit_fast.GraphedStep(single, optimizer, None, torch.bfloat16)
     bank_step = bitfit_fast.GraphedStep(bank, bank.optimizer(lr=1e-4), None, torch.bfloat16)
-    fixed = [{key: torch.nn.functional.pad(value, (0, length - value.shape[1])) for key, value in batch.items()}
-             | {"labels": labels} for batch in batches]
+    fixed = [batch | {"labels": labels} for batch in _padded(batches, length)]
     configs = {"single-task model": single_step,
                **{f"bank, {k} tasks": functools.partial(bank_step, tasks=tasks) for k, tasks in assignments.items()}}
     return configs, fixed
@@ -300,8 +299,13 @@ def _graphed_prediction(single, bank, assignments: dict, batches: list[dict], le
     for k, tasks in assignments.items():
         index = bank.task_index(tasks, device)
         configs[f"bank, {k} tasks"] = _ReplayedForward(lambda batch, index=index: bank(index, **batch), precision)
-    return configs, [{key: torch.nn.functional.pad(value, (0, length - value.shape[1])) for key, value in batch.items()}
-                     for batch in batches]
+    return configs, _padded(batches, length)
+
+
+def _padded(batches: list[dict], length: int) -> list[dict]:
+    """The batches right-padded to ``length`` tokens: one shape, so that one graph serves them all."""
+    return [{key: torch.nn.functional.pad(value, (0, length - value.shape[1])) for key, value in batch.items()}
+            for batch in batches]
 
 
 def _per_step(ratios: dict | None) -> str:
