@@ -44,17 +44,33 @@ class Task:
 
 class TaskHeads(nn.Module):
     """Stands in for a head module of the model: example i goes through the head of its task (``task_rows``).
-    Outputs are padded with zeros to the widest task's width; TaskBank reads each example's own columns."""
+    Outputs are padded with zeros to the widest task's width; TaskBank reads each example's own columns.
+
+    Linear heads with a bias (BERT's classifier) are held concatenated, as ``weight`` [sum of widths, d] and ``bias``
+    [sum of widths] (task t's rows: ``rows_per_task[t]`` of them, after those of the tasks before it), and run as one
+    GEMM (see _linear_heads): two parameters however many tasks, so a step's backward, clipping and optimizer touch
+    two tensors where 64 heads were 128. Other heads stay modules of their own (``heads``), a sub-batch each."""
 
     def __init__(self, heads: list[nn.Module]):
         super().__init__()
-        self.heads = nn.ModuleList(heads)
-        # Linear heads run as one GEMM (see _linear_heads). Their columns' layout is made here, once: built in a
-        # forward, it would be a copy from the host that waits for the encoder's GPU work to finish.
         linear = all(type(head) is nn.Linear and head.bias is not None for head in heads)
+        # Made here, once: built in a forward, they would be copies from the host that wait for the GPU.
         widths = torch.tensor([head.out_features for head in heads]) if linear else None
         self.register_buffer("widths", widths, persistent=False)
         self.register_buffer("first_column", None if widths is None else widths.cumsum(0) - widths, persistent=False)
+        if linear:
+            self.heads = None
+            self.rows_per_task = tuple(widths.tolist())
+            self.weight, self.bias = (nn.Parameter(torch.cat([getattr(head, name).detach() for head in heads]),
+                                                   requires_grad=getattr(heads[0], name).requires_grad)
+                                      for name in ("weight", "bias"))
+        else:
+            self.heads = nn.ModuleList(heads)
+            self.rows_per_task = None
+
+    def width(self, task: int) -> int:
+        """Task ``task``'s number of outputs."""
+        return self.rows_per_task[task] if self.heads is None else _output_width(self.heads[task])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         tasks = task_rows.current()
@@ -62,7 +78,10 @@ class TaskHeads(nn.Module):
             raise RuntimeError("this model's head belongs to a TaskBank: call the bank, not the model")
         tasks = tasks.to(x.device)
         task_rows.check_batch_size(tasks, x.shape[0])
-        if not args and not kwargs and self.widths is not None:
+        if self.heads is None:
+            if args or kwargs:
+                raise TypeError(f"a TaskBank's linear heads take the hidden states alone, got more arguments: "
+                                f"{[*map(type, args), *kwargs]}")
             return self._linear_heads(x, tasks)
         parts = []
         for task in tasks.unique().tolist():
@@ -76,15 +95,13 @@ class TaskHeads(nn.Module):
         return output
 
     def _linear_heads(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-        """Linear heads (BERT's classifier) in a few ops, however many tasks: every head's outputs for every example
-        from one GEMM with the heads concatenated [sum of widths, d], then each example's own columns gathered (a
-        slot past its task's width reads its first column and is zeroed). Another task's columns never reach an
-        example's logits, and each gradient element gets one value plus exact zeros, so the gather's backward is
-        deterministic even where it adds with atomics (CUDA)."""
-        weight = torch.cat([head.weight for head in self.heads]).to(x.dtype)
-        bias = torch.cat([head.bias for head in self.heads]).to(x.dtype)
-        out = F.linear(x, weight, bias)  # [B, ..., sum of widths]
-        slot = torch.arange(max(head.out_features for head in self.heads), device=x.device)
+        """Linear heads in a few ops, however many tasks: every head's outputs for every example from one GEMM
+        with the concatenated heads, then each example's own columns gathered (a slot past its task's width reads
+        its first column and is zeroed). Another task's columns never reach an example's logits, and each gradient
+        element gets one value plus exact zeros, so the gather's backward is deterministic even where it adds with
+        atomics (CUDA)."""
+        out = F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # [B, ..., sum of widths]
+        slot = torch.arange(max(self.rows_per_task), device=x.device)
         inside = slot < self.widths[tasks, None]  # [B, widest]
         column = self.first_column[tasks, None] + torch.where(inside, slot, 0)
         rows = out.reshape(x.shape[0], -1, out.shape[-1])
@@ -175,6 +192,18 @@ def _output_width(head: nn.Module) -> int:
     return linears[-1].out_features
 
 
+def task_part(tasks: int | tuple[int, ...] | None, task: int) -> int | slice | None:
+    """Where task ``task``'s values are in a bank's parameter whose tasks are ``tasks`` (as
+    :meth:`TaskBank.parameter_tasks` gives them): a table's row, concatenated heads' rows, or all of a parameter
+    of its head; None where it holds none of them. ``param[task_part(...)]`` is what the task's own model holds."""
+    if tasks is None:
+        return task
+    if isinstance(tasks, int):
+        return slice(None) if tasks == task else None
+    first = sum(tasks[:task])
+    return slice(first, first + tasks[task])
+
+
 # Options that change how a model runs, not what it trains: tasks that differ only in them share a bank.
 _EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
 
@@ -201,6 +230,7 @@ class TaskBank(nn.Module):
         self.head_names = head_names
         self._parameter_tasks = None  # see parameter_tasks
         self._head_tasks = None  # (the heads' tasks, that list on the device): see clip_grad_norm_
+        self._row_tasks_made = {}  # see _row_tasks
         # Each task's number of labels, where the loss reads it: a tensor made in each loss would be a host copy.
         device = next(model.parameters()).device
         self.register_buffer("widths", torch.tensor([task.num_labels for task in tasks], device=device),
@@ -315,7 +345,7 @@ class TaskBank(nn.Module):
             _set_module(model, head_name, heads.to(device))
         for task in tasks:
             if output is not None:
-                task.num_labels = _output_width(model.get_submodule(output).heads[task.index])
+                task.num_labels = model.get_submodule(output).width(task.index)
             if task.label_names is not None and len(task.label_names) != task.num_labels:  # not this head's
                 task.label_names = None
             if task.label_names is None and task.num_labels > 1:
@@ -396,19 +426,26 @@ class TaskBank(nn.Module):
         ``optimizer.step(tasks)`` with the batch's tasks (see :class:`TaskAdamW`)."""
         return TaskAdamW(self, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
-    def parameter_tasks(self) -> dict[nn.Parameter, int | None]:
-        """Each trained parameter's task: its index for a head's parameter, None for a table (row t: task t). The
-        names are read once, and again when the trained parameters change (clipping asks at every step)."""
+    def parameter_tasks(self) -> dict[nn.Parameter, int | tuple[int, ...] | None]:
+        """Each trained parameter's tasks: None for a table (row t: task t), the rows each task holds in turn for
+        concatenated linear heads (``TaskHeads.rows_per_task``), the task's index for a parameter of one task's head
+        (see :func:`task_part`). The names are read once, and again when the trained parameters change (clipping
+        asks at every step)."""
         trained = [param for param in self.model.parameters() if param.requires_grad]
         known = self._parameter_tasks
         if known is not None and len(known) == len(trained) and all(a is b for a, b in zip(known, trained)):
             return dict(known)
         tasks = {}
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                in_head = any(is_within(name, [head]) for head in self.head_names)
-                # A head's parameters are "<head>.heads.<task>.<...>" (TaskHeads).
-                tasks[param] = int(name.split(".heads.", 1)[1].split(".", 1)[0]) if in_head else None
+            if not param.requires_grad:
+                continue
+            if not any(is_within(name, [head]) for head in self.head_names):
+                tasks[param] = None
+                continue
+            owner = self.model.get_submodule(name.rpartition(".")[0])
+            # Otherwise a parameter of one task's head module: "<head>.heads.<task>.<...>".
+            tasks[param] = (owner.rows_per_task if isinstance(owner, TaskHeads)
+                            else int(name.split(".heads.", 1)[1].split(".", 1)[0]))
         self._parameter_tasks = tasks
         return dict(tasks)
 
@@ -416,24 +453,35 @@ class TaskBank(nn.Module):
         """Gradient clipping per task, as each task's own run clips: task t's gradients (its table rows and its
         heads) are scaled so that their norm is at most ``max_norm``. Returns the tasks' norms before clipping.
 
-        The tables are summed and scaled as one [T, ...] matrix and the heads in multi-tensor ops, deterministically
-        (no atomics): a few operations, not a set per parameter."""
-        tables, heads, head_tasks = [], [], []
-        for param, task in self.parameter_tasks().items():
-            if param.grad is not None:
-                (tables if task is None else heads).append(param.grad)
-                if task is not None:
-                    head_tasks.append(task)
-        if not tables and not heads:
+        The tables are summed and scaled as one [T, ...] matrix, concatenated heads by their rows' tasks and heads
+        of their own in multi-tensor ops, deterministically (no atomics): a few operations, not a set per
+        parameter. A task's inf or NaN stays in its own norm (a product with a one-hot matrix would spread it: inf *
+        0 is NaN; ``where`` does not)."""
+        tables, concatenated, heads, head_tasks = [], {}, [], []
+        for param, tasks in self.parameter_tasks().items():
+            if param.grad is None:
+                continue
+            if tasks is None:
+                tables.append(param.grad)
+            elif isinstance(tasks, tuple):
+                concatenated.setdefault(tasks, []).append(param.grad)
+            else:
+                heads.append(param.grad)
+                head_tasks.append(tasks)
+        grads = tables + heads + [grad for group in concatenated.values() for grad in group]
+        if not grads:
             return torch.zeros(len(self.tasks))
-        device = (tables or heads)[0].device
+        device = grads[0].device
         squares = torch.zeros(len(self.tasks), device=device)
         if tables:
             rows = torch.cat([grad.float().reshape(grad.shape[0], -1) for grad in tables], dim=1)
             squares += rows.square().sum(dim=1)
+        row_tasks = {rows_per_task: self._row_tasks(rows_per_task, device) for rows_per_task in concatenated}
+        for rows_per_task, group in concatenated.items():  # a TaskHeads' weight and bias: rows of the same tasks
+            row_squares = sum(grad.float().reshape(grad.shape[0], -1).square().sum(dim=1) for grad in group)
+            of_task = F.one_hot(row_tasks[rows_per_task], len(self.tasks)).bool()
+            squares += torch.where(of_task, row_squares[:, None], 0.0).sum(dim=0)
         if heads:
-            # Each task's sum over its heads in a fixed order (no atomics), and a head's inf or NaN only in its task's
-            # (a product with a one-hot matrix would spread it: inf * 0 is NaN).
             if self._head_tasks is None or self._head_tasks[0] != head_tasks or self._head_tasks[1].device != device:
                 # Kept from step to step: a copy captured in a CUDA graph would read its host memory at every replay.
                 _refuse_host_copy_while_capturing("the heads with a gradient differ from the warmup steps'")
@@ -449,26 +497,39 @@ class TaskBank(nn.Module):
             for dtype in {grad.dtype for grad in tables}:  # one dtype per copy: older torch's CUDA _foreach_copy_
                 same = [(grad, part) for grad, part in zip(tables, scaled) if grad.dtype == dtype]  # mixed them up
                 torch._foreach_copy_([grad for grad, _ in same], [part.view_as(grad) for grad, part in same])
+        for rows_per_task, group in concatenated.items():
+            row_scale = scale[row_tasks[rows_per_task]]
+            for grad in group:
+                grad.mul_(row_scale.view(-1, *[1] * (grad.dim() - 1)))
         if heads:
             torch._foreach_mul_(heads, list(scale[head_tasks].unbind()))
         return norms
+
+    def _row_tasks(self, rows_per_task: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """[sum of rows] each row's task, of concatenated heads holding ``rows_per_task``; made once per device (a
+        copy captured in a CUDA graph would read its host memory at every replay)."""
+        key = rows_per_task, torch.device(device)
+        if key not in self._row_tasks_made:
+            _refuse_host_copy_while_capturing("the concatenated heads' rows were not seen by a warmup step")
+            rows = torch.arange(len(rows_per_task)).repeat_interleave(torch.tensor(rows_per_task))
+            self._row_tasks_made[key] = _to_device(rows, device)
+        return self._row_tasks_made[key]
 
     def task_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Task ``name``'s trained parameters, named as in a single-task model (what save_biases saves)."""
         if name not in self.tasks:
             raise ValueError(f"unknown task {name!r}; the bank holds {list(self.tasks)}")
-        task = self.tasks[name]
+        index = self.tasks[name].index
         tensors = {}
-        for param_name, param in self.model.named_parameters():
-            if not param.requires_grad:
+        param_names = {param: param_name for param_name, param in self.model.named_parameters()}
+        for param, tasks in self.parameter_tasks().items():
+            part = task_part(tasks, index)
+            if part is None:
                 continue
-            head = next((h for h in self.head_names if is_within(param_name, [h])), None)
-            if head is None:
-                tensors[param_name] = param[task.index]
-            else:
-                prefix = f"{head}.heads.{task.index}."
-                if param_name.startswith(prefix):
-                    tensors[f"{head}.{param_name.removeprefix(prefix)}"] = param
+            param_name = param_names[param]
+            if isinstance(tasks, int):  # "<head>.heads.<task>.<name in the head>"
+                param_name = param_name.replace(f".heads.{tasks}.", ".", 1)
+            tensors[param_name] = param[part]
         return tensors
 
     def save_task(self, name: str, directory: str | os.PathLike) -> Path:
@@ -488,11 +549,11 @@ class TaskAdamW(torch.optim.Optimizer):
 
     torch's AdamW would step every task on every batch: a task absent from a batch has a zero gradient, yet its
     momentum and weight decay would move it and its step count would grow, so it would not end where its own run
-    does. Here an absent task keeps its parameters, moments and step count; each table row and head parameter counts
-    its own steps.
+    does. Here an absent task keeps its parameters, moments and step count; each task's part of a parameter (a
+    table's row, its rows of concatenated heads, a head parameter of its own) counts its own steps.
 
-    A step is a fixed number of operations, decided on the device: the table rows and head parameters of a param
-    group are the segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
+    A step is a fixed number of operations, decided on the device: those parts of a param group's parameters are the
+    segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
     Per parameter, a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a
     kernel launch on a GPU; now 40. Tasks given as names or host indices are copied to the device from pinned memory,
     and nothing is read back: the host never waits for the GPU (indices already in a GPU tensor are read back to be
@@ -535,19 +596,23 @@ def _hyperparameters(group: dict) -> dict:
 
 class _FlatSegments:
     """A group's trained parameters on one device and dtype, stepped by :class:`TaskAdamW` as one flat vector of
-    segments: each row of a task table [T, ...] (row t: task t's) and each head parameter (its task's) is one. The
-    moments live in two flat buffers and the step counts, one per segment, in one tensor; each parameter's state
-    holds views of them (a table's step [T], a head parameter's a 0-d tensor), so that ``state_dict`` keeps torch's
-    per-parameter layout. A step gathers the parameters and gradients into flat vectors, updates them with each
-    element's segment factors (spread by ``repeat_interleave``) and copies the parameters back: about 25 operations
-    however many parameters there are, and 4 to 6 flat vectors of temporary memory (torch's foreach AdamW: ~3)."""
+    segments: each row of a task table [T, ...] (row t: task t's), each task's rows of concatenated heads and each
+    head parameter of one task is one. The moments live in two flat buffers and the step counts, one per segment, in
+    one tensor; each parameter's state holds views of them (a table's or concatenated heads' step [T], a head
+    parameter's a 0-d tensor), so that ``state_dict`` keeps torch's per-parameter layout. A step gathers the
+    parameters and gradients into flat vectors, updates them with each element's segment factors (spread by
+    ``repeat_interleave``) and copies the parameters back: about 25 operations however many parameters there are,
+    and 4 to 6 flat vectors of temporary memory (torch's foreach AdamW: ~3)."""
 
-    def __init__(self, params: list[torch.Tensor], tasks: list[int | None], state) -> None:
+    def __init__(self, params: list[torch.Tensor], tasks: list[int | tuple[int, ...] | None], state) -> None:
         device = params[0].device
         self.params = params
         self.sizes = [param.numel() for param in params]
-        # Per parameter: its segments' tasks and sizes, a table's rows or a head parameter whole.
-        segments = [(list(range(p.shape[0])), [p[0].numel()] * p.shape[0]) if task is None else ([task], [p.numel()])
+        # Per parameter: its segments' tasks and sizes, a table's rows, each task's rows of concatenated heads or a
+        # head parameter whole.
+        segments = [([task], [p.numel()]) if isinstance(task, int) else
+                    (list(range(len(task))), [rows * p[0].numel() for rows in task]) if isinstance(task, tuple) else
+                    (list(range(p.shape[0])), [p[0].numel()] * p.shape[0])
                     for p, task in zip(params, tasks)]
         self.counts = [len(of_param) for of_param, _ in segments]
         self.segment_task = torch.tensor([t for of_param, _ in segments for t in of_param], device=device)
@@ -563,7 +628,7 @@ class _FlatSegments:
         for param, task, count, exp_avg, exp_avg_sq in zip(params, tasks, self.counts, self.exp_avg.split(self.sizes),
                                                            self.exp_avg_sq.split(self.sizes)):
             steps = self.steps[first_segment:first_segment + count]
-            state[param].update(step=steps if task is None else steps[0], exp_avg=exp_avg.view_as(param),
+            state[param].update(step=steps[0] if isinstance(task, int) else steps, exp_avg=exp_avg.view_as(param),
                                 exp_avg_sq=exp_avg_sq.view_as(param))
             first_segment += count
         self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]

@@ -18,7 +18,7 @@ from bitfit_reference import (
 
 import bitfit_fast
 from bitfit_fast import task_rows
-from bitfit_fast.task_bank import TaskBank, TaskHeads
+from bitfit_fast.task_bank import TaskBank, TaskHeads, task_part
 
 # Three tasks of different widths; the mixed batch's examples in an order that interleaves them.
 WIDTHS = {"topic": 3, "sentiment": 2, "intent": 5}
@@ -213,33 +213,60 @@ def test_a_task_absent_from_a_batch_ends_where_its_own_run_ends(optimizer, tmp_p
         assert mismatched and {name for name, _ in mismatched} == {"sentiment"}
 
 
-def _bank_with_gradients(layers: int, tasks: int = 4):
+# How a bank holds its heads: BERT's linear classifiers concatenated into two parameters, or a head module per task
+# (any head that is not one linear layer: here the classifier in a Sequential).
+HEAD_KINDS = ["concatenated", "modules"]
+
+
+def _bank_with_gradients(layers: int, tasks: int = 4, heads: str = "concatenated"):
     """A fresh bank of ``tasks`` tasks on a BERT of ``layers`` layers, every trained parameter given a random
     gradient (absent tasks' table rows too: the optimizer must leave them however their gradient looks)."""
-    bank = TaskBank.new(MODELS["bert"](num_labels=3, num_hidden_layers=layers),
-                        {f"task{t}": 2 + t % 3 for t in range(tasks)})
+    model = MODELS["bert"](num_labels=3, num_hidden_layers=layers)
+    if heads == "modules":
+        model.classifier = torch.nn.Sequential(model.classifier)
+    bank = TaskBank.new(model, {f"task{t}": 2 + t % 3 for t in range(tasks)})
+    assert (bank.model.classifier.heads is None) == (heads == "concatenated")
     for param in bank.parameters():
         if param.requires_grad:
             param.grad = torch.randn_like(param)
     return bank
 
 
+def _parts(bank) -> dict:
+    """(param, task) -> where that task's values are in the parameter (``task_part``), for each task it holds."""
+    return {(param, task): part for param, tasks in bank.parameter_tasks().items() for task in range(len(bank.tasks))
+            if (part := task_part(tasks, task)) is not None}
+
+
 def _alone(bank, options: dict) -> dict:
-    """(param, row or None) -> (a copy of that table row or head parameter, torch's AdamW on it alone)."""
+    """(param, task) -> (a copy of that task's part of the parameter, its place there, torch's AdamW on it alone)."""
     alone = {}
-    for param, task in bank.parameter_tasks().items():
-        for row in (range(param.shape[0]) if task is None else [None]):
-            own = (param[row] if row is not None else param).detach().clone().requires_grad_(True)
-            alone[param, row] = own, torch.optim.AdamW([own], **options)
+    for (param, task), part in _parts(bank).items():
+        own = param[part].detach().clone().requires_grad_(True)
+        alone[param, task] = own, part, torch.optim.AdamW([own], **options)
     return alone
 
 
-def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone():
-    """Every table row and head parameter of a task ends where torch's AdamW on that row alone ends, stepped on the
-    batches that held the task (and, for a table, had a gradient); an optimizer restored from ``state_dict``
-    goes on exactly as the original. The tables update as one flat vector, so this checks its bookkeeping."""
+def _step_alone(alone: dict, gradients: dict, present) -> None:
+    """Steps each task's part that the batch holds and that has a gradient, alone, as its own run would."""
+    for (param, task), (own, part, own_optimizer) in alone.items():
+        if gradients[param] is not None and task in present:
+            own.grad = gradients[param][part]
+            own_optimizer.step()
+
+
+def _check_alone(alone: dict) -> None:
+    for (param, task), (own, part, _) in alone.items():
+        torch.testing.assert_close(param[part], own.detach(), rtol=1e-6, atol=1e-7, msg=f"task {task}")
+
+
+@pytest.mark.parametrize("heads", HEAD_KINDS)
+def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone(heads):
+    """Every table row and head of a task ends where torch's AdamW on it alone ends, stepped on the batches that
+    held the task (and, for a table, had a gradient); an optimizer restored from ``state_dict`` goes on exactly as
+    the original. The parameters update as one flat vector, so this checks its bookkeeping."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=2)
+    bank = _bank_with_gradients(layers=2, heads=heads)
     options = dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6)
     optimizer = bank.optimizer(**options)
     task_of = bank.parameter_tasks()
@@ -259,38 +286,37 @@ def test_the_bank_optimizer_steps_each_task_as_torch_adamw_steps_it_alone():
                 for p, twin in zip(task_of, restored.param_groups[0]["params"]):
                     twin.grad = None if gradients[p] is None else gradients[p].clone()
             step_optimizer.step(example_tasks)
-        present = {bank.tasks[name].index for name in example_tasks}
-        for (param, row), (own, own_optimizer) in alone.items():
-            task = task_of[param] if row is None else row
-            if gradients[param] is not None and task in present:
-                own.grad = gradients[param][row] if row is not None else gradients[param]
-                own_optimizer.step()
+        _step_alone(alone, gradients, {bank.tasks[name].index for name in example_tasks})
         if index == 1:  # from here on, an optimizer loaded from this one's state_dict runs beside it
             twin_bank = copy.deepcopy(bank)
             restored = twin_bank.optimizer(**options)
             restored.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    for (param, row), (own, _) in alone.items():
-        torch.testing.assert_close(param[row] if row is not None else param, own.detach(), rtol=1e-6, atol=1e-7)
+    _check_alone(alone)
     twin = dict(twin_bank.named_parameters())
     for name, param in bank.named_parameters():
         assert torch.equal(param, twin[name]), name
     assert restored.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
 
 
-def test_a_tasks_overflowing_gradient_stays_in_its_task():
+@pytest.mark.parametrize("heads", HEAD_KINDS)
+def test_a_tasks_overflowing_gradient_stays_in_its_task(heads):
     """Each task's own run would clip and step on its own: an inf in one task's head or table row leaves every other
     task's norm, clipped gradients and step finite."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=1)
-    task_of = bank.parameter_tasks()
-    next(p for p, task in task_of.items() if task == 1).grad.view(-1)[0] = float("inf")
-    next(p for p, task in task_of.items() if task is None).grad[2, 0] = float("nan")
+    bank = _bank_with_gradients(layers=1, heads=heads)
+    task_of, parts = bank.parameter_tasks(), _parts(bank)
+    head = next(p for p, task in parts if task == 1 and task_of[p] is not None)
+    head.grad[parts[head, 1]].view(-1)[0] = float("inf")
+    next(p for p, tasks in task_of.items() if tasks is None).grad[2, 0] = float("nan")
     norms = bank.clip_grad_norm_(1.0)
     assert norms[[0, 3]].isfinite().all() and not norms[[1, 2]].isfinite().any()
+    for (param, task), part in parts.items():
+        if task in (0, 3):
+            assert param.grad[part].isfinite().all(), "a clipped gradient of a healthy task"
     bank.optimizer(lr=1e-2).step(list(bank.tasks))
-    for param, task in task_of.items():
-        healthy = param[[0, 3]] if task is None else param if task in (0, 3) else None
-        assert healthy is None or healthy.isfinite().all()
+    for (param, task), part in parts.items():
+        if task in (0, 3):
+            assert param[part].isfinite().all(), "a healthy task's step"
 
 
 def _computing_ops(function) -> int:
@@ -459,12 +485,15 @@ def test_mistakes_name_the_problem(tmp_path):
 
 @pytest.mark.parametrize("shape", [(5, 8), (5, 3, 8)])  # one row per example; a row per token (token heads)
 def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
-    """Linear heads run as one GEMM over every head: each example still gets exactly its own head's output and
-    gradient, zeros past its width, and nothing from another task's columns (not even an overflowed one)."""
+    """Linear heads run as one GEMM over every head, held concatenated: each example still gets exactly its own
+    head's output and gradient, zeros past its width, and nothing from another task's columns (not even an
+    overflowed one)."""
     torch.manual_seed(0)
-    heads = TaskHeads([torch.nn.Linear(8, width, device=DEVICE) for width in (3, 1, 5, 2)])
+    originals = [torch.nn.Linear(8, width, device=DEVICE) for width in (3, 1, 5, 2)]
     with torch.no_grad():
-        heads.heads[3].bias.fill_(float("inf"))  # task 3 is in no example: its columns must not leak
+        originals[3].bias.fill_(float("inf"))  # task 3 is in no example: its columns must not leak
+    heads = TaskHeads(originals)
+    assert heads.heads is None and heads.rows_per_task == (3, 1, 5, 2)
     tasks = torch.tensor([2, 0, 1, 2, 0], device=DEVICE)
     x = torch.randn(*shape, device=DEVICE, requires_grad=True)
     with task_rows.example_tasks(tasks):
@@ -472,27 +501,28 @@ def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
     assert out.shape == (*shape[:-1], 5)
     weights = torch.randn(out.shape, device=DEVICE)
     (out * weights).sum().backward()
-    got = {name: p.grad.clone() for name, p in heads.named_parameters() if p.grad is not None}
     x_grad, x.grad = x.grad.clone(), None
-    heads.zero_grad(set_to_none=True)
     for i, task in enumerate(tasks.tolist()):
-        head = heads.heads[task]
+        head = originals[task]
         alone = head(x[i])
         torch.testing.assert_close(out[i, ..., :head.out_features], alone)
         assert not out[i, ..., head.out_features:].any()
         (alone * weights[i, ..., :head.out_features]).sum().backward()
-    want = {name: p.grad for name, p in heads.named_parameters() if p.grad is not None}
     torch.testing.assert_close(x.grad, x_grad)
-    assert set(got) == set(want) | {"heads.3.weight", "heads.3.bias"}
-    for name, grad in want.items():
-        torch.testing.assert_close(got[name], grad, msg=name)
-    assert not got["heads.3.weight"].any() and not got["heads.3.bias"].any()
+    for task, head in enumerate(originals):
+        part = task_part(heads.rows_per_task, task)
+        for name in ("weight", "bias"):
+            want, got = getattr(head, name).grad, getattr(heads, name).grad[part]
+            if want is None:  # task 3's
+                assert not got.any(), f"task {task}'s {name} got a gradient without examples"
+            else:
+                torch.testing.assert_close(got, want, msg=f"task {task}'s {name}")
     # 16-bit rows without autocast (a bank on a bf16 base): the fp32 heads run in the rows' dtype, as nn.Linear
     # heads cast to it would.
     with torch.no_grad(), task_rows.example_tasks(tasks):
         half = heads(x.detach().bfloat16())
     for i, task in enumerate(tasks.tolist()):
-        head = heads.heads[task]
+        head = originals[task]
         want = torch.nn.functional.linear(x[i].detach().bfloat16(), head.weight.bfloat16(), head.bias.bfloat16())
         torch.testing.assert_close(half[i, ..., :head.out_features], want)
 
@@ -570,18 +600,17 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_p
 
 def _task_gradients(bank, task: int) -> list[torch.Tensor]:
     """Task ``task``'s gradients as its own run holds them: its row of every table, then its heads' parameters."""
-    task_of = bank.parameter_tasks()
-    return ([p.grad[task] for p, t in task_of.items() if t is None and p.grad is not None]
-            + [p.grad for p, t in task_of.items() if t == task and p.grad is not None])
+    return [p.grad[part] for (p, t), part in _parts(bank).items() if t == task and p.grad is not None]
 
 
+@pytest.mark.parametrize("heads", HEAD_KINDS)
 @pytest.mark.parametrize("max_norm,gain", [(0.5, 1.0), (1e-6, 1e-6)])
-def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as_torch_does(max_norm, gain):
+def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as_torch_does(max_norm, gain, heads):
     """Each task's gradients against torch.nn.utils.clip_grad_norm_ on that task's own tensors, with tasks on both
     sides of max_norm: a task whose norm is under it keeps its gradients exactly (torch's clamp of the scale at 1).
     Norms of the size of torch's 1e-6 (in max_norm / (norm + 1e-6)) too."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=2, tasks=4)
+    bank = _bank_with_gradients(layers=2, tasks=4, heads=heads)
     gains = [1e-3 * gain, gain, 2e-3 * gain, 3.0 * gain]  # tasks 0 and 2 under max_norm, 1 and 3 over it
     for task, factor in enumerate(gains):
         for grad in _task_gradients(bank, task):
@@ -615,13 +644,8 @@ def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
         for p, grad in gradients.items():
             p.grad = grad
         optimizer.step(example_tasks)
-        present = {bank.tasks[name].index for name in example_tasks}
-        for (param, row), (own, own_optimizer) in alone.items():
-            if (task_of[param] if row is None else row) in present:
-                own.grad = gradients[param][row] if row is not None else gradients[param]
-                own_optimizer.step()
-    for (param, row), (own, _) in alone.items():
-        torch.testing.assert_close(param[row] if row is not None else param, own.detach(), rtol=1e-6, atol=1e-7)
+        _step_alone(alone, gradients, {bank.tasks[name].index for name in example_tasks})
+    _check_alone(alone)
 
 
 def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
@@ -656,11 +680,12 @@ def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
         torch.testing.assert_close(p, want, rtol=0, atol=0)
 
 
-def test_parameters_without_a_gradient_change_from_step_to_step():
+@pytest.mark.parametrize("heads", HEAD_KINDS)
+def test_parameters_without_a_gradient_change_from_step_to_step(heads):
     """Another parameter lacks a gradient at each step (the kept mask of the segments that step must follow it):
-    each table row and head parameter still ends where torch's AdamW on it alone ends."""
+    each table row and head still ends where torch's AdamW on it alone ends."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=1, tasks=3)
+    bank = _bank_with_gradients(layers=1, tasks=3, heads=heads)
     options = dict(lr=1e-2, weight_decay=0.1)
     optimizer = bank.optimizer(**options)
     task_of = bank.parameter_tasks()
@@ -672,26 +697,24 @@ def test_parameters_without_a_gradient_change_from_step_to_step():
         for p, grad in gradients.items():
             p.grad = grad
         optimizer.step(list(bank.tasks))
-        for (param, row), (own, own_optimizer) in alone.items():
-            if gradients[param] is not None:
-                own.grad = gradients[param][row] if row is not None else gradients[param]
-                own_optimizer.step()
-    for (param, row), (own, _) in alone.items():
-        torch.testing.assert_close(param[row] if row is not None else param, own.detach(), rtol=1e-6, atol=1e-7)
+        _step_alone(alone, gradients, range(len(bank.tasks)))
+    _check_alone(alone)
 
 
-def test_the_bank_optimizer_keeps_torchs_state_layout():
-    """state_dict as torch's AdamW lays it out: a head parameter's step a 0-d tensor (its count), a table's [T]
-    (each row's), in float64 even where a loaded state held float32 (as torch's AdamW saves them)."""
+@pytest.mark.parametrize("heads", HEAD_KINDS)
+def test_the_bank_optimizer_keeps_torchs_state_layout(heads):
+    """state_dict as torch's AdamW lays it out: a parameter of one task's head has a 0-d step (its count), a table
+    or concatenated heads a [T] step (each task's), in float64 even where a loaded state held float32 (as torch's
+    AdamW saves them)."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=1, tasks=3)
+    bank = _bank_with_gradients(layers=1, tasks=3, heads=heads)
     optimizer = bank.optimizer(lr=1e-2)
     names = list(bank.tasks)
     optimizer.step(names)
     optimizer.step(names[:1])
     for param, task in bank.parameter_tasks().items():
         step = optimizer.state[param]["step"]
-        if task is None:
+        if not isinstance(task, int):
             assert step.shape == (len(names),) and step.tolist() == [2.0, 1.0, 1.0]
         else:
             assert step.shape == () and float(step) == (2.0 if task == 0 else 1.0)
@@ -754,7 +777,7 @@ def test_a_capture_of_a_step_unlike_its_warmup_is_refused(monkeypatch):
     from bitfit_fast import graphs
 
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=1, tasks=3)
+    bank = _bank_with_gradients(layers=1, tasks=3, heads="modules")
     optimizer = bank.optimizer(lr=1e-2)
     tasks = bank.task_index(list(bank.tasks))  # on the device (here the CPU), as GraphedStep gives them
     optimizer.step(tasks)
@@ -770,13 +793,16 @@ def test_a_capture_of_a_step_unlike_its_warmup_is_refused(monkeypatch):
         bank.clip_grad_norm_(1.0)
     with pytest.raises(RuntimeError, match="the parameters without a gradient differ from the warmup steps'"):
         optimizer.step(tasks)
+    concatenated = _bank_with_gradients(layers=1, tasks=3)  # clipped for the first time while capturing
+    with pytest.raises(RuntimeError, match="the concatenated heads' rows were not seen by a warmup step"):
+        concatenated.clip_grad_norm_(1.0)
 
 
 def test_clipping_follows_heads_whose_gradient_went_missing():
     """Clipping keeps the heads' tasks from call to call: a head without a gradient at a later call must not leave
     them stale. Against a twin that never clipped before."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=1, tasks=3)
+    bank = _bank_with_gradients(layers=1, tasks=3, heads="modules")
     twin = copy.deepcopy(bank)  # (a deep copy drops the gradients)
     for p, q in zip(bank.parameters(), twin.parameters(), strict=True):
         q.grad = None if p.grad is None else p.grad.clone()
@@ -886,9 +912,10 @@ def test_new_tasks_heads_start_as_the_model_initialises_its_heads():
     torch.manual_seed(0)
     base = MODELS["bert"](num_labels=3, initializer_range=0.02)
     bank = TaskBank.new(base, {"a": 40, "b": 60})
-    for head in bank.model.classifier.heads:
-        assert not head.bias.any()
-        assert 0.015 < head.weight.std().item() < 0.025, head.weight.std()
+    for name in bank.tasks:
+        head = {key: t for key, t in bank.task_tensors(name).items() if key.startswith("classifier.")}
+        assert not head["classifier.bias"].any()
+        assert 0.015 < head["classifier.weight"].std().item() < 0.025, head["classifier.weight"].std()
 
 
 def test_one_row_per_example_takes_the_tasks_tensor_itself():
