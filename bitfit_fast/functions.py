@@ -206,17 +206,20 @@ class LinearHeadsFunction(torch.autograd.Function):
     (BERT's packed q, k, v: P = 3; k, v: P = 2). Real row i sits at slot ``slots[i]`` = s * L + l of the [S, L]
     layout (None: row i at slot i); rows past the real ones (a row bucket) are not read. One pass writes every slot
     of the layout, its row or zeros (``rows_to_heads``; with the Triton kernels a task table's rows are added there).
+    b is given part by part (``biases``: P vectors [H * D] or P task tables [T, H * D]), each part's own parameter.
 
-    Saves W only. Its backward gathers the parts' gradients back into rows and sums their columns for the bias in
+    Saves W only. Its backward gathers the parts' gradients back into rows and sums their columns for the biases in
     one pass (``heads_to_rows``), then runs the dX GEMM plain: no copies into a packed buffer, no gather of the
-    real rows, no pass for the bias gradient.
+    real rows, no pass for the bias gradient. Each part's bias gradient comes out contiguous: a slice of one
+    [T, P * H * D] gradient would be strided, and autograd would copy it before accumulating it (two per layer
+    in a TaskBank).
     """
 
     @staticmethod
-    def forward(ctx, impl, x, weight, bias, row_task, slots, layout, parts, heads):
+    def forward(ctx, impl, x, weight, row_task, slots, layout, heads, *biases):
         check_frozen("weight", weight)
         dtype = compute_dtype(x)
-        bias, row_task, num_tasks = _tables(bias, row_task)
+        bias, row_task, num_tasks = _tables(torch.cat(biases, dim=-1), row_task)
         sequences, length = layout
         in_scatter = slots is not None and _kernels_add_rows(impl, row_task)  # the scatter adds the table's rows
         rows, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), None if in_scatter else bias,
@@ -228,22 +231,25 @@ class LinearHeadsFunction(torch.autograd.Function):
                                       row_task=row_task if in_scatter else None)
         ctx.save_for_backward(weight, slots, row_task)
         ctx.impl = impl
-        ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
+        ctx.dtypes = (x.dtype, [b.dtype for b in biases])
         ctx.num_rows, ctx.num_tasks = x.shape[0], num_tasks
-        width = real.shape[1]
+        parts, width = len(biases), real.shape[1]
         return real.view(sequences, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
     def backward(ctx, *grads):
         weight, slots, row_task = ctx.saved_tensors
-        needs_x, _, needs_bias = ctx.needs_input_grad[1:4]
-        g, db = ctx.impl.heads_to_rows(grads, slots, ctx.num_rows, compute_db=needs_bias, row_task=row_task,
+        needs_x, needs_biases = ctx.needs_input_grad[1], ctx.needs_input_grad[7:]
+        g, db = ctx.impl.heads_to_rows(grads, slots, ctx.num_rows, compute_db=any(needs_biases), row_task=row_task,
                                        num_tasks=ctx.num_tasks)
         dx = None
         if needs_x:
             dx, _ = ctx.impl.linear_backward(g, _operand(weight, g.dtype), compute_db=False)
-        x_dtype, bias_dtype = ctx.dtypes
-        return None, _cast(dx, x_dtype), None, _cast(db, bias_dtype), None, None, None, None, None
+        x_dtype, bias_dtypes = ctx.dtypes
+        part_dbs = db.unbind(0) if db is not None else [None] * len(needs_biases)  # one op, not P selects
+        dbiases = [_cast(part_db, dtype) if needs else None
+                   for part_db, needs, dtype in zip(part_dbs, needs_biases, bias_dtypes)]
+        return None, _cast(dx, x_dtype), None, None, None, None, None, *dbiases
 
 
 class Ops:
@@ -278,11 +284,11 @@ class Ops:
         """:class:`LayerNormFunction`: (y, x_hat)."""
         return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task)
 
-    def linear_heads(self, x, weight, bias, tokens, parts: int, heads: int, row_task=None):
-        """:class:`LinearHeadsFunction` on the attention layout of ``tokens`` (an ``unpadding.Tokens``): P tensors
-        [S, H, L, D]."""
+    def linear_heads(self, x, weight, biases, tokens, heads: int, row_task=None):
+        """:class:`LinearHeadsFunction` on the attention layout of ``tokens`` (an ``unpadding.Tokens``), a part per
+        bias of ``biases``: P tensors [S, H, L, D]."""
         layout = (tokens.num_sequences, tokens.max_len)
-        return LinearHeadsFunction.apply(self.impl, x, weight, bias, row_task, tokens.slots, layout, parts, heads)
+        return LinearHeadsFunction.apply(self.impl, x, weight, row_task, tokens.slots, layout, heads, *biases)
 
     def linear_layer_norm(self, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None,
                           row_task=None):

@@ -277,22 +277,21 @@ class FusedEncoderLayer(nn.Module):
         attention = self.part(self.spec.attention)
         hidden = x.shape[-1]
         weight = self.packed_qkv_weight()
-        # Biases [3d], or task tables [T, 3d] in a TaskBank, where a frozen bias (the key's and value's with
+        # Biases [d], or task tables [T, d] in a TaskBank, where a frozen bias (the key's and value's with
         # biases="subset") stays a vector [d]: every task's row holds it.
         biases = [projection.trained_bias() for projection in self._qkv_linears()]
         tables = [b for b in biases if b.dim() == 2]
         if tables:
             biases = [b if b.dim() == 2 else b.expand(tables[0].shape[0], -1) for b in biases]
-        bias = torch.cat(biases, dim=-1)
         row_task = tokens.row_tasks()
         heads = getattr(attention, self.spec.heads)
         if first_only:
-            q = ops.linear(x.index_select(0, tokens.starts), weight[:hidden], bias[..., :hidden],
+            q = ops.linear(x.index_select(0, tokens.starts), weight[:hidden], biases[0],
                            row_task=tokens.row_tasks(first_only=True))
             q = tokens.query_heads(q, heads, first_only=True)
-            k, v = ops.linear_heads(x, weight[hidden:], bias[..., hidden:], tokens, 2, heads, row_task)
+            k, v = ops.linear_heads(x, weight[hidden:], biases[1:], tokens, heads, row_task)
         else:
-            q, k, v = ops.linear_heads(x, weight, bias, tokens, 3, heads, row_task)
+            q, k, v = ops.linear_heads(x, weight, biases, tokens, heads, row_task)
         p = self.part(self.spec.attention_dropout).p if self.training else 0.0
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"

@@ -282,13 +282,17 @@ def rows_to_heads(rows, slots, num_slots, *, table=None, row_task=None):
 
 
 def heads_to_rows(grads, slots, num_rows, *, compute_db=True, row_task=None, num_tasks=1):
-    """``bitfit_fast_kernels.heads_to_rows`` in torch ops: (g [num_rows, P * H * D], db in fp32 or None)."""
+    """``bitfit_fast_kernels.heads_to_rows`` in torch ops: (g [num_rows, P * H * D], db in fp32 part by part,
+    [P, H * D] or [P, num_tasks, H * D], or None)."""
     g = packed_heads(grads).flatten(0, 1)
     if slots is not None:
         g = g.index_select(0, slots)
     if num_rows > g.shape[0]:
         g = torch.cat([g, g.new_zeros(num_rows - g.shape[0], g.shape[1])])
-    return g, (column_sums(g, row_task, num_tasks) if compute_db else None)
+    if not compute_db:
+        return g, None
+    db = column_sums(g, row_task, num_tasks)
+    return g, db.unflatten(-1, (len(grads), -1)).movedim(-2, 0).contiguous()
 
 
 def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -61,8 +61,9 @@ def _heads_to_rows_kernel(
     src_ptr,  # [S, H, L, D] one part's gradient, any strides (coalesced when D's is 1, as SDPA's on a GPU)
     slot_ptr,  # [M] int64: each real row's slot s * L + l (read only with HAS_SLOTS)
     g_ptr,  # [R, row_stride] rows of the GEMM's output gradient; this part's columns start at col_offset
-    db_partial_ptr,  # fp32 column sums of g (written with COMPUTE_DB): [num_programs(0), row_stride]; with
-    #                  PER_TASK the pieces [num_programs(0) + T - 1, row_stride] of task_tables
+    db_partial_ptr,  # this part's fp32 column sums of g (written with COMPUTE_DB): [num_programs(0), N]; with
+    #                  PER_TASK the pieces [num_programs(0) + T - 1, N] of task_tables. Each part has its own, so
+    #                  that its bias gradient comes out contiguous (a part's own parameter in BERT's q/k/v)
     order_ptr,  # [R] int64: the rows sorted by task (read only with PER_TASK, as the next one)
     sorted_task_ptr,  # [R] int64: each sorted row's task
     # Sizes and strides
@@ -103,10 +104,10 @@ def _heads_to_rows_kernel(
             g = _gather_rows(src_ptr, slot_ptr, g_ptr, rows, ok & (rows < M), ok, cols, col_ok, head_offsets, L,
                              row_stride, col_offset, stride_s, stride_l, HAS_SLOTS).to(tl.float32)
             block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
-            db = task_tables.add_block(db_partial_ptr + col_offset, pid_m, piece_task, block_last, db, g, tasks,
-                                       cols, col_ok, row_stride, T)
+            db = task_tables.add_block(db_partial_ptr, pid_m, piece_task, block_last, db, g, tasks, cols, col_ok,
+                                       N, T)
             piece_task = block_last
-        task_tables.store_piece(db_partial_ptr + col_offset, pid_m, piece_task, db, cols, col_ok, row_stride, T)
+        task_tables.store_piece(db_partial_ptr, pid_m, piece_task, db, cols, col_ok, N, T)
     else:
         # Program (i, j) walks row blocks i, i + P, ... of column block j.
         for start in range(pid_m * BLOCK_M, R, tl.num_programs(0) * BLOCK_M):
@@ -116,7 +117,7 @@ def _heads_to_rows_kernel(
             if COMPUTE_DB:
                 db += tl.sum(g.to(tl.float32), axis=0)
         if COMPUTE_DB:
-            tl.store(db_partial_ptr + pid_m * row_stride + col_offset + cols, db, mask=col_ok)
+            tl.store(db_partial_ptr + pid_m * N + cols, db, mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["num_slots"])  # it changes with every batch's lengths: no recompiles
@@ -217,8 +218,8 @@ def heads_to_rows(
     in the [S, L] layout, or None when row i sits at slot i; rows M..num_rows-1 get zeros.
 
     Returns (g in the gradients' dtype, db): db is the fp32 column sums of g, the bias gradient of the projection
-    whose rows these were, [num_tasks, P * H * D] per task with ``row_task`` ([num_rows] integers); None without
-    ``compute_db``.
+    whose rows these were, part by part: [P, H * D], or [P, num_tasks, H * D] per task with ``row_task`` ([num_rows]
+    integers), so that each part's is contiguous; None without ``compute_db``.
     """
     present = [grad for grad in grads if grad is not None]
     if not present:
@@ -243,16 +244,18 @@ def heads_to_rows(
     col_blocks = cdiv(width, _BLOCK_N)
     row_programs = max(1, min(cdiv(num_rows, _BLOCK_M), reduction_programs(num_rows, g.device) // col_blocks))
     reduction = task_tables.bias_reduction(row_task if compute_db else None, num_tasks, num_rows, row_programs)
-    db_partial = reduction.partials(g.shape[1], g.device) if compute_db else None
+    db_partial = reduction.partials(width, g.device, tables=len(grads)) if compute_db else None
+    # Each part's partials (one op, not P selects); without them the kernels get g for the pointer they do not read.
+    part_partials = db_partial.unbind(0) if db_partial is not None else (g,) * len(grads)
     order, sorted_tasks, chunk_rows = reduction.walk(g)
-    for part, grad in enumerate(grads):
+    for part, (grad, partial) in enumerate(zip(grads, part_partials)):
         if grad is None:
             g[:, part * width:(part + 1) * width].zero_()
             if db_partial is not None:
-                db_partial[..., part * width:(part + 1) * width].zero_()
+                partial.zero_()
             continue
         _heads_to_rows_kernel[(reduction.programs, col_blocks)](
-            grad, slots if slots is not None else g, g, db_partial if db_partial is not None else g,
+            grad, slots if slots is not None else g, g, partial,
             order, sorted_tasks, real_rows, num_rows, length, width, dim, num_tasks, chunk_rows,
             g.shape[1], part * width,
             *grad.stride(),
@@ -264,4 +267,4 @@ def heads_to_rows(
             num_warps=_WARPS,
         )
     # One deterministic reduction of the partial sums: no float atomics, same bits every run.
-    return g, (reduction.total(db_partial)[0] if db_partial is not None else None)
+    return g, (reduction.total(db_partial) if db_partial is not None else None)

@@ -103,7 +103,7 @@ def test_linear_layer_norm_computes_only_the_gradients_asked_for(impl):
 def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, parts, table, bucketed_rows):
     """LinearHeadsFunction against LinearFunction then Tokens' own split into heads (the path ModernBERT keeps): the
     same [S, H, L, D] parts and the same input and bias gradients, on padded and unpadded batches with bucket rows,
-    for a bias and a task table."""
+    for biases and task tables, a part's bias gradient contiguous (autograd copies a strided one)."""
     from bitfit_fast.unpadding import Tokens
 
     ops, heads, dim, tasks = IMPLS[impl], 3, 4, 3
@@ -115,28 +115,29 @@ def test_linear_heads_equals_linear_then_the_attention_layout(impl, lengths, par
     assert tokens.num_rows > tokens.real_rows, "the bucket adds rows (fixture bucketed_rows)"
     x = torch.randn(tokens.num_rows, 7, device=DEVICE)
     weight = torch.randn(width, 7, device=DEVICE)
-    bias = torch.randn(tasks, width, device=DEVICE) if table else torch.randn(width, device=DEVICE)
+    biases = [torch.randn(*((tasks,) if table else ()), heads * dim, device=DEVICE) for _ in range(parts)]
     row_task = torch.randint(0, tasks, (tokens.num_rows,), device=DEVICE) if table else None
     cotangents = [torch.randn(tokens.num_sequences, heads, tokens.max_len, dim, device=DEVICE) for _ in range(parts)]
 
     def run(fused: bool):
-        xl, bl = _leaf(x), _leaf(bias)
+        xl, bls = _leaf(x), [_leaf(bias) for bias in biases]
         if fused:
-            outs = ops.linear_heads(xl, weight, bl, tokens, parts, heads, row_task)
+            outs = ops.linear_heads(xl, weight, bls, tokens, heads, row_task)
         else:
-            rows = tokens._to_sequences(ops.linear(xl, weight, bl, row_task=row_task))
+            rows = tokens._to_sequences(ops.linear(xl, weight, torch.cat(bls, dim=-1), row_task=row_task))
             outs = rows.view(*rows.shape[:2], parts, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
         # Padding slots carry no gradient in attention (their keys are masked, their outputs dropped).
         real = tokens.key_mask[:, :, 0, :, None] if tokens.key_mask is not None else True
         loss = sum((out * c * real).sum() for out, c in zip(outs, cotangents))
-        return [out.detach() for out in outs], torch.autograd.grad(loss, (xl, bl))
+        return [out.detach() for out in outs], torch.autograd.grad(loss, (xl, *bls))
 
     outs, grads = run(fused=True)
     outs_ref, grads_ref = run(fused=False)
     for ours, theirs in zip(outs, outs_ref):
         assert torch.equal(ours, theirs)
-    for name, ours, theirs in zip(("dx", "dbias"), grads, grads_ref):
+    for name, ours, theirs in zip(["dx"] + [f"dbias {part}" for part in range(parts)], grads, grads_ref, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=name)
+    assert all(grad.is_contiguous() for grad in grads[1:]), "a part's bias gradient is strided"
     assert not grads[0][tokens.real_rows:].any(), "bucket rows get no gradient"
 
 
@@ -185,11 +186,12 @@ def test_the_kernels_scatter_adds_a_tables_rows_into_padded_sequences(table, mon
     mask = torch.tensor([[True, True, True], [True, False, False]], device=DEVICE)
     tokens = Tokens.of_batch(torch.zeros(*mask.shape, 1, device=DEVICE), mask[:, None, None, :])
     assert tokens.slots is not None
-    bias = torch.randn(3, 12, device=DEVICE) if table else torch.randn(12, device=DEVICE)
+    biases = [torch.randn(*((3,) if table else ()), 4, device=DEVICE) for _ in range(3)]
     row_task = torch.randint(0, 3, (tokens.num_rows,), device=DEVICE) if table else None
     IMPLS["triton"].linear_heads(torch.randn(tokens.num_rows, 5, device=DEVICE), torch.randn(12, 5, device=DEVICE),
-                                 bias, tokens, 3, 2, row_task)
-    assert (seen["bias"], seen["table"]) == ((None, bias) if table else (bias, None))
+                                 biases, tokens, 2, row_task)
+    assert seen["bias" if table else "table"] is None
+    assert torch.equal(seen["table" if table else "bias"], torch.cat(biases, dim=-1))
 
 
 def test_torch_layer_norm_adds_x_table_rows_to_x_before_the_dropout():

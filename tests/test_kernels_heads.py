@@ -46,8 +46,8 @@ def test_rows_and_bias_gradient_match_torch(dtype, layout, parts, transposed):
     assert g.dtype == dtype and g.shape == (num_rows, parts * heads * dim)
     assert torch.equal(g, g_ref), "a gather: exact"
     assert not g[num_rows - extra:].any(), "the bucket's rows are zeros"
-    truth = g_ref.double().sum(dim=0)
-    assert db.dtype == torch.float32
+    truth = g_ref.double().sum(dim=0).view(parts, -1)  # part by part
+    assert db.dtype == torch.float32 and db.shape == truth.shape
     torch.testing.assert_close(db.double(), truth, atol=1e-5 * max(1.0, truth.abs().max().item()), rtol=1e-6)
 
 
@@ -57,7 +57,7 @@ def test_a_part_without_gradient_gives_zero_columns_and_db_only_when_asked(monke
     grads = _grads(2, 3, 5, 4, 3, torch.float32, False)
     grads[1] = None
     g, db = K.heads_to_rows(grads, None, 10)
-    assert not g[:, 12:24].any() and not db[12:24].any()
+    assert not g[:, 12:24].any() and not db[1].any() and db[[0, 2]].all()
     torch.testing.assert_close(g, torch_ops.heads_to_rows(grads, None, 10)[0], atol=0, rtol=0)
     _, none = K.heads_to_rows(grads, None, 10, compute_db=False)
     assert none is None
@@ -69,8 +69,10 @@ def test_per_task_bias_gradient():
     row_task = torch.randint(0, 4, (16,), device=DEVICE)
     g, dtable = K.heads_to_rows(grads, slots, 16, row_task=row_task, num_tasks=4)
     expected = torch.zeros(4, g.shape[1], dtype=torch.float64, device=DEVICE).index_add_(0, row_task, g.double())
-    assert dtable.shape == (4, 30)
-    torch.testing.assert_close(dtable.double(), expected, atol=1e-5, rtol=1e-6)
+    assert dtable.shape == (3, 4, 10), "part by part: [P, T, H * D]"
+    torch.testing.assert_close(dtable.double(), expected.view(4, 3, 10).transpose(0, 1), atol=1e-5, rtol=1e-6)
+    _, torch_dtable = torch_ops.heads_to_rows(grads, slots, 16, row_task=row_task, num_tasks=4)
+    torch.testing.assert_close(dtable, torch_dtable, atol=1e-5, rtol=1e-6)
 
 
 def test_bias_gradient_is_bit_identical_across_runs():
