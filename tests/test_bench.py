@@ -421,6 +421,12 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
         predict["bank, 4 tasks"]["examples_per_s"] / predict["sub-batches, 4 tasks"]["examples_per_s"])
     assert len(record["goals"]) == 5 and (tmp_path / "tiny.md").read_text().startswith("Task bank, preset `tiny`")
     assert "GPU busy" not in (tmp_path / "tiny.md").read_text()  # measured on a GPU only
+    # On CPU: the bank's GEMM time, and the ratio to the sub-batches it would reach were all else free.
+    gemm_ms = predict["bank, 4 tasks"]["gemm_ms"]
+    assert 0 < gemm_ms < predict["bank, 4 tasks"]["median_ms"]
+    assert record["ratios"]["mixed_vs_sub_batches_gemm_bound"] == pytest.approx(
+        predict["sub-batches, 4 tasks"]["median_ms"] / gemm_ms)
+    assert "were everything but those GEMMs free, the bank would be" in (tmp_path / "tiny.md").read_text()
     # On a GPU the single-task model's and the full bank's steps also get their GPU time and top kernels.
     kernels = [dict(name="index_select_kernel", calls_per_step=12.0, ms_per_step=0.25, share=0.1)]
     predict["bank, 4 tasks"].update(gpu_busy_ms=3.5, top_kernels=kernels)

@@ -44,6 +44,18 @@ def profiled_kernels(run: Callable[[], object], rounds: int, with_host: bool = T
     return kernels, events
 
 
+# The linear layers' GEMMs on the CPU path (torch's ops): attention and the elementwise passes are other ops.
+CPU_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+def cpu_gemm_ms(steps: list[Callable[[], object]]) -> float:
+    """Milliseconds per step of torch's GEMMs (self CPU time under torch.profiler), each of ``steps`` run once."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for step in steps:
+            step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CPU_GEMM_OPS) / len(steps) / 1e3
+
+
 def gpu_busy_ms(run: Callable[[], object], rounds: int = 5) -> float:
     """Milliseconds of GPU kernels per ``run()``: its time without the host's gaps between launches."""
     kernels, _ = profiled_kernels(run, rounds, with_host=False)

@@ -25,7 +25,7 @@ import torch
 
 from .measurement import paired_ratios, spread, timed
 from .presets import Workload, build_base_model, make_batches, real_tokens
-from .profile_step import gpu_busy_ms, top_kernels
+from .profile_step import cpu_gemm_ms, gpu_busy_ms, top_kernels
 from .report import interquartile, short_commit
 from .runner import environment, preset_command
 
@@ -206,6 +206,12 @@ def run(preset_name: str, command: str, log=print) -> dict:
             for name in ("single-task model", f"bank, {most} tasks"):
                 step = functools.partial(configs[name], mode_batches[-1])
                 results[mode][name].update(gpu_busy_ms=gpu_busy_ms(step), top_kernels=top_kernels(step))
+        if device == "cpu" and mode == "predict":
+            # A CPU spends most of a forward in the linear layers' GEMMs, which a batch of one example already runs
+            # near the machine's peak: the bank's GEMMs alone bound how much faster than the sub-batches it can be.
+            name = f"bank, {most} tasks"
+            results[mode][name]["gemm_ms"] = cpu_gemm_ms([functools.partial(configs[name], batch)
+                                                          for batch in mode_batches[preset.warmup:]])
     ratios = dict(
         mixed_vs_single={mode: {k: results[mode][f"bank, {k} tasks"]["vs_single"] for k in preset.distinct}
                          for mode in results},
@@ -214,6 +220,9 @@ def run(preset_name: str, command: str, log=print) -> dict:
     per_step = dict(mixed_vs_single={mode: {k: results[mode][f"bank, {k} tasks"]["vs_single_per_step"]
                                             for k in preset.distinct} for mode in results},
                     mixed_vs_sub_batches=sub_batching_per_step)
+    if "gemm_ms" in results.get("predict", {}).get(f"bank, {most} tasks", {}):
+        ratios["mixed_vs_sub_batches_gemm_bound"] = (results["predict"][f"sub-batches, {most} tasks"]["median_ms"]
+                                                     / results["predict"][f"bank, {most} tasks"]["gemm_ms"])
     goals = [
         dict(goal=f"mixed-batch throughput with {k} tasks >= {GOALS['mixed_vs_single_min']}x single-task ({mode})",
              value=round(ratio, 3), met=ratio >= GOALS["mixed_vs_single_min"],
@@ -331,6 +340,14 @@ def markdown(record: dict) -> str:
             lines.append("")
     lines += [f"- {'met' if g['met'] else 'MISSED'}: {g['goal']}: {g['value']}{_per_step(g.get('per_step'))}"
               for g in record["goals"]]
+    bound = record["ratios"].get("mixed_vs_sub_batches_gemm_bound")
+    if bound is not None:
+        most = record["tasks_in_bank"]
+        predict = record["results"]["predict"]
+        lines.append(f"- on this CPU the bank's GEMMs alone take {predict[f'bank, {most} tasks']['gemm_ms']:.1f} ms of "
+                     f"its {predict[f'bank, {most} tasks']['median_ms']:.1f} ms step, the {most} sub-batches "
+                     f"{predict[f'sub-batches, {most} tasks']['median_ms']:.1f} ms: were everything but those GEMMs "
+                     f"free, the bank would be {bound:.2f}x the sub-batches, no more")
     lines += [f"- FAILED, no figures: {mode}: {error}" for mode, error in record.get("failed_modes", {}).items()]
     lines += ["", "Ratios are medians of the ratios of steps timed on the same batch in the same round, with those "
               "ratios' IQR."]
