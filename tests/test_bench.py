@@ -15,6 +15,7 @@ import torch
 
 from bitfit_fast import cli
 from bitfit_fast_benches import (
+    host_ops,
     length_groups,
     measurement,
     presets,
@@ -594,3 +595,18 @@ def test_the_plot_leaves_gaps_for_a_provider_a_workload_skipped(tmp_path, monkey
     assert [t.get_text() for t in bars.get_xticklabels()] == ["reference", "fast"]
     assert [p.get_facecolor() for p in bars.patches] == [matplotlib.colors.to_rgba(c) for c in ("C0", "C2")]
     plt.close(fig)
+
+
+def test_host_ops_counts_the_gpu_code_paths_dispatches_whatever_the_banks_size():
+    """The counter of a step's host work (the GPU code path on CPU, launches skipped): the launches run again
+    after it; a bank's step dispatches as much with 8 tasks as with 4 (none of its work is per task)."""
+    from triton.runtime import interpreter
+
+    real_run = interpreter.InterpretedFunction.run
+    small = host_ops.run(layers=2, batch=8, tasks=4)
+    assert interpreter.InterpretedFunction.run is real_run, "the launches stay skipped"
+    assert set(small) == {"single-task model", "bank of 4 tasks"}
+    for modes in small.values():
+        assert set(modes) == {"train", "predict"}
+        assert all(c["aten_ops"] > 0 and c["triton_launches"] > 0 for c in modes.values())
+    assert host_ops.run(layers=2, batch=8, tasks=8)["bank of 8 tasks"] == small["bank of 4 tasks"]
