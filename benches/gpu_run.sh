@@ -18,7 +18,8 @@
 #           "tests" (every other test on CUDA: longer than a lease), "tests-kernels" (the kernel tests on CUDA but
 #           the linear forward's, whose autotuned GEMMs take minutes to compile),
 #           "tests-bank" (task bank tests, per-row kernels and the passes that add a task table's rows: the q/k/v
-#           scatter, the LayerNorm's x_table, FC1's GELU pass), "tests-graphs" (the CUDA-graph step's),
+#           scatter, the LayerNorm's x_table, FC1's GELU pass; the heads' gather and its part-major bias
+#           gradients), "tests-graphs" (the CUDA-graph step's),
 #           "tests-bank-graphs" (the task bank's graphed step and sync-free step), "length-groups" (attention by length groups on
 #           CUDA: 0.055x one call at aaf637a) and
 #           "kernels-compiled" (each block under torch.compile: a compile per shape, minutes). "host-profile" is
@@ -106,7 +107,7 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         tests-bank) "${PYTEST[@]}" -m "gpu or not aot" tests/test_task_bank.py tests/test_fused_layer.py \
                     tests/test_kernels_linear.py tests/test_kernels_heads.py tests/test_kernels_layer_norm.py \
                     tests/test_functions.py -k "gpu_bf16 or per_row or task_bank or scatter or x_table or cublas_gelu \
-                    or inference_mode or the_kernels" --junitxml="$LOGS/tests-bank.xml" ;;
+                    or inference_mode or the_kernels or heads" --junitxml="$LOGS/tests-bank.xml" ;;
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast-graphed:fixed fast:bbc \
                  --out "$LOGS" ;;
         sweep) python -m bitfit_fast_benches.sweep --out "$LOGS" ;;
