@@ -201,6 +201,11 @@ def _heads_pass(rows, generator, row_task, dtype, compute_dx):
     grads = [torch.randn(sequences, 2, length, 5, generator=generator).to(DEVICE, dtype) for _ in range(3)]
     slots = torch.randperm(sequences * length, generator=generator)[:real].sort().values.to(DEVICE)
     g, db = K.heads_to_rows(grads, slots, rows, row_task=row_task, num_tasks=TASKS)
+    if row_task is not None:  # part by part, [P, T, H * D]: compared as the [T, P * H * D] sums of g's columns
+        assert db.shape == (3, TASKS, 10) and all(part.is_contiguous() for part in db.unbind(0))
+        db = db.transpose(0, 1).flatten(1)
+    else:
+        db = db.flatten()
     return [g], [(db, g)]
 
 
