@@ -554,10 +554,10 @@ class TaskAdamW(torch.optim.Optimizer):
 
     A step is a fixed number of operations, decided on the device: those parts of a param group's parameters are the
     segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
-    Per parameter, a bert-mini bank of 64 tasks (34 tables, 128 head parameters) ran 2,050 operations a step, each a
-    kernel launch on a GPU; now 40. Tasks given as names or host indices are copied to the device from pinned memory,
-    and nothing is read back: the host never waits for the GPU (indices already in a GPU tensor are read back to be
-    checked, but not while a CUDA graph captures the step: GraphedStep checks them before).
+    Per parameter, a bert-mini bank of 64 tasks (34 tables, then 128 head parameters) ran 2,050 operations a step,
+    each a kernel launch on a GPU; now 40. Tasks given as names or host indices are copied to the device from pinned
+    memory, and nothing is read back: the host never waits for the GPU (indices already in a GPU tensor are read back
+    to be checked, but not while a CUDA graph captures the step: GraphedStep checks them before).
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -632,7 +632,7 @@ class _FlatSegments:
                                 exp_avg_sq=exp_avg_sq.view_as(param))
             first_segment += count
         self.views = [(state[p]["step"], state[p]["exp_avg"], state[p]["exp_avg_sq"]) for p in params]
-        # The parameters flat, viewed once: a view a parameter a step is a dispatch each (128 heads in a bank of 64).
+        # The parameters flat, viewed once: a view a parameter a step is a dispatch each.
         self.flat_params = [param.view(-1) for param in params]
         self._stepping = ((), None)  # (the parameters without a gradient, the segments that step on the device)
 

@@ -393,3 +393,36 @@ def test_a_residual_alone_gets_its_gradient(impl, fused):
     y_ref = torch.nn.functional.layer_norm(x + expected_residual, (n,), gamma, beta, 1e-12)
     (expected,) = torch.autograd.grad(y_ref, (expected_residual,), dy)
     torch.testing.assert_close(dresidual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("table", [False, True])
+def test_linear_heads_gives_a_trained_part_its_bias_gradient_beside_frozen_parts(impl, table):
+    """biases="subset": the query's bias (or task table) trains, the key's and value's are frozen vectors (expanded
+    to tables in a TaskBank). The query's gradient is the column sums of its part's gradient, the frozen parts get
+    none."""
+    from bitfit_fast.unpadding import Tokens
+
+    ops, heads, dim, tasks = IMPLS[impl], 2, 4, 3
+    mask = torch.tensor([[True, True, True], [True, False, False]], device=DEVICE)
+    tokens = Tokens.of_batch(torch.zeros(*mask.shape, 1, device=DEVICE), mask[:, None, None, :])
+    x = torch.randn(tokens.num_rows, 5, device=DEVICE)
+    weight = torch.randn(3 * heads * dim, 5, device=DEVICE)
+    row_task = torch.randint(0, tasks, (tokens.num_rows,), device=DEVICE) if table else None
+    query = torch.randn(*((tasks,) if table else ()), heads * dim, device=DEVICE, requires_grad=True)
+    frozen = [torch.randn(heads * dim, device=DEVICE) for _ in range(2)]
+    frozen = [b.expand(tasks, -1) for b in frozen] if table else frozen
+    q, k, v = ops.linear_heads(x, weight, [query, *frozen], tokens, heads, row_task)
+    cotangent = torch.randn_like(q)
+    real = tokens.key_mask[:, :, 0, :, None] if tokens.key_mask is not None else True
+    (q * cotangent * real).sum().backward()
+    rows = (cotangent * real).permute(0, 2, 1, 3).reshape(-1, heads * dim)  # [S * L, H * D] in the layout's order
+    slots = tokens.slots if tokens.slots is not None else torch.arange(tokens.real_rows, device=DEVICE)
+    per_row = torch.zeros(tokens.num_rows, heads * dim, device=DEVICE)
+    per_row[:tokens.real_rows] = rows.index_select(0, slots)
+    if table:
+        want = torch.zeros(tasks, heads * dim, device=DEVICE).index_add_(0, row_task, per_row)
+    else:
+        want = per_row.sum(0)
+    assert query.grad is not None, "the trained part lost its gradient beside frozen ones"
+    torch.testing.assert_close(query.grad, want, atol=1e-5, rtol=1e-5)
