@@ -107,7 +107,8 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
         tests-bank) "${PYTEST[@]}" -m "gpu or not aot" tests/test_task_bank.py tests/test_fused_layer.py \
                     tests/test_kernels_linear.py tests/test_kernels_heads.py tests/test_kernels_layer_norm.py \
                     tests/test_functions.py -k "gpu_bf16 or per_row or task_bank or scatter or x_table or cublas_gelu \
-                    or inference_mode or the_kernels or heads" --junitxml="$LOGS/tests-bank.xml" ;;
+                    or inference_mode or the_kernels or bias_gradient or part_without or linear_heads" \
+                    --junitxml="$LOGS/tests-bank.xml" ;;
         profile) python -m bitfit_fast_benches.profile_step --runs reference:fixed fast:fixed fast-graphed:fixed fast:bbc \
                  --out "$LOGS" ;;
         sweep) python -m bitfit_fast_benches.sweep --out "$LOGS" ;;
