@@ -34,12 +34,14 @@ RUN_CONFIG_NAME = "run_config.json"  # what marks a `bitfit-fast train` run's di
 FORMAT_VERSION = 2
 
 
-def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run: bool = False) -> Path:
     """Save every parameter that trains (the biases and head apply() selected, even if frozen since, and any
     parameter unfrozen since), the model's BitFitConfig and what apply() found (head, added biases). A
     ``torch.compile``'d model saves as the model it wraps.
 
     Returns the directory. Existing checkpoint files there are replaced together (see ``atomic_write_together``).
+    A directory inside a `bitfit-fast train` run (its biases/) is refused: what a run's training wrote, only its
+    training replaces (``into_run``).
     """
     model = unwrapped(model)
     trained = trained_parameters(model)
@@ -47,7 +49,7 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
                             getattr(getattr(model, "config", None), "_name_or_path", None),
-                            [str(id2label[i]) for i in sorted(id2label)])
+                            [str(id2label[i]) for i in sorted(id2label)], into_run=into_run)
 
 
 def named_classes(label_names: list[str] | None) -> list[str] | None:
@@ -60,9 +62,10 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
                      state: AppliedState, model_class: str, base_model: str | None,
-                     label_names: list[str] | None = None) -> Path:
+                     label_names: list[str] | None = None, into_run: bool = False) -> Path:
     """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically; the
-    class names (``label_names``) where they are more than placeholders."""
+    class names (``label_names``) where they are more than placeholders. A directory inside a `bitfit-fast train`
+    run is refused but ``into_run`` (the run's own training saving its biases)."""
     from . import __version__
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
@@ -70,6 +73,9 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     if (directory / RUN_CONFIG_NAME).is_file():  # TaskBank, eval and serve would read the run's biases/ instead
         raise ValueError(f"{directory} is a `bitfit-fast train` run ({RUN_CONFIG_NAME}); save the biases into "
                          f"another directory (the run's own are in {directory / 'biases'})")
+    if not into_run and (directory.parent / RUN_CONFIG_NAME).is_file():  # its biases/ would no longer be the run's
+        raise ValueError(f"{directory} is inside the `bitfit-fast train` run {directory.parent}, whose files only "
+                         "its training writes: save the biases into a directory outside the run")
     directory.mkdir(parents=True, exist_ok=True)
     record = {
         "format_version": FORMAT_VERSION,

@@ -28,7 +28,7 @@ class _BaseModels:
         """(model in eval mode with the run's best biases loaded, tokenizer)."""
         key = (run.model_path, run.num_labels, tuple(run.label_names or ()), run.config.method)
         if key not in self.models:
-            source = model_source(run.model_path)
+            source = model_source(run.model_path, of_run=run.path)
             described = f"{run.path}: its base model {run.model_path}"
             model, tokenizer, _ = load_pretrained(source, run.num_labels, run.label_names, described)
             self.models[key] = (model, tokenizer)
@@ -156,13 +156,13 @@ class RunsPredictor:
             if run.model_path != first.model_path:
                 raise UserError(f"{run.path} was trained on {run.model_path} and {first.path} on {first.model_path}: "
                                 "the runs a server holds share one base model")
-        source = model_source(first.model_path)
+        source = model_source(first.model_path, of_run=first.path)
         model, self.tokenizer, _ = load_pretrained(source, first.num_labels, first.label_names,
                                                    f"{first.path}: its base model {first.model_path}")
         try:
             self.bank = TaskBank.load(model, {name: run.path for name, run in runs.items()}, backend=backend).eval()
         except (OSError, ValueError) as error:
-            raise UserError(f"the runs cannot share one model: {first_line(error)}") from error
+            raise UserError(f"cannot serve these runs: {first_line(error)}") from error
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bank.to(self.device)
         self.runs = runs

@@ -295,8 +295,14 @@ class TaskBank(nn.Module):
                       checkpoint.directory)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())
-        return cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
+        bank = cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
                              lambda head_name, head, t, _: _head_copy(head, head_name, saved[t].tensors))
+        for name, (directory, _, run_labels) in resolved.items():
+            if run_labels is not None and bank.tasks[name].num_labels != run_labels:
+                raise ValueError(f"task {name!r}: its run was trained with {run_labels} labels, but {directory} holds "
+                                 f"a head of {bank.tasks[name].num_labels}: those biases are not the run's (replaced "
+                                 "since?); train the run again")
+        return bank
 
     @classmethod
     def new(cls, model: nn.Module, num_labels: Mapping[str, int], config: BitFitConfig | None = None,
@@ -532,12 +538,14 @@ class TaskBank(nn.Module):
             tensors[param_name] = param[part]
         return tensors
 
-    def save_task(self, name: str, directory: str | os.PathLike) -> Path:
-        """Task ``name`` as a ``save_biases`` checkpoint: ``load_biases`` puts it on a fresh base model."""
+    def save_task(self, name: str, directory: str | os.PathLike, *, into_run: bool = False) -> Path:
+        """Task ``name`` as a ``save_biases`` checkpoint: ``load_biases`` puts it on a fresh base model. Like
+        ``save_biases`` it refuses a directory inside a `bitfit-fast train` run, but ``into_run`` (a joint run's
+        training saving a task's biases)."""
         return write_checkpoint(directory, self.task_tensors(name), config_of(self.model), state_of(self.model),
                                 type(self.model).__name__,
                                 getattr(getattr(self.model, "config", None), "_name_or_path", None),
-                                self.tasks[name].label_names)
+                                self.tasks[name].label_names, into_run=into_run)
 
     def extra_repr(self) -> str:
         return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())

@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import transformers
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
 
 from bitfit_fast import BitFitConfig, cli
@@ -334,6 +335,51 @@ def test_runs_of_two_base_models_are_not_served_together(home, runs, capsys, mon
             "a server holds share one base model") in capsys.readouterr().err
 
 
+def test_a_runs_biases_are_written_by_its_training_only(home, runs, tmp_path):
+    """save_biases or a bank's save_task into a run's biases/ would leave the run with another model's head under its
+    own labels: refused, the run's files as they were."""
+    import bitfit_fast
+    from bitfit_fast.task_bank import TaskBank
+
+    biases = home / "runs" / "one" / "biases"
+    before = {path.name: path.read_bytes() for path in biases.iterdir()}
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(home / "model", num_labels=3)
+    bank = TaskBank.load(model, {"one": home / "runs" / "one"}, backend="torch")
+    for save in (lambda: bitfit_fast.save_biases(bank.model, biases), lambda: bank.save_task("one", biases)):
+        with pytest.raises(ValueError, match=f"{biases} is inside the `bitfit-fast train` run {biases.parent}, whose "
+                                             "files only its training writes"):
+            save()
+    assert {path.name: path.read_bytes() for path in biases.iterdir()} == before
+    bank.save_task("one", tmp_path / "saved")  # outside a run: written
+
+
+def test_a_run_whose_biases_hold_another_head_is_not_served(home, runs, capsys, monkeypatch):
+    """A run's record and its biases disagree on the number of labels (biases copied in from another run): the
+    task would answer with another head's outputs under the run's label names. Refused, as predict refuses it."""
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    other = home / "runs" / "relabelled"
+    shutil.copytree(home / "runs" / "one", other)
+    record = json.loads((other / "run_config.json").read_text())
+    record["num_labels"], record["label_names"] = 2, ["money", "sport"]  # the run's biases hold 3 labels' head
+    (other / "run_config.json").write_text(json.dumps(record))
+    assert cli.main(["serve", str(other)]) == 2
+    assert (f"task 'relabelled': its run was trained with 2 labels, but {other / 'biases'} holds a head of 3: those "
+            "biases are not the run's (replaced since?); train the run again") in capsys.readouterr().err
+
+
+def test_a_run_whose_base_model_moved_says_how_to_give_it_back(home, runs, capsys):
+    """eval, predict and serve have no --model: the run's recorded base model is what they load."""
+    other = home / "runs" / "moved-base"
+    shutil.copytree(home / "runs" / "one", other)
+    record = json.loads((other / "run_config.json").read_text())
+    record["model_path"] = record["config"]["model"] = str(home / "moved-model")
+    (other / "run_config.json").write_text(json.dumps(record))
+    for command in (["eval", str(other)], ["predict", str(other), "--text", "goal"], ["serve", str(other)]):
+        assert cli.main(command) == 2
+        assert (f"{other} was trained on {home / 'moved-model'}, which does not exist: put that model back there, or "
+                f'set "model_path" in {other / "run_config.json"} to a copy of it') in capsys.readouterr().err
+
+
 def check_one_line_error(process, expected: str):
     assert process.returncode == 2, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
@@ -381,7 +427,7 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     (["train", "--model", "{data}", "--output-dir", "{runs}/failed"],
      "--model {data} has no config.json, so it is not a Hugging Face model"),
     (["serve", "{runs}/one", "{runs}/two"],
-     "the runs cannot share one model: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
+     "cannot serve these runs: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
     (["serve", "{runs}/one", "{runs}/one"],
      "two runs are named 'one' ({runs}/one and {runs}/one): tasks are named by their run directories"),
     (["serve", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),

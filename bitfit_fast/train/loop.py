@@ -231,14 +231,14 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
                                                  for split, m in scores.items()))
         # Before the checkpoint: a run killed in between redoes this epoch, and saves these biases again.
         if d.main and config.saves_biases and best_evaluation(history, first_split, metric) is history[-1]:
-            save_biases(model, out / BEST_BIASES)
+            save_biases(model, out / BEST_BIASES, into_run=True)
         save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch + 1, batch=0, step=step), history, d)
         position = dict(epoch=epoch + 1, batch=0, step=step)
 
     summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d))
     if d.main:
         if config.saves_biases:
-            save_biases(model, out / LAST_BIASES)
+            save_biases(model, out / LAST_BIASES, into_run=True)
         write_json(out / SUMMARY_NAME, summary)
         plot_curves(history, out / CURVES_NAME)
         best = summary["best"]

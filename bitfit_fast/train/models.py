@@ -6,6 +6,7 @@ import importlib.util
 import warnings
 from pathlib import Path
 
+from ..checkpoint import RUN_CONFIG_NAME
 from ..errors import UserError, first_line
 from ..model import UndeclaredBiasesWarning, apply
 from .config import TrainConfig
@@ -27,19 +28,28 @@ def is_local_path(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def model_source(name: str | None) -> str:
+def model_source(name: str | None, of_run: Path | None = None) -> str:
     """Where --model comes from: the embedded model, a local directory (made absolute, so that the run can be
-    evaluated from any directory) or a hub name (the hub checked to be reachable). Fails before anything loads."""
+    evaluated from any directory) or a hub name (the hub checked to be reachable). Fails before anything loads.
+    ``of_run``: the run that recorded ``name`` as its base model, for eval, predict and serve (which have no --model:
+    their errors say how to give the run its model back)."""
     if name is None:
         return embedded_model_path()
+    if of_run is None:
+        what, local_hint, hub_hint = (f"--model {name}", "pass a directory with a model's config.json and weights, "
+                                      f"a hub name, or {EMBEDDED_MODEL_HINT}",
+                                      f"pass --model a local model directory, or {EMBEDDED_MODEL_HINT}")
+    else:
+        what = f"{of_run} was trained on {name}, which"
+        local_hint = hub_hint = (f"put that model back there, or set \"model_path\" in {of_run / RUN_CONFIG_NAME} "
+                                 "to a copy of it")
     if not is_local_path(name):
-        require_hub(f"--model {name}", f"pass --model a local model directory, or {EMBEDDED_MODEL_HINT}")
+        require_hub(what if of_run is None else f"{of_run}'s base model {name}", hub_hint)
         return name
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         problem = "has no config.json, so it is not a Hugging Face model" if path.exists() else "does not exist"
-        raise UserError(f"--model {name} {problem}: pass a directory with a model's config.json and weights, a hub "
-                        f"name, or {EMBEDDED_MODEL_HINT}")
+        raise UserError(f"{what} {problem}: {local_hint}")
     return str(path.resolve())
 
 

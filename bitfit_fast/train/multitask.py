@@ -186,13 +186,13 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             line.append(f"{name} " + ", ".join(f"{k} {v:.4f}" for k, v in next(iter(scores.values())).items()))
             split = next(iter(data.validation))
             if best_evaluation(histories[name], split, data.metrics[0]) is histories[name][-1]:
-                bank.save_task(name, out / name / BEST_BIASES)
+                bank.save_task(name, out / name / BEST_BIASES, into_run=True)
         log(f"epoch {epoch + 1}: " + " | ".join(line))
 
     summary = dict(config=config.to_dict(), tasks={}, steps=step, seconds=time.time() - start,
                    final_train_loss=losses[-1]["loss"] if losses else None, losses=losses)
     for name, (data, _) in task_data.items():
-        bank.save_task(name, out / name / LAST_BIASES)
+        bank.save_task(name, out / name / LAST_BIASES, into_run=True)
         split, metric = next(iter(data.validation)), data.metrics[0]
         best = best_evaluation(histories[name], split, metric)
         task_summary = dict(
