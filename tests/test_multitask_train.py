@@ -105,7 +105,10 @@ def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys, tmp_
               "--train-file", train, "--validation-file", validation]
     for args, message in ((again + ["--output-dir", str(root / "runs")], "runs already holds a run (run_summary.json)"),
                           (single + ["--output-dir", str(root / "runs" / "topics")],
-                           "runs/topics already holds a run (biases): choose another --output-dir")):
+                           "runs/topics already holds a run (biases): choose another --output-dir"),
+                          (single + ["--output-dir", str(root / "runs" / "topics"), "--resume"],
+                           "runs/topics holds a finished run without a checkpoint (biases, no checkpoint.pt; a "
+                           "--task-files run's tasks keep none): it cannot be continued")):
         assert cli.main(args) == 2
         assert message in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (root / "runs").rglob("*") if p.is_file()} == saved

@@ -28,12 +28,16 @@ def check_output_dir(out: Path, resume: bool) -> None:
     checkpoint, only biases and a summary), and ``out`` can be written."""
     checkpoint = out / CHECKPOINT_NAME
     check_can_write(out, f"--output-dir {out}")
+    saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
     if resume and not checkpoint.is_file():
+        if saved is not None:  # a joint run's task: trained, but with no checkpoint to go on from
+            raise UserError(f"--resume: {out} holds a finished run without a checkpoint ({saved}, no "
+                            f"{CHECKPOINT_NAME}; a --task-files run's tasks keep none): it cannot be continued; train "
+                            "into another --output-dir")
         raise UserError(f"--resume: no checkpoint at {checkpoint}; leave out --resume to start a new run there")
     if not resume and checkpoint.exists():
         raise UserError(f"{out} already holds a run ({CHECKPOINT_NAME}): continue it with --resume, or choose another "
                         "--output-dir (or remove that run first)")
-    saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
     if not resume and saved is not None:
         raise UserError(f"{out} already holds a run ({saved}): choose another --output-dir (or remove that run first)")
     biases = next((name for name in (WEIGHTS_NAME, CONFIG_NAME) if (out / name).exists()), None)
