@@ -182,6 +182,10 @@ class RunsPredictor:
         if "task" not in example:  # e.g. a list of examples under another key than "inputs"
             raise self._refuse(f"an example is {shape}, and several are {{\"inputs\": [example, ...]}}; got the keys "
                                f"{sorted(example)}")
+        unknown = sorted(set(example) - {"task", "text", "text_pair"})
+        if unknown:  # a misspelt key would otherwise read as a missing text, or be dropped unseen
+            raise self._refuse(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: an "
+                               f"example is {shape}")
         task = example["task"]
         if not isinstance(task, str):  # a number or a list: never a run's name, even where it reads as one
             raise self._refuse(f"'task' is a task's name, a string of {self.tasks}; got {json.dumps(task)[:80]}")

@@ -380,6 +380,8 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
     (dict(task="score", text="goal", text_pair="match"), "task 'score' reads one text: leave out 'text_pair'"),
     (dict(task="topics", text=5), "'text' must be a string, got 5"),
     (dict(task="topics", text=["goal"]), "'text' must be a string, got [\"goal\"]"),
+    (dict(task="topics", txt="goal"), "unknown key 'txt': an example is {\"task\": NAME, \"text\": \"...\""),
+    (dict(task="topics", text="goal", id=3, lang="en"), "unknown keys 'id', 'lang': an example is"),
 ])
 def test_a_request_the_runs_cannot_answer_is_named(two_runs, example, message):
     from bitfit_fast.serve import RunsPredictor
