@@ -376,8 +376,8 @@ def test_a_run_whose_base_model_moved_says_how_to_give_it_back(home, runs, capsy
     (other / "run_config.json").write_text(json.dumps(record))
     for command in (["eval", str(other)], ["predict", str(other), "--text", "goal"], ["serve", str(other)]):
         assert cli.main(command) == 2
-        assert (f"{other} was trained on {home / 'moved-model'}, which does not exist: put that model back there, or "
-                f'set "model_path" in {other / "run_config.json"} to a copy of it') in capsys.readouterr().err
+        assert (f"{other}'s base model {home / 'moved-model'} does not exist: put that model back there, or set "
+                f'"model_path" in {other / "run_config.json"} to a local copy of it') in capsys.readouterr().err
 
 
 def check_one_line_error(process, expected: str):

@@ -36,15 +36,15 @@ def model_source(name: str | None, of_run: Path | None = None) -> str:
     if name is None:
         return embedded_model_path()
     if of_run is None:
-        what, local_hint, hub_hint = (f"--model {name}", "pass a directory with a model's config.json and weights, "
-                                      f"a hub name, or {EMBEDDED_MODEL_HINT}",
-                                      f"pass --model a local model directory, or {EMBEDDED_MODEL_HINT}")
+        what = f"--model {name}"
+        local_hint = f"pass a directory with a model's config.json and weights, a hub name, or {EMBEDDED_MODEL_HINT}"
+        hub_hint = f"pass --model a local model directory, or {EMBEDDED_MODEL_HINT}"
     else:
-        what = f"{of_run} was trained on {name}, which"
-        local_hint = hub_hint = (f"put that model back there, or set \"model_path\" in {of_run / RUN_CONFIG_NAME} "
-                                 "to a copy of it")
+        what = f"{of_run}'s base model {name}"
+        hub_hint = f"set \"model_path\" in {of_run / RUN_CONFIG_NAME} to a local copy of it"
+        local_hint = f"put that model back there, or {hub_hint}"
     if not is_local_path(name):
-        require_hub(what if of_run is None else f"{of_run}'s base model {name}", hub_hint)
+        require_hub(what, hub_hint)
         return name
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
