@@ -15,7 +15,8 @@ Routes:
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
 predictor refuses, 413 a body over ``max_request_bytes`` or more examples than the whole queue holds (split them),
 503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. A body is read no further
-than ``max_request_bytes`` (one that declares more is refused unread). The examples are checked (tokenised) in
+than ``max_request_bytes``; the rest of a refused body is read and dropped (up to ``drain_bytes``), so that a
+client that sends it whole before reading gets the 413, not a reset connection. The examples are checked (tokenised) in
 worker threads, several requests at once: a huge text keeps its own request waiting, not every other.
 """
 
@@ -55,13 +56,19 @@ class BatchingConfig:
     max_wait_ms: float = 5.0  # how long the first example of a batch waits for others
     max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
     max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is read whole
+    # Of a refused body, how much is read and dropped before the 413 (each part arriving within drain_wait_s): a
+    # client that sends its whole body before reading the answer (urllib, requests) would otherwise have the
+    # connection reset under it and lose the 413 (nginx's lingering close). 0: refuse at once.
+    drain_bytes: int = 64 * 2**20
+    drain_wait_s: float = 1.0
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_queue", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be at least 0, got {self.max_wait_ms}")
+        for name in ("max_wait_ms", "drain_bytes", "drain_wait_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
 
 
 class MicroBatcher:
@@ -156,17 +163,32 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         return JSONResponse(answer)
 
     async def read_body(request) -> bytes | None:
-        """The request's body, or None past max_request_bytes (read no further than that)."""
+        """The request's body, or None past max_request_bytes (after :func:`drain`)."""
         declared = request.headers.get("content-length", "")
+        stream = request.stream()
         if declared.isdigit() and int(declared) > config.max_request_bytes:
+            await drain(request, stream)
             return None
         chunks, size = [], 0
-        async for chunk in request.stream():
+        async for chunk in stream:
             size += len(chunk)
             if size > config.max_request_bytes:
+                await drain(request, stream)
                 return None
             chunks.append(chunk)
         return b"".join(chunks)
+
+    async def drain(request, stream) -> None:
+        """Read and drop what comes of a refused body, up to drain_bytes, while each part arrives within
+        drain_wait_s; nothing from a client that waits for our word before sending it (Expect: 100-continue)."""
+        if request.headers.get("expect", "").lower() == "100-continue":
+            return
+        from starlette.requests import ClientDisconnect
+
+        drained = 0
+        with contextlib.suppress(StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
+            while drained < config.drain_bytes:
+                drained += len(await asyncio.wait_for(anext(stream), config.drain_wait_s))
 
     async def predict(request):
         body = await read_body(request)

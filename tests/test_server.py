@@ -5,9 +5,12 @@ fails alone."""
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
@@ -268,17 +271,41 @@ def test_a_body_of_exactly_max_request_bytes_is_read_and_one_byte_more_is_not():
     assert over.status_code == 413
 
 
-def test_a_declared_length_over_the_limit_is_refused_before_any_body_arrives():
-    # Content-Length past max_request_bytes: 413 at once, without waiting for a body the client may never send.
-    with running(EchoPredictor(), BatchingConfig(max_request_bytes=100)) as url:
+def test_a_declared_length_over_the_limit_is_refused_without_waiting_for_a_body_that_does_not_come():
+    # Content-Length past max_request_bytes: the server drops what comes of the body while it keeps coming, and
+    # answers 413 once nothing comes for drain_wait_s, not waiting for a body the client may never send.
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=100, drain_wait_s=0.2)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as client:
             client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: 1000000\r\n\r\n")
+                           b"Content-Length: 1000000\r\n\r\n" + b" " * 5000)
             try:
                 reply = client.recv(4096)
             except TimeoutError:
                 reply = b""
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:80]
+
+
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413_not_a_reset():
+    # urllib sends the whole body first; had the server closed with it unread, the client would get a reset.
+    body = b'{"task": "upper", "text": "' + b"a" * 16 * 2**20 + b'"}'
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=1000)) as url:
+        request = urllib.request.Request(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert httpx.post(f"{url}/predict", json=dict(task="upper", text="ok"), timeout=30).json()["answer"] == "OK"
+    assert refused.value.code == 413
+    assert json.load(refused.value)["error"].startswith("the request is larger than 1000 bytes")
+
+
+def test_a_client_that_waits_to_be_told_to_send_is_refused_before_sending():
+    # Expect: 100-continue: the 413 comes at once, with no "100 Continue" that would have the client upload it all.
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=100)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Expect: 100-continue\r\nContent-Length: 1000000\r\n\r\n")
+            reply = client.recv(4096)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:80]
 
 
