@@ -4,6 +4,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import safetensors.torch
@@ -32,6 +34,11 @@ RUN_CONFIG_NAME = "run_config.json"  # what marks a `bitfit-fast train` run's di
 # 2: the options ("config", a BitFitConfig) apart from what apply() found ("applied", an AppliedState).
 # 1: both mixed in one "apply" dict; still read.
 FORMAT_VERSION = 2
+# Biases trained on one base model are meaningless on another of the same shapes, and a path does not tell them
+# apart (one model sits at different paths on different machines): a checkpoint keeps a few values of every frozen
+# weight of its base, at fixed places (see base_sample), and loading compares them.
+SAMPLED_VALUES = 4
+SAMPLE_TOLERANCE = 0.01  # of the weight's largest sampled value: a base loaded in bf16 or fp16 still matches
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run: bool = False) -> Path:
@@ -49,7 +56,25 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
                             getattr(getattr(model, "config", None), "_name_or_path", None),
-                            [str(id2label[i]) for i in sorted(id2label)], into_run=into_run)
+                            [str(id2label[i]) for i in sorted(id2label)], into_run=into_run,
+                            base_sample=base_sample(model, tensors))
+
+
+def base_sample(model: nn.Module, saved: Collection[str]) -> dict[str, list[float]]:
+    """{name: SAMPLED_VALUES values, evenly spaced through it} of every frozen floating-point weight of the applied
+    ``model`` that is neither ``saved`` (a trained parameter, by name) nor in its head (new, randomly initialised
+    when a base model is loaded for a task)."""
+    head = state_of(model).head
+    return {name: [float(f"{value:.7g}") for value in _sampled(param).tolist()]
+            for name, param in model.named_parameters()
+            if not param.requires_grad and param.is_floating_point() and param.numel() and name not in saved
+            and not is_within(name, head)}
+
+
+def _sampled(param: torch.Tensor) -> torch.Tensor:
+    flat = param.detach().reshape(-1)
+    places = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES, device=flat.device).round().long()
+    return flat[places].float().cpu()
 
 
 def named_classes(label_names: list[str] | None) -> list[str] | None:
@@ -62,10 +87,12 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
                      state: AppliedState, model_class: str, base_model: str | None,
-                     label_names: list[str] | None = None, into_run: bool = False) -> Path:
+                     label_names: list[str] | None = None, into_run: bool = False,
+                     base_sample: dict[str, list[float]] | None = None) -> Path:
     """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically; the
-    class names (``label_names``) where they are more than placeholders. A directory inside a `bitfit-fast train`
-    run is refused but ``into_run`` (the run's own training saving its biases)."""
+    class names (``label_names``) where they are more than placeholders, and the base model's sampled weights
+    (``base_sample``). A directory inside a `bitfit-fast train` run is refused but ``into_run`` (the run's own
+    training saving its biases)."""
     from . import __version__
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
@@ -88,6 +115,8 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     }
     if named_classes(label_names):
         record["label_names"] = named_classes(label_names)
+    if base_sample:
+        record["base_sample"] = base_sample
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
     record["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # the pair's tie: see read_checkpoint
     atomic_write_together({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json_text(record).encode()})
@@ -112,9 +141,10 @@ def load_biases(
     A model that is not applied yet is first set up with the saved BitFitConfig (on ``backend``, the one choice
     that belongs to the machine rather than to the checkpoint); a weight the saved model had unfrozen trains again.
     Every name and shape is checked before the model changes, so a mismatch leaves it untouched. With ``strict``,
-    the model must be of the saved class, must not train parameters that the checkpoint lacks and, if it is applied
-    already, must train every parameter the checkpoint holds (else those values would be missing from its next
-    save).
+    the model must be of the saved class, must hold the frozen weights of the base model the biases were trained on
+    (sampled at saving: a few values of each), must not train parameters that the checkpoint lacks and, if it is
+    applied already, must train every parameter the checkpoint holds (else those values would be missing from its
+    next save). Without, another base model's weights only warn.
     """
     given, model = model, unwrapped(model)
     checkpoint = read_checkpoint(load_directory)
@@ -163,6 +193,12 @@ def load_biases(
         if applied and not_trained:  # loaded into frozen parameters, they would be missing from the next save
             raise ValueError(f"the checkpoint holds trained values of parameters the model does not train: "
                              f"{not_trained[:5]} ({len(not_trained)} in all); {remedy}")
+    other_base = checkpoint.other_base(model)  # after the checks of names and shapes, which say more
+    if other_base and strict:
+        raise ValueError(f"{other_base}; load them onto the base model they were trained on (strict=False loads them "
+                         "anyway, with a warning)")
+    if other_base:
+        warnings.warn(other_base, stacklevel=2)
     if not applied:
         apply(model, saved_config, announce=False, backend=backend)
     params = dict(model.named_parameters())
@@ -200,6 +236,22 @@ class Checkpoint:
     base_model: str | None
     tensors: dict[str, torch.Tensor]
     label_names: list[str] | None  # the head's class names, where saved
+    base_sample: dict[str, list[float]]  # see base_sample; empty in checkpoints of earlier versions
+
+    def other_base(self, model: nn.Module) -> str | None:
+        """Why ``model`` is not the base model these biases were trained on (a frozen weight whose values differ
+        from those :func:`base_sample` kept), or None where it is as far as the checkpoint tells."""
+        params = dict(unwrapped(model).named_parameters())
+        for name, values in self.base_sample.items():
+            param = params.get(name)
+            if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
+                continue
+            saved, found = torch.tensor(values), _sampled(param)
+            if (found - saved).abs().max() > SAMPLE_TOLERANCE * torch.cat([saved, found]).abs().max():
+                trained_from = f" ({self.base_model})" if self.base_model else ""
+                return (f"the biases in {self.directory} were trained on another base model{trained_from}: this "
+                        f"model's {name} holds other values")
+        return None
 
 
 def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
@@ -226,7 +278,7 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"the checkpoint in {directory} is damaged: its {WEIGHTS_NAME} is not the one its "
                          f"{CONFIG_NAME} was saved with (a save interrupted between the two?): save the biases again")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
-                      record.get("label_names"))
+                      record.get("label_names"), record.get("base_sample", {}))
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:

@@ -26,7 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import graphs, task_rows
-from .checkpoint import RUN_CONFIG_NAME, Checkpoint, read_checkpoint, require_storage, write_checkpoint
+from .checkpoint import (
+    RUN_CONFIG_NAME,
+    Checkpoint,
+    base_sample,
+    read_checkpoint,
+    require_storage,
+    write_checkpoint,
+)
 from .config import BitFitConfig
 from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
 
@@ -240,8 +247,9 @@ class TaskBank(nn.Module):
     def load(cls, model: nn.Module, sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
              backend: str = "auto") -> "TaskBank":
         """A bank of the tasks saved in ``sources`` (``save_biases`` directories or `bitfit-fast train` runs, by
-        name; a list is named by the directories' names) on ``model``, a base model not applied yet, of the class
-        the tasks were trained from. The tasks must share their BitFit options."""
+        name; a list is named by the directories' names) on ``model``, a base model not applied yet: the one the
+        tasks were trained on (its class, sizes and frozen weights are checked as ``load_biases`` checks them). The
+        tasks must share their BitFit options."""
         if isinstance(sources, str | os.PathLike):
             raise ValueError(f"sources are several tasks, {{name: directory}} or a list of directories; got one path, "
                              f"{str(sources)!r}: pass [{str(sources)!r}]")
@@ -288,6 +296,9 @@ class TaskBank(nn.Module):
                 shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
                                  f"{shown}; load it onto the base model it was trained from{trained_from}")
+            other_base = checkpoint.other_base(model)
+            if other_base:
+                raise ValueError(f"task {name!r}: {other_base}; load it onto the base model it was trained on")
         apply(model, config, announce=False)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
         shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
@@ -542,10 +553,12 @@ class TaskBank(nn.Module):
         """Task ``name`` as a ``save_biases`` checkpoint: ``load_biases`` puts it on a fresh base model. Like
         ``save_biases`` it refuses a directory inside a `bitfit-fast train` run, but ``into_run`` (a joint run's
         training saving a task's biases)."""
-        return write_checkpoint(directory, self.task_tensors(name), config_of(self.model), state_of(self.model),
+        tensors = self.task_tensors(name)
+        return write_checkpoint(directory, tensors, config_of(self.model), state_of(self.model),
                                 type(self.model).__name__,
                                 getattr(getattr(self.model, "config", None), "_name_or_path", None),
-                                self.tasks[name].label_names, into_run=into_run)
+                                self.tasks[name].label_names, into_run=into_run,
+                                base_sample=base_sample(self.model, tensors))
 
     def extra_repr(self) -> str:
         return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())

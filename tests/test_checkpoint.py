@@ -27,6 +27,13 @@ def trained(make=tiny_bert, biases="all"):
     return model, base
 
 
+def same_base(base, model):
+    """``model`` (a fresh model, its config of its own) with ``base``'s weights: biases trained on ``base`` load onto
+    it, not onto a model of other (random) weights."""
+    model.load_state_dict(base.state_dict())
+    return model
+
+
 def test_save_writes_only_the_small_files_and_load_reproduces_logits(tmp_path):
     model, base = trained()
     bitfit_fast.save_biases(model, tmp_path / "sst2")
@@ -80,7 +87,8 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
                                             label2id={n: i for i, n in enumerate(names)}))
     bitfit_fast.save_biases(model, tmp_path / "named")
     assert json.loads((tmp_path / "named" / CONFIG_NAME).read_text())["label_names"] == names
-    bitfit_fast.save_biases(trained()[0], tmp_path / "placeholders")  # LABEL_0, LABEL_1, ...: nothing to keep
+    unnamed = bitfit_fast.apply(same_base(base, tiny_bert()), announce=False)
+    bitfit_fast.save_biases(unnamed, tmp_path / "placeholders")  # LABEL_0, LABEL_1, ...: nothing to keep
     assert "label_names" not in json.loads((tmp_path / "placeholders" / CONFIG_NAME).read_text())
 
     plain = tiny_bert()
@@ -92,8 +100,8 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     assert reloaded.config.label2id == {n: i for i, n in enumerate(names)}
 
     # Swapping to a head saved without names drops the names; a model built from the same config keeps its own.
-    config = transformers.BertConfig(**TINY, num_labels=3)
-    swapped, sibling = (transformers.BertForSequenceClassification(config) for _ in range(2))
+    config = transformers.BertConfig(**{**TINY, "max_position_embeddings": 64}, num_labels=3)  # tiny_bert's
+    swapped, sibling = (same_base(base, transformers.BertForSequenceClassification(config)) for _ in range(2))
     bitfit_fast.load_biases(swapped, tmp_path / "named")
     assert swapped.config.id2label == dict(enumerate(names)) and sibling.config.id2label[0] == "LABEL_0"
     bitfit_fast.load_biases(swapped, tmp_path / "placeholders")
@@ -102,16 +110,18 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     bank = bitfit_fast.TaskBank.load(copy.deepcopy(plain), {"topics": tmp_path / "named"})
     assert bank.tasks["topics"].label_names == names
     bank.save_task("topics", tmp_path / "again")
-    assert bitfit_fast.load_biases(tiny_bert(), tmp_path / "again").config.id2label == dict(enumerate(names))
+    assert bitfit_fast.load_biases(same_base(base, tiny_bert()), tmp_path / "again").config.id2label == dict(
+        enumerate(names))
 
 
 def test_a_checkpoint_without_the_head_leaves_the_class_names_alone(tmp_path):
     """Biases saved with train_head=False hold no head: loading them says nothing of the classes, so the model keeps
     its own names (it would answer LABEL_i after a merge)."""
-    model = bitfit_fast.apply(tiny_bert(), biases=["attention.self.value"], train_head=False, announce=False)
+    base = tiny_bert()
+    model = bitfit_fast.apply(copy.deepcopy(base), biases=["attention.self.value"], train_head=False, announce=False)
     bitfit_fast.save_biases(model, tmp_path)
     names = ["sport", "tech", "money"]
-    named = tiny_bert(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    named = same_base(base, tiny_bert(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}))
     assert bitfit_fast.load_biases(named, tmp_path).config.id2label == dict(enumerate(names))
 
 
@@ -180,7 +190,8 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="the model trains parameters that the checkpoint lacks"):
         bitfit_fast.load_biases(other, tmp_path / "subset")
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
-    bitfit_fast.load_biases(other, tmp_path / "subset", strict=False)
+    with pytest.warns(UserWarning, match="were trained on another base model"):  # other's weights are random too
+        bitfit_fast.load_biases(other, tmp_path / "subset", strict=False)
     assert not all(torch.equal(p, before[n]) for n, p in other.named_parameters())
 
     wrong_labels = bitfit_fast.apply(tiny_bert(num_labels=5), biases="subset")
@@ -247,6 +258,44 @@ def test_a_failed_load_onto_a_plain_model_leaves_it_plain(tmp_path, make):
     bitfit_fast.apply(other_labels)  # and so it can still be applied
 
 
+def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
+    """Biases trained on one base model are meaningless on another of the same shapes, and a path does not tell
+    them apart: the checkpoint keeps a few values of every frozen weight (not the head's, new for each task) and
+    loading compares them. A base loaded in bf16 still matches; a checkpoint of an earlier version, which kept no
+    values, loads anywhere."""
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path / "biases")
+    record = json.loads((tmp_path / "biases" / CONFIG_NAME).read_text())
+    assert set(record["base_sample"]) == {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(len(values) == 4 for values in record["base_sample"].values())
+
+    other = tiny_bert()  # the same config, other (random) weights
+    nudged = copy.deepcopy(base)  # one frozen weight scaled by 1.1, deep inside
+    with torch.no_grad():
+        nudged.bert.encoder.layer[1].output.dense.weight.mul_(1.1)
+    for target, differs in ((other, "bert.embeddings.word_embeddings.weight"),
+                            (nudged, "bert.encoder.layer.1.output.dense.weight")):
+        before = snapshot(target)
+        with pytest.raises(ValueError, match=rf"the biases in .*biases were trained on another base model: this "
+                                             rf"model's {differs} holds other values; load them onto the base "
+                                             r"model they were trained on \(strict=False loads them anyway"):
+            bitfit_fast.load_biases(target, tmp_path / "biases")
+        assert_unchanged(target, before)
+    with pytest.warns(UserWarning, match="were trained on another base model"):
+        bitfit_fast.load_biases(other, tmp_path / "biases", strict=False)
+    torch.testing.assert_close(other.classifier.bias, model.classifier.bias, atol=0, rtol=0)
+
+    in_bf16 = bitfit_fast.load_biases(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "biases")
+    torch.testing.assert_close(in_bf16.classifier.bias.float(), model.classifier.bias.bfloat16().float())
+    bank = bitfit_fast.TaskBank.load(copy.deepcopy(base), {"task": tmp_path / "biases"})
+    bank.save_task("task", tmp_path / "from-bank")
+    assert json.loads((tmp_path / "from-bank" / CONFIG_NAME).read_text())["base_sample"] == record["base_sample"]
+
+    del record["base_sample"]  # as an earlier version saved it
+    (tmp_path / "biases" / CONFIG_NAME).write_text(json.dumps(record))
+    bitfit_fast.load_biases(tiny_bert(), tmp_path / "biases")
+
+
 def test_a_head_frozen_after_training_is_still_saved(tmp_path):
     model, base = trained()
     model.classifier.requires_grad_(False)  # e.g. a second stage that trains the biases only
@@ -290,13 +339,13 @@ def test_a_damaged_checkpoint_is_named_and_the_model_left_as_it_was(tmp_path, da
 
 
 def test_saving_again_replaces_the_files_atomically(tmp_path):
-    model, _ = trained()
+    model, base = trained()
     bitfit_fast.save_biases(model, tmp_path)
     with torch.no_grad():
         model.classifier.bias.add_(1)
     bitfit_fast.save_biases(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME], "no temporary files remain"
-    fresh = bitfit_fast.apply(tiny_bert())
+    fresh = bitfit_fast.apply(base)
     bitfit_fast.load_biases(fresh, tmp_path)
     torch.testing.assert_close(fresh.classifier.bias, model.classifier.bias, atol=0, rtol=0)
 

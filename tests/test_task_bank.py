@@ -504,6 +504,11 @@ def test_mistakes_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"task 'deeper' .* differ. It was trained on a model of other sizes \(another "
                                          r"number of layers\?\): load it onto the base model it was trained from$"):
         TaskBank.load(plain, {"topic": sources["topic"], "deeper": tmp_path / "deeper"}, backend="torch")
+    other = MODELS["bert"](num_labels=3)  # the same sizes, other weights: biases meaningless on this base
+    bitfit_fast.save_biases(bitfit_fast.apply(other, announce=False), tmp_path / "other")
+    with pytest.raises(ValueError, match=r"task 'other': the biases in .*other were trained on another base model: "
+                                         r"this model's bert\..*weight holds other values; load it onto the base"):
+        TaskBank.load(plain, {"topic": sources["topic"], "other": tmp_path / "other"}, backend="torch")
     assert not hasattr(plain, "bitfit_fast_config") and all(p.requires_grad for p in plain.parameters())
     with torch.device("meta"):  # no weights loaded yet: the tasks' values would be copied into nothing
         empty = type(base)(base.config)
