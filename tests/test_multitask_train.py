@@ -37,8 +37,10 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
     summary = json.loads((root / "runs" / "run_summary.json").read_text())
     assert list(summary["tasks"]) == list(files) and summary["steps"] == 3 * 7  # 56 examples in batches of 8
     capsys.readouterr()
-    for name, (_, validation) in files.items():
+    for name, (train, validation) in files.items():
         run = root / "runs" / name
+        recorded_files = {key: summary["tasks"][name][key] for key in ("train_file", "validation_file")}
+        assert recorded_files == dict(train_file=train, validation_file=validation)
         for part in ("run_config.json", "run_summary.json", "biases/bitfit_biases.safetensors",
                      "biases-last/bitfit_biases.safetensors", "learning_curves.png"):
             assert (run / part).is_file(), part

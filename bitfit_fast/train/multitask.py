@@ -191,11 +191,12 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
 
     summary = dict(config=config.to_dict(), tasks={}, steps=step, seconds=time.time() - start,
                    final_train_loss=losses[-1]["loss"] if losses else None, losses=losses)
-    for name, (data, _) in task_data.items():
+    for name, (data, files) in task_data.items():
         bank.save_task(name, out / name / LAST_BIASES, into_run=True)
         split, metric = next(iter(data.validation)), data.metrics[0]
         best = best_evaluation(histories[name], split, metric)
         task_summary = dict(
+            **files,
             epochs=[dict(epoch=h["epoch"], **h["validation"]) for h in histories[name]],
             best=dict(epoch=best["epoch"], split=split, metric=metric, value=best["validation"][split][metric]),
             saved_biases={BEST_BIASES: best["epoch"], LAST_BIASES: config.epochs})
