@@ -361,6 +361,20 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
 
 
+def test_regression_scores_all_one_value_are_refused_where_a_run_is_scored_on_them(tmp_path):
+    # A regression run is scored by correlation, undefined against one value: every epoch would score 0 and tie.
+    scores, same = tmp_path / "s.csv", tmp_path / "same.csv"
+    scores.write_text("text,label\ngoal,0.25\nmatch,-1\n")
+    same.write_text("text,label\ngoal,2\nmatch,2.0\n")
+    refused = r"same.csv column 'label' holds one score, 2, in every row: .*; give rows whose scores differ"
+    with pytest.raises(data.DataError, match=refused):
+        data.load_local(str(scores), str(same), ("text",), "label", regression=True)
+    with pytest.raises(data.DataError, match=refused):  # `eval --validation-file` of a regression run
+        data.load_labeled(str(same), ("text",), "label", None)
+    assert data.load_local(str(same), str(scores), ("text",), "label", regression=True).train.labels == [2.0, 2.0]
+    assert data.load_labeled(str(scores), ("text",), "label", None).labels == [0.25, -1.0]
+
+
 def test_a_csv_is_read_as_the_strings_it_holds(tmp_path):
     """Class labels as written (pandas would merge 1 and 1.0, turn 007 into 7 and NA or None into a missing
     label), texts that look like numbers as texts; a regression column's strings parse as scores."""

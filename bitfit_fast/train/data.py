@@ -4,6 +4,7 @@ CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped ba
 import dataclasses
 import importlib.util
 import itertools
+import logging
 import math
 import random
 from pathlib import Path
@@ -246,12 +247,17 @@ def read_table(file: str):
     if path.stat().st_size == 0 or (path.suffix == ".csv" and not _has_a_row(path)):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # it logs an unreadable file's error before raising it, which we report
     try:
         return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train",
                                      **(_as_written(path) if path.suffix == ".csv" else {}))
     except Exception as error:  # datasets raises many types for unreadable files
         raise DataError(f"{file} could not be read as {FORMATS[path.suffix]} ({first_line(error)}); "
                         "check its format") from error
+    finally:
+        logger.setLevel(level)
 
 
 def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -260,9 +266,22 @@ def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]
 
 
 def load_labeled(file: str, text_columns: tuple[str, ...], label_column: str, label_names: list[str] | None) -> Split:
-    """A local file labelled like a trained run: class names map to the run's class ids (None: regression scores)."""
+    """A local file labelled like a trained run, to score it on: class names map to the run's class ids (None:
+    regression scores, not all one value)."""
     label_ids = None if label_names is None else {name: index for index, name in enumerate(label_names)}
-    return _columns_split(read_table(file), text_columns, label_column, file, label_ids, of_run=True)
+    split = _columns_split(read_table(file), text_columns, label_column, file, label_ids, of_run=True)
+    if label_ids is None:
+        _require_varied_scores(split, file, label_column)
+    return split
+
+
+def _require_varied_scores(split: Split, where: str, label_column: str) -> None:
+    """Raise where every score is one value: a regression run is scored by correlation (Pearson, Spearman), which
+    is undefined there (metrics.pearson gives 0, and every epoch would tie)."""
+    if len(set(split.labels)) < 2:
+        raise DataError(f"{where} column {label_column!r} holds one score, {split.labels[0]:g}, in every row: a "
+                        "regression run is scored by correlation with the scores, undefined on it; give rows whose "
+                        "scores differ")
 
 
 def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str,
@@ -280,6 +299,8 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
         label_ids = {name: index for index, name in enumerate(names)}
     train = _columns_split(tables["train"], text_columns, label_column, train_file, label_ids)
     validation = _columns_split(tables["validation"], text_columns, label_column, validation_file, label_ids)
+    if regression:
+        _require_varied_scores(validation, validation_file, label_column)
     return TaskData(Path(train_file).stem, train, {"validation": validation}, 1 if regression else len(label_ids),
                     ("pearson", "spearman") if regression else ("accuracy",),
                     None if regression else list(label_ids), tuple(text_columns), label_column)
