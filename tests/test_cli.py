@@ -54,6 +54,7 @@ def home(tmp_path_factory):
     pairs = pair_columns(3, 3)
     write_table(root / "data" / "pairs.parquet", dict(premise=pairs["premise"], hypothesis=pairs["hypothesis"]))
     (root / "data" / "texts.txt").write_text("goal\n")
+    (root / "data" / "not.parquet").write_text("text,label\ngoal,sport\n")  # a CSV misnamed
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
     (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
     (root / "not-a-run").mkdir()
@@ -394,6 +395,14 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     check_one_line_error(process, MISTAKES[name][2])
     assert seconds < 60, "a missing network is found in seconds, not after minutes of retries"
     assert not (home / "runs" / "failed").exists(), "a run that failed to start leaves no directory"
+
+
+def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(home):
+    args = [*TRAIN, "--train-file", "data/not.parquet", "--validation-file", "data/val.csv", "--output-dir",
+            "runs/failed"]
+    process, _ = run_all({"not parquet": (args, {})}, home)["not parquet"]
+    check_one_line_error(process, f"train: error: {home / 'data' / 'not.parquet'} could not be read as parquet "
+                                  "(Parquet magic bytes not found in footer")
 
 
 @pytest.mark.parametrize("args,message", [
