@@ -193,12 +193,13 @@ def load_biases(
         if applied and not_trained:  # loaded into frozen parameters, they would be missing from the next save
             raise ValueError(f"the checkpoint holds trained values of parameters the model does not train: "
                              f"{not_trained[:5]} ({len(not_trained)} in all); {remedy}")
-    other_base = checkpoint.other_base(model)  # after the checks of names and shapes, which say more
-    if other_base and strict:
-        raise ValueError(f"{other_base}; load them onto the base model they were trained on (strict=False loads them "
-                         "anyway, with a warning)")
-    if other_base:
-        warnings.warn(other_base, stacklevel=2)
+    differs = checkpoint.other_base_weight(model)  # after the checks of names and shapes, which say more
+    if differs and strict:
+        raise OtherBaseModelError(checkpoint, differs, "load them onto the base model they were trained on "
+                                                       "(strict=False loads them anyway, with a warning)")
+    if differs:
+        warnings.warn(str(OtherBaseModelError(checkpoint, differs, "loaded anyway, as strict=False asks")),
+                      stacklevel=2)
     if not applied:
         apply(model, saved_config, announce=False, backend=backend)
     params = dict(model.named_parameters())
@@ -238,9 +239,9 @@ class Checkpoint:
     label_names: list[str] | None  # the head's class names, where saved
     base_sample: dict[str, list[float]]  # see base_sample; empty in checkpoints of earlier versions
 
-    def other_base(self, model: nn.Module) -> str | None:
-        """Why ``model`` is not the base model these biases were trained on (a frozen weight whose values differ
-        from those :func:`base_sample` kept), or None where it is as far as the checkpoint tells."""
+    def other_base_weight(self, model: nn.Module) -> str | None:
+        """A frozen weight of ``model`` whose values differ from those :func:`base_sample` kept of the base model
+        these biases were trained on, or None where there is none (as far as the checkpoint tells)."""
         params = dict(unwrapped(model).named_parameters())
         for name, values in self.base_sample.items():
             param = params.get(name)
@@ -248,10 +249,20 @@ class Checkpoint:
                 continue
             saved, found = torch.tensor(values), _sampled(param)
             if (found - saved).abs().max() > SAMPLE_TOLERANCE * torch.cat([saved, found]).abs().max():
-                trained_from = f" ({self.base_model})" if self.base_model else ""
-                return (f"the biases in {self.directory} were trained on another base model{trained_from}: this "
-                        f"model's {name} holds other values")
+                return name
         return None
+
+
+class OtherBaseModelError(ValueError):
+    """Biases loaded onto a model whose frozen ``weight`` differs from the base model's they were trained on (in
+    a TaskBank, ``task``'s)."""
+
+    def __init__(self, checkpoint: Checkpoint, weight: str, remedy: str, task: str | None = None):
+        trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
+        super().__init__(f"{'' if task is None else f'task {task!r}: '}the biases in {checkpoint.directory} were "
+                         f"trained on another base model{trained_from}: this model's {weight} holds other values; "
+                         f"{remedy}")
+        self.weight, self.task = weight, task
 
 
 def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:

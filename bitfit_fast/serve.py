@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_biases
+from .checkpoint import RUN_CONFIG_NAME, OtherBaseModelError, load_biases
 from .errors import UserError, first_line
 from .files import check_can_write, temporary_beside
 from .model import merge
@@ -35,10 +35,20 @@ class _BaseModels:
         model, tokenizer = self.models[key]
         try:
             load_biases(model, run.path / BEST_BIASES)
+        except OtherBaseModelError as error:
+            raise _other_weights(run, error) from error
         except (OSError, ValueError) as error:
             raise UserError(f"{run.path / BEST_BIASES} could not be loaded ({first_line(error)}): it is damaged or "
                             "does not belong to this run; train the run again") from error
         return model.eval(), tokenizer
+
+
+def _other_weights(run: Run, error: OtherBaseModelError) -> UserError:
+    """A run whose recorded base model holds other weights now (replaced by another of its shapes, another hub
+    revision): what to do."""
+    return UserError(f"{run.path}'s base model {run.model_path} holds other weights than the run was trained on "
+                     f"({error.weight} differs): give the run its model back (set \"model_path\" in "
+                     f"{run.path / RUN_CONFIG_NAME} to a local copy of the one it was trained on), or train it again")
 
 
 def _run_validation(run: Run) -> dict[str, data.Split]:
@@ -161,6 +171,8 @@ class RunsPredictor:
                                                    f"{first.path}: its base model {first.model_path}")
         try:
             self.bank = TaskBank.load(model, {name: run.path for name, run in runs.items()}, backend=backend).eval()
+        except OtherBaseModelError as error:
+            raise _other_weights(runs[error.task], error) from error
         except (OSError, ValueError) as error:
             raise UserError(f"cannot serve these runs: {first_line(error)}") from error
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

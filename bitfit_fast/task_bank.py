@@ -29,6 +29,7 @@ from . import graphs, task_rows
 from .checkpoint import (
     RUN_CONFIG_NAME,
     Checkpoint,
+    OtherBaseModelError,
     base_sample,
     read_checkpoint,
     require_storage,
@@ -296,9 +297,9 @@ class TaskBank(nn.Module):
                 shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
                                  f"{shown}; load it onto the base model it was trained from{trained_from}")
-            other_base = checkpoint.other_base(model)
-            if other_base:
-                raise ValueError(f"task {name!r}: {other_base}; load it onto the base model it was trained on")
+            differs = checkpoint.other_base_weight(model)
+            if differs:
+                raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
         apply(model, config, announce=False)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
         shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
@@ -379,6 +380,26 @@ def test_a_run_whose_base_model_moved_says_how_to_give_it_back(home, runs, capsy
         assert cli.main(command) == 2
         assert (f"{other}'s base model {home / 'moved-model'} does not exist: put that model back there, or set "
                 f'"model_path" in {other / "run_config.json"} to a local copy of it') in capsys.readouterr().err
+
+
+def test_a_run_whose_base_model_now_holds_other_weights_says_so(home, runs, capsys):
+    """A model directory overwritten with another model of the same shapes (trained further, say): the run's biases
+    would load and answer wrongly; eval, predict and serve refuse, naming a weight that differs."""
+    other, model = home / "runs" / "retrained-base", home / "retrained-model"
+    shutil.copytree(home / "runs" / "one", other)
+    shutil.copytree(home / "model", model)
+    weights = safetensors.torch.load_file(model / "model.safetensors")
+    changed = next(name for name in sorted(weights) if name.endswith("output.dense.weight"))
+    weights[changed] = weights[changed] * 1.5
+    safetensors.torch.save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    record = json.loads((other / "run_config.json").read_text())
+    record["model_path"] = record["config"]["model"] = str(model)
+    (other / "run_config.json").write_text(json.dumps(record))
+    for command in (["eval", str(other)], ["predict", str(other), "--text", "goal"], ["serve", str(other)]):
+        assert cli.main(command) == 2
+        assert (f"{other}'s base model {model} holds other weights than the run was trained on (bert.{changed} "
+                f'differs): give the run its model back (set "model_path" in {other / "run_config.json"} to a local '
+                "copy of the one it was trained on), or train it again") in capsys.readouterr().err
 
 
 def check_one_line_error(process, expected: str):
