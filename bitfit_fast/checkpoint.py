@@ -38,7 +38,10 @@ FORMAT_VERSION = 2
 # apart (one model sits at different paths on different machines): a checkpoint keeps a few values of every frozen
 # weight of its base, at fixed places (see base_sample), and loading compares them.
 SAMPLED_VALUES = 4
-SAMPLE_TOLERANCE = 0.01  # of the weight's largest sampled value: a base loaded in bf16 or fp16 still matches
+# A base loaded in bf16 or fp16 still matches: 1% of the weight's largest sampled value, and an absolute floor for
+# values below fp16's range (flushed to 0; MiniLM's last LayerNorm has γ down to 1e-33).
+SAMPLE_TOLERANCE = 0.01
+SAMPLE_FLOOR = 1e-6
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run: bool = False) -> Path:
@@ -248,7 +251,8 @@ class Checkpoint:
             if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
                 continue
             saved, found = torch.tensor(values), _sampled(param)
-            if (found - saved).abs().max() > SAMPLE_TOLERANCE * torch.cat([saved, found]).abs().max():
+            largest = torch.cat([saved, found]).abs().max()
+            if (found - saved).abs().max() > SAMPLE_TOLERANCE * largest + SAMPLE_FLOOR:
                 return name
         return None
 

@@ -296,6 +296,15 @@ def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
     bitfit_fast.load_biases(tiny_bert(), tmp_path / "biases")
 
 
+def test_a_base_in_half_precision_matches_down_to_weights_below_its_range(tmp_path):
+    base = tiny_bert()
+    with torch.no_grad():  # as MiniLM's last LayerNorm, whose γ goes down to 1e-33: 0 in fp16
+        base.bert.encoder.layer[-1].output.LayerNorm.weight.fill_(1e-33)
+    bitfit_fast.save_biases(bitfit_fast.apply(copy.deepcopy(base), announce=False), tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        bitfit_fast.load_biases(copy.deepcopy(base).to(dtype), tmp_path)
+
+
 def test_a_head_frozen_after_training_is_still_saved(tmp_path):
     model, base = trained()
     model.classifier.requires_grad_(False)  # e.g. a second stage that trains the biases only
