@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -46,6 +47,9 @@ class Predictor(Protocol):
 
     def predict(self, examples: list[dict]) -> list[dict]:
         """One JSON-ready answer per checked example, in order."""
+
+
+DRAIN_SECONDS = 30.0  # the longest a refused body is drained, however slowly it trickles in (nginx's lingering_time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,16 +183,18 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         return b"".join(chunks)
 
     async def drain(request, stream) -> None:
-        """Read and drop what comes of a refused body, up to drain_bytes, while each part arrives within
-        drain_wait_s; nothing from a client that waits for our word before sending it (Expect: 100-continue)."""
+        """Read and drop what comes of a refused body, up to drain_bytes and for at most DRAIN_SECONDS, while
+        each part arrives within drain_wait_s; nothing from a client that waits for our word before sending it
+        (Expect: 100-continue)."""
         if request.headers.get("expect", "").lower() == "100-continue":
             return
         from starlette.requests import ClientDisconnect
 
-        drained = 0
+        drained, deadline = 0, time.monotonic() + DRAIN_SECONDS
         with contextlib.suppress(StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
-            while drained < config.drain_bytes:
-                drained += len(await asyncio.wait_for(anext(stream), config.drain_wait_s))
+            while drained < config.drain_bytes and time.monotonic() < deadline:
+                wait = min(config.drain_wait_s, deadline - time.monotonic())
+                drained += len(await asyncio.wait_for(anext(stream), wait))
 
     async def predict(request):
         body = await read_body(request)

@@ -18,6 +18,7 @@ import pytest
 import torch
 import uvicorn
 
+from bitfit_fast import server
 from bitfit_fast.server import BatchingConfig, MicroBatcher, RequestError, build_app
 
 
@@ -296,6 +297,23 @@ def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413_not_a_re
         assert httpx.post(f"{url}/predict", json=dict(task="upper", text="ok"), timeout=30).json()["answer"] == "OK"
     assert refused.value.code == 413
     assert json.load(refused.value)["error"].startswith("the request is larger than 1000 bytes")
+
+
+def test_a_refused_body_that_trickles_in_is_drained_for_drain_seconds_at_most(monkeypatch):
+    monkeypatch.setattr(server, "DRAIN_SECONDS", 0.5)
+    with running(EchoPredictor(), BatchingConfig(max_request_bytes=100)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000000\r\n\r\n" + b" " * 200)
+            client.settimeout(0.1)
+            start, reply = time.monotonic(), b""
+            while not reply and time.monotonic() < start + 10:  # a byte every 0.1 s: never drain_wait_s apart
+                client.sendall(b" ")
+                with contextlib.suppress(TimeoutError):
+                    reply = client.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:80]
+    assert time.monotonic() - start < 5
 
 
 def test_a_client_that_waits_to_be_told_to_send_is_refused_before_sending():
