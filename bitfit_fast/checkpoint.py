@@ -36,12 +36,8 @@ RUN_CONFIG_NAME = "run_config.json"  # what marks a `bitfit-fast train` run's di
 FORMAT_VERSION = 2
 # Biases trained on one base model are meaningless on another of the same shapes, and a path does not tell them
 # apart (one model sits at different paths on different machines): a checkpoint keeps a few values of every frozen
-# weight of its base, at fixed places (see base_sample), and loading compares them.
+# weight of its base, at fixed places, with their dtype (see base_sample), and loading compares them.
 SAMPLED_VALUES = 4
-# A base loaded in bf16 or fp16 still matches: 1% of the weight's largest sampled value, and an absolute floor for
-# values below fp16's range (flushed to 0; MiniLM's last LayerNorm has γ down to 1e-33).
-SAMPLE_TOLERANCE = 0.01
-SAMPLE_FLOOR = 1e-6
 
 
 def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run: bool = False) -> Path:
@@ -63,21 +59,19 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run
                             base_sample=base_sample(model, tensors))
 
 
-def base_sample(model: nn.Module, saved: Collection[str]) -> dict[str, list[float]]:
-    """{name: SAMPLED_VALUES values, evenly spaced through it} of every frozen floating-point weight of the applied
-    ``model`` that is neither ``saved`` (a trained parameter, by name) nor in its head (new, randomly initialised
-    when a base model is loaded for a task)."""
-    head = state_of(model).head
-    return {name: [float(f"{value:.7g}") for value in _sampled(param).tolist()]
+def base_sample(model: nn.Module, saved: Collection[str]) -> dict[str, dict]:
+    """{name: {"dtype", "values": SAMPLED_VALUES values evenly spaced through it}} of every frozen floating-point
+    weight of ``model`` that is not ``saved`` (a trained parameter, by name): the base model the biases work
+    through, a head that does not train included."""
+    return {name: {"dtype": str(param.dtype).removeprefix("torch."), "values": _sampled(param).tolist()}
             for name, param in model.named_parameters()
-            if not param.requires_grad and param.is_floating_point() and param.numel() and name not in saved
-            and not is_within(name, head)}
+            if not param.requires_grad and param.is_floating_point() and param.numel() and name not in saved}
 
 
 def _sampled(param: torch.Tensor) -> torch.Tensor:
     flat = param.detach().reshape(-1)
     places = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES, device=flat.device).round().long()
-    return flat[places].float().cpu()
+    return flat[places].to("cpu", torch.float64)
 
 
 def named_classes(label_names: list[str] | None) -> list[str] | None:
@@ -91,7 +85,7 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
                      state: AppliedState, model_class: str, base_model: str | None,
                      label_names: list[str] | None = None, into_run: bool = False,
-                     base_sample: dict[str, list[float]] | None = None) -> Path:
+                     base_sample: dict[str, dict] | None = None) -> Path:
     """The files of :func:`save_biases` for ``tensors`` (trained parameters by name), written atomically; the
     class names (``label_names``) where they are more than placeholders, and the base model's sampled weights
     (``base_sample``). A directory inside a `bitfit-fast train` run is refused but ``into_run`` (the run's own
@@ -240,19 +234,22 @@ class Checkpoint:
     base_model: str | None
     tensors: dict[str, torch.Tensor]
     label_names: list[str] | None  # the head's class names, where saved
-    base_sample: dict[str, list[float]]  # see base_sample; empty in checkpoints of earlier versions
+    base_sample: dict[str, tuple[torch.dtype, torch.Tensor]]  # see base_sample; empty in earlier versions' checkpoints
 
     def other_base_weight(self, model: nn.Module) -> str | None:
         """A frozen weight of ``model`` whose values differ from those :func:`base_sample` kept of the base model
-        these biases were trained on, or None where there is none (as far as the checkpoint tells)."""
+        these biases were trained on, or None where there is none (as far as the checkpoint tells). Either side may
+        be a copy rounded to its dtype (``apply(dtype=...)``, a base loaded in bf16): values within a rounding of
+        the coarser dtype match; a base retrained by as little as one fp32 optimizer step does not."""
         params = dict(unwrapped(model).named_parameters())
-        for name, values in self.base_sample.items():
+        for name, (dtype, saved) in self.base_sample.items():
             param = params.get(name)
             if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
                 continue
-            saved, found = torch.tensor(values), _sampled(param)
-            largest = torch.cat([saved, found]).abs().max()
-            if (found - saved).abs().max() > SAMPLE_TOLERANCE * largest + SAMPLE_FLOOR:
+            found = _sampled(param)
+            formats = [torch.finfo(dtype), torch.finfo(param.dtype)]
+            relative, absolute = max(f.eps for f in formats), max(f.tiny for f in formats)  # tiny: flushed to 0
+            if ((found - saved).abs() > relative * torch.maximum(found.abs(), saved.abs()) + absolute).any():
                 return name
         return None
 
@@ -285,6 +282,8 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         weights = weights_path.read_bytes()
         tensors = safetensors.torch.load(weights)
         config, state = read_config(record, config_path)
+        base = {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
+                for name, entry in record.get("base_sample", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
                          "save the biases again") from error
@@ -293,7 +292,14 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         raise ValueError(f"the checkpoint in {directory} is damaged: its {WEIGHTS_NAME} is not the one its "
                          f"{CONFIG_NAME} was saved with (a save interrupted between the two?): save the biases again")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
-                      record.get("label_names"), record.get("base_sample", {}))
+                      record.get("label_names"), base)
+
+
+def _floating_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name!r} is not a floating-point dtype")
+    return dtype
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:

@@ -267,12 +267,12 @@ def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
     bitfit_fast.save_biases(model, tmp_path / "biases")
     record = json.loads((tmp_path / "biases" / CONFIG_NAME).read_text())
     assert set(record["base_sample"]) == {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert all(len(values) == 4 for values in record["base_sample"].values())
+    assert all(len(entry["values"]) == 4 and entry["dtype"] == "float32" for entry in record["base_sample"].values())
 
     other = tiny_bert()  # the same config, other (random) weights
-    nudged = copy.deepcopy(base)  # one frozen weight scaled by 1.1, deep inside
+    nudged = copy.deepcopy(base)  # one frozen weight deep inside moved by what an optimizer step would move it
     with torch.no_grad():
-        nudged.bert.encoder.layer[1].output.dense.weight.mul_(1.1)
+        nudged.bert.encoder.layer[1].output.dense.weight.add_(1e-5)
     for target, differs in ((other, "bert.embeddings.word_embeddings.weight"),
                             (nudged, "bert.encoder.layer.1.output.dense.weight")):
         before = snapshot(target)
@@ -303,6 +303,47 @@ def test_a_base_in_half_precision_matches_down_to_weights_below_its_range(tmp_pa
     bitfit_fast.save_biases(bitfit_fast.apply(copy.deepcopy(base), announce=False), tmp_path)
     for dtype in (torch.float16, torch.bfloat16):
         bitfit_fast.load_biases(copy.deepcopy(base).to(dtype), tmp_path)
+
+
+def test_biases_trained_through_a_frozen_head_are_refused_where_that_head_differs(tmp_path):
+    """With train_head=False the biases answer through the base model's own frozen head, which is not saved: it is
+    part of the base they were trained on (a pretrained MLM head; a classifier from a fine-tuned checkpoint, or one
+    newly initialised, a different one at every from_pretrained), so it must be compared like any frozen weight."""
+    base = tiny_bert()
+    model = bitfit_fast.apply(copy.deepcopy(base), train_head=False, announce=False)
+    bitfit_fast.save_biases(model, tmp_path)
+    other_head = copy.deepcopy(base)
+    with torch.no_grad():
+        other_head.classifier.weight.normal_(0.0, 0.02)
+    with pytest.raises(bitfit_fast.checkpoint.OtherBaseModelError, match=r"classifier\.weight holds other values"):
+        bitfit_fast.load_biases(other_head, tmp_path)
+    bitfit_fast.load_biases(copy.deepcopy(base), tmp_path)  # its own head: loads
+    bank = bitfit_fast.TaskBank.new(copy.deepcopy(base), {"a": 3, "b": 3}, train_head=False)
+    bank.save_task("a", tmp_path / "from-bank")
+    with pytest.raises(bitfit_fast.checkpoint.OtherBaseModelError, match=r"classifier\.weight"):
+        bitfit_fast.TaskBank.load(copy.deepcopy(other_head), {"a": tmp_path / "from-bank"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_biases_of_weights_stored_in_float8_load_onto_the_exact_base(tmp_path, dtype):
+    """apply(dtype=...) accepts any floating dtype; merge()'s docstring sends a user to a fresh base applied with
+    dtype=None for the exact weights. The base sample must not be taken of the rounded copies (or must allow for
+    their rounding): biases of a float8 run load onto the very base they were trained from."""
+    base = tiny_bert()
+    model = bitfit_fast.apply(copy.deepcopy(base), dtype=dtype, announce=False)
+    bitfit_fast.save_biases(model, tmp_path)
+    bitfit_fast.load_biases(copy.deepcopy(base), tmp_path)
+
+
+def test_only_one_differing_weight_deep_in_the_model_is_refused_in_a_bank_too(tmp_path):
+    """Each sampled weight is compared, in TaskBank.load as in load_biases (not only the first, the embeddings)."""
+    base = tiny_bert()
+    bitfit_fast.save_biases(bitfit_fast.apply(copy.deepcopy(base), announce=False), tmp_path / "task")
+    nudged = copy.deepcopy(base)
+    with torch.no_grad():
+        nudged.bert.encoder.layer[1].attention.self.value.weight.mul_(1.1)
+    with pytest.raises(bitfit_fast.checkpoint.OtherBaseModelError, match=r"layer\.1\.attention\.self\.value\.weight"):
+        bitfit_fast.TaskBank.load(nudged, {"task": tmp_path / "task"})
 
 
 def test_a_head_frozen_after_training_is_still_saved(tmp_path):

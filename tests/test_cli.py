@@ -21,7 +21,7 @@ import torch
 import transformers
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
 
-from bitfit_fast import BitFitConfig, cli
+from bitfit_fast import BitFitConfig, cli, server
 
 UNREACHABLE_HUB = "http://127.0.0.1:9"  # the discard port: connections are refused at once, network or not
 
@@ -382,9 +382,10 @@ def test_a_run_whose_base_model_moved_says_how_to_give_it_back(home, runs, capsy
                 f'"model_path" in {other / "run_config.json"} to a local copy of it') in capsys.readouterr().err
 
 
-def test_a_run_whose_base_model_now_holds_other_weights_says_so(home, runs, capsys):
+def test_a_run_whose_base_model_now_holds_other_weights_says_so(home, runs, capsys, monkeypatch):
     """A model directory overwritten with another model of the same shapes (trained further, say): the run's biases
     would load and answer wrongly; eval, predict and serve refuse, naming a weight that differs."""
+    monkeypatch.setattr(server, "serve", lambda *args: pytest.fail("serve started a server on the other weights"))
     other, model = home / "runs" / "retrained-base", home / "retrained-model"
     shutil.copytree(home / "runs" / "one", other)
     shutil.copytree(home / "model", model)
