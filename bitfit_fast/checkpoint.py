@@ -236,17 +236,21 @@ class Checkpoint:
     label_names: list[str] | None  # the head's class names, where saved
     base_sample: dict[str, tuple[torch.dtype, torch.Tensor]]  # see base_sample; empty in earlier versions' checkpoints
 
-    def other_base_weight(self, model: nn.Module) -> str | None:
+    def other_base_weight(self, model: nn.Module, sampled: dict[str, torch.Tensor] | None = None) -> str | None:
         """A frozen weight of ``model`` whose values differ from those :func:`base_sample` kept of the base model
         these biases were trained on, or None where there is none (as far as the checkpoint tells). Either side may
         be a copy rounded to its dtype (``apply(dtype=...)``, a base loaded in bf16): values within a rounding of
-        the coarser dtype match; a base retrained by as little as one fp32 optimizer step does not."""
+        the coarser dtype match; a base retrained by as little as one fp32 optimizer step does not. ``sampled``
+        keeps the model's values by name, for checking several checkpoints against one model."""
         params = dict(unwrapped(model).named_parameters())
+        sampled = {} if sampled is None else sampled
         for name, (dtype, saved) in self.base_sample.items():
             param = params.get(name)
             if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
                 continue
-            found = _sampled(param)
+            if name not in sampled:
+                sampled[name] = _sampled(param)
+            found = sampled[name]
             formats = [torch.finfo(dtype), torch.finfo(param.dtype)]
             relative, absolute = max(f.eps for f in formats), max(f.tiny for f in formats)  # tiny: flushed to 0
             if ((found - saved).abs() > relative * torch.maximum(found.abs(), saved.abs()) + absolute).any():

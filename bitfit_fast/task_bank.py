@@ -282,6 +282,7 @@ class TaskBank(nn.Module):
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
+        sampled = {}  # the model's values that the tasks' base samples are compared with
         for name, checkpoint in checkpoints.items():
             trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
             if set(checkpoint.tensors) != trained:
@@ -297,7 +298,7 @@ class TaskBank(nn.Module):
                 shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
                 raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
                                  f"{shown}; load it onto the base model it was trained from{trained_from}")
-            differs = checkpoint.other_base_weight(model)
+            differs = checkpoint.other_base_weight(model, sampled)
             if differs:
                 raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
         apply(model, config, announce=False)
