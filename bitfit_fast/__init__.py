@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_biases, save_biases
+from .checkpoint import OtherBaseModelError, load_biases, save_biases
 from .config import AppliedState, BitFitConfig
 from .families import SUBSET_PATTERNS
 from .graphs import GraphedStep
@@ -24,6 +24,7 @@ __all__ = [
     "BitFitLayerNorm",
     "BitFitLinear",
     "GraphedStep",
+    "OtherBaseModelError",
     "QueryRowsBitFitLinear",
     "TaskBank",
     "UndeclaredBiasesWarning",
