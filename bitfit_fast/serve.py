@@ -15,7 +15,17 @@ from .checkpoint import RUN_CONFIG_NAME, OtherBaseModelError, load_biases
 from .errors import UserError, first_line
 from .files import check_can_write, temporary_beside
 from .model import merge
-from .train import BEST_BIASES, Run, data, evaluate, load_pretrained, load_run, model_source, setup_distributed
+from .train import (
+    BEST_BIASES,
+    Run,
+    data,
+    evaluate,
+    load_pretrained,
+    load_run,
+    model_source,
+    quiet_transformers,
+    setup_distributed,
+)
 
 
 class _BaseModels:
@@ -256,7 +266,12 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
     whole model or nothing; an existing non-empty ``output_dir`` is refused, never written over. Returns (the
     directory, the model's class name)."""
     run = load_run(path)
-    out = Path(output_dir)
+    if not output_dir.strip():
+        raise UserError("the output directory is an empty name: name a new directory to export into")
+    out = Path(output_dir).resolve()  # ".": the directory's own name, to write beside it
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise UserError(f"{output_dir} is the current directory (or holds it), which the export's rename would take "
+                        "from under you: export into a new directory, e.g. a subdirectory")
     check_can_write(out.parent, output_dir)  # where it is written beside and renamed
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"{output_dir} already exists and is not an empty directory: export into a new one (it never "
@@ -267,11 +282,14 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
     except ValueError as error:  # biases the model's config cannot declare (ModernBERT subset, T5, ...)
         raise UserError(f"{path} cannot be exported as a plain Hugging Face model: {first_line(error)} Its biases "
                         "load with bitfit-fast (predict, serve, bitfit_fast.load_biases).") from error
+    # A text is cut where the run cuts it (predict, eval): tokenizer(texts, truncation=True) does so with this.
+    tokenizer.model_max_length = run.config.max_length
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_beside(out)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)  # onto nothing or an empty directory: both renames are atomic
     except OSError as error:  # a full disk, a lost mount
         raise UserError(f"{output_dir} could not be written ({first_line(error)}); nothing was written there") \

@@ -231,7 +231,8 @@ LOAD_EXPORTED = """
 import json, sys, torch, transformers
 out, texts = sys.argv[1], json.loads(sys.argv[2])
 model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
-batch = transformers.AutoTokenizer.from_pretrained(out)(*map(list, zip(*texts)), padding=True, return_tensors="pt")
+tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+batch = tokenizer(*map(list, zip(*texts)), padding=True, truncation=True, return_tensors="pt")  # at its own limit
 with torch.no_grad():
     rows = model(**batch).logits.float().softmax(-1).tolist()
 assert not any(name.startswith("bitfit_fast") for name in sys.modules)
@@ -246,15 +247,22 @@ def exported_probabilities(out, texts) -> list[dict]:
     return json.loads(process.stdout)
 
 
-@pytest.mark.parametrize("name,texts", [("one", [["goal match team"], ["bank price"]]),
-                                        ("two", [["goal match", "team coach"], ["bank price", "market profit"]])])
+LONG = " ".join(["goal match team coach"] * 20 + ["bank market price profit"] * 20)  # past the runs' 128 tokens
+
+
+@pytest.mark.parametrize("name,texts", [("one", [["goal match team"], ["bank price"], [LONG]]),
+                                        ("two", [["goal match", "team coach"], ["bank price", "market profit"],
+                                                 [LONG, "bank price"]])])
 def test_export_writes_a_plain_hugging_face_model_that_predicts_what_the_run_does(home, runs, name, texts, capsys):
     """The run's best biases merged into its base model: transformers alone loads the directory (weights, class
-    names, tokenizer) and answers what `bitfit-fast predict` answers; the run of biases="subset" (two) too."""
+    names, tokenizer) and answers what `bitfit-fast predict` answers, a text longer than the run's --max-length
+    too (its tokenizer cuts where the run cuts); the run of biases="subset" (two) too."""
     run, out = home / "runs" / name, home / "exported" / name
     assert cli.main(["export", str(run), str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert printed.startswith(f"wrote {out}: a BertForSequenceClassification with {run}'s best biases merged in")
+    assert err == "", "no progress bar or load report"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 128
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary directory is left"
     assert not [key for key in json.loads((out / "config.json").read_text()) if "bitfit" in key]
     args = ["--text", *(t[0] for t in texts)] + (["--text-pair", *(t[1] for t in texts)] if len(texts[0]) == 2 else [])
@@ -300,10 +308,24 @@ def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, 
     monkeypatch.setattr("transformers.PreTrainedTokenizerBase.save_pretrained", full_disk)
     out = home / "exported-full-disk"
     assert cli.main(["export", run, str(out)]) == 2
-    err = capsys.readouterr().err  # after the progress bar of the model's weights
-    assert err.endswith(f"\nbitfit-fast export: error: {out} could not be written ([Errno 28] No space left on "
-                        "device); nothing was written there\n")
+    assert capsys.readouterr().err == (f"bitfit-fast export: error: {out} could not be written ([Errno 28] No space "
+                                       "left on device); nothing was written there\n")
     assert not out.exists() and not [p for p in home.iterdir() if p.name.startswith(".exported")], "no temporary left"
+
+
+def test_export_into_the_current_directory_or_an_empty_name_is_refused_in_one_line(home, runs, capsys, monkeypatch):
+    here = home / "exported-here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # the rename would take the directory from under the shell that is in it
+    for output_dir in (".", "./", str(here), ".."):
+        assert cli.main(["export", str(home / "runs" / "one"), output_dir]) == 2
+        assert capsys.readouterr().err == (f"bitfit-fast export: error: {output_dir} is the current directory (or "
+                                           "holds it), which the export's rename would take from under you: export "
+                                           "into a new directory, e.g. a subdirectory\n")
+    assert cli.main(["export", str(home / "runs" / "one"), " "]) == 2
+    assert capsys.readouterr().err == ("bitfit-fast export: error: the output directory is an empty name: name a new "
+                                       "directory to export into\n")
+    assert not any(here.iterdir())
 
 
 def test_serve_options_reach_the_server(home, runs, monkeypatch):
@@ -644,6 +666,11 @@ def test_ctrl_c_ends_train_with_one_line_naming_the_checkpoint(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: interrupted")
     assert ("the same command with --resume continues from its last checkpoint" in err) == checkpoint
+    assert cli.main(["train", "--lr-sweep", "--output-dir", str(out)]) == 130  # its checkpoints: OUTPUT_DIR/lr-*/
+    assert capsys.readouterr().err == ("bitfit-fast train: interrupted; the same command with --resume continues the "
+                                       "sweep: the learning rates that finished are kept, the one interrupted "
+                                       f"continues from its last checkpoint ({out}/lr-<rate>/checkpoint.pt), if it "
+                                       "wrote one\n")
     joint = ["train", "--output-dir", str(out), "--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv",
              "v.csv"]
     assert cli.main(joint) == 130

@@ -17,7 +17,7 @@ from .distributed import Dist, setup_distributed
 from .evaluation import best_evaluation, evaluate
 from .loop import StepEnd, TrainingDiverged, train
 from .lr_sweep import sweep
-from .models import load_pretrained, model_source
+from .models import load_pretrained, model_source, quiet_transformers
 from .run import BEST_BIASES, CHECKPOINT_NAME, LAST_BIASES, RUN_CONFIG_NAME, Run, load_run
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "load_run",
     "metrics",
     "model_source",
+    "quiet_transformers",
     "setup_distributed",
     "sweep",
     "train",

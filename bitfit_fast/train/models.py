@@ -54,9 +54,9 @@ def model_source(name: str | None, of_run: Path | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Without transformers' load report (it lists the new head as MISSING, "newly initialized": trained here, or
-    restored from the run's biases) and its weight-loading progress bar."""
+    restored from the run's biases) and its progress bars (weights loading, shards written)."""
     from transformers.utils import logging as transformers_logging
 
     verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
@@ -80,7 +80,7 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
     if label_names:
         kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as error:  # not found, not a model, unknown architecture, damaged weights
