@@ -385,6 +385,10 @@ def _resume_hint(args) -> str:
     if getattr(args, "task_files", None):
         return (f"; a joint run has no --resume: the task runs in {out} keep the biases of the epochs that finished; "
                 f"to train again, remove {out} or choose another --output-dir") if out.is_dir() else ""
+    if getattr(args, "lr_sweep", False):  # one run per learning rate, each in OUTPUT_DIR/lr-<rate>
+        return (f"; the same command with --resume continues the sweep: the learning rates that finished are kept, "
+                f"the one interrupted continues from its last checkpoint ({out}/lr-<rate>/{CHECKPOINT_NAME}), if "
+                "it wrote one") if out.is_dir() else ""
     checkpoint = out / CHECKPOINT_NAME
     return f"; the same command with --resume continues from its last checkpoint, {checkpoint}" \
         if checkpoint.is_file() else ""

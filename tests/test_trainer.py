@@ -350,6 +350,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
          r"texts that are numbers are written as strings \(JSON: \"12\"\)"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\n  ,money\n"),
          r"t.csv example 2 has an empty text in \['text'\]"),
+        (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": "b, "label": "b"}\n'),
+         r"t.jsonl could not be read as JSON: line 2 is not JSON \(Expecting ',' delimiter\); fix it"),
+        (lambda p: (p / "t.json").write_text('[{"text": "goal", "label": "a"},\n {"text": "b", "label": }]\n'),
+         r"t.json could not be read as JSON: line 2, column 25 is not JSON \(Expecting value\); fix it"),
     ],
 )
 def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, make, message):

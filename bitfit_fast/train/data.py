@@ -4,6 +4,7 @@ CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped ba
 import dataclasses
 import importlib.util
 import itertools
+import json
 import logging
 import math
 import random
@@ -254,10 +255,32 @@ def read_table(file: str):
         return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train",
                                      **(_as_written(path) if path.suffix == ".csv" else {}))
     except Exception as error:  # datasets raises many types for unreadable files
+        problem = _json_problem(path) if FORMATS[path.suffix] == "json" else None
+        if problem:
+            raise DataError(f"{file} could not be read as JSON: {problem}; fix it") from error
         raise DataError(f"{file} could not be read as {FORMATS[path.suffix]} ({first_line(error)}); "
                         "check its format") from error
     finally:
         logger.setLevel(level)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON file that datasets could not read stops being JSON (datasets does not say): for JSON Lines (a
+    first line that is JSON on its own) the first line that is not, else the document's first error."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        json.loads(lines[0][1] if lines else text)
+        document = False
+    except ValueError:
+        document = True
+    for number, line in ([(1, text)] if document else lines):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as error:
+            where = f"line {error.lineno}, column {error.colno}" if document else f"line {number}"
+            return f"{where} is not JSON ({error.msg})"
+    return None
 
 
 def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]]:
