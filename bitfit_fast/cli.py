@@ -128,8 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
     check_backend_option(args.backend)  # both before the model loads (uvicorn reports a taken port only after it)
     _check_listenable(args.host, args.port)
     predictor = RunsPredictor(args.runs, backend=args.backend, truncate=args.truncate)
-    print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port}: {', '.join(predictor.tasks)}",
-          file=sys.stderr)
+    print(f"serving {len(predictor.tasks)} task(s) on http://{args.host}:{args.port} in {predictor.precision}: "
+          f"{', '.join(predictor.tasks)}", file=sys.stderr)
     serve(predictor, args.host, args.port,
           BatchingConfig(args.max_batch_size, args.max_wait_ms, args.max_queue, args.max_request_bytes))
     return 0

@@ -18,6 +18,7 @@ from .model import merge
 from .train import (
     BEST_BIASES,
     Run,
+    autocast,
     data,
     evaluate,
     load_pretrained,
@@ -123,7 +124,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     encoded = data.encode(data.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
     pad_id = data.pad_id(tokenizer)
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), run.config.autocast(device):  # the precision eval scored the run in
         for start in range(0, len(texts), batch_size):
             indices = list(range(start, min(start + batch_size, len(texts))))
             batch = data.collate(encoded, indices, pad_id, regression=True)
@@ -150,6 +151,16 @@ def answer(logits: torch.Tensor, label_names: list[str] | None) -> dict:
     probabilities = logits.float().softmax(-1).tolist()
     return {"label": label_names[int(logits.argmax())],
             "probabilities": {name: round(p, 6) for name, p in zip(label_names, probabilities)}}
+
+
+# From the finest to the coarsest: fp16 keeps 10 bits of each value, bf16 7.
+_FINEST_FIRST = ("fp32", "fp16", "bf16")
+
+
+def serving_precision(runs, device: torch.device) -> str:
+    """The precision runs answer in together on ``device``: the one each was trained and scored in (``eval``,
+    ``predict``), or where they differ the finest of them, since one batch runs in one."""
+    return min((run.config.resolved_precision(device) for run in runs), key=_FINEST_FIRST.index)
 
 
 class RunsPredictor:
@@ -187,6 +198,7 @@ class RunsPredictor:
             raise UserError(f"cannot serve these runs: {first_line(error)}") from error
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bank.to(self.device)
+        self.precision = serving_precision(runs.values(), self.device)
         self.runs = runs
         self.tasks = list(runs)
         self.truncate = truncate  # a text past its task's max_length: cut to it (as predict does), or refused
@@ -254,7 +266,7 @@ class RunsPredictor:
         batch = data.collate(split, list(range(len(examples))), self.pad_id, regression=True)
         batch.pop("labels")
         tasks = [e["task"] for e in examples]
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, self.device):
             logits = self.bank(tasks, **{k: v.to(self.device) for k, v in batch.items()}).float().cpu()
         return [dict(task=task, **answer(row, self.runs[task].label_names)) for task, row in zip(tasks, logits)]
 

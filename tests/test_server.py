@@ -562,3 +562,65 @@ def test_a_two_text_task_is_served_with_both_texts(two_runs, pair_run):
     assert answers[0]["probabilities"] != answers[2]["probabilities"], "the second text is read"
     with pytest.raises(RequestError, match="'text_pair' must be a string, got 5"):
         predictor.check(dict(task="pairs", text="a goal", text_pair=5))
+
+
+@pytest.fixture(scope="module")
+def bf16_run(two_runs, tmp_path_factory):
+    """A run of "topics" trained (and scored) in bf16 autocast, on the same tiny BERT as ``two_runs``."""
+    from test_trainer import write_csv
+
+    from bitfit_fast import BitFitConfig
+    from bitfit_fast.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("bf16")
+    files = dict(train_file=write_csv(root / "train.csv", 24, 1), validation_file=write_csv(root / "val.csv", 8, 2))
+    model = str(Path(two_runs["topics"]).parent / "model")
+    train(TrainConfig(model=model, epochs=1, batch_size=8, precision="bf16", output_dir=str(root / "half"),
+                      progress=False, bitfit=BitFitConfig(backend="torch"), **files), log=lambda *_: None)
+    return str(root / "half")
+
+
+def answers_in(precision: str, run: str, texts: list[str]) -> list[dict]:
+    """The run's answers to ``texts`` worked out here, in ``precision``: its base model and best biases, outside
+    bitfit_fast's predict."""
+    import transformers
+
+    from bitfit_fast import load_biases
+    from bitfit_fast.serve import answer
+    from bitfit_fast.train import autocast, load_run
+
+    record = load_run(run)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(record.model_path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(record.model_path,
+                                                                           num_labels=record.num_labels)
+    load_biases(model, Path(run) / "biases")
+    with torch.no_grad(), autocast(precision, torch.device("cpu")):
+        logits = model.eval()(**tokenizer(texts, padding=True, return_tensors="pt")).logits.float()
+    return [answer(row, record.label_names) for row in logits]
+
+
+PRECISION_TEXTS = ["goal match team", "bank price", "the new chip and robot", "a big team goal with new coach"]
+
+
+def test_predict_answers_in_the_precision_the_run_was_trained_and_scored_in(bf16_run):
+    from bitfit_fast import serve
+
+    predicted = [{k: row[k] for k in ("label", "probabilities")}
+                 for row in serve.predict(bf16_run, texts=[(t,) for t in PRECISION_TEXTS])]
+    in_bf16 = answers_in("bf16", bf16_run, PRECISION_TEXTS)
+    for got, expected in zip(predicted, in_bf16, strict=True):
+        assert got["label"] == expected["label"]
+        assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+    assert in_bf16 != answers_in("fp32", bf16_run, PRECISION_TEXTS), "the two precisions answer alike: no test"
+
+
+def test_runs_are_served_in_their_precision_or_the_finest_of_theirs(two_runs, bf16_run):
+    from bitfit_fast.serve import RunsPredictor
+
+    alone = RunsPredictor([bf16_run], backend="torch")
+    assert alone.precision == "bf16"
+    served = alone.predict([alone.check(dict(task="half", text=text)) for text in PRECISION_TEXTS])
+    for got, expected in zip(served, answers_in("bf16", bf16_run, PRECISION_TEXTS), strict=True):
+        assert got["label"] == expected["label"]
+        assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+    assert RunsPredictor([bf16_run, two_runs["topics"]], backend="torch").precision == "fp32"

@@ -12,7 +12,7 @@
 """
 
 from . import data, metrics
-from .config import LR_GRID, METHODS, TrainConfig
+from .config import LR_GRID, METHODS, TrainConfig, autocast
 from .distributed import Dist, setup_distributed
 from .evaluation import best_evaluation, evaluate
 from .loop import StepEnd, TrainingDiverged, train
@@ -32,6 +32,7 @@ __all__ = [
     "StepEnd",
     "TrainConfig",
     "TrainingDiverged",
+    "autocast",
     "best_evaluation",
     "data",
     "evaluate",

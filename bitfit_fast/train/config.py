@@ -12,6 +12,12 @@ MAX_LEARNING_RATE = 1.0  # AdamW moves each trained value by up to ~lr a step: b
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: off)
 
 
+def autocast(precision: str, device: torch.device):
+    """The autocast context of ``precision`` (a key of PRECISIONS) on ``device`` (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The options of a run: data, model, method and the paper's protocol (AdamW, no schedule, clipping).
@@ -99,5 +105,4 @@ class TrainConfig:
 
     def autocast(self, device: torch.device):
         """The autocast context of the run's precision on ``device`` (a no-op for fp32)."""
-        dtype = PRECISIONS[self.resolved_precision(device)]
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.resolved_precision(device), device)
