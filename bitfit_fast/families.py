@@ -144,9 +144,11 @@ class Family:
     # Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
     # query third of their bias trains.
     packed_qkv: tuple[str, ...] = ()
-    # Key projections of dot-product self-attention: their bias has an identically zero gradient (softmax ignores
-    # the per-query constant q·b_k) as long as positions do not enter through the keys (absolute positions).
-    attention_keys: tuple[str, ...] = ()
+    # Self-attention modules (class name: their key projection's attribute) whose key bias has an identically zero
+    # gradient: softmax(q·k) ignores the per-query constant q·b_k as long as positions do not enter through the
+    # keys (absolute positions). By class, as the fused layers: an attention of the same attribute names may rotate
+    # the keys (RoFormer's rotary positions, where that bias trains). The Sdpa classes are transformers 4's.
+    zero_gradient_keys: dict[str, str] = dataclasses.field(default_factory=dict)
     # Fusable layers: their class names, and where their parts live (the spec's type picks the fused layer).
     layer_classes: tuple[str, ...] = ()
     layer: EncoderLayerSpec | PreNormGluLayerSpec | None = None
@@ -173,7 +175,9 @@ FAMILIES = (
     Family(
         name="bert",  # post-LayerNorm BERT and the encoders built on its code
         subset=("attention.self.query", "intermediate.dense"),
-        attention_keys=("attention.self.key",),
+        zero_gradient_keys={f"{model}{kind}SelfAttention": "key" for kind in ("", "Sdpa") for model in (
+            "Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "LayoutLM", "Ernie",
+            "MegatronBert", "XLMRobertaXL", "ConvBert")},  # the last three: BERT's attention, not its layers
         layer_classes=(
             "BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
             "LayoutLMLayer", "ErnieLayer",
@@ -193,10 +197,13 @@ FAMILIES = (
             "RobertaEmbeddings", "XLMRobertaEmbeddings", "CamembertEmbeddings", "Data2VecTextEmbeddings",
         ),
     ),
-    Family(name="distilbert", subset=("attention.q_lin", "ffn.lin1"), attention_keys=("attention.k_lin",),
+    Family(name="distilbert", subset=("attention.q_lin", "ffn.lin1"),
+           zero_gradient_keys=dict.fromkeys(("DistilBertSelfAttention", "MultiHeadSelfAttention",
+                                             "DistilBertSdpaAttention", "DistilBertFlashAttention2"), "k_lin"),
            layer_classes=("TransformerBlock",), layer=DISTILBERT_LAYER, encoder_classes=("Transformer",),
            first_token_heads=("DistilBertForSequenceClassification",)),
-    Family(name="albert", subset=("attention.query", "ffn"), attention_keys=("attention.key",)),
+    Family(name="albert", subset=("attention.query", "ffn"),
+           zero_gradient_keys=dict.fromkeys(("AlbertAttention", "AlbertSdpaAttention"), "key")),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
     Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),
@@ -211,7 +218,7 @@ def _union(field: str) -> tuple[str, ...]:
 
 SUBSET_PATTERNS = _union("subset")
 PACKED_QKV_PATTERNS = _union("packed_qkv")
-ATTENTION_KEY_PATTERNS = _union("attention_keys")
+ZERO_GRADIENT_KEYS = {name: key for family in FAMILIES for name, key in family.zero_gradient_keys.items()}
 FIRST_TOKEN_HEADS = frozenset(_union("first_token_heads"))
 OFFSET_POSITION_EMBEDDINGS = frozenset(_union("offset_position_embeddings"))
 

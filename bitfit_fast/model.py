@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .backend import check_backend
 from .config import AppliedState, BitFitConfig, dtype_name
-from .families import ATTENTION_KEY_PATTERNS, FIRST_TOKEN_HEADS, PACKED_QKV_PATTERNS, SUBSET_PATTERNS
+from .families import FIRST_TOKEN_HEADS, PACKED_QKV_PATTERNS, SUBSET_PATTERNS, ZERO_GRADIENT_KEYS
 from .fused_layer import FusedEncoder, FusedEncoderLayer, fuse, unfuse_hooks
 from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, replace_children, retype
 
@@ -56,13 +56,14 @@ BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer, FusedEncoder
 
 
 def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
-    """ids of the linear modules whose bias gradient is identically zero: the attention key projections."""
+    """ids of the linear modules whose bias gradient is identically zero: the key projections of the
+    registry's self-attention classes (``families.ZERO_GRADIENT_KEYS``) with absolute positions (transformers 4's
+    BERT may add relative ones to the keys)."""
     found = set()
-    for name, module in modules.items():
-        if type(module) is nn.Linear and any(_matches(name, p) for p in ATTENTION_KEY_PATTERNS):
-            attention = modules.get(name.rsplit(".", 1)[0])
-            if getattr(attention, "position_embedding_type", "absolute") == "absolute":
-                found.add(id(module))
+    for attention in modules.values():
+        key = getattr(attention, ZERO_GRADIENT_KEYS.get(type(attention).__name__, ""), None)
+        if type(key) is nn.Linear and getattr(attention, "position_embedding_type", "absolute") == "absolute":
+            found.add(id(key))
     return found
 
 

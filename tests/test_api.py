@@ -13,6 +13,7 @@ from bitfit_reference import (
     tiny_bert,
     tiny_roberta,
     trainable,
+    with_random_biases,
 )
 
 import bitfit_fast
@@ -162,6 +163,49 @@ def test_other_encoder_families_match_the_reference(family, biases):
     out.loss.backward()
     ref_out.loss.backward()
     assert_gradients_match(model, reference)
+
+
+# Encoders outside the fused families whose self-attention has BERT's module names: BERT's math (Megatron-BERT,
+# XLM-RoBERTa-XL, ConvBERT's attention beside its convolution), or keys rotated by their position (RoFormer).
+KEY_BIAS_FAMILIES = {
+    "megatron-bert": (transformers.MegatronBertConfig, transformers.MegatronBertForSequenceClassification,
+                      dict(TINY, max_position_embeddings=64)),
+    "xlm-roberta-xl": (transformers.XLMRobertaXLConfig, transformers.XLMRobertaXLForSequenceClassification,
+                       dict(TINY, max_position_embeddings=72, pad_token_id=1)),
+    "convbert": (transformers.ConvBertConfig, transformers.ConvBertForSequenceClassification,
+                 dict(TINY, embedding_size=36, head_ratio=1, max_position_embeddings=64)),
+    "roformer": (transformers.RoFormerConfig, transformers.RoFormerForSequenceClassification,
+                 dict(TINY, embedding_size=36, max_position_embeddings=64)),
+}
+
+
+@pytest.mark.parametrize("family", ["bert", *FAMILIES, *KEY_BIAS_FAMILIES])
+def test_a_key_bias_gets_exactly_zero_where_its_true_gradient_is_zero_and_trains_where_not(family):
+    """apply gives the key biases of the attention classes it knows exactly zero gradients, and every other key
+    bias the reference's. The truth comes from the reference in float64: a true zero is rounding noise there."""
+    if family == "bert":
+        model = tiny_bert()
+    else:
+        config_cls, model_cls, config = {**FAMILIES, **KEY_BIAS_FAMILIES}[family]
+        model = model_cls(config_cls(**config, num_labels=3))
+    model = with_random_biases(model.double())
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch", announce=False)
+    batch = padded_batch(model)
+    model(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    gradients = {name: param.grad for name, param in reference.named_parameters() if param.requires_grad}
+    scale = max(grad.abs().max().item() for name, grad in gradients.items() if name.endswith(".bias"))
+    keys = [name for name in gradients if name.endswith((".key.bias", ".k_lin.bias"))]
+    assert len(keys) == (1 if family == "albert" else 2), keys  # one per layer (ALBERT's two share one)
+    ours = dict(model.named_parameters())
+    for name in keys:
+        truly_zero = gradients[name].abs().max().item() < 1e-12 * scale
+        assert truly_zero == (family != "roformer"), f"{name}: the test's premise"
+        if truly_zero:
+            assert not ours[name].grad.any(), f"{name}: its true gradient is zero, and so is ours"
+        else:
+            torch.testing.assert_close(ours[name].grad, gradients[name], rtol=1e-9, atol=1e-9 * scale, msg=name)
 
 
 def test_albert_shared_layers_stay_shared():
