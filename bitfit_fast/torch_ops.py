@@ -68,11 +68,19 @@ def bias_rows(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            row_task: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T + b, with b per row for a task table (see :func:`bias_rows`)."""
-    if bias is None or bias.dim() == 1:
-        return F.linear(x, weight, bias)
-    rows = bias_rows(bias, row_task)  # gathered into a new tensor: the GEMM adds into it, with no copy of it first
-    return rows.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], -1)
+    """x @ W^T + b, with b per row for a task table (see :func:`bias_rows`). Allocated in x's leading shape and
+    computed through an [M, N] view of it (F.linear of a 3-D x returns a view of its [M, N] result): a custom
+    autograd Function's output that is a view may not be changed in place, and models change their projections so
+    (DeBERTa: ``pos_query_layer /= scale``)."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    rows, x2d = out.view(-1, weight.shape[0]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2d, weight.t(), out=rows)
+    elif bias.dim() == 1:
+        torch.addmm(bias, x2d, weight.t(), out=rows)
+    else:  # the rows' biases gathered into the output: the GEMM adds into them, with no copy of them first
+        torch.index_select(bias, 0, table_row_tasks(bias, row_task), out=rows).addmm_(x2d, weight.t())
+    return out
 
 
 # Masks are drawn as 16-bit lanes of 64-bit words: a quarter of a 64-bit draw per element, where ``torch.rand``
@@ -210,8 +218,9 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
     for bit (stable for any gamma, unlike x_hat from y)."""
     if beta.dim() == 1:
         return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
-    rows = bias_rows(beta.float(), row_task).view(*x_hat.shape[:-1], -1)  # gathered into a new tensor: add in place
-    return rows.addcmul_(x_hat.float(), gamma.float()).to(x_hat.dtype)
+    y = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)  # not a view: see :func:`linear`
+    torch.index_select(beta.detach().float(), 0, table_row_tasks(beta, row_task), out=y.view(-1, y.shape[-1]))
+    return y.addcmul_(x_hat.float(), gamma.float()).to(x_hat.dtype)
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,

@@ -472,30 +472,31 @@ def linear_forward(
     M = check_rows("x", x)
     check_bias("bias", bias, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
+    # Outputs are allocated in x's leading shape and written through [M, N] views of them: a view returned from a
+    # custom autograd Function may not be changed in place, and models change their projections so (DeBERTa).
+    x2d = x.reshape(M, K)
     if _gemm_choice(gemm, x, activation, dropout_p) == "cublas":
-        x2d = x.reshape(M, K)
-        if bias is None:
-            h = torch.mm(x2d, weight.t())
+        h = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        rows = h.view(M, N)
+        if bias is None or (row_task is not None and activation == "gelu"):  # a table's rows come with the GELU
+            torch.mm(x2d, weight.t(), out=rows)
         elif row_task is None:
-            h = torch.addmm(bias.to(x.dtype), x2d, weight.t())
-        elif activation == "gelu":
-            h = torch.mm(x2d, weight.t())  # the table's rows come with the GELU pass
+            torch.addmm(bias.to(x.dtype), x2d, weight.t(), out=rows)
         else:
-            # The rows' biases [M, N] gathered into a new tensor, the GEMM's C matrix, which it adds into in place:
+            # The rows' biases [M, N] gathered into the output, the GEMM's C matrix, which it adds into in place:
             # out of place, torch first copies C into the output (a device copy of [M, N], 0.39 ms of a bank's
             # 10.5 ms BERT-base training step on an H200 at 960342b).
-            h = bias.to(x.dtype).index_select(0, row_task).addmm_(x2d, weight.t())
+            torch.index_select(bias.to(x.dtype), 0, row_task, out=rows).addmm_(x2d, weight.t())
         if activation != "gelu":
             y = h
         elif bias is not None and row_task is not None:
             y = _task_bias_gelu(h, bias, row_task, store_preact)
         else:
             y = torch.nn.functional.gelu(h)
-        return y.view(*x.shape[:-1], N), (h.view(*x.shape[:-1], N) if store_preact else None)
+        return y, (h if store_preact else None)
 
-    x2d = x.reshape(M, K)
-    y = torch.empty((M, n_out), dtype=x.dtype, device=x.device)
-    h = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_preact else None
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    h = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device) if store_preact else None
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)
     _linear_fwd_kernel[grid](
         x2d, weight, bias if bias is not None else y, row_task if row_task is not None else y, y,
@@ -509,15 +510,17 @@ def linear_forward(
         STORE_PREACT=store_preact,
         DOT_PRECISION=dot_precision(x.dtype),
     )
-    return y.view(*x.shape[:-1], n_out), (h.view(*x.shape[:-1], N) if h is not None else None)
+    return y, h
 
 
 def _task_bias_gelu(h: torch.Tensor, table: torch.Tensor, row_task: torch.Tensor, store_preact: bool) -> torch.Tensor:
-    """gelu(h + table[row_task]) for cuBLAS's rows h [M, N], in one pass that also leaves h + table[row_task] in h
-    with ``store_preact`` (and writes the GELU over h without). It replaces the gather of the rows' biases into
-    cuBLAS's C matrix, the GEMM's read of it and torch's GELU pass: four passes over [M, N] by three, or by two."""
+    """gelu(h + table[row_task]) for cuBLAS's rows h [..., N] (M rows), in one pass that also leaves
+    h + table[row_task] in h with ``store_preact`` (and writes the GELU over h without). It replaces the gather of
+    the rows' biases into cuBLAS's C matrix, the GEMM's read of it and torch's GELU pass: four passes over [M, N] by
+    three, or by two."""
     y = torch.empty_like(h) if store_preact else h
-    M, N = h.shape
+    N = h.shape[-1]
+    M = h.numel() // N
     _task_bias_gelu_kernel[(cdiv(M, _GRAD_BLOCK_M), cdiv(N, _GRAD_BLOCK_N))](
         h, table, row_task, y, M, N,
         STORE_H=store_preact,

@@ -87,6 +87,27 @@ def test_layer_norm_is_exact_for_adversarial_gamma(backend, dtype, with_zeros):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_may_be_changed_in_place_as_nn_linear_and_nn_layer_norm_outputs_may(backend):
+    """A model may scale a projection in place, through a view of it (DeBERTa: ``pos_query_layer /= scale`` on its
+    heads' view); the gradients are those of the same code on torch's modules."""
+    for module, width in ((frozen_linear(backend), 19), (frozen_layer_norm(backend), 29)):
+        plain = module.to_vanilla() if isinstance(module, BitFitLinear) else nn.LayerNorm(29).to(DEVICE)
+        if isinstance(module, BitFitLayerNorm):
+            plain.load_state_dict(module.state_dict())
+            plain.weight.requires_grad_(False)
+        x = torch.randn(4, 5, width, device=DEVICE)
+        grads = []
+        for m in (module, plain):
+            m.zero_grad()
+            y = m(x)
+            heads = y.view(4, 5, -1, 1).permute(0, 2, 1, 3)
+            heads /= 3.0
+            (heads.square().sum() + y[:, 0].sum()).backward()
+            grads.append(m.bias.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unfrozen_weight_falls_back_to_plain_autograd(backend):
     linear = frozen_linear(backend)
     linear.weight.requires_grad_(True)
