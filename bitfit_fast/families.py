@@ -139,8 +139,9 @@ MODERNBERT_LAYER = PreNormGluLayerSpec(
 class Family:
     """One registry entry: what ``apply``, the fused encoder and the classification shortcut know of a family."""
     name: str
-    # biases="subset": the paper's b_q and b_m2 (query and intermediate), as module-name patterns.
-    subset: tuple[str, ...]
+    # biases="subset": the paper's b_q and b_m2, as (query, intermediate) module-name patterns (or a bias
+    # parameter's full name: DeBERTa's q_bias).
+    subset: tuple[str, str]
     # Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
     # query third of their bias trains.
     packed_qkv: tuple[str, ...] = ()
@@ -204,6 +205,12 @@ FAMILIES = (
            first_token_heads=("DistilBertForSequenceClassification",)),
     Family(name="albert", subset=("attention.query", "ffn"),
            zero_gradient_keys=dict.fromkeys(("AlbertAttention", "AlbertSdpaAttention"), "key")),
+    # Relative positions enter DeBERTa's scores through the keys (position-to-content): no zero-gradient key bias.
+    Family(name="deberta", subset=("attention.self.q_bias", "intermediate.dense")),
+    Family(name="deberta-v2", subset=("attention.self.query_proj", "intermediate.dense")),  # and DeBERTa-v3
+    # MPNet adds its relative position bias to the scores, outside the keys.
+    Family(name="mpnet", subset=("attention.attn.q", "intermediate.dense"),
+           zero_gradient_keys={"MPNetSelfAttention": "k"}),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
     Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),
@@ -216,7 +223,9 @@ def _union(field: str) -> tuple[str, ...]:
     return tuple(value for family in FAMILIES for value in getattr(family, field))
 
 
-SUBSET_PATTERNS = _union("subset")
+SUBSET_QUERY_PATTERNS = tuple(dict.fromkeys(family.subset[0] for family in FAMILIES))
+SUBSET_INTERMEDIATE_PATTERNS = tuple(dict.fromkeys(family.subset[1] for family in FAMILIES))
+SUBSET_PATTERNS = SUBSET_QUERY_PATTERNS + SUBSET_INTERMEDIATE_PATTERNS
 PACKED_QKV_PATTERNS = _union("packed_qkv")
 ZERO_GRADIENT_KEYS = {name: key for family in FAMILIES for name, key in family.zero_gradient_keys.items()}
 FIRST_TOKEN_HEADS = frozenset(_union("first_token_heads"))

@@ -11,7 +11,13 @@ import torch.nn as nn
 
 from .backend import check_backend
 from .config import AppliedState, BitFitConfig, dtype_name
-from .families import FIRST_TOKEN_HEADS, PACKED_QKV_PATTERNS, SUBSET_PATTERNS, ZERO_GRADIENT_KEYS
+from .families import (
+    FIRST_TOKEN_HEADS,
+    PACKED_QKV_PATTERNS,
+    SUBSET_INTERMEDIATE_PATTERNS,
+    SUBSET_QUERY_PATTERNS,
+    ZERO_GRADIENT_KEYS,
+)
 from .fused_layer import FusedEncoder, FusedEncoderLayer, fuse, unfuse_hooks
 from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, replace_children, retype
 
@@ -151,18 +157,37 @@ def _can_take_bias(module: nn.Module, add_missing: bool) -> bool:
     return _has_bias(module) or (add_missing and _replaceable(module))
 
 
+def _loose_biases(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Bias parameters that a module holds under another name than ``bias`` and adds in its own forward, {full
+    name: parameter}: DeBERTa's attention adds ``q_bias`` and ``v_bias`` to a bias-free packed projection,
+    ``nn.MultiheadAttention`` has ``in_proj_bias``. Reference BitFit trains every parameter named so."""
+    return {f"{name}.{key}": param for name, module in modules.items() for key, param in module._parameters.items()
+            if isinstance(param, nn.Parameter) and key != "bias" and key.endswith("bias")}
+
+
 def _select_biases(candidates: dict[str, nn.Module], biases: str | list[str], model_name: str) -> list[str]:
     """Names of the candidates whose bias trains; the values of ``biases`` are checked by BitFitConfig."""
     if biases == "all":
         return list(candidates)
     if biases == "subset":
-        selected = [n for n in candidates if any(_matches(n, p) for p in SUBSET_PATTERNS)]
-        if not selected:
+        kinds = {"query": SUBSET_QUERY_PATTERNS, "intermediate": SUBSET_INTERMEDIATE_PATTERNS}
+        found = {kind: [n for n in candidates if any(_matches(n, p) for p in patterns)]
+                 for kind, patterns in kinds.items()}
+        if not any(found.values()):
             raise ValueError(
                 f"biases='subset' found no query/intermediate layers in {model_name} (it knows the names "
-                f"{list(SUBSET_PATTERNS)}); pass the module-name patterns of this model as a list instead"
+                f"{list(SUBSET_QUERY_PATTERNS + SUBSET_INTERMEDIATE_PATTERNS)}); pass the module-name patterns of "
+                "this model as a list instead"
             )
-        return selected
+        # Half the paper's subset is another method: refused, not trained silently.
+        for kind, other in (("query", "intermediate"), ("intermediate", "query")):
+            if not found[kind]:
+                raise ValueError(
+                    f"biases='subset' found {model_name}'s {other} layers ({found[other][0]}, ...) but no {kind} "
+                    f"layer (it knows the names {list(kinds[kind])}): pass the module-name patterns of this model's "
+                    "query and intermediate layers as a list instead"
+                )
+        return [n for n in candidates if n in found["query"] or n in found["intermediate"]]
     examples = list(candidates)[:4]
     for pattern in biases:
         if not any(_matches(n, pattern) for n in candidates):
@@ -202,9 +227,10 @@ def _encoder_is_bias_free(modules: dict[str, nn.Module], head: list[str], biases
     trains zero-initialised biases rather than nothing. The encoder decides, not a frozen head's classifier
     (which has a bias even on ModernBERT)."""
     selectable = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing=True)}
-    chosen = _select_biases(selectable, biases, model_name) if selectable else []
+    loose = _loose_biases(modules)
+    chosen = _select_biases({**selectable, **loose}, biases, model_name) if selectable or loose else []
     in_body = [n for n in chosen if not is_within(n, head)]
-    return bool(chosen) and not any(_has_bias(selectable[n]) for n in in_body or chosen)
+    return bool(chosen) and not any(n in loose or _has_bias(selectable[n]) for n in in_body or chosen)
 
 
 @dataclasses.dataclass
@@ -214,6 +240,7 @@ class _Plan:
     head: list[str]  # the head's top-level modules
     trained_head: list[str]  # those that train fully: the head with train_head=True, else none
     selected: dict[str, nn.Module]  # modules whose bias trains
+    loose: dict[str, nn.Parameter]  # other bias parameters that train, by full name (see _loose_biases)
     to_add: list[str]  # modules that get a zero bias first
     replaceable: set[int]  # ids of the modules that become BitFit modules
     zero_gradient: set[int]  # ids of linears whose bias has an identically zero gradient
@@ -246,6 +273,7 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
     if add_missing is None:
         add_missing = _encoder_is_bias_free(modules, head, config.biases, model_name)
     candidates = {n: m for n, m in modules.items() if _can_take_bias(m, add_missing)}
+    loose = _loose_biases(modules)
     replaceable = {id(m) for m in modules.values() if _replaceable(m)}
     if not candidates or not replaceable:
         raise ValueError(
@@ -253,7 +281,8 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
             "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
             + ("" if add_missing else "; add_missing_biases=True gives bias-free layers a zero bias to train")
         )
-    selected = {n: candidates[n] for n in _select_biases(candidates, config.biases, model_name)}
+    chosen = _select_biases({**candidates, **loose}, config.biases, model_name)
+    selected = {n: candidates[n] for n in chosen if n in candidates}
     to_add = [n for n, m in selected.items() if not _has_bias(m)]
     if add_missing:  # the trained head's bias-free layers too: they train with the head
         to_add += [n for n, m in model.named_modules()
@@ -262,7 +291,8 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
     if config.biases == "subset":
         query_rows_only = {id(m) for n, m in selected.items()
                            if type(m) is nn.Linear and any(_matches(n, p) for p in PACKED_QKV_PATTERNS)}
-    return _Plan(head=head, trained_head=trained_head, selected=selected, to_add=to_add, replaceable=replaceable,
+    return _Plan(head=head, trained_head=trained_head, selected=selected,
+                 loose={n: loose[n] for n in chosen if n in loose}, to_add=to_add, replaceable=replaceable,
                  zero_gradient=_zero_gradient_biases(modules), query_rows_only=query_rows_only,
                  backend=config.backend)
 
@@ -281,7 +311,18 @@ def planned_parameters(model: nn.Module, config: BitFitConfig) -> tuple[dict[str
     shapes.update({f"{name}.bias": (_bias_features(model.get_submodule(name)),) for name in plan.to_add})
     trained = {name for name in shapes if is_within(name, plan.trained_head)}
     trained |= {f"{n}.bias" if n in plan.to_add else names[id(m.bias)] for n, m in plan.selected.items()}
+    trained |= {names[id(param)] for param in plan.loose.values()}
     return shapes, trained
+
+
+def biases_outside_bitfit_layers(model: nn.Module, config: BitFitConfig) -> dict[str, str]:
+    """The biases ``apply(model, config)`` would train that no BitFit layer adds, {parameter name: class of the
+    module that adds it in its own forward}: those of modules that are not an ``nn.Linear`` or ``nn.LayerNorm`` (a
+    convolution, MobileBERT's NoNorm) and :func:`_loose_biases`."""
+    plan = _plan(model, config)
+    outside = {f"{n}.bias": type(m).__name__ for n, m in plan.selected.items() if id(m) not in plan.replaceable}
+    owners = {id(p): type(m).__name__ for m in model.modules() for p in m._parameters.values() if p is not None}
+    return outside | {name: owners[id(param)] for name, param in plan.loose.items()}
 
 
 def trained_parameters(model: nn.Module) -> set[str]:
@@ -302,12 +343,14 @@ def _add_zero_biases(model: nn.Module, names: list[str], announce: bool) -> None
               f"({count:,} parameters), so step 0 computes the pretrained function")
 
 
-def _freeze_all_but(model: nn.Module, trained_head: list[str], selected: dict[str, nn.Module]) -> None:
+def _freeze_all_but(model: nn.Module, plan: _Plan) -> None:
     model.requires_grad_(False)
-    for name in trained_head:
+    for name in plan.trained_head:
         model.get_submodule(name).requires_grad_(True)
-    for module in selected.values():
+    for module in plan.selected.values():
         module.bias.requires_grad_(True)
+    for param in plan.loose.values():
+        param.requires_grad_(True)
 
 
 def _store_frozen_weights(model: nn.Module, dtype: torch.dtype | None) -> dict[str, str]:
@@ -351,7 +394,7 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     # Validation is over: from here on the model changes.
     _add_zero_biases(model, plan.to_add, announce)
     _declare_added_biases(model, plan.to_add, announce)
-    _freeze_all_but(model, plan.trained_head, plan.selected)
+    _freeze_all_but(model, plan)
     setattr(model, TRAINED_ATTRIBUTE, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
     replace_children(model, plan.to_bitfit)
     weight_dtypes = _store_frozen_weights(model, config.dtype)

@@ -36,7 +36,15 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import BitFitConfig
-from .model import apply, config_of, config_with, is_within, planned_parameters, state_of
+from .model import (
+    apply,
+    biases_outside_bitfit_layers,
+    config_of,
+    config_with,
+    is_within,
+    planned_parameters,
+    state_of,
+)
 
 
 @dataclasses.dataclass
@@ -216,6 +224,19 @@ def task_part(tasks: int | tuple[int, ...] | None, task: int) -> int | slice | N
 _EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
 
 
+def _check_biases_mix(model: nn.Module, config: BitFitConfig) -> None:
+    """Raise unless bitfit_fast's own layers add every bias ``apply(model, config)`` trains: only they add each row
+    its task's bias. A module that adds its bias itself would take a task table [T, N] for a bias [N]: a shape error,
+    or where a batch's length is T, each position another task's bias."""
+    outside = biases_outside_bitfit_layers(model, config)
+    if outside:
+        name, owner = next(iter(outside.items()))
+        raise ValueError(f"{name} is added by a {owner} in its own forward ({len(outside)} such biases), and a "
+                         "TaskBank mixes tasks in bitfit_fast's linear and LayerNorm layers only: run these tasks one "
+                         "at a time (load_biases swaps a task's biases onto one model), or train without those "
+                         "biases (biases=[...] patterns that leave them out)")
+
+
 def _options(checkpoint: Checkpoint) -> dict:
     """What must agree between the tasks of one bank: the options that decide what a task trains, the head as the
     modules it was (`bitfit-fast train` names them; apply() finds the same by default)."""
@@ -282,6 +303,7 @@ class TaskBank(nn.Module):
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
+        _check_biases_mix(model, config)
         sampled = {}  # the model's values that the tasks' base samples are compared with
         for name, checkpoint in checkpoints.items():
             trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
@@ -335,6 +357,7 @@ class TaskBank(nn.Module):
             if other:
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
                                  f"but {other} differ: train the heads, or give every task {width} labels")
+        _check_biases_mix(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
         params = dict(model.named_parameters())
         tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]

@@ -121,6 +121,16 @@ FAMILIES = {
                 dict(TINY, embedding_size=20, max_position_embeddings=64)),
     "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaForSequenceClassification,
                     dict(TINY, max_position_embeddings=72, pad_token_id=1)),
+    # DeBERTa's attention adds biases of its own (q_bias, v_bias) to a bias-free packed projection. Both with
+    # their pretrained models' relative attention (deberta-base; DeBERTa-v3, whose classes are v2's).
+    "deberta": (transformers.DebertaConfig, transformers.DebertaForSequenceClassification,
+                dict(TINY, max_position_embeddings=64, relative_attention=True, pos_att_type=["c2p", "p2c"])),
+    "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2ForSequenceClassification,
+                   dict(TINY, max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                        position_biased_input=False, position_buckets=16, norm_rel_ebd="layer_norm",
+                        share_att_key=True)),
+    "mpnet": (transformers.MPNetConfig, transformers.MPNetForSequenceClassification,
+              dict(TINY, max_position_embeddings=64, pad_token_id=1)),
 }
 
 
@@ -136,6 +146,9 @@ SUBSET_NAMES = {
     "albert": ("attention.query.bias", "albert_layers.0.ffn.bias"),
     "electra": ("attention.self.query.bias", "intermediate.dense.bias"),
     "xlm-roberta": ("attention.self.query.bias", "intermediate.dense.bias"),
+    "deberta": ("attention.self.q_bias", "intermediate.dense.bias"),
+    "deberta-v2": ("attention.self.query_proj.bias", "intermediate.dense.bias"),
+    "mpnet": ("attention.attn.q.bias", "intermediate.dense.bias"),
 }
 
 
@@ -196,16 +209,34 @@ def test_a_key_bias_gets_exactly_zero_where_its_true_gradient_is_zero_and_trains
     reference(**batch).loss.backward()
     gradients = {name: param.grad for name, param in reference.named_parameters() if param.requires_grad}
     scale = max(grad.abs().max().item() for name, grad in gradients.items() if name.endswith(".bias"))
-    keys = [name for name in gradients if name.endswith((".key.bias", ".k_lin.bias"))]
+    keys = [name for name in gradients if name.endswith((".key.bias", ".k_lin.bias", ".attn.k.bias", "key_proj.bias"))]
+    if family == "deberta":  # its packed projection has no bias: nothing to test
+        assert not keys
+        return
     assert len(keys) == (1 if family == "albert" else 2), keys  # one per layer (ALBERT's two share one)
     ours = dict(model.named_parameters())
     for name in keys:
         truly_zero = gradients[name].abs().max().item() < 1e-12 * scale
-        assert truly_zero == (family != "roformer"), f"{name}: the test's premise"
+        # RoFormer rotates its keys by position; DeBERTa-v2's scores read them against relative positions.
+        assert truly_zero == (family not in ("roformer", "deberta-v2")), f"{name}: the test's premise"
         if truly_zero:
             assert not ours[name].grad.any(), f"{name}: its true gradient is zero, and so is ours"
         else:
             torch.testing.assert_close(ours[name].grad, gradients[name], rtol=1e-9, atol=1e-9 * scale, msg=name)
+
+
+def test_subset_is_refused_where_only_half_of_it_is_found():
+    """The paper's subset is the query and the intermediate biases: a model where only one of them is found by name
+    (Funnel-like names: the intermediate layer's only) is refused, not trained on half of it."""
+    model = transformers.NystromformerForSequenceClassification(transformers.NystromformerConfig(
+        **TINY, max_position_embeddings=64, num_landmarks=4, segment_means_seq_len=16))
+    for layer in model.nystromformer.encoder.layer:  # the query under a name of no family
+        layer.attention.self.q_proj = layer.attention.self.query
+        del layer.attention.self.query
+    with pytest.raises(ValueError, match=r"found NystromformerForSequenceClassification's intermediate layers \("
+                                         r"nystromformer.encoder.layer.0.intermediate.dense, ...\) but no query layer"):
+        bitfit_fast.apply(model, biases="subset")
+    assert not any(isinstance(m, BitFitLinear) for m in model.modules()), "refused before anything changed"
 
 
 def test_albert_shared_layers_stay_shared():

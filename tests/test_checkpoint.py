@@ -533,3 +533,25 @@ def test_a_weight_unfrozen_after_apply_is_saved_and_trains_again_after_loading(t
     assert trainable(base).keys() == trainable(model).keys()
     batch = padded_batch(model)
     torch.testing.assert_close(base.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_bias_parameters_a_module_adds_itself_round_trip_to_a_vanilla_model(tmp_path):
+    """DeBERTa's attention adds q_bias and v_bias itself (its packed projection has no bias): they train, are saved
+    and loaded with the others, and a merged model's save_pretrained keeps their trained values."""
+    from test_api import FAMILIES
+
+    config_cls, model_cls, config = FAMILIES["deberta"]
+    model, base = trained(lambda: model_cls(config_cls(**config, num_labels=3)))
+    loose = {name: param.detach().clone() for name, param in model.named_parameters()
+             if name.endswith(("q_bias", "v_bias"))}
+    assert len(loose) == 4 and all(param.requires_grad for name, param in model.named_parameters() if name in loose)
+    assert not any(torch.equal(value, base.get_parameter(name)) for name, value in loose.items()), "they trained"
+    bitfit_fast.save_biases(model, tmp_path / "biases")
+    fresh = same_base(base, model_cls(config_cls(**config, num_labels=3)))
+    loaded = bitfit_fast.load_biases(fresh, tmp_path / "biases")
+    batch = padded_batch(model)
+    torch.testing.assert_close(loaded.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    bitfit_fast.merge(loaded).save_pretrained(tmp_path / "hf")
+    reloaded = model_cls.from_pretrained(tmp_path / "hf").eval()
+    assert all(torch.equal(reloaded.get_parameter(name), value) for name, value in loose.items())
+    torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-6, rtol=0)

@@ -1017,3 +1017,53 @@ def test_concatenated_heads_keep_each_parameters_requires_grad():
         concatenated = TaskHeads(heads)
         assert {name: p.requires_grad for name, p in concatenated.named_parameters()} == {
             "weight": frozen != "weight", "bias": frozen != "bias"}
+
+
+def mobilebert():  # NoNorm: MobileBERT's normalisation, a module of its own that adds its bias itself
+    import transformers
+
+    return transformers.MobileBertForSequenceClassification(transformers.MobileBertConfig(
+        vocab_size=97, hidden_size=32, embedding_size=32, true_hidden_size=32, intra_bottleneck_size=32,
+        num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, max_position_embeddings=64))
+
+
+def squeezebert():  # convolutions, whose biases are added by Conv1d
+    import transformers
+
+    return transformers.SqueezeBertForSequenceClassification(transformers.SqueezeBertConfig(
+        vocab_size=97, hidden_size=32, embedding_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=64))
+
+
+def deberta():  # q_bias and v_bias: bias parameters of DeBERTa's attention, which adds them itself
+    import transformers
+
+    return transformers.DebertaForSequenceClassification(transformers.DebertaConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("make,owner", [(mobilebert, "NoNorm"), (squeezebert, "Conv1d"),
+                                        (deberta, "DebertaLayerNorm")])
+def test_a_bias_that_no_bitfit_layer_adds_is_refused_before_the_model_changes(make, owner):
+    """Only bitfit_fast's layers add each row its task's bias. A module that adds its bias itself would get a task
+    table [T, N] for its bias [N]: a shape error, or, where a batch's length is T, each position another task's
+    bias (MobileBERT ran so before this check)."""
+    model = make()
+    with pytest.raises(ValueError, match=rf"is added by a {owner} in its own forward .* a TaskBank mixes tasks in "
+                                         "bitfit_fast's linear and LayerNorm layers only"):
+        TaskBank.new(model, {"a": 2, "b": 2})
+    assert not bitfit_fast.model.is_applied(model)
+
+
+def test_a_bias_parameter_of_a_modules_own_is_refused_in_a_bank_of_saved_tasks(tmp_path):
+    model = deberta()
+    for module in model.modules():  # LayerNorms of torch's: only the attention's own q_bias and v_bias are left
+        for name, child in list(module.named_children()):
+            if type(child).__name__ == "DebertaLayerNorm":
+                setattr(module, name, torch.nn.LayerNorm(32))
+    base = copy.deepcopy(model)
+    bitfit_fast.save_biases(bitfit_fast.apply(model, announce=False), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"q_bias is added by a DisentangledSelfAttention in its own forward \(2 such"):
+        TaskBank.load(base, [tmp_path / "a"])
+    assert not bitfit_fast.model.is_applied(base)

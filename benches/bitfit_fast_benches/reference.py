@@ -28,8 +28,9 @@ def reference_bitfit(model: nn.Module, head: tuple[str, ...] | list[str] | None 
 
 # Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
 # them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
-# The key biases of BERT-style models, DistilBERT and ALBERT.
-ZERO_GRADIENT_BIASES = ("attention.self.key.bias", "attention.k_lin.bias", "attention.key.bias")
+# The key biases of BERT-style models, DistilBERT, ALBERT and MPNet.
+ZERO_GRADIENT_BIASES = ("attention.self.key.bias", "attention.k_lin.bias", "attention.key.bias",
+                        "attention.attn.k.bias")
 
 
 def zero_gradient_bias(name: str) -> bool:
