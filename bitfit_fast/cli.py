@@ -94,11 +94,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from .files import temporaries_of_others
     from .serve import export
 
     out, model_class = export(args.run, args.output_dir)
     print(f"wrote {out}: a {model_class} with {args.run}'s best biases merged in, and its tokenizer; load it with "
           f"transformers' from_pretrained({str(out)!r}), no bitfit-fast needed")
+    for leftover in temporaries_of_others(out):
+        print(f"note: {leftover} is a whole model an export into {out.name} left unfinished (killed?); delete it "
+              "unless an export is still running", file=sys.stderr)
     return 0
 
 

@@ -16,6 +16,14 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
+def temporaries_of_others(path: Path) -> list[Path]:
+    """Other processes' temporaries beside ``path`` (see :func:`temporary_beside`): what a writer killed before its
+    rename left (SIGKILL runs no cleanup), or one writing now. Named for the user, never removed here: whether that
+    process is gone cannot be told from here (another machine may share the file system)."""
+    mine = temporary_beside(path)
+    return sorted(p for p in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}") if p != mine)
+
+
 def check_can_write(directory: Path, named: str) -> None:
     """Before any work: ``directory`` is, or can be made, a directory this process writes in (its nearest existing
     ancestor is a writable directory), else one line naming it as ``named`` (e.g. the option that gave it)."""

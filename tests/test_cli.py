@@ -298,9 +298,15 @@ def test_export_never_writes_over_a_directory_and_names_a_run_it_cannot_merge(ho
 def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, runs, capsys, monkeypatch):
     run, empty = str(home / "runs" / "one"), home / "exported-empty"
     empty.mkdir()
+    killed = home / ".exported-empty.tmp-999999"  # what an export killed before its rename leaves
+    (killed / "model.safetensors").parent.mkdir()
+    (killed / "model.safetensors").write_text("a whole model")
     assert cli.main(["export", run, str(empty)]) == 0
     assert (empty / "config.json").is_file() and (empty / "tokenizer_config.json").is_file()
-    capsys.readouterr()
+    assert capsys.readouterr().err == (f"note: {killed} is a whole model an export into exported-empty left "
+                                       "unfinished (killed?); delete it unless an export is still running\n")
+    assert (killed / "model.safetensors").read_text() == "a whole model", "named, not removed"
+    shutil.rmtree(killed)
 
     def full_disk(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
