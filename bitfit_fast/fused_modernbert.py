@@ -275,7 +275,10 @@ class FusedPreNormEncoder(FusedEncoder):
                 x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, rows, last, use_reentrant=False)
             else:
                 x = layer.fused_forward(x, rows, last)
-        x = self.final_norm(x)
+        if isinstance(self.final_norm, BitFitLayerNorm):  # the rows are real tokens, not a block per example
+            x = self.final_norm(x, row_task=tokens.row_tasks(first_only))
+        else:
+            x = self.final_norm(x)
         return BaseModelOutput(last_hidden_state=x.unsqueeze(1) if first_only else tokens.unpack(x))
 
 

@@ -123,13 +123,17 @@ class BitFitLayerNorm(nn.LayerNorm):
         del plain.backend
         return plain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, row_task: torch.Tensor | None = None) -> torch.Tensor:
+        """``row_task``: each row's task for a TaskBank's table where x's rows are not a block per example (an
+        encoder's packed real tokens); by default they are (see ``task_rows.of_module_input``)."""
         if self.weight.requires_grad:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         check_batch(x)
         x = x.to(layer_norm_output_dtype(x.device.type, x.dtype))  # CUDA's autocast runs it in fp32, so do we
         ops = functions(self.backend, x)
-        y, _ = ops.layer_norm(x, None, self.weight, self.bias, self.eps, row_task=_row_tasks(self.bias, x))
+        if row_task is None:
+            row_task = _row_tasks(self.bias, x)
+        y, _ = ops.layer_norm(x, None, self.weight, self.bias, self.eps, row_task=row_task)
         return y
 
     def extra_repr(self) -> str:
