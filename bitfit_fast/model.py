@@ -315,14 +315,15 @@ def planned_parameters(model: nn.Module, config: BitFitConfig) -> tuple[dict[str
     return shapes, trained
 
 
-def biases_outside_bitfit_layers(model: nn.Module, config: BitFitConfig) -> dict[str, str]:
-    """The biases ``apply(model, config)`` would train that no BitFit layer adds, {parameter name: class of the
-    module that adds it in its own forward}: those of modules that are not an ``nn.Linear`` or ``nn.LayerNorm`` (a
-    convolution, MobileBERT's NoNorm) and :func:`_loose_biases`."""
+def planned_bias_owners(model: nn.Module, config: BitFitConfig) -> dict[str, tuple[nn.Module, bool]]:
+    """The biases ``apply(model, config)`` would train outside a trained head, {parameter name: (the module that
+    adds it, whether apply makes that module a BitFit layer)}: not those of modules other than an ``nn.Linear`` or
+    ``nn.LayerNorm`` (a convolution, MobileBERT's NoNorm), nor :func:`_loose_biases`, which their modules add in
+    their own forward."""
     plan = _plan(model, config)
-    outside = {f"{n}.bias": type(m).__name__ for n, m in plan.selected.items() if id(m) not in plan.replaceable}
-    owners = {id(p): type(m).__name__ for m in model.modules() for p in m._parameters.values() if p is not None}
-    return outside | {name: owners[id(param)] for name, param in plan.loose.items()}
+    owners = {id(p): m for m in model.modules() for p in m._parameters.values() if p is not None}
+    layers = {f"{n}.bias": (m, id(m) in plan.replaceable) for n, m in plan.selected.items()}
+    return layers | {name: (owners[id(param)], False) for name, param in plan.loose.items()}
 
 
 def trained_parameters(model: nn.Module) -> set[str]:

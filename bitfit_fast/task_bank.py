@@ -38,10 +38,10 @@ from .checkpoint import (
 from .config import BitFitConfig
 from .model import (
     apply,
-    biases_outside_bitfit_layers,
     config_of,
     config_with,
     is_within,
+    planned_bias_owners,
     planned_parameters,
     state_of,
 )
@@ -224,17 +224,71 @@ def task_part(tasks: int | tuple[int, ...] | None, task: int) -> int | slice | N
 _EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
 
 
-def _check_biases_mix(model: nn.Module, config: BitFitConfig) -> None:
-    """Raise unless bitfit_fast's own layers add every bias ``apply(model, config)`` trains: only they add each row
-    its task's bias. A module that adds its bias itself would take a task table [T, N] for a bias [N]: a shape error,
-    or where a batch's length is T, each position another task's bias."""
-    outside = biases_outside_bitfit_layers(model, config)
+def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
+    """Raise unless ``apply(model, config)`` gives a model whose tasks mix in one batch: bitfit_fast's own layers
+    add every bias it trains, each to inputs that hold the examples first, and it answers with logits of one row
+    block per example. Only bitfit_fast's layers add each row its task's bias, and they find a row's example by its
+    place in their input: a module that adds its bias itself would take a task table [T, N] for its bias [N] (a
+    shape error, or where a batch's length is T each position another task's bias), and a layer whose input is
+    not per example (sequence first, or position embeddings) would give rows the wrong tasks."""
+    owners = planned_bias_owners(model, config)
+    outside = {name: type(module).__name__ for name, (module, is_layer) in owners.items() if not is_layer}
     if outside:
         name, owner = next(iter(outside.items()))
         raise ValueError(f"{name} is added by a {owner} in its own forward ({len(outside)} such biases), and a "
                          "TaskBank mixes tasks in bitfit_fast's linear and LayerNorm layers only: run these tasks one "
                          "at a time (load_biases swaps a task's biases onto one model), or train without those "
                          "biases (biases=[...] patterns that leave them out)")
+    _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()})
+
+
+def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Raise unless, on the model's dummy inputs (Hugging Face's: 3 examples of 5 tokens, a batch whose length
+    differs from its size), every module of ``layers`` (by its bias's name) takes an input whose first dimension
+    is the batch, and the model answers with logits of one row block per example. A model without dummy inputs,
+    or one that needs other inputs, is not probed (its batches are still checked: a layer input whose first
+    dimension differs from the batch size is refused)."""
+    batch = getattr(model, "dummy_inputs", None)
+    if not isinstance(batch, dict) or not batch:
+        return
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    if "input_ids" in batch:  # without a mask, transformers warns of padding in the dummy ids (once a process)
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    examples = next(iter(batch.values())).shape[0]
+    inputs = {}  # {bias name: its layer's first input shape}
+
+    def recorder(name: str):
+        def record(module, args):
+            if args:
+                inputs.setdefault(name, tuple(args[0].shape))
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(**batch)
+    except Exception:  # a model that needs inputs beyond the dummy ones: not probed
+        return
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    wrong = {name: shape for name, shape in inputs.items() if len(shape) < 2 or shape[0] != examples}
+    if wrong:
+        name, shape = next(iter(wrong.items()))
+        raise ValueError(f"{name}'s layer takes an input of shape {shape} for a batch of {examples} examples: its "
+                         f"rows are not a block per example (sequence first, or position embeddings; {len(wrong)} "
+                         f"such layers in a {type(model).__name__}), and a TaskBank gives each row its example's "
+                         "task's bias: run these tasks one at a time (load_biases swaps a task's biases onto one "
+                         "model)")
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.shape[0] != examples:
+        answer = f"logits of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(output).__name__
+        raise ValueError(f"a {type(model).__name__} answers with {answer}, not logits per example: a TaskBank "
+                         "mixes the tasks of a classification model (a *ForSequenceClassification); run these tasks "
+                         "one at a time (load_biases swaps a task's biases onto one model)")
 
 
 def _options(checkpoint: Checkpoint) -> dict:
@@ -303,7 +357,7 @@ class TaskBank(nn.Module):
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
-        _check_biases_mix(model, config)
+        _check_mixable(model, config)
         sampled = {}  # the model's values that the tasks' base samples are compared with
         for name, checkpoint in checkpoints.items():
             trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
@@ -357,7 +411,7 @@ class TaskBank(nn.Module):
             if other:
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
                                  f"but {other} differ: train the heads, or give every task {width} labels")
-        _check_biases_mix(model, config_with(config, overrides))
+        _check_mixable(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
         params = dict(model.named_parameters())
         tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]

@@ -560,12 +560,13 @@ def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
         torch.testing.assert_close(half[i, ..., :head.out_features], want)
 
 
-@pytest.mark.parametrize("biases", ["all", "subset"])
-def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, tmp_path):
-    """Added zero biases become tables too; with "subset" the packed q/k/v table trains its query rows only."""
+@pytest.mark.parametrize("biases,pooling", [("all", "cls"), ("subset", "cls"), ("all", "mean")])
+def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, pooling, tmp_path):
+    """Added zero biases become tables too; with "subset" the packed q/k/v table trains its query rows only. With
+    "mean" pooling the final LayerNorm reads every real token's row (with "cls", each sequence's first only)."""
     from test_bias_free import tiny_modernbert
 
-    base = tiny_modernbert(3).eval()
+    base = tiny_modernbert(3, classifier_pooling=pooling).eval()
     tasks = {}
     for seed, (name, width) in enumerate({"topic": 3, "sentiment": 2}.items()):
         model = copy.deepcopy(base)
@@ -1067,3 +1068,46 @@ def test_a_bias_parameter_of_a_modules_own_is_refused_in_a_bank_of_saved_tasks(t
     with pytest.raises(ValueError, match=r"q_bias is added by a DisentangledSelfAttention in its own forward \(2 such"):
         TaskBank.load(base, [tmp_path / "a"])
     assert not bitfit_fast.model.is_applied(base)
+
+
+def deberta_v2():  # relative attention as DeBERTa-v3's: a LayerNorm over the relative position embeddings
+    import transformers
+
+    return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=97, hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=52,
+        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, norm_rel_ebd="layer_norm",
+        share_att_key=True, position_biased_input=False))
+
+
+def longformer():  # its attention projects the hidden states sequence first, [T, B, d]
+    import transformers
+
+    return transformers.LongformerForSequenceClassification(transformers.LongformerConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        attention_window=4, max_position_embeddings=64))
+
+
+def bert_of(task_class: str):
+    import transformers
+
+    return lambda: getattr(transformers, task_class)(transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48))
+
+
+@pytest.mark.parametrize("make,message", [
+    (deberta_v2, r"deberta.encoder.LayerNorm.bias's layer takes an input of shape \(32, 36\) for a batch of 3 "
+                 r"examples: its rows are not a block per example"),
+    (longformer, r"attention.self.query.bias's layer takes an input of shape \(8, 3, 32\) for a batch of 3 examples"),
+    (bert_of("BertForQuestionAnswering"), "a BertForQuestionAnswering answers with QuestionAnsweringModelOutput, "
+                                          "not logits per example"),
+    (bert_of("BertModel"), "a BertModel answers with BaseModelOutputWithPoolingAndCrossAttentions, not logits"),
+])
+def test_a_model_whose_layers_do_not_see_the_examples_first_is_refused_before_it_changes(make, message):
+    """A TaskBank finds each row's example by its place in a layer's input, and answers with logits per example:
+    a model whose layers take other inputs (position embeddings, sequence-first states) or which answers with
+    something else is refused, found on the model's dummy inputs before it is applied (it had crashed at its
+    first forward, and would have given rows the wrong tasks where a batch's length equalled its size)."""
+    model = make()
+    with pytest.raises(ValueError, match=message):
+        TaskBank.new(model, {"a": 2, "b": 2}, backend="torch")
+    assert not bitfit_fast.model.is_applied(model)
