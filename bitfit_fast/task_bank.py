@@ -265,14 +265,15 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> N
         return record
 
     hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
-    training = model.training
+    modes = {module: module.training for module in model.modules()}  # each its own: a submodule may differ
     try:
         with torch.no_grad():
             output = model.eval()(**batch)
     except Exception:  # a model that needs inputs beyond the dummy ones: not probed
         return
     finally:
-        model.train(training)
+        for module, training in modes.items():
+            module.training = training
         for hook in hooks:
             hook.remove()
     wrong = {name: shape for name, shape in inputs.items() if len(shape) < 2 or shape[0] != examples}

@@ -1111,3 +1111,13 @@ def test_a_model_whose_layers_do_not_see_the_examples_first_is_refused_before_it
     with pytest.raises(ValueError, match=message):
         TaskBank.new(model, {"a": 2, "b": 2}, backend="torch")
     assert not bitfit_fast.model.is_applied(model)
+
+
+def test_the_probe_of_a_model_leaves_each_modules_mode_and_hooks_as_they_were():
+    model = bert_of("BertForSequenceClassification")().train()
+    model.bert.embeddings.eval()  # a user's choice for one part
+    TaskBank.new(model, {"a": 2, "b": 3}, backend="torch")
+    assert model.training and model.bert.encoder.training and not model.bert.embeddings.training
+    probes = [hook for module in model.modules() for hook in module._forward_pre_hooks.values()
+              if "_check_rows_per_example" in getattr(hook, "__qualname__", "")]
+    assert not probes, "the probe's hooks are removed"
