@@ -4,6 +4,7 @@ together."""
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def temporaries_of_others(path: Path) -> list[Path]:
     """Other processes' temporaries beside ``path`` (see :func:`temporary_beside`): what a writer killed before its
     rename left (SIGKILL runs no cleanup), or one writing now. Named for the user, never removed here: whether that
     process is gone cannot be told from here (another machine may share the file system)."""
+    name = re.compile(rf"\.{re.escape(path.stem)}\.tmp-\d+{re.escape(path.suffix)}")
     mine = temporary_beside(path)
-    return sorted(p for p in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}") if p != mine)
+    return sorted(p for p in path.parent.iterdir() if name.fullmatch(p.name) and p != mine)
 
 
 def check_can_write(directory: Path, named: str) -> None:

@@ -555,3 +555,17 @@ def test_bias_parameters_a_module_adds_itself_round_trip_to_a_vanilla_model(tmp_
     reloaded = model_cls.from_pretrained(tmp_path / "hf").eval()
     assert all(torch.equal(reloaded.get_parameter(name), value) for name, value in loose.items())
     torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-6, rtol=0)
+
+
+def test_leftover_temporaries_are_those_of_this_outputs_name_only(tmp_path):
+    """What an export into OUT killed before its rename left: .OUT.tmp-PID, not this process's own temporary, not
+    another output's (.m.tmp-1.v2 is m.v2's), and a name with glob characters is taken as it is."""
+    from bitfit_fast.files import temporaries_of_others, temporary_beside
+
+    temporary_beside(tmp_path / "out").mkdir()
+    for name in (".out.tmp-1", ".m.tmp-123.v2", ".run[1].tmp-9", ".out.tmp-x"):
+        (tmp_path / name).mkdir()
+    assert temporaries_of_others(tmp_path / "out") == [tmp_path / ".out.tmp-1"]
+    assert temporaries_of_others(tmp_path / "m") == []
+    assert temporaries_of_others(tmp_path / "m.v2") == [tmp_path / ".m.tmp-123.v2"]
+    assert temporaries_of_others(tmp_path / "run[1]") == [tmp_path / ".run[1].tmp-9"]
