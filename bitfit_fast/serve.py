@@ -124,7 +124,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     encoded = data.encode(data.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
     pad_id = data.pad_id(tokenizer)
     rows = []
-    with torch.no_grad(), run.config.autocast(device):  # the precision eval scored the run in
+    with torch.no_grad(), autocast(serving_precision([run], device), device):  # the precision eval scored it in
         for start in range(0, len(texts), batch_size):
             indices = list(range(start, min(start + batch_size, len(texts))))
             batch = data.collate(encoded, indices, pad_id, regression=True)
@@ -153,14 +153,15 @@ def answer(logits: torch.Tensor, label_names: list[str] | None) -> dict:
             "probabilities": {name: round(p, 6) for name, p in zip(label_names, probabilities)}}
 
 
-# From the finest to the coarsest: fp16 keeps 10 bits of each value, bf16 7.
-_FINEST_FIRST = ("fp32", "fp16", "bf16")
-
-
 def serving_precision(runs, device: torch.device) -> str:
-    """The precision runs answer in together on ``device``: the one each was trained and scored in (``eval``,
-    ``predict``), or where they differ the finest of them, since one batch runs in one."""
-    return min((run.config.resolved_precision(device) for run in runs), key=_FINEST_FIRST.index)
+    """The precision runs answer in on ``device``: the one they were trained and scored in (``eval``), or fp32
+    where they differ (one batch runs in one precision: fp16's range would overflow what bf16 holds, bf16 rounds
+    what fp16 keeps) or where it is bf16 on a GPU without bf16."""
+    precisions = {run.config.resolved_precision(device) for run in runs}
+    precision = precisions.pop() if len(precisions) == 1 else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32"
+    return precision
 
 
 class RunsPredictor:

@@ -614,7 +614,7 @@ def test_predict_answers_in_the_precision_the_run_was_trained_and_scored_in(bf16
     assert in_bf16 != answers_in("fp32", bf16_run, PRECISION_TEXTS), "the two precisions answer alike: no test"
 
 
-def test_runs_are_served_in_their_precision_or_the_finest_of_theirs(two_runs, bf16_run):
+def test_runs_are_served_in_their_precision_or_in_fp32_where_theirs_differ(two_runs, bf16_run):
     from bitfit_fast.serve import RunsPredictor
 
     alone = RunsPredictor([bf16_run], backend="torch")
@@ -624,3 +624,25 @@ def test_runs_are_served_in_their_precision_or_the_finest_of_theirs(two_runs, bf
         assert got["label"] == expected["label"]
         assert got["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
     assert RunsPredictor([bf16_run, two_runs["topics"]], backend="torch").precision == "fp32"
+
+
+def test_runs_of_two_half_precisions_are_served_in_fp32_and_bf16_falls_back_where_a_gpu_lacks_it(monkeypatch):
+    """fp16's range would overflow values a bf16 run holds, bf16 would round what an fp16 run keeps: one batch of
+    both runs in fp32. A bf16 run on a GPU without bf16 (torch.autocast refuses it there) runs in fp32."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from bitfit_fast.serve import serving_precision
+    from bitfit_fast.train import TrainConfig
+
+    def run(precision):
+        return SimpleNamespace(config=dataclasses.replace(TrainConfig(), precision=precision))
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert serving_precision([run("fp16"), run("bf16")], cpu) == "fp32"
+    assert serving_precision([run("fp16"), run("fp16")], cpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert serving_precision([run("bf16")], gpu) == "fp32"
+    assert serving_precision([run("fp16")], gpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert serving_precision([run("bf16")], gpu) == "bf16"
