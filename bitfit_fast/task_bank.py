@@ -36,6 +36,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import BitFitConfig
+from .families import is_fusable_encoder_class
 from .model import (
     apply,
     config_of,
@@ -239,7 +240,12 @@ def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
                          "TaskBank mixes tasks in bitfit_fast's linear and LayerNorm layers only: run these tasks one "
                          "at a time (load_biases swaps a task's biases onto one model), or train without those "
                          "biases (biases=[...] patterns that leave them out)")
-    _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()})
+    # The fused encoders find each row's task in their own unpadded layout (Hugging Face's own forward may lay
+    # their rows out otherwise: ModernBERT's flash-attention path unpads them itself).
+    fused = [name for name, module in model.named_modules()
+             if config.fuse_layers and is_fusable_encoder_class(type(module).__name__)]
+    _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()
+                                    if not is_within(name, fused)})
 
 
 def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> None:

@@ -225,6 +225,16 @@ def test_a_key_bias_gets_exactly_zero_where_its_true_gradient_is_zero_and_trains
             torch.testing.assert_close(ours[name].grad, gradients[name], rtol=1e-9, atol=1e-9 * scale, msg=name)
 
 
+def test_a_key_bias_of_an_attention_with_relative_positions_keeps_its_real_gradient():
+    """transformers 4's BERT-style attention may add relative positions to the keys (position_embedding_type
+    "relative_key"), where the key bias has a real gradient: it is not zeroed there."""
+    config_cls, model_cls, config = KEY_BIAS_FAMILIES["megatron-bert"]
+    model = model_cls(config_cls(**config, num_labels=3))
+    model.bert.encoder.layer[0].attention.self.position_embedding_type = "relative_key"
+    bitfit_fast.apply(model, backend="torch", announce=False)
+    assert [layer.attention.self.key.zero_bias_grad for layer in model.bert.encoder.layer] == [False, True]
+
+
 def test_subset_is_refused_where_only_half_of_it_is_found():
     """The paper's subset is the query and the intermediate biases: a model where only one of them is found by name
     (Funnel-like names: the intermediate layer's only) is refused, not trained on half of it."""

@@ -9,7 +9,7 @@ from kernel_checks import assert_as_accurate_as_torch
 
 import bitfit_fast_kernels
 from bitfit_fast import BitFitLayerNorm, BitFitLinear, torch_ops
-from bitfit_fast.functions import LinearFunction
+from bitfit_fast.functions import TORCH, LinearFunction
 
 
 def saved_tensors(fn):
@@ -105,6 +105,19 @@ def test_outputs_may_be_changed_in_place_as_nn_linear_and_nn_layer_norm_outputs_
             (heads.square().sum() + y[:, 0].sum()).backward()
             grads.append(m.bias.grad)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_task_tables_layer_norm_output_may_be_changed_in_place():
+    """As a bias [N]'s: the output of a LayerNorm whose beta is a TaskBank's table (rows gathered per task)."""
+    x, gamma = torch.randn(2, 3, 8, device=DEVICE), torch.rand(8, device=DEVICE) + 0.5
+    table = torch.randn(2, 8, device=DEVICE, requires_grad=True)
+    row_task = torch.tensor([0, 0, 0, 1, 1, 1], device=DEVICE)
+    y, _ = TORCH.layer_norm(x, None, gamma, table, 1e-5, row_task=row_task)
+    y.view(2, 3, 2, 4).permute(0, 2, 1, 3).div_(3.0)  # a heads' view scaled in place
+    y.square().sum().backward()
+    plain = table.detach().clone().requires_grad_()
+    ((F.layer_norm(x, (8,), gamma) + plain[row_task].view(2, 3, 8)) / 3.0).square().sum().backward()
+    torch.testing.assert_close(table.grad, plain.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1121,3 +1121,39 @@ def test_the_probe_of_a_model_leaves_each_modules_mode_and_hooks_as_they_were():
     probes = [hook for module in model.modules() for hook in module._forward_pre_hooks.values()
               if "_check_rows_per_example" in getattr(hook, "__qualname__", "")]
     assert not probes, "the probe's hooks are removed"
+
+
+def test_a_model_whose_logits_are_not_a_row_block_per_example_is_refused():
+    import transformers
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class FlatLogits(transformers.BertForSequenceClassification):
+        def forward(self, **kwargs):
+            return SequenceClassifierOutput(logits=super().forward(**kwargs).logits.reshape(-1))
+
+    model = FlatLogits(bert_of("BertForSequenceClassification")().config)
+    with pytest.raises(ValueError, match=r"a FlatLogits answers with logits of shape \(6,\), not logits per example"):
+        TaskBank.new(model, {"a": 2, "b": 2}, backend="torch")
+    assert not bitfit_fast.model.is_applied(model)
+
+
+def test_a_refused_or_failed_probe_leaves_each_modules_mode_and_no_hook():
+    from bitfit_fast.task_bank import _check_rows_per_example
+
+    model = bert_of("BertForQuestionAnswering")().train()
+    model.qa_outputs.eval()
+    with pytest.raises(ValueError, match="not logits per example"):
+        TaskBank.new(model, {"a": 2, "b": 2}, backend="torch")
+    assert model.training and model.bert.training and not model.qa_outputs.training
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+    model = bert_of("BertForSequenceClassification")().train()
+
+    def needs_other_inputs(*_):
+        raise RuntimeError("needs other inputs")
+
+    model.bert.pooler.register_forward_pre_hook(needs_other_inputs)
+    query = model.bert.encoder.layer[0].attention.self.query
+    _check_rows_per_example(model, {"bert.encoder.layer.0.attention.self.query.bias": query})  # not probed
+    assert all(m.training for m in model.modules()) and not query._forward_pre_hooks
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1, "only the test's own hook is left"
