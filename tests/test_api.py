@@ -235,6 +235,32 @@ def test_a_key_bias_of_an_attention_with_relative_positions_keeps_its_real_gradi
     assert [layer.attention.self.key.zero_bias_grad for layer in model.bert.encoder.layer] == [False, True]
 
 
+def test_a_torch_transformer_encoder_trains_its_attentions_in_projection_bias_as_the_reference():
+    """nn.MultiheadAttention holds its q/k/v bias as in_proj_bias, added in its own forward: it trains, as every
+    parameter named *bias does in reference BitFit (it was frozen), and the gradients are the reference's."""
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(x)[:, 0])
+
+    model = with_random_biases(Classifier())
+    reference = reference_bitfit(model, head=["head"])
+    bitfit_fast.apply(model, head=["head"], backend="torch", announce=False)
+    assert trainable(model).keys() == trainable(reference).keys()
+    assert "encoder.layers.0.self_attn.in_proj_bias" in trainable(model)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    out, ref_out = model(x), reference(x)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    assert_gradients_match(model, reference)
+
+
 def test_subset_is_refused_where_only_half_of_it_is_found():
     """The paper's subset is the query and the intermediate biases: a model where only one of them is found by name
     (Funnel-like names: the intermediate layer's only) is refused, not trained on half of it."""
