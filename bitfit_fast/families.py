@@ -140,15 +140,16 @@ class Family:
     """One registry entry: what ``apply``, the fused encoder and the classification shortcut know of a family."""
     name: str
     # biases="subset": the paper's b_q and b_m2, as (query, intermediate) module-name patterns (or a bias
-    # parameter's full name: DeBERTa's q_bias).
-    subset: tuple[str, str]
+    # parameter's full name: DeBERTa's q_bias); None where the family has no such pair (subset is refused).
+    subset: tuple[str, str] | None
     # Projections that stack q, k and v (in that order) along their output rows: under biases="subset" only the
     # query third of their bias trains.
     packed_qkv: tuple[str, ...] = ()
-    # Self-attention modules (class name: their key projection's attribute) whose key bias has an identically zero
-    # gradient: softmax(q·k) ignores the per-query constant q·b_k as long as positions do not enter through the
-    # keys (absolute positions). By class, as the fused layers: an attention of the same attribute names may rotate
-    # the keys (RoFormer's rotary positions, where that bias trains). The Sdpa classes are transformers 4's.
+    # Self-attention modules (class name, or module and class name: their key projection's attribute) whose key
+    # bias has an identically zero gradient: softmax(q·k) ignores the per-query constant q·b_k as long as positions
+    # do not enter through the keys (absolute positions). By class, as the fused layers: an attention of the same
+    # attribute names may rotate the keys (RoFormer's rotary positions, where that bias trains). The Sdpa classes
+    # are transformers 4's.
     zero_gradient_keys: dict[str, str] = dataclasses.field(default_factory=dict)
     # Fusable layers: their class names, and where their parts live (the spec's type picks the fused layer).
     layer_classes: tuple[str, ...] = ()
@@ -211,6 +212,13 @@ FAMILIES = (
     # MPNet adds its relative position bias to the scores, outside the keys.
     Family(name="mpnet", subset=("attention.attn.q", "intermediate.dense"),
            zero_gradient_keys={"MPNetSelfAttention": "k"}),
+    # XLM and FlauBERT (XLM's attention, copied); their attention's class name is too common to go bare (CTRL's).
+    Family(name="xlm", subset=("attentions.*.q_lin", "ffns.*.lin1"),
+           zero_gradient_keys=dict.fromkeys((f"transformers.models.{model}.modeling_{model}.MultiHeadAttention"
+                                             for model in ("xlm", "flaubert")), "k_lin")),
+    # Funnel's relative positions and token types enter its scores beside the queries, never the keys. Its query
+    # projection has no bias (three of its own, r_w/r_r/r_s_bias, go beside q into each kind of score): no subset.
+    Family(name="funnel", subset=None, zero_gradient_keys={"FunnelRelMultiheadAttention": "k_head"}),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
     Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),
@@ -223,8 +231,8 @@ def _union(field: str) -> tuple[str, ...]:
     return tuple(value for family in FAMILIES for value in getattr(family, field))
 
 
-SUBSET_QUERY_PATTERNS = tuple(dict.fromkeys(family.subset[0] for family in FAMILIES))
-SUBSET_INTERMEDIATE_PATTERNS = tuple(dict.fromkeys(family.subset[1] for family in FAMILIES))
+SUBSET_QUERY_PATTERNS = tuple(dict.fromkeys(family.subset[0] for family in FAMILIES if family.subset))
+SUBSET_INTERMEDIATE_PATTERNS = tuple(dict.fromkeys(family.subset[1] for family in FAMILIES if family.subset))
 SUBSET_PATTERNS = SUBSET_QUERY_PATTERNS + SUBSET_INTERMEDIATE_PATTERNS
 PACKED_QKV_PATTERNS = _union("packed_qkv")
 ZERO_GRADIENT_KEYS = {name: key for family in FAMILIES for name, key in family.zero_gradient_keys.items()}

@@ -67,7 +67,9 @@ def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
     BERT may add relative ones to the keys)."""
     found = set()
     for attention in modules.values():
-        key_name = ZERO_GRADIENT_KEYS.get(type(attention).__name__)
+        kind = type(attention)
+        key_name = ZERO_GRADIENT_KEYS.get(f"{kind.__module__}.{kind.__qualname__}") or ZERO_GRADIENT_KEYS.get(
+            kind.__name__)
         key = getattr(attention, key_name, None) if key_name else None
         if type(key) is nn.Linear and getattr(attention, "position_embedding_type", "absolute") == "absolute":
             found.add(id(key))

@@ -93,16 +93,19 @@ def autocast_outputs(model, reference, batch, precision) -> tuple[dict, dict, di
     return run(model, precision), run(reference, precision), run(reference, None)
 
 
-def assert_gradients_match(model, reference, rel: float = 1e-4) -> None:
+def assert_gradients_match(model, reference, rel: float = 1e-4, unused: tuple[str, ...] = ()) -> None:
     """Every trainable parameter's gradient equals the reference's to ``rel`` of that gradient's own largest value:
     an absolute tolerance would pass any gradient smaller than it (b_q's, in a config-built model, is ~1e-6). A
-    bias whose true gradient is zero gets exactly zero from ours, rounding noise from the reference."""
+    bias whose true gradient is zero gets exactly zero from ours, rounding noise from the reference. ``unused``
+    names parameters the loss cannot reach (the reference's gradient is exactly zero): ours must be too."""
     ref_params = dict(reference.named_parameters())
     for name, param in trainable(model).items():
         expected = ref_params[name].grad
         if zero_gradient_bias(name):
             assert not param.grad.any(), f"{name}: the true gradient is zero"
             assert expected.abs().max() < 1e-6, f"{name}: the reference's is rounding noise"
+        elif name in unused:
+            assert not expected.any() and (param.grad is None or not param.grad.any()), name
         else:
             scale = expected.abs().max().item()
             assert scale > 0, f"{name}: a zero reference gradient tests nothing"

@@ -3,6 +3,7 @@ the task head. The tests check bitfit_fast against it and the benchmarks time it
 """
 
 import copy
+import re
 
 import torch.nn as nn
 
@@ -28,10 +29,11 @@ def reference_bitfit(model: nn.Module, head: tuple[str, ...] | list[str] | None 
 
 # Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
 # them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
-# The key biases of BERT-style models, DistilBERT, ALBERT and MPNet.
-ZERO_GRADIENT_BIASES = ("attention.self.key.bias", "attention.k_lin.bias", "attention.key.bias",
-                        "attention.attn.k.bias")
+# The key biases of BERT-style models, DistilBERT, ALBERT, MPNet, XLM (and FlauBERT) and Funnel.
+ZERO_GRADIENT_BIASES = re.compile(
+    r"(attention\.self\.key|attention\.k_lin|attention\.key|attention\.attn\.k|attentions\.\d+\.k_lin"
+    r"|attention\.k_head)\.bias$")
 
 
 def zero_gradient_bias(name: str) -> bool:
-    return name.endswith(ZERO_GRADIENT_BIASES)
+    return ZERO_GRADIENT_BIASES.search(name) is not None
