@@ -5,6 +5,7 @@ together."""
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,18 +65,45 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 def atomic_write_together(contents: dict[Path, bytes]) -> None:
     """Write files that belong together (a checkpoint's weights and config): every one is written to its temporary
     file and flushed to disk before any is renamed into place, so an error while writing (a full disk) leaves every
-    old file as it was. Only a crash between the renames, microseconds apart, could pair a new file with an old one;
+    old file as it was; an error while renaming puts the files already renamed back (from a second name each old
+    file gets first). Only a crash between the renames, microseconds apart, could pair a new file with an old one;
     a reader that must know compares a hash one file records of the other."""
-    temporaries = {path: temporary_beside(Path(path)) for path in contents}
+    temporaries = {Path(path): temporary_beside(Path(path)) for path in contents}
+    olds: dict[Path, Path | None] = {}
     try:
         for path, data in contents.items():
-            temporaries[path].write_bytes(data)
-            _flush_to_disk(temporaries[path])
-        for path, tmp in temporaries.items():
-            os.replace(tmp, path)
+            temporaries[Path(path)].write_bytes(data)
+            _flush_to_disk(temporaries[Path(path)])
+        olds = {path: _second_name(path) for path in temporaries}
+        renamed = []
+        try:
+            for path, tmp in temporaries.items():
+                os.replace(tmp, path)
+                renamed.append(path)
+        except BaseException:
+            for path in renamed:
+                if olds[path] is None:
+                    path.unlink()
+                else:
+                    os.replace(olds[path], path)
+            raise
     finally:
-        for tmp in temporaries.values():
+        for tmp in (*temporaries.values(), *filter(None, olds.values())):
             tmp.unlink(missing_ok=True)
+
+
+def _second_name(path: Path) -> Path | None:
+    """A second name for the file at ``path`` (a hard link, or a copy where the file system has none) beside it,
+    that a rename over ``path`` leaves; None where there is no file."""
+    if not path.is_file():
+        return None
+    second = temporary_beside(path.with_suffix(".old" + path.suffix))
+    second.unlink(missing_ok=True)
+    try:
+        os.link(path, second)
+    except OSError:
+        shutil.copy2(path, second)
+    return second
 
 
 def json_text(record) -> str:

@@ -436,9 +436,37 @@ def test_a_save_that_fails_midway_keeps_the_saved_biases(tmp_path, monkeypatch, 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
 
 
+@pytest.mark.parametrize("first_save", [False, True])
+def test_an_error_renaming_the_config_puts_the_old_weights_back(tmp_path, monkeypatch, first_save):
+    """The config's rename fails after the weights' (a lost mount, a permission changed): the previous pair is
+    back in place, loadable, with no file of the failed save left; a first save leaves nothing."""
+    model, base = trained()
+    if not first_save:
+        bitfit_fast.save_biases(model, tmp_path)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    saved_bias, replace = model.classifier.bias.detach().clone(), os.replace
+
+    def failing_for_the_config(source, target):
+        if pathlib.Path(target).name == CONFIG_NAME:
+            raise OSError("Permission denied")
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_for_the_config)
+    with torch.no_grad():
+        model.classifier.bias.add_(1)
+    with pytest.raises(OSError, match="Permission denied"):
+        bitfit_fast.save_biases(model, tmp_path)
+    monkeypatch.setattr(os, "replace", replace)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+    if not first_save:
+        bitfit_fast.load_biases(base, tmp_path)
+        torch.testing.assert_close(base.classifier.bias, saved_bias, atol=0, rtol=0)
+
+
 def test_files_of_two_saves_are_not_taken_for_one_checkpoint(tmp_path, monkeypatch):
-    """A save stopped between its two renames (a crash, or an error renaming the config) leaves the new weights
-    beside the old config: loading them says so, where it used to load them under the old save's options."""
+    """A save stopped between its two renames, unable to put the first back (as a crash would leave it), leaves the
+    new weights beside the old config: loading them says so, where it used to load them under the old save's
+    options."""
     model, base = trained()
     bitfit_fast.save_biases(model, tmp_path)
     replace, renamed = os.replace, []
