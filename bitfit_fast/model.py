@@ -358,14 +358,26 @@ def _freeze_all_but(model: nn.Module, plan: _Plan) -> None:
 
 
 def _store_frozen_weights(model: nn.Module, dtype: torch.dtype | None) -> dict[str, str]:
-    """Frozen linear weights once in ``dtype``; returns their original dtypes by parameter name."""
-    original = {}
+    """Frozen linear weights once in ``dtype``; returns their original dtypes by parameter name. A weight the
+    linear layers share is converted once and stays shared; one tied to another kind of module (an MLM decoder to
+    its word embeddings) stays as it is: converting it would untie them, or change what the embedding returns."""
+    original: dict[str, str] = {}
     if dtype is None:
         return original
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attribute, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, attribute))
+    converted: dict[int, nn.Parameter] = {}
     for name, module in model.named_modules():
-        if isinstance(module, BitFitLinear) and module.weight.dtype != dtype:
-            original[f"{name}.weight"] = dtype_name(module.weight.dtype)
-            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        weight = module.weight if isinstance(module, BitFitLinear) else None
+        if weight is None or weight.dtype == dtype or any(not isinstance(owner, BitFitLinear) or attribute != "weight"
+                                                          for owner, attribute in owners[id(weight)]):
+            continue
+        if id(weight) not in converted:
+            converted[id(weight)] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        original[f"{name}.weight"] = dtype_name(weight.dtype)
+        module.weight = converted[id(weight)]
     return original
 
 
@@ -526,12 +538,15 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def _restore_weight_dtypes(model: nn.Module, weight_dtypes: dict[str, str]) -> None:
+    restored: dict[int, nn.Parameter] = {}  # a weight shared by several layers is restored once, still shared
     for name, original in weight_dtypes.items():
         module_name, param_name = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         weight = getattr(module, param_name)
-        setattr(module, param_name, nn.Parameter(weight.detach().to(getattr(torch, original)),
-                                                 requires_grad=weight.requires_grad))
+        if id(weight) not in restored:
+            restored[id(weight)] = nn.Parameter(weight.detach().to(getattr(torch, original)),
+                                                requires_grad=weight.requires_grad)
+        setattr(module, param_name, restored[id(weight)])
 
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:

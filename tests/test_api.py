@@ -98,6 +98,25 @@ def test_tied_head_needs_train_head_false():
     assert "cls.predictions.bias" in trainable(model) and not model.cls.predictions.decoder.weight.requires_grad
 
 
+def test_dtype_keeps_every_tie_and_merge_gives_them_back():
+    """dtype= stores the frozen linear weights once in bf16: a decoder tied to its word embeddings stays tied (and in
+    the embeddings' dtype), two linear layers sharing a weight share one bf16 copy; merge restores both ties."""
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**TINY, max_position_embeddings=64))
+    encoder = model.bert.encoder.layer
+    encoder[1].output.dense.weight = encoder[0].output.dense.weight  # two layers sharing one weight (ALBERT-like)
+    bitfit_fast.apply(model, train_head=False, dtype=torch.bfloat16, announce=False)
+    decoder, embeddings = model.cls.predictions.decoder.weight, model.bert.embeddings.word_embeddings.weight
+    assert decoder is embeddings and decoder.dtype == torch.float32
+    shared = encoder[0].output.dense.weight
+    assert encoder[1].output.dense.weight is shared and shared.dtype == torch.bfloat16
+    assert encoder[0].intermediate.dense.weight.dtype == torch.bfloat16
+    with pytest.warns(UserWarning, match="rounded to it"):
+        bitfit_fast.merge(model)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    shared = encoder[0].output.dense.weight
+    assert encoder[1].output.dense.weight is shared and shared.dtype == torch.float32
+
+
 def test_add_missing_biases_keeps_the_function_and_trains_them():
     model = nn.Sequential(nn.Linear(8, 12, bias=False), nn.LayerNorm(12, bias=False), nn.Linear(12, 4)).to(DEVICE)
     x = torch.randn(5, 8, device=DEVICE)
