@@ -183,7 +183,10 @@ def linear_forward(x, weight, bias=None, *, activation=None, dropout_p=0.0, seed
     h = x @ W^T + b (returned with ``store_preact``, else None). The bias is rounded to x's dtype first, as
     F.linear under autocast does."""
     h = linear(x, weight, bias.to(x.dtype) if bias is not None else None, row_task)
-    y = activation_forward(activation, h)
+    if activation == "gelu" and not store_preact:  # h is ours and not kept: in place saves a pass and a buffer
+        y = torch.ops.aten.gelu_(h)
+    else:
+        y = activation_forward(activation, h)
     if dropout_p > 0.0:
         y = apply_dropout(y, dropout_p, seed)
     return y, (h if store_preact else None)
