@@ -82,6 +82,15 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
     return list(label_names)
 
 
+def _base_sample(record: dict) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
+    """The frozen weights' sampled values of a saved record: {name: (dtype, values in float64)}."""
+    try:
+        return {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
+                for name, entry in record.get("base_sample", {}).items()}
+    except ValueError as error:  # torch.tensor of strings
+        raise TypeError(f"base_sample values: {first_line(error)}") from error
+
+
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
                      state: AppliedState, model_class: str, base_model: str | None,
                      label_names: list[str] | None = None, into_run: bool = False,
@@ -97,9 +106,10 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     if (directory / RUN_CONFIG_NAME).is_file():  # TaskBank, eval and serve would read the run's biases/ instead
         raise ValueError(f"{directory} is a `bitfit-fast train` run ({RUN_CONFIG_NAME}); save the biases into "
                          f"another directory (the run's own are in {directory / 'biases'})")
-    if not into_run and (directory.parent / RUN_CONFIG_NAME).is_file():  # its biases/ would no longer be the run's
-        raise ValueError(f"{directory} is inside the `bitfit-fast train` run {directory.parent}, whose files only "
-                         "its training writes: save the biases into a directory outside the run")
+    run = directory.resolve().parent  # resolved: through a link to a run's biases/ too
+    if not into_run and (run / RUN_CONFIG_NAME).is_file():  # its biases/ would no longer be the run's
+        raise ValueError(f"{directory} is inside the `bitfit-fast train` run {run}, whose files only its training "
+                         "writes: save the biases into a directory outside the run")
     directory.mkdir(parents=True, exist_ok=True)
     record = {
         "format_version": FORMAT_VERSION,
@@ -286,9 +296,8 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         weights = weights_path.read_bytes()
         tensors = safetensors.torch.load(weights)
         config, state = read_config(record, config_path)
-        base = {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
-                for name, entry in record.get("base_sample", {}).items()}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        base = _base_sample(record)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
                          "save the biases again") from error
     recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions

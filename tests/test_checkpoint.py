@@ -377,7 +377,10 @@ def _truncate(path):
     lambda d: (d / CONFIG_NAME).write_text(json.dumps({k: v for k, v in json.loads((d / CONFIG_NAME).read_text())
                                                        .items() if k != "config"})),
     lambda d: (d / CONFIG_NAME).write_text("{}"),
-], ids=["safetensors-truncated", "json-truncated", "json-without-config", "json-empty"])
+    lambda d: (d / CONFIG_NAME).write_bytes(b'{"config": "\xff\xfe"}'),
+    lambda d: (d / CONFIG_NAME).write_text((d / CONFIG_NAME).read_text().replace('"values": [', '"values": ["x", ')),
+], ids=["safetensors-truncated", "json-truncated", "json-without-config", "json-empty", "json-not-utf8",
+        "base-sample-not-numbers"])
 def test_a_damaged_checkpoint_is_named_and_the_model_left_as_it_was(tmp_path, damage):
     model, base = trained()
     bitfit_fast.save_biases(model, tmp_path)

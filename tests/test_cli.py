@@ -366,8 +366,8 @@ def test_runs_of_two_base_models_are_not_served_together(home, runs, capsys, mon
 
 
 def test_a_runs_biases_are_written_by_its_training_only(home, runs, tmp_path):
-    """save_biases or a bank's save_task into a run's biases/ would leave the run with another model's head under its
-    own labels: refused, the run's files as they were."""
+    """save_biases or a bank's save_task into a run's biases/ (or a link to it) would leave the run with another
+    model's head under its own labels: refused, the run's files as they were."""
     import bitfit_fast
     from bitfit_fast.task_bank import TaskBank
 
@@ -375,10 +375,14 @@ def test_a_runs_biases_are_written_by_its_training_only(home, runs, tmp_path):
     before = {path.name: path.read_bytes() for path in biases.iterdir()}
     model = transformers.AutoModelForSequenceClassification.from_pretrained(home / "model", num_labels=3)
     bank = TaskBank.load(model, {"one": home / "runs" / "one"}, backend="torch")
-    for save in (lambda: bitfit_fast.save_biases(bank.model, biases), lambda: bank.save_task("one", biases)):
-        with pytest.raises(ValueError, match=f"{biases} is inside the `bitfit-fast train` run {biases.parent}, whose "
-                                             "files only its training writes"):
-            save()
+    link = tmp_path / "link"
+    link.symlink_to(biases)
+    for target in (biases, link):
+        for save in (lambda: bitfit_fast.save_biases(bank.model, target),  # noqa: B023 (called in this loop)
+                     lambda: bank.save_task("one", target)):  # noqa: B023
+            with pytest.raises(ValueError, match=f"{target} is inside the `bitfit-fast train` run "
+                                                 f"{biases.resolve().parent}, whose files only its training writes"):
+                save()
     assert {path.name: path.read_bytes() for path in biases.iterdir()} == before
     bank.save_task("one", tmp_path / "saved")  # outside a run: written
 
