@@ -7,6 +7,7 @@ from .config import AppliedState, BitFitConfig
 from .families import SUBSET_PATTERNS
 from .graphs import GraphedStep
 from .model import (
+    FrozenNewWeightsWarning,
     QueryRowsBitFitLinear,
     UndeclaredBiasesWarning,
     apply,
@@ -23,6 +24,7 @@ __all__ = [
     "BitFitConfig",
     "BitFitLayerNorm",
     "BitFitLinear",
+    "FrozenNewWeightsWarning",
     "GraphedStep",
     "OtherBaseModelError",
     "QueryRowsBitFitLinear",

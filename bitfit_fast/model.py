@@ -411,6 +411,8 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     _add_zero_biases(model, plan.to_add, announce)
     _declare_added_biases(model, plan.to_add, announce)
     _freeze_all_but(model, plan)
+    if announce:
+        _warn_of_frozen_weights_not_loaded(model)
     setattr(model, TRAINED_ATTRIBUTE, frozenset(n for n, p in model.named_parameters() if p.requires_grad))
     replace_children(model, plan.to_bitfit)
     weight_dtypes = _store_frozen_weights(model, config.dtype)
@@ -420,6 +422,29 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     setattr(model, STATE_ATTRIBUTE, AppliedState(head=plan.head, added_biases=plan.to_add,
                                                  weight_dtypes=weight_dtypes))
     return model
+
+
+class FrozenNewWeightsWarning(UserWarning):
+    """Frozen weights that from_pretrained initialized at random: save_biases does not keep them."""
+
+
+def _warn_of_frozen_weights_not_loaded(model: nn.Module) -> None:
+    """Warn of frozen weights that ``from_pretrained`` did not find in the checkpoint and initialized at random (a
+    pooler that a sentence-embedding checkpoint lacks): a base loaded again draws other values, so the model cannot
+    be restored from its saved biases. Transformers 5 marks the parameters it loaded; a model none of whose
+    parameters is marked (built from a config, copied, or loaded by transformers 4) is not checked."""
+    params = dict(model.named_parameters())
+    if not any(getattr(p, "_is_hf_initialized", False) for p in params.values()):
+        return
+    modules = sorted({name.rsplit(".", 1)[0] for name, p in params.items()
+                      if not p.requires_grad and not getattr(p, "_is_hf_initialized", False)})
+    if modules:
+        warnings.warn(
+            f"apply(): {modules} of this {type(model).__name__} were not in the checkpoint (from_pretrained "
+            "initialized them at random) and stay frozen; save_biases keeps no frozen weight, so a base loaded again "
+            "draws other values and the trained model cannot be restored: train them with the head, "
+            "head=[...] naming them beside its modules (bitfit-fast train does so)", FrozenNewWeightsWarning,
+            stacklevel=3)
 
 
 class UndeclaredBiasesWarning(UserWarning):

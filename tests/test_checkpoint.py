@@ -535,6 +535,34 @@ def test_a_format_1_checkpoint_still_loads(tmp_path):
         bitfit_fast.load_biases(tiny_bert(), tmp_path)
 
 
+def test_frozen_weights_from_pretrained_drew_at_random_are_named_and_trained_with_the_head_round_trip(tmp_path):
+    """A checkpoint without a pooler (a sentence-embedding encoder's): from_pretrained draws it at random, frozen it
+    could not be restored from the saved biases; apply names it, and with it in head=[...] the round trip is exact.
+    The real MiniLM, which has its pooler, gets no warning."""
+    import warnings
+
+    from bitfit_reference import MINILM_DIR
+
+    transformers.BertModel(tiny_bert().config, add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+
+    def loaded(seed):
+        torch.manual_seed(seed)
+        return transformers.BertForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=3)
+
+    with pytest.warns(bitfit_fast.FrozenNewWeightsWarning, match=r"\['bert.pooler.dense'\] of this "
+                                                                  r"BertForSequenceClassification were not in"):
+        bitfit_fast.apply(loaded(0))
+    model = bitfit_fast.apply(loaded(0), head=["classifier", "bert.pooler.dense"], announce=False)
+    adamw_steps(model, [padded_batch(model)])
+    bitfit_fast.save_biases(model, tmp_path / "biases")
+    base = bitfit_fast.load_biases(loaded(1), tmp_path / "biases")
+    batch = padded_batch(model)
+    torch.testing.assert_close(base.eval()(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bitfit_fast.FrozenNewWeightsWarning)
+        bitfit_fast.apply(transformers.BertForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=3))
+
+
 def test_a_masked_lm_whose_bias_is_tied_round_trips(tmp_path):
     """BertForMaskedLM's decoder bias is its prediction bias: one parameter under two names."""
     from bitfit_fast.model import planned_parameters
