@@ -26,6 +26,7 @@ from .model import (
     state_of,
     trained_parameters,
     unwrapped,
+    weights_drawn_at_random,
 )
 
 WEIGHTS_NAME = "bitfit_biases.safetensors"
@@ -202,8 +203,11 @@ def load_biases(
                              f"{not_trained[:5]} ({len(not_trained)} in all); {remedy}")
     differs = checkpoint.other_base_weight(model)  # after the checks of names and shapes, which say more
     if differs and strict:
-        raise OtherBaseModelError(checkpoint, differs, "load them onto the base model they were trained on "
-                                                       "(strict=False loads them anyway, with a warning)")
+        raise OtherBaseModelError(checkpoint, differs, (
+            "it is not in the checkpoint this model was loaded from (from_pretrained draws it at random, other "
+            "values on every load), so these biases cannot be restored: train it with the head (head=[...]) and save "
+            "again" if differs in weights_drawn_at_random(model) else
+            "load them onto the base model they were trained on (strict=False loads them anyway, with a warning)"))
     if differs:
         warnings.warn(str(OtherBaseModelError(checkpoint, differs, "loaded anyway, as strict=False asks")),
                       stacklevel=2)

@@ -428,16 +428,22 @@ class FrozenNewWeightsWarning(UserWarning):
     """Frozen weights that from_pretrained initialized at random: save_biases does not keep them."""
 
 
-def _warn_of_frozen_weights_not_loaded(model: nn.Module) -> None:
-    """Warn of frozen weights that ``from_pretrained`` did not find in the checkpoint and initialized at random (a
-    pooler that a sentence-embedding checkpoint lacks): a base loaded again draws other values, so the model cannot
-    be restored from its saved biases. Transformers 5 marks the parameters it loaded; a model none of whose
-    parameters is marked (built from a config, copied, or loaded by transformers 4) is not checked."""
+def weights_drawn_at_random(model: nn.Module) -> set[str]:
+    """Names of the parameters that ``from_pretrained`` did not find in the checkpoint and initialized at random (a
+    pooler that a sentence-embedding checkpoint lacks, a new classifier). Transformers 5 marks the parameters it
+    loaded; a model none of whose parameters is marked (built from a config, copied, or loaded by transformers 4)
+    has none."""
     params = dict(model.named_parameters())
     if not any(getattr(p, "_is_hf_initialized", False) for p in params.values()):
-        return
-    modules = sorted({name.rsplit(".", 1)[0] for name, p in params.items()
-                      if not p.requires_grad and not getattr(p, "_is_hf_initialized", False)})
+        return set()
+    return {name for name, p in params.items() if not getattr(p, "_is_hf_initialized", False)}
+
+
+def _warn_of_frozen_weights_not_loaded(model: nn.Module) -> None:
+    """Warn of frozen weights drawn at random (:func:`weights_drawn_at_random`): a base loaded again draws other
+    values, so the model could not be restored from its saved biases."""
+    modules = sorted({name.rsplit(".", 1)[0] for name in weights_drawn_at_random(model)
+                      if not model.get_parameter(name).requires_grad})
     if modules:
         warnings.warn(
             f"apply(): {modules} of this {type(model).__name__} were not in the checkpoint (from_pretrained "

@@ -551,7 +551,11 @@ def test_frozen_weights_from_pretrained_drew_at_random_are_named_and_trained_wit
 
     with pytest.warns(bitfit_fast.FrozenNewWeightsWarning, match=r"\['bert.pooler.dense'\] of this "
                                                                   r"BertForSequenceClassification were not in"):
-        bitfit_fast.apply(loaded(0))
+        frozen = bitfit_fast.apply(loaded(0))
+    bitfit_fast.save_biases(frozen, tmp_path / "unrestorable")
+    with pytest.raises(bitfit_fast.OtherBaseModelError, match="bert.pooler.dense.weight holds other values; it is not "
+                                                              "in the checkpoint this model was loaded from"):
+        bitfit_fast.load_biases(loaded(1), tmp_path / "unrestorable")
     model = bitfit_fast.apply(loaded(0), head=["classifier", "bert.pooler.dense"], announce=False)
     adamw_steps(model, [padded_batch(model)])
     bitfit_fast.save_biases(model, tmp_path / "biases")
