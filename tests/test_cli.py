@@ -483,6 +483,9 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "{runs}/one already holds a run (checkpoint.pt): continue it with --resume"),
     (["train", "--model", "{home}/model", "--output-dir", "{runs}/one/biases"],  # a run there would hide them
      "{runs}/one/biases holds biases saved by save_biases (bitfit_biases.safetensors): choose another --output-dir"),
+    (["train", "--model", "{home}/model", "--output-dir", "{data}"],  # a run would overwrite files of its names
+     "--output-dir {data} is not empty (not.parquet, pairs-train.csv, pairs-val.jsonl, ...): a run starts in a new "
+     "or empty directory"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/not-a-run", "--resume"],
      "--resume: no checkpoint at {home}/not-a-run/checkpoint.pt; leave out --resume"),
     (["train", "--model", "{home}/model", "--max-length", "1000", "--output-dir", "{runs}/failed"],

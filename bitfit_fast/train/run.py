@@ -43,6 +43,10 @@ def check_output_dir(out: Path, resume: bool) -> None:
     biases = next((name for name in (WEIGHTS_NAME, CONFIG_NAME) if (out / name).exists()), None)
     if biases is not None:  # a run there would hide them: TaskBank, eval and serve read a run's biases/
         raise UserError(f"{out} holds biases saved by save_biases ({biases}): choose another --output-dir")
+    held = sorted(path.name for path in out.iterdir()) if not resume and out.is_dir() else []
+    if held:  # a run writes run_config.json, learning_curves.png, ... over whatever of that name is there
+        raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
+                        "a run starts in a new or empty directory; choose another")
 
 
 # What may change when a run continues: how long it trains, what it shows, how a batch is split (its gradient is
