@@ -59,6 +59,9 @@ def home(tmp_path_factory):
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
     (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
     (root / "not-a-run").mkdir()
+    (root / "without-tokenizer").mkdir()  # a Trainer checkpoint saved without its tokenizer
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(root / "model" / name, root / "without-tokenizer")
     return root
 
 
@@ -483,6 +486,18 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "{runs}/one already holds a run (checkpoint.pt): continue it with --resume"),
     (["train", "--model", "{home}/model", "--output-dir", "{runs}/one/biases"],  # a run there would hide them
      "{runs}/one/biases holds biases saved by save_biases (bitfit_biases.safetensors): choose another --output-dir"),
+    (["train", "--model", "{home}/without-tokenizer", "--output-dir", "{runs}/failed"],  # every word would be [UNK]
+     "--model {home}/without-tokenizer has a tokenizer of 5 tokens for its 25 token embeddings: its tokenizer files "
+     "are missing"),
+    (["train", "--model", "{home}/model", "--max-length", "2", "--train-file", "{data}/train.csv",
+      "--validation-file", "{data}/val.csv", "--output-dir", "{runs}/failed"],  # the tokenizer could not truncate
+     "--max-length 2 leaves no room for the text: the tokenizer adds 2 special tokens to a text; use --max-length 3 "
+     "or more"),
+    (["train", "--model", "{home}/model", "--max-length", "4", "--train-file", "{data}/pairs-train.csv",
+      "--validation-file", "{data}/pairs-val.jsonl", "--text-columns", "premise", "hypothesis", "--output-dir",
+      "{runs}/failed"],
+     "--max-length 4 leaves no room for the text: the tokenizer adds 3 special tokens to a pair of texts; use "
+     "--max-length 5 or more"),
     (["train", "--model", "{home}/model", "--output-dir", "{data}"],  # a run would overwrite files of its names
      "--output-dir {data} is not empty (not.parquet, pairs-train.csv, pairs-val.jsonl, ...): a run starts in a new "
      "or empty directory"),
@@ -513,6 +528,20 @@ def test_mistakes_with_runs_and_files_end_with_one_line(home, runs, args, messag
     assert err.count("\n") == 1 and err.startswith(f"bitfit-fast {args[0]}: error: ")
     assert message.format(**places) in err
     assert not (home / "runs" / "failed").exists()
+
+
+def test_a_model_fine_tuned_on_other_classes_trains_with_a_new_classifier(home, tmp_path, capsys):
+    """A model exported with a classifier of 5 classes trains on the data's 3: that classifier is drawn anew (and
+    named as new), where loading it stopped with transformers' size mismatch."""
+    transformers.BertForSequenceClassification.from_pretrained(home / "model", num_labels=5).save_pretrained(
+        tmp_path / "five-classes")
+    transformers.AutoTokenizer.from_pretrained(home / "model").save_pretrained(tmp_path / "five-classes")
+    data = home / "data"
+    assert cli.main(["train", "--model", str(tmp_path / "five-classes"), "--epochs", "1", "--backend", "torch",
+                     "--no-progress", "--train-file", str(data / "train.csv"), "--validation-file",
+                     str(data / "val.csv"), "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes" in out and "newly initialised, trained with the head: classifier" in out, out
 
 
 def test_a_port_in_use_is_named_before_the_model_loads(home, capsys):

@@ -363,6 +363,13 @@ class Encoded:
 def encode(split: Split, tokenizer, max_length: int) -> Encoded:
     """Tokenise once, truncated to ``max_length`` tokens; padding is left to :func:`collate`."""
     columns = list(zip(*split.texts))
+    # Below its special tokens and a token per text, the tokenizer cannot truncate: it warns and keeps every token.
+    pair = len(columns) == 2
+    least = tokenizer.num_special_tokens_to_add(pair=pair) + len(columns)
+    if columns and max_length < least:
+        raise UserError(f"--max-length {max_length} leaves no room for the text: the tokenizer adds "
+                        f"{least - len(columns)} special tokens to {'a pair of texts' if pair else 'a text'}; use "
+                        f"--max-length {least} or more")
     out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     return Encoded(out["input_ids"], out.get("token_type_ids"), split.labels)
 

@@ -82,11 +82,18 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model, info = AutoModelForSequenceClassification.from_pretrained(source, output_loading_info=True, **kwargs)
+            # A classifier of another number of classes (a model fine-tuned before) is drawn anew, as a missing one.
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError) as error:  # not found, not a model, unknown architecture, damaged weights
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
                         "tokenizer files)") from error
+    embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) < embeddings // 2:  # transformers builds a tokenizer of the special tokens alone
+        raise UserError(f"{described_as} has a tokenizer of {len(tokenizer)} tokens for its {embeddings} token "
+                        "embeddings: its tokenizer files are missing (tokenizer.json, vocab.txt, ...); save the "
+                        "tokenizer beside the model (tokenizer.save_pretrained)")
     return model, tokenizer, info
 
 
@@ -100,14 +107,15 @@ def max_positions(model, tokenizer) -> int | None:
 def load_for_training(config: TrainConfig, num_labels: int, label_names: list[str] | None, path: str):
     """(model, tokenizer, head, new modules): the pre-trained encoder at ``path`` (see :func:`model_source`) with a
     new head, checked against ``--max-length``. Weights that the checkpoint lacks (the classifier, a pooler that a
-    sentence-embedding checkpoint does not have) are new: their modules train with the head, which is every
-    top-level module but the encoder."""
+    sentence-embedding checkpoint does not have) or holds in another shape (a classifier of other classes) are new:
+    their modules train with the head, which is every top-level module but the encoder."""
     model, tokenizer, info = load_pretrained(path, num_labels, label_names, f"--model {config.model or path}")
     positions = max_positions(model, tokenizer)
     if positions is not None and config.max_length > positions:
         raise UserError(f"--max-length {config.max_length} is more than the {positions} positions of --model "
                         f"{config.model or path}: use --max-length {positions} or less")
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    drawn = {*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])}
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in drawn})
     head = sorted({n for n, _ in model.named_children() if n != model.base_model_prefix} | set(new_modules))
     return model, tokenizer, head, new_modules
 
