@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         if field.name in BITFIT_OPTIONS:
             bitfit.add_argument(f"--{field.name.replace('_', '-')}", choices=field.metadata["choices"],
                                 default=field.default, help=field.metadata["help"])
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is one only where stderr is a terminal)")
     t.set_defaults(conflict=_train_conflict)
 
     e = command("eval", "evaluate runs' best biases (one base model loaded, bias sets swapped)", _evaluate)
@@ -376,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130  # the shell's status for a command ended by Ctrl-C
+    except BrokenPipeError:  # what reads the output stopped (`bitfit-fast predict ... | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails once more
+        return 141  # the shell's status for a command ended by SIGPIPE
 
 
 def _resume_hint(args) -> str:

@@ -222,6 +222,16 @@ def test_predict_reads_parquet(home, runs, capsys):
     check_predictions(capsys.readouterr().out, ["premise", "hypothesis"], 3)
 
 
+def test_predict_into_a_reader_that_stops_ends_quietly(home, runs):
+    """`bitfit-fast predict ... | head -1`: the pipe closes before predict writes; no traceback, the status of a
+    command ended by SIGPIPE."""
+    process = subprocess.Popen([sys.executable, "-m", "bitfit_fast.cli", "predict", str(home / "runs" / "one"),
+                                "--text", "goal match", "bank price"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # long before the model has loaded
+    assert process.wait(timeout=300) == 141
+    assert process.stderr.read() == b""
+
+
 @pytest.mark.parametrize("name", ["eval two runs", "predict text pairs", "predict a file"])
 def test_eval_and_predict_do_not_report_the_restored_head_as_new(second_stage, name):
     process, _ = second_stage[name]

@@ -534,6 +534,14 @@ def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_p
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_progress_bar_shows_in_a_terminal_only(model_dir, files, tmp_path, capsys, monkeypatch, terminal):
+    """Written to a log, a bar is a line of carriage returns per refresh: there it is left out."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    train(config(model_dir, files, tmp_path, epochs=1, progress=True))
+    assert ("epoch 1/1" in capsys.readouterr().err) == terminal
+
+
 def fake_glue(task):
     """GLUE-shaped tables in memory: the hub is out of reach here, the column mapping is what is tested."""
     import datasets

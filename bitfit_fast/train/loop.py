@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -167,7 +168,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         batches = data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
         first = position["batch"] if epoch == position["epoch"] else 0
         bar = None
-        if d.main and config.progress:
+        if d.main and config.progress and sys.stderr.isatty():  # a bar in a log is a line of carriage returns
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
