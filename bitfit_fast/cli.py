@@ -78,8 +78,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .serve import evaluate_checkpoints
 
     for path, scores in evaluate_checkpoints(args.runs, args.validation_file).items():
-        print(f"{path}: " + " | ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-                                         for split, m in scores.items()))
+        print(f"{path}: " + " | ".join(
+            f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "examples") + f" ({m['examples']} "
+            "examples)" for split, m in scores.items()))
     return 0
 
 

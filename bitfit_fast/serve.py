@@ -81,18 +81,22 @@ def _labeled(run: Run, file: str) -> data.Split:
 
 
 def evaluate_checkpoints(paths: list[str], validation_file: str | None = None) -> dict[str, dict]:
-    """Metrics of each run's best biases: {path: {split: {metric: value}}}. The run's own validation data, or
-    ``validation_file`` (labelled like the run's data: its text columns and label column) for every run."""
+    """Metrics of each run's best biases and the number of examples scored: {path: {split: {metric: value, ...,
+    "examples": count}}}. The run's own validation data as its training scored it (its --max-eval-examples), or
+    ``validation_file`` (labelled like the run's data: its text columns and label column, every example) for every
+    run."""
     d = setup_distributed()
     runs = [load_run(path) for path in paths]  # every path checked before a model loads
     bases, results = _BaseModels(), {}
     for path, run in zip(paths, runs):
-        splits = {validation_file: _labeled(run, validation_file)} if validation_file else _run_validation(run)
+        splits = ({validation_file: _labeled(run, validation_file)} if validation_file else
+                  {name: data.limit(split, run.config.max_eval_examples)
+                   for name, split in _run_validation(run).items()})
         model, tokenizer = bases.load(run)
         model.to(d.device)
         results[path] = {
-            name: evaluate(model, data.encode(split, tokenizer, run.config.max_length), run.config, run.metrics,
-                           d, data.pad_id(tokenizer), 32)
+            name: dict(evaluate(model, data.encode(split, tokenizer, run.config.max_length), run.config,
+                                run.metrics, d, data.pad_id(tokenizer), 32), examples=len(split.labels))
             for name, split in splits.items()
         }
     return results

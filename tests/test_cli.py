@@ -188,13 +188,15 @@ def test_eval_scores_the_best_biases_from_any_directory(second_stage, runs):
     process, _ = second_stage["eval two runs"]
     assert process.returncode == 0, process.stderr
     assert process.stdout.splitlines() == [
-        f"../runs/{name}: validation accuracy {runs[name]['best']['value']:.4f}" for name in ("one", "two")]
+        f"../runs/{name}: validation accuracy {runs[name]['best']['value']:.4f} (24 examples)"
+        for name in ("one", "two")]
 
 
 def test_eval_takes_any_validation_file(home, runs, capsys):
     file = home / "data" / "pairs-val.jsonl"
     assert cli.main(["eval", str(home / "runs" / "two"), "--validation-file", str(file)]) == 0
-    assert capsys.readouterr().out.strip().endswith(f"{file} accuracy {runs['two']['best']['value']:.4f}")
+    assert capsys.readouterr().out.strip().endswith(f"{file} accuracy {runs['two']['best']['value']:.4f} (24 "
+                                                    "examples)")
 
 
 def check_predictions(printed: str, columns: list[str], count: int):

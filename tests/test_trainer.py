@@ -117,7 +117,7 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
 
     capsys.readouterr()
     assert cli.main(["eval", str(out)]) == 0
-    assert f"{out}: validation accuracy {scores['validation']['accuracy']:.4f}" in capsys.readouterr().out
+    assert f"{out}: validation accuracy {scores['validation']['accuracy']:.4f} (24 examples)" in capsys.readouterr().out
     assert cli.main(["predict", str(out), "--text", "goal match team"]) == 0
     assert json.loads(capsys.readouterr().out.strip())["label"] == rows[0]["label"]
 
@@ -532,6 +532,15 @@ def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_p
     resumed = train(config(model_dir, files, tmp_path, epochs=2, resume=True,
                            bitfit=BitFitConfig(backend="torch", memory="lean")))
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+
+
+def test_eval_scores_the_validation_examples_its_training_scored(model_dir, files, tmp_path, capsys):
+    """`eval RUN` reports what training reported: the same examples (--max-eval-examples), and says how many."""
+    summary = train(config(model_dir, files, tmp_path, epochs=1, max_eval_examples=10))
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert out == f"{tmp_path / 'run'}: validation accuracy {summary['best']['value']:.4f} (10 examples)\n"
 
 
 @pytest.mark.parametrize("terminal", [False, True])
