@@ -56,6 +56,7 @@ def home(tmp_path_factory):
     write_table(root / "data" / "pairs.parquet", dict(premise=pairs["premise"], hypothesis=pairs["hypothesis"]))
     (root / "data" / "texts.txt").write_text("goal\n")
     (root / "data" / "not.parquet").write_text("text,label\ngoal,sport\n")  # a CSV misnamed
+    (root / "data" / "binary.csv").write_bytes(bytes(range(256)) * 4)
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
     (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
     (root / "not-a-run").mkdir()
@@ -217,6 +218,12 @@ def test_predict_prints_json_lines_with_label_and_probabilities(second_stage, na
     process, _ = second_stage[name]
     assert process.returncode == 0, process.stderr
     check_predictions(process.stdout, columns, 2)
+
+
+def test_predict_reads_a_file_whose_extension_is_upper_case(home, runs, tmp_path, capsys):
+    shutil.copy(home / "data" / "texts.csv", tmp_path / "TEXTS.CSV")
+    assert cli.main(["predict", str(home / "runs" / "one"), "--input-file", str(tmp_path / "TEXTS.CSV")]) == 0
+    check_predictions(capsys.readouterr().out, ["text"], 2)
 
 
 def test_predict_reads_parquet(home, runs, capsys):
@@ -487,6 +494,10 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
     (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
     (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),
     (["predict", "{runs}/one", "--input-file", "{data}/texts.txt"], "unsupported format '.txt'"),
+    (["predict", "{runs}/one", "--input-file", "{data}"],
+     "{data} is a directory: give a data file, one ending in one of ['.csv', '.json', '.jsonl', '.parquet']"),
+    (["predict", "{runs}/one", "--input-file", "{data}/binary.csv"],
+     "{data}/binary.csv is not a text file (it holds NUL bytes: binary data, or UTF-16 text); save it as UTF-8 CSV"),
     (["eval", "{runs}/one", "--validation-file", "{data}/pairs-val.jsonl"],
      "pairs-val.jsonl has no column 'text'; its columns are ['premise', 'hypothesis', 'label']: a file for this run "
      "needs the columns it was trained on, ['text', 'label']"),
@@ -511,7 +522,7 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "--max-length 4 leaves no room for the text: the tokenizer adds 3 special tokens to a pair of texts; use "
      "--max-length 5 or more"),
     (["train", "--model", "{home}/model", "--output-dir", "{data}"],  # a run would overwrite files of its names
-     "--output-dir {data} is not empty (not.parquet, pairs-train.csv, pairs-val.jsonl, ...): a run starts in a new "
+     "--output-dir {data} is not empty (binary.csv, not.parquet, pairs-train.csv, ...): a run starts in a new "
      "or empty directory"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/not-a-run", "--resume"],
      "--resume: no checkpoint at {home}/not-a-run/checkpoint.pt; leave out --resume"),

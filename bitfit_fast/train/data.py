@@ -225,6 +225,13 @@ def _has_a_row(csv_file: Path) -> bool:
         return sum(1 for line in itertools.islice(f, 1000) if line.strip()) >= 2
 
 
+def _holds_nul_bytes(path: Path) -> bool:
+    """A NUL byte in the first 64 KiB: no CSV or JSON text holds one (datasets would call a binary file empty, or
+    fail on it with an error of its own)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(1 << 16)
+
+
 def _as_written(csv_file: Path) -> dict:
     """Options that read every column of a CSV file as the strings it holds: pandas would read class labels 1 and
     1.0 as one number, 007 as 7, and NA, None or null as missing values. An empty cell reads as ""."""
@@ -241,24 +248,30 @@ def read_table(file: str):
     import datasets
 
     path = Path(file)
-    if path.suffix not in FORMATS:
+    suffix = path.suffix.lower()  # train.CSV is a CSV file
+    if path.is_dir():
+        raise DataError(f"{file} is a directory: give a data file, one ending in one of {sorted(FORMATS)}")
+    if suffix not in FORMATS:
         raise DataError(f"{file}: unsupported format {path.suffix!r}; use a file ending in one of {sorted(FORMATS)}")
     if not path.is_file():
         raise DataError(f"{file} does not exist; check the path")
-    if path.stat().st_size == 0 or (path.suffix == ".csv" and not _has_a_row(path)):
+    if FORMATS[suffix] != "parquet" and _holds_nul_bytes(path):
+        raise DataError(f"{file} is not a text file (it holds NUL bytes: binary data, or UTF-16 text); save it as "
+                        f"UTF-8 {FORMATS[suffix].upper()}")
+    if path.stat().st_size == 0 or (suffix == ".csv" and not _has_a_row(path)):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
     logger = logging.getLogger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # it logs an unreadable file's error before raising it, which we report
     try:
-        return datasets.load_dataset(FORMATS[path.suffix], data_files=str(path.resolve()), split="train",
-                                     **(_as_written(path) if path.suffix == ".csv" else {}))
+        return datasets.load_dataset(FORMATS[suffix], data_files=str(path.resolve()), split="train",
+                                     **(_as_written(path) if suffix == ".csv" else {}))
     except Exception as error:  # datasets raises many types for unreadable files
-        problem = _json_problem(path) if FORMATS[path.suffix] == "json" else None
+        problem = _json_problem(path) if FORMATS[suffix] == "json" else None
         if problem:
             raise DataError(f"{file} could not be read as JSON: {problem}; fix it") from error
-        raise DataError(f"{file} could not be read as {FORMATS[path.suffix]} ({first_line(error)}); "
+        raise DataError(f"{file} could not be read as {FORMATS[suffix]} ({first_line(error)}); "
                         "check its format") from error
     finally:
         logger.setLevel(level)
