@@ -284,6 +284,14 @@ class OtherBaseModelError(ValueError):
         self.weight, self.task = weight, task
 
 
+class DamagedCheckpointError(ValueError):
+    """Files of :func:`save_biases` that cannot be read, or that two saves left; ``problem`` says which."""
+
+    def __init__(self, directory: Path, problem: str):
+        super().__init__(f"the checkpoint in {directory} is damaged{problem}: save the biases again")
+        self.problem = problem
+
+
 def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     """Read what :func:`save_biases` wrote in ``directory``; FileNotFoundError where it wrote nothing."""
     directory = Path(directory)
@@ -302,12 +310,11 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         config, state = read_config(record, config_path)
         base = _base_sample(record)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
-        raise ValueError(f"the checkpoint in {directory} is damaged ({type(error).__name__}: {first_line(error)}): "
-                         "save the biases again") from error
+        raise DamagedCheckpointError(directory, f" ({type(error).__name__}: {first_line(error)})") from error
     recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions
     if recorded is not None and recorded != hashlib.sha256(weights).hexdigest():
-        raise ValueError(f"the checkpoint in {directory} is damaged: its {WEIGHTS_NAME} is not the one its "
-                         f"{CONFIG_NAME} was saved with (a save interrupted between the two?): save the biases again")
+        raise DamagedCheckpointError(directory, f": its {WEIGHTS_NAME} is not the one its {CONFIG_NAME} was saved "
+                                                "with (a save interrupted between the two?)")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
                       record.get("label_names"), base)
 

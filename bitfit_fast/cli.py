@@ -253,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     b = command("bench", "benchmark reference BitFit, full fine-tuning and bitfit_fast", _bench)
-    presets = "; ".join(f"{name}: {preset.device}, {len(preset.workloads)} workloads of "
-                        f"{'/'.join(sorted({w.model for w in preset.workloads}))}" for name, preset in PRESETS.items())
+    def sizes(workloads) -> str:  # "bert-base", or "roberta at bert-base's size"
+        return "/".join(sorted({w.model if w.arch == "bert" else f"{w.arch} at {w.model}'s size" for w in workloads}))
+
+    presets = "; ".join(f"{name}: {preset.device}, {len(preset.workloads)} workload"
+                        f"{'s' if len(preset.workloads) > 1 else ''} of {sizes(preset.workloads)}"
+                        for name, preset in PRESETS.items())
     b.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
                    help=f"what to measure ({presets}); tiny is a smoke test of a few seconds")
     b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER",
@@ -318,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV/JSON/Parquet file with the runs' text and label columns (default: each run's own "
                         "validation data)")
 
-    p = command("predict", "predict with a run's best biases: one JSON line per text, with label and probabilities",
+    p = command("predict", "predict with a run's best biases: one JSON line per text, with label and probabilities "
+                "(score for a regression run)",
                 _predict)
     p.add_argument("run", metavar="RUN", help="output directory of `bitfit-fast train`")
     source = p.add_mutually_exclusive_group(required=True)

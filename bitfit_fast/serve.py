@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import RUN_CONFIG_NAME, OtherBaseModelError, load_biases
+from .checkpoint import RUN_CONFIG_NAME, DamagedCheckpointError, OtherBaseModelError, load_biases
 from .errors import UserError, first_line
 from .files import check_can_write, temporary_beside
 from .model import merge
@@ -48,6 +48,8 @@ class _BaseModels:
             load_biases(model, run.path / BEST_BIASES)
         except OtherBaseModelError as error:
             raise _other_weights(run, error) from error
+        except DamagedCheckpointError as error:  # only its training writes a run's biases: saving again is no fix
+            raise UserError(f"{run.path / BEST_BIASES} is damaged{error.problem}: train the run again") from error
         except (OSError, ValueError) as error:
             raise UserError(f"{run.path / BEST_BIASES} could not be loaded ({first_line(error)}): it is damaged or "
                             "does not belong to this run; train the run again") from error
@@ -291,8 +293,8 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
                         "from under you: export into a new directory, e.g. a subdirectory")
     check_can_write(out.parent, output_dir)  # where it is written beside and renamed
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise UserError(f"{output_dir} already exists and is not an empty directory: export into a new one (it never "
-                        "writes over files)")
+        raise UserError(f"{output_dir} {'is a file' if out.is_file() else 'already exists and is not empty'}: "
+                        "export into a new or empty directory (it never writes over files)")
     model, tokenizer = _BaseModels().load(run)
     try:
         merge(model)

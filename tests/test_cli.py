@@ -300,9 +300,13 @@ def test_export_never_writes_over_a_directory_and_names_a_run_it_cannot_merge(ho
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     assert cli.main(["export", run, str(taken)]) == 2
-    assert capsys.readouterr().err == (f"bitfit-fast export: error: {taken} already exists and is not an empty "
-                                       "directory: export into a new one (it never writes over files)\n")
+    assert capsys.readouterr().err == (f"bitfit-fast export: error: {taken} already exists and is not empty: export "
+                                       "into a new or empty directory (it never writes over files)\n")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+    assert cli.main(["export", run, str(taken / "notes.txt")]) == 2
+    assert capsys.readouterr().err == (f"bitfit-fast export: error: {taken / 'notes.txt'} is a file: export into a "
+                                       "new or empty directory (it never writes over files)\n")
+    assert (taken / "notes.txt").read_text() == "mine"
 
     def refuse(model):  # what merge() says of biases its config cannot declare (ModernBERT subset, T5)
         raise ValueError("merge() refuses: a save_pretrained checkpoint would not reload the biases apply() added.")
@@ -565,6 +569,17 @@ def test_a_model_fine_tuned_on_other_classes_trains_with_a_new_classifier(home, 
                      str(data / "val.csv"), "--output-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "3 classes" in out and "newly initialised, trained with the head: classifier" in out, out
+
+
+def test_a_runs_damaged_biases_are_named_with_the_one_fix_there_is(home, runs, tmp_path, capsys):
+    """Only its training writes a run's biases: "save the biases again" (a checkpoint's own advice) is no fix."""
+    run = tmp_path / "one"
+    shutil.copytree(home / "runs" / "one", run)
+    (run / "biases" / "bitfit_biases.safetensors").write_bytes(b"not safetensors")
+    assert cli.main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bitfit-fast eval: error: {run / 'biases'} is damaged (SafetensorError: ")
+    assert err.endswith("): train the run again\n") and "save the biases" not in err
 
 
 def test_a_port_in_use_is_named_before_the_model_loads(home, capsys):

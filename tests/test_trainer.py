@@ -487,10 +487,15 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples
 
 
 def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
-    record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
+    said = []
+    record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=said.append)
     assert [r["learning_rate"] for r in record["runs"]] == [1e-4, 1e-2]
     assert record["best"]["best"]["value"] == max(r["best"]["value"] for r in record["runs"])
     assert (tmp_path / "run" / "lr-0.01" / "run_summary.json").is_file()
+    best_run = tmp_path / "run" / f"lr-{record['best']['learning_rate']:g}"
+    assert said[-1].endswith(f", the run {best_run} (eval, predict, serve and export take it)")
+    with pytest.raises(UserError, match=r"pass one of them \(an --lr-sweep has one run per learning rate\)"):
+        run.load_run(str(tmp_path / "run"))
 
 
 def test_a_stopped_sweep_goes_on_with_resume(model_dir, files, tmp_path):
@@ -498,7 +503,8 @@ def test_a_stopped_sweep_goes_on_with_resume(model_dir, files, tmp_path):
     with pytest.raises(UserError, match="lr-0.0001 already holds a run"):
         sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=lambda *_: None)
     assert not (tmp_path / "run" / "lr-0.01").exists(), "every run directory is checked before the first trains"
-    with pytest.raises(UserError, match=r"lr-0.0001 as it started, but batch_size 16 \(the run: 8\) differ"):
+    with pytest.raises(UserError, match=r"lr-0.0001 as it started, but these options differ from the run's: "
+                                        r"batch_size 16 \(the run: 8\): give"):
         sweep(config(model_dir, files, tmp_path, epochs=1, resume=True, batch_size=16), grid=(1e-4, 1e-2),
               log=lambda *_: None)  # the runs of one sweep share a protocol
     assert not (tmp_path / "run" / "lr-0.01").exists()
@@ -512,9 +518,10 @@ def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_p
     train(config(model_dir, files, tmp_path, epochs=1))
     summary = (tmp_path / "run" / "run_summary.json").read_bytes()
     for overrides, message in [
-        (dict(learning_rate=0.05), r"learning_rate 0.05 \(the run: None\)"),
-        (dict(method="full"), r"method 'full' \(the run: 'bitfit'\)"),
-        (dict(batch_size=16, seed=3), r"batch_size 16 \(the run: 8\), seed 3 \(the run: 0\) differ: give the run's"),
+        (dict(learning_rate=0.05), r"learning_rate 0.05 \(the run: unset\)"),
+        (dict(method="full"), r"method full \(the run: bitfit\)"),
+        (dict(batch_size=16, seed=3), r"differ from the run's: batch_size 16 \(the run: 8\), seed 3 \(the run: 0\): "
+                                      r"give the run's"),
         (dict(epochs=1), r"has finished its 1 epochs, so there is nothing to continue: pass --epochs more than 1"),
     ]:
         with pytest.raises(UserError, match=message):

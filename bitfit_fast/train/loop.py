@@ -137,7 +137,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         f"{trainable_count:,} of {total_count:,} parameters train ({100 * trainable_count / total_count:.4f}%) | "
         f"{d.world} process(es) on {d.device}")
     say(f"model {model_path}; newly initialised, trained with the head: "
-        f"{', '.join(model.bitfit_new_modules) or 'none'}")
+        f"{', '.join(model.bitfit_new_modules) or 'none (the checkpoint holds every weight, its head too)'}")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)

@@ -9,7 +9,14 @@ import torch
 from ..files import write_json
 from .config import LR_GRID, TrainConfig
 from .loop import resolved_config, train
-from .run import CHECKPOINT_NAME, RUN_CONFIG_NAME, SUMMARY_NAME, check_output_dir, check_same_options
+from .run import (
+    CHECKPOINT_NAME,
+    RUN_CONFIG_NAME,
+    SUMMARY_NAME,
+    SWEEP_SUMMARY_NAME,
+    check_output_dir,
+    check_same_options,
+)
 
 
 def _finished(run: TrainConfig) -> dict | None:
@@ -49,6 +56,8 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     best = max(results, key=lambda r: r["best"]["value"])
     record = dict(grid=list(grid), runs=results, best=best)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(config.output_dir) / "sweep_summary.json", record)
-    log(f"best learning rate {best['learning_rate']:g}: {best['best']['metric']} {best['best']['value']:.4f}")
+    write_json(Path(config.output_dir) / SWEEP_SUMMARY_NAME, record)
+    best_run = Path(config.output_dir) / f"lr-{best['learning_rate']:g}"
+    log(f"best learning rate {best['learning_rate']:g}: {best['best']['metric']} {best['best']['value']:.4f}, the "
+        f"run {best_run} (eval, predict, serve and export take it)")
     return record

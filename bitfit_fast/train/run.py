@@ -17,6 +17,7 @@ from .distributed import Dist, barrier, gather
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SUMMARY_NAME = "run_summary.json"
+SWEEP_SUMMARY_NAME = "sweep_summary.json"
 CURVES_NAME = "learning_curves.png"
 BEST_BIASES = "biases"  # the epoch with the best validation score: what eval and predict load
 LAST_BIASES = "biases-last"
@@ -71,11 +72,15 @@ def check_same_options(out: Path, config: TrainConfig, unknown_yet: tuple[str, .
     for options in (started, now):
         options.update({f"bitfit.{k}": v for k, v in options.pop("bitfit").items()
                         if k not in CONTINUABLE_BITFIT_OPTIONS})
-    changed = [f"{key} {now[key]!r} (the run: {started.get(key)!r})" for key in now
+    def shown(value) -> str:
+        return "unset" if value is None else " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    changed = [f"{key} {shown(now[key])} (the run: {shown(started.get(key))})" for key in now
                if key not in CONTINUABLE_OPTIONS and key not in unknown_yet and now[key] != started.get(key)]
     if changed:
-        raise UserError(f"--resume continues {out} as it started, but {', '.join(changed[:3])} differ: give the "
-                        "run's options, or start a new run in another --output-dir")
+        raise UserError(f"--resume continues {out} as it started, but these options differ from the run's: "
+                        f"{', '.join(changed[:3])}: give the run's options, or start a new run in another "
+                        "--output-dir")
     return classes
 
 
@@ -122,10 +127,12 @@ def load_run(path: str) -> Run:
         raise UserError(f"{path} is not a directory: {NOT_A_RUN_HINT}")
     file = directory / RUN_CONFIG_NAME
     if not file.is_file():
-        # A joint run's --output-dir (one run per task), or a folder of runs: name them.
+        # A joint run's --output-dir (one run per task), a sweep's (one per learning rate), or a folder of runs.
         runs = sorted(str(d) for d in directory.iterdir() if (d / RUN_CONFIG_NAME).is_file())
-        hint = (f"it holds the runs {', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}: pass one of them (a "
-                "joint run of several --task-files has one run per task)") if runs else NOT_A_RUN_HINT
+        kind = ("an --lr-sweep has one run per learning rate" if (directory / SWEEP_SUMMARY_NAME).is_file() else
+                "a joint run of several --task-files has one run per task")
+        hint = (f"it holds the runs {', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}: pass one of them "
+                f"({kind})") if runs else NOT_A_RUN_HINT
         raise UserError(f"{path} is not a `bitfit-fast train` run (it has no {RUN_CONFIG_NAME}): {hint}")
     try:
         record = json.loads(file.read_text())
