@@ -85,11 +85,8 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
 
 def _base_sample(record: dict) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
     """The frozen weights' sampled values of a saved record: {name: (dtype, values in float64)}."""
-    try:
-        return {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
-                for name, entry in record.get("base_sample", {}).items()}
-    except ValueError as error:  # torch.tensor of strings
-        raise TypeError(f"base_sample values: {first_line(error)}") from error
+    return {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
+            for name, entry in record.get("base_sample", {}).items()}
 
 
 def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: BitFitConfig,
@@ -308,9 +305,12 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         weights = weights_path.read_bytes()
         tensors = safetensors.torch.load(weights)
         config, state = read_config(record, config_path)
-        base = _base_sample(record)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise DamagedCheckpointError(directory, f" ({type(error).__name__}: {first_line(error)})") from error
+    try:
+        base = _base_sample(record)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: torch.tensor of strings
+        raise DamagedCheckpointError(directory, f" (its base_sample: {first_line(error)})") from error
     recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions
     if recorded is not None and recorded != hashlib.sha256(weights).hexdigest():
         raise DamagedCheckpointError(directory, f": its {WEIGHTS_NAME} is not the one its {CONFIG_NAME} was saved "

@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def temporary_beside(path: Path) -> Path:
@@ -66,26 +66,36 @@ def atomic_write_together(contents: dict[Path, bytes]) -> None:
     """Write files that belong together (a checkpoint's weights and config): every one is written to its temporary
     file and flushed to disk before any is renamed into place, so an error while writing (a full disk) leaves every
     old file as it was; an error while renaming puts the files already renamed back (from a second name each old
-    file gets first). Only a crash between the renames, microseconds apart, could pair a new file with an old one;
-    a reader that must know compares a hash one file records of the other."""
+    file gets first; one that cannot be put back keeps that second name, named in the error). Only a crash between
+    the renames, microseconds apart, could pair a new file with an old one; a reader that must know compares a hash
+    one file records of the other."""
     temporaries = {Path(path): temporary_beside(Path(path)) for path in contents}
     olds: dict[Path, Path | None] = {}
     try:
         for path, data in contents.items():
             temporaries[Path(path)].write_bytes(data)
             _flush_to_disk(temporaries[Path(path)])
-        olds = {path: _second_name(path) for path in temporaries}
+        for path in temporaries:  # one at a time: a failure here leaves the others to the cleanup below
+            olds[path] = _second_name(path)
         renamed = []
         try:
             for path, tmp in temporaries.items():
                 os.replace(tmp, path)
                 renamed.append(path)
-        except BaseException:
+        except BaseException as error:
+            stranded = []
             for path in renamed:
-                if olds[path] is None:
-                    path.unlink()
-                else:
-                    os.replace(olds[path], path)
+                try:
+                    if olds[path] is None:
+                        path.unlink()
+                    else:
+                        os.replace(olds[path], path)
+                except OSError:
+                    old = olds.pop(path)
+                    stranded.append(f"{path} ({f'its previous file is {old}' if old else 'it had none before'})")
+            if stranded:
+                raise OSError(f"{first_line(error)}; and what was renamed could not be put back: "
+                              f"{', '.join(stranded)}") from error
             raise
     finally:
         for tmp in (*temporaries.values(), *filter(None, olds.values())):

@@ -29,6 +29,7 @@ from . import graphs, task_rows
 from .checkpoint import (
     RUN_CONFIG_NAME,
     Checkpoint,
+    DamagedCheckpointError,
     OtherBaseModelError,
     base_sample,
     read_checkpoint,
@@ -136,6 +137,16 @@ def _resolve(source: str | os.PathLike) -> tuple[Path, list[str] | None, int | N
         run = load_run(str(path))
         return path / BEST_BIASES, run.label_names, run.num_labels
     return path, None, None
+
+
+def _read_task(name: str, directory: Path, of_run: bool) -> Checkpoint:
+    """A task's checkpoint; a run's that is damaged says the one fix there is (only its training writes it)."""
+    try:
+        return read_checkpoint(directory)
+    except DamagedCheckpointError as error:
+        if not of_run:
+            raise
+        raise ValueError(f"task {name!r}: {directory} is damaged{error.problem}: train the run again") from error
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -346,7 +357,8 @@ class TaskBank(nn.Module):
         if not sources:
             raise ValueError("a TaskBank needs at least one task")
         resolved = {name: _resolve(source) for name, source in sources.items()}
-        checkpoints = {name: read_checkpoint(directory) for name, (directory, _, _) in resolved.items()}
+        checkpoints = {name: _read_task(name, directory, of_run=labels is not None)
+                       for name, (directory, _, labels) in resolved.items()}
         first_name, first = next(iter(checkpoints.items()))
         for name, checkpoint in checkpoints.items():
             if checkpoint.model_class != first.model_class:

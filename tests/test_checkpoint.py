@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -466,12 +467,34 @@ def test_an_error_renaming_the_config_puts_the_old_weights_back(tmp_path, monkey
         torch.testing.assert_close(base.classifier.bias, saved_bias, atol=0, rtol=0)
 
 
+def test_a_save_that_fails_to_keep_a_second_name_leaves_no_file_behind(tmp_path, monkeypatch):
+    """The config's second name cannot be made (the disk fills up): the weights' one is removed as well, and the
+    previous pair is as it was."""
+    import bitfit_fast.files
+
+    model, _ = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    second_name = bitfit_fast.files._second_name
+
+    def failing_for_the_config(path):
+        if path.name == CONFIG_NAME:
+            raise OSError("No space left on device")
+        return second_name(path)
+
+    monkeypatch.setattr(bitfit_fast.files, "_second_name", failing_for_the_config)
+    with pytest.raises(OSError, match="No space left"):
+        bitfit_fast.save_biases(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+
+
 def test_files_of_two_saves_are_not_taken_for_one_checkpoint(tmp_path, monkeypatch):
     """A save stopped between its two renames, unable to put the first back (as a crash would leave it), leaves the
     new weights beside the old config: loading them says so, where it used to load them under the old save's
     options."""
     model, base = trained()
     bitfit_fast.save_biases(model, tmp_path)
+    old_weights = (tmp_path / WEIGHTS_NAME).read_bytes()
     replace, renamed = os.replace, []
 
     def stopping_after_the_first(source, target):
@@ -483,10 +506,13 @@ def test_files_of_two_saves_are_not_taken_for_one_checkpoint(tmp_path, monkeypat
     monkeypatch.setattr(os, "replace", stopping_after_the_first)
     with torch.no_grad():
         model.classifier.bias.add_(1)
-    with pytest.raises(OSError, match="interrupted"):
+    with pytest.raises(OSError, match=r"interrupted; and what was renamed could not be put back: .*"
+                                      rf"{WEIGHTS_NAME} \(its previous file is (.*)\)") as stranded:
         bitfit_fast.save_biases(model, tmp_path)
     monkeypatch.setattr(os, "replace", replace)
     assert [p.name for p in renamed] == [WEIGHTS_NAME]
+    kept = pathlib.Path(re.search(r"its previous file is (.*)\)", str(stranded.value)).group(1))
+    assert kept.parent == tmp_path and kept.read_bytes() == old_weights, "the old weights' last copy is kept"
     before = snapshot(base)
     with pytest.raises(ValueError, match=f"the checkpoint in {tmp_path} is damaged: its {WEIGHTS_NAME} is not the one "
                                          f"its {CONFIG_NAME} was saved with"):

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -580,6 +581,12 @@ def test_a_runs_damaged_biases_are_named_with_the_one_fix_there_is(home, runs, t
     err = capsys.readouterr().err
     assert err.startswith(f"bitfit-fast eval: error: {run / 'biases'} is damaged (SafetensorError: ")
     assert err.endswith("): train the run again\n") and "save the biases" not in err
+    from bitfit_fast.task_bank import TaskBank
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(home / "model", num_labels=3)
+    with pytest.raises(ValueError, match=rf"task 'one': {re.escape(str(run / 'biases'))} is damaged "
+                                         r"\(SafetensorError: .*\): train the run again$"):
+        TaskBank.load(model, {"one": run}, backend="torch")
 
 
 def test_a_port_in_use_is_named_before_the_model_loads(home, capsys):
