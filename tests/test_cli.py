@@ -64,6 +64,9 @@ def home(tmp_path_factory):
     (root / "without-tokenizer").mkdir()  # a Trainer checkpoint saved without its tokenizer
     for name in ("config.json", "model.safetensors"):
         shutil.copy(root / "model" / name, root / "without-tokenizer")
+    shutil.copytree(root / "model", root / "misconfigured")  # a config.json edited by hand, its weights not
+    config = json.loads((root / "model" / "config.json").read_text())
+    (root / "misconfigured" / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=256)))
     return root
 
 
@@ -517,6 +520,9 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
     (["train", "--model", "{home}/without-tokenizer", "--output-dir", "{runs}/failed"],  # every word would be [UNK]
      "--model {home}/without-tokenizer has a tokenizer of 5 tokens for its 25 token embeddings: its tokenizer files "
      "are missing"),
+    (["train", "--model", "{home}/misconfigured", "--output-dir", "{runs}/failed"],  # not drawn anew
+     "--model {home}/misconfigured: its weights do not fit its config.json (bert.embeddings.position_embeddings."
+     "weight is (128, 32) in the weights, (256, 32) by the config); fix config.json or the weights"),
     (["train", "--model", "{home}/model", "--max-length", "2", "--train-file", "{data}/train.csv",
       "--validation-file", "{data}/val.csv", "--output-dir", "{runs}/failed"],  # the tokenizer could not truncate
      "--max-length 2 leaves no room for the text: the tokenizer adds 2 special tokens to a text; use --max-length 3 "

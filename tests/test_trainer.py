@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import types
@@ -15,6 +16,7 @@ import torch
 import transformers
 
 from bitfit_fast import BitFitConfig, cli, serve
+from bitfit_fast.checkpoint import RUN_CONFIG_NAME
 from bitfit_fast.errors import UserError
 from bitfit_fast.train import (
     CHECKPOINT_NAME,
@@ -539,6 +541,23 @@ def test_resume_continues_a_run_as_it_started_or_refuses(model_dir, files, tmp_p
     resumed = train(config(model_dir, files, tmp_path, epochs=2, resume=True,
                            bitfit=BitFitConfig(backend="torch", memory="lean")))
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_directory(model_dir, files, tmp_path):
+    """It left only its run_config.json (a NaN loss at step 1, Ctrl-C): the same command starts it again there; a
+    directory with any other file, or a run_config.json of another program, is not written into."""
+    train(config(model_dir, files, tmp_path, epochs=1))
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(tmp_path / "run" / RUN_CONFIG_NAME, stopped)
+    train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(stopped)))
+    assert (stopped / "biases").is_dir()
+    for other in ("{}", None):
+        mine = tmp_path / f"mine-{other is None}"
+        mine.mkdir()
+        (mine / (RUN_CONFIG_NAME if other else "notes.txt")).write_text(other or "mine")
+        with pytest.raises(UserError, match=f"--output-dir {mine} is not empty"):
+            train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(mine)))
 
 
 def test_eval_scores_the_validation_examples_its_training_scored(model_dir, files, tmp_path, capsys):

@@ -89,12 +89,27 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
                         "tokenizer files)") from error
-    embeddings = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) < embeddings // 2:  # transformers builds a tokenizer of the special tokens alone
+    head = [name for name, _ in model.named_children() if name != model.base_model_prefix]
+    body = next(((key, saved, wanted) for key, saved, wanted in info["mismatched_keys"]
+                 if key.split(".")[0] not in head), None)
+    if body is not None:  # only the classifier may be drawn anew: a body weight of another shape is a broken model
+        key, saved, wanted = body
+        raise UserError(f"{described_as}: its weights do not fit its config.json ({key} is {tuple(saved)} in the "
+                        f"weights, {tuple(wanted)} by the config); fix config.json or the weights")
+    embeddings = getattr(_input_embeddings(model), "num_embeddings", None)
+    if embeddings is not None and len(tokenizer) < embeddings // 2:  # transformers builds one of special tokens
         raise UserError(f"{described_as} has a tokenizer of {len(tokenizer)} tokens for its {embeddings} token "
                         "embeddings: its tokenizer files are missing (tokenizer.json, vocab.txt, ...); save the "
                         "tokenizer beside the model (tokenizer.save_pretrained)")
     return model, tokenizer, info
+
+
+def _input_embeddings(model):
+    """The model's token embedding, or None for a model without one (CANINE reads characters)."""
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
 
 
 def max_positions(model, tokenizer) -> int | None:

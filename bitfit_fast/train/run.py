@@ -45,9 +45,21 @@ def check_output_dir(out: Path, resume: bool) -> None:
     if biases is not None:  # a run there would hide them: TaskBank, eval and serve read a run's biases/
         raise UserError(f"{out} holds biases saved by save_biases ({biases}): choose another --output-dir")
     held = sorted(path.name for path in out.iterdir()) if not resume and out.is_dir() else []
-    if held:  # a run writes run_config.json, learning_curves.png, ... over whatever of that name is there
+    # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
+    if held and not (held == [RUN_CONFIG_NAME] and _is_run_record(out / RUN_CONFIG_NAME)):
+        # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
+
+
+def _is_run_record(file: Path) -> bool:
+    """Whether ``file`` is a run_config.json that `bitfit-fast train` wrote."""
+    try:
+        record = json.loads(file.read_text())
+        TrainConfig.from_dict(record["config"])
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 # What may change when a run continues: how long it trains, what it shows, how a batch is split (its gradient is
