@@ -179,7 +179,7 @@ FAMILIES = (
         subset=("attention.self.query", "intermediate.dense"),
         zero_gradient_keys={f"{model}{kind}SelfAttention": "key" for kind in ("", "Sdpa") for model in (
             "Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "LayoutLM", "Ernie",
-            "MegatronBert", "XLMRobertaXL", "ConvBert")},  # the last three: BERT's attention, not its layers
+            "MegatronBert", "XLMRobertaXL", "ConvBert", "Xmod")},  # the last four: BERT's attention, not its layers
         layer_classes=(
             "BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
             "LayoutLMLayer", "ErnieLayer",

@@ -279,10 +279,14 @@ def _plan(model: nn.Module, config: BitFitConfig) -> _Plan:
     loose = _loose_biases(modules)
     replaceable = {id(m) for m in modules.values() if _replaceable(m)}
     if not candidates or not replaceable:
+        others = sorted({type(m).__name__ for m in candidates.values() if not _replaceable(m)})
+        bias_free = not add_missing and any(_replaceable(m) for m in modules.values())
         raise ValueError(
             f"{model_name} has no torch.nn.Linear / torch.nn.LayerNorm with a bias to train: bitfit_fast supports "
             "encoders built from those modules (BERT, RoBERTa, ELECTRA, XLM-R, DistilBERT, ALBERT, ...)"
-            + ("" if add_missing else "; add_missing_biases=True gives bias-free layers a zero bias to train")
+            + (f"; its biases are in modules of other kinds ({', '.join(others)}), which it has no fused op for: "
+               "train them with plain PyTorch (every other parameter frozen)" if others else
+               "; add_missing_biases=True gives bias-free layers a zero bias to train" if bias_free else "")
         )
     chosen = _select_biases({**candidates, **loose}, config.biases, model_name)
     selected = {n: candidates[n] for n in chosen if n in candidates}

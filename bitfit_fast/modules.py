@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import task_rows
 from .functions import functions
-from .torch_ops import ZeroGradient, layer_norm_output_dtype
+from .torch_ops import ZeroGradient, compute_dtype, layer_norm_output_dtype
 
 
 def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
@@ -55,9 +55,14 @@ def is_last_dim_layer_norm(module: nn.Module) -> bool:
 
 
 def check_batch(x: torch.Tensor) -> None:
-    """Raise a ValueError for an empty batch, which the BitFit ops do not take: drop it before the forward."""
+    """Raise a ValueError for an empty batch, which the fused layers do not take: drop it before the forward."""
     if x.numel() == 0:
         raise ValueError(f"got an empty batch (input shape {tuple(x.shape)}); drop empty batches before the forward")
+
+
+def _vector(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bias [N] in ``dtype`` for torch's op on no rows; a task table [T, N] adds nothing to none."""
+    return None if bias is None or bias.dim() != 1 else bias.to(dtype)
 
 
 def _row_tasks(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -92,7 +97,9 @@ class BitFitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
-        check_batch(x)
+        if x.numel() == 0:  # rows a model routes nowhere (X-MOD's adapter of a language not in the batch)
+            dtype = compute_dtype(x)
+            return F.linear(x.to(dtype), self.weight.to(dtype), _vector(self.trained_bias(), dtype))
         ops = functions(self.backend, x)
         return ops.linear(x, self.weight, self.trained_bias(), row_task=_row_tasks(self.bias, x))
 
@@ -128,8 +135,10 @@ class BitFitLayerNorm(nn.LayerNorm):
         encoder's packed real tokens); by default they are (see ``task_rows.of_module_input``)."""
         if self.weight.requires_grad:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        check_batch(x)
         x = x.to(layer_norm_output_dtype(x.device.type, x.dtype))  # CUDA's autocast runs it in fp32, so do we
+        if x.numel() == 0:  # as BitFitLinear's
+            weight, bias = self.weight.to(x.dtype), _vector(self.bias, x.dtype)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         ops = functions(self.backend, x)
         if row_task is None:
             row_task = _row_tasks(self.bias, x)

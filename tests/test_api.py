@@ -156,6 +156,10 @@ FAMILIES = {
        for name, config_cls, model_cls in (
            ("xlm", transformers.XLMConfig, transformers.XLMForSequenceClassification),
            ("flaubert", transformers.FlaubertConfig, transformers.FlaubertForSequenceClassification))},
+    # X-MOD routes each example to its language's adapter: those of languages not in the batch get no rows.
+    "xmod": (transformers.XmodConfig, transformers.XmodForSequenceClassification,
+             dict(TINY, max_position_embeddings=72, pad_token_id=1, languages=["en_XX", "de_DE"],
+                  default_language="en_XX")),
     "funnel": (transformers.FunnelConfig, transformers.FunnelForSequenceClassification,
                dict(vocab_size=97, block_sizes=[1, 1], d_model=36, n_head=3, d_head=12, d_inner=52,
                     hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0)),
@@ -179,11 +183,15 @@ SUBSET_NAMES = {
     "mpnet": ("attention.attn.q.bias", "intermediate.dense.bias"),
     "xlm": ("q_lin.bias", "lin1.bias"),
     "flaubert": ("q_lin.bias", "lin1.bias"),
+    "xmod": ("attention.self.query.bias", "intermediate.dense.bias"),
 }
 
 # Funnel's head reads the first token only, whose scores in the last block leave out the relative positions and
-# token types (its cls_mask): their biases there get no gradient.
-UNUSED = {"funnel": tuple(f"funnel.encoder.blocks.1.0.attention.{name}" for name in ("r_r_bias", "r_s_bias"))}
+# token types (its cls_mask): their biases there get a zero gradient. So do the adapters X-MOD routes no row to.
+UNUSED = {"funnel": tuple(f"funnel.encoder.blocks.1.0.attention.{name}" for name in ("r_r_bias", "r_s_bias")),
+          # X-MOD's German adapters, in a batch of the default language (English) only
+          "xmod": tuple(f"roberta.encoder.layer.{layer}.output.adapter_modules.de_DE.dense{part}.bias"
+                        for layer in range(2) for part in (1, 2))}
 
 
 @pytest.mark.parametrize("family,biases", [(family, biases) for family in FAMILIES for biases in ("all", "subset")
@@ -311,6 +319,17 @@ def test_subset_is_refused_where_only_half_of_it_is_found():
                                          r"nystromformer.encoder.layer.0.intermediate.dense, ...\) but no query layer"):
         bitfit_fast.apply(model, biases="subset")
     assert not any(isinstance(m, BitFitLinear) for m in model.modules()), "refused before anything changed"
+
+
+def test_a_model_whose_biases_are_in_modules_of_other_kinds_is_refused_with_what_would_work():
+    """I-BERT's quantized layers (QuantLinear, IntLayerNorm) hold its biases: no fused op applies, and adding zero
+    biases (the bias-free hint) would change nothing; the refusal names those kinds and plain PyTorch instead."""
+    model = transformers.IBertForSequenceClassification(transformers.IBertConfig(
+        **TINY, max_position_embeddings=64, pad_token_id=1, num_labels=3))
+    for add_missing_biases in (None, True):
+        with pytest.raises(ValueError, match=r"its biases are in modules of other kinds \(IntLayerNorm, QuantLinear\), "
+                                             r"which it has no fused op for: train them with plain PyTorch"):
+            bitfit_fast.apply(model, add_missing_biases=add_missing_biases)
 
 
 def test_albert_shared_layers_stay_shared():
