@@ -1,6 +1,7 @@
 """`bitfit-fast`: the command-line entry point."""
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -384,8 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130  # the shell's status for a command ended by Ctrl-C
-    except BrokenPipeError:  # what reads the output stopped (`bitfit-fast predict ... | head`): nothing to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails once more
+    except BrokenPipeError:
+        if args.debug or args.command not in ("predict", "eval"):
+            raise
+        # What reads the results stopped (`bitfit-fast predict ... | head`): nothing to say. Python's flush of
+        # stdout at exit would fail once more: it goes to devnull (where stdout is a file descriptor at all).
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the shell's status for a command ended by SIGPIPE
 
 

@@ -51,7 +51,7 @@ from .families import (
     reads_padding,
 )
 from .functions import Ops, functions
-from .modules import BitFitLayerNorm, BitFitLinear, check_batch, replace_children, retype
+from .modules import BitFitLayerNorm, BitFitLinear, check_batch, parameter_like, replace_children, retype
 from .torch_ops import compute_dtype, layer_norm_output, layer_norm_output_dtype
 from .unpadding import Tokens
 
@@ -207,7 +207,8 @@ class FusedEncoderLayer(nn.Module):
     def to_vanilla(self) -> nn.Module:
         """The layer as its original class again, its q/k/v weights standalone instead of views of the packed one."""
         for linear in self._qkv_linears():  # standalone weights again, not views of the packed one
-            linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
+            linear.weight = parameter_like(linear.weight.detach().clone(), linear.weight,
+                                           requires_grad=linear.weight.requires_grad)
         plain = retype(self, self.original_class)
         del plain.bitfit_memory, plain._packed_qkv
         plain.__dict__.pop("keeps_padding", None)
@@ -255,7 +256,7 @@ class FusedEncoderLayer(nn.Module):
         ):
             packed = torch.cat([w.detach() for w in weights])
             for i, linear in enumerate(self._qkv_linears()):
-                linear.weight = nn.Parameter(packed[i * rows:(i + 1) * rows], requires_grad=False)
+                linear.weight = parameter_like(packed[i * rows:(i + 1) * rows], linear.weight, requires_grad=False)
             self._packed_qkv = packed
         return packed
 

@@ -19,7 +19,14 @@ from .families import (
     ZERO_GRADIENT_KEYS,
 )
 from .fused_layer import FusedEncoder, FusedEncoderLayer, fuse, unfuse_hooks
-from .modules import BitFitLayerNorm, BitFitLinear, is_last_dim_layer_norm, replace_children, retype
+from .modules import (
+    BitFitLayerNorm,
+    BitFitLinear,
+    is_last_dim_layer_norm,
+    parameter_like,
+    replace_children,
+    retype,
+)
 
 CONFIG_ATTRIBUTE = "bitfit_fast_config"  # the BitFitConfig a model was applied with
 STATE_ATTRIBUTE = "bitfit_fast_state"  # its AppliedState
@@ -379,7 +386,7 @@ def _store_frozen_weights(model: nn.Module, dtype: torch.dtype | None) -> dict[s
                                                           for owner, attribute in owners[id(weight)]):
             continue
         if id(weight) not in converted:
-            converted[id(weight)] = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            converted[id(weight)] = parameter_like(weight.detach().to(dtype), weight, requires_grad=False)
         original[f"{name}.weight"] = dtype_name(weight.dtype)
         module.weight = converted[id(weight)]
     return original
@@ -579,8 +586,8 @@ def _restore_weight_dtypes(model: nn.Module, weight_dtypes: dict[str, str]) -> N
         module = model.get_submodule(module_name)
         weight = getattr(module, param_name)
         if id(weight) not in restored:
-            restored[id(weight)] = nn.Parameter(weight.detach().to(getattr(torch, original)),
-                                                requires_grad=weight.requires_grad)
+            restored[id(weight)] = parameter_like(weight.detach().to(getattr(torch, original)), weight,
+                                                  requires_grad=weight.requires_grad)
         setattr(module, param_name, restored[id(weight)])
 
 

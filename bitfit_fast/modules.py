@@ -54,6 +54,15 @@ def is_last_dim_layer_norm(module: nn.Module) -> bool:
     return type(module) is nn.LayerNorm and module.weight is not None and len(module.normalized_shape) == 1
 
 
+def parameter_like(data: torch.Tensor, original: nn.Parameter, requires_grad: bool) -> nn.Parameter:
+    """A new Parameter of ``data`` in place of ``original``, keeping transformers' mark of a weight it loaded from
+    the checkpoint (``_is_hf_initialized``; see ``model.weights_drawn_at_random``)."""
+    param = nn.Parameter(data, requires_grad=requires_grad)
+    if getattr(original, "_is_hf_initialized", False):
+        param._is_hf_initialized = True
+    return param
+
+
 def check_batch(x: torch.Tensor) -> None:
     """Raise a ValueError for an empty batch, which the fused layers do not take: drop it before the forward."""
     if x.numel() == 0:

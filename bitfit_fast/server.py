@@ -212,8 +212,9 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         if not isinstance(examples, list) or not examples:
             return _error(422, '"inputs" must be a non-empty list of examples')
         if not single and len(body) > 1:  # a misspelled option beside it would be ignored, silently
-            return _error(422, f"unknown keys {sorted(set(body) - {'inputs'})} beside \"inputs\": send "
-                               "{\"inputs\": [...]} alone")
+            unknown = sorted(set(body) - {"inputs"})
+            return _error(422, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                               "beside \"inputs\": send {\"inputs\": [...]} alone")
         if len(examples) > config.max_queue:  # it would never fit: a 503 would have the client retry forever
             return _error(413, f"{len(examples)} examples in one request; this server queues at most "
                                f"{config.max_queue}: split them into several requests")

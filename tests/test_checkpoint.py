@@ -564,7 +564,7 @@ def test_a_format_1_checkpoint_still_loads(tmp_path):
 def test_frozen_weights_from_pretrained_drew_at_random_are_named_and_trained_with_the_head_round_trip(tmp_path):
     """A checkpoint without a pooler (a sentence-embedding encoder's): from_pretrained draws it at random, frozen it
     could not be restored from the saved biases; apply names it, and with it in head=[...] the round trip is exact.
-    The real MiniLM, which has its pooler, gets no warning."""
+    The real MiniLM, which has its pooler, gets no warning, even applied again after a merge."""
     import warnings
 
     from bitfit_reference import MINILM_DIR
@@ -588,9 +588,13 @@ def test_frozen_weights_from_pretrained_drew_at_random_are_named_and_trained_wit
     base = bitfit_fast.load_biases(loaded(1), tmp_path / "biases")
     batch = padded_batch(model)
     torch.testing.assert_close(base.eval()(**batch).logits, model.eval()(**batch).logits, atol=0, rtol=0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # nor after apply (fused, bf16 weights) and merge made new Parameters
         warnings.simplefilter("error", bitfit_fast.FrozenNewWeightsWarning)
-        bitfit_fast.apply(transformers.BertForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=3))
+        minilm = transformers.BertForSequenceClassification.from_pretrained(MINILM_DIR, num_labels=3)
+        bitfit_fast.apply(minilm, dtype=torch.bfloat16)
+        with pytest.warns(UserWarning, match="rounded to it"):
+            bitfit_fast.merge(minilm)
+        bitfit_fast.apply(minilm)
 
 
 def test_a_masked_lm_whose_bias_is_tied_round_trips(tmp_path):

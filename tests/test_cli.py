@@ -525,13 +525,13 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "weight is (128, 32) in the weights, (256, 32) by the config); fix config.json or the weights"),
     (["train", "--model", "{home}/model", "--max-length", "2", "--train-file", "{data}/train.csv",
       "--validation-file", "{data}/val.csv", "--output-dir", "{runs}/failed"],  # the tokenizer could not truncate
-     "--max-length 2 leaves no room for the text: the tokenizer adds 2 special tokens to a text; use --max-length 3 "
-     "or more"),
+     "--max-length 2 leaves no room for the text: the tokenizer adds 2 special tokens to a text, and each text needs a "
+     "token; use --max-length 3 or more"),
     (["train", "--model", "{home}/model", "--max-length", "4", "--train-file", "{data}/pairs-train.csv",
       "--validation-file", "{data}/pairs-val.jsonl", "--text-columns", "premise", "hypothesis", "--output-dir",
       "{runs}/failed"],
-     "--max-length 4 leaves no room for the text: the tokenizer adds 3 special tokens to a pair of texts; use "
-     "--max-length 5 or more"),
+     "--max-length 4 leaves no room for the text: the tokenizer adds 3 special tokens to a pair of texts, and each "
+     "text needs a token; use --max-length 5 or more"),
     (["train", "--model", "{home}/model", "--output-dir", "{data}"],  # a run would overwrite files of its names
      "--output-dir {data} is not empty (binary.csv, not.parquet, pairs-train.csv, ...): a run starts in a new "
      "or empty directory"),

@@ -103,7 +103,7 @@ def test_concurrent_mixed_requests_are_batched_and_each_answered():
     (b'{"inputs": []}', 422, '"inputs" must be a non-empty list of examples'),
     (b'{"inputs": 5}', 422, '"inputs" must be a non-empty list of examples'),
     (b'{"inputs": [{"task": "upper", "text": "a"}], "top_k": 2}', 422,
-     'unknown keys [\'top_k\'] beside "inputs": send {"inputs": [...]} alone'),
+     'unknown key \'top_k\' beside "inputs": send {"inputs": [...]} alone'),
     (b"5", 422, 'an example is {"task": ..., "text": "..."}'),
     (b'{"task": "upper", "text": "\xff"}', 400, "the body is not JSON"),  # not UTF-8
     (b'{"task": "length", "text": "nan"}', 500, "the prediction is not valid JSON (Out of range float values"),

@@ -380,9 +380,10 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
     pair = len(columns) == 2
     least = tokenizer.num_special_tokens_to_add(pair=pair) + len(columns)
     if columns and max_length < least:
-        raise UserError(f"--max-length {max_length} leaves no room for the text: the tokenizer adds "
-                        f"{least - len(columns)} special tokens to {'a pair of texts' if pair else 'a text'}; use "
-                        f"--max-length {least} or more")
+        special = least - len(columns)
+        added = f"the tokenizer adds {special} special tokens to {'a pair of texts' if pair else 'a text'}, and "
+        raise UserError(f"--max-length {max_length} leaves no room for the text: {added if special else ''}each text "
+                        f"needs a token; use --max-length {least} or more")
     out = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     return Encoded(out["input_ids"], out.get("token_type_ids"), split.labels)
 
