@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -197,10 +198,14 @@ LEARNING_RATE = _number(float, 0, above=True, maximum=1.0)  # train.config.MAX_L
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows each default, except for options that are off (or automatic) unless given."""
+    """`--help` shows each default, except for options that are off (or automatic) unless given; lines break
+    between words only, never inside a name (gpu-roberta, --max-length)."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -42,6 +42,8 @@ from .run import (
     RUN_CONFIG_NAME,
     SUMMARY_NAME,
     Run,
+    check_empty,
+    check_holds_no_run,
     check_output_dir,
     write_run_config,
 )
@@ -90,9 +92,10 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--task-files trains in one process: start it without torchrun")
     check_backend_option(config.bitfit.backend)
-    check_output_dir(Path(config.output_dir), resume=False)
-    for name in names:
+    check_holds_no_run(Path(config.output_dir), resume=False)
+    for name in names:  # before the joint run's directory is found not empty: a task's run there is named as such
         check_output_dir(Path(config.output_dir) / name, resume=False)
+    check_empty(Path(config.output_dir))
 
 
 def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:

@@ -26,7 +26,15 @@ NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
 
 def check_output_dir(out: Path, resume: bool) -> None:
     """Before anything loads: a run is only continued on purpose, never overwritten (a joint run's tasks hold no
-    checkpoint, only biases and a summary), and ``out`` can be written."""
+    checkpoint, only biases and a summary), ``out`` can be written, and a new run starts where nothing else is."""
+    check_holds_no_run(out, resume)
+    if not resume:
+        check_empty(out)
+
+
+def check_holds_no_run(out: Path, resume: bool) -> None:
+    """:func:`check_output_dir` but for what else ``out`` holds: it can be written and holds no run or biases that
+    a new run would overwrite (with ``resume``, a run that can be continued)."""
     checkpoint = out / CHECKPOINT_NAME
     check_can_write(out, f"--output-dir {out}")
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
@@ -44,7 +52,11 @@ def check_output_dir(out: Path, resume: bool) -> None:
     biases = next((name for name in (WEIGHTS_NAME, CONFIG_NAME) if (out / name).exists()), None)
     if biases is not None:  # a run there would hide them: TaskBank, eval and serve read a run's biases/
         raise UserError(f"{out} holds biases saved by save_biases ({biases}): choose another --output-dir")
-    held = sorted(path.name for path in out.iterdir()) if not resume and out.is_dir() else []
+
+
+def check_empty(out: Path) -> None:
+    """``out`` is new or empty, where a new run starts."""
+    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
     if held and not (held == [RUN_CONFIG_NAME] and _is_run_record(out / RUN_CONFIG_NAME)):
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
