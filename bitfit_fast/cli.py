@@ -368,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     """`bitfit-fast`: a mistake the user can fix ends with one line and exit status 2 (`--debug`: the traceback)."""
     from .errors import UserError
 
-    args, unknown = build_parser().parse_known_args(argv)
+    try:
+        parser = build_parser()  # loads torch and transformers for the options' choices: seconds
+    except KeyboardInterrupt:
+        print("bitfit-fast: interrupted", file=sys.stderr)
+        return 130
+    args, unknown = parser.parse_known_args(argv)
     prefix = f"bitfit-fast {args.command}: error:"
     if unknown:  # argparse would name the top-level command, not the one they were given to
         print(f"{prefix} unrecognized arguments: {' '.join(unknown)} (options: bitfit-fast {args.command} --help)",

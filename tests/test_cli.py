@@ -698,6 +698,20 @@ def test_choices_and_help_come_from_the_library():
     assert cli.train_config(args).bitfit == BitFitConfig(biases="subset", backend="torch", memory="minimal")
 
 
+def test_the_package_loads_torch_on_first_use_so_ctrl_c_while_it_loads_is_one_line(monkeypatch, capsys):
+    """`bitfit-fast` imports bitfit_fast before main() runs: were torch loaded there, a Ctrl-C in its first seconds
+    would print a traceback; main() loads it, and says one line."""
+    probe = "import sys, bitfit_fast, bitfit_fast.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == "False\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err == "bitfit-fast: interrupted\n"
+
+
 def test_bench_writes_under_runs_by_default_and_documents_its_presets(capsys):
     from bitfit_fast_benches.presets import PRESETS
 
