@@ -1,4 +1,5 @@
 import os
+import shlex
 
 import pytest
 import torch
@@ -15,3 +16,11 @@ def preset():
     if PRESET.device == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"preset {PRESET_NAME} needs a CUDA GPU")
     return PRESET
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """--benchmark-json files name what they ran on as the bench's results JSON do: device, versions, the commit
+    (BITFIT_FAST_COMMIT where the checkout has no history of its own, as on a GPU machine), command and date."""
+    from bitfit_fast_benches.runner import environment
+
+    output_json["bitfit_fast"] = environment(shlex.join(["pytest", *config.invocation_params.args]))

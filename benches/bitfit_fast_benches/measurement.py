@@ -150,9 +150,11 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
     memory that stopped larger ones), within ``memory_gib`` of GPU memory when given (the whole card otherwise).
 
     Every probe trains a fresh copy of one base model, so a probe that failed part-way through its backward leaves
-    nothing behind for the next. Near the memory limit PyTorch's own LayerNorm backward can fail with another
-    error than running out of memory (the reference on an H200, at aaf637a: "NativeLayerNormBackward0 returned an
-    invalid gradient ... got [0]"): such a batch does not train either, and its error is returned to be reported.
+    nothing behind for the next. A step may fail with another error than running out of memory: PyTorch's CUDA
+    LayerNorm backward, for more than 64 Ki rows, takes a path that sizes the weight's gradient by a weight that
+    has none when it is frozen, as reference BitFit freezes it (on an H200 at aaf637a: "NativeLayerNormBackward0
+    returned an invalid gradient ... got [0]" from batch 544 of 128 tokens on, 512 passing). Such a batch does not
+    train either, and its error is returned to be reported: the largest batch is then not a memory limit.
     """
     errors = []
     base = build_base_model(workload, "cpu")
