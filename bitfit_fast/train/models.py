@@ -89,9 +89,8 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
                         "tokenizer files)") from error
-    head = [name for name, _ in model.named_children() if name != model.base_model_prefix]
     body = next(((key, saved, wanted) for key, saved, wanted in info["mismatched_keys"]
-                 if key.split(".")[0] not in head), None)
+                 if key.split(".")[0] not in _head_children(model)), None)
     if body is not None:  # only the classifier may be drawn anew: a body weight of another shape is a broken model
         key, saved, wanted = body
         raise UserError(f"{described_as}: its weights do not fit its config.json ({key} is {tuple(saved)} in the "
@@ -102,6 +101,11 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
                         "embeddings: its tokenizer files are missing (tokenizer.json, vocab.txt, ...); save the "
                         "tokenizer beside the model (tokenizer.save_pretrained)")
     return model, tokenizer, info
+
+
+def _head_children(model) -> list[str]:
+    """The task head's top-level modules: every child but the encoder (the Hugging Face base model)."""
+    return [name for name, _ in model.named_children() if name != model.base_model_prefix]
 
 
 def _input_embeddings(model):
@@ -131,7 +135,7 @@ def load_for_training(config: TrainConfig, num_labels: int, label_names: list[st
                         f"{config.model or path}: use --max-length {positions} or less")
     drawn = {*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])}
     new_modules = sorted({key.rsplit(".", 1)[0] for key in drawn})
-    head = sorted({n for n, _ in model.named_children() if n != model.base_model_prefix} | set(new_modules))
+    head = sorted({*_head_children(model), *new_modules})
     return model, tokenizer, head, new_modules
 
 
