@@ -177,9 +177,14 @@ FAMILIES = (
     Family(
         name="bert",  # post-LayerNorm BERT and the encoders built on its code
         subset=("attention.self.query", "intermediate.dense"),
-        zero_gradient_keys={f"{model}{kind}SelfAttention": "key" for kind in ("", "Sdpa") for model in (
+        # Cross-attention too (decoders, add_cross_attention): each query's scores over the encoder's keys.
+        zero_gradient_keys={f"{model}{kind}Attention": "key" for kind in ("Self", "SdpaSelf", "Cross") for model in (
             "Bert", "Roberta", "XLMRoberta", "Camembert", "Electra", "Data2VecText", "LayoutLM", "Ernie",
-            "MegatronBert", "XLMRobertaXL", "ConvBert", "Xmod")},  # the last four: BERT's attention, not its layers
+            # BERT's attention, not its layers (Big Bird: also its block-sparse attention, a softmax over a subset
+            # of the keys; ESM: only with absolute positions, not its pretrained models' rotary ones)
+            "MegatronBert", "XLMRobertaXL", "ConvBert", "Xmod", "RobertaPreLayerNorm", "RoCBert", "BertGeneration",
+            "RemBert", "Tapas", "MarkupLM", "MobileBert", "BigBird", "Esm", "Nystromformer")}
+        | {"BigBirdBlockSparseAttention": "key", "LongformerSelfAttention": "key"},
         layer_classes=(
             "BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer", "Data2VecTextLayer",
             "LayoutLMLayer", "ErnieLayer",

@@ -231,7 +231,28 @@ KEY_BIAS_FAMILIES = {
                  dict(TINY, embedding_size=36, head_ratio=1, max_position_embeddings=64)),
     "roformer": (transformers.RoFormerConfig, transformers.RoFormerForSequenceClassification,
                  dict(TINY, embedding_size=36, max_position_embeddings=64)),
+    **{name: (getattr(transformers, f"{model}Config"), getattr(transformers, f"{model}ForSequenceClassification"),
+              dict(TINY, max_position_embeddings=72, pad_token_id=1, **options))
+       for name, model, options in (
+           ("roberta-prelayernorm", "RobertaPreLayerNorm", {}),
+           ("roc-bert", "RoCBert", {}),
+           ("rembert", "RemBert", dict(input_embedding_size=20, output_embedding_size=20)),
+           ("tapas", "Tapas", {}),
+           ("markuplm", "MarkupLM", {}),
+           ("mobilebert", "MobileBert", dict(embedding_size=36, true_hidden_size=36, intra_bottleneck_size=36,
+                                             num_feedforward_networks=2)),
+           ("esm", "Esm", dict(position_embedding_type="absolute")),
+           ("esm-rotary", "Esm", dict(position_embedding_type="rotary")),
+           # a softmax over the keys of a few blocks: long enough not to fall back to full attention
+           ("big-bird", "BigBird", dict(attention_type="block_sparse", block_size=2, num_random_blocks=1)),
+           # the Nystrom approximation (three softmaxes over keys or their landmarks) for inputs of 8 tokens
+           ("nystromformer", "Nystromformer", dict(num_landmarks=4, segment_means_seq_len=8)),
+           ("longformer", "Longformer", dict(attention_window=4)))},
 }
+# Lengths of the test's batch where the default's would not reach the attention under test: Big Bird's block-sparse
+# one needs long inputs; Nystromformer's landmarks run on inputs of segment_means_seq_len tokens, unpadded
+# (transformers 5's [B, 1, L, L] mask does not fit their [B, H, landmarks, L] scores).
+KEY_BIAS_LENGTHS = {"big-bird": (19, 3, 5), "nystromformer": (8, 8, 8)}
 
 
 @pytest.mark.parametrize("family", ["bert", *FAMILIES, *KEY_BIAS_FAMILIES])
@@ -246,16 +267,16 @@ def test_a_key_bias_gets_exactly_zero_where_its_true_gradient_is_zero_and_trains
     model = with_random_biases(model.double())
     reference = reference_bitfit(model)
     bitfit_fast.apply(model, backend="torch", announce=False)
-    batch = padded_batch(model)
+    batch = padded_batch(model, KEY_BIAS_LENGTHS.get(family, (7, 3, 5)))
     model(**batch).loss.backward()
     reference(**batch).loss.backward()
-    gradients = {name: param.grad for name, param in reference.named_parameters() if param.requires_grad}
+    gradients = {name: param.grad for name, param in reference.named_parameters() if param.grad is not None}
     scale = max(grad.abs().max().item() for name, grad in gradients.items() if name.endswith(".bias"))
     keys = [name for name in gradients if name.endswith((".key.bias", ".k_lin.bias", ".attn.k.bias", "key_proj.bias",
                                                               ".k_head.bias"))]
-    # XLM, FlauBERT and Funnel take their softmax in float32 even in a float64 model: their true zero is float32
-    # noise.
-    noise = 1e-8 if family in ("xlm", "flaubert", "funnel") else 1e-12
+    # XLM, FlauBERT, Funnel and MarkupLM take their softmax in float32 even in a float64 model: their true zero is
+    # float32 noise.
+    noise = 1e-8 if family in ("xlm", "flaubert", "funnel", "markuplm") else 1e-12
     if family == "deberta":  # its packed projection has no bias: nothing to test
         assert not keys
         return
@@ -263,12 +284,32 @@ def test_a_key_bias_gets_exactly_zero_where_its_true_gradient_is_zero_and_trains
     ours = dict(model.named_parameters())
     for name in keys:
         truly_zero = gradients[name].abs().max().item() < noise * scale
-        # RoFormer rotates its keys by position; DeBERTa-v2's scores read them against relative positions.
-        assert truly_zero == (family not in ("roformer", "deberta-v2")), f"{name}: the test's premise"
+        # RoFormer and ESM rotate their keys by position; DeBERTa-v2's scores read them against relative positions.
+        assert truly_zero == (family not in ("roformer", "deberta-v2", "esm-rotary")), f"{name}: the test's premise"
         if truly_zero:
             assert not ours[name].grad.any(), f"{name}: its true gradient is zero, and so is ours"
         else:
             torch.testing.assert_close(ours[name].grad, gradients[name], rtol=1e-9, atol=1e-9 * scale, msg=name)
+
+
+@pytest.mark.parametrize("model_name,model_class", [("Bert", "BertLMHeadModel"), ("Roberta", "RobertaForCausalLM"),
+                                                    ("Ernie", "ErnieForCausalLM")])
+def test_a_decoders_self_and_cross_attention_key_biases_get_exactly_zero(model_name, model_class):
+    """A decoder with cross-attention (add_cross_attention): each query's scores over its own causal prefix and over
+    the encoder's states ignore q·b_k. Its other biases match the reference's gradients."""
+    config = getattr(transformers, f"{model_name}Config")(
+        **TINY, max_position_embeddings=72, pad_token_id=1, is_decoder=True, add_cross_attention=True)
+    model = with_random_biases(getattr(transformers, model_class)(config).double())
+    reference = reference_bitfit(model, head=[])
+    bitfit_fast.apply(model, backend="torch", train_head=False, announce=False)
+    batch = padded_batch(model)
+    encoder_states = torch.randn(3, 4, 36, dtype=torch.float64, device=DEVICE)
+    for each in (model, reference):
+        each(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"],
+             encoder_hidden_states=encoder_states).loss.backward()
+    keys = [name for name, _ in model.named_parameters() if name.endswith("key.bias")]
+    assert sum(".crossattention." in name for name in keys) == 2 and len(keys) == 4, keys
+    assert_gradients_match(model, reference)
 
 
 def test_a_key_bias_of_an_attention_with_relative_positions_keeps_its_real_gradient():
