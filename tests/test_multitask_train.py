@@ -12,6 +12,8 @@ from test_trainer import save_tiny_bert, write_csv
 from bitfit_fast import cli
 from bitfit_fast.checkpoint import WEIGHTS_NAME
 from bitfit_fast.errors import UserError
+from bitfit_fast.train import TrainConfig
+from bitfit_fast.train.multitask import TaskFiles, train_tasks
 from bitfit_fast.train.run import load_run
 
 
@@ -93,6 +95,17 @@ def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, monkeypatch, ext
     assert cli.main(["train", "--output-dir", str(tmp_path / "runs"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: error: ") and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_tasks_refuses_the_options_a_joint_run_would_ignore(tmp_path):
+    """The Python API: a TrainConfig's own data, resume, checkpoints or micro-batches are refused, not ignored."""
+    tasks = [TaskFiles(name, "t.csv", "v.csv") for name in ("a", "b")]
+    for options, named in [(dict(resume=True, save_every=3), "resume, save_every"),
+                           (dict(micro_batch_size=2), "micro_batch_size"), (dict(task="sst2"), "task")]:
+        config = TrainConfig(output_dir=str(tmp_path / "runs"), **options)
+        with pytest.raises(UserError, match=f"leave the TrainConfig's {named} unset"):
+            train_tasks(config, tasks, log=lambda *_: None)
     assert not (tmp_path / "runs").exists()
 
 

@@ -131,8 +131,8 @@ def test_biases_hold_the_best_epoch_and_biases_last_the_last(model_dir, files, t
     at_epoch_end = {}
     save_checkpoint = loop.save_checkpoint
 
-    def remember(path, model, optimizer, scaler, position, history, d):
-        save_checkpoint(path, model, optimizer, scaler, position, history, d)
+    def remember(path, model, optimizer, scaler, position, history, d, progress):
+        save_checkpoint(path, model, optimizer, scaler, position, history, d, progress)
         at_epoch_end[position["epoch"]] = {n: p.detach().clone() for n, p in model.named_parameters()
                                            if p.requires_grad}
 
@@ -237,7 +237,8 @@ def test_a_checkpoint_that_fails_to_write_keeps_the_last_one(tmp_path, monkeypat
     model = torch.nn.Linear(2, 2)
     optimizer, scaler = torch.optim.AdamW(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / CHECKPOINT_NAME
-    save_checkpoint = functools.partial(run.save_checkpoint, path, model, optimizer, scaler, history=[], d=Dist())
+    save_checkpoint = functools.partial(run.save_checkpoint, path, model, optimizer, scaler, history=[], d=Dist(),
+                                        progress=run.Progress({}, 1, {}, 0.0))
     save_checkpoint(position=dict(epoch=0, batch=2, step=2))
     saved = path.read_bytes()
 
@@ -303,6 +304,89 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters(model_dir, files,
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+class Stopped(Exception):
+    """Ends a run from an on_step_end callback, as a kill would (its checkpoint stays as written)."""
+
+
+def stop_after(step: int):
+    def stop(end):
+        if end.step == step:
+            raise Stopped
+    return stop
+
+
+def test_a_resume_keeps_the_runs_micro_batches_and_counts_and_ends_as_the_run_straight(model_dir, files, tmp_path):
+    """Dropout's masks follow the micro-batches' shapes: a resume that names no --micro-batch-size splits as the
+    run did (on a GPU the search could find another size) and ends bit-identical. Its summary counts the tokens
+    of the whole run, not only of the process that resumed it."""
+    straight = train(config(model_dir, files, tmp_path, micro_batch_size=3, save_every=2, output_dir=str(
+        tmp_path / "straight")), log=lambda *_: None)
+    with pytest.raises(Stopped):
+        train(config(model_dir, files, tmp_path, micro_batch_size=3, save_every=2), on_step_end=[stop_after(5)])
+    resumed = train(config(model_dir, files, tmp_path, save_every=2, resume=True), log=lambda *_: None)
+    expected, got = trained_params(tmp_path / "straight"), trained_params(tmp_path / "run")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    for count in ("real_tokens", "padded_tokens", "padded_tokens_per_batch", "padding_waste"):
+        assert resumed[count] == straight[count], count
+
+
+def test_a_run_stopped_after_its_last_checkpoint_finishes_with_resume(model_dir, files, tmp_path, monkeypatch):
+    """Stopped (Ctrl-C, a full disk) between its last epoch's checkpoint and its summary: --resume trains nothing
+    and writes what the run had left, from the checkpoint's parameters."""
+    summarize = loop.summarize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "summarize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(model_dir, files, tmp_path, epochs=1))
+    out = tmp_path / "run"
+    assert sorted(path.name for path in out.iterdir()) == ["biases", "checkpoint.pt", "run_config.json"]
+    monkeypatch.setattr(loop, "summarize", summarize)
+    said = []
+    summary = train(config(model_dir, files, tmp_path, epochs=1, resume=True), log=said.append)
+    assert "its 1 epochs are trained; writing what it has left" in said[-2]
+    assert [e["epoch"] for e in summary["epochs"]] == [1] and (out / "run_summary.json").is_file()
+    last = safetensors.torch.load_file(out / "biases-last" / "bitfit_biases.safetensors")
+    checkpoint = trained_params(out)
+    assert last and all(torch.equal(tensor, checkpoint[name]) for name, tensor in last.items())
+    with pytest.raises(UserError, match="has finished its 1 epochs"):  # now finished: nothing to continue
+        train(config(model_dir, files, tmp_path, epochs=1, resume=True))
+
+
+def test_a_resume_on_other_data_is_refused(model_dir, files, tmp_path):
+    """Other examples of the same classes: the data position and the best epoch would mean nothing on them."""
+    with pytest.raises(Stopped):
+        train(config(model_dir, files, tmp_path, save_every=2), on_step_end=[stop_after(3)])
+    run_files = {path: path.read_bytes() for path in (tmp_path / "run").iterdir()}
+    originals = {name: open(file).read() for name, file in files.items()}
+    for name, rows, seed, message in [
+        ("train_file", 48, 7, r"the training data is not what .* \(the same 48 examples, but other texts or labels\)"),
+        ("train_file", 50, 1, r"the training data is not what .* \(50 examples now, 48 then\): give the run's data"),
+        ("validation_file", 24, 5, r"the validation data is not what"),
+    ]:
+        write_csv(files[name], rows, seed)
+        with pytest.raises(UserError, match=message):
+            train(config(model_dir, files, tmp_path, save_every=2, resume=True))
+        assert {path: path.read_bytes() for path in (tmp_path / "run").iterdir()} == run_files
+        with open(files[name], "w") as file:
+            file.write(originals[name])
+    assert train(config(model_dir, files, tmp_path, save_every=2, resume=True), log=lambda *_: None)["epochs"]
+
+
+def test_the_micro_batch_search_leaves_the_generators_as_they_were(model_dir, files, tmp_path):
+    """A run whose micro-batch size was found draws the dropout masks it would with that size given."""
+    train_config = config(model_dir, files, tmp_path)
+    model, tokenizer = loop.build_model(train_config, 3, list(WORDS), model_dir)
+    encoded = data.encode(data.load_local(files["train_file"], files["validation_file"], ("text",), "label",
+                                          False).train, tokenizer, 32)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    assert loop.find_micro_batch(model.train(), encoded, train_config, Dist(), 0, 8) == 8
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, monkeypatch):

@@ -2,12 +2,14 @@
 CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped batches."""
 
 import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
 import logging
 import math
 import random
+from array import array
 from pathlib import Path
 
 import torch
@@ -371,6 +373,16 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def fingerprint(encoded: Encoded) -> list:
+    """[examples, a sha256 of their token ids, token types and labels]: equal for the same encoded examples only."""
+    digest = hashlib.sha256()
+    for column in (encoded.input_ids, encoded.token_type_ids or []):
+        digest.update(array("q", map(len, column)).tobytes())  # where each example ends
+        digest.update(array("q", itertools.chain.from_iterable(column)).tobytes())
+    digest.update(array("d", encoded.labels).tobytes())
+    return [len(encoded), digest.hexdigest()]
 
 
 def encode(split: Split, tokenizer, max_length: int) -> Encoded:

@@ -35,6 +35,7 @@ from .run import (
     CURVES_NAME,
     LAST_BIASES,
     SUMMARY_NAME,
+    Progress,
     Run,
     check_continues,
     check_output_dir,
@@ -63,22 +64,24 @@ class StepEnd:
 
 def find_micro_batch(model, encoded: data_lib.Encoded, config: TrainConfig, d: Dist, pad_id: int, local: int) -> int:
     """Largest micro-batch (halving from the rank's share of a batch) for which a forward and backward on the
-    longest examples fit in GPU memory."""
+    longest examples fit in GPU memory. Its dropout draws leave the run's generators as they were: the run then
+    draws what it would with that size given."""
     longest = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]), reverse=True)
     size = local
-    while size > 1:
-        batch = data_lib.collate(encoded, longest[:size], pad_id, config.regression)
-        batch = {k: v.to(d.device) for k, v in batch.items()}
-        try:
-            with config.autocast(d.device):
-                model(**batch).loss.backward()
-            break
-        except torch.cuda.OutOfMemoryError:
-            size //= 2
-        finally:
-            model.zero_grad(set_to_none=True)
-            del batch
-            torch.cuda.empty_cache()
+    with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
+        while size > 1:
+            batch = data_lib.collate(encoded, longest[:size], pad_id, config.regression)
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            try:
+                with config.autocast(d.device):
+                    model(**batch).loss.backward()
+                break
+            except torch.cuda.OutOfMemoryError:
+                size //= 2
+            finally:
+                model.zero_grad(set_to_none=True)
+                del batch
+                torch.cuda.empty_cache()
     return max(size, 1)
 
 
@@ -142,19 +145,29 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
+
+    checkpoint = out / CHECKPOINT_NAME
+    data = {"training": data_lib.fingerprint(train_data),
+            **{name: data_lib.fingerprint(split) for name, split in validation.items()}}
+    position, history, progress = dict(epoch=0, batch=0, step=0), [], None
+    tokens = Tokens()  # this process's
+    if config.resume:
+        position, history, progress = load_checkpoint(checkpoint, model, optimizer, scaler, d, data)
+        if progress is not None:
+            tokens, start_time = Tokens(**progress.tokens), start_time - progress.seconds
+        done = position["epoch"] == config.epochs  # stopped after its last checkpoint, before its summary
+        say(f"resumed from {checkpoint}: " + (f"its {config.epochs} epochs are trained; writing what it has left"
+                                              if done else f"epoch {position['epoch'] + 1}, batch {position['batch']}, "
+                                                           f"step {position['step']}"))
     local = config.batch_size // d.world
-    micro = config.micro_batch_size or (
+    micro = config.micro_batch_size or (progress and progress.micro_batch_size) or (
         find_micro_batch(model, train_data, config, d, pad_id, local) if d.device.type == "cuda" else local)
     micro = min(micro, local)
     device_ids = [d.device.index] if d.device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if d.world > 1 else model
 
-    checkpoint = out / CHECKPOINT_NAME
-    position, history = dict(epoch=0, batch=0, step=0), []
-    if config.resume:
-        position, history = load_checkpoint(checkpoint, model, optimizer, scaler, d)
-        say(f"resumed from {checkpoint}: epoch {position['epoch'] + 1}, batch {position['batch']}, "
-            f"step {position['step']}")
+    def progress_now() -> Progress:
+        return Progress(data, micro, dataclasses.asdict(tokens), time.time() - start_time)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty directory
         write_run_config(Run(out, config, model_path, task.num_labels, task.label_names, list(task.metrics),
@@ -162,7 +175,6 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     first_split, metric = next(iter(task.validation)), task.metrics[0]
 
     lengths = [len(ids) for ids in train_data.input_ids]
-    tokens = Tokens()  # this process's, so a resumed run reports its own share
     step = position["step"]
     for epoch in range(position["epoch"], config.epochs):
         batches = data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
@@ -220,7 +232,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
             checkpointed = bool(config.save_every) and step % config.save_every == 0
             if checkpointed:
                 save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch, batch=index + 1, step=step),
-                                history, d)
+                                history, d, progress_now())
             for callback in on_step_end:
                 callback(StepEnd(step, epoch + 1, index + 1, batch_loss, checkpointed))
         if bar is not None:
@@ -233,7 +245,8 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         # Before the checkpoint: a run killed in between redoes this epoch, and saves these biases again.
         if d.main and config.saves_biases and best_evaluation(history, first_split, metric) is history[-1]:
             save_biases(model, out / BEST_BIASES, into_run=True)
-        save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch + 1, batch=0, step=step), history, d)
+        save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch + 1, batch=0, step=step), history, d,
+                        progress_now())
         position = dict(epoch=epoch + 1, batch=0, step=step)
 
     summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d))

@@ -89,6 +89,12 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
             raise UserError(f"--task-files name {name!r} is a file of the joint run's directory: choose another name")
     if not config.saves_biases:
         raise UserError(f"--task-files trains BitFit tasks: --method {config.method} is not one")
+    ignored = [name for name in ("task", "train_file", "validation_file", "resume", "save_every", "micro_batch_size")
+               if getattr(config, name)]
+    if ignored:  # the CLI refuses their options first; this is for callers of train_tasks
+        raise UserError(f"a joint run takes each task's data from its TaskFiles and trains in one process, with no "
+                        f"checkpoint to resume and no micro-batches: leave the TrainConfig's {', '.join(ignored)} "
+                        "unset")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--task-files trains in one process: start it without torchrun")
     check_backend_option(config.bitfit.backend)

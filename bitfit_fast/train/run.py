@@ -199,15 +199,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist) -> None:
+@dataclasses.dataclass
+class Progress:
+    """What a run has done besides its parameters and position, kept in its checkpoint for a resume."""
+
+    data: dict  # {split: [examples, sha256 of their token ids and labels]} (data.fingerprint): a resume checks it
+    micro_batch_size: int  # reused by a resume that names none: dropout's masks follow the micro-batches' shapes
+    tokens: dict  # this process's token counts so far (summary.Tokens' fields)
+    seconds: float  # the run's time so far, over every process that trained it
+
+
+def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist,
+                    progress: Progress) -> None:
     """Everything that continues the run exactly: trainable parameters, optimizer and scaler state, the data
-    ``position`` (epoch, batch, step), the ``history`` so far and every process's RNG state. Collective: every
-    process calls it, the main one writes."""
-    rng = gather(rng_state(), d)  # every rank's generators, restored rank by rank on resume
+    ``position`` (epoch, batch, step), the ``history`` so far, every process's RNG state and ``progress``.
+    Collective: every process calls it, the main one writes."""
+    ranks = gather((rng_state(), progress.tokens), d)  # every rank's, restored rank by rank on resume
     if d.main:
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = dict(trainable=trainable, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                     position=position, history=history, rng=rng, world=d.world)
+                     position=position, history=history, rng=[rng for rng, _ in ranks], world=d.world,
+                     progress=dict(dataclasses.asdict(progress), tokens=[tokens for _, tokens in ranks]))
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     barrier(d)
 
@@ -221,13 +233,13 @@ def _read_state(path: Path, mmap: bool = False) -> dict:
 
 
 def check_unfinished(path: Path, epochs: int, world: int) -> None:
-    """Before anything loads: a run resumed with no epoch left to train, or by another number of processes than
-    wrote its checkpoint (each process's generators are in it), is refused (its tensors are only mapped, not
-    read)."""
+    """Before anything loads: a run resumed with no epoch left to train and its summary written, or by another
+    number of processes than wrote its checkpoint (each process's generators are in it), is refused (its tensors
+    are only mapped, not read). A run stopped after its last epoch's checkpoint, before its summary, finishes."""
     state = _read_state(path, mmap=True)
     _check_world(path, state, world)
     done = state["position"]["epoch"]
-    if done >= epochs:
+    if done > epochs or done == epochs and (path.parent / SUMMARY_NAME).is_file():
         raise UserError(f"{path.parent} has finished its {done} epochs, so there is nothing to continue: pass "
                         f"--epochs more than {done} to train it further")
 
@@ -238,11 +250,16 @@ def _check_world(path: Path, state: dict, world: int) -> None:
                         f"{state['world']}")
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict, list]:
+def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist, data: dict) -> tuple[dict, list, Progress | None]:
     """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer``, ``scaler`` and this process's
-    generators; returns (position, history)."""
+    generators, once its data is found to be ``data`` (the run's :class:`Progress`; a checkpoint written before it
+    was kept is not checked); returns (position, history, this process's progress or None)."""
     state = _read_state(path)
     _check_world(path, state, d.world)
+    progress = state.get("progress")
+    if progress is not None:
+        progress = Progress(**dict(progress, tokens=progress["tokens"][d.rank]))
+        _check_same_data(path.parent, progress.data, data)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state["trainable"].items():
@@ -250,4 +267,16 @@ def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist) -> tuple[dict
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][d.rank])
-    return state["position"], state["history"]
+    return state["position"], state["history"], progress
+
+
+def _check_same_data(out: Path, trained: dict, now: dict) -> None:
+    """A run continues on the examples it trained and was scored on: its data position and best epoch mean
+    nothing on others."""
+    for split, (examples, digest) in now.items():
+        then = trained.get(split)
+        if then is not None and then != [examples, digest]:
+            detail = (f"{examples} examples now, {then[0]} then" if examples != then[0]
+                      else f"the same {examples} examples, but other texts or labels")
+            raise UserError(f"--resume: the {split} data is not what {out} trained on ({detail}): give the run's data "
+                            "files as they were, or start a new run in another --output-dir")
