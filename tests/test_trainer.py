@@ -730,3 +730,17 @@ def test_a_run_config_records_its_bitfit_config_and_earlier_records_still_load()
 def test_unknown_glue_task_is_named():
     with pytest.raises(data.DataError, match="unknown GLUE task 'sst3'"):
         data.load_task(TrainConfig(task="sst3"))
+
+
+def test_the_embedded_bbc_news_split_scores_no_training_article():
+    """The corpus holds 98 articles twice: each is kept once, so validation never scores a training article; the
+    split is stratified (each class 20% in validation) and the same on every call."""
+    task = data.load_bbc_news()
+    train_texts = [text for text, in task.train.texts]
+    validation = task.validation["validation"]
+    assert len(set(train_texts)) == len(train_texts) == 1701 and len(validation.texts) == 426
+    assert not {text for text, in validation.texts} & set(train_texts)
+    for label in range(5):
+        in_train, in_validation = task.train.labels.count(label), validation.labels.count(label)
+        assert abs(in_validation - 0.2 * (in_train + in_validation)) <= 0.5
+    assert data.load_bbc_news().train.texts == task.train.texts
