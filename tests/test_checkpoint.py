@@ -211,6 +211,24 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
         bitfit_fast.load_biases(wrong_model, tmp_path / "subset")
 
 
+def test_strict_false_loads_into_another_class_of_the_same_names(tmp_path):
+    """A subclass (a user's own wrapper of the same modules) is another class: refused by default, loaded with
+    strict=False, every trained value in place."""
+    model, base = trained()
+    bitfit_fast.save_biases(model, tmp_path)
+
+    class Renamed(transformers.BertForSequenceClassification):
+        pass
+
+    renamed = same_base(base, Renamed(base.config))
+    with pytest.raises(ValueError, match="saved from a BertForSequenceClassification, not a Renamed"):
+        bitfit_fast.load_biases(renamed, tmp_path)
+    bitfit_fast.load_biases(renamed, tmp_path, strict=False)
+    loaded = trainable(renamed)
+    assert loaded.keys() == trainable(model).keys()
+    assert all(torch.equal(loaded[name], param) for name, param in trainable(model).items())
+
+
 def test_loading_onto_a_model_without_storage_is_refused_not_silently_empty(tmp_path):
     model, _ = trained()
     bitfit_fast.save_biases(model, tmp_path)

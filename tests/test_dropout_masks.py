@@ -158,6 +158,17 @@ def test_dropout_keep_drops_at_the_quantized_rate_with_an_unbiased_scale(p):
     assert torch_ops.keep_scale(p) * (1 - quantized) == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("p", [2**-16, 0.1, 0.5, 0.9])
+def test_dropout_keep_drops_exactly_the_quantized_share_of_the_lane_values(p, monkeypatch):
+    """Given every 16-bit lane value once, the mask drops exactly ``_quantized(p)`` of them, so the kept values'
+    scale makes their expectation exactly one: an off-by-one in the threshold would bias it by 2^-16."""
+    every_lane_value = torch.arange(-(2**15), 2**15, dtype=torch.int16).view(torch.int64)
+    monkeypatch.setattr(torch_ops, "_random_words", lambda count, seed, device: every_lane_value[:count])
+    keep = torch_ops.dropout_keep((2**16,), p, seed=0, device="cpu")
+    assert (~keep).sum().item() == torch_ops._quantized(p)
+    assert keep.double().mean().item() * torch_ops.keep_scale(p) == 1.0
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_dropout_probability_outside_0_1_is_refused(p):
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):

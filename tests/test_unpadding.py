@@ -146,6 +146,30 @@ def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layou
         (3, 9, True), (2, 6, True), (1, 3, False), (1, 2, False), (1, 1, False)]
 
 
+def test_each_length_group_draws_its_own_attention_dropout_mask(grouped_attention, monkeypatch):
+    """One seed per group (the call's seed plus the group's index): with one seed, a group's mask would be a
+    reshaped prefix of the first group's random stream, the same drops again."""
+    from bitfit_fast import unpadding
+    from bitfit_fast.unpadding import Tokens
+
+    lengths, heads, dim = (9, 3, 9, 6), 2, 4
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=DEVICE)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = True
+    seeds, attention = [], unpadding._attention
+
+    def recorded(q, k, v, mask, dropout_p, seed, *args):
+        seeds.append(seed)
+        return attention(q, k, v, mask, dropout_p, seed, *args)
+
+    monkeypatch.setattr(unpadding, "_attention", recorded)
+    rows = sum(lengths)
+    tokens = Tokens.of_batch(mask[..., None], mask[:, None, None, :])
+    tokens.attention(torch.randn(rows, heads * dim, device=DEVICE), torch.randn(rows, 2 * heads * dim, device=DEVICE),
+                     heads, 0.3, 11, dim**-0.5, True, False, None)
+    assert len(grouped_attention[0]) == 3 and seeds == [11, 12, 13]
+
+
 def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
     from bitfit_fast.unpadding import Tokens, bucketed
 
