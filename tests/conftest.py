@@ -23,6 +23,28 @@ def _seed():
 
 
 @pytest.fixture
+def gemm_dtypes(monkeypatch):
+    """The operand dtypes of every frozen-weight GEMM bitfit_fast's ops run (forward and backward, either backend),
+    as (input or output gradient, weight) pairs: a half-precision test that asserts them fails where a path would
+    compute in fp32, which its error bound alone lets pass."""
+    import bitfit_fast_kernels
+    from bitfit_fast import torch_ops
+
+    seen = []
+
+    def recording(gemm):
+        def recorded(a, weight, *args, **kwargs):
+            seen.append((a.dtype, weight.dtype))
+            return gemm(a, weight, *args, **kwargs)
+        return recorded
+
+    for impl in (torch_ops, bitfit_fast_kernels):
+        for name in ("linear_forward", "linear_backward"):
+            monkeypatch.setattr(impl, name, recording(getattr(impl, name)))
+    return seen
+
+
+@pytest.fixture
 def bucketed_rows(monkeypatch):
     """Row bucketing (bitfit_fast.unpadding.bucketed: zero rows after the real tokens), which runs on GPUs only,
     on every device, so that the CPU tests run that path too."""

@@ -45,6 +45,12 @@ def assert_autocast_as_accurate_as_torch(ours: dict, torch_same_precision: dict,
     assert not failures, f"{what} under {precision} autocast, less accurate than torch's:\n" + "\n".join(failures)
 
 
+def assert_gemms_ran_in(precision: torch.dtype, gemm_dtypes: list) -> None:
+    """Every GEMM recorded by the ``gemm_dtypes`` fixture (conftest) had both operands in ``precision``: the rules
+    above bound an error from above, and a path computing in fp32 would pass them."""
+    assert gemm_dtypes and {dtype for pair in gemm_dtypes for dtype in pair} == {precision}, set(gemm_dtypes)
+
+
 class TorchWithNanEmpty:
     """torch, but ``empty`` floating-point tensors hold NaN (patch a kernel module's ``torch`` with it): a partial
     sum read but never written shows."""

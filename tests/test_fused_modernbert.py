@@ -17,7 +17,7 @@ from bitfit_reference import (
     trainable,
     with_random_biases,
 )
-from kernel_checks import assert_autocast_as_accurate_as_torch
+from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast
 from bitfit_fast import torch_ops
@@ -97,7 +97,7 @@ AUTOCAST_CASES = [(torch.float16, "torch"), (torch.float16, "triton"), (torch.bf
 
 
 @pytest.mark.parametrize("precision,backend", AUTOCAST_CASES, ids=lambda v: str(v).removeprefix("torch."))
-def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backend):
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backend, gemm_dtypes):
     # The residual stream stays fp32 (as in Hugging Face's forward under autocast); the GEMMs run in fp16/bf16.
     # flash-attention's rule (kernel_checks), against the fp32 reference, with a slack relative to each tensor: the
     # gradients here are small (Wqkv's 2.6e-3, Wi's 2.4e-4, a norm bias's 3e-5), and a flat atol of 5e-3 against the
@@ -108,6 +108,7 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backe
     batch = padded_batch(model, LENGTHS[0])
 
     ours, same, exact = autocast_outputs(model, reference, batch, precision)
+    assert_gemms_ran_in(precision, gemm_dtypes)
     assert all(ours[name].dtype == torch.float32 for name in trainable(model))
     assert all(exact[name].abs().max() > 0 for name in exact)
     assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"ModernBERT on {backend}")

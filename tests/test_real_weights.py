@@ -23,7 +23,7 @@ from bitfit_reference import (
     trainable,
     zero_gradient_bias,
 )
-from kernel_checks import assert_autocast_as_accurate_as_torch
+from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast
 
@@ -122,7 +122,7 @@ AUTOCAST_CASES = [pytest.param(*case, id="-".join(str(v).removeprefix("torch.") 
 
 
 @pytest.mark.parametrize("precision,path,backend", AUTOCAST_CASES)
-def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path, backend, request):
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path, backend, request, gemm_dtypes):
     # flash-attention's rule (kernel_checks): err(ours) <= 2 err(torch at the same precision) + a slack relative to
     # each tensor's own largest value, all against fp32, on the logits and every gradient. A flat slack of 2e-3
     # exceeded 22 of the 53 tensors whole (the query-bias gradients are 2e-4 to 3e-4), and a halved bias gradient
@@ -134,6 +134,7 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path,
     else:
         apply_path(model, path, request, backend=backend)
     ours, same, exact = autocast_outputs(model, reference, uneven_batches(1, max_length=12)[0], precision)
+    assert_gemms_ran_in(precision, gemm_dtypes)
     for name in [n for n in exact if zero_gradient_bias(n)]:
         # A true gradient of zero: ours is exactly zero, the reference's rounding noise, no scale to be relative to.
         assert not ours.pop(name).any(), name
@@ -163,7 +164,7 @@ def reference_losses(precision: torch.dtype | None) -> list[float]:
     [(torch.bfloat16, path) for path in [*PATHS, "bf16-weights", "fused+groups"]]
     + [(torch.float16, "fused"), (torch.float16, "modules"), (torch.float16, "fused+groups")],
 )
-def test_autocast_training_tracks_the_reference(precision, path, request):
+def test_autocast_training_tracks_the_reference(precision, path, request, gemm_dtypes):
     # Ten real titles, two classes, full batch, 15 AdamW steps; the first and last MiniLM layers (bf16 matmuls
     # are slow on CPU). Under autocast ours must follow the fp32 reference's loss as closely as the reference
     # under the same autocast does. Before the LayerNorm fix ours stalled at bf16 (0.615 vs 0.349 at step 15).
@@ -173,6 +174,7 @@ def test_autocast_training_tracks_the_reference(precision, path, request):
     else:
         apply_path(model, path, request, backend="torch")
     losses = adamw_steps(model, steps, lr=LEARNING_RATE, precision=precision)
+    assert_gemms_ran_in(precision, gemm_dtypes)
     exact, same = reference_losses(None), reference_losses(precision)
     assert exact[-1] < 0.6 * exact[0], f"the fp32 reference learns the task: {exact}"
     for step, (ours, theirs, truth) in enumerate(zip(losses, same, exact)):

@@ -15,6 +15,7 @@ from bitfit_reference import (
     real_minilm,
     trainable,
 )
+from kernel_checks import assert_gemms_ran_in
 
 import bitfit_fast
 from bitfit_fast import task_rows
@@ -89,7 +90,7 @@ def test_mixed_batch_logits_equal_each_tasks_own_model(family, path, backend, tm
 
 @pytest.mark.parametrize("precision", [None, torch.bfloat16])
 @pytest.mark.parametrize("path", ["fused", "modules"])
-def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
+def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path, gemm_dtypes):
     base = real_minilm(num_labels=3, layers=[0, 5])
     tasks = trained_tasks(base, tmp_path, backend="torch", **PATHS[path])
     bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
@@ -99,9 +100,11 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         fp32 = bank(TASKS, **batch)
+        gemm_dtypes.clear()
         with torch.autocast(DEVICE, dtype=precision or torch.float32, enabled=precision is not None):
             mixed = bank(TASKS, **batch).float()
             singles = {name: model.eval()(**batch).logits.float() for name, (model, _) in tasks.items()}
+    assert_gemms_ran_in(precision or torch.float32, gemm_dtypes)
     for i, name in enumerate(TASKS):
         width = WIDTHS[name]
         if precision is None:
@@ -593,7 +596,7 @@ def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, poolin
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_path):
+def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_path, gemm_dtypes):
     """One backward of the bank's loss on a mixed batch of real text under fp16 autocast: each task's gradients (its
     table rows, its head) against its own model's in fp32, by flash-attention's rule: no worse than twice the error
     of its own model under the same autocast. With the Triton backend the tables' rows are the kernels' per-task
@@ -607,8 +610,10 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_p
                          backend=backend).train()
     batch = real_batch(bbc_titles("business", 3) + bbc_titles("politics", 2), [2, 1, 0, 0, 1])
     labels = batch.pop("labels")
+    gemm_dtypes.clear()
     with torch.autocast(DEVICE, dtype=torch.float16):
         bank.loss(bank(example_tasks, **batch), labels, example_tasks).backward()
+    assert_gemms_ran_in(torch.float16, gemm_dtypes)
     # A step of plain SGD with lr 1 leaves each parameter at value - gradient: the bank's gradients, per task.
     before = {name: {n: v.detach().clone() for n, v in bank.task_tensors(name).items()} for name in widths}
     torch.optim.SGD([p for p in bank.parameters() if p.requires_grad], lr=1.0).step()
