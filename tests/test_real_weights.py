@@ -63,15 +63,18 @@ def assert_close_relative_to_largest(ours: dict, theirs: dict, rel: float, what:
         assert err <= rel * scale, f"{what} {name}: off by {err:.3g}, {err / scale:.2%} of the largest ({scale:.3g})"
 
 
-# The fused paths again with attention by length groups (on CPU, the path of batches that save enough by it).
-GROUPED = [f"{path}+groups" for path in PATHS if path.startswith("fused")]
+# The fused paths again with attention by length groups (on CPU, the path of batches that save enough by it), and
+# with the GPU's row buckets (zero rows after the real tokens).
+GROUPED = [f"{path}+groups" for path in PATHS if path.startswith("fused")] + ["fused+buckets",
+                                                                              "fused-minimal+buckets"]
+FIXTURES = {"groups": "grouped_attention", "buckets": "bucketed_rows"}
 
 
 def apply_path(model, path: str, request, **options):
     """bitfit_fast.apply for a path of PATHS, or one of GROUPED."""
-    if path.endswith("+groups"):
-        request.getfixturevalue("grouped_attention")
-        path = path.removesuffix("+groups")
+    path, _, fixture = path.partition("+")
+    if fixture:
+        request.getfixturevalue(FIXTURES[fixture])
     return bitfit_fast.apply(model, **PATHS[path], **options)
 
 
