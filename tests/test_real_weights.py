@@ -147,6 +147,30 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path,
     assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"{path} on {backend}")
 
 
+@pytest.mark.parametrize("path", [*PATHS, "fused+groups"])
+def test_a_model_cast_to_bf16_is_as_accurate_as_torch_in_bf16(path, request, gemm_dtypes):
+    """The whole model in bf16 (from_pretrained(dtype=torch.bfloat16), then apply), no autocast: the logits and
+    every gradient by flash-attention's rule against the fp32 reference, torch's same model in bf16 the baseline.
+    On the torch backend (the interpreter cannot run a bf16 tl.dot)."""
+    model = minilm_for("torch")
+    exact_model, same_model = reference_bitfit(model), reference_bitfit(model).to(torch.bfloat16)
+    apply_path(model.to(torch.bfloat16), path, request, backend="torch")
+    batch = uneven_batches(1, max_length=24)[0]
+
+    def run(m) -> dict:
+        out = m(**batch)
+        out.loss.backward()
+        return {"logits": out.logits.detach().float(), **{n: p.grad.float() for n, p in trainable(m).items()}}
+
+    ours = run(model)
+    assert_gemms_ran_in(torch.bfloat16, gemm_dtypes)
+    same, exact = run(same_model), run(exact_model)
+    for name in [n for n in exact if zero_gradient_bias(n)]:
+        assert not ours.pop(name).any(), name
+        del same[name], exact[name]
+    assert_autocast_as_accurate_as_torch(ours, same, exact, torch.bfloat16, f"{path}, the model in bf16")
+
+
 TWO_CLASSES = [(text, 0) for text in bbc_titles("sports", 5)] + [(text, 1) for text in bbc_titles("tech", 5)]
 # Three times the paper's 1e-3, so that 15 steps on the interpreter-sized model show real learning.
 LEARNING_RATE = 3e-3
