@@ -188,11 +188,12 @@ def reference_losses(precision: torch.dtype | None) -> list[float]:
     return adamw_steps(reference_bitfit(model), steps, lr=LEARNING_RATE, precision=precision)
 
 
-@pytest.mark.parametrize(
-    "precision,path",
-    [(torch.bfloat16, path) for path in [*PATHS, "bf16-weights", "fused+groups"]]
-    + [(torch.float16, "fused"), (torch.float16, "modules"), (torch.float16, "fused+groups")],
-)
+TRAINING_CASES = ([(torch.bfloat16, path) for path in [*PATHS, "bf16-weights", "fused+groups"]]
+                  + [(torch.float16, path) for path in [*PATHS, "fused+groups", "fused-minimal+buckets"]])
+
+
+@pytest.mark.parametrize("precision,path", [pytest.param(*case, id=f"{str(case[0]).removeprefix('torch.')}-{case[1]}")
+                                            for case in TRAINING_CASES])
 def test_autocast_training_tracks_the_reference(precision, path, request, gemm_dtypes):
     # Ten real titles, two classes, full batch, 15 AdamW steps; the first and last MiniLM layers (bf16 matmuls
     # are slow on CPU). Under autocast ours must follow the fp32 reference's loss as closely as the reference
