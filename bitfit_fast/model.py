@@ -70,8 +70,8 @@ BITFIT_MODULES = (BitFitLinear, BitFitLayerNorm, FusedEncoderLayer, FusedEncoder
 
 def _zero_gradient_biases(modules: dict[str, nn.Module]) -> set[int]:
     """ids of the linear modules whose bias gradient is identically zero: the key projections of the
-    registry's self-attention classes (``families.ZERO_GRADIENT_KEYS``) with absolute positions (transformers 4's
-    BERT may add relative ones to the keys)."""
+    registry's attention classes (``families.ZERO_GRADIENT_KEYS``: self-, cross- and block-sparse attention) with
+    absolute positions (transformers 4's BERT may add relative ones to the keys, ESM rotary ones)."""
     found = set()
     for attention in modules.values():
         kind = type(attention)

@@ -149,9 +149,9 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path,
 
 @pytest.mark.parametrize("path", [*PATHS, "fused+groups"])
 def test_a_model_cast_to_bf16_is_as_accurate_as_torch_in_bf16(path, request, gemm_dtypes):
-    """The whole model in bf16 (from_pretrained(dtype=torch.bfloat16), then apply), no autocast: the logits and
-    every gradient by flash-attention's rule against the fp32 reference, torch's same model in bf16 the baseline.
-    On the torch backend (the interpreter cannot run a bf16 tl.dot)."""
+    """The whole model in bf16 (as from_pretrained(dtype=torch.bfloat16) loads it; then apply), no autocast: the
+    logits and every gradient by flash-attention's rule against the fp32 reference, torch's same model in bf16 the
+    baseline. On the torch backend (the interpreter cannot run a bf16 tl.dot)."""
     model = minilm_for("torch")
     exact_model, same_model = reference_bitfit(model), reference_bitfit(model).to(torch.bfloat16)
     apply_path(model.to(torch.bfloat16), path, request, backend="torch")

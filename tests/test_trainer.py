@@ -357,6 +357,32 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_with_resume(model_dir,
         train(config(model_dir, files, tmp_path, epochs=1, resume=True))
 
 
+def test_a_run_trained_further_and_stopped_before_its_new_summary_finishes(model_dir, files, tmp_path, monkeypatch):
+    """Its summary is of fewer epochs than its checkpoint: the run is not finished, --resume writes the new one."""
+    train(config(model_dir, files, tmp_path, epochs=1), log=lambda *_: None)
+    summarize = loop.summarize
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "summarize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(model_dir, files, tmp_path, epochs=2, resume=True), log=lambda *_: None)
+    monkeypatch.setattr(loop, "summarize", summarize)
+    summary = train(config(model_dir, files, tmp_path, epochs=2, resume=True), log=lambda *_: None)
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2] and summary["saved_biases"]["biases-last"] == 2
+
+
+def test_a_resume_with_fewer_epochs_than_the_run_is_into_is_refused(model_dir, files, tmp_path):
+    """Checkpointed 2 batches into its third epoch: --epochs 2 would call a run half into epoch 3 finished."""
+    with pytest.raises(Stopped):  # 6 batches an epoch: step 14 is epoch 3's second
+        train(config(model_dir, files, tmp_path, epochs=3, save_every=2), on_step_end=[stop_after(14)])
+    held = {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()}
+    with pytest.raises(UserError, match=r"is into epoch 3 already \(its checkpoint's\): pass --epochs 3 or more"):
+        train(config(model_dir, files, tmp_path, epochs=2, save_every=2, resume=True))
+    assert {path: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.is_file()} == held
+
+
 def test_a_resume_on_other_data_is_refused(model_dir, files, tmp_path):
     """Other examples of the same classes: the data position and the best epoch would mean nothing on them."""
     with pytest.raises(Stopped):
@@ -364,8 +390,10 @@ def test_a_resume_on_other_data_is_refused(model_dir, files, tmp_path):
     run_files = {path: path.read_bytes() for path in (tmp_path / "run").iterdir()}
     originals = {name: open(file).read() for name, file in files.items()}
     for name, rows, seed, message in [
-        ("train_file", 48, 7, r"the training data is not what .* \(the same 48 examples, but other texts or labels\)"),
-        ("train_file", 50, 1, r"the training data is not what .* \(50 examples now, 48 then\): give the run's data"),
+        ("train_file", 48, 7, r"the training data is not what .* \(the same 48 examples, but other texts, labels, "
+                              r"order or tokenization\)"),
+        ("train_file", 50, 1, r"the training data is not what .* \(50 examples now, 48 then\): give the run's data "
+                              r"as it was"),
         ("validation_file", 24, 5, r"the validation data is not what"),
     ]:
         write_csv(files[name], rows, seed)

@@ -146,7 +146,7 @@ def test_attention_by_length_groups_equals_one_call_over_the_padded_layout(layou
         (3, 9, True), (2, 6, True), (1, 3, False), (1, 2, False), (1, 1, False)]
 
 
-def test_each_length_group_draws_its_own_attention_dropout_mask(grouped_attention, monkeypatch):
+def test_each_length_group_draws_its_attention_dropout_mask_from_a_seed_of_its_own(grouped_attention, monkeypatch):
     """One seed per group (the call's seed plus the group's index): with one seed, a group's mask would be a
     reshaped prefix of the first group's random stream, the same drops again."""
     from bitfit_fast import unpadding

@@ -62,12 +62,12 @@ class StepEnd:
     checkpointed: bool  # whether checkpoint.pt now holds this step
 
 
-def find_micro_batch(model, encoded: data_lib.Encoded, config: TrainConfig, d: Dist, pad_id: int, local: int) -> int:
-    """Largest micro-batch (halving from the rank's share of a batch) for which a forward and backward on the
-    longest examples fit in GPU memory. Its dropout draws leave the run's generators as they were: the run then
-    draws what it would with that size given."""
+def find_micro_batch(model, encoded: data_lib.Encoded, config: TrainConfig, d: Dist, pad_id: int, start: int) -> int:
+    """Largest micro-batch (halving from ``start``: the rank's share of a batch, or a resumed run's size) for which
+    a forward and backward on the longest examples fit in GPU memory. Its dropout draws leave the run's generators
+    as they were: the run then draws what it would with that size given."""
     longest = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]), reverse=True)
-    size = local
+    size = start
     with torch.random.fork_rng(devices=[d.device] if d.device.type == "cuda" else []):
         while size > 1:
             batch = data_lib.collate(encoded, longest[:size], pad_id, config.regression)
@@ -155,19 +155,25 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         position, history, progress = load_checkpoint(checkpoint, model, optimizer, scaler, d, data)
         if progress is not None:
             tokens, start_time = Tokens(**progress.tokens), start_time - progress.seconds
+        else:
+            say(f"{checkpoint} was written by an earlier bitfit-fast: its data is not checked, and the summary's "
+                "tokens and time count this command's only")
         done = position["epoch"] == config.epochs  # stopped after its last checkpoint, before its summary
         say(f"resumed from {checkpoint}: " + (f"its {config.epochs} epochs are trained; writing what it has left"
                                               if done else f"epoch {position['epoch'] + 1}, batch {position['batch']}, "
                                                            f"step {position['step']}"))
     local = config.batch_size // d.world
-    micro = config.micro_batch_size or (progress and progress.micro_batch_size) or (
-        find_micro_batch(model, train_data, config, d, pad_id, local) if d.device.type == "cuda" else local)
+    # A resume splits as the run did; on a GPU the search starts there and keeps that size where it still fits
+    # (another --memory, a busier GPU may not).
+    start = min(progress.micro_batch_size, local) if progress else local
+    micro = config.micro_batch_size or (
+        find_micro_batch(model, train_data, config, d, pad_id, start) if d.device.type == "cuda" else start)
     micro = min(micro, local)
     device_ids = [d.device.index] if d.device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if d.world > 1 else model
 
     def progress_now() -> Progress:
-        return Progress(data, micro, dataclasses.asdict(tokens), time.time() - start_time)
+        return Progress(data, time.time() - start_time, micro, dataclasses.asdict(tokens))
     if d.main:
         out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty directory
         write_run_config(Run(out, config, model_path, task.num_labels, task.label_names, list(task.metrics),

@@ -1,7 +1,6 @@
 """The paper's learning-rate sweep: one run per learning rate, the best validation score reported."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -16,19 +15,14 @@ from .run import (
     SWEEP_SUMMARY_NAME,
     check_output_dir,
     check_same_options,
+    finished_summary,
 )
 
 
 def _finished(run: TrainConfig) -> dict | None:
-    """The summary of a run of the sweep that already trained all its epochs, else None."""
-    file = Path(run.output_dir) / SUMMARY_NAME
-    if not file.is_file():
-        return None
-    try:
-        summary = json.loads(file.read_text())
-        return summary if summary["epochs"][-1]["epoch"] >= run.epochs else None
-    except (ValueError, KeyError, IndexError, TypeError):  # damaged: the run's checkpoint decides
-        return None
+    """The summary of a run of the sweep that already trained all its epochs, else None (a damaged one: the run's
+    checkpoint decides)."""
+    return finished_summary(Path(run.output_dir), run.epochs)
 
 
 def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:

@@ -204,9 +204,10 @@ class Progress:
     """What a run has done besides its parameters and position, kept in its checkpoint for a resume."""
 
     data: dict  # {split: [examples, sha256 of their token ids and labels]} (data.fingerprint): a resume checks it
-    micro_batch_size: int  # reused by a resume that names none: dropout's masks follow the micro-batches' shapes
-    tokens: dict  # this process's token counts so far (summary.Tokens' fields)
-    seconds: float  # the run's time so far, over every process that trained it
+    seconds: float  # the run's time so far: the main process's, over every command that trained it
+    # This process's:
+    micro_batch_size: int  # a resume that names none splits so again: dropout's masks follow the micro-batches
+    tokens: dict  # token counts so far (summary.Tokens' fields)
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist,
@@ -214,12 +215,13 @@ def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, histor
     """Everything that continues the run exactly: trainable parameters, optimizer and scaler state, the data
     ``position`` (epoch, batch, step), the ``history`` so far, every process's RNG state and ``progress``.
     Collective: every process calls it, the main one writes."""
-    ranks = gather((rng_state(), progress.tokens), d)  # every rank's, restored rank by rank on resume
+    own = dict(micro_batch_size=progress.micro_batch_size, tokens=progress.tokens)
+    ranks = gather((rng_state(), own), d)  # every rank's, restored rank by rank on resume
     if d.main:
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = dict(trainable=trainable, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                      position=position, history=history, rng=[rng for rng, _ in ranks], world=d.world,
-                     progress=dict(dataclasses.asdict(progress), tokens=[tokens for _, tokens in ranks]))
+                     progress=dict(data=progress.data, seconds=progress.seconds, ranks=[own for _, own in ranks]))
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     barrier(d)
 
@@ -232,14 +234,28 @@ def _read_state(path: Path, mmap: bool = False) -> dict:
                         "by bitfit-fast train; start a new run in another --output-dir") from error
 
 
+def finished_summary(out: Path, epochs: int) -> dict | None:
+    """The run_summary.json in ``out`` if it covers ``epochs`` epochs or more; None where there is none, a damaged
+    one, or one written before the run trained further."""
+    try:
+        summary = json.loads((out / SUMMARY_NAME).read_text())
+        return summary if summary["epochs"][-1]["epoch"] >= epochs else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 def check_unfinished(path: Path, epochs: int, world: int) -> None:
-    """Before anything loads: a run resumed with no epoch left to train and its summary written, or by another
-    number of processes than wrote its checkpoint (each process's generators are in it), is refused (its tensors
-    are only mapped, not read). A run stopped after its last epoch's checkpoint, before its summary, finishes."""
+    """Before anything loads: a run resumed with no epoch left to train and its summary written, with fewer
+    epochs than it is into, or by another number of processes than wrote its checkpoint (each process's
+    generators are in it), is refused (its tensors are only mapped, not read). A run stopped after its last
+    epoch's checkpoint, before its summary, finishes."""
     state = _read_state(path, mmap=True)
     _check_world(path, state, world)
-    done = state["position"]["epoch"]
-    if done > epochs or done == epochs and (path.parent / SUMMARY_NAME).is_file():
+    done, into_next = state["position"]["epoch"], state["position"]["batch"]
+    if into_next and done >= epochs:
+        raise UserError(f"{path.parent} is into epoch {done + 1} already (its checkpoint's): pass --epochs "
+                        f"{done + 1} or more to continue it")
+    if done > epochs or done == epochs and finished_summary(path.parent, done) is not None:
         raise UserError(f"{path.parent} has finished its {done} epochs, so there is nothing to continue: pass "
                         f"--epochs more than {done} to train it further")
 
@@ -258,7 +274,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist, data: dict) -
     _check_world(path, state, d.world)
     progress = state.get("progress")
     if progress is not None:
-        progress = Progress(**dict(progress, tokens=progress["tokens"][d.rank]))
+        progress = Progress(progress["data"], progress["seconds"], **progress["ranks"][d.rank])
         _check_same_data(path.parent, progress.data, data)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -277,6 +293,6 @@ def _check_same_data(out: Path, trained: dict, now: dict) -> None:
         then = trained.get(split)
         if then is not None and then != [examples, digest]:
             detail = (f"{examples} examples now, {then[0]} then" if examples != then[0]
-                      else f"the same {examples} examples, but other texts or labels")
+                      else f"the same {examples} examples, but other texts, labels, order or tokenization")
             raise UserError(f"--resume: the {split} data is not what {out} trained on ({detail}): give the run's data "
-                            "files as they were, or start a new run in another --output-dir")
+                            "as it was, or start a new run in another --output-dir")
