@@ -71,7 +71,13 @@ FIXTURES = {"groups": "grouped_attention", "buckets": "bucketed_rows"}
 
 
 def apply_path(model, path: str, request, **options):
-    """bitfit_fast.apply for a path of PATHS, or one of GROUPED."""
+    """bitfit_fast.apply for a path of PATHS, or one of GROUPED; "bf16-weights" (the fused default) or
+    "PATH:bf16-weights": with apply's dtype=torch.bfloat16 (frozen weights stored in bf16)."""
+    path, _, weights = path.partition(":")
+    if path == "bf16-weights":
+        path, weights = "fused", path
+    if weights:
+        options["dtype"] = torch.bfloat16
     path, _, fixture = path.partition("+")
     if fixture:
         request.getfixturevalue(FIXTURES[fixture])
@@ -120,6 +126,8 @@ AUTOCAST_CASES = [
     *[(precision, path, backend) for precision in (torch.float16, torch.bfloat16) for path in [*PATHS, *GROUPED]
       for backend in BACKENDS],
     (torch.bfloat16, "bf16-weights", "torch"), (torch.bfloat16, "bf16-weights", "triton"),
+    *[(torch.bfloat16, f"{path}:bf16-weights", "torch") for path in ("fused-lean", "fused-minimal", "modules",
+                                                                      "fused+groups")],
 ]
 AUTOCAST_CASES = [pytest.param(*case, id="-".join(str(v).removeprefix("torch.") for v in case),
                                marks=[pytest.mark.gpu] if case[::2] == (torch.bfloat16, "triton") else [])
@@ -134,10 +142,7 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path,
     # passed.
     model = minilm_for(backend)
     reference = reference_bitfit(model)
-    if path == "bf16-weights":
-        bitfit_fast.apply(model, backend=backend, dtype=torch.bfloat16)
-    else:
-        apply_path(model, path, request, backend=backend)
+    apply_path(model, path, request, backend=backend)
     ours, same, exact = autocast_outputs(model, reference, uneven_batches(1, max_length=12)[0], precision)
     assert_gemms_ran_in(precision, gemm_dtypes)
     for name in [n for n in exact if zero_gradient_bias(n)]:
@@ -199,10 +204,7 @@ def test_autocast_training_tracks_the_reference(precision, path, request, gemm_d
     # are slow on CPU). Under autocast ours must follow the fp32 reference's loss as closely as the reference
     # under the same autocast does. Before the LayerNorm fix ours stalled at bf16 (0.615 vs 0.349 at step 15).
     model, steps = learning_setup()
-    if path == "bf16-weights":
-        bitfit_fast.apply(model, backend="torch", dtype=torch.bfloat16)
-    else:
-        apply_path(model, path, request, backend="torch")
+    apply_path(model, path, request, backend="torch")
     losses = adamw_steps(model, steps, lr=LEARNING_RATE, precision=precision)
     assert_gemms_ran_in(precision, gemm_dtypes)
     exact, same = reference_losses(None), reference_losses(precision)
