@@ -10,13 +10,16 @@ from bitfit_reference import (
     DEVICE,
     PATHS,
     adamw_steps,
+    autocast_outputs,
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
     enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
     trainable,
     with_random_biases,
+    zero_gradient_bias,
 )
+from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 from transformers.masking_utils import create_bidirectional_mask
 
 import bitfit_fast
@@ -289,3 +292,24 @@ def test_training_reads_only_the_dropouts_distilbert_has():
         layer.ffn.dropout.p = 0.5
     torch.manual_seed(0)
     assert not torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-3), "the FFN's dropout runs"
+
+
+# Triton's interpreter cannot run a bf16 tl.dot: bf16 on Triton runs on a GPU only.
+AUTOCAST_CASES = [pytest.param(precision, path, backend, id=f"{str(precision).removeprefix('torch.')}-{path}-{backend}",
+                               marks=[pytest.mark.gpu] if (precision, backend) == (torch.bfloat16, "triton") else [])
+                  for precision in (torch.float16, torch.bfloat16) for path in PATHS for backend in BACKENDS]
+
+
+@pytest.mark.parametrize("precision,path,backend", AUTOCAST_CASES)
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path, backend, gemm_dtypes):
+    """Every layer path under fp16 and bf16 autocast: the logits and every gradient by flash-attention's rule
+    against the fp32 reference (kernel_checks), the GEMMs in the autocast dtype."""
+    model = tiny_distilbert()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend, **PATHS[path])
+    ours, same, exact = autocast_outputs(model, reference, padded_batch(model, LENGTHS[0]), precision)
+    assert_gemms_ran_in(precision, gemm_dtypes)
+    for name in [n for n in exact if zero_gradient_bias(n)]:  # zero: ours exactly, the reference's noise
+        assert not ours.pop(name).any(), name
+        del same[name], exact[name]
+    assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"DistilBERT {path} on {backend}")
