@@ -92,26 +92,29 @@ def test_logits_gradients_and_adamw_steps_match_reference_bitfit(backend, memory
 
 
 # Triton's interpreter cannot run a bf16 tl.dot: bf16 on Triton runs on a GPU only.
-AUTOCAST_CASES = [(torch.float16, "torch"), (torch.float16, "triton"), (torch.bfloat16, "torch"),
-                  pytest.param(torch.bfloat16, "triton", marks=pytest.mark.gpu)]
+AUTOCAST_CASES = [pytest.param(precision, memory, backend,
+                               id=f"{str(precision).removeprefix('torch.')}-{memory}-{backend}",
+                               marks=[pytest.mark.gpu] if (precision, backend) == (torch.bfloat16, "triton") else [])
+                  for precision in (torch.float16, torch.bfloat16) for memory in ("default", "lean", "minimal")
+                  for backend in ("torch", "triton")]
 
 
-@pytest.mark.parametrize("precision,backend", AUTOCAST_CASES, ids=lambda v: str(v).removeprefix("torch."))
-def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backend, gemm_dtypes):
+@pytest.mark.parametrize("precision,memory,backend", AUTOCAST_CASES)
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, memory, backend, gemm_dtypes):
     # The residual stream stays fp32 (as in Hugging Face's forward under autocast); the GEMMs run in fp16/bf16.
     # flash-attention's rule (kernel_checks), against the fp32 reference, with a slack relative to each tensor: the
     # gradients here are small (Wqkv's 2.6e-3, Wi's 2.4e-4, a norm bias's 3e-5), and a flat atol of 5e-3 against the
     # reference under the same autocast let a zeroed GeGLU bias gradient pass.
     model = tiny_modernbert()
     reference = reference_bitfit(model)
-    bitfit_fast.apply(model, backend=backend)
+    bitfit_fast.apply(model, backend=backend, memory=memory)
     batch = padded_batch(model, LENGTHS[0])
 
     ours, same, exact = autocast_outputs(model, reference, batch, precision)
     assert_gemms_ran_in(precision, gemm_dtypes)
     assert all(ours[name].dtype == torch.float32 for name in trainable(model))
     assert all(exact[name].abs().max() > 0 for name in exact)
-    assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"ModernBERT on {backend}")
+    assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"ModernBERT {memory} on {backend}")
 
 
 @pytest.mark.parametrize("biases", ["all", "subset"])
