@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bitfit_reference import BACKENDS, DEVICE
-from kernel_checks import assert_as_accurate_as_torch
+from kernel_checks import assert_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast_kernels
 from bitfit_fast import BitFitLayerNorm, BitFitLinear, torch_ops
@@ -168,6 +168,34 @@ def test_torch_backend_under_autocast_matches_nn_linear_and_returns_input_dtype_
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("precision,backend", [
+    (torch.float16, "torch"), (torch.float16, "triton"), (torch.bfloat16, "torch"),
+    pytest.param(torch.bfloat16, "triton", marks=pytest.mark.gpu)], ids=lambda v: str(v).removeprefix("torch."))
+def test_a_linear_under_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backend, gemm_dtypes):
+    """BitFitLinear (an awkward shape: 3 x 7 rows of 19 features into 23) under autocast: its output and its input
+    and bias gradients by flash-attention's rule against float64, F.linear under the same autocast the baseline;
+    the GEMMs in the autocast dtype."""
+    linear = frozen_linear(backend)
+    x, dy = torch.randn(3, 7, 19, device=DEVICE), torch.randn(3, 7, 23, device=DEVICE)
+    x64, weight64, bias64 = (t.detach().double().requires_grad_() for t in (x, linear.weight, linear.bias))
+    truth = F.linear(x64, weight64, bias64)
+    truths = (truth, *torch.autograd.grad(truth, (x64, bias64), dy.double()))
+
+    def run(forward, bias):
+        xl = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=precision):
+            y = forward(xl)
+        return (y, *torch.autograd.grad(y, (xl, bias), dy.to(y.dtype)))
+
+    plain_bias = linear.bias.detach().clone().requires_grad_()
+    theirs = run(lambda xl: F.linear(xl, linear.weight, plain_bias), plain_bias)
+    gemm_dtypes.clear()
+    ours = run(linear, linear.bias)
+    assert_gemms_ran_in(precision, gemm_dtypes)
+    for name, mine, same, exact in zip(("output", "dx", "dbias"), ours, theirs, truths, strict=True):
+        assert_as_accurate_as_torch(mine, same, exact, f"{name} on {backend}")
 
 
 @pytest.mark.gpu
