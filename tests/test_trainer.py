@@ -332,15 +332,22 @@ def test_a_resume_keeps_the_runs_micro_batches_and_counts_and_ends_as_the_run_st
         assert resumed[count] == straight[count], count
 
 
-def test_a_run_stopped_after_its_last_checkpoint_finishes_with_resume(model_dir, files, tmp_path, monkeypatch):
-    """Stopped (Ctrl-C, a full disk) between its last epoch's checkpoint and its summary: --resume trains nothing
-    and writes what the run had left, from the checkpoint's parameters."""
+def interrupt_summaries(monkeypatch):
+    """From now on a run stops with KeyboardInterrupt where it would write its summary; returns the real summarize,
+    to put back."""
     summarize = loop.summarize
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "summarize", interrupted)
+    return summarize
+
+
+def test_a_run_stopped_after_its_last_checkpoint_finishes_with_resume(model_dir, files, tmp_path, monkeypatch):
+    """Stopped (Ctrl-C, a full disk) between its last epoch's checkpoint and its summary: --resume trains nothing
+    and writes what the run had left, from the checkpoint's parameters."""
+    summarize = interrupt_summaries(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(config(model_dir, files, tmp_path, epochs=1))
     out = tmp_path / "run"
@@ -360,12 +367,7 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_with_resume(model_dir,
 def test_a_run_trained_further_and_stopped_before_its_new_summary_finishes(model_dir, files, tmp_path, monkeypatch):
     """Its summary is of fewer epochs than its checkpoint: the run is not finished, --resume writes the new one."""
     train(config(model_dir, files, tmp_path, epochs=1), log=lambda *_: None)
-    summarize = loop.summarize
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "summarize", interrupted)
+    summarize = interrupt_summaries(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(config(model_dir, files, tmp_path, epochs=2, resume=True), log=lambda *_: None)
     monkeypatch.setattr(loop, "summarize", summarize)
