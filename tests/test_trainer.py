@@ -578,8 +578,9 @@ def test_evaluation_shards_score_every_example_once_and_agree_with_one_process(w
 
 @pytest.mark.parametrize("examples", [48, 49])
 def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples, tmp_path):
-    """torchrun with 2 CPU processes (gloo): ranks stay in sync and the result equals one process's. With 49
-    examples the last batch holds one, and rank 1 none: it must still join the gradient all-reduce (it hung)."""
+    """torchrun with 2 CPU processes (gloo): ranks stay in sync and the result equals one process's, while each
+    draws its own dropout masks (they drew the same). With 49 examples the last batch holds one, and rank 1 none: it
+    must still join the gradient all-reduce (it hung)."""
     model_dir = model_dir_no_dropout
     files = dict(train_file=write_csv(tmp_path / "train.csv", examples, 1),
                  validation_file=write_csv(tmp_path / "val.csv", 24, 2))
@@ -600,6 +601,8 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples
     expected, got = trained_params(tmp_path / "one"), trained_params(tmp_path / "two")
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    ranks = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["rng"]
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]), "the ranks draw the same dropout masks"
 
 
 def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):

@@ -130,6 +130,8 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
         check_continues(out, config, task.num_labels, task.label_names)
     model, tokenizer = build_model(config, task.num_labels, task.label_names, model_path)
     model.to(d.device).train()
+    if d.rank:  # each rank its own dropout masks from here: equal draws would mask every shard alike
+        torch.manual_seed(config.seed + 100_003 * d.rank)
     pad_id = data_lib.pad_id(tokenizer)
     train_data = data_lib.encode(data_lib.limit(task.train, config.max_train_examples), tokenizer, config.max_length)
     validation = {name: data_lib.encode(data_lib.limit(split, config.max_eval_examples), tokenizer, config.max_length)
