@@ -5,7 +5,9 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bitfit_reference import DEVICE
+from kernel_checks import assert_as_accurate_as_torch
 
 import bitfit_fast_kernels
 import bitfit_fast_kernels as K
@@ -326,6 +328,69 @@ def test_torch_residual_layer_norm_equals_float64_autograd_on_the_same_mask(eps,
     names = ("dx", "dbias", "dresidual", "dbeta") if fused else ("dx", "dresidual", "dbeta")
     for name, ours, theirs in zip(names, grads, torch.autograd.grad(y_ref, ref_leaves, dy), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# bf16 on the kernels is GPU-only: the interpreter has no bf16 tl.dot (triton#11584).
+@pytest.mark.parametrize("impl,dtype", [("torch", torch.float16), ("torch", torch.bfloat16),
+                                        ("triton", torch.float16)])
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "linear_layer_norm"])
+def test_dropout_in_half_precision_is_as_accurate_as_torch_on_the_same_mask(impl, dtype, op):
+    """Dropout on half-precision activations (fp32 biases, gamma and beta, as under autocast): the forward's mask is
+    the one the op draws in fp32 from the same seed, the backward draws it again and scales as the forward did, and
+    the output and every gradient obey flash-attention's rule against float64 on that mask: err(ours) <=
+    2 err(torch in ``dtype`` on the same mask) + atol. A backward mask or scale other than the forward's would be
+    off by whole values."""
+    ops, rows, k, n, p, seed, eps = IMPLS[impl], 13, 11, 37, 0.25, 2024, 1e-12
+    fused_linear = op != "layer_norm"
+    x = torch.randn(rows, k if fused_linear else n, device=DEVICE)
+    weight = torch.randn(n, k, device=DEVICE) / k**0.5
+    bias, residual = torch.randn(n, device=DEVICE), torch.randn(rows, n, device=DEVICE)
+    gamma, beta = 1 + 0.3 * torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
+    dy = torch.randn(rows, n, device=DEVICE)
+    # Trained inputs by op: x and the biases, and for the LayerNorms the residual.
+    inputs = {"linear": (x, bias), "layer_norm": (x, residual, beta),
+              "linear_layer_norm": (x, bias, residual, beta)}[op]
+
+    def ours(precision):
+        leaves = [_leaf(t.to(precision) if t.dim() == 2 else t) for t in inputs]  # fp32 biases
+        w = weight.to(precision)
+        if op == "linear":
+            y = ops.linear(*leaves[:1], w, leaves[1], "gelu", p, seed)
+        elif op == "layer_norm":
+            y, _ = ops.layer_norm(leaves[0], leaves[1], gamma, leaves[2], eps, p, seed)
+        else:
+            y, _ = ops.linear_layer_norm(leaves[0], w, leaves[1], leaves[2], gamma, leaves[3], eps, p, seed)
+        return y, torch.autograd.grad(y, leaves, dy.to(precision))
+
+    # The mask the op draws, read in fp32: the linear's output is nowhere zero where kept (GELU reaches 0 in fp32
+    # only below -13); a LayerNorm's dx is ds through its mask, ds nowhere zero (linear_layer_norm draws the same).
+    if op == "linear":
+        keep = ops.linear(x, weight, bias, "gelu", p, seed) != 0
+    else:
+        s = _leaf(residual)
+        keep = torch.autograd.grad(ops.layer_norm(s, residual, gamma, beta, eps, p, seed)[0], s, dy)[0] != 0
+    assert 0 < keep.sum() < keep.numel()
+
+    def torch_on_the_mask(precision):
+        leaves = [_leaf(t.to(precision)) for t in inputs]
+
+        def dropped(t):
+            return (t * torch_ops.keep_scale(p)) * keep.to(precision)  # kept values scaled in one rounding
+
+        if op == "layer_norm":
+            s = dropped(leaves[0]) + leaves[1]
+        else:
+            h = F.linear(leaves[0], weight.to(precision), leaves[1])
+            s = dropped(F.gelu(h)) if op == "linear" else dropped(h) + leaves[2]
+        y = s if op == "linear" else F.layer_norm(s, (n,), gamma.to(precision), leaves[-1], eps)
+        return y, torch.autograd.grad(y, leaves, dy.to(precision))
+
+    y, grads = ours(dtype)
+    truth, truth_grads = torch_on_the_mask(torch.float64)
+    same, same_grads = torch_on_the_mask(dtype)
+    assert_as_accurate_as_torch(y, same, truth, "y")
+    for index, (grad, same_grad, truth_grad) in enumerate(zip(grads, same_grads, truth_grads, strict=True)):
+        assert_as_accurate_as_torch(grad.to(dtype), same_grad, truth_grad, f"gradient of input {index}")
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
