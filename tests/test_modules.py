@@ -198,6 +198,36 @@ def test_a_linear_under_autocast_is_as_accurate_as_torch_at_the_same_precision(p
         assert_as_accurate_as_torch(mine, same, exact, f"{name} on {backend}")
 
 
+@pytest.mark.parametrize("precision,backend", [
+    (torch.float16, "torch"), (torch.float16, "triton"), (torch.bfloat16, "torch"),
+    pytest.param(torch.bfloat16, "triton", marks=pytest.mark.gpu)], ids=lambda v: str(v).removeprefix("torch."))
+def test_a_layer_norm_under_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, backend):
+    """BitFitLayerNorm (3 x 7 rows of 29 features, gamma and beta not 1 and 0) under autocast, on an input in the
+    autocast dtype as the layer before it gives one: nn.LayerNorm's output dtype there, and its output and its input
+    and beta gradients by flash-attention's rule against float64, nn.LayerNorm under the same autocast the
+    baseline."""
+    ln = frozen_layer_norm(backend)
+    x, dy = torch.randn(3, 7, 29, device=DEVICE).to(precision), torch.randn(3, 7, 29, device=DEVICE)
+    x64, beta64 = (t.detach().double().requires_grad_() for t in (x, ln.bias))
+    truth = F.layer_norm(x64, (29,), ln.weight.double(), beta64, ln.eps)
+    truths = (truth, *torch.autograd.grad(truth, (x64, beta64), dy.double()))
+
+    def run(module, beta):
+        xl = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=precision):
+            y = module(xl)
+        return (y, *torch.autograd.grad(y, (xl, beta), dy.to(y.dtype)))
+
+    plain = nn.LayerNorm(29, device=DEVICE)
+    plain.load_state_dict(ln.state_dict())
+    plain.weight.requires_grad_(False)
+    theirs = run(plain, plain.bias)
+    ours = run(ln, ln.bias)
+    assert ours[0].dtype == theirs[0].dtype, "the dtype nn.LayerNorm returns under this autocast"
+    for name, mine, same, exact in zip(("output", "dx", "dbeta"), ours, theirs, truths, strict=True):
+        assert_as_accurate_as_torch(mine, same, exact, f"{name} on {backend}")
+
+
 @pytest.mark.gpu
 def test_triton_backend_under_autocast_matches_nn_linear():
     linear = frozen_linear("triton", (768, 3072))
