@@ -88,8 +88,8 @@ def test_mixed_batch_logits_equal_each_tasks_own_model(family, path, backend, tm
     assert [task.num_labels for task in bank.tasks.values()] == list(WIDTHS.values())
 
 
-@pytest.mark.parametrize("precision", [None, torch.bfloat16])
-@pytest.mark.parametrize("path", ["fused", "modules"])
+@pytest.mark.parametrize("precision", [None, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS)
 def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path, gemm_dtypes):
     base = real_minilm(num_labels=3, layers=[0, 5])
     tasks = trained_tasks(base, tmp_path, backend="torch", **PATHS[path])
@@ -595,8 +595,9 @@ def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, poolin
             torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_path, gemm_dtypes):
+# Every layer path on the torch backend; the Triton backend (interpreted: slow) on the default one.
+@pytest.mark.parametrize("backend,path", [("torch", path) for path in PATHS] + [("triton", "fused")])
+def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, path, tmp_path, gemm_dtypes):
     """One backward of the bank's loss on a mixed batch of real text under fp16 autocast: each task's gradients (its
     table rows, its head) against its own model's in fp32, by flash-attention's rule: no worse than twice the error
     of its own model under the same autocast. With the Triton backend the tables' rows are the kernels' per-task
@@ -605,7 +606,7 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, tmp_p
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic"]
     base = real_minilm(num_labels=3, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                        classifier_dropout=0.0)
-    tasks = trained_tasks(base, tmp_path, widths, backend=backend)
+    tasks = trained_tasks(base, tmp_path, widths, backend=backend, **PATHS[path])
     bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
                          backend=backend).train()
     batch = real_batch(bbc_titles("business", 3) + bbc_titles("politics", 2), [2, 1, 0, 0, 1])
