@@ -12,6 +12,7 @@ from bitfit_reference import (
     TINY,
     adamw_steps,
     assert_gradients_match,
+    bbc_titles,
     enable_hf_checkpointing,
     padded_batch,
     real_batch,
@@ -20,7 +21,9 @@ from bitfit_reference import (
     tiny_bert,
     trainable,
     with_random_biases,
+    without_zero_gradients,
 )
+from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 from test_bias_free import BIAS_FLAGS
 from test_fused_distilbert import TINY_DISTILBERT
 from test_fused_modernbert import TINY_MODERNBERT
@@ -447,6 +450,58 @@ def test_flattened_batches_equal_the_padded_ones(arch, rows, attention, request)
     flat_grads = torch.autograd.grad(flat.loss, params)
     for name, grad, flat_grad in zip(trainable(model), grads, flat_grads):
         torch.testing.assert_close(flat_grad, grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# fp32, then flash-attention's rule under autocast; bf16 on the kernels is GPU-only (no bf16 tl.dot interpreted).
+@pytest.mark.parametrize("backend,precision", [
+    ("torch", None), ("torch", torch.float16), ("torch", torch.bfloat16), ("triton", None), ("triton", torch.float16),
+    pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu)], ids=str)
+def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batch(backend, precision, gemm_dtypes):
+    """Real BBC titles as DataCollatorWithFlattening packs them into one row, through real MiniLM layers (the last
+    two, whose LayerNorm gammas reach 1e-33) with a token classifier: the logits of every token and each trainable
+    gradient equal stock Hugging Face BitFit's on the padded batch (whose attention keeps the sequences apart), in
+    fp32 and by flash-attention's rule under fp16 and bf16 autocast."""
+    encoder = real_minilm(layers=[4, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertForTokenClassification(copy.deepcopy(encoder.config)).to(DEVICE)
+    model.bert.load_state_dict(encoder.bert.state_dict(), strict=False)  # no pooler in a token classifier
+    with torch.no_grad():
+        model.classifier.bias.normal_()
+    reference = reference_bitfit(copy.deepcopy(model))
+    bitfit_fast.apply(model, backend=backend)
+    texts = bbc_titles("tech", 3) + bbc_titles("sport", 2) + bbc_titles("politics", 1, skip=4)
+    padded = real_batch(texts, [0] * len(texts))
+    valid = padded.pop("attention_mask").bool()
+    features = [dict(input_ids=ids[row_valid].tolist(), labels=[row % 3] * int(row_valid.sum()))
+                for row, (ids, row_valid) in enumerate(zip(padded["input_ids"], valid))]
+    packed = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    packed = {k: v.to(DEVICE) for k, v in packed.items()}
+    labels = (torch.arange(len(texts), device=DEVICE)[:, None] % 3).expand_as(valid).clone()
+    labels[~valid] = -100
+    labels[:, 0] = -100  # the collator masks each sequence's first label
+    padded.update(attention_mask=valid.long(), labels=labels)
+
+    def run(m, batch, dtype):
+        m.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = m(**batch)
+        out.loss.backward()
+        logits = out.logits[0] if batch is packed else out.logits[valid]
+        return {"logits": logits.detach().float(), **{n: p.grad for n, p in trainable(m).items()}}
+
+    gemm_dtypes.clear()
+    ours = run(model, packed, precision)
+    assert_gemms_ran_in(precision or torch.float32, gemm_dtypes)
+    exact = run(reference, padded, None)
+    if precision is None:
+        without_zero_gradients(ours, dict(exact), exact)
+        for name, value in exact.items():
+            torch.testing.assert_close(ours[name], value, atol=1e-4 * value.abs().max().item(), rtol=1e-4, msg=name)
+    else:
+        same = run(reference, padded, precision)
+        without_zero_gradients(ours, same, exact)
+        assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"packed real text on {backend}")
 
 
 def test_roberta_positions_of_flattened_batches_count_from_its_offset():
