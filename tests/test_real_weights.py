@@ -23,7 +23,7 @@ from bitfit_reference import (
     trainable,
     without_zero_gradients,
 )
-from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
+from kernel_checks import ATOL, assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast
 
@@ -197,7 +197,9 @@ TRAINING_CASES = ([(torch.bfloat16, path) for path in [*PATHS, "bf16-weights", "
 def test_autocast_training_tracks_the_reference(precision, path, request, gemm_dtypes):
     # Ten real titles, two classes, full batch, 15 AdamW steps; the first and last MiniLM layers (bf16 matmuls
     # are slow on CPU). Under autocast ours must follow the fp32 reference's loss as closely as the reference
-    # under the same autocast does. Before the LayerNorm fix ours stalled at bf16 (0.615 vs 0.349 at step 15).
+    # under the same autocast does, plus the format's ATOL relative to the loss (~0.006 in bf16, ~0.0007 in fp16 at
+    # the last step, where ours needs 5e-4 and 1e-5). Before the LayerNorm fix ours stalled at bf16 (0.615 vs 0.349
+    # at step 15).
     model, steps = learning_setup()
     apply_path(model, path, request, backend="torch")
     losses = adamw_steps(model, steps, lr=LEARNING_RATE, precision=precision)
@@ -205,4 +207,4 @@ def test_autocast_training_tracks_the_reference(precision, path, request, gemm_d
     exact, same = reference_losses(None), reference_losses(precision)
     assert exact[-1] < 0.6 * exact[0], f"the fp32 reference learns the task: {exact}"
     for step, (ours, theirs, truth) in enumerate(zip(losses, same, exact)):
-        assert abs(ours - truth) <= 2 * abs(theirs - truth) + 0.01, (step, losses, same, exact)
+        assert abs(ours - truth) <= 2 * abs(theirs - truth) + ATOL[precision] * truth, (step, losses, same, exact)
