@@ -15,7 +15,7 @@ from bitfit_reference import (
     real_minilm,
     trainable,
 )
-from kernel_checks import assert_gemms_ran_in
+from kernel_checks import ATOL, assert_gemms_ran_in
 
 import bitfit_fast
 from bitfit_fast import task_rows
@@ -630,11 +630,12 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, path,
         truths = grads[torch.float32]
         # The key bias's true gradient is zero (softmax ignores a shift per query): it is held to the same rule.
         assert sum(bool(truth.any()) for truth in truths.values()) > len(truths) // 2
-        atol = 1e-4 * max(truth.abs().max() for truth in truths.values())
         for param_name, truth in truths.items():
             ours = (before[name][param_name] - after[param_name]).float()
             ours_error = (ours - truth).abs().max()
             their_error = (grads[torch.float16][param_name] - truth).abs().max()
+            # The slack relative to each gradient's own scale: they span 3e-3 (query biases) to 0.5 (the head).
+            atol = ATOL[torch.float16] * truth.abs().max()
             assert ours_error <= 2 * their_error + atol, (name, param_name, ours_error, their_error)
 
 
