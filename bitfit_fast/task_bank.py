@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import graphs, task_rows
+from . import graphs, task_positions, task_rows
 from .checkpoint import (
     RUN_CONFIG_NAME,
     Checkpoint,
@@ -255,8 +255,9 @@ def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
     # their rows out otherwise: ModernBERT's flash-attention path unpads them itself).
     fused = [name for name, module in model.named_modules()
              if config.fuse_layers and is_fusable_encoder_class(type(module).__name__)]
+    positional = task_positions.positional_layers(model)  # DeBERTa's: the bank gives them each task's values
     _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()
-                                    if not is_within(name, fused)})
+                                    if not is_within(name, fused) and not is_within(name, positional)})
 
 
 def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> None:
@@ -458,6 +459,7 @@ class TaskBank(nn.Module):
             device = next(head.parameters()).device
             heads = TaskHeads([head_of(head_name, head, task.index, head_name == output) for task in tasks])
             _set_module(model, head_name, heads.to(device))
+        task_positions.install(model)
         for task in tasks:
             if output is not None:
                 task.num_labels = model.get_submodule(output).width(task.index)

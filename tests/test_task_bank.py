@@ -9,6 +9,7 @@ from bitfit_reference import (
     DEVICE,
     MODELS,
     PATHS,
+    TINY,
     bbc_titles,
     padded_batch,
     real_batch,
@@ -57,6 +58,24 @@ def trained_tasks(base, tmp_path, widths=WIDTHS, **options):
     return tasks
 
 
+# DeBERTa-v2's relative attention: as DeBERTa-v3's (the key and query projections shared with the positions, a
+# LayerNorm over them, log buckets), with projections of the positions' own, and without the LayerNorm.
+DEBERTA_V2 = {"v3": dict(share_att_key=True, norm_rel_ebd="layer_norm", pos_att_type=["p2c", "c2p"],
+                         position_buckets=16),
+              "own-projections": dict(share_att_key=False, norm_rel_ebd="layer_norm", pos_att_type=["c2p", "p2c"]),
+              "p2c-unnormed": dict(share_att_key=False, norm_rel_ebd="none", pos_att_type=["p2c"],
+                                   max_relative_positions=6)}
+
+
+def deberta_v2(num_labels: int = 3, **overrides):
+    import transformers
+
+    config = transformers.DebertaV2Config(**{**TINY, "max_position_embeddings": 64, "relative_attention": True,
+                                             "position_biased_input": False, **DEBERTA_V2["v3"], **overrides},
+                                          num_labels=num_labels)
+    return transformers.DebertaV2ForSequenceClassification(config).to(DEVICE)
+
+
 def check_mixed_equals_single(bank, tasks, batch, example_tasks, atol=0.0, rtol=0.0):
     with torch.no_grad():
         mixed = bank(example_tasks, **batch)
@@ -88,6 +107,23 @@ def test_mixed_batch_logits_equal_each_tasks_own_model(family, path, backend, tm
     assert [task.num_labels for task in bank.tasks.values()] == list(WIDTHS.values())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", DEBERTA_V2)
+def test_a_deberta_v2_bank_gives_each_example_its_tasks_relative_positions(variant, backend, tmp_path):
+    """DeBERTa-v2/v3's relative positions pass through trained biases (the positions' LayerNorm β, the key and
+    query projections' b): a mixed batch's logits equal each task's own model's, every task's positional keys and
+    queries its own."""
+    base = deberta_v2(**DEBERTA_V2[variant])
+    tasks = trained_tasks(base, tmp_path, backend=backend)
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend=backend).eval()
+    for model, _ in tasks.values():
+        model.eval()
+    batch = padded_batch(base, LENGTHS)
+    batch.pop("labels")
+    check_mixed_equals_single(bank, tasks, batch, TASKS, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("precision", [None, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", PATHS)
 def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path, gemm_dtypes):
@@ -115,18 +151,30 @@ def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path, gem
             assert ours <= 2 * theirs + 1e-3, (i, ours, theirs)
 
 
+def _dropping_every_fifth_feature(x, p=0.5, training=True, inplace=False):
+    """F.dropout with one fixed mask (every fifth feature of the last dimension dropped): the bank's and each task's
+    own model drop the same values."""
+    if not training or p == 0:
+        return x
+    return x * (torch.arange(x.shape[-1], device=x.device) % 5 != 0) / (1 - p)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
-                                        ("fused-subset", "bert"), ("fused", "real-minilm")])
-def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request):
+                                        ("fused-subset", "bert"), ("fused", "real-minilm"), ("fused", "deberta-v3"),
+                                        ("fused", "deberta-v3+dropout")])
+def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request, monkeypatch):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
     "fused-bucketed": the GPU's row buckets (zero rows of task 0 after the real ones) on this device;
     "fused-grouped": attention by length groups, whose layout holds the examples in another order than the batch;
     "fused-subset": biases="subset", whose query biases are tables beside the frozen key and value biases.
     "real-minilm": pretrained MiniLM (two of its layers) on real BBC titles; with the Triton backend the tables'
-    gradients are the kernels' per-task sums (``bitfit_fast_kernels.task_tables``)."""
+    gradients are the kernels' per-task sums (``bitfit_fast_kernels.task_tables``).
+    "deberta-v3": relative positions through trained biases (each task's positional keys and queries its own);
+    "+dropout": Hugging Face's dropouts on, the relative positions' among them (which multiplies each task's β, so
+    each task's positions are projected on their own), with one fixed mask in the bank and the task models alike."""
     options = dict(biases="subset") if path == "fused-subset" else {}
     if path in ("fused-bucketed", "fused-grouped"):
         request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
@@ -135,6 +183,10 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic", "score"]
     if encoder == "bert":
         base = MODELS["bert"](num_labels=3)
+    elif encoder.startswith("deberta"):
+        dropout = 0.1 if encoder.endswith("+dropout") else 0.0
+        base = deberta_v2(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        monkeypatch.setattr(torch.nn.functional, "dropout", _dropping_every_fifth_feature)
     else:  # without dropout, as the config-built models: the bank and the single models draw different masks
         base = real_minilm(num_labels=3, layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                            classifier_dropout=0.0)
@@ -146,7 +198,7 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
                for name, (model, _) in tasks.items()}
     initial = {name: {n: p.detach().clone() for n, p in trainable(model).items()} for name, (model, _) in tasks.items()}
     for step in range(3):
-        if encoder == "bert":
+        if encoder != "real-minilm":
             batch = padded_batch(base, (6, 2, 5, 3, 4, 7))
         else:
             batch = real_batch(bbc_titles("tech", 3, skip=3 * step) + bbc_titles("sports", 3, skip=3 * step),
@@ -1077,15 +1129,6 @@ def test_a_bias_parameter_of_a_modules_own_is_refused_in_a_bank_of_saved_tasks(t
     assert not bitfit_fast.model.is_applied(base)
 
 
-def deberta_v2():  # relative attention as DeBERTa-v3's: a LayerNorm over the relative position embeddings
-    import transformers
-
-    return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
-        vocab_size=97, hidden_size=36, num_hidden_layers=1, num_attention_heads=3, intermediate_size=52,
-        relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16, norm_rel_ebd="layer_norm",
-        share_att_key=True, position_biased_input=False))
-
-
 def longformer():  # its attention projects the hidden states sequence first, [T, B, d]
     import transformers
 
@@ -1102,8 +1145,6 @@ def bert_of(task_class: str):
 
 
 @pytest.mark.parametrize("make,message", [
-    (deberta_v2, r"deberta.encoder.LayerNorm.bias's layer takes an input of shape \(32, 36\) for a batch of 3 "
-                 r"examples: its rows are not a block per example"),
     (longformer, r"attention.self.query.bias's layer takes an input of shape \(8, 3, 32\) for a batch of 3 examples"),
     (bert_of("BertForQuestionAnswering"), "a BertForQuestionAnswering answers with QuestionAnsweringModelOutput, "
                                           "not logits per example"),
