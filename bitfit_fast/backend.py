@@ -46,9 +46,13 @@ def uses_triton(backend: str, x: torch.Tensor) -> bool:
     return backend == "auto" and x.is_cuda and triton_kernels() is not None
 
 
-def check_backend_option(backend: str) -> None:
-    """A command's --backend usable here, or one line saying why not (before any model loads)."""
+def check_backend_option(backend: str, precision: str | None = None) -> None:
+    """A command's --backend usable here, with ``precision`` (a run's: fp32, bf16, fp16) on this machine, or one
+    line saying why not (before any model loads)."""
     try:
         check_backend(backend)
     except RuntimeError as error:
         raise UserError(f"--backend {backend}: {error}") from error
+    if backend == "triton" and precision == "bf16" and not torch.cuda.is_available():
+        raise UserError("--backend triton --bf16: the Triton CPU interpreter cannot multiply bf16 (triton#11584); "
+                        "use --fp16 or --fp32 with it, or --backend torch")

@@ -408,14 +408,16 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_hint(args) -> str:
     """What continues an interrupted `train`: its checkpoint, written atomically, is whole whenever it stopped; a
     joint run keeps no checkpoint, only its tasks' finished epochs."""
-    from .train import CHECKPOINT_NAME
+    from .train import BEST_BIASES, CHECKPOINT_NAME
 
     out = Path(getattr(args, "output_dir", None) or ".")
     if args.command != "train":
         return ""
     if getattr(args, "task_files", None):
+        if not any((out / name / BEST_BIASES).exists() for name, *_ in args.task_files):
+            return "; no epoch had finished: the same command starts it again"
         return (f"; a joint run has no --resume: the task runs in {out} keep the biases of the epochs that finished; "
-                f"to train again, remove {out} or choose another --output-dir") if out.is_dir() else ""
+                f"to train again, remove {out} or choose another --output-dir")
     if getattr(args, "lr_sweep", False):  # one run per learning rate, each in OUTPUT_DIR/lr-<rate>
         return (f"; the same command with --resume continues the sweep: the learning rates that finished are kept, "
                 f"the one interrupted continues from its last checkpoint ({out}/lr-<rate>/{CHECKPOINT_NAME}), if "

@@ -518,8 +518,13 @@ class TaskBank(nn.Module):
             return self.model(**batch).logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
-        """The sum over the batch's tasks of each task's mean loss (cross-entropy over its classes, mean squared
-        error for a regression task): its gradient for task t is task t's own, as if trained alone."""
+        """The sum over the batch's tasks of each task's mean loss (:meth:`task_losses`): its gradient for task t
+        is task t's own, as if trained alone."""
+        return self.task_losses(logits, labels, tasks).sum()
+
+    def task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
+        """[T] each task's mean loss over its examples in the batch (0 for a task the batch does not hold):
+        cross-entropy over its own classes, mean squared error for a regression task."""
         index = self.task_index(tasks, logits.device)
         widths = self.widths.to(logits.device)[index]
         logits = logits.float()
@@ -533,9 +538,10 @@ class TaskBank(nn.Module):
             F.cross_entropy(logits.masked_fill(outside, float("-inf")),
                             labels.long().masked_fill(regression, 0), reduction="none"),
         )
-        # Not bincount, which on a GPU reads the largest index back to size its output.
-        examples_of_task = F.one_hot(index, len(self.tasks)).sum(dim=0)[index]
-        return (per_example / examples_of_task).sum()
+        # Sums per task by a one-hot product: deterministic, and no bincount, which on a GPU reads the largest index
+        # back to size its output.
+        of_task = F.one_hot(index, len(self.tasks)).to(per_example.dtype)  # [B, T]
+        return (per_example @ of_task) / of_task.sum(dim=0).clamp(min=1)
 
     def optimizer(self, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8
                   ) -> "TaskAdamW":

@@ -781,6 +781,10 @@ def test_ctrl_c_ends_train_with_one_line_naming_the_checkpoint(monkeypatch, tmp_
     joint = ["train", "--output-dir", str(out), "--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv",
              "v.csv"]
     assert cli.main(joint) == 130
+    assert capsys.readouterr().err == ("bitfit-fast train: interrupted; no epoch had finished: the same command starts "
+                                       "it again\n")
+    (out / "b" / "biases").mkdir(parents=True)  # an epoch finished
+    assert cli.main(joint) == 130
     assert capsys.readouterr().err == (f"bitfit-fast train: interrupted; a joint run has no --resume: the task runs in "
                                        f"{out} keep the biases of the epochs that finished; to train again, remove "
                                        f"{out} or choose another --output-dir\n")

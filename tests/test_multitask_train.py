@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 import shutil
 
 import pytest
@@ -38,6 +39,16 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
     root, files = joint_run
     summary = json.loads((root / "runs" / "run_summary.json").read_text())
     assert list(summary["tasks"]) == list(files) and summary["steps"] == 3 * 7  # 56 examples in batches of 8
+    # Each task's training loss on the batches that held it; the joint loss, the mean of the batch's tasks' losses.
+    by_step = collections.defaultdict(dict)
+    for name in files:
+        for entry in summary["tasks"][name]["losses"]:
+            by_step[entry["step"]][name] = entry["loss"]
+    assert [entry["step"] for entry in summary["losses"]] == sorted(by_step) == list(range(1, 22))
+    for entry in summary["losses"]:
+        losses = by_step[entry["step"]].values()
+        assert entry["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert any(len(tasks) == 2 for tasks in by_step.values()), "a mean of two tasks' losses is checked"
     capsys.readouterr()
     for name, (train, validation) in files.items():
         run = root / "runs" / name
@@ -72,6 +83,9 @@ def test_each_task_of_a_joint_run_is_a_run_of_its_own(joint_run, capsys):
      "'sport']"),
     (["--task-files", "a/b", "t.csv", "v.csv", "--task-files", "c", "t.csv", "v.csv"],
      "--task-files name 'a/b' must be a plain directory name"),
+    (["--task-files", "n" * 256, "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv"],
+     "--task-files name 'nnnnnnnnnnnnnnnnnnnn'... is 256 bytes long: it names a directory, which file systems allow at "
+     "most 255 bytes; choose a shorter name"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--resume", "--save-every", "3"],
      "--task-files trains several tasks from their files in one process: leave out --resume, --save-every"),
     (["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv", "--method", "full"],
@@ -96,6 +110,26 @@ def test_joint_run_mistakes_end_with_one_line(tmp_path, capsys, monkeypatch, ext
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: error: ") and message in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_triton_in_bf16_under_the_interpreter_is_refused_before_anything_loads(joint, tmp_path, capsys, monkeypatch):
+    """The Triton CPU interpreter has no bf16 GEMM (triton#11584): one line before the model loads, not a
+    traceback at the first kernel (and a task's record left behind)."""
+    monkeypatch.setattr("bitfit_fast_kernels.INTERPRETER", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data = ["--task-files", "a", "t.csv", "v.csv", "--task-files", "b", "t.csv", "v.csv"] if joint else []
+    assert cli.main(["train", "--backend", "triton", "--bf16", "--output-dir", str(tmp_path / "runs"), *data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--backend triton --bf16: the Triton CPU interpreter cannot multiply bf16" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_train_config_refuses_counts_below_one():
+    for options in (dict(epochs=0), dict(batch_size=-8), dict(micro_batch_size=0), dict(max_length=2.5),
+                    dict(epochs=True), dict(save_every=-1)):
+        with pytest.raises(ValueError, match=f"{next(iter(options))} must be"):
+            TrainConfig(**options)
 
 
 def test_train_tasks_refuses_the_options_a_joint_run_would_ignore(tmp_path):
@@ -135,6 +169,62 @@ def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys, tmp_
     assert {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()} == kept
 
 
+def test_a_joint_run_that_stopped_before_its_first_epoch_ended_starts_again(joint_run, tmp_path, capsys):
+    """A NaN loss or Ctrl-C in the first epoch leaves only the tasks' records: the same command starts it again,
+    as Ctrl-C says. A lone single-task record in the joint run's directory is another run's (eval would read it
+    as the directory's run): refused."""
+    root, files = joint_run
+    out = tmp_path / "runs"
+    for name in files:
+        (out / name).mkdir(parents=True)
+        shutil.copy(root / "runs" / name / "run_config.json", out / name)
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "8", "--backend", "torch",
+            "--no-progress", "--max-train-examples", "8"]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    interrupted = cli.build_parser().parse_args(args + ["--output-dir", str(out)])
+    assert cli._resume_hint(interrupted) == "; no epoch had finished: the same command starts it again"
+    capsys.readouterr()
+    assert cli.main(args + ["--output-dir", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "a joint run gives each task a new output layer" not in said  # the model has no head of its own
+    # 16 examples in batches of 8: each task on one or two batches, its 8 examples spread over them.
+    share = re.search(r"each epoch, each task steps on the batches that hold its examples: topics (\d) steps of "
+                      r"([\d.]+) examples, sport-or-tech (\d) steps of ([\d.]+) examples on average \(a run of its "
+                      r"own: batches of 8\)", said)
+    assert share, said
+    for steps, examples in (share.groups()[:2], share.groups()[2:]):
+        assert int(steps) in (1, 2) and int(steps) * float(examples) == 8
+    assert cli._resume_hint(interrupted).startswith("; a joint run has no --resume: the task runs in")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(root / "runs" / "topics" / "run_config.json", other)
+    assert cli.main(args + ["--output-dir", str(other)]) == 2
+    assert f"--output-dir {other} is not empty (run_config.json): a joint run starts in a new or empty directory" in \
+        capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["run_config.json"]
+
+
+def test_a_joint_run_from_a_model_with_a_trained_head_says_each_task_gets_its_own(joint_run, tmp_path, capsys):
+    """A single-task run starts from a classifier the checkpoint holds; a joint run gives every task its own new
+    one, and says so."""
+    import transformers
+
+    root, files = joint_run
+    model = transformers.BertForSequenceClassification.from_pretrained(root / "model", num_labels=3)
+    model.save_pretrained(tmp_path / "classifier")
+    transformers.AutoTokenizer.from_pretrained(root / "model").save_pretrained(tmp_path / "classifier")
+    args = ["train", "--model", str(tmp_path / "classifier"), "--epochs", "1", "--backend", "torch", "--no-progress",
+            "--max-train-examples", "4", "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "holds a trained classification head: a joint run gives each task a new output layer of its own " \
+           "instead (train a task alone to start from that head)" in capsys.readouterr().out
+
+
 def test_a_joint_run_repeats_under_its_seed(joint_run, tmp_path):
     """The same joint run twice, with dropout: every task's trained values are the same, bit for bit."""
     root, files = joint_run
@@ -159,9 +249,22 @@ def test_a_task_of_a_joint_run_that_stopped_early_says_to_train_again(joint_run,
     task = tmp_path / "topics"
     task.mkdir()
     (task / "run_config.json").write_text((root / "runs" / "topics" / "run_config.json").read_text())
-    with pytest.raises(UserError, match=r"stopped before its first epoch finished: train its --task-files command "
-                                        r"again, into a new --output-dir"):
+    with pytest.raises(UserError, match=r"stopped before its first epoch finished: train it again \(its "
+                                        r"--task-files command\)"):
         load_run(str(task))
+
+
+@pytest.mark.parametrize("method,trains", [("frozen", "its head alone"), ("full", "every weight")])
+def test_a_run_of_a_method_that_saves_no_biases_says_what_it_trains(joint_run, tmp_path, method, trains):
+    root, _ = joint_run
+    record = json.loads((root / "runs" / "topics" / "run_config.json").read_text())
+    del record["joint_run"]
+    record["config"]["method"] = method
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"has no biases/: --method {method} trains {trains}, and only the BitFit "
+                                        "methods save what they train"):
+        load_run(str(tmp_path / "run"))
 
 
 def test_class_labels_and_scores_say_which_option_they_need(joint_run, tmp_path, capsys):
@@ -239,11 +342,12 @@ def test_each_step_of_a_joint_run_clips_and_steps_only_its_batchs_tasks(joint_ru
 
     root, files = joint_run
     calls = []
-    for cls, method in ((TaskBank, "loss"), (TaskBank, "clip_grad_norm_"), (TaskAdamW, "step")):
+    for cls, method in ((TaskBank, "task_losses"), (TaskBank, "clip_grad_norm_"), (TaskAdamW, "step")):
         original = getattr(cls, method)
 
         def recording(self, *args, _method=method, _original=original):
-            calls.append((_method, args[-1]))  # loss(logits, labels, tasks), clip_grad_norm_(max_norm), step(tasks)
+            # task_losses(logits, labels, tasks), clip_grad_norm_(max_norm), step(tasks)
+            calls.append((_method, args[-1]))
             return _original(self, *args)
 
         monkeypatch.setattr(cls, method, recording)
@@ -255,7 +359,7 @@ def test_each_step_of_a_joint_run_clips_and_steps_only_its_batchs_tasks(joint_ru
     steps = [calls[i:i + 3] for i in range(0, len(calls), 3)]
     assert len(steps) == 10  # 56 examples in batches of 6
     for (loss, batch_tasks), (clip, max_norm), (step, stepped) in steps:
-        assert (loss, clip, step) == ("loss", "clip_grad_norm_", "step")
+        assert (loss, clip, step) == ("task_losses", "clip_grad_norm_", "step")
         assert max_norm == 0.25 and list(stepped) == list(batch_tasks)
 
 
@@ -269,13 +373,13 @@ def test_a_joint_run_whose_loss_diverges_stops_as_a_run_does(joint_run, tmp_path
 
     root, files = joint_run
     calls = []
-    loss = TaskBank.loss
+    task_losses = TaskBank.task_losses
 
     def poisoned(self, *args):
         calls.append(None)
-        return loss(self, *args) * (float("nan") if len(calls) == step else 1.0)
+        return task_losses(self, *args) * (float("nan") if len(calls) == step else 1.0)
 
-    monkeypatch.setattr(TaskBank, "loss", poisoned)
+    monkeypatch.setattr(TaskBank, "task_losses", poisoned)
     out = tmp_path / "runs"
     config = TrainConfig(model=str(root / "model"), epochs=2, batch_size=8, output_dir=str(out), progress=False,
                          bitfit=BitFitConfig(backend="torch"))
@@ -305,7 +409,7 @@ def test_each_epoch_of_a_joint_run_trains_each_tasks_examples_once_from_fresh_gr
         encoded = data_lib.encode(data_lib.limit(data.train, 30), tokenizer, config.max_length)
         expected[name] = collections.Counter(zip(map(tuple, encoded.input_ids), encoded.labels))
     steps, optimizers = [], []
-    forward, loss, optimizer = TaskBank.forward, TaskBank.loss, TaskBank.optimizer
+    forward, task_losses, optimizer = TaskBank.forward, TaskBank.task_losses, TaskBank.optimizer
 
     def recording_forward(self, tasks, **batch):
         if self.training:
@@ -314,16 +418,16 @@ def test_each_epoch_of_a_joint_run_trains_each_tasks_examples_once_from_fresh_gr
                           for task, ids, mask in zip(tasks, batch["input_ids"], batch["attention_mask"])])
         return forward(self, tasks, **batch)
 
-    def recording_loss(self, logits, labels, tasks):
+    def recording_losses(self, logits, labels, tasks):
         steps[-1] = [(task, ids, label) for (task, ids), label in zip(steps[-1], labels.tolist(), strict=True)]
-        return loss(self, logits, labels, tasks)
+        return task_losses(self, logits, labels, tasks)
 
     def recording_optimizer(self, **options):
         optimizers.append(options)
         return optimizer(self, **options)
 
     monkeypatch.setattr(TaskBank, "forward", recording_forward)
-    monkeypatch.setattr(TaskBank, "loss", recording_loss)
+    monkeypatch.setattr(TaskBank, "task_losses", recording_losses)
     monkeypatch.setattr(TaskBank, "optimizer", recording_optimizer)
     args = ["train", "--model", str(root / "model"), "--epochs", "2", "--batch-size", "8", "--lr", "2e-3",
             "--weight-decay", "0.05", "--max-train-examples", "30", "--backend", "torch", "--no-progress",

@@ -957,19 +957,22 @@ def test_parameter_tasks_follow_the_trained_parameters():
 
 def test_a_regression_tasks_scores_outside_the_class_range_are_its_own_mean_squared_error():
     """A score is no class index: scores past the widest head or negative, in a batch with a task of classes, give
-    each task its own mean loss (cross-entropy over its classes; the score's mean squared error)."""
+    each task its own mean loss (cross-entropy over its classes; the score's mean squared error), each in its place
+    of task_losses (0 for a task the batch does not hold), their sum the loss."""
     torch.manual_seed(0)
     base = MODELS["bert"](num_labels=3)
-    bank = TaskBank.new(base, {"topic": 3, "score": 1})
+    bank = TaskBank.new(base, {"topic": 3, "absent": 2, "score": 1})
     batch = padded_batch(base, (5, 3, 4, 6, 2))
     batch.pop("labels")
     example_tasks = ["topic", "score", "score", "topic", "score"]
     labels = torch.tensor([2.0, 7.5, -1.25, 0.0, 3.0], device=DEVICE)
     logits = bank(example_tasks, **batch)
     topic, score = [0, 3], [1, 2, 4]
-    expected = (torch.nn.functional.cross_entropy(logits[topic, :3], labels[topic].long())
-                + torch.nn.functional.mse_loss(logits[score, 0], labels[score]))
-    torch.testing.assert_close(bank.loss(logits, labels, example_tasks), expected)
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[topic, :3], labels[topic].long()),
+                            torch.zeros((), device=DEVICE),
+                            torch.nn.functional.mse_loss(logits[score, 0], labels[score])])
+    torch.testing.assert_close(bank.task_losses(logits, labels, example_tasks), expected)
+    torch.testing.assert_close(bank.loss(logits, labels, example_tasks), expected.sum())
 
 
 def test_a_bank_needs_a_task():

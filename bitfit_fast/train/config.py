@@ -58,6 +58,14 @@ class TrainConfig:
         if self.learning_rate is not None and not 0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ValueError(f"learning_rate must be more than 0 and at most {MAX_LEARNING_RATE}, got "
                              f"{self.learning_rate!r}")
+        for name in ("epochs", "batch_size", "max_length", "micro_batch_size", "max_train_examples",
+                     "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be an integer, 0 or more (0: at each epoch's end), got "
+                             f"{self.save_every!r}")
         if not isinstance(self.bitfit, BitFitConfig):
             raise ValueError(f"bitfit must be a BitFitConfig, got {self.bitfit!r}")
         self.text_columns = tuple(self.text_columns)

@@ -94,7 +94,7 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     check_output_dir(Path(config.output_dir), config.resume)
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
-    check_backend_option(config.bitfit.backend)
+    check_backend_option(config.bitfit.backend, config.resolved_precision(d.device))
     return resolved_config(config, d.device)
 
 

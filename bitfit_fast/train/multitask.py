@@ -2,9 +2,11 @@
 mixed batches (see :class:`~bitfit_fast.task_bank.TaskBank`).
 
 Sampling: every epoch takes every example of every task once (a small task is not repeated), all tasks shuffled
-together and grouped by length, so a batch holds the tasks whose examples have similar lengths. Each task learns as
-it would alone: its loss is the mean over its examples in the batch, its gradient is clipped on its own, and AdamW
-steps it on the batches that hold its examples only (:class:`~bitfit_fast.task_bank.TaskAdamW`). Every epoch
+together and grouped by length, so a batch holds the tasks whose examples have similar lengths. Each step is each
+task's own step on its examples in the batch: its loss is the mean over them, its gradient is clipped on its own,
+and AdamW steps it on the batches that hold its examples only (:class:`~bitfit_fast.task_bank.TaskAdamW`). A task's
+examples are its share of each batch, so an epoch gives it more, smaller steps than a run of its own at the same
+``batch_size`` (the start of a run says how many). Every epoch
 each task is evaluated on its own validation file, and ``OUTPUT_DIR/NAME/`` is a run directory of its own
 (``run_config.json``, ``biases/`` of its best epoch by its metric, ``biases-last/``) that `bitfit-fast eval`,
 `predict` and `serve` take like any run.
@@ -42,7 +44,6 @@ from .run import (
     RUN_CONFIG_NAME,
     SUMMARY_NAME,
     Run,
-    check_empty,
     check_holds_no_run,
     check_output_dir,
     write_run_config,
@@ -50,6 +51,7 @@ from .run import (
 
 # What a run directory holds: a task named so would collide with the joint run's own files.
 RUN_FILES = {CHECKPOINT_NAME, RUN_CONFIG_NAME, SUMMARY_NAME, CURVES_NAME, BEST_BIASES, LAST_BIASES}
+NAME_MAX = 255  # bytes of a file name: Linux's, macOS' and Windows' file systems allow no more
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ class _OneTask(nn.Module):
         return dataclasses.make_dataclass("Output", ["logits"])(logits[:, :self.bank.tasks[self.name].num_labels])
 
 
-def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
+def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) -> None:
     names = [task.name for task in tasks]
     if len(tasks) < 2:
         raise UserError("--task-files trains several tasks together: give it at least twice (one task: use "
@@ -85,6 +87,9 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
     for name in names:
         if not name or name != Path(name).name or name.startswith("."):
             raise UserError(f"--task-files name {name!r} must be a plain directory name: it names OUTPUT_DIR/{name}")
+        if len(name.encode()) > NAME_MAX:
+            raise UserError(f"--task-files name {name[:20]!r}... is {len(name.encode())} bytes long: it names a "
+                            f"directory, which file systems allow at most {NAME_MAX} bytes; choose a shorter name")
         if name.casefold() in RUN_FILES:
             raise UserError(f"--task-files name {name!r} is a file of the joint run's directory: choose another name")
     if not config.saves_biases:
@@ -97,23 +102,45 @@ def _check(config: TrainConfig, tasks: list[TaskFiles]) -> None:
                         "unset")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--task-files trains in one process: start it without torchrun")
-    check_backend_option(config.bitfit.backend)
-    check_holds_no_run(Path(config.output_dir), resume=False)
+    check_backend_option(config.bitfit.backend, config.resolved_precision(device))
+    out = Path(config.output_dir)
+    check_holds_no_run(out, resume=False)
     for name in names:  # before the joint run's directory is found not empty: a task's run there is named as such
-        check_output_dir(Path(config.output_dir) / name, resume=False)
-    check_empty(Path(config.output_dir))
+        check_output_dir(out / name, resume=False)
+    # A joint run that stopped before its first epoch ended (a NaN loss, Ctrl-C) left its tasks' records alone: it
+    # starts again. Anything else there is another's, a lone single-task record too (eval would read it as the run).
+    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    others = [name for name in held if name not in names]
+    if others:
+        raise UserError(f"--output-dir {out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                        "): a joint run starts in a new or empty directory; choose another")
+
+
+def _share_of_batches(example_task: list[str], lengths: list[int], config: TrainConfig) -> str:
+    """What an epoch gives each task: the batches that hold its examples, and how many of them on average (a
+    task's steps are as many, and as small, as its share of the batches)."""
+    steps, examples = {}, {}
+    for indices in data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, 0):
+        for name in {example_task[i] for i in indices}:
+            steps[name] = steps.get(name, 0) + 1
+        for i in indices:
+            examples[example_task[i]] = examples.get(example_task[i], 0) + 1
+    return ("each epoch, each task steps on the batches that hold its examples: " + ", ".join(
+        f"{name} {steps[name]} steps of {examples[name] / steps[name]:.1f} examples"
+        for name in dict.fromkeys(example_task))
+        + f" on average (a run of its own: batches of {config.batch_size})")
 
 
 def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     """Train ``tasks`` together with ``config``'s model, method and protocol; returns the joint summary (also
     written as OUTPUT_DIR/run_summary.json)."""
-    _check(config, tasks)
+    d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    _check(config, tasks, d.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     start = time.time()
     out = Path(config.output_dir)
     model_path = model_source(config.model)
-    d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     config = dataclasses.replace(config, precision=config.resolved_precision(d.device))
     task_data = {}
     for task in tasks:
@@ -127,7 +154,10 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
                                           "--regression, so train it in a run of its own)") from error
         task_data[task.name] = (loaded, files)
     first = next(iter(task_data.values()))[0]
-    model, tokenizer, head, _ = load_for_training(config, first.num_labels, first.label_names, model_path)
+    model, tokenizer, head, new_modules = load_for_training(config, first.num_labels, first.label_names, model_path)
+    if not new_modules:  # a run of its own would start from that head
+        log(f"--model {config.model or model_path} holds a trained classification head: a joint run gives each task "
+            "a new output layer of its own instead (train a task alone to start from that head)")
     try:
         bank = TaskBank.new(model, {name: data.num_labels for name, (data, _) in task_data.items()}, config.bitfit,
                             head=config.bitfit.head or head)
@@ -152,6 +182,8 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     log(f"{len(tasks)} tasks together: " + ", ".join(
         f"{name} ({len(encoded[name])} train, {'scores' if data.num_labels == 1 else f'{data.num_labels} classes'})"
         for name, (data, _) in task_data.items()) + f" | {config.method} on {d.device}")
+    lengths = [len(ids) for ids in joint.input_ids]
+    log(_share_of_batches(example_task, lengths, config))
     for name, (data, files) in task_data.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         run_config = dataclasses.replace(config, model=config.model and model_path, output_dir=str(out / name),
@@ -161,7 +193,6 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
 
     optimizer = bank.optimizer(lr=config.resolved_learning_rate(), weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type, enabled=config.precision == "fp16")
-    lengths = [len(ids) for ids in joint.input_ids]
     histories = {name: [] for name in task_data}
     losses = []
     step = 0
@@ -171,9 +202,11 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             labels = batch.pop("labels")
             names = [example_task[i] for i in indices]
             with config.autocast(d.device):
-                loss = bank.loss(bank(names, **batch), labels, names)
-            scaler.scale(loss).backward()  # queued before the loss is read: the GPU runs it while the host waits
-            value = loss.item()  # read once: a second read after the optimizer step would wait for it
+                task_losses = bank.task_losses(bank(names, **batch), labels, names)
+            scaler.scale(task_losses.sum()).backward()  # queued before the losses are read: the GPU runs it meanwhile
+            held = {name: bank.tasks[name].index for name in dict.fromkeys(names)}
+            values = task_losses.tolist()  # read once: a second read after the optimizer step would wait for it
+            value = sum(values[index] for index in held.values()) / len(held)  # the mean of the tasks' mean losses
             if not math.isfinite(value):
                 kept = (f"each task's best biases so far are kept in {out}/<task>/{BEST_BIASES}" if epoch
                         else "no biases were saved yet")
@@ -186,6 +219,8 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(dict(step=step, epoch=epoch + 1, loss=value))
+            for name, index in held.items():
+                histories[name].append(dict(step=step, epoch=epoch + 1, loss=values[index]))
         line = []
         for name, (data, _) in task_data.items():
             task_config = dataclasses.replace(config, regression=data.num_labels == 1)
@@ -206,12 +241,13 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
         best = best_evaluation(histories[name], split, metric)
         task_summary = dict(
             **files,
-            epochs=[dict(epoch=h["epoch"], **h["validation"]) for h in histories[name]],
+            epochs=[dict(epoch=h["epoch"], **h["validation"]) for h in histories[name] if "validation" in h],
+            losses=[h for h in histories[name] if "loss" in h],
             best=dict(epoch=best["epoch"], split=split, metric=metric, value=best["validation"][split][metric]),
             saved_biases={BEST_BIASES: best["epoch"], LAST_BIASES: config.epochs})
         summary["tasks"][name] = task_summary
         write_json(out / name / SUMMARY_NAME, dict(task_summary, task=name, joint_run=str(out.resolve())))
-        plot_curves(losses + histories[name], out / name / CURVES_NAME, loss_title="joint training loss (all tasks)")
+        plot_curves(histories[name], out / name / CURVES_NAME, loss_title=f"training loss ({name}'s batches)")
         log(f"{name}: best {metric} {task_summary['best']['value']:.4f} (epoch {best['epoch']}); {out / name} is "
             "its run")
     write_json(out / SUMMARY_NAME, summary)

@@ -171,10 +171,11 @@ def load_run(path: str) -> Run:
                         "version of bitfit-fast; train the run again") from error
     if not (directory / BEST_BIASES).is_dir():
         if not config.saves_biases:
-            reason = f"--method {config.method} trains more than biases, and only biases are saved"
+            trains = "every weight" if config.method == "full" else "its head alone"
+            reason = f"--method {config.method} trains {trains}, and only the BitFit methods save what they train"
         elif "joint_run" in record:  # a joint run keeps no checkpoint to continue from
-            reason = (f"the joint run {record['joint_run']} stopped before its first epoch finished: train its "
-                      "--task-files command again, into a new --output-dir")
+            reason = (f"the joint run {record['joint_run']} stopped before its first epoch finished: train it again "
+                      "(its --task-files command)")
         else:
             reason = (f"no epoch has finished yet: continue the run with the options it started with (its "
                       f"{RUN_CONFIG_NAME}) and `--resume`" if (directory / CHECKPOINT_NAME).is_file() else
