@@ -1,11 +1,12 @@
 """An HTTP JSON endpoint in front of a predictor, batching concurrent requests (``pip install 'bitfit-fast[serve]'``).
 
 Requests from every connection wait in one bounded queue; a worker takes up to ``max_batch_size`` of them (or
-what arrived within ``max_wait_ms`` of the first) and runs them as one batch in a thread, so the event loop keeps
-accepting connections while the model computes. Each example is checked before it joins a batch, so a bad one
-(unknown task, text too long) is answered on its own and never joins a batch; a batch whose prediction fails is
-run again example by example, so only the example that fails it gets the error. Starlette makes the app, uvicorn
-serves it.
+what arrived within ``max_wait_ms`` of the first) and runs them as one batch in a thread of its own, so the event
+loop keeps accepting connections while the model computes. Each example is checked before it joins a batch, so a
+bad one (unknown task, text too long) is answered on its own and never joins a batch; an example the predictor
+cannot answer gets its own error, and a batch whose prediction fails is run again example by example, so only the
+example that fails it gets the error. The examples of a client that leaves before its answer are dropped from the
+queue unpredicted. Starlette makes the app, uvicorn serves it.
 
 Routes:
     GET  /health    {"status": "ok", "tasks": [...], "queued": waiting examples}, and where the predictor
@@ -17,10 +18,13 @@ predictor refuses, 413 a body over ``max_request_bytes`` or more examples than t
 503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. A body is read no further
 than ``max_request_bytes``; the rest of a refused body is read and dropped (up to ``drain_bytes``), so that a
 client that sends it whole before reading gets the 413, not a reset connection. The examples are checked (tokenised) in
-worker threads, several requests at once: a huge text keeps its own request waiting, not every other.
+``check_threads`` threads of their own, several requests at once: huge texts keep their own requests waiting, never
+the batches.
 """
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -45,8 +49,9 @@ class Predictor(Protocol):
         """The example as ``predict`` takes it; raises :class:`RequestError` for one it cannot answer. Called from
         worker threads, several at once: it must be thread-safe."""
 
-    def predict(self, examples: list[dict]) -> list[dict]:
-        """One JSON-ready answer per checked example, in order."""
+    def predict(self, examples: list[dict]) -> list[dict | Exception]:
+        """One JSON-ready answer per checked example, in order, or an exception for an example it cannot answer
+        (its request alone gets the error, status 500)."""
 
 
 DRAIN_SECONDS = 30.0  # the longest a refused body is drained, however slowly it trickles in (nginx's lingering_time)
@@ -60,6 +65,7 @@ class BatchingConfig:
     max_wait_ms: float = 5.0  # how long the first example of a batch waits for others
     max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
     max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is read whole
+    check_threads: int = 4  # requests checked (tokenised) at once; the others wait their turn, the batches never
     # Of a refused body, how much is read and dropped before the 413 (each part arriving within drain_wait_s): a
     # client that sends its whole body before reading the answer (urllib, requests) would otherwise have the
     # connection reset under it and lose the 413 (nginx's lingering close). 0: refuse at once.
@@ -67,7 +73,7 @@ class BatchingConfig:
     drain_wait_s: float = 1.0
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_request_bytes"):
+        for name in ("max_batch_size", "max_queue", "max_request_bytes", "check_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "drain_bytes", "drain_wait_s"):
@@ -76,44 +82,70 @@ class BatchingConfig:
 
 
 class MicroBatcher:
-    """Collects examples submitted from many requests into batches for one ``predict`` call at a time."""
+    """Collects examples submitted from many requests into batches for one ``predict`` call at a time. ``waiting``
+    counts the queued examples whose clients still wait: one that leaves (its future cancelled) frees its places at
+    once, and its examples are dropped unpredicted when the worker meets them."""
 
-    def __init__(self, predict: Callable[[list[dict]], list[dict]], config: BatchingConfig):
+    def __init__(self, predict: Callable[[list[dict]], list], config: BatchingConfig,
+                 executor: concurrent.futures.Executor | None = None):
+        """``executor``: where ``predict`` runs (the event loop's default threads when None)."""
         self.predict = predict
         self.config = config
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=config.max_queue)
+        self.executor = executor
+        self.waiting = 0
+        self._queue: collections.deque[tuple[dict, asyncio.Future]] = collections.deque()
+        self._arrived = asyncio.Event()
 
     def submit(self, examples: list[dict]) -> list[asyncio.Future]:
         """Queue ``examples`` (all or none: raises ``asyncio.QueueFull`` when they do not all fit)."""
-        if self.queue.maxsize - self.queue.qsize() < len(examples):
+        if self.config.max_queue - self.waiting < len(examples):
             raise asyncio.QueueFull
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in examples]
-        for pending in zip(examples, futures):
-            self.queue.put_nowait(pending)
+        for example, future in zip(examples, futures):
+            future.add_done_callback(self._left)  # removed when the worker takes it: only a queued one leaves
+            self._queue.append((example, future))
+        self.waiting += len(examples)
+        self._arrived.set()
         return futures
 
+    def _left(self, future: asyncio.Future) -> None:
+        self.waiting -= 1
+
+    async def _take(self, timeout: float | None = None) -> tuple[dict, asyncio.Future] | None:
+        """The next queued example whose client still waits, or None after ``timeout`` seconds without one."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while True:
+            while self._queue:
+                example, future = self._queue.popleft()
+                if not future.done():  # one whose client left is dropped here
+                    future.remove_done_callback(self._left)
+                    self.waiting -= 1
+                    return example, future
+            self._arrived.clear()
+            remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                return None
+
     async def _next_batch(self) -> list[tuple[dict, asyncio.Future]]:
-        batch = [await self.queue.get()]
+        batch = [await self._take()]
         deadline = asyncio.get_running_loop().time() + self.config.max_wait_ms / 1000
         while len(batch) < self.config.max_batch_size:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
+            pending = await self._take(max(0.0, deadline - asyncio.get_running_loop().time()))
+            if pending is None:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                break
-        return [(example, future) for example, future in batch if not future.cancelled()]  # clients that left
+            batch.append(pending)
+        return batch
 
     async def _answer(self, examples: list[dict]) -> list:
         """The predictor's answers; when a batch fails, its examples again one by one, so the one that fails it
         gets the error and the others their answers."""
         try:
-            return await asyncio.to_thread(self.predict, examples)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, examples)
         except Exception as error:
             if len(examples) == 1:
                 return [error]
@@ -123,9 +155,10 @@ class MicroBatcher:
         """Serve batches until cancelled."""
         while True:
             batch = await self._next_batch()
-            if not batch:
-                continue
             answers = await self._answer([example for example, _ in batch])
+            if len(answers) != len(batch):  # the predictor's bug: its requests are told, and the worker serves on
+                answers = [RuntimeError(f"the predictor gave {len(answers)} answers for {len(batch)} examples")
+                           ] * len(batch)
             for (_, future), answer in zip(batch, answers, strict=True):
                 if future.done():
                     continue
@@ -153,15 +186,19 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = batcher = MicroBatcher(predictor.predict, config)
-        worker = asyncio.create_task(batcher.run())
-        yield
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+        # Threads of their own: checks of huge texts, however many, never hold a batch up (nor batches a check).
+        with concurrent.futures.ThreadPoolExecutor(1, "predict") as predicting, \
+                concurrent.futures.ThreadPoolExecutor(config.check_threads, "check") as checking:
+            state["batcher"] = batcher = MicroBatcher(predictor.predict, config, predicting)
+            state["checking"] = checking
+            worker = asyncio.create_task(batcher.run())
+            yield
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
 
     async def health(request):
-        answer = {"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].queue.qsize()}
+        answer = {"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].waiting}
         if hasattr(predictor, "describe"):
             answer["details"] = {task: predictor.describe(task) for task in predictor.tasks}
         return JSONResponse(answer)
@@ -231,17 +268,25 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
                                        f"{first_line(error)}")
             return checked
 
-        checked = await asyncio.to_thread(check)  # tokenising a long text: the event loop serves others meanwhile
+        # Tokenising a long text: the event loop serves others meanwhile.
+        checked = await asyncio.get_running_loop().run_in_executor(state["checking"], check)
         if not isinstance(checked, list):
             return checked
         try:
             futures = state["batcher"].submit(checked)
         except asyncio.QueueFull:
-            waiting = state["batcher"].queue.qsize()
+            waiting = state["batcher"].waiting
             return _error(503, f"the server is busy ({waiting} examples waiting, at most {config.max_queue}): retry "
                                "shortly", **{"Retry-After": "1"})
+        answers = asyncio.gather(*futures)
+        left = asyncio.ensure_future(client_left(request))
+        await asyncio.wait((answers, left), return_when=asyncio.FIRST_COMPLETED)
+        if not answers.done():  # its examples are dropped as the batcher meets them, unpredicted
+            answers.cancel()
+            return _error(499, "the client left before its answer")  # read by no one
+        left.cancel()
         try:
-            answers = await asyncio.gather(*futures)
+            answers = answers.result()
         except Exception as error:
             return _error(500, f"the prediction failed: {first_line(error)}")
         try:
@@ -249,6 +294,11 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         except ValueError as error:  # NaN or infinity, which JSON cannot carry
             return _error(500, f"the prediction is not valid JSON ({first_line(error)}): the model's output is not "
                                "a finite number")
+
+    async def client_left(request) -> None:
+        """Returns once the client has closed its connection (its body was read whole before)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def unknown_route(request, error: HTTPException):  # 404 and 405 as JSON too, with their headers (Allow)
         return _error(error.status_code, f"{error.detail}: this server answers GET /health and POST /predict",

@@ -359,6 +359,112 @@ def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
     assert predictor.texts == ["quick", "slow"]
 
 
+class BlockingCheckPredictor(EchoPredictor):
+    """EchoPredictor (whose batches wait at ``gate``) whose checks of the text "slow" wait until ``release``."""
+
+    def __init__(self):
+        super().__init__(threading.Event())
+        self.release = threading.Event()
+        self.slow_checks = threading.Semaphore(0)
+
+    def check(self, example):
+        if isinstance(example, dict) and example.get("text") == "slow":
+            self.slow_checks.release()
+            assert self.release.wait(timeout=60), "never released"
+        return super().check(example)
+
+
+def test_checks_however_many_never_hold_a_queued_batch_up():
+    """Predictions run in a thread of their own: more slow checks than the event loop's default threads (asyncio's
+    to_thread pool, min(32, CPUs + 4)) once left a batch queued behind them with no thread to run in."""
+    predictor = BlockingCheckPredictor()
+    slow_requests = 40  # more threads than the default pool has on any CI runner
+    with running(predictor, BatchingConfig(max_batch_size=1, max_wait_ms=0, check_threads=2)) as url, \
+            concurrent.futures.ThreadPoolExecutor(slow_requests + 2) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="first"), timeout=60)
+        assert predictor.waiting.wait(timeout=30), "the first batch reached the predictor"
+        queued = pool.submit(httpx.post, f"{url}/predict", json=dict(task="length", text="queued"), timeout=60)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health", timeout=30).json()["queued"] == 0:
+            assert time.monotonic() < deadline, "the second request was never queued"
+            time.sleep(0.01)
+        slow = [pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="slow"), timeout=60)
+                for _ in range(slow_requests)]
+        assert predictor.slow_checks.acquire(timeout=30), "a slow check started"
+        time.sleep(0.5)  # the other slow checks take every thread they can
+        predictor.gate.set()
+        try:
+            assert first.result(timeout=30).json() == dict(task="upper", answer="FIRST")
+            assert queued.result(timeout=30).json() == dict(task="length", answer=6)
+        finally:
+            predictor.release.set()
+        assert [request.result().json()["answer"] for request in slow] == ["SLOW"] * slow_requests
+
+
+def test_a_client_that_leaves_before_its_answer_has_its_examples_dropped_unpredicted():
+    """Over HTTP: a client that times out while its examples wait behind a batch leaves the queue empty again,
+    and its examples are never predicted (a client that retries after a timeout would otherwise fill the queue
+    with examples no one reads)."""
+    gate = threading.Event()
+    predictor = EchoPredictor(gate)
+    with running(predictor, BatchingConfig(max_batch_size=1, max_wait_ms=0)) as url, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="first"), timeout=60)
+        assert predictor.waiting.wait(timeout=30), "the first batch reached the predictor"
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/predict", json={"inputs": [dict(task="upper", text=f"gone{i}") for i in range(5)]},
+                       timeout=1.0)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health", timeout=30).json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gate.set()
+        assert first.result().json() == dict(task="upper", answer="FIRST")
+        assert httpx.post(f"{url}/predict", json=dict(task="length", text="after"), timeout=30).json()["answer"] == 5
+    assert predictor.texts == ["first", "after"]
+
+
+class ExampleErrorPredictor(EchoPredictor):
+    """EchoPredictor that answers the text "bad" with an exception of its own, as RunsPredictor answers a
+    non-finite output."""
+
+    def predict(self, examples):
+        answers = super().predict(examples)
+        return [RuntimeError("its output is not finite") if e["text"] == "bad" else a
+                for e, a in zip(examples, answers)]
+
+
+def test_an_example_the_predictor_cannot_answer_fails_alone_without_running_its_batch_again():
+    predictor = ExampleErrorPredictor(threading.Event())
+    with running(predictor, BatchingConfig(max_batch_size=8, max_wait_ms=0)) as url, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="first"), timeout=60)
+        assert predictor.waiting.wait(timeout=30)
+        texts = ["a", "bad", "c", "d"]
+        requests = [pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text=t), timeout=60)
+                    for t in texts]
+        while httpx.get(f"{url}/health", timeout=30).json()["queued"] < len(texts):
+            time.sleep(0.01)
+        predictor.gate.set()
+        assert blocker.result().status_code == 200
+        answers = [request.result() for request in requests]
+    assert [a.status_code for a in answers] == [200, 500, 200, 200]
+    assert answers[1].json() == {"error": "the prediction failed: its output is not finite"}
+    assert predictor.batches == [1, 4], "the batch ran once, not again example by example"
+
+
+class MiscountingPredictor(EchoPredictor):
+    def predict(self, examples):
+        return [] if examples[0]["text"] == "lost" else super().predict(examples)
+
+
+def test_a_predictor_that_miscounts_its_answers_fails_its_batch_and_the_server_serves_on():
+    with running(MiscountingPredictor(), BatchingConfig(max_batch_size=1, max_wait_ms=0)) as url:
+        lost = httpx.post(f"{url}/predict", json=dict(task="upper", text="lost"), timeout=30)
+        assert lost.status_code == 500
+        assert lost.json() == {"error": "the prediction failed: the predictor gave 0 answers for 1 examples"}
+        assert httpx.post(f"{url}/predict", json=dict(task="length", text="after"), timeout=30).json()["answer"] == 5
+
+
 def test_batching_config_is_checked():
     for bad in (dict(max_batch_size=0), dict(max_queue=0), dict(max_wait_ms=-1), dict(max_wait_ms=float("nan")),
                 dict(max_request_bytes=0)):
@@ -505,6 +611,64 @@ def test_a_server_started_with_truncate_cuts_a_long_text_as_predict_does(two_run
     expected = serve.predict(two_runs["topics"], texts=[(text,)])[0]
     assert answer["label"] == expected["label"]
     assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=2e-6)
+
+
+def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
+    """A text far longer than a task reads is refused (or, with --truncate, cut as predict cuts it) from its first
+    CHARACTERS_PER_TOKEN · max_length characters: a text of 8 MB was tokenised whole (seconds, gigabytes) to count
+    tokens no model reads. A start that holds too few tokens to decide (no whitespace, one huge word) is read
+    whole."""
+    from bitfit_fast import serve
+    from bitfit_fast.serve import RunsPredictor
+
+    huge = " ".join(["goal", "match", "bank"] * 70_000)  # 1 MB
+    read = []
+
+    def reading(tokenizer):
+        def tokenize(*texts, **options):
+            read.append(sum(map(len, texts)))
+            return tokenizer(*texts, **options)
+        return tokenize
+
+    for truncate in (False, True):
+        predictor = RunsPredictor(list(two_runs.values()), backend="torch", truncate=truncate)
+        predictor._local.tokenizer = reading(predictor.tokenizer)  # this thread's
+        if truncate:
+            checked = predictor.check(dict(task="topics", text=huge))
+            expected = serve.predict(two_runs["topics"], texts=[(huge,)])[0]  # the whole text, cut
+            assert predictor.predict([checked])[0]["probabilities"] == pytest.approx(expected["probabilities"],
+                                                                                     abs=2e-6)
+        else:
+            with pytest.raises(RequestError, match="the text is more than 128 tokens; task 'topics' reads at most 128"):
+                predictor.check(dict(task="topics", text=huge))
+    assert max(read) <= serve.CHARACTERS_PER_TOKEN * 128
+    one_word = "g" * (serve.CHARACTERS_PER_TOKEN * 128 + 1)  # no whitespace to cut at: read whole, one [UNK]
+    assert len(RunsPredictor([two_runs["topics"]], backend="torch").check(
+        dict(task="topics", text=one_word))["input_ids"]) == 3
+
+
+def test_a_text_of_no_tokens_is_refused(two_runs):
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch")
+    for text in ("\u200b\u200b", "\x00"):
+        with pytest.raises(RequestError, match="a text of task 'topics' has no tokens"):
+            predictor.check(dict(task="topics", text=text))
+
+
+def test_an_example_whose_output_is_not_finite_gets_its_own_error(two_runs):
+    """A damaged or diverged run's example: its error in its place, the batch's other examples answered."""
+    from bitfit_fast.errors import UserError
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor(list(two_runs.values()), backend="torch")
+    heads = predictor.bank.model.classifier
+    with torch.no_grad():
+        heads.bias[heads.first_column[predictor.bank.tasks["score"].index]] = float("nan")
+    examples = [predictor.check(dict(task=task, text="goal match")) for task in ("topics", "score", "topics")]
+    answers = predictor.predict(examples)
+    assert [type(a) for a in answers] == [dict, UserError, dict]
+    assert "task 'score': the model's output is [nan], not finite" in str(answers[1])
 
 
 def test_predict_answers_every_text_past_its_first_batch(two_runs):
