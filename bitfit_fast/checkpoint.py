@@ -100,7 +100,11 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     from . import __version__
 
     tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+    if not str(directory).strip():  # Path("") is the current directory
+        raise ValueError("the directory to save into is an empty name: name one (a new directory is made)")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file: save the biases into a directory (a new one is made)")
     if (directory / RUN_CONFIG_NAME).is_file():  # TaskBank, eval and serve would read the run's biases/ instead
         raise ValueError(f"{directory} is a `bitfit-fast train` run ({RUN_CONFIG_NAME}); save the biases into "
                          f"another directory (the run's own are in {directory / 'biases'})")

@@ -159,6 +159,28 @@ def answer(logits: torch.Tensor, label_names: list[str] | None) -> dict:
             "probabilities": {name: round(p, 6) for name, p in zip(label_names, probabilities)}}
 
 
+CHARACTERS_PER_TOKEN = 64  # more than a text needs for each of its tokens, whitespace between them included
+
+
+def _read_no_further_than_needed(tokenizer, text: str, max_length: int) -> tuple[str, bool]:
+    """(``text``, False), or for a text of more than CHARACTERS_PER_TOKEN · max_length characters whose start
+    already holds more than ``max_length`` tokens, (that start, True): a prefix cut at whitespace, whose words give
+    the tokens the whole text's first words give, so that its first ``max_length`` tokens are the text's. A text of
+    megabytes is then refused or cut (--truncate) in microseconds, not tokenised whole (seconds, and gigabytes of
+    token lists) to count tokens no model reads. A start without whitespace, or with fewer tokens, is read whole."""
+    limit = CHARACTERS_PER_TOKEN * max_length
+    if len(text) <= limit:
+        return text, False
+    start = text[:limit]
+    space = max(start.rfind(c) for c in " \t\n\r")
+    if space <= 0:
+        return text, False
+    start = start[:space]
+    if len(tokenizer(start, add_special_tokens=False)["input_ids"]) <= max_length:
+        return text, False
+    return start, True
+
+
 def serving_precision(runs, device: torch.device) -> str:
     """The precision runs answer in on ``device``: the one they were trained and scored in (``eval``), or fp32
     where they differ (one batch runs in one precision: fp16's range would overflow what bf16 holds, bf16 rounds
@@ -186,21 +208,26 @@ class RunsPredictor:
             run = load_run(path)
             name = run.path.resolve().name
             if name in runs:
+                if runs[name].path.resolve() == run.path.resolve():
+                    raise UserError(f"the run {path} is given twice: give it once")
                 raise UserError(f"two runs are named {name!r} ({runs[name].path} and {path}): tasks are named by "
                                 "their run directories, so rename one")
             runs[name] = run
+        # The runs share one base model: the first's is loaded, and the bank checks every run's base weights
+        # against it (a copy of the model elsewhere, a hub name and its local snapshot are the same model).
         first = next(iter(runs.values()))
-        for run in runs.values():
-            if run.model_path != first.model_path:
-                raise UserError(f"{run.path} was trained on {run.model_path} and {first.path} on {first.model_path}: "
-                                "the runs a server holds share one base model")
         source = model_source(first.model_path, of_run=first.path)
         model, self.tokenizer, _ = load_pretrained(source, first.num_labels, first.label_names,
                                                    f"{first.path}: its base model {first.model_path}")
         try:
             self.bank = TaskBank.load(model, {name: run.path for name, run in runs.items()}, backend=backend).eval()
         except OtherBaseModelError as error:
-            raise _other_weights(runs[error.task], error) from error
+            run = runs[error.task]
+            if run.model_path == first.model_path:
+                raise _other_weights(run, error) from error
+            raise UserError(f"{run.path} was trained on {run.model_path} and {first.path} on {first.model_path}, "
+                            f"whose weights differ ({error.weight}): the runs a server holds share one base model"
+                            ) from error
         except (OSError, ValueError) as error:
             raise UserError(f"cannot serve these runs: {first_line(error)}") from error
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,12 +277,19 @@ class RunsPredictor:
                                    "\\ud800): send well-formed text") from None
         if not hasattr(self._local, "tokenizer"):
             self._local.tokenizer = copy.deepcopy(self.tokenizer)
-        encoded = self._local.tokenizer(*texts, truncation=self.truncate,
-                                        max_length=run.config.max_length if self.truncate else None)
+        tokenizer, most = self._local.tokenizer, run.config.max_length
+        texts = [_read_no_further_than_needed(tokenizer, text, most) for text in texts]
+        if not all(cut or tokenizer(text, add_special_tokens=False)["input_ids"] for text, cut in texts):
+            raise self._refuse(f"a text of task {task!r} has no tokens (only spaces or characters its tokenizer "
+                               "drops): send text")
+        cut = any(cut for _, cut in texts)
+        encoded = tokenizer(*(text for text, _ in texts), truncation=self.truncate,
+                            max_length=most if self.truncate else None)
         length = len(encoded["input_ids"])
-        if length > run.config.max_length:
-            raise self._refuse(f"the text is {length} tokens; task {task!r} reads at most {run.config.max_length}: "
-                               "shorten it (a server started with --truncate cuts it)")
+        if length > most:
+            told = f"more than {most}" if cut else str(length)
+            raise self._refuse(f"the text is {told} tokens; task {task!r} reads at most {most}: shorten it (a server "
+                               "started with --truncate cuts it)")
         return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
     def describe(self, task: str) -> dict:
@@ -265,8 +299,9 @@ class RunsPredictor:
         return {"labels": run.label_names, "texts": ["text", "text_pair"][:len(run.text_columns)],
                 "max_length": run.config.max_length, "longer": "cut" if self.truncate else "refused"}
 
-    def predict(self, examples: list[dict]) -> list[dict]:
-        """One mixed batch through the bank: {"task", "label", "probabilities"} or {"task", "score"} each."""
+    def predict(self, examples: list[dict]) -> list[dict | UserError]:
+        """One mixed batch through the bank: {"task", "label", "probabilities"} or {"task", "score"} each, or for an
+        example whose output is not finite (a damaged or diverged run), that error."""
         split = data.Encoded([e["input_ids"] for e in examples],
                              None if examples[0]["token_type_ids"] is None else [e["token_type_ids"] for e in examples],
                              [0.0] * len(examples))
@@ -275,7 +310,13 @@ class RunsPredictor:
         tasks = [e["task"] for e in examples]
         with torch.no_grad(), autocast(self.precision, self.device):
             logits = self.bank(tasks, **{k: v.to(self.device) for k, v in batch.items()}).float().cpu()
-        return [dict(task=task, **answer(row, self.runs[task].label_names)) for task, row in zip(tasks, logits)]
+        answers = []
+        for task, row in zip(tasks, logits):
+            try:
+                answers.append(dict(task=task, **answer(row, self.runs[task].label_names)))
+            except UserError as error:  # that example's alone: the batch's others are answered
+                answers.append(UserError(f"task {task!r}: {error}"))
+        return answers
 
 
 def export(path: str, output_dir: str) -> tuple[Path, str]:

@@ -42,6 +42,7 @@ from .model import (
     apply,
     config_of,
     config_with,
+    is_applied,
     is_within,
     planned_bias_owners,
     planned_parameters,
@@ -310,6 +311,32 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> N
                          "one at a time (load_biases swaps a task's biases onto one model)")
 
 
+def _check_not_applied(model: nn.Module) -> None:
+    """A bank applies its base model itself: one applied already (by apply, or another bank's) is refused."""
+    if is_applied(model):
+        raise ValueError(f"this {type(model).__name__} is applied already (bitfit_fast.apply, or a TaskBank's model): "
+                         "a TaskBank applies its base model itself; pass a fresh one")
+
+
+def _check_runs_labels(model: nn.Module, config: BitFitConfig, checkpoints: dict[str, Checkpoint],
+                       resolved: dict[str, tuple]) -> None:
+    """Before the model changes: each task loaded from a `bitfit-fast train` run holds a head of the run's number of
+    labels (a run's biases/ replaced by another's would answer under the run's class names)."""
+    output = None
+    for name, (directory, _, run_labels) in resolved.items():
+        if run_labels is None:
+            continue
+        checkpoint = checkpoints[name]
+        if not config.train_head:
+            width = getattr(getattr(model, "config", None), "num_labels", 0)
+        else:
+            output = output or _output_head(model, sorted(checkpoint.state.head))
+            width = _output_width(_head_copy(model.get_submodule(output), output, checkpoint.tensors))
+        if width != run_labels:
+            raise ValueError(f"task {name!r}: its run was trained with {run_labels} labels, but {directory} holds a "
+                             f"head of {width}: those biases are not the run's (replaced since?); train the run again")
+
+
 def _options(checkpoint: Checkpoint) -> dict:
     """What must agree between the tasks of one bank: the options that decide what a task trains, the head as the
     modules it was (`bitfit-fast train` names them; apply() finds the same by default)."""
@@ -374,6 +401,7 @@ class TaskBank(nn.Module):
                                  "share one BitFitConfig")
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
+        _check_not_applied(model)
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
@@ -397,6 +425,7 @@ class TaskBank(nn.Module):
             differs = checkpoint.other_base_weight(model, sampled)
             if differs:
                 raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
+        _check_runs_labels(model, config, checkpoints, resolved)
         apply(model, config, announce=False)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
         shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
@@ -406,11 +435,6 @@ class TaskBank(nn.Module):
         saved = list(checkpoints.values())
         bank = cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
                              lambda head_name, head, t, _: _head_copy(head, head_name, saved[t].tensors))
-        for name, (directory, _, run_labels) in resolved.items():
-            if run_labels is not None and bank.tasks[name].num_labels != run_labels:
-                raise ValueError(f"task {name!r}: its run was trained with {run_labels} labels, but {directory} holds "
-                                 f"a head of {bank.tasks[name].num_labels}: those biases are not the run's (replaced "
-                                 "since?); train the run again")
         return bank
 
     @classmethod
@@ -431,6 +455,7 @@ class TaskBank(nn.Module):
             if other:
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
                                  f"but {other} differ: train the heads, or give every task {width} labels")
+        _check_not_applied(model)
         _check_mixable(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
         params = dict(model.named_parameters())

@@ -543,6 +543,18 @@ def test_save_needs_an_applied_model(tmp_path):
         bitfit_fast.save_biases(tiny_bert(), tmp_path)
 
 
+def test_save_needs_a_directory_name_not_a_file(tmp_path, monkeypatch):
+    """An empty name (the current directory, as a Path) or a file: one line each, nothing written."""
+    model = bitfit_fast.apply(tiny_bert(), announce=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="the directory to save into is an empty name: name one"):
+        bitfit_fast.save_biases(model, "")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt is a file: save the biases into a directory"):
+        bitfit_fast.save_biases(model, tmp_path / "notes.txt")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_the_saved_config_sets_a_base_model_up_unchanged(tmp_path):
     model = tiny_bert()
     base = copy.deepcopy(model)

@@ -382,17 +382,38 @@ def test_serve_options_reach_the_server(home, runs, monkeypatch):
     assert served["config"] == server.BatchingConfig() and served["truncate"] is False
 
 
-def test_runs_of_two_base_models_are_not_served_together(home, runs, capsys, monkeypatch):
-    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)  # a server that started would never end
-    other = home / "runs" / "on-a-copy"
-    shutil.copytree(home / "runs" / "one", other)
-    shutil.copytree(home / "model", home / "model-copy")
-    record = json.loads((other / "run_config.json").read_text())
-    record["model_path"] = record["config"]["model"] = str(home / "model-copy")
-    (other / "run_config.json").write_text(json.dumps(record))
-    assert cli.main(["serve", str(home / "runs" / "one"), str(other)]) == 2
-    assert (f"{other} was trained on {home / 'model-copy'} and {home / 'runs' / 'one'} on {home / 'model'}: the runs "
-            "a server holds share one base model") in capsys.readouterr().err
+def test_runs_of_two_base_models_are_not_served_together(home, runs, capsys, monkeypatch, tmp_path):
+    """Runs share a base model by its weights, not by the path it was read from: runs on a copy of it are served
+    together, runs on a model of other weights are refused."""
+    import transformers
+
+    served = []
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: served.append(args))  # one started would never end
+    shutil.copytree(home / "model", tmp_path / "model-copy")
+    shutil.copytree(home / "runs" / "one", tmp_path / "on-copy")
+    record = json.loads((tmp_path / "on-copy" / "run_config.json").read_text())
+    record["model_path"] = record["config"]["model"] = str(tmp_path / "model-copy")
+    (tmp_path / "on-copy" / "run_config.json").write_text(json.dumps(record))
+    shutil.copytree(home / "model", tmp_path / "model-other")
+    bert = transformers.BertModel.from_pretrained(tmp_path / "model-other", add_pooling_layer=False)
+    with torch.no_grad():
+        bert.encoder.layer[1].output.dense.weight.mul_(1.5)
+    bert.save_pretrained(tmp_path / "model-other")
+    data = home / "data"
+    assert cli.main(["train", "--model", str(tmp_path / "model-other"), "--epochs", "1", "--backend", "torch",
+                     "--no-progress", "--train-file", str(data / "train.csv"), "--validation-file",
+                     str(data / "val.csv"), "--max-train-examples", "8",
+                     "--output-dir", str(tmp_path / "on-other")]) == 0
+    assert cli.main(["serve", str(home / "runs" / "one"), str(tmp_path / "on-copy")]) == 0 and len(served) == 1
+    capsys.readouterr()
+    assert cli.main(["serve", str(home / "runs" / "one"), str(tmp_path / "on-other")]) == 2
+    assert (f"{tmp_path / 'on-other'} was trained on {tmp_path / 'model-other'} and {home / 'runs' / 'one'} on "
+            f"{home / 'model'}, whose weights differ (bert.encoder.layer.1.output.dense.weight): the runs a server "
+            "holds share one base model") in capsys.readouterr().err
+    shutil.copytree(home / "runs" / "one", tmp_path / "elsewhere" / "one")
+    assert cli.main(["serve", str(home / "runs" / "one"), str(tmp_path / "elsewhere" / "one")]) == 2
+    assert (f"two runs are named 'one' ({home / 'runs' / 'one'} and {tmp_path / 'elsewhere' / 'one'}): tasks are "
+            "named by their run directories, so rename one") in capsys.readouterr().err
 
 
 def test_a_runs_biases_are_written_by_its_training_only(home, runs, tmp_path):
@@ -427,8 +448,24 @@ def test_a_run_whose_biases_hold_another_head_is_not_served(home, runs, capsys, 
     record["num_labels"], record["label_names"] = 2, ["money", "sport"]  # the run's biases hold 3 labels' head
     (other / "run_config.json").write_text(json.dumps(record))
     assert cli.main(["serve", str(other)]) == 2
-    assert (f"task 'relabelled': its run was trained with 2 labels, but {other / 'biases'} holds a head of 3: those "
-            "biases are not the run's (replaced since?); train the run again") in capsys.readouterr().err
+    message = (f"task 'relabelled': its run was trained with 2 labels, but {other / 'biases'} holds a head of 3: "
+               "those biases are not the run's (replaced since?); train the run again")
+    assert message in capsys.readouterr().err
+    # The Python API refuses it before the model changes: it stays a plain model, and a bank can load onto it.
+    import transformers
+
+    import bitfit_fast
+    from bitfit_fast.task_bank import TaskBank
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(home / "model", num_labels=2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TaskBank.load(base, [other])
+    assert not bitfit_fast.model.is_applied(base)
+    TaskBank.load(base, [home / "runs" / "one"])
+    with pytest.raises(ValueError, match="this BertForSequenceClassification is applied already .bitfit_fast.apply, "
+                                         "or a TaskBank's model.: a TaskBank applies its base model itself; pass a "
+                                         "fresh one"):
+        TaskBank.load(base, [home / "runs" / "one"])
 
 
 def test_a_run_whose_base_model_moved_says_how_to_give_it_back(home, runs, capsys):
@@ -543,8 +580,7 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "--model {data} has no config.json, so it is not a Hugging Face model"),
     (["serve", "{runs}/one", "{runs}/two"],
      "cannot serve these runs: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
-    (["serve", "{runs}/one", "{runs}/one"],
-     "two runs are named 'one' ({runs}/one and {runs}/one): tasks are named by their run directories"),
+    (["serve", "{runs}/one", "{runs}/one"], "the run {runs}/one is given twice: give it once"),
     (["serve", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/model/config.json/failed"],
      "--output-dir {home}/model/config.json/failed cannot be created: {home}/model/config.json is a file; choose "
