@@ -170,6 +170,14 @@ def test_torch_backend_under_autocast_matches_nn_linear_and_returns_input_dtype_
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
+def _under_autocast(forward, x, bias, dy, precision) -> tuple:
+    """forward(x) under autocast in ``precision``: (output, its input's gradient, ``bias``'s gradient) for ``dy``."""
+    xl = x.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=precision):
+        y = forward(xl)
+    return (y, *torch.autograd.grad(y, (xl, bias), dy.to(y.dtype)))
+
+
 @pytest.mark.parametrize("precision,backend", [
     (torch.float16, "torch"), (torch.float16, "triton"), (torch.bfloat16, "torch"),
     pytest.param(torch.bfloat16, "triton", marks=pytest.mark.gpu)], ids=lambda v: str(v).removeprefix("torch."))
@@ -183,16 +191,10 @@ def test_a_linear_under_autocast_is_as_accurate_as_torch_at_the_same_precision(p
     truth = F.linear(x64, weight64, bias64)
     truths = (truth, *torch.autograd.grad(truth, (x64, bias64), dy.double()))
 
-    def run(forward, bias):
-        xl = x.clone().requires_grad_()
-        with torch.autocast(DEVICE, dtype=precision):
-            y = forward(xl)
-        return (y, *torch.autograd.grad(y, (xl, bias), dy.to(y.dtype)))
-
     plain_bias = linear.bias.detach().clone().requires_grad_()
-    theirs = run(lambda xl: F.linear(xl, linear.weight, plain_bias), plain_bias)
+    theirs = _under_autocast(lambda xl: F.linear(xl, linear.weight, plain_bias), x, plain_bias, dy, precision)
     gemm_dtypes.clear()
-    ours = run(linear, linear.bias)
+    ours = _under_autocast(linear, x, linear.bias, dy, precision)
     assert_gemms_ran_in(precision, gemm_dtypes)
     for name, mine, same, exact in zip(("output", "dx", "dbias"), ours, theirs, truths, strict=True):
         assert_as_accurate_as_torch(mine, same, exact, f"{name} on {backend}")
@@ -212,17 +214,11 @@ def test_a_layer_norm_under_autocast_is_as_accurate_as_torch_at_the_same_precisi
     truth = F.layer_norm(x64, (29,), ln.weight.double(), beta64, ln.eps)
     truths = (truth, *torch.autograd.grad(truth, (x64, beta64), dy.double()))
 
-    def run(module, beta):
-        xl = x.clone().requires_grad_()
-        with torch.autocast(DEVICE, dtype=precision):
-            y = module(xl)
-        return (y, *torch.autograd.grad(y, (xl, beta), dy.to(y.dtype)))
-
     plain = nn.LayerNorm(29, device=DEVICE)
     plain.load_state_dict(ln.state_dict())
     plain.weight.requires_grad_(False)
-    theirs = run(plain, plain.bias)
-    ours = run(ln, ln.bias)
+    theirs = _under_autocast(plain, x, plain.bias, dy, precision)
+    ours = _under_autocast(ln, x, ln.bias, dy, precision)
     assert ours[0].dtype == theirs[0].dtype, "the dtype nn.LayerNorm returns under this autocast"
     for name, mine, same, exact in zip(("output", "dx", "dbeta"), ours, theirs, truths, strict=True):
         assert_as_accurate_as_torch(mine, same, exact, f"{name} on {backend}")

@@ -330,40 +330,11 @@ def test_a_client_that_waits_to_be_told_to_send_is_refused_before_sending():
 
 
 class SlowCheckPredictor(EchoPredictor):
-    """Its check of the text "slow" (a huge text to tokenise) waits until ``done`` is set."""
+    """EchoPredictor (whose batches wait at ``gate``, if given) whose checks of the text "slow" wait until
+    ``release``; ``slow_checks`` counts those that started."""
 
-    def __init__(self):
-        super().__init__()
-        self.slow_check_started, self.done = threading.Event(), threading.Event()
-
-    def check(self, example):
-        if isinstance(example, dict) and example.get("text") == "slow":
-            self.slow_check_started.set()
-            assert self.done.wait(timeout=30), "the other request was never answered"
-        return super().check(example)
-
-
-def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
-    # The checks (a tokeniser's work) run in a worker thread: while one request's check is busy, the event loop
-    # answers the other requests. The slow check waits until the other request is answered, which would never
-    # happen if the checks ran on the event loop.
-    predictor = SlowCheckPredictor()
-    with running(predictor, BatchingConfig(max_wait_ms=0)) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="slow"), timeout=60)
-        assert predictor.slow_check_started.wait(timeout=30)
-        other = httpx.post(f"{url}/predict", json=dict(task="length", text="quick"), timeout=30)
-        predictor.done.set()
-        assert other.json()["answer"] == 5
-        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
-        assert slow.result().json()["answer"] == "SLOW"
-    assert predictor.texts == ["quick", "slow"]
-
-
-class BlockingCheckPredictor(EchoPredictor):
-    """EchoPredictor (whose batches wait at ``gate``) whose checks of the text "slow" wait until ``release``."""
-
-    def __init__(self):
-        super().__init__(threading.Event())
+    def __init__(self, gate: threading.Event | None = None):
+        super().__init__(gate)
         self.release = threading.Event()
         self.slow_checks = threading.Semaphore(0)
 
@@ -374,10 +345,26 @@ class BlockingCheckPredictor(EchoPredictor):
         return super().check(example)
 
 
+def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
+    # The checks (a tokeniser's work) run in a worker thread: while one request's check is busy, the event loop
+    # answers the other requests. The slow check waits until the other request is answered, which would never
+    # happen if the checks ran on the event loop.
+    predictor = SlowCheckPredictor()
+    with running(predictor, BatchingConfig(max_wait_ms=0)) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{url}/predict", json=dict(task="upper", text="slow"), timeout=60)
+        assert predictor.slow_checks.acquire(timeout=30)
+        other = httpx.post(f"{url}/predict", json=dict(task="length", text="quick"), timeout=30)
+        predictor.release.set()
+        assert other.json()["answer"] == 5
+        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+        assert slow.result().json()["answer"] == "SLOW"
+    assert predictor.texts == ["quick", "slow"]
+
+
 def test_checks_however_many_never_hold_a_queued_batch_up():
     """Predictions run in a thread of their own: more slow checks than the event loop's default threads (asyncio's
     to_thread pool, min(32, CPUs + 4)) once left a batch queued behind them with no thread to run in."""
-    predictor = BlockingCheckPredictor()
+    predictor = SlowCheckPredictor(threading.Event())
     slow_requests = 40  # more threads than the default pool has on any CI runner
     with running(predictor, BatchingConfig(max_batch_size=1, max_wait_ms=0, check_threads=2)) as url, \
             concurrent.futures.ThreadPoolExecutor(slow_requests + 2) as pool:
