@@ -181,6 +181,15 @@ def _read_no_further_than_needed(tokenizer, text: str, max_length: int) -> tuple
     return start, True
 
 
+def _without_tokens(tokenizer, encoded, texts: tuple[str, ...]) -> bool:
+    """Whether one of ``texts`` gave no token of its own to ``encoded`` (only spaces, or characters its tokenizer
+    drops): told by the encoding itself where the tokenizer is a fast one."""
+    if encoded.is_fast:
+        present = set(encoded.sequence_ids())
+        return any(index not in present for index in range(len(texts)))
+    return any(not tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+
+
 def serving_precision(runs, device: torch.device) -> str:
     """The precision runs answer in on ``device``: the one they were trained and scored in (``eval``), or fp32
     where they differ (one batch runs in one precision: fp16's range would overflow what bf16 holds, bf16 rounds
@@ -278,16 +287,19 @@ class RunsPredictor:
         if not hasattr(self._local, "tokenizer"):
             self._local.tokenizer = copy.deepcopy(self.tokenizer)
         tokenizer, most = self._local.tokenizer, run.config.max_length
-        texts = [_read_no_further_than_needed(tokenizer, text, most) for text in texts]
-        if not all(cut or tokenizer(text, add_special_tokens=False)["input_ids"] for text, cut in texts):
+        # A pair cut to the first text's tokens is not cut as predict cuts the whole pair: truncation's
+        # "longest_first" keeps one token more of whichever text is longer in full.
+        if len(texts) == 1 or not self.truncate:
+            texts, cut = zip(*(_read_no_further_than_needed(tokenizer, text, most) for text in texts))
+        else:
+            cut = (False,) * len(texts)
+        encoded = tokenizer(*texts, truncation=self.truncate, max_length=most if self.truncate else None)
+        if not all(cut) and _without_tokens(tokenizer, encoded, texts):
             raise self._refuse(f"a text of task {task!r} has no tokens (only spaces or characters its tokenizer "
                                "drops): send text")
-        cut = any(cut for _, cut in texts)
-        encoded = tokenizer(*(text for text, _ in texts), truncation=self.truncate,
-                            max_length=most if self.truncate else None)
         length = len(encoded["input_ids"])
         if length > most:
-            told = f"more than {most}" if cut else str(length)
+            told = f"more than {most}" if any(cut) else str(length)
             raise self._refuse(f"the text is {told} tokens; task {task!r} reads at most {most}: shorten it (a server "
                                "started with --truncate cuts it)")
         return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}

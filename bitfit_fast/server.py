@@ -145,7 +145,7 @@ class MicroBatcher:
         """The predictor's answers; when a batch fails, its examples again one by one, so the one that fails it
         gets the error and the others their answers."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, examples)
+            return list(await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, examples))
         except Exception as error:
             if len(examples) == 1:
                 return [error]
@@ -283,11 +283,15 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         await asyncio.wait((answers, left), return_when=asyncio.FIRST_COMPLETED)
         if not answers.done():  # its examples are dropped as the batcher meets them, unpredicted
             answers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answers  # retrieved: asyncio would log a cancelled gather that no one awaited
             return _error(499, "the client left before its answer")  # read by no one
         left.cancel()
         try:
             answers = answers.result()
         except Exception as error:
+            for future in futures:  # the request's other examples: no one waits for their answers now
+                future.cancel()
             return _error(500, f"the prediction failed: {first_line(error)}")
         try:
             return JSONResponse(answers[0] if single else {"predictions": answers})

@@ -440,15 +440,21 @@ def test_an_example_the_predictor_cannot_answer_fails_alone_without_running_its_
 
 
 class MiscountingPredictor(EchoPredictor):
+    """EchoPredictor that answers the text "lost" with no answers and "none" with None."""
+
     def predict(self, examples):
-        return [] if examples[0]["text"] == "lost" else super().predict(examples)
+        text = examples[0]["text"]
+        if text in ("lost", "none"):
+            return [] if text == "lost" else None
+        return super().predict(examples)
 
 
 def test_a_predictor_that_miscounts_its_answers_fails_its_batch_and_the_server_serves_on():
     with running(MiscountingPredictor(), BatchingConfig(max_batch_size=1, max_wait_ms=0)) as url:
-        lost = httpx.post(f"{url}/predict", json=dict(task="upper", text="lost"), timeout=30)
-        assert lost.status_code == 500
-        assert lost.json() == {"error": "the prediction failed: the predictor gave 0 answers for 1 examples"}
+        for text, error in (("lost", "the predictor gave 0 answers for 1 examples"),
+                            ("none", "'NoneType' object is not iterable")):
+            failed = httpx.post(f"{url}/predict", json=dict(task="upper", text=text), timeout=30)
+            assert failed.status_code == 500 and failed.json() == {"error": f"the prediction failed: {error}"}
         assert httpx.post(f"{url}/predict", json=dict(task="length", text="after"), timeout=30).json()["answer"] == 5
 
 
@@ -632,6 +638,17 @@ def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
     one_word = "g" * (serve.CHARACTERS_PER_TOKEN * 128 + 1)  # no whitespace to cut at: read whole, one [UNK]
     assert len(RunsPredictor([two_runs["topics"]], backend="torch").check(
         dict(task="topics", text=one_word))["input_ids"]) == 3
+
+
+def test_a_long_pair_is_cut_as_the_tokenizer_cuts_the_whole_pair(pair_run):
+    """With --truncate, a pair is tokenised whole: "longest_first" keeps the odd token of whichever text is longer
+    in full, and the first text's start alone (1,638 tokens) would be the shorter of the two (4,000)."""
+    from bitfit_fast.serve import RunsPredictor
+
+    predictor = RunsPredictor([pair_run], backend="torch", truncate=True)
+    first, second = "goal " * 10_000, "bank " * 4_000
+    checked = predictor.check(dict(task="pairs", text=first, text_pair=second))
+    assert checked["input_ids"] == predictor.tokenizer(first, second, truncation=True, max_length=128)["input_ids"]
 
 
 def test_a_text_of_no_tokens_is_refused(two_runs):
