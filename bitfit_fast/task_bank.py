@@ -257,6 +257,7 @@ def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
     fused = [name for name, module in model.named_modules()
              if config.fuse_layers and is_fusable_encoder_class(type(module).__name__)]
     positional = task_positions.positional_layers(model)  # DeBERTa's: the bank gives them each task's values
+    task_positions.check_supported(model)
     _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()
                                     if not is_within(name, fused) and not is_within(name, positional)})
 

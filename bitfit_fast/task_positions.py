@@ -53,6 +53,24 @@ def positional_layers(model: nn.Module) -> set[str]:
     return names
 
 
+def check_supported(model: nn.Module) -> None:
+    """Raise, before the model changes, unless this transformers has the DeBERTa-v2 attention :func:`install`
+    computes as (4.47 and later: its position helpers take the layers, its position dropout is an nn.Dropout)."""
+    found = list(_relative_attentions(model))
+    if not found:
+        return
+    from transformers.models.deberta_v2 import modeling_deberta_v2 as deberta
+
+    helpers = all(hasattr(deberta, name) for name in ("build_rpos", "scaled_size_sqrt"))
+    if not helpers or any(not isinstance(attention.pos_dropout, nn.Dropout)
+                          for _, _, attentions in found for _, attention in attentions):
+        import transformers
+
+        raise ValueError(f"a TaskBank gives DeBERTa-v2's relative positions each task's biases as transformers 4.47 "
+                         f"and later compute them; this is transformers {transformers.__version__}: upgrade it "
+                         "(pip install -U transformers)")
+
+
 def install(model: nn.Module) -> None:
     """Per-task relative positions in every DeBERTa-v2 encoder of the bank's applied ``model`` (see above)."""
     for _, encoder, attentions in _relative_attentions(model):

@@ -121,6 +121,20 @@ def test_a_deberta_v2_bank_gives_each_example_its_tasks_relative_positions(varia
     check_a_bank_of_saved_tasks(deberta_v2(**DEBERTA_V2[variant]), tmp_path, backend)
 
 
+def test_a_deberta_v2_bank_on_a_transformers_without_its_position_helpers_is_refused_before_it_changes(
+        monkeypatch):
+    """transformers 4.46 (which the package allows) computes DeBERTa's relative positions with other helpers and a
+    dropout of its own: refused in one line, the model left plain (it crashed halfway through applying it)."""
+    import transformers.models.deberta_v2.modeling_deberta_v2 as deberta
+
+    monkeypatch.delattr(deberta, "build_rpos")
+    model = deberta_v2()
+    with pytest.raises(ValueError, match=r"as transformers 4.47 and later compute them; this is transformers "
+                                         r"\S+: upgrade it"):
+        TaskBank.new(model, {"a": 2, "b": 3})
+    assert not bitfit_fast.model.is_applied(model)
+
+
 @pytest.mark.parametrize("precision", [None, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("path", PATHS)
 def test_mixed_batch_on_real_minilm_and_real_text(path, precision, tmp_path, gemm_dtypes):
