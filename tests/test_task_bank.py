@@ -121,6 +121,35 @@ def test_a_deberta_v2_bank_gives_each_example_its_tasks_relative_positions(varia
     check_a_bank_of_saved_tasks(deberta_v2(**DEBERTA_V2[variant]), tmp_path, backend)
 
 
+@pytest.mark.parametrize("precision", [torch.float16, torch.bfloat16], ids=str)
+def test_a_deberta_v2_bank_under_autocast_is_as_accurate_as_each_tasks_own_model(precision, tmp_path):
+    """The per-task positional keys and queries under autocast (W·LN(E) and W·beta_t rounded apart, where a task's
+    own model rounds W·(LN(E) + beta_t)): each example's logits no further from its own model's fp32 ones than twice
+    that model's error under the same autocast, plus the format's ATOL of the largest logit. In fp16 a bank without
+    the tasks' positional parts fails this; bf16's rounding is larger than they are in a model this small (there
+    it checks that the path runs no worse than the task's own model; the fp32 test checks the parts exactly)."""
+    base = deberta_v2()
+    with torch.no_grad():  # attention scores of a trained model's scale (init's are ~0.01): positions count
+        for attention in (layer.attention.self for layer in base.deberta.encoder.layer):
+            attention.query_proj.weight.mul_(20)
+            attention.key_proj.weight.mul_(20)
+    tasks = trained_tasks(base, tmp_path, backend="torch")
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch").eval()
+    batch = padded_batch(base, LENGTHS)
+    batch.pop("labels")
+    with torch.no_grad():
+        truths = {name: model.eval()(**batch).logits for name, (model, _) in tasks.items()}
+        with torch.autocast(DEVICE, dtype=precision):
+            mixed = bank(TASKS, **batch).float()
+            singles = {name: model(**batch).logits.float() for name, (model, _) in tasks.items()}
+    for i, name in enumerate(TASKS):
+        truth = truths[name][i]
+        ours = (mixed[i, :len(truth)] - truth).abs().max()
+        theirs = (singles[name][i] - truth).abs().max()
+        assert ours <= 2 * theirs + ATOL[precision] * truth.abs().max(), (i, ours, theirs)
+
+
 def test_a_deberta_v2_bank_on_a_transformers_without_its_position_helpers_is_refused_before_it_changes(
         monkeypatch):
     """transformers 4.46 (which the package allows) computes DeBERTa's relative positions with other helpers and a
