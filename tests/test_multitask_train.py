@@ -465,6 +465,36 @@ def test_a_joint_fp16_run_clips_unscaled_gradients(joint_run, tmp_path, monkeypa
     assert calls == ["unscale_", "clip_grad_norm_"] * 2
 
 
+def test_a_joint_fp16_run_skips_the_step_of_a_task_whose_gradient_overflowed_only(joint_run, tmp_path, monkeypatch):
+    """As each task's own fp16 run skips a step whose gradient overflowed: the overflowing task keeps its values
+    and moments, the batch's other task steps (GradScaler.step skipped them all), and the loss scale halves."""
+    from bitfit_fast.task_bank import TaskAdamW, TaskBank
+
+    root, files = joint_run
+    stepped, scales, unscaled = [], [], []
+    unscale, step, update = torch.amp.GradScaler.unscale_, TaskAdamW.step, torch.amp.GradScaler.update
+
+    def overflowing_first(self, optimizer):  # task topics' gradient overflows at the first step
+        unscaled.append(None)
+        if len(unscaled) == 1:
+            bank: TaskBank = optimizer.bank
+            for param, tasks in bank.parameter_tasks().items():
+                if tasks is None and param.grad is not None:
+                    param.grad[bank.tasks["topics"].index] = float("inf")
+        return unscale(self, optimizer)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", overflowing_first)
+    monkeypatch.setattr(TaskAdamW, "step", lambda self, tasks: (stepped.append(sorted(set(tasks))), step(self, tasks)))
+    monkeypatch.setattr(torch.amp.GradScaler, "update", lambda self: (update(self), scales.append(self.get_scale())))
+    args = ["train", "--model", str(root / "model"), "--epochs", "1", "--batch-size", "28", "--fp16", "--backend",
+            "torch", "--no-progress", "--output-dir", str(tmp_path / "runs")]
+    for name, (train, validation) in files.items():
+        args += ["--task-files", name, train, validation]
+    assert cli.main(args) == 0
+    assert stepped == [["sport-or-tech"], ["sport-or-tech", "topics"]]
+    assert scales == [2.0**15, 2.0**15], "the first step's overflow halves the scale (growth waits 2000 steps)"
+
+
 def test_a_joint_runs_saved_biases_name_their_tasks_classes(joint_run):
     """Each task's biases/ and biases-last/ hold its own class names, as save_biases of its own run would: loaded
     on their own (load_biases, a TaskBank of directories) they answer "sport", not LABEL_1."""

@@ -4,7 +4,8 @@ mixed batches (see :class:`~bitfit_fast.task_bank.TaskBank`).
 Sampling: every epoch takes every example of every task once (a small task is not repeated), all tasks shuffled
 together and grouped by length, so a batch holds the tasks whose examples have similar lengths. Each step is each
 task's own step on its examples in the batch: its loss is the mean over them, its gradient is clipped on its own,
-and AdamW steps it on the batches that hold its examples only (:class:`~bitfit_fast.task_bank.TaskAdamW`). A task's
+and AdamW steps it on the batches that hold its examples only (:class:`~bitfit_fast.task_bank.TaskAdamW`; in fp16
+not on a batch where its gradient overflowed, as its own run's loss scaler would skip that step). A task's
 examples are its share of each batch, so an epoch gives it more, smaller steps than a run of its own at the same
 ``batch_size`` (the start of a run says how many). Every epoch
 each task is evaluated on its own validation file, and ``OUTPUT_DIR/NAME/`` is a run directory of its own
@@ -213,8 +214,16 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
                 raise TrainingDiverged(f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
                                        f"{kept}. Lower the learning rate, or train in fp32.")
             scaler.unscale_(optimizer)
-            bank.clip_grad_norm_(config.max_grad_norm)
-            scaler.step(optimizer, names)
+            norms = bank.clip_grad_norm_(config.max_grad_norm)
+            if scaler.is_enabled():
+                # fp16: a task whose gradient overflowed skips its step, as its own run's scaler would have it
+                # skip; the others step (GradScaler.step would skip them all). The scale goes down all the same.
+                norms = norms.tolist()
+                finite = [name for name, index in held.items() if math.isfinite(norms[index])]
+                if finite:
+                    optimizer.step(finite)
+            else:
+                optimizer.step(names)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
