@@ -435,6 +435,38 @@ def test_task_bank_benchmark_records_every_configuration_and_its_ratios(tmp_path
             "top kernels (ms per step): index_select_kernel 0.250\n") in task_bank.markdown(record)
 
 
+def test_task_bank_benchmark_runs_every_configuration_in_its_presets_precision(tmp_path, monkeypatch):
+    # cpu-bf16 (what a server on a CPU with bf16 dot products runs): the bank, the single-task model and the
+    # sub-batches alike under bf16 autocast, and the record says so.
+    import transformers
+
+    from bitfit_fast.task_bank import TaskBank
+
+    assert task_bank.PRESETS["cpu-bf16"].precision == "bf16" and task_bank.PRESETS["cpu"].precision == "fp32"
+    bf16_tiny = dataclasses.replace(task_bank.PRESETS["tiny"], precision="bf16")
+    monkeypatch.setitem(task_bank.PRESETS, "tiny-bf16", bf16_tiny)
+    seen, timing = [], []  # (model kind, autocast on) at each forward of a timed step (apply's probe runs fp32)
+    for kind, cls in (("bank", TaskBank), ("model", transformers.BertForSequenceClassification)):
+        def spy(self, *args, forward=cls.forward, kind=kind, **kwargs):
+            if timing:
+                seen.append((kind, torch.is_autocast_enabled("cpu")
+                             and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+            return forward(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", spy)
+
+    def timed(*args, timed=task_bank.timed):
+        timing.append(True)
+        try:
+            return timed(*args)
+        finally:
+            timing.pop()
+    monkeypatch.setattr(task_bank, "timed", timed)
+    assert task_bank.main(["--preset", "tiny-bf16", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "tiny-bf16.json").read_text())
+    assert record["precision"] == "bf16" and ", bf16 autocast, `" in (tmp_path / "tiny-bf16.md").read_text()
+    assert {kind for kind, _ in seen} == {"bank", "model"} and all(bf16 for _, bf16 in seen)
+
+
 def test_task_bank_graphed_training_pads_every_batch_to_one_shape_and_steps_each_model():
     # The GPU's graphed mode, built on CPU (where GraphedStep runs its steps eagerly): one shape for every batch, so
     # that one graph per model serves them all; each config trains its model, the bank only the batch's tasks.
@@ -450,7 +482,8 @@ def test_task_bank_graphed_training_pads_every_batch_to_one_shape_and_steps_each
         batch.pop("labels")
     assignments = {1: ["b"] * workload.batch, 2: ["a", "b"] * (workload.batch // 2)}
     labels = torch.zeros(workload.batch, dtype=torch.long)
-    configs, fixed = task_bank._graphed_training(single, bank, assignments, batches, workload.seq, labels)
+    configs, fixed = task_bank._graphed_training(single, bank, assignments, batches, workload.seq, labels,
+                                                  torch.bfloat16)
     assert list(configs) == ["single-task model", "bank, 1 tasks", "bank, 2 tasks"]
     assert {tuple(b["input_ids"].shape) for b in fixed} == {(workload.batch, workload.seq)}
     for batch, padded in zip(batches, fixed, strict=True):

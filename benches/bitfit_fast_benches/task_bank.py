@@ -37,12 +37,18 @@ class TaskBankPreset:
     warmup: int
     device: str
     distinct: tuple[int, ...] = (1, 8, 64)  # distinct tasks per mixed batch; the bank holds the most (heads of 2-5)
+    precision: str = "fp32"  # "fp32", or "bf16": every configuration under bf16 autocast
 
 
 PRESETS = {
     "cpu": TaskBankPreset(Workload("bert-mini", 128, 64, lengths="bbc"), repeats=15, warmup=2, device="cpu"),
+    # What a server on a CPU with bf16 dot products (AVX512-BF16, AMX) would run: GEMMs at twice fp32's rate.
+    "cpu-bf16": TaskBankPreset(Workload("bert-mini", 128, 64, lengths="bbc"), repeats=15, warmup=2, device="cpu",
+                               precision="bf16"),
     # Sized for benches/gpu_run.sh's share of a 15-minute GPU lease: 64 sub-batches a round are the slow part.
-    "gpu": TaskBankPreset(Workload("bert-base", 128, 64, lengths="bbc"), repeats=10, warmup=3, device="cuda"),
+    # bf16 autocast, as every GPU benchmark runs (providers.py).
+    "gpu": TaskBankPreset(Workload("bert-base", 128, 64, lengths="bbc"), repeats=10, warmup=3, device="cuda",
+                          precision="bf16"),
     # For the test suite: seconds, not a measurement.
     "tiny": TaskBankPreset(Workload("bert-tiny", 16, 8, lengths="lognormal"), repeats=1, warmup=0, device="cpu",
                            distinct=(1, 4)),
@@ -124,8 +130,7 @@ def run(preset_name: str, command: str, log=print) -> dict:
         rng.shuffle(tasks)
 
     def precision():
-        # bf16 autocast on a GPU, as every GPU benchmark runs (providers.py); fp32 on CPU.
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=preset.precision == "bf16")
 
     def predict_single(batch):
         with torch.no_grad(), precision():
@@ -169,7 +174,8 @@ def run(preset_name: str, command: str, log=print) -> dict:
     if device in GRAPHED_DEVICES:
         modes[GRAPHED_PREDICT_MODE] = _graphed_prediction(single, bank, assignments, batches, preset.workload.seq,
                                                           precision)
-        modes[GRAPHED_MODE] = _graphed_training(single, bank, assignments, batches, preset.workload.seq, labels)
+        modes[GRAPHED_MODE] = _graphed_training(single, bank, assignments, batches, preset.workload.seq, labels,
+                                                torch.bfloat16 if preset.precision == "bf16" else None)
     results, failed_modes = {}, {}
     for mode, (configs, mode_batches) in modes.items():
         for model in (single, bank):
@@ -234,8 +240,8 @@ def run(preset_name: str, command: str, log=print) -> dict:
               met=ratios["mixed_vs_sub_batches"] >= GOALS["mixed_vs_sub_batches_min"],
               per_step=per_step["mixed_vs_sub_batches"])]
     return dict(environment=environment(command), preset=preset_name, workload=dataclasses.asdict(preset.workload),
-                tasks_in_bank=max(preset.distinct), results=results, ratios=ratios, goals=goals,
-                failed_modes=failed_modes)
+                precision=preset.precision, tasks_in_bank=max(preset.distinct), results=results, ratios=ratios,
+                goals=goals, failed_modes=failed_modes)
 
 
 # Training steps replayed as CUDA graphs (bitfit_fast.GraphedStep), on a GPU: the same batches padded to the
@@ -244,15 +250,17 @@ def run(preset_name: str, command: str, log=print) -> dict:
 GRAPHED_MODE = "train, CUDA graphs"
 
 
-def _graphed_training(single, bank, assignments: dict, batches: list[dict], length: int, labels) -> tuple:
-    """(configs, batches) of the graphed training mode: each step a replay of its model's graph."""
+def _graphed_training(single, bank, assignments: dict, batches: list[dict], length: int, labels,
+                      autocast: torch.dtype | None) -> tuple:
+    """(configs, batches) of the graphed training mode: each step a replay of its model's graph, under ``autocast``
+    (a dtype, or None for fp32)."""
     import bitfit_fast
 
     params = [p for p in single.parameters() if p.requires_grad]
-    # No clipping, as the eager steps: bf16 autocast, as every GPU benchmark runs.
+    # No clipping, as the eager steps.
     optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=params[0].is_cuda)  # (CPU: the tests, eagerly)
-    single_step = bitfit_fast.GraphedStep(single, optimizer, None, torch.bfloat16)
-    bank_step = bitfit_fast.GraphedStep(bank, bank.optimizer(lr=1e-4), None, torch.bfloat16)
+    single_step = bitfit_fast.GraphedStep(single, optimizer, None, autocast)
+    bank_step = bitfit_fast.GraphedStep(bank, bank.optimizer(lr=1e-4), None, autocast)
     fixed = [batch | {"labels": labels} for batch in _padded(batches, length)]
     configs = {"single-task model": single_step,
                **{f"bank, {k} tasks": functools.partial(bank_step, tasks=tasks) for k, tasks in assignments.items()}}
@@ -317,6 +325,10 @@ def _padded(batches: list[dict], length: int) -> list[dict]:
             for batch in batches]
 
 
+# Records written before the preset named its precision ran fp32 on a CPU and bf16 autocast on a GPU.
+_PRECISIONS = {"fp32": "fp32", "bf16": "bf16 autocast", None: "fp32 on CPU, bf16 autocast on GPU"}
+
+
 def _per_step(ratios: dict | None) -> str:
     return "" if ratios is None else f" ({interquartile(ratios)})"
 
@@ -325,8 +337,9 @@ def markdown(record: dict) -> str:
     """The record as a Markdown table per mode, then the goals."""
     env = record["environment"]
     lines = [f"Task bank, preset `{record['preset']}` on {env['device']} (torch {env['torch']}, commit "
-             f"{short_commit(env['commit'])}): batch {record['workload']['batch']}, {record['tasks_in_bank']} tasks "
-             f"in the bank, `{env['command']}`", ""]
+             f"{short_commit(env['commit'])}): {record['workload']['model']}, batch {record['workload']['batch']}, "
+             f"{record['tasks_in_bank']} tasks in the bank, {_PRECISIONS[record.get('precision')]}, "
+             f"`{env['command']}`", ""]
     for mode, entries in record["results"].items():
         lines += [f"| {mode} | examples/s | real tokens/s | × single-task (per-step IQR) |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {e['examples_per_s']:.1f} | {e['real_tokens_per_s']:.0f} | {e['vs_single']:.2f}"
