@@ -163,22 +163,20 @@ CHARACTERS_PER_TOKEN = 64  # more than a text needs for each of its tokens, whit
 
 
 def _read_no_further_than_needed(tokenizer, text: str, max_length: int) -> tuple[str, bool]:
-    """(``text``, False), or for a text of more than CHARACTERS_PER_TOKEN · max_length characters whose start
-    already holds more than ``max_length`` tokens, (that start, True): a prefix cut at whitespace, whose words give
-    the tokens the whole text's first words give, so that its first ``max_length`` tokens are the text's. A text of
-    megabytes is then refused or cut (--truncate) in microseconds, not tokenised whole (seconds, and gigabytes of
-    token lists) to count tokens no model reads. A start without whitespace, or with fewer tokens, is read whole."""
+    """(``text``, False), or for a text whose start already holds more than ``max_length`` tokens, (that start,
+    True): a prefix cut at whitespace, whose words give the tokens the whole text's first words give, so that its
+    first ``max_length`` tokens are the text's. The start read is CHARACTERS_PER_TOKEN · max_length characters,
+    doubled while it holds too few tokens (long words): a text of megabytes is then refused or cut (--truncate)
+    from at most four times the characters its tokens need, not tokenised whole (seconds, and gigabytes of token
+    lists) to count tokens no model reads. A text with no more tokens than that is read whole."""
     limit = CHARACTERS_PER_TOKEN * max_length
-    if len(text) <= limit:
-        return text, False
-    start = text[:limit]
-    space = max(start.rfind(c) for c in " \t\n\r")
-    if space <= 0:
-        return text, False
-    start = start[:space]
-    if len(tokenizer(start, add_special_tokens=False)["input_ids"]) <= max_length:
-        return text, False
-    return start, True
+    while len(text) > limit:
+        start = text[:limit]
+        space = max(start.rfind(c) for c in " \t\n\r")
+        if space > 0 and len(tokenizer(start[:space], add_special_tokens=False)["input_ids"]) > max_length:
+            return start[:space], True
+        limit *= 2
+    return text, False
 
 
 def _without_tokens(tokenizer, encoded, texts: tuple[str, ...]) -> bool:

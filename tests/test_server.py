@@ -609,8 +609,8 @@ def test_a_server_started_with_truncate_cuts_a_long_text_as_predict_does(two_run
 def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
     """A text far longer than a task reads is refused (or, with --truncate, cut as predict cuts it) from its first
     CHARACTERS_PER_TOKEN · max_length characters: a text of 8 MB was tokenised whole (seconds, gigabytes) to count
-    tokens no model reads. A start that holds too few tokens to decide (no whitespace, one huge word) is read
-    whole."""
+    tokens no model reads. A start that holds too few tokens to decide (words of hundreds of characters, each one
+    token) is doubled until it does; a text without whitespace to cut at is read whole."""
     from bitfit_fast import serve
     from bitfit_fast.serve import RunsPredictor
 
@@ -635,6 +635,19 @@ def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
             with pytest.raises(RequestError, match="the text is more than 128 tokens; task 'topics' reads at most 128"):
                 predictor.check(dict(task="topics", text=huge))
     assert max(read) <= serve.CHARACTERS_PER_TOKEN * 128
+    # Words too long for WordPiece (over 100 characters) are one [UNK] each: the first 8,192 characters hold 40.
+    long_words = " ".join(["g" * 200] * 5_000)  # 1 MB, 5,000 tokens
+    for truncate in (False, True):
+        read.clear()
+        predictor = RunsPredictor([two_runs["topics"]], backend="torch", truncate=truncate)
+        predictor._local.tokenizer = reading(predictor.tokenizer)
+        if truncate:
+            assert predictor.check(dict(task="topics", text=long_words))["input_ids"] == predictor.tokenizer(
+                long_words, truncation=True, max_length=128)["input_ids"]
+        else:
+            with pytest.raises(RequestError, match="the text is more than 128 tokens"):
+                predictor.check(dict(task="topics", text=long_words))
+        assert sum(read) <= 4 * 129 * 201, "at most four times the characters of the 129 tokens that decide"
     one_word = "g" * (serve.CHARACTERS_PER_TOKEN * 128 + 1)  # no whitespace to cut at: read whole, one [UNK]
     assert len(RunsPredictor([two_runs["topics"]], backend="torch").check(
         dict(task="topics", text=one_word))["input_ids"]) == 3
