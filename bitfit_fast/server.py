@@ -84,7 +84,8 @@ class BatchingConfig:
 class MicroBatcher:
     """Collects examples submitted from many requests into batches for one ``predict`` call at a time. ``waiting``
     counts the queued examples whose clients still wait: one that leaves (its future cancelled) frees its places at
-    once, and its examples are dropped unpredicted when the worker meets them."""
+    once, and its examples are dropped unpredicted when the worker meets them. A request is answered whole or not
+    at all: its first example that fails cancels its others before the worker takes another batch."""
 
     def __init__(self, predict: Callable[[list[dict]], list], config: BatchingConfig,
                  executor: concurrent.futures.Executor | None = None):
@@ -93,7 +94,8 @@ class MicroBatcher:
         self.config = config
         self.executor = executor
         self.waiting = 0
-        self._queue: collections.deque[tuple[dict, asyncio.Future]] = collections.deque()
+        # (example, its future, the futures of its request's examples)
+        self._queue: collections.deque[tuple[dict, asyncio.Future, list[asyncio.Future]]] = collections.deque()
         self._arrived = asyncio.Event()
 
     def submit(self, examples: list[dict]) -> list[asyncio.Future]:
@@ -104,7 +106,7 @@ class MicroBatcher:
         futures = [loop.create_future() for _ in examples]
         for example, future in zip(examples, futures):
             future.add_done_callback(self._left)  # removed when the worker takes it: only a queued one leaves
-            self._queue.append((example, future))
+            self._queue.append((example, future, futures))
         self.waiting += len(examples)
         self._arrived.set()
         return futures
@@ -112,16 +114,16 @@ class MicroBatcher:
     def _left(self, future: asyncio.Future) -> None:
         self.waiting -= 1
 
-    async def _take(self, timeout: float | None = None) -> tuple[dict, asyncio.Future] | None:
+    async def _take(self, timeout: float | None = None) -> tuple[dict, asyncio.Future, list] | None:
         """The next queued example whose client still waits, or None after ``timeout`` seconds without one."""
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         while True:
             while self._queue:
-                example, future = self._queue.popleft()
-                if not future.done():  # one whose client left is dropped here
+                example, future, request = self._queue.popleft()
+                if not future.done():  # one whose client left, or whose request failed, is dropped here
                     future.remove_done_callback(self._left)
                     self.waiting -= 1
-                    return example, future
+                    return example, future, request
             self._arrived.clear()
             remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if remaining is not None and remaining <= 0:
@@ -131,7 +133,7 @@ class MicroBatcher:
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 return None
 
-    async def _next_batch(self) -> list[tuple[dict, asyncio.Future]]:
+    async def _next_batch(self) -> list[tuple[dict, asyncio.Future, list]]:
         batch = [await self._take()]
         deadline = asyncio.get_running_loop().time() + self.config.max_wait_ms / 1000
         while len(batch) < self.config.max_batch_size:
@@ -155,15 +157,17 @@ class MicroBatcher:
         """Serve batches until cancelled."""
         while True:
             batch = await self._next_batch()
-            answers = await self._answer([example for example, _ in batch])
+            answers = await self._answer([example for example, _, _ in batch])
             if len(answers) != len(batch):  # the predictor's bug: its requests are told, and the worker serves on
                 answers = [RuntimeError(f"the predictor gave {len(answers)} answers for {len(batch)} examples")
                            ] * len(batch)
-            for (_, future), answer in zip(batch, answers, strict=True):
+            for (_, future, request), answer in zip(batch, answers, strict=True):
                 if future.done():
                     continue
                 if isinstance(answer, Exception):
                     future.set_exception(answer)
+                    for other in request:  # now, before the next batch: the request's error answers it whole
+                        other.cancel()
                 else:
                     future.set_result(answer)
 
@@ -289,9 +293,7 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         left.cancel()
         try:
             answers = answers.result()
-        except Exception as error:
-            for future in futures:  # the request's other examples: no one waits for their answers now
-                future.cancel()
+        except Exception as error:  # its other examples are cancelled (MicroBatcher)
             return _error(500, f"the prediction failed: {first_line(error)}")
         try:
             return JSONResponse(answers[0] if single else {"predictions": answers})

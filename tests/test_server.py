@@ -439,6 +439,19 @@ def test_an_example_the_predictor_cannot_answer_fails_alone_without_running_its_
     assert predictor.batches == [1, 4], "the batch ran once, not again example by example"
 
 
+def test_a_request_whose_example_fails_has_its_other_examples_dropped_unpredicted():
+    """Its 500 answers the request whole: its examples still queued are not predicted (the worker took the next
+    into a batch before the handler cancelled them)."""
+    predictor = ExampleErrorPredictor()
+    with running(predictor, BatchingConfig(max_batch_size=1, max_wait_ms=0)) as url:
+        failed = httpx.post(f"{url}/predict", json={"inputs": [dict(task="upper", text=t) for t in ("bad", "b", "c")]},
+                            timeout=30)
+        assert failed.status_code == 500 and "its output is not finite" in failed.json()["error"]
+        assert httpx.post(f"{url}/predict", json=dict(task="length", text="after"), timeout=30).json()["answer"] == 5
+        assert httpx.get(f"{url}/health", timeout=30).json()["queued"] == 0
+    assert predictor.texts == ["bad", "after"]
+
+
 class MiscountingPredictor(EchoPredictor):
     """EchoPredictor that answers the text "lost" with no answers and "none" with None."""
 
