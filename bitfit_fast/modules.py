@@ -74,9 +74,10 @@ def _vector(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     return None if bias is None or bias.dim() != 1 else bias.to(dtype)
 
 
-def _row_tasks(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """Each row's task where the bias is a TaskBank's task table [T, N] (see ``task_rows``)."""
-    return task_rows.of_module_input(x) if bias is not None and bias.dim() == 2 else None
+def _row_tasks(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Each row's task where the module's bias is a TaskBank's task table [T, N] (see ``task_rows``)."""
+    bias = module.bias
+    return task_rows.of_module_input(x, module.examples_dim) if bias is not None and bias.dim() == 2 else None
 
 
 class BitFitLinear(nn.Linear):
@@ -84,6 +85,7 @@ class BitFitLinear(nn.Linear):
 
     backend: str
     zero_bias_grad: bool
+    examples_dim = 0  # where its input holds the examples: 1 where a TaskBank found it sequence first
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str, zero_bias_grad: bool = False) -> "BitFitLinear":
@@ -110,7 +112,7 @@ class BitFitLinear(nn.Linear):
             dtype = compute_dtype(x)
             return F.linear(x.to(dtype), self.weight.to(dtype), _vector(self.trained_bias(), dtype))
         ops = functions(self.backend, x)
-        return ops.linear(x, self.weight, self.trained_bias(), row_task=_row_tasks(self.bias, x))
+        return ops.linear(x, self.weight, self.trained_bias(), row_task=_row_tasks(self, x))
 
     def extra_repr(self) -> str:
         zero = ", zero_bias_grad=True" if self.zero_bias_grad else ""
@@ -125,6 +127,7 @@ class BitFitLayerNorm(nn.LayerNorm):
     """
 
     backend: str
+    examples_dim = 0  # as BitFitLinear's
 
     @classmethod
     def from_layer_norm(cls, layer_norm: nn.LayerNorm, backend: str) -> "BitFitLayerNorm":
@@ -150,7 +153,7 @@ class BitFitLayerNorm(nn.LayerNorm):
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         ops = functions(self.backend, x)
         if row_task is None:
-            row_task = _row_tasks(self.bias, x)
+            row_task = _row_tasks(self, x)
         y, _ = ops.layer_norm(x, None, self.weight, self.bias, self.eps, row_task=row_task)
         return y
 

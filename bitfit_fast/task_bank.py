@@ -16,6 +16,7 @@ batch's tasks) one optimizer step on a mixed batch is each task's own step on it
 
 import copy
 import dataclasses
+import itertools
 import operator
 import os
 from collections.abc import Mapping, Sequence
@@ -237,13 +238,14 @@ def task_part(tasks: int | tuple[int, ...] | None, task: int) -> int | slice | N
 _EXECUTION_OPTIONS = {"backend", "memory", "fuse_layers"}
 
 
-def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
+def _check_mixable(model: nn.Module, config: BitFitConfig) -> list[str]:
     """Raise unless ``apply(model, config)`` gives a model whose tasks mix in one batch: bitfit_fast's own layers
-    add every bias it trains, each to inputs that hold the examples first, and it answers with logits of one row
-    block per example. Only bitfit_fast's layers add each row its task's bias, and they find a row's example by its
-    place in their input: a module that adds its bias itself would take a task table [T, N] for its bias [N] (a
-    shape error, or where a batch's length is T each position another task's bias), and a layer whose input is
-    not per example (sequence first, or position embeddings) would give rows the wrong tasks."""
+    add every bias it trains, each to inputs that hold the examples first (or sequence first: the paths of those
+    layers are returned), and it answers with logits of one row block per example. Only bitfit_fast's layers add
+    each row its task's bias, and they find a row's example by its place in their input: a module that adds its
+    bias itself would take a task table [T, N] for its bias [N] (a shape error, or where a batch's length is T each
+    position another task's bias), and a layer whose input is not per example (position embeddings) would give rows
+    the wrong tasks."""
     owners = planned_bias_owners(model, config)
     outside = {name: type(module).__name__ for name, (module, is_layer) in owners.items() if not is_layer}
     if outside:
@@ -258,21 +260,30 @@ def _check_mixable(model: nn.Module, config: BitFitConfig) -> None:
              if config.fuse_layers and is_fusable_encoder_class(type(module).__name__)]
     positional = task_positions.positional_layers(model)  # DeBERTa's: the bank gives them each task's values
     task_positions.check_supported(model)
-    _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()
-                                    if not is_within(name, fused) and not is_within(name, positional)})
+    sequence_first = _check_rows_per_example(model, {name: module for name, (module, _) in owners.items()
+                                                     if not is_within(name, fused) and not is_within(name, positional)})
+    return sorted({name.rpartition(".")[0] for name in sequence_first})
 
 
-def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+def _give_sequence_first_layers_their_layout(model: nn.Module, layers: list[str]) -> None:
+    """The applied layers at ``layers`` (``_check_mixable``'s) find each row's example in their input's second
+    dimension."""
+    for path in layers:
+        model.get_submodule(path).examples_dim = 1
+
+
+def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
     """Raise unless, on the model's dummy inputs (Hugging Face's: 3 examples of 5 tokens, a batch whose length
     differs from its size), every module of ``layers`` (by its bias's name) takes an input whose first dimension
-    is the batch, and the model answers with logits of one row block per example. A model without dummy inputs,
+    is the batch, or whose second is (sequence first: Longformer's attention projections, [S, B, d]; their names
+    are returned), and the model answers with logits of one row block per example. A model without dummy inputs,
     or one that needs other inputs, is not probed (its batches are still checked: a layer input whose first
     dimension differs from the batch size is refused)."""
     batch = getattr(model, "dummy_inputs", None)
     if not isinstance(batch, dict) or not batch:
-        return
+        return []
     device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = {key: value.to(device) for key, value in batch.items() if value is not None}  # XLM's langs: None
     if "input_ids" in batch:  # without a mask, transformers warns of padding in the dummy ids (once a process)
         batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
     examples = next(iter(batch.values())).shape[0]
@@ -284,24 +295,26 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> N
                 inputs.setdefault(name, tuple(args[0].shape))
         return record
 
-    hooks = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
-    modes = {module: module.training for module in model.modules()}  # each its own: a submodule may differ
+    # The probe runs a copy sharing the model's tensors: a forward may change its model (Big Bird, given inputs
+    # shorter than its blocks, turns its block-sparse attention to full attention for good).
+    copied = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    probe = copy.deepcopy(model, copied).eval()
+    for name, module in layers.items():
+        copied[id(module)].register_forward_pre_hook(recorder(name))
     try:
         with torch.no_grad():
-            output = model.eval()(**batch)
+            output = probe(**batch)
     except Exception:  # a model that needs inputs beyond the dummy ones: not probed
-        return
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        for hook in hooks:
-            hook.remove()
-    wrong = {name: shape for name, shape in inputs.items() if len(shape) < 2 or shape[0] != examples}
+        return []
+    sequence_first = [name for name, shape in inputs.items()
+                      if len(shape) > 2 and shape[0] != examples and shape[1] == examples]
+    wrong = {name: shape for name, shape in inputs.items()
+             if (len(shape) < 2 or shape[0] != examples) and name not in sequence_first}
     if wrong:
         name, shape = next(iter(wrong.items()))
         raise ValueError(f"{name}'s layer takes an input of shape {shape} for a batch of {examples} examples: its "
-                         f"rows are not a block per example (sequence first, or position embeddings; {len(wrong)} "
-                         f"such layers in a {type(model).__name__}), and a TaskBank gives each row its example's "
+                         f"rows are neither a block per example nor sequence first ({len(wrong)} such "
+                         f"layers in a {type(model).__name__}), and a TaskBank gives each row its example's "
                          "task's bias: run these tasks one at a time (load_biases swaps a task's biases onto one "
                          "model)")
     logits = getattr(output, "logits", None)
@@ -310,6 +323,7 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> N
         raise ValueError(f"a {type(model).__name__} answers with {answer}, not logits per example: a TaskBank "
                          "mixes the tasks of a classification model (a *ForSequenceClassification); run these tasks "
                          "one at a time (load_biases swaps a task's biases onto one model)")
+    return sequence_first
 
 
 def _check_not_applied(model: nn.Module) -> None:
@@ -406,7 +420,7 @@ class TaskBank(nn.Module):
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
-        _check_mixable(model, config)
+        sequence_first = _check_mixable(model, config)
         sampled = {}  # the model's values that the tasks' base samples are compared with
         for name, checkpoint in checkpoints.items():
             trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
@@ -428,6 +442,7 @@ class TaskBank(nn.Module):
                 raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
         _check_runs_labels(model, config, checkpoints, resolved)
         apply(model, config, announce=False)
+        _give_sequence_first_layers_their_layout(model, sequence_first)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
         shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
         tasks = [Task(name, index, resolved[name][2] or shared_width, resolved[name][1] or checkpoint.label_names,
@@ -457,8 +472,9 @@ class TaskBank(nn.Module):
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
                                  f"but {other} differ: train the heads, or give every task {width} labels")
         _check_not_applied(model)
-        _check_mixable(model, config_with(config, overrides))
+        sequence_first = _check_mixable(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
+        _give_sequence_first_layers_their_layout(model, sequence_first)
         params = dict(model.named_parameters())
         tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]
         return cls._assemble(

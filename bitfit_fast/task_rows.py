@@ -37,15 +37,18 @@ def check_batch_size(tasks: torch.Tensor, batch: int) -> None:
         raise ValueError(f"the batch has {batch} examples but {tasks.shape[0]} example tasks were given")
 
 
-def of_module_input(x: torch.Tensor) -> torch.Tensor | None:
-    """Each row's task for a module input x [B, ..., d] (rows in x's order: example i owns the i-th block of
-    x.numel() / (B·d) rows), or None outside :func:`example_tasks`."""
+def of_module_input(x: torch.Tensor, examples_dim: int = 0) -> torch.Tensor | None:
+    """Each row's task for a module input x whose dimension ``examples_dim`` holds the examples: [B, ..., d], or
+    with ``examples_dim=1`` sequence first, [S, B, ..., d] (rows in x's order), or None outside
+    :func:`example_tasks`."""
     tasks = current()
     if tasks is None:
         return None
-    check_batch_size(tasks, x.shape[0])
-    rows_per_example = x[..., 0].numel() // x.shape[0]
+    check_batch_size(tasks, x.shape[examples_dim])
+    rows_per_example = x.shape[examples_dim + 1:-1].numel()
     tasks = tasks.to(x.device)
     # One row per example (a pooler's or a head's input): the tasks tensor itself, the one every such op of the step
     # shares, so that the kernels sort its rows by task once (``bitfit_fast_kernels.task_tables``).
-    return tasks if rows_per_example == 1 else tasks.repeat_interleave(rows_per_example)
+    tasks = tasks if rows_per_example == 1 else tasks.repeat_interleave(rows_per_example)
+    # Sequence first: each of the leading positions holds the batch's examples in turn.
+    return tasks.repeat(x.shape[:examples_dim].numel()) if examples_dim else tasks

@@ -17,6 +17,7 @@ from bitfit_reference import (
     trainable,
 )
 from kernel_checks import ATOL, assert_gemms_ran_in
+from test_api import FAMILIES, KEY_BIAS_FAMILIES, KEY_BIAS_LENGTHS
 
 import bitfit_fast
 from bitfit_fast import task_rows
@@ -80,7 +81,7 @@ def check_mixed_equals_single(bank, tasks, batch, example_tasks, atol=0.0, rtol=
     with torch.no_grad():
         mixed = bank(example_tasks, **batch)
         singles = {name: model(**batch).logits for name, (model, _) in tasks.items()}
-    assert mixed.shape == (len(example_tasks), max(WIDTHS[t] for t in example_tasks))
+    assert mixed.shape == (len(example_tasks), max(singles[t].shape[1] for t in example_tasks))
     for i, name in enumerate(example_tasks):
         width = singles[name].shape[1]
         torch.testing.assert_close(mixed[i, :width], singles[name][i], atol=atol, rtol=rtol, msg=f"example {i}")
@@ -203,7 +204,7 @@ def _dropping_every_fifth_feature(x, p=0.5, training=True, inplace=False):
 @pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
                                         ("fused-subset", "bert"), ("fused", "real-minilm"), ("fused", "deberta-v3"),
-                                        ("fused", "deberta-v3+dropout")])
+                                        ("fused", "deberta-v3+dropout"), ("modules", "longformer")])
 def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request, monkeypatch):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
@@ -214,7 +215,9 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     gradients are the kernels' per-task sums (``bitfit_fast_kernels.task_tables``).
     "deberta-v3": relative positions through trained biases (each task's positional keys and queries its own);
     "+dropout": Hugging Face's dropouts on, the relative positions' among them (which multiplies each task's β, so
-    each task's positions are projected on their own), with one fixed mask in the bank and the task models alike."""
+    each task's positions are projected on their own), with one fixed mask in the bank and the task models alike.
+    "longformer": attention projections of the states sequence first, [S, B, d] (their tables' gradients summed
+    per task from rows of every example in turn), with its global attention on each first token."""
     options = dict(biases="subset") if path == "fused-subset" else {}
     if path in ("fused-bucketed", "fused-grouped"):
         request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
@@ -223,6 +226,9 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic", "score"]
     if encoder == "bert":
         base = MODELS["bert"](num_labels=3)
+    elif encoder == "longformer":
+        config_cls, model_cls, config = KEY_BIAS_FAMILIES["longformer"]
+        base = model_cls(config_cls(**config, num_labels=3)).to(DEVICE)  # without dropout, as TINY
     elif encoder.startswith("deberta"):
         dropout = 0.1 if encoder.endswith("+dropout") else 0.0
         base = deberta_v2(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
@@ -1172,14 +1178,6 @@ def test_a_bias_parameter_of_a_modules_own_is_refused_in_a_bank_of_saved_tasks(t
     assert not bitfit_fast.model.is_applied(base)
 
 
-def longformer():  # its attention projects the hidden states sequence first, [T, B, d]
-    import transformers
-
-    return transformers.LongformerForSequenceClassification(transformers.LongformerConfig(
-        vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-        attention_window=4, max_position_embeddings=64))
-
-
 def bert_of(task_class: str):
     import transformers
 
@@ -1188,16 +1186,13 @@ def bert_of(task_class: str):
 
 
 @pytest.mark.parametrize("make,message", [
-    (longformer, r"attention.self.query.bias's layer takes an input of shape \(8, 3, 32\) for a batch of 3 examples"),
     (bert_of("BertForQuestionAnswering"), "a BertForQuestionAnswering answers with QuestionAnsweringModelOutput, "
                                           "not logits per example"),
     (bert_of("BertModel"), "a BertModel answers with BaseModelOutputWithPoolingAndCrossAttentions, not logits"),
 ])
 def test_a_model_whose_layers_do_not_see_the_examples_first_is_refused_before_it_changes(make, message):
-    """A TaskBank finds each row's example by its place in a layer's input, and answers with logits per example:
-    a model whose layers take other inputs (position embeddings, sequence-first states) or which answers with
-    something else is refused, found on the model's dummy inputs before it is applied (it had crashed at its
-    first forward, and would have given rows the wrong tasks where a batch's length equalled its size)."""
+    """A TaskBank answers with logits per example: a model which answers with something else is refused, found on
+    the model's dummy inputs before it is applied (it had crashed at its first forward)."""
     model = make()
     with pytest.raises(ValueError, match=message):
         TaskBank.new(model, {"a": 2, "b": 2}, backend="torch")
@@ -1248,3 +1243,45 @@ def test_a_refused_or_failed_probe_leaves_each_modules_mode_and_no_hook():
     _check_rows_per_example(model, {"bert.encoder.layer.0.attention.self.query.bias": query})  # not probed
     assert all(m.training for m in model.modules()) and not query._forward_pre_hooks
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == 1, "only the test's own hook is left"
+
+
+# Families whose biases a TaskBank cannot give each example its task's: the first such bias, and why.
+BANK_REFUSES = {
+    "deberta": "deberta.embeddings.LayerNorm.bias is added by a DebertaLayerNorm in its own forward",
+    "funnel": "attention.r_w_bias is added by a FunnelRelMultiheadAttention in its own forward",
+    "convbert": "key_conv_attn_layer.bias is added by a SeparableConv1D in its own forward",
+    "mobilebert": "mobilebert.embeddings.LayerNorm.bias is added by a NoNorm in its own forward",
+    # the adapters of languages absent from a batch get no rows: not a block per example
+    "xmod": r"adapter_modules.de_DE.dense1.bias's layer takes an input of shape \(0, 5, 36\) for a batch of 3",
+}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *KEY_BIAS_FAMILIES])
+def test_a_bank_of_any_family_gives_each_example_its_tasks_logits_or_is_refused_before_it_changes(family, tmp_path):
+    """Every family apply takes: a mixed batch's logits equal each task's own model's (the tasks saved from the
+    bank, loaded onto their own applied base), or the bank is refused in one line with the model unchanged.
+    Longformer's attention projects its states sequence first, [S, B, d]: a batch of 8 examples padded to 8
+    tokens, whose rows a layer could not tell from batch-first ones by their shape, gets each row's task right."""
+    config_cls, model_cls, config = {**FAMILIES, **KEY_BIAS_FAMILIES}[family]
+    base = model_cls(config_cls(**config, num_labels=3)).to(DEVICE).eval()
+    model = copy.deepcopy(base)
+    if family in BANK_REFUSES:
+        with pytest.raises(ValueError, match=BANK_REFUSES[family]):
+            TaskBank.new(model, {"a": 3, "b": 3}, backend="torch")
+        assert not bitfit_fast.model.is_applied(model)
+        return
+    bank = TaskBank.new(model, {"a": 3, "b": 3, "c": 3}, backend="torch").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in trainable(bank).values():
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.device) * 0.3)
+    singles = {}
+    for name in bank.tasks:
+        bank.save_task(name, tmp_path / name)
+        own = bitfit_fast.apply(copy.deepcopy(base), backend="torch", announce=False)
+        singles[name] = (bitfit_fast.load_biases(own, tmp_path / name).eval(), None)
+    for lengths in [KEY_BIAS_LENGTHS[family]] if family in KEY_BIAS_LENGTHS else [LENGTHS, (7, 3, 5, 1, 6, 2, 4, 8)]:
+        batch = padded_batch(base, lengths)
+        batch.pop("labels")
+        example_tasks = [list(bank.tasks)[i % 3] for i in range(len(lengths))]
+        check_mixed_equals_single(bank, singles, batch, example_tasks, atol=1e-5, rtol=1e-5)
