@@ -558,6 +558,12 @@ def merge(model: nn.Module) -> nn.Module:
     """
     given, model = model, unwrapped(model)
     config, state = config_of(model), state_of(model)
+    tables = [name for name, module in model.named_modules()
+              if isinstance(module, BitFitLinear | BitFitLayerNorm) and getattr(module.bias, "ndim", 1) == 2]
+    if tables:  # a vanilla layer would hold every task's biases as one [T, N] bias
+        raise ValueError(f"this model is a TaskBank's (its biases are task tables, {tables[0]}'s among them): merge "
+                         "one task's model instead: bank.save_task(name, directory), then load_biases onto a fresh "
+                         "applied base model and merge that")
     from transformers import PreTrainedModel
 
     declares_biases_in_config = bool(state.added_biases) and isinstance(model, PreTrainedModel)

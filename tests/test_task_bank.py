@@ -540,6 +540,10 @@ def test_mistakes_name_the_problem(tmp_path):
     batch.pop("labels")
     with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds \['topic', 'sentiment', 'intent'\]"):
         bank(["topic", "weather"], **batch)
+    # merge would leave vanilla layers holding every task's biases as one [T, N] bias, which save_pretrained writes
+    with pytest.raises(ValueError, match=r"this model is a TaskBank's \(its biases are task tables, bert.embeddings"):
+        bitfit_fast.merge(bank.model)
+    assert isinstance(bank.model.bert.embeddings.LayerNorm, bitfit_fast.modules.BitFitLayerNorm), "left as it was"
     for names in (["topic"] * 3, ["topic"]):  # too many or too few
         with pytest.raises(ValueError, match=f"the batch has 2 examples but {len(names)} example tasks"):
             bank(names, **batch)
