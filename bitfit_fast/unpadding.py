@@ -2,9 +2,10 @@
 
 A padded batch [B, T, d] with a padding mask (what every Hugging Face collator produces) becomes [N, d] rows of
 real tokens, sequence after sequence; so does a packed one (Hugging Face's ``DataCollatorWithFlattening``: one row
-of concatenated sequences whose ``position_ids`` restart at 0, the convention of its flash-attention path). Every
-GEMM, LayerNorm, activation, dropout and bias-gradient sum then runs on real tokens only, and the output is
-scattered back to the padded shape once, with zeros at the padding (as flash-attention's BERT does).
+of concatenated sequences whose ``position_ids`` restart at their least value, 0 or RoBERTa's ``padding_idx + 1``,
+the convention of its flash-attention path). Every GEMM, LayerNorm, activation, dropout and bias-gradient sum then
+runs on real tokens only, and the output is scattered back to the padded shape once, with zeros at the padding (as
+flash-attention's BERT does).
 
 Attention is the one op that needs the sequences apart. It runs on the real tokens laid out as [S, L] (S sequences,
 L the longest in the batch) with a key-padding mask, through ``scaled_dot_product_attention`` (on CPU with dropout,
@@ -244,7 +245,8 @@ class Tokens:
     def of_batch(cls, hidden: torch.Tensor, attention_mask=None, position_ids=None, cu_seq_lens=None,
                  keep_padding: bool = False, mask_is_padding: bool = False) -> "Tokens":
         """The layout for a [B, T, d] batch and the mask its layers receive. Packed sequences in a batch of one
-        row are recognised by ``position_ids`` restarting at 0, or by flash-attention's ``cu_seq_lens`` (what
+        row are recognised by ``position_ids`` restarting at the first token's (the least: 0, or the collator's
+        ``position_ids_start``, padding_idx + 1 for RoBERTa), or by flash-attention's ``cu_seq_lens`` (what
         ``DataCollatorWithFlattening`` returns); a mask that is not a key-padding mask, a batch whose first token
         is padding (left padding: the head would read a padding token), or any padded batch with
         ``keep_padding`` (a model whose loss reads the padding positions), is kept as it is.
@@ -274,7 +276,8 @@ class Tokens:
             if batch == 1 and cu_seq_lens is not None:
                 return cls.packed(seq, cu_seq_lens[:-1].to(device=device, dtype=torch.long))
             if batch == 1 and position_ids is not None:
-                starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(1)
+                positions = position_ids.reshape(-1)
+                starts = (positions == positions.min()).nonzero().squeeze(1)  # as Hugging Face's flash path
                 if starts.numel() > 1 and int(starts[0]) == 0:
                     return cls.packed(seq, starts)
             return cls((batch, seq), None, None, torch.arange(batch, device=device) * seq, seq, None)

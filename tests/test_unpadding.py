@@ -410,21 +410,25 @@ def test_a_two_dimensional_padding_mask_means_what_the_four_dimensional_one_does
     torch.testing.assert_close(as_2d[real], as_4d[real], atol=0, rtol=0)
 
 
-def flattened(model, lengths, labels=True):
-    """Sequences as a padded batch and as DataCollatorWithFlattening packs them (one row, positions from 0)."""
+def flattened(model, lengths, labels=True, start=0):
+    """Sequences as a padded batch and as DataCollatorWithFlattening packs them (one row, positions from ``start``,
+    the collator's ``position_ids_start``)."""
     padded = padded_batch(model, lengths)
     features = []
     for row, length in enumerate(lengths):
         ids = padded["input_ids"][row, :length].tolist()
         features.append(dict(input_ids=ids, labels=[row % 3] * length) if labels else dict(input_ids=ids))
     packed = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    packed["position_ids"] += start  # as position_ids_start=start does (transformers 4.57 and later)
     return padded, {k: v.to(DEVICE) for k, v in packed.items()}
 
 
 @pytest.mark.parametrize("rows", ["exact", "bucketed"])
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch,start", [("bert", 0), ("roberta", 0), ("roberta", "padding_idx + 1")])
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_flattened_batches_equal_the_padded_ones(arch, rows, attention, request):
+def test_flattened_batches_equal_the_padded_ones(arch, start, rows, attention, request):
+    """Position ids restart at 0, or, as Hugging Face's collator docs advise RoBERTa's users, at padding_idx + 1
+    (which a restart at 0 alone took for one sequence: each attended to the others)."""
     if rows == "bucketed":
         request.getfixturevalue("bucketed_rows")
     make = {"bert": transformers.BertForTokenClassification, "roberta": transformers.RobertaForTokenClassification}
@@ -433,7 +437,7 @@ def test_flattened_batches_equal_the_padded_ones(arch, rows, attention, request)
     model = make[arch](base.config).to(DEVICE)
     bitfit_fast.apply(model, backend="torch")
     lengths = (5, 1, 8, 3)
-    padded, packed = flattened(model, lengths)
+    padded, packed = flattened(model, lengths, start=0 if start == 0 else model.config.pad_token_id + 1)
     attend_by(attention, request, padded)
     assert packed["input_ids"].shape == (1, sum(lengths)) and "position_ids" in packed
     valid = padded["attention_mask"].bool()
