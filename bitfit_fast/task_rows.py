@@ -4,7 +4,8 @@ A :class:`~bitfit_fast.task_bank.TaskBank` turns each trained bias of an applied
 per task, and runs the model inside :func:`example_tasks` with each example's task. Every BitFit op then adds to
 each row its own task's bias (``torch_ops.bias_rows``; the Triton kernels gather it in their epilogue) and gives the
 table the per-task sums of the gradient (``torch_ops.column_sums``). This module maps the batch's examples to the
-rows an op sees: a module's input [B, ..., d] here, the fused encoders' real-token rows in ``unpadding.Tokens``.
+rows an op sees: a module's input [B, ..., d] (or sequence first, [S, B, ..., d]) here, the fused encoders'
+real-token rows in ``unpadding.Tokens``.
 """
 
 import contextlib
