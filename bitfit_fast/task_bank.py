@@ -287,25 +287,14 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> l
     if "input_ids" in batch:  # without a mask, transformers warns of padding in the dummy ids (once a process)
         batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
     examples = next(iter(batch.values())).shape[0]
-    inputs = {}  # {bias name: its layer's first input shape}
-
-    def recorder(name: str):
-        def record(module, args):
-            if args:
-                inputs.setdefault(name, tuple(args[0].shape))
-        return record
-
-    # The probe runs a copy sharing the model's tensors: a forward may change its model (Big Bird, given inputs
-    # shorter than its blocks, turns its block-sparse attention to full attention for good).
-    copied = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
-    probe = copy.deepcopy(model, copied).eval()
-    for name, module in layers.items():
-        copied[id(module)].register_forward_pre_hook(recorder(name))
-    try:
-        with torch.no_grad():
-            output = probe(**batch)
-    except Exception:  # a model that needs inputs beyond the dummy ones: not probed
+    probed = _probe_layer_inputs(model, layers, batch)
+    if probed is not None and any(len(shape) > 2 and shape[0] == shape[1] == examples for shape in probed[0].values()):
+        # A batch as long as it is large hides which dimension holds the examples: twice the examples tell.
+        examples *= 2
+        probed = _probe_layer_inputs(model, layers, {key: torch.cat([value, value]) for key, value in batch.items()})
+    if probed is None:  # a model that needs inputs beyond the dummy ones: not probed
         return []
+    inputs, output = probed
     sequence_first = [name for name, shape in inputs.items()
                       if len(shape) > 2 and shape[0] != examples and shape[1] == examples]
     wrong = {name: shape for name, shape in inputs.items()
@@ -324,6 +313,39 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> l
                          "mixes the tasks of a classification model (a *ForSequenceClassification); run these tasks "
                          "one at a time (load_biases swaps a task's biases onto one model)")
     return sequence_first
+
+
+def _probe_layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: dict) -> tuple[dict, object] | None:
+    """({name: the first input shape of layer ``layers[name]``}, the output) of an eval forward on ``batch``, or
+    None where the forward fails. It runs a copy sharing the model's tensors, since a forward may change its model
+    (Big Bird, given inputs shorter than its blocks, turns its block-sparse attention to full attention for good);
+    a model that cannot be copied (a lock among its attributes, weight_norm's computed weight) runs itself, its
+    modules' modes restored after."""
+    inputs = {}
+
+    def recorder(name: str):
+        def record(module, args):
+            if args:
+                inputs.setdefault(name, tuple(args[0].shape))
+        return record
+
+    copied = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    try:
+        probe = copy.deepcopy(model, copied)
+    except Exception:
+        probe, copied = model, {id(module): module for module in model.modules()}
+    modes = {module: module.training for module in model.modules()}  # each its own: a submodule may differ
+    hooks = [copied[id(module)].register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    try:
+        with torch.no_grad():
+            return inputs, probe.eval()(**batch)
+    except Exception:
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.training = training
 
 
 def _check_not_applied(model: nn.Module) -> None:

@@ -1203,14 +1203,39 @@ def test_a_model_whose_layers_do_not_see_the_examples_first_is_refused_before_it
     assert not bitfit_fast.model.is_applied(model)
 
 
-def test_the_probe_of_a_model_leaves_each_modules_mode_and_hooks_as_they_were():
+@pytest.mark.parametrize("copyable", [True, False], ids=["copied", "a-lock-among-its-attributes"])
+def test_the_probe_of_a_model_leaves_each_modules_mode_and_hooks_as_they_were(copyable):
+    """The probe runs a copy of the model that shares its tensors (no second set of weights), or, where the model
+    cannot be copied, the model itself, whose modes and hooks it leaves as they were."""
+    import threading
+
     model = bert_of("BertForSequenceClassification")().train()
     model.bert.embeddings.eval()  # a user's choice for one part
+    if not copyable:
+        model.lock = threading.Lock()
+    weights, own = [], model.classifier.weight.data_ptr()
+    model.classifier.register_forward_pre_hook(lambda module, args: weights.append(module.weight.data_ptr()))
     TaskBank.new(model, {"a": 2, "b": 3}, backend="torch")
     assert model.training and model.bert.encoder.training and not model.bert.embeddings.training
+    assert weights == [own], "the probe ran once, on the model's own weights"
     probes = [hook for module in model.modules() for hook in module._forward_pre_hooks.values()
-              if "_check_rows_per_example" in getattr(hook, "__qualname__", "")]
+              if "_probe_layer_inputs" in getattr(hook, "__qualname__", "")]
     assert not probes, "the probe's hooks are removed"
+
+
+def test_a_probe_batch_as_long_as_it_is_large_still_tells_sequence_first_layers():
+    """Dummy inputs of 4 examples of 4 tokens: a [S, B, d] layer input looks batch first; the probe tries twice
+    the examples, and each row of a batch of 8 examples of 8 tokens gets its own task."""
+    config_cls, model_cls, config = KEY_BIAS_FAMILIES["longformer"]
+
+    class SquareDummies(model_cls):
+        @property
+        def dummy_inputs(self):
+            return {"input_ids": torch.arange(3, 19).view(4, 4)}
+
+    base = SquareDummies(config_cls(**config, num_labels=3)).to(DEVICE).eval()
+    bank = TaskBank.new(copy.deepcopy(base), {"a": 3, "b": 3}, backend="torch").eval()
+    assert bank.model.longformer.encoder.layer[0].attention.self.query.examples_dim == 1
 
 
 def test_a_model_whose_logits_are_not_a_row_block_per_example_is_refused():
