@@ -445,6 +445,7 @@ def test_task_bank_benchmark_runs_every_configuration_in_its_presets_precision(t
     assert task_bank.PRESETS["cpu-bf16"].precision == "bf16" and task_bank.PRESETS["cpu"].precision == "fp32"
     bf16_tiny = dataclasses.replace(task_bank.PRESETS["tiny"], precision="bf16")
     monkeypatch.setitem(task_bank.PRESETS, "tiny-bf16", bf16_tiny)
+    monkeypatch.setattr(task_bank, "GRAPHED_DEVICES", ("cpu",))  # the GPU's graphed modes too (eager on CPU)
     seen, timing = [], []  # (model kind, autocast on) at each forward of a timed step (apply's probe runs fp32)
     for kind, cls in (("bank", TaskBank), ("model", transformers.BertForSequenceClassification)):
         def spy(self, *args, forward=cls.forward, kind=kind, **kwargs):
@@ -465,6 +466,7 @@ def test_task_bank_benchmark_runs_every_configuration_in_its_presets_precision(t
     record = json.loads((tmp_path / "tiny-bf16.json").read_text())
     assert record["precision"] == "bf16" and ", bf16 autocast, `" in (tmp_path / "tiny-bf16.md").read_text()
     assert {kind for kind, _ in seen} == {"bank", "model"} and all(bf16 for _, bf16 in seen)
+    assert list(record["results"]) == ["predict", "train", task_bank.GRAPHED_PREDICT_MODE, task_bank.GRAPHED_MODE]
 
 
 def test_task_bank_graphed_training_pads_every_batch_to_one_shape_and_steps_each_model():
