@@ -166,16 +166,18 @@ def _read_no_further_than_needed(tokenizer, text: str, max_length: int) -> tuple
     """(``text``, False), or for a text whose start already holds more than ``max_length`` tokens, (that start,
     True): a prefix cut at whitespace, whose words give the tokens the whole text's first words give, so that its
     first ``max_length`` tokens are the text's. The start read is CHARACTERS_PER_TOKEN · max_length characters,
-    doubled while it holds too few tokens (long words): a text of megabytes is then refused or cut (--truncate)
-    from at most four times the characters its tokens need, not tokenised whole (seconds, and gigabytes of token
-    lists) to count tokens no model reads. A text with no more tokens than that is read whole."""
+    four times longer while it holds too few tokens (long words): a text of megabytes is then refused or cut
+    (--truncate) from at most 5.4 times the characters its tokens need, not tokenised whole (seconds, and gigabytes
+    of token lists) to count tokens no model reads; a text of no more tokens is read at most 2.4 times in all (the
+    starts tried, then the whole).
+    A text without whitespace to cut at (one long word, or a script written without spaces) is read whole."""
     limit = CHARACTERS_PER_TOKEN * max_length
     while len(text) > limit:
         start = text[:limit]
         space = max(start.rfind(c) for c in " \t\n\r")
         if space > 0 and len(tokenizer(start[:space], add_special_tokens=False)["input_ids"]) > max_length:
             return start[:space], True
-        limit *= 2
+        limit *= 4
     return text, False
 
 

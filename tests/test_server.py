@@ -623,7 +623,7 @@ def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
     """A text far longer than a task reads is refused (or, with --truncate, cut as predict cuts it) from its first
     CHARACTERS_PER_TOKEN · max_length characters: a text of 8 MB was tokenised whole (seconds, gigabytes) to count
     tokens no model reads. A start that holds too few tokens to decide (words of hundreds of characters, each one
-    token) is doubled until it does; a text without whitespace to cut at is read whole."""
+    token) is read four times longer until it does; a text without whitespace to cut at is read whole."""
     from bitfit_fast import serve
     from bitfit_fast.serve import RunsPredictor
 
@@ -660,7 +660,14 @@ def test_a_text_of_megabytes_is_refused_or_cut_from_its_start_alone(two_runs):
         else:
             with pytest.raises(RequestError, match="the text is more than 128 tokens"):
                 predictor.check(dict(task="topics", text=long_words))
-        assert sum(read) <= 4 * 129 * 201, "at most four times the characters of the 129 tokens that decide"
+        assert sum(read) <= 5.4 * 129 * 201, "at most 5.4 times the characters of the 129 tokens that decide"
+    # A text of few tokens in all is read 2.4 times at most: the starts tried (8 and 32 KB here), then the whole.
+    read.clear()
+    predictor = RunsPredictor([two_runs["topics"]], backend="torch")
+    predictor._local.tokenizer = reading(predictor.tokenizer)
+    few = " ".join(["g" * 280] * 120)  # 33 KB, 120 tokens
+    assert len(predictor.check(dict(task="topics", text=few))["input_ids"]) == 122
+    assert 2 * len(few) < sum(read) <= 2.4 * len(few)
     one_word = "g" * (serve.CHARACTERS_PER_TOKEN * 128 + 1)  # no whitespace to cut at: read whole, one [UNK]
     assert len(RunsPredictor([two_runs["topics"]], backend="torch").check(
         dict(task="topics", text=one_word))["input_ids"]) == 3
