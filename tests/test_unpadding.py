@@ -173,6 +173,21 @@ def test_each_length_group_draws_its_attention_dropout_mask_from_a_seed_of_its_o
     assert len(grouped_attention[0]) == 3 and seeds == [11, 12, 13]
 
 
+@pytest.mark.parametrize("position_ids,starts", [
+    ([0, 1, 2, 0, 1, 0], [0, 3, 5]),  # DataCollatorWithFlattening's default
+    ([2, 3, 4, 2, 3, 2], [0, 3, 5]),  # its position_ids_start=2, RoBERTa's padding_idx + 1
+    ([5, 6, 7, 5, 6, 7], [0, 3]),  # any first value that the ids return to
+    ([3, 4, 0, 1, 2, 3], [0]),  # the least value not first: one sequence, its ids the caller's
+    ([0, 1, 2, 3, 4, 5], [0]),
+])
+def test_a_packed_row_splits_where_its_position_ids_return_to_their_least_value(position_ids, starts):
+    from bitfit_fast.unpadding import Tokens
+
+    positions = torch.tensor([position_ids], device=DEVICE)
+    tokens = Tokens.of_batch(torch.zeros(1, len(position_ids), 4, device=DEVICE), None, positions)
+    assert tokens.starts.tolist() == starts
+
+
 def test_rows_are_bucketed_with_zero_rows_after_the_real_ones(bucketed_rows):
     from bitfit_fast.unpadding import Tokens, bucketed
 
