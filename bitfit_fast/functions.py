@@ -102,7 +102,8 @@ class LayerNormFunction(torch.autograd.Function):
     """(y, x_hat) = LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: gradients for x,
     residual and beta only.
 
-    y and x_hat are in x's dtype (a residual is cast to it); x_hat is not differentiable. It saves x_hat and
+    x_hat is in x's dtype, y in that of x + residual (an fp32 residual stream stays fp32, as in torch); x_hat is
+    not differentiable. It saves x_hat and
     rstd, what the backward needs, in a form that is exact for any gamma: pretrained LayerNorms have gamma
     entries near 1e-33, where rebuilding x_hat = (y - beta) / gamma from the output would be garbage. y is
     ``layer_norm_output(x_hat, gamma, beta)``, so whoever needs y later rebuilds it from x_hat instead of
@@ -114,7 +115,7 @@ class LayerNormFunction(torch.autograd.Function):
         check_frozen("gamma", gamma)
         beta, row_task, num_tasks = _tables(beta, row_task)
         y, x_hat, rstd = impl.residual_layer_norm_forward(
-            x.contiguous(), gamma, beta, eps, _operand(residual, x.dtype) if residual is not None else None,
+            x.contiguous(), gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=row_task,
         )
         ctx.mark_non_differentiable(x_hat)
@@ -130,7 +131,7 @@ class LayerNormFunction(torch.autograd.Function):
         x_hat, gamma, rstd, row_task = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[1:5]
         dx, dresidual, dbeta, _ = ctx.impl.residual_layer_norm_backward(
-            _operand(dy, x_hat.dtype), x_hat, gamma, rstd,
+            dy.contiguous(), x_hat, gamma, rstd,
             compute_dx=needs_x or needs_residual, row_task=row_task, **ctx.options,
         )
         x_dtype, residual_dtype, beta_dtype = ctx.dtypes
@@ -163,7 +164,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
         h, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), None if in_layer_norm else bias,
                                    row_task=None if in_layer_norm else bias_rows)
         y, x_hat, rstd = impl.residual_layer_norm_forward(
-            h, gamma, beta, eps, _operand(residual, h.dtype) if residual is not None else None,
+            h, gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, **({"x_table": bias} if in_layer_norm else {}),
         )
         ctx.mark_non_differentiable(x_hat)
@@ -182,7 +183,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
         needs_x, _, needs_bias, needs_residual, _, needs_beta = ctx.needs_input_grad[1:7]
         sum_in_layer_norm = needs_bias and (bias_rows is None) == (beta_rows is None)
         dh, dresidual, dbeta, db = ctx.impl.residual_layer_norm_backward(
-            _operand(dy, x_hat.dtype), x_hat, gamma, rstd,
+            dy.contiguous(), x_hat, gamma, rstd,
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, num_tasks=beta_tasks,
             compute_dx=needs_x or needs_bias or needs_residual, sum_dx=sum_in_layer_norm,
         )

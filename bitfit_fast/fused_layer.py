@@ -27,7 +27,12 @@ Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
 No hidden-state dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode (the
 attention probabilities' dropout mask is kept where its probabilities are: "default" on CPU). A LayerNorm keeps
 x_hat, not its output: rebuilding x_hat = (y - beta) / gamma from the output is unstable where gamma is tiny, and
-pretrained LayerNorms have gamma entries near 1e-33; rebuilding y = gamma·x_hat + beta is exact.
+pretrained LayerNorms have gamma entries near 1e-33; rebuilding y = gamma·x_hat + beta is stable (exact in fp32;
+in half precision within the kept x_hat's rounding, y itself being computed from the fp32 x_hat).
+
+Precision follows torch's: the GEMMs take their operands in the autocast dtype, and the residual stream (the layer
+input, y1 and y2) keeps the dtype torch's type promotion gives it, fp32 under autocast, where rounding it to the
+GEMM dtype in every layer had 2.8x Hugging Face's error in MiniLM's hidden states under bf16.
 x is [N, d], the batch's real tokens: the encoder holding the layers becomes ``Fused<EncoderClass>``, which
 unpads the batch once (see ``unpadding``), runs the layers on the rows and pads the output once; a layer called
 on its own unpads and pads itself. In a model whose head reads only the first token (sequence classification),
@@ -52,7 +57,7 @@ from .families import (
 )
 from .functions import Ops, functions
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, parameter_like, replace_children, retype
-from .torch_ops import compute_dtype, layer_norm_output, layer_norm_output_dtype
+from .torch_ops import layer_norm_output, layer_norm_output_dtype
 from .unpadding import Tokens
 
 MEMORY_MODES = ("default", "lean", "minimal")
@@ -123,19 +128,19 @@ def _draw_seed(p: float) -> int | None:
 def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                          row_task: torch.Tensor | None) -> None:
     """Records on a layer's output the x_hat it was computed from, for the next layer in minimal mode."""
-    y.bitfit_normalized = (x_hat, gamma, beta, row_task, y._version)
+    y.bitfit_normalized = (x_hat, gamma, beta, row_task, y.dtype, y._version)
 
 
 def _normalized_source(x: torch.Tensor) -> tuple | None:
-    """(x_hat, gamma, beta, row_task) with x == layer_norm_output(x_hat, gamma, beta, row_task), if x is such an
-    unmodified output."""
+    """(x_hat, gamma, beta, row_task, dtype) with x == layer_norm_output(x_hat, gamma, beta, row_task, dtype) (within
+    x_hat's rounding in half precision), if x is such an unmodified output."""
     source = getattr(x, "bitfit_normalized", None)
-    return source[:4] if source is not None and source[4] == x._version else None
+    return source[:5] if source is not None and source[5] == x._version else None
 
 
 def _as_module_output(y: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
     """A fused block's output in the dtype its original returns, the one autocast policy of both layer paths: every
-    module gives what torch's would, while inside a fused block activations stay in the autocast dtype. The block
+    module gives what torch's would, while inside a fused block the GEMMs' operands are in the autocast dtype. The block
     ends in a LayerNorm of a linear's output plus the block's input [of ``input_dtype``]: under CUDA's autocast torch
     returns it in fp32, under CPU's in the dtype of that sum (see ``layer_norm_output_dtype``)."""
     return y.to(layer_norm_output_dtype(y.device.type, torch.promote_types(y.dtype, input_dtype)))
@@ -328,7 +333,6 @@ class FusedEncoderLayer(nn.Module):
         spec = self.spec
         intermediate, output = part(spec.intermediate), part(spec.output)
         ops = functions(intermediate.backend, x)
-        x = x.to(compute_dtype(x))
         no_hidden_dropout = spec.attention_output_dropout is None or not self.training
         p_hidden = 0.0 if no_hidden_dropout else part(spec.attention_output_dropout).p
         p_output = part(spec.output_dropout).p if self.training else 0.0

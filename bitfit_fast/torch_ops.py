@@ -215,21 +215,23 @@ def column_sums(grad: torch.Tensor, row_task: torch.Tensor | None = None, num_ta
 
 
 def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                      row_task: torch.Tensor | None = None) -> torch.Tensor:
-    """y = gamma * x_hat + beta in fp32, in x_hat's dtype (beta per row for a task table, see :func:`bias_rows`).
-    The forward computes y with exactly this from the x_hat it saves, so a backward that needs y rebuilds it bit
-    for bit (stable for any gamma, unlike x_hat from y)."""
+                      row_task: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = gamma * x_hat + beta in fp32, in ``dtype`` (x_hat's by default; beta per row for a task table, see
+    :func:`bias_rows`). The forward computes y with this from its fp32 x_hat and saves x_hat in the GEMM dtype, so
+    a backward that needs y rebuilds it from the saved x_hat (stable for any gamma, unlike x_hat from y): bit for
+    bit in fp32, within x_hat's rounding in half precision."""
     if beta.dim() == 1:
-        return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(x_hat.dtype)
+        return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(dtype or x_hat.dtype)
     y = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)  # not a view: see :func:`linear`
     torch.index_select(beta.detach().float(), 0, table_row_tasks(beta, row_task), out=y.view(-1, y.shape[-1]))
-    return y.addcmul_(x_hat.float(), gamma.float()).to(x_hat.dtype)
+    return y.addcmul_(x_hat.float(), gamma.float()).to(dtype or x_hat.dtype)
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
                                 store_x_hat=True, row_task=None, x_table=None):
     """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
-    None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the rounded x_hat."""
+    None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the fp32 x_hat, in the
+    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum)."""
     s = x.float()
     if x_table is not None:
         s = s + bias_rows(x_table, row_task).float().view(s.shape)
@@ -239,8 +241,9 @@ def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p
         s = s + residual.float()
     with torch.autocast(x.device.type, enabled=False):
         x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
+    y = layer_norm_output(x_hat, gamma, beta, row_task, x.dtype if residual is None else
+                          torch.promote_types(x.dtype, residual.dtype))
     x_hat = x_hat.to(x.dtype)
-    y = layer_norm_output(x_hat, gamma, beta, row_task)
     return (y, x_hat, rstd.view(-1)) if store_x_hat else (y, None, None)
 
 

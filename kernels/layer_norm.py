@@ -58,8 +58,8 @@ def _residual_layer_norm_fwd_kernel(
     x_table_ptr,  # [T, N] the bias table of the linear layer whose output x is, read as fp32 (with X_TABLE)
     task_ptr,  # [M] integer: the row of beta (and of x's table) each row adds (read only with BETA_PER_ROW:
     #            per-example task biases)
-    y_ptr,  # [M, N] output
-    x_hat_ptr,  # [M, N] normalised input, output dtype (written only with STORE_X_HAT)
+    y_ptr,  # [M, N] output, in x's dtype or the residual's where it is wider
+    x_hat_ptr,  # [M, N] normalised input, x's dtype (written only with STORE_X_HAT)
     rstd_ptr,  # [M] fp32 (written only with STORE_X_HAT)
     # Sizes and scalars
     M,
@@ -103,8 +103,8 @@ def _residual_layer_norm_fwd_kernel(
     # in registers, takes it out.
     centered = tl.where(mask, centered - (tl.sum(centered, axis=1) / N)[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / N + eps)
-    # Rounded to the output dtype first: y is then an exact function of the x_hat the backward sees.
-    x_hat = (centered * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    # y from the fp32 x_hat, as torch's LayerNorm; the x_hat stored for the backward is rounded to x's dtype.
+    x_hat = centered * rstd[:, None]
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if BETA_PER_ROW:
         beta = tl.load(beta_ptr + table_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -252,13 +252,15 @@ def residual_layer_norm_forward(
     row_task: torch.Tensor | None = None,
     x_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """LayerNorm(dropout(x) + residual) over the last dimension, y in x's dtype. With ``row_task`` ([M] integers),
+    """LayerNorm(dropout(x) + residual) over the last dimension, y in the dtype of x + residual (an fp32 residual
+    stream stays fp32 for a half-precision x, as torch promotes the sum). With ``row_task`` ([M] integers),
     beta is a table [T, N] and row i adds its row ``row_task[i]`` (per-example task biases); so does a table
     ``x_table`` [T, N] to x first, in fp32 (the bias of the linear layer whose output x is: cuBLAS has no epilogue
     for a bias per row, and here it costs no pass of its own).
 
     Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
-    dtype, from which y = gamma * x_hat + beta was computed, and the fp32 per-row rstd; else (y, None, None).
+    dtype (y = gamma * x_hat + beta, computed from x_hat before that rounding), and the fp32 per-row rstd; else
+    (y, None, None).
     """
     check_compute_tensor("x", x)
     N = x.shape[-1]
@@ -280,7 +282,7 @@ def residual_layer_norm_forward(
     check_dropout(dropout_p, seed)
     block_m, block_n, warps = _row_tile(N)
 
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
     x_hat = torch.empty_like(x) if store_x_hat else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](

@@ -50,6 +50,31 @@ def torch_ln(x, residual, gamma, beta, precision, keep=None, p=0.2):
     return F.layer_norm(s, (s.shape[-1],), gamma.to(precision), beta.to(precision), EPS)
 
 
+def assert_rebuilds_from_x_hat(y, x_hat, gamma, beta):
+    """y = gamma * x_hat + beta of the fp32 x_hat, which the backward keeps rounded to its dtype: rebuilt from the
+    kept x_hat (the lean and minimal recomputes), y is off by no more than that rounding and y's own."""
+    rebuilt = layer_norm_output(x_hat, gamma, beta, dtype=torch.float32)
+    rounding = torch.finfo(x_hat.dtype).eps * gamma.abs() * x_hat.float().abs() + torch.finfo(y.dtype).eps * (
+        y.float().abs() + beta.abs())
+    assert ((y.float() - rebuilt).abs() <= rounding).all(), "y is gamma * x_hat + beta of the x_hat kept"
+
+
+@pytest.mark.parametrize("implementation", ["triton", "torch"])
+@pytest.mark.parametrize("lead,n", SHAPES)
+def test_an_fp32_residual_stream_stays_fp32(implementation, lead, n):
+    """A half-precision sublayer output plus an fp32 residual (the residual stream under autocast): y in fp32, the
+    LayerNorm of their fp32 sum, as torch's type promotion computes it; x_hat kept in x's dtype."""
+    from bitfit_fast import torch_ops
+
+    forward = {"triton": K, "torch": torch_ops}[implementation].residual_layer_norm_forward
+    x, _, gamma, beta = make(lead, n, torch.float16, "adversarial")
+    residual = 4 * torch.randn(*lead, n, device=DEVICE)
+    y, x_hat, _ = forward(x, gamma, beta, EPS, residual)
+    assert y.dtype == torch.float32 and x_hat.dtype == torch.float16
+    torch.testing.assert_close(y, F.layer_norm(x.float() + residual, (n,), gamma, beta, EPS), atol=2e-6, rtol=1e-5)
+    assert_rebuilds_from_x_hat(y, x_hat, gamma, beta)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,n", SHAPES)
 @pytest.mark.parametrize("with_residual", [True, False])
@@ -61,8 +86,7 @@ def test_forward_and_backward_match_torch(dtype, lead, n, with_residual, gamma_k
     assert_as_accurate_as_torch(y, torch_ln(x, residual, gamma, beta, dtype),
                                 torch_ln(x, residual, gamma, beta, torch.float64), "y")
     assert x_hat.dtype == dtype and rstd.dtype == torch.float32
-    torch.testing.assert_close(y, layer_norm_output(x_hat, gamma, beta), atol=0, rtol=2 ** -10,
-                               msg="y is gamma * x_hat + beta of the x_hat the backward sees")
+    assert_rebuilds_from_x_hat(y, x_hat, gamma, beta)
 
     dy = torch.randn_like(y)
     dx, dres, dbeta, dx_sum = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd)
