@@ -215,9 +215,10 @@ def _residual_layer_norm_bwd_kernel(
 
 
 def _check_features(N: int) -> int:
+    """BLOCK_N for rows of N features: at least 4, the lanes of one Philox draw (see ``dropout.keep_mask``)."""
     if N > MAX_FEATURES:
         raise KernelInputError(f"LayerNorm over {N} features exceeds the kernel's limit of {MAX_FEATURES}")
-    return next_power_of_2(N)
+    return max(4, next_power_of_2(N))
 
 
 # A program's tile is BLOCK_M whole rows, about TILE_ELEMENTS values, ELEMENTS_PER_THREAD of them per thread. Timed

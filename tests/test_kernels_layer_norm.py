@@ -123,6 +123,20 @@ def test_without_a_backward_the_forward_stores_nothing_for_it():
     torch.testing.assert_close(y, K.residual_layer_norm_forward(x, gamma, beta, EPS, residual)[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_dropout_runs_on_rows_narrower_than_a_philox_draw(n):
+    """A Philox call draws four lanes: rows of 1 or 2 features get a tile of four (arange(0, BLOCK_N // 4) failed).
+    One feature normalises to zero (y is beta), and beta's gradient is dy's column sums."""
+    x, residual, gamma, beta = make((5,), n, torch.float32)
+    y, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, beta, EPS, residual, dropout_p=0.3, seed=5)
+    assert torch.isfinite(y).all()
+    if n == 1:
+        torch.testing.assert_close(y, beta.expand_as(y), atol=0, rtol=0)
+    dy = torch.randn_like(y)
+    _, _, dbeta, _ = K.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dropout_p=0.3, seed=5)
+    torch.testing.assert_close(dbeta, dy.sum(0))
+
+
 def test_dropout_mask_is_regenerated_and_gradients_follow_it():
     x, residual, gamma, beta = make((6, 5), 41, torch.float32)
     x.requires_grad_()
