@@ -58,6 +58,28 @@ def test_sums_match_float64_wherever_tasks_fall_against_the_chunks(layout, rows,
     assert not sums[absent].any(), "tasks without rows get zeros"
 
 
+def test_a_bank_of_a_thousand_tasks_sums_a_batch_of_two_far_apart(monkeypatch):
+    """Tasks 0 and T - 1 of a bank of 1,000 (a server's mixed batch): each program walks only the tasks its rows
+    hold (it walked every id between, up to T per row block), and the sums are float64's, zeros elsewhere. Both
+    walks: task_sums' and the LayerNorm backward's (its beta's and the feeding linear's sums)."""
+    monkeypatch.setattr(task_tables, "torch", TorchWithNanEmpty())
+    monkeypatch.setattr(layer_norm, "torch", TorchWithNanEmpty())
+    tasks, rows, n = 1000, 37, 45
+    row_task = torch.full((rows,), tasks - 1)
+    row_task[torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:5]] = 0
+    row_task = row_task.to(DEVICE)
+    grad, x, residual = (torch.randn(rows, n, device=DEVICE) for _ in range(3))
+    truth = torch.zeros(tasks, n, dtype=torch.float64, device=DEVICE).index_add_(0, row_task, grad.double())
+    torch.testing.assert_close(K.task_sums(grad, row_task, tasks).double(), truth, atol=1e-5, rtol=1e-6)
+    gamma = torch.randn(n, device=DEVICE)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, gamma, torch.zeros(n, device=DEVICE), 1e-5, residual)
+    dx, _, dbeta, dx_sum = K.residual_layer_norm_backward(grad, x_hat, gamma, rstd, sum_dx=True, row_task=row_task,
+                                                         num_tasks=tasks)
+    torch.testing.assert_close(dbeta.double(), truth, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(dx_sum.double(), torch.zeros_like(truth).index_add_(0, row_task, dx.double()),
+                               atol=1e-5, rtol=1e-6)
+
+
 def test_the_rows_are_sorted_once_for_every_table_of_the_same_rows(monkeypatch):
     """A backward sums several tables over one row_task: one sort serves them all, until the rows' tasks change."""
     sorts = []
