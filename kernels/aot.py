@@ -142,31 +142,39 @@ def layer_norm_variants():
     """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
     # Beta shared, a task table, or a task table with the feeding linear's table added to x (TaskBank on a GPU).
     betas = [(False, False), (True, False), (True, True)]  # (row_beta, x_table)
-    for dt, hidden, residual, dropout, (row_beta, x_table) in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
-                                                                                (True, False), betas):
+    # Under autocast a fused layer's residual stream is fp32 beside its half-precision GEMM output (fp32_stream).
+    for dt, hidden, (residual, fp32_stream), dropout, (row_beta, x_table) in itertools.product(
+            DTYPES, HIDDEN_SIZES, [(True, False), (True, True), (False, False)], (True, False), betas):
+        if fp32_stream and dt == "fp32":
+            continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
+        flags = _flags(fp32_stream=fp32_stream, x_table=x_table, row_beta=row_beta, residual=residual, dropout=dropout)
         yield Variant(
-            "ln_fwd", f"N={hidden} {_flags(x_table=x_table, row_beta=row_beta, residual=residual, dropout=dropout)}",
-            layer_norm._residual_layer_norm_fwd_kernel, dt,
+            "ln_fwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_fwd_kernel, dt,
             consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "X_TABLE": x_table,
                     "STORE_X_HAT": True, "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
-            fp32_pointers={"gamma_ptr", "beta_ptr", "x_table_ptr", "rstd_ptr"}, int_pointers={"task_ptr", "seed_ptr"},
-            ints=dict(INTS, N=hidden),
+            fp32_pointers={"gamma_ptr", "beta_ptr", "x_table_ptr", "rstd_ptr", *(("res_ptr", "y_ptr") if fp32_stream
+                                                                                  else ())},
+            int_pointers={"task_ptr", "seed_ptr"}, ints=dict(INTS, N=hidden),
         )
     # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
     # gradient there), or d(beta) alone.
     gradients = [(True, True), (True, False), (False, False)]
-    for dt, hidden, dropout, (dx, sum_dx), per_task in itertools.product(DTYPES, HIDDEN_SIZES, (True, False),
-                                                                         gradients, (False, True)):
+    for dt, hidden, dropout, (dx, sum_dx), per_task, fp32_stream in itertools.product(
+            DTYPES, HIDDEN_SIZES, (True, False), gradients, (False, True), (False, True)):
+        if fp32_stream and dt == "fp32":
+            continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
+        flags = _flags(fp32_stream=fp32_stream, per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)
         yield Variant(
-            "ln_bwd", f"N={hidden} {_flags(per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)}",
-            layer_norm._residual_layer_norm_bwd_kernel, dt,
+            "ln_bwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_bwd_kernel, dt,
             consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "PER_TASK": per_task,
                     "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
-            fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr"},
+            # An fp32 residual stream's gradient dy, and so ds and dx, beside the half-precision x_hat.
+            fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr",
+                           *(("dy_ptr", "ds_ptr", "dx_ptr") if fp32_stream else ())},
             int_pointers={"seed_ptr", *TASK_POINTERS}, ints=dict(INTS, N=hidden),
         )
 
