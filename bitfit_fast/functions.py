@@ -103,11 +103,10 @@ class LayerNormFunction(torch.autograd.Function):
     residual and beta only.
 
     x_hat is in x's dtype, y in that of x + residual (an fp32 residual stream stays fp32, as in torch); x_hat is
-    not differentiable. It saves x_hat and
-    rstd, what the backward needs, in a form that is exact for any gamma: pretrained LayerNorms have gamma
-    entries near 1e-33, where rebuilding x_hat = (y - beta) / gamma from the output would be garbage. y is
-    ``layer_norm_output(x_hat, gamma, beta)``, so whoever needs y later rebuilds it from x_hat instead of
-    keeping it.
+    not differentiable. It saves x_hat and rstd, what the backward needs, in a form that is exact for any gamma:
+    pretrained LayerNorms have gamma entries near 1e-33, where rebuilding x_hat = (y - beta) / gamma from the
+    output would be garbage. y is ``layer_norm_output`` of the fp32 x_hat, so whoever needs y later rebuilds it
+    from the kept x_hat instead of keeping y.
     """
 
     @staticmethod

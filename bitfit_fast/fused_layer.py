@@ -33,6 +33,7 @@ in half precision within the kept x_hat's rounding, y itself being computed from
 Precision follows torch's: the GEMMs take their operands in the autocast dtype, and the residual stream (the layer
 input, y1 and y2) keeps the dtype torch's type promotion gives it, fp32 under autocast, where rounding it to the
 GEMM dtype in every layer had 2.8x Hugging Face's error in MiniLM's hidden states under bf16.
+
 x is [N, d], the batch's real tokens: the encoder holding the layers becomes ``Fused<EncoderClass>``, which
 unpads the batch once (see ``unpadding``), runs the layers on the rows and pads the output once; a layer called
 on its own unpads and pads itself. In a model whose head reads only the first token (sequence classification),
