@@ -58,7 +58,7 @@ from .families import (
 )
 from .functions import Ops, functions
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, parameter_like, replace_children, retype
-from .torch_ops import layer_norm_output, layer_norm_output_dtype
+from .torch_ops import compute_dtype, layer_norm_output, layer_norm_output_dtype
 from .unpadding import Tokens
 
 MEMORY_MODES = ("default", "lean", "minimal")
@@ -307,19 +307,24 @@ class FusedEncoderLayer(nn.Module):
     def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous
         layer's output, the checkpoint keeps that layer's x_hat (saved by its LayerNorm anyway) in place of the
-        input and rebuilds the input from it; the RNG state is replayed so attention dropout draws the same mask."""
+        input and rebuilds the input from it; any other input (the embeddings') it keeps in the GEMM dtype, the one
+        its GEMMs read it in (an fp32 residual stream under autocast would cost twice the bytes). The RNG state is
+        replayed so attention dropout draws the same mask."""
         source = _normalized_source(x)
+        gemm_dtype = compute_dtype(x)
 
         def run():
             return torch.utils.checkpoint.checkpoint(
                 self.attention_context, x, tokens, ops, first_only, use_reentrant=False
             )
 
-        if source is None:
+        if source is None and x.dtype == gemm_dtype:
             return run()
 
         def keep_source_for_x(tensor):
-            return source if tensor is x else tensor
+            if tensor is not x:
+                return tensor
+            return source if source is not None else tensor.to(gemm_dtype)
 
         def rebuild_x(packed):
             return layer_norm_output(*packed) if isinstance(packed, tuple) else packed

@@ -149,6 +149,30 @@ def test_minimal_mode_rebuilds_a_layer_input_from_the_previous_layer_only_while_
         torch.testing.assert_close(grad, truth, atol=1e-6 + 1e-4 * truth.abs().max().item(), rtol=0, msg=name)
 
 
+def test_under_autocast_minimal_mode_keeps_a_layer_input_in_the_gemm_dtype(monkeypatch):
+    """Under autocast the residual stream is fp32; minimal mode's checkpoint keeps a layer's input as the previous
+    layer's x_hat (the later layers) or in the GEMM dtype (the first's, the embeddings' output), which is all its
+    recomputed GEMMs read of it: never the fp32 stream itself."""
+    model = with_random_biases(tiny_bert(**NO_DROPOUT)).train()
+    bitfit_fast.apply(model, backend="torch", memory="minimal", announce=False)
+    kept = []
+    saved_tensors_hooks = torch.autograd.graph.saved_tensors_hooks
+
+    def recording(pack, unpack):
+        return saved_tensors_hooks(lambda tensor: kept.append(pack(tensor)) or kept[-1], unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", recording)
+    batch = padded_batch(model, (7, 3, 5))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    inputs = [k for k in kept if isinstance(k, torch.Tensor) and k.shape == (15, model.config.hidden_size)]
+    sources = [k for k in kept if isinstance(k, tuple)]
+    assert [k.dtype for k in inputs] == [torch.bfloat16], "the first layer's input, in the GEMM dtype"
+    assert len(sources) == model.config.num_hidden_layers - 1, "each later layer's input as the x_hat before it"
+    assert all(p.grad is not None for p in trainable(model).values())
+
+
 @pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
 def test_in_eval_mode_attention_dropout_is_off(memory):
     """A model configured with attention (and hidden) dropout, put in eval mode: the fused torch path drops nothing,
