@@ -70,9 +70,12 @@ def base_sample(model: nn.Module, saved: Collection[str]) -> dict[str, dict]:
 
 
 def _sampled(param: torch.Tensor) -> torch.Tensor:
+    """SAMPLED_VALUES values evenly spaced through ``param``, as float64 on the CPU. The places are fp32's on the CPU
+    on every device, as every checkpoint saved so far has them, clamped to the last element: fp32 rounds past it in
+    a tensor of more than 2**24 elements (BERT-base's word embeddings), where CUDA's linspace rounds otherwise too."""
     flat = param.detach().reshape(-1)
-    places = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES, device=flat.device).round().long()
-    return flat[places].to("cpu", torch.float64)
+    places = torch.linspace(0, flat.numel() - 1, SAMPLED_VALUES).round().long().clamp_(max=flat.numel() - 1)
+    return flat[places.to(flat.device)].to("cpu", torch.float64)
 
 
 def named_classes(label_names: list[str] | None) -> list[str] | None:

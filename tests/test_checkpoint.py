@@ -277,6 +277,19 @@ def test_a_failed_load_onto_a_plain_model_leaves_it_plain(tmp_path, make):
     bitfit_fast.apply(other_labels)  # and so it can still be applied
 
 
+def test_a_model_whose_weight_passes_2_24_elements_saves_and_loads(tmp_path):
+    """BERT-base's word embeddings hold 23.4M values, past fp32's exact integers: the sampled places, taken in fp32
+    as every earlier checkpoint took them, rounded one past the last element (an IndexError; a device-side assert
+    on a GPU). Here 470,000 x 36 = 16.92M values, whose last place rounded so."""
+    base = tiny_bert(vocab_size=470_000)
+    model = bitfit_fast.apply(copy.deepcopy(base), announce=False)
+    bitfit_fast.save_biases(model, tmp_path / "biases")
+    record = json.loads((tmp_path / "biases" / CONFIG_NAME).read_text())
+    embeddings = base.bert.embeddings.word_embeddings.weight.detach().reshape(-1)
+    assert record["base_sample"]["bert.embeddings.word_embeddings.weight"]["values"][-1] == embeddings[-1].item()
+    bitfit_fast.load_biases(bitfit_fast.apply(copy.deepcopy(base), announce=False), tmp_path / "biases")
+
+
 def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
     """Biases trained on one base model are meaningless on another of the same shapes, and a path does not tell
     them apart: the checkpoint keeps a few values of every frozen weight (not the head's, new for each task) and
