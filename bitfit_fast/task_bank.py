@@ -806,8 +806,9 @@ class _FlatSegments:
                     (list(range(p.shape[0])), [p[0].numel()] * p.shape[0])
                     for p, task in zip(params, tasks)]
         self.counts = [len(of_param) for of_param, _ in segments]
-        self.segment_task = torch.tensor([t for of_param, _ in segments for t in of_param], device=device)
-        self.segment_sizes = torch.tensor([n for _, sizes in segments for n in sizes], device=device)
+        # From pinned memory: a pageable copy would wait for the GPU in the step that builds these (the H200 test).
+        self.segment_task = _to_device(torch.tensor([t for of_param, _ in segments for t in of_param]), device)
+        self.segment_sizes = _to_device(torch.tensor([n for _, sizes in segments for n in sizes]), device)
         # State kept elsewhere (loaded from another device, or the bank moved or cast since) joins its parameters.
         self.exp_avg, self.exp_avg_sq = (
             torch.cat([(state[p][key].to(p) if state[p] else torch.zeros_like(p)).reshape(-1) for p in params])

@@ -107,15 +107,10 @@ def add_block(partial_ptr, chunk, piece_task, block_last, acc, values, tasks, co
     """The running piece ``acc`` of ``piece_task`` after a block of sorted rows, ``values`` [BLOCK_M, BLOCK_N] fp32 of
     tasks ``tasks`` up to ``block_last``: each task the block reaches closes the piece before it. The running task
     is ``block_last`` after it."""
-    # Only the tasks the block holds: a task without rows has no piece to write (none is read), and walking every
-    # task id in between cost a bank of T tasks up to T iterations per block.
-    clamped = tl.minimum(tl.maximum(tasks, -1), T)
-    task = tl.cast(piece_task, tl.int64)
-    while task <= block_last:
+    for task in range(piece_task, block_last + 1):
         acc = next_piece(partial_ptr, chunk, piece_task, task, acc, cols, col_ok, row_stride, T)
         acc += tl.sum(tl.where((tasks == task)[:, None], values, 0.0), axis=0)
         piece_task = task
-        task = tl.min(tl.where(clamped > task, clamped, T + 1))
     return acc
 
 
@@ -143,8 +138,7 @@ def _task_chunk_sums_kernel(
     # Rows of a task outside [0, T) are in no task's range of starts: clamped, they are summed nowhere.
     first_task = tl.maximum(first_task, 0)
     last_task = tl.minimum(tl.load(sorted_task_ptr + hi - 1), T - 1)
-    task = tl.cast(first_task, tl.int64)
-    while task <= last_task:
+    for task in range(first_task, last_task + 1):
         begin = tl.maximum(tl.load(starts_ptr + task), lo)
         end = tl.minimum(tl.load(starts_ptr + task + 1), hi)
         # A [BLOCK_M, BLOCK_N] accumulator, reduced once at the end: BLOCK_M independent adds in flight per column.
@@ -157,8 +151,6 @@ def _task_chunk_sums_kernel(
                            other=0.0).to(tl.float32)
         # A task between the chunk's first and last with no rows at all writes zeros that no one reads.
         store_piece(partial_ptr, chunk, task, tl.sum(acc, axis=0), cols, col_ok, N, T)
-        # The next task with rows in the chunk: the one of the row after this task's (none past hi).
-        task = tl.where(end < hi, tl.load(sorted_task_ptr + tl.minimum(end, hi - 1)), last_task + 1)
 
 
 @triton.jit(do_not_specialize=["chunk_rows"])
