@@ -169,8 +169,8 @@ def _read_no_further_than_needed(tokenizer, text: str, max_length: int) -> tuple
     four times longer while it holds too few tokens (long words): a text of megabytes is then refused or cut
     (--truncate) from at most 5.4 times the characters its tokens need, not tokenised whole (seconds, and gigabytes
     of token lists) to count tokens no model reads; a text of no more tokens is read at most 2.4 times in all (the
-    starts tried, then the whole).
-    A text without whitespace to cut at (one long word, or a script written without spaces) is read whole."""
+    starts tried, then the whole). A text without whitespace to cut at (one long word, or a script written without
+    spaces) is read whole."""
     limit = CHARACTERS_PER_TOKEN * max_length
     while len(text) > limit:
         start = text[:limit]
