@@ -65,14 +65,14 @@ def _heads_to_rows_kernel(
     #                  PER_TASK the pieces [num_programs(0) + T - 1, N] of task_tables. Each part has its own, so
     #                  that its bias gradient comes out contiguous (a part's own parameter in BERT's q/k/v)
     order_ptr,  # [R] int64: the rows sorted by task (read only with PER_TASK, as the next one)
-    sorted_task_ptr,  # [R] int64: each sorted row's task
+    sorted_task_ptr,  # [R] int64: each sorted row's task number in the batch
     # Sizes and strides
     M,  # real rows
     R,  # rows of g: M real ones, then zeros (a row bucket)
     L,  # the attention layout's sequence length
     N,  # this part's columns, H * D
     D,  # head size
-    T,  # tasks of the bias table
+    T,  # with PER_TASK, the bound on the batch's task numbers (task_tables.TaskOrder)
     chunk_rows,  # sorted rows per program with PER_TASK
     row_stride,  # columns of g, P * H * D
     col_offset,  # this part's first column, part * H * D
@@ -247,7 +247,7 @@ def heads_to_rows(
     db_partial = reduction.partials(width, g.device, tables=len(grads)) if compute_db else None
     # Each part's partials (one op, not P selects); without them the kernels get g for the pointer they do not read.
     part_partials = db_partial.unbind(0) if db_partial is not None else (g,) * len(grads)
-    order, sorted_tasks, chunk_rows = reduction.walk(g)
+    order, sorted_numbers, numbers, chunk_rows = reduction.walk(g)
     for part, (grad, partial) in enumerate(zip(grads, part_partials)):
         if grad is None:
             g[:, part * width:(part + 1) * width].zero_()
@@ -256,7 +256,7 @@ def heads_to_rows(
             continue
         _heads_to_rows_kernel[(reduction.programs, col_blocks)](
             grad, slots if slots is not None else g, g, partial,
-            order, sorted_tasks, real_rows, num_rows, length, width, dim, num_tasks, chunk_rows,
+            order, sorted_numbers, real_rows, num_rows, length, width, dim, numbers, chunk_rows,
             g.shape[1], part * width,
             *grad.stride(),
             HAS_SLOTS=slots is not None,

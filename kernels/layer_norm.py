@@ -154,11 +154,11 @@ def _residual_layer_norm_bwd_kernel(
     dbeta_partial_ptr,  # [num_programs, N] fp32 per-program sums of dy; with PER_TASK [num_programs + T - 1, N] pieces
     dx_partial_ptr,  # the same for dx (written with SUM_DX)
     order_ptr,  # [M] int64: the rows sorted by task (read only with PER_TASK, as the next one)
-    sorted_task_ptr,  # [M] int64: each sorted row's task
+    sorted_task_ptr,  # [M] int64: each sorted row's task number in the batch
     # Sizes and scalars
     M,
     N,
-    T,  # tasks of beta's table (and the feeding linear's)
+    T,  # with PER_TASK, the bound on the batch's task numbers (task_tables.TaskOrder)
     chunk_rows,  # sorted rows per program with PER_TASK
     p,
     scale,
@@ -348,11 +348,11 @@ def residual_layer_norm_backward(
     dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
     # beta's partials and dx's (with sum_dx) in one buffer: one reduction of both after the pass.
     partials = reduction.partials(N, dy.device, tables=2 if sum_dx else 1)
-    order, sorted_tasks, chunk_rows = reduction.walk(rstd)
+    order, sorted_numbers, numbers, chunk_rows = reduction.walk(rstd)
     _residual_layer_norm_bwd_kernel[(reduction.programs,)](
         dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, partials[0], partials[-1],
-        order, sorted_tasks, M, N, num_tasks, chunk_rows,
+        order, sorted_numbers, M, N, numbers, chunk_rows,
         dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, gamma), philox_offset,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,

@@ -346,11 +346,11 @@ def _linear_grad_kernel(
     db_partial_ptr,  # fp32 column sums of g (written with COMPUTE_DB): [num_programs(0), N], one row per program;
     #                  with PER_TASK the pieces [num_programs(0) + T - 1, N] of task_tables
     order_ptr,  # [M] int64: the rows sorted by task (read only with PER_TASK, as the next two)
-    sorted_task_ptr,  # [M] int64: each sorted row's task
+    sorted_task_ptr,  # [M] int64: each sorted row's task number in the batch
     # Sizes
     M,
     N,
-    T,  # tasks of the bias table
+    T,  # with PER_TASK, the bound on the batch's task numbers (task_tables.TaskOrder)
     chunk_rows,  # sorted rows per program with PER_TASK
     # Dropout
     p,
@@ -602,10 +602,10 @@ def linear_backward(
         row_programs = max(1, min(cdiv(M, _GRAD_BLOCK_M), reduction_programs(M, dy.device) // col_blocks))
         reduction = task_tables.bias_reduction(row_task if per_task else None, num_tasks, M, row_programs)
         db_partial = reduction.partials(N, dy.device) if compute_db else None
-        order, sorted_tasks, chunk_rows = reduction.walk(dy2d)
+        order, sorted_numbers, numbers, chunk_rows = reduction.walk(dy2d)
         _linear_grad_kernel[(reduction.programs, col_blocks)](
             dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
-            order, sorted_tasks, M, N, num_tasks, chunk_rows,
+            order, sorted_numbers, M, N, numbers, chunk_rows,
             dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, dy2d), philox_offset,
             ACTIVATION=activation or "",
             HAS_DROPOUT=dropout_p > 0.0,

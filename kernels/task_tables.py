@@ -8,13 +8,19 @@ GPU the same way whether a batch holds 64 tasks or one (one program per task wou
 whole gradient to N / BLOCK_N programs). Two steps, as in every bias-gradient reduction here, per-program fp32
 partials and then one reduction:
 
-1. A program walks one chunk of the sorted rows and writes piece (chunk c, task t), its sum over task t's rows, for
-   every task t from its first row's to its last row's (zeros for a task without rows between two others).
-   Tasks are contiguous in sorted order, so piece (c, t) goes to slot c + t of the partials [chunks + T - 1, N]:
-   along the sorted rows both c and t only grow and each new piece grows one of them, so no two pieces share a
+The walks number the batch's tasks 0, 1, ... in order, whatever their ids in the table (``TaskOrder``): a batch of
+tasks 0 and 999 of a bank of 1,000 is walked as tasks 0 and 1. A walk steps through every number between a chunk's
+first row's and last row's, so it meets only tasks the chunk holds, and the pieces need a slot per task of the batch,
+not of the table (min(T, M) at most).
+
+1. A program walks one chunk of the sorted rows and writes piece (chunk c, task number k), its sum over the k-th
+   task's rows, for every number k from its first row's to its last row's. Tasks are contiguous in sorted order, so
+   piece (c, k) goes to slot c + k of the partials [chunks + K - 1, N] (K: the bound on the batch's task numbers):
+   along the sorted rows both c and k only grow and each new piece grows one of them, so no two pieces share a
    slot.
-2. Program (t, j) of ``_task_pieces_sum_kernel`` adds task t's pieces, slots c + t for the chunks c its rows span,
-   in a fixed order; one launch serves every table a pass sums (the LayerNorm backward's two).
+2. Program (t, j) of ``_task_pieces_sum_kernel`` adds task t's pieces, slots c + k for its number k and the chunks
+   c its rows span, in a fixed order, and writes zeros for a task without rows; one launch serves every table a
+   pass sums (the LayerNorm backward's two).
 
 Step 1 runs inside the pass that produces the gradient, wherever there is one: the linear layer's g pass
 (``linear._linear_grad_kernel``), the LayerNorm backward (its beta's and the feeding linear's sums) and the q/k/v
@@ -55,15 +61,15 @@ def table_rows(table_ptr, task_ptr, rows, row_ok, cols, mask, width):
 
 @triton.jit
 def clamped_task(sorted_task_ptr, index, T):
-    """The task of sorted row ``index``, clamped to [-1, T]: a row of a task outside [0, T) is summed nowhere, and
-    a loop over the tasks between two rows stays short whatever the bad value."""
+    """The task number of sorted row ``index``, clamped to [-1, T]: a row of a task outside the table (numbered -1
+    or T) is summed nowhere, and a loop over the numbers between two rows stays short whatever the bad value."""
     return tl.minimum(tl.maximum(tl.load(sorted_task_ptr + index), -1), T)
 
 
 @triton.jit
 def store_piece(partial_ptr, chunk, task, acc, cols, mask, row_stride, T):
-    """Piece (chunk, task), the chunk's sum over the task's rows, to slot chunk + task; none for a task outside
-    [0, T)."""
+    """Piece (chunk, task), the chunk's sum over the rows of the batch's task number ``task``, to slot chunk + task;
+    none outside [0, T)."""
     task = tl.cast(task, tl.int64)  # the loop variable is a plain int when interpreted
     # tl.where, not `mask & scalar`: the interpreter cannot broadcast a scalar boolean into a mask.
     mask = tl.where((task >= 0) & (task < T), mask, False)
@@ -119,13 +125,13 @@ def _task_chunk_sums_kernel(
     # Pointers
     grad_ptr,  # [M, N] the gradient of what the table's rows were added to
     order_ptr,  # [M] int64: the rows sorted by task, stably
-    sorted_task_ptr,  # [M] int64: the task of each sorted row
-    starts_ptr,  # [T + 1] int64: task t's rows are order[starts[t]:starts[t + 1]]
-    partial_ptr,  # [chunks + T - 1, N] fp32 output: piece (chunk c, task t) in row c + t
+    sorted_task_ptr,  # [M] int64: the task number of each sorted row
+    starts_ptr,  # [T + 1] int64: task number k's rows are order[starts[k]:starts[k + 1]]
+    partial_ptr,  # [chunks + T - 1, N] fp32 output: piece (chunk c, task number k) in row c + k
     # Sizes
     M,
     N,
-    T,
+    T,  # the bound on the batch's task numbers
     chunk_rows,
     # Tiles
     BLOCK_M: tl.constexpr,
@@ -149,20 +155,20 @@ def _task_chunk_sums_kernel(
             rows = tl.load(order_ptr + index, mask=ok, other=0)
             acc += tl.load(grad_ptr + rows[:, None] * N + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                            other=0.0).to(tl.float32)
-        # A task between the chunk's first and last with no rows at all writes zeros that no one reads.
         store_piece(partial_ptr, chunk, task, tl.sum(acc, axis=0), cols, col_ok, N, T)
 
 
 @triton.jit(do_not_specialize=["chunk_rows"])
 def _task_pieces_sum_kernel(
     # Pointers
-    partial_ptr,  # [tables, chunks + T - 1, N] fp32: the pieces of step 1, for each table over the same rows
+    partial_ptr,  # [tables, chunks + K - 1, N] fp32: the pieces of step 1, for each table over the same rows
     starts_ptr,  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
+    number_ptr,  # [T] int64: task t's number in the batch, which its pieces' slots add (any value for an absent task)
     sums_ptr,  # [tables, T, N] fp32 output
     # Sizes
     N,
     T,
-    table_slots,  # chunks + T - 1: one table's pieces
+    table_slots,  # chunks + K - 1: one table's pieces
     chunk_rows,
     # Tiles
     BLOCK_PIECES: tl.constexpr,
@@ -180,39 +186,58 @@ def _task_pieces_sum_kernel(
     first_chunk = begin // chunk_rows
     # The chunks holding the task's rows; none for a task without rows (its sums are zero).
     chunks = tl.where(end > begin, (end - 1) // chunk_rows - first_chunk + 1, 0)
+    number = tl.load(number_ptr + task)
     # BLOCK_PIECES pieces per step, reduced once at the end: a single task's ~1,000 pieces (the LayerNorm backward's
     # chunk per program on an H100) take 66 steps of independent loads, not 1,000 dependent ones; the order is
     # fixed, so are the bits.
     acc = tl.zeros((BLOCK_PIECES, BLOCK_N), dtype=tl.float32)
     for start in range(0, chunks, BLOCK_PIECES):
         piece = start + tl.arange(0, BLOCK_PIECES)
-        slots = first_chunk + task + piece
+        slots = first_chunk + number + piece
         acc += tl.load(partial_ptr + slots[:, None] * N + cols[None, :],
                        mask=(piece < chunks)[:, None] & col_ok[None, :], other=0.0)
     tl.store(sums_ptr + task * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
+class TaskOrder(NamedTuple):
+    """The rows sorted by task (the sorted row j is row ``order[j]``), and the batch's tasks numbered 0, 1, ... in
+    order: the k-th task the batch holds is number k, a row of a task outside the table -1 below it and
+    ``numbers`` above it."""
+
+    sorted_numbers: torch.Tensor  # [M] int64: each sorted row's task number
+    order: torch.Tensor  # [M] int64
+    number_starts: torch.Tensor  # [numbers + 1] int64: task number k's sorted rows are number_starts[k]:[k + 1]
+    starts: torch.Tensor  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
+    task_numbers: torch.Tensor  # [T] int64: task t's number (that of the next task with rows, for one without)
+    numbers: int  # the bound on the numbers, known without reading them: min(T, M), at least 1
+
+
 class TaskChunks(NamedTuple):
     """Rows sorted by task and cut into chunks: what a kernel summing per task walks. Chunk c is sorted rows
-    c * chunk_rows up to (c + 1) * chunk_rows; the sorted row j is row ``order[j]``, of task ``sorted_tasks[j]``."""
+    c * chunk_rows up to (c + 1) * chunk_rows."""
 
-    sorted_tasks: torch.Tensor  # [M] int64
-    order: torch.Tensor  # [M] int64
-    starts: torch.Tensor  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
+    order: TaskOrder
     num_tasks: int
     chunk_rows: int
     chunks: int
 
 
-def _task_order(row_task: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each sorted row's task, the rows sorted by task stably, starts [T + 1]). One backward sums several tables'
-    gradients over the same rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor,
-    unchanged since, the sort and search run once."""
+def _task_order(row_task: torch.Tensor, num_tasks: int) -> TaskOrder:
+    """The rows of tasks ``row_task`` sorted and numbered. One backward sums several tables' gradients over the same
+    rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor, unchanged since, the sort
+    and search run once. No host sync: the number of tasks present is never read."""
     def sort():
-        sorted_tasks, order = torch.sort(row_task.long(), stable=True)
+        tasks, order = torch.sort(row_task.long(), stable=True)
         bounds = torch.arange(num_tasks + 1, device=row_task.device, dtype=torch.int64)
-        starts = torch.searchsorted(sorted_tasks, bounds)  # starts[t]: the first sorted row of task t or later
-        return sorted_tasks, order, starts
+        starts = torch.searchsorted(tasks, bounds)  # starts[t]: the first sorted row of task t or later
+        present = starts[1:] > starts[:-1]
+        task_numbers = torch.cumsum(present, 0) - present.long()  # the tasks with rows before t
+        numbers = max(1, min(num_tasks, row_task.shape[0]))
+        inside = (tasks >= 0) & (tasks < num_tasks)
+        sorted_numbers = torch.where(inside, task_numbers[tasks.clamp(0, num_tasks - 1)],
+                                     torch.where(tasks < 0, -1, numbers))
+        number_starts = torch.searchsorted(sorted_numbers, bounds[:numbers + 1])
+        return TaskOrder(sorted_numbers, order, number_starts, starts, task_numbers, numbers)
 
     return _LAST_ORDER.get(row_task, num_tasks, sort)
 
@@ -223,13 +248,13 @@ _LAST_ORDER = LastResults()
 def task_chunks(row_task: torch.Tensor, num_tasks: int, rows: int, chunk_rows: int) -> TaskChunks:
     """The ``rows`` rows of tasks ``row_task`` (checked by the host function: ``utils.check_row_task``) sorted by
     task, in chunks of ``chunk_rows`` (the last one shorter)."""
-    return TaskChunks(*_task_order(row_task, num_tasks), num_tasks, chunk_rows, cdiv(rows, chunk_rows))
+    return TaskChunks(_task_order(row_task, num_tasks), num_tasks, chunk_rows, cdiv(rows, chunk_rows))
 
 
 def empty_pieces(chunks: TaskChunks, width: int, device: torch.device, tables: int = 1) -> torch.Tensor:
-    """The partials [tables, chunks + T - 1, width] (fp32) that step 1 writes over ``chunks``, for ``tables``
-    tables summed over the same rows."""
-    return torch.empty((tables, chunks.chunks + chunks.num_tasks - 1, width), dtype=torch.float32, device=device)
+    """The partials [tables, chunks + K - 1, width] (fp32, K the bound on the batch's task numbers) that step 1
+    writes over ``chunks``, for ``tables`` tables summed over the same rows."""
+    return torch.empty((tables, chunks.chunks + chunks.order.numbers - 1, width), dtype=torch.float32, device=device)
 
 
 def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
@@ -238,7 +263,8 @@ def sum_pieces(partial: torch.Tensor, chunks: TaskChunks) -> torch.Tensor:
     tables, slots, width = partial.shape
     sums = torch.empty((tables, chunks.num_tasks, width), dtype=torch.float32, device=partial.device)
     _task_pieces_sum_kernel[(chunks.num_tasks, cdiv(width, _BLOCK_N), tables)](
-        partial, chunks.starts, sums, width, chunks.num_tasks, slots, chunks.chunk_rows,
+        partial, chunks.order.starts, chunks.order.task_numbers, sums, width, chunks.num_tasks, slots,
+        chunks.chunk_rows,
         BLOCK_PIECES=_BLOCK_PIECES,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
@@ -265,12 +291,13 @@ class BiasReduction(NamedTuple):
             return empty_pieces(self.chunks, width, device, tables)
         return torch.empty((tables, self.programs, width), dtype=torch.float32, device=device)
 
-    def walk(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The pass's (order, sorted_tasks, chunk_rows) arguments; ``placeholder`` for the unused pointers of a
-        shared bias's pass."""
+    def walk(self, placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The pass's (order, sorted_numbers, T, chunk_rows) arguments: the sorted rows, their task numbers and the
+        numbers' bound; ``placeholder`` for the unused pointers of a shared bias's pass."""
         if self.chunks is None:
-            return placeholder, placeholder, 1
-        return self.chunks.order, self.chunks.sorted_tasks, self.chunks.chunk_rows
+            return placeholder, placeholder, 1, 1
+        order = self.chunks.order
+        return order.order, order.sorted_numbers, order.numbers, self.chunks.chunk_rows
 
     def total(self, partials: torch.Tensor) -> torch.Tensor:
         """The bias gradients from the partials, one reduction for every table: [tables, width], or
@@ -301,7 +328,8 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
     partial = empty_pieces(chunks, N, grad.device)  # one table
     _task_chunk_sums_kernel[(chunks.chunks, cdiv(N, _BLOCK_N))](
-        grad, chunks.order, chunks.sorted_tasks, chunks.starts, partial, M, N, num_tasks, chunks.chunk_rows,
+        grad, chunks.order.order, chunks.order.sorted_numbers, chunks.order.number_starts, partial, M, N,
+        chunks.order.numbers, chunks.chunk_rows,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,
