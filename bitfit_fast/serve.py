@@ -304,6 +304,12 @@ class RunsPredictor:
                                "started with --truncate cuts it)")
         return {"task": task, "input_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")}
 
+    @property
+    def serving(self) -> dict:
+        """What GET /health says of how every batch runs: the device and the precision (a served answer is the
+        model's in that precision, as predict's and eval's are)."""
+        return {"device": self.device.type, "precision": self.precision}
+
     def describe(self, task: str) -> dict:
         """What GET /health says of a task: its class names (None: it answers a score), the texts an example
         gives, and the most tokens it reads (and whether a longer text is cut or refused)."""

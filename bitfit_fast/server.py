@@ -10,7 +10,8 @@ queue unpredicted. Starlette makes the app, uvicorn serves it.
 
 Routes:
     GET  /health    {"status": "ok", "tasks": [...], "queued": waiting examples}, and where the predictor
-                    describes its tasks, "details": {task: what it takes and answers}
+                    describes its tasks, "details": {task: what it takes and answers}, and how it answers,
+                    "serving": {"device": ..., "precision": ...}
     POST /predict   one example {"task": ..., "text": ..., "text_pair": ...}  ->  its prediction
                     or {"inputs": [example, ...]}                            ->  {"predictions": [...]}
 Errors come back as {"error": "what is wrong and what to do"}: 400 a body that is not JSON, 422 an example the
@@ -41,7 +42,8 @@ class RequestError(ValueError):
 
 class Predictor(Protocol):
     """What the server runs: the task names it knows, a per-example check, and a batched prediction. A predictor
-    may also have ``describe(task) -> dict``, what GET /health says of each task."""
+    may also have ``describe(task) -> dict``, what GET /health says of each task, and ``serving``, a dict of what
+    it says of how every answer is computed."""
 
     tasks: Sequence[str]
 
@@ -205,6 +207,8 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         answer = {"status": "ok", "tasks": list(predictor.tasks), "queued": state["batcher"].waiting}
         if hasattr(predictor, "describe"):
             answer["details"] = {task: predictor.describe(task) for task in predictor.tasks}
+        if hasattr(predictor, "serving"):
+            answer["serving"] = predictor.serving
         return JSONResponse(answer)
 
     async def read_body(request) -> bytes | None:

@@ -576,6 +576,9 @@ def test_health_describes_what_each_task_takes_and_answers(two_runs, pair_run):
     assert details["score"] == {"labels": None, "texts": ["text"], "max_length": 128, "longer": "cut"}
     assert details["topics"]["labels"] == predictor.runs["topics"].label_names and len(details["topics"]["labels"]) == 3
     assert details["pairs"]["texts"] == ["text", "text_pair"]
+    # The runs' "auto" precision where the server runs, as its first line says.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert health["serving"] == {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
 
 
 def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):
