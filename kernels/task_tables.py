@@ -61,8 +61,8 @@ def table_rows(table_ptr, task_ptr, rows, row_ok, cols, mask, width):
 
 @triton.jit
 def clamped_task(sorted_task_ptr, index, T):
-    """The task number of sorted row ``index``, clamped to [-1, T]: a row of a task outside the table (numbered -1
-    or T) is summed nowhere, and a loop over the numbers between two rows stays short whatever the bad value."""
+    """The task number of sorted row ``index``, clamped to [-1, T]: a loop over the numbers between two rows stays
+    short, and writes no piece out of place, whatever the value."""
     return tl.minimum(tl.maximum(tl.load(sorted_task_ptr + index), -1), T)
 
 
@@ -141,7 +141,7 @@ def _task_chunk_sums_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     lo, hi, first_task = chunk_bounds(chunk, chunk_rows, M, sorted_task_ptr, T)
-    # Rows of a task outside [0, T) are in no task's range of starts: clamped, they are summed nowhere.
+    # Clamped to the numbers there are, whatever the values.
     first_task = tl.maximum(first_task, 0)
     last_task = tl.minimum(tl.load(sorted_task_ptr + hi - 1), T - 1)
     for task in range(first_task, last_task + 1):
@@ -201,15 +201,15 @@ def _task_pieces_sum_kernel(
 
 class TaskOrder(NamedTuple):
     """The rows sorted by task (the sorted row j is row ``order[j]``), and the batch's tasks numbered 0, 1, ... in
-    order: the k-th task the batch holds is number k, a row of a task outside the table -1 below it and
-    ``numbers`` above it."""
+    order: the k-th task the batch holds is number k. A task outside the table counts as -1 below it or T above it,
+    numbered like the others: its pieces are written and summed into no task's sums."""
 
     sorted_numbers: torch.Tensor  # [M] int64: each sorted row's task number
     order: torch.Tensor  # [M] int64
     number_starts: torch.Tensor  # [numbers + 1] int64: task number k's sorted rows are number_starts[k]:[k + 1]
-    starts: torch.Tensor  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
-    task_numbers: torch.Tensor  # [T] int64: task t's number (that of the next task with rows, for one without)
-    numbers: int  # the bound on the numbers, known without reading them: min(T, M), at least 1
+    starts: torch.Tensor  # [T + 2] int64: task t's sorted rows are starts[t]:starts[t + 1]
+    task_numbers: torch.Tensor  # [T + 1] int64: task t's number (one less than the next task's, for one without rows)
+    numbers: int  # the bound on the numbers, known without reading them: min(T + 2, M), at least 1
 
 
 class TaskChunks(NamedTuple):
@@ -225,19 +225,19 @@ class TaskChunks(NamedTuple):
 def _task_order(row_task: torch.Tensor, num_tasks: int) -> TaskOrder:
     """The rows of tasks ``row_task`` sorted and numbered. One backward sums several tables' gradients over the same
     rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor, unchanged since, the sort
-    and search run once. No host sync: the number of tasks present is never read."""
+    and search run once. No host sync: the number of tasks present is never read, and a few small launches (an
+    eager bank step is bound by the host's launches)."""
     def sort():
-        tasks, order = torch.sort(row_task.long(), stable=True)
-        bounds = torch.arange(num_tasks + 1, device=row_task.device, dtype=torch.int64)
-        starts = torch.searchsorted(tasks, bounds)  # starts[t]: the first sorted row of task t or later
-        present = starts[1:] > starts[:-1]
-        task_numbers = torch.cumsum(present, 0) - present.long()  # the tasks with rows before t
-        numbers = max(1, min(num_tasks, row_task.shape[0]))
-        inside = (tasks >= 0) & (tasks < num_tasks)
-        sorted_numbers = torch.where(inside, task_numbers[tasks.clamp(0, num_tasks - 1)],
-                                     torch.where(tasks < 0, -1, numbers))
-        number_starts = torch.searchsorted(sorted_numbers, bounds[:numbers + 1])
-        return TaskOrder(sorted_numbers, order, number_starts, starts, task_numbers, numbers)
+        tasks, order = torch.sort(row_task.long().clamp(-1, num_tasks), stable=True)
+        bounds = torch.arange(-1, num_tasks + 3, device=row_task.device, dtype=torch.int64)
+        # starts[i]: the first sorted row of task i - 1 or later, for the tasks -1 to T + 1.
+        starts = torch.searchsorted(tasks, bounds[:num_tasks + 3])
+        # Each of the tasks -1 to T that has rows counts 1: the count up to a task is one more than its number.
+        task_numbers = torch.cumsum(starts[1:] > starts[:-1], 0).sub_(1)
+        numbers = max(1, min(num_tasks + 2, row_task.shape[0]))
+        sorted_numbers = task_numbers[tasks + 1]
+        number_starts = torch.searchsorted(sorted_numbers, bounds[1:numbers + 2])
+        return TaskOrder(sorted_numbers, order, number_starts, starts[1:], task_numbers[1:], numbers)
 
     return _LAST_ORDER.get(row_task, num_tasks, sort)
 

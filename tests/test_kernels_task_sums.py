@@ -81,18 +81,19 @@ def test_a_bank_of_a_thousand_tasks_sums_a_batch_of_two_far_apart(monkeypatch):
 
 
 def test_the_pieces_take_a_slot_per_task_of_the_batch_not_of_the_table():
-    """A pass's partials grow with the tasks a batch can hold (min(T, M)), not with the bank's T: a batch of 37 rows
-    of a bank of 100,000 tasks needs 37 - 1 slots beyond one per chunk, not 99,999. The task numbers the walks step
-    through are the batch's tasks in order, and rows outside the table are numbered past both ends."""
+    """A pass's partials grow with the tasks a batch can hold (min(T + 2, M)), not with the bank's T: a batch of 37
+    rows of a bank of 100,000 tasks needs 37 - 1 slots beyond one per chunk, not 99,999. The task numbers the walks
+    step through are the batch's tasks in order, rows outside the table counted as a task below it or above it."""
     row_task = torch.tensor([99_999, 7, -3, 7, 50_000, 100_000, 99_999] * 5 + [0, 7], device=DEVICE)
     reduction = task_tables.bias_reduction(row_task, 100_000, 37, programs=3)
     assert reduction.partials(5, row_task.device).shape == (1, reduction.programs + 37 - 1, 5)
     order = reduction.chunks.order
     tasks = row_task[order.order]
-    numbers = {-3: -1, 0: 0, 7: 1, 50_000: 2, 99_999: 3, 100_000: 37}
+    numbers = {-3: 0, 0: 1, 7: 2, 50_000: 3, 99_999: 4, 100_000: 5}
     assert order.sorted_numbers.tolist() == [numbers[task] for task in tasks.tolist()]
-    assert order.number_starts.tolist() == [5, 6, 17, 22] + [32] * 34  # numbers 4 to 37 hold no rows below 32
-    assert order.task_numbers[[0, 7, 50_000, 99_999]].tolist() == [0, 1, 2, 3]
+    assert order.number_starts.tolist() == [0, 5, 6, 17, 22, 32] + [37] * 32  # numbers 6 to 37 hold no rows
+    assert order.task_numbers[[0, 7, 50_000, 99_999]].tolist() == [1, 2, 3, 4]
+    assert order.starts[[0, 1, 7, 8, 99_999, 100_000, 100_001]].tolist() == [5, 6, 6, 17, 22, 32, 37]
 
 
 def test_the_rows_are_sorted_once_for_every_table_of_the_same_rows(monkeypatch):
