@@ -76,6 +76,20 @@ class _Capture:
     addresses: tuple  # where it writes the parameters and the optimizer state (``GraphedStep._addresses``)
 
 
+def _kept_accumulators(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters whose gradient accumulator (autograd's AccumulateGrad node) something keeps alive. A node
+    lives while a graph or a view's gradient function refers to it, bound to the stream it was made on; one that
+    only a view made here refers to dies with that view, so a mark put through one view is seen through the next
+    only on a node kept alive."""
+    def accumulator(param: torch.Tensor):
+        return param.view_as(param).grad_fn.next_functions[0][0]
+
+    with torch.enable_grad():
+        for param in params:
+            accumulator(param).metadata["bitfit_fast_probe"] = True
+        return [param for param in params if accumulator(param).metadata.get("bitfit_fast_probe")]
+
+
 class GraphedStep:
     """``step(batch) -> loss``: zero the gradients, forward under autocast, backward, clip the gradients' global
     norm to ``max_grad_norm`` (None: no clipping), optimizer step; the detached loss is returned. The same training
@@ -88,7 +102,8 @@ class GraphedStep:
     later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or AdamW
     (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True`` (a TaskBank's: its own, see
     below); the model must not sync the host inside its step (nor recompute under ``torch.utils.checkpoint``, which
-    reads the RNG state on the host: gradient checkpointing, ``memory="minimal"``). A graph keeps the
+    reads the RNG state on the host: gradient checkpointing, ``memory="minimal"``), and nothing may keep an autograd
+    graph of the parameters alive from before (a loss kept with its graph), on which a capture fails. A graph keeps the
     hyperparameters it was captured with (``max_grad_norm``, ``autocast``, each param group's floats): a
     learning-rate schedule needs the lr as a tensor (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads
     from memory; any other change raises, as does a replay once the parameters or the optimizer state live elsewhere
@@ -175,6 +190,14 @@ class GraphedStep:
             raise ValueError(f"{type(self.optimizer).__name__} is not capturable: a CUDA graph replays its step only "
                              "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True); fused=True "
                              "alone is not enough)")
+        kept = _kept_accumulators(self.params)
+        if kept:
+            names = {id(p): name for name, p in self.model.named_parameters()}
+            raise ValueError(f"something keeps an autograd graph of the parameters alive ({names.get(id(kept[0]))!r} "
+                             "among them): a loss or an output of an earlier step that still holds its graph, or a "
+                             "view of a parameter made with gradients. A CUDA graph's capture fails on it ('operation "
+                             "would make the legacy stream depend on a capturing blocking stream'): delete it, or "
+                             "keep loss.detach() or loss.item() instead")
         for name, module in self.model.named_modules():
             if getattr(module, "bitfit_memory", None) == "minimal" or getattr(module, "gradient_checkpointing", False):
                 raise ValueError(f"{name or 'the model'} recomputes under torch.utils.checkpoint (memory='minimal' "

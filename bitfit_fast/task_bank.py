@@ -703,7 +703,11 @@ class TaskBank(nn.Module):
         return self._row_tasks_made[key]
 
     def task_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Task ``name``'s trained parameters, named as in a single-task model (what save_biases saves)."""
+        """Task ``name``'s trained parameters, named as in a single-task model (what save_biases saves): views of
+        the bank's parameters, detached. A view with a gradient function would keep each parameter's gradient
+        accumulator alive as long as it lives, bound to the stream it was made on: a GraphedStep capturing on its
+        own stream then makes the default stream wait for the capture (CUDA's "operation would make the legacy
+        stream depend on a capturing blocking stream")."""
         if name not in self.tasks:
             raise ValueError(f"unknown task {name!r}; the bank holds {list(self.tasks)}")
         index = self.tasks[name].index
@@ -716,7 +720,7 @@ class TaskBank(nn.Module):
             param_name = param_names[param]
             if isinstance(tasks, int):  # "<head>.heads.<task>.<name in the head>"
                 param_name = param_name.replace(f".heads.{tasks}.", ".", 1)
-            tensors[param_name] = param[part]
+            tensors[param_name] = param.detach()[part]
         return tensors
 
     def save_task(self, name: str, directory: str | os.PathLike, *, into_run: bool = False) -> Path:

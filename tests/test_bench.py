@@ -664,3 +664,18 @@ def test_cpu_gemm_ms_counts_every_gemm_the_bank_runs():
 
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     assert cpu_gemm_ms([lambda: torch.zeros(256, 256).addmm_(a, b)]) > 0
+
+
+def test_task_bank_benchmark_keeps_no_autograd_graph_of_the_bank_alive():
+    # SubBatching kept the bank's task_tensors, views with a gradient function: each bank parameter's AccumulateGrad
+    # node lived on, bound to the (legacy) stream it was made on. On a GPU the graphed bank step, captured on its own
+    # stream, then made the legacy stream wait for the capture: "operation would make the legacy stream depend on
+    # a capturing blocking stream" (benches/results/gpu/task-bank-3d614d3.log). A capture now checks it first.
+    from bitfit_fast import GraphedStep
+    from bitfit_fast.task_bank import TaskBank
+
+    base = presets.build_base_model(task_bank.PRESETS["tiny"].workload, "cpu")
+    bank = TaskBank.new(copy.deepcopy(base), {"a": 2, "b": 3})
+    sub_batching = task_bank.SubBatching(base, bank)
+    GraphedStep(bank, bank.optimizer(lr=1e-4))._check_capturable()
+    assert sub_batching.tensors["a"]  # (alive until here)

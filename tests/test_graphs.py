@@ -306,6 +306,30 @@ def test_a_capture_takes_a_capturable_optimizer_and_no_recomputation_under_check
         GraphedStep(checkpointed, _adamw(checkpointed, capturable=True))._check_capturable()
 
 
+def test_a_graph_of_the_parameters_kept_alive_refuses_a_capture():
+    # A loss kept with its graph, or a view of a parameter made with gradients, keeps the parameters' gradient
+    # accumulators alive, bound to the stream they were made on: on a GPU a capture on its own stream then fails in
+    # CUDA ("operation would make the legacy stream depend on a capturing blocking stream": the task-bank benchmark
+    # on the H200, which kept the bank's task_tensors). Refused first, in one line.
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    step = GraphedStep(model, _adamw(model, capturable=True))
+    loss = model(**{k: v.cpu() for k, v in padded_batch(model).items()}).loss
+    loss.backward()
+    with pytest.raises(ValueError, match=r"keeps an autograd graph of the parameters alive \('bert\."):
+        step._check_capturable()
+    del loss
+    step._check_capturable()
+    view = model.classifier.bias[:1]
+    with pytest.raises(ValueError, match="'classifier.bias' among them"):
+        step._check_capturable()
+    del view
+    step._check_capturable()
+    bank = _bank("torch")
+    tensors = {name: bank.task_tensors(name) for name in bank.tasks}  # detached views: they keep no graph
+    GraphedStep(bank, bank.optimizer(lr=1e-3))._check_capturable()
+    assert tensors
+
+
 def test_restore_puts_back_parameters_and_adam_state_in_place_and_zeroes_state_created_since():
     # What a capture does after its warmup steps (GPU), on CPU: a graph holds the addresses of the parameters and
     # of the optimizer state, so both go back as they were in place; state the warmup created goes back to Adam's

@@ -1314,3 +1314,14 @@ def test_a_bank_of_any_family_gives_each_example_its_tasks_logits_or_is_refused_
         batch.pop("labels")
         example_tasks = [list(bank.tasks)[i % 3] for i in range(len(lengths))]
         check_mixed_equals_single(bank, singles, batch, example_tasks, atol=1e-5, rtol=1e-5)
+
+
+def test_task_tensors_are_detached_views_of_the_bank():
+    # Views with a gradient function would keep the parameters' AccumulateGrad nodes alive, bound to the stream they
+    # were made on, which breaks a later GraphedStep's capture on a GPU (see test_bench.py).
+    bank = TaskBank.new(MODELS["bert"](num_labels=3, num_hidden_layers=1), {"topic": 3, "score": 1})
+    storages = {p.untyped_storage().data_ptr() for p in bank.parameters()}
+    for name in bank.tasks:
+        tensors = bank.task_tensors(name)
+        assert tensors and all(t.grad_fn is None and not t.requires_grad for t in tensors.values())
+        assert all(t.untyped_storage().data_ptr() in storages for t in tensors.values()), "views, not copies"
