@@ -62,6 +62,24 @@ def _bank_loss(bank, batch: dict) -> torch.Tensor:
     return bank.loss(bank(batch[TASKS], **inputs), batch["labels"], batch[TASKS])
 
 
+def _model_loss(model, batch: dict) -> torch.Tensor:
+    """The loss the model computes itself (a Hugging Face model, given the batch's labels)."""
+    loss = model(**batch).loss
+    if loss is None:
+        raise ValueError("the model returned no loss: put the labels in the batch, or give GraphedStep a loss=")
+    return loss
+
+
+def check_max_norm(name: str, value, none_means: str | None = None) -> None:
+    """Raise unless ``value`` is a gradient norm's bound, a positive number (or None, where ``none_means`` says
+    what None does): 0 would zero every gradient and a negative bound flip them."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        also = f", or None for {none_means}" if none_means is not None else ""
+        raise ValueError(f"{name} bounds the gradients' norm: a positive number{also}; got {value!r}")
+
+
 def _signature(batch: dict) -> tuple:
     return tuple((key, tuple(value.shape), value.dtype, value.device) for key, value in sorted(batch.items()))
 
@@ -133,8 +151,13 @@ class GraphedStep:
                  loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, drop_full_masks: bool = True):
         from .task_bank import TaskAdamW, TaskBank  # here: the task bank runs the fused path, which imports this
 
-        if warmup < 1:
-            raise ValueError(f"warmup must be at least 1 step (kernels compile and tune in the first), got {warmup}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup is a number of steps, at least 1 (kernels compile and tune in the first), got "
+                             f"{warmup!r}")
+        check_max_norm("max_grad_norm", max_grad_norm, none_means="no clipping")
+        if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+            raise ValueError(f"autocast is the dtype of torch.autocast (torch.bfloat16 or torch.float16), or None for "
+                             f"fp32; got {autocast!r}")
         self.bank = model if isinstance(model, TaskBank) else None
         if self.bank is not None:
             if not isinstance(optimizer, TaskAdamW) or optimizer.bank is not model:
@@ -150,7 +173,7 @@ class GraphedStep:
         self.max_grad_norm = max_grad_norm
         self.autocast = autocast
         self.warmup = warmup
-        self.loss = _bank_loss if self.bank is not None else loss or (lambda model, batch: model(**batch).loss)
+        self.loss = _bank_loss if self.bank is not None else loss or _model_loss
         self.drop_full_masks = drop_full_masks
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._captures: dict[tuple, _Capture] = {}

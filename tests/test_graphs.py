@@ -197,8 +197,20 @@ def test_a_graphed_step_takes_adam_and_a_warmup():
     model = tiny_bert()
     with pytest.raises(ValueError, match="Adam or AdamW"):
         GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="at least 1"):
-        GraphedStep(model, _adamw(model), warmup=0)
+    for warmup in (0, 1.5):
+        with pytest.raises(ValueError, match="at least 1"):
+            GraphedStep(model, _adamw(model), warmup=warmup)
+    for norm in (0, -1.0, "1"):  # 0 would zero every gradient (Hugging Face's Trainer reads it as no clipping)
+        with pytest.raises(ValueError, match=r"max_grad_norm bounds the gradients' norm: a positive number, or None "
+                                             r"for no clipping; got"):
+            GraphedStep(model, _adamw(model), max_grad_norm=norm)
+    for dtype in ("bf16", True, torch.int8):
+        with pytest.raises(ValueError, match=r"autocast is the dtype of torch.autocast \(torch.bfloat16 or"):
+            GraphedStep(model, _adamw(model), autocast=dtype)
+    applied = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    batch = {k: v.cpu() for k, v in padded_batch(applied).items() if k != "labels"}
+    with pytest.raises(ValueError, match="the model returned no loss: put the labels in the batch, or give"):
+        GraphedStep(applied, _adamw(applied))(batch)
 
 
 @pytest.mark.gpu
