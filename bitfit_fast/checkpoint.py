@@ -24,6 +24,7 @@ from .model import (
     own_config,
     planned_parameters,
     state_of,
+    task_table_layers,
     trained_parameters,
     unwrapped,
     weights_drawn_at_random,
@@ -51,6 +52,10 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run
     training replaces (``into_run``).
     """
     model = unwrapped(model)
+    tables = task_table_layers(model)
+    if tables:  # no single-task model could load every task's biases as one [T, N] bias
+        raise ValueError(f"this model is a TaskBank's (its biases are task tables, {tables[0]}'s among them): save "
+                         "each task with bank.save_task(name, directory)")
     trained = trained_parameters(model)
     tensors = {name: param for name, param in model.named_parameters() if name in trained}
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
@@ -190,12 +195,13 @@ def load_biases(
     if mismatched:
         remedy = (f"the head differs: build the base model with the checkpoint's number of labels, "
                   f"{tensors[mismatched[0]].shape[0]}" if all(is_within(n, saved_state.head) for n in mismatched)
-                  else f"load it onto the base model it was trained from ({checkpoint.base_model})")
+                  else f"load it onto the base model it was trained from{checkpoint.trained_from}")
         shown = [f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {shapes[name]}" for name in mismatched[:5]]
         raise ValueError(f"shape mismatch between the checkpoint and the model: {shown}; {remedy}")
     not_trained = sorted(set(tensors) - trained)  # not applied: weights the saved model had unfrozen
     if strict:
-        remedy = ("pass strict=False" if not applied else
+        remedy = (f"it was saved from another base model: load it onto the one it was trained from"
+                  f"{checkpoint.trained_from} (strict=False loads only what it holds)" if not applied else
                   f"the checkpoint was saved with {saved_config}, the model applied with {config_of(model)}: load it "
                   "onto a base model that is not applied, or pass strict=False")
         not_in_checkpoint = sorted(trained - set(tensors))
@@ -254,6 +260,12 @@ class Checkpoint:
     label_names: list[str] | None  # the head's class names, where saved
     base_sample: dict[str, tuple[torch.dtype, torch.Tensor]]  # see base_sample; empty in earlier versions' checkpoints
 
+    @property
+    def trained_from(self) -> str:
+        """" (<base model's name or path>)" to follow "the base model it was trained on", or "" where none was
+        saved (a model built from a config)."""
+        return f" ({self.base_model})" if self.base_model else ""
+
     def other_base_weight(self, model: nn.Module, sampled: dict[str, torch.Tensor] | None = None) -> str | None:
         """A frozen weight of ``model`` whose values differ from those :func:`base_sample` kept of the base model
         these biases were trained on, or None where there is none (as far as the checkpoint tells). Either side may
@@ -281,9 +293,9 @@ class OtherBaseModelError(ValueError):
     a TaskBank, ``task``'s)."""
 
     def __init__(self, checkpoint: Checkpoint, weight: str, remedy: str, task: str | None = None):
-        trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
         super().__init__(f"{'' if task is None else f'task {task!r}: '}the biases in {checkpoint.directory} were "
-                         f"trained on another base model{trained_from}: this model's {weight} holds other values; "
+                         f"trained on another base model{checkpoint.trained_from}: this model's {weight} holds other "
+                         f"values; "
                          f"{remedy}")
         self.weight, self.task = weight, task
 

@@ -75,7 +75,8 @@ class BitFitConfig:
         if self.add_missing_biases is not None and not isinstance(self.add_missing_biases, bool):
             raise ValueError(f"add_missing_biases must be None, True or False, got {self.add_missing_biases!r}")
         if self.head is not None:
-            if isinstance(self.head, str) or not all(isinstance(n, str) for n in self.head):
+            if (isinstance(self.head, str) or not isinstance(self.head, Sequence)
+                    or not all(isinstance(n, str) for n in self.head)):
                 raise ValueError(f"head must be a list of module names such as ['classifier'], got {self.head!r}")
             self.head = list(self.head)
         self.dtype = _floating_dtype(self.dtype)

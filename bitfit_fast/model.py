@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from .backend import check_backend
 from .config import AppliedState, BitFitConfig, dtype_name
+from .errors import first_line
 from .families import (
     FIRST_TOKEN_HEADS,
     PACKED_QKV_PATTERNS,
@@ -516,8 +517,15 @@ def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:
         candidate = copy.deepcopy(config)
         for flag in flags:
             setattr(candidate, flag, True)
-        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-            return {name: tuple(t.shape) for name, t in type(model)(candidate).state_dict().items()}
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+                return {name: tuple(t.shape) for name, t in type(model)(candidate).state_dict().items()}
+        except Exception as error:  # e.g. a subclass whose __init__ takes more than the config
+            raise ValueError(f"merge() refuses: this {type(model).__name__} cannot be built again from its config "
+                             f"alone ({type(error).__name__}: {first_line(error)}), so no config flag can be shown to "
+                             "declare the biases apply() added; keep them with bitfit_fast.save_biases(model, dir) "
+                             "and restore them with bitfit_fast.load_biases(base_model, dir) instead. The model is "
+                             "unchanged.") from error
 
     original = built_with([])
     added = set(current) - set(original)
@@ -545,6 +553,12 @@ def _bias_flags_declaring_added_biases(model: nn.Module) -> list[str]:
     )
 
 
+def task_table_layers(model: nn.Module) -> list[str]:
+    """The layers whose bias is a TaskBank's task table [T, N]: none but in a bank's model."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, BitFitLinear | BitFitLayerNorm) and getattr(module.bias, "ndim", 1) == 2]
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Turn an applied model back into vanilla torch modules, in place, with the trained biases; returns it.
 
@@ -558,8 +572,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     given, model = model, unwrapped(model)
     config, state = config_of(model), state_of(model)
-    tables = [name for name, module in model.named_modules()
-              if isinstance(module, BitFitLinear | BitFitLayerNorm) and getattr(module.bias, "ndim", 1) == 2]
+    tables = task_table_layers(model)
     if tables:  # a vanilla layer would hold every task's biases as one [T, N] bias
         raise ValueError(f"this model is a TaskBank's (its biases are task tables, {tables[0]}'s among them): merge "
                          "one task's model instead: bank.save_task(name, directory), then load_biases onto a fresh "
@@ -599,6 +612,8 @@ def _restore_weight_dtypes(model: nn.Module, weight_dtypes: dict[str, str]) -> N
 
 def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; a parameter shared by several modules counts once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"counting parameters takes a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
     for param in model.parameters():
         total += param.numel()

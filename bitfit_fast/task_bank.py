@@ -348,8 +348,18 @@ def _probe_layer_inputs(model: nn.Module, layers: dict[str, nn.Module], batch: d
             module.training = training
 
 
-def _check_not_applied(model: nn.Module) -> None:
-    """A bank applies its base model itself: one applied already (by apply, or another bank's) is refused."""
+def _check_base_model(model: nn.Module, names) -> None:
+    """A bank holds a Hugging Face model whose head answers logits per example, not applied yet (a bank applies
+    its base model itself), and tasks named by non-empty strings (an integer is read as a task's index)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"a TaskBank holds a Hugging Face model with a task head (a *ForSequenceClassification), "
+                         f"which answers logits per example; got a {type(model).__name__}")
+    unnamed = [name for name in names if not isinstance(name, str) or not name]
+    if unnamed:
+        raise ValueError(f"tasks are named by non-empty strings (bank(tasks) reads an integer as a task's index); "
+                         f"got {unnamed[0]!r}")
     if is_applied(model):
         raise ValueError(f"this {type(model).__name__} is applied already (bitfit_fast.apply, or a TaskBank's model): "
                          "a TaskBank applies its base model itself; pass a fresh one")
@@ -421,6 +431,7 @@ class TaskBank(nn.Module):
             sources = dict(zip(names, sources))
         if not sources:
             raise ValueError("a TaskBank needs at least one task")
+        _check_base_model(model, sources)
         resolved = {name: _resolve(source) for name, source in sources.items()}
         checkpoints = {name: _read_task(name, directory, of_run=labels is not None)
                        for name, (directory, _, labels) in resolved.items()}
@@ -438,7 +449,6 @@ class TaskBank(nn.Module):
                                  "share one BitFitConfig")
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
-        _check_not_applied(model)
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
@@ -482,8 +492,12 @@ class TaskBank(nn.Module):
         model not applied yet, applied here with ``config`` and ``overrides`` (as :func:`bitfit_fast.apply`).
         Every task starts from the base model's biases and a new head of its own width, initialised as the model
         initialises its heads."""
+        if not isinstance(num_labels, Mapping):
+            raise ValueError(f"num_labels is {{task name: number of labels}} (1: a regression score); got "
+                             f"{type(num_labels).__name__}")
         if not num_labels:
             raise ValueError("a TaskBank needs at least one task")
+        _check_base_model(model, num_labels)
         bad = {name: n for name, n in num_labels.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
@@ -493,7 +507,6 @@ class TaskBank(nn.Module):
             if other:
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
                                  f"but {other} differ: train the heads, or give every task {width} labels")
-        _check_not_applied(model)
         sequence_first = _check_mixable(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
         _give_sequence_first_layers_their_layout(model, sequence_first)
@@ -543,8 +556,12 @@ class TaskBank(nn.Module):
         if isinstance(tasks, torch.Tensor):
             if tasks.dtype.is_floating_point or tasks.dtype.is_complex or tasks.dtype == torch.bool:
                 raise ValueError(f"task indices are integers, got a {tasks.dtype} tensor")
+            if tasks.dim() != 1:
+                raise ValueError(f"tasks are one per example, a 1-D tensor of indices; got shape {tuple(tasks.shape)}")
             index = tasks.long()
         else:
+            if not isinstance(tasks, Sequence):
+                raise ValueError(f"tasks are one per example, a list of names or indices or a tensor; got {tasks!r}")
             by_index = [task.name for task in self.tasks.values()]
             index = []
             for task in tasks:
@@ -578,7 +595,13 @@ class TaskBank(nn.Module):
             raise ValueError("the batch is empty: pass the model's inputs, bank(tasks, input_ids=..., "
                              "attention_mask=...)")
         device = next(iter(batch.values())).device
-        with task_rows.example_tasks(self.task_index(tasks, device)):
+        index = self.task_index(tasks, device)
+        # Checked here too, not only by the layers that add a task's bias: a bank that trains few of them (DeBERTa
+        # with biases=["intermediate.dense"]) met the wrong count first in its attention, as a bmm's shape error.
+        inputs = batch.get("input_ids", batch.get("inputs_embeds"))
+        if inputs is not None:
+            task_rows.check_batch_size(index, inputs.shape[0])
+        with task_rows.example_tasks(index):
             return self.model(**batch).logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
@@ -588,14 +611,26 @@ class TaskBank(nn.Module):
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
         """[T] each task's mean loss over its examples in the batch (0 for a task the batch does not hold):
-        cross-entropy over its own classes, mean squared error for a regression task."""
+        cross-entropy over its own classes, mean squared error for a regression task. A class outside its task's
+        is refused where the logits are on the CPU (on a GPU, asking would cost a sync a step: its loss is not
+        finite)."""
         index = self.task_index(tasks, logits.device)
+        if not isinstance(labels, torch.Tensor) or labels.shape != (logits.shape[0],) or len(index) != len(labels):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels are a tensor of one label per example, shape ({logits.shape[0]},) for these "
+                             f"logits, with as many tasks; got labels {got} and {len(index)} tasks")
         widths = self.widths.to(logits.device)[index]
         logits = logits.float()
         # Each example's classes only: the columns past its task's width (zeros) get -inf, so no probability.
         outside = torch.arange(logits.shape[-1], device=logits.device) >= widths[:, None]
         regression = widths == 1
         labels = labels.to(logits.device)
+        if logits.device.type == "cpu" and not graphs.capturing():
+            wrong = (widths > 1) & ((labels < 0) | (labels >= widths) | (labels != labels.round()))
+            if wrong.any():
+                i = int(wrong.nonzero()[0, 0])
+                raise ValueError(f"example {i}'s label is {labels[i].item()!r}, but its task "
+                                 f"{list(self.tasks)[int(index[i])]!r} has classes 0 to {int(widths[i]) - 1}")
         per_example = torch.where(
             regression,
             (logits[:, 0] - labels.float()).square(),
@@ -644,6 +679,7 @@ class TaskBank(nn.Module):
         of their own in multi-tensor ops, deterministically (no atomics): a few operations, not a set per
         parameter. A task's inf or NaN stays in its own norm (a product with a one-hot matrix would spread it: inf *
         0 is NaN; ``where`` does not)."""
+        graphs.check_max_norm("max_norm", max_norm)
         tables, concatenated, heads, head_tasks = [], {}, [], []
         for param, tasks in self.parameter_tasks().items():
             if param.grad is None:

@@ -31,6 +31,8 @@ def test_print_trainable_parameters_on_bert_base(capsys):
     bitfit_fast.print_trainable_parameters(model)
     # The paper's 102,912 BERT-base biases plus the 768 x 2 + 2 classifier.
     assert capsys.readouterr().out == "trainable params: 104,450 || all params: 109,483,778 || trainable%: 0.0954\n"
+    with pytest.raises(TypeError, match="counting parameters takes a torch.nn.Module, got str"):
+        bitfit_fast.print_trainable_parameters("bert-base-uncased")
 
 
 def test_a_tied_weight_counts_once():
@@ -395,6 +397,7 @@ def test_albert_shared_layers_stay_shared():
         (tiny_bert, dict(fuse_layers="no"), ValueError, "fuse_layers must be True or False, got 'no'"),
         (tiny_bert, dict(add_missing_biases="false"), ValueError, "add_missing_biases must be None, True or False"),
         (tiny_bert, dict(head="classifier"), ValueError, r"head must be a list of module names such as \['classif"),
+        (tiny_bert, dict(head=5), ValueError, r"head must be a list of module names such as \['classif"),
         (tiny_bert, dict(lr=1e-3), TypeError, r"unknown options \['lr'\]"),
         (tiny_bert, dict(config="subset"), TypeError, "config must be a bitfit_fast.BitFitConfig"),
         (tiny_bert, dict(head=["classifer"]), ValueError, r"head modules \['classifer'\] not found"),

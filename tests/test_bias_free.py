@@ -234,3 +234,18 @@ def test_merge_refuses_added_biases_of_a_family_without_flags():
         model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
     assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_state.added_biases
     assert_refused_unchanged(model, r"no flag of T5Config declares \['encoder\.block\.0\.layer\.0\.Self")
+
+
+def test_a_class_that_cannot_be_built_from_its_config_alone_is_applied_with_its_added_biases_undeclared():
+    # apply() declares added biases by building the class again from its config: a subclass whose __init__ takes
+    # more raised a TypeError there after the biases were added, and left the model half applied.
+    class WithExtra(transformers.ModernBertForSequenceClassification):
+        def __init__(self, config, extra):
+            super().__init__(config)
+
+    model = WithExtra(tiny_modernbert().config, extra=1).to(DEVICE)
+    with pytest.warns(bitfit_fast.UndeclaredBiasesWarning, match="cannot be declared by its config flags"):
+        bitfit_fast.apply(model, biases="subset")
+    assert model.bitfit_fast_state.added_biases and any(isinstance(m, BitFitLinear) for m in model.modules())
+    assert_refused_unchanged(model, r"this WithExtra cannot be built again from its config alone \(TypeError: .*"
+                                    r"extra.*save_biases\(model, dir\)")

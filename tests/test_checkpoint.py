@@ -191,6 +191,10 @@ def test_load_errors_leave_the_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="the model trains parameters that the checkpoint lacks"):
         bitfit_fast.load_biases(other, tmp_path / "subset")
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    deeper = tiny_bert(num_hidden_layers=3)  # not applied: the checkpoint's options, but one layer more
+    with pytest.raises(ValueError, match=r"checkpoint lacks: \['bert.encoder.layer.2.*; it was saved from another "
+                                         r"base model: load it onto the one it was trained from \(strict=False"):
+        bitfit_fast.load_biases(deeper, tmp_path / "subset")
     with pytest.warns(UserWarning, match="were trained on another base model"):  # other's weights are random too
         bitfit_fast.load_biases(other, tmp_path / "subset", strict=False)
     assert not all(torch.equal(p, before[n]) for n, p in other.named_parameters())

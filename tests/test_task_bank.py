@@ -621,6 +621,53 @@ def test_mistakes_name_the_problem(tmp_path):
         TaskBank.load(empty, sources, backend="torch")
 
 
+def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchanged(tmp_path):
+    # Found by an audit of the public API's bad inputs: each was a silent wrong result or an error from deep inside.
+    base = MODELS["bert"](num_labels=3)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"tasks are named by non-empty strings .*; got 1"):
+        TaskBank.new(fresh, {1: 2, 0: 3})  # bank([1]) would have run task 0, the first named
+    with pytest.raises(ValueError, match=r"num_labels is \{task name: number of labels\} .*; got list"):
+        TaskBank.new(fresh, ["a", "b"])
+    assert not bitfit_fast.model.is_applied(fresh)
+    sequential = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="a TaskBank holds a Hugging Face model with a task head .*got a Sequential"):
+        TaskBank.new(sequential, {"a": 2})
+    assert type(sequential[0]) is torch.nn.Linear
+    bank = TaskBank.new(copy.deepcopy(base), {"pair": 2, "topic": 4, "score": 1}, backend="torch")
+    batch = padded_batch(base, (3, 2, 4, 1))
+    batch.pop("labels")
+    tasks = ["pair", "topic", "pair", "score"]
+    logits = bank(tasks, **batch)
+    for bad in (torch.tensor([[0, 1]]), torch.tensor(0), None, 0):
+        with pytest.raises(ValueError, match="tasks are one per example"):
+            bank(bad, **batch)
+    # Its first per-task layer is FC1: the attention met the count first, in a bmm.
+    few = TaskBank.new(deberta_v2(num_labels=2), {"a": 2, "b": 3}, biases=["intermediate.dense"], backend="torch")
+    with pytest.raises(ValueError, match="the batch has 4 examples but 2 example tasks were given"):
+        few(["a", "b"], input_ids=batch["input_ids"])
+    labels = torch.tensor([1.0, 3.0, 0.0, 0.25])
+    assert torch.isfinite(bank.loss(logits, labels, tasks))
+    with pytest.raises(ValueError, match=r"example 2's label is 3.0, but its task 'pair' has classes 0 to 1"):
+        bank.loss(logits, torch.tensor([1.0, 3.0, 3.0, 0.25]), tasks)  # within the widest task's 4: NaN before
+    with pytest.raises(ValueError, match=r"example 0's label is -1.0"):
+        bank.loss(logits, torch.tensor([-1.0, 3.0, 0.0, 0.25]), tasks)
+    for labels, got in ((torch.tensor([1]), r"labels \(1,\)"), (torch.zeros(4, 1), r"labels \(4, 1\)"),
+                        ([1, 3, 0, 0.25], "labels list")):  # one label broadcast to every example before
+        with pytest.raises(ValueError, match=rf"one label per example, shape \(4,\) .*; got {got} and 4 tasks"):
+            bank.loss(logits, labels, tasks)
+    with pytest.raises(ValueError, match="got labels \\(4,\\) and 3 tasks"):
+        bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks[:3])
+    bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks).backward()
+    for max_norm in (0, -1.0, float("nan"), True):  # 0 zeroes every gradient, a negative bound flips them
+        with pytest.raises(ValueError, match=r"max_norm bounds the gradients' norm: a positive number; got"):
+            bank.clip_grad_norm_(max_norm)
+    # Its model's tables are every task's biases as one [T, N] bias: no single-task model could load them.
+    with pytest.raises(ValueError, match=r"this model is a TaskBank's .*: save each task with bank.save_task"):
+        bitfit_fast.save_biases(bank.model, tmp_path / "all")
+    assert not (tmp_path / "all").exists()
+
+
 @pytest.mark.parametrize("shape", [(5, 8), (5, 3, 8)])  # one row per example; a row per token (token heads)
 def test_task_heads_give_each_example_its_own_heads_output_and_gradient(shape):
     """Linear heads run as one GEMM over every head, held concatenated: each example still gets exactly its own
