@@ -1,4 +1,5 @@
-"""`UserError`: a mistake the user can fix, which every `bitfit-fast` command reports as one line."""
+"""`UserError`: a mistake the user can fix, which every `bitfit-fast` command reports as one line; and the checks
+of values that several APIs take."""
 
 
 class UserError(Exception):
@@ -9,3 +10,13 @@ class UserError(Exception):
 def first_line(error: BaseException) -> str:
     """A library's error message cut to its first line, to quote inside a one-line message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_max_norm(name: str, value, none_means: str | None = None) -> None:
+    """Raise unless ``value`` is a gradient norm's bound, a positive number (or None, where ``none_means`` says
+    what None does): 0 would zero every gradient and a negative bound flip them."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        also = f", or None for {none_means}" if none_means is not None else ""
+        raise ValueError(f"{name} bounds the gradients' norm: a positive number{also}; got {value!r}")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import check_max_norm
+
 # Set by GraphedStep while it runs and captures a batch it found free of padding (see ``batch_without_padding``).
 _UNPADDED = contextvars.ContextVar("bitfit_fast_unpadded_batch", default=False)
 
@@ -68,16 +70,6 @@ def _model_loss(model, batch: dict) -> torch.Tensor:
     if loss is None:
         raise ValueError("the model returned no loss: put the labels in the batch, or give GraphedStep a loss=")
     return loss
-
-
-def check_max_norm(name: str, value, none_means: str | None = None) -> None:
-    """Raise unless ``value`` is a gradient norm's bound, a positive number (or None, where ``none_means`` says
-    what None does): 0 would zero every gradient and a negative bound flip them."""
-    if value is None and none_means is not None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        also = f", or None for {none_means}" if none_means is not None else ""
-        raise ValueError(f"{name} bounds the gradients' norm: a positive number{also}; got {value!r}")
 
 
 def _signature(batch: dict) -> tuple:

@@ -38,6 +38,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import BitFitConfig
+from .errors import check_max_norm
 from .families import is_fusable_encoder_class
 from .model import (
     apply,
@@ -679,7 +680,7 @@ class TaskBank(nn.Module):
         of their own in multi-tensor ops, deterministically (no atomics): a few operations, not a set per
         parameter. A task's inf or NaN stays in its own norm (a product with a one-hot matrix would spread it: inf *
         0 is NaN; ``where`` does not)."""
-        graphs.check_max_norm("max_norm", max_norm)
+        check_max_norm("max_norm", max_norm)
         tables, concatenated, heads, head_tasks = [], {}, [], []
         for param, tasks in self.parameter_tasks().items():
             if param.grad is None:

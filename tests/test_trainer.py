@@ -750,6 +750,14 @@ def test_a_learning_rate_that_cannot_train_is_refused(lr):
     assert TrainConfig(learning_rate=1.0).resolved_learning_rate() == 1.0
 
 
+@pytest.mark.parametrize("norm", [0, -1.0, float("nan"), None])
+def test_a_gradient_norm_bound_that_would_not_clip_as_asked_is_refused(norm):
+    """0 zeroes every gradient (torch's clip_grad_norm_) and a negative bound flips them; the CLI took only positive
+    numbers, TrainConfig any."""
+    with pytest.raises(ValueError, match="max_grad_norm bounds the gradients' norm: a positive number; got"):
+        TrainConfig(max_grad_norm=norm)
+
+
 def test_a_run_config_records_its_bitfit_config_and_earlier_records_still_load():
     config = TrainConfig(method="subset", bitfit=BitFitConfig(backend="torch", memory="lean", dtype=torch.bfloat16))
     record = json.loads(json.dumps(config.to_dict()))

@@ -5,6 +5,7 @@ import dataclasses
 import torch
 
 from ..config import BitFitConfig
+from ..errors import check_max_norm
 
 METHODS = ("bitfit", "subset", "full", "frozen")
 LR_GRID = (1e-4, 4e-4, 7e-4, 1e-3)  # the paper's BitFit learning rates
@@ -63,6 +64,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_max_norm("max_grad_norm", self.max_grad_norm)
         if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
             raise ValueError(f"save_every must be an integer, 0 or more (0: at each epoch's end), got "
                              f"{self.save_every!r}")
