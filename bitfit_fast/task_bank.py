@@ -793,6 +793,12 @@ class TaskAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
+        # As torch's AdamW checks them (a tensor lr, a schedule's, is read from memory at each step).
+        if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
+            raise ValueError(f"lr is a learning rate, 0 or more; got {lr!r}")
+        if not (weight_decay >= 0.0 and eps >= 0.0 and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"AdamW takes weight_decay and eps of 0 or more and two betas in [0, 1); got "
+                             f"weight_decay={weight_decay!r}, eps={eps!r}, betas={betas!r}")
         self.bank = bank
         self._task_of = bank.parameter_tasks()
         # (group, device, dtype) -> its flat state, built at its first step and again whenever the state was replaced

@@ -659,6 +659,11 @@ def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchang
     with pytest.raises(ValueError, match="got labels \\(4,\\) and 3 tasks"):
         bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks[:3])
     bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks).backward()
+    for options, message in ((dict(lr=-1e-3), "lr is a learning rate, 0 or more; got -0.001"),
+                             (dict(lr=1e-3, betas=(0.9, 1.0)), r"two betas in \[0, 1\); .*betas=\(0.9, 1.0\)"),
+                             (dict(lr=1e-3, eps=-1.0), "weight_decay and eps of 0 or more")):
+        with pytest.raises(ValueError, match=message):
+            bank.optimizer(**options)
     for max_norm in (0, -1.0, float("nan"), True):  # 0 zeroes every gradient, a negative bound flips them
         with pytest.raises(ValueError, match=r"max_norm bounds the gradients' norm: a positive number; got"):
             bank.clip_grad_norm_(max_norm)
