@@ -6,8 +6,9 @@ rows are positions, not examples, so the bank's per-row task biases cannot reach
 biases, and each task has its own. By linearity, task t's projection is the shared W·LN₀(E) (LN₀: without a task's
 β) plus a constant vector c_t = W·β_t + b_t: the bank projects the positions once and adds each example's c_t,
 where Hugging Face repeats one projection for every example. Only while the position dropout is active and β is a
-task table does β_t not factor out (the mask multiplies it): then each task's positions are dropped out and
-projected on their own, T projections of the bank's T tasks (per-task runs draw a mask each too).
+task table does β_t not factor out (the mask multiplies it): then each task of the batch has its positions dropped
+out and projected on their own, min(B, T) projections for a batch of B examples (per-task runs draw a mask each
+too).
 
 :func:`install` puts this in place on the bank's applied model, instance by instance (their classes become
 subclasses of Hugging Face's, made on first use): the encoder's ``get_rel_embedding`` returns LN₀(E) (its
@@ -120,15 +121,28 @@ def _get_rel_embedding(encoder) -> torch.Tensor:
     return F.layer_norm(embeddings, norm.normalized_shape, norm.weight, beta, norm.eps)
 
 
-def _positions(attention, rel: torch.Tensor, beta: torch.Tensor | None, projection: nn.Linear,
-               tasks: torch.Tensor) -> torch.Tensor:
+def _batch_tasks(tasks: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch's tasks, each once and in order, padded with task T - 1 to K = min(B, T) of them: [K]; each
+    example's place among them: [B]), for the examples' tasks ``tasks`` [B], without reading them on the host."""
+    slots = min(len(tasks), num_tasks)
+    if slots == num_tasks:
+        return torch.arange(num_tasks, device=tasks.device), tasks
+    present = torch.zeros(num_tasks, dtype=torch.bool, device=tasks.device).index_fill_(0, tasks, True)
+    ids = torch.arange(num_tasks, device=tasks.device)
+    held = torch.sort(torch.where(present, ids, num_tasks)).values[:slots].clamp_(max=num_tasks - 1)
+    return held, (torch.cumsum(present, 0) - 1)[tasks]
+
+
+def _positions(attention, rel: torch.Tensor, rel_tasks: torch.Tensor, beta: torch.Tensor | None,
+               projection: nn.Linear, tasks: torch.Tensor) -> torch.Tensor:
     """``projection`` of the (dropped-out) relative embeddings for each example's task, in the attention's head
-    layout [B·H, P, d] (Hugging Face's repeats one [H, P, d] for every example). ``rel``: [T, P, H] per task, their
-    β_t in it, or [P, H] shared, with ``beta`` the LayerNorm's task table if it is one."""
+    layout [B·H, P, d] (Hugging Face's repeats one [H, P, d] for every example). ``rel``: [K, P, H] of tasks
+    ``rel_tasks`` [K], their β_t in it, ``tasks`` each example's place among them; or [P, H] shared, with ``beta``
+    the LayerNorm's task table if it is one and ``tasks`` each example's task."""
     table = _table(projection.bias)
     out = F.linear(rel, projection.weight, None if table is not None else projection.bias)
     if rel.dim() == 3:
-        out = (out if table is None else out + table[:, None, :].to(out.dtype))[tasks]
+        out = (out if table is None else out + table[rel_tasks][:, None, :].to(out.dtype))[tasks]
     else:  # + c_t = W·β_t + b_t
         constant = None if beta is None else F.linear(beta.to(out.dtype), projection.weight.to(out.dtype))
         if table is not None:
@@ -165,8 +179,10 @@ def _disentangled_attention_bias(self, query_layer, key_layer, relative_pos, rel
     norm, dropout = self._task_positions
     rel = rel_embeddings[:span * 2, :]
     beta = _table(norm.bias) if norm is not None else None
-    if beta is not None and self.training and dropout > 0:  # β_t is dropped out with the positions
-        rel = F.dropout(rel + beta[:, None, :].to(rel.dtype), dropout, training=True)
+    rel_tasks = None
+    if beta is not None and self.training and dropout > 0:  # β_t is dropped out with the positions: each task's own
+        rel_tasks, tasks = _batch_tasks(tasks, beta.shape[0])
+        rel = F.dropout(rel + beta[rel_tasks][:, None, :].to(rel.dtype), dropout, training=True)
         beta = None
     else:
         rel = F.dropout(rel, dropout, training=self.training)
@@ -175,7 +191,7 @@ def _disentangled_attention_bias(self, query_layer, key_layer, relative_pos, rel
 
     score = 0
     if "c2p" in self.pos_att_type:
-        pos_key_layer = _positions(self, rel, beta, key_projection, tasks)
+        pos_key_layer = _positions(self, rel, rel_tasks, beta, key_projection, tasks)
         scale = scaled_size_sqrt(pos_key_layer, scale_factor)
         c2p_att = torch.bmm(query_layer, pos_key_layer.transpose(-1, -2))
         c2p_pos = torch.clamp(relative_pos + span, 0, span * 2 - 1)
@@ -183,7 +199,7 @@ def _disentangled_attention_bias(self, query_layer, key_layer, relative_pos, rel
             [query_layer.size(0), query_layer.size(1), relative_pos.size(-1)]))
         score += c2p_att / scale.to(dtype=c2p_att.dtype)
     if "p2c" in self.pos_att_type:
-        pos_query_layer = _positions(self, rel, beta, query_projection, tasks)
+        pos_query_layer = _positions(self, rel, rel_tasks, beta, query_projection, tasks)
         scale = scaled_size_sqrt(pos_query_layer, scale_factor)
         r_pos = build_rpos(query_layer, key_layer, relative_pos, self.max_relative_positions, self.position_buckets)
         p2c_pos = torch.clamp(-r_pos + span, 0, span * 2 - 1)

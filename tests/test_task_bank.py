@@ -200,6 +200,45 @@ def _dropping_every_fifth_feature(x, p=0.5, training=True, inplace=False):
     return x * (torch.arange(x.shape[-1], device=x.device) % 5 != 0) / (1 - p)
 
 
+@pytest.mark.parametrize("variant", ["v3", "own-projections"])
+def test_a_deberta_bank_drops_out_the_positions_of_the_batchs_tasks_only(variant, tmp_path, monkeypatch):
+    """With the position dropout on, each task's positions are projected on their own: for the batch's tasks only,
+    min(B, T) projections (the bank's T of them, before: activations kept for the backward grew with the bank).
+    3 examples of tasks 'c' and 'a' in a bank of 4: each example's train-mode logits and gradients are its task's
+    own model's (one fixed dropout mask in both), from 3 projected position sets, not 4."""
+    monkeypatch.setattr(torch.nn.functional, "dropout", _dropping_every_fifth_feature)
+    base = deberta_v2(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **DEBERTA_V2[variant])
+    tasks = trained_tasks(base, tmp_path, {"a": 3, "b": 2, "c": 4, "d": 2}, backend="torch")
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend="torch").train()
+    dropped = []
+    monkeypatch.setattr(torch.nn.functional, "dropout",
+                        lambda x, *args, **kwargs: dropped.append(tuple(x.shape)) or
+                        _dropping_every_fifth_feature(x, *args, **kwargs))
+    batch = padded_batch(base, (5, 3, 6))
+    batch.pop("labels")
+    example_tasks = ["c", "a", "c"]
+    mixed = bank(example_tasks, **batch)
+    span = 2 * bank.model.deberta.encoder.layer[0].attention.self.pos_ebd_size
+    assert [shape[0] for shape in dropped if shape[1:2] == (span,)] == [3, 3], dropped  # one per layer, of min(B, T)
+    labels = torch.tensor([3, 2, 1])
+    before = {name: {n: v.clone() for n, v in bank.task_tensors(name).items()} for name in tasks}
+    bank.loss(mixed, labels, example_tasks).backward()
+    torch.optim.SGD([p for p in bank.parameters() if p.requires_grad], lr=1.0).step()  # moved by minus the gradient
+    for name, (model, _) in tasks.items():
+        rows = [i for i, t in enumerate(example_tasks) if t == name]
+        after = bank.task_tensors(name)
+        if not rows:
+            assert all(torch.equal(after[n], value) for n, value in before[name].items()), name
+            continue
+        model.train()
+        own = model(**{k: v[rows] for k, v in batch.items()}, labels=labels[rows])
+        torch.testing.assert_close(mixed[rows, :own.logits.shape[1]], own.logits, atol=1e-5, rtol=1e-5)
+        own.loss.backward()
+        for n, param in trainable(model).items():
+            torch.testing.assert_close(before[name][n] - after[n], param.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
