@@ -221,7 +221,8 @@ def task_sums_variants():
         consts={"BLOCK_PIECES": task_tables._BLOCK_PIECES, "BLOCK_N": task_tables._BLOCK_N},
         options={"num_warps": task_tables._WARPS},
         fp32_pointers={"partial_ptr", "sums_ptr"}, int_pointers={"starts_ptr", "number_ptr"},
-        ints=dict(sizes, table_slots=2112 + INTS["T"] - 1),  # an H200's LayerNorm backward: 16 programs x 132 SMs
+        # An H200's LayerNorm backward: 16 programs x 132 SMs, and the T + 2 task numbers' slots.
+        ints=dict(sizes, table_slots=2112 + INTS["T"] + 1),
     )
 
 

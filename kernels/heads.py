@@ -55,7 +55,7 @@ def _gather_rows(src_ptr, slot_ptr, g_ptr, rows, real, written, cols, col_ok, he
     return g
 
 
-@triton.jit(do_not_specialize=["M", "R", "L", "chunk_rows"])  # they change with every batch's lengths: no recompiles
+@triton.jit(do_not_specialize=["M", "R", "L", "T", "chunk_rows"])  # they change with each batch: no recompiles
 def _heads_to_rows_kernel(
     # Pointers
     src_ptr,  # [S, H, L, D] one part's gradient, any strides (coalesced when D's is 1, as SDPA's on a GPU)

@@ -142,7 +142,7 @@ def _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row
     return dy, dx
 
 
-@triton.jit(do_not_specialize=["M", "philox_offset", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "philox_offset", "T", "chunk_rows"])
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output

@@ -337,7 +337,7 @@ def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, sc
     return g, g_gate
 
 
-@triton.jit(do_not_specialize=["M", "philox_offset", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "philox_offset", "T", "chunk_rows"])
 def _linear_grad_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output y; [M, N / 2] with the GeGLU

@@ -11,7 +11,7 @@ partials and then one reduction:
 The walks number the batch's tasks 0, 1, ... in order, whatever their ids in the table (``TaskOrder``): a batch of
 tasks 0 and 999 of a bank of 1,000 is walked as tasks 0 and 1. A walk steps through every number between a chunk's
 first row's and last row's, so it meets only tasks the chunk holds, and the pieces need a slot per task of the batch,
-not of the table (min(T, M) at most).
+not of the table (min(T + 2, M) at most: the numbers count tasks outside the table too).
 
 1. A program walks one chunk of the sorted rows and writes piece (chunk c, task number k), its sum over the k-th
    task's rows, for every number k from its first row's to its last row's. Tasks are contiguous in sorted order, so
@@ -120,7 +120,7 @@ def add_block(partial_ptr, chunk, piece_task, block_last, acc, values, tasks, co
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "chunk_rows"])  # they change with every batch's lengths: no recompiles
+@triton.jit(do_not_specialize=["M", "T", "chunk_rows"])  # they change with every batch's lengths: no recompiles
 def _task_chunk_sums_kernel(
     # Pointers
     grad_ptr,  # [M, N] the gradient of what the table's rows were added to
@@ -206,7 +206,6 @@ class TaskOrder(NamedTuple):
 
     sorted_numbers: torch.Tensor  # [M] int64: each sorted row's task number
     order: torch.Tensor  # [M] int64
-    number_starts: torch.Tensor  # [numbers + 1] int64: task number k's sorted rows are number_starts[k]:[k + 1]
     starts: torch.Tensor  # [T + 2] int64: task t's sorted rows are starts[t]:starts[t + 1]
     task_numbers: torch.Tensor  # [T + 1] int64: task t's number (one less than the next task's, for one without rows)
     numbers: int  # the bound on the numbers, known without reading them: min(T + 2, M), at least 1
@@ -236,8 +235,7 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> TaskOrder:
         task_numbers = torch.cumsum(starts[1:] > starts[:-1], 0).sub_(1)
         numbers = max(1, min(num_tasks + 2, row_task.shape[0]))
         sorted_numbers = task_numbers[tasks + 1]
-        number_starts = torch.searchsorted(sorted_numbers, bounds[1:numbers + 2])
-        return TaskOrder(sorted_numbers, order, number_starts, starts[1:], task_numbers[1:], numbers)
+        return TaskOrder(sorted_numbers, order, starts[1:], task_numbers[1:], numbers)
 
     return _LAST_ORDER.get(row_task, num_tasks, sort)
 
@@ -327,9 +325,12 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     if M == 0:
         return torch.zeros((num_tasks, N), dtype=torch.float32, device=grad.device)
     partial = empty_pieces(chunks, N, grad.device)  # one table
+    # The only walk that reads each task number's first row: made here, not for every pass's order.
+    order = chunks.order
+    bounds = torch.arange(order.numbers + 1, device=grad.device, dtype=torch.int64)
+    number_starts = torch.searchsorted(order.sorted_numbers, bounds)  # number k's sorted rows: [k]:[k + 1]
     _task_chunk_sums_kernel[(chunks.chunks, cdiv(N, _BLOCK_N))](
-        grad, chunks.order.order, chunks.order.sorted_numbers, chunks.order.number_starts, partial, M, N,
-        chunks.order.numbers, chunks.chunk_rows,
+        grad, order.order, order.sorted_numbers, number_starts, partial, M, N, order.numbers, chunks.chunk_rows,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
         num_warps=_WARPS,

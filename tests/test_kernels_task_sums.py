@@ -38,6 +38,9 @@ def _layout(name: str, rows: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(0, 6, (rows,), generator=generator)
     if name == "outside the table":  # rows of tasks -1 and 9 are summed nowhere, but their gradients are written
         return torch.tensor([9, -1, 3, 0, 3, 3, 1])[torch.arange(rows) % 7][torch.randperm(rows, generator=generator)]
+    if name == "every task and outside":  # numbered 0 to 7: task 5, the last, is number 6, past T
+        tasks = torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6])[torch.arange(rows) % 8]
+        return tasks[torch.randperm(rows, generator=generator)]
     # "uneven": one task with most rows, two with one row each, shuffled
     tasks = torch.full((rows,), 2)
     tasks[:2] = torch.tensor([0, 5])[:rows]
@@ -91,7 +94,6 @@ def test_the_pieces_take_a_slot_per_task_of_the_batch_not_of_the_table():
     tasks = row_task[order.order]
     numbers = {-3: 0, 0: 1, 7: 2, 50_000: 3, 99_999: 4, 100_000: 5}
     assert order.sorted_numbers.tolist() == [numbers[task] for task in tasks.tolist()]
-    assert order.number_starts.tolist() == [0, 5, 6, 17, 22, 32] + [37] * 32  # numbers 6 to 37 hold no rows
     assert order.task_numbers[[0, 7, 50_000, 99_999]].tolist() == [1, 2, 3, 4]
     assert order.starts[[0, 1, 7, 8, 99_999, 100_000, 100_001]].tolist() == [5, 6, 6, 17, 22, 32, 37]
 
@@ -292,6 +294,20 @@ LAYOUTS = ["one task", "boundary on a chunk edge", "few rows per task", "uneven"
                                        if (name, rows) != ("layer norm", 150)])
 def test_gradient_passes_write_every_row_and_sum_it_per_task(name, rows, layout, monkeypatch):
     _check_pass_per_task(name, rows, layout, monkeypatch)
+
+
+@pytest.mark.parametrize("name", list(PASSES))
+def test_gradient_passes_walk_every_task_number_when_rows_outside_the_table_take_numbers_too(name, monkeypatch):
+    """Tasks outside the table count among the numbers: with every task present, the last ones' numbers pass T,
+    and a walk bounded by T would drop them."""
+    _check_pass_per_task(name, 37, "every task and outside", monkeypatch)
+
+
+def test_a_gather_of_no_rows_sums_zeros_per_task():
+    """No rows at all: the numbers' bound stays 1, the pieces' table a row."""
+    grads = [torch.randn(0, 2, 4, 5, device=DEVICE) for _ in range(3)]
+    g, db = K.heads_to_rows(grads, None, 0, row_task=torch.zeros(0, dtype=torch.int64, device=DEVICE), num_tasks=3)
+    assert g.shape == (0, 30) and db.shape == (3, 3, 10) and not db.any()
 
 
 @pytest.mark.parametrize("layout", ["uneven", "outside the table"])
