@@ -1,6 +1,8 @@
 """`UserError`: a mistake the user can fix, which every `bitfit-fast` command reports as one line; and the checks
 of values that several APIs take."""
 
+import numbers
+
 
 class UserError(Exception):
     """A mistake the user can fix (an argument, a path, data, the network, a checkpoint): the message says what is
@@ -17,6 +19,6 @@ def check_max_norm(name: str, value, none_means: str | None = None) -> None:
     what None does): 0 would zero every gradient and a negative bound flip them."""
     if value is None and none_means is not None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         also = f", or None for {none_means}" if none_means is not None else ""
         raise ValueError(f"{name} bounds the gradients' norm: a positive number{also}; got {value!r}")

@@ -87,17 +87,18 @@ class _Capture:
 
 
 def _kept_accumulators(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters whose gradient accumulator (autograd's AccumulateGrad node) something keeps alive. A node
-    lives while a graph or a view's gradient function refers to it, bound to the stream it was made on; one that
-    only a view made here refers to dies with that view, so a mark put through one view is seen through the next
-    only on a node kept alive."""
+    """The trained parameters whose gradient accumulator (autograd's AccumulateGrad node) something keeps alive. A
+    node lives while a graph or a view's gradient function refers to it, bound to the stream it was made on; one
+    that only a view made here refers to dies with that view, so a mark put through one view is seen through the
+    next only on a node kept alive. (A frozen parameter has none.)"""
     def accumulator(param: torch.Tensor):
         return param.view_as(param).grad_fn.next_functions[0][0]
 
-    with torch.enable_grad():
-        for param in params:
+    trained = [param for param in params if param.requires_grad]
+    with torch.inference_mode(False), torch.enable_grad():
+        for param in trained:
             accumulator(param).metadata["bitfit_fast_probe"] = True
-        return [param for param in params if accumulator(param).metadata.get("bitfit_fast_probe")]
+        return [param for param in trained if accumulator(param).metadata.get("bitfit_fast_probe")]
 
 
 class GraphedStep:
@@ -205,7 +206,9 @@ class GraphedStep:
             raise ValueError(f"{type(self.optimizer).__name__} is not capturable: a CUDA graph replays its step only "
                              "with capturable=True (e.g. torch.optim.AdamW(params, capturable=True); fused=True "
                              "alone is not enough)")
-        kept = _kept_accumulators(self.params)
+        # DDP keeps them alive by design; built on a side stream, as PyTorch's recipe for CUDA graphs says, it captures.
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        kept = [] if ddp else _kept_accumulators(self.params)
         if kept:
             names = {id(p): name for name, p in self.model.named_parameters()}
             raise ValueError(f"something keeps an autograd graph of the parameters alive ({names.get(id(kept[0]))!r} "

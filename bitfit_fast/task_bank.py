@@ -599,7 +599,7 @@ class TaskBank(nn.Module):
         index = self.task_index(tasks, device)
         # Checked here too, not only by the layers that add a task's bias: a bank that trains few of them (DeBERTa
         # with biases=["intermediate.dense"]) met the wrong count first in its attention, as a bmm's shape error.
-        inputs = batch.get("input_ids", batch.get("inputs_embeds"))
+        inputs = next((batch[key] for key in ("input_ids", "inputs_embeds") if batch.get(key) is not None), None)
         if inputs is not None:
             task_rows.check_batch_size(index, inputs.shape[0])
         with task_rows.example_tasks(index):

@@ -197,7 +197,7 @@ def test_a_graphed_step_takes_adam_and_a_warmup():
     model = tiny_bert()
     with pytest.raises(ValueError, match="Adam or AdamW"):
         GraphedStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    for warmup in (0, 1.5):
+    for warmup in (0, 1.5, True):
         with pytest.raises(ValueError, match="at least 1"):
             GraphedStep(model, _adamw(model), warmup=warmup)
     for norm in (0, -1.0, "1"):  # 0 would zero every gradient (Hugging Face's Trainer reads it as no clipping)
@@ -334,8 +334,12 @@ def test_a_graph_of_the_parameters_kept_alive_refuses_a_capture():
     view = model.classifier.bias[:1]
     with pytest.raises(ValueError, match="'classifier.bias' among them"):
         step._check_capturable()
+    with torch.no_grad(), pytest.raises(ValueError, match="'classifier.bias' among them"):  # probed all the same
+        step._check_capturable()
     del view
     step._check_capturable()
+    # An optimizer over every parameter, the frozen weights too (which it never moves): they have no accumulator.
+    GraphedStep(model, torch.optim.AdamW(model.parameters(), capturable=True))._check_capturable()
     bank = _bank("torch")
     tensors = {name: bank.task_tensors(name) for name in bank.tasks}  # detached views: they keep no graph
     GraphedStep(bank, bank.optimizer(lr=1e-3))._check_capturable()

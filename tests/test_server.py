@@ -579,6 +579,8 @@ def test_health_describes_what_each_task_takes_and_answers(two_runs, pair_run):
     # The runs' "auto" precision where the server runs, as its first line says.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert health["serving"] == {"device": device, "precision": "bf16" if device == "cuda" else "fp32"}
+    predictor.precision = "bf16"  # as a server of bf16 runs holds it
+    assert predictor.serving["precision"] == "bf16"
 
 
 def test_a_text_of_exactly_max_length_tokens_is_answered(two_runs):

@@ -666,6 +666,8 @@ def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchang
     fresh = copy.deepcopy(base)
     with pytest.raises(ValueError, match=r"tasks are named by non-empty strings .*; got 1"):
         TaskBank.new(fresh, {1: 2, 0: 3})  # bank([1]) would have run task 0, the first named
+    with pytest.raises(ValueError, match=r"tasks are named by non-empty strings .*; got ''"):
+        TaskBank.new(fresh, {"": 2})
     with pytest.raises(ValueError, match=r"num_labels is \{task name: number of labels\} .*; got list"):
         TaskBank.new(fresh, ["a", "b"])
     assert not bitfit_fast.model.is_applied(fresh)
@@ -689,8 +691,9 @@ def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchang
     assert torch.isfinite(bank.loss(logits, labels, tasks))
     with pytest.raises(ValueError, match=r"example 2's label is 3.0, but its task 'pair' has classes 0 to 1"):
         bank.loss(logits, torch.tensor([1.0, 3.0, 3.0, 0.25]), tasks)  # within the widest task's 4: NaN before
-    with pytest.raises(ValueError, match=r"example 0's label is -1.0"):
-        bank.loss(logits, torch.tensor([-1.0, 3.0, 0.0, 0.25]), tasks)
+    for label in (-1.0, 2.0, 0.5):  # below, at its width, between two classes
+        with pytest.raises(ValueError, match=rf"example 0's label is {label}, but its task 'pair' has classes 0 to 1"):
+            bank.loss(logits, torch.tensor([label, 3.0, 0.0, 0.25]), tasks)
     for labels, got in ((torch.tensor([1]), r"labels \(1,\)"), (torch.zeros(4, 1), r"labels \(4, 1\)"),
                         ([1, 3, 0, 0.25], "labels list")):  # one label broadcast to every example before
         with pytest.raises(ValueError, match=rf"one label per example, shape \(4,\) .*; got {got} and 4 tasks"):
@@ -699,6 +702,8 @@ def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchang
         bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks[:3])
     bank.loss(logits, torch.tensor([1.0, 3.0, 0.0, 0.25]), tasks).backward()
     for options, message in ((dict(lr=-1e-3), "lr is a learning rate, 0 or more; got -0.001"),
+                             (dict(lr=float("nan")), "lr is a learning rate, 0 or more; got nan"),
+                             (dict(lr=1e-3, weight_decay=-0.1), "weight_decay and eps of 0 or more"),
                              (dict(lr=1e-3, betas=(0.9, 1.0)), r"two betas in \[0, 1\); .*betas=\(0.9, 1.0\)"),
                              (dict(lr=1e-3, eps=-1.0), "weight_decay and eps of 0 or more")):
         with pytest.raises(ValueError, match=message):
