@@ -346,6 +346,21 @@ def test_a_graph_of_the_parameters_kept_alive_refuses_a_capture():
     assert tensors
 
 
+def test_a_ddp_model_keeps_its_accumulators_alive_by_design_and_is_not_refused(tmp_path):
+    # DDP's reducer holds every parameter's AccumulateGrad node; built on a side stream (PyTorch's recipe for CUDA
+    # graphs) it captures, so the check leaves it to the capture. A process group of one, on gloo.
+    import torch.distributed as dist
+
+    model = bitfit_fast.apply(tiny_bert().cpu(), backend="torch", announce=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        assert bitfit_fast.graphs._kept_accumulators([p for p in wrapped.parameters() if p.requires_grad])
+        GraphedStep(wrapped, _adamw(model, capturable=True))._check_capturable()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_restore_puts_back_parameters_and_adam_state_in_place_and_zeroes_state_created_since():
     # What a capture does after its warmup steps (GPU), on CPU: a graph holds the addresses of the parameters and
     # of the optimizer state, so both go back as they were in place; state the warmup created goes back to Adam's
