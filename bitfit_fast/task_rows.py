@@ -10,26 +10,36 @@ real-token rows in ``unpadding.Tokens``.
 
 import contextlib
 import contextvars
+import threading
 
 import torch
 
 _EXAMPLE_TASKS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("bitfit_fast_example_tasks",
                                                                                       default=None)
+# How many example_tasks blocks are open, in any thread: while none is, current() reads no context variable, which
+# torch.compile cannot trace (a graph break in every forward of a model that is no bank's); a plain global it guards.
+_open_blocks = 0
+_open_blocks_lock = threading.Lock()
 
 
 @contextlib.contextmanager
 def example_tasks(tasks: torch.Tensor):
     """Within the block, example i of every batch the model runs belongs to task ``tasks[i]`` ([B] integers)."""
+    global _open_blocks
     token = _EXAMPLE_TASKS.set(tasks.long())
+    with _open_blocks_lock:
+        _open_blocks += 1
     try:
         yield
     finally:
+        with _open_blocks_lock:
+            _open_blocks -= 1
         _EXAMPLE_TASKS.reset(token)
 
 
 def current() -> torch.Tensor | None:
     """The examples' tasks [B] set by :func:`example_tasks`, or None outside it."""
-    return _EXAMPLE_TASKS.get()
+    return _EXAMPLE_TASKS.get() if _open_blocks else None
 
 
 def check_batch_size(tasks: torch.Tensor, batch: int) -> None:

@@ -143,3 +143,23 @@ def test_a_compiled_model_saves_loads_and_merges_as_the_model_it_wraps(tmp_path)
         assert all(torch.equal(values[name], param) for name, param in trainable(model).items())
     assert bitfit_fast.merge(compiled) is compiled and not is_applied(model), "the wrapped model merged"
     assert not any(name.startswith("bitfit_fast") for name in vars(model))
+
+
+def test_a_model_outside_a_task_bank_reads_no_context_variable_and_breaks_no_graph_there():
+    """A context variable's read graph-breaks: outside a TaskBank's block the rows' tasks are None without one (a
+    12-layer BERT's step had 3 more breaks). Inside, the tasks are read, and the count of open blocks comes back to
+    zero after an error too."""
+    from bitfit_fast import task_rows
+
+    torch._dynamo.reset()
+    model = bitfit_fast.apply(tiny_bert(**NO_DROPOUT), backend="torch", announce=False)
+    batch = padded_batch(model)
+    explanation = torch._dynamo.explain(lambda b: model(**b).loss)(batch)
+    assert explanation.graph_count > 1, "the fused path breaks where it must (the layout's lengths)"
+    assert not [reason for reason in explanation.break_reasons
+                if any(frame.filename.endswith("task_rows.py") for frame in reason.user_stack)]
+    tasks = torch.tensor([1, 0])
+    with pytest.raises(KeyError), task_rows.example_tasks(tasks):
+        assert torch.equal(task_rows.current(), tasks)
+        raise KeyError
+    assert task_rows.current() is None and task_rows._open_blocks == 0
