@@ -23,7 +23,8 @@ Saved for the backward, by memory mode (T tokens, d hidden, in the GEMM dtype):
              6·T·d values a layer. On the torch backend, attention with dropout also recomputes its
              probabilities instead of keeping them (SDPA's CPU path keeps the [B, H, T, T] matrix and mask).
   "minimal"  also recomputes the QKV GEMM and the attention from the layer input, rebuilt the same way from the
-             previous layer's last x_hat: 3·d² more per token plus the attention, about 2·T·d values a layer.
+             previous layer's last x_hat where that is fp32, else kept in the GEMM dtype (under autocast): 3·d²
+             more per token plus the attention, about 2·T·d values a layer (3·T·d under autocast).
 No hidden-state dropout mask, no layer input, no LayerNorm input or output, no weight gradient in any mode (the
 attention probabilities' dropout mask is kept where its probabilities are: "default" on CPU). A LayerNorm keeps
 x_hat, not its output: rebuilding x_hat = (y - beta) / gamma from the output is unstable where gamma is tiny, and
@@ -133,10 +134,13 @@ def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tens
 
 
 def _normalized_source(x: torch.Tensor) -> tuple | None:
-    """(x_hat, gamma, beta, row_task, dtype) with x == layer_norm_output(x_hat, gamma, beta, row_task, dtype) (within
-    x_hat's rounding in half precision), if x is such an unmodified output."""
+    """(x_hat, gamma, beta, row_task, dtype) with x == layer_norm_output(x_hat, gamma, beta, row_task, dtype), if x is
+    such an unmodified output of an fp32 x_hat. An x_hat kept in half precision (under autocast) rebuilds x only
+    within its rounding, and a recomputed GEMM must read what the forward's read: the gradient is taken at another
+    point otherwise (minimal mode's query-bias gradients reached 3.5x torch's error under bf16)."""
     source = getattr(x, "bitfit_normalized", None)
-    return source[:5] if source is not None and source[5] == x._version else None
+    exact = source is not None and source[5] == x._version and source[0].dtype == torch.float32
+    return source[:5] if exact else None
 
 
 def _as_module_output(y: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor:
@@ -306,10 +310,11 @@ class FusedEncoderLayer(nn.Module):
 
     def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous
-        layer's output, the checkpoint keeps that layer's x_hat (saved by its LayerNorm anyway) in place of the
-        input and rebuilds the input from it; any other input (the embeddings') it keeps in the GEMM dtype, the one
-        its GEMMs read it in (an fp32 residual stream under autocast would cost twice the bytes). The RNG state is
-        replayed so attention dropout draws the same mask."""
+        layer's output of an fp32 x_hat, the checkpoint keeps that x_hat (saved by its LayerNorm anyway) in place of
+        the input and rebuilds the input from it, exactly; any other input (the embeddings', or any under autocast,
+        whose x_hat is rounded) it keeps in the GEMM dtype, the one its GEMMs read it in (an fp32 residual stream
+        under autocast would cost twice the bytes). The RNG state is replayed so attention dropout draws the same
+        mask."""
         source = _normalized_source(x)
         gemm_dtype = compute_dtype(x)
 
