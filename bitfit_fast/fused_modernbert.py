@@ -15,8 +15,9 @@ The residual stream stays in the layer input's dtype (fp32 under autocast, as in
 GEMMs run in autocast's dtype. Saved for the backward, by memory mode: "default" q, k, v, the attention output,
 both LayerNorms' x_hat with rstd, and u (the GeGLU backward needs both halves); "lean" recomputes u from
 mlp_norm's x_hat (one extra Wi GEMM) and, on the torch backend, attention with dropout recomputes its
-probabilities; "minimal" also recomputes Wqkv, RoPE and the attention from attn_norm's x_hat. Never a weight
-gradient, a layer input for a weight gradient, or a hidden-state dropout mask.
+probabilities; "minimal" also recomputes Wqkv, RoPE and the attention from attn_norm's x_hat. The LayerNorms
+normalise the residual stream, so under autocast their x_hat is fp32: those rebuilds are exact, at twice a GEMM
+dtype's bytes. Never a weight gradient, a layer input for a weight gradient, or a hidden-state dropout mask.
 
 ``ModernBertModel`` becomes ``Fused<ModernBertModel>``: embeddings, then the batch unpadded once (see
 ``unpadding``), the rotary cos/sin of every real row computed once per attention type, every layer and the final

@@ -6,10 +6,11 @@ Backward:  ds = rstd * (g - x_hat * mean(g * x_hat) - mean(g)),  g = gamma * dy;
            (BERT's attention output and FFN output), summed here from the rows as they are written, so that
            layer's backward is one plain GEMM with no pass over its gradient.
 
-The forward saves x_hat (in the output dtype) and rstd: exactly what the backward needs, and stable for any
-gamma. Pretrained LayerNorms have gamma entries down to 1e-33, where rebuilding x_hat = (y - beta) / gamma
-from the output would be garbage. y is computed from the x_hat as stored (rounded to the output dtype), so a
-later consumer that needs y rebuilds it from x_hat instead of keeping a second tensor. gamma is frozen: only
+The forward saves x_hat (in x's dtype) and rstd: exactly what the backward needs, and stable for any gamma.
+Pretrained LayerNorms have gamma entries down to 1e-33, where rebuilding x_hat = (y - beta) / gamma from the
+output would be garbage. y is computed from the fp32 x_hat in registers, in the dtype of x + residual (an fp32
+residual stream under autocast stays fp32, as torch's); a later consumer that needs y rebuilds it from the kept
+x_hat, exactly where that is fp32 and within its rounding where it is half precision. gamma is frozen: only
 d(beta) and the input gradients are computed.
 
 A program holds BLOCK_M whole rows (``TILE_ELEMENTS``), indexed with int64 offsets: M * N may exceed 2**31. The
