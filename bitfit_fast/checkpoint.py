@@ -295,8 +295,7 @@ class OtherBaseModelError(ValueError):
     def __init__(self, checkpoint: Checkpoint, weight: str, remedy: str, task: str | None = None):
         super().__init__(f"{'' if task is None else f'task {task!r}: '}the biases in {checkpoint.directory} were "
                          f"trained on another base model{checkpoint.trained_from}: this model's {weight} holds other "
-                         f"values; "
-                         f"{remedy}")
+                         f"values; {remedy}")
         self.weight, self.task = weight, task
 
 
