@@ -3,15 +3,14 @@
     sums[t, :] = sum of grad[i, :] over the rows i whose task is t            (fp32, [T, N])
 
 Rows are sorted by task once per backward (a stable sort and a search, no host sync; the same rows' order serves
-every table of the step). The sorted rows are then cut into chunks, whatever the tasks: the work spreads over the
+every table of the step), and the batch's tasks numbered 0, 1, ... in order, whatever their ids in the table
+(``TaskOrder``): a batch of tasks 0 and 999 of a bank of 1,000 is walked as tasks 0 and 1. A walk steps through
+every number between a chunk's first row's and last row's, so it meets only tasks the chunk holds, and the pieces
+need a slot per task of the batch, not of the table (min(T + 2, M) at most: the numbers count tasks outside the
+table too). The sorted rows are then cut into chunks, whatever the tasks: the work spreads over the
 GPU the same way whether a batch holds 64 tasks or one (one program per task would leave a single-task batch's
 whole gradient to N / BLOCK_N programs). Two steps, as in every bias-gradient reduction here, per-program fp32
 partials and then one reduction:
-
-The walks number the batch's tasks 0, 1, ... in order, whatever their ids in the table (``TaskOrder``): a batch of
-tasks 0 and 999 of a bank of 1,000 is walked as tasks 0 and 1. A walk steps through every number between a chunk's
-first row's and last row's, so it meets only tasks the chunk holds, and the pieces need a slot per task of the batch,
-not of the table (min(T + 2, M) at most: the numbers count tasks outside the table too).
 
 1. A program walks one chunk of the sorted rows and writes piece (chunk c, task number k), its sum over the k-th
    task's rows, for every number k from its first row's to its last row's. Tasks are contiguous in sorted order, so
@@ -224,13 +223,13 @@ class TaskChunks(NamedTuple):
 def _task_order(row_task: torch.Tensor, num_tasks: int) -> TaskOrder:
     """The rows of tasks ``row_task`` sorted and numbered. One backward sums several tables' gradients over the same
     rows, 6 per BERT layer, so the last order is kept: for the same ``row_task`` tensor, unchanged since, the sort
-    and search run once. No host sync: the number of tasks present is never read, and a few small launches (an
-    eager bank step is bound by the host's launches)."""
+    and search run once. No host sync (the number of tasks present is never read) and few launches: an eager bank
+    step is bound by its host's launches."""
     def sort():
         tasks, order = torch.sort(row_task.long().clamp(-1, num_tasks), stable=True)
-        bounds = torch.arange(-1, num_tasks + 3, device=row_task.device, dtype=torch.int64)
+        bounds = torch.arange(-1, num_tasks + 2, device=row_task.device, dtype=torch.int64)
         # starts[i]: the first sorted row of task i - 1 or later, for the tasks -1 to T + 1.
-        starts = torch.searchsorted(tasks, bounds[:num_tasks + 3])
+        starts = torch.searchsorted(tasks, bounds)
         # Each of the tasks -1 to T that has rows counts 1: the count up to a task is one more than its number.
         task_numbers = torch.cumsum(starts[1:] > starts[:-1], 0).sub_(1)
         numbers = max(1, min(num_tasks + 2, row_task.shape[0]))
