@@ -313,7 +313,7 @@ class Tokens:
         if first_only in self._row_tasks:
             return self._row_tasks[first_only]
         tasks = task_rows.current()
-        if tasks is None:  # kept too: each read of the context variable is a graph break under torch.compile
+        if tasks is None:  # kept as the tasks are: read once a forward
             self._row_tasks[first_only] = None
             return None
         batch, seq = self.batch_shape
