@@ -161,8 +161,9 @@ def _task_chunk_sums_kernel(
 def _task_pieces_sum_kernel(
     # Pointers
     partial_ptr,  # [tables, chunks + K - 1, N] fp32: the pieces of step 1, for each table over the same rows
-    starts_ptr,  # [T + 1] int64: task t's sorted rows are starts[t]:starts[t + 1]
-    number_ptr,  # [T] int64: task t's number in the batch, which its pieces' slots add (any value for an absent task)
+    starts_ptr,  # [T + 3] int64: task t's sorted rows are starts[t + 1]:starts[t + 2]
+    number_ptr,  # [T + 2] int64: task t's number in the batch at [t + 1], which its pieces' slots add (any value for
+    # an absent task)
     sums_ptr,  # [tables, T, N] fp32 output
     # Sizes
     N,
@@ -180,12 +181,13 @@ def _task_pieces_sum_kernel(
     partial_ptr += table * table_slots * N
     sums_ptr += table * T * N
     col_ok = cols < N
-    begin = tl.load(starts_ptr + task)
-    end = tl.load(starts_ptr + task + 1)
+    # The tables start at task -1: from their tensors' first element, the pointers are aligned as AOT compiles them.
+    begin = tl.load(starts_ptr + task + 1)
+    end = tl.load(starts_ptr + task + 2)
     first_chunk = begin // chunk_rows
     # The chunks holding the task's rows; none for a task without rows (its sums are zero).
     chunks = tl.where(end > begin, (end - 1) // chunk_rows - first_chunk + 1, 0)
-    number = tl.load(number_ptr + task)
+    number = tl.load(number_ptr + task + 1)
     # BLOCK_PIECES pieces per step, reduced once at the end: a single task's ~1,000 pieces (the LayerNorm backward's
     # chunk per program on an H100) take 66 steps of independent loads, not 1,000 dependent ones; the order is
     # fixed, so are the bits.
@@ -205,8 +207,9 @@ class TaskOrder(NamedTuple):
 
     sorted_numbers: torch.Tensor  # [M] int64: each sorted row's task number
     order: torch.Tensor  # [M] int64
-    starts: torch.Tensor  # [T + 2] int64: task t's sorted rows are starts[t]:starts[t + 1]
-    task_numbers: torch.Tensor  # [T + 1] int64: task t's number (one less than the next task's, for one without rows)
+    starts: torch.Tensor  # [T + 3] int64: task t's sorted rows are starts[t + 1]:starts[t + 2], for t in -1..T + 1
+    task_numbers: torch.Tensor  # [T + 2] int64: task t's number at [t + 1], for t in -1..T (one less than the next
+    # task's, for one without rows)
     numbers: int  # the bound on the numbers, known without reading them: min(T + 2, M), at least 1
 
 
@@ -234,7 +237,7 @@ def _task_order(row_task: torch.Tensor, num_tasks: int) -> TaskOrder:
         task_numbers = torch.cumsum(starts[1:] > starts[:-1], 0).sub_(1)
         numbers = max(1, min(num_tasks + 2, row_task.shape[0]))
         sorted_numbers = task_numbers[tasks + 1]
-        return TaskOrder(sorted_numbers, order, starts[1:], task_numbers[1:], numbers)
+        return TaskOrder(sorted_numbers, order, starts, task_numbers, numbers)
 
     return _LAST_ORDER.get(row_task, num_tasks, sort)
 

@@ -94,8 +94,8 @@ def test_the_pieces_take_a_slot_per_task_of_the_batch_not_of_the_table():
     tasks = row_task[order.order]
     numbers = {-3: 0, 0: 1, 7: 2, 50_000: 3, 99_999: 4, 100_000: 5}
     assert order.sorted_numbers.tolist() == [numbers[task] for task in tasks.tolist()]
-    assert order.task_numbers[[0, 7, 50_000, 99_999]].tolist() == [1, 2, 3, 4]
-    assert order.starts[[0, 1, 7, 8, 99_999, 100_000, 100_001]].tolist() == [5, 6, 6, 17, 22, 32, 37]
+    assert order.task_numbers[[0, 1, 8, 50_001, 100_000, 100_001]].tolist() == [0, 1, 2, 3, 4, 5]  # tasks -1, 0, ...
+    assert order.starts[[0, 1, 2, 8, 9, 100_000, 100_001, 100_002]].tolist() == [0, 5, 6, 6, 17, 22, 32, 37]
 
 
 def test_the_rows_are_sorted_once_for_every_table_of_the_same_rows(monkeypatch):
