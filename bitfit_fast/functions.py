@@ -140,8 +140,13 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 class LinearLayerNormFunction(torch.autograd.Function):
-    """(y, x_hat) = LayerNorm(dropout(x @ W^T + b) + residual): a frozen linear layer and the residual LayerNorm its
-    output feeds (BERT's attention output and feed-forward output), W and gamma frozen.
+    """(y, x_hat, y_gemm) = LayerNorm(dropout(x @ W^T + b) + residual): a frozen linear layer and the residual
+    LayerNorm its output feeds (BERT's attention output and feed-forward output), W and gamma frozen.
+
+    With ``gemm_copy``, where y (the residual stream, fp32 under autocast) is wider than the GEMM dtype, the
+    LayerNorm also writes y_gemm, y in the GEMM dtype, for the GEMMs that read y next (the feed-forward's, the next
+    layer's q/k/v); else y_gemm is None. Its gradient is added to y's as the backward reads them: the cast of y,
+    autograd's sum of y's two gradients and the casts around it are no passes of their own.
 
     The same as :class:`LinearFunction` then :class:`LayerNormFunction`, and it saves the same (W, x_hat, rstd),
     but one backward serves both: the LayerNorm's backward writes the linear's output gradient dropout(ds) and
@@ -152,7 +157,8 @@ class LinearLayerNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, impl, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
+    def forward(ctx, impl, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None,
+                gemm_copy=False):
         check_frozen("weight", weight)
         check_frozen("gamma", gamma)
         dtype = compute_dtype(x)
@@ -162,43 +168,48 @@ class LinearLayerNormFunction(torch.autograd.Function):
         in_layer_norm = _kernels_add_rows(impl, bias_rows) and beta_rows is not None
         h, _ = impl.linear_forward(_operand(x, dtype), _operand(weight, dtype), None if in_layer_norm else bias,
                                    row_task=None if in_layer_norm else bias_rows)
+        y_dtype = h.dtype if residual is None else torch.promote_types(h.dtype, residual.dtype)
+        y_gemm = torch.empty_like(h) if gemm_copy and y_dtype != h.dtype else None
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             h, gamma, beta, eps, residual,
-            dropout_p=dropout_p, seed=seed, row_task=beta_rows, **({"x_table": bias} if in_layer_norm else {}),
+            dropout_p=dropout_p, seed=seed, row_task=beta_rows, y_gemm=y_gemm,
+            **({"x_table": bias} if in_layer_norm else {}),
         )
         ctx.mark_non_differentiable(x_hat)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None, residual.dtype if residual is not None
-                      else None, beta.dtype)
+                      else None, beta.dtype, y.dtype)
         ctx.options = (dropout_p, seed, bias_tasks, beta_tasks)
-        return y, x_hat
+        return y, x_hat, y_gemm
 
     @staticmethod
-    def backward(ctx, dy, _):
+    def backward(ctx, dy, _, dy_gemm):
         weight, x_hat, gamma, rstd, bias_rows, beta_rows = ctx.saved_tensors
         dropout_p, seed, bias_tasks, beta_tasks = ctx.options
+        x_dtype, bias_dtype, residual_dtype, beta_dtype, y_dtype = ctx.dtypes
         needs_x, _, needs_bias, needs_residual, _, needs_beta = ctx.needs_input_grad[1:7]
         sum_in_layer_norm = needs_bias and (bias_rows is None) == (beta_rows is None)
+        if dy is None:  # only the copy was used
+            dy, dy_gemm = dy_gemm.to(y_dtype), None
         dh, dresidual, dbeta, db = ctx.impl.residual_layer_norm_backward(
             dy.contiguous(), x_hat, gamma, rstd,
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, num_tasks=beta_tasks,
             compute_dx=needs_x or needs_bias or needs_residual, sum_dx=sum_in_layer_norm,
+            dy_gemm=None if dy_gemm is None else dy_gemm.contiguous(), dx_dtype=x_hat.dtype,  # the GEMM dtype
         )
         dx = None
         if needs_x or (needs_bias and not sum_in_layer_norm):
-            dh = dh.to(x_hat.dtype)  # the GEMM dtype (the torch ops return the LayerNorm's gradients in fp32)
             dx, db_rows = ctx.impl.linear_backward(
                 dh, _operand(weight, dh.dtype), row_task=bias_rows, num_tasks=bias_tasks,
                 compute_dx=needs_x, compute_db=needs_bias and not sum_in_layer_norm,
             )
             db = db if sum_in_layer_norm else db_rows
-        x_dtype, bias_dtype, residual_dtype, beta_dtype = ctx.dtypes
         db = _cast(db, bias_dtype) if needs_bias else None
         dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
         dbeta = _cast(dbeta, beta_dtype) if needs_beta else None
-        return None, _cast(dx, x_dtype), None, db, dresidual, None, dbeta, *(None,) * 4
+        return None, _cast(dx, x_dtype), None, db, dresidual, None, dbeta, *(None,) * 5
 
 
 class LinearHeadsFunction(torch.autograd.Function):
@@ -291,10 +302,10 @@ class Ops:
         return LinearHeadsFunction.apply(self.impl, x, weight, row_task, tokens.slots, layout, heads, *biases)
 
     def linear_layer_norm(self, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None,
-                          row_task=None):
-        """:class:`LinearLayerNormFunction`: (y, x_hat)."""
+                          row_task=None, gemm_copy=False):
+        """:class:`LinearLayerNormFunction`: (y, x_hat, y_gemm)."""
         return LinearLayerNormFunction.apply(self.impl, x, weight, bias, residual, gamma, beta, eps, dropout_p, seed,
-                                             row_task)
+                                             row_task, gemm_copy)
 
 
 TORCH = Ops(torch_ops)

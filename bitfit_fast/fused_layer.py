@@ -33,7 +33,10 @@ in half precision within the kept x_hat's rounding, y itself being computed from
 
 Precision follows torch's: the GEMMs take their operands in the autocast dtype, and the residual stream (the layer
 input, y1 and y2) keeps the dtype torch's type promotion gives it, fp32 under autocast, where rounding it to the
-GEMM dtype in every layer had 2.8x Hugging Face's error in MiniLM's hidden states under bf16.
+GEMM dtype in every layer had 2.8x Hugging Face's error in MiniLM's hidden states under bf16. There y1 and y2 come
+with a copy in the GEMM dtype, which the feed-forward GEMM and the next layer's q/k/v GEMM read, written by their
+LayerNorm as it writes them; the LayerNorm's backward adds the copy's gradient to the stream's and writes the
+feeding GEMM's input gradient in the GEMM dtype (``LinearLayerNormFunction``): no cast passes, no autograd sum.
 
 x is [N, d], the batch's real tokens: the encoder holding the layers becomes ``Fused<EncoderClass>``, which
 unpads the batch once (see ``unpadding``), runs the layers on the rows and pads the output once; a layer called
@@ -279,8 +282,8 @@ class FusedEncoderLayer(nn.Module):
         # Hugging Face's mask of these bidirectional encoders is the batch's padding.
         tokens = Tokens.of_batch(hidden_states, attention_mask, keep_padding=self.keeps_padding,
                                  mask_is_padding=True)
-        return _as_module_output(tokens.unpack(self.fused_forward(tokens.pack(hidden_states), tokens)),
-                                 hidden_states.dtype)
+        y, _ = self.fused_forward(tokens.pack(hidden_states), tokens)
+        return _as_module_output(tokens.unpack(y), hidden_states.dtype)
 
     def attention_context(self, x: torch.Tensor, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d_head) + mask) v, for x [N, d] rows; [N, d], or [S, d] with ``first_only``
@@ -337,9 +340,13 @@ class FusedEncoderLayer(nn.Module):
         with torch.autograd.graph.saved_tensors_hooks(keep_source_for_x, rebuild_x):
             return run()
 
-    def fused_forward(self, x: torch.Tensor, tokens: Tokens, first_only: bool = False) -> torch.Tensor:
-        """The layer on x [N, d], the batch's real tokens; [N, d], or [S, d] with ``first_only`` (the rows of
-        each sequence's first token: the classification shortcut of the last layer)."""
+    def fused_forward(self, x: torch.Tensor, tokens: Tokens, first_only: bool = False,
+                      x_gemm: torch.Tensor | None = None,
+                      gemm_copy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer on x [N, d], the batch's real tokens: (y [N, d], or [S, d] with ``first_only`` (the rows of
+        each sequence's first token: the classification shortcut of the last layer), y_gemm). ``x_gemm`` is x in
+        the GEMM dtype where the residual stream is wider (the previous layer's y_gemm), None where x is what the
+        GEMMs read; with ``gemm_copy`` y_gemm is y's (see ``LinearLayerNormFunction``), for the next layer."""
         part = self.part
         spec = self.spec
         intermediate, output = part(spec.intermediate), part(spec.output)
@@ -349,25 +356,28 @@ class FusedEncoderLayer(nn.Module):
         p_output = part(spec.output_dropout).p if self.training else 0.0
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
+        gemm_input = x if x_gemm is None else x_gemm
         if minimal:
-            context = self.checkpointed_attention_context(x, tokens, ops, first_only)
+            context = self.checkpointed_attention_context(gemm_input, tokens, ops, first_only)
         else:
-            context = self.attention_context(x, tokens, ops, first_only)
+            context = self.attention_context(gemm_input, tokens, ops, first_only)
         residual = x.index_select(0, tokens.starts) if first_only else x
 
         ln1, ln2 = part(spec.attention_norm), part(spec.output_norm)
         attention_output = part(spec.attention_output)
         rt = tokens.row_tasks(first_only)
-        y1, x_hat1 = ops.linear_layer_norm(context, attention_output.weight, attention_output.bias, residual,
-                                           ln1.weight, ln1.bias, ln1.eps, p_hidden,
-                                           ops.dropout_seed(p_hidden, x.device), rt)
+        y1, x_hat1, y1_gemm = ops.linear_layer_norm(context, attention_output.weight, attention_output.bias, residual,
+                                                    ln1.weight, ln1.bias, ln1.eps, p_hidden,
+                                                    ops.dropout_seed(p_hidden, x.device), rt, gemm_copy=True)
         recompute_from = (x_hat1, ln1.weight, ln1.bias, rt) if self.bitfit_memory != "default" else None
-        a = ops.linear(y1, intermediate.weight, intermediate.bias, "gelu", recompute_from=recompute_from, row_task=rt)
-        y2, x_hat2 = ops.linear_layer_norm(a, output.weight, output.bias, y1, ln2.weight, ln2.bias, ln2.eps, p_output,
-                                           ops.dropout_seed(p_output, x.device), rt)
+        a = ops.linear(y1 if y1_gemm is None else y1_gemm, intermediate.weight, intermediate.bias, "gelu",
+                       recompute_from=recompute_from, row_task=rt)
+        y2, x_hat2, y2_gemm = ops.linear_layer_norm(a, output.weight, output.bias, y1, ln2.weight, ln2.bias, ln2.eps,
+                                                    p_output, ops.dropout_seed(p_output, x.device), rt,
+                                                    gemm_copy=gemm_copy)
         if minimal:
             _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
-        return y2
+        return y2, y2_gemm
 
     def extra_repr(self) -> str:
         return f"memory={self.bitfit_memory}"
@@ -416,12 +426,14 @@ class FusedEncoder(nn.Module):
                                  kwargs.get("cu_seq_lens_q"), self.keeps_padding, mask_is_padding=True)
         first_only = self.first_token_only and tokens.one_sequence_per_row
         x = tokens.pack(hidden_states)
+        x_gemm = None  # the previous layer's output in the GEMM dtype, where the residual stream is wider
         for i, layer in enumerate(layers):
             last = first_only and i == len(layers) - 1
+            arguments = (x, tokens, last, x_gemm, i < len(layers) - 1)
             if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer.fused_forward, x, tokens, last, use_reentrant=False)
+                x, x_gemm = torch.utils.checkpoint.checkpoint(layer.fused_forward, *arguments, use_reentrant=False)
             else:
-                x = layer.fused_forward(x, tokens, last)
+                x, x_gemm = layer.fused_forward(*arguments)
         hidden = x.unsqueeze(1) if first_only else tokens.unpack(x)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=_as_module_output(hidden,
                                                                                              hidden_states.dtype))

@@ -228,10 +228,11 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
-                                store_x_hat=True, row_task=None, x_table=None):
+                                store_x_hat=True, row_task=None, x_table=None, y_gemm=None):
     """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
     None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the fp32 x_hat, in the
-    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum)."""
+    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum), copied
+    into ``y_gemm`` (if given) in its dtype."""
     s = x.float()
     if x_table is not None:
         s = s + bias_rows(x_table, row_task).float().view(s.shape)
@@ -243,14 +244,19 @@ def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p
         x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
     y = layer_norm_output(x_hat, gamma, beta, row_task, x.dtype if residual is None else
                           torch.promote_types(x.dtype, residual.dtype))
+    if y_gemm is not None:
+        y_gemm.copy_(y)
     x_hat = x_hat.to(x.dtype)
     return (y, x_hat, rstd.view(-1)) if store_x_hat else (y, None, None)
 
 
 def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=None, compute_dx=True,
-                                 sum_dx=False, row_task=None, num_tasks=1):
+                                 sum_dx=False, row_task=None, num_tasks=1, dy_gemm=None, dx_dtype=None):
     """``bitfit_fast_kernels.residual_layer_norm_backward`` in torch ops: (dx, dresidual, dbeta, dx_sum), the
-    sums in fp32 (dx_sum, dx's column sums, with ``sum_dx`` only)."""
+    sums in fp32 (dx_sum, dx's column sums, with ``sum_dx`` only), dy plus ``dy_gemm`` (if given) in fp32, ds in
+    fp32 and dx in ``dx_dtype`` (default fp32)."""
+    if dy_gemm is not None:
+        dy = dy.float() + dy_gemm.float()
     ds = dx = None
     if compute_dx:
         # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
@@ -262,6 +268,8 @@ def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=
         ds = ds.mul_(rows)
         dx = apply_dropout(ds, dropout_p, seed) if dropout_p > 0.0 else ds
     dx_sum = column_sums(dx, row_task, num_tasks) if sum_dx else None
+    if dx is not None and dx_dtype is not None:
+        dx = dx.to(dx_dtype)
     return dx, ds, column_sums(dy, row_task, num_tasks), dx_sum
 
 

@@ -142,17 +142,20 @@ def layer_norm_variants():
     """Every variant of the residual LayerNorm forward and backward kernels, per dtype and hidden size."""
     # Beta shared, a task table, or a task table with the feeding linear's table added to x (TaskBank on a GPU).
     betas = [(False, False), (True, False), (True, True)]  # (row_beta, x_table)
-    # Under autocast a fused layer's residual stream is fp32 beside its half-precision GEMM output (fp32_stream).
-    for dt, hidden, (residual, fp32_stream), dropout, (row_beta, x_table) in itertools.product(
-            DTYPES, HIDDEN_SIZES, [(True, False), (True, True), (False, False)], (True, False), betas):
+    # Under autocast a fused layer's residual stream is fp32 beside its half-precision GEMM output (fp32_stream),
+    # and the fused encoder layers write y again in the GEMM dtype (y_gemm); a module's LayerNorm does not.
+    streams = [(True, False, False), (True, True, False), (True, True, True), (False, False, False)]
+    for dt, hidden, (residual, fp32_stream, y_gemm), dropout, (row_beta, x_table) in itertools.product(
+            DTYPES, HIDDEN_SIZES, streams, (True, False), betas):
         if fp32_stream and dt == "fp32":
             continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
-        flags = _flags(fp32_stream=fp32_stream, x_table=x_table, row_beta=row_beta, residual=residual, dropout=dropout)
+        flags = _flags(fp32_stream=fp32_stream, y_gemm=y_gemm, x_table=x_table, row_beta=row_beta, residual=residual,
+                       dropout=dropout)
         yield Variant(
             "ln_fwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_fwd_kernel, dt,
             consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "X_TABLE": x_table,
-                    "STORE_X_HAT": True, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                    "STORE_X_HAT": True, "STORE_Y_GEMM": y_gemm, "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
             fp32_pointers={"gamma_ptr", "beta_ptr", "x_table_ptr", "rstd_ptr", *(("res_ptr", "y_ptr") if fp32_stream
                                                                                   else ())},
@@ -161,20 +164,26 @@ def layer_norm_variants():
     # dx with or without its column sums (functions.LinearLayerNormFunction sums the feeding linear's bias
     # gradient there), or d(beta) alone.
     gradients = [(True, True), (True, False), (False, False)]
-    for dt, hidden, dropout, (dx, sum_dx), per_task, fp32_stream in itertools.product(
-            DTYPES, HIDDEN_SIZES, (True, False), gradients, (False, True), (False, True)):
-        if fp32_stream and dt == "fp32":
+    # An fp32 residual stream's gradient dy, and so ds, beside the half-precision x_hat: a module's LayerNorm keeps
+    # dx in fp32, a fused encoder layer's writes it in the GEMM dtype (gemm_dx), with y_gemm's gradient (dy_gemm)
+    # but in the last layer.
+    streams = [(False, False, False), (True, False, False), (True, False, True), (True, True, True)]
+    for dt, hidden, dropout, (dx, sum_dx), per_task, (fp32_stream, dy_gemm, gemm_dx) in itertools.product(
+            DTYPES, HIDDEN_SIZES, (True, False), gradients, (False, True), streams):
+        if fp32_stream and dt == "fp32" or gemm_dx and not dx:
             continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
-        flags = _flags(fp32_stream=fp32_stream, per_task=per_task, dropout=dropout, dx=dx, sum_dx=sum_dx)
+        flags = _flags(fp32_stream=fp32_stream, dy_gemm=dy_gemm, gemm_dx=gemm_dx, per_task=per_task, dropout=dropout,
+                       dx=dx, sum_dx=sum_dx)
         yield Variant(
             "ln_bwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_bwd_kernel, dt,
-            consts={"HAS_DROPOUT": dropout, "COMPUTE_DX": dx, "SUM_DX": sum_dx, "PER_TASK": per_task,
+            consts={"HAS_DY_GEMM": dy_gemm, "HAS_DROPOUT": dropout, "COMPUTE_DX": dx,
+                    "STORE_DX": dx and (dropout or gemm_dx), "SUM_DX": sum_dx, "PER_TASK": per_task,
                     "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
-            # An fp32 residual stream's gradient dy, and so ds and dx, beside the half-precision x_hat.
             fp32_pointers={"gamma_ptr", "rstd_ptr", "dbeta_partial_ptr", "dx_partial_ptr",
-                           *(("dy_ptr", "ds_ptr", "dx_ptr") if fp32_stream else ())},
+                           *(("dy_ptr", "ds_ptr") if fp32_stream else ()),
+                           *(("dx_ptr",) if fp32_stream and not gemm_dx else ())},
             int_pointers={"seed_ptr", *TASK_POINTERS}, ints=dict(INTS, N=hidden),
         )
 

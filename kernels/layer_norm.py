@@ -15,7 +15,11 @@ d(beta) and the input gradients are computed.
 
 A program holds BLOCK_M whole rows (``TILE_ELEMENTS``), indexed with int64 offsets: M * N may exceed 2**31. The
 dropout mask is ``dropout.keep_mask``'s, drawn again in the backward. Bytes per row element: forward reads x
-(+ residual), writes y and x_hat; backward reads dy and x_hat, writes ds (+ dx with dropout). d(beta) and
+(+ residual), writes y and x_hat (+ y in the GEMMs' dtype: ``y_gemm``); backward reads dy (+ that copy's gradient)
+and x_hat, writes ds (+ dx, with dropout or in the feeding GEMM's dtype). Under autocast the residual stream is
+fp32 and the GEMMs half precision: the copy and the extra gradient replace a cast of y in the forward, and
+autograd's sum of y's two gradients and two casts in the backward, passes that read and wrote ~26 bytes an
+element between them. d(beta) and
 sum_rows(dx) are reduced in registers over a persistent loop of row blocks, one fp32 partial per program each; for
 task tables, a program walks a chunk of the rows sorted by task and writes one partial per task it meets
 (``task_tables``).
@@ -29,6 +33,7 @@ from . import task_tables
 from .dropout import keep_mask, load_seed
 from .utils import (
     INTERPRETER,
+    SUPPORTED_DTYPES,
     KernelInputError,
     cdiv,
     check_bias,
@@ -60,6 +65,7 @@ def _residual_layer_norm_fwd_kernel(
     task_ptr,  # [M] integer: the row of beta (and of x's table) each row adds (read only with BETA_PER_ROW:
     #            per-example task biases)
     y_ptr,  # [M, N] output, in x's dtype or the residual's where it is wider
+    y_gemm_ptr,  # [M, N] y again in the dtype of the GEMMs that read it (written only with STORE_Y_GEMM)
     x_hat_ptr,  # [M, N] normalised input, x's dtype (written only with STORE_X_HAT)
     rstd_ptr,  # [M] fp32 (written only with STORE_X_HAT)
     # Sizes and scalars
@@ -76,6 +82,7 @@ def _residual_layer_norm_fwd_kernel(
     BETA_PER_ROW: tl.constexpr,
     X_TABLE: tl.constexpr,  # x is a GEMM's output without its task biases: add them first (needs BETA_PER_ROW)
     STORE_X_HAT: tl.constexpr,  # the backward will run
+    STORE_Y_GEMM: tl.constexpr,  # an fp32 residual stream's y also feeds half-precision GEMMs
     # Tile: BLOCK_M whole rows
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -113,20 +120,26 @@ def _residual_layer_norm_fwd_kernel(
         beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y = x_hat * gamma[None, :] + beta
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_Y_GEMM:  # 2 bytes more written per element, where a cast of y would read 4 and write 2
+        tl.store(y_gemm_ptr + offsets, y.to(y_gemm_ptr.dtype.element_ty), mask=mask)
     if STORE_X_HAT:
         tl.store(x_hat_ptr + offsets, x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row_ok, cols, col_ok, gamma, N, p, scale,
-                          seed, philox_offset, HAS_DROPOUT: tl.constexpr, COMPUTE_DX: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(dy, dx) of rows ``rows`` [BLOCK_M] (int64), fp32, zero where masked; with COMPUTE_DX, ds and dx are written
-    (dx only where dropout makes it differ from ds), else dx is dy and unused."""
+def _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row_ok, cols, col_ok, gamma,
+                          N, p, scale, seed, philox_offset, HAS_DY_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          COMPUTE_DX: tl.constexpr, STORE_DX: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """(dy, dx) of rows ``rows`` [BLOCK_M] (int64), fp32, zero where masked, dy the sum of y's and y_gemm's
+    gradients with HAS_DY_GEMM; with COMPUTE_DX, ds and dx are written (dx with STORE_DX: where dropout or its
+    dtype makes it differ from ds), else dx is dy and unused."""
     mask = row_ok[:, None] & col_ok[None, :]
     offsets = rows[:, None] * N + cols[None, :]
     dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DY_GEMM:  # the two uses of y summed as they are read, in fp32: autograd's sum, without its pass
+        dy += tl.load(dy_gemm_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     dx = dy
     if COMPUTE_DX:
         x_hat = tl.load(x_hat_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -139,6 +152,7 @@ def _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row
         dx = ds
         if HAS_DROPOUT:
             dx = tl.where(keep_mask(seed, philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), ds * scale, 0.0)
+        if STORE_DX:
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     return dy, dx
 
@@ -147,11 +161,12 @@ def _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output
+    dy_gemm_ptr,  # [M, N] gradient of the output's GEMM-dtype copy (read only with HAS_DY_GEMM)
     x_hat_ptr,  # [M, N] normalised input saved by the forward
     gamma_ptr,  # [N] frozen scale
     rstd_ptr,  # [M] fp32
     ds_ptr,  # [M, N] gradient of s, which is the residual's gradient (written with COMPUTE_DX)
-    dx_ptr,  # [M, N] gradient of x: ds through the dropout mask (written with COMPUTE_DX and HAS_DROPOUT)
+    dx_ptr,  # [M, N] gradient of x: ds through the dropout mask, in the feeding GEMM's dtype (written with STORE_DX)
     dbeta_partial_ptr,  # [num_programs, N] fp32 per-program sums of dy; with PER_TASK [num_programs + T - 1, N] pieces
     dx_partial_ptr,  # the same for dx (written with SUM_DX)
     order_ptr,  # [M] int64: the rows sorted by task (read only with PER_TASK, as the next one)
@@ -166,8 +181,10 @@ def _residual_layer_norm_bwd_kernel(
     seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
     philox_offset,
     # Features
+    HAS_DY_GEMM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     COMPUTE_DX: tl.constexpr,
+    STORE_DX: tl.constexpr,  # needs COMPUTE_DX: dx differs from ds (dropout, or a half-precision dx of an fp32 ds)
     SUM_DX: tl.constexpr,  # needs COMPUTE_DX
     PER_TASK: tl.constexpr,  # beta is a task table: the sums per task (task_tables)
     # Tile: BLOCK_M whole rows
@@ -188,8 +205,9 @@ def _residual_layer_norm_bwd_kernel(
         lo, hi, piece_task = task_tables.chunk_bounds(pid, chunk_rows, M, sorted_task_ptr, T)
         for start in range(lo, hi, BLOCK_M):
             rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
-            dy, dx = _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, ok, cols, col_ok, gamma,
-                                           N, p, scale, seed, philox_offset, HAS_DROPOUT, COMPUTE_DX, BLOCK_M, BLOCK_N)
+            dy, dx = _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, ok, cols,
+                                           col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DY_GEMM, HAS_DROPOUT,
+                                           COMPUTE_DX, STORE_DX, BLOCK_M, BLOCK_N)
             block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
             dbeta = task_tables.add_block(dbeta_partial_ptr, pid, piece_task, block_last, dbeta, dy, tasks, cols,
                                           col_ok, N, T)
@@ -204,15 +222,26 @@ def _residual_layer_norm_bwd_kernel(
         # A persistent loop over row blocks pid, pid + P, ...
         for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
             rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
-            dy, dx = _layer_norm_grad_rows(dy_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, rows < M, cols, col_ok,
-                                           gamma, N, p, scale, seed, philox_offset, HAS_DROPOUT, COMPUTE_DX, BLOCK_M,
-                                           BLOCK_N)
+            dy, dx = _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, rows < M,
+                                           cols, col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DY_GEMM,
+                                           HAS_DROPOUT, COMPUTE_DX, STORE_DX, BLOCK_M, BLOCK_N)
             dbeta += tl.sum(dy, axis=0)  # masked elements are 0
             if SUM_DX:
                 dx_sum += tl.sum(dx, axis=0)
         tl.store(dbeta_partial_ptr + pid * N + cols, dbeta, mask=col_ok)
         if SUM_DX:
             tl.store(dx_partial_ptr + pid * N + cols, dx_sum, mask=col_ok)
+
+
+def _check_like(name: str, tensor: torch.Tensor | None, like_name: str, like: torch.Tensor) -> None:
+    """Raise unless ``tensor`` (if given) is a compute tensor of the shape of ``like`` on its device."""
+    if tensor is None:
+        return
+    check_compute_tensor(name, tensor)
+    if tensor.shape != like.shape:
+        raise KernelInputError(f"{name} has shape {tuple(tensor.shape)} but {like_name} has {tuple(like.shape)}")
+    if tensor.device != like.device:
+        raise KernelInputError(f"{name} is on {tensor.device} but {like_name} is on {like.device}")
 
 
 def _check_features(N: int) -> int:
@@ -253,12 +282,15 @@ def residual_layer_norm_forward(
     store_x_hat: bool = True,
     row_task: torch.Tensor | None = None,
     x_table: torch.Tensor | None = None,
+    y_gemm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm(dropout(x) + residual) over the last dimension, y in the dtype of x + residual (an fp32 residual
     stream stays fp32 for a half-precision x, as torch promotes the sum). With ``row_task`` ([M] integers),
     beta is a table [T, N] and row i adds its row ``row_task[i]`` (per-example task biases); so does a table
     ``x_table`` [T, N] to x first, in fp32 (the bias of the linear layer whose output x is: cuBLAS has no epilogue
-    for a bias per row, and here it costs no pass of its own).
+    for a bias per row, and here it costs no pass of its own). ``y_gemm``, a tensor shaped as x, receives y too,
+    rounded to its dtype: the operand of the GEMMs that read an fp32 residual stream under autocast, without a pass
+    to cast y.
 
     Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
     dtype (y = gamma * x_hat + beta, computed from x_hat before that rounding), and the fp32 per-row rstd; else
@@ -267,12 +299,7 @@ def residual_layer_norm_forward(
     check_compute_tensor("x", x)
     N = x.shape[-1]
     M = check_rows("x", x)
-    if residual is not None:
-        check_compute_tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise KernelInputError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-        if residual.device != x.device:
-            raise KernelInputError(f"residual is on {residual.device} but x is on {x.device}")
+    _check_like("residual", residual, "x", x)
     check_vector("gamma", gamma, N, x.device)
     if beta is None:
         raise KernelInputError("beta is None: pass zeros for a LayerNorm without a bias")
@@ -282,6 +309,7 @@ def residual_layer_norm_forward(
             raise KernelInputError("x_table needs each row's task: pass row_task (and beta as a table)")
         check_bias("x_table", x_table, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
+    _check_like("y_gemm", y_gemm, "x", x)
     block_m, block_n, warps = _row_tile(N)
 
     y = torch.empty_like(x, dtype=x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
@@ -289,7 +317,7 @@ def residual_layer_norm_forward(
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
         x, residual if residual is not None else x, gamma, beta, x_table if x_table is not None else beta,
-        row_task if row_task is not None else gamma, y,
+        row_task if row_task is not None else gamma, y, y_gemm if y_gemm is not None else y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
         M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, gamma), philox_offset,
         HAS_RESIDUAL=residual is not None,
@@ -297,6 +325,7 @@ def residual_layer_norm_forward(
         BETA_PER_ROW=row_task is not None,
         X_TABLE=x_table is not None,
         STORE_X_HAT=store_x_hat,
+        STORE_Y_GEMM=y_gemm is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=warps,
@@ -318,6 +347,8 @@ def residual_layer_norm_backward(
     sum_dx: bool = False,
     row_task: torch.Tensor | None = None,
     num_tasks: int = 1,
+    dy_gemm: torch.Tensor | None = None,
+    dx_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
@@ -326,6 +357,9 @@ def residual_layer_norm_backward(
     forward's ``row_task`` (each task's sum over its rows, taken in this pass: ``task_tables``). With ``sum_dx``
     (which needs ``compute_dx``), dx_sum is the fp32 column sums of dx, summed before dx is rounded to its dtype
     (per task with ``row_task``): the bias gradient of the linear layer whose output x is; else None.
+
+    ``dy_gemm``, the gradient of the forward's ``y_gemm``, is added to dy as it is read (y's two uses, summed in
+    fp32 as autograd would, without its pass); dx comes in ``dx_dtype`` (default dy's), the feeding GEMM's operand.
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("x_hat", x_hat)
@@ -341,22 +375,29 @@ def residual_layer_norm_backward(
     check_dropout(dropout_p, seed)
     if sum_dx and not compute_dx:
         raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
+    _check_like("dy_gemm", dy_gemm, "dy", dy)
+    dx_dtype = dx_dtype or dy.dtype
+    if dx_dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"dx_dtype is {dx_dtype}; supported are float32, float16 and bfloat16")
     block_m, block_n, warps = _row_tile(N)
 
     programs = reduction_programs(cdiv(M, block_m), dy.device)
     reduction = task_tables.bias_reduction(row_task, num_tasks, M, programs)
     ds = torch.empty_like(dy) if compute_dx else None
-    dx = torch.empty_like(dy) if compute_dx and dropout_p > 0.0 else ds
+    store_dx = compute_dx and (dropout_p > 0.0 or dx_dtype != dy.dtype)
+    dx = torch.empty_like(dy, dtype=dx_dtype) if store_dx else ds
     # beta's partials and dx's (with sum_dx) in one buffer: one reduction of both after the pass.
     partials = reduction.partials(N, dy.device, tables=2 if sum_dx else 1)
     order, sorted_numbers, numbers, chunk_rows = reduction.walk(rstd)
     _residual_layer_norm_bwd_kernel[(reduction.programs,)](
-        dy, x_hat, gamma, rstd,
+        dy, dy_gemm if dy_gemm is not None else dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, partials[0], partials[-1],
         order, sorted_numbers, M, N, numbers, chunk_rows,
         dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, gamma), philox_offset,
+        HAS_DY_GEMM=dy_gemm is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,
+        STORE_DX=store_dx,
         SUM_DX=sum_dx,
         PER_TASK=reduction.per_task,
         BLOCK_M=block_m,

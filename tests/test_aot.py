@@ -27,6 +27,8 @@ SUBSET = [
     "ln_bwd bf16 N=768 per_task dropout dx sum_dx",
     "ln_fwd bf16 N=768 residual dropout",
     "ln_bwd bf16 N=768 dropout dx sum_dx",
+    "ln_bwd bf16 N=768 fp32_stream dy_gemm gemm_dx dropout dx sum_dx",  # a fused layer's under autocast
+    "ln_fwd bf16 N=768 fp32_stream y_gemm residual dropout",
     "linear_fwd bf16 128x128x64 s4 w8 row_bias gelu preact",
     "ln_fwd bf16 N=768 row_beta residual dropout",
     "heads_to_rows bf16 slots db",

@@ -64,7 +64,7 @@ def test_linear_layer_norm_equals_linear_then_layer_norm(impl, dtype, tables, dr
             xl.requires_grad_(False), rl.requires_grad_(False)
             leaves = [bl, betal]
         if fused:
-            y, _ = ops.linear_layer_norm(xl, weight, bl, rl, gamma, betal, 1e-12, dropout, seed, row_task)
+            y, _, _ = ops.linear_layer_norm(xl, weight, bl, rl, gamma, betal, 1e-12, dropout, seed, row_task)
         else:
             h = ops.linear(xl, weight, bl, row_task=row_task)
             y, _ = ops.layer_norm(h, rl, gamma, betal, 1e-12, dropout, seed, row_task)
@@ -95,7 +95,7 @@ def test_linear_layer_norm_computes_only_the_gradients_asked_for(impl):
     x = torch.randn(5, 8, device=DEVICE)
     weight = torch.randn(6, 8, device=DEVICE)
     bias, beta = torch.randn(6, device=DEVICE, requires_grad=True), torch.randn(6, device=DEVICE, requires_grad=True)
-    y, x_hat = ops.linear_layer_norm(x, weight, bias, None, torch.ones(6, device=DEVICE), beta, 1e-5)
+    y, x_hat, _ = ops.linear_layer_norm(x, weight, bias, None, torch.ones(6, device=DEVICE), beta, 1e-5)
     assert not x_hat.requires_grad
     dbias, dbeta = torch.autograd.grad(y, (bias, beta), torch.ones_like(y))
     torch.testing.assert_close(dbeta, torch.full_like(beta, 5.0))
@@ -309,7 +309,8 @@ def test_torch_residual_layer_norm_equals_float64_autograd_on_the_same_mask(eps,
     seed = 99 if dropout else None
     leaves = [_leaf(t) for t in ((h_in, bias) if fused else (x,)) + (residual, beta)]
     if fused:
-        y, x_hat = ops.linear_layer_norm(leaves[0], weight, leaves[1], leaves[2], gamma, leaves[3], eps, dropout, seed)
+        y, x_hat, _ = ops.linear_layer_norm(leaves[0], weight, leaves[1], leaves[2], gamma, leaves[3], eps, dropout,
+                                            seed)
     else:
         y, x_hat = ops.layer_norm(leaves[0], leaves[1], gamma, leaves[2], eps, dropout, seed)
     dy = torch.randn_like(y)
@@ -359,7 +360,7 @@ def test_dropout_in_half_precision_is_as_accurate_as_torch_on_the_same_mask(impl
         elif op == "layer_norm":
             y, _ = ops.layer_norm(leaves[0], leaves[1], gamma, leaves[2], eps, p, seed)
         else:
-            y, _ = ops.linear_layer_norm(leaves[0], w, leaves[1], leaves[2], gamma, leaves[3], eps, p, seed)
+            y, _, _ = ops.linear_layer_norm(leaves[0], w, leaves[1], leaves[2], gamma, leaves[3], eps, p, seed)
         return y, torch.autograd.grad(y, leaves, dy.to(precision))
 
     # The mask the op draws, read in fp32: the linear's output is nowhere zero where kept (GELU reaches 0 in fp32
@@ -456,7 +457,7 @@ def test_a_residual_alone_gets_its_gradient(impl, fused):
     gamma, beta = 1 + 0.3 * torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
     residual = _leaf(torch.randn(rows, n, device=DEVICE))
     if fused:
-        y, _ = ops.linear_layer_norm(h, weight, bias, residual, gamma, beta, 1e-12)
+        y, _, _ = ops.linear_layer_norm(h, weight, bias, residual, gamma, beta, 1e-12)
     else:
         y, _ = ops.layer_norm(x, residual, gamma, beta, 1e-12)
     dy = torch.randn_like(y)

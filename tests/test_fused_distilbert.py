@@ -49,9 +49,9 @@ def first_only_calls(model, batch, **kwargs) -> list[bool]:
     calls = []
     spied = [layer for layer in layers(model) if isinstance(layer, FusedEncoderLayer)]
     for layer in spied:
-        def spy(x, tokens, first_only=False, original=layer.fused_forward):
+        def spy(x, tokens, first_only=False, *args, original=layer.fused_forward):
             calls.append(first_only)
-            return original(x, tokens, first_only)
+            return original(x, tokens, first_only, *args)
 
         layer.fused_forward = spy  # an instance attribute, in front of the class's method
     try:

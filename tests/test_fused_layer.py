@@ -130,9 +130,9 @@ def test_minimal_mode_rebuilds_a_layer_input_from_the_previous_layer_only_while_
     hidden = torch.randn(3, 6, model.config.hidden_size, device=DEVICE)
     cotangent = torch.randn_like(hidden)
     tokens = Tokens.of_batch(hidden)
-    y = ours[0].fused_forward(tokens.pack(hidden), tokens)
+    y, _ = ours[0].fused_forward(tokens.pack(hidden), tokens)
     y.mul_(1.5)
-    out = tokens.unpack(ours[1].fused_forward(y, tokens))
+    out = tokens.unpack(ours[1].fused_forward(y, tokens)[0])
     (out * cotangent).sum().backward()
 
     def layer(module, h):
@@ -149,29 +149,76 @@ def test_minimal_mode_rebuilds_a_layer_input_from_the_previous_layer_only_while_
         torch.testing.assert_close(grad, truth, atol=1e-6 + 1e-4 * truth.abs().max().item(), rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("memory", ["default", "lean", "minimal"])
+def test_under_autocast_the_layer_norms_gemm_copies_change_no_bit(memory, monkeypatch):
+    """Under autocast the fused LayerNorms write their fp32 output again in the GEMM dtype for the GEMMs that read
+    it, and sum that copy's gradient into the stream's as they read it: the Triton path's loss, logits and every
+    bias gradient are those of the same step with the casts and autograd's sum as passes of their own, to the bit
+    (the CPU interpreter multiplies fp16, not bf16)."""
+    model = with_random_biases(tiny_bert(**DROPOUT, num_hidden_layers=3), gains=True).train()
+    bitfit_fast.apply(model, backend="triton", memory=memory, announce=False)
+    batch = padded_batch(model, (7, 3, 5))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    linear_layer_norm = bitfit_fast.functions.Ops.linear_layer_norm
+    copies = []
+
+    def step(gemm_copies: bool):
+        def counted(self, *args, gemm_copy=False, **kwargs):
+            out = linear_layer_norm(self, *args, gemm_copy=gemm_copy and gemm_copies, **kwargs)
+            copies.append(out[2] is not None)
+            return out
+
+        model.zero_grad(set_to_none=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(bitfit_fast.functions.Ops, "linear_layer_norm", counted)
+            torch.manual_seed(0)
+            with torch.autocast(DEVICE, dtype=dtype):
+                out = model(**batch)
+            out.loss.backward()
+        return out, {name: param.grad for name, param in trainable(model).items()}
+
+    fused, fused_grads = step(gemm_copies=True)
+    assert copies == [True] * 5 + [False], "a copy for every LayerNorm but the last one's"  # 2 per layer
+    copies.clear()
+    plain, plain_grads = step(gemm_copies=False)
+    assert not any(copies)
+    assert torch.equal(fused.loss, plain.loss) and torch.equal(fused.logits, plain.logits)
+    for name, grad in fused_grads.items():
+        assert torch.equal(grad, plain_grads[name]), name
+
+
 def test_under_autocast_minimal_mode_keeps_each_layer_input_as_its_gemms_read_it(monkeypatch):
     """Under autocast the residual stream is fp32 and the LayerNorms keep x_hat rounded to the GEMM dtype, which
     rebuilds a layer's input only within that rounding: minimal mode's checkpoint keeps every layer's input in the
-    GEMM dtype, exactly what its recomputed GEMMs read (never the fp32 stream itself), so its gradients are lean
-    mode's to the bit (the same attention backward; lean keeps q, k, v). Rebuilt from the rounded x_hat, the
-    query biases' gradients had up to 3.5x torch's bf16 error (a precision audit)."""
+    GEMM dtype, exactly what its recomputed GEMMs read (never the fp32 stream itself: the previous layer's copy in
+    the GEMM dtype, or the embeddings' cast), so its gradients are lean mode's to the bit (the same attention
+    backward; lean keeps q, k, v). Rebuilt from the rounded x_hat, the query biases' gradients had up to 3.5x
+    torch's bf16 error (a precision audit)."""
     model = with_random_biases(tiny_bert(**NO_DROPOUT)).train()
     lean = bitfit_fast.apply(copy.deepcopy(model), backend="torch", memory="lean", announce=False)
     bitfit_fast.apply(model, backend="torch", memory="minimal", announce=False)
-    kept = []
-    saved_tensors_hooks = torch.autograd.graph.saved_tensors_hooks
+    kept, checkpointed = [], []  # what the hooks keep in place of a checkpoint's input; each checkpoint's input
+    saved_tensors_hooks, checkpoint = torch.autograd.graph.saved_tensors_hooks, torch.utils.checkpoint.checkpoint
 
     def recording(pack, unpack):
         return saved_tensors_hooks(lambda tensor: kept.append(pack(tensor)) or kept[-1], unpack)
 
+    def recording_checkpoint(function, x, *args, **kwargs):
+        checkpointed.append(x)
+        return checkpoint(function, x, *args, **kwargs)
+
     batch = padded_batch(model, (7, 3, 5))
     with monkeypatch.context() as patch:
         patch.setattr(torch.autograd.graph, "saved_tensors_hooks", recording)
+        patch.setattr(torch.utils.checkpoint, "checkpoint", recording_checkpoint)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
-    inputs = [k for k in kept if isinstance(k, torch.Tensor) and k.shape == (15, model.config.hidden_size)]
-    assert [k.dtype for k in inputs] == [torch.bfloat16] * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert len(checkpointed) == layers
+    cast = [k for k in kept if isinstance(k, torch.Tensor) and k.shape == (15, model.config.hidden_size)]
+    copies = [x for x in checkpointed if x.dtype == torch.bfloat16]
+    assert len(cast) + len(copies) == layers and all(k.dtype == torch.bfloat16 for k in cast), "inputs kept in bf16"
     assert not [k for k in kept if isinstance(k, tuple)], "no input rebuilt from a rounded x_hat"
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         lean_loss = lean(**batch).loss

@@ -75,6 +75,40 @@ def test_an_fp32_residual_stream_stays_fp32(implementation, lead, n):
     assert_rebuilds_from_x_hat(y, x_hat, gamma, beta)
 
 
+@pytest.mark.parametrize("implementation", ["triton", "torch"])
+@pytest.mark.parametrize("lead,n", SHAPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("per_task", [False, True])
+def test_the_gemm_copy_and_its_gradient_are_the_cast_and_the_sum_they_replace(implementation, lead, n, dropout,
+                                                                               per_task):
+    """Under autocast an fp32 residual stream's y also feeds half-precision GEMMs: the forward writes y_gemm, y
+    rounded to fp16, and the backward takes y_gemm's gradient beside y's, dx in the GEMMs' dtype. To the bit, what a
+    cast of y, autograd's fp32 sum of the two gradients and a cast of dx would give."""
+    from bitfit_fast import torch_ops
+
+    impl = {"triton": K, "torch": torch_ops}[implementation]
+    x, _, gamma, beta = make(lead, n, torch.float16, "adversarial")
+    residual = 4 * torch.randn(*lead, n, device=DEVICE)
+    rows = x.numel() // n
+    row_task = torch.randint(0, 3, (rows,), device=DEVICE) if per_task else None
+    table = torch.randn(3, n, device=DEVICE) if per_task else beta
+    seed = 1234 if dropout else None
+    y_gemm = torch.empty_like(x)
+    y, x_hat, rstd = impl.residual_layer_norm_forward(x, gamma, table, EPS, residual, dropout_p=dropout, seed=seed,
+                                                      row_task=row_task, y_gemm=y_gemm)
+    assert y.dtype == torch.float32 and torch.equal(y_gemm, y.to(torch.float16))
+
+    dy, dy_gemm = torch.randn_like(y), torch.randn_like(y_gemm)
+    options = dict(dropout_p=dropout, seed=seed, sum_dx=True, row_task=row_task, num_tasks=3)
+    dx, ds, dbeta, dx_sum = impl.residual_layer_norm_backward(dy, x_hat, gamma, rstd, dy_gemm=dy_gemm,
+                                                               dx_dtype=torch.float16, **options)
+    dx_ref, ds_ref, dbeta_ref, dx_sum_ref = impl.residual_layer_norm_backward(dy + dy_gemm.float(), x_hat, gamma,
+                                                                               rstd, **options)
+    assert ds.dtype == torch.float32 and dx.dtype == torch.float16
+    assert torch.equal(ds, ds_ref) and torch.equal(dx, dx_ref.to(torch.float16))
+    assert torch.equal(dbeta, dbeta_ref) and torch.equal(dx_sum, dx_sum_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,n", SHAPES)
 @pytest.mark.parametrize("with_residual", [True, False])
@@ -303,6 +337,12 @@ def test_only_beta_gradient_when_inputs_need_none():
         (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), torch.zeros(2, 5), 1e-5,
                                                row_task=torch.zeros(3, dtype=torch.long), x_table=torch.zeros(2, 4)),
          r"x_table must have shape \(2, 5\)"),
+        (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), torch.zeros(5), 1e-5,
+                                               y_gemm=torch.empty(5, 3)), r"y_gemm has shape \(5, 3\) but x has"),
+        (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
+                                                dy_gemm=torch.randn(3, 4)), "dy_gemm has shape"),
+        (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
+                                                dx_dtype=torch.int32), "dx_dtype is torch.int32"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
