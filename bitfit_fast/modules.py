@@ -33,9 +33,13 @@ def retype(module: nn.Module, cls: type[nn.Module], **attributes) -> nn.Module:
 
 def replace_children(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> int:
     """Swap every child for which ``convert`` returns a module; a module shared by several parents (ALBERT)
-    is converted once and stays shared. Returns how many distinct modules were converted."""
+    is converted once and stays shared. Returns how many distinct modules were converted.
+
+    Children come before their parents: a converted parent (a ``retype``) holds a copy of its children's dict,
+    so a child swapped after it would be swapped in the old parent's dict only (merge left DistilBERT's and
+    ModernBERT's LayerNorms, children of their layers, BitFit modules)."""
     converted: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
+    for parent in reversed(list(model.modules())):
         for name, child in list(parent._modules.items()):
             if child is None:
                 continue

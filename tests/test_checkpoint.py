@@ -80,6 +80,20 @@ def test_merge_gives_a_vanilla_hugging_face_model(tmp_path):
     torch.testing.assert_close(reloaded(**batch).logits, logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["distilbert", "modernbert"])
+def test_merge_converts_the_layer_norms_a_fused_layer_holds_itself(family):
+    """DistilBERT's and ModernBERT's fused layers hold their LayerNorms as their own children: merge gives them back
+    as torch modules too (they stayed BitFit modules in the layers' old module dicts once), so the merged model is
+    vanilla and can be applied again."""
+    from test_fused_distilbert import tiny_distilbert
+
+    model = {"distilbert": tiny_distilbert, "modernbert": tiny_modernbert}[family]()
+    bitfit_fast.apply(model, backend="torch", announce=False)
+    merged = bitfit_fast.merge(model)
+    assert not any(type(m).__module__.startswith("bitfit_fast") for m in merged.modules())
+    bitfit_fast.apply(merged, backend="torch", announce=False)
+
+
 def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     """save_biases keeps the head's class names (not placeholders); load_biases puts them on the model it loads
     into, so a merged save_pretrained model answers "sport", not LABEL_2; a TaskBank's tasks keep them too."""
