@@ -155,8 +155,12 @@ def _as_module_output(y: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor
 
 
 def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
-    """Calls the fused path does not cover: cross-attention, caches, attention weights."""
-    return any(a is not None for a in args) or any(
+    """Calls the fused path does not cover: cross-attention, caches, attention weights, a head mask (transformers
+    4 passes one per layer, None where no head is masked)."""
+    head_mask = kwargs.get("head_mask")
+    masks_heads = head_mask is not None and (isinstance(head_mask, torch.Tensor)
+                                             or any(mask is not None for mask in head_mask))
+    return masks_heads or any(a is not None for a in args) or any(
         kwargs.get(k) for k in ("encoder_hidden_states", "past_key_values", "use_cache", "output_attentions")
     )
 
