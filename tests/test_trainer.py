@@ -208,6 +208,10 @@ def test_labels_of_a_file_map_to_the_trained_class_ids(tmp_path):
     task = data.load_local(str(train_file), str(other), ("text",), "label")
     assert task.label_names == ["2", "10"] and task.train.labels == [1, 0, 1]
     assert data.load_labeled(str(other), ("text",), "label", task.label_names).labels == [0, 1]
+    # Names that look like integers to str.isdigit but are none ("²", "--1") sort as text, after the numbers.
+    train_file.write_text("text,label\na,²\nb,--1\nc,-3\n")
+    other.write_text("text,label\nd,²\n")
+    assert data.load_local(str(train_file), str(other), ("text",), "label").label_names == ["-3", "--1", "²"]
 
 
 def test_a_sweep_reports_the_run_with_the_best_score(model_dir, files, tmp_path, monkeypatch):

@@ -324,6 +324,15 @@ def _require_varied_scores(split: Split, where: str, label_column: str) -> None:
                         "scores differ")
 
 
+def _integers_first(label: str) -> tuple:
+    """Sort key of class names: integers in numeric order, then the other names in text order ("²" passes
+    ``isdigit`` but is no integer)."""
+    try:
+        return (False, int(label), label)
+    except ValueError:
+        return (True, 0, label)
+
+
 def load_local(train_file: str, validation_file: str, text_columns: tuple[str, ...], label_column: str,
                regression: bool = False) -> TaskData:
     """CSV / JSON(L) / Parquet files with one or two text columns and a label column."""
@@ -331,8 +340,7 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     label_ids = None
     if not regression:
         _require_columns(tables["train"], (*text_columns, label_column), train_file)
-        names = sorted({str(v) for v in tables["train"][label_column]},
-                       key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        names = sorted({str(v) for v in tables["train"][label_column]}, key=_integers_first)
         if len(names) < 2:
             raise DataError(f"{train_file} column {label_column!r} has one class, {names[0]!r}: classification needs "
                             "at least two (pass --regression if the column holds scores)")
