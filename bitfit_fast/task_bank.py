@@ -60,7 +60,6 @@ class Task:
     index: int
     num_labels: int  # 1: regression (a score)
     label_names: list[str] | None  # class names; None: regression
-    source: Path | None  # the save_biases directory it was loaded from; None: a new task
 
 
 class TaskHeads(nn.Module):
@@ -207,7 +206,7 @@ def _output_head(model: nn.Module, trained_heads: list[str]) -> str | None:
     outputs (ModernBERT's "head" is a hidden-size projection before its "classifier"); None without a trained head."""
     if not trained_heads:
         return None
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    num_labels = model.config.num_labels
     found = [name for name in trained_heads if any(isinstance(m, nn.Linear) and m.out_features == num_labels
                                                    for m in model.get_submodule(name).modules())]
     if len(found) != 1:
@@ -376,7 +375,7 @@ def _check_runs_labels(model: nn.Module, config: BitFitConfig, checkpoints: dict
             continue
         checkpoint = checkpoints[name]
         if not config.train_head:
-            width = getattr(getattr(model, "config", None), "num_labels", 0)
+            width = model.config.num_labels
         else:
             output = output or _output_head(model, sorted(checkpoint.state.head))
             width = _output_width(_head_copy(model.get_submodule(output), output, checkpoint.tensors))
@@ -424,7 +423,7 @@ class TaskBank(nn.Module):
             raise ValueError(f"sources are several tasks, {{name: directory}} or a list of directories; got one path, "
                              f"{str(sources)!r}: pass [{str(sources)!r}]")
         if not isinstance(sources, Mapping):
-            names = [Path(source).name for source in sources]
+            names = [Path(source).resolve().name for source in sources]  # "." is named as its directory
             twice = next((name for name in names if names.count(name) > 1), None)
             if twice is not None:
                 raise ValueError(f"two tasks would be named {twice!r} (a list names each by its directory): pass "
@@ -477,9 +476,8 @@ class TaskBank(nn.Module):
         apply(model, config, announce=False)
         _give_sequence_first_layers_their_layout(model, sequence_first)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
-        shared_width = 0 if config.train_head else getattr(getattr(model, "config", None), "num_labels", 0)
-        tasks = [Task(name, index, resolved[name][2] or shared_width, resolved[name][1] or checkpoint.label_names,
-                      checkpoint.directory)
+        shared_width = 0 if config.train_head else model.config.num_labels
+        tasks = [Task(name, index, resolved[name][2] or shared_width, resolved[name][1] or checkpoint.label_names)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())
         bank = cls._assemble(model, tasks, lambda name, t: saved[t].tensors[name],
@@ -503,7 +501,7 @@ class TaskBank(nn.Module):
         if bad:
             raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
         if not config_with(config, overrides).train_head:
-            width = getattr(getattr(model, "config", None), "num_labels", None)
+            width = model.config.num_labels
             other = {name: n for name, n in num_labels.items() if n != width}
             if other:
                 raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
@@ -512,7 +510,7 @@ class TaskBank(nn.Module):
         apply(model, config, announce=False, **overrides)
         _give_sequence_first_layers_their_layout(model, sequence_first)
         params = dict(model.named_parameters())
-        tasks = [Task(name, index, width, None, None) for index, (name, width) in enumerate(num_labels.items())]
+        tasks = [Task(name, index, width, None) for index, (name, width) in enumerate(num_labels.items())]
         return cls._assemble(
             model, tasks, lambda name, t: params[name].detach(),
             lambda head_name, head, t, is_output: _new_head(model, head, tasks[t].num_labels) if is_output
@@ -595,8 +593,11 @@ class TaskBank(nn.Module):
         if not batch:
             raise ValueError("the batch is empty: pass the model's inputs, bank(tasks, input_ids=..., "
                              "attention_mask=...)")
-        device = next(iter(batch.values())).device
-        index = self.task_index(tasks, device)
+        tensors = [value for value in batch.values() if isinstance(value, torch.Tensor)]
+        if not tensors:
+            raise ValueError("the batch holds no tensor: pass the model's inputs, bank(tasks, input_ids=..., "
+                             "attention_mask=...)")
+        index = self.task_index(tasks, tensors[0].device)
         # Checked here too, not only by the layers that add a task's bias: a bank that trains few of them (DeBERTa
         # with biases=["intermediate.dense"]) met the wrong count first in its attention, as a bmm's shape error.
         inputs = next((batch[key] for key in ("input_ids", "inputs_embeds") if batch.get(key) is not None), None)
@@ -767,7 +768,7 @@ class TaskBank(nn.Module):
         tensors = self.task_tensors(name)
         return write_checkpoint(directory, tensors, config_of(self.model), state_of(self.model),
                                 type(self.model).__name__,
-                                getattr(getattr(self.model, "config", None), "_name_or_path", None),
+                                self.model.config._name_or_path,
                                 self.tasks[name].label_names, into_run=into_run,
                                 base_sample=base_sample(self.model, tensors))
 
@@ -785,11 +786,12 @@ class TaskAdamW(torch.optim.Optimizer):
     table's row, its rows of concatenated heads, a head parameter of its own) counts its own steps.
 
     A step is a fixed number of operations, decided on the device: those parts of a param group's parameters are the
-    segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch.
-    Per parameter, a bert-mini bank of 64 tasks (34 tables, then 128 head parameters) ran 2,050 operations a step,
-    each a kernel launch on a GPU; now 40. Tasks given as names or host indices are copied to the device from pinned
-    memory, and nothing is read back: the host never waits for the GPU (indices already in a GPU tensor are read back
-    to be checked, but not while a CUDA graph captures the step: GraphedStep checks them before).
+    segments of one flat vector (:class:`_FlatSegments`), each stepped where its task is in the batch. Stepped per
+    parameter, a bert-mini bank of 64 tasks ran 2,050 operations a step (when each task's head was parameters of its
+    own), each a kernel launch on a GPU; as segments, a fixed few. Tasks given as names or host indices are copied
+    to the device from pinned memory, and nothing is read back: the host never waits for the GPU (indices already in
+    a GPU tensor are read back to be checked, but not while a CUDA graph captures the step: GraphedStep checks them
+    before).
     """
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):

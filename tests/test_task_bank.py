@@ -570,7 +570,7 @@ def test_a_task_saved_from_the_bank_loads_onto_a_fresh_base(tmp_path):
         torch.testing.assert_close(alone(**batch).logits, tasks["sentiment"][0].eval()(**batch).logits)
 
 
-def test_mistakes_name_the_problem(tmp_path):
+def test_mistakes_name_the_problem(tmp_path, monkeypatch):
     base = MODELS["bert"](num_labels=3)
     tasks = trained_tasks(base, tmp_path, backend="torch")
     sources = {name: directory for name, (_, directory) in tasks.items()}
@@ -621,6 +621,11 @@ def test_mistakes_name_the_problem(tmp_path):
         bank([0, 1.7], **batch)
     with pytest.raises(ValueError, match=r"the batch is empty: pass the model's inputs"):
         bank(["topic", "topic"])
+    with pytest.raises(ValueError, match=r"the batch holds no tensor: pass the model's inputs"):
+        bank(["topic", "topic"], input_ids=None)
+    # An input left None ahead of the others is no device to read.
+    torch.testing.assert_close(bank(["topic", "topic"], token_type_ids=None, **batch),
+                               bank(["topic", "topic"], **batch))
     with pytest.raises(ValueError, match=r"unknown task 'weather'; the bank holds"):
         bank.save_task("weather", tmp_path / "weather")
     assert not (tmp_path / "weather").exists()
@@ -637,6 +642,9 @@ def test_mistakes_name_the_problem(tmp_path):
         bitfit_fast.save_biases(tasks[name][0], tmp_path / parent / "best")
     with pytest.raises(ValueError, match=r"two tasks would be named 'best' .*: pass \{name: directory\} instead"):
         TaskBank.load(copy.deepcopy(base), [tmp_path / "a" / "best", tmp_path / "b" / "best"], backend="torch")
+    with monkeypatch.context() as patch:  # "." is named as the directory it is
+        patch.chdir(tmp_path / "a" / "best")
+        assert list(TaskBank.load(copy.deepcopy(base), ["."], backend="torch").tasks) == ["best"]
 
     wider = MODELS["bert"](num_labels=3, intermediate_size=64)  # trained on another size, refused before any change
     bitfit_fast.save_biases(bitfit_fast.apply(wider, announce=False), tmp_path / "wider")
