@@ -400,11 +400,12 @@ def apply(model: nn.Module, config: BitFitConfig | None = None, *, announce: boo
     given as keywords replaced: ``apply(model, biases="subset")``, ``apply(model, config, memory="lean")``.
     Every parameter is frozen except the selected biases and, with ``train_head``, the task head (found as the
     top-level modules outside a Hugging Face model's base model, or given by ``head``). Every ``nn.Linear`` and
-    ``nn.LayerNorm`` outside a trained head becomes a :class:`BitFitLinear` / :class:`BitFitLayerNorm` that
-    keeps its parameters, so state_dict keys do not change; recognised encoder layers are fused
-    (``fuse_layers``). Selected modules without a bias get a zero one (``add_missing_biases``), so step 0
-    computes the pretrained function; ``announce`` prints how many (``load_biases`` turns it off: the biases it
-    restores are not zero). Nothing changes until every option and the model have been checked.
+    ``nn.LayerNorm`` outside a trained head (but a LayerNorm without a bias that gets none) becomes a
+    :class:`BitFitLinear` / :class:`BitFitLayerNorm` that keeps its parameters, so state_dict keys do not change;
+    recognised encoder layers are fused (``fuse_layers``). Selected modules without a bias get a zero one
+    (``add_missing_biases``), so step 0 computes the pretrained function; ``announce`` prints how many
+    (``load_biases`` turns it off: the biases it restores are not zero). Nothing changes until every option and the
+    model have been checked.
     The config is kept as ``model.bitfit_fast_config``; what apply() found and changed as
     ``model.bitfit_fast_state`` (:class:`AppliedState`).
     """

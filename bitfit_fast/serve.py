@@ -30,7 +30,8 @@ from .train import (
 
 
 class _BaseModels:
-    """Base models by (path, head, method): a second run of the same base only swaps the biases."""
+    """Base models by (path, head width, class names, method): a second run of the same base only swaps the
+    biases."""
 
     def __init__(self):
         self.models = {}
