@@ -102,20 +102,21 @@ class LayerNormFunction(torch.autograd.Function):
     """(y, x_hat) = LayerNorm(dropout(x) + residual) over the last dimension with gamma frozen: gradients for x,
     residual and beta only.
 
-    x_hat is in x's dtype, y in that of x + residual (an fp32 residual stream stays fp32, as in torch); x_hat is
-    not differentiable. It saves x_hat and rstd, what the backward needs, in a form that is exact for any gamma:
-    pretrained LayerNorms have gamma entries near 1e-33, where rebuilding x_hat = (y - beta) / gamma from the
-    output would be garbage. y is ``layer_norm_output`` of the fp32 x_hat, so whoever needs y later rebuilds it
-    from the kept x_hat instead of keeping y.
+    x_hat is in x's dtype, y in that of x + residual (an fp32 residual stream stays fp32, as in torch) or in
+    ``out_dtype`` (a pre-norm layer's y, which only GEMMs read, in their dtype: no pass casts it, none casts its
+    gradient); x_hat is not differentiable. It saves x_hat and rstd, what the backward needs, in a form that is
+    exact for any gamma: pretrained LayerNorms have gamma entries near 1e-33, where rebuilding
+    x_hat = (y - beta) / gamma from the output would be garbage. y is ``layer_norm_output`` of the fp32 x_hat, so
+    whoever needs y later rebuilds it from the kept x_hat instead of keeping y.
     """
 
     @staticmethod
-    def forward(ctx, impl, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
+    def forward(ctx, impl, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None):
         check_frozen("gamma", gamma)
         beta, row_task, num_tasks = _tables(beta, row_task)
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             x.contiguous(), gamma, beta, eps, residual,
-            dropout_p=dropout_p, seed=seed, row_task=row_task,
+            dropout_p=dropout_p, seed=seed, row_task=row_task, y_dtype=out_dtype,
         )
         ctx.mark_non_differentiable(x_hat)
         ctx.set_materialize_grads(False)  # x_hat's gradient stays None: no zero-filled tensor per backward
@@ -129,14 +130,16 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _):
         x_hat, gamma, rstd, row_task = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[1:5]
+        x_dtype, residual_dtype, beta_dtype = ctx.dtypes
+        # ds, the residual's gradient, and dx in their inputs' dtypes, whatever y's (out_dtype).
         dx, dresidual, dbeta, _ = ctx.impl.residual_layer_norm_backward(
             dy.contiguous(), x_hat, gamma, rstd,
-            compute_dx=needs_x or needs_residual, row_task=row_task, **ctx.options,
+            compute_dx=needs_x or needs_residual, row_task=row_task, ds_dtype=residual_dtype or x_dtype,
+            dx_dtype=x_dtype, **ctx.options,
         )
-        x_dtype, residual_dtype, beta_dtype = ctx.dtypes
         dx = _cast(dx, x_dtype) if needs_x else None
         dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
-        return None, dx, dresidual, None, _cast(dbeta, beta_dtype) if needs_beta else None, *(None,) * 4
+        return None, dx, dresidual, None, _cast(dbeta, beta_dtype) if needs_beta else None, *(None,) * 5
 
 
 class LinearLayerNormFunction(torch.autograd.Function):
@@ -291,9 +294,10 @@ class Ops:
         """:class:`LinearFunction`."""
         return LinearFunction.apply(self.impl, x, weight, bias, activation, dropout_p, seed, recompute_from, row_task)
 
-    def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None):
+    def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None):
         """:class:`LayerNormFunction`: (y, x_hat)."""
-        return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task)
+        return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task,
+                                       out_dtype)
 
     def linear_heads(self, x, weight, biases, tokens, heads: int, row_task=None):
         """:class:`LinearHeadsFunction` on the attention layout of ``tokens`` (an ``unpadding.Tokens``), a part per

@@ -59,6 +59,7 @@ from .modules import (
     replace_children,
     retype,
 )
+from .torch_ops import compute_dtype
 from .unpadding import Tokens
 
 
@@ -194,7 +195,8 @@ class FusedPreNormLayer(FusedEncoderLayer):
         h = x
         if not isinstance(attn_norm, nn.Identity):
             beta = _beta(attn_norm)
-            h, x_hat = ops.layer_norm(x, None, attn_norm.weight, beta, attn_norm.eps, row_task=rt)
+            h, x_hat = ops.layer_norm(x, None, attn_norm.weight, beta, attn_norm.eps, row_task=rt,
+                                      out_dtype=compute_dtype(x))
             if minimal:
                 _remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
         if minimal:
@@ -209,7 +211,8 @@ class FusedPreNormLayer(FusedEncoderLayer):
                            ops.dropout_seed(p_attention, x.device), row_task=rt)
 
         beta = _beta(mlp_norm)
-        h, x_hat = ops.layer_norm(x, None, mlp_norm.weight, beta, mlp_norm.eps, row_task=rt)
+        h, x_hat = ops.layer_norm(x, None, mlp_norm.weight, beta, mlp_norm.eps, row_task=rt,
+                                  out_dtype=compute_dtype(x))
         recompute_from = (x_hat, mlp_norm.weight, beta, rt) if self.bitfit_memory != "default" else None
         p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
         gated = ops.linear(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp,

@@ -228,11 +228,11 @@ def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tens
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
-                                store_x_hat=True, row_task=None, x_table=None, y_gemm=None):
+                                store_x_hat=True, row_task=None, x_table=None, y_gemm=None, y_dtype=None):
     """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
     None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the fp32 x_hat, in the
-    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum), copied
-    into ``y_gemm`` (if given) in its dtype."""
+    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum) or
+    ``y_dtype``, copied into ``y_gemm`` (if given) in its dtype."""
     s = x.float()
     if x_table is not None:
         s = s + bias_rows(x_table, row_task).float().view(s.shape)
@@ -242,8 +242,8 @@ def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p
         s = s + residual.float()
     with torch.autocast(x.device.type, enabled=False):
         x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
-    y = layer_norm_output(x_hat, gamma, beta, row_task, x.dtype if residual is None else
-                          torch.promote_types(x.dtype, residual.dtype))
+    y = layer_norm_output(x_hat, gamma, beta, row_task, y_dtype or (x.dtype if residual is None else
+                                                                     torch.promote_types(x.dtype, residual.dtype)))
     if y_gemm is not None:
         y_gemm.copy_(y)
     x_hat = x_hat.to(x.dtype)
@@ -251,10 +251,11 @@ def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p
 
 
 def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=None, compute_dx=True,
-                                 sum_dx=False, row_task=None, num_tasks=1, dy_gemm=None, dx_dtype=None):
+                                 sum_dx=False, row_task=None, num_tasks=1, dy_gemm=None, dx_dtype=None,
+                                 ds_dtype=None):
     """``bitfit_fast_kernels.residual_layer_norm_backward`` in torch ops: (dx, dresidual, dbeta, dx_sum), the
     sums in fp32 (dx_sum, dx's column sums, with ``sum_dx`` only), dy plus ``dy_gemm`` (if given) in fp32, ds in
-    fp32 and dx in ``dx_dtype`` (default fp32)."""
+    ``ds_dtype`` and dx in ``dx_dtype`` (each fp32 by default)."""
     if dy_gemm is not None:
         dy = dy.float() + dy_gemm.float()
     ds = dx = None
@@ -270,6 +271,8 @@ def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=
     dx_sum = column_sums(dx, row_task, num_tasks) if sum_dx else None
     if dx is not None and dx_dtype is not None:
         dx = dx.to(dx_dtype)
+    if ds is not None and ds_dtype is not None:
+        ds = ds.to(ds_dtype)
     return dx, ds, column_sums(dy, row_task, num_tasks), dx_sum
 
 

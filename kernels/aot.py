@@ -186,6 +186,29 @@ def layer_norm_variants():
                            *(("dx_ptr",) if fp32_stream and not gemm_dx else ())},
             int_pointers={"seed_ptr", *TASK_POINTERS}, ints=dict(INTS, N=hidden),
         )
+    # A pre-norm layer (ModernBERT) under autocast: LayerNorms of the fp32 stream whose output only GEMMs read, in
+    # their dtype, and its gradient read so; x, x_hat, ds and dx are fp32.
+    for dt, hidden, per_task in itertools.product(("bf16", "fp16"), HIDDEN_SIZES, (False, True)):
+        block_m, block_n, warps = layer_norm._row_tile(hidden)
+        flags = _flags(pre_norm=True, row_beta=per_task)
+        yield Variant(
+            "ln_fwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_fwd_kernel, dt,
+            consts={"HAS_RESIDUAL": False, "HAS_DROPOUT": False, "BETA_PER_ROW": per_task, "X_TABLE": False,
+                    "STORE_X_HAT": True, "STORE_Y_GEMM": False, "BLOCK_M": block_m, "BLOCK_N": block_n},
+            options={"num_warps": warps},
+            fp32_pointers={"x_ptr", "res_ptr", "gamma_ptr", "beta_ptr", "x_table_ptr", "x_hat_ptr", "rstd_ptr"},
+            int_pointers={"task_ptr", "seed_ptr"}, ints=dict(INTS, N=hidden),
+        )
+        flags = _flags(pre_norm=True, per_task=per_task, dx=True)
+        yield Variant(
+            "ln_bwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_bwd_kernel, dt,
+            consts={"HAS_DY_GEMM": False, "HAS_DROPOUT": False, "COMPUTE_DX": True, "STORE_DX": False,
+                    "SUM_DX": False, "PER_TASK": per_task, "BLOCK_M": block_m, "BLOCK_N": block_n},
+            options={"num_warps": warps},
+            fp32_pointers={"x_hat_ptr", "gamma_ptr", "rstd_ptr", "ds_ptr", "dx_ptr", "dbeta_partial_ptr",
+                           "dx_partial_ptr"},
+            int_pointers={"seed_ptr", *TASK_POINTERS}, ints=dict(INTS, N=hidden),
+        )
 
 
 def heads_variants():

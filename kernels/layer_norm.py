@@ -244,6 +244,12 @@ def _check_like(name: str, tensor: torch.Tensor | None, like_name: str, like: to
         raise KernelInputError(f"{name} is on {tensor.device} but {like_name} is on {like.device}")
 
 
+def _check_dtype(name: str, dtype: torch.dtype | None) -> None:
+    """Raise unless ``dtype`` (if given) is one the kernels write."""
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise KernelInputError(f"{name} is {dtype}; supported are float32, float16 and bfloat16")
+
+
 def _check_features(N: int) -> int:
     """BLOCK_N for rows of N features: at least 4, the lanes of one Philox draw (see ``dropout.keep_mask``)."""
     if N > MAX_FEATURES:
@@ -283,6 +289,7 @@ def residual_layer_norm_forward(
     row_task: torch.Tensor | None = None,
     x_table: torch.Tensor | None = None,
     y_gemm: torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """LayerNorm(dropout(x) + residual) over the last dimension, y in the dtype of x + residual (an fp32 residual
     stream stays fp32 for a half-precision x, as torch promotes the sum). With ``row_task`` ([M] integers),
@@ -290,7 +297,7 @@ def residual_layer_norm_forward(
     ``x_table`` [T, N] to x first, in fp32 (the bias of the linear layer whose output x is: cuBLAS has no epilogue
     for a bias per row, and here it costs no pass of its own). ``y_gemm``, a tensor shaped as x, receives y too,
     rounded to its dtype: the operand of the GEMMs that read an fp32 residual stream under autocast, without a pass
-    to cast y.
+    to cast y. ``y_dtype`` gives y another dtype (a pre-norm layer's y, which only GEMMs read, in theirs).
 
     Returns (y, x_hat, rstd): with ``store_x_hat`` (when a backward will run) the normalised input in x's
     dtype (y = gamma * x_hat + beta, computed from x_hat before that rounding), and the fp32 per-row rstd; else
@@ -310,9 +317,11 @@ def residual_layer_norm_forward(
         check_bias("x_table", x_table, N, M, row_task, x.device)
     check_dropout(dropout_p, seed)
     _check_like("y_gemm", y_gemm, "x", x)
+    _check_dtype("y_dtype", y_dtype)
     block_m, block_n, warps = _row_tile(N)
 
-    y = torch.empty_like(x, dtype=x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+    y_dtype = y_dtype or (x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
+    y = torch.empty_like(x, dtype=y_dtype)
     x_hat = torch.empty_like(x) if store_x_hat else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if store_x_hat else None
     _residual_layer_norm_fwd_kernel[(cdiv(M, block_m),)](
@@ -349,6 +358,7 @@ def residual_layer_norm_backward(
     num_tasks: int = 1,
     dy_gemm: torch.Tensor | None = None,
     dx_dtype: torch.dtype | None = None,
+    ds_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
@@ -359,7 +369,8 @@ def residual_layer_norm_backward(
     (per task with ``row_task``): the bias gradient of the linear layer whose output x is; else None.
 
     ``dy_gemm``, the gradient of the forward's ``y_gemm``, is added to dy as it is read (y's two uses, summed in
-    fp32 as autograd would, without its pass); dx comes in ``dx_dtype`` (default dy's), the feeding GEMM's operand.
+    fp32 as autograd would, without its pass). ds comes in ``ds_dtype`` (default dy's: the residual's where y is
+    narrower), dx in ``dx_dtype`` (default ds's: the feeding GEMM's operand where the stream is wider).
     """
     check_compute_tensor("dy", dy)
     check_compute_tensor("x_hat", x_hat)
@@ -376,15 +387,16 @@ def residual_layer_norm_backward(
     if sum_dx and not compute_dx:
         raise KernelInputError("sum_dx sums dx: it needs compute_dx=True")
     _check_like("dy_gemm", dy_gemm, "dy", dy)
-    dx_dtype = dx_dtype or dy.dtype
-    if dx_dtype not in SUPPORTED_DTYPES:
-        raise KernelInputError(f"dx_dtype is {dx_dtype}; supported are float32, float16 and bfloat16")
+    _check_dtype("ds_dtype", ds_dtype)
+    _check_dtype("dx_dtype", dx_dtype)
+    ds_dtype = ds_dtype or dy.dtype
+    dx_dtype = dx_dtype or ds_dtype
     block_m, block_n, warps = _row_tile(N)
 
     programs = reduction_programs(cdiv(M, block_m), dy.device)
     reduction = task_tables.bias_reduction(row_task, num_tasks, M, programs)
-    ds = torch.empty_like(dy) if compute_dx else None
-    store_dx = compute_dx and (dropout_p > 0.0 or dx_dtype != dy.dtype)
+    ds = torch.empty_like(dy, dtype=ds_dtype) if compute_dx else None
+    store_dx = compute_dx and (dropout_p > 0.0 or dx_dtype != ds_dtype)
     dx = torch.empty_like(dy, dtype=dx_dtype) if store_dx else ds
     # beta's partials and dx's (with sum_dx) in one buffer: one reduction of both after the pass.
     partials = reduction.partials(N, dy.device, tables=2 if sum_dx else 1)

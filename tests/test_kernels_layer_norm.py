@@ -109,6 +109,26 @@ def test_the_gemm_copy_and_its_gradient_are_the_cast_and_the_sum_they_replace(im
     assert torch.equal(dbeta, dbeta_ref) and torch.equal(dx_sum, dx_sum_ref)
 
 
+@pytest.mark.parametrize("implementation", ["triton", "torch"])
+@pytest.mark.parametrize("lead,n", SHAPES)
+def test_an_output_in_the_gemm_dtype_and_its_gradient_are_the_casts_they_replace(implementation, lead, n):
+    """A pre-norm LayerNorm of the fp32 stream whose output only GEMMs read writes it in their dtype (y_dtype), and
+    its backward reads that gradient and writes the stream's in fp32 (ds_dtype): to the bit, the fp32 output rounded
+    and the backward of the gradient cast up."""
+    from bitfit_fast import torch_ops
+
+    impl = {"triton": K, "torch": torch_ops}[implementation]
+    x, _, gamma, beta = make(lead, n, torch.float32, "adversarial")
+    y, x_hat, rstd = impl.residual_layer_norm_forward(x, gamma, beta, EPS, y_dtype=torch.float16)
+    y32, _, _ = impl.residual_layer_norm_forward(x, gamma, beta, EPS)
+    assert torch.equal(y, y32.to(torch.float16))
+    dy = torch.randn_like(y)
+    dx, ds, dbeta, _ = impl.residual_layer_norm_backward(dy, x_hat, gamma, rstd, ds_dtype=torch.float32)
+    dx_ref, ds_ref, dbeta_ref, _ = impl.residual_layer_norm_backward(dy.float(), x_hat, gamma, rstd)
+    assert dx.dtype == ds.dtype == torch.float32
+    assert torch.equal(dx, dx_ref) and torch.equal(ds, ds_ref) and torch.equal(dbeta, dbeta_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,n", SHAPES)
 @pytest.mark.parametrize("with_residual", [True, False])
@@ -343,6 +363,8 @@ def test_only_beta_gradient_when_inputs_need_none():
                                                 dy_gemm=torch.randn(3, 4)), "dy_gemm has shape"),
         (lambda: K.residual_layer_norm_backward(torch.randn(3, 5), torch.randn(3, 5), torch.ones(5), torch.zeros(3),
                                                 dx_dtype=torch.int32), "dx_dtype is torch.int32"),
+        (lambda: K.residual_layer_norm_forward(torch.randn(3, 5), torch.ones(5), torch.zeros(5), 1e-5,
+                                               y_dtype=torch.float64), "y_dtype is torch.float64"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, message):
