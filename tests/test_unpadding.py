@@ -63,14 +63,23 @@ def encoder_rows(model, batch) -> int:
 
 
 def assert_same_training(model, reference, batches, tol=TOL):
-    """Losses, every trainable parameter's gradient at each step, and the parameters after the steps."""
+    """Losses, every trainable parameter's gradient at each step (to tol's rtol of its own largest value: an
+    absolute tolerance would pass a query bias's whole gradient), and the parameters after the steps. Where every
+    sequence is one token long its query cannot move its attention: the query biases' true gradient is zero, and
+    both are rounding noise."""
     grads, ref_grads = [], []
     losses = adamw_steps(model, batches, grads=grads)
     ref_losses = adamw_steps(reference, batches, grads=ref_grads)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **tol)
+    one_token = all(batch["attention_mask"].sum(1).max() == 1 for batch in batches)
     for step, ref_step in zip(grads, ref_grads, strict=True):
         for name, grad in step.items():
-            torch.testing.assert_close(grad, ref_step[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+            if one_token and name.endswith("query.bias"):
+                assert max(grad.abs().max(), ref_step[name].abs().max()) < 1e-6, name
+                continue
+            atol = tol["rtol"] * ref_step[name].abs().max().item()  # zero for a bias whose true gradient is zero
+            torch.testing.assert_close(grad, ref_step[name], atol=atol, rtol=tol["rtol"],
+                                       msg=lambda m, n=name: f"{n}: {m}")
     ref_params = trainable(reference)
     for name, param in trainable(model).items():
         torch.testing.assert_close(param, ref_params[name], **tol, msg=lambda m, n=name: f"{n}: {m}")
@@ -489,7 +498,7 @@ def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batc
         model.classifier.bias.normal_()
     reference = reference_bitfit(copy.deepcopy(model))
     bitfit_fast.apply(model, backend=backend)
-    texts = bbc_titles("tech", 3) + bbc_titles("sport", 2) + bbc_titles("politics", 1, skip=4)
+    texts = bbc_titles("tech", 3) + bbc_titles("sports", 2) + bbc_titles("politics", 1, skip=4)
     padded = real_batch(texts, [0] * len(texts))
     valid = padded.pop("attention_mask").bool()
     features = [dict(input_ids=ids[row_valid].tolist(), labels=[row % 3] * int(row_valid.sum()))
