@@ -170,16 +170,11 @@ def _refuse_host_copy_while_capturing(why: str) -> None:
                            "the captured step must give the same parameters a gradient as its warmup steps")
 
 
-def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(module_name), attribute, nn.Parameter(value))
-
-
 def _head_copy(head: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """A copy of a head module holding one task's trained tensors (a head of another width is resized)."""
     copied = copy.deepcopy(head)
     for name, _ in list(copied.named_parameters()):
-        _set_parameter(copied, name, tensors[f"{prefix}.{name}"].clone())
+        _set_attribute(copied, name, nn.Parameter(tensors[f"{prefix}.{name}"].clone()))
     for module in copied.modules():
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
@@ -197,7 +192,7 @@ def _new_head(model: nn.Module, head: nn.Module, width: int) -> nn.Module:
         model._init_weights(new)
     if not name:
         return new
-    _set_module(copied, name, new)
+    _set_attribute(copied, name, new)
     return copied
 
 
@@ -526,7 +521,7 @@ class TaskBank(nn.Module):
             for name, param in list(model.named_parameters()):
                 if param.requires_grad and not is_within(name, head_names):
                     table = torch.stack([bias_of(name, task.index) for task in tasks])
-                    _set_parameter(model, name, table.to(param.device, param.dtype))
+                    _set_attribute(model, name, nn.Parameter(table.to(param.device, param.dtype)))
         trained_heads = [name for name in head_names
                          if any(p.requires_grad for p in model.get_submodule(name).parameters())]
         output = _output_head(model, trained_heads)
@@ -534,7 +529,7 @@ class TaskBank(nn.Module):
             head = model.get_submodule(head_name)
             device = next(head.parameters()).device
             heads = TaskHeads([head_of(head_name, head, task.index, head_name == output) for task in tasks])
-            _set_module(model, head_name, heads.to(device))
+            _set_attribute(model, head_name, heads.to(device))
         task_positions.install(model)
         for task in tasks:
             if output is not None:
@@ -924,6 +919,7 @@ class _FlatSegments:
         torch._foreach_copy_(self.flat_params, param.split(self.sizes))
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def _set_attribute(model: nn.Module, name: str, value: nn.Module | nn.Parameter) -> None:
+    """Set the submodule or parameter of dotted ``name`` in ``model``."""
     parent, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent), attribute, module)
+    setattr(model.get_submodule(parent), attribute, value)
