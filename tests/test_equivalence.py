@@ -17,7 +17,8 @@ from bitfit_reference import (
 
 import bitfit_fast
 
-TOL = dict(atol=2e-5, rtol=1e-4)
+TOL = dict(atol=2e-5, rtol=1e-4)  # parameters after AdamW steps, which divide each gradient by its own scale
+OUTPUT_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 logits of ~0.1, apart by the sums' order only (~1e-8 seen)
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -34,8 +35,8 @@ def test_logits_loss_and_gradients_match(arch, backend, path):
 
     batch = padded_batch(model)
     out, ref_out = model(**batch), reference(**batch)
-    torch.testing.assert_close(out.logits, ref_out.logits, **TOL)
-    torch.testing.assert_close(out.loss, ref_out.loss, **TOL)
+    torch.testing.assert_close(out.logits, ref_out.logits, **OUTPUT_TOL)
+    torch.testing.assert_close(out.loss, ref_out.loss, **OUTPUT_TOL)
     out.loss.backward()
     ref_out.loss.backward()
     assert_gradients_match(model, reference)
