@@ -55,13 +55,14 @@ def minilm_for(backend: str, **overrides):
     return real_minilm(layers=None if backend == "torch" else [4, 5], **NO_DROPOUT, **overrides).train()
 
 
-def assert_close_relative_to_largest(ours: dict, theirs: dict, rel: float, what: str) -> None:
-    """Each tensor within ``rel`` of the largest value of any tensor of ``theirs``: immune to values that are
-    only rounding noise, strict on every value that matters."""
-    scale = max(t.abs().max().item() for t in theirs.values())
+def assert_close_each_to_its_scale(ours: dict, theirs: dict, rel: float, what: str) -> None:
+    """Each tensor within ``rel`` of its own largest value (in fp32 the worst seen is ~6e-6 of it): relative to
+    the largest value of any tensor, the classifier's, a query bias's whole gradient could be 10% off. A bias
+    whose true gradient is zero holds zeros in both (``adamw_steps``)."""
     for name, value in ours.items():
+        scale = theirs[name].abs().max().item()
         err = (value - theirs[name]).abs().max().item()
-        assert err <= rel * scale, f"{what} {name}: off by {err:.3g}, {err / scale:.2%} of the largest ({scale:.3g})"
+        assert err <= rel * scale, f"{what} {name}: off by {err:.3g}, {err / max(scale, 1e-30):.2%} of its largest"
 
 
 # The fused paths again with attention by length groups (on CPU, the path of batches that save enough by it), and
@@ -98,7 +99,7 @@ def test_fp32_five_adamw_steps_match_the_reference(backend, path, request):
     ref_losses = adamw_steps(reference, batches, grads=ref_grads)
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
     for step, (ours, theirs) in enumerate(zip(grads, ref_grads)):
-        assert_close_relative_to_largest(ours, theirs, 1e-4, f"step {step} gradient of")
+        assert_close_each_to_its_scale(ours, theirs, 1e-4, f"step {step} gradient of")
     ref_params = dict(reference.named_parameters())
     for name, param in trainable(model).items():
         torch.testing.assert_close(param, ref_params[name], atol=2e-5, rtol=1e-4, msg=name)
