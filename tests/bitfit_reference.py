@@ -127,6 +127,33 @@ def assert_gradients_match(model, reference, rel: float = 1e-4, unused: tuple[st
             torch.testing.assert_close(param.grad, expected, atol=rel * scale, rtol=rel, msg=name)
 
 
+# The autocast dtype of the bitwise tests: bf16 on a GPU, fp16 under the CPU interpreter (triton#11584).
+AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+def autocast_step(model, batch, monkeypatch, method: str, replacement) -> tuple:
+    """(output, each trained parameter's gradient) of a step under autocast (``AUTOCAST_DTYPE``), with
+    ``bitfit_fast.functions.Ops.<method>`` replaced by ``replacement`` for it; dropout seeded alike every call."""
+    import bitfit_fast.functions
+
+    model.zero_grad(set_to_none=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(bitfit_fast.functions.Ops, method, replacement)
+        torch.manual_seed(0)
+        with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+            out = model(**batch)
+        out.loss.backward()
+    return out, {name: param.grad for name, param in trainable(model).items()}
+
+
+def assert_same_step_to_the_bit(step: tuple, other: tuple) -> None:
+    """Two ``autocast_step`` results: the same loss, logits and gradients, bit for bit."""
+    (out, grads), (other_out, other_grads) = step, other
+    assert torch.equal(out.loss, other_out.loss) and torch.equal(out.logits, other_out.logits)
+    for name, grad in grads.items():
+        assert torch.equal(grad, other_grads[name]), name
+
+
 def adamw_steps(model, batches, lr=1e-3, precision=None, grads=None):
     """Train with the paper's optimizer (AdamW, clipping 1.0); returns the losses.
 

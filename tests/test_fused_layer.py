@@ -11,7 +11,9 @@ import torch
 from bitfit_reference import (
     BACKENDS,
     DEVICE,
+    assert_same_step_to_the_bit,
     autocast_outputs,
+    autocast_step,
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
     padded_batch,
     real_minilm,
@@ -158,33 +160,22 @@ def test_under_autocast_the_layer_norms_gemm_copies_change_no_bit(memory, monkey
     model = with_random_biases(tiny_bert(**DROPOUT, num_hidden_layers=3), gains=True).train()
     bitfit_fast.apply(model, backend="triton", memory=memory, announce=False)
     batch = padded_batch(model, (7, 3, 5))
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     linear_layer_norm = bitfit_fast.functions.Ops.linear_layer_norm
     copies = []
 
-    def step(gemm_copies: bool):
+    def with_copies(on: bool):
         def counted(self, *args, gemm_copy=False, **kwargs):
-            out = linear_layer_norm(self, *args, gemm_copy=gemm_copy and gemm_copies, **kwargs)
+            out = linear_layer_norm(self, *args, gemm_copy=gemm_copy and on, **kwargs)
             copies.append(out[2] is not None)
             return out
+        return counted
 
-        model.zero_grad(set_to_none=True)
-        with monkeypatch.context() as patch:
-            patch.setattr(bitfit_fast.functions.Ops, "linear_layer_norm", counted)
-            torch.manual_seed(0)
-            with torch.autocast(DEVICE, dtype=dtype):
-                out = model(**batch)
-            out.loss.backward()
-        return out, {name: param.grad for name, param in trainable(model).items()}
-
-    fused, fused_grads = step(gemm_copies=True)
+    fused = autocast_step(model, batch, monkeypatch, "linear_layer_norm", with_copies(True))
     assert copies == [True] * 5 + [False], "a copy for every LayerNorm but the last one's"  # 2 per layer
     copies.clear()
-    plain, plain_grads = step(gemm_copies=False)
+    plain = autocast_step(model, batch, monkeypatch, "linear_layer_norm", with_copies(False))
     assert not any(copies)
-    assert torch.equal(fused.loss, plain.loss) and torch.equal(fused.logits, plain.logits)
-    for name, grad in fused_grads.items():
-        assert torch.equal(grad, plain_grads[name]), name
+    assert_same_step_to_the_bit(fused, plain)
 
 
 def test_under_autocast_minimal_mode_keeps_each_layer_input_as_its_gemms_read_it(monkeypatch):

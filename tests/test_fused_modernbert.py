@@ -8,10 +8,13 @@ import pytest
 import torch
 import transformers
 from bitfit_reference import (
+    AUTOCAST_DTYPE,
     DEVICE,
     adamw_steps,
     assert_gradients_match,
+    assert_same_step_to_the_bit,
     autocast_outputs,
+    autocast_step,
     enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
@@ -123,31 +126,20 @@ def test_under_autocast_the_pre_norms_write_the_gemm_dtype_and_change_no_bit(mem
     model = tiny_modernbert(mlp_dropout=0.1).train()
     bitfit_fast.apply(model, backend="triton", memory=memory, announce=False)
     batch = padded_batch(model, LENGTHS[0])
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     layer_norm = bitfit_fast.functions.Ops.layer_norm
     out_dtypes = []
 
-    def step(in_gemm_dtype: bool):
+    def in_gemm_dtype(on: bool):
         def recorded(self, *args, out_dtype=None, **kwargs):
             out_dtypes.append(out_dtype)
-            return layer_norm(self, *args, out_dtype=out_dtype if in_gemm_dtype else None, **kwargs)
+            return layer_norm(self, *args, out_dtype=out_dtype if on else None, **kwargs)
+        return recorded
 
-        model.zero_grad(set_to_none=True)
-        with monkeypatch.context() as patch:
-            patch.setattr(bitfit_fast.functions.Ops, "layer_norm", recorded)
-            torch.manual_seed(0)
-            with torch.autocast(DEVICE, dtype=dtype):
-                out = model(**batch)
-            out.loss.backward()
-        return out, {name: param.grad for name, param in trainable(model).items()}
-
-    fused, fused_grads = step(in_gemm_dtype=True)
+    fused = autocast_step(model, batch, monkeypatch, "layer_norm", in_gemm_dtype(True))
     # Two norms a layer (the first layer has no attention norm); the embeddings' and the final norm are modules.
-    assert out_dtypes.count(dtype) == 5 and out_dtypes.count(None) == len(out_dtypes) - 5
-    plain, plain_grads = step(in_gemm_dtype=False)
-    assert torch.equal(fused.loss, plain.loss) and torch.equal(fused.logits, plain.logits)
-    for name, grad in fused_grads.items():
-        assert torch.equal(grad, plain_grads[name]), name
+    assert out_dtypes.count(AUTOCAST_DTYPE) == 5 and out_dtypes.count(None) == len(out_dtypes) - 5
+    plain = autocast_step(model, batch, monkeypatch, "layer_norm", in_gemm_dtype(False))
+    assert_same_step_to_the_bit(fused, plain)
 
 
 @pytest.mark.parametrize("biases", ["all", "subset"])
