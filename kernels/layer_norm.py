@@ -18,8 +18,8 @@ dropout mask is ``dropout.keep_mask``'s, drawn again in the backward. Bytes per 
 (+ residual), writes y and x_hat (+ y in the GEMMs' dtype: ``y_gemm``); backward reads dy (+ that copy's gradient)
 and x_hat, writes ds (+ dx, with dropout or in the feeding GEMM's dtype). Under autocast the residual stream is
 fp32 and the GEMMs half precision: the copy and the extra gradient replace a cast of y in the forward, and
-autograd's sum of y's two gradients and two casts in the backward, passes that read and wrote ~26 bytes an
-element between them. d(beta) and
+autograd's sum of y's two gradients and two casts in the backward: ~24 bytes an element less traffic (28 with
+dropout, whose dx was an fp32 tensor of its own) and 4 launches fewer. d(beta) and
 sum_rows(dx) are reduced in registers over a persistent loop of row blocks, one fp32 partial per program each; for
 task tables, a program walks a chunk of the rows sorted by task and writes one partial per task it meets
 (``task_tables``).
