@@ -1,9 +1,14 @@
 """Tolerance rule of flash-attention's tests: ours may be at most twice as far from the float64 truth as torch
-at the same precision, plus a small absolute slack per dtype."""
+at the same precision, plus a small slack per dtype.
+
+The slack is relative to the largest value of the tensor compared, never a flat one: a flat slack larger than a
+small gradient lets any error of it pass. It is ~16 units in the last place for fp32 (the worst excess over twice
+torch's error seen in the kernel tests is 0.8 of one: sums in another order) and ~2 for fp16 and bf16 (none seen).
+"""
 
 import torch
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def assert_as_accurate_as_torch(ours: torch.Tensor, torch_same_precision: torch.Tensor, truth: torch.Tensor,
@@ -12,7 +17,7 @@ def assert_as_accurate_as_torch(ours: torch.Tensor, torch_same_precision: torch.
     assert ours.dtype == torch_same_precision.dtype, f"{what}: dtype {ours.dtype} != {torch_same_precision.dtype}"
     err_ours = (ours.double() - truth).abs().max().item()
     err_torch = (torch_same_precision.double() - truth).abs().max().item()
-    bound = 2 * err_torch + ATOL[ours.dtype] * max(1.0, truth.abs().max().item())
+    bound = 2 * err_torch + ATOL[ours.dtype] * truth.abs().max().item()
     assert err_ours <= bound, f"{what}: max error {err_ours:.3e} > {bound:.3e} (torch's: {err_torch:.3e})"
 
 
