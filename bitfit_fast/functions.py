@@ -266,6 +266,12 @@ class LinearHeadsFunction(torch.autograd.Function):
         return None, _cast(dx, x_dtype), None, None, None, None, None, *dbiases
 
 
+def host_seed(p: float) -> int | None:
+    """The seed of a dropout mask drawn by torch ops (None without dropout): an int from torch's CPU generator,
+    reproducible under torch.manual_seed, with no device sync."""
+    return int(torch.randint(2**31 - 1, (1,)).item()) if p > 0.0 else None
+
+
 class Ops:
     """The fused functions on one implementation, with keyword arguments; see :func:`functions`."""
 
@@ -287,7 +293,7 @@ class Ops:
         if not self.is_torch:
             return torch.randint(2**31 - 1, (1,), device=device)
         check_not_capturing("the torch backend's dropout (its seeds are host integers)")
-        return int(torch.randint(2**31 - 1, (1,)).item())
+        return host_seed(p)
 
     def linear(self, x, weight, bias, activation=None, dropout_p=0.0, seed=None, recompute_from=None,
                row_task=None) -> torch.Tensor:

@@ -60,7 +60,7 @@ from .families import (
     reads_first_token_only,
     reads_padding,
 )
-from .functions import Ops, functions
+from .functions import Ops, functions, host_seed
 from .modules import BitFitLayerNorm, BitFitLinear, check_batch, parameter_like, replace_children, retype
 from .torch_ops import compute_dtype, layer_norm_output, layer_norm_output_dtype
 from .unpadding import Tokens
@@ -122,12 +122,6 @@ def is_fusable(layer: nn.Module) -> bool:
         # BERT chunks in the layer, DistilBERT in its FFN: the fused feed-forward does not chunk.
         and not any(getattr(m, "chunk_size_feed_forward", 0) for m in layer.modules())
     )
-
-
-def _draw_seed(p: float) -> int | None:
-    # Attention's dropout seed, for the torch ops that draw its mask where SDPA does not (on CPU, or keeping no
-    # probabilities): from torch's CPU generator, reproducible under torch.manual_seed, and no device sync.
-    return int(torch.randint(2**31 - 1, (1,)).item()) if p > 0.0 else None
 
 
 def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
@@ -313,7 +307,9 @@ class FusedEncoderLayer(nn.Module):
         p = self.part(self.spec.attention_dropout).p if self.training else 0.0
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
-        return tokens.attend(q, k, v, p, _draw_seed(p), scale, keep_probabilities, first_only)
+        # The seed is for the torch ops that draw attention's mask where SDPA does not (on CPU, or keeping no
+        # probabilities).
+        return tokens.attend(q, k, v, p, host_seed(p), scale, keep_probabilities, first_only)
 
     def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
         """attention_context, recomputed in the backward from the layer input. Where the input is the previous

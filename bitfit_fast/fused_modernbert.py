@@ -38,11 +38,10 @@ import torch.utils.checkpoint
 
 from . import graphs
 from .families import PreNormGluLayerSpec, layer_spec
-from .functions import Ops, functions
+from .functions import Ops, functions, host_seed
 from .fused_layer import (
     FusedEncoder,
     FusedEncoderLayer,
-    _draw_seed,
     _fused_class,
     _is_exact_gelu,
     _is_fusable_encoder,
@@ -177,7 +176,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         p = attention.attention_dropout if self.training else 0.0
         window = rows.sliding_window if self.attention_type == "sliding_attention" else None
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
-        return tokens.attention(q, kv, heads, p, _draw_seed(p), attention.head_dim**-0.5, keep_probabilities,
+        return tokens.attention(q, kv, heads, p, host_seed(p), attention.head_dim**-0.5, keep_probabilities,
                                 first_only, window)
 
     def fused_forward(self, x: torch.Tensor, rows: RotaryRows, first_only: bool = False) -> torch.Tensor:

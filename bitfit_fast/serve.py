@@ -20,6 +20,7 @@ from .train import (
     Run,
     autocast,
     data,
+    default_device,
     evaluate,
     load_pretrained,
     load_run,
@@ -40,10 +41,7 @@ class _BaseModels:
         """(model in eval mode with the run's best biases loaded, tokenizer)."""
         key = (run.model_path, run.num_labels, tuple(run.label_names or ()), run.config.method)
         if key not in self.models:
-            source = model_source(run.model_path, of_run=run.path)
-            described = f"{run.path}: its base model {run.model_path}"
-            model, tokenizer, _ = load_pretrained(source, run.num_labels, run.label_names, described)
-            self.models[key] = (model, tokenizer)
+            self.models[key] = _load_base(run)
         model, tokenizer = self.models[key]
         try:
             load_biases(model, run.path / BEST_BIASES)
@@ -55,6 +53,14 @@ class _BaseModels:
             raise UserError(f"{run.path / BEST_BIASES} could not be loaded ({first_line(error)}): it is damaged or "
                             "does not belong to this run; train the run again") from error
         return model.eval(), tokenizer
+
+
+def _load_base(run: Run):
+    """(the base model a run was trained on, with the run's head: its class names; its tokenizer)."""
+    source = model_source(run.model_path, of_run=run.path)
+    model, tokenizer, _ = load_pretrained(source, run.num_labels, run.label_names,
+                                          f"{run.path}: its base model {run.model_path}")
+    return model, tokenizer
 
 
 def _other_weights(run: Run, error: OtherBaseModelError) -> UserError:
@@ -126,7 +132,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
                                 "--text its second text with --text-pair, or use --input-file with both columns")
             raise UserError(f"{path} was trained on one text per example ({columns[0]}): leave out --text-pair")
     model, tokenizer = _BaseModels().load(run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model.to(device)
     encoded = data.encode(data.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
     pad_id = data.pad_id(tokenizer)
@@ -134,8 +140,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     with torch.no_grad(), autocast(serving_precision([run], device), device):  # the precision eval scored it in
         for start in range(0, len(texts), batch_size):
             indices = list(range(start, min(start + batch_size, len(texts))))
-            batch = data.collate(encoded, indices, pad_id, regression=True)
-            batch.pop("labels")
+            batch = data.pad(encoded, indices, pad_id)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             for i, row in zip(indices, logits):
                 try:
@@ -226,9 +231,7 @@ class RunsPredictor:
         # The runs share one base model: the first's is loaded, and the bank checks every run's base weights
         # against it (a copy of the model elsewhere, a hub name and its local snapshot are the same model).
         first = next(iter(runs.values()))
-        source = model_source(first.model_path, of_run=first.path)
-        model, self.tokenizer, _ = load_pretrained(source, first.num_labels, first.label_names,
-                                                   f"{first.path}: its base model {first.model_path}")
+        model, self.tokenizer = _load_base(first)
         try:
             self.bank = TaskBank.load(model, {name: run.path for name, run in runs.items()}, backend=backend).eval()
         except OtherBaseModelError as error:
@@ -240,7 +243,7 @@ class RunsPredictor:
                             ) from error
         except (OSError, ValueError) as error:
             raise UserError(f"cannot serve these runs: {first_line(error)}") from error
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.bank.to(self.device)
         self.precision = serving_precision(runs.values(), self.device)
         self.runs = runs
@@ -324,8 +327,7 @@ class RunsPredictor:
         split = data.Encoded([e["input_ids"] for e in examples],
                              None if examples[0]["token_type_ids"] is None else [e["token_type_ids"] for e in examples],
                              [0.0] * len(examples))
-        batch = data.collate(split, list(range(len(examples))), self.pad_id, regression=True)
-        batch.pop("labels")
+        batch = data.pad(split, list(range(len(examples))), self.pad_id)
         tasks = [e["task"] for e in examples]
         with torch.no_grad(), autocast(self.precision, self.device):
             logits = self.bank(tasks, **{k: v.to(self.device) for k, v in batch.items()}).float().cpu()

@@ -13,7 +13,7 @@
 
 from . import data, metrics
 from .config import LR_GRID, METHODS, TrainConfig, autocast
-from .distributed import Dist, setup_distributed
+from .distributed import Dist, default_device, setup_distributed
 from .evaluation import best_evaluation, evaluate
 from .loop import StepEnd, TrainingDiverged, train
 from .lr_sweep import sweep
@@ -34,6 +34,7 @@ __all__ = [
     "TrainingDiverged",
     "autocast",
     "best_evaluation",
+    "default_device",
     "data",
     "evaluate",
     "load_pretrained",

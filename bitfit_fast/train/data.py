@@ -121,7 +121,7 @@ def _require_columns(table, columns, where: str, of_run: bool = False) -> None:
 
 
 def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[str, ...]]:
-    _require_columns(table, text_columns, where, of_run)
+    """The texts of a table whose columns are checked (``_require_columns``)."""
     if len(table) == 0:
         raise DataError(f"{where} is empty: it needs a header and at least one row")
     texts = list(zip(*(table[c] for c in text_columns)))
@@ -302,7 +302,9 @@ def _json_problem(path: Path) -> str | None:
 
 def load_texts(file: str, text_columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     """The texts of a local file, for prediction: no label column needed."""
-    return _texts(read_table(file), text_columns, file, of_run=True)
+    table = read_table(file)
+    _require_columns(table, text_columns, file, of_run=True)
+    return _texts(table, text_columns, file, of_run=True)
 
 
 def load_labeled(file: str, text_columns: tuple[str, ...], label_column: str, label_names: list[str] | None) -> Split:
@@ -415,8 +417,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
-    """Pad to the longest example of the batch (dynamic padding)."""
+def pad(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """The model inputs of the examples ``indices``, padded to the longest of them (dynamic padding): input_ids,
+    attention_mask and, where the tokenizer gives them, token_type_ids."""
     width = max(len(data.input_ids[i]) for i in indices)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
@@ -427,11 +430,16 @@ def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) ->
         mask[row, :length] = 1
         if types is not None:
             types[row, :length] = torch.tensor(data.token_type_ids[i])
-    labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.float if regression else torch.long)
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    inputs = dict(input_ids=ids, attention_mask=mask)
     if types is not None:
-        batch["token_type_ids"] = types
-    return batch
+        inputs["token_type_ids"] = types
+    return inputs
+
+
+def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
+    """A training or evaluation batch: :func:`pad`'s inputs and the examples' labels."""
+    labels = torch.tensor([data.labels[i] for i in indices], dtype=torch.float if regression else torch.long)
+    return dict(pad(data, indices, pad_id), labels=labels)
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,

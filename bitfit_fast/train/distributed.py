@@ -22,6 +22,11 @@ class Dist:
         return self.rank == 0
 
 
+def default_device() -> torch.device:
+    """The device of a single process: the GPU where there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed() -> Dist:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Otherwise one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

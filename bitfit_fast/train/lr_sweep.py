@@ -3,10 +3,9 @@
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from ..files import write_json
 from .config import LR_GRID, TrainConfig
+from .distributed import default_device
 from .loop import resolved_config, train
 from .run import (
     CHECKPOINT_NAME,
@@ -31,7 +30,7 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     that stopped goes on: its finished runs are kept, its started ones continue, the others start."""
     runs = [dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
             for lr in grid]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     for run in runs:  # all before the first trains: a sweep does not stop hours in on its third directory
         out = Path(run.output_dir)
         run.resume = config.resume and (out / CHECKPOINT_NAME).is_file()

@@ -32,7 +32,7 @@ from ..files import write_json
 from ..task_bank import TaskBank
 from . import data as data_lib
 from .config import TrainConfig
-from .distributed import Dist
+from .distributed import Dist, default_device
 from .evaluation import best_evaluation, evaluate
 from .loop import TrainingDiverged
 from .models import load_for_training, model_source
@@ -135,7 +135,7 @@ def _share_of_batches(example_task: list[str], lengths: list[int], config: Train
 def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     """Train ``tasks`` together with ``config``'s model, method and protocol; returns the joint summary (also
     written as OUTPUT_DIR/run_summary.json)."""
-    d = Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    d = Dist(device=default_device())
     _check(config, tasks, d.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
