@@ -379,6 +379,66 @@ def _check_runs_labels(model: nn.Module, config: BitFitConfig, checkpoints: dict
                              f"head of {width}: those biases are not the run's (replaced since?); train the run again")
 
 
+def _named_sources(sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike]
+                   ) -> Mapping[str, str | os.PathLike]:
+    """``TaskBank.load``'s sources by task name: a list is named by its directories' names."""
+    if isinstance(sources, str | os.PathLike):
+        raise ValueError(f"sources are several tasks, {{name: directory}} or a list of directories; got one path, "
+                         f"{str(sources)!r}: pass [{str(sources)!r}]")
+    if not isinstance(sources, Mapping):
+        names = [Path(source).resolve().name for source in sources]  # "." is named as its directory
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"two tasks would be named {twice!r} (a list names each by its directory): pass "
+                             "{name: directory} instead")
+        sources = dict(zip(names, sources))
+    if not sources:
+        raise ValueError("a TaskBank needs at least one task")
+    return sources
+
+
+def _check_trained_alike(checkpoints: dict[str, Checkpoint]) -> Checkpoint:
+    """The first task's checkpoint, once every task is found trained on the same model class with the same BitFit
+    options."""
+    first_name, first = next(iter(checkpoints.items()))
+    for name, checkpoint in checkpoints.items():
+        if checkpoint.model_class != first.model_class:
+            raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a {checkpoint.model_class}, "
+                             f"task {first_name!r} ({first.directory}) on a {first.model_class}: the tasks of a "
+                             "bank share one base model")
+        mine, theirs = _options(checkpoint), _options(first)
+        differ = [f"{key} {mine[key]!r} vs {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+        if differ:
+            raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options than "
+                             f"task {first_name!r} ({first.directory}): {'; '.join(differ)}. The tasks of a bank "
+                             "share one BitFitConfig")
+    return first
+
+
+def _check_trained_on(model: nn.Module, checkpoints: dict[str, Checkpoint], shapes: dict, trained: set) -> None:
+    """Every task holds the parameters ``model`` trains (``planned_parameters``: their ``shapes``, the ``trained``
+    names), of its sizes, and was trained on its frozen weights."""
+    sampled = {}  # the model's values that the tasks' base samples are compared with
+    for name, checkpoint in checkpoints.items():
+        trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
+        if set(checkpoint.tensors) != trained:
+            differ = sorted(set(checkpoint.tensors) ^ trained)
+            raise ValueError(f"task {name!r} ({checkpoint.directory}) does not hold the parameters this model "
+                             f"trains: {differ[:5]} differ. It was trained on a model of other sizes (another "
+                             f"number of layers?): load it onto the base model it was trained from{trained_from}")
+        # A head's output layer may differ in width (its first dimension) from task to task; nothing else may.
+        compared = {p: slice(1 if is_within(p, checkpoint.state.head) else 0, None) for p in checkpoint.tensors}
+        mismatched = [p for p, part in compared.items()
+                      if tuple(checkpoint.tensors[p].shape)[part] != shapes[p][part]]
+        if mismatched:
+            shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
+            raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
+                             f"{shown}; load it onto the base model it was trained from{trained_from}")
+        differs = checkpoint.other_base_weight(model, sampled)
+        if differs:
+            raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
+
+
 def _options(checkpoint: Checkpoint) -> dict:
     """What must agree between the tasks of one bank: the options that decide what a task trains, the head as the
     modules it was (`bitfit-fast train` names them; apply() finds the same by default)."""
@@ -414,59 +474,19 @@ class TaskBank(nn.Module):
         name; a list is named by the directories' names) on ``model``, a base model not applied yet: the one the
         tasks were trained on (its class, sizes and frozen weights are checked as ``load_biases`` checks them). The
         tasks must share their BitFit options."""
-        if isinstance(sources, str | os.PathLike):
-            raise ValueError(f"sources are several tasks, {{name: directory}} or a list of directories; got one path, "
-                             f"{str(sources)!r}: pass [{str(sources)!r}]")
-        if not isinstance(sources, Mapping):
-            names = [Path(source).resolve().name for source in sources]  # "." is named as its directory
-            twice = next((name for name in names if names.count(name) > 1), None)
-            if twice is not None:
-                raise ValueError(f"two tasks would be named {twice!r} (a list names each by its directory): pass "
-                                 "{name: directory} instead")
-            sources = dict(zip(names, sources))
-        if not sources:
-            raise ValueError("a TaskBank needs at least one task")
+        sources = _named_sources(sources)
         _check_base_model(model, sources)
         resolved = {name: _resolve(source) for name, source in sources.items()}
         checkpoints = {name: _read_task(name, directory, of_run=labels is not None)
                        for name, (directory, _, labels) in resolved.items()}
-        first_name, first = next(iter(checkpoints.items()))
-        for name, checkpoint in checkpoints.items():
-            if checkpoint.model_class != first.model_class:
-                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a {checkpoint.model_class}, "
-                                 f"task {first_name!r} ({first.directory}) on a {first.model_class}: the tasks of a "
-                                 "bank share one base model")
-            mine, theirs = _options(checkpoint), _options(first)
-            differ = [f"{key} {mine[key]!r} vs {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
-            if differ:
-                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options than "
-                                 f"task {first_name!r} ({first.directory}): {'; '.join(differ)}. The tasks of a bank "
-                                 "share one BitFitConfig")
+        first = _check_trained_alike(checkpoints)
         if model.__class__.__name__ != first.model_class:
             raise ValueError(f"the tasks were trained on a {first.model_class}, not a {type(model).__name__}")
         require_storage(model)
         config = dataclasses.replace(first.config, backend=backend)
         shapes, trained = planned_parameters(model, config)  # checked before apply() changes the model
         sequence_first = _check_mixable(model, config)
-        sampled = {}  # the model's values that the tasks' base samples are compared with
-        for name, checkpoint in checkpoints.items():
-            trained_from = f" ({checkpoint.base_model})" if checkpoint.base_model else ""
-            if set(checkpoint.tensors) != trained:
-                differ = sorted(set(checkpoint.tensors) ^ trained)
-                raise ValueError(f"task {name!r} ({checkpoint.directory}) does not hold the parameters this model "
-                                 f"trains: {differ[:5]} differ. It was trained on a model of other sizes (another "
-                                 f"number of layers?): load it onto the base model it was trained from{trained_from}")
-            # A head's output layer may differ in width (its first dimension) from task to task; nothing else may.
-            compared = {p: slice(1 if is_within(p, checkpoint.state.head) else 0, None) for p in checkpoint.tensors}
-            mismatched = [p for p, part in compared.items()
-                          if tuple(checkpoint.tensors[p].shape)[part] != shapes[p][part]]
-            if mismatched:
-                shown = [f"{p}: {tuple(checkpoint.tensors[p].shape)} vs model {shapes[p]}" for p in mismatched[:3]]
-                raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained on a model of other sizes: "
-                                 f"{shown}; load it onto the base model it was trained from{trained_from}")
-            differs = checkpoint.other_base_weight(model, sampled)
-            if differs:
-                raise OtherBaseModelError(checkpoint, differs, "load it onto the base model it was trained on", name)
+        _check_trained_on(model, checkpoints, shapes, trained)
         _check_runs_labels(model, config, checkpoints, resolved)
         apply(model, config, announce=False)
         _give_sequence_first_layers_their_layout(model, sequence_first)
