@@ -15,6 +15,7 @@ from bitfit_reference import (
     assert_same_step_to_the_bit,
     autocast_outputs,
     autocast_step,
+    check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
     enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
@@ -173,29 +174,7 @@ def test_bias_free_modernbert_is_fused_with_its_added_biases(biases):
 def test_dropout_same_seed_same_result_and_gradient_of_the_computed_forward():
     # Torch backend; the Triton GeGLU epilogue's dropout is checked against torch on its mask in test_kernels_linear.
     model = bitfit_fast.apply(tiny_modernbert(attention_dropout=0.1, mlp_dropout=0.1), backend="torch").train()
-    batch = padded_batch(model, LENGTHS[0])
-
-    def loss(seed):
-        torch.manual_seed(seed)
-        return model(**batch).loss
-
-    assert torch.equal(loss(11), loss(11))
-    assert not torch.equal(loss(11), loss(12)), "dropout is on"
-    params = list(trainable(model).values())
-    grads = torch.autograd.grad(loss(11), params)
-    # Directional derivative along a random direction: the gradient is that of the forward computed (its masks).
-    eps = 1e-3
-    direction = [torch.randn_like(p) for p in params]
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.add_(eps * d)
-        plus = loss(11)
-        for p, d in zip(params, direction):
-            p.sub_(2 * eps * d)
-        minus = loss(11)
-    numeric = (plus - minus).item() / (2 * eps)
-    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-    assert analytic == pytest.approx(numeric, rel=2e-2, abs=2e-3)
+    check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards(model, padded_batch(model, LENGTHS[0]))
 
 
 def test_hugging_faces_stack_forward_runs_the_layers_fused_one_at_a_time_on_its_masks():
