@@ -240,7 +240,8 @@ def test_a_deberta_bank_drops_out_the_positions_of_the_batchs_tasks_only(variant
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-minimal", "bert"), ("modules", "bert"),
+@pytest.mark.parametrize("path,encoder", [("fused", "bert"), ("fused-lean", "bert"), ("fused-minimal", "bert"),
+                                        ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
                                         ("fused-subset", "bert"), ("fused", "real-minilm"), ("fused", "deberta-v3"),
                                         ("fused", "deberta-v3+dropout"), ("modules", "longformer")])
@@ -801,10 +802,13 @@ def test_a_bias_free_modernbert_bank_matches_each_tasks_own_model(biases, poolin
             torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, atol=1e-5, rtol=1e-5)
 
 
-# Every layer path on the torch backend; the Triton backend (interpreted: slow) on the default one.
-@pytest.mark.parametrize("backend,path", [("torch", path) for path in PATHS] + [("triton", "fused")])
-def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, path, tmp_path, gemm_dtypes):
-    """One backward of the bank's loss on a mixed batch of real text under fp16 autocast: each task's gradients (its
+# Every layer path on the torch backend in fp16, two in bf16; the Triton backend (interpreted: slow, and no bf16 dot)
+# on the default one in fp16.
+@pytest.mark.parametrize("backend,path,precision", [
+    *[("torch", path, torch.float16) for path in PATHS], ("triton", "fused", torch.float16),
+    ("torch", "fused", torch.bfloat16), ("torch", "fused-minimal", torch.bfloat16)], ids=str)
+def test_mixed_batch_gradients_on_real_minilm_under_autocast(backend, path, precision, tmp_path, gemm_dtypes):
+    """One backward of the bank's loss on a mixed batch of real text under autocast: each task's gradients (its
     table rows, its head) against its own model's in fp32, by flash-attention's rule: no worse than twice the error
     of its own model under the same autocast. With the Triton backend the tables' rows are the kernels' per-task
     sums (summed in fp32 before any rounding)."""
@@ -818,20 +822,20 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, path,
     batch = real_batch(bbc_titles("business", 3) + bbc_titles("politics", 2), [2, 1, 0, 0, 1])
     labels = batch.pop("labels")
     gemm_dtypes.clear()
-    with torch.autocast(DEVICE, dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=precision):
         bank.loss(bank(example_tasks, **batch), labels, example_tasks).backward()
-    assert_gemms_ran_in(torch.float16, gemm_dtypes)
+    assert_gemms_ran_in(precision, gemm_dtypes)
     # A step of plain SGD with lr 1 leaves each parameter at value - gradient: the bank's gradients, per task.
     before = {name: {n: v.detach().clone() for n, v in bank.task_tensors(name).items()} for name in widths}
     torch.optim.SGD([p for p in bank.parameters() if p.requires_grad], lr=1.0).step()
     for name, (model, _) in tasks.items():
         rows = torch.tensor([i for i, t in enumerate(example_tasks) if t == name], device=DEVICE)
         grads = {}
-        for precision in (torch.float32, torch.float16):
+        for dtype in (torch.float32, precision):
             model.train().zero_grad()
-            with torch.autocast(DEVICE, dtype=precision, enabled=precision != torch.float32):
+            with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
                 model(**{k: v[rows] for k, v in batch.items()}, labels=labels[rows]).loss.backward()
-            grads[precision] = {n: p.grad.float().clone() for n, p in trainable(model).items()}
+            grads[dtype] = {n: p.grad.float().clone() for n, p in trainable(model).items()}
         after = bank.task_tensors(name)
         truths = grads[torch.float32]
         # The key bias's true gradient is zero (softmax ignores a shift per query): it is held to the same rule.
@@ -839,9 +843,9 @@ def test_mixed_batch_gradients_on_real_minilm_under_fp16_autocast(backend, path,
         for param_name, truth in truths.items():
             ours = (before[name][param_name] - after[param_name]).float()
             ours_error = (ours - truth).abs().max()
-            their_error = (grads[torch.float16][param_name] - truth).abs().max()
+            their_error = (grads[precision][param_name] - truth).abs().max()
             # The slack relative to each gradient's own scale: they span 3e-3 (query biases) to 0.5 (the head).
-            atol = ATOL[torch.float16] * truth.abs().max()
+            atol = ATOL[precision] * truth.abs().max()
             assert ours_error <= 2 * their_error + atol, (name, param_name, ours_error, their_error)
 
 

@@ -481,10 +481,15 @@ def test_flattened_batches_equal_the_padded_ones(arch, start, rows, attention, r
 
 
 # fp32, then flash-attention's rule under autocast; bf16 on the kernels is GPU-only (no bf16 tl.dot interpreted).
-@pytest.mark.parametrize("backend,precision", [
-    ("torch", None), ("torch", torch.float16), ("torch", torch.bfloat16), ("triton", None), ("triton", torch.float16),
-    pytest.param("triton", torch.bfloat16, marks=pytest.mark.gpu)], ids=str)
-def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batch(backend, precision, gemm_dtypes):
+# The lean and minimal modes (which recompute from the packed rows) in fp32 and fp16 on either backend.
+@pytest.mark.parametrize("backend,precision,memory", [
+    *[(backend, precision, "default") for backend in BACKENDS for precision in (None, torch.float16)],
+    ("torch", torch.bfloat16, "default"), pytest.param("triton", torch.bfloat16, "default", marks=pytest.mark.gpu),
+    *[(backend, precision, memory) for backend in BACKENDS for precision, memory in ((None, "lean"),
+                                                                                     (torch.float16, "minimal"))],
+    ("torch", None, "minimal"), ("torch", torch.float16, "lean")], ids=str)
+def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batch(backend, precision, memory,
+                                                                                   gemm_dtypes):
     """Real BBC titles as DataCollatorWithFlattening packs them into one row, through real MiniLM layers (the last
     two, whose LayerNorm gammas reach 1e-33) with a token classifier: the logits of every token and each trainable
     gradient equal stock Hugging Face BitFit's on the padded batch (whose attention keeps the sequences apart), in
@@ -497,7 +502,7 @@ def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batc
     with torch.no_grad():
         model.classifier.bias.normal_()
     reference = reference_bitfit(copy.deepcopy(model))
-    bitfit_fast.apply(model, backend=backend)
+    bitfit_fast.apply(model, backend=backend, memory=memory)
     texts = bbc_titles("tech", 3) + bbc_titles("sports", 2) + bbc_titles("politics", 1, skip=4)
     padded = real_batch(texts, [0] * len(texts))
     valid = padded.pop("attention_mask").bool()
@@ -529,7 +534,7 @@ def test_real_text_packed_on_real_minilm_equals_the_reference_on_the_padded_batc
     else:
         same = run(reference, padded, precision)
         without_zero_gradients(ours, same, exact)
-        assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"packed real text on {backend}")
+        assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"packed real text, {memory} on {backend}")
 
 
 def test_roberta_positions_of_flattened_batches_count_from_its_offset():
