@@ -3,6 +3,7 @@ it with a new classification head and its tokenizer, and setting it up for the r
 
 import contextlib
 import importlib.util
+import pickle
 import warnings
 from pathlib import Path
 
@@ -74,18 +75,21 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
     """(model with a new classification head, tokenizer, loading info) from a resolved source (see
     :func:`model_source`); the head's labels are named ``label_names``. A model or tokenizer that cannot be loaded is
     a one-line UserError that starts with ``described_as``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     kwargs = dict(num_labels=num_labels)
     if label_names:
         kwargs.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     try:
         with quiet_transformers():
+            saved_classes = _class_names(AutoConfig.from_pretrained(source))  # before label_names override them
             tokenizer = AutoTokenizer.from_pretrained(source)
             # A classifier of another number of classes (a model fine-tuned before) is drawn anew, as a missing one.
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    except (OSError, ValueError) as error:  # not found, not a model, unknown architecture, damaged weights
+    # Not found, not a model, an unknown architecture; damaged weights: safetensors' header, a .bin's pickle or zip.
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
                         "tokenizer files)") from error
@@ -100,7 +104,46 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
         raise UserError(f"{described_as} has a tokenizer of {len(tokenizer)} tokens for its {embeddings} token "
                         "embeddings: its tokenizer files are missing (tokenizer.json, vocab.txt, ...); save the "
                         "tokenizer beside the model (tokenizer.save_pretrained)")
+    if label_names and saved_classes and saved_classes != label_names:
+        _fit_classifier_to(model, info, saved_classes, label_names)
     return model, tokenizer, info
+
+
+def _class_names(config) -> list[str] | None:
+    """The class names a checkpoint's classifier was trained on, or None where it names none (transformers'
+    LABEL_0, LABEL_1, ... are no names)."""
+    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
+    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
+
+
+def _fit_classifier_to(model, info: dict, saved: list[str], wanted: list[str]) -> None:
+    """A classifier loaded from a checkpoint that names its classes answers in the data's class order: its output
+    rows reordered where the classes are the same ones in another order (the data's are sorted; the checkpoint's
+    are as it was trained), drawn anew where they are other classes of the same number (reused by index, class i
+    would answer for another class i). A classifier drawn anew already (another number of classes) is left."""
+    import torch
+
+    head = [module for name in _head_children(model) for module in model.get_submodule(name).modules()]
+    output = next((m for m in reversed(head) if isinstance(m, torch.nn.Linear) and m.out_features == len(wanted)),
+                  None)
+    if output is None:
+        return
+    prefix = next(name for name, module in model.named_modules() if module is output)
+    drawn = {*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])}
+    if any(key.startswith(f"{prefix}.") for key in drawn):
+        return
+    with torch.no_grad():
+        if sorted(saved) == sorted(wanted):
+            rows = torch.tensor([saved.index(name) for name in wanted], device=output.weight.device)
+            output.weight.copy_(output.weight[rows])
+            if output.bias is not None:
+                output.bias.copy_(output.bias[rows])
+        else:
+            output.weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+            if output.bias is not None:
+                output.bias.zero_()
+            info["missing_keys"] = [*info["missing_keys"], *(f"{prefix}.{name}" for name, _ in
+                                                            output.named_parameters())]
 
 
 def _head_children(model) -> list[str]:
