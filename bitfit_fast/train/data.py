@@ -1,6 +1,8 @@
 """Data for training, evaluation and prediction: the embedded BBC News corpus, GLUE through `datasets`, local
 CSV/JSON/Parquet files; tokenisation once, dynamic padding and length-grouped batches."""
 
+import codecs
+import csv
 import dataclasses
 import hashlib
 import importlib.util
@@ -135,9 +137,16 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
                           else "name the text columns with --text-columns")
                 # A JSON number in a text column: the column may be the right one.
                 remedy += "; texts that are numbers are written as strings (JSON: \"12\")"
-                raise DataError(f"{where} column {column!r} holds {t!r} ({type(t).__name__}) in {_example(row)}, not a "
-                                f"text: {remedy}")
+                raise DataError(f"{where} column {column!r} holds {_quoted(t)} ({type(t).__name__}) in "
+                                f"{_example(row)}, not a text: {remedy}")
     return texts
+
+
+def _quoted(value: object, limit: int = 80) -> str:
+    """A value of the user's data as a message quotes it: its repr, cut to ``limit`` characters (a cell can hold a
+    whole column)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _example(row: int) -> str:
@@ -165,12 +174,12 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
                         or (score is not None and not math.isfinite(score))), None)
         if missing is not None:  # a spreadsheet's mark for a missing value, NaN or inf: no score to fit
             raise DataError(f"{where} {_example(missing)} has no score in column {label_column!r} "
-                            f"({raw[missing]!r}): fill it in, or remove it")
+                            f"({_quoted(raw[missing])}): fill it in, or remove it")
         bad = next((row for row, score in enumerate(scores) if score is None), None)
         if bad is not None:
             remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
-            raise NotScoresError(f"{where} column {label_column!r} is not a score ({raw[bad]!r} in {_example(bad)}): "
-                                 f"{remedy}")
+            raise NotScoresError(f"{where} column {label_column!r} is not a score ({_quoted(raw[bad])} in "
+                                 f"{_example(bad)}): {remedy}")
         return Split(texts, scores)
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
     if unknown:
@@ -236,6 +245,29 @@ def _holds_nul_bytes(path: Path) -> bool:
         return b"\0" in f.read(1 << 16)
 
 
+NEWLINE = b"\n"
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a text file stops being UTF-8 ("byte 0xe9 on line 2"), or None: a file saved as Latin-1 or
+    Windows-1252 (a spreadsheet's export) reads until that byte, where the readers fail with a decoder's error."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                before = error.object[:error.start].count(NEWLINE)
+                return f"byte {error.object[error.start]:#04x} on line {line + before}"
+            line += chunk.count(NEWLINE)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"its last bytes (line {line})"
+    return None
+
+
 def _as_written(csv_file: Path) -> dict:
     """Options that read every column of a CSV file as the strings it holds: pandas would read class labels 1 and
     1.0 as one number, 007 as 7, and NA, None or null as missing values. An empty cell reads as ""."""
@@ -262,6 +294,9 @@ def read_table(file: str):
     if FORMATS[suffix] != "parquet" and _holds_nul_bytes(path):
         raise DataError(f"{file} is not a text file (it holds NUL bytes: binary data, or UTF-16 text); save it as "
                         f"UTF-8 {FORMATS[suffix].upper()}")
+    if FORMATS[suffix] != "parquet" and (where := _not_utf8(path)):
+        raise DataError(f"{file} is not UTF-8 text ({where}: a Latin-1 or Windows-1252 export?); save it as "
+                        "UTF-8")
     if path.stat().st_size == 0 or (suffix == ".csv" and not _has_a_row(path)):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
@@ -269,16 +304,34 @@ def read_table(file: str):
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # it logs an unreadable file's error before raising it, which we report
     try:
-        return datasets.load_dataset(FORMATS[suffix], data_files=str(path.resolve()), split="train",
-                                     **(_as_written(path) if suffix == ".csv" else {}))
+        table = datasets.load_dataset(FORMATS[suffix], data_files=str(path.resolve()), split="train",
+                                      **(_as_written(path) if suffix == ".csv" else {}))
     except Exception as error:  # datasets raises many types for unreadable files
-        problem = _json_problem(path) if FORMATS[suffix] == "json" else None
+        problem = {"json": _json_problem, "csv": _csv_problem}.get(FORMATS[suffix], lambda _: None)(path)
         if problem:
-            raise DataError(f"{file} could not be read as JSON: {problem}; fix it") from error
+            raise DataError(f"{file} could not be read as {FORMATS[suffix].upper()}: {problem}; fix it") from error
         raise DataError(f"{file} could not be read as {FORMATS[suffix]} ({first_line(error)}); "
                         "check its format") from error
     finally:
         logger.setLevel(level)
+    if FORMATS[suffix] == "json" and len(table) == 1 and all(isinstance(v, dict) for v in table[0].values()):
+        raise DataError(f"{file} holds one object of columns, each mapping row numbers to values (pandas' to_json "
+                        "writes that by default); write one record per row: df.to_json(path, orient=\"records\", "
+                        "lines=True)")
+    return table
+
+
+def _csv_problem(path: Path) -> str | None:
+    """The first row of a CSV file that datasets could not read whose number of fields is not the header's (an
+    unquoted comma in a text; datasets does not say where)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        for row in rows:
+            if row and len(row) != len(header):
+                return (f"line {rows.line_num} has {len(row)} fields where the header has {len(header)} (a comma in "
+                        "a text needs the text in double quotes)")
+    return None
 
 
 def _json_problem(path: Path) -> str | None:
@@ -344,8 +397,8 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
         _require_columns(tables["train"], (*text_columns, label_column), train_file)
         names = sorted({str(v) for v in tables["train"][label_column]}, key=_integers_first)
         if len(names) < 2:
-            raise DataError(f"{train_file} column {label_column!r} has one class, {names[0]!r}: classification needs "
-                            "at least two (pass --regression if the column holds scores)")
+            raise DataError(f"{train_file} column {label_column!r} has one class, {_quoted(names[0])}: "
+                            "classification needs at least two (pass --regression if the column holds scores)")
         label_ids = {name: index for index, name in enumerate(names)}
     train = _columns_split(tables["train"], text_columns, label_column, train_file, label_ids)
     validation = _columns_split(tables["validation"], text_columns, label_column, validation_file, label_ids)
