@@ -353,6 +353,11 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
     if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
         raise UserError(f"{output_dir} is the current directory (or holds it), which the export's rename would take "
                         "from under you: export into a new directory, e.g. a subdirectory")
+    run_holding = next((d for d in (out, *out.parents) if (d / RUN_CONFIG_NAME).is_file()), None)
+    if run_holding is not None:  # one path, one meaning: what a run holds, only its training writes
+        where = "is" if run_holding == out else "is inside"
+        raise UserError(f"{output_dir} {where} the `bitfit-fast train` run {run_holding}, whose files only its "
+                        "training writes: export into a directory outside it")
     check_can_write(out.parent, output_dir)  # where it is written beside and renamed
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UserError(f"{output_dir} {'is a file' if out.is_file() else 'already exists and is not empty'}: "
