@@ -17,26 +17,39 @@ def _bench(args: argparse.Namespace) -> int:
 
     from bitfit_fast_benches import report, runner
     from bitfit_fast_benches.presets import PRESETS
+    from bitfit_fast_benches.providers import GRAPHED
 
     from .errors import UserError
 
+    out = Path(args.out)
     if args.update_readme:
         readme = Path(args.readme)
         if not readme.is_file() or report.README_START not in readme.read_text():
             raise UserError(f"--readme {readme} is not a README with a generated benchmark section (its "
                             f"{report.README_START} marker): run from the repository root or pass --readme PATH")
-        if not any(Path(args.out).glob("*.json")):  # the section would be emptied
+        try:
+            records = report.records(out)
+        except ValueError as error:
+            raise UserError(f"--out {args.out}: {error}") from error
+        if not records:  # the section would be emptied
             raise UserError(f"--out {args.out} holds no benchmark results (*.json): pass the directory that holds "
                             "them, e.g. --out benches/results")
-        report.update_readme(readme, Path(args.out))
+        report.update_readme(readme, out)
         print(f"updated the benchmark section of {args.readme} from {args.out}/*.json")
         return 0
-    if PRESETS[args.preset].device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-small on this machine")
+    if not torch.cuda.is_available():
+        if PRESETS[args.preset].device == "cuda":
+            raise UserError(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-small on this machine")
+        graphed = [name for name in args.providers or () if name in GRAPHED]
+        if graphed:
+            raise UserError(f"--providers {' '.join(graphed)}: a CUDA graph's replay needs a CUDA GPU; leave "
+                            f"{'them' if len(graphed) > 1 else 'it'} out on this machine")
+    if out.exists() and not out.is_dir():  # found before the first workload runs, not after it
+        raise UserError(f"--out {args.out} is a file: give a directory for the results")
     command = "bitfit-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     record = runner.run(args.preset, command, providers=args.providers,
-                        checkpoint=lambda partial: report.write(partial, Path(args.out)))
-    for kind, path in report.write(record, Path(args.out)).items():
+                        checkpoint=lambda partial: report.write(partial, out))
+    for kind, path in report.write(record, out).items():
         print(f"wrote {kind}: {path}")
     return 0
 
@@ -105,7 +118,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {out}: a {model_class} with {args.run}'s best biases merged in, and its tokenizer; load it with "
           f"transformers' from_pretrained({str(out)!r}), no bitfit-fast needed")
     for leftover in temporaries_of_others(out):
-        print(f"note: {leftover} is a whole model an export into {out.name} left unfinished (killed?); delete it "
+        print(f"note: {leftover} is what an export into {out.name} left unfinished (killed?); delete it "
               "unless an export is still running", file=sys.stderr)
     return 0
 
@@ -183,7 +196,9 @@ def _number(kind: type, minimum: float, above: bool = False, maximum: float = ma
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {minimum}, got {text}")
         if value > maximum:
             raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")

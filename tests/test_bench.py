@@ -287,6 +287,29 @@ def test_outputs_markdown_plot_and_readme_section(tmp_path):
     assert "stale" not in text and "bert-tiny-seq16-b4" in text and text.endswith(f"{report.README_END}\nrest\n")
 
 
+def test_a_run_in_progress_never_writes_over_the_last_whole_one_and_the_readme_skips_it(tmp_path, capsys):
+    """The record after each workload is a partial one, written beside the last whole run's files (a run cut short
+    leaves them as they were); the whole record removes it, and the README's section reads whole runs only."""
+    whole = runner.environment("bitfit-fast bench --preset tiny")
+    whole.update(preset="tiny", providers={}, matmul_peak_tflops=0.5, matmul_peak_dtype="float32",
+                 memory_method="test", workloads=[])
+    report.write(whole, tmp_path)
+    partial = report.write({**whole, "partial": "1 of 2 workloads"}, tmp_path)
+    assert partial["json"].name == "tiny.partial.json" and "**partial**: 1 of 2 workloads" in (
+        partial["markdown"].read_text())
+    assert "partial" not in json.loads((tmp_path / "tiny.json").read_text())
+    assert report.records(tmp_path) == [json.loads((tmp_path / "tiny.json").read_text())]
+    report.write(whole, tmp_path)
+    assert not list(tmp_path.glob("*.partial.*"))
+
+    (tmp_path / "other.json").write_text('["not", "a", "record"]')
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    assert cli.main(["bench", "--update-readme", "--out", str(tmp_path), "--readme", str(readme)]) == 2
+    assert capsys.readouterr().err == (f"bitfit-fast bench: error: --out {tmp_path}: other.json is not a "
+                                       "`bitfit-fast bench` record: keep only those in the directory\n")
+
+
 def test_readme_benchmark_section_is_generated_from_the_committed_results():
     root = Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text()
@@ -301,6 +324,9 @@ def test_readme_benchmark_section_is_generated_from_the_committed_results():
     (["--providers", "nope"], "argument --providers: invalid choice: 'nope'"),
     (["--update-readme", "--out", "/nonexistent/results"],
      "--out /nonexistent/results holds no benchmark results (*.json): pass the directory that holds them"),
+    (["--preset", "tiny", "--providers", "reference", "fast-graphed"],
+     "--providers fast-graphed: a CUDA graph's replay needs a CUDA GPU; leave it out on this machine"),
+    (["--preset", "tiny", "--out", __file__], f"--out {__file__} is a file: give a directory for the results"),
 ])
 def test_bench_mistakes_end_with_one_line(monkeypatch, capsys, args, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -213,8 +213,8 @@ def add_ratios(results: dict) -> None:
 
 def run(preset_name: str, command: str, providers: list[str] | None = None, log=print, checkpoint=None) -> dict:
     """The record of a whole preset run (environment, every workload, the goals), as ``report.write`` saves it.
-    ``checkpoint(record)``, if given, sees the record after every workload, so a run cut short keeps what it
-    measured."""
+    ``checkpoint(record)``, if given, sees the record after every workload, marked ``partial`` (how many workloads
+    it holds), so a run cut short keeps what it measured."""
     preset = PRESETS[preset_name]
     if providers:
         unknown = sorted(set(providers) - set(PROVIDERS))
@@ -240,7 +240,7 @@ def run(preset_name: str, command: str, providers: list[str] | None = None, log=
         record["workloads"].append(run_workload(workload, preset, record["matmul_peak_tflops"], log))
         record["goals"] = check_goals(record, preset.device)
         if checkpoint is not None:
-            checkpoint(record)
+            checkpoint({**record, "partial": f"{len(record['workloads'])} of {len(preset.workloads)} workloads"})
     # Probed again at the end, MFU against the faster probe: a probe taken in a slow phase of a shared machine
     # (a CPU VM's throughput swings by 20%) would put a fixed-length step above 100%.
     probes = [record["matmul_peak_tflops"], matmul_peak_tflops(preset.device)]
