@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{'s' if len(preset.workloads) > 1 else ''} of {sizes(preset.workloads)}"
                         for name, preset in PRESETS.items())
     b.add_argument("--preset", choices=list(PRESETS), default="cpu-small",
-                   help=f"what to measure ({presets}); tiny is a smoke test of a few seconds")
+                   help=f"what to measure ({presets}); tiny is a smoke test of about a minute")
     b.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER",
                    help=f"run these providers instead of the preset's (of {', '.join(PROVIDERS)})")
     b.add_argument("--out", default="runs/bench",
@@ -438,8 +438,9 @@ def _resume_hint(args) -> str:
                 f"the one interrupted continues from its last checkpoint ({out}/lr-<rate>/{CHECKPOINT_NAME}), if "
                 "it wrote one") if out.is_dir() else ""
     checkpoint = out / CHECKPOINT_NAME
-    return f"; the same command with --resume continues from its last checkpoint, {checkpoint}" \
-        if checkpoint.is_file() else ""
+    if checkpoint.is_file():
+        return f"; the same command with --resume continues from its last checkpoint, {checkpoint}"
+    return "; it stopped before its first checkpoint: the same command starts it again" if out.is_dir() else ""
 
 
 if __name__ == "__main__":

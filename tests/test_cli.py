@@ -58,6 +58,15 @@ def home(tmp_path_factory):
     (root / "data" / "texts.txt").write_text("goal\n")
     (root / "data" / "not.parquet").write_text("text,label\ngoal,sport\n")  # a CSV misnamed
     (root / "data" / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    # Saved as Latin-1 (a spreadsheet's export): "é" is one byte, 0xe9, that UTF-8 does not read.
+    (root / "data" / "latin-1.jsonl").write_bytes('{"text": "goal", "label": "sport"}\n'
+                                                  '{"text": "café prices", "label": "business"}\n'.encode("latin-1"))
+    (root / "data" / "latin-1.csv").write_bytes("text\ngoal match\ncafé prices\n".encode("latin-1"))
+    # pandas' df.to_json() by default: one object of columns, each mapping row numbers to values.
+    (root / "data" / "columns.json").write_text(json.dumps({"text": {"0": "goal match", "1": "bank market"},
+                                                            "label": {"0": "sport", "1": "business"}}))
+    (root / "data" / "list-texts.jsonl").write_text(json.dumps({"text": list(range(5000))}) + "\n")
+    (root / "data" / "ragged.csv").write_text("text,label\ngoal match,sport\nbank, market,business\n")
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
     (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
     (root / "not-a-run").mkdir()
@@ -65,6 +74,14 @@ def home(tmp_path_factory):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(root / "model" / name, root / "without-tokenizer")
     shutil.copytree(root / "model", root / "misconfigured")  # a config.json edited by hand, its weights not
+    for damaged in ("damaged-safetensors", "damaged-bin"):  # weights cut short (a copy that stopped)
+        shutil.copytree(root / "model", root / damaged)
+    weights = (root / "model" / "model.safetensors").read_bytes()
+    (root / "damaged-safetensors" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "damaged-bin" / "model.safetensors").unlink()
+    torch.save(safetensors.torch.load(weights), root / "damaged-bin" / "pytorch_model.bin")
+    pickled = (root / "damaged-bin" / "pytorch_model.bin").read_bytes()
+    (root / "damaged-bin" / "pytorch_model.bin").write_bytes(pickled[: len(pickled) * 9 // 10])  # no zip directory
     config = json.loads((root / "model" / "config.json").read_text())
     (root / "misconfigured" / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=256)))
     return root
@@ -333,7 +350,7 @@ def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, 
     (killed / "model.safetensors").write_text("a whole model")
     assert cli.main(["export", run, str(empty)]) == 0
     assert (empty / "config.json").is_file() and (empty / "tokenizer_config.json").is_file()
-    assert capsys.readouterr().err == (f"note: {killed} is a whole model an export into exported-empty left "
+    assert capsys.readouterr().err == (f"note: {killed} is what an export into exported-empty left "
                                        "unfinished (killed?); delete it unless an export is still running\n")
     assert (killed / "model.safetensors").read_text() == "a whole model", "named, not removed"
     shutil.rmtree(killed)
@@ -573,7 +590,7 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "--max-length 4 leaves no room for the text: the tokenizer adds 3 special tokens to a pair of texts, and each "
      "text needs a token; use --max-length 5 or more"),
     (["train", "--model", "{home}/model", "--output-dir", "{data}"],  # a run would overwrite files of its names
-     "--output-dir {data} is not empty (binary.csv, not.parquet, pairs-train.csv, ...): a run starts in a new "
+     "--output-dir {data} is not empty (binary.csv, columns.json, latin-1.csv, ...): a run starts in a new "
      "or empty directory"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/not-a-run", "--resume"],
      "--resume: no checkpoint at {home}/not-a-run/checkpoint.pt; leave out --resume"),
@@ -581,6 +598,26 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "--max-length 1000 is more than the 128 positions of --model {home}/model: use --max-length 128 or less"),
     (["train", "--model", "{data}", "--output-dir", "{runs}/failed"],
      "--model {data} has no config.json, so it is not a Hugging Face model"),
+    (["train", "--model", "{home}/model", "--train-file", "{data}/latin-1.jsonl", "--validation-file",
+      "{data}/val.csv", "--output-dir", "{runs}/failed"],
+     "{data}/latin-1.jsonl is not UTF-8 text (byte 0xe9 on line 2: a Latin-1 or Windows-1252 export?); save it as "
+     "UTF-8"),
+    (["train", "--model", "{home}/model", "--train-file", "{data}/columns.json", "--validation-file",
+      "{data}/val.csv", "--output-dir", "{runs}/failed"],
+     "{data}/columns.json holds one object of columns, each mapping row numbers to values (pandas' to_json writes "
+     "that by default); write one record per row: df.to_json(path, orient=\"records\", lines=True)"),
+    (["predict", "{runs}/one", "--input-file", "{data}/list-texts.jsonl"],  # a cell's value is quoted cut short
+     "{data}/list-texts.jsonl column 'text' holds [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, "
+     "19, 20, 21, 2... (28,890 characters) (list) in example 1, not a text"),
+    (["predict", "{runs}/one", "--input-file", "{data}/ragged.csv"],
+     "{data}/ragged.csv could not be read as CSV: line 3 has 3 fields where the header has 2 (a comma in a text "
+     "needs the text in double quotes); fix it"),
+    (["predict", "{runs}/one", "--input-file", "{data}/latin-1.csv"],
+     "{data}/latin-1.csv is not UTF-8 text (byte 0xe9 on line 3"),
+    (["train", "--model", "{home}/damaged-safetensors", "--output-dir", "{runs}/failed"],
+     "--model {home}/damaged-safetensors could not be loaded (Error while deserializing header"),
+    (["train", "--model", "{home}/damaged-bin", "--output-dir", "{runs}/failed"],
+     "--model {home}/damaged-bin could not be loaded (PytorchStreamReader failed reading zip archive"),
     (["serve", "{runs}/one", "{runs}/two"],
      "cannot serve these runs: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
     (["serve", "{runs}/one", "{runs}/one"], "the run {runs}/one is given twice: give it once"),
@@ -590,6 +627,11 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "another directory"),
     (["train", "--model", "{home}/model", "--output-dir", "{data}/train.csv"],
      "--output-dir {data}/train.csv cannot be created: {data}/train.csv is a file; choose another directory"),
+    (["export", "{runs}/one", "{runs}/one/exported"],
+     "{runs}/one/exported is inside the `bitfit-fast train` run {runs}/one, whose files only its training writes: "
+     "export into a directory outside it"),
+    (["export", "{runs}/one", "{runs}/two/biases/exported"],
+     "{runs}/two/biases/exported is inside the `bitfit-fast train` run {runs}/two"),
     (["export", "{runs}/one", "{home}/model/config.json/exported"],
      "{home}/model/config.json/exported cannot be created: {home}/model/config.json is a file; choose another "
      "directory"),
@@ -615,6 +657,37 @@ def test_a_model_fine_tuned_on_other_classes_trains_with_a_new_classifier(home, 
                      str(data / "val.csv"), "--output-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "3 classes" in out and "newly initialised, trained with the head: classifier" in out, out
+
+
+def test_a_classifier_that_names_its_classes_answers_in_the_datas_class_order(home, tmp_path):
+    """A checkpoint whose classifier names its classes (an exported run, a model fine-tuned elsewhere) trained in
+    another order than the data's sorted one: its rows are reordered, so that each class keeps its logit. Other
+    classes of the same number are drawn anew and named as new (reused by index, each would answer for another)."""
+    from bitfit_fast.train.models import load_pretrained
+
+    classes = sorted(WORDS)
+    saved_order = [classes[i] for i in (2, 0, 1)]
+    named = transformers.BertForSequenceClassification.from_pretrained(
+        home / "model", num_labels=3, id2label=dict(enumerate(saved_order)),
+        label2id={name: i for i, name in enumerate(saved_order)}).eval()
+    named.save_pretrained(tmp_path / "named")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(home / "model")
+    tokenizer.save_pretrained(tmp_path / "named")
+    inputs = tokenizer(["goal match team coach", "bank market price profit"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        by_saved_class = dict(zip(saved_order, named(**inputs).logits.unbind(-1)))
+
+    model, _, info = load_pretrained(str(tmp_path / "named"), 3, classes, "the model")
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits
+    for index, name in enumerate(classes):
+        torch.testing.assert_close(logits[:, index], by_saved_class[name], msg=name)
+    assert not any(key.startswith("classifier.") for key in info["missing_keys"])
+    assert model.config.id2label == dict(enumerate(classes))
+
+    other, _, info = load_pretrained(str(tmp_path / "named"), 3, ["x", "y", "z"], "the model")
+    assert {"classifier.weight", "classifier.bias"} <= set(info["missing_keys"])
+    assert not torch.equal(other.classifier.weight, named.classifier.weight)
 
 
 def test_a_runs_damaged_biases_are_named_with_the_one_fix_there_is(home, runs, tmp_path, capsys):
@@ -700,7 +773,9 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
     (["train", "--micro-batch-size", "0"], "argument --micro-batch-size: must be at least 1"),
     (["train", "--max-grad-norm", "0"], "argument --max-grad-norm: must be more than 0"),
     (["train", "--weight-decay", "-0.1"], "argument --weight-decay: must be at least 0"),
-    (["train", "--lr", "nan"], "argument --lr: must be more than 0"),
+    (["train", "--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["train", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),  # not "more than 0"
+    (["train", "--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got nan"),
     (["train", "--epochs", "two"], "argument --epochs: 'two' is not an integer"),
     (["train", "--save-every", "-1"], "argument --save-every: must be at least 0"),
     (["train", "--method", "lora"], "argument --method: invalid choice: 'lora'"),
@@ -812,6 +887,7 @@ def test_ctrl_c_ends_train_with_one_line_naming_the_checkpoint(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bitfit-fast train: interrupted")
     assert ("the same command with --resume continues from its last checkpoint" in err) == checkpoint
+    assert ("it stopped before its first checkpoint: the same command starts it again" in err) != checkpoint
     assert cli.main(["train", "--lr-sweep", "--output-dir", str(out)]) == 130  # its checkpoints: OUTPUT_DIR/lr-*/
     assert capsys.readouterr().err == ("bitfit-fast train: interrupted; the same command with --resume continues the "
                                        "sweep: the learning rates that finished are kept, the one interrupted "
