@@ -8,12 +8,15 @@ from bitfit_reference import (
     PATHS,
     adamw_steps,
     assert_gradients_match,
+    autocast_outputs,
     padded_batch,
     reference_bitfit,
     trainable,
     with_random_biases,
+    without_zero_gradients,
     zero_gradient_bias,
 )
+from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast
 
@@ -41,6 +44,28 @@ def test_logits_loss_and_gradients_match(arch, backend, path):
     ref_out.loss.backward()
     assert_gradients_match(model, reference)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+# Triton's interpreter cannot run a bf16 tl.dot: bf16 on Triton runs on a GPU only.
+AUTOCAST_CASES = [pytest.param(arch, backend, path, precision,
+                               id=f"{arch}-{backend}-{path}-{str(precision).removeprefix('torch.')}",
+                               marks=[pytest.mark.gpu] if (precision, backend) == (torch.bfloat16, "triton") else [])
+                  for arch in MODELS for backend in BACKENDS for path in PATHS
+                  for precision in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("arch,backend,path,precision", AUTOCAST_CASES)
+def test_autocast_is_as_accurate_as_torch_at_the_same_precision(arch, backend, path, precision, gemm_dtypes):
+    """Config-built BERT and RoBERTa (random biases and gains, some near zero) by flash-attention's rule
+    (``kernel_checks``) against the fp32 reference: real MiniLM's tests cover BERT's weights, these RoBERTa's
+    layout (its position offset) and every path on either backend."""
+    model = with_random_biases(MODELS[arch](), gains=True)
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend, **PATHS[path])
+    ours, same, exact = autocast_outputs(model, reference, padded_batch(model, lengths=(31, 17, 5, 31)), precision)
+    assert_gemms_ran_in(precision, gemm_dtypes)
+    without_zero_gradients(ours, same, exact)
+    assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"{arch} {path} on {backend}")
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
