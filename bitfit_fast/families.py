@@ -224,6 +224,9 @@ FAMILIES = (
     # Funnel's relative positions and token types enter its scores beside the queries, never the keys. Its query
     # projection has no bias (three of its own, r_w/r_r/r_s_bias, go beside q into each kind of score): no subset.
     Family(name="funnel", subset=None, zero_gradient_keys={"FunnelRelMultiheadAttention": "k_head"}),
+    # T5's encoders (bias-free: apply() adds their biases) add relative positions to the scores, never to the keys.
+    Family(name="t5", subset=None, zero_gradient_keys=dict.fromkeys(("T5Attention", "MT5Attention", "UMT5Attention"),
+                                                                    "k")),
     # q, k and v packed in Wqkv (only the query rows train, see model.QueryRowsBitFitLinear) and the GLU
     # up-projection Wi (input and gate halves). Rotary positions enter through the keys: no zero-gradient key bias.
     Family(name="modernbert", subset=("attn.Wqkv", "mlp.Wi"), packed_qkv=("attn.Wqkv",),

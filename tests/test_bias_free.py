@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import transformers
-from bitfit_reference import DEVICE, adamw_steps, padded_batch, tiny_bert, trainable
+from bitfit_reference import BACKENDS, DEVICE, adamw_steps, padded_batch, tiny_bert, trainable, zero_gradient_bias
 
 import bitfit_fast
 from bitfit_fast import BitFitLayerNorm, BitFitLinear
@@ -227,9 +227,59 @@ def test_merge_refuses_biases_the_config_flags_cannot_declare_exactly(tmp_path):
     torch.testing.assert_close(logits(base, batch), logits(model, batch), atol=0, rtol=0)
 
 
+T5 = dict(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, dropout_rate=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_t5_encoders_added_biases_train_as_plain_autograd_trains_them(backend):
+    """A bias-free family on the module path: T5's encoder with the zero biases apply() adds equals the same model
+    with those biases added by hand and trained by plain autograd (everything else frozen): its output, each
+    bias gradient and the biases after three AdamW steps. Its key biases' true gradient is zero (T5 adds relative
+    positions to the scores, not to the keys): ours is exactly zero, the reference's rounding noise is zeroed
+    before each step, as ``adamw_steps`` does."""
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(**T5)).to(DEVICE)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, device=DEVICE))
+    with pytest.warns(bitfit_fast.UndeclaredBiasesWarning):
+        bitfit_fast.apply(model, backend=backend)
+    assert trainable(model).keys() == trainable(reference).keys() and len(trainable(model)) == 12
+    batches = [torch.randint(2, T5["vocab_size"], (3, length), device=DEVICE) for length in (7, 5, 9)]
+    directions = [torch.randn(3, length, T5["d_model"], device=DEVICE) for length in (7, 5, 9)]
+
+    def steps(m):
+        optimizer = torch.optim.AdamW(trainable(m).values(), lr=1e-2)
+        outputs, grads = [], []
+        for input_ids, direction in zip(batches, directions):
+            optimizer.zero_grad()
+            out = m(input_ids=input_ids).last_hidden_state
+            (out * direction).sum().backward()
+            for name, param in trainable(m).items():
+                if zero_gradient_bias(name):
+                    assert m is reference or not param.grad.any(), f"{name}'s true gradient is zero; ours is not"
+                    param.grad.zero_()
+            outputs.append(out.detach())
+            grads.append({name: p.grad.clone() for name, p in trainable(m).items()})
+            optimizer.step()
+        return outputs, grads, {name: p.detach() for name, p in trainable(m).items()}
+
+    (outputs, grads, biases), (ref_outputs, ref_grads, ref_biases) = steps(model), steps(reference)
+    for step, (out, ref_out) in enumerate(zip(outputs, ref_outputs)):
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4, msg=f"step {step} output")
+    for step, (ours, theirs) in enumerate(zip(grads, ref_grads)):
+        for name, grad in theirs.items():
+            scale = grad.abs().max().item()
+            assert scale > 0 or zero_gradient_bias(name), name
+            torch.testing.assert_close(ours[name], grad, atol=1e-5 * scale, rtol=1e-4, msg=f"step {step} {name}")
+    for name, bias in ref_biases.items():
+        torch.testing.assert_close(biases[name], bias, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_merge_refuses_added_biases_of_a_family_without_flags():
     # T5's linear layers have no bias and its config no flag for one.
-    config = transformers.T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    config = transformers.T5Config(**T5)
     with pytest.warns(bitfit_fast.UndeclaredBiasesWarning, match="12 biases added to this T5EncoderModel"):
         model = bitfit_fast.apply(transformers.T5EncoderModel(config).to(DEVICE))
     assert "encoder.block.0.layer.0.SelfAttention.q" in model.bitfit_fast_state.added_biases

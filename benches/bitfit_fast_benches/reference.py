@@ -29,11 +29,12 @@ def reference_bitfit(model: nn.Module, head: tuple[str, ...] | list[str] | None 
 
 # Biases whose true gradient is identically zero: the attention key bias (softmax ignores q·b_k). bitfit_fast gives
 # them exactly zero; plain autograd gives rounding noise, which AdamW would turn into lr-sized random steps.
-# The key biases of BERT-style models, DistilBERT, ALBERT, MPNet, XLM (and FlauBERT) and Funnel, by name: not for
-# models whose attention of these names rotates its keys (RoFormer, ESM with rotary positions), where they train.
+# The key biases of BERT-style models, DistilBERT, ALBERT, MPNet, XLM (and FlauBERT), Funnel and T5 (added, it has
+# none), by name: not for models whose attention of these names rotates its keys (RoFormer, ESM with rotary
+# positions), where they train.
 ZERO_GRADIENT_BIASES = re.compile(
     r"(attention\.self\.key|attention\.k_lin|attention\.key|attention\.attn\.k|attentions\.\d+\.k_lin"
-    r"|attention\.k_head)\.bias$")
+    r"|attention\.k_head|(Self|EncDec)Attention\.k)\.bias$")
 
 
 def zero_gradient_bias(name: str) -> bool:
