@@ -28,6 +28,7 @@ from .train import (
     quiet_transformers,
     setup_distributed,
 )
+from .train.run import is_run_record
 
 
 class _BaseModels:
@@ -353,7 +354,7 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
     if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
         raise UserError(f"{output_dir} is the current directory (or holds it), which the export's rename would take "
                         "from under you: export into a new directory, e.g. a subdirectory")
-    run_holding = next((d for d in (out, *out.parents) if (d / RUN_CONFIG_NAME).is_file()), None)
+    run_holding = next((d for d in (out, *out.parents) if is_run_record(d / RUN_CONFIG_NAME)), None)
     if run_holding is not None:  # one path, one meaning: what a run holds, only its training writes
         where = "is" if run_holding == out else "is inside"
         raise UserError(f"{output_dir} {where} the `bitfit-fast train` run {run_holding}, whose files only its "

@@ -67,6 +67,8 @@ def home(tmp_path_factory):
                                                             "label": {"0": "sport", "1": "business"}}))
     (root / "data" / "list-texts.jsonl").write_text(json.dumps({"text": list(range(5000))}) + "\n")
     (root / "data" / "ragged.csv").write_text("text,label\ngoal match,sport\nbank, market,business\n")
+    long_cell = '"' + "goal " * 30_000 + '"'  # past the csv module's default field limit (128 KiB)
+    (root / "data" / "unclosed.csv").write_text(f'text,label\n{long_cell},sport\n"bank market,business\na,b\n')
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
     (root / "elsewhere").mkdir()  # eval and predict run from here: runs must not depend on the directory
     (root / "not-a-run").mkdir()
@@ -76,7 +78,13 @@ def home(tmp_path_factory):
     shutil.copytree(root / "model", root / "misconfigured")  # a config.json edited by hand, its weights not
     for damaged in ("damaged-safetensors", "damaged-bin"):  # weights cut short (a copy that stopped)
         shutil.copytree(root / "model", root / damaged)
+    shutil.copytree(root / "model", root / "damaged-pickle")  # the legacy .bin format: a bare pickle, cut short
+    (root / "damaged-pickle" / "model.safetensors").unlink()
     weights = (root / "model" / "model.safetensors").read_bytes()
+    torch.save(safetensors.torch.load(weights), root / "damaged-pickle" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    legacy = (root / "damaged-pickle" / "pytorch_model.bin").read_bytes()
+    (root / "damaged-pickle" / "pytorch_model.bin").write_bytes(legacy[:600])
     (root / "damaged-safetensors" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     (root / "damaged-bin" / "model.safetensors").unlink()
     torch.save(safetensors.torch.load(weights), root / "damaged-bin" / "pytorch_model.bin")
@@ -342,6 +350,13 @@ def test_export_never_writes_over_a_directory_and_names_a_run_it_cannot_merge(ho
     assert not out.exists()
 
 
+def test_export_below_a_run_config_json_that_no_run_wrote_is_written(home, runs, tmp_path):
+    """Only a run's own record makes a directory a run's: a project of one's own may name a file run_config.json."""
+    (tmp_path / "run_config.json").write_text('{"lr": 0.1}')
+    assert cli.main(["export", str(home / "runs" / "one"), str(tmp_path / "models" / "exported")]) == 0
+    assert (tmp_path / "models" / "exported" / "config.json").is_file()
+
+
 def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, runs, capsys, monkeypatch):
     run, empty = str(home / "runs" / "one"), home / "exported-empty"
     empty.mkdir()
@@ -604,18 +619,22 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "UTF-8"),
     (["train", "--model", "{home}/model", "--train-file", "{data}/columns.json", "--validation-file",
       "{data}/val.csv", "--output-dir", "{runs}/failed"],
-     "{data}/columns.json holds one object of columns, each mapping row numbers to values (pandas' to_json writes "
-     "that by default); write one record per row: df.to_json(path, orient=\"records\", lines=True)"),
+     "{data}/columns.json holds one JSON object of objects (pandas' to_json writes its columns so by default), not "
+     "one record per row: write df.to_json(path, orient=\"records\", lines=True)"),
     (["predict", "{runs}/one", "--input-file", "{data}/list-texts.jsonl"],  # a cell's value is quoted cut short
      "{data}/list-texts.jsonl column 'text' holds [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, "
      "19, 20, 21, 2... (28,890 characters) (list) in example 1, not a text"),
     (["predict", "{runs}/one", "--input-file", "{data}/ragged.csv"],
      "{data}/ragged.csv could not be read as CSV: line 3 has 3 fields where the header has 2 (a comma in a text "
      "needs the text in double quotes); fix it"),
+    (["predict", "{runs}/one", "--input-file", "{data}/unclosed.csv"],
+     "{data}/unclosed.csv could not be read as CSV: a double quote opened on line 3 never closes; fix it"),
     (["predict", "{runs}/one", "--input-file", "{data}/latin-1.csv"],
      "{data}/latin-1.csv is not UTF-8 text (byte 0xe9 on line 3"),
     (["train", "--model", "{home}/damaged-safetensors", "--output-dir", "{runs}/failed"],
      "--model {home}/damaged-safetensors could not be loaded (Error while deserializing header"),
+    (["train", "--model", "{home}/damaged-pickle", "--output-dir", "{runs}/failed"],
+     "--model {home}/damaged-pickle could not be loaded ("),
     (["train", "--model", "{home}/damaged-bin", "--output-dir", "{runs}/failed"],
      "--model {home}/damaged-bin could not be loaded (PytorchStreamReader failed reading zip archive"),
     (["serve", "{runs}/one", "{runs}/two"],
@@ -663,6 +682,7 @@ def test_a_classifier_that_names_its_classes_answers_in_the_datas_class_order(ho
     """A checkpoint whose classifier names its classes (an exported run, a model fine-tuned elsewhere) trained in
     another order than the data's sorted one: its rows are reordered, so that each class keeps its logit. Other
     classes of the same number are drawn anew and named as new (reused by index, each would answer for another)."""
+    from bitfit_fast.model import weights_drawn_at_random
     from bitfit_fast.train.models import load_pretrained
 
     classes = sorted(WORDS)
@@ -685,9 +705,34 @@ def test_a_classifier_that_names_its_classes_answers_in_the_datas_class_order(ho
     assert not any(key.startswith("classifier.") for key in info["missing_keys"])
     assert model.config.id2label == dict(enumerate(classes))
 
+    # The same classes in other case: reordered as well.
+    model, _, _ = load_pretrained(str(tmp_path / "named"), 3, [name.upper() for name in classes], "the model")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, logits)
+    # Classes the data only numbers ("0", "1", ...: it names none) keep the checkpoint's order.
+    model, _, info = load_pretrained(str(tmp_path / "named"), 3, ["0", "1", "2"], "the model")
+    assert torch.equal(model.classifier.weight, named.classifier.weight) and not info["missing_keys"]
+
     other, _, info = load_pretrained(str(tmp_path / "named"), 3, ["x", "y", "z"], "the model")
     assert {"classifier.weight", "classifier.bias"} <= set(info["missing_keys"])
     assert not torch.equal(other.classifier.weight, named.classifier.weight)
+    # Drawn here as transformers marks what it draws: a frozen head of it would be warned of.
+    assert {"classifier.weight", "classifier.bias"} <= weights_drawn_at_random(other)
+
+
+def test_a_checkpoint_that_numbers_its_classes_keeps_its_classifier(home, tmp_path):
+    """id2label of bare indices, as ints (a config written from dict(enumerate(...))) or strings: no names, so the
+    classifier is kept by index whatever the data's class names."""
+    from bitfit_fast.train.models import load_pretrained
+
+    named = transformers.BertForSequenceClassification.from_pretrained(home / "model", num_labels=2)
+    named.save_pretrained(tmp_path / "numbered")
+    config = json.loads((tmp_path / "numbered" / "config.json").read_text())
+    config.update(id2label={"0": 0, "1": 1}, label2id={"0": 0, "1": 1})
+    (tmp_path / "numbered" / "config.json").write_text(json.dumps(config))
+    transformers.AutoTokenizer.from_pretrained(home / "model").save_pretrained(tmp_path / "numbered")
+    model, _, info = load_pretrained(str(tmp_path / "numbered"), 2, ["negative", "positive"], "the model")
+    assert torch.equal(model.classifier.weight, named.classifier.weight) and not info["missing_keys"]
 
 
 def test_a_runs_damaged_biases_are_named_with_the_one_fix_there_is(home, runs, tmp_path, capsys):

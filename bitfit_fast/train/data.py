@@ -315,22 +315,32 @@ def read_table(file: str):
     finally:
         logger.setLevel(level)
     if FORMATS[suffix] == "json" and len(table) == 1 and all(isinstance(v, dict) for v in table[0].values()):
-        raise DataError(f"{file} holds one object of columns, each mapping row numbers to values (pandas' to_json "
-                        "writes that by default); write one record per row: df.to_json(path, orient=\"records\", "
-                        "lines=True)")
+        raise DataError(f"{file} holds one JSON object of objects (pandas' to_json writes its columns so by "
+                        "default), not one record per row: write df.to_json(path, orient=\"records\", lines=True)")
     return table
 
 
 def _csv_problem(path: Path) -> str | None:
-    """The first row of a CSV file that datasets could not read whose number of fields is not the header's (an
-    unquoted comma in a text; datasets does not say where)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        header = next(rows, [])
-        for row in rows:
-            if row and len(row) != len(header):
-                return (f"line {rows.line_num} has {len(row)} fields where the header has {len(header)} (a comma in "
-                        "a text needs the text in double quotes)")
+    """Where a CSV file that datasets could not read goes wrong (datasets does not say): the first row with more
+    fields than the header (an unquoted comma in a text; pandas fills a row with fewer), or a double quote that
+    never closes (the last row then runs over several lines to the end, one cell short)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            header, start, row = next(rows, []), rows.line_num + 1, []
+            for row in rows:
+                row_start, start = start, rows.line_num + 1
+                if len(row) > len(header):
+                    return (f"line {row_start} has {len(row)} fields where the header has {len(header)} (a comma "
+                            "in a text needs the text in double quotes)")
+            if row and len(row) < len(header) and "\n" in row[-1]:
+                return f"a double quote opened on line {row_start} never closes"
+    except csv.Error as error:
+        return f"line {start}: {error}"
+    finally:
+        csv.field_size_limit(limit)
     return None
 
 

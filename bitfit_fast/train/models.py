@@ -4,6 +4,7 @@ it with a new classification head and its tokenizer, and setting it up for the r
 import contextlib
 import importlib.util
 import pickle
+import struct
 import warnings
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
     """(model with a new classification head, tokenizer, loading info) from a resolved source (see
     :func:`model_source`); the head's labels are named ``label_names``. A model or tokenizer that cannot be loaded is
     a one-line UserError that starts with ``described_as``."""
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -88,8 +90,12 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
             # A classifier of another number of classes (a model fine-tuned before) is drawn anew, as a missing one.
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-    # Not found, not a model, an unknown architecture; damaged weights: safetensors' header, a .bin's pickle or zip.
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+    # Not found, not a model, an unknown architecture; damaged weights: safetensors' header, a .bin's zip (a
+    # RuntimeError) or pickle (cut short: EOFError or struct.error). Out of memory is no damage: it goes on.
+    except (OSError, ValueError, RuntimeError, EOFError, struct.error, SafetensorError,
+            pickle.UnpicklingError) as error:
+        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+            raise
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "
                         "tokenizer files)") from error
@@ -104,23 +110,29 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
         raise UserError(f"{described_as} has a tokenizer of {len(tokenizer)} tokens for its {embeddings} token "
                         "embeddings: its tokenizer files are missing (tokenizer.json, vocab.txt, ...); save the "
                         "tokenizer beside the model (tokenizer.save_pretrained)")
-    if label_names and saved_classes and saved_classes != label_names:
+    if label_names and saved_classes and not _are_indices(label_names) and saved_classes != label_names:
         _fit_classifier_to(model, info, saved_classes, label_names)
     return model, tokenizer, info
 
 
 def _class_names(config) -> list[str] | None:
     """The class names a checkpoint's classifier was trained on, or None where it names none (transformers'
-    LABEL_0, LABEL_1, ... are no names)."""
-    names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
-    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
+    LABEL_0, LABEL_1, ... and bare indices are no names)."""
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
+    return None if _are_indices(names) else names
+
+
+def _are_indices(names: list[str]) -> bool:
+    """Names that only number the classes: "0", "1", ... or transformers' LABEL_0, LABEL_1, ..."""
+    return all(name in (str(i), f"LABEL_{i}") for i, name in enumerate(names))
 
 
 def _fit_classifier_to(model, info: dict, saved: list[str], wanted: list[str]) -> None:
-    """A classifier loaded from a checkpoint that names its classes answers in the data's class order: its output
-    rows reordered where the classes are the same ones in another order (the data's are sorted; the checkpoint's
-    are as it was trained), drawn anew where they are other classes of the same number (reused by index, class i
-    would answer for another class i). A classifier drawn anew already (another number of classes) is left."""
+    """A classifier loaded from a checkpoint that names its classes answers in the data's class order (the data
+    names them too: classes numbered 0, 1, ... keep the checkpoint's order): its output rows reordered where the
+    classes are the same ones in another order, up to case (the data's are sorted; the checkpoint's are as it was
+    trained), drawn anew where they are other classes of the same number (reused by index, class i would answer
+    for another class i). A classifier drawn anew already (another number of classes) is left."""
     import torch
 
     head = [module for name in _head_children(model) for module in model.get_submodule(name).modules()]
@@ -132,18 +144,20 @@ def _fit_classifier_to(model, info: dict, saved: list[str], wanted: list[str]) -
     drawn = {*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])}
     if any(key.startswith(f"{prefix}.") for key in drawn):
         return
+    saved_folded, wanted_folded = [name.casefold() for name in saved], [name.casefold() for name in wanted]
     with torch.no_grad():
-        if sorted(saved) == sorted(wanted):
-            rows = torch.tensor([saved.index(name) for name in wanted], device=output.weight.device)
+        if sorted(saved_folded) == sorted(wanted_folded) and len(set(saved_folded)) == len(saved):
+            rows = torch.tensor([saved_folded.index(name) for name in wanted_folded], device=output.weight.device)
             output.weight.copy_(output.weight[rows])
             if output.bias is not None:
                 output.bias.copy_(output.bias[rows])
-        else:
-            output.weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
-            if output.bias is not None:
-                output.bias.zero_()
-            info["missing_keys"] = [*info["missing_keys"], *(f"{prefix}.{name}" for name, _ in
-                                                            output.named_parameters())]
+            return
+        output.weight.normal_(0.0, getattr(model.config, "initializer_range", 0.02))
+        if output.bias is not None:
+            output.bias.zero_()
+    for param in output.parameters():  # drawn here, as transformers marks what it draws (weights_drawn_at_random)
+        param._is_hf_initialized = False
+    info["missing_keys"] = [*info["missing_keys"], *(f"{prefix}.{name}" for name, _ in output.named_parameters())]
 
 
 def _head_children(model) -> list[str]:

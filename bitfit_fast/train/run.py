@@ -58,13 +58,13 @@ def check_empty(out: Path) -> None:
     """``out`` is new or empty, where a new run starts."""
     held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
-    if held and not (held == [RUN_CONFIG_NAME] and _is_run_record(out / RUN_CONFIG_NAME)):
+    if held and not (held == [RUN_CONFIG_NAME] and is_run_record(out / RUN_CONFIG_NAME)):
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
 
 
-def _is_run_record(file: Path) -> bool:
+def is_run_record(file: Path) -> bool:
     """Whether ``file`` is a run_config.json that `bitfit-fast train` wrote."""
     try:
         record = json.loads(file.read_text())
