@@ -2,6 +2,8 @@
 layer path and both backends; the unpadded encoder; the classification shortcut of
 DistilBertForSequenceClassification and what turns it off; dropout (none between out_lin and the residual)."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -309,3 +311,39 @@ def test_autocast_is_as_accurate_as_torch_at_the_same_precision(precision, path,
     assert_gemms_ran_in(precision, gemm_dtypes)
     without_zero_gradients(ours, same, exact)
     assert_autocast_as_accurate_as_torch(ours, same, exact, precision, f"DistilBERT {path} on {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_packed_row_with_the_collators_flash_attention_arguments_equals_the_padded_batch(backend):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) on a token classifier: the sequences of the packed
+    row run apart (DistilBERT's model does not hand position_ids to its layers: the cu_seq_lens do it), every real
+    token's logit and every gradient as on the padded batch. Without those arguments they attend to each other, as
+    under Hugging Face's own SDPA attention, whose output ours then equals."""
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(**TINY_DISTILBERT, num_labels=3)
+    base = with_random_biases(transformers.DistilBertForTokenClassification(config), gains=True)
+    reference = reference_bitfit(base)
+    model = bitfit_fast.apply(copy.deepcopy(base), backend=backend, announce=False)
+    lengths = (5, 1, 8, 3)
+    padded = padded_batch(model, lengths)
+    valid = padded["attention_mask"].bool()
+    features = [dict(input_ids=padded["input_ids"][row, :length].tolist(), labels=[row % 3] * length)
+                for row, length in enumerate(lengths)]
+    packed = transformers.DataCollatorWithFlattening(return_tensors="pt", return_flash_attn_kwargs=True)(features)
+    packed = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in packed.items()}
+    labels = (torch.arange(len(lengths), device=DEVICE)[:, None] % 3).expand_as(valid).clone()
+    labels[~valid] = -100
+    labels[:, 0] = -100  # the collator masks each sequence's first label
+    params = list(trainable(model).values())
+    flat = model(**packed)
+    ours = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=labels)
+    torch.testing.assert_close(flat.logits[0], ours.logits[valid], **TOL)
+    torch.testing.assert_close(flat.loss, ours.loss, **TOL)
+    for name, flat_grad, grad in zip(trainable(model), torch.autograd.grad(flat.loss, params),
+                                     torch.autograd.grad(ours.loss, params)):
+        torch.testing.assert_close(flat_grad, grad, atol=1e-5 * grad.abs().max().item(), rtol=1e-4, msg=name)
+
+    position_ids_only = {key: packed[key] for key in ("input_ids", "position_ids", "labels")}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**position_ids_only).logits, reference(**position_ids_only).logits, **TOL)
+        assert not torch.allclose(model(**position_ids_only).logits[0], ours.logits[valid], atol=1e-5)
