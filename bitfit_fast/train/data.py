@@ -324,7 +324,7 @@ def _csv_problem(path: Path) -> str | None:
     """Where a CSV file that datasets could not read goes wrong (datasets does not say): the first row with more
     fields than the header (an unquoted comma in a text; pandas fills a row with fewer), or a double quote that
     never closes (the last row then runs over several lines to the end, one cell short)."""
-    limit = csv.field_size_limit()
+    limit, start = csv.field_size_limit(), 1
     csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
