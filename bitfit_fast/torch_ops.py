@@ -6,7 +6,6 @@ They compute what BitFit needs and nothing more: no weight or gamma gradient, no
 linear layer or LayerNorm (it is drawn again from its seed in the backward).
 """
 
-import functools
 import math
 
 import numpy as np
@@ -20,13 +19,20 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-@functools.cache
+_LAYER_NORM_IN_FP32_UNDER_AUTOCAST: dict[str, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # dynamo takes the answer as a constant rather than tracing the probe
 def _autocast_runs_layer_norm_in_fp32(device_type: str) -> bool:
     """Whether autocast on ``device_type`` runs layer_norm in fp32 (CUDA's policy) or leaves it in its input's dtype
-    (CPU's), probed once on a low-precision input."""
-    dtype = torch.get_autocast_dtype(device_type)
-    with torch.autocast(device_type, dtype=dtype):
-        return F.layer_norm(torch.zeros(1, 1, dtype=dtype, device=device_type), (1,)).dtype == torch.float32
+    (CPU's), probed once on a low-precision input. Cached in a dict, not functools.cache: dynamo traces through a
+    cache's wrapper (with a warning) and would ignore the constant mark."""
+    if device_type not in _LAYER_NORM_IN_FP32_UNDER_AUTOCAST:
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, dtype=dtype):
+            probe = F.layer_norm(torch.zeros(1, 1, dtype=dtype, device=device_type), (1,))
+        _LAYER_NORM_IN_FP32_UNDER_AUTOCAST[device_type] = probe.dtype == torch.float32
+    return _LAYER_NORM_IN_FP32_UNDER_AUTOCAST[device_type]
 
 
 def layer_norm_output_dtype(device_type: str, input_dtype: torch.dtype) -> torch.dtype:

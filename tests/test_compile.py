@@ -16,24 +16,32 @@ import json
 import pytest
 import torch
 from bitfit_reference import (
+    DEVICE,
     PATHS,
     bbc_titles,
     padded_batch,
     real_batch,
     real_minilm,
+    reference_bitfit,
     tiny_bert,
     trainable,
     with_random_biases,
+    without_zero_gradients,
     zero_gradient_bias,
 )
+from kernel_checks import assert_autocast_as_accurate_as_torch
 
 import bitfit_fast
 from bitfit_fast.checkpoint import CONFIG_NAME
 from bitfit_fast.model import is_applied
 
 COMPILER = "aot_eager"
-# Dynamo's note where it graph-breaks in the torch backend's dropout masks (drawn with numpy): expected, see above.
-pytestmark = pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin:UserWarning")
+pytestmark = [
+    # Dynamo's note where it graph-breaks in the torch backend's dropout masks (drawn with numpy): expected, see above.
+    pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin:UserWarning"),
+    # A user's compiled model warns of nothing of ours: dynamo traced through functools.cache (autocast's probe).
+    pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`:UserWarning"),
+]
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.gpu)]
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -97,6 +105,37 @@ def test_compiled_real_minilm_computes_what_it_does_uncompiled(path, backend):
     texts = bbc_titles("tech", 2) + bbc_titles("sports", 3)
     with _compiling():
         _assert_same_step(eager, compiled_model, compiled, real_batch(texts, [4, 4, 3, 3, 3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_real_minilm_under_autocast_computes_what_it_does_uncompiled(precision, backend):
+    """Autocast around a compiled model: dynamo traces the casts autocast makes, so the compiled step computes what
+    the uncompiled one does under the same autocast (to fp32's rounding: a compiled region left in fp32 would differ
+    by the half format's, 1e-3 of the largest value and more) and is as accurate as torch's by the precision rule."""
+    eager, compiled_model, compiled = _models(lambda: real_minilm(layers=[0, 5], **NO_DROPOUT), backend, "fused")
+    reference = reference_bitfit(real_minilm(layers=[0, 5], **NO_DROPOUT))
+    batch = real_batch(bbc_titles("business", 2) + bbc_titles("politics", 3), [0, 0, 4, 4, 4])
+
+    def run(model, dtype):
+        model.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(**batch)
+        out.loss.backward()
+        return {"logits": out.logits.detach().float(), **{n.removeprefix("_orig_mod."): p.grad.clone()
+                                                          for n, p in trainable(model).items()}}
+
+    with _compiling():
+        got = run(compiled, precision)
+    expected = run(eager, precision)
+    for name, value in expected.items():
+        if zero_gradient_bias(name):
+            assert not got[name].any(), f"{name}: the true gradient is zero, compiled too"
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5 * value.abs().max().item(), msg=name)
+    same, exact = run(reference, precision), run(reference, None)
+    without_zero_gradients(got, same, exact)
+    assert_autocast_as_accurate_as_torch(got, same, exact, precision, f"compiled under {precision} on {backend}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
