@@ -217,10 +217,16 @@ def row_bucket(rows: int) -> int:
 PROGRAMS_PER_SM = 16
 
 
-@functools.cache
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the count as a constant, not a traced query
 def _multiprocessors(device_index: int) -> int:
-    # Cached: the properties query costs ~10 us of host time, and a step launches ~50 such loops.
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    # Cached: the properties query costs ~10 us of host time, and a step launches ~50 such loops. In a dict:
+    # dynamo traces through functools.cache's wrapper (with a warning), ignoring the constant mark.
+    if device_index not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _MULTIPROCESSORS[device_index]
 
 
 def reduction_programs(rows: int, device: torch.device) -> int:
