@@ -18,6 +18,8 @@ from bitfit_reference import (
 )
 from kernel_checks import ATOL, assert_gemms_ran_in
 from test_api import FAMILIES, KEY_BIAS_FAMILIES, KEY_BIAS_LENGTHS
+from test_fused_distilbert import tiny_distilbert
+from test_fused_modernbert import tiny_modernbert
 
 import bitfit_fast
 from bitfit_fast import task_rows
@@ -244,7 +246,8 @@ def test_a_deberta_bank_drops_out_the_positions_of_the_batchs_tasks_only(variant
                                         ("modules", "bert"),
                                         ("fused-bucketed", "bert"), ("fused-grouped", "bert"),
                                         ("fused-subset", "bert"), ("fused", "real-minilm"), ("fused", "deberta-v3"),
-                                        ("fused", "deberta-v3+dropout"), ("modules", "longformer")])
+                                        ("fused", "deberta-v3+dropout"), ("modules", "longformer"),
+                                        ("fused", "distilbert"), ("fused", "modernbert")])
 def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backend, tmp_path, request, monkeypatch):
     """AdamW steps on mixed batches (the bank's loss: the sum of each task's mean loss, clipped per task) end where
     each task's own model ends after the same steps on its examples alone (clipped as its run clips).
@@ -257,7 +260,8 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     "+dropout": Hugging Face's dropouts on, the relative positions' among them (which multiplies each task's β, so
     each task's positions are projected on their own), with one fixed mask in the bank and the task models alike.
     "longformer": attention projections of the states sequence first, [S, B, d] (their tables' gradients summed
-    per task from rows of every example in turn), with its global attention on each first token."""
+    per task from rows of every example in turn), with its global attention on each first token.
+    "distilbert" and "modernbert" (every bias declared): their own fused layers, random biases and gains."""
     options = dict(biases="subset") if path == "fused-subset" else {}
     if path in ("fused-bucketed", "fused-grouped"):
         request.getfixturevalue("bucketed_rows" if path == "fused-bucketed" else "grouped_attention")
@@ -266,6 +270,10 @@ def test_training_a_mixed_batch_equals_each_tasks_own_steps(path, encoder, backe
     example_tasks = ["topic", "sentiment", "sentiment", "topic", "topic", "score"]
     if encoder == "bert":
         base = MODELS["bert"](num_labels=3)
+    elif encoder == "distilbert":
+        base = tiny_distilbert(num_labels=3).to(DEVICE)
+    elif encoder == "modernbert":
+        base = tiny_modernbert().to(DEVICE)
     elif encoder == "longformer":
         config_cls, model_cls, config = KEY_BIAS_FAMILIES["longformer"]
         base = model_cls(config_cls(**config, num_labels=3)).to(DEVICE)  # without dropout, as TINY
