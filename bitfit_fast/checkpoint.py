@@ -84,9 +84,9 @@ def _sampled(param: torch.Tensor) -> torch.Tensor:
 
 
 def named_classes(label_names: list[str] | None) -> list[str] | None:
-    """``label_names`` where they name the classes; None for none or the placeholders LABEL_0, ... or 0, 1, ..."""
-    if not label_names or label_names in ([f"LABEL_{i}" for i in range(len(label_names))],
-                                          [str(i) for i in range(len(label_names))]):
+    """``label_names`` where they name the classes; None for none or Hugging Face's placeholders LABEL_0, ...
+    Classes named 0, 1, ... by their data keep those names: a run's `predict` answers "1", so must its export."""
+    if not label_names or list(label_names) == [f"LABEL_{i}" for i in range(len(label_names))]:
         return None
     return list(label_names)
 

@@ -128,6 +128,13 @@ def test_class_names_travel_with_the_biases_to_a_merged_model(tmp_path):
     assert bitfit_fast.load_biases(same_base(base, tiny_bert()), tmp_path / "again").config.id2label == dict(
         enumerate(names))
 
+    # Classes that the data names 0, 1, 2 are names too (not LABEL_i): what predict answers, the merged model does.
+    numbered = ["0", "1", "2"]
+    model.config.id2label, model.config.label2id = dict(enumerate(numbered)), {n: i for i, n in enumerate(numbered)}
+    bitfit_fast.save_biases(model, tmp_path / "numbered")
+    assert bitfit_fast.load_biases(same_base(base, tiny_bert()), tmp_path / "numbered").config.id2label == dict(
+        enumerate(numbered))
+
 
 def test_a_checkpoint_without_the_head_leaves_the_class_names_alone(tmp_path):
     """Biases saved with train_head=False hold no head: loading them says nothing of the classes, so the model keeps
