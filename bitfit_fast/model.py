@@ -149,7 +149,9 @@ def is_within(name: str, prefixes: Sequence[str]) -> bool:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    """A pattern matches the module's full name or a dotted suffix of it; it may hold glob wildcards."""
+    """A pattern matches the module's full name or a dotted suffix of it, or names its bias parameter (ending in
+    ``.bias``); it may hold glob wildcards."""
+    pattern = pattern.removesuffix(".bias")
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
     return name == pattern or name.endswith("." + pattern)

@@ -74,9 +74,13 @@ def test_modules_are_replaced_in_place_and_keep_their_parameters():
     assert "BitFitLinear(in_features=36, out_features=36, bias=True, backend=auto)" in repr(model)
 
 
-def test_patterns_select_by_suffix_and_glob():
+@pytest.mark.parametrize("patterns", [["attention.self.value", "encoder.layer.1.*.LayerNorm"],
+                                      ["bert.encoder.layer.0.attention.self.value.bias", "1.attention.self.value.bias",
+                                       "encoder.layer.1.*.LayerNorm.bias"]], ids=["modules", "bias-parameters"])
+def test_patterns_select_by_suffix_and_glob(patterns):
+    """Module names, or their bias parameters' (the names a state_dict shows), whole or a dotted suffix."""
     model = tiny_bert()
-    bitfit_fast.apply(model, biases=["attention.self.value", "encoder.layer.1.*.LayerNorm"], train_head=False)
+    bitfit_fast.apply(model, biases=patterns, train_head=False)
     assert sorted(trainable(model)) == [
         "bert.encoder.layer.0.attention.self.value.bias",
         "bert.encoder.layer.1.attention.output.LayerNorm.bias",
