@@ -224,6 +224,7 @@ def load_biases(
     if not applied:
         apply(model, saved_config, announce=False, backend=backend)
     params = dict(model.named_parameters())
+    _warn_if_rounded(tensors, params)
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
@@ -232,6 +233,20 @@ def load_biases(
             params[name].requires_grad_(True)
     _name_classes(model, checkpoint)
     return given
+
+
+def _warn_if_rounded(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+    """Warns where saved values do not survive the model's parameters' dtype (fp32 biases onto a base cast to bf16):
+    the model, and what it saves next, keep them rounded."""
+    rounded = [name for name, t in tensors.items() if not torch.equal(t.to(params[name].dtype).to(t.dtype), t)]
+    if rounded:
+        dtype = str(params[rounded[0]].dtype).removeprefix("torch.")
+        more = f" and {len(rounded) - 2} more" if len(rounded) > 2 else ""
+        warnings.warn(
+            f"load_biases: the model's {dtype} parameters round the saved values of {', '.join(rounded[:2])}{more}; "
+            "it keeps them rounded, and its next save writes them so. To keep them exact, "
+            f"load onto the base model in float32 (apply(model, dtype=torch.{dtype}) runs its frozen weights in "
+            f"{dtype} with float32 biases)", stacklevel=3)
 
 
 def _name_classes(model: nn.Module, checkpoint: "Checkpoint") -> None:

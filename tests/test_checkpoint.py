@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -342,8 +343,13 @@ def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
         bitfit_fast.load_biases(other, tmp_path / "biases", strict=False)
     torch.testing.assert_close(other.classifier.bias, model.classifier.bias, atol=0, rtol=0)
 
-    in_bf16 = bitfit_fast.load_biases(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "biases")
+    with pytest.warns(UserWarning, match=r"bfloat16 parameters round the saved values of .* float32 biases"):
+        in_bf16 = bitfit_fast.load_biases(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "biases")
     torch.testing.assert_close(in_bf16.classifier.bias.float(), model.classifier.bias.bfloat16().float())
+    with warnings.catch_warnings():  # the values bf16 holds exactly (saved from it) load without a word
+        warnings.simplefilter("error")
+        bitfit_fast.save_biases(in_bf16, tmp_path / "saved-in-bf16")
+        bitfit_fast.load_biases(copy.deepcopy(base).to(torch.bfloat16), tmp_path / "saved-in-bf16")
     bank = bitfit_fast.TaskBank.load(copy.deepcopy(base), {"task": tmp_path / "biases"})
     bank.save_task("task", tmp_path / "from-bank")
     assert json.loads((tmp_path / "from-bank" / CONFIG_NAME).read_text())["base_sample"] == record["base_sample"]
@@ -359,7 +365,8 @@ def test_a_base_in_half_precision_matches_down_to_weights_below_its_range(tmp_pa
         base.bert.encoder.layer[-1].output.LayerNorm.weight.fill_(1e-33)
     bitfit_fast.save_biases(bitfit_fast.apply(copy.deepcopy(base), announce=False), tmp_path)
     for dtype in (torch.float16, torch.bfloat16):
-        bitfit_fast.load_biases(copy.deepcopy(base).to(dtype), tmp_path)
+        with pytest.warns(UserWarning, match="parameters round the saved values of classifier.weight;"):
+            bitfit_fast.load_biases(copy.deepcopy(base).to(dtype), tmp_path)
 
 
 def test_biases_trained_through_a_frozen_head_are_refused_where_that_head_differs(tmp_path):
