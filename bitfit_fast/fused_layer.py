@@ -165,6 +165,14 @@ def _is_output_capture(hook) -> bool:
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
 
+def _sees_output(module: nn.Module) -> bool:
+    """Whether a hook reads what ``module`` returns or its gradient: a forward hook (but transformers' idle output
+    capture) or a backward one."""
+    hooks = module._forward_hooks
+    return bool(module._backward_hooks or module._backward_pre_hooks
+                or (hooks and not all(map(_is_output_capture, hooks.values()))))
+
+
 def hooks_inside(modules) -> bool:
     """Whether a hook would be passed over by the fused path, which runs ``modules`` and everything inside them as
     one computation without calling them: a forward or backward hook a user registered (an ablation, a probe, a
@@ -180,10 +188,7 @@ def hooks_inside(modules) -> bool:
         module = stack.pop()
         if module is None:  # a child slot registered empty
             continue
-        if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
-            return True
-        hooks = module._forward_hooks
-        if (hooks and not all(map(_is_output_capture, hooks.values()))) or "_hf_hook" in module.__dict__:
+        if module._forward_pre_hooks or _sees_output(module) or "_hf_hook" in module.__dict__:
             return True
         stack.extend(module._modules.values())
     return False
@@ -440,9 +445,14 @@ class FusedEncoder(nn.Module):
 
 
 def _read_first_tokens_only(encoder_path: str, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The shortcut, unless something else reads the last layer: the hidden states or attentions asked for, or a
+    hook on the encoder or a module around it (the base model), which would see [B, 1, d] for [B, T, d]."""
     config = getattr(model, "config", None)
+    path = encoder_path.split(".")
+    around = (model.get_submodule(".".join(path[:depth])) for depth in range(1, len(path) + 1))
     if not (kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-            or getattr(config, "output_hidden_states", False)) and reads_first_token_only(type(model).__name__, config):
+            or getattr(config, "output_hidden_states", False)) and reads_first_token_only(
+                type(model).__name__, config) and not any(map(_sees_output, around)):
         model.get_submodule(encoder_path).first_token_only = True
 
 

@@ -75,6 +75,26 @@ def padded_batch(model, lengths=(7, 3, 5), num_labels: int = 3) -> dict:
     return dict(input_ids=input_ids, attention_mask=mask, labels=labels)
 
 
+def returned_states(encoder, model, batch: dict, **kwargs) -> tuple:
+    """(``model``'s output on ``batch``, the shape of the ``last_hidden_state`` its ``encoder`` returned: [B, 1, d]
+    where the classification shortcut ran). Seen by a spy in front of the encoder's forward, not a hook: a hook
+    there reads the encoder's output, which turns the shortcut off."""
+    seen = []
+
+    def spy(*args, **kw):
+        out = type(encoder).forward(encoder, *args, **kw)
+        seen.append(out.last_hidden_state.shape)
+        return out
+
+    encoder.forward = spy  # an instance attribute, in front of the class's method
+    try:
+        out = model(**batch, **kwargs)
+    finally:
+        del encoder.forward
+    (shape,) = seen
+    return out, shape
+
+
 def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -18,6 +18,7 @@ from bitfit_reference import (
     enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
+    returned_states,
     trainable,
     with_random_biases,
     without_zero_gradients,
@@ -68,14 +69,7 @@ def first_only_calls(model, batch, **kwargs) -> list[bool]:
 
 def encoder_rows(model, batch, **kwargs) -> int:
     """How many positions per sequence the fused encoder returned (1 when the shortcut ran)."""
-    seen = []
-    handle = model.distilbert.transformer.register_forward_hook(
-        lambda module, args, out: seen.append(out.last_hidden_state.shape[1]))
-    try:
-        model(**batch, **kwargs)
-    finally:
-        handle.remove()
-    return seen[0]
+    return returned_states(model.distilbert.transformer, model, batch, **kwargs)[1][1]
 
 
 def assert_same_gradients(model, reference, one_token: bool = False):
@@ -84,6 +78,7 @@ def assert_same_gradients(model, reference, one_token: bool = False):
     assert trainable(model).keys() == trainable(reference).keys()
     queries = tuple(name for name in trainable(model) if name.endswith("q_lin.bias")) if one_token else ()
     assert_gradients_match(model, reference, noise=queries)
+
 
 
 def assert_same_step(model, reference, batch):

@@ -20,6 +20,7 @@ from bitfit_reference import (
     enable_hf_checkpointing,
     padded_batch,
     reference_bitfit,
+    returned_states,
     trainable,
     with_random_biases,
 )
@@ -56,6 +57,7 @@ def assert_fused(model) -> None:
 
 def assert_same_gradients(model, reference) -> None:
     assert_gradients_match(model, reference)  # each relative to its own scale: mlp_norm.bias's is ~3e-5
+
 
 
 def test_the_tiny_config_exercises_both_attention_types_and_the_window():
@@ -260,14 +262,9 @@ def record_last_layer(model) -> list[bool]:
 def encoder_rows(model, batch, **kwargs):
     """The model's output on ``batch``, and how many positions per sequence its ModernBertModel returned (1 when
     the shortcut ran)."""
-    seen = []
-    handle = model.model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state.shape))
-    try:
-        out = model(**batch, **kwargs)
-    finally:
-        handle.remove()
-    assert seen[0][0] == batch["input_ids"].shape[0]
-    return out, seen[0][1]
+    out, shape = returned_states(model.model, model, batch, **kwargs)
+    assert shape[0] == batch["input_ids"].shape[0]
+    return out, shape[1]
 
 
 def gradients(loss, model) -> dict:

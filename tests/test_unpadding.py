@@ -1,6 +1,7 @@
 """The unpadded fused encoder and the classification shortcut, against reference BitFit on padded batches."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from bitfit_reference import (
     real_batch,
     real_minilm,
     reference_bitfit,
+    returned_states,
     tiny_bert,
     trainable,
     with_random_biases,
@@ -52,14 +54,8 @@ def attend_by(attention: str, request, batch: dict | None = None) -> None:
 
 def encoder_rows(model, batch) -> int:
     """How many positions per sequence the fused encoder returned (1 when the shortcut ran)."""
-    seen = []
     encoder = next(m for m in model.modules() if isinstance(m, FusedEncoder))
-    handle = encoder.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state.shape[1]))
-    try:
-        model(**batch)
-    finally:
-        handle.remove()
-    return seen[0]
+    return returned_states(encoder, model, batch)[1][1]
 
 
 def assert_same_training(model, reference, batches, tol=TOL):
@@ -237,6 +233,32 @@ def test_real_minilm_uneven_real_text_trains_like_the_reference(memory, attentio
     batches = [real_batch(texts[i:] + texts[:i], [i, 1, 2, 3]) for i in range(3)]
     attend_by(attention, request, batches[0])
     assert_same_training(model, reference, batches)
+
+
+@pytest.mark.parametrize("where", ["bert.encoder", "bert"])
+def test_a_hook_reading_the_encoders_output_turns_the_shortcut_off(where):
+    """A forward hook on the encoder, or on the base model returning its states, sees every token's state as in
+    Hugging Face ([B, T, d]), not the shortcut's [B, 1, d]: a probe pooling them would read the first token alone.
+    Real MiniLM, real text: the same logits and gradients as the reference's, hooked alike."""
+    model = real_minilm(layers=[0, 5], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch")
+    batch = real_batch(bbc_titles("tech", 2) + bbc_titles("business", 1), [4, 4, 0])
+    seen = {}
+
+    def probe(name, module, args, out) -> None:
+        seen[name] = out[0]
+
+    for name, m in (("ours", model), ("reference", reference)):
+        m.get_submodule(where).register_forward_hook(functools.partial(probe, name))
+    out, ref = model(**batch), reference(**batch)
+    assert seen["ours"].shape == seen["reference"].shape == (*batch["input_ids"].shape, 384)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(seen["ours"][valid], seen["reference"][valid], **TOL)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_gradients_match(model, reference)
 
 
 @pytest.mark.parametrize("rows", ["exact", "bucketed"])
