@@ -58,7 +58,7 @@ from .modules import (
     replace_children,
     retype,
 )
-from .torch_ops import compute_dtype
+from .torch_ops import compute_dtype, wide
 from .unpadding import Tokens
 
 
@@ -74,9 +74,9 @@ class RotaryRows:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """Hugging Face's ``apply_rotary_pos_emb`` on rows: x [N, heads·head_dim], cos and sin [N, head_dim]; in fp32,
-    returned in x's dtype."""
-    rows = x.reshape(x.shape[0], heads, -1).float()
+    """Hugging Face's ``apply_rotary_pos_emb`` on rows: x [N, heads·head_dim], cos and sin [N, head_dim]; in fp32
+    (:func:`wide`), returned in x's dtype."""
+    rows = wide(x.reshape(x.shape[0], heads, -1))
     half = rows.shape[-1] // 2
     rotated = torch.cat((-rows[..., half:], rows[..., :half]), dim=-1)
     return (rows * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(x.dtype).reshape(x.shape)

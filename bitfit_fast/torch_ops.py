@@ -43,15 +43,20 @@ def layer_norm_output_dtype(device_type: str, input_dtype: torch.dtype) -> torch
     return input_dtype
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or as it is where it is wider (a model cast to fp64): the precision of sums and statistics."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32, deterministic: index_add_, which adds in
-    row order on CPU (the torch ops' device); on CUDA, where index_add_ adds with atomics in no fixed order, one
-    GEMM with the rows' one-hot task matrix (T·M·N; the Triton kernels sum per task in the pass that writes the
-    gradient instead, ``bitfit_fast_kernels.task_tables``)."""
+    """Column sums of ``grad`` [M, N] per task, [num_tasks, N] in fp32 (:func:`wide`), deterministic: index_add_,
+    which adds in row order on CPU (the torch ops' device); on CUDA, where index_add_ adds with atomics in no fixed
+    order, one GEMM with the rows' one-hot task matrix (T·M·N; the Triton kernels sum per task in the pass that
+    writes the gradient instead, ``bitfit_fast_kernels.task_tables``)."""
+    grad = wide(grad)
     if grad.is_cuda:
-        return F.one_hot(row_task, num_tasks).to(torch.float32).t() @ grad.float()
-    sums = torch.zeros(num_tasks, grad.shape[-1], dtype=torch.float32, device=grad.device)
-    return sums.index_add_(0, row_task, grad.float())
+        return F.one_hot(row_task, num_tasks).to(grad.dtype).t() @ grad
+    return grad.new_zeros(num_tasks, grad.shape[-1]).index_add_(0, row_task, grad)
 
 
 def table_row_tasks(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
@@ -212,40 +217,40 @@ def linear_backward(dy, weight, preact=None, *, activation=None, dropout_p=0.0, 
 
 
 def column_sums(grad: torch.Tensor, row_task: torch.Tensor | None = None, num_tasks: int = 1) -> torch.Tensor:
-    """The gradient of a bias from the (..., N) gradient of what it was added to, in fp32: the column sums
-    [N]; with ``row_task``, each task's sums over its rows [num_tasks, N] (:func:`task_sums`)."""
+    """The gradient of a bias from the (..., N) gradient of what it was added to, in fp32 (:func:`wide`): the
+    column sums [N]; with ``row_task``, each task's sums over its rows [num_tasks, N] (:func:`task_sums`)."""
     grad = grad.reshape(-1, grad.shape[-1])
     if row_task is None:
-        return grad.sum(dim=0, dtype=torch.float32)
+        return grad.sum(dim=0, dtype=torch.promote_types(grad.dtype, torch.float32))
     return task_sums(grad, row_task, num_tasks)
 
 
 def layer_norm_output(x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                       row_task: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y = gamma * x_hat + beta in fp32, in ``dtype`` (x_hat's by default; beta per row for a task table, see
-    :func:`bias_rows`). The forward computes y with this from its fp32 x_hat and saves x_hat in the GEMM dtype, so
-    a backward that needs y rebuilds it from the saved x_hat (stable for any gamma, unlike x_hat from y): bit for
-    bit in fp32, within x_hat's rounding in half precision."""
+    """y = gamma * x_hat + beta in fp32 (:func:`wide`), in ``dtype`` (x_hat's by default; beta per row for a task
+    table, see :func:`bias_rows`). The forward computes y with this from its fp32 x_hat and saves x_hat in the GEMM
+    dtype, so a backward that needs y rebuilds it from the saved x_hat (stable for any gamma, unlike x_hat from y):
+    bit for bit in fp32, within x_hat's rounding in half precision."""
     if beta.dim() == 1:
-        return torch.addcmul(beta.float(), x_hat.float(), gamma.float()).to(dtype or x_hat.dtype)
-    y = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)  # not a view: see :func:`linear`
-    torch.index_select(beta.detach().float(), 0, table_row_tasks(beta, row_task), out=y.view(-1, y.shape[-1]))
-    return y.addcmul_(x_hat.float(), gamma.float()).to(dtype or x_hat.dtype)
+        return torch.addcmul(wide(beta), wide(x_hat), wide(gamma)).to(dtype or x_hat.dtype)
+    y = torch.empty(x_hat.shape, dtype=wide(beta).dtype, device=x_hat.device)  # not a view: see :func:`linear`
+    torch.index_select(wide(beta.detach()), 0, table_row_tasks(beta, row_task), out=y.view(-1, y.shape[-1]))
+    return y.addcmul_(wide(x_hat), wide(gamma)).to(dtype or x_hat.dtype)
 
 
 def residual_layer_norm_forward(x, gamma, beta, eps, residual=None, *, dropout_p=0.0, seed=None,
                                 store_x_hat=True, row_task=None, x_table=None, y_gemm=None, y_dtype=None):
     """``bitfit_fast_kernels.residual_layer_norm_forward`` in torch ops: (y, x_hat, rstd), x_hat and rstd
-    None without ``store_x_hat``. Normalises in fp32; y is :func:`layer_norm_output` of the fp32 x_hat, in the
-    dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the sum) or
-    ``y_dtype``, copied into ``y_gemm`` (if given) in its dtype."""
-    s = x.float()
+    None without ``store_x_hat``. Normalises in fp32 (:func:`wide`); y is :func:`layer_norm_output` of the fp32
+    x_hat, in the dtype of x + residual (fp32 for a half-precision x with an fp32 residual, as torch promotes the
+    sum) or ``y_dtype``, copied into ``y_gemm`` (if given) in its dtype."""
+    s = wide(x)
     if x_table is not None:
-        s = s + bias_rows(x_table, row_task).float().view(s.shape)
+        s = s + wide(bias_rows(x_table, row_task)).view(s.shape)
     if dropout_p > 0.0:
         s = apply_dropout(s, dropout_p, seed)
     if residual is not None:
-        s = s + residual.float()
+        s = s + wide(residual)
     with torch.autocast(x.device.type, enabled=False):
         x_hat, _, rstd = torch.native_layer_norm(s, (s.shape[-1],), None, None, eps)
     y = layer_norm_output(x_hat, gamma, beta, row_task, y_dtype or (x.dtype if residual is None else
@@ -263,14 +268,14 @@ def residual_layer_norm_backward(dy, x_hat, gamma, rstd, *, dropout_p=0.0, seed=
     sums in fp32 (dx_sum, dx's column sums, with ``sum_dx`` only), dy plus ``dy_gemm`` (if given) in fp32, ds in
     ``ds_dtype`` and dx in ``dx_dtype`` (each fp32 by default)."""
     if dy_gemm is not None:
-        dy = dy.float() + dy_gemm.float()
+        dy = wide(dy) + wide(dy_gemm)
     ds = dx = None
     if compute_dx:
         # torch's fused LayerNorm backward on x_hat (mean 0, rstd 1) gives the gradient up to the factor rstd.
         rows = rstd.view(*x_hat.shape[:-1], 1)
         ds, _, _ = torch.ops.aten.native_layer_norm_backward(
-            dy.float(), x_hat.float(), (x_hat.shape[-1],), torch.zeros_like(rows), torch.ones_like(rows),
-            gamma.float(), None, [True, False, False],
+            wide(dy), wide(x_hat), (x_hat.shape[-1],), torch.zeros_like(rows), torch.ones_like(rows),
+            wide(gamma), None, [True, False, False],
         )
         ds = ds.mul_(rows)
         dx = apply_dropout(ds, dropout_p, seed) if dropout_p > 0.0 else ds
@@ -331,7 +336,7 @@ def _at_least_fp32(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Half-precision tensors in fp32, others as they are: attention computes in fp32 and rounds its output once,
     as scaled_dot_product_attention's CPU math path does (bf16 scores would err by 2^-9 of every logit). Call it
     with autocast off, which would cast the fp32 GEMMs down again."""
-    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+    return [wide(t) for t in tensors]
 
 
 def _attention_probabilities(q, k, mask, scale, logsumexp=None):

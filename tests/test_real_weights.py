@@ -16,6 +16,7 @@ from bitfit_reference import (
     DEVICE,
     PATHS,
     adamw_steps,
+    assert_gradients_match,
     autocast_outputs,
     bbc_titles,
     real_batch,
@@ -103,6 +104,23 @@ def test_fp32_five_adamw_steps_match_the_reference(backend, path, request):
     ref_params = dict(reference.named_parameters())
     for name, param in trainable(model).items():
         torch.testing.assert_close(param, ref_params[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("path", [*PATHS, *GROUPED])
+def test_a_model_in_float64_computes_in_float64(path, request):
+    """A model cast to float64 (as gradcheck and finite-difference checks want it), on the torch backend: logits
+    and gradients to fp64's rounding of the fp64 reference, not fp32's (LayerNorm statistics, bias-gradient sums
+    and attention kept in fp32 would be off by ~1e-7 of each value). The Triton kernels refuse float64."""
+    model = minilm_for("torch").double()
+    reference = reference_bitfit(model)
+    apply_path(model, path, request, backend="torch")
+    batch = uneven_batches(1, max_length=48)[0]
+    out, ref = model(**batch), reference(**batch)
+    assert out.logits.dtype == torch.float64
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-12)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_gradients_match(model, reference, rel=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
