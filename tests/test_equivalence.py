@@ -17,11 +17,35 @@ from bitfit_reference import (
     zero_gradient_bias,
 )
 from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
+from test_fused_distilbert import tiny_distilbert
+from test_fused_modernbert import tiny_modernbert
 
 import bitfit_fast
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # parameters after AdamW steps, which divide each gradient by its own scale
 OUTPUT_TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 logits of ~0.1, apart by the sums' order only (~1e-8 seen)
+
+
+# The fp64 reference's own rounding: ModernBERT's query and key biases' sums lose ~3e-10 of theirs.
+FLOAT64_MODELS = {"distilbert": (tiny_distilbert, 1e-10), "modernbert": (tiny_modernbert, 1e-8)}
+
+
+@pytest.mark.parametrize("arch", list(FLOAT64_MODELS))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_model_in_float64_computes_in_float64(arch, path):
+    """Cast to float64 on the torch backend (as gradcheck wants it): logits and gradients to fp64's rounding of the
+    fp64 reference, where the torch ops' sums, statistics and rotations in fp32 would be off by ~1e-7 of each
+    value. DistilBERT's and ModernBERT's own fused layers; BERT's on real MiniLM in test_real_weights.py."""
+    make, rel = FLOAT64_MODELS[arch]
+    model = make().double()
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend="torch", **PATHS[path])
+    batch = padded_batch(model, (11, 4, 8))
+    out, ref = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-10, atol=1e-12)
+    out.loss.backward()
+    ref.loss.backward()
+    assert_gradients_match(model, reference, rel=rel)
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
