@@ -69,7 +69,8 @@ def train_config(args: argparse.Namespace):
         method=args.method, bitfit=BitFitConfig(**{name: getattr(args, name) for name in BITFIT_OPTIONS}),
         learning_rate=args.lr, weight_decay=args.weight_decay, epochs=args.epochs,
         batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, max_length=args.max_length,
-        seed=args.seed, precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.fp32 else "auto",
+        seed=args.seed, split_seed=args.split_seed,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.fp32 else "auto",
         max_grad_norm=args.max_grad_norm, output_dir=args.output_dir, save_every=args.save_every,
         resume=args.resume, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, progress=not args.no_progress,
@@ -318,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per forward pass (default: the whole batch on CPU, the most that fits on a GPU)")
     t.add_argument("--max-length", type=POSITIVE_INT, default=128, help="tokens per example; longer ones are cut")
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and the new head")
+    t.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the embedded BBC News' 80/20 split (fixed whatever --seed is)")
     precision = t.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true",
                            help="bf16 autocast (the default on a GPU that has bf16)")

@@ -82,7 +82,7 @@ def _run_validation(run: Run) -> dict[str, data.Split]:
         return {"validation": _labeled(run, file)}
     if run.config.task:
         return data.load_glue(run.config.task).validation
-    return data.load_bbc_news(run.config.seed).validation
+    return data.load_bbc_news(run.config.split_seed).validation
 
 
 def _labeled(run: Run, file: str) -> data.Split:

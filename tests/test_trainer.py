@@ -789,3 +789,18 @@ def test_the_embedded_bbc_news_split_scores_no_training_article():
         in_train, in_validation = task.train.labels.count(label), validation.labels.count(label)
         assert abs(in_validation - 0.2 * (in_train + in_validation)) <= 0.5
     assert data.load_bbc_news().train.texts == task.train.texts
+
+
+def test_the_seed_leaves_the_embedded_split_alone_and_the_split_seed_draws_another():
+    """Runs of other seeds (a seed study) are scored on one validation set: --seed orders the data, --split-seed
+    alone draws the split. A run recorded before --split-seed existed drew its split with its seed: eval and
+    --resume read it back as drawn."""
+    def validation(**options) -> set[str]:
+        return {text for text, in data.load_task(TrainConfig(**options)).validation["validation"].texts}
+
+    default = validation()
+    assert validation(seed=7) == default
+    assert len(validation(split_seed=1) & default) < 0.5 * len(default)
+    earlier = {k: v for k, v in TrainConfig(seed=3).to_dict().items() if k != "split_seed"}
+    assert TrainConfig.from_dict(earlier).split_seed == 3
+    assert TrainConfig.from_dict(TrainConfig(seed=3).to_dict()).split_seed == 0

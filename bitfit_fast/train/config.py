@@ -42,6 +42,7 @@ class TrainConfig:
     micro_batch_size: int | None = None  # None: the whole batch on CPU, the largest that fits on a GPU
     max_length: int = 128
     seed: int = 0
+    split_seed: int = 0  # the embedded BBC News' train/validation split: fixed across --seed, unlike the order
     precision: str = "auto"  # fp32, bf16 or fp16 (autocast); "auto": see resolved_precision
     max_grad_norm: float = 1.0
     output_dir: str = "runs/bitfit"
@@ -83,8 +84,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """The config :meth:`to_dict` wrote, or that of an earlier version (backend and memory as fields of their
-        own, no ``bitfit``)."""
+        own, no ``bitfit``; the embedded split drawn with ``seed``, no ``split_seed``)."""
         values = dict(values)
+        values.setdefault("split_seed", values.get("seed", 0))
         if "bitfit" in values:
             values["bitfit"] = BitFitConfig.from_dict(values["bitfit"])
         else:

@@ -420,7 +420,7 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
 
 
 def load_task(config: TrainConfig) -> TaskData:
-    """The run's data: local files, a GLUE task, or the embedded BBC News (split with the run's seed)."""
+    """The run's data: local files, a GLUE task, or the embedded BBC News (split with ``split_seed``)."""
     if config.train_file or config.validation_file:
         if not (config.train_file and config.validation_file):
             raise DataError("--train-file and --validation-file go together")
@@ -430,7 +430,7 @@ def load_task(config: TrainConfig) -> TaskData:
         if config.task not in GLUE:
             raise DataError(f"unknown GLUE task {config.task!r}; known: {sorted(GLUE)}")
         return load_glue(config.task)
-    return load_bbc_news(config.seed)
+    return load_bbc_news(config.split_seed)
 
 
 def limit(split: Split, n: int | None) -> Split:
