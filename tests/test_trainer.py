@@ -108,6 +108,7 @@ def test_training_reports_metrics_and_writes_every_output(model_dir, files, tmp_
     assert json.loads((out / "run_config.json").read_text())["config"]["precision"] == "fp32", "auto, resolved"
     assert summary["best"]["metric"] == "accuracy" and 0 <= summary["best"]["value"] <= 1
     assert summary["learning_rate"] == 1e-3 and summary["padding_waste"] > 0
+    assert (summary["micro_batch_size"], summary["backend"]) == (8, "torch"), "what ran, not the options' defaults"
     assert "bert.pooler.dense.weight" in trained_params(out), "the new pooler trains with the head"
     printed = capsys.readouterr().out
     assert "train / 24 validation examples" in printed and "epoch 3: validation accuracy" in printed

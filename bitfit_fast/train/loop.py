@@ -257,7 +257,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
                         progress_now())
         position = dict(epoch=epoch + 1, batch=0, step=step)
 
-    summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d))
+    summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d), micro)
     if d.main:
         if config.saves_biases:
             save_biases(model, out / LAST_BIASES, into_run=True)

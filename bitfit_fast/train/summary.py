@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..backend import uses_triton
 from ..model import get_nb_trainable_parameters
 from .config import TrainConfig
 from .data import TaskData
@@ -33,8 +34,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def summarize(config: TrainConfig, task: TaskData, model, history: list, start_time: float, tokens: Tokens, d: Dist,
-              in_sync: bool) -> dict:
-    """The run summary, JSON-ready."""
+              in_sync: bool, micro_batch_size: int) -> dict:
+    """The run summary, JSON-ready, with what the options left to the machine: the micro-batch size each process
+    ran (the largest that fits on a GPU: with dropout on, another size draws other masks) and the backend."""
     import transformers
 
     evaluations = [h for h in history if "validation" in h]
@@ -48,6 +50,8 @@ def summarize(config: TrainConfig, task: TaskData, model, history: list, start_t
     real, padded = int(all_reduce_sum(tokens.real, d)), int(all_reduce_sum(tokens.padded, d))
     return dict(
         config=config.to_dict(), task=task.name, world_size=d.world, ranks_in_sync=in_sync,
+        micro_batch_size=micro_batch_size, backend=("triton" if uses_triton(config.bitfit.backend, torch.empty(
+            0, device=d.device)) else "torch") if config.saves_biases else None,
         trainable_parameters=trainable, all_parameters=total, learning_rate=config.resolved_learning_rate(),
         epochs=[dict(epoch=h["epoch"], step=h["step"], **h["validation"]) for h in evaluations],
         best=dict(epoch=best["epoch"], split=first_split, metric=metric, value=best["validation"][first_split][metric])
