@@ -91,8 +91,9 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     # Not found, not a model, an unknown architecture; damaged weights: safetensors' header, a .bin's zip (a
-    # RuntimeError) or pickle (cut short: EOFError or struct.error). Out of memory is no damage: it goes on.
-    except (OSError, ValueError, RuntimeError, EOFError, struct.error, SafetensorError,
+    # RuntimeError) or pickle (cut short: EOFError, struct.error, or an IndexError of the weights-only unpickler's
+    # stack, by where the cut falls). Out of memory is no damage: it goes on.
+    except (OSError, ValueError, RuntimeError, EOFError, struct.error, LookupError, SafetensorError,
             pickle.UnpicklingError) as error:
         if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
             raise
