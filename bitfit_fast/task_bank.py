@@ -16,6 +16,7 @@ batch's tasks) one optimizer step on a mixed batch is each task's own step on it
 
 import copy
 import dataclasses
+import functools
 import itertools
 import operator
 import os
@@ -50,6 +51,7 @@ from .model import (
     planned_parameters,
     state_of,
 )
+from .torch_ops import wide
 
 
 @dataclasses.dataclass
@@ -637,7 +639,7 @@ class TaskBank(nn.Module):
             raise ValueError(f"labels are a tensor of one label per example, shape ({logits.shape[0]},) for these "
                              f"logits, with as many tasks; got labels {got} and {len(index)} tasks")
         widths = self.widths.to(logits.device)[index]
-        logits = logits.float()
+        logits = wide(logits)
         # Each example's classes only: the columns past its task's width (zeros) get -inf, so no probability.
         outside = torch.arange(logits.shape[-1], device=logits.device) >= widths[:, None]
         regression = widths == 1
@@ -650,7 +652,7 @@ class TaskBank(nn.Module):
                                  f"{list(self.tasks)[int(index[i])]!r} has classes 0 to {int(widths[i]) - 1}")
         per_example = torch.where(
             regression,
-            (logits[:, 0] - labels.float()).square(),
+            (logits[:, 0] - labels.to(logits.dtype)).square(),
             F.cross_entropy(logits.masked_fill(outside, float("-inf")),
                             labels.long().masked_fill(regression, 0), reduction="none"),
         )
@@ -712,13 +714,14 @@ class TaskBank(nn.Module):
         if not grads:
             return torch.zeros(len(self.tasks))
         device = grads[0].device
-        squares = torch.zeros(len(self.tasks), device=device)
+        squares = torch.zeros(len(self.tasks), device=device, dtype=functools.reduce(
+            torch.promote_types, (grad.dtype for grad in grads), torch.float32))  # fp32, or fp64 for a fp64 bank
         if tables:
-            rows = torch.cat([grad.float().reshape(grad.shape[0], -1) for grad in tables], dim=1)
+            rows = torch.cat([wide(grad).reshape(grad.shape[0], -1) for grad in tables], dim=1)
             squares += rows.square().sum(dim=1)
         row_tasks = {rows_per_task: self._row_tasks(rows_per_task, device) for rows_per_task in concatenated}
         for rows_per_task, group in concatenated.items():  # a TaskHeads' weight and bias: rows of the same tasks
-            row_squares = sum(grad.float().reshape(grad.shape[0], -1).square().sum(dim=1) for grad in group)
+            row_squares = sum(wide(grad).reshape(grad.shape[0], -1).square().sum(dim=1) for grad in group)
             of_task = F.one_hot(row_tasks[rows_per_task], len(self.tasks)).bool()
             squares += torch.where(of_task, row_squares[:, None], 0.0).sum(dim=0)
         if heads:
@@ -728,7 +731,7 @@ class TaskBank(nn.Module):
                 self._head_tasks = head_tasks, _to_device(torch.tensor(head_tasks), device)
             head_tasks = self._head_tasks[1]
             of_task = F.one_hot(head_tasks, len(self.tasks)).bool()
-            head_squares = torch.stack(torch._foreach_norm([grad.float() for grad in heads])).square()
+            head_squares = torch.stack(torch._foreach_norm([wide(grad) for grad in heads])).square()
             squares += torch.where(of_task, head_squares[:, None], 0.0).sum(dim=0)
         norms = squares.sqrt()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch.nn.utils.clip_grad_norm_'s formula

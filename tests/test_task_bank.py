@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bitfit_reference import (
     BACKENDS,
     DEVICE,
@@ -862,14 +863,17 @@ def _task_gradients(bank, task: int) -> list[torch.Tensor]:
     return [p.grad[part] for (p, t), part in _parts(bank).items() if t == task and p.grad is not None]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("heads", HEAD_KINDS)
 @pytest.mark.parametrize("max_norm,gain", [(0.5, 1.0), (1e-6, 1e-6)])
-def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as_torch_does(max_norm, gain, heads):
+def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as_torch_does(max_norm, gain, heads,
+                                                                                          dtype):
     """Each task's gradients against torch.nn.utils.clip_grad_norm_ on that task's own tensors, with tasks on both
     sides of max_norm: a task whose norm is under it keeps its gradients exactly (torch's clamp of the scale at 1).
-    Norms of the size of torch's 1e-6 (in max_norm / (norm + 1e-6)) too."""
+    Norms of the size of torch's 1e-6 (in max_norm / (norm + 1e-6)) too. A float64 bank's norms and scales are
+    float64, as torch's are for float64 gradients."""
     torch.manual_seed(0)
-    bank = _bank_with_gradients(layers=2, tasks=4, heads=heads)
+    bank = _bank_with_gradients(layers=2, tasks=4, heads=heads).to(dtype)  # casts the gradients too, exactly
     gains = [1e-3 * gain, gain, 2e-3 * gain, 3.0 * gain]  # tasks 0 and 2 under max_norm, 1 and 3 over it
     for task, factor in enumerate(gains):
         for grad in _task_gradients(bank, task):
@@ -882,10 +886,32 @@ def test_clipping_leaves_a_task_under_the_max_norm_alone_and_clips_the_others_as
     expected_norms = torch.stack([torch.nn.utils.clip_grad_norm_(own, max_norm) for own in references])
     assert (expected_norms[[0, 2]] < max_norm).all() and (expected_norms[[1, 3]] > max_norm).all()
     norms = bank.clip_grad_norm_(max_norm)
-    torch.testing.assert_close(norms, expected_norms.float(), rtol=1e-5, atol=0)
+    rtol = {torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    torch.testing.assert_close(norms, expected_norms, rtol=10 * rtol, atol=0)
     for task in range(4):
         for got, own in zip(_task_gradients(bank, task), references[task], strict=True):
-            torch.testing.assert_close(got, own.grad, rtol=1e-6, atol=0, msg=f"task {task}")
+            torch.testing.assert_close(got, own.grad, rtol=rtol, atol=0, msg=f"task {task}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_task_losses_are_each_tasks_own_loss_in_the_logits_precision(dtype):
+    """Each task's mean cross-entropy over its own classes (mean squared error for a regression task) against torch's
+    on that task's examples alone, in the logits' precision: fp32 for half-precision logits, float64 for a float64
+    bank's."""
+    torch.manual_seed(0)
+    bank = TaskBank.new(MODELS["bert"](num_labels=3, num_hidden_layers=1), {"pair": 2, "topic": 5, "score": 1},
+                        backend="torch")
+    tasks = ["topic", "pair", "score", "topic", "pair", "topic", "score"]
+    logits = torch.randn(len(tasks), 5, dtype=dtype) * 4
+    labels = torch.tensor([4.0, 1.0, 0.3, 0.0, 0.0, 2.0, -1.7], dtype=dtype)
+    losses = bank.task_losses(logits, labels, tasks)
+    rtol = {torch.float32: 1e-6, torch.float64: 1e-14}[dtype]
+    for name, task in bank.tasks.items():
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        own = logits[rows, :task.num_labels]
+        expected = (F.mse_loss(own[:, 0], labels[rows]) if task.num_labels == 1
+                    else F.cross_entropy(own, labels[rows].long()))
+        torch.testing.assert_close(losses[task.index], expected, rtol=rtol, atol=0, msg=name)
 
 
 def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
