@@ -16,7 +16,6 @@ batch's tasks) one optimizer step on a mixed batch is each task's own step on it
 
 import copy
 import dataclasses
-import functools
 import itertools
 import operator
 import os
@@ -714,8 +713,8 @@ class TaskBank(nn.Module):
         if not grads:
             return torch.zeros(len(self.tasks))
         device = grads[0].device
-        squares = torch.zeros(len(self.tasks), device=device, dtype=functools.reduce(
-            torch.promote_types, (grad.dtype for grad in grads), torch.float32))  # fp32, or fp64 for a fp64 bank
+        wider = any(grad.dtype == torch.float64 for grad in grads)  # a float64 bank: its norms in float64
+        squares = torch.zeros(len(self.tasks), device=device, dtype=torch.float64 if wider else torch.float32)
         if tables:
             rows = torch.cat([wide(grad).reshape(grad.shape[0], -1) for grad in tables], dim=1)
             squares += rows.square().sum(dim=1)

@@ -44,8 +44,9 @@ def layer_norm_output_dtype(device_type: str, input_dtype: torch.dtype) -> torch
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32, or as it is where it is wider (a model cast to fp64): the precision of sums and statistics."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """``t`` in fp32, or as it is where it is wider (a model cast to fp64): the precision of sums and statistics.
+    A dtype comparison, not ``torch.promote_types``: that one is a dispatched operation, host time on every call."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
