@@ -27,7 +27,7 @@ from bitfit_reference import (
 from kernel_checks import assert_autocast_as_accurate_as_torch, assert_gemms_ran_in
 
 import bitfit_fast
-from bitfit_fast import torch_ops
+from bitfit_fast import fused_modernbert, torch_ops
 from bitfit_fast.fused_layer import unfuse_hooks
 from bitfit_fast.fused_modernbert import FusedPreNormEncoder, FusedPreNormLayer
 
@@ -58,6 +58,30 @@ def assert_fused(model) -> None:
 def assert_same_gradients(model, reference) -> None:
     assert_gradients_match(model, reference)  # each relative to its own scale: mlp_norm.bias's is ~3e-5
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
+def test_the_rotation_is_hugging_faces_in_fp32_and_exact_in_float64(dtype):
+    """rotate() on rows [N, heads·head_dim] against apply_rotary_pos_emb on [1, heads, N, head_dim]: bit-equal for
+    half precision and fp32 (both rotate in fp32). Hugging Face rotates a float64 model in fp32 too, so its float64
+    reference hides a rotation rounded through fp32 (1e-8): there, against the formula in float64 (3 roundings)."""
+    from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    rows, heads, head_dim = 7, 3, 10
+    x = (torch.randn(rows, heads * head_dim, dtype=torch.float64) * 30).to(dtype)
+    angles = torch.rand(rows, head_dim // 2, dtype=torch.float64) * 100
+    cos, sin = (f(torch.cat((angles, angles), dim=-1)).to(torch.promote_types(dtype, torch.float32))
+                for f in (torch.cos, torch.sin))
+    ours = fused_modernbert.rotate(x, cos, sin, heads)
+    by_head = x.view(1, rows, heads, head_dim).transpose(1, 2)
+    if dtype == torch.float64:
+        half = head_dim // 2
+        expected = by_head * cos + torch.cat((-by_head[..., half:], by_head[..., :half]), dim=-1) * sin
+    else:
+        expected = apply_rotary_pos_emb(by_head, by_head, cos[None], sin[None])[0]
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(rows, -1), rtol=0, atol=0)
 
 
 def test_the_tiny_config_exercises_both_attention_types_and_the_window():
