@@ -339,18 +339,21 @@ def test_bench_mistakes_end_with_one_line(monkeypatch, capsys, args, message):
     assert err.startswith("bitfit-fast bench: error: ") and message in err
 
 
-@pytest.mark.parametrize("threshold", [0, 1, 5, 20, 64, 100, 1000, 10_000])
-def test_largest_batch_search_finds_the_threshold(threshold):
+@pytest.mark.parametrize("start", [32, 100, 7])
+@pytest.mark.parametrize("threshold", [0, 1, 5, 20, 64, 100, 1000, 7000, 8191, 10_000])
+def test_largest_batch_search_finds_the_threshold(threshold, start):
+    """Within 1/16 below the threshold, from any start: doubling from 100 passes 6400 and must still try up to the
+    limit (8192), which it returns when that fits."""
     tried = []
 
     def fits(size):
         tried.append(size)
         return size <= threshold
 
-    found = measurement.largest_fitting(fits, start=32, limit=8192)
+    found = measurement.largest_fitting(fits, start=start, limit=8192)
     expected = min(threshold, 8192)
     assert found <= expected and found >= expected - max(1, expected // 16), (found, tried)
-    assert len(tried) < 30
+    assert max(tried) <= 8192 and len(tried) < 30
 
 
 def test_largest_batch_search_counts_a_failing_probe_as_too_large_and_reports_it(monkeypatch):
@@ -390,7 +393,10 @@ def test_largest_batch_search_counts_a_failing_probe_as_too_large_and_reports_it
     assert fractions == [0.25, 1.0]
     results = {"reference": dict(median_ms=1.0, q1_ms=1.0, q3_ms=1.0, tokens_per_s=1.0, real_tokens_per_s=1.0,
                                  mfu=0.1, max_batch=size, max_batch_errors=errors)}
-    assert f"failed other than out of memory at {errors[0]}" in report.format_workload("w", results)
+    assert f"stopped other than by memory at {errors[0]}" in report.format_workload("w", results)
+    # A batch at the search's limit is not a memory limit either: larger ones were not tried.
+    assert measurement.max_batch("reference", Workload("bert-tiny", 8, 64), "cpu", limit=100) == (
+        100, ["batch 100, the search's limit (larger batches were not tried)"])
 
 
 def test_goals_are_checked_against_the_best_fast_provider():
@@ -411,6 +417,29 @@ def test_goals_are_checked_against_the_best_fast_provider():
     assert results["fast-minimal"]["memory_vs_reference"] == target
     rechecked = {c["goal"]: c for c in report.check_goals(dict(workloads=[workload]), "cpu")}
     assert rechecked["peak memory vs reference"]["met"]
+
+
+def test_a_largest_batch_goal_says_when_a_search_stopped_other_than_by_memory():
+    """The reference's largest batch set by PyTorch's LayerNorm backward (or ours by the search's limit) is not a
+    memory limit: the goal's row says so beside "met", from the record's results (older records too)."""
+    record = runner.environment("bitfit-fast bench --preset gpu-max-batch")
+    record.update(preset="gpu-max-batch", providers={}, matmul_peak_tflops=1.0, matmul_peak_dtype="bfloat16",
+                  memory_method="test")
+    stats = dict(median_ms=10.0, q1_ms=9.0, q3_ms=11.0, tokens_per_s=100.0, real_tokens_per_s=100.0, mfu=0.1)
+    results = {"reference": dict(stats, max_batch=512), "fast-minimal": dict(stats, max_batch=2304)}
+    runner.add_ratios(results)
+    spec = dataclasses.asdict(Workload("bert-base", 128, 256))
+    record["workloads"] = [dict(workload="bert-base-seq128-b256", spec=spec, providers=results)]
+    record["goals"] = [check for check in report.check_goals(record, "cuda") if "largest batch" in check["goal"]]
+
+    def row() -> str:
+        return next(line for line in report.markdown(record).splitlines() if line.startswith("| minimal-memory larg"))
+
+    assert row().endswith("| 4.5 | - | yes |")
+    results["reference"]["max_batch_errors"] = ["batch 544: Function NativeLayerNormBackward0 returned ..."]
+    assert row().endswith("| 4.5 | - | yes (reference stopped other than by memory: see the notes above) |")
+    results["fast-minimal"]["max_batch_errors"] = ["batch 8192, the search's limit (larger batches were not tried)"]
+    assert "| yes (reference and fast-minimal stopped other than by memory: see the notes above) |" in row()
 
 
 def test_unpadding_goals_name_the_fused_default_on_bert_base_workloads():

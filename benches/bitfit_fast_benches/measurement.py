@@ -133,12 +133,16 @@ def _rss_probe(spec: str) -> None:
 
 def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     """Largest size in [1, limit] for which ``fits`` holds, assuming it holds below some threshold: doubling from
-    ``start``, then bisection to within 1/16 of the answer. 0 if not even size 1 fits."""
-    good, size = 0, start
-    while size <= limit and fits(size):
-        good, size = size, size * 2
-    bad = size if size <= limit else None
-    while bad is not None and bad - good > max(1, good // 16):
+    ``start`` up to ``limit`` itself, then bisection to within 1/16 of the answer. 0 if not even size 1 fits;
+    ``limit`` if it fits (larger sizes are not tried)."""
+    good, size = 0, min(start, limit)
+    while fits(size):
+        good = size
+        if size == limit:
+            return good
+        size = min(2 * size, limit)
+    bad = size
+    while bad - good > max(1, good // 16):
         middle = (good + bad) // 2
         good, bad = (middle, bad) if fits(middle) else (good, middle)
     return good
@@ -146,8 +150,9 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
 
 def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
               memory_gib: float | None = None) -> tuple[int, list[str]]:
-    """(largest batch, padded to ``workload.seq``, whose training step runs, the errors other than running out of
-    memory that stopped larger ones), within ``memory_gib`` of GPU memory when given (the whole card otherwise).
+    """(largest batch, padded to ``workload.seq``, whose training step runs, what other than running out of memory
+    stopped larger ones: errors, or the search's ``limit``), within ``memory_gib`` of GPU memory when given (the
+    whole card otherwise).
 
     Every probe trains a fresh copy of one base model, so a probe that failed part-way through its backward leaves
     nothing behind for the next. A step may fail with another error than running out of memory: PyTorch's CUDA
@@ -180,7 +185,10 @@ def max_batch(provider: str, workload: Workload, device: str, limit: int = 8192,
             torch.cuda.empty_cache()
 
     try:
-        return largest_fitting(fits, workload.batch, limit), errors
+        largest = largest_fitting(fits, workload.batch, limit)
+        if largest == limit:
+            errors.append(f"batch {limit}, the search's limit (larger batches were not tried)")
+        return largest, errors
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()

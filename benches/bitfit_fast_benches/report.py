@@ -111,6 +111,20 @@ def check_goals(record: dict, device: str) -> list[dict]:
 _PER_STEP_STATS = ("speedup_vs_reference", "real_tokens_vs_reference")
 
 
+def _goal_note(record: dict, check: dict) -> str:
+    """What a goal's "met" needs said beside it: a largest batch set by an error (PyTorch's LayerNorm backward, for
+    the reference) or by the search's limit is not a memory limit, so the ratio is of what trains, not of what
+    fits. Derived from the record's results, so older records get it too."""
+    if _GOAL_STATS.get(check["goal"]) != "max_batch_vs_reference":
+        return ""
+    results = next(w["providers"] for w in record["workloads"] if w["workload"] == check["workload"])
+    unbounded = [name for name in ("reference", check["provider"]) if results[name].get("max_batch_errors")]
+    return f" ({' and '.join(unbounded)} stopped other than by memory: see the notes above)" if unbounded else ""
+
+
+_GOAL_STATS = {goal.name: goal.stat for goals in GOALS.values() for goal in goals}
+
+
 def interquartile(ratios: dict | None) -> str:
     """Per-step ratios' quartiles (``measurement.paired_ratios``) as "q1–q3"; "-" for none."""
     return "-" if ratios is None else f"{ratios['q1']:.2f}–{ratios['q3']:.2f}"
@@ -132,7 +146,7 @@ def format_workload(name: str, results: dict) -> str:
             f"{s['real_tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {memory} | {speed} | {ratio} | "
             f"{s.get('max_batch', '-')} |"
         )
-    lines += [f"- {provider}'s largest-batch search, failed other than out of memory at {error}"
+    lines += [f"- {provider}'s largest-batch search, stopped other than by memory at {error}"
               for provider, s in results.items() for error in s.get("max_batch_errors", [])]
     return "\n".join(lines)
 
@@ -154,7 +168,8 @@ def markdown(record: dict) -> str:
                  "|---|---|---|---|---|---|---|\n"
                  + "\n".join(f"| {g['goal']} | {g.get('workload', record['workloads'][0]['workload'])} | "
                               f"{g['target']} | {g['provider']} | {g['measured']:.3g} | "
-                              f"{interquartile(g.get('per_step'))} | {'yes' if g['met'] else 'no'} |"
+                              f"{interquartile(g.get('per_step'))} | {'yes' if g['met'] else 'no'}"
+                              f"{_goal_note(record, g)} |"
                               for g in record["goals"]) + "\n")
     return (header + "\n" + "\n".join(format_workload(w["workload"], w["providers"]) for w in record["workloads"])
             + "\n" + goals)
