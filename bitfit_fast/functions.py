@@ -13,6 +13,7 @@ mask (drawn again from its seed), a LayerNorm's x_hat and rstd rather than its i
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import torch_ops
 from .backend import triton_kernels, uses_triton
@@ -81,6 +82,7 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         weight, preact, bias, row_task, *source = ctx.saved_tensors
         activation, dropout_p, seed, recompute, num_tasks = ctx.options
@@ -127,6 +129,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y, x_hat
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _):
         x_hat, gamma, rstd, row_task = ctx.saved_tensors
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[1:5]
@@ -188,6 +191,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
         return y, x_hat, y_gemm
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _, dy_gemm):
         weight, x_hat, gamma, rstd, bias_rows, beta_rows = ctx.saved_tensors
         dropout_p, seed, bias_tasks, beta_tasks = ctx.options
@@ -251,6 +255,7 @@ class LinearHeadsFunction(torch.autograd.Function):
         return real.view(sequences, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         weight, slots, row_task = ctx.saved_tensors
         needs_x, needs_biases = ctx.needs_input_grad[1], ctx.needs_input_grad[7:]

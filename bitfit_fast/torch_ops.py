@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -387,6 +388,7 @@ class DropoutAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, mask, logsumexp = ctx.saved_tensors
         dropout_p, seed, scale = ctx.options

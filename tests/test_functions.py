@@ -6,9 +6,10 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from bitfit_reference import DEVICE
+from bitfit_reference import DEVICE, padded_batch, tiny_bert
 from kernel_checks import assert_as_accurate_as_torch
 
+import bitfit_fast
 import bitfit_fast_kernels
 import bitfit_fast_kernels as K
 from bitfit_fast import torch_ops
@@ -499,3 +500,29 @@ def test_linear_heads_gives_a_trained_part_its_bias_gradient_beside_frozen_parts
         want = per_row.sum(0)
     assert query.grad is not None, "the trained part lost its gradient beside frozen ones"
     torch.testing.assert_close(query.grad, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("memory,fuse_layers", [("default", True), ("lean", True), ("minimal", True),
+                                                ("default", False)])
+def test_a_second_derivative_through_the_functions_is_refused_not_wrong(backend, memory, fuse_layers):
+    """Their backwards are not differentiable (kernels, and values saved without a graph): a gradient penalty over
+    input gradients taken with create_graph=True got silently wrong bias gradients (on the kernels, without the
+    penalty's part). It is refused where it would be differentiated, as autograd refuses @once_differentiable
+    functions; the first derivative is the same as without create_graph."""
+    torch.manual_seed(0)
+    model = bitfit_fast.apply(tiny_bert(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1), backend=backend,
+                              memory=memory, fuse_layers=fuse_layers).train()
+    batch = padded_batch(model, (5, 3))
+    embeds = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
+
+    def input_gradient(create_graph: bool) -> torch.Tensor:
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(inputs_embeds=embeds, **batch).loss
+        return torch.autograd.grad(loss, embeds, create_graph=create_graph)[0]
+
+    plain = input_gradient(create_graph=False)
+    with_graph = input_gradient(create_graph=True)
+    torch.testing.assert_close(with_graph, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        with_graph.square().sum().backward()
