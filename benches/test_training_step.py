@@ -15,7 +15,9 @@ from bitfit_fast_benches.presets import build_base_model, make_batches, padded_t
 from bitfit_fast_benches.providers import GRAPHED, build_provider
 from bitfit_fast_benches.runner import environment
 
-CASES = list(itertools.product(PRESET.workloads, PRESET.providers))
+# As the runner: a CUDA graph per batch shape does not suit real lengths, so the graphed providers run fixed ones.
+CASES = [(workload, provider) for workload, provider in itertools.product(PRESET.workloads, PRESET.providers)
+         if not (workload.variable_lengths and provider in GRAPHED)]
 
 
 @pytest.mark.parametrize("workload,provider", CASES, ids=[f"{w.name}-{p}" for w, p in CASES])
