@@ -361,6 +361,13 @@ def _check_base_model(model: nn.Module, names) -> None:
                          "a TaskBank applies its base model itself; pass a fresh one")
 
 
+def _heads_train(config: BitFitConfig) -> bool:
+    """Whether each task trains a head of its own: not with ``train_head=False``, nor with ``head=[]`` (no head
+    module: the model's output layer is frozen with the body, its biases following ``biases``). Otherwise the tasks
+    share the model's frozen head, of its number of labels."""
+    return config.train_head and config.head != []
+
+
 def _check_runs_labels(model: nn.Module, config: BitFitConfig, checkpoints: dict[str, Checkpoint],
                        resolved: dict[str, tuple]) -> None:
     """Before the model changes: each task loaded from a `bitfit-fast train` run holds a head of the run's number of
@@ -370,7 +377,7 @@ def _check_runs_labels(model: nn.Module, config: BitFitConfig, checkpoints: dict
         if run_labels is None:
             continue
         checkpoint = checkpoints[name]
-        if not config.train_head:
+        if not _heads_train(config):
             width = model.config.num_labels
         else:
             output = output or _output_head(model, sorted(checkpoint.state.head))
@@ -492,7 +499,7 @@ class TaskBank(nn.Module):
         apply(model, config, announce=False)
         _give_sequence_first_layers_their_layout(model, sequence_first)
         # Without a trained head every task answers through the model's frozen one, of the model's width.
-        shared_width = 0 if config.train_head else model.config.num_labels
+        shared_width = 0 if _heads_train(config) else model.config.num_labels
         tasks = [Task(name, index, resolved[name][2] or shared_width, resolved[name][1] or checkpoint.label_names)
                  for index, (name, checkpoint) in enumerate(checkpoints.items())]
         saved = list(checkpoints.values())
@@ -516,12 +523,13 @@ class TaskBank(nn.Module):
         bad = {name: n for name, n in num_labels.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
-        if not config_with(config, overrides).train_head:
+        if not _heads_train(config_with(config, overrides)):
             width = model.config.num_labels
             other = {name: n for name, n in num_labels.items() if n != width}
             if other:
-                raise ValueError(f"with train_head=False the tasks share the model's frozen head of {width} labels, "
-                                 f"but {other} differ: train the heads, or give every task {width} labels")
+                raise ValueError(f"with no head trained (train_head=False or head=[]) the tasks share the model's "
+                                 f"frozen head of {width} labels, but {other} differ: train the heads, or give "
+                                 f"every task {width} labels")
         sequence_first = _check_mixable(model, config_with(config, overrides))
         apply(model, config, announce=False, **overrides)
         _give_sequence_first_layers_their_layout(model, sequence_first)
@@ -537,7 +545,7 @@ class TaskBank(nn.Module):
         """The bank of an applied ``model``: each trained bias outside the head becomes a table whose row t is
         ``bias_of(name, t)``, each trained head module a :class:`TaskHeads` of ``head_of(name, module, t,
         is_output)`` (``is_output``: the module that outputs the labels, see :func:`_output_head`)."""
-        head_names = state_of(model).head if config_of(model).train_head else []
+        head_names = state_of(model).head if _heads_train(config_of(model)) else []
         with torch.no_grad():
             for name, param in list(model.named_parameters()):
                 if param.requires_grad and not is_within(name, head_names):

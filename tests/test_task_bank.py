@@ -49,10 +49,12 @@ def with_head(base, num_labels: int):
 
 def trained_tasks(base, tmp_path, widths=WIDTHS, **options):
     """Single-task BitFit models on ``base`` with random trained values (as if each task were trained), saved with
-    save_biases: {name: (model, directory)}. With train_head=False every task keeps the base's own head."""
+    save_biases: {name: (model, directory)}. With train_head=False or head=[] every task keeps the base's own
+    head."""
     tasks = {}
     for seed, (name, width) in enumerate(widths.items()):
-        own = with_head(base, width) if options.get("train_head", True) else copy.deepcopy(base)
+        trains_head = options.get("train_head", True) and options.get("head") != []
+        own = with_head(base, width) if trains_head else copy.deepcopy(base)
         model = bitfit_fast.apply(own, announce=False, **options)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -602,9 +604,10 @@ def test_mistakes_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"TaskBank returns logits, not a loss: .* bank.loss\(logits, labels, tasks\)"):
         bank(["topic", "topic"], labels=torch.tensor([0, 1]), **batch)
     fresh = copy.deepcopy(base)
-    with pytest.raises(ValueError, match=r"train_head=False .* head of 3 labels, but \{'sentiment': 2\} differ"):
-        TaskBank.new(fresh, {"topic": 3, "sentiment": 2}, train_head=False)
-    assert not hasattr(fresh, "bitfit_fast_config")
+    for no_head in (dict(train_head=False), dict(head=[])):  # head=[]: no head module, as untrained
+        with pytest.raises(ValueError, match=r"no head trained .* head of 3 labels, but \{'sentiment': 2\} differ"):
+            TaskBank.new(fresh, {"topic": 3, "sentiment": 2}, **no_head)
+        assert not hasattr(fresh, "bitfit_fast_config")
     with pytest.raises(ValueError, match="needs each row's task: run the model through bitfit_fast.TaskBank"):
         bank.model(**batch)
     subset = bitfit_fast.apply(with_head(base, 2), biases="subset", announce=False)
@@ -1231,11 +1234,14 @@ def test_a_bank_whose_trained_heads_both_could_output_the_labels_says_to_name_th
         TaskBank.new(base, {"a": 36, "b": 36}, head=["bert.pooler", "classifier"])
 
 
-def test_tasks_saved_without_a_trained_head_load_with_the_models_labels(tmp_path):
-    """train_head=False: every task answers through the base model's frozen head, so a bank of such save_biases
-    directories has the model's labels per task, and each example's loss is its task's own model's."""
+@pytest.mark.parametrize("no_head", [dict(train_head=False), dict(head=[])], ids=["train_head=False", "head=[]"])
+def test_tasks_saved_without_a_trained_head_load_with_the_models_labels(tmp_path, no_head):
+    """train_head=False, or head=[] (no head module: the classifier is frozen as the body is, its bias trained with
+    the others): every task answers through the base model's frozen head, so a bank of such save_biases
+    directories has the model's labels per task, and each example's loss is its task's own model's (with
+    head=[] a task loaded as of 0 labels had a NaN loss)."""
     base = MODELS["bert"](num_labels=3)
-    tasks = trained_tasks(base, tmp_path, widths={"topic": 3, "genre": 3}, train_head=False)
+    tasks = trained_tasks(base, tmp_path, widths={"topic": 3, "genre": 3}, **no_head)
     bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()})
     assert [(task.num_labels, task.label_names) for task in bank.tasks.values()] == [(3, ["0", "1", "2"])] * 2
     batch = padded_batch(base, LENGTHS[:4])
