@@ -470,6 +470,8 @@ class TaskBank(nn.Module):
         self._parameter_tasks = None  # see parameter_tasks
         self._head_tasks = None  # (the heads' tasks, that list on the device): see clip_grad_norm_
         self._row_tasks_made = {}  # see _row_tasks
+        # The modules Hugging Face's gradient checkpointing may set up: see task_rows.recompute_with_tasks.
+        self._checkpointing = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
         # Each task's number of labels, where the loss reads it: a tensor made in each loss would be a host copy.
         device = next(model.parameters()).device
         self.register_buffer("widths", torch.tensor([task.num_labels for task in tasks], device=device),
@@ -627,8 +629,13 @@ class TaskBank(nn.Module):
         inputs = next((batch[key] for key in ("input_ids", "inputs_embeds") if batch.get(key) is not None), None)
         if inputs is not None:
             task_rows.check_batch_size(index, inputs.shape[0])
+        if batch.get("output_hidden_states") or batch.get("output_attentions"):
+            raise ValueError("a TaskBank returns the logits alone: for hidden states or attentions, register a "
+                             "forward hook on the modules that compute them")
+        task_rows.recompute_with_tasks(self._checkpointing)
         with task_rows.example_tasks(index):
-            return self.model(**batch).logits
+            outputs = self.model(**batch)
+        return outputs[0] if isinstance(outputs, tuple) else outputs.logits  # a tuple: return_dict=False
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
         """The sum over the batch's tasks of each task's mean loss (:meth:`task_losses`): its gradient for task t

@@ -37,6 +37,33 @@ def example_tasks(tasks: torch.Tensor):
         _EXAMPLE_TASKS.reset(token)
 
 
+def recompute_with_tasks(modules) -> None:
+    """Hugging Face's gradient checkpointing runs a layer's forward again in the backward, after the
+    :func:`example_tasks` block has closed: each of ``modules``' checkpointing function (set by
+    ``gradient_checkpointing_enable``, whenever it was called) is wrapped, once, so that the function it checkpoints
+    runs, both times, with the examples' tasks of its first run."""
+    for module in modules:
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None and not getattr(checkpoint, "keeps_example_tasks", False):
+            module._gradient_checkpointing_func = _keeping_example_tasks(checkpoint)
+
+
+def _keeping_example_tasks(checkpoint):
+    def checkpoint_with_tasks(function, *args, **kwargs):
+        tasks = current()
+        if tasks is None:
+            return checkpoint(function, *args, **kwargs)
+
+        def with_tasks(*function_args, **function_kwargs):
+            with example_tasks(tasks):
+                return function(*function_args, **function_kwargs)
+
+        return checkpoint(with_tasks, *args, **kwargs)
+
+    checkpoint_with_tasks.keeps_example_tasks = True
+    return checkpoint_with_tasks
+
+
 def current() -> torch.Tensor | None:
     """The examples' tasks [B] set by :func:`example_tasks`, or None outside it."""
     return _EXAMPLE_TASKS.get() if _open_blocks else None

@@ -12,6 +12,7 @@ from bitfit_reference import (
     PATHS,
     TINY,
     bbc_titles,
+    enable_hf_checkpointing,
     padded_batch,
     real_batch,
     real_minilm,
@@ -1232,6 +1233,49 @@ def test_a_bank_whose_trained_heads_both_could_output_the_labels_says_to_name_th
     base = MODELS["bert"](num_labels=36)
     with pytest.raises(ValueError, match=r"cannot tell which of the head modules \['bert.pooler', 'classifier'\]"):
         TaskBank.new(base, {"a": 36, "b": 36}, head=["bert.pooler", "classifier"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["modules", "fused, a hook on a layer"])
+def test_hugging_faces_checkpointing_recomputes_each_example_with_its_task(backend, path):
+    """Hugging Face's activation checkpointing runs a layer's forward again in the backward, after the bank's
+    forward has returned: the module path (every family not fused) and a fused layer with a hook (which runs
+    Hugging Face's forward) recompute each example with its own task's biases, as the bank without checkpointing
+    computes it (they raised that the table needs each row's task)."""
+    torch.manual_seed(0)
+    bank = TaskBank.new(MODELS["bert"](num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                        WIDTHS, backend=backend, fuse_layers=path != "modules").train()
+    with torch.no_grad():
+        for param in bank.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)  # tasks that differ
+    if path != "modules":
+        bank.model.bert.encoder.layer[1].register_forward_hook(lambda module, args, output: None)
+    checkpointed = copy.deepcopy(bank)
+    enable_hf_checkpointing(checkpointed.model)
+    batch = padded_batch(bank.model, LENGTHS[:5])
+    labels = torch.tensor([2, 1, 4, 0, 1])
+    names = ["topic", "sentiment", "intent", "topic", "sentiment"]
+    for model in (bank, checkpointed):
+        model.loss(model(names, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), labels,
+                   names).backward()
+    for (name, param), twin in zip(bank.named_parameters(), checkpointed.parameters(), strict=True):
+        if param.requires_grad:
+            torch.testing.assert_close(twin.grad, param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_return_dict_false_gives_the_logits_and_hidden_states_are_refused_in_one_line():
+    """The bank returns logits: from a tuple too (it read .logits of it), and a request for hidden states or
+    attentions, which it would drop, is refused with where to get them."""
+    torch.manual_seed(0)
+    bank = TaskBank.new(MODELS["bert"](num_labels=3), WIDTHS, backend="torch").eval()
+    batch = padded_batch(bank.model, LENGTHS[:3])
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    names = ["topic", "intent", "sentiment"]
+    torch.testing.assert_close(bank(names, **inputs, return_dict=False), bank(names, **inputs), rtol=0, atol=0)
+    for option in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match="returns the logits alone: .* register a forward hook"):
+            bank(names, **inputs, **{option: True})
 
 
 @pytest.mark.parametrize("no_head", [dict(train_head=False), dict(head=[])], ids=["train_head=False", "head=[]"])
