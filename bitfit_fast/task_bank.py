@@ -808,6 +808,11 @@ class TaskBank(nn.Module):
         return "tasks=" + ", ".join(f"{t.name} ({t.num_labels})" for t in self.tasks.values())
 
 
+def _is_real(value) -> bool:
+    """A real number (not a bool, a string or None): what an optimizer's hyperparameter is."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class TaskAdamW(torch.optim.Optimizer):
     """AdamW (torch.optim.AdamW's update, without amsgrad) for a :class:`TaskBank`, in which a task steps only when
     the batch held its examples. ``step(tasks)`` takes the batch's tasks, as the bank's forward does.
@@ -828,9 +833,11 @@ class TaskAdamW(torch.optim.Optimizer):
 
     def __init__(self, bank: TaskBank, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8):
         # As torch's AdamW checks them (a tensor lr, a schedule's, is read from memory at each step).
-        if not isinstance(lr, torch.Tensor) and not lr >= 0.0:
+        if not isinstance(lr, torch.Tensor) and not (_is_real(lr) and lr >= 0.0):
             raise ValueError(f"lr is a learning rate, 0 or more; got {lr!r}")
-        if not (weight_decay >= 0.0 and eps >= 0.0 and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        if not (_is_real(weight_decay) and weight_decay >= 0.0 and _is_real(eps) and eps >= 0.0
+                and isinstance(betas, Sequence) and len(betas) == 2
+                and all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)):
             raise ValueError(f"AdamW takes weight_decay and eps of 0 or more and two betas in [0, 1); got "
                              f"weight_decay={weight_decay!r}, eps={eps!r}, betas={betas!r}")
         self.bank = bank
@@ -839,6 +846,14 @@ class TaskAdamW(torch.optim.Optimizer):
         # (load_state_dict): see _FlatSegments.holds
         self._flat: dict[tuple, _FlatSegments] = {}
         super().__init__(list(self._task_of), dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer keeps its defaults, state and param groups only: a copy or a pickle would lose the bank.
+        return {**super().__getstate__(), "bank": self.bank, "_task_of": self._task_of}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._flat = {}  # made again from the state at the next step
 
     @torch.no_grad()
     def step(self, tasks) -> None:

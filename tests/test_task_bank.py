@@ -727,7 +727,11 @@ def test_mistakes_of_the_python_api_name_the_problem_and_leave_the_model_unchang
                              (dict(lr=float("nan")), "lr is a learning rate, 0 or more; got nan"),
                              (dict(lr=1e-3, weight_decay=-0.1), "weight_decay and eps of 0 or more"),
                              (dict(lr=1e-3, betas=(0.9, 1.0)), r"two betas in \[0, 1\); .*betas=\(0.9, 1.0\)"),
-                             (dict(lr=1e-3, eps=-1.0), "weight_decay and eps of 0 or more")):
+                             (dict(lr=1e-3, eps=-1.0), "weight_decay and eps of 0 or more"),
+                             (dict(lr=None), "lr is a learning rate, 0 or more; got None"),  # a TypeError before
+                             (dict(lr="1e-3"), "lr is a learning rate, 0 or more; got '1e-3'"),
+                             (dict(lr=1e-3, weight_decay=None), "weight_decay and eps of 0 or more"),
+                             (dict(lr=1e-3, betas=0.9), r"two betas in \[0, 1\); .*betas=0.9")):
         with pytest.raises(ValueError, match=message):
             bank.optimizer(**options)
     for max_norm in (0, -1.0, float("nan"), True):  # 0 zeroes every gradient, a negative bound flips them
@@ -935,6 +939,38 @@ def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
         optimizer.step(example_tasks)
         _step_alone(alone, gradients, {bank.tasks[name].index for name in example_tasks})
     _check_alone(alone)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_bank_and_its_optimizer_copied_mid_training_go_on_as_the_originals(how, tmp_path):
+    """deepcopy((bank, optimizer)) or torch.save of both, after some steps: the copy's next steps are the
+    original's, to the bit (torch's Optimizer pickles its state and param groups alone, and the copy had no bank)."""
+    torch.manual_seed(0)
+    bank = _bank_with_gradients(layers=1, tasks=3)
+    optimizer = bank.optimizer(lr=1e-2, weight_decay=0.1)
+    names = list(bank.tasks)
+    schedule = [names, names[:2], names[1:], names[2:]]
+    gradients = [{name: torch.randn_like(p) for name, p in bank.named_parameters() if p.requires_grad}
+                 for _ in schedule]
+
+    def step(bank, optimizer, index):
+        for name, param in bank.named_parameters():
+            if param.requires_grad:
+                param.grad = gradients[index][name].clone()
+        optimizer.step(schedule[index])
+
+    step(bank, optimizer, 0)
+    step(bank, optimizer, 1)
+    if how == "deepcopy":
+        twin, twin_optimizer = copy.deepcopy((bank, optimizer))
+    else:
+        torch.save((bank, optimizer), tmp_path / "both.pt")
+        twin, twin_optimizer = torch.load(tmp_path / "both.pt", weights_only=False)
+    for index in (2, 3):
+        step(bank, optimizer, index)
+        step(twin, twin_optimizer, index)
+    for (name, param), other in zip(bank.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(param, other), name
 
 
 def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
