@@ -622,6 +622,24 @@ def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
         run.load_run(str(tmp_path / "run"))
 
 
+def test_a_sweep_writes_into_no_run_and_over_no_file_of_the_users(model_dir, files, tmp_path, monkeypatch):
+    """--lr-sweep checked its lr-* directories only: into a finished run's directory or a user's, it wrote its runs
+    and replaced a sweep_summary.json of the user's. Refused before anything trains, the files left as they were."""
+    monkeypatch.setattr(lr_sweep, "train", lambda run, log: pytest.fail("a refused sweep trained"))
+    grid = (1e-4, 1e-2)
+    finished = tmp_path / "finished"
+    (finished / "biases").mkdir(parents=True)
+    (finished / "run_summary.json").write_text("{}")
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "sweep_summary.json").write_text("precious")
+    for out, message in ((finished, "already holds a run"), (users, r"is not empty \(sweep_summary.json\): a sweep")):
+        with pytest.raises(UserError, match=message):
+            sweep(config(model_dir, files, tmp_path, epochs=1, output_dir=str(out)), grid=grid)
+        assert not any(path.name.startswith("lr-") for path in out.iterdir())
+    assert (users / "sweep_summary.json").read_text() == "precious"
+
+
 def test_a_stopped_sweep_goes_on_with_resume(model_dir, files, tmp_path):
     stopped = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4,), log=lambda *_: None)
     with pytest.raises(UserError, match="lr-0.0001 already holds a run"):

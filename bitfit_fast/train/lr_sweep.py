@@ -12,6 +12,8 @@ from .run import (
     RUN_CONFIG_NAME,
     SUMMARY_NAME,
     SWEEP_SUMMARY_NAME,
+    check_holds_no_run,
+    check_holds_only,
     check_output_dir,
     check_same_options,
     finished_summary,
@@ -31,6 +33,8 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     runs = [dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
             for lr in grid]
     device = default_device()
+    # Its own directory holds no run or saved biases, which its runs and summary would be written into.
+    check_holds_no_run(Path(config.output_dir), resume=False)
     for run in runs:  # all before the first trains: a sweep does not stop hours in on its third directory
         out = Path(run.output_dir)
         run.resume = config.resume and (out / CHECKPOINT_NAME).is_file()
@@ -38,6 +42,9 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
             check_output_dir(out, run.resume)
         if config.resume and (out / RUN_CONFIG_NAME).is_file():  # kept or continued: trained as the others will be
             check_same_options(out, resolved_config(run, device)[0], unknown_yet=("regression",))
+    # Nor anything but its runs (and, continued, its summary): a file of the user's there would be written over.
+    check_holds_only(Path(config.output_dir), {Path(run.output_dir).name for run in runs}
+                     | ({SWEEP_SUMMARY_NAME} if config.resume else set()), "sweep")
     results = []
     for run in runs:
         summary = _finished(run) if config.resume else None

@@ -46,6 +46,7 @@ from .run import (
     SUMMARY_NAME,
     Run,
     check_holds_no_run,
+    check_holds_only,
     check_output_dir,
     write_run_config,
 )
@@ -110,11 +111,7 @@ def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) ->
         check_output_dir(out / name, resume=False)
     # A joint run that stopped before its first epoch ended (a NaN loss, Ctrl-C) left its tasks' records alone: it
     # starts again. Anything else there is another's, a lone single-task record too (eval would read it as the run).
-    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
-    others = [name for name in held if name not in names]
-    if others:
-        raise UserError(f"--output-dir {out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
-                        "): a joint run starts in a new or empty directory; choose another")
+    check_holds_only(out, set(names), "joint run")
 
 
 def _share_of_batches(example_task: list[str], lengths: list[int], config: TrainConfig) -> str:

@@ -64,6 +64,15 @@ def check_empty(out: Path) -> None:
                         "a run starts in a new or empty directory; choose another")
 
 
+def check_holds_only(out: Path, allowed: set[str], kind: str) -> None:
+    """``out`` holds nothing but ``allowed`` names (a sweep's or a joint run's own), where a ``kind`` (its name
+    for the message) starts."""
+    others = sorted(path.name for path in out.iterdir() if path.name not in allowed) if out.is_dir() else []
+    if others:
+        raise UserError(f"--output-dir {out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                        f"): a {kind} starts in a new or empty directory; choose another")
+
+
 def is_run_record(file: Path) -> bool:
     """Whether ``file`` is a run_config.json that `bitfit-fast train` wrote."""
     try:
