@@ -332,6 +332,12 @@ def planned_parameters(model: nn.Module, config: BitFitConfig) -> tuple[dict[str
     return shapes, trained
 
 
+def planned_head(model: nn.Module, config: BitFitConfig) -> list[str]:
+    """The head modules ``apply(model, config)`` would train fully (none with ``train_head=False``), found without
+    touching the model."""
+    return _plan(model, config).trained_head
+
+
 def planned_bias_owners(model: nn.Module, config: BitFitConfig) -> dict[str, tuple[nn.Module, bool]]:
     """The biases ``apply(model, config)`` would train outside a trained head, {parameter name: (the module that
     adds it, whether apply makes that module a BitFit layer)}: not those of modules other than an ``nn.Linear`` or

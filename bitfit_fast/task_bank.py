@@ -47,6 +47,7 @@ from .model import (
     is_applied,
     is_within,
     planned_bias_owners,
+    planned_head,
     planned_parameters,
     state_of,
 )
@@ -205,7 +206,12 @@ def _output_head(model: nn.Module, trained_heads: list[str]) -> str | None:
     num_labels = model.config.num_labels
     found = [name for name in trained_heads if any(isinstance(m, nn.Linear) and m.out_features == num_labels
                                                    for m in model.get_submodule(name).modules())]
-    if len(found) != 1:
+    if not found:
+        raise ValueError(f"none of the head modules {trained_heads} outputs the model's {num_labels} labels (a "
+                         f"linear layer of {num_labels} outputs): a TaskBank mixes the tasks of a classification "
+                         "head's model (a *ForSequenceClassification or *ForTokenClassification); run these tasks one "
+                         "at a time (load_biases swaps a task's biases onto one model)")
+    if len(found) > 1:
         raise ValueError(f"cannot tell which of the head modules {trained_heads} outputs the model's {num_labels} "
                          "labels; name the head modules with head= in the BitFitConfig")
     return found[0]
@@ -356,6 +362,10 @@ def _check_base_model(model: nn.Module, names) -> None:
     if unnamed:
         raise ValueError(f"tasks are named by non-empty strings (bank(tasks) reads an integer as a task's index); "
                          f"got {unnamed[0]!r}")
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        raise ValueError(f"a {type(model).__name__} runs each example's choices as examples of their own, and a "
+                         "TaskBank gives each example its task: run multiple-choice tasks one at a time (load_biases "
+                         "swaps a task's biases onto one model)")
     if is_applied(model):
         raise ValueError(f"this {type(model).__name__} is applied already (bitfit_fast.apply, or a TaskBank's model): "
                          "a TaskBank applies its base model itself; pass a fresh one")
@@ -525,15 +535,18 @@ class TaskBank(nn.Module):
         bad = {name: n for name, n in num_labels.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
-        if not _heads_train(config_with(config, overrides)):
+        options = config_with(config, overrides)
+        if _heads_train(options):
+            _output_head(model, planned_head(model, options))  # raises here what the assembly would after apply
+        else:
             width = model.config.num_labels
             other = {name: n for name, n in num_labels.items() if n != width}
             if other:
                 raise ValueError(f"with no head trained (train_head=False or head=[]) the tasks share the model's "
                                  f"frozen head of {width} labels, but {other} differ: train the heads, or give "
                                  f"every task {width} labels")
-        sequence_first = _check_mixable(model, config_with(config, overrides))
-        apply(model, config, announce=False, **overrides)
+        sequence_first = _check_mixable(model, options)
+        apply(model, options, announce=False)
         _give_sequence_first_layers_their_layout(model, sequence_first)
         params = dict(model.named_parameters())
         tasks = [Task(name, index, width, None) for index, (name, width) in enumerate(num_labels.items())]
@@ -644,36 +657,53 @@ class TaskBank(nn.Module):
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor, tasks) -> torch.Tensor:
         """[T] each task's mean loss over its examples in the batch (0 for a task the batch does not hold):
-        cross-entropy over its own classes, mean squared error for a regression task. A class outside its task's
-        is refused where the logits are on the CPU (on a GPU, asking would cost a sync a step: its loss is not
-        finite)."""
+        cross-entropy over its own classes, mean squared error for a regression task. Token classification's logits
+        [B, S, widest task] take labels [B, S], -100 for a token not scored (as Hugging Face's), and a task's loss
+        is the mean over its scored tokens, as its own model's. A class outside its task's is refused where the
+        logits are on the CPU (on a GPU, asking would cost a sync a step: its loss is not finite)."""
         index = self.task_index(tasks, logits.device)
-        if not isinstance(labels, torch.Tensor) or labels.shape != (logits.shape[0],) or len(index) != len(labels):
+        per_token = logits.dim() == 3
+        shape = tuple(logits.shape[:-1])
+        if not isinstance(labels, torch.Tensor) or labels.shape != shape or len(index) != logits.shape[0]:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels are a tensor of one label per example, shape ({logits.shape[0]},) for these "
-                             f"logits, with as many tasks; got labels {got} and {len(index)} tasks")
+            raise ValueError(f"labels are a tensor of one label per {'token' if per_token else 'example'}, shape "
+                             f"{shape} for these logits, with a task per example; got labels {got} and {len(index)} "
+                             "tasks")
+        if per_token and any(task.num_labels == 1 for task in self.tasks.values()):
+            raise ValueError("a token classification task has 2 classes or more: Hugging Face's token "
+                             "classification takes no regression score")
         widths = self.widths.to(logits.device)[index]
-        logits = wide(logits)
-        # Each example's classes only: the columns past its task's width (zeros) get -inf, so no probability.
+        logits, labels = wide(logits), labels.to(logits.device)
+        if per_token:  # a row per token: each example's tokens in turn
+            widths = widths.repeat_interleave(shape[1])
+            logits, labels = logits.flatten(0, 1), labels.flatten()
+        scored = labels != -100 if per_token else None
+        # Each row's classes only: the columns past its task's width (zeros) get -inf, so no probability.
         outside = torch.arange(logits.shape[-1], device=logits.device) >= widths[:, None]
         regression = widths == 1
-        labels = labels.to(logits.device)
         if logits.device.type == "cpu" and not graphs.capturing():
             wrong = (widths > 1) & ((labels < 0) | (labels >= widths) | (labels != labels.round()))
+            if per_token:
+                wrong &= scored
             if wrong.any():
                 i = int(wrong.nonzero()[0, 0])
-                raise ValueError(f"example {i}'s label is {labels[i].item()!r}, but its task "
-                                 f"{list(self.tasks)[int(index[i])]!r} has classes 0 to {int(widths[i]) - 1}")
-        per_example = torch.where(
-            regression,
-            (logits[:, 0] - labels.to(logits.dtype)).square(),
-            F.cross_entropy(logits.masked_fill(outside, float("-inf")),
-                            labels.long().masked_fill(regression, 0), reduction="none"),
-        )
+                where = f"example {i // shape[1]}'s token {i % shape[1]}" if per_token else f"example {i}"
+                raise ValueError(f"{where}'s label is {labels[i].item()!r}, but its task "
+                                 f"{list(self.tasks)[int(index[i // shape[1] if per_token else i])]!r} has classes "
+                                 f"0 to {int(widths[i]) - 1}" + (" (-100: a token not scored)" if per_token else ""))
+        cross_entropy = F.cross_entropy(logits.masked_fill(outside, float("-inf")),
+                                        labels.long().masked_fill(regression if scored is None else ~scored, 0),
+                                        reduction="none")
         # Sums per task by a one-hot product: deterministic, and no bincount, which on a GPU reads the largest index
         # back to size its output.
-        of_task = F.one_hot(index, len(self.tasks)).to(per_example.dtype)  # [B, T]
-        return (per_example @ of_task) / of_task.sum(dim=0).clamp(min=1)
+        of_task = F.one_hot(index, len(self.tasks)).to(cross_entropy.dtype)  # [B, T]
+        if per_token:
+            per_example = (cross_entropy * scored).view(shape).sum(dim=1)
+            counts = scored.view(shape).sum(dim=1).to(of_task.dtype) @ of_task
+        else:
+            per_example = torch.where(regression, (logits[:, 0] - labels.to(logits.dtype)).square(), cross_entropy)
+            counts = of_task.sum(dim=0)
+        return (per_example @ of_task) / counts.clamp(min=1)
 
     def optimizer(self, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8
                   ) -> "TaskAdamW":

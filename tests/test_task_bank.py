@@ -1263,6 +1263,23 @@ def test_task_heads_refuse_a_batch_of_another_size_than_its_tasks():
             heads(torch.randn(5, 8, device=DEVICE))
 
 
+def test_heads_that_answer_no_labels_per_example_are_refused_saying_what_a_bank_takes():
+    """Multiple choice runs each example's choices as rows of their own (its bank was built, then every batch
+    refused), and next-sentence prediction has no head of num_labels outputs: both are refused, by what a bank
+    mixes, not by asking for head= (naming a head could not help)."""
+    import transformers
+
+    config = transformers.BertConfig(**TINY, max_position_embeddings=64)
+    for model_class, message in ((transformers.BertForMultipleChoice, "runs each example's choices as examples"),
+                                 (transformers.BertForNextSentencePrediction,
+                                  r"none of the head modules \['cls'\] outputs the model's 3 labels")):
+        model = model_class(config) if model_class is transformers.BertForMultipleChoice else model_class(
+            transformers.BertConfig(**TINY, max_position_embeddings=64, num_labels=3))
+        with pytest.raises(ValueError, match=message):
+            TaskBank.new(model, {"a": 1, "b": 1} if "Choice" in model_class.__name__ else {"a": 2, "b": 3})
+        assert not bitfit_fast.model.is_applied(model)
+
+
 def test_a_bank_whose_trained_heads_both_could_output_the_labels_says_to_name_them():
     """Two trained head modules with a linear layer of num_labels outputs (the pooler's 36 and a 36-label classifier):
     which one a task's width resizes is ambiguous, and the bank says so rather than picking one."""
@@ -1298,6 +1315,46 @@ def test_hugging_faces_checkpointing_recomputes_each_example_with_its_task(backe
     for (name, param), twin in zip(bank.named_parameters(), checkpointed.parameters(), strict=True):
         if param.requires_grad:
             torch.testing.assert_close(twin.grad, param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_classification_tasks_train_as_each_tasks_own_model(backend, tmp_path):
+    """A bank of token classification tasks: labels [B, S] with -100 where a token is not scored (padding, here
+    too a real token), each task's loss the mean over its scored tokens and its gradients its own model's
+    (labels per token were refused, and labels per example failed in a shape error). A class outside the task's is
+    refused naming the token."""
+    import transformers
+
+    config = transformers.BertConfig(**TINY, max_position_embeddings=64, num_labels=3)
+    base = transformers.BertForTokenClassification(config)
+    tasks = trained_tasks(base, tmp_path, backend=backend)
+    bank = TaskBank.load(copy.deepcopy(base), {name: directory for name, (_, directory) in tasks.items()},
+                         backend=backend).eval()
+    batch = padded_batch(base, LENGTHS)
+    batch.pop("labels")
+    generator = torch.Generator().manual_seed(0)
+    widths = torch.tensor([WIDTHS[name] for name in TASKS])
+    labels = (torch.rand(batch["input_ids"].shape, generator=generator) * widths[:, None]).long()
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    labels[0, 1] = -100
+    before = {name: {key: value.clone() for key, value in bank.task_tensors(name).items()} for name in tasks}
+    losses = bank.task_losses(bank(TASKS, **batch), labels, TASKS)
+    losses.sum().backward()
+    torch.optim.SGD([p for p in bank.parameters() if p.requires_grad], lr=1.0).step()  # moved by minus the gradient
+    for name, (model, _) in tasks.items():
+        rows = [i for i, task in enumerate(TASKS) if task == name]
+        own = model.eval()(**{key: value[rows] for key, value in batch.items()}, labels=labels[rows]).loss
+        torch.testing.assert_close(losses[bank.tasks[name].index], own, rtol=1e-5, atol=1e-6, msg=name)
+        own.backward()
+        after = bank.task_tensors(name)
+        for key, param in trainable(model).items():
+            torch.testing.assert_close(before[name][key] - after[key], param.grad, atol=1e-5, rtol=1e-4,
+                                       msg=f"{name} {key}")
+    labels[2, 0] = WIDTHS[TASKS[2]]
+    with pytest.raises(ValueError, match=rf"example 2's token 0's label is {WIDTHS[TASKS[2]]}, but its task"):
+        bank.task_losses(bank(TASKS, **batch), labels, TASKS)
+    with pytest.raises(ValueError, match=r"one label per token, shape \(7, 7\) .*; got labels \(7,\)"):
+        bank.loss(bank(TASKS, **batch), labels[:, 0], TASKS)
 
 
 def test_return_dict_false_gives_the_logits_and_hidden_states_are_refused_in_one_line():
