@@ -1,5 +1,6 @@
 """save_biases / load_biases: the few KB a BitFit run trains, as safetensors plus a JSON config."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -120,6 +121,7 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
     if not into_run and (run / RUN_CONFIG_NAME).is_file():  # its biases/ would no longer be the run's
         raise ValueError(f"{directory} is inside the `bitfit-fast train` run {run}, whose files only its training "
                          "writes: save the biases into a directory outside the run")
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     record = {
         "format_version": FORMAT_VERSION,
@@ -136,7 +138,13 @@ def write_checkpoint(directory: str | os.PathLike, tensors: dict[str, torch.Tens
         record["base_sample"] = base_sample
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
     record["weights_sha256"] = hashlib.sha256(weights).hexdigest()  # the pair's tie: see read_checkpoint
-    atomic_write_together({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json_text(record).encode()})
+    try:
+        atomic_write_together({directory / WEIGHTS_NAME: weights, directory / CONFIG_NAME: json_text(record).encode()})
+    except BaseException:
+        if made:  # a first save that failed (a full disk) leaves no empty directory, which would pass for a save
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
     return directory
 
 

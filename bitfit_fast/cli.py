@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -160,6 +161,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _train_conflict(args: argparse.Namespace) -> str | None:
     if len(args.text_columns) > 2:
         return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
+    if len(set(args.text_columns)) < len(args.text_columns):
+        return f"--text-columns names {args.text_columns[0]!r} twice: a text pair is two columns"
     if args.label_column in args.text_columns:
         return f"--label-column {args.label_column!r} is also a text column: name the column that holds the labels"
     if args.task_files:  # first: the pairing checks below would give hints that do not apply to a joint run
@@ -211,6 +214,7 @@ def _number(kind: type, minimum: float, above: bool = False, maximum: float = ma
 POSITIVE_INT, COUNT, PORT = _number(int, 1), _number(int, 0), _number(int, 1, maximum=65535)
 POSITIVE, NON_NEGATIVE = _number(float, 0, above=True), _number(float, 0)
 LEARNING_RATE = _number(float, 0, above=True, maximum=1.0)  # train.config.MAX_LEARNING_RATE (that imports torch)
+SEED = _number(int, -(2**63), maximum=2**63 - 1)  # torch.manual_seed's range, with room for the ranks' offsets
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -318,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batch-size", type=POSITIVE_INT,
                    help="examples per forward pass (default: the whole batch on CPU, the most that fits on a GPU)")
     t.add_argument("--max-length", type=POSITIVE_INT, default=128, help="tokens per example; longer ones are cut")
-    t.add_argument("--seed", type=int, default=0, help="seed of the data order, dropout and the new head")
-    t.add_argument("--split-seed", type=int, default=0,
+    t.add_argument("--seed", type=SEED, default=0, help="seed of the data order, dropout and the new head")
+    t.add_argument("--split-seed", type=SEED, default=0,
                    help="seed of the embedded BBC News' 80/20 split (fixed whatever --seed is)")
     precision = t.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true",
@@ -413,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130  # the shell's status for a command ended by Ctrl-C
+    except OSError as error:  # the machine's, not a bug: a full disk, a file this user may not read or write
+        cause = _MACHINE_ERRORS.get(error.errno)
+        if args.debug or cause is None:
+            raise
+        what, advice = cause
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"{prefix} {what}{where}: {advice}{_resume_hint(args)}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         if args.debug or args.command not in ("predict", "eval"):
             raise
@@ -421,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the shell's status for a command ended by SIGPIPE
+
+
+_MACHINE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free some space (files written before are whole)"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space (files written before are whole)"),
+    errno.EACCES: ("permission denied", "give this user access to it, or use another path"),
+    errno.EPERM: ("operation not permitted", "give this user access to it, or use another path"),
+    errno.EROFS: ("a read-only file system", "write to another path"),
+}
 
 
 def _resume_hint(args) -> str:
@@ -443,6 +464,9 @@ def _resume_hint(args) -> str:
     checkpoint = out / CHECKPOINT_NAME
     if checkpoint.is_file():
         return f"; the same command with --resume continues from its last checkpoint, {checkpoint}"
+    if (out / BEST_BIASES).is_dir():  # its first checkpoint failed after the epoch's biases were saved
+        return (f"; it wrote no checkpoint to continue from, and {out / BEST_BIASES} holds its best epoch so far: to "
+                f"train again, remove {out} or choose another --output-dir")
     return "; it stopped before its first checkpoint: the same command starts it again" if out.is_dir() else ""
 
 

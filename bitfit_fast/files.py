@@ -18,6 +18,11 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a :func:`temporary_beside` name (any process's)."""
+    return re.fullmatch(r"\..+\.tmp-\d+(\.[^.]*)?", name) is not None
+
+
 def temporaries_of_others(path: Path) -> list[Path]:
     """Other processes' temporaries beside ``path`` (see :func:`temporary_beside`): what a writer killed before its
     rename left (SIGKILL runs no cleanup), or one writing now. Named for the user, never removed here: whether that

@@ -5,6 +5,7 @@ A tiny BERT saved to disk stands in for a real encoder; the subprocesses of a st
 
 import concurrent.futures
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -796,6 +797,7 @@ def test_debug_shows_the_traceback(first_stage):
 @pytest.mark.parametrize("args,message", [
     (["train", "--text-columns", "a", "b", "c"], "--text-columns takes one or two columns, got 3"),
     (["train", "--text-columns", "text", "--label-column", "text"], "--label-column 'text' is also a text column"),
+    (["train", "--text-columns", "text", "text"], "--text-columns names 'text' twice: a text pair is two columns"),
     (["predict", "runs/a", "runs/b", "--text", "hi"],
      "unrecognized arguments: runs/b (options: bitfit-fast predict --help)"),
     (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
@@ -822,6 +824,8 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
     (["train", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),  # not "more than 0"
     (["train", "--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got nan"),
     (["train", "--epochs", "two"], "argument --epochs: 'two' is not an integer"),
+    (["train", "--seed", str(2**64)], f"argument --seed: must be at most {2**63 - 1}, got {2**64}"),  # a traceback
+    (["train", "--split-seed", str(-2**63 - 1)], f"argument --split-seed: must be at least {-2**63}"),
     (["train", "--save-every", "-1"], "argument --save-every: must be at least 0"),
     (["train", "--method", "lora"], "argument --method: invalid choice: 'lora'"),
     (["train", "--task", "sst3"], "argument --task: invalid choice: 'sst3'"),
@@ -915,6 +919,58 @@ def test_a_run_without_finished_epochs_says_how_to_go_on(home, runs, tmp_path, c
     assert err.count("\n") == 1
     assert ("continue the run with the options it started with (its run_config.json) and `--resume`" if checkpoint
             else "no epoch has finished and no checkpoint was saved: train it again") in err
+
+
+def test_a_full_disk_or_a_file_it_may_not_read_ends_train_with_one_line(home, tmp_path, monkeypatch, capsys):
+    """The machine's errors are no bugs: a disk that fills while a run saves (torch's own file writer said
+    "unexpected pos ..." in a traceback) and a file this user may not read end with one line naming the file and
+    what continues the run. A first save of the biases that failed leaves no empty biases/, which passed for a
+    finished run's: the same command trains again."""
+    import torch
+
+    from bitfit_fast import checkpoint
+    from bitfit_fast.train import run as run_module
+
+    data = home / "data"
+    out = tmp_path / "run"
+    train = ["train", "--model", str(home / "model"), "--epochs", "1", "--backend", "torch", "--no-progress",
+             "--train-file", str(data / "train.csv"), "--validation-file", str(data / "val.csv"),
+             "--output-dir", str(out)]
+
+    def disk_full(contents):
+        raise OSError(errno.ENOSPC, "No space left on device", str(next(iter(contents))))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "atomic_write_together", disk_full)
+        assert cli.main(train) == 2
+    err = capsys.readouterr().err
+    assert err == (f"bitfit-fast train: error: no space left on the device ({out / 'biases'}/bitfit_biases.safetensors)"
+                   ": free some space (files written before are whole); it stopped before its first checkpoint: the "
+                   "same command starts it again\n")
+    assert sorted(path.name for path in out.iterdir()) == ["run_config.json"]
+
+    real_save = torch.save
+
+    def checkpoint_disk_full(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", file.name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module.torch, "save", checkpoint_disk_full)
+        assert cli.main(train) == 2  # the same command: it trains again
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bitfit-fast train: error: no space left on the device ({out}/")
+    assert err.endswith(f"it wrote no checkpoint to continue from, and {out / 'biases'} holds its best epoch so far: "
+                        f"to train again, remove {out} or choose another --output-dir\n")
+    assert not any(path.name.startswith(".") for path in out.iterdir()), "a temporary file left behind"
+
+    def not_readable(args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(data / "train.csv"))
+
+    monkeypatch.setattr(cli, "_train", not_readable)
+    assert cli.main(train) == 2
+    assert capsys.readouterr().err.startswith(f"bitfit-fast train: error: permission denied ({data / 'train.csv'}): "
+                                              "give this user access to it, or use another path; ")
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])

@@ -622,6 +622,29 @@ def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
         run.load_run(str(tmp_path / "run"))
 
 
+def test_a_directory_holding_what_a_killed_save_left_names_it(model_dir, files, tmp_path):
+    """A run killed while writing its first checkpoint (SIGKILL, out of memory) leaves the checkpoint's temporary:
+    the same command said only "not empty", and --resume that there is no checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.tmp-99999.pt").write_bytes(b"cut")
+    with pytest.raises(UserError, match=r"holds what a run killed while saving left \(.checkpoint.tmp-99999.pt\): "
+                                        "delete it, unless a run is still writing there, and run the command again"):
+        train(config(model_dir, files, tmp_path, epochs=1))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"is not empty \(.checkpoint.tmp-99999.pt, notes.txt\)"):
+        train(config(model_dir, files, tmp_path, epochs=1))
+
+
+def test_a_run_is_not_trained_inside_another(model_dir, files, tmp_path):
+    """As save_biases and export refuse to write inside a run: a new run in a run's subdirectory was trained."""
+    train(config(model_dir, files, tmp_path, epochs=1))
+    inside = tmp_path / "run" / "sub"
+    with pytest.raises(UserError, match=rf"--output-dir {inside} is inside the run {tmp_path / 'run'}, whose files"):
+        train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(inside)))
+    assert not inside.exists()
+
+
 def test_a_sweep_writes_into_no_run_and_over_no_file_of_the_users(model_dir, files, tmp_path, monkeypatch):
     """--lr-sweep checked its lr-* directories only: into a finished run's directory or a user's, it wrote its runs
     and replaced a sweep_summary.json of the user's. Refused before anything trains, the files left as they were."""

@@ -95,7 +95,7 @@ def load_pretrained(source: str, num_labels: int, label_names: list[str] | None,
     # stack, by where the cut falls). Out of memory is no damage: it goes on.
     except (OSError, ValueError, RuntimeError, EOFError, struct.error, LookupError, SafetensorError,
             pickle.UnpicklingError) as error:
-        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        if isinstance(error, (torch.OutOfMemoryError, PermissionError)) or "can't allocate memory" in str(error):
             raise
         raise UserError(f"{described_as} could not be loaded ({first_line(error)}); it must be a Hugging Face "
                         "encoder with a tokenizer (a hub name, or a directory with config.json, weights and "

@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME
 from ..errors import UserError, first_line
-from ..files import atomic_write, check_can_write, write_json
+from ..files import atomic_write, check_can_write, is_temporary, write_json
 from .config import TrainConfig
 from .distributed import Dist, barrier, gather
 
@@ -37,6 +37,10 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
     a new run would overwrite (with ``resume``, a run that can be continued)."""
     checkpoint = out / CHECKPOINT_NAME
     check_can_write(out, f"--output-dir {out}")
+    run = next((parent for parent in out.absolute().parents if (parent / RUN_CONFIG_NAME).is_file()), None)
+    if run is not None:  # as save_biases and export refuse: a run's directory is its training's alone
+        raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: choose a "
+                        "directory outside it")
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
     if resume and not checkpoint.is_file():
         if saved is not None:  # a joint run's task: trained, but with no checkpoint to go on from
@@ -59,6 +63,10 @@ def check_empty(out: Path) -> None:
     held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
     if held and not (held == [RUN_CONFIG_NAME] and is_run_record(out / RUN_CONFIG_NAME)):
+        leftovers = [name for name in held if is_temporary(name)]
+        if leftovers and set(held) - set(leftovers) <= {RUN_CONFIG_NAME}:  # SIGKILL mid-save runs no cleanup
+            raise UserError(f"--output-dir {out} holds what a run killed while saving left ({', '.join(leftovers)}): "
+                            "delete it, unless a run is still writing there, and run the command again")
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
@@ -98,6 +106,8 @@ def check_same_options(out: Path, config: TrainConfig, unknown_yet: tuple[str, .
         record = json.loads(file.read_text())
         started = TrainConfig.from_dict(record["config"]).to_dict()
         classes = record["num_labels"], record["label_names"]
+    except PermissionError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"--resume: {file} could not be read ({first_line(error)}): start a new run in another "
                         "--output-dir") from error
@@ -232,13 +242,22 @@ def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, histor
         state = dict(trainable=trainable, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                      position=position, history=history, rng=[rng for rng, _ in ranks], world=d.world,
                      progress=dict(data=progress.data, seconds=progress.seconds, ranks=[own for _, own in ranks]))
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: _save(state, tmp))
     barrier(d)
+
+
+def _save(state: dict, path: Path) -> None:
+    """torch.save through a Python file: a full disk is then the OSError it is (ENOSPC), where torch's own file
+    writer raised a RuntimeError that did not say so ("unexpected pos ...")."""
+    with open(path, "wb") as file:
+        torch.save(state, file)
 
 
 def _read_state(path: Path, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except PermissionError:  # whole, but not this user's to read: the CLI says so, the run is not to be given up
+        raise
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
         raise UserError(f"{path} could not be read ({first_line(error)}): it is damaged or was not written "
                         "by bitfit-fast train; start a new run in another --output-dir") from error
