@@ -57,8 +57,21 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
     writes the gradient instead, ``bitfit_fast_kernels.task_tables``)."""
     grad = wide(grad)
     if grad.is_cuda:
-        return F.one_hot(row_task, num_tasks).to(grad.dtype).t() @ grad
+        return one_hot_task_sums(grad, row_task, num_tasks)
     return grad.new_zeros(num_tasks, grad.shape[-1]).index_add_(0, row_task, grad)
+
+
+def one_hot_task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """:func:`task_sums` by one GEMM with the rows' one-hot task matrix, in which an inf or NaN stays in its own
+    task's sum, as index_add_ keeps it: the product with the matrix's zeros would make it NaN in every task's (inf
+    · 0), and an overflow of one task (fp16 under a loss scaler) would skip every task's step. A second GEMM, of
+    indicators, finds the columns that hold one: +inf, -inf or NaN there, as the task's own sum is."""
+    of_task = F.one_hot(row_task, num_tasks).to(grad.dtype).t()  # [T, M]
+    sums = of_task @ grad.where(grad.isfinite(), 0.0)
+    found = of_task @ torch.cat([grad == math.inf, grad == -math.inf, grad.isnan()], dim=1).to(grad.dtype)
+    plus, minus, nan = (found > 0).unflatten(1, (3, -1)).unbind(1)
+    special = torch.where(nan | plus & minus, math.nan, torch.where(plus, math.inf, -math.inf))
+    return torch.where(plus | minus | nan, special, sums)
 
 
 def table_row_tasks(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:

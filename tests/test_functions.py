@@ -526,3 +526,20 @@ def test_a_second_derivative_through_the_functions_is_refused_not_wrong(backend,
     torch.testing.assert_close(with_graph, plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         with_graph.square().sum().backward()
+
+
+def test_the_one_hot_task_sums_keep_an_overflow_in_its_own_tasks_sum():
+    """The torch ops' per-task sums on CUDA (one_hot_task_sums, run here on CPU) against index_add_'s: a task whose
+    rows hold an inf, a -inf, both, or a NaN gets +inf, -inf or NaN as its own sum does, and every other task its
+    finite sum (the one-hot product made them all NaN: inf · 0, and a loss scaler skipped every task's step)."""
+    torch.manual_seed(0)
+    grad = torch.randn(11, 6)
+    row_task = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4])
+    grad[1, 0] = float("inf")  # task 1: +inf in column 0
+    grad[3, 1] = float("-inf")  # task 3: -inf in column 1
+    grad[2, 2], grad[7, 2] = float("inf"), float("-inf")  # task 2: both in column 2, NaN
+    grad[4, 3] = float("nan")  # task 4: NaN in column 3
+    expected = torch.zeros(6, 6).index_add_(0, row_task, grad)  # the CPU path's, and each task's own sum
+    got = torch_ops.one_hot_task_sums(grad, row_task, 6)
+    torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-6, atol=1e-6)
+    assert got[[0, 5]].isfinite().all() and got[:, 4:].isfinite().all()
