@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=PORT, default=8000, help="port to listen on")
     s.add_argument("--max-batch-size", type=POSITIVE_INT, default=64, help="examples per model call")
-    s.add_argument("--max-wait-ms", type=NON_NEGATIVE, default=5.0,
-                   help="how long a batch's first example waits for others")
+    s.add_argument("--max-wait-ms", type=_number(float, 0, maximum=60_000.0), default=5.0,
+                   help="how long a batch's first example waits for others (at most a minute: a lone request "
+                        "waits that long)")
     s.add_argument("--max-queue", type=POSITIVE_INT, default=1024,
                    help="examples that may wait; beyond it requests get 503 and retry")
     s.add_argument("--max-request-bytes", type=POSITIVE_INT, default=8 * 2**20,

@@ -589,7 +589,7 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
     (["train", "--model", "{home}/model", "--output-dir", "{runs}/one"],
      "{runs}/one already holds a run (checkpoint.pt): continue it with --resume"),
     (["train", "--model", "{home}/model", "--output-dir", "{runs}/one/biases"],  # a run there would hide them
-     "{runs}/one/biases holds biases saved by save_biases (bitfit_biases.safetensors): choose another --output-dir"),
+     "--output-dir {runs}/one/biases is inside the run {runs}/one, whose files only its training writes"),
     (["train", "--model", "{home}/without-tokenizer", "--output-dir", "{runs}/failed"],  # every word would be [UNK]
      "--model {home}/without-tokenizer has a tokenizer of 5 tokens for its 25 token embeddings: its tokenizer files "
      "are missing"),
@@ -824,6 +824,7 @@ def test_conflicting_arguments_end_with_one_line(args, message, capsys):
     (["train", "--lr", "inf"], "argument --lr: must be a finite number, got inf"),  # not "more than 0"
     (["train", "--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got nan"),
     (["train", "--epochs", "two"], "argument --epochs: 'two' is not an integer"),
+    (["serve", "run", "--max-wait-ms", "1e308"], "argument --max-wait-ms: must be at most 60000.0, got 1e308"),
     (["train", "--seed", str(2**64)], f"argument --seed: must be at most {2**63 - 1}, got {2**64}"),  # a traceback
     (["train", "--split-seed", str(-2**63 - 1)], f"argument --split-seed: must be at least {-2**63}"),
     (["train", "--save-every", "-1"], "argument --save-every: must be at least 0"),

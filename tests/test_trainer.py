@@ -636,13 +636,17 @@ def test_a_directory_holding_what_a_killed_save_left_names_it(model_dir, files, 
         train(config(model_dir, files, tmp_path, epochs=1))
 
 
-def test_a_run_is_not_trained_inside_another(model_dir, files, tmp_path):
-    """As save_biases and export refuse to write inside a run: a new run in a run's subdirectory was trained."""
+def test_a_run_is_not_trained_inside_another_nor_over_saved_biases(model_dir, files, tmp_path):
+    """As save_biases and export refuse to write inside a run: a new run in a run's subdirectory was trained. Nor
+    where save_biases files are, which the run's would hide."""
     train(config(model_dir, files, tmp_path, epochs=1))
     inside = tmp_path / "run" / "sub"
     with pytest.raises(UserError, match=rf"--output-dir {inside} is inside the run {tmp_path / 'run'}, whose files"):
         train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(inside)))
     assert not inside.exists()
+    saved = shutil.copytree(tmp_path / "run" / "biases", tmp_path / "saved")  # save_biases files outside a run
+    with pytest.raises(UserError, match=rf"{saved} holds biases saved by save_biases \(bitfit_biases.safetensors\)"):
+        train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(saved)))
 
 
 def test_a_sweep_writes_into_no_run_and_over_no_file_of_the_users(model_dir, files, tmp_path, monkeypatch):
