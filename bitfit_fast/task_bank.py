@@ -609,6 +609,8 @@ class TaskBank(nn.Module):
                     index.append(self.tasks[task].index)
                 else:
                     try:
+                        if isinstance(task, bool):  # an int to operator.index, as a bool tensor is no index
+                            raise TypeError
                         index.append(operator.index(task))  # an integer; a float is no index
                     except TypeError:
                         raise ValueError(f"a task is a name or an integer index, got {task!r}") from None

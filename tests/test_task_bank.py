@@ -633,6 +633,8 @@ def test_mistakes_name_the_problem(tmp_path, monkeypatch):
         bank(torch.tensor([0.9, 1.7]), **batch)
     with pytest.raises(ValueError, match="a task is a name or an integer index, got 1.7"):
         bank([0, 1.7], **batch)
+    with pytest.raises(ValueError, match="a task is a name or an integer index, got True"):  # as a bool tensor is
+        bank([True, 0], **batch)
     with pytest.raises(ValueError, match=r"the batch is empty: pass the model's inputs"):
         bank(["topic", "topic"])
     with pytest.raises(ValueError, match=r"the batch holds no tensor: pass the model's inputs"):
