@@ -887,6 +887,18 @@ class TaskAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self._flat = {}  # made again from the state at the next step
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, after a check that the state is of a bank of this bank's tasks (torch checks the number of
+        parameters alone, and another bank's tables failed later, in a step)."""
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, state in state_dict.get("state", {}).items():
+            moments = state.get("exp_avg") if isinstance(state, dict) else None
+            if isinstance(moments, torch.Tensor) and 0 <= index < len(params) and moments.shape != params[index].shape:
+                raise ValueError(f"this optimizer state holds a moment of shape {tuple(moments.shape)} for a "
+                                 f"parameter of shape {tuple(params[index].shape)}: it is of a bank of other tasks; "
+                                 "load the state this bank's optimizer saved")
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, tasks) -> None:
         present_on = {}  # device -> the batch's tasks there [T]: made once per device a step

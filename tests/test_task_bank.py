@@ -1005,6 +1005,13 @@ def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
     step(2)
     for p, want in zip(params, after_first):
         torch.testing.assert_close(p, want, rtol=0, atol=0)
+    other = _bank_with_gradients(layers=1, tasks=4)  # the same parameters, tables of another number of tasks
+    other_optimizer = other.optimizer(lr=1e-2)
+    other_optimizer.step(list(other.tasks))
+    with pytest.raises(ValueError, match=r"holds a moment of shape \(4, 36\) for a parameter of shape \(3, 36\): it "
+                                        "is of a bank of other tasks"):
+        optimizer.load_state_dict(other_optimizer.state_dict())
+    step(3)  # the state it had
 
 
 @pytest.mark.parametrize("heads", HEAD_KINDS)
