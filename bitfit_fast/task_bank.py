@@ -487,6 +487,17 @@ class TaskBank(nn.Module):
         self.register_buffer("widths", torch.tensor([task.num_labels for task in tasks], device=device),
                              persistent=False)
 
+    def get_extra_state(self) -> dict:
+        """The tasks' names in row order, in the bank's state_dict: a state of the same shapes from a bank of other
+        tasks, or of these in another order, would load each task's rows into another task."""
+        return {"tasks": list(self.tasks)}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = state.get("tasks") if isinstance(state, dict) else None
+        if saved != list(self.tasks):
+            raise ValueError(f"this state is of a bank of the tasks {saved} (in row order), this bank's are "
+                             f"{list(self.tasks)}: load it into a bank of the same tasks in the same order")
+
     @classmethod
     def load(cls, model: nn.Module, sources: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike],
              backend: str = "auto") -> "TaskBank":

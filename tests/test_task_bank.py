@@ -975,6 +975,29 @@ def test_a_bank_and_its_optimizer_copied_mid_training_go_on_as_the_originals(how
         assert torch.equal(param, other), name
 
 
+def test_a_banks_state_dict_loads_into_a_bank_of_its_tasks_only():
+    """The state_dict names the tasks in row order: into a bank of the same shapes but its tasks in another order
+    (or others), a load put each task's rows into another task's without a word; it is refused, the bank
+    unchanged. Into a bank of the same tasks, every value comes back."""
+    torch.manual_seed(0)
+    saved = TaskBank.new(MODELS["bert"](num_labels=3), {"x": 3, "y": 3})
+    with torch.no_grad():
+        for param in saved.parameters():
+            param.add_(torch.randn_like(param))
+    state = saved.state_dict()
+    same = TaskBank.new(MODELS["bert"](num_labels=3), {"x": 3, "y": 3})
+    same.load_state_dict(state)
+    for (name, value), loaded in zip(saved.state_dict().items(), same.state_dict().values(), strict=True):
+        assert value == loaded if name == "_extra_state" else torch.equal(value, loaded), name
+    swapped = TaskBank.new(MODELS["bert"](num_labels=3), {"y": 3, "x": 3})
+    before = copy.deepcopy(swapped.state_dict())
+    with pytest.raises(ValueError, match=r"a bank of the tasks \['x', 'y'\] \(in row order\), this bank's are "
+                                        r"\['y', 'x'\]"):
+        swapped.load_state_dict(state)
+    for name, value in swapped.state_dict().items():
+        assert value == before[name] if name == "_extra_state" else torch.equal(value, before[name]), name
+
+
 def test_an_optimizer_that_stepped_goes_back_to_a_loaded_state_dict():
     """load_state_dict into an optimizer that has already stepped (a rewind to an earlier state): its next step is
     the step the earlier state took, not one from the moments it held before the load."""
