@@ -200,7 +200,7 @@ def _number(kind: type, minimum: float, above: bool = False, maximum: float = ma
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
+        if kind is float and not math.isfinite(value):  # an int is finite, and too large for isfinite's float
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (above and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {minimum}, got {text}")
@@ -418,15 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130  # the shell's status for a command ended by Ctrl-C
-    except OSError as error:  # the machine's, not a bug: a full disk, a file this user may not read or write
-        cause = _MACHINE_ERRORS.get(error.errno)
-        if args.debug or cause is None:
-            raise
-        what, advice = cause
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"{prefix} {what}{where}: {advice}{_resume_hint(args)}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, which it is
         if args.debug or args.command not in ("predict", "eval"):
             raise
         # What reads the results stopped (`bitfit-fast predict ... | head`): nothing to say. Python's flush of
@@ -434,6 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the shell's status for a command ended by SIGPIPE
+    except OSError as error:  # the machine's, not a bug: a full disk, a file this user may not read or write
+        cause = _MACHINE_ERRORS.get(error.errno)
+        if args.debug or cause is None:
+            raise
+        what, advice = cause
+        # A write's error names no file (a full disk, through a Python file): the directory being written then.
+        directory = getattr(args, "output_dir", None)
+        where = f" ({error.filename})" if error.filename else f" (writing in {directory})" if directory else ""
+        print(f"{prefix} {what}{where}: {advice}{_resume_hint(args)}", file=sys.stderr)
+        return 2
 
 
 _MACHINE_ERRORS = {

@@ -631,8 +631,13 @@ def test_a_directory_holding_what_a_killed_save_left_names_it(model_dir, files, 
     with pytest.raises(UserError, match=r"holds what a run killed while saving left \(.checkpoint.tmp-99999.pt\): "
                                         "delete it, unless a run is still writing there, and run the command again"):
         train(config(model_dir, files, tmp_path, epochs=1))
+    (out / ".checkpoint.tmp-99999.pt").unlink()
+    (out / "biases").mkdir()  # killed during its first save of the biases
+    (out / "biases" / ".bitfit_biases.tmp-99999.safetensors").write_bytes(b"cut")
+    with pytest.raises(UserError, match=r"killed while saving left \(biases/.bitfit_biases.tmp-99999.safetensors\)"):
+        train(config(model_dir, files, tmp_path, epochs=1))
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"is not empty \(.checkpoint.tmp-99999.pt, notes.txt\)"):
+    with pytest.raises(UserError, match=r"is not empty \(biases, notes.txt\)"):
         train(config(model_dir, files, tmp_path, epochs=1))
 
 
@@ -644,6 +649,11 @@ def test_a_run_is_not_trained_inside_another_nor_over_saved_biases(model_dir, fi
     with pytest.raises(UserError, match=rf"--output-dir {inside} is inside the run {tmp_path / 'run'}, whose files"):
         train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(inside)))
     assert not inside.exists()
+    beside = tmp_path / "run" / ".." / "beside"  # not inside, though its path goes through the run
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "run_config.json").write_text("{}")  # a file of that name that is no run's
+    for out in (beside, tmp_path / "elsewhere" / "sub"):
+        train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(out)))
     saved = shutil.copytree(tmp_path / "run" / "biases", tmp_path / "saved")  # save_biases files outside a run
     with pytest.raises(UserError, match=rf"{saved} holds biases saved by save_biases \(bitfit_biases.safetensors\)"):
         train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(saved)))

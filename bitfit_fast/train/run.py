@@ -37,11 +37,12 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
     a new run would overwrite (with ``resume``, a run that can be continued)."""
     checkpoint = out / CHECKPOINT_NAME
     check_can_write(out, f"--output-dir {out}")
-    run = next((parent for parent in out.absolute().parents if (parent / RUN_CONFIG_NAME).is_file()), None)
-    if run is not None:  # as save_biases and export refuse: a run's directory is its training's alone
-        raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: choose a "
-                        "directory outside it")
-    saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if (out / name).exists()), None)
+    if not resume:  # as save_biases and export refuse: a run's directory is its training's alone
+        run = next((parent for parent in out.resolve().parents if is_run_record(parent / RUN_CONFIG_NAME)), None)
+        if run is not None:
+            raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: "
+                            "choose a directory outside it")
+    saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if _holds_saved(out / name)), None)
     if resume and not checkpoint.is_file():
         if saved is not None:  # a joint run's task: trained, but with no checkpoint to go on from
             raise UserError(f"--resume: {out} holds a finished run without a checkpoint ({saved}, no "
@@ -63,13 +64,33 @@ def check_empty(out: Path) -> None:
     held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
     if held and not (held == [RUN_CONFIG_NAME] and is_run_record(out / RUN_CONFIG_NAME)):
-        leftovers = [name for name in held if is_temporary(name)]
-        if leftovers and set(held) - set(leftovers) <= {RUN_CONFIG_NAME}:  # SIGKILL mid-save runs no cleanup
+        leftovers = _killed_saves_leftovers(out, held)
+        if leftovers:  # SIGKILL mid-save runs no cleanup
             raise UserError(f"--output-dir {out} holds what a run killed while saving left ({', '.join(leftovers)}): "
                             "delete it, unless a run is still writing there, and run the command again")
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
+
+
+def _holds_saved(path: Path) -> bool:
+    """Whether ``path`` is a file, or a directory holding more than temporaries (a save killed before its rename)."""
+    return path.is_file() or path.is_dir() and any(not is_temporary(entry.name) for entry in path.iterdir())
+
+
+def _killed_saves_leftovers(out: Path, held: list[str]) -> list[str]:
+    """What a run killed while saving left in ``out`` (its temporaries, and biases directories holding only theirs),
+    where that is all ``out`` holds beside the run's record; else none."""
+    leftovers = []
+    for name in held:
+        path = out / name
+        if is_temporary(name):
+            leftovers.append(name)
+        elif name in (BEST_BIASES, LAST_BIASES) and path.is_dir() and not _holds_saved(path):
+            leftovers += [f"{name}/{entry.name}" for entry in sorted(path.iterdir())] or [f"{name}/"]
+        elif name != RUN_CONFIG_NAME:
+            return []
+    return leftovers
 
 
 def check_holds_only(out: Path, allowed: set[str], kind: str) -> None:
