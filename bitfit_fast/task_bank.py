@@ -208,9 +208,10 @@ def _output_head(model: nn.Module, trained_heads: list[str]) -> str | None:
                                                    for m in model.get_submodule(name).modules())]
     if not found:
         raise ValueError(f"none of the head modules {trained_heads} outputs the model's {num_labels} labels (a "
-                         f"linear layer of {num_labels} outputs): a TaskBank mixes the tasks of a classification "
-                         "head's model (a *ForSequenceClassification or *ForTokenClassification); run these tasks one "
-                         "at a time (load_biases swaps a task's biases onto one model)")
+                         f"linear layer of {num_labels} outputs): name the one that does among head=, or, where "
+                         "there is none, run these tasks one at a time (load_biases swaps a task's biases onto one "
+                         "model): a TaskBank mixes the tasks of a *ForSequenceClassification or "
+                         "*ForTokenClassification")
     if len(found) > 1:
         raise ValueError(f"cannot tell which of the head modules {trained_heads} outputs the model's {num_labels} "
                          "labels; name the head modules with head= in the BitFitConfig")
@@ -312,7 +313,8 @@ def _check_rows_per_example(model: nn.Module, layers: dict[str, nn.Module]) -> l
     if not isinstance(logits, torch.Tensor) or logits.shape[0] != examples:
         answer = f"logits of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(output).__name__
         raise ValueError(f"a {type(model).__name__} answers with {answer}, not logits per example: a TaskBank "
-                         "mixes the tasks of a classification model (a *ForSequenceClassification); run these tasks "
+                         "mixes the tasks of a classification model (a *ForSequenceClassification or "
+                         "*ForTokenClassification); run these tasks "
                          "one at a time (load_biases swaps a task's biases onto one model)")
     return sequence_first
 
@@ -356,8 +358,8 @@ def _check_base_model(model: nn.Module, names) -> None:
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"a TaskBank holds a Hugging Face model with a task head (a *ForSequenceClassification), "
-                         f"which answers logits per example; got a {type(model).__name__}")
+        raise ValueError("a TaskBank holds a Hugging Face model with a task head (a *ForSequenceClassification or "
+                         f"*ForTokenClassification), which answers logits per example; got a {type(model).__name__}")
     unnamed = [name for name in names if not isinstance(name, str) or not name]
     if unnamed:
         raise ValueError(f"tasks are named by non-empty strings (bank(tasks) reads an integer as a task's index); "
@@ -369,6 +371,14 @@ def _check_base_model(model: nn.Module, names) -> None:
     if is_applied(model):
         raise ValueError(f"this {type(model).__name__} is applied already (bitfit_fast.apply, or a TaskBank's model): "
                          "a TaskBank applies its base model itself; pass a fresh one")
+
+
+def _refuse_token_scores(num_labels: Mapping[str, int]) -> None:
+    """Token classification's tasks are classes: Hugging Face's token classification takes no regression score."""
+    scores = [name for name, n in num_labels.items() if n == 1]
+    if scores:
+        raise ValueError(f"a token classification task has 2 classes or more (Hugging Face's token classification "
+                         f"takes no regression score); {scores} have 1")
 
 
 def _heads_train(config: BitFitConfig) -> bool:
@@ -546,6 +556,8 @@ class TaskBank(nn.Module):
         bad = {name: n for name, n in num_labels.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
         if bad:
             raise ValueError(f"a task's number of labels is a positive integer (1: a regression score); got {bad}")
+        if type(model).__name__.endswith("ForTokenClassification"):
+            _refuse_token_scores(num_labels)
         options = config_with(config, overrides)
         if _heads_train(options):
             _output_head(model, planned_head(model, options))  # raises here what the assembly would after apply
@@ -682,9 +694,8 @@ class TaskBank(nn.Module):
             raise ValueError(f"labels are a tensor of one label per {'token' if per_token else 'example'}, shape "
                              f"{shape} for these logits, with a task per example; got labels {got} and {len(index)} "
                              "tasks")
-        if per_token and any(task.num_labels == 1 for task in self.tasks.values()):
-            raise ValueError("a token classification task has 2 classes or more: Hugging Face's token "
-                             "classification takes no regression score")
+        if per_token:  # TaskBank.new refuses them; a loaded task may hold a 1-wide head
+            _refuse_token_scores({task.name: task.num_labels for task in self.tasks.values()})
         widths = self.widths.to(logits.device)[index]
         logits, labels = wide(logits), labels.to(logits.device)
         if per_token:  # a row per token: each example's tokens in turn
@@ -707,16 +718,18 @@ class TaskBank(nn.Module):
         cross_entropy = F.cross_entropy(logits.masked_fill(outside, float("-inf")),
                                         labels.long().masked_fill(regression if scored is None else ~scored, 0),
                                         reduction="none")
-        # Sums per task by a one-hot product: deterministic, and no bincount, which on a GPU reads the largest index
-        # back to size its output.
-        of_task = F.one_hot(index, len(self.tasks)).to(cross_entropy.dtype)  # [B, T]
-        if per_token:
-            per_example = (cross_entropy * scored).view(shape).sum(dim=1)
-            counts = scored.view(shape).sum(dim=1).to(of_task.dtype) @ of_task
+        if per_token:  # where, not a product: an unscored token's inf or NaN stays out, as HF's ignore_index keeps it
+            per_example = torch.where(scored, cross_entropy, 0.0).view(shape).sum(dim=1)
+            counts = scored.view(shape).sum(dim=1)
         else:
             per_example = torch.where(regression, (logits[:, 0] - labels.to(logits.dtype)).square(), cross_entropy)
-            counts = of_task.sum(dim=0)
-        return (per_example @ of_task) / counts.clamp(min=1)
+            counts = torch.ones_like(per_example)
+        # Sums per task over a one-hot mask: deterministic, with no bincount (which on a GPU reads the largest index
+        # back to size its output), and by where, not a product, so that one task's inf stays in its own loss (inf ·
+        # 0 would make every task's NaN).
+        of_task = F.one_hot(index, len(self.tasks)).bool()  # [B, T]
+        sums = torch.where(of_task, per_example[:, None], 0.0).sum(dim=0)
+        return sums / torch.where(of_task, counts[:, None], 0).sum(dim=0).clamp(min=1)
 
     def optimizer(self, lr: float, weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8
                   ) -> "TaskAdamW":

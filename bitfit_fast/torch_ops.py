@@ -63,15 +63,13 @@ def task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> tor
 
 def one_hot_task_sums(grad: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """:func:`task_sums` by one GEMM with the rows' one-hot task matrix, in which an inf or NaN stays in its own
-    task's sum, as index_add_ keeps it: the product with the matrix's zeros would make it NaN in every task's (inf
-    · 0), and an overflow of one task (fp16 under a loss scaler) would skip every task's step. A second GEMM, of
-    indicators, finds the columns that hold one: +inf, -inf or NaN there, as the task's own sum is."""
+    task's sum (as NaN): the product with the matrix's zeros would make it NaN in every task's (inf · 0), and an
+    overflow of one task (fp16 under a loss scaler) would skip every task's step. A second GEMM, of the rows'
+    non-finite flags, finds the sums that hold one."""
     of_task = F.one_hot(row_task, num_tasks).to(grad.dtype).t()  # [T, M]
-    sums = of_task @ grad.where(grad.isfinite(), 0.0)
-    found = of_task @ torch.cat([grad == math.inf, grad == -math.inf, grad.isnan()], dim=1).to(grad.dtype)
-    plus, minus, nan = (found > 0).unflatten(1, (3, -1)).unbind(1)
-    special = torch.where(nan | plus & minus, math.nan, torch.where(plus, math.inf, -math.inf))
-    return torch.where(plus | minus | nan, special, sums)
+    finite = grad.isfinite()
+    sums = of_task @ grad.where(finite, 0.0)
+    return sums.masked_fill_(of_task @ finite.logical_not_().to(grad.dtype) > 0, math.nan)
 
 
 def table_row_tasks(bias: torch.Tensor | None, row_task: torch.Tensor | None) -> torch.Tensor | None:
@@ -236,7 +234,7 @@ def column_sums(grad: torch.Tensor, row_task: torch.Tensor | None = None, num_ta
     column sums [N]; with ``row_task``, each task's sums over its rows [num_tasks, N] (:func:`task_sums`)."""
     grad = grad.reshape(-1, grad.shape[-1])
     if row_task is None:
-        return grad.sum(dim=0, dtype=torch.promote_types(grad.dtype, torch.float32))
+        return grad.sum(dim=0, dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)  # wide()'s
     return task_sums(grad, row_task, num_tasks)
 
 

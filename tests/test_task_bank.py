@@ -922,6 +922,10 @@ def test_task_losses_are_each_tasks_own_loss_in_the_logits_precision(dtype):
         expected = (F.mse_loss(own[:, 0], labels[rows]) if task.num_labels == 1
                     else F.cross_entropy(own, labels[rows].long()))
         torch.testing.assert_close(losses[task.index], expected, rtol=rtol, atol=0, msg=name)
+    logits[2, 0] = float("inf")  # an overflow of task "score" stays in its own loss (inf · 0 made all three NaN)
+    losses = bank.task_losses(logits, labels, tasks)
+    assert losses[bank.tasks["score"].index].isinf() and losses[[bank.tasks["pair"].index,
+                                                                  bank.tasks["topic"].index]].isfinite().all()
 
 
 def test_the_bank_optimizer_steps_tiny_gradients_as_torch_adamw_with_its_eps():
@@ -1387,6 +1391,8 @@ def test_token_classification_tasks_train_as_each_tasks_own_model(backend, tmp_p
         bank.task_losses(bank(TASKS, **batch), labels, TASKS)
     with pytest.raises(ValueError, match=r"one label per token, shape \(7, 7\) .*; got labels \(7,\)"):
         bank.loss(bank(TASKS, **batch), labels[:, 0], TASKS)
+    with pytest.raises(ValueError, match=r"a token classification task has 2 classes or more .*; \['score'\] have 1"):
+        TaskBank.new(copy.deepcopy(base), {"tags": 3, "score": 1})
 
 
 def test_return_dict_false_gives_the_logits_and_hidden_states_are_refused_in_one_line():
