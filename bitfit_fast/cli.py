@@ -159,6 +159,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train_conflict(args: argparse.Namespace) -> str | None:
+    if args.model is not None and not args.model.strip():
+        return "--model is an empty name: give a hub name or a local directory, or leave it out for the embedded model"
     if len(args.text_columns) > 2:
         return f"--text-columns takes one or two columns, got {len(args.text_columns)}"
     if len(set(args.text_columns)) < len(args.text_columns):

@@ -798,6 +798,7 @@ def test_debug_shows_the_traceback(first_stage):
     (["train", "--text-columns", "a", "b", "c"], "--text-columns takes one or two columns, got 3"),
     (["train", "--text-columns", "text", "--label-column", "text"], "--label-column 'text' is also a text column"),
     (["train", "--text-columns", "text", "text"], "--text-columns names 'text' twice: a text pair is two columns"),
+    (["train", "--model", ""], "--model is an empty name: give a hub name or a local directory"),
     (["predict", "runs/a", "runs/b", "--text", "hi"],
      "unrecognized arguments: runs/b (options: bitfit-fast predict --help)"),
     (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
