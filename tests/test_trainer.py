@@ -247,9 +247,8 @@ def test_a_checkpoint_that_fails_to_write_keeps_the_last_one(tmp_path, monkeypat
     save_checkpoint(position=dict(epoch=0, batch=2, step=2))
     saved = path.read_bytes()
 
-    def torn(obj, file):
-        with open(file, "wb") as torn_file:
-            torn_file.write(b"torn")
+    def torn(obj, file):  # torch.save writes through the open temporary file
+        file.write(b"torn")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", torn)

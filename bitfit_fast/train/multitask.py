@@ -107,11 +107,11 @@ def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) ->
     check_backend_option(config.bitfit.backend, config.resolved_precision(device))
     out = Path(config.output_dir)
     check_holds_no_run(out, resume=False)
-    for name in names:  # before the joint run's directory is found not empty: a task's run there is named as such
-        check_output_dir(out / name, resume=False)
     # A joint run that stopped before its first epoch ended (a NaN loss, Ctrl-C) left its tasks' records alone: it
     # starts again. Anything else there is another's, a lone single-task record too (eval would read it as the run).
     check_holds_only(out, set(names), "joint run")
+    for name in names:  # a task's directory holds no run, or a record of this joint run's that stopped
+        check_output_dir(out / name, resume=False)
 
 
 def _share_of_batches(example_task: list[str], lengths: list[int], config: TrainConfig) -> str:
