@@ -658,6 +658,16 @@ def test_a_run_is_not_trained_inside_another_nor_over_saved_biases(model_dir, fi
         train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(saved)))
 
 
+def test_a_finished_run_whose_biases_were_removed_says_so(model_dir, files, tmp_path):
+    """eval, predict, serve and export read a run's biases/: gone from a run that trained, the message said that no
+    epoch had finished and to --resume, which then refused."""
+    train(config(model_dir, files, tmp_path, epochs=1))
+    shutil.rmtree(tmp_path / "run" / "biases")
+    with pytest.raises(UserError, match=r"has no biases/: the run trained \(it has run_summary.json\), but its "
+                                        r"biases/ was deleted or moved since: put it back"):
+        run.load_run(str(tmp_path / "run"))
+
+
 def test_a_sweep_writes_into_no_run_and_over_no_file_of_the_users(model_dir, files, tmp_path, monkeypatch):
     """--lr-sweep checked its lr-* directories only: into a finished run's directory or a user's, it wrote its runs
     and replaced a sweep_summary.json of the user's. Refused before anything trains, the files left as they were."""

@@ -213,6 +213,10 @@ def load_run(path: str) -> Run:
         if not config.saves_biases:
             trains = "every weight" if config.method == "full" else "its head alone"
             reason = f"--method {config.method} trains {trains}, and only the BitFit methods save what they train"
+        elif any((directory / name).exists() for name in (SUMMARY_NAME, LAST_BIASES)):  # it trained: not resumable
+            reason = (f"the run trained (it has {SUMMARY_NAME if (directory / SUMMARY_NAME).exists() else LAST_BIASES}"
+                      f"), but its {BEST_BIASES}/ was deleted or moved since: put it back, or train the run again in "
+                      "another --output-dir")
         elif "joint_run" in record:  # a joint run keeps no checkpoint to continue from
             reason = (f"the joint run {record['joint_run']} stopped before its first epoch finished: train it again "
                       "(its --task-files command)")
