@@ -50,6 +50,8 @@ class _BaseModels:
             raise _other_weights(run, error) from error
         except DamagedCheckpointError as error:  # only its training writes a run's biases: saving again is no fix
             raise UserError(f"{run.path / BEST_BIASES} is damaged{error.problem}: train the run again") from error
+        except PermissionError:  # whole, but not this user's to read: the CLI says so
+            raise
         except (OSError, ValueError) as error:
             raise UserError(f"{run.path / BEST_BIASES} could not be loaded ({first_line(error)}): it is damaged or "
                             "does not belong to this run; train the run again") from error
@@ -68,8 +70,9 @@ def _other_weights(run: Run, error: OtherBaseModelError) -> UserError:
     """A run whose recorded base model holds other weights now (replaced by another of its shapes, another hub
     revision): what to do."""
     return UserError(f"{run.path}'s base model {run.model_path} holds other weights than the run was trained on "
-                     f"({error.weight} differs): give the run its model back (set \"model_path\" in "
-                     f"{run.path / RUN_CONFIG_NAME} to a local copy of the one it was trained on), or train it again")
+                     f"({error.weight} differs), or its {BEST_BIASES}/ is another run's: give the run its model back "
+                     f"(set \"model_path\" in {run.path / RUN_CONFIG_NAME} to a local copy of the one it was trained "
+                     "on) or its own biases, or train it again")
 
 
 def _run_validation(run: Run) -> dict[str, data.Split]:

@@ -534,8 +534,9 @@ def test_a_run_whose_base_model_now_holds_other_weights_says_so(home, runs, caps
     for command in (["eval", str(other)], ["predict", str(other), "--text", "goal"], ["serve", str(other)]):
         assert cli.main(command) == 2
         assert (f"{other}'s base model {model} holds other weights than the run was trained on (bert.{changed} "
-                f'differs): give the run its model back (set "model_path" in {other / "run_config.json"} to a local '
-                "copy of the one it was trained on), or train it again") in capsys.readouterr().err
+                f'differs), or its biases/ is another run\'s: give the run its model back (set "model_path" in '
+                f'{other / "run_config.json"} to a local copy of the one it was trained on) or its own biases, or '
+                "train it again") in capsys.readouterr().err
 
 
 def check_one_line_error(process, expected: str):
