@@ -7,9 +7,11 @@
 #           machine lacks. all-MiniLM-L6-v2's weights travel rounded to bf16 (45 MB instead of 91: a call
 #           carries at most 64 MiB); bf16 keeps fp32's exponent range, so the last LayerNorm's gamma of 4.8e-33
 #           survives, and the tests compare both sides on the same (rounded) weights.
-#   there:  BITFIT_FAST_COMMIT=<commit> bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
-#           <commit> written out literally (git rev-parse here): a $(git ...) in the command runs there, on
-#           a stale .git (the 86e182c run recorded a8c5d01-dirty).
+#           and .gpu/commit: HEAD, "-dirty" where tracked files differ from it (the tree the call carries).
+#   there:  [BITFIT_FAST_COMMIT=<commit>] bash benches/gpu_run.sh OUT [STAGE[:SECONDS] ...]
+#           the commit recorded is .gpu/commit unless <commit> is given, written out literally (git rev-parse
+#           here): a $(git ...) in the command runs there, on a stale .git (the 86e182c run recorded
+#           a8c5d01-dirty). A <commit> other than .gpu/commit's is named beside it in the env stage.
 #           stages, in this order by default (about 8 minutes on an H200):
 #             env tests-gpu tests-real aot kernels bench profile task-bank max-batch host-profile
 #           "aot" compiles every kernel variant there and loads it on the GPU, against the output of the same
@@ -35,6 +37,10 @@ if [ "${1:-}" = "--prepare" ]; then
     cd "$REPO" || exit 1
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     rm -rf .gpu && mkdir -p .gpu/site
+    commit=$(git rev-parse HEAD)
+    git diff --quiet HEAD || commit="$commit-dirty"
+    echo "$commit" > .gpu/commit
+    echo "prepared at $commit"
     exec python - <<'EOF'
 import importlib.util, shutil
 from pathlib import Path
@@ -65,6 +71,8 @@ STAGES=("$@")
 LOGS=/tmp/gpu-run-logs
 mkdir -p "$OUT" "$LOGS"
 cd "$REPO" || exit 1
+BITFIT_FAST_PREPARED=$(cat .gpu/commit 2>/dev/null || echo unknown)
+export BITFIT_FAST_PREPARED BITFIT_FAST_COMMIT=${BITFIT_FAST_COMMIT:-$BITFIT_FAST_PREPARED}  # the stages run apart
 
 # The packages as they install (pyproject's package-dir), without pip: the machine has no registry.
 mkdir -p /tmp/gpu-run-packages
@@ -84,7 +92,7 @@ run_stage() {
     case "$1" in
         env) nvidia-smi; python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton',
 triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())";
-             echo "commit ${BITFIT_FAST_COMMIT:-unknown}" ;;
+             echo "commit $BITFIT_FAST_COMMIT (--prepare recorded $BITFIT_FAST_PREPARED)" ;;
         tests-gpu) "${PYTEST[@]}" -m gpu "${TEST_FILES[@]}" --junitxml="$LOGS/tests-gpu.xml" ;;
         tests-kernels) "${PYTEST[@]}" -m "not aot" tests/test_kernels_layer_norm.py tests/test_kernels_heads.py \
                        tests/test_kernels_task_sums.py tests/test_kernels_linear.py -k "not forward_matches" \
