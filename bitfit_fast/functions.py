@@ -51,6 +51,18 @@ def _kernels_add_rows(impl, row_task: torch.Tensor | None) -> bool:
     return row_task is not None and impl is not torch_ops
 
 
+def _seed_parts(seed: int | torch.Tensor | None) -> tuple[torch.Tensor | None, int | None]:
+    """(tensor, int): a dropout seed as a function keeps it for its backward, which draws the mask again from it. A
+    seed tensor goes through ``save_for_backward``, so a seed changed in place before the backward raises there
+    (autograd's version check) rather than drawing another mask; an int seed is kept as it is."""
+    return (seed, None) if isinstance(seed, torch.Tensor) else (None, seed)
+
+
+def _seed(saved: torch.Tensor | None, kept: int | None) -> int | torch.Tensor | None:
+    """The seed :func:`_seed_parts` split."""
+    return kept if saved is None else saved
+
+
 class LinearFunction(torch.autograd.Function):
     """y = dropout(activation(x @ W^T + b)) with W frozen; activation None, "gelu" or "geglu" (see
     ``torch_ops.activation_forward``).
@@ -75,7 +87,9 @@ class LinearFunction(torch.autograd.Function):
             store_preact=activation is not None and needs_grad and not recompute,
         )
         # The bias only to recompute h: the q/k/v bias is a concatenation, not a parameter, and would cost memory.
-        ctx.save_for_backward(weight, preact, bias if recompute else None, row_task, *(recompute_from or (None,) * 4))
+        seed_tensor, seed = _seed_parts(seed)
+        ctx.save_for_backward(weight, preact, bias if recompute else None, row_task, seed_tensor,
+                              *(recompute_from or (None,) * 4))
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
         ctx.options = (activation, dropout_p, seed, recompute, num_tasks)
@@ -84,8 +98,9 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        weight, preact, bias, row_task, *source = ctx.saved_tensors
+        weight, preact, bias, row_task, seed_tensor, *source = ctx.saved_tensors
         activation, dropout_p, seed, recompute, num_tasks = ctx.options
+        seed = _seed(seed_tensor, seed)
         impl = ctx.impl
         w_c = _operand(weight, dy.dtype)
         if recompute:
@@ -122,23 +137,25 @@ class LayerNormFunction(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(x_hat)
         ctx.set_materialize_grads(False)  # x_hat's gradient stays None: no zero-filled tensor per backward
-        ctx.save_for_backward(x_hat, gamma, rstd, row_task)
+        seed_tensor, seed = _seed_parts(seed)
+        ctx.save_for_backward(x_hat, gamma, rstd, row_task, seed_tensor)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None, beta.dtype)
-        ctx.options = dict(dropout_p=dropout_p, seed=seed, num_tasks=num_tasks)
+        ctx.options = (dropout_p, seed, num_tasks)
         return y, x_hat
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _):
-        x_hat, gamma, rstd, row_task = ctx.saved_tensors
+        x_hat, gamma, rstd, row_task, seed_tensor = ctx.saved_tensors
+        dropout_p, seed, num_tasks = ctx.options
         needs_x, needs_residual, _, needs_beta = ctx.needs_input_grad[1:5]
         x_dtype, residual_dtype, beta_dtype = ctx.dtypes
         # ds, the residual's gradient, and dx in their inputs' dtypes, whatever y's (out_dtype).
         dx, dresidual, dbeta, _ = ctx.impl.residual_layer_norm_backward(
             dy.contiguous(), x_hat, gamma, rstd,
             compute_dx=needs_x or needs_residual, row_task=row_task, ds_dtype=residual_dtype or x_dtype,
-            dx_dtype=x_dtype, **ctx.options,
+            dx_dtype=x_dtype, dropout_p=dropout_p, seed=_seed(seed_tensor, seed), num_tasks=num_tasks,
         )
         dx = _cast(dx, x_dtype) if needs_x else None
         dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
@@ -183,7 +200,8 @@ class LinearLayerNormFunction(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(x_hat)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows)
+        seed_tensor, seed = _seed_parts(seed)
+        ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows, seed_tensor)
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None, residual.dtype if residual is not None
                       else None, beta.dtype, y.dtype)
@@ -193,8 +211,9 @@ class LinearLayerNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _, dy_gemm):
-        weight, x_hat, gamma, rstd, bias_rows, beta_rows = ctx.saved_tensors
+        weight, x_hat, gamma, rstd, bias_rows, beta_rows, seed_tensor = ctx.saved_tensors
         dropout_p, seed, bias_tasks, beta_tasks = ctx.options
+        seed = _seed(seed_tensor, seed)
         x_dtype, bias_dtype, residual_dtype, beta_dtype, y_dtype = ctx.dtypes
         needs_x, _, needs_bias, needs_residual, _, needs_beta = ctx.needs_input_grad[1:7]
         sum_in_layer_norm = needs_bias and (bias_rows is None) == (beta_rows is None)

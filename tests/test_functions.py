@@ -395,6 +395,35 @@ def test_dropout_in_half_precision_is_as_accurate_as_torch_on_the_same_mask(impl
         assert_as_accurate_as_torch(grad.to(dtype), same_grad, truth_grad, f"gradient of input {index}")
 
 
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "linear_layer_norm"])
+def test_a_seed_tensor_changed_before_the_backward_is_refused(op):
+    """The kernels take a dropout seed as a tensor (drawn on the device, a CUDA graph's replays draw it anew), which
+    the backward reads again to draw the mask again: a seed changed in place in between would silently give the
+    gradient of another mask. It is saved for the backward, so autograd's version check refuses it; untouched, the
+    gradient is that of the forward's mask (the tensor seed equals the int seed it holds)."""
+    ops, rows, n, p = IMPLS["triton"], 5, 7, 0.5
+    x, residual = _leaf(torch.randn(rows, n, device=DEVICE)), torch.randn(rows, n, device=DEVICE)
+    weight, bias = torch.randn(n, n, device=DEVICE), _leaf(torch.randn(n, device=DEVICE))
+    gamma, beta = torch.ones(n, device=DEVICE), _leaf(torch.zeros(n, device=DEVICE))
+
+    def forward(seed):
+        if op == "linear":
+            return ops.linear(x, weight, bias, "gelu", p, seed)
+        if op == "layer_norm":
+            return ops.layer_norm(x, residual, gamma, beta, 1e-12, p, seed)[0]
+        return ops.linear_layer_norm(x, weight, bias, residual, gamma, beta, 1e-12, p, seed)[0]
+
+    leaves = (x, bias) if op == "linear" else (x, beta) if op == "layer_norm" else (x, bias, beta)
+    expected = torch.autograd.grad(forward(11).sum(), leaves)
+    seed = torch.tensor([11], device=DEVICE)
+    y = forward(seed)
+    for grad, expected_grad in zip(torch.autograd.grad(y.sum(), leaves, retain_graph=True), expected, strict=True):
+        assert torch.equal(grad, expected_grad)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), leaves)
+
+
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_torch_half_precision_bias_gradients_are_fp32_column_sums(activation):
     """In fp16, the bias and beta gradients of the torch backend are the fp32 column sums of the (fp16) gradient of
