@@ -181,7 +181,11 @@ def _train_conflict(args: argparse.Namespace) -> str | None:
         return "--task and --train-file/--validation-file are two data sources: give one"
     if args.lr_sweep and args.lr is not None:
         return "--lr-sweep tries the paper's learning rates itself: leave out --lr"
-    return None
+    from .train.config import LR_GRID, default_learning_rate, weight_decay_problem
+
+    rate = max(LR_GRID) if args.lr_sweep else args.lr or default_learning_rate(args.method, args.task)
+    problem = weight_decay_problem(args.weight_decay, rate)
+    return f"--weight-decay {problem}" if problem else None
 
 
 def _predict_conflict(args: argparse.Namespace) -> str | None:

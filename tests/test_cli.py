@@ -805,6 +805,11 @@ def test_debug_shows_the_traceback(first_stage):
     (["train", "--train-file", "t.csv"], "--train-file and --validation-file go together: give both"),
     (["train", "--task", "rte", "--train-file", "t.csv", "--validation-file", "v.csv"], "two data sources"),
     (["train", "--lr-sweep", "--lr", "1e-3"], "--lr-sweep tries the paper's learning rates itself: leave out --lr"),
+    # AdamW scales each bias by 1 - lr * decay a step: the method's default rate, the given one, the sweep's largest.
+    (["train", "--weight-decay", "1000"], "--weight-decay 1000 at learning rate 0.001 would zero or flip"),
+    (["train", "--weight-decay", "200", "--lr", "0.01"], "--weight-decay 200 at learning rate 0.01"),
+    (["train", "--weight-decay", "2e5", "--method", "full"], "--weight-decay 200000 at learning rate 1e-05"),
+    (["train", "--weight-decay", "1000", "--lr-sweep"], "--weight-decay 1000 at learning rate 0.001"),
     (["predict", "run", "--input-file", "f.csv", "--text-pair", "b"], "--text-pair gives the second text"),
     (["predict", "run", "--text", "a", "--text-pair", "b", "c"], "got 1 --text and 2 --text-pair"),
 ])

@@ -819,6 +819,19 @@ def test_a_learning_rate_that_cannot_train_is_refused(lr):
     assert TrainConfig(learning_rate=1.0).resolved_learning_rate() == 1.0
 
 
+@pytest.mark.parametrize("decay,message", [(-0.1, "must be a number, 0 or more"), (float("nan"), "must be a number"),
+                                           (True, "must be a number"), ("0.01", "must be a number"),
+                                           (1000.0, "1000 at learning rate 0.001 would zero or flip")])
+def test_a_weight_decay_that_would_zero_the_biases_each_step_is_refused(decay, message):
+    """AdamW scales each trained value by 1 - lr * weight_decay a step: at a product of 1 or more every bias is
+    zeroed or flips its sign each step, and nothing trains. Checked at the learning rate the run resolves to."""
+    with pytest.raises(ValueError, match=f"weight_decay {message}"):
+        TrainConfig(weight_decay=decay)
+    assert TrainConfig(weight_decay=999.0).weight_decay == 999.0
+    with pytest.raises(ValueError, match="at learning rate 1e-05"):
+        TrainConfig(method="full", weight_decay=1e5)
+
+
 @pytest.mark.parametrize("norm", [0, -1.0, float("nan"), None])
 def test_a_gradient_norm_bound_that_would_not_clip_as_asked_is_refused(norm):
     """0 zeroes every gradient (torch's clip_grad_norm_) and a negative bound flips them; the CLI took only positive

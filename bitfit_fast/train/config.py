@@ -1,6 +1,7 @@
 """TrainConfig: the options of a `bitfit-fast train` run; the BitFit options among them are a BitFitConfig."""
 
 import dataclasses
+import math
 
 import torch
 
@@ -17,6 +18,24 @@ def autocast(precision: str, device: torch.device):
     """The autocast context of ``precision`` (a key of PRECISIONS) on ``device`` (a no-op for fp32)."""
     dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def default_learning_rate(method: str, task: str | None) -> float:
+    """The paper's learning rate for ``method`` on ``task``: 1e-3 for BitFit (1e-4 on MNLI), 1e-5 for full
+    fine-tuning."""
+    if method == "full":
+        return 1e-5
+    return 1e-4 if task == "mnli" else 1e-3
+
+
+def weight_decay_problem(weight_decay: float, learning_rate: float) -> str | None:
+    """What is wrong with a weight decay at a learning rate, or None. AdamW scales each trained value by
+    1 - learning_rate * weight_decay a step: from 1 on every value is zeroed or flips its sign each step."""
+    if weight_decay * learning_rate < 1:
+        return None
+    return (f"{weight_decay:g} at learning rate {learning_rate:g} would zero or flip every trained value each step "
+            "(AdamW scales them by 1 - learning rate x weight decay): keep that product below 1 (the default "
+            "decay is 0)")
 
 
 @dataclasses.dataclass
@@ -60,6 +79,12 @@ class TrainConfig:
         if self.learning_rate is not None and not 0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ValueError(f"learning_rate must be more than 0 and at most {MAX_LEARNING_RATE}, got "
                              f"{self.learning_rate!r}")
+        decay = self.weight_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
+            raise ValueError(f"weight_decay must be a number, 0 or more, got {decay!r}")
+        problem = weight_decay_problem(decay, self.resolved_learning_rate())
+        if problem:
+            raise ValueError(f"weight_decay {problem}")
         for name in ("epochs", "batch_size", "max_length", "micro_batch_size", "max_train_examples",
                      "max_eval_examples"):
             value = getattr(self, name)
@@ -101,11 +126,7 @@ class TrainConfig:
 
     def resolved_learning_rate(self) -> float:
         """The learning rate given, else the paper's default for the method and task."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        if self.method == "full":
-            return 1e-5
-        return 1e-4 if self.task == "mnli" else 1e-3
+        return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.method, self.task)
 
     def resolved_precision(self, device: torch.device) -> str:
         """The precision a run uses on ``device``: the one given, or for "auto" bf16 autocast on a GPU that has
