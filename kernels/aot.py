@@ -56,7 +56,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLOAT_ARGS = {"p", "scale", "eps"}
 HIDDEN_SIZES = (384, 768)  # MiniLM (BLOCK_N 512) and BERT-base (1024; BERT-large's 1024 compiles alike)
 # Integer arguments of a BERT-base launch (32768 tokens); only their divisibility by 16 reaches the compiler.
-INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "philox_offset": 0, "T": 64}
+INTS = {"M": 32768, "N": 3072, "K": 768, "M_BUCKET": 65536, "T": 64}
 TASK_POINTERS = {"order_ptr", "sorted_task_ptr"}  # int64: the rows sorted by task and their tasks
 
 

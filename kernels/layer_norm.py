@@ -54,7 +54,7 @@ MAX_FEATURES = 65536
 
 
 # Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16.
-@triton.jit(do_not_specialize=["M", "philox_offset"])
+@triton.jit(do_not_specialize=["M"])
 def _residual_layer_norm_fwd_kernel(
     # Pointers
     x_ptr,  # [M, N] sublayer output
@@ -75,7 +75,6 @@ def _residual_layer_norm_fwd_kernel(
     p,
     scale,
     seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
-    philox_offset,
     # Features
     HAS_RESIDUAL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -100,7 +99,7 @@ def _residual_layer_norm_fwd_kernel(
     if X_TABLE:
         s += tl.load(x_table_ptr + table_offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        s = tl.where(keep_mask(load_seed(seed_ptr), philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), s * scale, 0.0)
+        s = tl.where(keep_mask(load_seed(seed_ptr), rows, 0, N, p, BLOCK_M, BLOCK_N), s * scale, 0.0)
     if HAS_RESIDUAL:
         s += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
@@ -129,7 +128,7 @@ def _residual_layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, row_ok, cols, col_ok, gamma,
-                          N, p, scale, seed, philox_offset, HAS_DY_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          N, p, scale, seed, HAS_DY_GEMM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           COMPUTE_DX: tl.constexpr, STORE_DX: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """(dy, dx) of rows ``rows`` [BLOCK_M] (int64), fp32, zero where masked, dy the sum of y's and y_gemm's
@@ -151,13 +150,13 @@ def _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_p
         tl.store(ds_ptr + offsets, ds.to(ds_ptr.dtype.element_ty), mask=mask)
         dx = ds
         if HAS_DROPOUT:
-            dx = tl.where(keep_mask(seed, philox_offset, rows, 0, N, p, BLOCK_M, BLOCK_N), ds * scale, 0.0)
+            dx = tl.where(keep_mask(seed, rows, 0, N, p, BLOCK_M, BLOCK_N), ds * scale, 0.0)
         if STORE_DX:
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     return dy, dx
 
 
-@triton.jit(do_not_specialize=["M", "philox_offset", "T", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "T", "chunk_rows"])
 def _residual_layer_norm_bwd_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output
@@ -179,7 +178,6 @@ def _residual_layer_norm_bwd_kernel(
     p,
     scale,
     seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
-    philox_offset,
     # Features
     HAS_DY_GEMM: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -206,7 +204,7 @@ def _residual_layer_norm_bwd_kernel(
         for start in range(lo, hi, BLOCK_M):
             rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             dy, dx = _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, ok, cols,
-                                           col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DY_GEMM, HAS_DROPOUT,
+                                           col_ok, gamma, N, p, scale, seed, HAS_DY_GEMM, HAS_DROPOUT,
                                            COMPUTE_DX, STORE_DX, BLOCK_M, BLOCK_N)
             block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
             dbeta = task_tables.add_block(dbeta_partial_ptr, pid, piece_task, block_last, dbeta, dy, tasks, cols,
@@ -223,7 +221,7 @@ def _residual_layer_norm_bwd_kernel(
         for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
             rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
             dy, dx = _layer_norm_grad_rows(dy_ptr, dy_gemm_ptr, x_hat_ptr, rstd_ptr, ds_ptr, dx_ptr, rows, rows < M,
-                                           cols, col_ok, gamma, N, p, scale, seed, philox_offset, HAS_DY_GEMM,
+                                           cols, col_ok, gamma, N, p, scale, seed, HAS_DY_GEMM,
                                            HAS_DROPOUT, COMPUTE_DX, STORE_DX, BLOCK_M, BLOCK_N)
             dbeta += tl.sum(dy, axis=0)  # masked elements are 0
             if SUM_DX:
@@ -284,7 +282,6 @@ def residual_layer_norm_forward(
     *,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor | None = None,
-    philox_offset: int = 0,
     store_x_hat: bool = True,
     row_task: torch.Tensor | None = None,
     x_table: torch.Tensor | None = None,
@@ -328,7 +325,7 @@ def residual_layer_norm_forward(
         x, residual if residual is not None else x, gamma, beta, x_table if x_table is not None else beta,
         row_task if row_task is not None else gamma, y, y_gemm if y_gemm is not None else y,
         x_hat if x_hat is not None else y, rstd if rstd is not None else gamma,
-        M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, gamma), philox_offset,
+        M, N, eps, dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, gamma),
         HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         BETA_PER_ROW=row_task is not None,
@@ -351,7 +348,6 @@ def residual_layer_norm_backward(
     *,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor | None = None,
-    philox_offset: int = 0,
     compute_dx: bool = True,
     sum_dx: bool = False,
     row_task: torch.Tensor | None = None,
@@ -363,10 +359,11 @@ def residual_layer_norm_backward(
     """Gradients of :func:`residual_layer_norm_forward` from its x_hat and rstd; never gamma's.
 
     Returns (dx, dresidual, dbeta, dx_sum): dresidual is the gradient of s (None without ``compute_dx``); dx
-    equals it without dropout and is then the same tensor; dbeta is fp32, [num_tasks, N] per task with the
-    forward's ``row_task`` (each task's sum over its rows, taken in this pass: ``task_tables``). With ``sum_dx``
-    (which needs ``compute_dx``), dx_sum is the fp32 column sums of dx, summed before dx is rounded to its dtype
-    (per task with ``row_task``): the bias gradient of the linear layer whose output x is; else None.
+    equals it without dropout, and is then the same tensor unless ``dx_dtype`` differs from ``ds_dtype``; dbeta is
+    fp32, [num_tasks, N] per task with the forward's ``row_task`` (each task's sum over its rows, taken in this pass:
+    ``task_tables``). With ``sum_dx`` (which needs ``compute_dx``), dx_sum is the fp32 column sums of dx, summed
+    before dx is rounded to its dtype (per task with ``row_task``): the bias gradient of the linear layer whose
+    output x is; else None.
 
     ``dy_gemm``, the gradient of the forward's ``y_gemm``, is added to dy as it is read (y's two uses, summed in
     fp32 as autograd would, without its pass). ds comes in ``ds_dtype`` (default dy's: the residual's where y is
@@ -405,7 +402,7 @@ def residual_layer_norm_backward(
         dy, dy_gemm if dy_gemm is not None else dy, x_hat, gamma, rstd,
         ds if ds is not None else dy, dx if dx is not None else dy, partials[0], partials[-1],
         order, sorted_numbers, M, N, numbers, chunk_rows,
-        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, gamma), philox_offset,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, gamma),
         HAS_DY_GEMM=dy_gemm is not None,
         HAS_DROPOUT=dropout_p > 0.0,
         COMPUTE_DX=compute_dx,

@@ -184,7 +184,7 @@ def _gelu_grad(h):
          "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
-@triton.jit(do_not_specialize=["M", "philox_offset"])  # they change per call: no recompiles
+@triton.jit(do_not_specialize=["M"])  # they change per call: no recompiles
 def _linear_fwd_kernel(
     # Pointers
     x_ptr,  # [M, K] input, row-major
@@ -202,7 +202,6 @@ def _linear_fwd_kernel(
     p,  # drop probability
     scale,  # 1 / (1 - p)
     seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
-    philox_offset,
     # Features
     HAS_BIAS: tl.constexpr,
     BIAS_PER_ROW: tl.constexpr,
@@ -277,7 +276,7 @@ def _linear_fwd_kernel(
     if ACTIVATION == "geglu":
         acc = _gelu(acc) * gate
     if HAS_DROPOUT:
-        keep = keep_mask(load_seed(seed_ptr), philox_offset, rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        keep = keep_mask(load_seed(seed_ptr), rows, pid_n * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         acc = tl.where(keep, acc * scale, 0.0)
     tl.store(y_ptr + rows[:, None] * n_out + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -314,7 +313,7 @@ def _task_bias_gelu_kernel(
 
 
 @triton.jit
-def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, scale, seed, philox_offset,
+def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, scale, seed,
                ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_G: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(g, g_gate) of rows ``rows`` [BLOCK_M] (int64) and columns ``cols``, fp32, zero where masked; g_gate is the
@@ -323,7 +322,7 @@ def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, sc
     h_offsets = rows[:, None] * N + cols[None, :]
     g = tl.load(dy_ptr + rows[:, None] * n_out + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = keep_mask(seed, philox_offset, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
+        keep = keep_mask(seed, rows, tl.program_id(1) * BLOCK_N, n_out, p, BLOCK_M, BLOCK_N)
         g = tl.where(keep, g * scale, 0.0)
     g_gate = g
     if ACTIVATION == "gelu":
@@ -339,7 +338,7 @@ def _grad_rows(dy_ptr, h_ptr, g_ptr, rows, row_ok, cols, col_ok, N, n_out, p, sc
     return g, g_gate
 
 
-@triton.jit(do_not_specialize=["M", "philox_offset", "T", "chunk_rows"])
+@triton.jit(do_not_specialize=["M", "T", "chunk_rows"])
 def _linear_grad_kernel(
     # Pointers
     dy_ptr,  # [M, N] gradient of the output y; [M, N / 2] with the GeGLU
@@ -358,7 +357,6 @@ def _linear_grad_kernel(
     p,
     scale,
     seed_ptr,  # [1] int64 dropout seed (read only with HAS_DROPOUT), see dropout.py
-    philox_offset,
     # Features
     ACTIVATION: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -389,7 +387,7 @@ def _linear_grad_kernel(
         for start in range(lo, hi, BLOCK_M):
             rows, ok, tasks = task_tables.sorted_block(order_ptr, sorted_task_ptr, start, hi, BLOCK_M)
             g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, ok, cols, col_ok, N, n_out, p, scale, seed,
-                                   philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
+                                   ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
             block_last = task_tables.block_last_task(sorted_task_ptr, start, hi, T, BLOCK_M)
             db = task_tables.add_block(db_partial_ptr, pid_m, piece_task, block_last, db, g, tasks, cols, col_ok, N, T)
             if ACTIVATION == "geglu":
@@ -404,7 +402,7 @@ def _linear_grad_kernel(
         for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
             rows = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_M)  # the loop variable is a plain int when interpreted
             g, g_gate = _grad_rows(dy_ptr, h_ptr, g_ptr, rows, rows < M, cols, col_ok, N, n_out, p, scale, seed,
-                                   philox_offset, ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
+                                   ACTIVATION, HAS_DROPOUT, STORE_G, BLOCK_M, BLOCK_N)
             if COMPUTE_DB:
                 db += tl.sum(g, axis=0)  # masked elements are 0
                 if ACTIVATION == "geglu":
@@ -436,7 +434,6 @@ def linear_forward(
     activation: str | None = None,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor | None = None,
-    philox_offset: int = 0,
     store_preact: bool = False,
     row_task: torch.Tensor | None = None,
     gemm: str = "auto",
@@ -504,7 +501,7 @@ def linear_forward(
         x2d, weight, bias if bias is not None else y, row_task if row_task is not None else y, y,
         h if h is not None else y,
         M, N, K, row_bucket(M),
-        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, y), philox_offset,
+        dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, x.device, y),
         HAS_BIAS=bias is not None,
         BIAS_PER_ROW=bias is not None and row_task is not None,
         ACTIVATION=activation or "",
@@ -559,7 +556,6 @@ def linear_backward(
     activation: str | None = None,
     dropout_p: float = 0.0,
     seed: int | torch.Tensor | None = None,
-    philox_offset: int = 0,
     compute_dx: bool = True,
     compute_db: bool = True,
     row_task: torch.Tensor | None = None,
@@ -608,7 +604,7 @@ def linear_backward(
         _linear_grad_kernel[(reduction.programs, col_blocks)](
             dy2d, preact if preact is not None else dy2d, g, db_partial if db_partial is not None else dy2d,
             order, sorted_numbers, M, N, numbers, chunk_rows,
-            dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, dy2d), philox_offset,
+            dropout_p, 1.0 / (1.0 - dropout_p), seed_pointer(seed, dropout_p, dy.device, dy2d),
             ACTIVATION=activation or "",
             HAS_DROPOUT=dropout_p > 0.0,
             STORE_G=store_g,

@@ -222,14 +222,13 @@ def test_dropout_mask_is_regenerated_and_gradients_follow_it():
 P = 0.3
 
 
-def _forward_keep(seed, p=P, m=64, n=64, philox_offset=0):
+def _forward_keep(seed, p=P, m=64, n=64):
     """The forward's keep mask, read exactly from its output: with x = 1, a zero residual, gamma 1 and beta 0,
     s = keep / (1 - p) takes two values in a row, and y is positive exactly where the kernel kept (a row kept or
     dropped whole would be all zeros, which is refused)."""
     x = torch.ones(m, n, device=DEVICE)
     y, _, _ = K.residual_layer_norm_forward(x, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE), EPS,
-                                            torch.zeros_like(x), dropout_p=p, seed=seed, philox_offset=philox_offset,
-                                            store_x_hat=False)
+                                            torch.zeros_like(x), dropout_p=p, seed=seed, store_x_hat=False)
     assert (y != 0).any(-1).all(), "a row is kept or dropped whole"
     return y > 0
 
@@ -291,24 +290,21 @@ def test_a_seed_tensor_draws_the_mask_of_the_int_it_holds_forward_and_backward()
     assert torch.equal(dx != 0, keep)
 
 
-@pytest.mark.parametrize("philox_offset", [0, 7])
-def test_the_backward_regenerates_the_forwards_mask_at_its_offset(philox_offset):
+def test_the_backward_regenerates_the_forwards_mask():
     m, n, seed = 40, 37, 5
-    keep = _forward_keep(seed, m=m, n=n, philox_offset=philox_offset)
+    keep = _forward_keep(seed, m=m, n=n)
     x, ones = torch.ones(m, n, device=DEVICE), torch.ones(n, device=DEVICE)
-    _, x_hat, rstd = K.residual_layer_norm_forward(x, ones, ones * 0, EPS, x * 0, dropout_p=P, seed=seed,
-                                                   philox_offset=philox_offset)
+    _, x_hat, rstd = K.residual_layer_norm_forward(x, ones, ones * 0, EPS, x * 0, dropout_p=P, seed=seed)
     dx, ds, _, _ = K.residual_layer_norm_backward(torch.randn(m, n, device=DEVICE), x_hat, ones, rstd, dropout_p=P,
-                                                  seed=seed, philox_offset=philox_offset)
+                                                  seed=seed)
     assert (ds != 0).all()
     assert torch.equal(dx != 0, keep)
 
 
-def test_dropout_mask_follows_seed_and_offset_and_not_the_number_of_rows():
+def test_dropout_mask_follows_the_seed_and_not_the_number_of_rows():
     keep = _forward_keep(seed=3, m=40, n=37)
     assert torch.equal(keep, _forward_keep(seed=3, m=40, n=37)), "same seed must give the same mask"
     assert not torch.equal(keep, _forward_keep(seed=4, m=40, n=37)), "two seeds must differ"
-    assert not torch.equal(keep, _forward_keep(seed=3, m=40, n=37, philox_offset=7)), "the offset moves the stream"
     assert torch.equal(keep, _forward_keep(seed=3, m=100, n=37)[:40]), "a row's mask depends on the batch size"
 
 
