@@ -1,12 +1,13 @@
 """The BitFit autograd functions, written once over an implementation of the kernels' host functions.
 
 An implementation ("impl") is a module with ``linear_forward``, ``linear_backward``,
-``residual_layer_norm_forward``, ``residual_layer_norm_backward`` and ``heads_to_rows``: the Triton kernels
-(``bitfit_fast_kernels``) or the same functions in plain torch ops (``torch_ops``, the CPU path and the kernels'
-oracle). The functions below hold what both share: what is saved for the backward, which gradients are needed, the
-autocast dtype of the GEMMs, and the casts of the gradients back to the inputs' dtypes. Each impl keeps its own
-numerics: the kernels add the bias in their fp32 accumulator, torch rounds it to the GEMM dtype first, as F.linear
-under autocast does.
+``residual_layer_norm_forward``, ``residual_layer_norm_backward``, ``rows_to_heads`` and ``heads_to_rows``: the
+Triton kernels (``bitfit_fast_kernels``) or the same functions in plain torch ops (``torch_ops``, the CPU path and
+the kernels' oracle). The functions below hold what both share: what is saved for the backward, which gradients are
+needed, the autocast dtype of the GEMMs, and the casts of the gradients back to the inputs' dtypes. Each impl keeps
+its own numerics: the Triton GEMM and the task tables' passes add the bias in fp32 (the GEMM in its accumulator),
+where cuBLAS's GEMM (the kernels' default for a plain bias or GELU epilogue on a GPU) and torch round it to the GEMM
+dtype first, as F.linear under autocast does.
 
 Nothing saved is an activation BitFit can do without: no weight or gamma gradient, no layer input, no dropout
 mask (drawn again from its seed), a LayerNorm's x_hat and rstd rather than its input or output.
@@ -61,6 +62,20 @@ def _seed_parts(seed: int | torch.Tensor | None) -> tuple[torch.Tensor | None, i
 def _seed(saved: torch.Tensor | None, kept: int | None) -> int | torch.Tensor | None:
     """The seed :func:`_seed_parts` split."""
     return kept if saved is None else saved
+
+
+def _backward_runs(ctx, grad_enabled: bool) -> bool:
+    """Whether a function's backward can run: grad mode was on where it was called (inside ``forward`` it is always
+    off) and an input needs a gradient. A LayerNorm stores x_hat and rstd only then: inference writes neither."""
+    return grad_enabled and any(ctx.needs_input_grad)
+
+
+def _mark_x_hat(ctx, x_hat: torch.Tensor | None) -> None:
+    """x_hat, an output of a LayerNorm's function for what recomputes from it, takes no gradient (and its gradient
+    stays None: no zero-filled tensor per backward)."""
+    if x_hat is not None:
+        ctx.mark_non_differentiable(x_hat)
+    ctx.set_materialize_grads(False)
 
 
 class LinearFunction(torch.autograd.Function):
@@ -128,15 +143,16 @@ class LayerNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, impl, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None):
+    def forward(ctx, impl, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None,
+                grad_enabled=True):
         check_frozen("gamma", gamma)
         beta, row_task, num_tasks = _tables(beta, row_task)
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             x.contiguous(), gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=row_task, y_dtype=out_dtype,
+            store_x_hat=_backward_runs(ctx, grad_enabled),
         )
-        ctx.mark_non_differentiable(x_hat)
-        ctx.set_materialize_grads(False)  # x_hat's gradient stays None: no zero-filled tensor per backward
+        _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
         ctx.save_for_backward(x_hat, gamma, rstd, row_task, seed_tensor)
         ctx.impl = impl
@@ -159,7 +175,7 @@ class LayerNormFunction(torch.autograd.Function):
         )
         dx = _cast(dx, x_dtype) if needs_x else None
         dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
-        return None, dx, dresidual, None, _cast(dbeta, beta_dtype) if needs_beta else None, *(None,) * 5
+        return None, dx, dresidual, None, _cast(dbeta, beta_dtype) if needs_beta else None, *(None,) * 6
 
 
 class LinearLayerNormFunction(torch.autograd.Function):
@@ -181,7 +197,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None,
-                gemm_copy=False):
+                gemm_copy=False, grad_enabled=True):
         check_frozen("weight", weight)
         check_frozen("gamma", gamma)
         dtype = compute_dtype(x)
@@ -196,10 +212,9 @@ class LinearLayerNormFunction(torch.autograd.Function):
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             h, gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, y_gemm=y_gemm,
-            **({"x_table": bias} if in_layer_norm else {}),
+            store_x_hat=_backward_runs(ctx, grad_enabled), **({"x_table": bias} if in_layer_norm else {}),
         )
-        ctx.mark_non_differentiable(x_hat)
-        ctx.set_materialize_grads(False)
+        _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
         ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows, seed_tensor)
         ctx.impl = impl
@@ -235,7 +250,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
         db = _cast(db, bias_dtype) if needs_bias else None
         dresidual = _cast(dresidual, residual_dtype) if needs_residual else None
         dbeta = _cast(dbeta, beta_dtype) if needs_beta else None
-        return None, _cast(dx, x_dtype), None, db, dresidual, None, dbeta, *(None,) * 5
+        return None, _cast(dx, x_dtype), None, db, dresidual, None, dbeta, *(None,) * 6
 
 
 class LinearHeadsFunction(torch.autograd.Function):
@@ -325,9 +340,10 @@ class Ops:
         return LinearFunction.apply(self.impl, x, weight, bias, activation, dropout_p, seed, recompute_from, row_task)
 
     def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None):
-        """:class:`LayerNormFunction`: (y, x_hat)."""
+        """:class:`LayerNormFunction`: (y, x_hat), x_hat None where no backward will run (grad off, or nothing
+        needs a gradient)."""
         return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task,
-                                       out_dtype)
+                                       out_dtype, torch.is_grad_enabled())
 
     def linear_heads(self, x, weight, biases, tokens, heads: int, row_task=None):
         """:class:`LinearHeadsFunction` on the attention layout of ``tokens`` (an ``unpadding.Tokens``), a part per
@@ -337,9 +353,9 @@ class Ops:
 
     def linear_layer_norm(self, x, weight, bias, residual, gamma, beta, eps, dropout_p=0.0, seed=None,
                           row_task=None, gemm_copy=False):
-        """:class:`LinearLayerNormFunction`: (y, x_hat, y_gemm)."""
+        """:class:`LinearLayerNormFunction`: (y, x_hat, y_gemm), x_hat as :meth:`layer_norm`'s."""
         return LinearLayerNormFunction.apply(self.impl, x, weight, bias, residual, gamma, beta, eps, dropout_p, seed,
-                                             row_task, gemm_copy)
+                                             row_task, gemm_copy, torch.is_grad_enabled())
 
 
 TORCH = Ops(torch_ops)

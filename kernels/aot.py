@@ -145,17 +145,19 @@ def layer_norm_variants():
     # Under autocast a fused layer's residual stream is fp32 beside its half-precision GEMM output (fp32_stream),
     # and the fused encoder layers write y again in the GEMM dtype (y_gemm); a module's LayerNorm does not.
     streams = [(True, False, False), (True, True, False), (True, True, True), (False, False, False)]
-    for dt, hidden, (residual, fp32_stream, y_gemm), dropout, (row_beta, x_table) in itertools.product(
-            DTYPES, HIDDEN_SIZES, streams, (True, False), betas):
+    # Training, with or without dropout, keeps x_hat and rstd for the backward; inference (no dropout) does not.
+    modes = [(True, True), (False, True), (False, False)]  # (dropout, store_x_hat)
+    for dt, hidden, (residual, fp32_stream, y_gemm), (dropout, store_x_hat), (row_beta, x_table) in itertools.product(
+            DTYPES, HIDDEN_SIZES, streams, modes, betas):
         if fp32_stream and dt == "fp32":
             continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
-        flags = _flags(fp32_stream=fp32_stream, y_gemm=y_gemm, x_table=x_table, row_beta=row_beta, residual=residual,
-                       dropout=dropout)
+        flags = _flags(inference=not store_x_hat, fp32_stream=fp32_stream, y_gemm=y_gemm, x_table=x_table,
+                       row_beta=row_beta, residual=residual, dropout=dropout)
         yield Variant(
             "ln_fwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_fwd_kernel, dt,
             consts={"HAS_RESIDUAL": residual, "HAS_DROPOUT": dropout, "BETA_PER_ROW": row_beta, "X_TABLE": x_table,
-                    "STORE_X_HAT": True, "STORE_Y_GEMM": y_gemm, "BLOCK_M": block_m, "BLOCK_N": block_n},
+                    "STORE_X_HAT": store_x_hat, "STORE_Y_GEMM": y_gemm, "BLOCK_M": block_m, "BLOCK_N": block_n},
             options={"num_warps": warps},
             fp32_pointers={"gamma_ptr", "beta_ptr", "x_table_ptr", "rstd_ptr", *(("res_ptr", "y_ptr") if fp32_stream
                                                                                   else ())},

@@ -1,6 +1,7 @@
 """The autograd functions, written once over either implementation: the torch ops match the kernels' host
 functions' signatures, and the linear + LayerNorm function equals the two functions it fuses."""
 
+import contextlib
 import inspect
 
 import pytest
@@ -18,8 +19,8 @@ from bitfit_fast.functions import Ops
 IMPLS = {"torch": Ops(torch_ops), "triton": Ops(bitfit_fast_kernels)}
 HOST_FUNCTIONS = ("linear_forward", "linear_backward", "residual_layer_norm_forward", "residual_layer_norm_backward",
                   "rows_to_heads", "heads_to_rows", "task_sums")
-# Kernel-only parameters: the Philox stream offset and the choice of GEMM have no meaning in torch ops.
-KERNEL_ONLY = {"philox_offset", "gemm"}
+# Kernel-only parameters: the choice of GEMM has no meaning in torch ops.
+KERNEL_ONLY = {"gemm"}
 
 
 @pytest.mark.parametrize("name", HOST_FUNCTIONS)
@@ -393,6 +394,56 @@ def test_dropout_in_half_precision_is_as_accurate_as_torch_on_the_same_mask(impl
     assert_as_accurate_as_torch(y, same, truth, "y")
     for index, (grad, same_grad, truth_grad) in enumerate(zip(grads, same_grads, truth_grads, strict=True)):
         assert_as_accurate_as_torch(grad.to(dtype), same_grad, truth_grad, f"gradient of input {index}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["layer_norm", "linear_layer_norm"])
+def test_a_layer_norm_keeps_no_x_hat_where_no_backward_runs(impl, op):
+    """x_hat and rstd are what the backward reads: inference (grad off, or nothing that needs a gradient) writes
+    neither, and its y is the training forward's, bit for bit."""
+    ops, rows, n = IMPLS[impl], 7, 13
+    x, residual, weight = (torch.randn(rows, n, device=DEVICE), torch.randn(rows, n, device=DEVICE),
+                           torch.randn(n, n, device=DEVICE))
+    gamma, beta, bias = (torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE),
+                         torch.randn(n, device=DEVICE))
+
+    def forward(trained):
+        b, bt = (_leaf(bias), _leaf(beta)) if trained else (bias, beta)
+        if op == "layer_norm":
+            return ops.layer_norm(x, residual, gamma, bt, 1e-12)
+        return ops.linear_layer_norm(x, weight, b, residual, gamma, bt, 1e-12)[:2]
+
+    y, x_hat = forward(trained=True)
+    assert x_hat is not None and y.requires_grad
+    for inference in (torch.no_grad(), torch.inference_mode(), contextlib.nullcontext()):
+        with inference:
+            y_inference, no_x_hat = forward(trained=not isinstance(inference, contextlib.nullcontext))
+        assert no_x_hat is None and torch.equal(y_inference, y.detach())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("used", ["copy", "both"])
+def test_the_gemm_copy_alone_takes_the_gradient_of_a_cast_of_y(impl, used):
+    """With ``gemm_copy`` (a half-precision GEMM output beside an fp32 residual stream), y_gemm is y rounded to the
+    GEMM dtype: its gradient is that of ``y.half()``, bit for bit, whether y itself is used too or not at all (its
+    gradient then None)."""
+    ops, rows, k, n = IMPLS[impl], 7, 5, 13
+    x, weight = torch.randn(rows, k, device=DEVICE).half(), torch.randn(n, k, device=DEVICE).half()
+    residual = _leaf(torch.randn(rows, n, device=DEVICE))
+    gamma, bias, beta = (1 + 0.3 * torch.randn(n, device=DEVICE), _leaf(torch.randn(n, device=DEVICE)),
+                         _leaf(torch.randn(n, device=DEVICE)))
+    dy, dy_gemm = torch.randn(rows, n, device=DEVICE), torch.randn(rows, n, device=DEVICE).half()
+    leaves = (residual, bias, beta)
+
+    def gradients(gemm_copy):
+        y, _, y_gemm = ops.linear_layer_norm(x, weight, bias, residual, gamma, beta, 1e-12, gemm_copy=gemm_copy)
+        if not gemm_copy:
+            y_gemm = y.half()
+        loss = (y_gemm.float() * dy_gemm.float()).sum() + ((y * dy).sum() if used == "both" else 0)
+        return torch.autograd.grad(loss, leaves)
+
+    for ours, cast in zip(gradients(True), gradients(False), strict=True):
+        assert torch.equal(ours, cast)
 
 
 @pytest.mark.parametrize("op", ["linear", "layer_norm", "linear_layer_norm"])
