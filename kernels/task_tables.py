@@ -34,7 +34,8 @@ One read of the gradient, no float atomics, the same bits every run. It replaces
 task matrix, T·M·N multiply-adds in fp32 (CUDA cores: without TF32): for 64 tasks at BERT-base's 256 x 128
 tokens, FC1's [32768, 3072] gradient is 6.4 G multiply-adds, ~0.2 ms on an H100, against one 201 MB read here,
 ~0.06 ms, in the g pass that reads it anyway. The partials add little: a chunk per program of the pass, so for
-FC1 on an H100 (44 row programs x 24 column blocks) 44 + 63 rows of 3072 fp32, 1.3 MB.
+FC1 on an H100 (88 row programs x 24 column blocks: ``utils.PROGRAMS_PER_SM`` x 132 SMs) 88 + 65 rows (chunks +
+K - 1, K = min(T + 2, M) = 66) of 3072 fp32, 1.9 MB.
 """
 
 from typing import NamedTuple
@@ -188,9 +189,9 @@ def _task_pieces_sum_kernel(
     # The chunks holding the task's rows; none for a task without rows (its sums are zero).
     chunks = tl.where(end > begin, (end - 1) // chunk_rows - first_chunk + 1, 0)
     number = tl.load(number_ptr + task + 1)
-    # BLOCK_PIECES pieces per step, reduced once at the end: a single task's ~1,000 pieces (the LayerNorm backward's
-    # chunk per program on an H100) take 66 steps of independent loads, not 1,000 dependent ones; the order is
-    # fixed, so are the bits.
+    # BLOCK_PIECES pieces per step, reduced once at the end: a single task's 2,112 pieces (the LayerNorm backward's
+    # chunk per program, 16 programs per SM on an H100) take 132 steps of independent loads, not 2,112 dependent
+    # ones; the order is fixed, so are the bits.
     acc = tl.zeros((BLOCK_PIECES, BLOCK_N), dtype=tl.float32)
     for start in range(0, chunks, BLOCK_PIECES):
         piece = start + tl.arange(0, BLOCK_PIECES)
