@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from .config import AppliedState, BitFitConfig
+from .config import AppliedState, BitFitConfig, dtype_name, floating_dtype
 from .errors import first_line
 from .files import atomic_write_together, json_text
 from .model import (
@@ -70,7 +70,7 @@ def base_sample(model: nn.Module, saved: Collection[str]) -> dict[str, dict]:
     """{name: {"dtype", "values": SAMPLED_VALUES values evenly spaced through it}} of every frozen floating-point
     weight of ``model`` that is not ``saved`` (a trained parameter, by name): the base model the biases work
     through, a head that does not train included."""
-    return {name: {"dtype": str(param.dtype).removeprefix("torch."), "values": _sampled(param).tolist()}
+    return {name: {"dtype": dtype_name(param.dtype), "values": _sampled(param).tolist()}
             for name, param in model.named_parameters()
             if not param.requires_grad and param.is_floating_point() and param.numel() and name not in saved}
 
@@ -94,7 +94,7 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
 
 def _base_sample(record: dict) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
     """The frozen weights' sampled values of a saved record: {name: (dtype, values in float64)}."""
-    return {name: (_floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
+    return {name: (floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
             for name, entry in record.get("base_sample", {}).items()}
 
 
@@ -248,7 +248,7 @@ def _warn_if_rounded(tensors: dict[str, torch.Tensor], params: dict[str, nn.Para
     the model, and what it saves next, keep them rounded."""
     rounded = [name for name, t in tensors.items() if not torch.equal(t.to(params[name].dtype).to(t.dtype), t)]
     if rounded:
-        dtype = str(params[rounded[0]].dtype).removeprefix("torch.")
+        dtype = dtype_name(params[rounded[0]].dtype)
         more = f" and {len(rounded) - 2} more" if len(rounded) > 2 else ""
         warnings.warn(
             f"load_biases: the model's {dtype} parameters round the saved values of {', '.join(rounded[:2])}{more}; "
@@ -358,13 +358,6 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
                                                 "with (a save interrupted between the two?)")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
                       record.get("label_names"), base)
-
-
-def _floating_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"{name!r} is not a floating-point dtype")
-    return dtype
 
 
 def read_config(record: dict, path: Path) -> tuple[BitFitConfig, AppliedState]:

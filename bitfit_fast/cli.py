@@ -261,7 +261,8 @@ def _versions() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `bitfit-fast` parser: bench, train, eval, predict and serve, each with its options and their checks."""
+    """The `bitfit-fast` parser: bench, train, eval, predict, export and serve, each with its options and their
+    checks."""
     from bitfit_fast_benches.presets import PRESETS
     from bitfit_fast_benches.providers import PROVIDERS
 

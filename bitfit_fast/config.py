@@ -79,7 +79,7 @@ class BitFitConfig:
                     or not all(isinstance(n, str) for n in self.head)):
                 raise ValueError(f"head must be a list of module names such as ['classifier'], got {self.head!r}")
             self.head = list(self.head)
-        self.dtype = _floating_dtype(self.dtype)
+        self.dtype = floating_dtype(self.dtype)
 
     def to_dict(self) -> dict:
         """JSON-ready options: the dtype by its name."""
@@ -115,7 +115,7 @@ def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def floating_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A floating torch.dtype from itself or its name ('bfloat16'), as saved in JSON."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, dtype)

@@ -70,7 +70,7 @@ MEMORY_MODES = ("default", "lean", "minimal")
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _fused_class(mixin: type, base: type) -> type:
+def fused_class(mixin: type, base: type) -> type:
     """``Fused<Base>``: the mixin placed before the module's own class, made once per class."""
     if (mixin, base) not in _FUSED_CLASSES:
         _FUSED_CLASSES[mixin, base] = type(f"Fused{base.__name__}", (mixin, base),
@@ -86,11 +86,11 @@ def _reduce_fused(module: nn.Module, protocol: int):
 
 def _new_fused(mixin: type, base: type) -> nn.Module:
     """An empty ``Fused<Base>`` for pickle to fill with the module's state."""
-    cls = _fused_class(mixin, base)
+    cls = fused_class(mixin, base)
     return cls.__new__(cls)
 
 
-def _is_exact_gelu(act: nn.Module | None) -> bool:
+def is_exact_gelu(act: nn.Module | None) -> bool:
     if isinstance(act, nn.GELU):
         return act.approximate == "none"
     # transformers.activations.GELUActivation: F.gelu or its erf formula in Python, both exact.
@@ -114,7 +114,7 @@ def is_fusable(layer: nn.Module) -> bool:
         all(isinstance(m, BitFitLinear) and m.bias is not None for m in linears)
         and all(isinstance(m, BitFitLayerNorm) for m in norms)
         and all(isinstance(m, nn.Dropout) for m in dropouts)
-        and _is_exact_gelu(act)
+        and is_exact_gelu(act)
         and not getattr(layer, "is_decoder", False)
         and not getattr(layer, "add_cross_attention", False)
         and getattr(attention, "position_embedding_type", "absolute") == "absolute"
@@ -124,7 +124,7 @@ def is_fusable(layer: nn.Module) -> bool:
     )
 
 
-def _remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+def remember_normalized(y: torch.Tensor, x_hat: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                          row_task: torch.Tensor | None) -> None:
     """Records on a layer's output the x_hat it was computed from, for the next layer in minimal mode."""
     y.bitfit_normalized = (x_hat, gamma, beta, row_task, y.dtype, y._version)
@@ -148,7 +148,7 @@ def _as_module_output(y: torch.Tensor, input_dtype: torch.dtype) -> torch.Tensor
     return y.to(layer_norm_output_dtype(y.device.type, torch.promote_types(y.dtype, input_dtype)))
 
 
-def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
+def runs_original_forward(args: tuple, kwargs: dict) -> bool:
     """Calls the fused path does not cover: cross-attention, caches, attention weights, a head mask (transformers
     4 passes one per layer, None where no head is masked)."""
     head_mask = kwargs.get("head_mask")
@@ -160,7 +160,7 @@ def _runs_original_forward(args: tuple, kwargs: dict) -> bool:
 
 
 def _is_output_capture(hook) -> bool:
-    """transformers 5's output capture: hooks it leaves on the layers, idle outside a collector (``_recorded_outputs``
+    """transformers 5's output capture: hooks it leaves on the layers, idle outside a collector (``recorded_outputs``
     sees an active one)."""
     return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
 
@@ -194,7 +194,7 @@ def hooks_inside(modules) -> bool:
     return False
 
 
-def _recorded_outputs(kwargs: dict) -> set[str]:
+def recorded_outputs(kwargs: dict) -> set[str]:
     """What Hugging Face collects from inside the model ("hidden_states", "attentions"): transformers 5 does it
     with forward hooks on the layers and attention modules, under a context variable; older versions pass flags."""
     recorded = {key for key in ("hidden_states", "attentions") if kwargs.get(f"output_{key}")}
@@ -216,7 +216,7 @@ class FusedEncoderLayer(nn.Module):
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
         """``layer`` as ``Fused<LayerClass>`` in memory mode ``memory``, its q/k/v weights packed into one tensor."""
-        fused = retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory, _packed_qkv=None)
+        fused = retype(layer, fused_class(cls, type(layer)), bitfit_memory=memory, _packed_qkv=None)
         fused.packed_qkv_weight()
         return fused
 
@@ -278,7 +278,7 @@ class FusedEncoderLayer(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         """Hugging Face's call of one layer: unpadded within the layer (the fused encoder unpads once for all)."""
-        if (_runs_original_forward(args, kwargs) or "attentions" in _recorded_outputs(kwargs)
+        if (runs_original_forward(args, kwargs) or "attentions" in recorded_outputs(kwargs)
                 or self.trains_a_weight() or hooks_inside(self.children())):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         check_batch(hidden_states)
@@ -316,8 +316,9 @@ class FusedEncoderLayer(nn.Module):
         # probabilities).
         return tokens.attend(q, k, v, p, host_seed(p), scale, keep_probabilities, first_only)
 
-    def checkpointed_attention_context(self, x, tokens: Tokens, ops: Ops, first_only: bool) -> torch.Tensor:
-        """attention_context, recomputed in the backward from the layer input. Where the input is the previous
+    def checkpointed_attention_context(self, x, tokens, ops: Ops, first_only: bool) -> torch.Tensor:
+        """attention_context, recomputed in the backward from the layer input; ``tokens`` is what the layer's
+        attention_context takes (``Tokens``; a ModernBERT layer's ``RotaryRows``). Where the input is the previous
         layer's output of an fp32 x_hat, the checkpoint keeps that x_hat (saved by its LayerNorm anyway) in place of
         the input and rebuilds the input from it, exactly; any other input (the embeddings', or any under autocast,
         whose x_hat is rounded) it keeps in the GEMM dtype, the one its GEMMs read it in (an fp32 residual stream
@@ -381,7 +382,7 @@ class FusedEncoderLayer(nn.Module):
                                                     p_output, ops.dropout_seed(p_output, x.device), rt,
                                                     gemm_copy=gemm_copy)
         if minimal:
-            _remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
+            remember_normalized(y2, x_hat2, ln2.weight, ln2.bias, rt)
         return y2, y2_gemm
 
     def extra_repr(self) -> str:
@@ -405,7 +406,7 @@ class FusedEncoder(nn.Module):
     @classmethod
     def fuse(cls, encoder: nn.Module) -> nn.Module:
         """``encoder`` as ``Fused<EncoderClass>``, with the classification shortcut off."""
-        return retype(encoder, _fused_class(cls, type(encoder)), first_token_only=False)
+        return retype(encoder, fused_class(cls, type(encoder)), first_token_only=False)
 
     def to_vanilla(self) -> nn.Module:
         """The encoder as its original class again, without the shortcut flag."""
@@ -417,8 +418,8 @@ class FusedEncoder(nn.Module):
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         layers = list(self.layer)
         if (
-            _runs_original_forward(args, kwargs)
-            or _recorded_outputs(kwargs)
+            runs_original_forward(args, kwargs)
+            or recorded_outputs(kwargs)
             or not all(isinstance(layer, FusedEncoderLayer) for layer in layers)
             or any(layer.trains_a_weight() for layer in layers)
             or hooks_inside(layers)
@@ -481,7 +482,7 @@ def fuse(model: nn.Module, memory: str, first_token_head: bool) -> None:
     from .fused_modernbert import fuse_modernbert  # it builds on this module: imported at first use
 
     replace_children(model, lambda m: FusedEncoderLayer.fuse(m, memory) if is_fusable(m) else None)
-    replace_children(model, lambda m: FusedEncoder.fuse(m) if _is_fusable_encoder(m) else None)
+    replace_children(model, lambda m: FusedEncoder.fuse(m) if is_fusable_encoder(m) else None)
     fuse_modernbert(model, memory)
     encoders = [name for name, m in model.named_modules() if isinstance(m, FusedEncoder)]
     if first_token_head and len(encoders) == 1:
@@ -509,7 +510,7 @@ def unfuse_hooks(model: nn.Module) -> None:
                 module._forward_hooks_always_called.pop(key, None)
 
 
-def _is_fusable_encoder(module: nn.Module, layers_attribute: str = "layer",
+def is_fusable_encoder(module: nn.Module, layers_attribute: str = "layer",
                         layer_class: type = FusedEncoderLayer) -> bool:
     layers = getattr(module, layers_attribute, None)
     return (

@@ -42,13 +42,13 @@ from .functions import Ops, functions, host_seed
 from .fused_layer import (
     FusedEncoder,
     FusedEncoderLayer,
-    _fused_class,
-    _is_exact_gelu,
-    _is_fusable_encoder,
-    _recorded_outputs,
-    _remember_normalized,
-    _runs_original_forward,
+    fused_class,
     hooks_inside,
+    is_exact_gelu,
+    is_fusable_encoder,
+    recorded_outputs,
+    remember_normalized,
+    runs_original_forward,
 )
 from .modules import (
     BitFitLayerNorm,
@@ -111,7 +111,7 @@ def is_fusable(layer: nn.Module) -> bool:
         and _is_frozen_gamma_norm(part["mlp_norm"])
         and all(isinstance(part[name], (nn.Dropout, nn.Identity)) for name in ("attention_output_dropout",
                                                                                "mlp_dropout"))
-        and _is_exact_gelu(part["activation"])
+        and is_exact_gelu(part["activation"])
         and getattr(layer, "attention_type", None) in ("full_attention", "sliding_attention")
     )
 
@@ -124,7 +124,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
     @classmethod
     def fuse(cls, layer: nn.Module, memory: str) -> nn.Module:
         """``layer`` as ``Fused<LayerClass>`` in memory mode ``memory``; Wqkv is one packed weight already."""
-        return retype(layer, _fused_class(cls, type(layer)), bitfit_memory=memory)
+        return retype(layer, fused_class(cls, type(layer)), bitfit_memory=memory)
 
     def to_vanilla(self) -> nn.Module:
         """The layer as its original class again (there is no packed weight to unpack)."""
@@ -137,8 +137,8 @@ class FusedPreNormLayer(FusedEncoderLayer):
         """Hugging Face's call of one layer, with the mask it built for this layer's attention type (a sliding
         window included): unpadded within the layer where that mask is a key-padding mask."""
         if (
-            _runs_original_forward((), kwargs)
-            or "attentions" in _recorded_outputs(kwargs)
+            runs_original_forward((), kwargs)
+            or "attentions" in recorded_outputs(kwargs)
             or position_embeddings is None
             or (attention_mask is not None and attention_mask.dim() != 4)
             or self.trains_a_weight()
@@ -197,7 +197,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
             h, x_hat = ops.layer_norm(x, None, attn_norm.weight, beta, attn_norm.eps, row_task=rt,
                                       out_dtype=compute_dtype(x))
             if minimal:
-                _remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
+                remember_normalized(h, x_hat, attn_norm.weight, beta, rt)
         if minimal:
             context = self.checkpointed_attention_context(h, rows, ops, first_only)
         else:
@@ -239,8 +239,8 @@ class FusedPreNormEncoder(FusedEncoder):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
         config = self.config
         if (
-            _runs_original_forward((), kwargs)
-            or _recorded_outputs(kwargs)
+            runs_original_forward((), kwargs)
+            or recorded_outputs(kwargs)
             or config.output_hidden_states
             or config.output_attentions
             or kwargs.get("return_dict") is False
@@ -302,4 +302,4 @@ def fuse_modernbert(model: nn.Module, memory: str) -> None:
     """Fuse every fusable ModernBERT layer of ``model``, and every ModernBertModel whose layers all fused."""
     replace_children(model, lambda m: FusedPreNormLayer.fuse(m, memory) if is_fusable(m) else None)
     replace_children(model, lambda m: FusedPreNormEncoder.fuse(m)
-                     if _is_fusable_encoder(m, "layers", FusedPreNormLayer) else None)
+                     if is_fusable_encoder(m, "layers", FusedPreNormLayer) else None)

@@ -25,7 +25,8 @@ _UNPADDED = contextvars.ContextVar("bitfit_fast_unpadded_batch", default=False)
 
 
 def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph."""
+    """Whether the current CUDA stream is capturing a graph. (``bitfit_fast_kernels.utils`` has its own: the
+    library runs without the kernels, and the kernels without the library.)"""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

@@ -28,6 +28,7 @@ from .train import (
     quiet_transformers,
     setup_distributed,
 )
+from .train.evaluation import EVAL_BATCH_SIZE
 from .train.run import is_run_record
 
 
@@ -109,14 +110,13 @@ def evaluate_checkpoints(paths: list[str], validation_file: str | None = None) -
         model.to(d.device)
         results[path] = {
             name: dict(evaluate(model, data.encode(split, tokenizer, run.config.max_length), run.config,
-                                run.metrics, d, data.pad_id(tokenizer), 32), examples=len(split.labels))
+                                run.metrics, d, data.pad_id(tokenizer)), examples=len(split.labels))
             for name, split in splits.items()
         }
     return results
 
 
-def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: str | None = None,
-            batch_size: int = 32) -> list[dict]:
+def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: str | None = None) -> list[dict]:
     """Predictions of a run's best biases, one dict per text: the run's text columns, then ``label`` and
     ``probabilities`` (class name: probability) for classification, ``score`` for regression. ``texts`` holds one
     tuple per example with a text for each of the run's text columns; ``input_file`` is a CSV/JSON/Parquet file
@@ -142,8 +142,8 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
     pad_id = data.pad_id(tokenizer)
     rows = []
     with torch.no_grad(), autocast(serving_precision([run], device), device):  # the precision eval scored it in
-        for start in range(0, len(texts), batch_size):
-            indices = list(range(start, min(start + batch_size, len(texts))))
+        for start in range(0, len(texts), EVAL_BATCH_SIZE):
+            indices = list(range(start, min(start + EVAL_BATCH_SIZE, len(texts))))
             batch = data.pad(encoded, indices, pad_id)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
             for i, row in zip(indices, logits):

@@ -95,10 +95,7 @@ class TaskHeads(nn.Module):
         return self.rows_per_task[task] if self.heads is None else _output_width(self.heads[task])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        tasks = task_rows.current()
-        if tasks is None:
-            raise RuntimeError("this model's head belongs to a TaskBank: call the bank, not the model")
-        tasks = tasks.to(x.device)
+        tasks = task_rows.required("head").to(x.device)
         task_rows.check_batch_size(tasks, x.shape[0])
         if self.heads is None:
             if args or kwargs:

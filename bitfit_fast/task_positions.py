@@ -160,10 +160,7 @@ def _disentangled_attention_bias(self, query_layer, key_layer, relative_pos, rel
         scaled_size_sqrt,
     )
 
-    tasks = task_rows.current()
-    if tasks is None:
-        raise RuntimeError("this model's attention belongs to a TaskBank: call the bank, not the model")
-    tasks = tasks.to(query_layer.device)
+    tasks = task_rows.required("attention").to(query_layer.device)
     if relative_pos is None:
         relative_pos = build_relative_position(query_layer, key_layer, bucket_size=self.position_buckets,
                                                max_position=self.max_relative_positions)

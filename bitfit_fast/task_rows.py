@@ -69,6 +69,15 @@ def current() -> torch.Tensor | None:
     return _EXAMPLE_TASKS.get() if _open_blocks else None
 
 
+def required(part: str) -> torch.Tensor:
+    """The examples' tasks, for a ``part`` of the model ("head", "attention") that exists only inside a TaskBank's
+    forward; raises outside it."""
+    tasks = current()
+    if tasks is None:
+        raise RuntimeError(f"this model's {part} belongs to a TaskBank: call the bank, not the model")
+    return tasks
+
+
 def check_batch_size(tasks: torch.Tensor, batch: int) -> None:
     """Raise unless ``tasks`` gives one task per example of a batch of ``batch`` examples."""
     if tasks.shape[0] != batch:

@@ -292,12 +292,12 @@ def test_hidden_states_are_captured_and_attention_weights_fall_back_to_the_modul
 def test_a_head_mask_runs_the_original_forward():
     """transformers 4 passes the encoder a head mask per layer, None for a layer without one: a mask of any head
     takes the module path, which applies it (the fused attention has no head mask); a list of Nones does not."""
-    from bitfit_fast.fused_layer import _runs_original_forward
+    from bitfit_fast.fused_layer import runs_original_forward
 
-    assert not _runs_original_forward((), {"head_mask": [None, None]})
-    assert _runs_original_forward((), {"head_mask": [None, torch.ones(3)]})
-    assert _runs_original_forward((), {"head_mask": torch.ones(2, 3)})
-    assert not _runs_original_forward((), {"head_mask": None})
+    assert not runs_original_forward((), {"head_mask": [None, None]})
+    assert runs_original_forward((), {"head_mask": [None, torch.ones(3)]})
+    assert runs_original_forward((), {"head_mask": torch.ones(2, 3)})
+    assert not runs_original_forward((), {"head_mask": None})
 
 
 @pytest.mark.gpu

@@ -10,9 +10,11 @@ from . import metrics as metrics_lib
 from .config import TrainConfig
 from .distributed import Dist, gather
 
+EVAL_BATCH_SIZE = 32  # examples per batch of a forward without gradients (eval, predict): a micro-batch at least
+
 
 def evaluate(model, encoded: data_lib.Encoded, config: TrainConfig, metric_names, d: Dist, pad_id: int,
-             batch_size: int) -> dict:
+             batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Metrics over the whole split: each rank scores a share, outputs are gathered before computing them."""
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))

@@ -26,7 +26,7 @@ from ..model import get_nb_trainable_parameters
 from . import data as data_lib
 from .config import TrainConfig
 from .distributed import Dist, all_reduce_sum, barrier, params_in_sync, setup_distributed
-from .evaluation import best_evaluation, evaluate
+from .evaluation import EVAL_BATCH_SIZE, best_evaluation, evaluate
 from .models import build_model, model_source
 from .plots import plot_curves
 from .run import (
@@ -44,7 +44,7 @@ from .run import (
     save_checkpoint,
     write_run_config,
 )
-from .summary import Tokens, summarize
+from .summary import TokenCounts, summarize
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -152,11 +152,11 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     data = {"training": data_lib.fingerprint(train_data),
             **{name: data_lib.fingerprint(split) for name, split in validation.items()}}
     position, history, progress = dict(epoch=0, batch=0, step=0), [], None
-    tokens = Tokens()  # this process's
+    tokens = TokenCounts()  # this process's
     if config.resume:
         position, history, progress = load_checkpoint(checkpoint, model, optimizer, scaler, d, data)
         if progress is not None:
-            tokens, start_time = Tokens(**progress.tokens), start_time - progress.seconds
+            tokens, start_time = TokenCounts(**progress.tokens), start_time - progress.seconds
         else:
             say(f"{checkpoint} was written by an earlier bitfit-fast: its data is not checked, and the summary's "
                 "tokens and time count this command's only")
@@ -245,7 +245,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
                 callback(StepEnd(step, epoch + 1, index + 1, batch_loss, checkpointed))
         if bar is not None:
             bar.close()
-        scores = {name: evaluate(model, enc, config, task.metrics, d, pad_id, max(micro, 32))
+        scores = {name: evaluate(model, enc, config, task.metrics, d, pad_id, max(micro, EVAL_BATCH_SIZE))
                   for name, enc in validation.items()}
         history.append(dict(step=step, epoch=epoch + 1, validation=scores))
         say(f"epoch {epoch + 1}: " + " | ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())

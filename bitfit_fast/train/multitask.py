@@ -196,7 +196,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     step = 0
     for epoch in range(config.epochs):
         for indices in data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch):
-            batch = {k: v.to(d.device) for k, v in data_lib.collate(joint, indices, pad_id, True).items()}
+            batch = {k: v.to(d.device) for k, v in data_lib.collate(joint, indices, pad_id, regression=True).items()}
             labels = batch.pop("labels")
             names = [example_task[i] for i in indices]
             with config.autocast(d.device):
@@ -230,7 +230,7 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
         line = []
         for name, (data, _) in task_data.items():
             task_config = dataclasses.replace(config, regression=data.num_labels == 1)
-            scores = {split: evaluate(_OneTask(bank, name), enc, task_config, data.metrics, d, pad_id, 32)
+            scores = {split: evaluate(_OneTask(bank, name), enc, task_config, data.metrics, d, pad_id)
                       for split, enc in validation[name].items()}
             histories[name].append(dict(step=step, epoch=epoch + 1, validation=scores))
             line.append(f"{name} " + ", ".join(f"{k} {v:.4f}" for k, v in next(iter(scores.values())).items()))

@@ -252,7 +252,7 @@ class Progress:
     seconds: float  # the run's time so far: the main process's, over every command that trained it
     # This process's:
     micro_batch_size: int  # a resume that names none splits so again: dropout's masks follow the micro-batches
-    tokens: dict  # token counts so far (summary.Tokens' fields)
+    tokens: dict  # token counts so far (summary.TokenCounts' fields)
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist,

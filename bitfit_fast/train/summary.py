@@ -16,7 +16,7 @@ from .run import BEST_BIASES, LAST_BIASES
 
 
 @dataclasses.dataclass
-class Tokens:
+class TokenCounts:
     """This process's token counts: real (attention mask) and padded (batch shape), over ``steps`` steps."""
 
     real: int = 0
@@ -33,8 +33,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def summarize(config: TrainConfig, task: TaskData, model, history: list, start_time: float, tokens: Tokens, d: Dist,
-              in_sync: bool, micro_batch_size: int) -> dict:
+def summarize(config: TrainConfig, task: TaskData, model, history: list, start_time: float, tokens: TokenCounts,
+              d: Dist, in_sync: bool, micro_batch_size: int) -> dict:
     """The run summary, JSON-ready, with what the options left to the machine: the micro-batch size each process
     ran (the largest that fits on a GPU: with dropout on, another size draws other masks) and the backend."""
     import transformers
