@@ -27,7 +27,8 @@ import bitfit_fast
 from bitfit_fast import torch_ops
 from bitfit_fast.unpadding import LengthGroup, Tokens
 
-P = 0.25  # every dropout of the model: embeddings, attention probabilities, hidden states, classifier
+P = 0.25  # the hidden-state dropouts: embeddings, each layer's two, classifier
+ATTENTION_P = 0.4  # another rate, so that a dropout drawn at the other's rate shows
 
 
 class Replay(torch.nn.Module):
@@ -69,7 +70,7 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
                                                                          request):
     # On CUDA the default memory mode hands attention dropout to scaled_dot_product_attention, whose mask cannot be
     # read back: there the attention probabilities keep no dropout, and every other dropout is compared.
-    attention_p = 0.0 if memory == "default" and DEVICE == "cuda" else P
+    attention_p = 0.0 if memory == "default" and DEVICE == "cuda" else ATTENTION_P
     base = MODELS[model](hidden_dropout_prob=P, attention_probs_dropout_prob=attention_p, classifier_dropout=P)
     ours = bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory=memory, announce=False).train()
     reference = reference_bitfit(copy.deepcopy(base)).train()
@@ -86,7 +87,7 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
 
     # The fused path: every mask its ops draw (attention probabilities, then the two hidden-state dropouts of each
     # layer, in order), and the embeddings' and classifier's nn.Dropout masks.
-    drawn, seeds, recording = [], [], [True]
+    drawn, seeds, rates, recording = [], [], [], [True]
     draw = torch_ops.dropout_keep
 
     def recorded_draw(shape, p, seed, device):
@@ -94,6 +95,7 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
         if recording[0]:
             drawn.append(keep.to(torch.float32) * torch_ops.keep_scale(p))
             seeds.append(seed)
+            rates.append(p)
         return keep
 
     monkeypatch.setattr(torch_ops, "dropout_keep", recorded_draw)
@@ -108,6 +110,8 @@ def test_fused_torch_path_equals_the_reference_applying_the_same_masks(model, me
     per_layer = (len(groups) if attention_p else 0) + 2
     assert len(drawn) == per_layer * layers, "attention masks (one a group, with attention dropout), two hidden-state"
     assert len(set(seeds)) == len(seeds), "every mask, each group's too, is drawn from a seed of its own"
+    # The masks below are replayed as drawn, at whatever rate: each must have been drawn at its module's.
+    assert rates == ([attention_p] * (per_layer - 2) + [P, P]) * layers
 
     # The reference with those masks in their places.
     probabilities = []

@@ -70,6 +70,22 @@ def test_logits_loss_and_gradients_match(arch, backend, path):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_fused_layer_norms_take_the_models_eps(arch, backend):
+    """Every other test's model has Hugging Face's default eps, 1e-12, which a fused LayerNorm would also get by
+    ignoring the model's: RoBERTa, XLM-R and CamemBERT checkpoints have 1e-5."""
+    model = with_random_biases(MODELS[arch](layer_norm_eps=1e-3), gains=True)
+    reference = reference_bitfit(model)
+    bitfit_fast.apply(model, backend=backend)
+    batch = padded_batch(model)
+    out, ref_out = model(**batch), reference(**batch)
+    torch.testing.assert_close(out.logits, ref_out.logits, **OUTPUT_TOL)
+    out.loss.backward()
+    ref_out.loss.backward()
+    assert_gradients_match(model, reference)
+
+
 # Triton's interpreter cannot run a bf16 tl.dot: bf16 on Triton runs on a GPU only.
 AUTOCAST_CASES = [pytest.param(arch, backend, path, precision,
                                id=f"{arch}-{backend}-{path}-{str(precision).removeprefix('torch.')}",

@@ -41,6 +41,30 @@ def test_dropout_same_seed_same_result_and_gradient_of_the_computed_forward(back
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards(model, padded_batch(model))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_dropout_the_memory_modes_compute_the_default_modes_forward_and_gradient(backend):
+    """A mode that recomputes (lean: the feed-forward; minimal: also q/k/v and attention, under torch.utils.checkpoint
+    with the RNG state replayed) must redraw the forward's masks: with every dropout on, the same seed gives the
+    default mode's loss bit for bit, and its gradients to the sums' order. A recomputation that drew a new attention
+    mask would pass a finite-difference check at this size (``test_dropout_same_seed...``), not this one."""
+    base = with_random_biases(tiny_bert(hidden_dropout_prob=0.25, attention_probs_dropout_prob=0.25), gains=True)
+    batch = padded_batch(base, lengths=(7, 1, 5, 7, 3))
+    results = {}
+    for memory in ("default", "lean", "minimal"):
+        model = bitfit_fast.apply(copy.deepcopy(base), backend=backend, memory=memory, announce=False).train()
+        torch.manual_seed(5)
+        loss = model(**batch).loss
+        results[memory] = loss, dict(zip(trainable(model), torch.autograd.grad(loss, list(trainable(model).values()))))
+    default_loss, default_grads = results["default"]
+    for memory in ("lean", "minimal"):
+        loss, grads = results[memory]
+        assert torch.equal(loss, default_loss), memory
+        for name, grad in grads.items():
+            expected = default_grads[name]
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
+                                       msg=lambda m, name=name, memory=memory: f"{memory} {name}: {m}")
+
+
 def saved_tensors(model, batch) -> dict[int, torch.Tensor]:
     """The tensors that the forward leaves for the backward, parameters excluded, one per distinct storage."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

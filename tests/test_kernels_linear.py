@@ -15,7 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = Ops(K)
 DTYPES = [torch.float32, torch.float16]
 # (leading shape of x, K, N): a single row, primes, and sizes that are not multiples of the tiles.
-SHAPES = [((1,), 17, 5), ((3, 11), 70, 37), ((13,), 64, 96), ((2, 1), 3, 1)]
+# (5, 29): 145 rows, so that each of the interpreter's reduction programs sums several row blocks.
+SHAPES = [((1,), 17, 5), ((3, 11), 70, 37), ((13,), 64, 96), ((2, 1), 3, 1), ((5, 29), 24, 40)]
 
 
 def make(lead, k, n, dtype, bias=True):
