@@ -64,12 +64,6 @@ def _seed(saved: torch.Tensor | None, kept: int | None) -> int | torch.Tensor | 
     return kept if saved is None else saved
 
 
-def _backward_runs(ctx, grad_enabled: bool) -> bool:
-    """Whether a function's backward can run: grad mode was on where it was called (inside ``forward`` it is always
-    off) and an input needs a gradient. A LayerNorm stores x_hat and rstd only then: inference writes neither."""
-    return grad_enabled and any(ctx.needs_input_grad)
-
-
 def _mark_x_hat(ctx, x_hat: torch.Tensor | None) -> None:
     """x_hat, an output of a LayerNorm's function for what recomputes from it, takes no gradient (and its gradient
     stays None: no zero-filled tensor per backward)."""
@@ -140,6 +134,11 @@ class LayerNormFunction(torch.autograd.Function):
     exact for any gamma: pretrained LayerNorms have gamma entries near 1e-33, where rebuilding
     x_hat = (y - beta) / gamma from the output would be garbage. y is ``layer_norm_output`` of the fp32 x_hat, so
     whoever needs y later rebuilds it from the kept x_hat instead of keeping y.
+
+    ``grad_enabled`` is grad mode where the function is called (inside ``forward`` it is always off). Without it
+    (inference) x_hat and rstd are not written, and x_hat is None; with it they are, even where none of the
+    function's own inputs needs a gradient (a frozen lower layer): a later function's backward may recompute from
+    x_hat (the memory modes' feed-forward and layer input).
     """
 
     @staticmethod
@@ -150,7 +149,7 @@ class LayerNormFunction(torch.autograd.Function):
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             x.contiguous(), gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=row_task, y_dtype=out_dtype,
-            store_x_hat=_backward_runs(ctx, grad_enabled),
+            store_x_hat=grad_enabled,
         )
         _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
@@ -192,7 +191,8 @@ class LinearLayerNormFunction(torch.autograd.Function):
     sums its columns while the rows are in registers (``sum_dx``), which is the linear's bias gradient. The
     linear's backward is then a plain GEMM, with no pass over its gradient for the bias. (Where only one of b and
     beta is a task table, their sums differ in kind, and the linear's backward sums b's as usual.) Where both are
-    task tables, the Triton LayerNorm adds b's rows as it reads the GEMM's output (``x_table``).
+    task tables, the Triton LayerNorm adds b's rows as it reads the GEMM's output (``x_table``). ``grad_enabled``:
+    as :class:`LayerNormFunction`'s.
     """
 
     @staticmethod
@@ -212,7 +212,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
         y, x_hat, rstd = impl.residual_layer_norm_forward(
             h, gamma, beta, eps, residual,
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, y_gemm=y_gemm,
-            store_x_hat=_backward_runs(ctx, grad_enabled), **({"x_table": bias} if in_layer_norm else {}),
+            store_x_hat=grad_enabled, **({"x_table": bias} if in_layer_norm else {}),
         )
         _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
@@ -340,8 +340,7 @@ class Ops:
         return LinearFunction.apply(self.impl, x, weight, bias, activation, dropout_p, seed, recompute_from, row_task)
 
     def layer_norm(self, x, residual, gamma, beta, eps, dropout_p=0.0, seed=None, row_task=None, out_dtype=None):
-        """:class:`LayerNormFunction`: (y, x_hat), x_hat None where no backward will run (grad off, or nothing
-        needs a gradient)."""
+        """:class:`LayerNormFunction`: (y, x_hat), x_hat None under grad mode off (no_grad, inference_mode)."""
         return LayerNormFunction.apply(self.impl, x, residual, gamma, beta, eps, dropout_p, seed, row_task,
                                        out_dtype, torch.is_grad_enabled())
 

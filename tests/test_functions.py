@@ -1,7 +1,6 @@
 """The autograd functions, written once over either implementation: the torch ops match the kernels' host
 functions' signatures, and the linear + LayerNorm function equals the two functions it fuses."""
 
-import contextlib
 import inspect
 
 import pytest
@@ -421,9 +420,10 @@ def test_a_half_precision_input_beside_an_fp32_residual_keeps_the_residuals_grad
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", ["layer_norm", "linear_layer_norm"])
-def test_a_layer_norm_keeps_no_x_hat_where_no_backward_runs(impl, op):
-    """x_hat and rstd are what the backward reads: inference (grad off, or nothing that needs a gradient) writes
-    neither, and its y is the training forward's, bit for bit."""
+def test_a_layer_norm_keeps_no_x_hat_under_grad_mode_off(impl, op):
+    """x_hat and rstd are what a backward reads: inference (no_grad, inference_mode) writes neither, and its y is the
+    training forward's, bit for bit. With grad mode on they are kept even where the function's own inputs need no
+    gradient: a later function may recompute from x_hat (the memory modes)."""
     ops, rows, n = IMPLS[impl], 7, 13
     x, residual, weight = (torch.randn(rows, n, device=DEVICE), torch.randn(rows, n, device=DEVICE),
                            torch.randn(n, n, device=DEVICE))
@@ -438,9 +438,11 @@ def test_a_layer_norm_keeps_no_x_hat_where_no_backward_runs(impl, op):
 
     y, x_hat = forward(trained=True)
     assert x_hat is not None and y.requires_grad
-    for inference in (torch.no_grad(), torch.inference_mode(), contextlib.nullcontext()):
+    y_frozen, kept = forward(trained=False)
+    assert kept is not None and torch.equal(kept, x_hat) and torch.equal(y_frozen, y.detach())
+    for inference in (torch.no_grad(), torch.inference_mode()):
         with inference:
-            y_inference, no_x_hat = forward(trained=not isinstance(inference, contextlib.nullcontext))
+            y_inference, no_x_hat = forward(trained=True)
         assert no_x_hat is None and torch.equal(y_inference, y.detach())
 
 

@@ -25,6 +25,7 @@ from bitfit_reference import (
     without_zero_gradients,
 )
 from kernel_checks import assert_autocast_as_accurate_as_torch
+from test_fused_modernbert import tiny_modernbert
 
 import bitfit_fast
 from bitfit_fast.fused_layer import FusedEncoderLayer
@@ -63,6 +64,32 @@ def test_with_dropout_the_memory_modes_compute_the_default_modes_forward_and_gra
             expected = default_grads[name]
             torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
                                        msg=lambda m, name=name, memory=memory: f"{memory} {name}: {m}")
+
+
+PARTLY_FROZEN = {"bert": (tiny_bert, {"feed-forward only": ["intermediate.dense"], "top layer only": ["layer.1.*"]}),
+                 "modernbert": (tiny_modernbert, {"feed-forward only": ["mlp.Wi"], "top layer only": ["layers.1.*"]})}
+
+
+@pytest.mark.parametrize("family,part", [(family, part) for family, (_, parts) in PARTLY_FROZEN.items()
+                                         for part in parts])
+@pytest.mark.parametrize("memory", ["lean", "minimal"])
+def test_a_memory_mode_recomputes_from_a_frozen_layer_norms_x_hat(family, part, memory):
+    """Where only some biases train, a LayerNorm whose own inputs need no gradient (a frozen lower layer) still keeps
+    its x_hat: the feed-forward after it (lean) and the next layer's input (minimal) are recomputed from it. Loss and
+    gradients are the default mode's."""
+    make, parts = PARTLY_FROZEN[family]
+    base = make()
+    results = []
+    for mode in ("default", memory):
+        model = bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory=mode, biases=parts[part],
+                                  announce=False)
+        torch.manual_seed(5)  # the same dropout masks
+        loss = model(**padded_batch(model)).loss
+        results.append((loss, torch.autograd.grad(loss, list(trainable(model).values()))))
+    (expected_loss, expected), (loss, grads) = results
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
+    for grad, expected_grad in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max().item())
 
 
 def saved_tensors(model, batch) -> dict[int, torch.Tensor]:
