@@ -488,10 +488,12 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
 
 
 def test_a_csv_ending_mid_line_loads_where_its_last_label_is_one_another_row_has(tmp_path):
-    """Only a last line without a newline whose label no other row has looks cut short: a whole file may end so."""
+    """Only a last line without a newline ending in a label no other row has looks cut short: a whole file may end
+    so, a file may end with a unique label and a newline, and a cut with the label before the text cuts a text."""
     valid = tmp_path / "v.csv"
     valid.write_text("text,label\ngoal,sport\n")
-    for text in ("text,label\ngoal,sport\nprice,money\nbank,money", "text,label\ngoal,sport\nbank,mon\n"):
+    for text in ("text,label\ngoal,sport\nprice,money\nbank,money", "text,label\ngoal,sport\nbank,mon\n",
+                 'label,text\nsport,goal\nweather,"sunny, warm"'):
         (tmp_path / "t.csv").write_text(text)
         loaded = data.load_local(str(tmp_path / "t.csv"), str(valid), ("text",), "label")
         assert len(loaded.train.labels) == len(text.splitlines()) - 1
@@ -834,14 +836,25 @@ def test_a_learning_rate_that_cannot_train_is_refused(lr):
 @pytest.mark.parametrize("decay,message", [(-0.1, "must be a number, 0 or more"), (float("nan"), "must be a number"),
                                            (True, "must be a number"), ("0.01", "must be a number"),
                                            (1000.0, "1000 at learning rate 0.001 would zero or flip")])
-def test_a_weight_decay_that_would_zero_the_biases_each_step_is_refused(decay, message):
+def test_a_weight_decay_that_would_zero_the_biases_each_step_is_refused(decay, message, tmp_path):
     """AdamW scales each trained value by 1 - lr * weight_decay a step: at a product of 1 or more every bias is
-    zeroed or flips its sign each step, and nothing trains. Checked at the learning rate the run resolves to."""
+    zeroed or flips its sign each step, and nothing trains. Checked at the learning rate the run resolves to, when
+    training starts (train, a sweep, a joint run), before anything is written; a saved run's config so still
+    loads."""
+    from bitfit_fast.train.multitask import TaskFiles, train_tasks
+
     with pytest.raises(ValueError, match=f"weight_decay {message}"):
-        TrainConfig(weight_decay=decay)
-    assert TrainConfig(weight_decay=999.0).weight_decay == 999.0
+        TrainConfig(weight_decay=decay).check_trains()
+    TrainConfig(weight_decay=999.0).check_trains()
     with pytest.raises(ValueError, match="at learning rate 1e-05"):
-        TrainConfig(method="full", weight_decay=1e5)
+        TrainConfig(method="full", weight_decay=1e5).check_trains()
+    if isinstance(decay, float) and decay > 1:
+        config = TrainConfig(weight_decay=decay, output_dir=str(tmp_path / "run"))
+        assert TrainConfig.from_dict(config.to_dict()) == config
+        for start in (train, sweep, lambda c: train_tasks(c, [TaskFiles("a", "a.csv", "a.csv")] * 2)):
+            with pytest.raises(ValueError, match="would zero or flip"):
+                start(config)
+        assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("norm", [0, -1.0, float("nan"), None])

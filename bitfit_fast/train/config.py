@@ -82,9 +82,6 @@ class TrainConfig:
         decay = self.weight_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < math.inf:
             raise ValueError(f"weight_decay must be a number, 0 or more, got {decay!r}")
-        problem = weight_decay_problem(decay, self.resolved_learning_rate())
-        if problem:
-            raise ValueError(f"weight_decay {problem}")
         for name in ("epochs", "batch_size", "max_length", "micro_batch_size", "max_train_examples",
                      "max_eval_examples"):
             value = getattr(self, name)
@@ -123,6 +120,14 @@ class TrainConfig:
     def saves_biases(self) -> bool:
         """The BitFit methods train biases and the head only, and save them (biases/, biases-last/)."""
         return self.method in ("bitfit", "subset")
+
+    def check_trains(self) -> None:
+        """Raise where the options would train nothing: a weight decay that zeroes or flips every trained value each
+        step at the run's learning rate. Checked when training starts, not when a saved run's config loads: a run
+        trained so before the check stays readable."""
+        problem = weight_decay_problem(self.weight_decay, self.resolved_learning_rate())
+        if problem:
+            raise ValueError(f"weight_decay {problem}")
 
     def resolved_learning_rate(self) -> float:
         """The learning rate given, else the paper's default for the method and task."""

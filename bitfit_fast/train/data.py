@@ -400,11 +400,12 @@ def _ends_mid_line(path: Path) -> bool:
         return f.read(1) not in (b"\n", b"\r")
 
 
-def _refuse_a_cut_last_label(file: str, labels: list[str], label_column: str) -> None:
+def _refuse_a_cut_last_label(file: str, labels: list[str], label_column: str, columns: list[str]) -> None:
     """A training CSV cut short (a copy or download that stopped) in its last row's label would add a class of the
-    label's first letters, trained and predicted from then on: its last line ending without a newline, in a label
-    no other row has, is refused."""
-    if Path(file).suffix.lower() == ".csv" and labels.count(labels[-1]) == 1 and _ends_mid_line(Path(file)):
+    label's first letters, trained and predicted from then on: where the label is the last column, a last line
+    ending without a newline in a label no other row has is refused."""
+    if (Path(file).suffix.lower() == ".csv" and columns[-1] == label_column and labels.count(labels[-1]) == 1
+            and _ends_mid_line(Path(file))):
         raise DataError(f"{file} ends mid-line, in a label no other row has ({_quoted(labels[-1])} in column "
                         f"{label_column!r}): the file looks cut short; complete it, or if that row is whole, end the "
                         "file with a newline")
@@ -427,7 +428,7 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
     if not regression:
         _require_columns(tables["train"], (*text_columns, label_column), train_file)
         labels = [str(v) for v in tables["train"][label_column]]
-        _refuse_a_cut_last_label(train_file, labels, label_column)
+        _refuse_a_cut_last_label(train_file, labels, label_column, tables["train"].column_names)
         names = sorted(set(labels), key=_integers_first)
         if len(names) < 2:
             raise DataError(f"{train_file} column {label_column!r} has one class, {_quoted(names[0])}: "

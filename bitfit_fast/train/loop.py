@@ -91,6 +91,7 @@ def _absolute(file: str | None) -> str | None:
 
 def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     """Every check that needs no model or data, before anything loads; the :func:`resolved_config`."""
+    config.check_trains()
     check_output_dir(Path(config.output_dir), config.resume)
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")

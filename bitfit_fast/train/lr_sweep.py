@@ -36,6 +36,7 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     # Its own directory holds no run or saved biases, which its runs and summary would be written into.
     check_holds_no_run(Path(config.output_dir), resume=False)
     for run in runs:  # all before the first trains: a sweep does not stop hours in on its third directory
+        run.check_trains()
         out = Path(run.output_dir)
         run.resume = config.resume and (out / CHECKPOINT_NAME).is_file()
         if not (config.resume and _finished(run)):

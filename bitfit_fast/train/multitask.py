@@ -78,6 +78,7 @@ class _OneTask(nn.Module):
 
 
 def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) -> None:
+    config.check_trains()
     names = [task.name for task in tasks]
     if len(tasks) < 2:
         raise UserError("--task-files trains several tasks together: give it at least twice (one task: use "
