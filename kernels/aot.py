@@ -145,14 +145,15 @@ def layer_norm_variants():
     # Under autocast a fused layer's residual stream is fp32 beside its half-precision GEMM output (fp32_stream),
     # and the fused encoder layers write y again in the GEMM dtype (y_gemm); a module's LayerNorm does not.
     streams = [(True, False, False), (True, True, False), (True, True, True), (False, False, False)]
-    # Training, with or without dropout, keeps x_hat and rstd for the backward; inference (no dropout) does not.
-    modes = [(True, True), (False, True), (False, False)]  # (dropout, store_x_hat)
+    # With grad mode on x_hat and rstd are kept for a backward; without (inference, or dropout's forward alone in
+    # training mode under no_grad) they are not.
+    modes = list(itertools.product((True, False), (True, False)))  # (dropout, store_x_hat)
     for dt, hidden, (residual, fp32_stream, y_gemm), (dropout, store_x_hat), (row_beta, x_table) in itertools.product(
             DTYPES, HIDDEN_SIZES, streams, modes, betas):
         if fp32_stream and dt == "fp32":
             continue
         block_m, block_n, warps = layer_norm._row_tile(hidden)
-        flags = _flags(inference=not store_x_hat, fp32_stream=fp32_stream, y_gemm=y_gemm, x_table=x_table,
+        flags = _flags(no_x_hat=not store_x_hat, fp32_stream=fp32_stream, y_gemm=y_gemm, x_table=x_table,
                        row_beta=row_beta, residual=residual, dropout=dropout)
         yield Variant(
             "ln_fwd", f"N={hidden} {flags}", layer_norm._residual_layer_norm_fwd_kernel, dt,

@@ -53,7 +53,7 @@ from .utils import (
 MAX_FEATURES = 65536
 
 
-# Seeds and offsets change every call: specialising on their divisibility by 16 would compile again for 1 call in 16.
+# The number of rows changes every batch: specialising on its divisibility by 16 would compile again for it.
 @triton.jit(do_not_specialize=["M"])
 def _residual_layer_norm_fwd_kernel(
     # Pointers

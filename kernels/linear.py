@@ -184,7 +184,7 @@ def _gelu_grad(h):
          "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )
-@triton.jit(do_not_specialize=["M"])  # they change per call: no recompiles
+@triton.jit(do_not_specialize=["M"])  # the rows change per batch: no recompiles
 def _linear_fwd_kernel(
     # Pointers
     x_ptr,  # [M, K] input, row-major
