@@ -90,6 +90,13 @@ def _new_fused(mixin: type, base: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+def dropout_rate(module: nn.Module | None) -> float:
+    """The rate a dropout module applies now: its p where it is an nn.Dropout in training mode (its own flag, as
+    Hugging Face's layers call it: a model in eval mode with its dropouts in training mode, Monte Carlo dropout,
+    drops), else 0."""
+    return module.p if isinstance(module, nn.Dropout) and module.training else 0.0
+
+
 def is_exact_gelu(act: nn.Module | None) -> bool:
     if isinstance(act, nn.GELU):
         return act.approximate == "none"
@@ -270,9 +277,13 @@ class FusedEncoderLayer(nn.Module):
             w.device == packed.device and w.dtype == packed.dtype and w.data_ptr() == packed[i * rows].data_ptr()
             for i, w in enumerate(weights)
         ):
-            packed = torch.cat([w.detach() for w in weights])
-            for i, linear in enumerate(self._qkv_linears()):
-                linear.weight = parameter_like(packed[i * rows:(i + 1) * rows], linear.weight, requires_grad=False)
+            # Kept for every later call: made under torch.inference_mode it would be an inference tensor, which no
+            # training step could save for its backward.
+            with torch.inference_mode(False):
+                packed = torch.cat([w.detach() for w in weights])
+                for i, linear in enumerate(self._qkv_linears()):
+                    linear.weight = parameter_like(packed[i * rows:(i + 1) * rows], linear.weight,
+                                                   requires_grad=False)
             self._packed_qkv = packed
         return packed
 
@@ -309,7 +320,8 @@ class FusedEncoderLayer(nn.Module):
             k, v = ops.linear_heads(x, weight[hidden:], biases[1:], tokens, heads, row_task)
         else:
             q, k, v = ops.linear_heads(x, weight, biases, tokens, heads, row_task)
-        p = self.part(self.spec.attention_dropout).p if self.training else 0.0
+        # Hugging Face's attention drops its probabilities by the attention module's mode, at its dropout's p.
+        p = self.part(self.spec.attention_dropout).p if attention.training else 0.0
         scale = getattr(attention, "scaling", None) or (hidden // heads) ** -0.5
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
         # The seed is for the torch ops that draw attention's mask where SDPA does not (on CPU, or keeping no
@@ -357,9 +369,8 @@ class FusedEncoderLayer(nn.Module):
         spec = self.spec
         intermediate, output = part(spec.intermediate), part(spec.output)
         ops = functions(intermediate.backend, x)
-        no_hidden_dropout = spec.attention_output_dropout is None or not self.training
-        p_hidden = 0.0 if no_hidden_dropout else part(spec.attention_output_dropout).p
-        p_output = part(spec.output_dropout).p if self.training else 0.0
+        p_hidden = 0.0 if spec.attention_output_dropout is None else dropout_rate(part(spec.attention_output_dropout))
+        p_output = dropout_rate(part(spec.output_dropout))
         minimal = self.bitfit_memory == "minimal" and torch.is_grad_enabled()
 
         gemm_input = x if x_gemm is None else x_gemm

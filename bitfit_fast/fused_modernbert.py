@@ -42,6 +42,7 @@ from .functions import Ops, functions, host_seed
 from .fused_layer import (
     FusedEncoder,
     FusedEncoderLayer,
+    dropout_rate,
     fused_class,
     hooks_inside,
     is_exact_gelu,
@@ -90,10 +91,6 @@ def _is_frozen_gamma_norm(norm: nn.Module) -> bool:
 
 def _beta(norm: nn.LayerNorm) -> torch.Tensor:
     return norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)
-
-
-def _dropout_p(module: nn.Module, training: bool) -> float:
-    return module.p if training and isinstance(module, nn.Dropout) else 0.0
 
 
 def is_fusable(layer: nn.Module) -> bool:
@@ -173,7 +170,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
             q = rotate(qkv[:, :hidden], cos, sin, heads)
             kv = qkv[:, hidden:]
         kv = torch.cat([rotate(kv[:, :hidden], cos, sin, heads), kv[:, hidden:]], dim=1)
-        p = attention.attention_dropout if self.training else 0.0
+        p = attention.attention_dropout if attention.training else 0.0  # by the attention module's mode, as HF
         window = rows.sliding_window if self.attention_type == "sliding_attention" else None
         keep_probabilities = not ops.is_torch or self.bitfit_memory == "default"
         return tokens.attention(q, kv, heads, p, host_seed(p), attention.head_dim**-0.5, keep_probabilities,
@@ -205,7 +202,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         if first_only:  # from here on, each sequence's first row only
             x = x.index_select(0, rows.tokens.starts)
             rt = rows.tokens.row_tasks(first_only=True)
-        p_attention = _dropout_p(part(spec.attention_output_dropout), self.training)
+        p_attention = dropout_rate(part(spec.attention_output_dropout))
         x = x + ops.linear(context, attention_output.weight, attention_output.trained_bias(), None, p_attention,
                            ops.dropout_seed(p_attention, x.device), row_task=rt)
 
@@ -213,7 +210,7 @@ class FusedPreNormLayer(FusedEncoderLayer):
         h, x_hat = ops.layer_norm(x, None, mlp_norm.weight, beta, mlp_norm.eps, row_task=rt,
                                   out_dtype=compute_dtype(x))
         recompute_from = (x_hat, mlp_norm.weight, beta, rt) if self.bitfit_memory != "default" else None
-        p_mlp = _dropout_p(part(spec.mlp_dropout), self.training)
+        p_mlp = dropout_rate(part(spec.mlp_dropout))
         gated = ops.linear(h, glu_input.weight, glu_input.trained_bias(), "geglu", p_mlp,
                            ops.dropout_seed(p_mlp, h.device), recompute_from, rt)
         return x + ops.linear(gated, mlp_output.weight, mlp_output.trained_bias(), row_task=rt)

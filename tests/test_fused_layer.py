@@ -25,6 +25,7 @@ from bitfit_reference import (
     without_zero_gradients,
 )
 from kernel_checks import assert_autocast_as_accurate_as_torch
+from test_fused_distilbert import tiny_distilbert
 from test_fused_modernbert import tiny_modernbert
 
 import bitfit_fast
@@ -90,6 +91,65 @@ def test_a_memory_mode_recomputes_from_a_frozen_layer_norms_x_hat(family, part, 
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
     for grad, expected_grad in zip(grads, expected, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6 * expected_grad.abs().max().item())
+
+
+# Each family's dropouts: (hidden-state ones, attention probabilities').
+DROPOUTS = {"bert": (tiny_bert, ("hidden_dropout_prob", "attention_probs_dropout_prob")),
+            "distilbert": (tiny_distilbert, ("dropout", "attention_dropout")),
+            "modernbert": (tiny_modernbert, ("mlp_dropout", "attention_dropout"))}
+
+
+def _logits(model, batch, seed: int = 3) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", DROPOUTS)
+def test_each_dropout_follows_its_own_modules_mode_as_hugging_faces_does(family, backend):
+    """Hugging Face's layers drop by each nn.Dropout's own mode, and attention's probabilities by the attention
+    module's. Monte Carlo dropout (the model in eval mode, its nn.Dropout modules in training mode) drops the hidden
+    states exactly as training does, and not the probabilities; a model in training mode whose dropouts and
+    attention modules are in eval mode drops nothing. The fused layers went by the layer's mode alone."""
+    make, (hidden, attention) = DROPOUTS[family]
+    model = bitfit_fast.apply(make(**{hidden: 0.3, attention: 0.0}), backend=backend, announce=False)
+    batch = padded_batch(model)
+    batch.pop("labels")
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    trained = _logits(model.train(), batch)
+    deterministic = _logits(model.eval(), batch)
+    for dropout in dropouts:
+        dropout.train()
+    assert not torch.equal(trained, deterministic)
+    assert torch.equal(_logits(model, batch), trained), "Monte Carlo dropout drops as training does"
+
+    model = bitfit_fast.apply(make(**{hidden: 0.3, attention: 0.3}), backend=backend, announce=False)
+    deterministic = _logits(model.eval(), batch)
+    model.train()
+    for module in [*[m for m in model.modules() if isinstance(m, torch.nn.Dropout)],
+                   *[layer.part(layer.spec.attention) for layer in model.modules() if hasattr(layer, "spec")]]:
+        module.eval()
+    torch.testing.assert_close(_logits(model, batch), deterministic, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("move", ["double", "deepcopy"])
+def test_a_forward_under_inference_mode_after_a_move_keeps_the_model_trainable(move):
+    """A moved or copied model repacks its q/k/v weights at its next forward; were that forward under
+    torch.inference_mode, the packed weight would be an inference tensor, which no later training step could save
+    for its backward ("Inference tensors cannot be saved for backward")."""
+    model = bitfit_fast.apply(tiny_bert(**NO_DROPOUT), backend="torch", announce=False)
+    model = model.double() if move == "double" else copy.deepcopy(model)
+    batch = padded_batch(model)
+    expected = copy.deepcopy(model)
+    with torch.inference_mode():
+        model(**batch)
+    assert not any(p.is_inference() for p in model.parameters())
+    loss, expected_loss = model(**batch).loss, expected(**batch).loss
+    grads = torch.autograd.grad(loss, list(trainable(model).values()))
+    expected_grads = torch.autograd.grad(expected_loss, list(trainable(expected).values()))
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
 
 
 def saved_tensors(model, batch) -> dict[int, torch.Tensor]:
