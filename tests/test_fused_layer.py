@@ -15,6 +15,7 @@ from bitfit_reference import (
     autocast_outputs,
     autocast_step,
     check_dropout_is_seeded_and_the_gradient_is_the_computed_forwards,
+    loss_with_seed,
     padded_batch,
     real_minilm,
     reference_bitfit,
@@ -54,8 +55,7 @@ def test_with_dropout_the_memory_modes_compute_the_default_modes_forward_and_gra
     results = {}
     for memory in ("default", "lean", "minimal"):
         model = bitfit_fast.apply(copy.deepcopy(base), backend=backend, memory=memory, announce=False).train()
-        torch.manual_seed(5)
-        loss = model(**batch).loss
+        loss = loss_with_seed(model, batch, 5)
         results[memory] = loss, dict(zip(trainable(model), torch.autograd.grad(loss, list(trainable(model).values()))))
     default_loss, default_grads = results["default"]
     for memory in ("lean", "minimal"):
@@ -80,12 +80,12 @@ def test_a_memory_mode_recomputes_from_a_frozen_layer_norms_x_hat(family, part, 
     gradients are the default mode's."""
     make, parts = PARTLY_FROZEN[family]
     base = make()
+    batch = padded_batch(base)
     results = []
     for mode in ("default", memory):
         model = bitfit_fast.apply(copy.deepcopy(base), backend="torch", memory=mode, biases=parts[part],
                                   announce=False)
-        torch.manual_seed(5)  # the same dropout masks
-        loss = model(**padded_batch(model)).loss
+        loss = loss_with_seed(model, batch, 5)  # the same dropout masks
         results.append((loss, torch.autograd.grad(loss, list(trainable(model).values()))))
     (expected_loss, expected), (loss, grads) = results
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
