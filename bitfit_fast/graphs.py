@@ -107,20 +107,19 @@ class GraphedStep:
     norm to ``max_grad_norm`` (None: no clipping), optimizer step; the detached loss is returned. The same training
     as running those lines on every batch, on a GPU in one launch.
 
-    On a GPU the first batch of each new set of shapes (and train/eval mode) is run eagerly ``warmup`` times (on a
-    side stream, as CUDA graphs ask: kernels compile and tune, the optimizer state and the allocator settle), then
-    captured; the trained parameters and the optimizer state are then put back as they were before the warmup, and
-    the graph replays that batch: it trains once, as any other. A capture that fails undoes the warmup too. Every
-    later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or AdamW
-    (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True`` (a TaskBank's: its own, see
-    below); the model must not sync the host inside its step (nor recompute under ``torch.utils.checkpoint``, which
+    On a GPU the first batch of each new set of shapes (and of the modules' train/eval modes) is run eagerly ``warmup``
+    times (on a side stream, as CUDA graphs ask: kernels compile and tune, the optimizer state and the allocator
+    settle), then captured; the trained parameters and the optimizer state are then put back as they were before the
+    warmup, and the graph replays that batch: it trains once, as any other. A capture that fails undoes the warmup too.
+    Every later batch of those shapes is copied into the graph's inputs and replayed. The optimizer must be Adam or
+    AdamW (the state a warmup creates is reset to theirs, zeros) made with ``capturable=True`` (a TaskBank's: its own,
+    see below); the model must not sync the host inside its step (nor recompute under ``torch.utils.checkpoint``, which
     reads the RNG state on the host: gradient checkpointing, ``memory="minimal"``), and nothing may keep an autograd
     graph of the parameters alive from before (a loss kept with its graph), on which a capture fails. A graph keeps the
-    hyperparameters it was captured with (``max_grad_norm``, ``autocast``, each param group's floats): a
-    learning-rate schedule needs the lr as a tensor (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads
-    from memory; any other change raises, as does a replay once the parameters or the optimizer state live elsewhere
-    (the graph writes where they were). Elsewhere (CPU) every step runs eagerly. ``autocast``: the dtype of
-    ``torch.autocast``, or None.
+    hyperparameters it was captured with (``max_grad_norm``, ``autocast``, each param group's floats): a learning-rate
+    schedule needs the lr as a tensor (``lr=torch.tensor(1e-3, device="cuda")``), which the step reads from memory; any
+    other change raises, as does a replay once the parameters or the optimizer state live elsewhere (the graph writes
+    where they were). Elsewhere (CPU) every step runs eagerly. ``autocast``: the dtype of ``torch.autocast``, or None.
 
     A :class:`~bitfit_fast.TaskBank` trains in mixed batches the same way: ``GraphedStep(bank, bank.optimizer(...))``
     and ``step(batch, tasks)`` with the examples' tasks (names or indices, checked on the host) and the batch's
@@ -170,6 +169,7 @@ class GraphedStep:
         self.loss = _bank_loss if self.bank is not None else loss or _model_loss
         self.drop_full_masks = drop_full_masks
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._modules = list(model.modules())
         self._captures: dict[tuple, _Capture] = {}
         self._pool = None  # one memory pool shared by the graphs of every shape
 
@@ -222,6 +222,11 @@ class GraphedStep:
                 raise ValueError(f"{name or 'the model'} recomputes under torch.utils.checkpoint (memory='minimal' "
                                  "or gradient checkpointing), which reads the RNG state on the host: a CUDA graph "
                                  "cannot capture it. Use memory='default' or 'lean' with GraphedStep")
+
+    def _modes(self) -> tuple[bool, ...]:
+        """Every module's train/eval mode: each dropout drops by its own (eval mode, Monte Carlo dropout), and a
+        graph replays the masks of the modes it was captured in."""
+        return tuple(module.training for module in self._modules)
 
     def _settings(self) -> tuple:
         """What a graph replays as it was at its capture: the clipping, the autocast dtype and each param group's
@@ -319,7 +324,7 @@ class GraphedStep:
             # mask and whose last layer may run the first tokens only. A captured mask would stay a mask: the
             # layout cannot ask the GPU during a capture. The question is one sync a step, before the replay.
             batch = {key: value for key, value in batch.items() if key != "attention_mask"}
-        key = (_signature(batch), self.model.training)  # eval mode: another graph, without dropout
+        key = (_signature(batch), self._modes())
         capture = self._captures.get(key)
         if capture is None:
             with batch_without_padding() if unpadded else contextlib.nullcontext():

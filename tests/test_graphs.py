@@ -267,6 +267,10 @@ def test_each_replay_draws_new_dropout_masks():
     model.eval()  # no dropout: the same batch, the same loss
     frozen = GraphedStep(model, _adamw(model, lr=0.0, weight_decay=0.0, capturable=True))
     assert len({frozen(batch).item() for _ in range(3)}) == 1
+    for module in model.modules():  # Monte Carlo dropout: eval mode, the dropouts in training mode
+        if isinstance(module, torch.nn.Dropout):
+            module.train()
+    assert len({frozen(batch).item() for _ in range(3)}) == 3, "the dropouts' own modes: a graph of their own"
 
 
 @pytest.mark.gpu
@@ -436,7 +440,7 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
     loss = step(dict(input_ids=ids + 2))  # no mask: the same graph
     assert loss == 2 and torch.equal(replayed[-1]["input_ids"], ids + 2)
     assert all(torch.equal(p.grad, torch.full_like(p, 2)) for p in step.params), "the replayed graph's gradients"
-    step._captures[graphs._signature(dict(input_ids=ids)), True].loss.fill_(0.0)  # as the next replay would
+    step._captures[graphs._signature(dict(input_ids=ids)), step._modes()].loss.fill_(0.0)  # as the next replay would
     assert loss == 2, "the caller's loss is a copy"
     assert step(dict(attention_mask=padding, input_ids=ids + 3)) == 1, "the keys' order does not matter"
     assert torch.equal(replayed[-1]["input_ids"], ids + 3) and torch.equal(replayed[-1]["attention_mask"], padding)
@@ -448,7 +452,10 @@ def test_a_graphed_step_on_a_gpu_captures_once_per_signature_and_replays_full_ma
     model.eval()
     step(dict(input_ids=ids))
     assert len(captured) == 6, "eval mode (no dropout) is a graph of its own"
-    assert len(replayed) == 8, "every step replays"
+    model.bert.encoder.layer[0].output.dropout.train()  # Monte Carlo dropout: one dropout drops, in eval mode
+    step(dict(input_ids=ids))
+    assert len(captured) == 7, "each module's mode: a dropout put back in training mode is a graph of its own"
+    assert len(replayed) == 9, "every step replays"
     model.train()
     optimizer.param_groups[0]["lr"] = 5e-4
     with pytest.raises(ValueError, match="lr=torch.tensor"):
