@@ -19,8 +19,8 @@ predictor refuses, 413 a body over ``max_request_bytes`` or more examples than t
 503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. A body is read no further
 than ``max_request_bytes``; the rest of a refused body is read and dropped (up to ``drain_bytes``), so that a
 client that sends it whole before reading gets the 413, not a reset connection. The examples are checked (tokenised) in
-``check_threads`` threads of their own, several requests at once: huge texts keep their own requests waiting, never
-the batches.
+``check_threads`` threads of their own, several requests at once, and a body over ``large_request_bytes`` in one more
+thread, one such request at a time: huge texts keep only each other waiting, never other requests nor the batches.
 """
 
 import asyncio
@@ -68,6 +68,9 @@ class BatchingConfig:
     max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
     max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is read whole
     check_threads: int = 4  # requests checked (tokenised) at once; the others wait their turn, the batches never
+    # A larger body is checked in a thread of its own, one at a time (tokenising megabytes takes seconds): requests
+    # of huge texts wait for each other, never take the threads of the others.
+    large_request_bytes: int = 64 * 2**10
     # Of a refused body, how much is read and dropped before the 413 (each part arriving within drain_wait_s): a
     # client that sends its whole body before reading the answer (urllib, requests) would otherwise have the
     # connection reset under it and lose the 413 (nginx's lingering close). 0: refuse at once.
@@ -75,7 +78,7 @@ class BatchingConfig:
     drain_wait_s: float = 1.0
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_queue", "max_request_bytes", "check_threads"):
+        for name in ("max_batch_size", "max_queue", "max_request_bytes", "check_threads", "large_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "drain_bytes", "drain_wait_s"):
@@ -184,6 +187,7 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
     """The Starlette app serving ``predictor`` (see the module docstring for its routes)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -194,9 +198,10 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
     async def lifespan(app):
         # Threads of their own: checks of huge texts, however many, never hold a batch up (nor batches a check).
         with concurrent.futures.ThreadPoolExecutor(1, "predict") as predicting, \
-                concurrent.futures.ThreadPoolExecutor(config.check_threads, "check") as checking:
+                concurrent.futures.ThreadPoolExecutor(config.check_threads, "check") as checking, \
+                concurrent.futures.ThreadPoolExecutor(1, "check-large") as checking_large:
             state["batcher"] = batcher = MicroBatcher(predictor.predict, config, predicting)
-            state["checking"] = checking
+            state["checking"], state["checking_large"] = checking, checking_large
             worker = asyncio.create_task(batcher.run())
             yield
             worker.cancel()
@@ -212,7 +217,8 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         return JSONResponse(answer)
 
     async def read_body(request) -> bytes | None:
-        """The request's body, or None past max_request_bytes (after :func:`drain`)."""
+        """The request's body, or None past max_request_bytes (after :func:`drain`). Raises ClientDisconnect for
+        a client that leaves before sending it whole."""
         declared = request.headers.get("content-length", "")
         stream = request.stream()
         if declared.isdigit() and int(declared) > config.max_request_bytes:
@@ -233,8 +239,6 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
         (Expect: 100-continue)."""
         if request.headers.get("expect", "").lower() == "100-continue":
             return
-        from starlette.requests import ClientDisconnect
-
         drained, deadline = 0, time.monotonic() + DRAIN_SECONDS
         with contextlib.suppress(StopAsyncIteration, asyncio.TimeoutError, ClientDisconnect):
             while drained < config.drain_bytes and time.monotonic() < deadline:
@@ -242,10 +246,14 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
                 drained += len(await asyncio.wait_for(anext(stream), wait))
 
     async def predict(request):
-        body = await read_body(request)
+        try:
+            body = await read_body(request)
+        except ClientDisconnect:  # not the server's failure: nothing to log, and no one to answer
+            return _error(499, "the client left before sending its request whole")
         if body is None:
             return _error(413, f"the request is larger than {config.max_request_bytes} bytes, the most this server "
                                "reads: split it, or shorten its texts")
+        size = len(body)
         try:
             body = json.loads(body)
         except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than Python parses
@@ -277,7 +285,8 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
             return checked
 
         # Tokenising a long text: the event loop serves others meanwhile.
-        checked = await asyncio.get_running_loop().run_in_executor(state["checking"], check)
+        checking = state["checking_large" if size > config.large_request_bytes else "checking"]
+        checked = await asyncio.get_running_loop().run_in_executor(checking, check)
         if not isinstance(checked, list):
             return checked
         try:

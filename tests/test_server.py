@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -359,6 +360,42 @@ def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
         assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
         assert slow.result().json()["answer"] == "SLOW"
     assert predictor.texts == ["quick", "slow"]
+
+
+def test_requests_of_huge_texts_are_checked_one_at_a_time_and_keep_only_each_other_waiting():
+    # Tokenising a text of megabytes takes seconds: four such requests once took every check thread, and a request
+    # of one word waited a minute. A body over large_request_bytes (here padded with JSON's whitespace) is checked
+    # in a thread of its own.
+    predictor = SlowCheckPredictor()
+    large = json.dumps(dict(task="upper", text="slow")).encode() + b" " * 200
+    with running(predictor, BatchingConfig(max_wait_ms=0, check_threads=1, large_request_bytes=200)) as url, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(httpx.post, f"{url}/predict", content=large, timeout=60) for _ in range(2)]
+        assert predictor.slow_checks.acquire(timeout=30), "a large request's check started"
+        quick = [httpx.post(f"{url}/predict", json=dict(task="length", text="quick"), timeout=30) for _ in range(2)]
+        assert not predictor.slow_checks.acquire(timeout=0.5), "the other large request waits its turn"
+        predictor.release.set()
+        assert [answer.json()["answer"] for answer in quick] == [5, 5]
+        assert [request.result().json()["answer"] for request in slow] == ["SLOW", "SLOW"]
+    assert predictor.texts == ["quick", "quick", "slow", "slow"]
+
+
+def test_a_client_that_leaves_while_sending_its_request_is_not_an_error_of_the_server():
+    errors = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logger = logging.getLogger("uvicorn.error")
+    try:
+        with running(EchoPredictor(), BatchingConfig()) as url:
+            logger.addHandler(handler)  # once started: uvicorn's logging configuration resets the handlers
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as client:
+                client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"task\":")
+                time.sleep(0.3)
+            assert httpx.post(f"{url}/predict", json=dict(task="upper", text="ok"), timeout=30).json()["answer"] == "OK"
+    finally:
+        logger.removeHandler(handler)
+    assert not errors, [record.getMessage() for record in errors]
 
 
 def test_checks_however_many_never_hold_a_queued_batch_up():
