@@ -68,6 +68,9 @@ def home(tmp_path_factory):
                                                             "label": {"0": "sport", "1": "business"}}))
     (root / "data" / "list-texts.jsonl").write_text(json.dumps({"text": list(range(5000))}) + "\n")
     (root / "data" / "ragged.csv").write_text("text,label\ngoal match,sport\nbank, market,business\n")
+    # Every row a field too many: pandas reads it without an error, each row's first field as its index.
+    (root / "data" / "ragged-every-row.csv").write_text("text\nThe striker scored, and the team won\n"
+                                                        "Shares rose, then fell\n")
     long_cell = '"' + "goal " * 30_000 + '"'  # past the csv module's default field limit (128 KiB)
     (root / "data" / "unclosed.csv").write_text(f'text,label\n{long_cell},sport\n"bank market,business\na,b\n')
     write_table(root / "data" / "unknown-labels.csv", dict(premise=["a"], hypothesis=["b"], label=["weather"]))
@@ -629,6 +632,12 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
     (["predict", "{runs}/one", "--input-file", "{data}/ragged.csv"],
      "{data}/ragged.csv could not be read as CSV: line 3 has 3 fields where the header has 2 (a comma in a text "
      "needs the text in double quotes); fix it"),
+    (["predict", "{runs}/one", "--input-file", "{data}/ragged-every-row.csv"],
+     "{data}/ragged-every-row.csv could not be read as CSV: line 2 has 2 fields where the header has 1 (a comma in "
+     "a text needs the text in double quotes); fix it"),
+    (["train", "--model", "{home}/model", "--train-file", "{data}/ragged-every-row.csv", "--validation-file",
+      "{data}/val.csv", "--output-dir", "{runs}/failed"],
+     "{data}/ragged-every-row.csv could not be read as CSV: line 2 has 2 fields"),
     (["predict", "{runs}/one", "--input-file", "{data}/unclosed.csv"],
      "{data}/unclosed.csv could not be read as CSV: a double quote opened on line 3 never closes; fix it"),
     (["predict", "{runs}/one", "--input-file", "{data}/latin-1.csv"],

@@ -303,6 +303,10 @@ def read_table(file: str):
                         "UTF-8")
     if path.stat().st_size == 0 or (suffix == ".csv" and not _has_a_row(path)):
         raise DataError(f"{file} is empty: it needs a header and at least one row")
+    # Every row one field longer than the header reads without an error: pandas takes the first column for the
+    # rows' index, and every text loses its start.
+    if suffix == ".csv" and (problem := _csv_problem(path, read_failed=False)):
+        raise DataError(f"{file} could not be read as CSV: {problem}; fix it")
     datasets.disable_progress_bars()  # "Generating train split" bars would bury the results
     logger = logging.getLogger("datasets")
     level = logger.level
@@ -324,10 +328,10 @@ def read_table(file: str):
     return table
 
 
-def _csv_problem(path: Path) -> str | None:
-    """Where a CSV file that datasets could not read goes wrong (datasets does not say): the first row with more
-    fields than the header (an unquoted comma in a text; pandas fills a row with fewer), or a double quote that
-    never closes (the last row then runs over several lines to the end, one cell short)."""
+def _csv_problem(path: Path, read_failed: bool = True) -> str | None:
+    """Where a CSV file goes wrong (datasets does not say): the first row with more fields than the header (an
+    unquoted comma in a text; pandas fills a row with fewer), or, in a file datasets could not read, a double quote
+    that never closes (the last row then runs over several lines to the end, one cell short)."""
     limit, start = csv.field_size_limit(), 1
     csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
     try:
@@ -339,7 +343,7 @@ def _csv_problem(path: Path) -> str | None:
                 if len(row) > len(header):
                     return (f"line {row_start} has {len(row)} fields where the header has {len(header)} (a comma "
                             "in a text needs the text in double quotes)")
-            if row and len(row) < len(header) and "\n" in row[-1]:
+            if read_failed and row and len(row) < len(header) and "\n" in row[-1]:
                 return f"a double quote opened on line {row_start} never closes"
     except csv.Error as error:
         return f"line {start}: {error}"
