@@ -136,6 +136,10 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
                                 "--text its second text with --text-pair, or use --input-file with both columns")
             raise UserError(f"{path} was trained on one text per example ({columns[0]}): leave out --text-pair")
     model, tokenizer = _BaseModels().load(run)
+    empty = _first_without_tokens(tokenizer, texts)
+    if empty is not None:  # as the server refuses it: [CLS] [SEP] alone would get a label
+        raise UserError(f"example {empty + 1} has no tokens (only spaces or characters the tokenizer drops): there "
+                        "is nothing to classify; give it a text")
     device = default_device()
     model.to(device)
     encoded = data.encode(data.Split(texts, [0.0] * len(texts)), tokenizer, run.config.max_length)
@@ -198,6 +202,17 @@ def _without_tokens(tokenizer, encoded, texts: tuple[str, ...]) -> bool:
         present = set(encoded.sequence_ids())
         return any(index not in present for index in range(len(texts)))
     return any(not tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
+
+
+def _first_without_tokens(tokenizer, texts: list[tuple[str, ...]]) -> int | None:
+    """The index of the first example one of whose texts gives no token (only spaces, or characters its tokenizer
+    drops, such as zero-width spaces), or None. Only texts without a letter or digit are tokenised: any other gives
+    a token, if only the unknown one."""
+    for index, example in enumerate(texts):
+        if any(not any(c.isalnum() for c in text) and not tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in example):
+            return index
+    return None
 
 
 def serving_precision(runs, device: torch.device) -> str:

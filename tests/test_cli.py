@@ -576,6 +576,11 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "example 2 has an empty text: there is nothing to classify; give it a text"),
     (["predict", "{runs}/one", "--text", "goal match", " \n"],
      "example 2 has an empty text: there is nothing to classify; give it a text"),
+    (["predict", "{runs}/one", "--text", "goal match", "\u200b\x00"],  # as the server refuses it
+     "example 2 has no tokens (only spaces or characters the tokenizer drops): there is nothing to classify; give it "
+     "a text"),
+    (["predict", "{runs}/two", "--text", "goal", "--text-pair", "\u200b"],
+     "example 1 has no tokens (only spaces or characters the tokenizer drops)"),
     (["predict", "{runs}/two", "--input-file", "{data}/texts.csv"], "{data}/texts.csv has no column 'premise'"),
     (["predict", "{runs}/one", "--input-file", "texts.csv"], "texts.csv does not exist; check the path"),
     (["predict", "{runs}/one", "--input-file", "{data}/texts.txt"], "unsupported format '.txt'"),
