@@ -436,7 +436,8 @@ def _check_trained_alike(checkpoints: dict[str, Checkpoint]) -> Checkpoint:
         if differ:
             raise ValueError(f"task {name!r} ({checkpoint.directory}) was trained with other BitFit options than "
                              f"task {first_name!r} ({first.directory}): {'; '.join(differ)}. The tasks of a bank "
-                             "share one BitFitConfig")
+                             "share one BitFitConfig: load them in separate banks (bitfit-fast serve: separate "
+                             "servers)")
     return first
 
 

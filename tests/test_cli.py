@@ -655,6 +655,7 @@ def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(hom
      "--model {home}/damaged-bin could not be loaded (PytorchStreamReader failed reading zip archive"),
     (["serve", "{runs}/one", "{runs}/two"],
      "cannot serve these runs: task 'two' ({runs}/two/biases) was trained with other BitFit options"),
+    (["serve", "{runs}/one", "{runs}/two"], "(bitfit-fast serve: separate servers)"),
     (["serve", "{runs}/one", "{runs}/one"], "the run {runs}/one is given twice: give it once"),
     (["serve", "{home}/not-a-run"], "not-a-run is not a `bitfit-fast train` run (it has no run_config.json)"),
     (["train", "--model", "{home}/model", "--output-dir", "{home}/model/config.json/failed"],
