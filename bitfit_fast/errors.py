@@ -14,6 +14,19 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def quoted(value: object, limit: int = 80) -> str:
+    """A value of the user's as a message quotes it: its repr, cut to ``limit`` characters (a cell can hold a whole
+    column, a client's key megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def quoted_keys(keys) -> str:
+    """Keys of the user's, each quoted (:func:`quoted`), the first five of them."""
+    keys = list(keys)
+    return ", ".join(map(quoted, keys[:5])) + (f", ... ({len(keys)} keys)" if len(keys) > 5 else "")
+
+
 def check_max_norm(name: str, value, none_means: str | None = None) -> None:
     """Raise unless ``value`` is a gradient norm's bound, a positive number (or None, where ``none_means`` says
     what None does): 0 would zero every gradient and a negative bound flip them."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import RUN_CONFIG_NAME, DamagedCheckpointError, OtherBaseModelError, load_biases
-from .errors import UserError, first_line
+from .errors import UserError, first_line, quoted, quoted_keys
 from .files import check_can_write, temporary_beside
 from .model import merge
 from .train import (
@@ -281,16 +281,16 @@ class RunsPredictor:
             raise self._refuse(f"an example is {shape}, got {type(example).__name__}")
         if "task" not in example:  # e.g. a list of examples under another key than "inputs"
             raise self._refuse(f"an example is {shape}, and several are {{\"inputs\": [example, ...]}}; got the keys "
-                               f"{sorted(example)}")
+                               f"{quoted_keys(sorted(example))}")
         unknown = sorted(set(example) - {"task", "text", "text_pair"})
         if unknown:  # a misspelt key would otherwise read as a missing text, or be dropped unseen
-            raise self._refuse(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: an "
-                               f"example is {shape}")
+            raise self._refuse(f"unknown key{'s' if len(unknown) > 1 else ''} {quoted_keys(unknown)}: an example is "
+                               f"{shape}")
         task = example["task"]
         if not isinstance(task, str):  # a number or a list: never a run's name, even where it reads as one
             raise self._refuse(f"'task' is a task's name, a string of {self.tasks}; got {json.dumps(task)[:80]}")
         if task not in self.runs:
-            raise self._refuse(f"unknown task {task!r}: this server knows {self.tasks}")
+            raise self._refuse(f"unknown task {quoted(task)}: this server knows {self.tasks}")
         run = self.runs[task]
         texts = [example.get("text"), example.get("text_pair")][:len(run.text_columns)]
         for key, text in zip(("text", "text_pair"), texts):

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from .errors import first_line
+from .errors import first_line, quoted_keys
 
 
 class RequestError(ValueError):
@@ -266,7 +266,7 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
             return _error(422, '"inputs" must be a non-empty list of examples')
         if not single and len(body) > 1:  # a misspelled option beside it would be ignored, silently
             unknown = sorted(set(body) - {"inputs"})
-            return _error(422, f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            return _error(422, f"unknown key{'s' if len(unknown) > 1 else ''} {quoted_keys(unknown)} "
                                "beside \"inputs\": send {\"inputs\": [...]} alone")
         if len(examples) > config.max_queue:  # it would never fit: a 503 would have the client retry forever
             return _error(413, f"{len(examples)} examples in one request; this server queues at most "

@@ -566,7 +566,7 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
 
 @pytest.mark.parametrize("example,message", [
     (dict(task="weather", text="goal"), "unknown task 'weather': this server knows ['topics', 'score']"),
-    (dict(examples=[]), "several are {\"inputs\": [example, ...]}; got the keys ['examples']"),
+    (dict(examples=[]), "several are {\"inputs\": [example, ...]}; got the keys 'examples'"),
     (dict(task="topics", text=" ".join(["goal"] * 200)), "the text is 202 tokens; task 'topics' reads at most 128"),
     (dict(task="topics", text=""), "task 'topics' needs a non-empty 'text'"),
     (dict(task="topics", text=" \n"), "task 'topics' needs a non-empty 'text'"),
@@ -578,6 +578,9 @@ def test_runs_served_together_answer_as_each_run_alone(two_runs):
     (dict(task="topics", text=["goal"]), "'text' must be a string, got [\"goal\"]"),
     (dict(task="topics", txt="goal"), "unknown key 'txt': an example is {\"task\": NAME, \"text\": \"...\""),
     (dict(task="topics", text="goal", id=3, lang="en"), "unknown keys 'id', 'lang': an example is"),
+    (dict(task="topics", text="goal", **{f"k{i}": i for i in range(7)}),  # a client's keys are quoted cut short
+     "unknown keys 'k0', 'k1', 'k2', 'k3', 'k4', ... (7 keys): an example is"),
+    (dict(task="t" * 10_000), "unknown task '" + "t" * 79 + "... (10,002 characters): this server knows"),
 ])
 def test_a_request_the_runs_cannot_answer_is_named(two_runs, example, message):
     from bitfit_fast.serve import RunsPredictor

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, quoted
 from .config import TrainConfig
 from .hub import require_hub
 
@@ -141,16 +141,9 @@ def _texts(table, text_columns, where: str, of_run: bool = False) -> list[tuple[
                           else "name the text columns with --text-columns")
                 # A JSON number in a text column: the column may be the right one.
                 remedy += "; texts that are numbers are written as strings (JSON: \"12\")"
-                raise DataError(f"{where} column {column!r} holds {_quoted(t)} ({type(t).__name__}) in "
+                raise DataError(f"{where} column {column!r} holds {quoted(t)} ({type(t).__name__}) in "
                                 f"{_example(row)}, not a text: {remedy}")
     return texts
-
-
-def _quoted(value: object) -> str:
-    """A value of the user's data as a message quotes it: its repr, cut to 80 characters (a cell can hold a whole
-    column)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}... ({len(text):,} characters)"
 
 
 def _example(row: int) -> str:
@@ -178,11 +171,11 @@ def _columns_split(table, text_columns, label_column, where: str, label_ids: dic
                         or (score is not None and not math.isfinite(score))), None)
         if missing is not None:  # a spreadsheet's mark for a missing value, NaN or inf: no score to fit
             raise DataError(f"{where} {_example(missing)} has no score in column {label_column!r} "
-                            f"({_quoted(raw[missing])}): fill it in, or remove it")
+                            f"({quoted(raw[missing])}): fill it in, or remove it")
         bad = next((row for row, score in enumerate(scores) if score is None), None)
         if bad is not None:
             remedy = "the run predicts scores: give scores" if of_run else "leave out --regression for class labels"
-            raise NotScoresError(f"{where} column {label_column!r} is not a score ({_quoted(raw[bad])} in "
+            raise NotScoresError(f"{where} column {label_column!r} is not a score ({quoted(raw[bad])} in "
                                  f"{_example(bad)}): {remedy}")
         return Split(texts, scores)
     unknown = sorted({str(v) for v in raw if str(v) not in label_ids})
@@ -410,7 +403,7 @@ def _refuse_a_cut_last_label(file: str, labels: list[str], label_column: str, co
     ending without a newline in a label no other row has is refused."""
     if (Path(file).suffix.lower() == ".csv" and columns[-1] == label_column and labels.count(labels[-1]) == 1
             and _ends_mid_line(Path(file))):
-        raise DataError(f"{file} ends mid-line, in a label no other row has ({_quoted(labels[-1])} in column "
+        raise DataError(f"{file} ends mid-line, in a label no other row has ({quoted(labels[-1])} in column "
                         f"{label_column!r}): the file looks cut short; complete it, or if that row is whole, end the "
                         "file with a newline")
 
@@ -435,7 +428,7 @@ def load_local(train_file: str, validation_file: str, text_columns: tuple[str, .
         _refuse_a_cut_last_label(train_file, labels, label_column, tables["train"].column_names)
         names = sorted(set(labels), key=_integers_first)
         if len(names) < 2:
-            raise DataError(f"{train_file} column {label_column!r} has one class, {_quoted(names[0])}: "
+            raise DataError(f"{train_file} column {label_column!r} has one class, {quoted(names[0])}: "
                             "classification needs at least two (pass --regression if the column holds scores)")
         label_ids = {name: index for index, name in enumerate(names)}
     train = _columns_split(tables["train"], text_columns, label_column, train_file, label_ids)
