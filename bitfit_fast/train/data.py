@@ -330,7 +330,8 @@ def _csv_problem(path: Path, read_failed: bool = True) -> str | None:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
-            header, start, row = next(rows, []), rows.line_num + 1, []
+            header = next((row for row in rows if row), [])  # pandas skips blank lines, before the header too
+            start, row = rows.line_num + 1, []
             for row in rows:
                 row_start, start = start, rows.line_num + 1
                 if len(row) > len(header):
