@@ -121,23 +121,24 @@ TRAIN_TWO = [*TRAIN, "--train-file", "data/pairs-train.csv", "--validation-file"
              "--text-columns", "premise", "hypothesis", "--output-dir", "runs/two", "--method", "subset", "--memory",
              "lean"]
 
-# Mistakes that need no trained run: (arguments, extra environment, what the last line of stderr says).
+# Mistakes that need no trained run: (arguments, extra environment, what the last line of stderr says). Each
+# into a directory of its own: two run at a time, and a run that starts holds its directory (run.claimed).
 MISTAKES = {
     "batch size 0": (["train", "--batch-size", "0"], {}, "train: error: argument --batch-size: must be at least 1"),
-    "model path that does not exist": (["train", "--model", "/nonexistent", "--output-dir", "runs/failed"], {},
+    "model path that does not exist": (["train", "--model", "/nonexistent", "--output-dir", "runs/failed-1"], {},
                                        "train: error: --model /nonexistent does not exist: pass a directory"),
-    "misspelled hub name": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed"],
+    "misspelled hub name": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed-2"],
                             {"HF_ENDPOINT": UNREACHABLE_HUB},
                             "train: error: --model bert-base-uncassed needs the Hugging Face hub, and 127.0.0.1:9 "
                             "cannot be reached"),
-    "misspelled hub name, offline": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed"],
+    "misspelled hub name, offline": (["train", "--model", "bert-base-uncassed", "--output-dir", "runs/failed-3"],
                                      {"HF_HUB_OFFLINE": "1"},
                                      "train: error: --model bert-base-uncassed could not be loaded"),
-    "GLUE task without the network": (["train", "--task", "sst2", "--output-dir", "runs/failed"],
+    "GLUE task without the network": (["train", "--task", "sst2", "--output-dir", "runs/failed-4"],
                                       {"HF_ENDPOINT": UNREACHABLE_HUB},
                                       "train: error: GLUE sst2 needs the Hugging Face hub, and 127.0.0.1:9 cannot be "
                                       "reached"),
-    "GLUE task offline": (["train", "--task", "sst2", "--output-dir", "runs/failed"], {"HF_HUB_OFFLINE": "1"},
+    "GLUE task offline": (["train", "--task", "sst2", "--output-dir", "runs/failed-5"], {"HF_HUB_OFFLINE": "1"},
                           "train: error: GLUE sst2 could not be loaded"),
     "predict on a directory that is not a run": (["predict", "not-a-run", "--text", "hello"], {},
                                                  "predict: error: not-a-run is not a `bitfit-fast train` run (it has "
@@ -555,7 +556,7 @@ def test_mistakes_end_with_one_line_and_status_2(first_stage, home, name):
     process, seconds = first_stage[name]
     check_one_line_error(process, MISTAKES[name][2])
     assert seconds < 60, "a missing network is found in seconds, not after minutes of retries"
-    assert not (home / "runs" / "failed").exists(), "a run that failed to start leaves no directory"
+    assert not list(home.glob("runs/failed*")), "a run that failed to start leaves no directory"
 
 
 def test_an_unreadable_file_ends_with_our_line_alone_not_the_readers_log_too(home):

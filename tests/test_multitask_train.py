@@ -15,7 +15,7 @@ from bitfit_fast.checkpoint import WEIGHTS_NAME
 from bitfit_fast.errors import UserError
 from bitfit_fast.train import TrainConfig
 from bitfit_fast.train.multitask import TaskFiles, train_tasks
-from bitfit_fast.train.run import load_run
+from bitfit_fast.train.run import claimed, load_run
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,12 @@ def test_a_joint_run_or_its_tasks_are_never_trained_over(joint_run, capsys, tmp_
     assert cli.main(again + ["--output-dir", str(tmp_path / "other")]) == 2
     assert "other/topics already holds a run (biases): choose another --output-dir" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (tmp_path / "other").rglob("*") if p.is_file()} == kept
+    # A directory another run is training in (the joint run's own, or a task's): refused before anything loads.
+    for busy in (tmp_path / "busy", tmp_path / "busy-task" / "topics"):
+        with claimed(busy):
+            assert cli.main(again + ["--output-dir", str(busy.parent if busy.name == "topics" else busy)]) == 2
+            assert f"--output-dir {busy} is in use: another bitfit-fast train is running there" in \
+                capsys.readouterr().err
 
 
 def test_a_joint_run_that_stopped_before_its_first_epoch_ended_starts_again(joint_run, tmp_path, capsys):

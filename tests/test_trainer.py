@@ -301,9 +301,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters(model_dir, files,
     killed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", killed_after_step_5=True)
     assert killed.returncode == -9, "the process was SIGKILLed after step 5 (checkpoint of step 4 on disk)"
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
+    assert (tmp_path / "killed" / run.LOCK_NAME).exists(), "SIGKILL left the lock file, its lock dropped"
     resumed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
+    assert not (tmp_path / "killed" / run.LOCK_NAME).exists()
     expected, got = trained_params(tmp_path / "straight"), trained_params(tmp_path / "killed")
     assert expected.keys() == got.keys()
     for name in expected:
@@ -485,6 +487,25 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     with pytest.raises(data.DataError, match=message):
         train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
+
+
+def test_a_run_in_progress_keeps_another_from_starting_or_continuing_there(model_dir, files, tmp_path, monkeypatch):
+    """A command launched twice, or a job retried while it still runs: two runs in one directory once both trained,
+    each overwriting the other's files. The run holds its directory locked from its checks to its end."""
+    out = tmp_path / "run"
+    with run.claimed(out):  # as a run in progress holds it
+        for resume in (False, True):
+            with pytest.raises(UserError, match=f"--output-dir {out} is in use: another bitfit-fast train is running "
+                                                "there; wait for it to end, or choose another --output-dir"):
+                train(config(model_dir, files, tmp_path, resume=resume))
+        # A run that passed its checks just before the other took the directory: refused as it takes it.
+        monkeypatch.setattr(run, "check_not_in_use", lambda out: None)
+        with pytest.raises(UserError, match="is in use"):
+            train(config(model_dir, files, tmp_path))
+        monkeypatch.undo()
+    assert not out.exists(), "the lock file is removed, and the directory it was made for"
+    train(config(model_dir, files, tmp_path, epochs=1))
+    assert (out / RUN_CONFIG_NAME).is_file() and not (out / run.LOCK_NAME).exists()
 
 
 def test_a_csv_ending_mid_line_loads_where_its_last_label_is_one_another_row_has(tmp_path):

@@ -40,6 +40,7 @@ from .run import (
     check_continues,
     check_output_dir,
     check_unfinished,
+    claimed,
     load_checkpoint,
     save_checkpoint,
     write_run_config,
@@ -92,7 +93,7 @@ def _absolute(file: str | None) -> str | None:
 def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     """Every check that needs no model or data, before anything loads; the :func:`resolved_config`."""
     config.check_trains()
-    check_output_dir(Path(config.output_dir), config.resume)
+    check_output_dir(Path(config.output_dir), config.resume, locked=not d.main)  # the main process locks it
     if config.batch_size % d.world:
         raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
     check_backend_option(config.bitfit.backend, config.resolved_precision(d.device))
@@ -122,9 +123,18 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
     start_time = time.time()
     out = Path(config.output_dir)
     config, model_path = _checked_config(config, d)
-    if config.resume:
-        check_unfinished(out / CHECKPOINT_NAME, config.epochs, d.world)
+    with claimed(out) if d.main else contextlib.nullcontext():
+        if d.main:  # again: another run may have written there since
+            check_output_dir(out, config.resume, locked=True)
+        if config.resume:
+            check_unfinished(out / CHECKPOINT_NAME, config.epochs, d.world)
+        return _train_claimed(config, model_path, d, say, start_time, on_step_end)
 
+
+def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable, start_time: float,
+                   on_step_end: Sequence[Callable[[StepEnd], None]]) -> dict:
+    """:func:`train` once its checks passed and its output directory is this process's."""
+    out = Path(config.output_dir)
     task = data_lib.load_task(config)
     config = dataclasses.replace(config, regression=task.num_labels == 1)  # GLUE's STS-B is a regression too
     if config.resume:
@@ -177,8 +187,7 @@ def train(config: TrainConfig, log=print, on_step_end: Sequence[Callable[[StepEn
 
     def progress_now() -> Progress:
         return Progress(data, time.time() - start_time, micro, dataclasses.asdict(tokens))
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no empty directory
+    if d.main:  # only now: a run that fails to start leaves no record (nor the directory: see run.claimed)
         write_run_config(Run(out, config, model_path, task.num_labels, task.label_names, list(task.metrics),
                              tuple(task.text_columns), task.label_column), task.name)
     first_split, metric = next(iter(task.validation)), task.metrics[0]

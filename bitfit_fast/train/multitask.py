@@ -47,7 +47,9 @@ from .run import (
     Run,
     check_holds_no_run,
     check_holds_only,
+    check_not_in_use,
     check_output_dir,
+    claimed,
     write_run_config,
 )
 
@@ -106,7 +108,14 @@ def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) ->
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--task-files trains in one process: start it without torchrun")
     check_backend_option(config.bitfit.backend, config.resolved_precision(device))
-    out = Path(config.output_dir)
+    _check_output_dir(Path(config.output_dir), names)
+
+
+def _check_output_dir(out: Path, names: list[str], locked: bool = False) -> None:
+    """``out`` and its tasks' directories (``names``) hold nothing a joint run would overwrite, and no other run
+    trains there; ``locked``: this process holds ``out`` (:func:`~bitfit_fast.train.run.claimed`)."""
+    if not locked:
+        check_not_in_use(out)
     check_holds_no_run(out, resume=False)
     # A joint run that stopped before its first epoch ended (a NaN loss, Ctrl-C) left its tasks' records alone: it
     # starts again. Anything else there is another's, a lone single-task record too (eval would read it as the run).
@@ -135,6 +144,14 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     written as OUTPUT_DIR/run_summary.json)."""
     d = Dist(device=default_device())
     _check(config, tasks, d.device)
+    out = Path(config.output_dir)
+    with claimed(out):
+        _check_output_dir(out, [task.name for task in tasks], locked=True)  # again: another run may have written
+        return _train_tasks_claimed(config, tasks, log, d)
+
+
+def _train_tasks_claimed(config: TrainConfig, tasks: list[TaskFiles], log, d: Dist) -> dict:
+    """:func:`train_tasks` once its checks passed and its output directory is this process's."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     start = time.time()

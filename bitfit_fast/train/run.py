@@ -2,6 +2,7 @@
 read by eval and predict), and checkpoint.pt (trained parameters, optimizer, loss scaler, every process's RNG
 state and the data position), written atomically."""
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -22,11 +23,59 @@ CURVES_NAME = "learning_curves.png"
 BEST_BIASES = "biases"  # the epoch with the best validation score: what eval and predict load
 LAST_BIASES = "biases-last"
 NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
+# Locked by the process training the run, from its checks to its end: no other starts or continues a run there
+# meanwhile (a command launched twice, a job retried while it still runs). The system drops the lock of a process
+# that dies, SIGKILL included; the file, then left, means nothing.
+LOCK_NAME = ".train.lock"
 
 
-def check_output_dir(out: Path, resume: bool) -> None:
-    """Before anything loads: a run is only continued on purpose, never overwritten (a joint run's tasks hold no
-    checkpoint, only biases and a summary), ``out`` can be written, and a new run starts where nothing else is."""
+def _lock(handle, out: Path) -> None:
+    """Take the lock of ``handle`` (an open lock file of ``out``), or one line saying another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"--output-dir {out} is in use: another bitfit-fast train is running there; wait for it to "
+                        "end, or choose another --output-dir") from None
+
+
+def check_not_in_use(out: Path) -> None:
+    """Before anything loads: no other process trains in ``out`` now (see :func:`claimed`)."""
+    if (out / LOCK_NAME).is_file():
+        with open(out / LOCK_NAME, "a") as handle:
+            _lock(handle, out)  # released as it closes
+
+
+@contextlib.contextmanager
+def claimed(out: Path):
+    """``out`` locked for this process's run (see LOCK_NAME), created where new. Whatever the run ends in, the lock
+    file is removed, and so are the directories it created that it leaves empty (a run that fails to start leaves
+    none behind). Check the directory again inside: another run may have written there before the lock."""
+    created = [path for path in (out, *out.parents) if not path.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out / LOCK_NAME, "a") as handle:
+            _lock(handle, out)
+            try:
+                yield
+            finally:
+                (out / LOCK_NAME).unlink(missing_ok=True)
+    finally:
+        for directory in created:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: the run's
+                directory.rmdir()
+
+
+def check_output_dir(out: Path, resume: bool, locked: bool = False) -> None:
+    """Before anything loads: no other run is training there, a run is only continued on purpose, never
+    overwritten (a joint run's tasks hold no checkpoint, only biases and a summary), ``out`` can be written, and a
+    new run starts where nothing else is. ``locked``: this process holds ``out`` (:func:`claimed`), or the main
+    process of its torchrun does."""
+    if not locked:
+        check_not_in_use(out)
     check_holds_no_run(out, resume)
     if not resume:
         check_empty(out)
@@ -61,7 +110,7 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
 
 def check_empty(out: Path) -> None:
     """``out`` is new or empty, where a new run starts."""
-    held = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    held = sorted(path.name for path in out.iterdir() if path.name != LOCK_NAME) if out.is_dir() else []
     # A run that stopped before its first checkpoint (a NaN loss, Ctrl-C) left its record alone: it starts again.
     if held and not (held == [RUN_CONFIG_NAME] and is_run_record(out / RUN_CONFIG_NAME)):
         leftovers = _killed_saves_leftovers(out, held)
@@ -96,7 +145,8 @@ def _killed_saves_leftovers(out: Path, held: list[str]) -> list[str]:
 def check_holds_only(out: Path, allowed: set[str], kind: str) -> None:
     """``out`` holds nothing but ``allowed`` names (a sweep's or a joint run's own), where a ``kind`` (its name
     for the message) starts."""
-    others = sorted(path.name for path in out.iterdir() if path.name not in allowed) if out.is_dir() else []
+    ignored = {*allowed, LOCK_NAME}
+    others = sorted(path.name for path in out.iterdir() if path.name not in ignored) if out.is_dir() else []
     if others:
         raise UserError(f"--output-dir {out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
                         f"): a {kind} starts in a new or empty directory; choose another")
