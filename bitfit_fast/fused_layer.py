@@ -474,11 +474,15 @@ def _read_all_tokens(encoder_path: str, model: nn.Module, args: tuple, kwargs: d
 
 def _shift_positions_from_zero(embeddings: nn.Module, args: tuple, kwargs: dict):
     """RoBERTa numbers positions from padding_idx + 1; a packed row's position ids, restarting at 0 for each of
-    its sequences (DataCollatorWithFlattening's: one row, even for one sequence), are shifted there, so that packed
-    sequences mean what they mean padded. The position ids of a batch of several rows are the caller's, taken as
-    given (as Hugging Face takes them)."""
-    position_ids = kwargs.get("position_ids")
-    if position_ids is not None and position_ids.shape[0] == 1 and int(position_ids.min()) == 0:
+    its sequences (DataCollatorWithFlattening's: one row without padding, even for one sequence), are shifted
+    there, so that packed sequences mean what they mean padded. The position ids of a batch of several rows, or of
+    a row holding padding tokens (never a packed row), are the caller's, taken as given (as Hugging Face takes
+    them)."""
+    position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    padded = input_ids is not None and bool((input_ids == embeddings.padding_idx).any())
+    if not padded and int(position_ids.min()) == 0:
         return args, {**kwargs, "position_ids": position_ids + embeddings.padding_idx + 1}
     return None
 

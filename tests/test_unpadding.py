@@ -502,6 +502,26 @@ def test_flattened_batches_equal_the_padded_ones(arch, start, rows, attention, r
         torch.testing.assert_close(flat_grad, grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_padded_row_with_position_ids_from_zero_is_not_a_packed_row(backend):
+    """RoBERTa shifts a packed row's position ids from 0 to padding_idx + 1; a row holding padding tokens is never
+    a packed row (the collator packs without padding): its ids are taken as given, as Hugging Face takes them."""
+    reference = MODELS["roberta"]().eval()
+    model = bitfit_fast.apply(copy.deepcopy(reference), backend=backend, announce=False).eval()
+    pad = reference.config.pad_token_id
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]], device=DEVICE)
+    ids = torch.randint(3, reference.config.vocab_size, (1, 6), device=DEVICE).masked_fill(mask == 0, pad)
+    positions = torch.arange(6, device=DEVICE)[None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits,
+                                   expected, **TOL)
+        # Without padding, the row may be the collator's: shifted, it is read as the padded batch reads it.
+        full = ids[:, :4]
+        shifted = reference(input_ids=full, position_ids=positions[:, :4] + pad + 1).logits
+        torch.testing.assert_close(model(input_ids=full, position_ids=positions[:, :4]).logits, shifted, **TOL)
+
+
 # fp32, then flash-attention's rule under autocast; bf16 on the kernels is GPU-only (no bf16 tl.dot interpreted).
 # The lean and minimal modes (which recompute from the packed rows) in fp32 and fp16 on either backend.
 @pytest.mark.parametrize("backend,precision,memory", [
