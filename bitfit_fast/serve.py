@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .checkpoint import RUN_CONFIG_NAME, DamagedCheckpointError, OtherBaseModelError, load_biases
 from .errors import UserError, first_line, quoted, quoted_keys
@@ -396,7 +397,9 @@ def export(path: str, output_dir: str) -> tuple[Path, str]:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)  # onto nothing or an empty directory: both renames are atomic
-    except OSError as error:  # a full disk, a lost mount
+    except (OSError, SafetensorError) as error:  # a full disk, a lost mount (safetensors: "I/O error: ...")
+        if isinstance(error, SafetensorError) and "I/O error" not in str(error):
+            raise
         raise UserError(f"{output_dir} could not be written ({first_line(error)}); nothing was written there") \
             from error
     finally:

@@ -21,6 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from safetensors import SafetensorError
 from test_trainer import WORDS, save_tiny_bert, topic_texts, write_csv
 
 from bitfit_fast import BitFitConfig, cli, server
@@ -383,6 +384,16 @@ def test_export_into_an_empty_directory_and_a_failed_write_leaves_nothing(home, 
     assert cli.main(["export", run, str(out)]) == 2
     assert capsys.readouterr().err == (f"bitfit-fast export: error: {out} could not be written ([Errno 28] No space "
                                        "left on device); nothing was written there\n")
+    assert not out.exists() and not [p for p in home.iterdir() if p.name.startswith(".exported")], "no temporary left"
+
+    def full_disk_in_the_weights(self, *args, **kwargs):  # safetensors' own error, not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full_disk_in_the_weights)
+    assert cli.main(["export", run, str(out)]) == 2
+    assert capsys.readouterr().err == (f"bitfit-fast export: error: {out} could not be written (Error while "
+                                       "serializing: I/O error: No space left on device (os error 28)); nothing was "
+                                       "written there\n")
     assert not out.exists() and not [p for p in home.iterdir() if p.name.startswith(".exported")], "no temporary left"
 
 

@@ -1,7 +1,9 @@
 """`bitfit-fast train` on a tiny local model and CSV data: outputs, exact resume, NaN stop, bad data, DDP."""
 
 import csv
+import errno
 import functools
+import io
 import json
 import os
 import random
@@ -9,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -487,6 +490,28 @@ def test_bad_data_fails_early_with_a_message_that_names_it(model_dir, tmp_path, 
     with pytest.raises(data.DataError, match=message):
         train(config(model_dir, dict(train_file=train_file, validation_file=valid), tmp_path))
     assert not (tmp_path / "run").exists(), "a run that fails to start leaves no directory"
+
+
+def test_a_disk_filling_up_while_a_checkpoint_is_written_is_the_oserror_it_is(monkeypatch):
+    """torch's zip writer, whose buffered writes to a full disk fail as it closes, raises a RuntimeError ("unexpected
+    pos ...") that hides the OSError: the CLI then printed a traceback for a full disk, not its one line."""
+
+    class FillingUp(io.RawIOBase):  # a disk with room for 60 kB
+        written = 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if self.written + len(data) > 60_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return len(data)
+
+    monkeypatch.setattr(run, "open", lambda path, mode: io.BufferedWriter(FillingUp()), raising=False)
+    with pytest.raises(OSError) as full:
+        run._save({"t": torch.zeros(100_000)}, Path("checkpoint.pt"))
+    assert full.value.errno == errno.ENOSPC
 
 
 def test_a_run_in_progress_keeps_another_from_starting_or_continuing_there(model_dir, files, tmp_path, monkeypatch):

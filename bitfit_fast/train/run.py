@@ -322,10 +322,15 @@ def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, histor
 
 
 def _save(state: dict, path: Path) -> None:
-    """torch.save through a Python file: a full disk is then the OSError it is (ENOSPC), where torch's own file
-    writer raised a RuntimeError that did not say so ("unexpected pos ...")."""
-    with open(path, "wb") as file:
-        torch.save(state, file)
+    """torch.save through a Python file, whose writes raise a full disk's OSError (ENOSPC); torch's zip writer then
+    fails as it closes, with a RuntimeError that does not say so ("unexpected pos ..."): the OSError is raised."""
+    try:
+        with open(path, "wb") as file:
+            torch.save(state, file)
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError):
+            raise error.__context__ from error
+        raise
 
 
 def _read_state(path: Path, mmap: bool = False) -> dict:
