@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -512,6 +513,24 @@ def test_a_disk_filling_up_while_a_checkpoint_is_written_is_the_oserror_it_is(mo
     with pytest.raises(OSError) as full:
         run._save({"t": torch.zeros(100_000)}, Path("checkpoint.pt"))
     assert full.value.errno == errno.ENOSPC
+
+
+def test_a_checkpoint_with_a_changed_byte_is_refused_not_resumed_from(tmp_path):
+    """torch.load reads a flipped bit of a tensor as it is (a resume trained on from damaged values); the archive's
+    checksums find it."""
+    path = tmp_path / CHECKPOINT_NAME
+    run._save({"trainable": {"bias": torch.arange(1000.0)}, "position": dict(epoch=1)}, path)
+    assert torch.equal(run._read_state(path)["trainable"]["bias"], torch.arange(1000.0))
+    with zipfile.ZipFile(path) as archive:
+        part = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data = bytearray(path.read_bytes())
+    header = 30 + int.from_bytes(data[part.header_offset + 26:part.header_offset + 28], "little") + \
+        int.from_bytes(data[part.header_offset + 28:part.header_offset + 30], "little")
+    data[part.header_offset + header + 401] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{path} could not be read \\(its part {part.filename} fails its checksum\\): "
+                                        "it is damaged"):
+        run._read_state(path)
 
 
 def test_a_run_in_progress_keeps_another_from_starting_or_continuing_there(model_dir, files, tmp_path, monkeypatch):

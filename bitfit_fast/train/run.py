@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import zipfile
 from pathlib import Path
 
 import torch
@@ -334,13 +335,27 @@ def _save(state: dict, path: Path) -> None:
 
 
 def _read_state(path: Path, mmap: bool = False) -> dict:
+    """The checkpoint's state; ``mmap``: its tensors mapped, not read (nor checked)."""
     try:
+        damaged = None if mmap else _failing_checksum(path)
+        if damaged is not None:  # torch.load reads a changed byte as it is: a resume would train on from it
+            raise ValueError(f"its part {damaged} fails its checksum")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except PermissionError:  # whole, but not this user's to read: the CLI says so, the run is not to be given up
         raise
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
         raise UserError(f"{path} could not be read ({first_line(error)}): it is damaged or was not written "
                         "by bitfit-fast train; start a new run in another --output-dir") from error
+
+
+def _failing_checksum(path: Path) -> str | None:
+    """The first part of a torch.save archive whose CRC-32 does not match its bytes, or None (also for a file
+    that is no zip archive: torch.load says what it is)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile:
+        return None
 
 
 def finished_summary(out: Path, epochs: int) -> dict | None:
