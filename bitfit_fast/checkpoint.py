@@ -92,8 +92,9 @@ def named_classes(label_names: list[str] | None) -> list[str] | None:
     return list(label_names)
 
 
-def _base_sample(record: dict) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
-    """The frozen weights' sampled values of a saved record: {name: (dtype, values in float64)}."""
+def read_base_sample(record: dict) -> dict[str, tuple[torch.dtype, torch.Tensor]]:
+    """The frozen weights' sampled values of a saved record (:func:`base_sample` under "base_sample"; none in
+    earlier versions' records): {name: (dtype, values in float64)}."""
     return {name: (floating_dtype(entry["dtype"]), torch.tensor(entry["values"], dtype=torch.float64))
             for name, entry in record.get("base_sample", {}).items()}
 
@@ -290,25 +291,31 @@ class Checkpoint:
         return f" ({self.base_model})" if self.base_model else ""
 
     def other_base_weight(self, model: nn.Module, sampled: dict[str, torch.Tensor] | None = None) -> str | None:
-        """A frozen weight of ``model`` whose values differ from those :func:`base_sample` kept of the base model
-        these biases were trained on, or None where there is none (as far as the checkpoint tells). Either side may
-        be a copy rounded to its dtype (``apply(dtype=...)``, a base loaded in bf16): values within a rounding of
-        the coarser dtype match; a base retrained by as little as one fp32 optimizer step does not. ``sampled``
-        keeps the model's values by name, for checking several checkpoints against one model."""
-        params = dict(unwrapped(model).named_parameters())
-        sampled = {} if sampled is None else sampled
-        for name, (dtype, saved) in self.base_sample.items():
-            param = params.get(name)
-            if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
-                continue
-            if name not in sampled:
-                sampled[name] = _sampled(param)
-            found = sampled[name]
-            formats = [torch.finfo(dtype), torch.finfo(param.dtype)]
-            relative, absolute = max(f.eps for f in formats), max(f.tiny for f in formats)  # tiny: flushed to 0
-            if ((found - saved).abs() > relative * torch.maximum(found.abs(), saved.abs()) + absolute).any():
-                return name
-        return None
+        """:func:`other_base_weight` of these biases' base model."""
+        return other_base_weight(model, self.base_sample, sampled)
+
+
+def other_base_weight(model: nn.Module, sample: dict[str, tuple[torch.dtype, torch.Tensor]],
+                      sampled: dict[str, torch.Tensor] | None = None) -> str | None:
+    """A frozen weight of ``model`` whose values differ from those ``sample`` (:func:`read_base_sample`) kept of
+    the base model trained on, or None where there is none (as far as the sample tells). Either side may be a copy
+    rounded to its dtype (``apply(dtype=...)``, a base loaded in bf16): values within a rounding of the coarser
+    dtype match; a base retrained by as little as one fp32 optimizer step does not. ``sampled`` keeps the model's
+    values by name, for checking several samples against one model."""
+    params = dict(unwrapped(model).named_parameters())
+    sampled = {} if sampled is None else sampled
+    for name, (dtype, saved) in sample.items():
+        param = params.get(name)
+        if param is None or param.is_meta or not param.numel():  # another architecture, refused elsewhere
+            continue
+        if name not in sampled:
+            sampled[name] = _sampled(param)
+        found = sampled[name]
+        formats = [torch.finfo(dtype), torch.finfo(param.dtype)]
+        relative, absolute = max(f.eps for f in formats), max(f.tiny for f in formats)  # tiny: flushed to 0
+        if ((found - saved).abs() > relative * torch.maximum(found.abs(), saved.abs()) + absolute).any():
+            return name
+    return None
 
 
 class OtherBaseModelError(ValueError):
@@ -349,7 +356,7 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, SafetensorError) as error:
         raise DamagedCheckpointError(directory, f" ({type(error).__name__}: {first_line(error)})") from error
     try:
-        base = _base_sample(record)
+        base = read_base_sample(record)
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: torch.tensor of strings
         raise DamagedCheckpointError(directory, f" (its base_sample: {first_line(error)})") from error
     recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions

@@ -515,6 +515,22 @@ def test_a_disk_filling_up_while_a_checkpoint_is_written_is_the_oserror_it_is(mo
     assert full.value.errno == errno.ENOSPC
 
 
+def test_a_run_resumed_on_a_base_model_of_other_weights_is_refused(model_dir, files, tmp_path):
+    """The model at the run's --model path changed (a file replaced, a hub revision): the biases trained on the old
+    weights would have trained on through the new ones, silently."""
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    train(config(str(base), files, tmp_path, epochs=1))
+    weights = base / "model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    tensors["encoder.layer.1.attention.self.value.weight"] += 0.05
+    safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"--resume: {tmp_path / 'run'} trained on another base model than this "
+                                        "--model: its bert.encoder.layer.1.attention.self.value.weight holds other "
+                                        "values; resume with the run's own base model"):
+        train(config(str(base), files, tmp_path, epochs=2, resume=True))
+
+
 def test_a_checkpoint_with_a_changed_byte_is_refused_not_resumed_from(tmp_path):
     """torch.load reads a flipped bit of a tensor as it is (a resume trained on from damaged values); the archive's
     checksums find it."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME
+from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME, base_sample, other_base_weight, read_base_sample
 from ..errors import UserError, first_line
 from ..files import atomic_write, check_can_write, is_temporary, write_json
 from .config import TrainConfig
@@ -309,15 +309,17 @@ class Progress:
 def save_checkpoint(path: Path, model, optimizer, scaler, position: dict, history: list, d: Dist,
                     progress: Progress) -> None:
     """Everything that continues the run exactly: trainable parameters, optimizer and scaler state, the data
-    ``position`` (epoch, batch, step), the ``history`` so far, every process's RNG state and ``progress``.
-    Collective: every process calls it, the main one writes."""
+    ``position`` (epoch, batch, step), the ``history`` so far, every process's RNG state and ``progress``; and a
+    sample of the frozen weights (``checkpoint.base_sample``), by which a resume knows its base model. Collective:
+    every process calls it, the main one writes."""
     own = dict(micro_batch_size=progress.micro_batch_size, tokens=progress.tokens)
     ranks = gather((rng_state(), own), d)  # every rank's, restored rank by rank on resume
     if d.main:
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         state = dict(trainable=trainable, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                      position=position, history=history, rng=[rng for rng, _ in ranks], world=d.world,
-                     progress=dict(data=progress.data, seconds=progress.seconds, ranks=[own for _, own in ranks]))
+                     progress=dict(data=progress.data, seconds=progress.seconds, ranks=[own for _, own in ranks]),
+                     base_sample=base_sample(model, trainable))
         atomic_write(path, lambda tmp: _save(state, tmp))
     barrier(d)
 
@@ -396,6 +398,11 @@ def load_checkpoint(path: Path, model, optimizer, scaler, d: Dist, data: dict) -
     was kept is not checked); returns (position, history, this process's progress or None)."""
     state = _read_state(path)
     _check_world(path, state, d.world)
+    weight = other_base_weight(model, read_base_sample(state))  # none sampled by an earlier bitfit-fast
+    if weight is not None:  # the frozen weights the biases work through: a run trained on others means nothing
+        raise UserError(f"--resume: {path.parent} trained on another base model than this --model: its {weight} "
+                        "holds other values; resume with the run's own base model, or start a new run in another "
+                        "--output-dir")
     progress = state.get("progress")
     if progress is not None:
         progress = Progress(progress["data"], progress["seconds"], **progress["ranks"][d.rank])
