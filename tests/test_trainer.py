@@ -735,6 +735,23 @@ def test_a_directory_holding_what_a_killed_save_left_names_it(model_dir, files, 
         train(config(model_dir, files, tmp_path, epochs=1))
 
 
+def test_a_run_killed_while_writing_its_first_checkpoint_says_what_it_holds_and_how_to_train_again(model_dir, files,
+                                                                                                    tmp_path):
+    """Its first epoch's biases/ are saved, its first checkpoint was not: the same command said "already holds a
+    run", and --resume that it was a finished --task-files task."""
+    train(config(model_dir, files, tmp_path, epochs=1))
+    out = tmp_path / "run"
+    for name in ("checkpoint.pt", "run_summary.json", "biases-last", "learning_curves.png"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    (out / ".checkpoint.tmp-99999.pt").write_bytes(b"cut")
+    for resume in (False, True):
+        with pytest.raises(UserError, match=f"{out} holds a run stopped while it wrote its first checkpoint: biases/ "
+                                            "holds its best epoch so far, but nothing continues it; "
+                                            ".checkpoint.tmp-99999.pt is what the kill left; to train again, remove "
+                                            f"{out} or choose another --output-dir"):
+            train(config(model_dir, files, tmp_path, epochs=2, resume=resume))
+
+
 def test_a_run_is_not_trained_inside_another_nor_over_saved_biases(model_dir, files, tmp_path):
     """As save_biases and export refuse to write inside a run: a new run in a run's subdirectory was trained. Nor
     where save_biases files are, which the run's would hide."""

@@ -93,6 +93,13 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
             raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: "
                             "choose a directory outside it")
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if _holds_saved(out / name)), None)
+    if saved == BEST_BIASES and not checkpoint.exists() and not _holds_saved(out / SUMMARY_NAME) \
+            and not _is_joint_task(out):  # killed (or out of disk) while writing its first checkpoint
+        killed = [name for name in sorted(p.name for p in out.iterdir()) if is_temporary(name)]
+        left = f"; {', '.join(killed)} is what the kill left" if killed else ""
+        raise UserError(f"{out} holds a run stopped while it wrote its first checkpoint: {BEST_BIASES}/ holds its "
+                        f"best epoch so far, but nothing continues it{left}; to train again, remove {out} or choose "
+                        "another --output-dir")
     if resume and not checkpoint.is_file():
         if saved is not None:  # a joint run's task: trained, but with no checkpoint to go on from
             raise UserError(f"--resume: {out} holds a finished run without a checkpoint ({saved}, no "
@@ -121,6 +128,14 @@ def check_empty(out: Path) -> None:
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
+
+
+def _is_joint_task(out: Path) -> bool:
+    """Whether ``out`` holds the record of a joint run's task (`--task-files`), which keeps no checkpoint."""
+    try:
+        return "joint_run" in json.loads((out / RUN_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _holds_saved(path: Path) -> bool:
