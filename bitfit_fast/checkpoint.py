@@ -59,6 +59,11 @@ def save_biases(model: nn.Module, save_directory: str | os.PathLike, *, into_run
                          "each task with bank.save_task(name, directory)")
     trained = trained_parameters(model)
     tensors = {name: param for name, param in model.named_parameters() if name in trained}
+    diverged = [name for name, param in tensors.items() if not torch.isfinite(param).all()]
+    if diverged:  # saved as they are (the user's to keep), but said: every output of the model is NaN
+        names = f"{', '.join(diverged[:2])}{' and more' if len(diverged) > 2 else ''}"
+        warnings.warn(f"save_biases: {names} {'holds' if len(diverged) == 1 else 'hold'} NaN or infinite values "
+                      "(training diverged?): the model they load into answers NaN", stacklevel=2)
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     return write_checkpoint(save_directory, tensors, config_of(model), state_of(model), type(model).__name__,
                             getattr(getattr(model, "config", None), "_name_or_path", None),
@@ -247,7 +252,8 @@ def load_biases(
 def _warn_if_rounded(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
     """Warns where saved values do not survive the model's parameters' dtype (fp32 biases onto a base cast to bf16):
     the model, and what it saves next, keep them rounded."""
-    rounded = [name for name, t in tensors.items() if not torch.equal(t.to(params[name].dtype).to(t.dtype), t)]
+    rounded = [name for name, t in tensors.items()  # NaN is itself: a diverged bias is not a rounded one
+               if not torch.allclose(t.to(params[name].dtype).to(t.dtype), t, rtol=0, atol=0, equal_nan=True)]
     if rounded:
         dtype = dtype_name(params[rounded[0]].dtype)
         more = f" and {len(rounded) - 2} more" if len(rounded) > 2 else ""

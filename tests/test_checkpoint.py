@@ -359,6 +359,21 @@ def test_biases_are_refused_on_another_base_model_of_the_same_shapes(tmp_path):
     bitfit_fast.load_biases(tiny_bert(), tmp_path / "biases")
 
 
+def test_diverged_biases_are_saved_and_loaded_as_they_are_and_said_to_be_nan(tmp_path):
+    """A bias holding NaN was saved without a word and, loaded in the same dtype, said to be rounded."""
+    base = tiny_bert()
+    model = bitfit_fast.apply(copy.deepcopy(base), announce=False)
+    with torch.no_grad():
+        model.classifier.bias[1] = float("nan")
+    with pytest.warns(UserWarning, match=r"save_biases: classifier.bias holds NaN or infinite values \(training "
+                                         r"diverged\?\)"):
+        bitfit_fast.save_biases(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing rounds: no warning
+        loaded = bitfit_fast.load_biases(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded.classifier.bias, model.classifier.bias, atol=0, rtol=0, equal_nan=True)
+
+
 def test_a_base_in_half_precision_matches_down_to_weights_below_its_range(tmp_path):
     base = tiny_bert()
     with torch.no_grad():  # as MiniLM's last LayerNorm, whose γ goes down to 1e-33: 0 in fp16
