@@ -306,9 +306,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_parameters(model_dir, files,
     assert killed.returncode == -9, "the process was SIGKILLed after step 5 (checkpoint of step 4 on disk)"
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
     assert (tmp_path / "killed" / run.LOCK_NAME).exists(), "SIGKILL left the lock file, its lock dropped"
+    (tmp_path / "killed" / ".checkpoint.tmp-99999.pt").write_bytes(b"cut")  # as a kill mid-save leaves
     resumed = _cli_train(model_dir, files, tmp_path / "killed", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
+    assert (f"note: .checkpoint.tmp-99999.pt in {tmp_path / 'killed'} is what a save killed before its rename left; "
+            "delete it") in resumed.stdout
     assert not (tmp_path / "killed" / run.LOCK_NAME).exists()
     expected, got = trained_params(tmp_path / "straight"), trained_params(tmp_path / "killed")
     assert expected.keys() == got.keys()

@@ -43,6 +43,7 @@ from .run import (
     claimed,
     load_checkpoint,
     save_checkpoint,
+    temporaries_in,
     write_run_config,
 )
 from .summary import TokenCounts, summarize
@@ -175,6 +176,9 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
         say(f"resumed from {checkpoint}: " + (f"its {config.epochs} epochs are trained; writing what it has left"
                                               if done else f"epoch {position['epoch'] + 1}, batch {position['batch']}, "
                                                            f"step {position['step']}"))
+        killed = temporaries_in(out)
+        if killed:
+            say(f"note: {', '.join(killed)} in {out} is what a save killed before its rename left; delete it")
     local = config.batch_size // d.world
     # A resume splits as the run did; on a GPU the search starts there and keeps that size where it still fits
     # (another --memory, a busier GPU may not).

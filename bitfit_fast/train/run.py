@@ -95,7 +95,7 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if _holds_saved(out / name)), None)
     if saved == BEST_BIASES and not checkpoint.exists() and not _holds_saved(out / SUMMARY_NAME) \
             and not _is_joint_task(out):  # killed (or out of disk) while writing its first checkpoint
-        killed = [name for name in sorted(p.name for p in out.iterdir()) if is_temporary(name)]
+        killed = temporaries_in(out)
         left = f"; {', '.join(killed)} is what the kill left" if killed else ""
         raise UserError(f"{out} holds a run stopped while it wrote its first checkpoint: {BEST_BIASES}/ holds its "
                         f"best epoch so far, but nothing continues it{left}; to train again, remove {out} or choose "
@@ -128,6 +128,14 @@ def check_empty(out: Path) -> None:
         # A run writes run_config.json, learning_curves.png, ... over whatever of that name is there.
         raise UserError(f"--output-dir {out} is not empty ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): "
                         "a run starts in a new or empty directory; choose another")
+
+
+def temporaries_in(out: Path) -> list[str]:
+    """What saves killed before their renames left in the run directory ``out`` (and its biases/ directories), by
+    path within it. Named for the user, not removed: a temporary may hold a whole checkpoint that was never
+    renamed."""
+    return [str(path.relative_to(out)) for directory in (out, out / BEST_BIASES, out / LAST_BIASES)
+            if directory.is_dir() for path in sorted(directory.iterdir()) if is_temporary(path.name)]
 
 
 def _is_joint_task(out: Path) -> bool:
