@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from .config import AppliedState, BitFitConfig, dtype_name, floating_dtype
 from .errors import first_line
-from .files import atomic_write_together, json_text
+from .files import atomic_write_together, is_temporary, json_text
 from .model import (
     apply,
     config_of,
@@ -367,8 +367,10 @@ def read_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         raise DamagedCheckpointError(directory, f" (its base_sample: {first_line(error)})") from error
     recorded = record.get("weights_sha256")  # absent in checkpoints of earlier versions
     if recorded is not None and recorded != hashlib.sha256(weights).hexdigest():
+        left = sorted(path.name for path in directory.iterdir() if is_temporary(path.name))
+        kept = f"; {', '.join(left)}, left by that save, hold the other file of each pair" if left else ""
         raise DamagedCheckpointError(directory, f": its {WEIGHTS_NAME} is not the one its {CONFIG_NAME} was saved "
-                                                "with (a save interrupted between the two?)")
+                                                f"with (a save interrupted between the two?{kept})")
     return Checkpoint(directory, config, state, record.get("model_class"), record.get("base_model"), tensors,
                       record.get("label_names"), base)
 
