@@ -472,18 +472,18 @@ def _read_all_tokens(encoder_path: str, model: nn.Module, args: tuple, kwargs: d
     model.get_submodule(encoder_path).first_token_only = False
 
 
-def _shift_positions_from_zero(embeddings: nn.Module, args: tuple, kwargs: dict):
+def _shift_positions_from_zero(base_model: nn.Module, args: tuple, kwargs: dict):
     """RoBERTa numbers positions from padding_idx + 1; a packed row's position ids, restarting at 0 for each of
-    its sequences (DataCollatorWithFlattening's: one row without padding, even for one sequence), are shifted
-    there, so that packed sequences mean what they mean padded. The position ids of a batch of several rows, or of
-    a row holding padding tokens (never a packed row), are the caller's, taken as given (as Hugging Face takes
-    them)."""
-    position_ids, input_ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+    its sequences (DataCollatorWithFlattening's: one row without an attention mask, even for one sequence), are
+    shifted there, so that packed sequences mean what they mean padded. The position ids of a batch of several
+    rows, or of a row whose attention mask masks padding (never a packed row), are the caller's, taken as given (as
+    Hugging Face takes them). A hook on the base model, whose forward sees the mask its embeddings do not."""
+    position_ids, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
     if position_ids is None or position_ids.shape[0] != 1:
         return None
-    padded = input_ids is not None and bool((input_ids == embeddings.padding_idx).any())
+    padded = mask is not None and mask.dim() == 2 and not bool(mask.all())
     if not padded and int(position_ids.min()) == 0:
-        return args, {**kwargs, "position_ids": position_ids + embeddings.padding_idx + 1}
+        return args, {**kwargs, "position_ids": position_ids + base_model.embeddings.padding_idx + 1}
     return None
 
 
@@ -506,7 +506,7 @@ def fuse(model: nn.Module, memory: str, first_token_head: bool) -> None:
                                     always_call=True)
     if encoders:
         for module in model.modules():
-            if type(module).__name__ in OFFSET_POSITION_EMBEDDINGS:
+            if type(getattr(module, "embeddings", None)).__name__ in OFFSET_POSITION_EMBEDDINGS:
                 module.register_forward_pre_hook(_shift_positions_from_zero, with_kwargs=True)
     if reads_padding(type(model).__name__):
         for module in model.modules():

@@ -504,8 +504,9 @@ def test_flattened_batches_equal_the_padded_ones(arch, start, rows, attention, r
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_padded_row_with_position_ids_from_zero_is_not_a_packed_row(backend):
-    """RoBERTa shifts a packed row's position ids from 0 to padding_idx + 1; a row holding padding tokens is never
-    a packed row (the collator packs without padding): its ids are taken as given, as Hugging Face takes them."""
+    """RoBERTa shifts a packed row's position ids from 0 to padding_idx + 1; a row whose attention mask masks
+    padding is never a packed row (the collator packs without a mask): its ids are taken as given, as Hugging Face
+    takes them. A packed row holding the padding token's id (a text's literal "<pad>") is still a packed row."""
     reference = MODELS["roberta"]().eval()
     model = bitfit_fast.apply(copy.deepcopy(reference), backend=backend, announce=False).eval()
     pad = reference.config.pad_token_id
@@ -517,7 +518,8 @@ def test_a_padded_row_with_position_ids_from_zero_is_not_a_packed_row(backend):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits,
                                    expected, **TOL)
         # Without padding, the row may be the collator's: shifted, it is read as the padded batch reads it.
-        full = ids[:, :4]
+        full = ids[:, :4].clone()
+        full[0, 2] = pad
         shifted = reference(input_ids=full, position_ids=positions[:, :4] + pad + 1).logits
         torch.testing.assert_close(model(input_ids=full, position_ids=positions[:, :4]).logits, shifted, **TOL)
 
