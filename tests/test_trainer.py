@@ -617,7 +617,8 @@ def test_a_csv_is_read_as_the_strings_it_holds(tmp_path):
     # The header as pandas names its columns: a written index (empty name), a repeated name, a blank first line.
     for header, columns in ((",text,label", ["Unnamed: 0", "text", "label"]),
                             ("text,text,label", ["text", "text.1", "label"]),
-                            ("\ntext,x,label", ["text", "x", "label"])):
+                            ("\ntext,x,label", ["text", "x", "label"]),
+                            (" \t\ntext,x,label", ["text", "x", "label"])):
         train_file.write_text(f"{header}\n" + "".join(f"{i},a b,{label}\n" for i, label in enumerate("xyx")))
         assert data.read_table(str(train_file)).column_names == columns
     # Labels are compared as written: 1.0 is another class than 1, and the message says so.

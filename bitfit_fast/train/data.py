@@ -330,7 +330,8 @@ def _csv_problem(path: Path, read_failed: bool = True) -> str | None:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)
-            header = next((row for row in rows if row), [])  # pandas skips blank lines, before the header too
+            # pandas skips blank lines (and lines of spaces), before the header too
+            header = next((row for row in rows if len(row) > 1 or row and row[0].strip()), [])
             start, row = rows.line_num + 1, []
             for row in rows:
                 row_start, start = start, rows.line_num + 1
