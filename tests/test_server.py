@@ -364,20 +364,23 @@ def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
 
 def test_requests_of_huge_texts_are_checked_one_at_a_time_and_keep_only_each_other_waiting():
     # Tokenising a text of megabytes takes seconds: four such requests once took every check thread, and a request
-    # of one word waited a minute. A body over large_request_bytes (here padded with JSON's whitespace) is checked
-    # in a thread of its own.
+    # of one word waited a minute. A request holding a string over large_text_chars is checked in a thread of its
+    # own; a batch of many short texts, however large its body, with the others.
     predictor = SlowCheckPredictor()
-    large = json.dumps(dict(task="upper", text="slow")).encode() + b" " * 200
-    with running(predictor, BatchingConfig(max_wait_ms=0, check_threads=1, large_request_bytes=200)) as url, \
+    large = dict(task="upper", text="slow", note="n" * 201)  # a long string: EchoPredictor reads only the text
+    many = {"inputs": [dict(task="length", text="quick")] * 300}  # 12 kB of short texts
+    with running(predictor, BatchingConfig(max_wait_ms=0, check_threads=1, large_text_chars=200)) as url, \
             concurrent.futures.ThreadPoolExecutor(2) as pool:
-        slow = [pool.submit(httpx.post, f"{url}/predict", content=large, timeout=60) for _ in range(2)]
+        slow = [pool.submit(httpx.post, f"{url}/predict", json=large, timeout=60) for _ in range(2)]
         assert predictor.slow_checks.acquire(timeout=30), "a large request's check started"
-        quick = [httpx.post(f"{url}/predict", json=dict(task="length", text="quick"), timeout=30) for _ in range(2)]
+        quick = [httpx.post(f"{url}/predict", json=body, timeout=30)
+                 for body in (dict(task="length", text="quick"), many)]
         assert not predictor.slow_checks.acquire(timeout=0.5), "the other large request waits its turn"
         predictor.release.set()
-        assert [answer.json()["answer"] for answer in quick] == [5, 5]
+        assert quick[0].json()["answer"] == 5
+        assert [answer["answer"] for answer in quick[1].json()["predictions"]] == [5] * 300
         assert [request.result().json()["answer"] for request in slow] == ["SLOW", "SLOW"]
-    assert predictor.texts == ["quick", "quick", "slow", "slow"]
+    assert predictor.texts == ["quick"] * 301 + ["slow", "slow"]
 
 
 def test_a_client_that_leaves_while_sending_its_request_is_not_an_error_of_the_server():
