@@ -571,6 +571,37 @@ def test_a_run_in_progress_keeps_another_from_starting_or_continuing_there(model
     assert (out / RUN_CONFIG_NAME).is_file() and not (out / run.LOCK_NAME).exists()
 
 
+def test_a_lock_taken_on_the_file_its_last_holder_removed_as_it_ended_is_taken_again(tmp_path, monkeypatch):
+    """A run removes its lock file (and the directory it made) as it ends: another that opened the file just before
+    locked a removed file, and went on beside a third, or into a directory no longer there."""
+    out = tmp_path / "run"
+    lock, locked = run._lock, []
+
+    def as_the_holder_ends(descriptor, where):
+        if not locked:
+            (out / run.LOCK_NAME).unlink()
+            out.rmdir()
+        locked.append(descriptor)
+        lock(descriptor, where)
+
+    monkeypatch.setattr(run, "_lock", as_the_holder_ends)
+    with run.claimed(out):
+        assert len(locked) == 2 and (out / run.LOCK_NAME).is_file(), "the file there now is locked"
+        monkeypatch.undo()
+        with pytest.raises(UserError, match="is in use"):
+            run.check_not_in_use(out)
+    assert not out.exists()
+
+
+def test_a_file_system_without_locks_trains_unlocked(model_dir, files, tmp_path, monkeypatch):
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run, "fcntl", types.SimpleNamespace(flock=no_locks, LOCK_EX=2, LOCK_NB=4))
+    train(config(model_dir, files, tmp_path, epochs=1))
+    assert (tmp_path / "run" / RUN_CONFIG_NAME).is_file() and not (tmp_path / "run" / run.LOCK_NAME).exists()
+
+
 def test_a_csv_ending_mid_line_loads_where_its_last_label_is_one_another_row_has(tmp_path):
     """Only a last line without a newline ending in a label no other row has looks cut short: a whole file may end
     so, a file may end with a unique label and a newline, and a cut with the label before the text cuts a text."""

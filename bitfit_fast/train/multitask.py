@@ -16,6 +16,7 @@ One process, no checkpoint to resume and no micro-batching: a joint run is meant
 model serves.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -113,7 +114,7 @@ def _check(config: TrainConfig, tasks: list[TaskFiles], device: torch.device) ->
 
 def _check_output_dir(out: Path, names: list[str], locked: bool = False) -> None:
     """``out`` and its tasks' directories (``names``) hold nothing a joint run would overwrite, and no other run
-    trains there; ``locked``: this process holds ``out`` (:func:`~bitfit_fast.train.run.claimed`)."""
+    trains there; ``locked``: this process holds them (:func:`~bitfit_fast.train.run.claimed`)."""
     if not locked:
         check_not_in_use(out)
     check_holds_no_run(out, resume=False)
@@ -121,7 +122,7 @@ def _check_output_dir(out: Path, names: list[str], locked: bool = False) -> None
     # starts again. Anything else there is another's, a lone single-task record too (eval would read it as the run).
     check_holds_only(out, set(names), "joint run")
     for name in names:  # a task's directory holds no run, or a record of this joint run's that stopped
-        check_output_dir(out / name, resume=False)
+        check_output_dir(out / name, resume=False, locked=locked)
 
 
 def _share_of_batches(example_task: list[str], lengths: list[int], config: TrainConfig) -> str:
@@ -145,8 +146,11 @@ def train_tasks(config: TrainConfig, tasks: list[TaskFiles], log=print) -> dict:
     d = Dist(device=default_device())
     _check(config, tasks, d.device)
     out = Path(config.output_dir)
-    with claimed(out):
-        _check_output_dir(out, [task.name for task in tasks], locked=True)  # again: another run may have written
+    names = [task.name for task in tasks]
+    with contextlib.ExitStack() as claims:  # the joint run's directory and its tasks', which a run may be given too
+        for directory in (out, *(out / name for name in names)):
+            claims.enter_context(claimed(directory))
+        _check_output_dir(out, names, locked=True)  # again: another run may have written there since
         return _train_tasks_claimed(config, tasks, log, d)
 
 

@@ -5,11 +5,17 @@ state and the data position), written atomically."""
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import zipfile
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from ..checkpoint import CONFIG_NAME, RUN_CONFIG_NAME, WEIGHTS_NAME, base_sample, other_base_weight, read_base_sample
 from ..errors import UserError, first_line
@@ -30,24 +36,45 @@ NOT_A_RUN_HINT = "pass the --output-dir of a `bitfit-fast train` run"
 LOCK_NAME = ".train.lock"
 
 
-def _lock(handle, out: Path) -> None:
-    """Take the lock of ``handle`` (an open lock file of ``out``), or one line saying another run holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
+def _lock(descriptor: int, out: Path) -> None:
+    """Take the lock of ``descriptor`` (an open lock file of ``out``), or one line saying another run holds it.
+    Where the system or the file system has no locks (Windows, some network mounts), nothing: runs go unlocked."""
+    if fcntl is None:
         return
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(f"--output-dir {out} is in use: another bitfit-fast train is running there; wait for it to "
                         "end, or choose another --output-dir") from None
+    except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+        return
+
+
+def _open_lock_file(out: Path, create: bool) -> int | None:
+    """A descriptor of ``out``'s lock file (created where ``create``), or None where there is none. Read-only: a
+    lock file that another user's run left is locked as well."""
+    try:
+        return os.open(out / LOCK_NAME, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+    except FileNotFoundError:
+        return None
+
+
+def _is_the_lock_file(descriptor: int, out: Path) -> bool:
+    """Whether ``descriptor`` is the file now at ``out``'s lock file path (a run removes its own as it ends)."""
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(out / LOCK_NAME))
+    except FileNotFoundError:
+        return False
 
 
 def check_not_in_use(out: Path) -> None:
     """Before anything loads: no other process trains in ``out`` now (see :func:`claimed`)."""
-    if (out / LOCK_NAME).is_file():
-        with open(out / LOCK_NAME, "a") as handle:
-            _lock(handle, out)  # released as it closes
+    descriptor = _open_lock_file(out, create=False)
+    if descriptor is not None:
+        try:
+            _lock(descriptor, out)
+        finally:
+            os.close(descriptor)  # and the lock with it
 
 
 @contextlib.contextmanager
@@ -55,17 +82,28 @@ def claimed(out: Path):
     """``out`` locked for this process's run (see LOCK_NAME), created where new. Whatever the run ends in, the lock
     file is removed, and so are the directories it created that it leaves empty (a run that fails to start leaves
     none behind). Check the directory again inside: another run may have written there before the lock."""
-    created = [path for path in (out, *out.parents) if not path.exists()]
-    out.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
     try:
-        with open(out / LOCK_NAME, "a") as handle:
-            _lock(handle, out)
+        while True:
+            created += [path for path in (out, *out.parents) if not path.exists() and path not in created]
+            out.mkdir(parents=True, exist_ok=True)
+            descriptor = _open_lock_file(out, create=True)
             try:
-                yield
-            finally:
-                (out / LOCK_NAME).unlink(missing_ok=True)
+                _lock(descriptor, out)
+            except BaseException:
+                os.close(descriptor)
+                raise
+            if _is_the_lock_file(descriptor, out):
+                break
+            os.close(descriptor)  # the run that held it removed that file as it ended (and maybe out): again
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):  # gone, or another user's in a sticky directory
+                (out / LOCK_NAME).unlink()
+            os.close(descriptor)
     finally:
-        for directory in created:  # deepest first
+        for directory in sorted(created, key=lambda path: len(path.parts), reverse=True):
             with contextlib.suppress(OSError):  # not empty: the run's
                 directory.rmdir()
 
@@ -93,8 +131,9 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
             raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: "
                             "choose a directory outside it")
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if _holds_saved(out / name)), None)
+    # Killed (or out of disk) while writing its first checkpoint: its first epoch's biases saved, nothing else.
     if saved == BEST_BIASES and not checkpoint.exists() and not _holds_saved(out / SUMMARY_NAME) \
-            and not _is_joint_task(out):  # killed (or out of disk) while writing its first checkpoint
+            and is_run_record(out / RUN_CONFIG_NAME) and not _is_joint_task(out):
         killed = temporaries_in(out)
         left = f"; {', '.join(killed)} is what the kill left" if killed else ""
         raise UserError(f"{out} holds a run stopped while it wrote its first checkpoint: {BEST_BIASES}/ holds its "
