@@ -55,7 +55,7 @@ def _open_lock_file(out: Path, create: bool) -> int | None:
     lock file that another user's run left is locked as well."""
     try:
         return os.open(out / LOCK_NAME, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no directory, or a file there: the checks after say so
         return None
 
 
