@@ -593,6 +593,20 @@ def test_a_lock_taken_on_the_file_its_last_holder_removed_as_it_ended_is_taken_a
     assert not out.exists()
 
 
+def test_the_lock_file_is_open_for_writing_as_nfs_locks_ask(tmp_path, monkeypatch):
+    """NFS takes flock as a lock of the whole file, which it grants on a file open for writing only (EBADF, which
+    was taken for a file system without locks: two runs trained on in one directory)."""
+    real, modes = run.fcntl, []
+
+    def flock(descriptor, operation):
+        modes.append(real.fcntl(descriptor, real.F_GETFL) & os.O_ACCMODE)
+        real.flock(descriptor, operation)
+
+    monkeypatch.setattr(run, "fcntl", types.SimpleNamespace(flock=flock, LOCK_EX=real.LOCK_EX, LOCK_NB=real.LOCK_NB))
+    with run.claimed(tmp_path / "run"):
+        assert modes == [os.O_RDWR]
+
+
 def test_a_file_system_without_locks_trains_unlocked(model_dir, files, tmp_path, monkeypatch):
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")

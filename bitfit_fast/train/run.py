@@ -4,6 +4,7 @@ state and the data position), written atomically."""
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -46,15 +47,25 @@ def _lock(descriptor: int, out: Path) -> None:
     except BlockingIOError:
         raise UserError(f"--output-dir {out} is in use: another bitfit-fast train is running there; wait for it to "
                         "end, or choose another --output-dir") from None
-    except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-        return
+    except OSError as error:
+        if error.errno not in NO_LOCKS:
+            raise
+
+
+# What flock raises on a file system without locks.
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
 
 def _open_lock_file(out: Path, create: bool) -> int | None:
-    """A descriptor of ``out``'s lock file (created where ``create``), or None where there is none. Read-only: a
-    lock file that another user's run left is locked as well."""
+    """A descriptor of ``out``'s lock file (created where ``create``), or None where there is none. Opened to write
+    (NFS locks only such a file), else, another user's, to read."""
+    path = out / LOCK_NAME
+    flags = os.O_CREAT if create else 0
     try:
-        return os.open(out / LOCK_NAME, os.O_RDONLY | (os.O_CREAT if create else 0), 0o666)
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o666)
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | flags, 0o666)
     except (FileNotFoundError, NotADirectoryError):  # no directory, or a file there: the checks after say so
         return None
 
@@ -77,6 +88,22 @@ def check_not_in_use(out: Path) -> None:
             os.close(descriptor)  # and the lock with it
 
 
+def _make_directories(out: Path, created: list[Path]) -> None:
+    """``out`` and its missing parents, each one this process makes added to ``created``. FileNotFoundError where
+    a parent was removed meanwhile (by a run that failed to start)."""
+    for path in reversed((out, *out.parents)):
+        if path.is_dir():
+            continue
+        try:
+            path.mkdir()
+            created.append(path)
+        except FileExistsError:
+            if not path.exists():  # removed again as soon as made
+                raise FileNotFoundError(path) from None
+            if not path.is_dir():
+                raise
+
+
 @contextlib.contextmanager
 def claimed(out: Path):
     """``out`` locked for this process's run (see LOCK_NAME), created where new. Whatever the run ends in, the lock
@@ -84,10 +111,14 @@ def claimed(out: Path):
     none behind). Check the directory again inside: another run may have written there before the lock."""
     created: list[Path] = []
     try:
-        while True:
-            created += [path for path in (out, *out.parents) if not path.exists() and path not in created]
-            out.mkdir(parents=True, exist_ok=True)
+        while True:  # again where a run that held out, ending, removed its lock file or out itself meanwhile
+            try:
+                _make_directories(out, created)
+            except FileNotFoundError:
+                continue
             descriptor = _open_lock_file(out, create=True)
+            if descriptor is None:
+                continue
             try:
                 _lock(descriptor, out)
             except BaseException:
@@ -95,7 +126,7 @@ def claimed(out: Path):
                 raise
             if _is_the_lock_file(descriptor, out):
                 break
-            os.close(descriptor)  # the run that held it removed that file as it ended (and maybe out): again
+            os.close(descriptor)
         try:
             yield
         finally:
@@ -104,7 +135,7 @@ def claimed(out: Path):
             os.close(descriptor)
     finally:
         for directory in sorted(created, key=lambda path: len(path.parts), reverse=True):
-            with contextlib.suppress(OSError):  # not empty: the run's
+            with contextlib.suppress(OSError):  # not empty: the run's (or made again by another run)
                 directory.rmdir()
 
 
