@@ -47,6 +47,7 @@ does not cover (cross-attention, caches, attention weights) runs the original fo
 """
 
 import functools
+import inspect
 
 import torch
 import torch.nn as nn
@@ -478,13 +479,29 @@ def _shift_positions_from_zero(base_model: nn.Module, args: tuple, kwargs: dict)
     shifted there, so that packed sequences mean what they mean padded. The position ids of a batch of several
     rows, or of a row whose attention mask masks padding (never a packed row), are the caller's, taken as given (as
     Hugging Face takes them). A hook on the base model, whose forward sees the mask its embeddings do not."""
-    position_ids, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
-    if position_ids is None or position_ids.shape[0] != 1:
+    bound = _forward_signature(type(base_model)).bind_partial(base_model, *args, **kwargs)
+    position_ids = bound.arguments.get("position_ids")
+    if position_ids is None or position_ids.shape[0] != 1 or _masks_padding(bound.arguments.get("attention_mask")):
         return None
-    padded = mask is not None and mask.dim() == 2 and not bool(mask.all())
-    if not padded and int(position_ids.min()) == 0:
-        return args, {**kwargs, "position_ids": position_ids + base_model.embeddings.padding_idx + 1}
-    return None
+    if int(position_ids.min()) != 0:
+        return None
+    bound.arguments["position_ids"] = position_ids + base_model.embeddings.padding_idx + 1
+    return bound.args[1:], bound.kwargs
+
+
+@functools.cache
+def _forward_signature(model_class: type) -> inspect.Signature:
+    return inspect.signature(model_class.forward)
+
+
+def _masks_padding(mask: torch.Tensor | None) -> bool:
+    """Whether an attention mask masks a key from every query (padding): [B, T] of 1 and 0 (or bool), or a [B, 1,
+    Tq, Tk] mask, boolean or additive (negative where masked), which a block-diagonal mask of packed sequences is
+    not."""
+    if mask is None:
+        return False
+    masked = mask < 0 if mask.dim() > 2 and mask.is_floating_point() else mask == 0
+    return bool((masked.all(dim=-2) if mask.dim() > 2 else masked).any())
 
 
 _HOOKS = (_read_first_tokens_only, _read_all_tokens, _shift_positions_from_zero)

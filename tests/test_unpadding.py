@@ -522,6 +522,15 @@ def test_a_padded_row_with_position_ids_from_zero_is_not_a_packed_row(backend):
         full[0, 2] = pad
         shifted = reference(input_ids=full, position_ids=positions[:, :4] + pad + 1).logits
         torch.testing.assert_close(model(input_ids=full, position_ids=positions[:, :4]).logits, shifted, **TOL)
+        # The base model called with its arguments in order, and a [B, 1, Tq, Tk] mask, boolean or additive.
+        expected = reference.roberta(ids, mask, None, positions).last_hidden_state[mask.bool()]
+        got = model.roberta(ids, mask, None, positions).last_hidden_state[mask.bool()]
+        torch.testing.assert_close(got, expected, **TOL)
+        keys = mask[:, None, None, :].expand(1, 1, 6, 6)
+        for mask_4d in (keys.bool(), (1.0 - keys.float()) * torch.finfo(torch.float32).min):
+            expected = reference.roberta(ids, mask_4d, position_ids=positions).last_hidden_state[mask.bool()]
+            got = model.roberta(ids, mask_4d, position_ids=positions).last_hidden_state[mask.bool()]
+            torch.testing.assert_close(got, expected, **TOL)
 
 
 # fp32, then flash-attention's rule under autocast; bf16 on the kernels is GPU-only (no bf16 tl.dot interpreted).
