@@ -19,9 +19,9 @@ predictor refuses, 413 a body over ``max_request_bytes`` or more examples than t
 503 a full queue (retry), 500 a failed prediction, 404 and 405 another route or method. A body is read no further
 than ``max_request_bytes``; the rest of a refused body is read and dropped (up to ``drain_bytes``), so that a
 client that sends it whole before reading gets the 413, not a reset connection. The examples are checked (tokenised) in
-``check_threads`` threads of their own, several requests at once, and a request holding a string of more than
-``large_text_chars`` characters in one more thread, one such request at a time: huge texts keep only each other
-waiting, never other requests nor the batches.
+``check_threads`` threads of their own, several requests at once, and a request whose strings hold more than
+``large_text_chars`` characters in all in one more thread, one such request at a time: huge texts keep only each
+other waiting, never other requests nor the batches.
 """
 
 import asyncio
@@ -69,9 +69,9 @@ class BatchingConfig:
     max_queue: int = 1024  # examples waiting; beyond it requests get 503 until the queue drains
     max_request_bytes: int = 8 * 2**20  # a larger body gets 413 before it is read whole
     check_threads: int = 4  # requests checked (tokenised) at once; the others wait their turn, the batches never
-    # A request holding a longer string is checked in a thread of its own, one at a time (tokenising megabytes takes
-    # seconds): requests of huge texts wait for each other, never take the threads of the others (a batch of many
-    # short texts, however large its body, is checked with the others).
+    # A request whose strings hold more characters in all is checked in a thread of its own, one at a time
+    # (tokenising megabytes takes seconds): requests of huge texts wait for each other, never take the threads of
+    # the others. Counted in characters, not bytes: a body of JSON's whitespace or escapes costs no tokenising.
     large_text_chars: int = 64 * 2**10
     # Of a refused body, how much is read and dropped before the 413 (each part arriving within drain_wait_s): a
     # client that sends its whole body before reading the answer (urllib, requests) would otherwise have the
@@ -286,9 +286,9 @@ def build_app(predictor: Predictor, config: BatchingConfig | None = None):
             return checked
 
         # Tokenising a long text: the event loop serves others meanwhile.
-        longest = max((len(value) for example in examples if isinstance(example, dict)
-                       for value in example.values() if isinstance(value, str)), default=0)
-        checking = state["checking_large" if longest > config.large_text_chars else "checking"]
+        characters = sum(len(value) for example in examples if isinstance(example, dict)
+                         for value in example.values() if isinstance(value, str))
+        checking = state["checking_large" if characters > config.large_text_chars else "checking"]
         checked = await asyncio.get_running_loop().run_in_executor(checking, check)
         if not isinstance(checked, list):
             return checked

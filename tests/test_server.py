@@ -364,12 +364,12 @@ def test_a_slow_check_keeps_its_own_request_waiting_not_the_others():
 
 def test_requests_of_huge_texts_are_checked_one_at_a_time_and_keep_only_each_other_waiting():
     # Tokenising a text of megabytes takes seconds: four such requests once took every check thread, and a request
-    # of one word waited a minute. A request holding a string over large_text_chars is checked in a thread of its
-    # own; a batch of many short texts, however large its body, with the others.
+    # of one word waited a minute. A request of more than large_text_chars characters of text in all is checked in
+    # a thread of its own; a batch of short texts whose body is larger for JSON's whitespace, with the others.
     predictor = SlowCheckPredictor()
-    large = dict(task="upper", text="slow", note="n" * 201)  # a long string: EchoPredictor reads only the text
-    many = {"inputs": [dict(task="length", text="quick")] * 300}  # 12 kB of short texts
-    with running(predictor, BatchingConfig(max_wait_ms=0, check_threads=1, large_text_chars=200)) as url, \
+    large = dict(task="upper", text="slow", note="n" * 2000)  # many characters: EchoPredictor reads only the text
+    many = {"inputs": [dict(task="length", text="quick")] * 100}  # 1,100 characters in 4 kB of JSON
+    with running(predictor, BatchingConfig(max_wait_ms=0, check_threads=1, large_text_chars=1600)) as url, \
             concurrent.futures.ThreadPoolExecutor(2) as pool:
         slow = [pool.submit(httpx.post, f"{url}/predict", json=large, timeout=60) for _ in range(2)]
         assert predictor.slow_checks.acquire(timeout=30), "a large request's check started"
@@ -378,9 +378,9 @@ def test_requests_of_huge_texts_are_checked_one_at_a_time_and_keep_only_each_oth
         assert not predictor.slow_checks.acquire(timeout=0.5), "the other large request waits its turn"
         predictor.release.set()
         assert quick[0].json()["answer"] == 5
-        assert [answer["answer"] for answer in quick[1].json()["predictions"]] == [5] * 300
+        assert [answer["answer"] for answer in quick[1].json()["predictions"]] == [5] * 100
         assert [request.result().json()["answer"] for request in slow] == ["SLOW", "SLOW"]
-    assert predictor.texts == ["quick"] * 301 + ["slow", "slow"]
+    assert predictor.texts == ["quick"] * 101 + ["slow", "slow"]
 
 
 def test_a_client_that_leaves_while_sending_its_request_is_not_an_error_of_the_server():
