@@ -329,12 +329,12 @@ def _csv_problem(path: Path, read_failed: bool = True) -> str | None:
     csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
+            skipped = _skip_blank_lines(f)  # as pandas does, before the header too
             rows = csv.reader(f)
-            # pandas skips blank lines (and lines of spaces), before the header too
-            header = next((row for row in rows if len(row) > 1 or row and row[0].strip()), [])
-            start, row = rows.line_num + 1, []
+            header = next(rows, [])
+            start, row = skipped + rows.line_num + 1, []
             for row in rows:
-                row_start, start = start, rows.line_num + 1
+                row_start, start = start, skipped + rows.line_num + 1
                 if len(row) > len(header):
                     return (f"line {row_start} has {len(row)} fields where the header has {len(header)} (a comma "
                             "in a text needs the text in double quotes)")
@@ -345,6 +345,18 @@ def _csv_problem(path: Path, read_failed: bool = True) -> str | None:
     finally:
         csv.field_size_limit(limit)
     return None
+
+
+def _skip_blank_lines(f) -> int:
+    """Reads past the lines of ``f`` that pandas skips before a CSV's header (empty, or of spaces and tabs only:
+    not a quoted space, nor other whitespace); returns how many."""
+    skipped = 0
+    while True:
+        place, line = f.tell(), f.readline()
+        if not line or line.strip(" \t\r\n"):
+            f.seek(place)
+            return skipped
+        skipped += 1
 
 
 def _json_problem(path: Path) -> str | None:
