@@ -59,12 +59,12 @@ class EchoPredictor:
 
 @contextlib.contextmanager
 def running(predictor, config: BatchingConfig):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    listening = socket.socket()  # bound here and handed over: no other process takes the port in between
+    listening.bind(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(build_app(predictor, config), host="127.0.0.1", port=port,
                                            log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[listening]), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -75,6 +75,7 @@ def running(predictor, config: BatchingConfig):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        listening.close()
         assert not thread.is_alive(), "the server did not stop"
 
 
