@@ -474,9 +474,6 @@ def _resume_hint(args) -> str:
     checkpoint = out / CHECKPOINT_NAME
     if checkpoint.is_file():
         return f"; the same command with --resume continues from its last checkpoint, {checkpoint}"
-    if (out / BEST_BIASES).is_dir():  # its first checkpoint failed after the epoch's biases were saved
-        return (f"; it wrote no checkpoint to continue from, and {out / BEST_BIASES} holds its best epoch so far: to "
-                f"train again, remove {out} or choose another --output-dir")
     return "; it stopped before its first checkpoint: the same command starts it again" if out.is_dir() else ""
 
 

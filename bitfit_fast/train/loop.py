@@ -196,6 +196,15 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
                              tuple(task.text_columns), task.label_column), task.name)
     first_split, metric = next(iter(task.validation)), task.metrics[0]
 
+    def save_if_best() -> None:
+        """Saves the biases as `biases/` where the epoch just scored is the best. After the epoch's checkpoint: the
+        biases saved never belong to an epoch the checkpoint does not hold (saved before it, a kill in between
+        left them to an epoch that a resume with other options might redo and score lower)."""
+        if d.main and config.saves_biases and history and best_evaluation(history, first_split, metric) is history[-1]:
+            save_biases(model, out / BEST_BIASES, into_run=True)
+    if config.resume and position["batch"] == 0:  # a kill may have come between the checkpoint and its biases
+        save_if_best()
+
     lengths = [len(ids) for ids in train_data.input_ids]
     step = position["step"]
     for epoch in range(position["epoch"], config.epochs):
@@ -264,11 +273,9 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
         history.append(dict(step=step, epoch=epoch + 1, validation=scores))
         say(f"epoch {epoch + 1}: " + " | ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
                                                  for split, m in scores.items()))
-        # Before the checkpoint: a run killed in between redoes this epoch, and saves these biases again.
-        if d.main and config.saves_biases and best_evaluation(history, first_split, metric) is history[-1]:
-            save_biases(model, out / BEST_BIASES, into_run=True)
         save_checkpoint(checkpoint, model, optimizer, scaler, dict(epoch=epoch + 1, batch=0, step=step), history, d,
                         progress_now())
+        save_if_best()
         position = dict(epoch=epoch + 1, batch=0, step=step)
 
     summary = summarize(config, task, model, history, start_time, tokens, d, params_in_sync(model, d), micro)

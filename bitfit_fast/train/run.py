@@ -162,14 +162,6 @@ def check_holds_no_run(out: Path, resume: bool) -> None:
             raise UserError(f"--output-dir {out} is inside the run {run}, whose files only its training writes: "
                             "choose a directory outside it")
     saved = next((name for name in (BEST_BIASES, LAST_BIASES, SUMMARY_NAME) if _holds_saved(out / name)), None)
-    # Killed (or out of disk) while writing its first checkpoint: its first epoch's biases saved, nothing else.
-    if saved == BEST_BIASES and not checkpoint.exists() and not _holds_saved(out / SUMMARY_NAME) \
-            and is_run_record(out / RUN_CONFIG_NAME) and not _is_joint_task(out):
-        killed = temporaries_in(out)
-        left = f"; {', '.join(killed)} is what the kill left" if killed else ""
-        raise UserError(f"{out} holds a run stopped while it wrote its first checkpoint: {BEST_BIASES}/ holds its "
-                        f"best epoch so far, but nothing continues it{left}; to train again, remove {out} or choose "
-                        "another --output-dir")
     if resume and not checkpoint.is_file():
         if saved is not None:  # a joint run's task: trained, but with no checkpoint to go on from
             raise UserError(f"--resume: {out} holds a finished run without a checkpoint ({saved}, no "
@@ -206,14 +198,6 @@ def temporaries_in(out: Path) -> list[str]:
     renamed."""
     return [str(path.relative_to(out)) for directory in (out, out / BEST_BIASES, out / LAST_BIASES)
             if directory.is_dir() for path in sorted(directory.iterdir()) if is_temporary(path.name)]
-
-
-def _is_joint_task(out: Path) -> bool:
-    """Whether ``out`` holds the record of a joint run's task (`--task-files`), which keeps no checkpoint."""
-    try:
-        return "joint_run" in json.loads((out / RUN_CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _holds_saved(path: Path) -> bool:
