@@ -207,13 +207,11 @@ def _without_tokens(tokenizer, encoded, texts: tuple[str, ...]) -> bool:
 
 def _first_without_tokens(tokenizer, texts: list[tuple[str, ...]]) -> int | None:
     """The index of the first example one of whose texts gives no token (only spaces, or characters its tokenizer
-    drops, such as zero-width spaces), or None. Only texts without a letter or digit are tokenised: any other gives
-    a token, if only the unknown one."""
-    for index, example in enumerate(texts):
-        if any(not any(c.isalnum() for c in text) and not tokenizer(text, add_special_tokens=False)["input_ids"]
-               for text in example):
-            return index
-    return None
+    drops, such as zero-width spaces), or None. Every text is tokenised: a letter is no token where the tokenizer's
+    normaliser drops it (NFKD and accent stripping, as ALBERT's does, leave of U+FE70 only a space)."""
+    without = [index for column in zip(*texts)
+               for index, ids in enumerate(tokenizer(list(column), add_special_tokens=False)["input_ids"]) if not ids]
+    return min(without, default=None)
 
 
 def serving_precision(runs, device: torch.device) -> str:

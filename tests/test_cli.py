@@ -266,6 +266,23 @@ def test_predict_reads_parquet(home, runs, capsys):
     check_predictions(capsys.readouterr().out, ["premise", "hypothesis"], 3)
 
 
+def test_predict_finds_texts_whose_letters_the_tokenizer_normalises_away():
+    """U+FE70 is a letter that NFKD turns into a space and an accent, which accent stripping (ALBERT's normaliser)
+    drops: no token. Only texts without a letter or digit were tokenised, and it was answered from [CLS] [SEP]."""
+    import tokenizers
+
+    from bitfit_fast.serve import _first_without_tokens
+
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "goal": 1}, unk_token="[UNK]"))
+    model.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.NFKD(),
+                                                        tokenizers.normalizers.StripAccents()])
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]")
+    assert "\ufe70".isalnum() and tokenizer("\ufe70 x")["input_ids"] == [0]
+    assert _first_without_tokens(tokenizer, [("goal", "goal"), ("goal x", "\ufe70"), ("\ufe70", "goal")]) == 1
+    assert _first_without_tokens(tokenizer, [("goal",), ("\ufe70 x",)]) is None
+
+
 def test_predict_into_a_reader_that_stops_ends_quietly(home, runs):
     """`bitfit-fast predict ... | head -1`: the pipe closes before predict writes; no traceback, the status of a
     command ended by SIGPIPE."""
