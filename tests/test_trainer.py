@@ -607,6 +607,20 @@ def test_the_lock_file_is_open_for_writing_as_nfs_locks_ask(tmp_path, monkeypatc
         assert modes == [os.O_RDWR]
 
 
+def test_an_output_dir_through_a_link_to_nowhere_is_refused_in_one_line(model_dir, files, tmp_path):
+    """A symbolic link whose target was removed (scratch space cleaned): the claim's loop took it for a directory
+    removed as soon as made, and tried again for ever."""
+    link = tmp_path / "scratch"
+    link.symlink_to(tmp_path / "removed")
+    for out in (link, link / "run"):
+        with pytest.raises(UserError, match=f"--output-dir {out} cannot be created: {link} is a symbolic link to "
+                                            f"{tmp_path / 'removed'}, which does not exist; create that directory"):
+            train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(out)))
+        with pytest.raises(FileExistsError), run.claimed(out):
+            pass
+    assert not (tmp_path / "removed").exists()
+
+
 def test_a_file_system_without_locks_trains_unlocked(model_dir, files, tmp_path, monkeypatch):
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")

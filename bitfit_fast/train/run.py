@@ -98,7 +98,7 @@ def _make_directories(out: Path, created: list[Path]) -> None:
             path.mkdir()
             created.append(path)
         except FileExistsError:
-            if not path.exists():  # removed again as soon as made
+            if not path.exists() and not path.is_symlink():  # removed again as soon as made
                 raise FileNotFoundError(path) from None
             if not path.is_dir():
                 raise
