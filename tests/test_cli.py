@@ -436,13 +436,13 @@ def test_serve_options_reach_the_server(home, runs, monkeypatch):
     monkeypatch.setattr(server, "build_app", lambda predictor, config: served.update(
         config=config, truncate=predictor.truncate) or "app")
     monkeypatch.setattr("uvicorn.run", lambda app, host, port, **kwargs: served.update(app=app, host=host, port=port))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    # Checked, not listened on: a port found free here could be taken by another test process before the check.
+    monkeypatch.setattr(cli, "_check_listenable", lambda host, port: served.update(checked=(host, port)))
+    port = 8765
     assert cli.main(["serve", str(home / "runs" / "one"), "--port", str(port), "--max-batch-size", "3",
                      "--max-wait-ms", "0", "--max-queue", "7", "--max-request-bytes", "1000", "--truncate"]) == 0
     assert served == dict(config=server.BatchingConfig(3, 0.0, 7, 1000), truncate=True, app="app", host="127.0.0.1",
-                          port=port)
+                          port=port, checked=("127.0.0.1", port))
     assert cli.main(["serve", str(home / "runs" / "one"), "--port", str(port)]) == 0
     assert served["config"] == server.BatchingConfig() and served["truncate"] is False
 
