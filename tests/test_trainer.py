@@ -767,6 +767,40 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples
     assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]), "the ranks draw the same dropout masks"
 
 
+def test_three_processes_split_batches_unevenly_and_resume_a_kill_to_the_same_parameters(model_dir_no_dropout, files,
+                                                                                          tmp_path):
+    """torchrun with 3 CPU processes and batches of 8 (shares of 3, 3 and 2): the result equals one process's, and a
+    run whose every process is SIGKILLed after step 5 resumes to the uninterrupted run's parameters, to the bit.
+    --batch-size had to be a multiple of the processes; and DistributedDataParallel's buckets, rebuilt in the
+    backward's order after a run's first step, rounded a resumed run's first step otherwise (3+ processes)."""
+    model_dir = model_dir_no_dropout  # the ranks draw their own dropout masks: one process would draw others
+    (tmp_path / "killed.py").write_text(KILLED_AFTER_STEP_5)
+    common = ["train", "--model", model_dir, "--train-file", files["train_file"], "--validation-file",
+              files["validation_file"], "--epochs", "2", "--batch-size", "8", "--backend", "torch", "--no-progress",
+              "--save-every", "2", "--lr", "1e-2"]
+
+    def torchrun(program, out, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                               *program, *common, "--output-dir", str(out), *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    single = _cli_train(model_dir, files, tmp_path / "one", "--save-every", "2", "--lr", "1e-2")
+    assert single.returncode == 0, single.stderr
+    straight = torchrun(["-m", "bitfit_fast.cli"], tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert json.loads((tmp_path / "straight" / "run_summary.json").read_text())["ranks_in_sync"]
+    killed = torchrun([str(tmp_path / "killed.py")], tmp_path / "killed")
+    assert killed.returncode != 0
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["position"]["step"] == 4
+    resumed = torchrun(["-m", "bitfit_fast.cli"], tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, expected, got = (trained_params(tmp_path / name) for name in ("one", "straight", "killed"))
+    assert expected.keys() == got.keys() == one.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+        torch.testing.assert_close(expected[name], one[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_learning_rate_sweep_reports_the_best(model_dir, files, tmp_path):
     said = []
     record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=(1e-4, 1e-2), log=said.append)

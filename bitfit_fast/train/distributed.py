@@ -50,6 +50,34 @@ def all_reduce_sum(value: float, d: Dist) -> float:
     return t.item()
 
 
+def broadcast_from_main(params: list[torch.Tensor], d: Dist) -> None:
+    """Every process's ``params`` set to the main process's, as DistributedDataParallel sets them when it wraps a
+    model: whatever each process initialised, they train the same values."""
+    if d.world > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
+def sum_gradients(params: list[torch.Tensor], d: Dist) -> None:
+    """Each gradient of ``params`` replaced by its sum over all processes (a process that computed none adds zeros;
+    one that no process computed stays None, as the optimizer skips it in one process): one all-reduce of them
+    flattened in a fixed order per dtype, so that an element is added in the same order at every step.
+    DistributedDataParallel rebuilds its buckets in the backward's order after the first step: with 3 or more
+    processes a resumed run's first step then rounded otherwise than the uninterrupted run's. BitFit's gradients are
+    few; one buffer of them costs little."""
+    if d.world == 1:
+        return
+    for dtype in dict.fromkeys(p.dtype for p in params):
+        group = [p for p in params if p.dtype == dtype]
+        computed = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=group[0].device)
+        flat = torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group),
+                          computed])
+        dist.all_reduce(flat)
+        *sums, computed = flat.split([p.numel() for p in group] + [len(group)])
+        for p, summed, anywhere in zip(group, sums, computed.tolist()):
+            p.grad = summed.view_as(p) if anywhere else None
+
+
 def gather(obj, d: Dist) -> list:
     """Every process's ``obj``, in rank order."""
     if d.world == 1:

@@ -3,7 +3,7 @@
 Protocol (Ben Zaken et al.): AdamW, gradient clipping 1.0, no schedule or warm-up, evaluation every epoch.
 Batches are padded dynamically and grouped by length; a batch larger than memory allows is split into
 micro-batches whose gradients add up to the big batch's. Under `torchrun` every rank takes its share of each
-batch and DistributedDataParallel all-reduces the only gradients there are: those of the biases and the head.
+batch, and the only gradients there are, those of the biases and the head, are summed over the ranks in one buffer.
 Checkpoints are written atomically and hold everything needed to continue exactly where a run stopped.
 """
 
@@ -25,7 +25,15 @@ from ..files import write_json
 from ..model import get_nb_trainable_parameters
 from . import data as data_lib
 from .config import TrainConfig
-from .distributed import Dist, all_reduce_sum, barrier, params_in_sync, setup_distributed
+from .distributed import (
+    Dist,
+    all_reduce_sum,
+    barrier,
+    broadcast_from_main,
+    params_in_sync,
+    setup_distributed,
+    sum_gradients,
+)
 from .evaluation import EVAL_BATCH_SIZE, best_evaluation, evaluate
 from .models import build_model, model_source
 from .plots import plot_curves
@@ -95,8 +103,6 @@ def _checked_config(config: TrainConfig, d: Dist) -> tuple[TrainConfig, str]:
     """Every check that needs no model or data, before anything loads; the :func:`resolved_config`."""
     config.check_trains()
     check_output_dir(Path(config.output_dir), config.resume, locked=not d.main)  # the main process locks it
-    if config.batch_size % d.world:
-        raise UserError(f"--batch-size {config.batch_size} must be a multiple of the {d.world} processes")
     check_backend_option(config.bitfit.backend, config.resolved_precision(d.device))
     return resolved_config(config, d.device)
 
@@ -179,15 +185,14 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
         killed = temporaries_in(out)
         if killed:
             say(f"note: {', '.join(killed)} in {out} is what a save killed before its rename left; delete it")
-    local = config.batch_size // d.world
+    local = -(-config.batch_size // d.world)  # the largest share of a batch: the first ranks take one more
     # A resume splits as the run did; on a GPU the search starts there and keeps that size where it still fits
     # (another --memory, a busier GPU may not).
     start = min(progress.micro_batch_size, local) if progress else local
     micro = config.micro_batch_size or (
         find_micro_batch(model, train_data, config, d, pad_id, start) if d.device.type == "cuda" else start)
     micro = min(micro, local)
-    device_ids = [d.device.index] if d.device.type == "cuda" else None
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if d.world > 1 else model
+    broadcast_from_main(params, d)
 
     def progress_now() -> Progress:
         return Progress(data, time.time() - start_time, micro, dataclasses.asdict(tokens))
@@ -218,28 +223,23 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
                        mininterval=1.0)
         epoch_start, epoch_tokens = time.time(), 0
         for index in range(first, len(batches)):
-            shard = batches[index][d.rank::d.world]
-            # A last batch of fewer examples than processes leaves some rank none; it still runs the backward whose
-            # gradient all-reduce the other ranks wait for (they would hang), on one example weighted 0.
-            weight = 1.0 if shard else 0.0
-            shard = shard or batches[index][:1]
+            shard = batches[index][d.rank::d.world]  # a short last batch may leave a rank none: it adds zeros
             loss_sum = 0.0
-            pieces = [shard[i:i + micro] for i in range(0, len(shard), micro)]
-            for piece_index, piece in enumerate(pieces):
+            for start in range(0, len(shard), micro):
+                piece = shard[start:start + micro]
                 batch = data_lib.collate(train_data, piece, pad_id, config.regression)
                 # Counted on the host, before the copy: on the GPU a count is a sync before the forward.
-                real = int(batch["attention_mask"].sum() * weight)
+                real = int(batch["attention_mask"].sum())
                 tokens.real += real
-                tokens.padded += int(batch["input_ids"].numel() * weight)
+                tokens.padded += batch["input_ids"].numel()
                 batch = {k: v.to(d.device) for k, v in batch.items()}
                 epoch_tokens += real
-                last = piece_index == len(pieces) - 1
-                with ddp.no_sync() if d.world > 1 and not last else contextlib.nullcontext():
-                    with config.autocast(d.device):
-                        loss = ddp(**batch).loss
-                    # Mean over the whole batch: DDP averages over ranks, hence the factor world.
-                    scaler.scale(loss * (weight * len(piece) * d.world / len(batches[index]))).backward()
-                loss_sum += weight * loss.item() * len(piece)
+                with config.autocast(d.device):
+                    loss = model(**batch).loss
+                # The mean over the whole batch, once every rank's share is summed.
+                scaler.scale(loss * (len(piece) / len(batches[index]))).backward()
+                loss_sum += loss.item() * len(piece)
+            sum_gradients(params, d)
             batch_loss = all_reduce_sum(loss_sum, d) / len(batches[index])
             if not math.isfinite(batch_loss):
                 kept = (f"the last good checkpoint, {checkpoint}, is kept" if checkpoint.is_file()
