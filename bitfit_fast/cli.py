@@ -94,7 +94,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .serve import evaluate_checkpoints
 
-    for path, scores in evaluate_checkpoints(args.runs, args.validation_file).items():
+    results = evaluate_checkpoints(args.runs, args.validation_file)
+    for path, scores in results.items() if _is_main_process() else ():  # under torchrun: every rank has them
         print(f"{path}: " + " | ".join(
             f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "examples") + f" ({m['examples']} "
             "examples)" for split, m in scores.items()))
@@ -401,29 +402,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # loads torch and transformers for the options' choices: seconds
     except KeyboardInterrupt:
-        print("bitfit-fast: interrupted", file=sys.stderr)
+        _error_line("bitfit-fast: interrupted")
         return 130
     args, unknown = parser.parse_known_args(argv)
     prefix = f"bitfit-fast {args.command}: error:"
     if unknown:  # argparse would name the top-level command, not the one they were given to
-        print(f"{prefix} unrecognized arguments: {' '.join(unknown)} (options: bitfit-fast {args.command} --help)",
-              file=sys.stderr)
+        _error_line(f"{prefix} unrecognized arguments: {' '.join(unknown)} (options: bitfit-fast {args.command} "
+                    "--help)")
         return 2
     conflict = getattr(args, "conflict", lambda _: None)(args)
     if conflict:
-        print(f"{prefix} {conflict}", file=sys.stderr)
+        _error_line(f"{prefix} {conflict}")
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        _end_process_group()
+        return status
     except UserError as error:
         if args.debug:
             raise
-        print(f"{prefix} {error}", file=sys.stderr)
+        _error_line(f"{prefix} {error}")
         return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        _error_line(f"bitfit-fast {args.command}: interrupted{_resume_hint(args)}")
         return 130  # the shell's status for a command ended by Ctrl-C
     except BrokenPipeError:  # before OSError, which it is
         if args.debug or args.command not in ("predict", "eval"):
@@ -441,8 +444,29 @@ def main(argv: list[str] | None = None) -> int:
         # A write's error names no file (a full disk, through a Python file): the directory being written then.
         directory = getattr(args, "output_dir", None)
         where = f" ({error.filename})" if error.filename else f" (writing in {directory})" if directory else ""
-        print(f"{prefix} {what}{where}: {advice}{_resume_hint(args)}", file=sys.stderr)
+        _error_line(f"{prefix} {what}{where}: {advice}{_resume_hint(args)}")
         return 2
+
+
+def _error_line(line: str) -> None:
+    """``line`` on stderr in one write: under torchrun every process says it, and print's two writes (the text,
+    then the newline) ran the processes' lines together."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
+def _end_process_group() -> None:
+    """A command that ran under torchrun ends its process group: left to the interpreter's exit, gloo's threads were
+    once torn down under a process still using them (SIGABRT: torchrun reported a finished run as failed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _is_main_process() -> bool:
+    """Whether this process prints a command's results: the only one, or torchrun's rank 0."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 _MACHINE_ERRORS = {

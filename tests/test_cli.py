@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import datasets
@@ -1031,6 +1032,31 @@ def test_a_full_disk_or_a_file_it_may_not_read_ends_train_with_one_line(home, tm
     assert cli.main(train) == 2
     assert capsys.readouterr().err.startswith(f"bitfit-fast train: error: permission denied ({data / 'train.csv'}): "
                                               "give this user access to it, or use another path; ")
+
+
+def test_under_torchrun_each_error_is_one_write_and_results_are_printed_once(monkeypatch, capsys):
+    """Every process says a mistake: print's two writes (the text, then the newline) ran the processes' lines
+    together. Each process evaluates, the main one prints; a command that ends ends its process group."""
+    import torch.distributed as dist
+
+    from bitfit_fast import serve
+
+    writes = []
+    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(write=writes.append, flush=lambda: None))
+    assert cli.main(["predict", "/nonexistent/run", "--text", "goal"]) == 2
+    assert cli.main(["predict", "run", "--text", "goal", "--unknown"]) == 2
+    assert len(writes) == 2 and all(w.startswith("bitfit-fast ") and w.count("\n") == 1 and w.endswith("\n")
+                                    for w in writes), writes
+    monkeypatch.setattr(serve, "evaluate_checkpoints",
+                        lambda runs, file: {"run": {"validation": {"accuracy": 0.5, "examples": 2}}})
+    ended = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: ended.append(True))
+    for rank, printed in (("1", ""), ("0", "run: validation accuracy 0.5000 (2 examples)\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert cli.main(["eval", "run"]) == 0
+        assert capsys.readouterr().out == printed
+    assert ended == [True, True]
 
 
 @pytest.mark.parametrize("checkpoint", [True, False])

@@ -225,6 +225,12 @@ def test_a_sweep_reports_the_run_with_the_best_score(model_dir, files, tmp_path,
                                                                            metric="accuracy")))
     record = sweep(config(model_dir, files, tmp_path, epochs=1), grid=tuple(scores), log=lambda *_: None)
     assert record["best"]["learning_rate"] == 4e-4
+    # Under torchrun every process sweeps; the main one alone says what it found and writes the summary.
+    (tmp_path / "run" / "sweep_summary.json").unlink()
+    said = []
+    monkeypatch.setattr(lr_sweep, "setup_distributed", lambda: Dist(rank=1, world=2))
+    assert sweep(config(model_dir, files, tmp_path, epochs=1), grid=tuple(scores), log=said.append) == record
+    assert said == [] and not (tmp_path / "run" / "sweep_summary.json").exists()
 
 
 def test_a_regression_run_predicts_scores(model_dir, tmp_path):
