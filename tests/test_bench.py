@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 import types
 from pathlib import Path
 
@@ -82,18 +81,20 @@ def test_providers_are_timed_in_blocks_of_the_same_batches():
 
 
 def test_a_slower_provider_is_reported_slower(monkeypatch):
-    """Providers whose steps take known times: the reported speedup must follow the measured medians."""
+    """Providers whose steps take known times: the reported speedup must follow the measured medians. The clock the
+    steps are timed by advances by each step's time and nothing else (slept, on a machine loaded by other tests a
+    stalled reference step of 5 ms took longer than a fast one of 400 ms)."""
     real_build = providers.build_provider
+    now = [0.0]
+    monkeypatch.setattr(measurement, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def build(name, base, device, copy_base=True):
         trainer = real_build(name, base, device, copy_base)
-        # Far apart: a loaded machine cannot swap them (at 0.150 s one reference step, stalled by a compile running
-        # beside CI, took longer than a fast one).
-        delay = {"reference": 0.005, "fast": 0.400}[name]
+        delay = {"reference": 2**-7, "fast": 2**-1}[name]  # sums of them subtract exactly
         step = trainer.step
 
         def slow_step(batch):
-            time.sleep(delay)
+            now[0] += delay
             return step(batch)
 
         return dataclasses.replace(trainer, step=slow_step)
@@ -104,8 +105,8 @@ def test_a_slower_provider_is_reported_slower(monkeypatch):
     preset = Preset("cpu", [TINY], ["reference", "fast"], repeats=3, warmup=1)
     result = runner.run_workload(TINY, preset, peak_tflops=1.0, log=lambda _: None)
     ref, fast = result["providers"]["reference"], result["providers"]["fast"]
-    assert fast["median_ms"] >= 400 and ref["median_ms"] >= 5
-    assert fast["speedup_vs_reference"] == fast["speedup_per_step"]["median"] < 1  # each step's own ratio
+    assert (fast["median_ms"], ref["median_ms"]) == (500, 1000 * 2**-7)
+    assert fast["speedup_vs_reference"] == fast["speedup_per_step"]["median"] == 2**-6  # each step's own ratio
     assert fast["tokens_per_s"] == pytest.approx(result["padded_tokens_per_step"] / (fast["median_ms"] / 1e3))
     flops = fast["model_flops_per_step"]
     assert fast["mfu"] == pytest.approx(flops / (fast["median_ms"] / 1e3) / 1e12)
