@@ -230,7 +230,9 @@ class FusedPreNormEncoder(FusedEncoder):
             from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
         except ImportError:  # transformers 4: the layers' outputs are passed back, not collected
             return fused
-        _CAN_RECORD_REGISTRY[fused] = getattr(fused, "_can_record_outputs", None)
+        # Keyed by the class's name, as every transformers 5 looks it up: 5.17's registry is a plain dict, which
+        # keyed by the model itself would leave the fused class unregistered (no hidden states recorded).
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(fused)), getattr(fused, "_can_record_outputs", None))
         return fused
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
