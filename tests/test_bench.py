@@ -631,6 +631,17 @@ def test_a_profile_records_where_it_ran_and_how(tmp_path, monkeypatch):
     assert record["torch"] == torch.__version__
     assert record["runs"] == {"fast bert-base-bbc-lengths128-b256": dict(provider="fast")}
 
+    def fails_on_bbc(provider, workload):  # as a GPU stage's last run failed: the runs before it are kept
+        if workload.lengths == "bbc":
+            raise RuntimeError("a data file is missing")
+        return profile(provider, workload)
+
+    argv = ["--runs", "reference:fixed", "fast:bbc", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="a data file is missing"):
+        profile_step.profiles_main(argv, "host_profile", "", fails_on_bbc, lambda name, run: name, "profiled")
+    assert list(json.loads((tmp_path / "profiled.json").read_text())["runs"]) == ["reference bert-base-seq128-b256"]
+    assert (tmp_path / "profiled.txt").read_text() == "reference bert-base-seq128-b256\na table"
+
 
 def test_the_sweep_records_where_it_ran_and_restores_what_it_tuned(tmp_path, monkeypatch):
     """The sweep's JSON names its device, versions, commit and command; the module constants it sets for a

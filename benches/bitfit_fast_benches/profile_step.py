@@ -120,8 +120,9 @@ def profiles_main(argv: list[str] | None, module: str, description: str, profile
         record["runs"][name], table = profile(provider, workload)
         tables.append(f"{headline(name, record['runs'][name])}\n{table}")
         print(tables[-1][:6000], flush=True)
-    atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-    atomic_write(args.out / f"{stem}.txt", lambda tmp: tmp.write_text("\n".join(tables)))
+        # After each run: a later run that fails (or a stage's time limit) keeps the ones profiled.
+        atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+        atomic_write(args.out / f"{stem}.txt", lambda tmp: tmp.write_text("\n".join(tables)))
     return 0
 
 
