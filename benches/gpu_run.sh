@@ -39,9 +39,10 @@ if [ "${1:-}" = "--prepare" ]; then
     rm -rf .gpu && mkdir -p .gpu/site
     commit=$(git rev-parse HEAD)
     git diff --quiet HEAD || commit="$commit-dirty"
-    echo "$commit" > .gpu/commit
-    echo "prepared at $commit"
-    exec python - <<'EOF'
+    PYTHON=python
+    [ -x .venv/bin/python ] && PYTHON=.venv/bin/python  # where the test data packages are installed
+    failed="prepare FAILED: nothing prepared (it needs a Python with torch and the test data packages)"
+    "$PYTHON" - <<'EOF' || { rm -rf .gpu; echo "$failed"; exit 1; }
 import importlib.util, shutil
 from pathlib import Path
 
@@ -61,6 +62,9 @@ save_file(weights, site / minilm.name / "model" / "model.safetensors", metadata=
 size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
 print(f"prepared {site}: {size / 2**20:.1f} MiB")
 EOF
+    echo "$commit" > .gpu/commit  # last: a .gpu/commit names a whole preparation
+    echo "prepared at $commit"
+    exit 0
 fi
 
 OUT=${1:?usage: gpu_run.sh --prepare | OUT [STAGE[:SECONDS] ...]}
@@ -137,7 +141,12 @@ for spec in "${STAGES[@]}"; do
     timeout -k 5 "$seconds" bash -c "$(declare -f run_stage); $(declare -p PYTEST TEST_FILES LOGS OUT); run_stage $stage" \
         > "$LOGS/$stage.log" 2>&1
     status=$?
-    line="$stage: exit $status after $(( $(date +%s) - start )) s (limit $seconds s)$( [ $status -eq 124 ] && echo ', TIMED OUT')"
+    case $status in
+        124) ended=", TIMED OUT" ;;
+        137) ended=", KILLED (past its time limit's grace, or out of memory)" ;;
+        *) ended="" ;;
+    esac
+    line="$stage: exit $status after $(( $(date +%s) - start )) s (limit $seconds s)$ended"
     echo "$line" | tee -a "$OUT/summary.txt"
     tail -n 4 "$LOGS/$stage.log" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
     tar czf "$OUT/logs.tar.gz" -C "$LOGS" .
