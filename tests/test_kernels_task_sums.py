@@ -324,8 +324,9 @@ def test_gradient_passes_per_task_in_fp16(name, layout, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("programs", [None, 7])  # None: a GPU's 8 per SM; 7: chunks hundreds of rows long
-@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "outside the table"])
+@pytest.mark.parametrize("programs", [None, 7])  # None: utils.PROGRAMS_PER_SM a SM; 7: chunks hundreds of rows long
+@pytest.mark.parametrize("layout", ["one task", "boundary on a chunk edge", "few rows per task", "outside the table",
+                                    "every task and outside"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(PASSES))
 def test_gpu_gradient_passes_sum_per_task(name, dtype, layout, programs, monkeypatch):
