@@ -38,8 +38,9 @@ def check_can_write(directory: Path, named: str) -> None:
     directory = Path(directory).absolute()
     existing = next(path for path in (directory, *directory.parents) if path.exists() or path.is_symlink())
     if not existing.exists():  # no directory can be made where a link points nowhere
-        raise UserError(f"{named} cannot be created: {existing} is a symbolic link to {os.readlink(existing)}, which "
-                        "does not exist; create that directory, or choose another")
+        target = existing.parent / os.readlink(existing)
+        raise UserError(f"{named} cannot be created: {existing} is a symbolic link to {target}, which leads to no "
+                        "file or directory; point it at a directory, or choose another")
     if not existing.is_dir():
         raise UserError(f"{named} cannot be created: {existing} is a file; choose another directory")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -137,7 +137,7 @@ def predict(path: str, texts: list[tuple[str, ...]] | None = None, input_file: s
                                 "--text its second text with --text-pair, or use --input-file with both columns")
             raise UserError(f"{path} was trained on one text per example ({columns[0]}): leave out --text-pair")
     model, tokenizer = _BaseModels().load(run)
-    empty = _first_without_tokens(tokenizer, texts)
+    empty = _first_without_tokens(tokenizer, texts, run.config.max_length)
     if empty is not None:  # as the server refuses it: [CLS] [SEP] alone would get a label
         raise UserError(f"example {empty + 1} has no tokens (only spaces or characters the tokenizer drops): there "
                         "is nothing to classify; give it a text")
@@ -205,12 +205,14 @@ def _without_tokens(tokenizer, encoded, texts: tuple[str, ...]) -> bool:
     return any(not tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts)
 
 
-def _first_without_tokens(tokenizer, texts: list[tuple[str, ...]]) -> int | None:
+def _first_without_tokens(tokenizer, texts: list[tuple[str, ...]], max_length: int) -> int | None:
     """The index of the first example one of whose texts gives no token (only spaces, or characters its tokenizer
-    drops, such as zero-width spaces), or None. Every text is tokenised: a letter is no token where the tokenizer's
-    normaliser drops it (NFKD and accent stripping, as ALBERT's does, leave of U+FE70 only a space)."""
+    drops, such as zero-width spaces), or None. Every text is tokenised (cut to ``max_length`` tokens: a cut text
+    has tokens where the whole has): a letter is no token where the tokenizer's normaliser drops it (NFKD and accent
+    stripping, as ALBERT's does, leave of U+FE70 only a space)."""
     without = [index for column in zip(*texts)
-               for index, ids in enumerate(tokenizer(list(column), add_special_tokens=False)["input_ids"]) if not ids]
+               for index, ids in enumerate(tokenizer(list(column), add_special_tokens=False, truncation=True,
+                                                     max_length=max_length)["input_ids"]) if not ids]
     return min(without, default=None)
 
 

@@ -280,8 +280,8 @@ def test_predict_finds_texts_whose_letters_the_tokenizer_normalises_away():
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]")
     assert "\ufe70".isalnum() and tokenizer("\ufe70 x")["input_ids"] == [0]
-    assert _first_without_tokens(tokenizer, [("goal", "goal"), ("goal x", "\ufe70"), ("\ufe70", "goal")]) == 1
-    assert _first_without_tokens(tokenizer, [("goal",), ("\ufe70 x",)]) is None
+    assert _first_without_tokens(tokenizer, [("goal", "goal"), ("goal x", "\ufe70"), ("\ufe70", "goal")], 8) == 1
+    assert _first_without_tokens(tokenizer, [("goal",), ("\ufe70 x",)], 8) is None
 
 
 def test_predict_into_a_reader_that_stops_ends_quietly(home, runs):

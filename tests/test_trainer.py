@@ -229,6 +229,7 @@ def test_a_sweep_reports_the_run_with_the_best_score(model_dir, files, tmp_path,
     (tmp_path / "run" / "sweep_summary.json").unlink()
     said = []
     monkeypatch.setattr(lr_sweep, "setup_distributed", lambda: Dist(rank=1, world=2))
+    monkeypatch.setattr(lr_sweep, "barrier", lambda d: None)
     assert sweep(config(model_dir, files, tmp_path, epochs=1), grid=tuple(scores), log=said.append) == record
     assert said == [] and not (tmp_path / "run" / "sweep_summary.json").exists()
 
@@ -616,13 +617,16 @@ def test_the_lock_file_is_open_for_writing_as_nfs_locks_ask(tmp_path, monkeypatc
 def test_an_output_dir_through_a_link_to_nowhere_is_refused_in_one_line(model_dir, files, tmp_path):
     """A symbolic link whose target was removed (scratch space cleaned): the claim's loop took it for a directory
     removed as soon as made, and tried again for ever."""
-    link = tmp_path / "scratch"
-    link.symlink_to(tmp_path / "removed")
-    for out in (link, link / "run"):
-        with pytest.raises(UserError, match=f"--output-dir {out} cannot be created: {link} is a symbolic link to "
-                                            f"{tmp_path / 'removed'}, which does not exist; create that directory"):
+    link, loop = tmp_path / "scratch", tmp_path / "loop"
+    link.symlink_to("removed")  # relative: named from the link's directory
+    loop.symlink_to("loop")
+    for out, named, target in ((link, link, tmp_path / "removed"), (link / "run", link, tmp_path / "removed"),
+                               (loop, loop, loop)):
+        with pytest.raises(UserError, match=f"--output-dir {out} cannot be created: {named} is a symbolic link to "
+                                            f"{target}, which leads to no file or directory; point it at a directory, "
+                                            "or choose another"):
             train(config(model_dir, files, tmp_path, epochs=1, output_dir=str(out)))
-        with pytest.raises(FileExistsError), run.claimed(out):
+        with pytest.raises(OSError), run.claimed(out):
             pass
     assert not (tmp_path / "removed").exists()
 
@@ -745,10 +749,10 @@ def test_evaluation_shards_score_every_example_once_and_agree_with_one_process(w
 
 
 @pytest.mark.parametrize("examples", [48, 49])
-def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples, tmp_path):
+def test_two_processes_match_one_process(model_dir_no_dropout, examples, tmp_path):
     """torchrun with 2 CPU processes (gloo): ranks stay in sync and the result equals one process's, while each
     draws its own dropout masks (they drew the same). With 49 examples the last batch holds one, and rank 1 none: it
-    must still join the gradient all-reduce (it hung)."""
+    adds zeros to the gradients' sum (under DistributedDataParallel it hung until it joined with a backward)."""
     model_dir = model_dir_no_dropout
     files = dict(train_file=write_csv(tmp_path / "train.csv", examples, 1),
                  validation_file=write_csv(tmp_path / "val.csv", 24, 2))
@@ -771,6 +775,19 @@ def test_two_processes_with_ddp_match_one_process(model_dir_no_dropout, examples
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
     ranks = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["rng"]
     assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]), "the ranks draw the same dropout masks"
+
+
+def test_a_process_without_examples_trains_in_fp16(model_dir, files, tmp_path):
+    """Batches of one on 2 processes: rank 1 never has an example, so it scales no loss, and its loss scaler had
+    no scale to unscale the summed gradients by (fp16 failed; fp32 has no scaler)."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "bitfit_fast.cli", "train", "--model", model_dir, "--train-file", files["train_file"], "--validation-file",
+            files["validation_file"], "--batch-size", "1", "--max-train-examples", "3", "--epochs", "1", "--fp16",
+            "--output-dir", str(tmp_path / "run"), "--backend", "torch", "--no-progress"]
+    trained = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["ranks_in_sync"] and summary["epochs"][0]["step"] == 3
 
 
 def test_three_processes_split_batches_unevenly_and_resume_a_kill_to_the_same_parameters(model_dir_no_dropout, files,

@@ -211,6 +211,9 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
         save_if_best()
 
     lengths = [len(ids) for ids in train_data.input_ids]
+    # The loss scale set up (as a run's first scaled loss sets it, or a resume's): a rank without an example in a
+    # step scales no loss, and would unscale gradients by a scale that is not there.
+    scaler.scale(torch.zeros((), device=d.device))
     step = position["step"]
     for epoch in range(position["epoch"], config.epochs):
         batches = data_lib.length_grouped_batches(lengths, config.batch_size, config.seed, epoch)
@@ -225,8 +228,8 @@ def _train_claimed(config: TrainConfig, model_path: str, d: Dist, say: Callable,
         for index in range(first, len(batches)):
             shard = batches[index][d.rank::d.world]  # a short last batch may leave a rank none: it adds zeros
             loss_sum = 0.0
-            for start in range(0, len(shard), micro):
-                piece = shard[start:start + micro]
+            for offset in range(0, len(shard), micro):
+                piece = shard[offset:offset + micro]
                 batch = data_lib.collate(train_data, piece, pad_id, config.regression)
                 # Counted on the host, before the copy: on the GPU a count is a sync before the forward.
                 real = int(batch["attention_mask"].sum())

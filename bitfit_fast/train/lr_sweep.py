@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..files import write_json
 from .config import LR_GRID, TrainConfig
-from .distributed import default_device, setup_distributed
+from .distributed import barrier, default_device, setup_distributed
 from .loop import resolved_config, train
 from .run import (
     CHECKPOINT_NAME,
@@ -30,8 +30,8 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     """One run per learning rate of the grid (each in its own directory, ``lr-<rate>`` under the output directory);
     returns and writes (sweep_summary.json) every run's best score and the best of all. With ``resume``, a sweep
     that stopped goes on: its finished runs are kept, its started ones continue, the others start."""
-    main = setup_distributed().main  # under torchrun the main process writes the summary and says what it found
-    say = log if main else (lambda *_: None)
+    d = setup_distributed()  # under torchrun the main process writes the summary and says what it found
+    say = log if d.main else (lambda *_: None)
     runs = [dataclasses.replace(config, learning_rate=lr, output_dir=str(Path(config.output_dir) / f"lr-{lr:g}"))
             for lr in grid]
     device = default_device()
@@ -48,6 +48,7 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
     # Nor anything but its runs (and, continued, its summary): a file of the user's there would be written over.
     check_holds_only(Path(config.output_dir), {Path(run.output_dir).name for run in runs}
                      | ({SWEEP_SUMMARY_NAME} if config.resume else set()), "sweep")
+    barrier(d)  # every process checked the directories before the main one claims the first
     results = []
     for run in runs:
         summary = _finished(run) if config.resume else None
@@ -58,7 +59,7 @@ def sweep(config: TrainConfig, grid=LR_GRID, log=print) -> dict:
         results.append(dict(learning_rate=run.learning_rate, best=summary["best"]))
     best = max(results, key=lambda r: r["best"]["value"])
     record = dict(grid=list(grid), runs=results, best=best)
-    if main:
+    if d.main:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(config.output_dir) / SWEEP_SUMMARY_NAME, record)
     best_run = Path(config.output_dir) / f"lr-{best['learning_rate']:g}"

@@ -66,8 +66,10 @@ def _open_lock_file(out: Path, create: bool) -> int | None:
             return os.open(path, os.O_RDWR | flags, 0o666)
         except PermissionError:
             return os.open(path, os.O_RDONLY | flags, 0o666)
-    except (FileNotFoundError, NotADirectoryError):  # no directory, or a file there: the checks after say so
-        return None
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):  # no directory, a file or a link loop there:
+            return None  # the checks after say so
+        raise
 
 
 def _is_the_lock_file(descriptor: int, out: Path) -> bool:
