@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 from . import torch_ops
 from .backend import triton_kernels, uses_triton
 from .graphs import check_not_capturing
-from .torch_ops import check_frozen, compute_dtype, layer_norm_output, table_row_tasks
+from .torch_ops import check_frozen, compute_dtype, fresh_outputs, layer_norm_output, table_row_tasks
 
 
 def _tables(bias: torch.Tensor | None, row_task: torch.Tensor | None):
@@ -102,7 +102,7 @@ class LinearFunction(torch.autograd.Function):
         ctx.impl = impl
         ctx.dtypes = (x.dtype, bias.dtype if bias is not None else None)
         ctx.options = (activation, dropout_p, seed, recompute, num_tasks)
-        return y
+        return fresh_outputs(y)
 
     @staticmethod
     @once_differentiable
@@ -151,6 +151,7 @@ class LayerNormFunction(torch.autograd.Function):
             dropout_p=dropout_p, seed=seed, row_task=row_task, y_dtype=out_dtype,
             store_x_hat=grad_enabled,
         )
+        y, x_hat = fresh_outputs(y, x_hat)
         _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
         ctx.save_for_backward(x_hat, gamma, rstd, row_task, seed_tensor)
@@ -214,6 +215,7 @@ class LinearLayerNormFunction(torch.autograd.Function):
             dropout_p=dropout_p, seed=seed, row_task=beta_rows, y_gemm=y_gemm,
             store_x_hat=grad_enabled, **({"x_table": bias} if in_layer_norm else {}),
         )
+        y, x_hat, y_gemm = fresh_outputs(y, x_hat, y_gemm)
         _mark_x_hat(ctx, x_hat)
         seed_tensor, seed = _seed_parts(seed)
         ctx.save_for_backward(weight, x_hat, gamma, rstd, bias_rows, beta_rows, seed_tensor)

@@ -176,6 +176,17 @@ class ZeroGradient(torch.autograd.Function):
         return torch.zeros_like(grad)
 
 
+def fresh_outputs(*outputs):
+    """An autograd.Function's outputs as its forward returns them. Under torch 2.11's torch.compile a returned
+    tensor that was written in place in the forward (an ``out=``/``index_copy_``/``mul_``, a kernel's output buffer)
+    or returned by a no-op ``.to`` gets the gradient of another output, or none (pytorch#180642): a view of each, a
+    tensor of its own, does not. Eager and later torch return them as they are."""
+    if not torch.compiler.is_compiling():
+        return outputs if len(outputs) > 1 else outputs[0]
+    views = tuple(t if t is None else t.view_as(t) for t in outputs)
+    return views if len(views) > 1 else views[0]
+
+
 def check_frozen(name: str, tensor: torch.Tensor) -> None:
     """Raise if ``tensor`` (the weight or gamma, called ``name``) requires grad: the BitFit backward gives it none."""
     if tensor.requires_grad:
@@ -396,7 +407,7 @@ class DropoutAttentionFunction(torch.autograd.Function):
             out = torch.matmul(apply_dropout(probs, dropout_p, seed), v32).to(v.dtype)
         ctx.save_for_backward(q, k, v, mask, logsumexp)
         ctx.options = (dropout_p, seed, scale)
-        return out
+        return fresh_outputs(out)
 
     @staticmethod
     @once_differentiable

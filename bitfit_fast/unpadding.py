@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import graphs, task_rows
-from .torch_ops import DropoutAttentionFunction, dropout_attention, packed_heads
+from .torch_ops import DropoutAttentionFunction, dropout_attention, fresh_outputs, packed_heads
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -35,7 +35,7 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, total):
         ctx.save_for_backward(index)
-        return x.new_zeros(total, *x.shape[1:]).index_copy_(0, index, x)
+        return fresh_outputs(x.new_zeros(total, *x.shape[1:]).index_copy_(0, index, x))
 
     @staticmethod
     def backward(ctx, grad):
