@@ -235,6 +235,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: :func:`_versions` on one line, as it is (argparse's version action wraps it at 80 columns,
+    which a CUDA build's torch and CUDA versions reach)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """A mistake on the command line is one line that says where to look, not argparse's usage block first."""
 
@@ -276,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="on an error, show the traceback, not just its message")
     parser = _Parser(prog="bitfit-fast", description="BitFit fine-tuning with fused Triton kernels",
                      formatter_class=_HelpFormatter)
-    parser.add_argument("--version", action="version", version=_versions(),
+    parser.add_argument("--version", action=_VersionAction,
                         help="show the versions of bitfit-fast and of what it runs on, and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
