@@ -176,15 +176,20 @@ class ZeroGradient(torch.autograd.Function):
         return torch.zeros_like(grad)
 
 
+# pytorch#180642, measured under torch 2.11 and not under 2.13 (2.12 unmeasured, so treated as 2.11).
+_COMPILE_MISROUTES_IN_PLACE_OUTPUTS = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
 def fresh_outputs(*outputs):
     """An autograd.Function's outputs as its forward returns them. Under torch 2.11's torch.compile a returned
     tensor that was written in place in the forward (an ``out=``/``index_copy_``/``mul_``, a kernel's output buffer)
-    or returned by a no-op ``.to`` gets the gradient of another output, or none (pytorch#180642): a view of each, a
-    tensor of its own, does not. Eager and later torch return them as they are."""
-    if not torch.compiler.is_compiling():
-        return outputs if len(outputs) > 1 else outputs[0]
-    views = tuple(t if t is None else t.view_as(t) for t in outputs)
-    return views if len(views) > 1 else views[0]
+    or returned by a no-op ``.to`` gets the gradient of another output, or none (pytorch#180642): there, while
+    compiling, each is returned as a copy, a tensor of its own (not a view: a model may write into a layer's output
+    in place, as XLM does, which autograd refuses on a function's view output). Elsewhere they are returned as
+    they are."""
+    if _COMPILE_MISROUTES_IN_PLACE_OUTPUTS and torch.compiler.is_compiling():
+        outputs = tuple(t if t is None else t.clone() for t in outputs)
+    return outputs if len(outputs) > 1 else outputs[0]
 
 
 def check_frozen(name: str, tensor: torch.Tensor) -> None:

@@ -109,6 +109,32 @@ def test_outputs_may_be_changed_in_place_as_nn_linear_and_nn_layer_norm_outputs_
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("torch_version", ["2.11.0", torch.__version__])
+def test_compiled_outputs_may_be_changed_in_place(torch_version, monkeypatch):
+    """As uncompiled (XLM's ``tensor *= mask`` on a LayerNorm's output): under torch.compile the functions return
+    their outputs as tensors of their own, also where torch 2.11's compile bug has them copied (returned as views,
+    autograd refused the write)."""
+    monkeypatch.setattr(torch_ops, "_COMPILE_MISROUTES_IN_PLACE_OUTPUTS",
+                        torch.torch_version.TorchVersion(torch_version) < (2, 13))
+
+    def step(m, x):
+        y = m(x)
+        y *= 0.5
+        heads = y.view(4, 5, -1, 1).permute(0, 2, 1, 3)
+        heads /= 3.0
+        return heads.square().sum() + y[:, 0].sum()
+
+    for module, width in ((frozen_linear("torch"), 19), (frozen_layer_norm("torch"), 29)):
+        x = torch.randn(4, 5, width, device=DEVICE)
+        grads = []
+        for run in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+            module.zero_grad()
+            run(module, x).backward()
+            grads.append(module.bias.grad.clone())
+        torch._dynamo.reset()
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_task_tables_layer_norm_output_may_be_changed_in_place():
     """As a bias [N]'s: the output of a LayerNorm whose beta is a TaskBank's table (rows gathered per task)."""
     x, gamma = torch.randn(2, 3, 8, device=DEVICE), torch.rand(8, device=DEVICE) + 0.5
